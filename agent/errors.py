@@ -1,0 +1,91 @@
+"""The errors a user of the agent can meet.
+
+Every error carries the one plain sentence the user will read (what went wrong
+and what to do), and the process exit code the CLI returns for it. The CLI
+prints ``str(error)`` and nothing else: no tracebacks for expected failures.
+"""
+
+from __future__ import annotations
+
+# Exit codes follow sysexits(3) so that systemd units can refuse to restart
+# where a restart cannot help (RestartPreventExitStatus=).
+EXIT_FAILURE = 1
+EXIT_USAGE = 64  # EX_USAGE: bad command line or config value
+EXIT_DATAERR = 65  # EX_DATAERR: a bad token or input file
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: controller/relay unreachable, try later
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: a retry later may succeed
+EXIT_IDENTITY_LOST = 78  # EX_CONFIG: device key gone; only re-enrollment helps
+
+
+class OutpostError(Exception):
+    """Base of every expected failure; ``str()`` is the sentence for the user."""
+
+    exit_code = EXIT_FAILURE
+    #: True where trying again later (network back, clock fixed) can help.
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(OutpostError):
+    """A configuration file, flag or environment value is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class TokenError(OutpostError):
+    """An enrollment token is unusable (expired, tampered, used, malformed)."""
+
+    exit_code = EXIT_DATAERR
+
+
+class TrustError(OutpostError):
+    """A peer presented a certificate or signature we must not trust."""
+
+    exit_code = EXIT_DATAERR
+
+
+class EnrollmentError(OutpostError):
+    """The controller refused enrollment, or it could not complete."""
+
+
+class NotEnrolledError(OutpostError):
+    """The agent has no identity yet."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+class ControllerUnreachable(OutpostError):
+    """The network path to the controller or relay failed; retry later."""
+
+    exit_code = EXIT_UNAVAILABLE
+    retryable = True
+
+
+class KeyStoreError(OutpostError):
+    """The device key store failed."""
+
+
+class KeyStoreBusy(KeyStoreError):
+    """The TPM is busy or rate-limited; retry with backoff."""
+
+    exit_code = EXIT_TEMPFAIL
+    retryable = True
+
+
+class DeviceKeyLost(KeyStoreError):
+    """The device key no longer exists (TPM cleared or replaced, blob corrupt)."""
+
+    exit_code = EXIT_IDENTITY_LOST
+
+
+class ClockError(OutpostError):
+    """The local clock is too far off to make a safe decision."""
+
+    exit_code = EXIT_TEMPFAIL
+    retryable = True

@@ -1,0 +1,97 @@
+"""The device key store: where the agent's private key lives.
+
+Every place that signs (the enrollment CSR, tunnel authentication, renewal)
+goes through ``KeyStore.sign``. No code path asks a backend for private key
+bytes: the TPM backend could not give them, and the software backend must not
+need to.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+
+class KeyStore(abc.ABC):
+    """An ECDSA P-256 device key held by one backend."""
+
+    #: Short name shown in ``outpost-agent status`` ("software", "tpm").
+    backend: str = ""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """True when a key has been created and its stored parts are present."""
+
+    @abc.abstractmethod
+    def create(self) -> None:
+        """Create a new key and store it durably; replaces nothing that exists.
+
+        Raises KeyStoreError if a key already exists.
+        """
+
+    @abc.abstractmethod
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half (raises DeviceKeyLost when the key is gone)."""
+
+    @abc.abstractmethod
+    def sign(self, data: bytes) -> bytes:
+        """A DER-encoded ECDSA-with-SHA256 signature over ``data``."""
+
+    @abc.abstractmethod
+    def delete(self) -> None:
+        """Remove the stored key (used when an enrollment is abandoned)."""
+
+    def close(self) -> None:
+        """Release backend resources (TPM context); the default holds none."""
+
+    def signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """An object that cryptography's X.509 builders accept as a private key.
+
+        Its ``sign`` runs in this key store, so a CSR can be built with the
+        standard builder without the private key ever leaving the backend.
+        """
+        return _DelegatingPrivateKey(self)
+
+
+class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
+    """Adapter: an EllipticCurvePrivateKey whose operations call a KeyStore."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self._store = store
+
+    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        algorithm = getattr(signature_algorithm, "algorithm", None)
+        if not isinstance(algorithm, hashes.SHA256):
+            raise ValueError("the device key signs with ECDSA-SHA256 only")
+        return self._store.sign(data)
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._store.public_key()
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return ec.SECP256R1()
+
+    @property
+    def key_size(self) -> int:
+        return 256
+
+    # The rest of the interface cannot be offered without key bytes.
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        raise NotImplementedError("the device key does not do key exchange")
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        raise NotImplementedError("the device key never leaves its key store")
+
+    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
+        raise NotImplementedError("the device key never leaves its key store")
+
+    # cryptography 50 copies key objects it is handed.
+    def __copy__(self) -> "_DelegatingPrivateKey":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_DelegatingPrivateKey":
+        return self
