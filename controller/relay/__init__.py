@@ -1,0 +1,1 @@
+"""The relay: the tunnel endpoint that authenticates agents and brokers streams."""
