@@ -89,3 +89,9 @@ class ClockError(OutpostError):
 
     exit_code = EXIT_TEMPFAIL
     retryable = True
+
+
+class TunnelRefused(OutpostError):
+    """The relay refused the tunnel (revoked, unknown identity, bad signature)."""
+
+    exit_code = EXIT_TEMPFAIL
