@@ -1,0 +1,172 @@
+"""Trusting the controller: the CA pinned from the enrollment token.
+
+Before enrollment the agent knows only the token's claim ``ca`` (the SHA-256
+of the CA certificate). It fetches the CA once without verification and keeps
+it only if the fingerprint matches; from then on every TLS connection trusts
+that CA and nothing else, and every certificate check ends at the leaf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ssl
+
+import aiohttp
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.errors import ControllerUnreachable, EnrollmentError, TrustError
+
+#: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
+#: and still bounds what an unverified peer can make us read.
+MAX_CA_RESPONSE = 16 * 1024
+#: The unverified CA fetch is one small request; a controller that needs more
+#: than this is unusable anyway, and the technician is waiting.
+CA_FETCH_TIMEOUT = 10.0
+FINGERPRINT_PREFIX = "sha256:"
+# OpenSSL verify codes for a certificate that names another host or address.
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
+
+def ca_fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of the certificate's DER encoding (the token's ``ca`` claim)."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
+    """The certificate's notAfter as an aware UTC datetime (any cryptography version)."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    if aware is not None:
+        return aware
+    return cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+
+
+def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
+    """The certificate's notBefore as an aware UTC datetime (any cryptography version)."""
+    aware = getattr(cert, "not_valid_before_utc", None)
+    if aware is not None:
+        return aware
+    return cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+
+
+def pinned_ssl_context(ca_pem: str) -> ssl.SSLContext:
+    """A client TLS context that trusts only ``ca_pem``, checks host names, TLS 1.2+."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=ca_pem)
+    return context
+
+
+def verify_leaf_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True when ``cert`` names ``ca_cert`` as issuer and carries its valid signature."""
+    if cert.issuer != ca_cert.subject:
+        return False
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return False
+    hash_algorithm = cert.signature_hash_algorithm
+    if hash_algorithm is None:
+        return False
+    try:
+        public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def trust_error_for(error: BaseException, url: str) -> TrustError:
+    """The plain sentence for a TLS certificate failure against the pinned CA."""
+    cause = getattr(error, "certificate_error", error)
+    code = getattr(cause, "verify_code", None)
+    if code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return TrustError(
+            f"the controller at {url} presented a certificate for another host name or address; "
+            "check the address in the token or the controller's --listen name"
+        )
+    return TrustError(
+        f"the controller at {url} presented a certificate not issued by the CA pinned from your token; "
+        "check the token or the address"
+    )
+
+
+def _unverified_ssl_context() -> ssl.SSLContext:
+    # Used for exactly one request whose answer is checked against the token's
+    # fingerprint before it is believed; nothing else may use this context.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
+    """The response body, refusing one longer than ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise EnrollmentError(f"the answer from {url} is larger than {limit} bytes; check the address in the token")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_chunked(4096):
+        total += len(chunk)
+        if total > limit:
+            raise EnrollmentError(f"the answer from {url} is larger than {limit} bytes; check the address in the token")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def fetch_pinned_ca(base_url: str, expected_fingerprint: str) -> x509.Certificate:
+    """Fetch ``GET {base_url}/v1/ca`` unverified and return it only if its fingerprint matches.
+
+    Raises TrustError on a fingerprint mismatch or a non-certificate answer,
+    ControllerUnreachable when the controller cannot be reached.
+    """
+    url = base_url.rstrip("/") + "/v1/ca"
+    timeout = aiohttp.ClientTimeout(total=CA_FETCH_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url, ssl=_unverified_ssl_context()) as response:
+                body = await read_bounded(response, MAX_CA_RESPONSE, url)
+                status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        raise ControllerUnreachable(
+            f"could not reach the controller at {url} ({describe_network_error(error)}); "
+            "check the network and the address in the token, then try again"
+        ) from None
+    if status != 200:
+        raise EnrollmentError(
+            f"the server at {url} answered HTTP {status} instead of the CA certificate; check the address in the token"
+        )
+    try:
+        ca_cert = x509.load_pem_x509_certificate(body)
+    except ValueError:
+        raise TrustError(
+            f"the server at {url} did not answer with a CA certificate; check the address in the token"
+        ) from None
+    actual = ca_fingerprint(ca_cert)
+    if actual != expected_fingerprint.lower():
+        raise TrustError(
+            f"wrong CA fingerprint: the controller at {base_url} serves a CA with {actual}, "
+            f"but the token pins {expected_fingerprint}; the token was made for another controller "
+            "or someone is in between; check the address or ask central ops for a new token"
+        )
+    return ca_cert
+
+
+def describe_network_error(error: BaseException) -> str:
+    """A short reason for a network failure, without a traceback."""
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    os_error = getattr(error, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
