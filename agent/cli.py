@@ -1,0 +1,165 @@
+"""``outpost-agent``: enroll, run and status.
+
+This is the edge: the only place that reads the config file, flags and the
+clock for the user. Every expected failure is printed as one line,
+``outpost-agent: <sentence>``, and the process exits with the error's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config
+from agent.errors import EXIT_USAGE, OutpostError
+from agent.identity.select import BACKENDS, KeyStoreSettings
+from agent.identity.state import EnrolledIdentity, StateDir
+
+PROG = "outpost-agent"
+#: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes the way every other error is reported."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: {message}; see '{PROG} --help'", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Outpost gateway agent")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    enroll = commands.add_parser("enroll", help="enroll this gateway from a one-time token file")
+    enroll.add_argument("--token", required=True, type=Path, metavar="FILE", help="the token file from central ops")
+    enroll.add_argument("--state", type=Path, metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
+    enroll.add_argument("--keystore", choices=BACKENDS, help="where the device key lives (default auto)")
+    enroll.add_argument("--config", type=Path, metavar="FILE", help="agent config file for state_dir and [keystore]")
+
+    run = commands.add_parser("run", help="keep the tunnel up and serve binds and dials")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
+                     help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
+
+    status = commands.add_parser("status", help="show identity, certificate and tunnel status")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--state", type=Path, metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
+    where.add_argument("--config", type=Path, metavar="FILE", help="read state_dir from this config file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "enroll":
+            return cmd_enroll(args)
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_status(args)
+    except OutpostError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.enrollment.enroll import enroll
+
+    config = load_config(args.config) if args.config else AgentConfig()
+    state_dir = args.state or config.state_dir
+    settings = config.keystore
+    if args.keystore:
+        settings = dataclasses.replace(settings, backend=args.keystore)
+    identity = enroll(args.token, state_dir, settings, now=time.time())
+    print(
+        f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
+        f"key in {identity.key_backend}"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from agent.tunnel.runner import run
+
+    return run(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state_dir = args.state or (load_config(args.config).state_dir if args.config else DEFAULT_STATE_DIR)
+    state = StateDir(state_dir)
+    identity = state.load()
+    report = status_report(identity, state.read_status(), time.time())
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_status(report))
+    return 0
+
+
+def status_report(identity: EnrolledIdentity, live: dict[str, Any] | None, now: float) -> dict[str, Any]:
+    """What ``status`` shows, as plain data (the ``--json`` output)."""
+    not_after = identity.not_after()
+    return {
+        "identity": identity.uri,
+        "name": identity.name,
+        "tenant": identity.tenant,
+        "controller": identity.controller_url,
+        "relays": list(identity.relays),
+        "key_backend": identity.key_backend,
+        "enrolled_at": identity.enrolled_at,
+        "cert_not_after": not_after.timestamp(),
+        "cert_expired": not_after.timestamp() <= now,
+        "tunnel": live,
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The human-readable ``status`` text."""
+    expiry = _utc(datetime.datetime.fromtimestamp(report["cert_not_after"], tz=datetime.timezone.utc))
+    lines = [
+        f"identity:    {report['identity']}",
+        f"tenant:      {report['tenant']}",
+        f"controller:  {report['controller']}",
+        f"key:         {report['key_backend']}",
+        f"certificate: valid until {expiry}" + (" (EXPIRED)" if report["cert_expired"] else ""),
+    ]
+    live = report["tunnel"]
+    if live is None:
+        lines.append("tunnel:      no status yet (is outpost-agent run active?)")
+        return "\n".join(lines)
+    lines.append(f"tunnel:      {live.get('state', 'unknown')}")
+    if live.get("relay"):
+        lines.append(f"relay:       {live['relay']}")
+    rtt = live.get("rtt")
+    if isinstance(rtt, (int, float)):
+        lines.append(f"rtt:         {rtt * 1000:.0f} ms")
+    if "bytes_in" in live or "bytes_out" in live:
+        lines.append(f"bytes:       in {live.get('bytes_in', 0)}, out {live.get('bytes_out', 0)}")
+    shown = {"state", "relay", "rtt", "bytes_in", "bytes_out"}
+    for key in sorted(set(live) - shown):
+        lines.append(f"{key + ':':<12} {live[key]}")
+    return "\n".join(lines)
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

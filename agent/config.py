@@ -1,0 +1,248 @@
+"""The agent's configuration: one TOML file, read once at the edge (the CLI).
+
+Example::
+
+    state_dir = "/var/lib/outpost-agent"
+    log_level = "info"
+
+    [keystore]
+    backend = "auto"              # auto | tpm | software
+    tcti = "device:/dev/tpmrm0"
+
+    [link]
+    profile = "ethernet"          # ethernet | cellular | satellite
+    keepalive_interval = 25.0     # seconds; unset = the profile's
+    ping_timeout = 10.0
+
+    [[bind]]                      # host a local service under a name
+    service = "modbus"
+    target = "127.0.0.1:502"
+
+    [[dial]]                      # expose a remote service as a local port
+    service = "historian"
+    listen = "127.0.0.1:9000"
+
+Everything below the CLI receives the typed, frozen ``AgentConfig``; nothing
+else reads files or the environment. Every mistake is one ConfigError
+sentence naming the file, the key and what to do.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
+
+DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
+DEFAULT_CONFIG_PATH = Path("/etc/outpost-agent/agent.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LINK_PROFILES = ("ethernet", "cellular", "satellite")
+#: A config file is a few KiB; the bound stops a wrong path (a disk image) early.
+MAX_CONFIG_FILE = 1024 * 1024
+#: Keepalive and ping timers above an hour would hide a dead link for too long.
+MAX_LINK_SECONDS = 3600.0
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial"}
+KEYSTORE_KEYS = {"backend", "tcti"}
+LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout"}
+BIND_KEYS = {"service", "target"}
+DIAL_KEYS = {"service", "listen"}
+
+
+@dataclass(frozen=True)
+class BindConfig:
+    """A local service this gateway hosts under ``service``."""
+
+    service: str
+    target_host: str
+    target_port: int
+
+
+@dataclass(frozen=True)
+class DialConfig:
+    """A remote ``service`` exposed on a local port of this gateway."""
+
+    service: str
+    listen_host: str
+    listen_port: int
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """How the tunnel treats the uplink; None means the profile's default."""
+
+    profile: str = "ethernet"
+    keepalive_interval: float | None = None
+    ping_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent needs, typed and validated."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    keystore: KeyStoreSettings = field(default_factory=KeyStoreSettings)
+    binds: tuple[BindConfig, ...] = ()
+    dials: tuple[DialConfig, ...] = ()
+    link: LinkSettings = field(default_factory=LinkSettings)
+    log_level: str = "info"
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the agent config file at ``path``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_FILE + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"the config file {path} does not exist; create it or give another with --config") from None
+    except OSError as error:
+        raise ConfigError(f"the config file {path} cannot be read ({error.strerror or error}); check its permissions") from None
+    if len(raw) > MAX_CONFIG_FILE:
+        raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_FILE} bytes; is it the right file?")
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"the config file {path} is not UTF-8 text; save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"the config file {path} is not valid TOML: {error}; fix that line") from None
+    return _Parser(path).config(document)
+
+
+class _Parser:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: '{key}' {what}")
+
+    def config(self, document: dict[str, Any]) -> AgentConfig:
+        self.known(document, TOP_LEVEL_KEYS, "")
+        state_dir = Path(self.string(document, "state_dir", str(DEFAULT_STATE_DIR), "state_dir"))
+        if not state_dir.is_absolute():
+            # Relative to the file, so the same file works from any working directory.
+            state_dir = self.path.resolve().parent / state_dir
+        log_level = self.string(document, "log_level", "info", "log_level").lower()
+        if log_level not in LOG_LEVELS:
+            raise self.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+        binds = tuple(self.bind(entry, i) for i, entry in enumerate(self.array(document, "bind")))
+        dials = tuple(self.dial(entry, i) for i, entry in enumerate(self.array(document, "dial")))
+        self.unique([b.service for b in binds], "bind", "service", "bind each service once")
+        self.unique([f"{d.listen_host}:{d.listen_port}" for d in dials], "dial", "listen", "give each dial its own port")
+        return AgentConfig(
+            state_dir=state_dir,
+            keystore=self.keystore(self.table(document, "keystore")),
+            binds=binds,
+            dials=dials,
+            link=self.link(self.table(document, "link")),
+            log_level=log_level,
+        )
+
+    def keystore(self, table: dict[str, Any]) -> KeyStoreSettings:
+        self.known(table, KEYSTORE_KEYS, "keystore.")
+        backend = self.string(table, "backend", "auto", "keystore.backend")
+        if backend not in BACKENDS:
+            raise self.fail("keystore.backend", f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        tcti = self.string(table, "tcti", DEFAULT_TCTI, "keystore.tcti")
+        if not tcti:
+            raise self.fail("keystore.tcti", f"is empty; remove it or give a TCTI such as {DEFAULT_TCTI!r}")
+        return KeyStoreSettings(backend=backend, tcti=tcti)
+
+    def link(self, table: dict[str, Any]) -> LinkSettings:
+        self.known(table, LINK_KEYS, "link.")
+        profile = self.string(table, "profile", "ethernet", "link.profile")
+        if profile not in LINK_PROFILES:
+            raise self.fail("link.profile", f"must be one of {', '.join(LINK_PROFILES)}, not {profile!r}")
+        return LinkSettings(
+            profile=profile,
+            keepalive_interval=self.seconds(table, "keepalive_interval"),
+            ping_timeout=self.seconds(table, "ping_timeout"),
+        )
+
+    def bind(self, entry: Any, index: int) -> BindConfig:
+        where = f"bind[{index}]"
+        if not isinstance(entry, dict):
+            raise self.fail(where, "must be a table: [[bind]] with service and target")
+        self.known(entry, BIND_KEYS, where + ".")
+        service = self.service(entry, where)
+        host, port = self.address(entry, "target", where)
+        return BindConfig(service=service, target_host=host, target_port=port)
+
+    def dial(self, entry: Any, index: int) -> DialConfig:
+        where = f"dial[{index}]"
+        if not isinstance(entry, dict):
+            raise self.fail(where, "must be a table: [[dial]] with service and listen")
+        self.known(entry, DIAL_KEYS, where + ".")
+        service = self.service(entry, where)
+        host, port = self.address(entry, "listen", where)
+        return DialConfig(service=service, listen_host=host, listen_port=port)
+
+    def service(self, entry: dict[str, Any], where: str) -> str:
+        if "service" not in entry:
+            raise self.fail(f"{where}.service", "is missing; name the service")
+        service = self.string(entry, "service", "", f"{where}.service")
+        if not SERVICE_NAME.fullmatch(service):
+            raise self.fail(
+                f"{where}.service",
+                f"is {service!r}; a service name is lowercase letters, digits and '-' (at most 63)",
+            )
+        return service
+
+    def address(self, entry: dict[str, Any], key: str, where: str) -> tuple[str, int]:
+        name = f"{where}.{key}"
+        if key not in entry:
+            raise self.fail(name, "is missing; give it as \"host:port\", e.g. \"127.0.0.1:502\"")
+        text = self.string(entry, key, "", name)
+        host, sep, port_text = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit() or any(c in host for c in " /[]"):
+            raise self.fail(name, f"is {text!r}; give it as \"host:port\", e.g. \"127.0.0.1:502\"")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise self.fail(name, f"has port {port}, outside 1-65535; fix the port")
+        return host, port
+
+    def seconds(self, table: dict[str, Any], key: str) -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_LINK_SECONDS:
+            raise self.fail(f"link.{key}", f"must be a number of seconds above 0 and at most {MAX_LINK_SECONDS:g}")
+        return float(value)
+
+    def string(self, table: dict[str, Any], key: str, default: str, name: str) -> str:
+        value = table.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(name, "must be a string in quotes")
+        return value
+
+    def table(self, document: dict[str, Any], key: str) -> dict[str, Any]:
+        value = document.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table: [{key}]")
+        return value
+
+    def array(self, document: dict[str, Any], key: str) -> list[Any]:
+        value = document.get(key, [])
+        if not isinstance(value, list):
+            raise self.fail(key, f"must be written as [[{key}]] tables")
+        return value
+
+    def known(self, table: dict[str, Any], allowed: set[str], prefix: str) -> None:
+        for key in table:
+            if key not in allowed:
+                raise self.fail(prefix + key, f"is not a setting; remove it or use one of {', '.join(sorted(allowed))}")
+
+    def unique(self, values: list[str], section: str, key: str, advice: str) -> None:
+        seen: set[str] = set()
+        for index, value in enumerate(values):
+            if value in seen:
+                raise self.fail(f"{section}[{index}].{key}", f"repeats {value!r}; {advice}")
+            seen.add(value)

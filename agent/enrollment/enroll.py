@@ -1,0 +1,243 @@
+"""The enrollment exchange: token file in, enrolled identity stored.
+
+Order matters for safety: pin the CA from the token's fingerprint, verify the
+token with that CA, and only then send the token anywhere. The key is created
+once and kept across retries, because the controller redeems a consumed token
+again only for the same public key (an agent that crashed before storing its
+certificate). ``identity.json`` is written last: until it exists the gateway
+is not enrolled, whatever else is in the state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.errors import (
+    ControllerUnreachable,
+    DeviceKeyLost,
+    EnrollmentError,
+    TokenError,
+    TrustError,
+)
+from agent.fsutil import ensure_private_dir
+from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
+from agent.identity.csr import build_csr
+from agent.identity.keystore import KeyStore
+from agent.identity.select import KeyStoreSettings, open_keystore
+from agent.identity.state import EnrolledIdentity, StateDir
+from agent.identity.trust import (
+    cert_not_after,
+    describe_network_error,
+    fetch_pinned_ca,
+    pinned_ssl_context,
+    read_bounded,
+    trust_error_for,
+    verify_leaf_issued_by,
+)
+
+#: One request that signs a certificate; a controller slower than this on a
+#: working link is overloaded, and a retry later is the better answer.
+ENROLL_TIMEOUT = 30.0
+#: Certificate, CA and relay list fit in a few KiB; 64 KiB bounds a hostile answer.
+MAX_ENROLL_RESPONSE = 64 * 1024
+#: More relays than a fleet would ever run; bounds what we store.
+MAX_RELAYS = 64
+#: A controller's sentence is one line; a longer one is cut so a terminal stays readable.
+MAX_CONTROLLER_MESSAGE = 300
+TOKEN_ERROR_CODES = frozenset({"token_malformed", "token_signature", "token_expired", "token_used", "token_unknown"})
+
+
+def enroll(
+    token_path: Path,
+    state_dir: Path,
+    keystore_settings: KeyStoreSettings,
+    now: float | None = None,
+) -> EnrolledIdentity:
+    """Enroll this gateway from a token file (blocking; see ``enroll_async``)."""
+    return asyncio.run(enroll_async(token_path, state_dir, keystore_settings, now))
+
+
+async def enroll_async(
+    token_path: Path,
+    state_dir: Path,
+    keystore_settings: KeyStoreSettings,
+    now: float | None = None,
+) -> EnrolledIdentity:
+    """Enroll this gateway from a token file and store the identity atomically.
+
+    ``now`` is the trusted time (unix seconds) used to judge the token's
+    expiry; without it the local clock is used. Raises TokenError, TrustError,
+    EnrollmentError, ControllerUnreachable or a KeyStoreError; on any failure
+    the state directory is left not enrolled and the key is kept for a retry.
+    """
+    state = StateDir(Path(state_dir))
+    _refuse_if_enrolled(state)
+    text = read_token_file(Path(token_path))
+    token = parse_unverified(text)
+    ca_cert = await fetch_pinned_ca(token.controller_url, token.ca)
+    trusted_now = time.time() if now is None else now
+    verify_token(text, ca_cert, trusted_now)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    ensure_private_dir(state.path)
+    keystore = open_keystore(state.path, keystore_settings)
+    try:
+        public_key = _device_public_key(keystore)
+        csr = build_csr(keystore, token.sub)
+        answer = await _redeem(token, csr, ca_pem)
+        identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted_now)
+        state.save_enrollment(identity)
+    finally:
+        keystore.close()
+    return identity
+
+
+def _refuse_if_enrolled(state: StateDir) -> None:
+    if not state.is_enrolled():
+        return
+    try:
+        who = state.load().uri
+    except Exception:  # a damaged state still counts as enrolled: never overwrite it
+        who = f"the identity in {state.path}"
+    raise EnrollmentError(
+        f"this gateway is already enrolled as {who}; to enroll it again, stop outpost-agent "
+        f"and remove the state directory {state.path} first"
+    )
+
+
+def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
+    # A key left by an unfinished enrollment is reused: the controller redeems a
+    # consumed token again only for the same key.
+    if not keystore.exists():
+        keystore.create()
+        return keystore.public_key()
+    try:
+        return keystore.public_key()
+    except DeviceKeyLost:
+        # Not enrolled yet, so nothing depends on that key: start with a new one.
+        keystore.delete()
+        keystore.create()
+        return keystore.public_key()
+
+
+async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, ca_pem: str) -> dict[str, Any]:
+    url = token.controller_url + "/v1/enroll"
+    body = {"token": token.text, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    timeout = aiohttp.ClientTimeout(total=ENROLL_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(url, json=body, ssl=pinned_ssl_context(ca_pem)) as response:
+                raw = await read_bounded(response, MAX_ENROLL_RESPONSE, url)
+                status = response.status
+    except aiohttp.ClientConnectorCertificateError as error:
+        raise trust_error_for(error, token.controller_url) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        raise ControllerUnreachable(
+            f"could not reach the controller at {url} ({describe_network_error(error)}); "
+            "check the network and try again"
+        ) from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if status != 200:
+        raise _controller_refusal(status, answer, url)
+    if not isinstance(answer, dict):
+        raise EnrollmentError(f"the controller at {url} answered with something that is not an enrollment result; try again later")
+    return answer
+
+
+def _controller_refusal(status: int, answer: Any, url: str) -> Exception:
+    code = answer.get("error") if isinstance(answer, dict) else None
+    message = answer.get("message") if isinstance(answer, dict) else None
+    if isinstance(message, str) and message.strip():
+        sentence = " ".join(message.split())[:MAX_CONTROLLER_MESSAGE]
+    elif status >= 500:
+        sentence = f"the controller at {url} failed (HTTP {status}); try again later"
+    else:
+        sentence = f"the controller at {url} refused enrollment (HTTP {status}); ask central ops"
+    if code in TOKEN_ERROR_CODES:
+        return TokenError(sentence)
+    if status >= 500:
+        return ControllerUnreachable(sentence)
+    return EnrollmentError(sentence)
+
+
+def _accept(
+    answer: dict[str, Any],
+    token: EnrollmentToken,
+    ca_cert: x509.Certificate,
+    ca_pem: str,
+    public_key: ec.EllipticCurvePublicKey,
+    key_backend: str,
+    now: float,
+) -> EnrolledIdentity:
+    """Check the controller's answer against what we pinned and hold; build the identity."""
+    url = token.controller_url
+    cert_pem = answer.get("certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode()) if isinstance(cert_pem, str) else None
+    except ValueError:
+        cert = None
+    if cert is None:
+        raise EnrollmentError(f"the controller at {url} did not return a certificate; try again later")
+    if not verify_leaf_issued_by(cert, ca_cert):
+        raise TrustError(
+            f"the controller at {url} returned a certificate not issued by the CA pinned from your token; "
+            "check the token or the address"
+        )
+    if _spki(cert.public_key()) != _spki(public_key):
+        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; try again")
+    if cert_not_after(cert).timestamp() <= now:
+        raise EnrollmentError(
+            f"the controller at {url} returned a certificate that has already expired by this gateway's clock; "
+            "check the clock and try again"
+        )
+    uri = answer.get("identity")
+    if not isinstance(uri, str) or uri not in _uri_names(cert):
+        raise EnrollmentError(f"the controller at {url} returned a certificate that does not name the identity it reported")
+    if answer.get("name", token.sub) != token.sub or answer.get("tenant", token.tnt) != token.tnt:
+        raise EnrollmentError(f"the controller at {url} enrolled another identity than the token names; ask central ops")
+    relays = answer.get("relays", [])
+    if not isinstance(relays, list) or len(relays) > MAX_RELAYS or not all(_is_relay_url(r) for r in relays):
+        raise EnrollmentError(f"the controller at {url} returned an invalid relay list; ask central ops")
+    return EnrolledIdentity(
+        name=token.sub,
+        tenant=token.tnt,
+        uri=uri,
+        controller_url=url,
+        relays=list(relays),
+        ca_pem=ca_pem,
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        key_backend=key_backend,
+        enrolled_at=now,
+    )
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _uri_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _is_relay_url(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) > 2048:
+        return False
+    parts = urlsplit(value)
+    return parts.scheme == "wss" and bool(parts.hostname)
