@@ -59,13 +59,14 @@ def find_config_file(
     environ: Mapping[str, str],
     cwd: Path,
     home: Path | None,
-    system_paths: tuple[Path, ...] = SYSTEM_CONFIG_PATHS,
+    system_paths: tuple[Path, ...] | None = None,
 ) -> Path:
     """The config file to use, first match in the documented order.
 
     An explicitly named file (``--config``, ``$OUTPOSTCTL_CONFIG``, ``--data``)
     must exist: silently falling back to another controller's file would send
-    commands to the wrong fleet. Raises ConfigError naming every place looked.
+    commands to the wrong fleet. ``system_paths`` defaults to SYSTEM_CONFIG_PATHS.
+    Raises ConfigError naming every place looked.
     """
     explicit: list[tuple[Path | None, str]] = [
         (config_flag, "--config"),
@@ -85,7 +86,7 @@ def find_config_file(
     implicit = [cwd / CONFIG_FILE_NAME]
     if home is not None:
         implicit.append(home / USER_CONFIG_RELATIVE)
-    implicit.extend(system_paths)
+    implicit.extend(SYSTEM_CONFIG_PATHS if system_paths is None else system_paths)
     for path in implicit:
         if path.is_file():
             return path

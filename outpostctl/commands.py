@@ -1,0 +1,226 @@
+"""What each ``outpostctl`` command does with the management API, and what it prints.
+
+Handlers take the parsed arguments and a client, print to stdout and return
+the exit code; errors are raised as ``OutpostError`` for ``cli.main`` to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from outpostctl import render
+from outpostctl.client import JsonObject, ManagementClient
+from outpostctl.errors import OutpostError, TokenFileError
+from outpostctl.tokenfile import check_token_target, write_token_file
+
+PROG = "outpostctl"
+
+
+# -- identities ------------------------------------------------------------
+
+
+def identity_create(args: argparse.Namespace, client: ManagementClient) -> int:
+    # Checked first: a token the controller issued but we could not store would
+    # leave an identity nobody can enroll.
+    check_token_target(args.token_out, force=args.force)
+    answer = client.create_identity(args.name, args.roles, args.tenant, args.ttl)
+    identity = answer.get("identity", {})
+    path = _store_token(args, answer)
+    print(render.key_values([
+        ("identity", str(identity.get("uri") or args.name)),
+        ("tenant", str(identity.get("tenant") or args.tenant)),
+        ("roles", render.format_value(identity.get("roles", args.roles))),
+        ("token file", str(path)),
+        ("token expires", _expiry(answer.get("token_expires"))),
+    ]))
+    print()
+    print(_technician_note(args.name, path))
+    return 0
+
+
+def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
+    check_token_target(args.token_out, force=args.force)
+    answer = client.issue_token(args.name, args.ttl)
+    path = _store_token(args, answer)
+    print(render.key_values([
+        ("identity", args.name),
+        ("token file", str(path)),
+        ("token expires", _expiry(answer.get("token_expires"))),
+    ]))
+    print()
+    print(_technician_note(args.name, path))
+    return 0
+
+
+def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
+    token = answer.get("token")
+    if not isinstance(token, str) or not token:
+        raise OutpostError("the controller answered without an enrollment token; see its log")
+    try:
+        return write_token_file(args.token_out, token, force=args.force)
+    except TokenFileError as error:
+        raise TokenFileError(
+            f"{error.message}. The controller issued the token but it was not saved; get a new one with "
+            f"{PROG} identity token {args.name} --token-out FILE"
+        ) from None
+
+
+def _expiry(unix_time: Any) -> str:
+    if not isinstance(unix_time, (int, float)):
+        return render.format_time(unix_time)
+    remaining_hours = max(0.0, (unix_time - time.time()) / 3600)
+    span = f"{remaining_hours / 24:.1f} days" if remaining_hours >= 48 else f"{remaining_hours:.1f} hours"
+    return f"{render.format_time(unix_time)} (in {span})"
+
+
+def _technician_note(name: str, path: Path) -> str:
+    return (
+        f"Give {path.name} to the field technician for the gateway {name}. On the gateway they run\n"
+        f"  outpost-agent enroll --token /path/to/{path.name}\n"
+        "(or copy it to the gateway's boot partition, where the agent picks it up on start).\n"
+        "The token enrolls one gateway, once, before it expires; treat the file like a password until then."
+    )
+
+
+def identity_list(args: argparse.Namespace, client: ManagementClient) -> int:
+    identities = client.list_identities()
+    if args.json:
+        print(render.machine_json({"identities": identities}))
+    elif not identities:
+        print(f"no identities yet; create one with: {PROG} identity create NAME --token-out FILE")
+    else:
+        print(render.table(
+            ["NAME", "TENANT", "STATUS", "ROLES", "ENROLLED", "CERT EXPIRES"],
+            ([str(i.get("name")), render.format_value(i.get("tenant")), render.format_value(i.get("status")),
+              render.format_value(i.get("roles")), render.format_time(i.get("enrolled_at")),
+              render.format_time(i.get("cert_not_after"))] for i in identities),
+        ))
+    return 0
+
+
+def identity_show(args: argparse.Namespace, client: ManagementClient) -> int:
+    _print_identity(client.get_identity(args.name), as_json=args.json)
+    return 0
+
+
+def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
+    identity = client.revoke_identity(args.name)
+    if args.json:
+        print(render.machine_json(identity))
+    else:
+        print(f"revoked {identity.get('uri') or args.name}: its tunnels close and it can no longer enroll or renew")
+    return 0
+
+
+def _print_identity(identity: JsonObject, *, as_json: bool) -> None:
+    if as_json:
+        print(render.machine_json(identity))
+        return
+    times = {"created_at", "enrolled_at", "cert_not_after"}
+    order = ["name", "tenant", "uri", "status", "roles", "created_at", "enrolled_at", "cert_not_after"]
+    keys = order + sorted(k for k in identity if k not in order)
+    print(render.key_values([
+        (key.replace("_", " "), render.format_time(identity.get(key)) if key in times else render.format_value(identity.get(key)))
+        for key in keys
+    ]))
+
+
+# -- services and policies -------------------------------------------------
+
+
+def service_create(args: argparse.Namespace, client: ManagementClient) -> int:
+    service = client.create_service(args.name, args.roles, args.tenant)
+    if args.json:
+        print(render.machine_json(service))
+    else:
+        print(f"created service {service.get('name', args.name)} in tenant {service.get('tenant', args.tenant)}; "
+              f"let identities reach it with: {PROG} policy create --kind dial --identities SEL --services {args.name}")
+    return 0
+
+
+def service_list(args: argparse.Namespace, client: ManagementClient) -> int:
+    services = client.list_services()
+    if args.json:
+        print(render.machine_json({"services": services}))
+    elif not services:
+        print(f"no services yet; create one with: {PROG} service create NAME")
+    else:
+        print(render.table(
+            ["NAME", "TENANT", "ROLES"],
+            ([str(s.get("name")), render.format_value(s.get("tenant")), render.format_value(s.get("roles"))] for s in services),
+        ))
+    return 0
+
+
+def policy_create(args: argparse.Namespace, client: ManagementClient) -> int:
+    policy = client.create_policy(args.kind, args.identities, args.services, args.tenant)
+    if args.json:
+        print(render.machine_json(policy))
+    else:
+        verb = "dial" if args.kind == "dial" else "bind"
+        print(f"created policy {policy.get('id', '')}: {','.join(args.identities)} may {verb} "
+              f"{','.join(args.services)} (tenant {policy.get('tenant', args.tenant)})")
+    return 0
+
+
+def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
+    policies = client.list_policies()
+    if args.json:
+        print(render.machine_json({"policies": policies}))
+    elif not policies:
+        print("no policies yet: nothing may dial or bind anything (deny by default)")
+    else:
+        print(render.table(
+            ["ID", "TENANT", "KIND", "IDENTITIES", "SERVICES"],
+            ([render.format_value(p.get("id")), render.format_value(p.get("tenant")), render.format_value(p.get("kind")),
+              render.format_value(p.get("identities")), render.format_value(p.get("services"))] for p in policies),
+        ))
+    return 0
+
+
+# -- audit and status ------------------------------------------------------
+
+#: Audit fields shown in their own columns; the rest go, as key=value, in DETAILS.
+_AUDIT_TIME_KEYS = ("time", "at", "timestamp")
+_AUDIT_KIND_KEYS = ("event", "kind", "type", "action")
+_AUDIT_HIDDEN_KEYS = {"id"}
+
+
+def audit(args: argparse.Namespace, client: ManagementClient) -> int:
+    events = client.audit(args.limit)
+    if args.json:
+        print(render.machine_json({"events": events}))
+        return 0
+    if not events:
+        print("the audit log is empty")
+        return 0
+    rows = []
+    for event in events:
+        time_key = next((k for k in _AUDIT_TIME_KEYS if k in event), None)
+        kind_key = next((k for k in _AUDIT_KIND_KEYS if k in event), None)
+        shown = {time_key, kind_key} | _AUDIT_HIDDEN_KEYS
+        details = " ".join(f"{k}={render.format_value(v)}" for k, v in sorted(event.items()) if k not in shown)
+        rows.append([render.format_time(event.get(time_key)) if time_key else render.MISSING,
+                     render.format_value(event.get(kind_key)) if kind_key else render.MISSING, details])
+    print(render.table(["TIME", "EVENT", "DETAILS"], rows))
+    return 0
+
+
+def status(args: argparse.Namespace, client: ManagementClient) -> int:
+    status = client.status()
+    tunnels = status.get("tunnels", [])
+    if args.json:
+        print(render.machine_json(status))
+    elif not tunnels:
+        print(f"controller {client.url} is up; no gateway tunnels are connected")
+    else:
+        print(f"controller {client.url} is up; {len(tunnels)} tunnel(s) connected")
+        print(render.table(
+            ["IDENTITY", "RELAY", "CONNECTED SINCE", "BOUND"],
+            ([render.format_value(t.get("identity")), render.format_value(t.get("relay")),
+              render.format_time(t.get("connected_since")), render.format_value(t.get("bound"))] for t in tunnels),
+        ))
+    return 0
