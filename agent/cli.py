@@ -131,7 +131,7 @@ def status_report(identity: EnrolledIdentity, live: dict[str, Any] | None, now: 
 
 def format_status(report: dict[str, Any]) -> str:
     """The human-readable ``status`` text."""
-    expiry = _utc(datetime.datetime.fromtimestamp(report["cert_not_after"], tz=datetime.timezone.utc))
+    expiry = _utc_from(report["cert_not_after"])
     lines = [
         f"identity:    {report['identity']}",
         f"tenant:      {report['tenant']}",
@@ -143,18 +143,44 @@ def format_status(report: dict[str, Any]) -> str:
     if live is None:
         lines.append("tunnel:      no status yet (is outpost-agent run active?)")
         return "\n".join(lines)
-    lines.append(f"tunnel:      {live.get('state', 'unknown')}")
+    lines.extend(_tunnel_lines(live))
+    return "\n".join(lines)
+
+
+# Keys of status.json (written by agent.tunnel.runner) shown with their own wording.
+_STATUS_SHOWN = {"state", "relay", "connected_since", "rtt_ms", "bytes_in", "bytes_out", "updated"}
+
+
+def _tunnel_lines(live: dict[str, Any]) -> list[str]:
+    lines = [f"tunnel:      {live.get('state', 'unknown')}"]
     if live.get("relay"):
         lines.append(f"relay:       {live['relay']}")
-    rtt = live.get("rtt")
-    if isinstance(rtt, (int, float)):
-        lines.append(f"rtt:         {rtt * 1000:.0f} ms")
+    if isinstance(live.get("connected_since"), (int, float)):
+        lines.append(f"connected:   since {_utc_from(live['connected_since'])}")
+    if isinstance(live.get("rtt_ms"), (int, float)):
+        lines.append(f"rtt:         {live['rtt_ms']:.0f} ms")
     if "bytes_in" in live or "bytes_out" in live:
         lines.append(f"bytes:       in {live.get('bytes_in', 0)}, out {live.get('bytes_out', 0)}")
-    shown = {"state", "relay", "rtt", "bytes_in", "bytes_out"}
-    for key in sorted(set(live) - shown):
-        lines.append(f"{key + ':':<12} {live[key]}")
-    return "\n".join(lines)
+    for key in sorted(set(live) - _STATUS_SHOWN):
+        value = live[key]
+        if value in (None, [], {}):
+            continue
+        lines.append(f"{key.replace('_', ' ') + ':':<12} {_plain(value)}")
+    if isinstance(live.get("updated"), (int, float)):
+        lines.append(f"updated:     {_utc_from(live['updated'])}")
+    return lines
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def _utc_from(timestamp: float) -> str:
+    return _utc(datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc))
 
 
 def _utc(moment: datetime.datetime) -> str:

@@ -152,7 +152,11 @@ class _Parser:
         tcti = self.string(table, "tcti", DEFAULT_TCTI, "keystore.tcti")
         if not tcti:
             raise self.fail("keystore.tcti", f"is empty; remove it or give a TCTI such as {DEFAULT_TCTI!r}")
-        return KeyStoreSettings(backend=backend, tcti=tcti)
+        try:
+            return KeyStoreSettings(backend=backend, tcti=tcti)
+        except ConfigError as error:
+            # The settings know what is wrong; only this edge knows which file.
+            raise ConfigError(f"{self.path}: {error}") from None
 
     def link(self, table: dict[str, Any]) -> LinkSettings:
         self.known(table, LINK_KEYS, "link.")

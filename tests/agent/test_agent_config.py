@@ -23,7 +23,7 @@ log_level = "debug"
 
 [keystore]
 backend = "tpm"
-tcti = "swtpm:port=2321"
+tcti = "swtpm:host=127.0.0.1,port=2321"
 
 [link]
 profile = "satellite"
@@ -55,7 +55,7 @@ def test_a_full_config_becomes_typed_frozen_values(tmp_path: Path):
 
     assert config == AgentConfig(
         state_dir=Path("/srv/outpost"),
-        keystore=KeyStoreSettings(backend="tpm", tcti="swtpm:port=2321"),
+        keystore=KeyStoreSettings(backend="tpm", tcti="swtpm:host=127.0.0.1,port=2321"),
         binds=(BindConfig("modbus", "127.0.0.1", 502), BindConfig("opc-ua", "::1", 4840)),
         dials=(DialConfig("historian", "127.0.0.1", 9000),),
         link=LinkSettings(profile="satellite", keepalive_interval=25.0, ping_timeout=12.5),
@@ -82,6 +82,7 @@ def test_a_relative_state_dir_is_relative_to_the_file(tmp_path: Path):
 @pytest.mark.parametrize("text, key, advice", [
     ('colour = "blue"\n', "'colour' is not a setting", "remove it"),
     ('[keystore]\nbackend = "hsm"\n', "'keystore.backend' must be one of auto, tpm, software", "not 'hsm'"),
+    ('[keystore]\ntcti = "usb:/dev/tpm9"\n', "keystore.tcti 'usb:/dev/tpm9' is not a TCTI string", "use for example"),
     ('[keystore]\npin = 1\n', "'keystore.pin' is not a setting", "backend, tcti"),
     ('[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1"\n', "'bind[0].target' is '127.0.0.1'", 'give it as "host:port"'),
     ('[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:70000"\n', "'bind[0].target' has port 70000", "outside 1-65535"),

@@ -1,0 +1,138 @@
+"""``outpost-agent status`` and ``run`` from the command line: readable output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.identity.software import SoftwareKeyStore
+from agent.identity.state import EnrolledIdentity, StateDir
+from tests.agent.cli_helpers import one_line_error, run_cli
+from tests.agent.enrollment.fake_controller import TestCA
+
+URI = "spiffe://outpost.test/plant-a/pump-1"
+
+
+@pytest.fixture
+def enrolled(tmp_path: Path) -> StateDir:
+    state = StateDir(tmp_path / "state")
+    store = SoftwareKeyStore(state.path)
+    store.create()
+    ca = TestCA()
+    cert = ca.issue(store.public_key(), "pump-1", [x509.UniformResourceIdentifier(URI)])
+    state.save_enrollment(EnrolledIdentity(
+        name="pump-1", tenant="plant-a", uri=URI, controller_url="https://controller.example:8443",
+        relays=["wss://relay.example/v1/tunnel"], ca_pem=ca.pem,
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(), key_backend="software",
+        enrolled_at=time.time(),
+    ))
+    return state
+
+
+def test_status_shows_identity_key_and_certificate_expiry(enrolled: StateDir):
+    result = run_cli("status", "--state", enrolled.path)
+
+    assert result.returncode == 0, result.stderr
+    assert f"identity:    {URI}" in result.stdout
+    assert "key:         software" in result.stdout
+    expiry = enrolled.load().not_after().strftime("%Y-%m-%d %H:%M UTC")
+    assert f"certificate: valid until {expiry}" in result.stdout
+    assert "no status yet" in result.stdout
+
+
+def test_status_includes_the_tunnel_status_when_the_agent_runs(enrolled: StateDir):
+    enrolled.write_status({
+        "state": "connected", "relay": "wss://relay.example/v1/tunnel", "rtt_ms": 612.4,
+        "bytes_in": 1200, "bytes_out": 3400, "bound": ["modbus"], "last_error": None,
+    })
+
+    result = run_cli("status", "--state", enrolled.path)
+
+    assert result.returncode == 0, result.stderr
+    for line in ("tunnel:      connected", "relay:       wss://relay.example/v1/tunnel",
+                 "rtt:         612 ms", "bytes:       in 1200, out 3400", "bound:       modbus"):
+        assert line in result.stdout
+    assert "last error" not in result.stdout
+
+
+def test_status_json_is_machine_readable(enrolled: StateDir):
+    enrolled.write_status({"state": "reconnecting", "bytes_in": 5})
+
+    result = run_cli("status", "--json", "--state", enrolled.path)
+
+    report = json.loads(result.stdout)
+    assert report["identity"] == URI and report["key_backend"] == "software"
+    assert report["cert_not_after"] == enrolled.load().not_after().timestamp()
+    assert report["cert_expired"] is False
+    assert report["tunnel"] == {"state": "reconnecting", "bytes_in": 5}
+
+
+def test_status_reads_the_state_dir_from_the_config(enrolled: StateDir, tmp_path: Path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{enrolled.path}"\n')
+
+    result = run_cli("status", "--config", config)
+
+    assert result.returncode == 0, result.stderr
+    assert URI in result.stdout
+
+
+def test_status_of_a_gateway_not_enrolled_says_how_to_enroll(tmp_path: Path):
+    result = run_cli("status", "--state", tmp_path / "empty")
+
+    assert result.returncode == 75
+    assert one_line_error(result).endswith("enroll it with: outpost-agent enroll --token FILE")
+    assert result.stdout == ""
+
+
+def test_run_with_a_bad_config_is_one_line_naming_the_file(tmp_path: Path):
+    config = tmp_path / "agent.toml"
+    config.write_text('[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:99999"\n')
+
+    result = run_cli("run", "--config", config)
+
+    assert result.returncode == 64
+    assert one_line_error(result) == (
+        f"outpost-agent: {config}: 'bind[0].target' has port 99999, outside 1-65535; fix the port"
+    )
+
+
+def test_run_on_a_gateway_not_enrolled_stops_with_the_enroll_hint(tmp_path: Path):
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n')
+
+    result = run_cli("run", "--config", config)
+
+    assert result.returncode == 75
+    assert "outpost-agent enroll --token FILE" in one_line_error(result)
+
+
+@pytest.mark.parametrize("args", [
+    ("status", "--state", "/tmp/a", "--config", "/tmp/b"),
+    ("enroll",),
+    ("enroll", "--token", "t", "--keystore", "hsm"),
+    ("launch",),
+])
+def test_usage_mistakes_are_one_line_with_exit_64(args):
+    result = run_cli(*args)
+
+    assert result.returncode == 64
+    assert one_line_error(result).endswith("see 'outpost-agent --help'")
+
+
+def test_python_dash_m_agent_is_the_same_command():
+    import subprocess
+    import sys
+
+    from tests.agent.cli_helpers import CLI_TIMEOUT, ROOT
+
+    result = subprocess.run([sys.executable, "-m", "agent", "--help"], capture_output=True, text=True,
+                            timeout=CLI_TIMEOUT, cwd=ROOT)
+
+    assert result.returncode == 0
+    assert "enroll" in result.stdout and "status" in result.stdout and "run" in result.stdout
