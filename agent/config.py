@@ -39,7 +39,7 @@ from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
-DEFAULT_CONFIG_PATH = Path("/etc/outpost-agent/agent.toml")
+DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LINK_PROFILES = ("ethernet", "cellular", "satellite")
 #: A config file is a few KiB; the bound stops a wrong path (a disk image) early.
