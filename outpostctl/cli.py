@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a role (repeat for several)")
         sub.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the tenant (default {DEFAULT_TENANT})")
 
+    def tenant_filter(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tenant", default=None, help="only this tenant (default: all)")
+
+    def tenant_of_name(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tenant", default=None, help=f"the identity's tenant (default {DEFAULT_TENANT})")
+
     def token_out(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--token-out", type=Path, required=True, metavar="FILE",
                          help="where to write the one-time enrollment token (mode 0600)")
@@ -103,12 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", metavar="NAME")
     roles_and_tenant(sub)
     token_out(sub)
-    leaf(identity, "list", commands.identity_list, "list identities", json_flag=True)
-    leaf(identity, "show", commands.identity_show, "show one identity", json_flag=True).add_argument("name", metavar="NAME")
-    leaf(identity, "revoke", commands.identity_revoke, "revoke an identity: close its tunnels, refuse renewal",
-         json_flag=True).add_argument("name", metavar="NAME")
+    tenant_filter(leaf(identity, "list", commands.identity_list, "list identities", json_flag=True))
+    for name, handler, help_text in (
+        ("show", commands.identity_show, "show one identity"),
+        ("revoke", commands.identity_revoke, "revoke an identity: close its tunnels, refuse renewal"),
+    ):
+        sub = leaf(identity, name, handler, help_text, json_flag=True)
+        sub.add_argument("name", metavar="NAME")
+        tenant_of_name(sub)
     sub = leaf(identity, "token", commands.identity_token, "write a new one-time enrollment token for an identity")
     sub.add_argument("name", metavar="NAME")
+    tenant_of_name(sub)
     token_out(sub)
 
     service = top.add_parser("service", help="named services gateways bind and dial").add_subparsers(
@@ -116,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(service, "create", commands.service_create, "create a service", json_flag=True)
     sub.add_argument("name", metavar="NAME")
     roles_and_tenant(sub)
-    leaf(service, "list", commands.service_list, "list services", json_flag=True)
+    tenant_filter(leaf(service, "list", commands.service_list, "list services", json_flag=True))
 
     policy = top.add_parser("policy", help="who may dial or bind what (deny by default)").add_subparsers(
         dest="action", metavar="ACTION", required=True)
@@ -131,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = leaf(top, "audit", commands.audit, "show the newest audit events", json_flag=True)
     sub.add_argument("--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, metavar="N",
-                     help=f"how many events (default {DEFAULT_AUDIT_LIMIT})")
+                     help=f"how many events (default {DEFAULT_AUDIT_LIMIT}; the controller caps it)")
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)
 
     sub = leaf(top, "connect", None, "expose a remote service as a local port")

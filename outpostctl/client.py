@@ -69,31 +69,34 @@ class ManagementClient:
             body["ttl"] = ttl
         return self.request("POST", "/identities", body)
 
-    def list_identities(self) -> list[JsonObject]:
-        return list(self.request("GET", "/identities").get("identities", []))
+    def list_identities(self, tenant: str | None = None) -> list[JsonObject]:
+        """Every identity, or those of one tenant."""
+        return list(self.request("GET", "/identities" + _tenant_query(tenant)).get("identities", []))
 
-    def get_identity(self, name: str) -> JsonObject:
-        return self.request("GET", f"/identities/{_segment(name)}")
+    def get_identity(self, name: str, tenant: str | None = None) -> JsonObject:
+        """One identity; ``tenant`` None means the controller's default tenant."""
+        return self.request("GET", _identity_path(name, "", tenant))
 
-    def issue_token(self, name: str, ttl: int | None = None) -> JsonObject:
+    def issue_token(self, name: str, ttl: int | None = None, tenant: str | None = None) -> JsonObject:
         """A new one-time enrollment token for ``name`` (``token``, ``token_expires``)."""
         body: JsonObject = {} if ttl is None else {"ttl": ttl}
-        return self.request("POST", f"/identities/{_segment(name)}/token", body)
+        return self.request("POST", _identity_path(name, "/token", tenant), body)
 
-    def revoke_identity(self, name: str) -> JsonObject:
-        return self.request("POST", f"/identities/{_segment(name)}/revoke", {})
+    def revoke_identity(self, name: str, tenant: str | None = None) -> JsonObject:
+        return self.request("POST", _identity_path(name, "/revoke", tenant), {})
 
-    def session_certificate(self, name: str, csr_pem: str) -> JsonObject:
+    def session_certificate(self, name: str, csr_pem: str, tenant: str | None = None) -> JsonObject:
         """A short-lived certificate for ``name`` over ``csr_pem`` (audited by the controller)."""
-        return self.request("POST", f"/identities/{_segment(name)}/session", {"csr": csr_pem})
+        return self.request("POST", _identity_path(name, "/session", tenant), {"csr": csr_pem})
 
     # -- services, policies, audit, status ---------------------------------
 
     def create_service(self, name: str, roles: list[str], tenant: str) -> JsonObject:
         return self.request("POST", "/services", {"name": name, "roles": roles, "tenant": tenant})
 
-    def list_services(self) -> list[JsonObject]:
-        return list(self.request("GET", "/services").get("services", []))
+    def list_services(self, tenant: str | None = None) -> list[JsonObject]:
+        """Every service, or those of one tenant."""
+        return list(self.request("GET", "/services" + _tenant_query(tenant)).get("services", []))
 
     def create_policy(self, kind: str, identities: list[str], services: list[str], tenant: str) -> JsonObject:
         body = {"kind": kind, "identities": identities, "services": services, "tenant": tenant}
@@ -197,6 +200,10 @@ class ManagementClient:
         raise ApiError(message, code=code, status=status)
 
 
-def _segment(name: str) -> str:
-    """``name`` as one path segment: a slash or dot-dot cannot reach another endpoint."""
-    return quote(name, safe="").replace(".", "%2E")
+def _identity_path(name: str, action: str, tenant: str | None) -> str:
+    # Quoted as one segment: a slash or dot-dot in a name cannot reach another endpoint.
+    return f"/identities/{quote(name, safe='').replace('.', '%2E')}{action}{_tenant_query(tenant)}"
+
+
+def _tenant_query(tenant: str | None) -> str:
+    return "" if tenant is None else "?" + urlencode({"tenant": tenant})

@@ -43,7 +43,7 @@ def identity_create(args: argparse.Namespace, client: ManagementClient) -> int:
 
 def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
     check_token_target(args.token_out, force=args.force)
-    answer = client.issue_token(args.name, args.ttl)
+    answer = client.issue_token(args.name, args.ttl, args.tenant)
     path = _store_token(args, answer)
     print(render.key_values([
         ("identity", args.name),
@@ -59,12 +59,13 @@ def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
     token = answer.get("token")
     if not isinstance(token, str) or not token:
         raise OutpostError("the controller answered without an enrollment token; see its log")
+    tenant = f" --tenant {args.tenant}" if args.tenant not in (None, "default") else ""
     try:
         return write_token_file(args.token_out, token, force=args.force)
     except TokenFileError as error:
         raise TokenFileError(
             f"{error.message}. The controller issued the token but it was not saved; get a new one with "
-            f"{PROG} identity token {args.name} --token-out FILE"
+            f"{PROG} identity token {args.name}{tenant} --token-out FILE"
         ) from None
 
 
@@ -86,7 +87,7 @@ def _technician_note(name: str, path: Path) -> str:
 
 
 def identity_list(args: argparse.Namespace, client: ManagementClient) -> int:
-    identities = client.list_identities()
+    identities = client.list_identities(args.tenant)
     if args.json:
         print(render.machine_json({"identities": identities}))
     elif not identities:
@@ -102,12 +103,12 @@ def identity_list(args: argparse.Namespace, client: ManagementClient) -> int:
 
 
 def identity_show(args: argparse.Namespace, client: ManagementClient) -> int:
-    _print_identity(client.get_identity(args.name), as_json=args.json)
+    _print_identity(client.get_identity(args.name, args.tenant), as_json=args.json)
     return 0
 
 
 def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
-    identity = client.revoke_identity(args.name)
+    identity = client.revoke_identity(args.name, args.tenant)
     if args.json:
         print(render.machine_json(identity))
     else:
@@ -142,7 +143,7 @@ def service_create(args: argparse.Namespace, client: ManagementClient) -> int:
 
 
 def service_list(args: argparse.Namespace, client: ManagementClient) -> int:
-    services = client.list_services()
+    services = client.list_services(args.tenant)
     if args.json:
         print(render.machine_json({"services": services}))
     elif not services:
@@ -183,10 +184,9 @@ def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
 
 # -- audit and status ------------------------------------------------------
 
-#: Audit fields shown in their own columns; the rest go, as key=value, in DETAILS.
-_AUDIT_TIME_KEYS = ("time", "at", "timestamp")
-_AUDIT_KIND_KEYS = ("event", "kind", "type", "action")
-_AUDIT_HIDDEN_KEYS = {"id"}
+#: Keys of an audit event that are not details: TIME and EVENT have columns,
+#: ``fields`` is spread out as key=value, the row id means nothing to a reader.
+_AUDIT_OWN_KEYS = {"time", "event", "fields", "id"}
 
 
 def audit(args: argparse.Namespace, client: ManagementClient) -> int:
@@ -199,12 +199,11 @@ def audit(args: argparse.Namespace, client: ManagementClient) -> int:
         return 0
     rows = []
     for event in events:
-        time_key = next((k for k in _AUDIT_TIME_KEYS if k in event), None)
-        kind_key = next((k for k in _AUDIT_KIND_KEYS if k in event), None)
-        shown = {time_key, kind_key} | _AUDIT_HIDDEN_KEYS
-        details = " ".join(f"{k}={render.format_value(v)}" for k, v in sorted(event.items()) if k not in shown)
-        rows.append([render.format_time(event.get(time_key)) if time_key else render.MISSING,
-                     render.format_value(event.get(kind_key)) if kind_key else render.MISSING, details])
+        fields = event.get("fields")
+        details = dict(fields) if isinstance(fields, dict) else {}
+        details.update((k, v) for k, v in event.items() if k not in _AUDIT_OWN_KEYS)
+        rows.append([render.format_time(event.get("time")), render.format_value(event.get("event")),
+                     " ".join(f"{k}={render.format_value(v)}" for k, v in sorted(details.items()))])
     print(render.table(["TIME", "EVENT", "DETAILS"], rows))
     return 0
 

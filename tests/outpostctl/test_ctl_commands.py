@@ -1,0 +1,158 @@
+"""Every outpostctl command against a real controller: what it does and what it prints."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import jwt
+
+from outpostctl.cli import build_parser
+from tests.outpostctl.harness import Ctl, RunningController, run_outpostctl, subprocess_env
+
+
+def token_claims(path: Path) -> dict:
+    return jwt.decode(path.read_text().strip(), options={"verify_signature": False})
+
+
+def identity_json(ctl: Ctl, name: str, *extra: str) -> dict:
+    return json.loads(ctl.ok("identity", "show", name, "--json", *extra).out)
+
+
+def test_identity_create_writes_a_0600_token_and_tells_what_to_do_with_it(ctl: Ctl, tmp_path: Path) -> None:
+    token_file = tmp_path / "gw-create.token"
+    result = ctl.ok("identity", "create", "gw-create", "--token-out", str(token_file))
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    claims = token_claims(token_file)
+    assert claims["sub"] == "gw-create" and claims["tnt"] == "default"
+    assert "spiffe://" in result.out and "/default/gw-create" in result.out
+    assert str(token_file) in result.out
+    assert "token expires:" in result.out and "UTC" in result.out
+    assert "outpost-agent enroll --token" in result.out and "field technician" in result.out
+    assert token_file.read_text().strip() not in result.out, "the token itself is never printed"
+    assert identity_json(ctl, "gw-create")["status"] == "created"
+
+
+def test_identity_create_takes_roles_tenant_and_token_lifetime(ctl: Ctl, tmp_path: Path) -> None:
+    token_file = tmp_path / "t.token"
+    ctl.ok("identity", "create", "gw-roles", "--role", "plc", "--role", "camera", "--tenant", "acme",
+           "--ttl", "3600", "--token-out", str(token_file))
+    claims = token_claims(token_file)
+    assert claims["exp"] - claims["iat"] == 3600
+    assert claims["tnt"] == "acme"
+    identity = identity_json(ctl, "gw-roles", "--tenant", "acme")
+    assert sorted(identity["roles"]) == ["camera", "plc"]
+    assert identity["tenant"] == "acme"
+
+
+def test_identity_list_shows_an_aligned_table_and_json(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-list", "--token-out", str(tmp_path / "l.token"))
+    table = ctl.ok("identity", "list").out.splitlines()
+    assert table[0].split()[:3] == ["NAME", "TENANT", "STATUS"]
+    row = next(line for line in table if line.startswith("gw-list "))
+    assert row.index("default") == table[0].index("TENANT"), "columns line up under their headers"
+    listed = json.loads(ctl.ok("identity", "list", "--json").out)["identities"]
+    assert "gw-list" in {i["name"] for i in listed}
+
+
+def test_identity_list_filters_by_tenant(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-other-tenant", "--tenant", "north", "--token-out", str(tmp_path / "n.token"))
+    names = {i["name"] for i in json.loads(ctl.ok("identity", "list", "--tenant", "north", "--json").out)["identities"]}
+    assert names == {"gw-other-tenant"}
+
+
+def test_identity_show_prints_one_field_per_line(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-show", "--role", "plc", "--token-out", str(tmp_path / "s.token"))
+    lines = ctl.ok("identity", "show", "gw-show").out.splitlines()
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines}
+    assert fields["name"] == "gw-show"
+    assert fields["status"] == "created"
+    assert fields["roles"] == "plc"
+    assert fields["enrolled at"] == "-"
+    assert fields["created at"].endswith("UTC")
+
+
+def test_identity_token_issues_a_new_token_file(ctl: Ctl, tmp_path: Path) -> None:
+    first, second = tmp_path / "first.token", tmp_path / "second.token"
+    ctl.ok("identity", "create", "gw-retoken", "--token-out", str(first))
+    result = ctl.ok("identity", "token", "gw-retoken", "--token-out", str(second), "--ttl", "600")
+    assert token_claims(second)["sub"] == "gw-retoken"
+    assert token_claims(second)["jti"] != token_claims(first)["jti"]
+    assert token_claims(second)["exp"] - token_claims(second)["iat"] == 600
+    assert stat.S_IMODE(second.stat().st_mode) == 0o600
+    assert str(second) in result.out
+
+
+def test_identity_revoke_marks_it_revoked(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-revoke", "--token-out", str(tmp_path / "r.token"))
+    result = ctl.ok("identity", "revoke", "gw-revoke")
+    assert "revoked" in result.out and "gw-revoke" in result.out
+    assert identity_json(ctl, "gw-revoke")["status"] == "revoked"
+
+
+def test_service_create_and_list(ctl: Ctl) -> None:
+    created = ctl.ok("service", "create", "modbus", "--role", "plc")
+    assert "created service modbus" in created.out
+    table = ctl.ok("service", "list").out.splitlines()
+    assert table[0].split() == ["NAME", "TENANT", "ROLES"]
+    assert any(line.split() == ["modbus", "default", "plc"] for line in table[1:])
+    services = json.loads(ctl.ok("service", "list", "--json").out)["services"]
+    assert {"name": "modbus", "tenant": "default", "roles": ["plc"]}.items() <= next(
+        s for s in services if s["name"] == "modbus").items()
+
+
+def test_policy_create_and_list(ctl: Ctl) -> None:
+    ctl.ok("service", "create", "historian")
+    created = json.loads(ctl.ok("policy", "create", "--kind", "dial", "--identities", "operator,role:ops",
+                                "--services", "historian", "--json").out)
+    assert created["kind"] == "dial"
+    assert created["identities"] == ["operator", "role:ops"]
+    listed = json.loads(ctl.ok("policy", "list", "--json").out)["policies"]
+    assert created["id"] in {p["id"] for p in listed}
+    table = ctl.ok("policy", "list").out
+    assert table.splitlines()[0].split() == ["ID", "TENANT", "KIND", "IDENTITIES", "SERVICES"]
+    assert "operator,role:ops" in table
+
+
+def test_audit_shows_the_newest_events_last(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-audit", "--token-out", str(tmp_path / "a.token"))
+    events = json.loads(ctl.ok("audit", "--json", "--limit", "5").out)["events"]
+    assert 1 <= len(events) <= 5
+    assert any(e["event"] == "identity_created" for e in events)
+    assert len(json.loads(ctl.ok("audit", "--json", "--limit", "1").out)["events"]) == 1
+    table = ctl.ok("audit").out.splitlines()
+    assert table[0].split() == ["TIME", "EVENT", "DETAILS"]
+    assert any("token_created" in line or "identity_created" in line for line in table[1:])
+
+
+def test_status_says_the_controller_is_up_and_lists_tunnels(ctl: Ctl, controller: RunningController) -> None:
+    assert json.loads(ctl.ok("status", "--json").out)["tunnels"] == []
+    assert ctl.ok("status").out.strip() == f"controller {controller.url} is up; no gateway tunnels are connected"
+
+
+def test_python_dash_m_outpostctl_with_the_data_dir(controller: RunningController) -> None:
+    result = run_outpostctl("--data", str(controller.data), "identity", "list", "--json")
+    assert result.code == 0, result.err
+    assert isinstance(json.loads(result.out)["identities"], list)
+    after_command = run_outpostctl("service", "list", "--data", str(controller.data))
+    assert after_command.code == 0, after_command.err
+    assert after_command.out.startswith(("NAME", "no services"))
+
+
+def test_the_environment_variable_points_python_dash_m_at_the_controller(controller: RunningController) -> None:
+    result = run_outpostctl("status", env=subprocess_env(OUTPOSTCTL_CONFIG=str(controller.config_path)))
+    assert result.code == 0, result.err
+    assert controller.url in result.out
+
+
+def test_connect_parses_with_the_operator_identity_by_default() -> None:
+    args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000"])
+    assert (args.command, args.service, args.listen, args.identity) == ("connect", "historian", "127.0.0.1:15000", "operator")
+    args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000", "--as", "ops-1"])
+    assert args.identity == "ops-1"
+
+
+def test_quickstart_parses_once_and_dir() -> None:
+    args = build_parser().parse_args(["quickstart", "--once", "--dir", "/tmp/qs"])
+    assert (args.command, args.once, args.dir) == ("quickstart", True, Path("/tmp/qs"))
