@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import os
 import ssl
 
 import aiohttp
@@ -163,10 +164,12 @@ def describe_network_error(error: BaseException) -> str:
     """A short reason for a network failure, without a traceback."""
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
-    os_error = getattr(error, "os_error", None)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        return os_error.strerror.lower()
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
+    for candidate in (getattr(error, "os_error", None), error):
+        if isinstance(candidate, OSError):
+            # asyncio's strerror repeats the address; the errno's own text reads better.
+            if candidate.errno:
+                return os.strerror(candidate.errno).lower()
+            if candidate.strerror:
+                return candidate.strerror.lower()
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__

@@ -195,3 +195,14 @@ def test_a_corrupt_key_left_by_an_unfinished_enrollment_is_replaced(controller, 
     identity = enroll(token_file(controller.token()), state_dir, SOFTWARE)
 
     assert spki(identity.certificate().public_key()) == spki(SoftwareKeyStore(state_dir).public_key())
+
+
+def test_a_certificate_for_another_host_name_is_refused_in_plain_words(controller, ca, state_dir, token_file):
+    # The double's certificate names 127.0.0.1 only; "localhost" reaches it but is not in it.
+    url = f"https://localhost:{controller.port}"
+
+    with pytest.raises(TrustError, match=f"^the controller at {url} presented a certificate for another host name"):
+        enroll(token_file(ca.token(url)), state_dir, SOFTWARE)
+
+    assert controller.enroll_requests == 0
+    assert not StateDir(state_dir).is_enrolled()
