@@ -24,9 +24,9 @@ REQUEST_TIMEOUT_SECONDS = 15.0
 #: The largest answer read: ten thousand identities or audit events fit, and a
 #: runaway or hostile server cannot exhaust the operator's memory.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate is the CA's, but for
-#: another name than the one in ``url``.
-_HOSTNAME_MISMATCH = 62
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH:
+#: the certificate is the CA's, but for another name than the one in ``url``.
+_NAME_MISMATCH_CODES = frozenset({62, 64})
 API_PREFIX = "/api/v1"
 
 JsonObject = dict[str, Any]
@@ -164,7 +164,7 @@ class ManagementClient:
         return self._decode(status, raw)
 
     def _trust_error(self, error: ssl.SSLCertVerificationError) -> TrustError:
-        if getattr(error, "verify_code", None) == _HOSTNAME_MISMATCH:
+        if getattr(error, "verify_code", None) in _NAME_MISMATCH_CODES:
             return TrustError(
                 f"the controller's certificate does not name the host in {self.url}; "
                 "use the url the controller printed when it started"

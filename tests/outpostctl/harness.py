@@ -5,6 +5,7 @@ Every wait is bounded and every process started here is stopped by its fixture.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import subprocess
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from outpostctl.cli import main
 
@@ -120,3 +125,20 @@ def run_outpostctl(*args: str, env: dict[str, str] | None = None, cwd: Path | No
     completed = subprocess.run([sys.executable, "-m", "outpostctl", *args], capture_output=True, text=True,
                                timeout=CLI_TIMEOUT_SECONDS, env=env or subprocess_env(), cwd=cwd or ROOT)
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def other_ca_pem(folder: Path) -> Path:
+    """A CA certificate that did not issue the controller's certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the outpost CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / "other-ca.pem"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return path

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from agent.errors import EXIT_UNAVAILABLE, EXIT_USAGE
-from tests.outpostctl.harness import Ctl, RunningController, run_outpostctl, subprocess_env
+from tests.outpostctl.harness import Ctl, RunningController, other_ca_pem, run_outpostctl, subprocess_env
 
 
 def one_sentence(err: str) -> str:
@@ -38,23 +32,6 @@ def config_copy(controller: RunningController, folder: Path, **changes: str) -> 
 def admin_token(controller: RunningController) -> str:
     import tomllib
     return tomllib.loads(controller.config_path.read_text())["token"]
-
-
-def other_ca_pem(folder: Path) -> Path:
-    """A CA certificate that did not issue the controller's certificate."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not the outpost CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = folder / "other-ca.pem"
-    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return path
 
 
 def identity_names(ctl: Ctl) -> set[str]:
