@@ -1,0 +1,123 @@
+"""The systemd units pass systemd-analyze verify and keep their promises.
+
+systemd-analyze verify refuses a unit whose executables are missing, and the
+packaged launchers are not installed on a development machine, so the units
+are checked inside a throwaway root holding the system units and executable
+stand-ins at the packaged paths.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = REPO / "systemd"
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+# verify loads every unit the two reference; a few seconds is plenty.
+VERIFY_TIMEOUT_SECONDS = 60
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (packaging/install-build-deps)"
+)
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """Every Key=value of a unit, in order, keys mapped to all their values."""
+    settings: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def executables(name: str) -> list[str]:
+    paths = []
+    for key in ("ExecStartPre", "ExecStart"):
+        for value in unit_settings(name).get(key, []):
+            paths.append(value.lstrip("-+@!:").split()[0])
+    return paths
+
+
+def verify_root(tmp_path: Path, executables_present: bool = True) -> Path:
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
+    for unit in UNITS.glob("*.service"):
+        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
+        for path in executables(unit.name) if executables_present else []:
+            stand_in = root / path.lstrip("/")
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("#!/bin/sh\n")
+            stand_in.chmod(0o755)
+    return root
+
+
+def verify(root: Path, *units: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", *units],
+        capture_output=True, text=True, timeout=VERIFY_TIMEOUT_SECONDS,
+    )
+
+
+@pytest.mark.skipif(not SYSTEM_UNITS.is_dir(), reason="no system units at /usr/lib/systemd/system to verify against")
+@pytest.mark.parametrize("unit", ["outpost-agent.service", "outpost-controller.service"])
+def test_unit_verifies_without_a_single_complaint(unit: str, tmp_path: Path) -> None:
+    result = verify(verify_root(tmp_path), unit)
+    assert result.returncode == 0, result.stderr
+    # Unknown keys and bad values are only warnings to verify: none allowed.
+    assert result.stderr == "" and result.stdout == ""
+
+
+@pytest.mark.skipif(not SYSTEM_UNITS.is_dir(), reason="no system units at /usr/lib/systemd/system to verify against")
+def test_verify_does_catch_a_missing_executable(tmp_path: Path) -> None:
+    result = verify(verify_root(tmp_path, executables_present=False), "outpost-agent.service")
+    assert result.returncode != 0
+    assert "/usr/bin/outpost-agent" in result.stderr
+
+
+@pytest.mark.parametrize("unit", ["outpost-agent.service", "outpost-controller.service"])
+def test_unit_is_notify_with_a_watchdog_and_never_restarts_on_fatal_exits(unit: str) -> None:
+    settings = unit_settings(unit)
+    assert settings["Type"] == ["notify"]
+    assert settings["NotifyAccess"] == ["main"]
+    assert settings["WatchdogSec"][0].endswith("s")
+    assert settings["Restart"] == ["on-failure"]
+    assert set(settings["RestartPreventExitStatus"][0].split()) >= {"64", "65", "78"}
+
+
+def test_restart_prevention_matches_the_agents_exit_codes() -> None:
+    from agent import errors
+
+    prevented = set(unit_settings("outpost-agent.service")["RestartPreventExitStatus"][0].split())
+    assert prevented == {str(errors.EXIT_USAGE), str(errors.EXIT_DATAERR), str(errors.EXIT_IDENTITY_LOST)}
+    # A retryable failure must stay restartable.
+    assert str(errors.EXIT_UNAVAILABLE) not in prevented and str(errors.EXIT_TEMPFAIL) not in prevented
+
+
+def test_agent_runs_unprivileged_and_reaches_only_the_tpm_device() -> None:
+    settings = unit_settings("outpost-agent.service")
+    assert settings["User"] == ["outpost-agent"]
+    assert settings["CapabilityBoundingSet"] == [""]
+    assert settings["DevicePolicy"] == ["closed"]
+    assert settings["DeviceAllow"] == ["/dev/tpmrm0 rw"]
+    assert settings["SupplementaryGroups"] == ["tss"]
+    assert "PrivateDevices" not in settings
+    assert settings["ProtectSystem"] == ["strict"]
+    # The privileged step that takes the boot token is the only "+" command.
+    assert [v for v in settings["ExecStartPre"] if "+" in v.split()[0]] == [
+        "-+/usr/lib/outpost-agent/take-boot-token /boot/firmware/outpost-enroll.token /var/lib/outpost-agent"
+    ]
+    assert "ReadWritePaths" not in settings
+
+
+def test_controller_holds_only_the_bind_capability() -> None:
+    settings = unit_settings("outpost-controller.service")
+    assert settings["User"] == ["outpost-controller"]
+    assert settings["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
+    assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
