@@ -1,0 +1,192 @@
+"""HTTP handlers: the gateway endpoints (``/v1/``) and the management API (``/api/v1/``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from controller.context import ControllerContext
+from controller.enrollment import Issued
+from controller.errors import ControllerError, bad_request
+from controller.names import DEFAULT_TENANT, check_name, check_roles
+from controller.registry import Identity, refuse_blocked
+from controller.audit import DEFAULT_AUDIT_PAGE
+from controller.tokens import check_ttl
+
+#: Every request body is JSON of a few KiB at most (a CSR, a policy); 64 KiB
+#: bounds what any peer, authenticated or not, can make the controller read.
+MAX_REQUEST_BODY = 64 * 1024
+PEM_CONTENT_TYPE = "application/x-pem-file"
+
+
+def too_large() -> ControllerError:
+    return ControllerError(
+        "body_too_large", f"The request body is larger than {MAX_REQUEST_BODY} bytes; send less.", 413
+    )
+
+
+async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object; 413 past MAX_REQUEST_BODY, 400 for anything not an object."""
+    if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
+        raise too_large()
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large() from None
+    if not body.strip():
+        if optional:
+            return {}
+        raise bad_request("invalid_json", "The request needs a JSON object body.")
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise bad_request("invalid_json", "The request body must be a JSON object.")
+    return value
+
+
+def _tenant(value: object) -> str:
+    return DEFAULT_TENANT if value is None else check_name(value, "tenant")
+
+
+def issued_json(context: ControllerContext, issued: Issued) -> dict[str, Any]:
+    return {
+        "certificate": issued.certificate_pem,
+        "ca": context.ca.certificate_pem,
+        "identity": issued.identity.uri,
+        "name": issued.identity.name,
+        "tenant": issued.identity.tenant,
+        "relays": list(context.relay_urls),
+        "not_after": issued.not_after,
+    }
+
+
+class GatewayApi:
+    """Endpoints a gateway reaches without a credential: the token or its key is the proof."""
+
+    def __init__(self, context: ControllerContext) -> None:
+        self.context = context
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/ca", self.ca)
+        app.router.add_get("/v1/time", self.time)
+        app.router.add_post("/v1/enroll", self.enroll)
+
+    async def ca(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.context.ca.certificate_pem, content_type=PEM_CONTENT_TYPE)
+
+    async def time(self, request: web.Request) -> web.Response:
+        return web.json_response({"time": time.time()})
+
+    async def enroll(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"))
+        return web.json_response(issued_json(self.context, issued))
+
+
+class ManagementApi:
+    """``/api/v1/``: what operators (outpostctl) do, behind the admin credential."""
+
+    def __init__(self, context: ControllerContext, tunnel_status: Callable[[], list[dict[str, Any]]]) -> None:
+        self.context = context
+        self._tunnel_status = tunnel_status
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/api/v1/identities", self.create_identity)
+        r.add_get("/api/v1/identities", self.list_identities)
+        r.add_get("/api/v1/identities/{name}", self.get_identity)
+        r.add_post("/api/v1/identities/{name}/token", self.create_token)
+        r.add_post("/api/v1/identities/{name}/revoke", self.revoke)
+        r.add_post("/api/v1/identities/{name}/session", self.session)
+        r.add_post("/api/v1/services", self.create_service)
+        r.add_get("/api/v1/services", self.list_services)
+        r.add_post("/api/v1/policies", self.create_policy)
+        r.add_get("/api/v1/policies", self.list_policies)
+        r.add_get("/api/v1/audit", self.audit)
+        r.add_get("/api/v1/status", self.status)
+
+    def _identity_from_path(self, request: web.Request) -> Identity:
+        name = check_name(request.match_info["name"], "identity name")
+        tenant = _tenant(request.query.get("tenant"))
+        return self.context.registry.require_identity(tenant, name)
+
+    async def create_identity(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        tenant = _tenant(body.get("tenant"))
+        name = check_name(body.get("name"), "identity name")
+        roles = check_roles(body.get("roles"))
+        ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
+        ctx = self.context
+        with ctx.store.transaction() as db:
+            identity = ctx.registry.create_identity_in(db, tenant, name, roles)
+            token, expires = ctx.tokens.create_in(db, identity, ttl)
+        return web.json_response(
+            {"identity": identity.to_json(), "token": token, "token_expires": expires}, status=201
+        )
+
+    async def list_identities(self, request: web.Request) -> web.Response:
+        tenant = request.query.get("tenant")
+        identities = self.context.registry.list_identities(None if tenant is None else _tenant(tenant))
+        return web.json_response({"identities": [i.to_json() for i in identities]})
+
+    async def get_identity(self, request: web.Request) -> web.Response:
+        return web.json_response(self._identity_from_path(request).to_json())
+
+    async def create_token(self, request: web.Request) -> web.Response:
+        body = await read_json(request, optional=True)
+        ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
+        identity = self._identity_from_path(request)
+        ctx = self.context
+        with ctx.store.transaction() as db:
+            current = ctx.registry.get_identity_in(db, identity.tenant, identity.name)
+            assert current is not None
+            refuse_blocked(current)
+            token, expires = ctx.tokens.create_in(db, current, ttl)
+        return web.json_response({"identity": current.to_json(), "token": token, "token_expires": expires}, status=201)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        identity = self._identity_from_path(request)
+        revoked = self.context.registry.revoke(identity.tenant, identity.name)
+        return web.json_response(revoked.to_json())
+
+    async def session(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        identity = self._identity_from_path(request)
+        issued = self.context.enrollment.issue_session(identity.tenant, identity.name, body.get("csr"))
+        return web.json_response(issued_json(self.context, issued), status=201)
+
+    async def create_service(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        service = self.context.registry.create_service(
+            _tenant(body.get("tenant")), check_name(body.get("name"), "service name"), check_roles(body.get("roles"))
+        )
+        return web.json_response(service.to_json(), status=201)
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        tenant = request.query.get("tenant")
+        services = self.context.registry.list_services(None if tenant is None else _tenant(tenant))
+        return web.json_response({"services": [s.to_json() for s in services]})
+
+    async def create_policy(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        policy = self.context.policy.create(
+            body.get("kind"), _tenant(body.get("tenant")), body.get("identities"), body.get("services")
+        )
+        return web.json_response(policy.to_json(), status=201)
+
+    async def list_policies(self, request: web.Request) -> web.Response:
+        return web.json_response({"policies": [p.to_json() for p in self.context.policy.list()]})
+
+    async def audit(self, request: web.Request) -> web.Response:
+        raw = request.query.get("limit", str(DEFAULT_AUDIT_PAGE))
+        if not raw.isdigit() or int(raw) < 1:
+            raise bad_request("invalid_limit", "The limit must be a positive whole number.")
+        return web.json_response({"events": self.context.audit.recent(int(raw))})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({"tunnels": self._tunnel_status()})

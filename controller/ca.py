@@ -1,0 +1,252 @@
+"""The certificate authority: one ECDSA P-256 key that signs every certificate and token."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.fsutil import atomic_write, ensure_private_dir
+from controller.names import identity_uri
+from controller.settings import DEFAULT_TRUST_DOMAIN
+
+#: Ten years: the CA is pinned by every enrolled gateway and in every token,
+#: so replacing it means re-enrolling the fleet.
+CA_LIFETIME = datetime.timedelta(days=3650)
+#: Gateways without a real-time clock boot minutes off; a certificate that is
+#: "not yet valid" on such a clock would fail every first connection.
+NOT_BEFORE_BACKDATE = datetime.timedelta(minutes=5)
+#: The listener's certificate: a year, reissued automatically on start.
+SERVER_CERT_LIFETIME = datetime.timedelta(days=365)
+#: Reissue the listener's certificate on start when it expires sooner than this,
+#: so a controller restarted monthly never serves an expired one.
+SERVER_CERT_RENEW_BEFORE = datetime.timedelta(days=30)
+#: RFC 5280 serials are at most 20 octets; 159 bits keeps the top bit clear.
+SERIAL_BITS = 159
+CA_COMMON_NAME = "Outpost CA"
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def not_after_of(cert: x509.Certificate) -> datetime.datetime:
+    """notAfter as an aware UTC datetime on cryptography 38 and 42+."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    return aware if aware is not None else cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+
+
+def not_before_of(cert: x509.Certificate) -> datetime.datetime:
+    """notBefore as an aware UTC datetime on cryptography 38 and 42+."""
+    aware = getattr(cert, "not_valid_before_utc", None)
+    return aware if aware is not None else cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+
+
+def certificate_fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of the DER encoding (the token's ``ca`` claim)."""
+    return FINGERPRINT_PREFIX + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of the SubjectPublicKeyInfo DER: how the store names a device key."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass
+class CertificateAuthority:
+    """The CA certificate and key, loaded from or created in ``ca/``."""
+
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey
+    #: The SPIFFE trust domain written into every identity certificate.
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    @property
+    def certificate_pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+    @property
+    def fingerprint(self) -> str:
+        return certificate_fingerprint(self.certificate)
+
+    @classmethod
+    def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> "CertificateAuthority":
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
+        now = utcnow()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(secrets.randbits(SERIAL_BITS))
+            .not_valid_before(now - NOT_BEFORE_BACKDATE)
+            .not_valid_after(now + CA_LIFETIME)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(certificate, key, trust_domain)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> "CertificateAuthority":
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{key_path} is not an ECDSA key")
+        if key.public_key().public_numbers() != certificate.public_key().public_numbers():
+            raise ValueError(f"{key_path} is not the key of {cert_path}")
+        return cls(certificate, key, trust_domain)
+
+    def save(self, cert_path: Path, key_path: Path) -> None:
+        ensure_private_dir(cert_path.parent)
+        atomic_write(key_path, _private_key_pem(self.private_key), mode=0o600)
+        atomic_write(cert_path, self.certificate_pem.encode("ascii"), mode=0o644)
+
+    def _builder(
+        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, lifetime: datetime.timedelta
+    ) -> x509.CertificateBuilder:
+        now = utcnow()
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(secrets.randbits(SERIAL_BITS))
+            .not_valid_before(now - NOT_BEFORE_BACKDATE)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.private_key.public_key()), critical=False
+            )
+        )
+
+    def issue(
+        self,
+        csr_or_public_key: x509.CertificateSigningRequest | ec.EllipticCurvePublicKey,
+        name: str,
+        tenant: str,
+        lifetime: int | float | datetime.timedelta,
+    ) -> x509.Certificate:
+        """A client certificate for ``tenant/name``: CN=name, SAN ``spiffe://<domain>/<tenant>/<name>``.
+
+        A CSR must already have been checked (signature, key type) by the caller.
+        """
+        public_key = (
+            csr_or_public_key.public_key()
+            if isinstance(csr_or_public_key, x509.CertificateSigningRequest)
+            else csr_or_public_key
+        )
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise ValueError("only ECDSA keys are certified")
+        if not isinstance(lifetime, datetime.timedelta):
+            lifetime = datetime.timedelta(seconds=lifetime)
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, tenant),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        return (
+            self._builder(subject, public_key, lifetime)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(self.trust_domain, tenant, name))]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.private_key, hashes.SHA256())
+        )
+
+    def issue_server(self, public_key: ec.EllipticCurvePublicKey, names: list[str]) -> x509.Certificate:
+        """The listener's certificate: serverAuth for each DNS name or IP address in ``names``."""
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "outpost")])
+        return (
+            self._builder(subject, public_key, SERVER_CERT_LIFETIME)
+            .add_extension(x509.SubjectAlternativeName(general_names(names)), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self.private_key, hashes.SHA256())
+        )
+
+
+def general_names(names: list[str]) -> list[x509.GeneralName]:
+    """DNS names and IP addresses for a SubjectAlternativeName, each once."""
+    result: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            entry = x509.DNSName(name.lower())
+        if entry not in result:
+            result.append(entry)
+    return result
+
+
+def server_certificate_covers(cert: x509.Certificate, names: list[str], ca: CertificateAuthority) -> bool:
+    """True when ``cert`` was issued by ``ca``, names every one of ``names`` and is not about to expire."""
+    if cert.issuer != ca.certificate.subject:
+        return False
+    if not_after_of(cert) - utcnow() < SERVER_CERT_RENEW_BEFORE:
+        return False
+    try:
+        ca.certificate.public_key().verify(
+            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+        )
+        present = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except Exception:
+        return False
+    return all(entry in present for entry in general_names(names))
+
+
+def ensure_server_certificate(
+    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str]
+) -> tuple[x509.Certificate, bool]:
+    """Load the listener's certificate, or (re)issue it; returns (certificate, reissued)."""
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if (
+            isinstance(key, ec.EllipticCurvePrivateKey)
+            and key.public_key().public_numbers() == cert.public_key().public_numbers()
+            and server_certificate_covers(cert, names, ca)
+        ):
+            return cert, False
+    else:
+        key = None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        key = ec.generate_private_key(ec.SECP256R1())
+        ensure_private_dir(key_path.parent)
+        atomic_write(key_path, _private_key_pem(key), mode=0o600)
+    cert = ca.issue_server(key.public_key(), names)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return cert, True

@@ -1,0 +1,38 @@
+"""Everything one controller process shares: settings, store, CA, registry, policy, audit.
+
+The relay (``controller/relay/``) is built against this object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controller.audit import AuditLog
+from controller.ca import CertificateAuthority
+from controller.enrollment import Enrollment
+from controller.policy import PolicyEngine
+from controller.registry import Registry
+from controller.settings import Settings
+from controller.store import Store
+from controller.tokens import TokenAuthority
+
+
+@dataclass
+class ControllerContext:
+    settings: Settings
+    store: Store
+    ca: CertificateAuthority
+    registry: Registry
+    policy: PolicyEngine
+    audit: AuditLog
+    tokens: TokenAuthority
+    enrollment: Enrollment
+    #: DER of the certificate the listener presents; tunnel signatures name it.
+    server_certificate_der: bytes
+    #: ``wss://HOST:PORT/v1/tunnel`` URLs handed to enrolling agents.
+    relay_urls: list[str] = field(default_factory=list)
+    #: The management API credential (compared in constant time, never logged).
+    admin_token: str = field(default="", repr=False)
+
+    def close(self) -> None:
+        self.store.close()

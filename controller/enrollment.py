@@ -1,0 +1,174 @@
+"""Enrollment (token + CSR -> certificate) and operator session certificates.
+
+The token is consumed and the certificate recorded in one transaction, so a
+token is redeemed exactly once however many requests race for it, and a
+crash leaves either both or neither.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controller.audit import AuditLog
+from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
+from controller.errors import ControllerError, bad_request
+from controller.registry import Identity, Registry, refuse_blocked
+from controller.store import Store, Transaction
+from controller.tokens import TokenAuthority, token_error
+
+log = logging.getLogger(__name__)
+
+#: A P-256 CSR in PEM is under 1 KiB; anything far larger is not one of ours.
+MAX_CSR_PEM = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Issued:
+    identity: Identity
+    certificate: x509.Certificate
+
+    @property
+    def certificate_pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+    @property
+    def not_after(self) -> int:
+        return int(not_after_of(self.certificate).timestamp())
+
+
+def parse_csr(pem: object) -> x509.CertificateSigningRequest:
+    """A CSR with a valid self-signature over a P-256 key, or 400 ``csr_invalid``."""
+    if not isinstance(pem, str) or not pem.strip() or len(pem) > MAX_CSR_PEM:
+        raise bad_request("csr_invalid", "The request carries no certificate signing request (CSR) in PEM.")
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise bad_request("csr_invalid", "The certificate signing request is not valid PEM; create it again.") from None
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+        raise bad_request("csr_invalid", "The certificate signing request must carry an ECDSA P-256 key.")
+    if not csr.is_signature_valid:
+        raise bad_request(
+            "csr_invalid", "The certificate signing request's signature does not verify; create it again with the device key."
+        )
+    return csr
+
+
+class Enrollment:
+    """Redeems tokens and issues session certificates."""
+
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        registry: Registry,
+        tokens: TokenAuthority,
+        audit: AuditLog,
+        cert_lifetime: int,
+        session_lifetime: int,
+    ) -> None:
+        self._store = store
+        self._ca = ca
+        self._registry = registry
+        self._tokens = tokens
+        self._audit = audit
+        self._cert_lifetime = cert_lifetime
+        self._session_lifetime = session_lifetime
+
+    def enroll(self, token: object, csr_pem: object) -> Issued:
+        """Consume ``token`` and certify the CSR's key; any refusal changes nothing."""
+        try:
+            return self._enroll(token, csr_pem)
+        except ControllerError as error:
+            # Anonymous refusals go to the process log only (see audit.py).
+            log.warning("enrollment refused: %s", error.code)
+            raise
+
+    def _enroll(self, token: object, csr_pem: object) -> Issued:
+        claims = self._tokens.verify(token)
+        csr = parse_csr(csr_pem)
+        key_sha256 = public_key_sha256(csr.public_key())
+        with self._store.transaction() as db:
+            row = db.query_one("SELECT * FROM tokens WHERE jti = ?", (claims.jti,))
+            if row is None or row["tenant"] != claims.tenant or row["name"] != claims.name:
+                raise token_error(
+                    "token_unknown", "This controller has no record of the enrollment token; ask central ops for a new one."
+                )
+            retry = row["used_at"] is not None
+            if retry and row["used_key_sha256"] != key_sha256:
+                raise token_error(
+                    "token_used", "This enrollment token was already used; ask central ops for a new one."
+                )
+            identity = self._registry.get_identity_in(db, claims.tenant, claims.name)
+            if identity is None:
+                raise token_error(
+                    "token_unknown", "The identity this token enrolls no longer exists; ask central ops for a new token."
+                )
+            refuse_blocked(identity)
+            if not retry:
+                db.execute(
+                    "UPDATE tokens SET used_at = ?, used_key_sha256 = ? WHERE jti = ? AND used_at IS NULL",
+                    (time.time(), key_sha256, claims.jti),
+                )
+            certificate = self._issue_in(db, identity, csr.public_key(), self._cert_lifetime, "enrollment")
+            not_after = not_after_of(certificate).timestamp()
+            self._registry.mark_enrolled_in(db, identity, key_sha256, not_after)
+            self._audit.record_in(
+                db,
+                "enrollment",
+                identity=identity.label,
+                jti=claims.jti,
+                key_sha256=key_sha256,
+                serial=format(certificate.serial_number, "x"),
+                retry=retry,
+            )
+            enrolled = self._registry.get_identity_in(db, identity.tenant, identity.name)
+        assert enrolled is not None
+        return Issued(enrolled, certificate)
+
+    def issue_session(self, tenant: str, name: str, csr_pem: object) -> Issued:
+        """A short-lived certificate for an operator acting as ``tenant/name``."""
+        csr = parse_csr(csr_pem)
+        with self._store.transaction() as db:
+            identity = self._registry.get_identity_in(db, tenant, name)
+            if identity is None:
+                raise ControllerError(
+                    "identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.", 404
+                )
+            refuse_blocked(identity)
+            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, "session")
+            self._audit.record_in(
+                db,
+                "session_issued",
+                identity=identity.label,
+                key_sha256=public_key_sha256(csr.public_key()),
+                serial=format(certificate.serial_number, "x"),
+                not_after=int(not_after_of(certificate).timestamp()),
+            )
+        return Issued(identity, certificate)
+
+    def _issue_in(
+        self, db: Transaction, identity: Identity, public_key: ec.EllipticCurvePublicKey, lifetime: int, purpose: str
+    ) -> x509.Certificate:
+        certificate = self._ca.issue(public_key, identity.name, identity.tenant, datetime.timedelta(seconds=lifetime))
+        db.execute(
+            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                format(certificate.serial_number, "x"),
+                identity.tenant,
+                identity.name,
+                purpose,
+                time.time(),
+                not_after_of(certificate).timestamp(),
+                public_key_sha256(public_key),
+            ),
+        )
+        return certificate

@@ -1,0 +1,160 @@
+"""Policies: which identities may dial or bind which services. Deny by default.
+
+A selector is ``NAME`` or ``role:ROLE``, optionally with a tenant prefix
+(``TENANT/NAME``, ``role:TENANT/ROLE``). An unprefixed selector means the
+policy's own tenant, so a policy reaches another tenant only where a selector
+names it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from controller.audit import AuditLog
+from controller.errors import bad_request
+from controller.names import check_name
+from controller.registry import BLOCKED_STATUSES, Identity, Service
+from controller.store import Store
+
+KINDS = ("dial", "bind")
+ROLE_PREFIX = "role:"
+#: Selectors per side of one policy: enough for any real grouping (use roles
+#: for more), small enough that deciding stays a quick scan.
+MAX_SELECTORS = 100
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One parsed selector: a name or a role, in a tenant."""
+
+    tenant: str
+    value: str
+    is_role: bool
+
+    def matches(self, tenant: str, name: str, roles: tuple[str, ...]) -> bool:
+        if tenant != self.tenant:
+            return False
+        return self.value in roles if self.is_role else self.value == name
+
+    def text(self, policy_tenant: str) -> str:
+        """The selector as written, with the tenant prefix only where it differs."""
+        body = self.value if self.tenant == policy_tenant else f"{self.tenant}/{self.value}"
+        return ROLE_PREFIX + body if self.is_role else body
+
+
+def parse_selector(text: object, policy_tenant: str) -> Selector:
+    """Parse one selector; 400 ``invalid_selector`` with the rule when it is malformed."""
+    if not isinstance(text, str):
+        raise bad_request("invalid_selector", "Each selector must be a string such as \"ops\" or \"role:plc\".")
+    is_role = text.startswith(ROLE_PREFIX)
+    body = text[len(ROLE_PREFIX):] if is_role else text
+    tenant, _, value = body.rpartition("/")
+    if "/" in tenant:
+        raise bad_request(
+            "invalid_selector", f"The selector {text!r} is not valid; write NAME, TENANT/NAME, role:ROLE or role:TENANT/ROLE."
+        )
+    tenant = check_name(tenant, "tenant") if tenant else policy_tenant
+    check_name(value, "role" if is_role else "name")
+    return Selector(tenant=tenant, value=value, is_role=is_role)
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: int
+    kind: str
+    tenant: str
+    identities: tuple[Selector, ...]
+    services: tuple[Selector, ...]
+    created_at: float
+
+    def allows(self, identity: Identity, service: Service) -> bool:
+        return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
+            s.matches(service.tenant, service.name, service.roles) for s in self.services
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "tenant": self.tenant,
+            "identities": [s.text(self.tenant) for s in self.identities],
+            "services": [s.text(self.tenant) for s in self.services],
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    #: One plain sentence: which policy allowed it, or why nothing did.
+    reason: str
+    policy_id: int | None = None
+
+
+class PolicyEngine:
+    """Stores policies and decides; ``decide`` records nothing (the caller audits the outcome)."""
+
+    def __init__(self, store: Store, audit: AuditLog) -> None:
+        self._store = store
+        self._audit = audit
+
+    def create(self, kind: object, tenant: str, identities: object, services: object) -> Policy:
+        if kind not in KINDS:
+            raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
+        check_name(tenant, "tenant")
+        identity_selectors = self._selectors(identities, tenant, "identities")
+        service_selectors = self._selectors(services, tenant, "services")
+        now = time.time()
+        with self._store.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    kind,
+                    tenant,
+                    json.dumps([s.text(tenant) for s in identity_selectors]),
+                    json.dumps([s.text(tenant) for s in service_selectors]),
+                    now,
+                ),
+            )
+            policy_id = int(cursor.lastrowid)
+            policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now)
+            self._audit.record_in(db, "policy_created", **policy.to_json())
+        return policy
+
+    @staticmethod
+    def _selectors(value: object, tenant: str, side: str) -> tuple[Selector, ...]:
+        if not isinstance(value, list) or not value:
+            raise bad_request("invalid_policy", f"A policy needs a non-empty list of {side} selectors.")
+        if len(value) > MAX_SELECTORS:
+            raise bad_request(
+                "invalid_policy", f"A policy takes at most {MAX_SELECTORS} {side} selectors; use roles to group more."
+            )
+        return tuple(parse_selector(item, tenant) for item in value)
+
+    def list(self) -> list[Policy]:
+        rows = self._store.query("SELECT * FROM policies ORDER BY id")
+        return [
+            Policy(
+                id=row["id"],
+                kind=row["kind"],
+                tenant=row["tenant"],
+                identities=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["identities"])),
+                services=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["services"])),
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    def decide(self, kind: str, identity: Identity, service: Service) -> Decision:
+        """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so."""
+        if kind not in KINDS:
+            return Decision(False, f"{kind!r} is not an action a policy can allow.")
+        if identity.status in BLOCKED_STATUSES:
+            return Decision(False, f"identity {identity.label} is {identity.status}")
+        for policy in self.list():
+            if policy.kind == kind and policy.allows(identity, service):
+                return Decision(True, f"allowed by policy {policy.id}", policy.id)
+        return Decision(False, f"no policy allows identity {identity.label} to {kind} service {service.label}")

@@ -1,0 +1,231 @@
+"""The identity and service registry.
+
+Identities and services belong to a tenant and are keyed by (tenant, name).
+Every read goes to the store, so several controller processes sharing it see
+the same registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from controller.audit import AuditLog
+from controller.errors import ControllerError, conflict, not_found
+from controller.names import check_name, identity_uri, parse_identity_uri
+from controller.store import Store, Transaction
+
+log = logging.getLogger(__name__)
+
+STATUS_CREATED = "created"
+STATUS_ENROLLED = "enrolled"
+STATUS_DISABLED = "disabled"
+STATUS_REVOKED = "revoked"
+#: Identities in these states get no certificate, no session and no tunnel.
+BLOCKED_STATUSES = frozenset({STATUS_DISABLED, STATUS_REVOKED})
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    tenant: str
+    roles: tuple[str, ...]
+    uri: str
+    status: str
+    created_at: float
+    enrolled_at: float | None = None
+    cert_not_after: float | None = None
+    #: Hex SHA-256 of the enrolled device key's SubjectPublicKeyInfo.
+    key_sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``tenant/name``, as sentences and audit fields name an identity."""
+        return f"{self.tenant}/{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tenant": self.tenant,
+            "roles": list(self.roles),
+            "uri": self.uri,
+            "status": self.status,
+            "created_at": self.created_at,
+            "enrolled_at": self.enrolled_at,
+            "cert_not_after": self.cert_not_after,
+        }
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    tenant: str
+    roles: tuple[str, ...] = field(default=())
+    created_at: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "tenant": self.tenant, "roles": list(self.roles), "created_at": self.created_at}
+
+
+RevocationListener = Callable[[Identity], None]
+
+
+class Registry:
+    """Creates, finds and revokes identities; creates and finds services."""
+
+    def __init__(self, store: Store, audit: AuditLog, trust_domain: str) -> None:
+        self._store = store
+        self._audit = audit
+        self.trust_domain = trust_domain
+        #: Called in-process with the revoked Identity (the relay closes its tunnels).
+        self.revocation_listeners: list[RevocationListener] = []
+
+    def on_revoked(self, listener: RevocationListener) -> None:
+        self.revocation_listeners.append(listener)
+
+    # Identities
+
+    def _identity(self, row: sqlite3.Row) -> Identity:
+        return Identity(
+            name=row["name"],
+            tenant=row["tenant"],
+            roles=tuple(json.loads(row["roles"])),
+            uri=identity_uri(self.trust_domain, row["tenant"], row["name"]),
+            status=row["status"],
+            created_at=row["created_at"],
+            enrolled_at=row["enrolled_at"],
+            cert_not_after=row["cert_not_after"],
+            key_sha256=row["key_sha256"],
+        )
+
+    def create_identity_in(self, db: Transaction, tenant: str, name: str, roles: tuple[str, ...]) -> Identity:
+        """Insert a new identity inside ``db``; 409 ``identity_exists`` if the name is taken."""
+        check_name(tenant, "tenant")
+        check_name(name, "identity name")
+        if db.query_one("SELECT 1 FROM identities WHERE tenant = ? AND name = ?", (tenant, name)):
+            raise conflict(
+                "identity_exists",
+                f"An identity named {name!r} already exists in tenant {tenant!r}; choose another name.",
+            )
+        now = time.time()
+        db.execute(
+            "INSERT INTO identities (tenant, name, roles, status, created_at) VALUES (?, ?, ?, ?, ?)",
+            (tenant, name, json.dumps(list(roles)), STATUS_CREATED, now),
+        )
+        self._audit.record_in(db, "identity_created", identity=f"{tenant}/{name}", roles=list(roles))
+        row = db.query_one("SELECT * FROM identities WHERE tenant = ? AND name = ?", (tenant, name))
+        assert row is not None
+        return self._identity(row)
+
+    def get_identity_in(self, db: Transaction, tenant: str, name: str) -> Identity | None:
+        row = db.query_one("SELECT * FROM identities WHERE tenant = ? AND name = ?", (tenant, name))
+        return self._identity(row) if row else None
+
+    def get_identity(self, tenant: str, name: str) -> Identity | None:
+        row = self._store.query_one("SELECT * FROM identities WHERE tenant = ? AND name = ?", (tenant, name))
+        return self._identity(row) if row else None
+
+    def require_identity(self, tenant: str, name: str) -> Identity:
+        identity = self.get_identity(tenant, name)
+        if identity is None:
+            raise not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")
+        return identity
+
+    def identity_by_uri(self, uri: str) -> Identity | None:
+        """The identity a certificate's SAN URI names, if it is of this trust domain and exists."""
+        parsed = parse_identity_uri(self.trust_domain, uri)
+        return self.get_identity(*parsed) if parsed else None
+
+    def list_identities(self, tenant: str | None = None) -> list[Identity]:
+        if tenant is None:
+            rows = self._store.query("SELECT * FROM identities ORDER BY tenant, name")
+        else:
+            rows = self._store.query("SELECT * FROM identities WHERE tenant = ? ORDER BY name", (tenant,))
+        return [self._identity(row) for row in rows]
+
+    def mark_enrolled_in(self, db: Transaction, identity: Identity, key_sha256: str, not_after: float) -> None:
+        db.execute(
+            "UPDATE identities SET status = ?, enrolled_at = ?, cert_not_after = ?, key_sha256 = ? "
+            "WHERE tenant = ? AND name = ?",
+            (STATUS_ENROLLED, time.time(), not_after, key_sha256, identity.tenant, identity.name),
+        )
+
+    def revoke(self, tenant: str, name: str) -> Identity:
+        """Mark the identity revoked (idempotent), audit it and tell every listener."""
+        with self._store.transaction() as db:
+            identity = self.get_identity_in(db, tenant, name)
+            if identity is None:
+                raise not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")
+            if identity.status != STATUS_REVOKED:
+                db.execute(
+                    "UPDATE identities SET status = ? WHERE tenant = ? AND name = ?", (STATUS_REVOKED, tenant, name)
+                )
+                self._audit.record_in(db, "identity_revoked", identity=identity.label)
+            revoked = self.get_identity_in(db, tenant, name)
+        assert revoked is not None
+        for listener in list(self.revocation_listeners):
+            try:
+                listener(revoked)
+            except Exception:  # a broken listener must not undo or hide the revocation
+                log.exception("revocation listener failed for %s", revoked.label)
+        return revoked
+
+    # Services
+
+    def create_service(self, tenant: str, name: str, roles: tuple[str, ...]) -> Service:
+        check_name(tenant, "tenant")
+        check_name(name, "service name")
+        with self._store.transaction() as db:
+            if db.query_one("SELECT 1 FROM services WHERE tenant = ? AND name = ?", (tenant, name)):
+                raise conflict(
+                    "service_exists",
+                    f"A service named {name!r} already exists in tenant {tenant!r}; choose another name.",
+                )
+            now = time.time()
+            db.execute(
+                "INSERT INTO services (tenant, name, roles, created_at) VALUES (?, ?, ?, ?)",
+                (tenant, name, json.dumps(list(roles)), now),
+            )
+            self._audit.record_in(db, "service_created", service=f"{tenant}/{name}", roles=list(roles))
+        return Service(name=name, tenant=tenant, roles=roles, created_at=now)
+
+    @staticmethod
+    def _service(row: sqlite3.Row) -> Service:
+        return Service(
+            name=row["name"], tenant=row["tenant"], roles=tuple(json.loads(row["roles"])), created_at=row["created_at"]
+        )
+
+    def get_service(self, tenant: str, name: str) -> Service | None:
+        row = self._store.query_one("SELECT * FROM services WHERE tenant = ? AND name = ?", (tenant, name))
+        return self._service(row) if row else None
+
+    def list_services(self, tenant: str | None = None) -> list[Service]:
+        if tenant is None:
+            rows = self._store.query("SELECT * FROM services ORDER BY tenant, name")
+        else:
+            rows = self._store.query("SELECT * FROM services WHERE tenant = ? ORDER BY name", (tenant,))
+        return [self._service(row) for row in rows]
+
+
+def refuse_blocked(identity: Identity) -> None:
+    """Raise 403 ``identity_disabled``/``identity_revoked`` for an identity that may get nothing."""
+    if identity.status == STATUS_REVOKED:
+        raise ControllerError(
+            "identity_revoked",
+            f"The identity {identity.label} was revoked; central ops must create a new identity.",
+            403,
+        )
+    if identity.status == STATUS_DISABLED:
+        raise ControllerError(
+            "identity_disabled",
+            f"The identity {identity.label} is disabled; ask central ops to enable it.",
+            403,
+        )

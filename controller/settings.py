@@ -1,0 +1,99 @@
+"""The controller's configuration: a typed object built by the CLI.
+
+The core never reads flags, files or the environment itself; everything it
+needs arrives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from pathlib import Path
+
+#: Agents renew at about two thirds of this; a day bounds what a stolen
+#: certificate is worth while leaving a long night offline harmless.
+DEFAULT_CERT_LIFETIME = 24 * 3600
+#: A week covers shipping a gateway and waiting for a technician on site.
+DEFAULT_TOKEN_TTL = 7 * 24 * 3600
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+DEFAULT_LISTEN_PORT = 8443
+DEFAULT_TRUST_DOMAIN = "outpost.local"
+#: `outpostctl connect` sessions are interactive; an hour outlives a working
+#: session yet expires soon after the laptop is closed.
+SESSION_CERT_LIFETIME = 3600
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything `outpost-controller serve` was told, with defaults applied."""
+
+    data_dir: Path
+    listen_host: str = DEFAULT_LISTEN_HOST
+    listen_port: int = DEFAULT_LISTEN_PORT
+    #: Base URL agents and tokens use; None: derived from the bound address.
+    advertise_url: str | None = None
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    cert_lifetime: int = DEFAULT_CERT_LIFETIME
+    token_ttl: int = DEFAULT_TOKEN_TTL
+    session_lifetime: int = SESSION_CERT_LIFETIME
+    extra_sans: tuple[str, ...] = ()
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "store.sqlite3"
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.data_dir / "ca" / "ca.pem"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.data_dir / "ca" / "ca.key"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.data_dir / "tls" / "server.pem"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.data_dir / "tls" / "server.key"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def outpostctl_config_path(self) -> Path:
+        return self.data_dir / "outpostctl.toml"
+
+    def with_port(self, port: int) -> "Settings":
+        """The same settings once the listener is bound (``--listen HOST:0``)."""
+        return dataclasses.replace(self, listen_port=port)
+
+    @property
+    def base_url(self) -> str:
+        """The URL agents, tokens and outpostctl use to reach this controller."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.listen_host
+        if host in WILDCARD_HOSTS:
+            # Listening everywhere: the machine's name is what others can reach.
+            host = socket.gethostname()
+        return "https://" + host_port(host, self.listen_port)
+
+    @property
+    def relay_urls(self) -> list[str]:
+        base = self.base_url
+        return ["wss://" + base[len("https://"):] + "/v1/tunnel"]
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` with IPv6 literals in brackets, as URLs want them."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"

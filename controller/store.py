@@ -1,0 +1,171 @@
+"""The controller's SQLite store: identities, tokens, services, policies, certificates, audit.
+
+Several processes may share one store file, so every read-modify-write runs in
+``BEGIN IMMEDIATE`` (the write lock is taken before the read, so two
+processes can never both see a token unused) and the journal is WAL (readers
+do not block the writer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterator
+
+#: How long a writer waits for another process's transaction before failing;
+#: every transaction here is a handful of row writes, so seconds is generous.
+BUSY_TIMEOUT_SECONDS = 10.0
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    enrolled_at REAL,
+    cert_not_after REAL,
+    key_sha256 TEXT,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL,
+    used_key_sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS services (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS policies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    identities TEXT NOT NULL,
+    services TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL,
+    key_sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    fields TEXT NOT NULL
+);
+-- The audit log is append-only: no process, not even this one, rewrites history.
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+class Store:
+    """One connection to the store file, shared by this process's handlers.
+
+    Handlers run on one event loop, but the lock keeps the connection safe if a
+    caller uses it from a worker thread too.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            # The store names every identity and key; owner-only like the keys beside it.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        # isolation_level=None: transactions are begun explicitly, never implicitly.
+        self._connection = sqlite3.connect(
+            str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        self._connection.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA foreign_keys=ON")
+        self._connection.execute("PRAGMA synchronous=FULL")
+        with self.transaction() as db:
+            db.executescript_in_transaction(SCHEMA)
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["Transaction"]:
+        """A write transaction (``BEGIN IMMEDIATE``): commits on success, rolls back on error."""
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self._connection)
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only statement (its own implicit snapshot)."""
+        with self._lock:
+            return list(self._connection.execute(sql, parameters))
+
+    def query_one(self, sql: str, parameters: tuple = ()) -> sqlite3.Row | None:
+        rows = self.query(sql, parameters)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+class Transaction:
+    """The statements of one open transaction."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        return self._connection.execute(sql, parameters)
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
+        return list(self._connection.execute(sql, parameters))
+
+    def query_one(self, sql: str, parameters: tuple = ()) -> sqlite3.Row | None:
+        rows = self.query(sql, parameters)
+        return rows[0] if rows else None
+
+    def executescript_in_transaction(self, script: str) -> None:
+        # executescript() would COMMIT first; run the statements one by one instead.
+        for statement in _split_statements(script):
+            self._connection.execute(statement)
+
+
+def _split_statements(script: str) -> list[str]:
+    """Complete SQL statements of ``script`` (triggers contain ';' inside BEGIN...END)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements

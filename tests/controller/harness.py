@@ -1,0 +1,124 @@
+"""A real controller on loopback TLS, and clients that trust only its CA."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import sqlite3
+import ssl
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, TypeVar
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from controller.bootstrap import open_data_dir
+from controller.context import ControllerContext
+from controller.server import ControllerServer, bind_listener
+from controller.settings import Settings
+
+T = TypeVar("T")
+#: No single test step waits longer than this for the controller.
+REQUEST_TIMEOUT = 20.0
+STORE_TABLES = ("meta", "identities", "tokens", "services", "policies", "certificates", "audit")
+
+
+def run(coroutine: Awaitable[T]) -> T:
+    """Drive one async scenario to completion (no pytest-asyncio here)."""
+    return asyncio.run(asyncio.wait_for(coroutine, 120))
+
+
+@dataclasses.dataclass
+class Running:
+    context: ControllerContext
+    url: str
+    session: aiohttp.ClientSession
+    client_tls: ssl.SSLContext
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.context.admin_token}"}
+
+    async def call(self, method: str, path: str, body: Any = None, admin: bool = True) -> tuple[int, Any]:
+        """One JSON request; returns (status, decoded JSON body)."""
+        headers = self.admin if admin else {}
+        async with self.session.request(method, self.url + path, json=body, headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def create_identity(self, name: str, roles: list[str] | None = None, tenant: str = "default") -> dict:
+        status, body = await self.call("POST", "/api/v1/identities", {"name": name, "roles": roles or [], "tenant": tenant})
+        assert status == 201, body
+        return body
+
+    async def enroll(self, token: str, key: ec.EllipticCurvePrivateKey, name: str = "gw") -> tuple[int, Any]:
+        return await self.call("POST", "/v1/enroll", {"token": token, "csr": make_csr(key, name)}, admin=False)
+
+
+def client_tls_for(context: ControllerContext) -> ssl.SSLContext:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls.minimum_version = ssl.TLSVersion.TLSv1_2
+    tls.load_verify_locations(cadata=context.ca.certificate_pem)
+    return tls
+
+
+@contextlib.asynccontextmanager
+async def running_controller(data_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
+    """The real server (TLS, middlewares, relay mounted) on 127.0.0.1 with an ephemeral port."""
+    listener = bind_listener("127.0.0.1", 0)
+    settings = Settings(data_dir=data_dir, listen_host="127.0.0.1", listen_port=listener.getsockname()[1], **overrides)
+    context = open_data_dir(settings)
+    server = ControllerServer(context, listener)
+    await server.start()
+    tls = client_tls_for(context)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout) as session:
+            yield Running(context, settings.base_url, session, tls)
+    finally:
+        await server.stop()
+        context.close()
+
+
+def make_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(key: Any, name: str = "gw") -> str:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def store_snapshot(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every table, through a separate connection (as another process sees it)."""
+    connection = sqlite3.connect(str(path))
+    try:
+        return {table: list(connection.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in STORE_TABLES}
+    finally:
+        connection.close()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_json(value: dict) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+def token_parts(token: str) -> tuple[dict, dict, str]:
+    header, payload, signature = token.split(".")
+
+    def decode(part: str) -> dict:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+    return decode(header), decode(payload), signature
