@@ -1,0 +1,55 @@
+"""The tunnel wire protocol (docs/protocol.md) as a sans-IO state machine.
+
+No sockets, no clock, no randomness: bytes and ``now`` go in, events and bytes
+to send come out. The agent and the relay both drive a ``Connection``.
+"""
+
+from agent.tunnel.protocol.connection import Connection, auth_message
+from agent.tunnel.protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamClosedError,
+)
+from agent.tunnel.protocol.events import (
+    Authenticated,
+    AuthReceived,
+    BindCompleted,
+    BindRequested,
+    ChallengeReceived,
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from agent.tunnel.protocol.limits import (
+    AUTH_DEADLINE,
+    INITIAL_WINDOW,
+    MAX_CONTROL_PAYLOAD,
+    MAX_FRAME_PAYLOAD,
+    MAX_SEND_PAYLOAD,
+    MAX_STREAMS,
+    MAX_WINDOW,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    Liveness,
+    ProtocolLimits,
+)
+from agent.tunnel.protocol.state import Handshake, Role
+from agent.tunnel.protocol.streams import StreamState
+
+__all__ = [
+    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
+    "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION",
+    "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
+    "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
+    "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",
+    "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowUpdated",
+    "auth_message",
+]
