@@ -1,0 +1,112 @@
+"""Policy decisions: deny by default, by name or role, across tenants only when named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.audit import AuditLog
+from controller.errors import ControllerError
+from controller.policy import PolicyEngine
+from controller.registry import Identity, Registry, Service
+from controller.store import Store
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    store = Store(tmp_path / "store.sqlite3")
+    audit = AuditLog(store)
+    registry = Registry(store, audit, "outpost.local")
+    with store.transaction() as db:
+        ops = registry.create_identity_in(db, "default", "ops", ("operator",))
+        gw = registry.create_identity_in(db, "default", "gw", ("edge",))
+        other = registry.create_identity_in(db, "acme", "ops", ("operator",))
+    modbus = registry.create_service("default", "modbus", ("plc",))
+    acme_modbus = registry.create_service("acme", "modbus", ("plc",))
+    yield PolicyEngine(store, audit), registry, {"ops": ops, "gw": gw, "acme-ops": other}, {
+        "modbus": modbus,
+        "acme-modbus": acme_modbus,
+    }
+    store.close()
+
+
+def test_nothing_is_allowed_without_a_policy_and_the_reason_says_so(world) -> None:
+    engine, _, who, what = world
+    decision = engine.decide("dial", who["ops"], what["modbus"])
+    assert not decision.allowed
+    assert decision.reason == "no policy allows identity default/ops to dial service default/modbus"
+
+
+def test_a_policy_by_name_allows_that_identity_and_no_other(world) -> None:
+    engine, _, who, what = world
+    policy = engine.create("dial", "default", ["ops"], ["modbus"])
+    decision = engine.decide("dial", who["ops"], what["modbus"])
+    assert decision.allowed and decision.reason == f"allowed by policy {policy.id}"
+    assert not engine.decide("dial", who["gw"], what["modbus"]).allowed
+    assert not engine.decide("bind", who["ops"], what["modbus"]).allowed
+
+
+def test_a_policy_by_role_matches_identities_and_services_holding_the_role(world) -> None:
+    engine, _, who, what = world
+    engine.create("bind", "default", ["role:edge"], ["role:plc"])
+    assert engine.decide("bind", who["gw"], what["modbus"]).allowed
+    assert not engine.decide("bind", who["ops"], what["modbus"]).allowed
+
+
+def test_an_unprefixed_selector_never_reaches_another_tenant(world) -> None:
+    engine, _, who, what = world
+    engine.create("dial", "default", ["role:operator"], ["modbus"])
+    denied = engine.decide("dial", who["acme-ops"], what["modbus"])
+    assert not denied.allowed
+    assert denied.reason == "no policy allows identity acme/ops to dial service default/modbus"
+    assert not engine.decide("dial", who["ops"], what["acme-modbus"]).allowed
+
+
+def test_a_policy_crosses_tenants_where_a_selector_names_the_other_tenant(world) -> None:
+    engine, _, who, what = world
+    policy = engine.create("dial", "default", ["acme/ops"], ["modbus"])
+    assert engine.decide("dial", who["acme-ops"], what["modbus"]).allowed
+    assert not engine.decide("dial", who["ops"], what["modbus"]).allowed
+    assert policy.to_json()["identities"] == ["acme/ops"]
+    role_policy = engine.create("dial", "acme", ["ops"], ["role:default/plc"])
+    assert engine.decide("dial", who["acme-ops"], what["modbus"]).reason == f"allowed by policy {policy.id}"
+    assert role_policy.to_json()["services"] == ["role:default/plc"]
+
+
+def test_a_revoked_identity_is_denied_whatever_the_policies_say(world) -> None:
+    engine, registry, who, what = world
+    engine.create("dial", "default", ["ops"], ["modbus"])
+    revoked = registry.revoke("default", "ops")
+    decision = engine.decide("dial", revoked, what["modbus"])
+    assert not decision.allowed and decision.reason == "identity default/ops is revoked"
+
+
+@pytest.mark.parametrize(
+    "identities, services",
+    [([], ["modbus"]), (["ops"], []), (["Bad"], ["modbus"]), (["a/b/c"], ["modbus"]), (["role:"], ["x"]), ("ops", ["x"])],
+)
+def test_malformed_policies_are_refused_and_stored_nowhere(world, identities, services) -> None:
+    engine, *_ = world
+    with pytest.raises(ControllerError) as refused:
+        engine.create("dial", "default", identities, services)
+    assert refused.value.status == 400 and refused.value.message.endswith(".")
+    assert engine.list() == []
+
+
+def test_policies_survive_a_reload_and_decide_the_same(world, tmp_path: Path) -> None:
+    engine, *_ = world
+    engine.create("dial", "default", ["role:operator", "acme/ops"], ["role:plc"])
+    reopened = Store(tmp_path / "store.sqlite3")
+    try:
+        again = PolicyEngine(reopened, AuditLog(reopened))
+        assert [p.to_json() for p in again.list()] == [p.to_json() for p in engine.list()]
+    finally:
+        reopened.close()
+
+
+def test_decisions_use_only_the_identity_and_service_objects_given(world) -> None:
+    engine, *_ = world
+    engine.create("dial", "default", ["role:operator"], ["modbus"])
+    stranger = Identity(name="x", tenant="default", roles=("operator",), uri="", status="enrolled", created_at=0)
+    assert engine.decide("dial", stranger, Service(name="modbus", tenant="default")).allowed
