@@ -1,0 +1,169 @@
+"""The agent's end of a tunnel: dial a relay, authenticate, host bound services."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+
+from agent.errors import ControllerUnreachable, TrustError, TunnelRefused
+from agent.identity.keystore import KeyStore
+from agent.tunnel.auth import peer_certificate_digest
+from agent.tunnel.protocol import (
+    PROTOCOL_VERSION,
+    Authenticated,
+    BindCompleted,
+    ChallengeReceived,
+    Connection,
+    ErrorCode,
+    Liveness,
+    ProtocolLimits,
+    Role,
+    auth_message,
+)
+from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, TunnelSession, splice_socket
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "outpost.v1"
+# TCP + TLS + WebSocket upgrade on a satellite link takes several round trips
+# of 600 ms; 30 s also covers a congested cellular uplink.
+CONNECT_TIMEOUT = 30.0
+# Connecting to a bound service on the gateway itself (loopback or LAN).
+LOCAL_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class TunnelCredentials:
+    """What proves who we are to a relay, and what we trust."""
+
+    uri: str
+    chain_pem: list[str]
+    ca_pem: str
+    keystore: KeyStore
+
+
+@dataclass
+class TunnelOptions:
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    liveness: Liveness = field(default_factory=Liveness)
+    #: service name -> (host, port) on the gateway
+    binds: dict[str, tuple[str, int]] = field(default_factory=dict)
+    proxy: str | None = None
+
+
+class AgentSession(TunnelSession):
+    """One tunnel, agent side."""
+
+    def __init__(self, conn: Connection, ws: aiohttp.ClientWebSocketResponse, relay_url: str,
+                 credentials: TunnelCredentials, relay_digest: bytes, options: TunnelOptions) -> None:
+        super().__init__(conn, ws)
+        self.relay_url = relay_url
+        self.credentials = credentials
+        self.relay_digest = relay_digest
+        self.options = options
+        self.authenticated = asyncio.Event()
+        self.relay_info: dict = {}
+        self.bound: tuple[str, ...] = ()
+        self.refused: dict[str, str] = {}
+        self.last_rtt: float | None = None
+        self.pong_listeners: list[Callable[[float], None]] = []
+
+    async def on_challenge(self, event: ChallengeReceived) -> None:
+        if event.version != PROTOCOL_VERSION:
+            self.conn.close(ErrorCode.UNSUPPORTED_VERSION, f"agent speaks version {PROTOCOL_VERSION}")
+            return
+        message = auth_message(event.nonce, self.relay_digest)
+        # A TPM signature can take hundreds of milliseconds: keep the loop free.
+        signature = await asyncio.to_thread(self.credentials.keystore.sign, message)
+        keepalive = self.options.liveness.keepalive_interval
+        self.conn.send_auth(self.credentials.chain_pem, signature, extra={"keepalive": keepalive})
+
+    async def on_authenticated(self, event: Authenticated) -> None:
+        self.relay_info = dict(event.info)
+        if self.options.binds:
+            self.conn.send_bind(sorted(self.options.binds))
+        else:
+            self.authenticated.set()
+
+    async def on_bind_completed(self, event: BindCompleted) -> None:
+        self.bound = tuple(event.bound)
+        self.refused = dict(event.refused)
+        for name, reason in self.refused.items():
+            log.warning("relay refused to bind service %s: %s", name, reason)
+        self.authenticated.set()
+
+    def on_pong(self, rtt: float) -> None:
+        self.last_rtt = rtt
+        for listener in self.pong_listeners:
+            listener(rtt)
+
+    async def on_stream_opened(self, channel: StreamChannel) -> None:
+        target = self.options.binds.get(channel.service)
+        if target is None:
+            channel.reset(ErrorCode.SERVICE_UNKNOWN, f"this gateway does not bind {channel.service}")
+            return
+        host, port = target
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("service %s: cannot connect to %s:%d: %s", channel.service, host, port, exc)
+            channel.reset(ErrorCode.CONNECT_FAILED,
+                          f"the gateway could not connect to {channel.service} at {host}:{port}")
+            return
+        self.conn.accept_stream(channel.stream_id)
+        await self.flush()
+        log.info("stream %d: %s dialled %s", channel.stream_id, channel.peer or "?", channel.service)
+        await splice_socket(channel, reader, writer)
+
+
+async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,
+                      ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task]:
+    """Connect and authenticate; returns the session and the task running it.
+
+    Raises TrustError (relay not from the pinned CA), ControllerUnreachable
+    (network), TunnelRefused (the relay said no, with its reason).
+    """
+    try:
+        ws = await asyncio.wait_for(
+            http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
+                            autoping=True, compress=0, max_msg_size=WS_RECEIVE_MAX, proxy=options.proxy),
+            CONNECT_TIMEOUT,
+        )
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise TrustError(
+            f"the relay at {relay_url} presented a certificate not issued by the pinned controller CA "
+            f"({exc.certificate_error}); check the relay address, or whether something intercepts TLS"
+        ) from None
+    except aiohttp.ClientConnectorSSLError as exc:
+        raise TrustError(f"TLS with the relay at {relay_url} failed: {exc}") from None
+    except aiohttp.WSServerHandshakeError as exc:
+        raise ControllerUnreachable(
+            f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
+        ) from None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: {exc or 'timed out'}") from None
+
+    digest = peer_certificate_digest(ws.get_extra_info("ssl_object"))
+    loop = asyncio.get_running_loop()
+    conn = Connection(Role.AGENT, loop.time(), limits=options.limits, liveness=options.liveness)
+    session = AgentSession(conn, ws, relay_url, credentials, digest, options)
+    task = loop.create_task(session.run())
+    authenticated = loop.create_task(session.authenticated.wait())
+    closed = loop.create_task(session.closed.wait())
+    try:
+        await asyncio.wait({authenticated, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        authenticated.cancel()
+        closed.cancel()
+    if not session.authenticated.is_set():
+        await task
+        code, reason, _ = session.close_reason or (ErrorCode.CANCEL, "closed", True)
+        if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.UNSUPPORTED_VERSION):
+            raise TunnelRefused(f"the relay at {relay_url} refused this gateway: {reason}")
+        raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
+    return session, task

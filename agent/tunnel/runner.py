@@ -1,0 +1,186 @@
+"""``outpost-agent run``: keep a tunnel up, serve binds and dials, report status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from agent.errors import OutpostError, TrustError, TunnelRefused
+from agent.services.forward import DialListener
+from agent.tunnel.backoff import STABLE_AFTER, Backoff
+from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
+
+log = logging.getLogger(__name__)
+
+# status.json is rewritten at most this often while traffic flows: the state
+# directory may live on an SD card that wears with every write.
+STATUS_INTERVAL = 10.0
+
+
+@dataclass
+class TunnelStats:
+    """What ``outpost-agent status`` shows about the tunnel."""
+
+    state: str = "starting"
+    relay: str | None = None
+    connected_since: float | None = None
+    rtt_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    bound: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    dials: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {**self.__dict__, "updated": time.time()}
+
+
+class TunnelSupervisor:
+    """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
+
+    def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
+                 write_status=None, backoff: Backoff | None = None) -> None:
+        if not relays:
+            raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
+        self.relays = list(relays)
+        self.credentials = credentials
+        self.options = options
+        self.backoff = backoff or Backoff()
+        self.stats = TunnelStats()
+        self.session: AgentSession | None = None
+        self.connected = asyncio.Event()
+        self._write_status = write_status
+        self._stop = asyncio.Event()
+        self._base_in = 0
+        self._base_out = 0
+
+    def current_session(self) -> AgentSession | None:
+        return self.session if self.session is not None and not self.session.conn.closed else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.session is not None:
+            asyncio.get_running_loop().create_task(self.session.close())
+
+    def _report(self) -> None:
+        session = self.session
+        if session is not None:
+            self.stats.bytes_in = self._base_in + session.conn.bytes_received
+            self.stats.bytes_out = self._base_out + session.conn.bytes_sent
+            if session.last_rtt is not None:
+                self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
+        if self._write_status is not None:
+            try:
+                self._write_status(self.stats.as_json())
+            except OSError as exc:
+                log.warning("cannot write status: %s", exc)
+
+    async def run(self) -> None:
+        """Until stop(): connect, serve, and reconnect after failures."""
+        from agent.identity.trust import pinned_ssl_context
+
+        ssl_context = pinned_ssl_context(self.credentials.ca_pem)
+        index = 0
+        async with aiohttp.ClientSession() as http:
+            while not self._stop.is_set():
+                relay = self.relays[index % len(self.relays)]
+                self.stats.state = "connecting"
+                self.stats.relay = relay
+                started = time.monotonic()
+                try:
+                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, self.options)
+                except (TrustError, TunnelRefused) as exc:
+                    self.stats.last_error = str(exc)
+                    log.error("%s", exc)
+                except OutpostError as exc:
+                    self.stats.last_error = str(exc)
+                    log.warning("%s", exc)
+                else:
+                    await self._serve(session, task)
+                if self._stop.is_set():
+                    break
+                if time.monotonic() - started >= STABLE_AFTER:
+                    self.backoff.reset()
+                index += 1
+                self.stats.reconnects += 1
+                self.stats.state = "waiting"
+                self._report()
+                delay = self.backoff.next_delay()
+                log.info("reconnecting in %.1f s", delay)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        self.stats.state = "stopped"
+        self._report()
+
+    async def _serve(self, session: AgentSession, task: asyncio.Task) -> None:
+        self.session = session
+        self.stats.state = "connected"
+        self.stats.connected_since = time.time()
+        self.stats.bound = list(session.bound)
+        self.stats.refused = dict(session.refused)
+        self.stats.last_error = None
+        log.info("tunnel up to %s as %s", session.relay_url, self.credentials.uri)
+        self.connected.set()
+        self._report()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=STATUS_INTERVAL)
+                self._report()
+        finally:
+            self.connected.clear()
+            self._base_in += session.conn.bytes_received
+            self._base_out += session.conn.bytes_sent
+            self.session = None
+            code, reason, remote = session.close_reason or (None, "", False)
+            self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
+            log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
+                        ", by the relay" if remote else "")
+
+
+async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener]) -> None:
+    """Run the supervisor and the dial listeners until a stop signal."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, supervisor.stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+    for dial in dials:
+        await dial.start()
+        supervisor.stats.dials[dial.service] = dial.port
+        log.info("dial %s listening on %s:%d", dial.service, dial.host, dial.port)
+    try:
+        await supervisor.run()
+    finally:
+        for dial in dials:
+            await dial.close()
+
+
+def run(config) -> int:
+    """Entry point of ``outpost-agent run``; returns the exit code."""
+    from agent.identity.select import open_keystore
+    from agent.identity.state import StateDir
+
+    state = StateDir(config.state_dir)
+    identity = state.load()
+    keystore = open_keystore(config.state_dir, config.keystore)
+    keystore.public_key()  # fail now, clearly, if the device key is gone
+    credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
+                                    ca_pem=identity.ca_pem, keystore=keystore)
+    options = TunnelOptions(binds={b.service: (b.target_host, b.target_port) for b in config.binds})
+    supervisor = TunnelSupervisor(identity.relays, credentials, options, write_status=state.write_status)
+    dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
+    try:
+        asyncio.run(serve_agent(supervisor, dials))
+    finally:
+        keystore.close()
+    return 0

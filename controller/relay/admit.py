@@ -1,0 +1,106 @@
+"""Admitting a tunnel: who is this, by their certificate and their signature.
+
+Only what this process verified decides the identity: the leaf certificate is
+checked against our CA itself (never "some certificate in the chain"), the
+signature must cover our own nonce and our own TLS certificate, and the
+registry must still know the identity as enrolled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from agent.tunnel.auth import verify_challenge_signature
+from agent.tunnel.protocol import ErrorCode
+
+# An agent presents its leaf and at most a few intermediates; anything longer
+# is not ours and is refused before any parsing work.
+MAX_CHAIN_LENGTH = 4
+
+
+class AdmissionRefused(Exception):
+    """The tunnel may not proceed; carries the wire code and the reason sent back."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def not_valid_before(cert: x509.Certificate) -> dt.datetime:
+    value = getattr(cert, "not_valid_before_utc", None)
+    return value if value is not None else cert.not_valid_before.replace(tzinfo=dt.timezone.utc)
+
+
+def not_valid_after(cert: x509.Certificate) -> dt.datetime:
+    value = getattr(cert, "not_valid_after_utc", None)
+    return value if value is not None else cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
+
+
+def issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
+    """True when ``ca``'s key signed ``leaf``."""
+    if leaf.issuer != ca.subject:
+        return False
+    public_key = ca.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or leaf.signature_hash_algorithm is None:
+        return False
+    try:
+        public_key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def spiffe_uri(cert: x509.Certificate) -> str | None:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
+    return uris[0] if len(uris) == 1 else None
+
+
+def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
+          now: dt.datetime) -> Any:
+    """The registry's Identity for a valid AUTH, or AdmissionRefused saying why not."""
+    if not chain_pem or len(chain_pem) > MAX_CHAIN_LENGTH:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "AUTH must carry the agent's certificate")
+    try:
+        leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
+    except (ValueError, TypeError):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
+    if not issued_by(leaf, context.ca.certificate):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
+    if now < not_valid_before(leaf):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not valid yet (check the gateway's clock)")
+    if now > not_valid_after(leaf):
+        raise AdmissionRefused(
+            ErrorCode.AUTH_FAILED,
+            f"the certificate expired at {not_valid_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
+        )
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = []
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a client certificate")
+    uri = spiffe_uri(leaf)
+    identity = context.registry.identity_by_uri(uri) if uri else None
+    if identity is None:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate names no identity this controller knows")
+    if identity.status in ("revoked", "disabled"):
+        raise AdmissionRefused(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} is {identity.status}")
+    public_key = leaf.public_key()
+    relay_digest = hashlib.sha256(context.server_certificate_der).digest()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not verify_challenge_signature(
+        public_key, signature, nonce, relay_digest
+    ):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
+    return identity

@@ -1,0 +1,41 @@
+"""Which tunnel hosts which service, for dials through this relay process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ServiceKey = tuple[str, str]  # (tenant, name)
+
+
+def service_key(requested: str, default_tenant: str) -> ServiceKey:
+    """``name`` means the caller's tenant; ``tenant/name`` names another."""
+    tenant, _, name = requested.rpartition("/")
+    return (tenant or default_tenant, name)
+
+
+class Broker:
+    """Bound services of the tunnels connected to this relay."""
+
+    def __init__(self) -> None:
+        self._binders: dict[ServiceKey, list[Any]] = {}
+
+    def bind(self, key: ServiceKey, session: Any) -> None:
+        sessions = self._binders.setdefault(key, [])
+        if session not in sessions:
+            sessions.append(session)
+
+    def unbind_all(self, session: Any) -> None:
+        for key in [k for k, v in self._binders.items() if session in v]:
+            self._binders[key].remove(session)
+            if not self._binders[key]:
+                del self._binders[key]
+
+    def binder(self, key: ServiceKey) -> Any | None:
+        """The most recently bound live tunnel for ``key``, if any."""
+        for session in reversed(self._binders.get(key, [])):
+            if not session.conn.closed:
+                return session
+        return None
+
+    def bound_services(self, session: Any) -> list[str]:
+        return sorted(f"{t}/{n}" for (t, n), v in self._binders.items() if session in v)
