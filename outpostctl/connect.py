@@ -1,0 +1,74 @@
+"""``outpostctl connect SERVICE --listen HOST:PORT``: a remote service as a local port.
+
+The operator acts as an identity (``operator`` unless ``--as`` says another):
+a key is made in memory, the controller issues a short-lived certificate for
+it over the management API, and a tunnel opens like any agent's. Policies
+apply to that identity exactly as to a gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from cryptography.hazmat.primitives import serialization
+
+from agent.errors import ConfigError
+from agent.identity.csr import build_csr
+from agent.identity.ephemeral import EphemeralKeyStore
+from agent.services.forward import DialListener
+from agent.tunnel.client import TunnelCredentials, TunnelOptions
+from agent.tunnel.runner import TunnelSupervisor, serve_agent
+from outpostctl.client import ManagementClient
+from outpostctl.config import CtlConfig
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"--listen {value!r} is not HOST:PORT; for example --listen 127.0.0.1:5020")
+    return host.strip("[]"), int(port)
+
+
+def session_credentials(client: ManagementClient, identity: str) -> tuple[TunnelCredentials, list[str]]:
+    """A fresh in-memory key and a short-lived certificate for ``identity``."""
+    keystore = EphemeralKeyStore()
+    keystore.create()
+    csr = build_csr(keystore, identity).public_bytes(serialization.Encoding.PEM).decode()
+    issued = client.session_certificate(identity, csr)
+    credentials = TunnelCredentials(uri=issued["identity"], chain_pem=[issued["certificate"]],
+                                    ca_pem=issued["ca"], keystore=keystore)
+    return credentials, list(issued["relays"])
+
+
+async def serve(supervisor: TunnelSupervisor, dial: DialListener) -> None:
+    """Listen once the tunnel is up, so the first local connection already has a path."""
+    tunnel = asyncio.ensure_future(serve_agent(supervisor, []))
+    connected = asyncio.ensure_future(supervisor.connected.wait())
+    await asyncio.wait({tunnel, connected}, return_when=asyncio.FIRST_COMPLETED)
+    connected.cancel()
+    if tunnel.done():
+        await tunnel
+        return
+    await dial.start()
+    print(f"outpostctl: listening on {dial.host}:{dial.port} for {dial.service} "
+          f"(as {supervisor.credentials.uri}); Ctrl-C to stop", flush=True)
+    try:
+        await tunnel
+    finally:
+        await dial.close()
+
+
+def run(args: argparse.Namespace, config: CtlConfig) -> int:
+    host, port = parse_listen(args.listen)
+    logging.basicConfig(level=logging.WARNING, format="outpostctl: %(message)s", stream=sys.stdout)
+    credentials, relays = session_credentials(ManagementClient(config), args.as_identity)
+    supervisor = TunnelSupervisor(relays, credentials, TunnelOptions())
+    dial = DialListener(args.service, host, port, supervisor.current_session)
+    try:
+        asyncio.run(serve(supervisor, dial))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick a free port") from None
+    return 0

@@ -1,0 +1,28 @@
+"""Fixtures for the end-to-end tests; the machinery is in harness.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.e2e.harness import Controller, EchoServer
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[Controller]:
+    ctl = Controller(tmp_path / "controller")
+    try:
+        yield ctl
+    finally:
+        ctl.process.stop()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
