@@ -57,12 +57,6 @@ _ONE_HANDLE = 1
 _MAX_CURVES = 64
 
 
-def no_tpm_error(tcti: Tcti | str) -> KeyStoreError:
-    return KeyStoreError(
-        f'no TPM found at {tcti}; set keystore.backend = "software" or fix keystore.tcti'
-    )
-
-
 @dataclass(frozen=True)
 class _KeyFile:
     """The parsed, validated contents of key.tpm.json."""
@@ -293,13 +287,27 @@ def _has_persistent_srk(esapi: ESAPI) -> bool:
 
 
 def open_tcti(tcti: Tcti) -> TCTILdr:
-    """Open the transport to the TPM, or KeyStoreError saying none is there."""
+    """Open the transport to the TPM, or KeyStoreError saying why not and what to do."""
+    transport, reason = _try_open(tcti)
+    if transport is None:
+        raise KeyStoreError(f'{reason}; set keystore.backend = "software" or fix keystore.tcti')
+    return transport
+
+
+def _try_open(tcti: Tcti) -> tuple[TCTILdr | None, str]:
     if tcti.device is not None and not os.path.exists(tcti.device):
-        raise no_tpm_error(tcti)
+        return None, f"no TPM found at {tcti}"
     try:
-        return TCTILdr(tcti.name, tcti.conf)
+        return TCTILdr(tcti.name, tcti.conf), ""
     except TSS2_Exception:
-        raise no_tpm_error(tcti) from None
+        pass
+    if tcti.device is None:
+        return None, f"no TPM found at {tcti}"
+    # The node exists but would not open: permissions, or (on /dev/tpm0, which
+    # has no resource manager) another program holding the TPM.
+    if not os.access(tcti.device, os.R_OK | os.W_OK):
+        return None, f"the agent may not open the TPM at {tcti} (add its user to the device's group, on Debian tss)"
+    return None, f"the TPM at {tcti} is in use by another program (device:/dev/tpmrm0 shares it)"
 
 
 def unusable_reason(tcti_text: str) -> str | None:
@@ -308,10 +316,9 @@ def unusable_reason(tcti_text: str) -> str | None:
     Quick: a device-node check, then one TPM2_GetCapability.
     """
     tcti = parse_tcti(tcti_text)
-    try:
-        transport = open_tcti(tcti)
-    except KeyStoreError:
-        return f"no TPM found at {tcti}"
+    transport, reason = _try_open(tcti)
+    if transport is None:
+        return reason
     try:
         esapi = ESAPI(transport)
         try:
