@@ -183,7 +183,10 @@ class CertificateAuthority:
         )
         return (
             self._builder(subject, public_key, lifetime)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(self.trust_domain, tenant, name))]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(self.trust_domain, tenant, name))]),
+                critical=False,
+            )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self.private_key, hashes.SHA256())
         )

@@ -54,8 +54,8 @@ class Controller:
             raise AssertionError(f"controller did not become ready: {err}")
         return lines[0].rstrip("\n")
 
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
         try:
             self.process.wait(EXIT_TIMEOUT)
         finally:
@@ -87,7 +87,7 @@ def read_toml(path: Path) -> dict[str, str]:
     return tomllib.loads(path.read_text())
 
 
-def test_first_start_creates_the_data_directory_and_a_restart_reuses_it(tmp_path: Path) -> None:
+def test_first_start_creates_the_data_directory_and_a_restart_reuses_it_both_stop_cleanly(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = Controller("--data", str(data), "--listen", "127.0.0.1:0")
     try:
@@ -131,7 +131,7 @@ def test_first_start_creates_the_data_directory_and_a_restart_reuses_it(tmp_path
         names = [i["name"] for i in api(config["url"], Path(config["ca"]), config["token"], "/api/v1/identities")["identities"]]
         assert names == ["gw", "operator"]
     finally:
-        assert second.stop() == 0
+        assert second.stop(signal.SIGINT) == 0
 
 
 def test_a_new_san_reissues_the_listener_certificate_and_keeps_the_ca(tmp_path: Path) -> None:
