@@ -1,0 +1,121 @@
+"""The .debs installed by apt into a Debian 12 root filesystem, booted with systemd as PID 1.
+
+Slow: the first run builds a root filesystem with debootstrap (cached under
+/var/tmp/outpost-rootfs-cache); each boot then takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from boot_harness import boot, run_in_rootfs
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+STATE = "var/lib/outpost-agent"
+# The agent's RestartSec is 10 s: a refused token needs one restart to go quiet.
+SETTLE_SECONDS = 40
+
+
+def test_apt_installs_both_packages_with_debians_python_libraries(installed_rootfs: Path) -> None:
+    result = run_in_rootfs(installed_rootfs, """
+        dpkg-query -W -f='${Package} ${Status}\\n' outpost-agent outpost-controller python3-aiohttp \
+            python3-cryptography python3-jwt python3-ntplib python3-systemd python3-tpm2-pytss
+        stat -c '%n %a %U:%G' /var/lib/outpost-agent /var/lib/outpost-controller
+        getent group tss >/dev/null && echo tss-group
+        systemctl is-enabled outpost-agent || true
+        systemctl is-enabled outpost-controller || true
+        outpost-agent --help >/dev/null && echo agent-launcher-ok
+        outpostctl --help >/dev/null && echo outpostctl-launcher-ok
+        ls /usr/lib/outpost-agent/agent/__pycache__ | grep -c cpython-311
+    """, check=True)
+    lines = result.stdout.splitlines()
+    for package in ("outpost-agent", "outpost-controller", "python3-aiohttp", "python3-cryptography",
+                    "python3-jwt", "python3-ntplib", "python3-systemd", "python3-tpm2-pytss"):
+        assert f"{package} install ok installed" in lines
+    assert "/var/lib/outpost-agent 700 outpost-agent:outpost-agent" in lines
+    assert "/var/lib/outpost-controller 700 outpost-controller:outpost-controller" in lines
+    assert "tss-group" in lines
+    # The agent is enabled (its conditions keep it idle); the controller waits for its operator.
+    assert lines[lines.index("tss-group") + 1: lines.index("tss-group") + 3] == ["enabled", "disabled"]
+    assert "agent-launcher-ok" in lines and "outpostctl-launcher-ok" in lines
+    assert int(lines[-1]) > 0, "py3compile did not byte-compile the agent"
+
+
+def test_unenrolled_gateway_boots_clean_with_the_agent_idle(gateway_rootfs: Path, tmp_path: Path) -> None:
+    report = boot(gateway_rootfs, tmp_path / "shared")
+    assert not report.timed_out and report.returncode == 0, report.diagnosis()
+    assert report.text("is-system-running").strip() == "running", report.diagnosis()
+    agent = report.show("outpost-agent")
+    assert agent["ActiveState"] == "inactive" and agent["ConditionResult"] == "no", report.diagnosis()
+    assert report.show("outpost-controller")["ActiveState"] == "inactive"
+    assert report.text("failed").strip() == ""
+
+
+def test_agent_sandbox_runs_debians_python_stack_and_reports_ready(gateway_rootfs: Path, tmp_path: Path) -> None:
+    probe_dir = gateway_rootfs / "usr/local/lib/outpost-test"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(HERE / "sandbox_probe.py", probe_dir / "sandbox_probe.py")
+    dropin = gateway_rootfs / "etc/systemd/system/outpost-agent.service.d"
+    dropin.mkdir(parents=True)
+    # The real unit, hardening and all, with only the command swapped.
+    (dropin / "probe.conf").write_text(
+        "[Unit]\nConditionPathExists=\n[Service]\nExecStartPre=\nExecStart=\n"
+        "ExecStart=/usr/bin/python3 -I /usr/local/lib/outpost-test/sandbox_probe.py\n"
+    )
+    probe = """
+        cp /var/lib/outpost-agent/sandbox-probe.json /run/outpost-test/ || true
+        journalctl -b -t outpost-agent -o json --no-pager > /run/outpost-test/agent-journal.json
+    """
+    report = boot(gateway_rootfs, tmp_path / "shared", probe)
+    assert not report.timed_out, report.diagnosis()
+    agent = report.show("outpost-agent")
+    assert (agent["ActiveState"], agent["SubState"]) == ("active", "running"), report.diagnosis()
+    found = json.loads(report.text("sandbox-probe.json") or "null")
+    assert found is not None, report.diagnosis()
+    assert found["user"] != 0
+    assert found["tpm2_pytss"] == "importable"
+    assert found["loopback_echo"] == "outpost\n"
+    assert found["under_systemd"] is True
+    assert found["watchdog_interval"] == 30.0
+    assert found["writable"] == {
+        "/etc/outpost-probe": False, "/usr/lib/outpost-agent/probe": False,
+        "/var/lib/outpost-agent/probe": True, "/tmp/probe": True,
+    }
+    assert found["home_visible"] is False
+    journal = [json.loads(line) for line in report.text("agent-journal.json").splitlines() if line.strip()]
+    assert any(entry.get("MESSAGE") == "sandbox probe done" and entry.get("LOGGER") == "outpost.probe"
+               for entry in journal), report.diagnosis()
+
+
+def test_refused_boot_token_is_taken_set_aside_and_the_agent_goes_quiet(gateway_rootfs: Path, tmp_path: Path) -> None:
+    firmware = gateway_rootfs / "boot/firmware"
+    firmware.mkdir(parents=True, exist_ok=True)
+    (firmware / "outpost-enroll.token").write_text("this.is-not.a-token\n")
+    probe = f"""
+        i=0
+        while [ $i -lt {SETTLE_SECONDS} ]; do
+            if [ -e /{STATE}/enroll.token.rejected ] && [ "$(systemctl show -P ActiveState outpost-agent)" = inactive ]; then
+                break
+            fi
+            sleep 1; i=$((i + 1))
+        done
+        stat -c '%n %a %U' /{STATE}/enroll.token.rejected > /run/outpost-test/rejected || true
+        ls -A /boot/firmware /{STATE} > /run/outpost-test/listing
+        journalctl -b -u outpost-agent --no-pager -o cat > /run/outpost-test/agent-log
+    """
+    report = boot(gateway_rootfs, tmp_path / "shared", probe)
+    assert not report.timed_out, report.diagnosis()
+    assert report.text("rejected").strip() == f"/{STATE}/enroll.token.rejected 600 outpost-agent", report.diagnosis()
+    listing = report.text("listing")
+    assert "outpost-enroll.token" not in listing and "identity.json" not in listing, listing
+    log = report.text("agent-log")
+    assert "outpost-agent: moved the enrollment token" in log, log
+    assert "was refused and set aside" in log, log
+    agent = report.show("outpost-agent")
+    assert agent["ActiveState"] == "inactive" and agent["ConditionResult"] == "no", report.diagnosis()
