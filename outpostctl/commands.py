@@ -79,9 +79,9 @@ def _expiry(unix_time: Any) -> str:
 
 def _technician_note(name: str, path: Path) -> str:
     return (
-        f"Give {path.name} to the field technician for the gateway {name}. On the gateway they run\n"
+        f"Give {path.name} to the field technician for the gateway {name}. They copy it onto the\n"
+        "gateway (a USB stick, or the boot partition of a Raspberry Pi's SD card) and run there\n"
         f"  outpost-agent enroll --token /path/to/{path.name}\n"
-        "(or copy it to the gateway's boot partition, where the agent picks it up on start).\n"
         "The token enrolls one gateway, once, before it expires; treat the file like a password until then."
     )
 
@@ -187,6 +187,8 @@ def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
 #: Keys of an audit event that are not details: TIME and EVENT have columns,
 #: ``fields`` is spread out as key=value, the row id means nothing to a reader.
 _AUDIT_OWN_KEYS = {"time", "event", "fields", "id"}
+#: Detail fields holding unix times (besides every ``*_at``), shown as dates.
+_AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since"}
 
 
 def audit(args: argparse.Namespace, client: ManagementClient) -> int:
@@ -203,9 +205,15 @@ def audit(args: argparse.Namespace, client: ManagementClient) -> int:
         details = dict(fields) if isinstance(fields, dict) else {}
         details.update((k, v) for k, v in event.items() if k not in _AUDIT_OWN_KEYS)
         rows.append([render.format_time(event.get("time")), render.format_value(event.get("event")),
-                     " ".join(f"{k}={render.format_value(v)}" for k, v in sorted(details.items()))])
+                     " ".join(f"{k}={_audit_detail(k, v)}" for k, v in sorted(details.items()))])
     print(render.table(["TIME", "EVENT", "DETAILS"], rows))
     return 0
+
+
+def _audit_detail(key: str, value: Any) -> str:
+    if key in _AUDIT_TIME_FIELDS or key.endswith("_at"):
+        return render.format_time_compact(value)
+    return render.format_value(value)
 
 
 def status(args: argparse.Namespace, client: ManagementClient) -> int:
@@ -218,8 +226,16 @@ def status(args: argparse.Namespace, client: ManagementClient) -> int:
     else:
         print(f"controller {client.url} is up; {len(tunnels)} tunnel(s) connected")
         print(render.table(
-            ["IDENTITY", "RELAY", "CONNECTED SINCE", "BOUND"],
-            ([render.format_value(t.get("identity")), render.format_value(t.get("relay")),
-              render.format_time(t.get("connected_since")), render.format_value(t.get("bound"))] for t in tunnels),
+            ["IDENTITY", "FROM", "CONNECTED SINCE", "BYTES IN", "BYTES OUT", "BOUND"],
+            ([_tunnel_identity(t), render.format_value(t.get("remote") or t.get("relay")),
+              render.format_time(t.get("connected_since")), render.format_value(t.get("bytes_in")),
+              render.format_value(t.get("bytes_out")), render.format_value(t.get("bound"))] for t in tunnels),
         ))
     return 0
+
+
+def _tunnel_identity(tunnel: JsonObject) -> str:
+    # tenant/name is what operators type; the URI is the fallback.
+    if tunnel.get("tenant") and tunnel.get("name"):
+        return f"{tunnel['tenant']}/{tunnel['name']}"
+    return render.format_value(tunnel.get("identity"))

@@ -25,6 +25,14 @@ def format_time(value: Any) -> str:
     return str(value)
 
 
+def format_time_compact(value: Any) -> str:
+    """A unix time as ``YYYY-MM-DDTHH:MM:SSZ``: one word, for ``key=value`` lists."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        moment = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_value(value)
+
+
 def format_value(value: Any) -> str:
     """A JSON value as table text: lists comma-joined, objects compact, None as ``-``."""
     if value is None or value == "" or value == []:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.outpostctl.harness import Ctl, RunningController, start_controller, stop_controller
+from tests.outpostctl.harness import Ctl, RunningController, start_controller, stop_process
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCont
     try:
         yield running
     finally:
-        stop_controller(running.process)
+        stop_process(running.process)
 
 
 @pytest.fixture

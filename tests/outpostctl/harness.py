@@ -75,7 +75,7 @@ def start_controller(data: Path) -> RunningController:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not ready.wait(0.05):
         if process.poll() is not None or time.monotonic() > deadline:
-            stop_controller(process)
+            stop_process(process)
             joined = "\n".join(output)
             raise AssertionError(f"the controller did not print its ready line (exit {process.returncode}):\n{joined}")
     match = next(m for m in map(READY_LINE.search, output) if m)
@@ -83,7 +83,8 @@ def start_controller(data: Path) -> RunningController:
                              config_path=Path(match.group(3)), process=process, output=output)
 
 
-def stop_controller(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_SECONDS."""
     if process.poll() is None:
         process.terminate()
         try:

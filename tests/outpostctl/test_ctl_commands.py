@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jwt
 
 from outpostctl.cli import build_parser
-from tests.outpostctl.harness import Ctl, RunningController, run_outpostctl, subprocess_env
+from tests.outpostctl.harness import (
+    CLI_TIMEOUT_SECONDS,
+    Ctl,
+    RunningController,
+    run_outpostctl,
+    stop_process,
+    subprocess_env,
+)
 
 
 def token_claims(path: Path) -> dict:
@@ -156,3 +166,37 @@ def test_connect_parses_with_the_operator_identity_by_default() -> None:
 def test_quickstart_parses_once_and_dir() -> None:
     args = build_parser().parse_args(["quickstart", "--once", "--dir", "/tmp/qs"])
     assert (args.command, args.once, args.dir) == ("quickstart", True, Path("/tmp/qs"))
+
+
+#: An agent starts, reads its state and dials the relay in about a second;
+#: the rest is room for a slow CI machine.
+TUNNEL_WAIT_SECONDS = 30.0
+
+
+def test_status_lists_a_connected_gateways_tunnel(ctl: Ctl, controller: RunningController, tmp_path: Path) -> None:
+    token_file, state = tmp_path / "gw-status.token", tmp_path / "gw-status-state"
+    ctl.ok("identity", "create", "gw-status", "--token-out", str(token_file))
+    enrolled = subprocess.run([sys.executable, "-m", "agent", "enroll", "--token", str(token_file), "--state",
+                               str(state), "--keystore", "software"], capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT_SECONDS, env=subprocess_env(), cwd=tmp_path)
+    assert enrolled.returncode == 0, enrolled.stderr
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state}"\n\n[keystore]\nbackend = "software"\n')
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + TUNNEL_WAIT_SECONDS
+        tunnels: list = []
+        while time.monotonic() < deadline and agent.poll() is None:
+            tunnels = [t for t in json.loads(ctl.ok("status", "--json").out)["tunnels"] if t.get("name") == "gw-status"]
+            if tunnels:
+                break
+            time.sleep(0.2)
+        assert tunnels, f"gw-status never showed as connected (agent exit code {agent.poll()})"
+        lines = ctl.ok("status").out.splitlines()
+        assert lines[0] == f"controller {controller.url} is up; 1 tunnel(s) connected"
+        assert lines[1].split()[:2] == ["IDENTITY", "FROM"]
+        row = next(line for line in lines[2:] if line.startswith("default/gw-status "))
+        assert "UTC" in row
+    finally:
+        stop_process(agent)

@@ -84,7 +84,8 @@ def test_an_invalid_identity_name_gets_the_controllers_sentence_and_creates_noth
         ctl: Ctl, tmp_path: Path, bad_name: str) -> None:
     before = identity_names(ctl)
     token_file = tmp_path / "bad.token"
-    result = ctl("identity", "create", bad_name, "--token-out", str(token_file))
+    # "--" so that argparse passes a name starting with a hyphen on to the controller.
+    result = ctl("identity", "create", "--token-out", str(token_file), "--", bad_name)
     assert result.code != 0
     sentence = one_sentence(result.err)
     assert "is not valid; use 1 to 63 lowercase letters, digits or hyphens" in sentence
