@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(top, "connect", None, "expose a remote service as a local port")
     sub.add_argument("service", metavar="SERVICE")
     sub.add_argument("--listen", required=True, metavar="HOST:PORT", help="the local address to listen on")
-    sub.add_argument("--as", dest="identity", default=DEFAULT_CONNECT_IDENTITY, metavar="IDENTITY",
+    sub.add_argument("--as", dest="as_identity", default=DEFAULT_CONNECT_IDENTITY, metavar="IDENTITY",
                      help=f"the identity to dial as (default {DEFAULT_CONNECT_IDENTITY})")
     sub = leaf(top, "quickstart", None, "run a controller, an agent and a demo service on this machine")
     sub.add_argument("--once", action="store_true", help="check the whole path once, then stop")
@@ -171,7 +171,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_quickstart(args)
     config = read_config(args)
     if args.command == "connect":
-        args.as_identity = args.identity
         from outpostctl.connect import run as run_connect
         return run_connect(args, config)
     return args.handler(args, ManagementClient(config))

@@ -158,9 +158,9 @@ def test_the_environment_variable_points_python_dash_m_at_the_controller(control
 
 def test_connect_parses_with_the_operator_identity_by_default() -> None:
     args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000"])
-    assert (args.command, args.service, args.listen, args.identity) == ("connect", "historian", "127.0.0.1:15000", "operator")
+    assert (args.command, args.service, args.listen, args.as_identity) == ("connect", "historian", "127.0.0.1:15000", "operator")
     args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000", "--as", "ops-1"])
-    assert args.identity == "ops-1"
+    assert args.as_identity == "ops-1"
 
 
 def test_quickstart_parses_once_and_dir() -> None:
