@@ -13,7 +13,7 @@ from typing import Any
 
 from agent.tunnel.protocol.control import AUTH_RESERVED_KEYS
 from agent.tunnel.protocol.errors import ErrorCode, LocalProtocolError, StreamClosedError
-from agent.tunnel.protocol.events import ConnectionTerminated
+from agent.tunnel.protocol.events import ConnectionTerminated, Event
 from agent.tunnel.protocol.frames import (
     FLAG_FIN,
     HEADER,
@@ -278,7 +278,7 @@ class Connection(Receiver):
         """When ``handle_timer`` must next be called; None when closed."""
         return None if self.closed else self._clock.next_deadline()
 
-    def handle_timer(self, now: float) -> list:
+    def handle_timer(self, now: float) -> list[Event]:
         """Act on deadlines that passed by ``now``: PING, or end the connection."""
         if self.closed:
             return []
@@ -308,6 +308,10 @@ class Connection(Receiver):
 
     def _close(self, code: ErrorCode, reason: str) -> None:
         self._queue_frame(FrameType.GOAWAY, 0, 0, encode_code_reason(code, reason))
+        self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        """Closed for good: drop every table so a dead connection holds no memory."""
         self.closed = True
         self._streams.clear()
         self._recently_reset.clear()

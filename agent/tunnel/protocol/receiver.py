@@ -19,6 +19,7 @@ from agent.tunnel.protocol.events import (
     ChallengeReceived,
     ConnectionTerminated,
     DataReceived,
+    Event,
     PongReceived,
     StreamAccepted,
     StreamEnded,
@@ -58,7 +59,7 @@ def _violation(code: ErrorCode, message: str) -> RemoteProtocolError:
 class Receiver:
     """Mixed into Connection; every attribute used here is set up there."""
 
-    def receive_data(self: "Connection", data: bytes, now: float) -> list:
+    def receive_data(self: "Connection", data: bytes, now: float) -> list[Event]:
         """Parse ``data`` (any chunking) and return the events it completes.
 
         Raises RemoteProtocolError when the peer broke the protocol; GOAWAY is
@@ -321,10 +322,7 @@ class Receiver:
         if len(payload) < U32.size:
             raise _violation(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY frame without an error code")
         code, reason = decode_code_reason(payload)
-        self.closed = True
-        self._streams.clear()
-        self._recently_reset.clear()
-        self._pending = bytearray()
+        self._mark_closed()
         events.append(ConnectionTerminated(code, reason, remote=True))
 
 
