@@ -32,6 +32,8 @@ SYSTEM_CONFIG_PATHS: tuple[Path, ...] = (
 )
 #: The file holds three short values; anything bigger is not our file.
 MAX_CONFIG_FILE_BYTES = 64 * 1024
+#: A bearer token is visible ASCII (RFC 6750's b64token is a subset of it).
+VISIBLE_ASCII_FIRST, VISIBLE_ASCII_LAST = 0x21, 0x7E
 START_HINT = (
     "start the controller (outpost-controller serve --data DIR) and pass --data DIR "
     f"or set {CONFIG_ENV_VAR}"
@@ -135,4 +137,11 @@ def config_from_values(values: Mapping[str, object], source: Path) -> CtlConfig:
         ca_path = source.parent / ca_path
     if not ca_path.is_file():
         raise ConfigError(f"{source}: the CA file {ca_path} does not exist; point 'ca' at the controller's ca/ca.pem")
-    return CtlConfig(url=url, ca_path=ca_path, token=required("token"), source=source)
+    token = required("token")
+    if not all(VISIBLE_ASCII_FIRST <= ord(char) <= VISIBLE_ASCII_LAST for char in token):
+        # Refused here, not by http.client, whose error would quote the token.
+        raise ConfigError(
+            f"{source}: the token holds spaces or characters an HTTP header cannot carry; "
+            "copy it again from the controller's admin.token"
+        )
+    return CtlConfig(url=url, ca_path=ca_path, token=token, source=source)

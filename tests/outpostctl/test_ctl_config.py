@@ -139,6 +139,12 @@ def test_an_empty_token_is_refused(tmp_path: Path) -> None:
         load_config(write_config(tmp_path / "dir", token=""))
 
 
+def test_a_token_an_http_header_cannot_carry_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="characters an HTTP header cannot carry") as caught:
+        load_config(write_config(tmp_path / "dir", token="secret-part\\nInjected: header"))
+    assert "secret-part" not in str(caught.value)
+
+
 def test_a_file_that_is_not_toml_is_refused_with_its_name(tmp_path: Path) -> None:
     path = tmp_path / "outpostctl.toml"
     path.write_text("url = https://oops\n")
