@@ -173,7 +173,7 @@ def run(config) -> int:
     state = StateDir(config.state_dir)
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
-    keystore.public_key()  # fail now, clearly, if the device key is gone
+    keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
     options = TunnelOptions(binds={b.service: (b.target_host, b.target_port) for b in config.binds})
