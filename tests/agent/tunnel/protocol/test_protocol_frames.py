@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import NONCE, Pair, make_pair, raw_frame, read_frames
+from protocol_pairs import NONCE, Pair, make_pair, raw_frame, read_frames
 
 from agent.tunnel.protocol import (
     MAX_FRAME_PAYLOAD,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import make_pair, raw_frame
+from protocol_pairs import make_pair, raw_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from conftest import CHAIN, NONCE, RELAY_CERT_SHA256, RELAY_INFO, SIGNATURE, make_pair, raw_frame, read_frames, snapshot
+from protocol_pairs import CHAIN, NONCE, RELAY_CERT_SHA256, RELAY_INFO, SIGNATURE, make_pair, raw_frame, read_frames, snapshot
 
 from agent.tunnel.protocol import (
     INITIAL_WINDOW,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CHAIN, NONCE, SIGNATURE, make_pair, raw_frame, read_frames
+from protocol_pairs import CHAIN, NONCE, SIGNATURE, make_pair, raw_frame, read_frames
 
 from agent.errors import ConfigError
 from agent.tunnel.protocol import (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Pair, make_pair, raw_frame, read_frames, snapshot
+from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
 from agent.tunnel.protocol import (
     DataReceived,
