@@ -115,6 +115,9 @@ class AgentSession(TunnelSession):
             channel.reset(ErrorCode.CONNECT_FAILED,
                           f"the gateway could not connect to {channel.service} at {host}:{port}")
             return
+        if channel.error is not None or self.conn.closed:
+            writer.close()  # the dialer gave up while we connected
+            return
         self.conn.accept_stream(channel.stream_id)
         await self.flush()
         log.info("stream %d: %s dialled %s", channel.stream_id, channel.peer or "?", channel.service)

@@ -119,6 +119,9 @@ class RelaySession(TunnelSession):
             upstream.reset(ErrorCode.TIMEOUT, "dial timed out")
             channel.reset(ErrorCode.TIMEOUT, f"the gateway hosting {key[0]}/{key[1]} did not answer in time")
             return
+        if channel.error is not None or self.conn.closed:
+            upstream.reset(ErrorCode.CANCEL, "the dialer went away")
+            return
         self.conn.accept_stream(channel.stream_id)
         await self.flush()
         await splice_streams(channel, upstream)
