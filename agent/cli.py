@@ -90,11 +90,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from agent.service_manager import configure_logging
+
+    configure_logging(config.log_level.upper())
     from agent.tunnel.runner import run
 
     return run(config)

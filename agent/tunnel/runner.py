@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from agent import service_manager
 from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import STABLE_AFTER, Backoff
@@ -129,6 +130,8 @@ class TunnelSupervisor:
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
         log.info("tunnel up to %s as %s", session.relay_url, self.credentials.uri)
+        # systemd's "started" means the tunnel is up (the unit is Type=notify).
+        service_manager.notify_ready(f"connected to {session.relay_url}")
         self.connected.set()
         self._report()
         try:
@@ -144,11 +147,21 @@ class TunnelSupervisor:
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
                         ", by the relay" if remote else "")
+            service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
+
+
+async def feed_watchdog(interval: float) -> None:
+    """Tell systemd the event loop is alive; a stuck loop stops feeding it."""
+    while True:
+        service_manager.notify_watchdog()
+        await asyncio.sleep(interval)
 
 
 async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener]) -> None:
     """Run the supervisor and the dial listeners until a stop signal."""
     loop = asyncio.get_running_loop()
+    interval = service_manager.watchdog_interval()
+    watchdog = loop.create_task(feed_watchdog(interval)) if interval else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, supervisor.stop)
@@ -161,6 +174,9 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener]) -
     try:
         await supervisor.run()
     finally:
+        service_manager.notify_stopping()
+        if watchdog is not None:
+            watchdog.cancel()
         for dial in dials:
             await dial.close()
 
