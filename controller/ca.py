@@ -15,6 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.fsutil import atomic_write, ensure_private_dir
+# The agent and the controller read certificates the same way: one place for
+# the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
+from agent.identity.trust import ca_fingerprint as certificate_fingerprint
+from agent.identity.trust import cert_not_after as not_after_of
+from agent.identity.trust import cert_not_before as not_before_of
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
 
@@ -32,28 +37,10 @@ SERVER_CERT_RENEW_BEFORE = datetime.timedelta(days=30)
 #: RFC 5280 serials are at most 20 octets; 159 bits keeps the top bit clear.
 SERIAL_BITS = 159
 CA_COMMON_NAME = "Outpost CA"
-FINGERPRINT_PREFIX = "sha256:"
 
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-def not_after_of(cert: x509.Certificate) -> datetime.datetime:
-    """notAfter as an aware UTC datetime on cryptography 38 and 42+."""
-    aware = getattr(cert, "not_valid_after_utc", None)
-    return aware if aware is not None else cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-
-
-def not_before_of(cert: x509.Certificate) -> datetime.datetime:
-    """notBefore as an aware UTC datetime on cryptography 38 and 42+."""
-    aware = getattr(cert, "not_valid_before_utc", None)
-    return aware if aware is not None else cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
-
-
-def certificate_fingerprint(cert: x509.Certificate) -> str:
-    """``sha256:<hex>`` of the DER encoding (the token's ``ca`` claim)."""
-    return FINGERPRINT_PREFIX + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:

@@ -13,10 +13,10 @@ import hashlib
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from agent.identity.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from agent.tunnel.auth import verify_challenge_signature
 from agent.tunnel.protocol import ErrorCode
 
@@ -32,30 +32,6 @@ class AdmissionRefused(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-def not_valid_before(cert: x509.Certificate) -> dt.datetime:
-    value = getattr(cert, "not_valid_before_utc", None)
-    return value if value is not None else cert.not_valid_before.replace(tzinfo=dt.timezone.utc)
-
-
-def not_valid_after(cert: x509.Certificate) -> dt.datetime:
-    value = getattr(cert, "not_valid_after_utc", None)
-    return value if value is not None else cert.not_valid_after.replace(tzinfo=dt.timezone.utc)
-
-
-def issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
-    """True when ``ca``'s key signed ``leaf``."""
-    if leaf.issuer != ca.subject:
-        return False
-    public_key = ca.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or leaf.signature_hash_algorithm is None:
-        return False
-    try:
-        public_key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
-    except InvalidSignature:
-        return False
-    return True
 
 
 def spiffe_uri(cert: x509.Certificate) -> str | None:
@@ -76,14 +52,14 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
         leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
     except (ValueError, TypeError):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
-    if not issued_by(leaf, context.ca.certificate):
+    if not verify_leaf_issued_by(leaf, context.ca.certificate):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
-    if now < not_valid_before(leaf):
+    if now < cert_not_before(leaf):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not valid yet (check the gateway's clock)")
-    if now > not_valid_after(leaf):
+    if now > cert_not_after(leaf):
         raise AdmissionRefused(
             ErrorCode.AUTH_FAILED,
-            f"the certificate expired at {not_valid_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
+            f"the certificate expired at {cert_not_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
         )
     try:
         usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
