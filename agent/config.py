@@ -22,6 +22,9 @@ Example::
     service = "historian"
     listen = "127.0.0.1:9000"
 
+    [enrollment]                  # where to look for a token file, in order
+    token_paths = ["/etc/outpost/enroll.token"]   # unset = the documented places
+
 Everything below the CLI receives the typed, frozen ``AgentConfig``; nothing
 else reads files or the environment. Every mistake is one ConfigError
 sentence naming the file, the key and what to do.
@@ -48,7 +51,10 @@ MAX_CONFIG_FILE = 1024 * 1024
 MAX_LINK_SECONDS = 3600.0
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
-TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial"}
+TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial", "enrollment"}
+ENROLLMENT_KEYS = {"token_paths"}
+#: A handful of places is plenty; the bound keeps the start-up scan cheap.
+MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout"}
 BIND_KEYS = {"service", "target"}
@@ -92,6 +98,9 @@ class AgentConfig:
     dials: tuple[DialConfig, ...] = ()
     link: LinkSettings = field(default_factory=LinkSettings)
     log_level: str = "info"
+    #: Token files to enroll from, first found wins; None = the documented
+    #: places (agent.enrollment.field.default_token_paths).
+    token_paths: tuple[Path, ...] | None = None
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -142,7 +151,22 @@ class _Parser:
             dials=dials,
             link=self.link(self.table(document, "link")),
             log_level=log_level,
+            token_paths=self.token_paths(self.table(document, "enrollment")),
         )
+
+    def token_paths(self, table: dict[str, Any]) -> tuple[Path, ...] | None:
+        self.known(table, ENROLLMENT_KEYS, "enrollment.")
+        if "token_paths" not in table:
+            return None
+        value = table["token_paths"]
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_TOKEN_PATHS:
+            raise self.fail("enrollment.token_paths", f"must be a list of 1 to {MAX_TOKEN_PATHS} file paths in quotes")
+        paths = []
+        for item in value:
+            if not isinstance(item, str) or not item.startswith("/"):
+                raise self.fail("enrollment.token_paths", f"has {item!r}; give absolute paths such as \"/etc/outpost/enroll.token\"")
+            paths.append(Path(item))
+        return tuple(paths)
 
     def keystore(self, table: dict[str, Any]) -> KeyStoreSettings:
         self.known(table, KEYSTORE_KEYS, "keystore.")
