@@ -187,6 +187,11 @@ def run(config) -> int:
     from agent.identity.state import StateDir
 
     state = StateDir(config.state_dir)
+    if not state.is_enrolled():
+        from agent.enrollment.field import wait_for_enrollment
+
+        if asyncio.run(wait_for_enrollment(config)) is None:
+            return 0  # stopped while waiting for a token
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login

@@ -1,0 +1,335 @@
+"""Field enrollment: ``outpost-agent run`` finds a token file and enrolls from it.
+
+A technician drops the token file from central ops in one of the documented
+places (the Raspberry Pi boot partition, ``/etc/outpost/``) and powers the
+gateway on. Until it is enrolled the agent reports "waiting for enrollment:
+<why>" to systemd and keeps looking:
+
+- a failure a retry can fix (no network yet, controller down, the clock not
+  yet set) is retried with backoff;
+- a token that can never work (expired, used, altered, for another
+  controller) is left where it is, named in one log line, remembered by its
+  content hash so the same file is not tried again, and the agent waits for
+  a new file;
+- on success the token is deleted (or renamed ``*.used``) so it is never
+  offered again, and the agent goes on to the tunnel.
+
+The decisions live in ``EnrollmentSchedule`` (plain numbers, ``now`` passed
+in); ``wait_for_enrollment`` is the thin asyncio glue around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from agent import service_manager
+from agent.errors import ClockError, OutpostError
+from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
+from agent.fsutil import atomic_write
+from agent.identity.select import KeyStoreSettings
+from agent.identity.state import EnrolledIdentity, StateDir
+from agent.tunnel.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+#: Where ``packaging/take-boot-token`` (root, before the agent starts) puts a
+#: token it took from the boot partition; the agent may delete it there.
+STATE_TOKEN_NAME = "enroll.token"
+ETC_TOKEN = Path("/etc/outpost/enroll.token")
+BOOT_TOKEN = Path("/boot/firmware/outpost-enroll.token")
+#: The content hash and sentence of the last refused token, so a restart does
+#: not offer the same dead file to the controller again.
+REFUSED_NOTE = "enroll-refused.json"
+USED_SUFFIX = ".used"
+#: How often to look for a new token file while waiting: a technician who
+#: drops one waits at most this long, and a few stat() calls cost nothing.
+POLL_INTERVAL = 5.0
+#: First retry bound after a failure a retry can fix.
+RETRY_INITIAL = 2.0
+#: Longest wait between retries: a technician is often standing by, and a
+#: minute after the network comes back is the longest they should wait.
+RETRY_CAP = 60.0
+#: Full jitter can draw almost zero; never retry faster than this.
+MIN_RETRY_DELAY = 1.0
+#: Gateway and controller clocks may disagree by this much. A local clock
+#: further behind the token's issue time is not set yet (no RTC, no NTP yet),
+#: and the controller's TLS certificate would look "not yet valid" as well.
+CLOCK_TOLERANCE = 300.0
+#: The refused-token note is a few hundred bytes; bound what a damaged one costs.
+MAX_NOTE = 16 * 1024
+
+
+def default_token_paths(state_dir: Path) -> tuple[Path, ...]:
+    """The documented places, in the order they are tried."""
+    return (Path(state_dir) / STATE_TOKEN_NAME, ETC_TOKEN, BOOT_TOKEN)
+
+
+def token_paths(config: Any) -> tuple[Path, ...]:
+    """The configured ``[enrollment] token_paths``, or the documented places."""
+    return config.token_paths if config.token_paths is not None else default_token_paths(config.state_dir)
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A token file found on disk; ``digest`` changes whenever its content does."""
+
+    path: Path
+    digest: str
+
+
+def find_token(paths: tuple[Path, ...] | list[Path]) -> TokenFile | None:
+    """The first of ``paths`` that is a regular file, or None."""
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as handle:
+                digest = "sha256:" + hashlib.sha256(handle.read(MAX_TOKEN_FILE + 1)).hexdigest()
+        except OSError:
+            # Enrollment will say why it cannot be read; a change of size or
+            # time (someone fixed the permissions) makes it worth another try.
+            digest = f"unreadable:{stat.st_size}:{stat.st_mtime_ns}"
+        return TokenFile(path, digest)
+    return None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Try to enroll from ``token`` now."""
+
+    token: TokenFile
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Look again in ``seconds``; ``reason`` is the plain sentence for the status line."""
+
+    seconds: float
+    reason: str
+
+
+@dataclass
+class EnrollmentSchedule:
+    """Which token to try when, given what was found and what failed before."""
+
+    missing_reason: str
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=RETRY_INITIAL, cap=RETRY_CAP))
+    poll_interval: float = POLL_INTERVAL
+    #: digest -> the sentence it was refused with.
+    refused: dict[str, str] = field(default_factory=dict)
+    _retrying: TokenFile | None = None
+    _retry_at: float = 0.0
+    _retry_reason: str = ""
+
+    def next_step(self, found: TokenFile | None, now: float) -> Attempt | Wait:
+        if found is None:
+            return Wait(self.poll_interval, self.missing_reason)
+        if found.digest in self.refused:
+            return Wait(self.poll_interval, self.refused[found.digest])
+        if found == self._retrying and now < self._retry_at:
+            # Wake up to poll meanwhile: a corrected token must not wait out the backoff.
+            return Wait(min(self.poll_interval, self._retry_at - now), self._retry_reason)
+        return Attempt(found)
+
+    def failed(self, token: TokenFile, reason: str, retryable: bool, now: float) -> float | None:
+        """Record a failed attempt; the delay before the retry, or None when refused for good."""
+        if not retryable:
+            self.refused[token.digest] = reason
+            self._retrying = None
+            return None
+        if token != self._retrying:
+            self.backoff.reset()
+        delay = max(MIN_RETRY_DELAY, self.backoff.next_delay())
+        self._retrying, self._retry_at, self._retry_reason = token, now + delay, reason
+        return delay
+
+
+def clock_unset_reason(issued_at: float, now: float) -> str | None:
+    """Why the local clock cannot be trusted for a token issued at ``issued_at``, or None."""
+    if now + CLOCK_TOLERANCE >= issued_at:
+        return None
+    return (
+        f"this gateway's clock reads {_utc(now)}, before the token was issued ({_utc(issued_at)}); "
+        "waiting for the clock to be set (check that NTP, UDP port 123, can get out)"
+    )
+
+
+def retire_token(path: Path) -> str | None:
+    """Delete a redeemed token, or rename it ``*.used``; a sentence when neither works."""
+    try:
+        path.unlink()
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    try:
+        path.rename(path.with_name(path.name + USED_SUFFIX))
+        return None
+    except OSError as error:
+        return (
+            f"enrolled, but the used token {path} could not be removed ({error.strerror or error}); "
+            "delete it by hand (the controller will never accept it again)"
+        )
+
+
+def load_refusals(state_dir: Path) -> dict[str, str]:
+    """The refused-token note, as digest -> sentence; empty when absent or damaged."""
+    try:
+        with open(Path(state_dir) / REFUSED_NOTE, "rb") as handle:
+            note = json.loads(handle.read(MAX_NOTE))
+    except (OSError, ValueError):
+        return {}
+    if isinstance(note, dict) and isinstance(note.get("digest"), str) and isinstance(note.get("reason"), str):
+        return {note["digest"]: note["reason"]}
+    return {}
+
+
+def save_refusal(state_dir: Path, token: TokenFile, reason: str) -> None:
+    """Remember the refused token (only the latest) across restarts."""
+    note = {"digest": token.digest, "path": str(token.path), "reason": reason, "at": time.time()}
+    try:
+        atomic_write(Path(state_dir) / REFUSED_NOTE, (json.dumps(note, indent=2) + "\n").encode(), 0o600)
+    except OSError as error:
+        # Only costs one more refused attempt after a restart.
+        log.warning("cannot record the refused token in %s (%s)", state_dir, error.strerror or error)
+
+
+Enroll = Callable[[Path, Path, KeyStoreSettings, float], Awaitable[EnrolledIdentity]]
+
+
+async def _enroll_from(token: TokenFile, config: Any, enroll: Enroll, now: float) -> EnrolledIdentity:
+    claims = parse_unverified(read_token_file(token.path))
+    reason = clock_unset_reason(claims.iat, now)
+    if reason is not None:
+        raise ClockError(reason)
+    return await enroll(token.path, config.state_dir, config.keystore, now)
+
+
+async def wait_for_enrollment(
+    config: Any,
+    *,
+    stop: asyncio.Event | None = None,
+    enroll: Enroll | None = None,
+    schedule: EnrollmentSchedule | None = None,
+    clock: Callable[[], float] = time.time,
+) -> EnrolledIdentity | None:
+    """Until enrolled: find a token, enroll, retry or wait; None when stopped first.
+
+    Tells systemd it is ready (``READY=1``) with "waiting for enrollment:
+    <why>" as soon as it has to wait, and feeds the watchdog meanwhile.
+    Without ``stop``, SIGTERM and SIGINT stop the wait.
+    """
+    if enroll is None:
+        from agent.enrollment.enroll import enroll_async as enroll
+    state = StateDir(config.state_dir)
+    paths = token_paths(config)
+    if schedule is None:
+        schedule = EnrollmentSchedule(
+            missing_reason=f"no token file in {', '.join(map(str, paths))}; copy the token file from central ops to one of them",
+        )
+    schedule.refused.update(load_refusals(state.path))
+    loop = asyncio.get_running_loop()
+    own_signals = stop is None
+    stop = stop or asyncio.Event()
+    if own_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, stop.set)
+    interval = service_manager.watchdog_interval()
+    watchdog = loop.create_task(_feed_watchdog(interval)) if interval else None
+    shown: str | None = None
+    try:
+        while not stop.is_set():
+            if state.is_enrolled():  # enrolled by hand meanwhile
+                return state.load()
+            found = find_token(paths)
+            step = schedule.next_step(found, clock())
+            if isinstance(step, Attempt):
+                identity = await _attempt(step.token, config, enroll, schedule, stop, clock)
+                if identity is not None:
+                    return identity
+                continue
+            status = f"waiting for enrollment: {step.reason}"
+            if shown is None:
+                service_manager.notify_ready(status)
+            elif status != shown:
+                service_manager.notify_status(status)
+            if status != shown and found is None:
+                log.info("%s", status)
+            shown = status
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), step.seconds)
+        service_manager.notify_stopping()
+        return None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        if own_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(signum)
+
+
+async def _attempt(
+    token: TokenFile, config: Any, enroll: Enroll, schedule: EnrollmentSchedule,
+    stop: asyncio.Event, clock: Callable[[], float],
+) -> EnrolledIdentity | None:
+    """One enrollment try; None after a failure (recorded in ``schedule``) or a stop."""
+    service_manager.notify_status(f"enrolling from {token.path}")
+    attempt = asyncio.ensure_future(_enroll_from(token, config, enroll, clock()))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not attempt.done():
+        # The key and anything half-done stay for the next start: enrollment is built for that.
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OutpostError):
+            await attempt
+        return None
+    try:
+        identity = attempt.result()
+    except OutpostError as error:
+        delay = schedule.failed(token, str(error), error.retryable, clock())
+        if delay is None:
+            log.error("could not enroll from %s: %s", token.path, error)
+            save_refusal(config.state_dir, token, str(error))
+        else:
+            log.warning("could not enroll from %s yet: %s (trying again in %.0f s)", token.path, error, delay)
+        return None
+    problem = retire_token(token.path)
+    if problem is not None:
+        log.warning("%s", problem)
+    with contextlib.suppress(FileNotFoundError):
+        (Path(config.state_dir) / REFUSED_NOTE).unlink()
+    log.info("enrolled from %s as %s; certificate valid until %s", token.path, identity.uri,
+             identity.not_after().strftime("%Y-%m-%d %H:%M UTC"))
+    service_manager.notify_status(f"enrolled as {identity.uri}; connecting")
+    return identity
+
+
+async def _feed_watchdog(interval: float) -> None:
+    while True:
+        service_manager.notify_watchdog()
+        await asyncio.sleep(interval)
+
+
+def _utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")

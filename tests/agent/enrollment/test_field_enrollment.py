@@ -1,0 +1,203 @@
+"""``outpost-agent run`` on an unenrolled gateway: find a token file, enroll, retry, or wait.
+
+Against the real ``outpost-controller serve`` on 127.0.0.1, with token files
+in temporary directories standing in for /boot/firmware and /etc/outpost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.enrollment.enroll import enroll_async
+from agent.enrollment.field import REFUSED_NOTE, EnrollmentSchedule, wait_for_enrollment
+from agent.identity.select import KeyStoreSettings
+from agent.identity.state import StateDir
+from agent.tunnel.backoff import Backoff
+from tests.e2e.harness import Controller
+
+# Enrollment on loopback takes well under a second; this bounds every run.
+RUN_TIMEOUT = 30.0
+# Polls fast so a test sees many of them; the agent's own default is seconds.
+TEST_POLL = 0.05
+# How many polls a "never tried again" check watches.
+WATCHED_POLLS = 20
+
+
+@pytest.fixture(scope="module")
+def controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    running = Controller(tmp_path_factory.mktemp("field-controller"))
+    try:
+        yield running
+    finally:
+        running.process.stop()
+
+
+@pytest.fixture
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's notification socket."""
+    folder = tempfile.mkdtemp(prefix="sdn-")  # AF_UNIX paths are short: not tmp_path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(folder, "notify"))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", os.path.join(folder, "notify"))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        shutil.rmtree(folder)
+
+
+def notifications(sock: socket.socket) -> list[dict[str, str]]:
+    found = []
+    while True:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return found
+        found.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+
+def token_for(controller: Controller, name: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    controller.ctl("identity", "create", name, "--token-out", str(path))
+    return path
+
+
+def config_for(tmp_path: Path, *token_paths: Path) -> AgentConfig:
+    return AgentConfig(state_dir=tmp_path / "state", keystore=KeyStoreSettings(backend="software"),
+                       token_paths=tuple(token_paths))
+
+
+class CountingEnroll:
+    """The real enrollment, counting how often the controller is asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        return await enroll_async(*args)
+
+
+def fast_schedule(config: AgentConfig, initial: float = 0.05) -> EnrollmentSchedule:
+    return EnrollmentSchedule(missing_reason="no token", poll_interval=TEST_POLL,
+                              backoff=Backoff(initial=initial, cap=initial * 2, rng=random.Random(1)))
+
+
+async def until(predicate, what: str, timeout: float = RUN_TIMEOUT) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} not reached within {timeout} s"
+        await asyncio.sleep(TEST_POLL / 2)
+
+
+def test_a_token_in_a_later_place_enrolls_the_gateway_and_is_deleted(controller: Controller, tmp_path: Path) -> None:
+    boot_token = token_for(controller, "field-1", tmp_path / "boot" / "outpost-enroll.token")
+    config = config_for(tmp_path, tmp_path / "state" / "enroll.token", tmp_path / "etc" / "enroll.token", boot_token)
+
+    identity = asyncio.run(asyncio.wait_for(wait_for_enrollment(config), RUN_TIMEOUT))
+
+    assert identity is not None and identity.name == "field-1"
+    assert StateDir(config.state_dir).load().uri == identity.uri
+    assert not boot_token.exists(), "a redeemed token is retired"
+    assert not (config.state_dir / REFUSED_NOTE).exists()
+
+
+def test_without_a_token_it_reports_ready_and_waiting_and_stops_cleanly(
+    tmp_path: Path, notify: socket.socket
+) -> None:
+    config = config_for(tmp_path, tmp_path / "etc" / "enroll.token")
+
+    async def scenario() -> Any:
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(wait_for_enrollment(config, stop=stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        return await asyncio.wait_for(waiting, RUN_TIMEOUT)
+
+    assert asyncio.run(scenario()) is None
+    sent = notifications(notify)
+    assert sent[0] == {
+        "READY": "1",
+        "STATUS": f"waiting for enrollment: no token file in {tmp_path / 'etc' / 'enroll.token'}; "
+                  "copy the token file from central ops to one of them",
+    }
+    assert sent[-1] == {"STOPPING": "1"}
+    assert not StateDir(config.state_dir).is_enrolled()
+
+
+def test_a_refused_token_stays_in_place_is_not_retried_even_after_a_restart_and_a_new_file_enrolls(
+    controller: Controller, tmp_path: Path, notify: socket.socket
+) -> None:
+    token = token_for(controller, "field-2", tmp_path / "etc" / "enroll.token")
+    asyncio.run(enroll_async(token, tmp_path / "elsewhere", KeyStoreSettings(backend="software")))
+    used = token.read_bytes()
+    config = config_for(tmp_path, token)
+    counting = CountingEnroll()
+
+    async def wait_refused() -> None:
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(
+            wait_for_enrollment(config, stop=stop, enroll=counting, schedule=fast_schedule(config)))
+        await until(lambda: (config.state_dir / REFUSED_NOTE).exists(), "the refusal note")
+        await asyncio.sleep(TEST_POLL * WATCHED_POLLS)
+        stop.set()
+        assert await asyncio.wait_for(waiting, RUN_TIMEOUT) is None
+
+    asyncio.run(wait_refused())
+    asyncio.run(wait_refused())  # a restart: the note keeps the same file from being offered again
+
+    assert counting.calls == 1
+    assert token.read_bytes() == used, "a refused token is left where the technician put it"
+    assert not StateDir(config.state_dir).is_enrolled()
+    statuses = [n.get("STATUS", "") for n in notifications(notify)]
+    assert "waiting for enrollment: This enrollment token was already used; ask central ops for a new one." in statuses
+
+    async def replace_and_enroll() -> Any:
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(
+            wait_for_enrollment(config, stop=stop, enroll=counting, schedule=fast_schedule(config)))
+        await asyncio.sleep(TEST_POLL * 4)
+        token_for(controller, "field-3", tmp_path / "new.token").replace(token)
+        return await asyncio.wait_for(waiting, RUN_TIMEOUT)
+
+    identity = asyncio.run(replace_and_enroll())
+
+    assert identity is not None and identity.name == "field-3"
+    assert counting.calls == 2
+    assert not token.exists() and not (config.state_dir / REFUSED_NOTE).exists()
+
+
+def test_an_unreachable_controller_is_retried_with_backoff_and_the_token_kept(tmp_path: Path, notify: socket.socket) -> None:
+    doomed = Controller(tmp_path / "doomed")
+    try:
+        token = token_for(doomed, "field-4", tmp_path / "etc" / "enroll.token")
+    finally:
+        doomed.process.stop()
+    config = config_for(tmp_path, token)
+    counting = CountingEnroll()
+
+    async def scenario() -> Any:
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(
+            wait_for_enrollment(config, stop=stop, enroll=counting, schedule=fast_schedule(config)))
+        await until(lambda: counting.calls >= 2, "a second attempt")
+        stop.set()
+        return await asyncio.wait_for(waiting, RUN_TIMEOUT)
+
+    assert asyncio.run(scenario()) is None
+    assert token.exists() and not (config.state_dir / REFUSED_NOTE).exists()
+    statuses = [n.get("STATUS", "") for n in notifications(notify)]
+    waiting = [s for s in statuses if s.startswith("waiting for enrollment: ")]
+    assert waiting and "could not reach the controller" in waiting[0], statuses
