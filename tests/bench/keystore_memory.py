@@ -11,7 +11,7 @@ open the key store, create a key and sign once, then read VmRSS from
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import platform
 import subprocess
@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SWTPM_HELPER = ROOT / "tests" / "agent" / "identity" / "conftest.py"
 #: One process imports the agent and signs once: seconds, not minutes.
 MEASURE_TIMEOUT = 120
 #: What "the agent" is: the modules ``outpost-agent run`` and ``enroll`` load.
@@ -57,16 +56,13 @@ def measure(backend: str, tcti: str = "device:/dev/tpmrm0") -> dict:
 
 
 def measure_tpm() -> dict:
-    spec = importlib.util.spec_from_file_location("swtpm_helper", SWTPM_HELPER)
-    if spec is None or spec.loader is None:
-        return {"error": f"cannot load {SWTPM_HELPER}"}
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    if helper.SWTPM is None:
+    sys.path.insert(0, str(ROOT))
+    from tests.agent.identity.swtpm_harness import SWTPM, started_swtpm
+
+    if SWTPM is None:
         return {"error": "swtpm is not installed"}
     with tempfile.TemporaryDirectory() as workdir:
-        swtpm = helper.Swtpm(Path(workdir))
-        swtpm.start()
+        swtpm = started_swtpm(Path(workdir))
         try:
             return measure("tpm", swtpm.tcti)
         finally:
