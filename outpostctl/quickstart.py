@@ -9,6 +9,7 @@ service lives inside this one.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -145,22 +146,14 @@ def run(args: argparse.Namespace) -> int:
         steps.done(f"service, bind and dial policies, identity '{GATEWAY}' and its token file {token.name}")
 
         state = workdir / "agent"
-        enrolled = subprocess.run(python("agent", "enroll", "--token", str(token), "--state", str(state),
-                                         "--keystore", "software"), capture_output=True, text=True,
-                                  timeout=STEP_TIMEOUT)
-        if enrolled.returncode != 0:
-            raise QuickstartFailed(f"enrollment failed: {enrolled.stderr.strip()}")
-        steps.done(f"agent enrolled: {enrolled.stdout.strip()}")
-
         config = workdir / "agent.toml"
         config.write_text(f'state_dir = "{state}"\n\n[keystore]\nbackend = "software"\n\n'
+                          f'[enrollment]\ntoken_paths = ["{token}"]\n\n'
                           f'[[bind]]\nservice = "{SERVICE}"\ntarget = "127.0.0.1:{echo.port}"\n')
+        # The agent enrolls from the token file it finds, as on a gateway in the
+        # field; the operator's dial starts at the same time.
         agent = Child("the agent", python("agent", "run", "--config", str(config)), workdir / "agent.log")
         children.append(agent)
-        status = state / "status.json"
-        agent.wait_for(lambda: status.exists() and '"connected"' in status.read_text(), "connect its tunnel")
-        steps.done("agent tunnel up, service bound at the relay")
-
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -168,6 +161,13 @@ def run(args: argparse.Namespace) -> int:
                         python("outpostctl", "connect", SERVICE, "--listen", f"127.0.0.1:{port}"),
                         workdir / "connect.log", env={"OUTPOSTCTL_CONFIG": str(ctl_config)})
         children.append(connect)
+        identity = state / "identity.json"
+        agent.wait_for(identity.exists, "enroll from the token file")
+        uri = json.loads(identity.read_text())["uri"]
+        steps.done(f"agent enrolled from {token.name} as {uri} (token retired: {not token.exists()})")
+        status = state / "status.json"
+        agent.wait_for(lambda: status.exists() and '"connected"' in status.read_text(), "connect its tunnel")
+        steps.done("agent tunnel up, service bound at the relay")
         connect.wait_for(lambda: "listening" in connect.output(), "start listening")
         payload = os.urandom(64 * 1024)
         with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as s:

@@ -14,7 +14,7 @@ def test_quickstart_once_round_trips_bytes_and_says_so(tmp_path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("quickstart ok"), result.stdout
-    assert any("agent enrolled: enrolled as spiffe://" in line for line in lines)
+    assert any("agent enrolled from demo-gateway.token as spiffe://" in line and "token retired: True" in line for line in lines)
     assert (tmp_path / "agent" / "identity.json").exists()
 
 
