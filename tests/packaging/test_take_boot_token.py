@@ -89,3 +89,14 @@ def test_a_token_already_taken_is_replaced_by_the_newer_one(boot_and_state: tupl
     token.write_text(TOKEN_TEXT)
     assert take(token, state).returncode == 0
     assert (state / "enroll.token").read_text() == TOKEN_TEXT
+
+
+def test_on_an_enrolled_gateway_the_token_is_removed_and_not_taken(boot_and_state: tuple[Path, Path]) -> None:
+    token, state = boot_and_state
+    (state / "identity.json").write_text("{}\n")
+    token.write_text(TOKEN_TEXT)
+    result = take(token, state)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"outpost-agent: already enrolled; removed {token} (to enroll again, see outpost-agent(1))\n"
+    assert not token.exists()
+    assert sorted(p.name for p in state.iterdir()) == ["identity.json"]

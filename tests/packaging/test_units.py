@@ -109,10 +109,13 @@ def test_agent_runs_unprivileged_and_reaches_only_the_tpm_device() -> None:
     assert settings["SupplementaryGroups"] == ["tss"]
     assert "PrivateDevices" not in settings
     assert settings["ProtectSystem"] == ["strict"]
-    # The privileged step that takes the boot token is the only "+" command.
+    # The privileged steps that take a token file are the only "+" commands.
     assert [v for v in settings["ExecStartPre"] if "+" in v.split()[0]] == [
-        "-+/usr/lib/outpost-agent/take-boot-token /boot/firmware/outpost-enroll.token /var/lib/outpost-agent"
+        "-+/usr/lib/outpost-agent/take-boot-token /etc/outpost/enroll.token /var/lib/outpost-agent",
+        "-+/usr/lib/outpost-agent/take-boot-token /boot/firmware/outpost-enroll.token /var/lib/outpost-agent",
     ]
+    # Always active, waiting for enrollment or connected: no start conditions.
+    assert not any(key.startswith("Condition") for key in settings)
     assert "ReadWritePaths" not in settings
 
 
