@@ -10,9 +10,11 @@ Example::
     tcti = "device:/dev/tpmrm0"
 
     [link]
-    profile = "ethernet"          # ethernet | cellular | satellite
-    keepalive_interval = 25.0     # seconds; unset = the profile's
-    ping_timeout = 10.0
+    profile = "cellular"          # ethernet | cellular | satellite | metered
+    nat_timeout = 120             # seconds the carrier keeps an idle mapping
+    keepalive_interval = 110.0    # seconds; unset = derived from the profile
+    ping_timeout = 20.0           # every [link] number is optional (docs/links.md)
+    proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy; unset = HTTPS_PROXY
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -40,11 +42,16 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
+from agent.tunnel.link_profiles import plan_from_settings
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LINK_PROFILES = ("ethernet", "cellular", "satellite")
+LINK_PROFILES = ("ethernet", "cellular", "satellite", "metered")
+#: Per-stream windows outside this range either stall a LAN stream or let one
+#: stream hold more memory than a small gateway should give it.
+MIN_LINK_WINDOW = 64 * 1024
+MAX_LINK_WINDOW = 64 * 1024 * 1024
 #: A config file is a few KiB; the bound stops a wrong path (a disk image) early.
 MAX_CONFIG_FILE = 1024 * 1024
 #: Keepalive and ping timers above an hour would hide a dead link for too long.
@@ -56,7 +63,8 @@ ENROLLMENT_KEYS = {"token_paths"}
 #: A handful of places is plenty; the bound keeps the start-up scan cheap.
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
-LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout"}
+LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
+             "reconnect_max", "proxy"}
 BIND_KEYS = {"service", "target"}
 DIAL_KEYS = {"service", "listen"}
 
@@ -86,6 +94,12 @@ class LinkSettings:
     profile: str = "ethernet"
     keepalive_interval: float | None = None
     ping_timeout: float | None = None
+    nat_timeout: float | None = None
+    window: int | None = None
+    reconnect_initial: float | None = None
+    reconnect_max: float | None = None
+    #: http://host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
+    proxy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,11 +201,30 @@ class _Parser:
         profile = self.string(table, "profile", "ethernet", "link.profile")
         if profile not in LINK_PROFILES:
             raise self.fail("link.profile", f"must be one of {', '.join(LINK_PROFILES)}, not {profile!r}")
-        return LinkSettings(
+        window = table.get("window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or not MIN_LINK_WINDOW <= window <= MAX_LINK_WINDOW):
+            raise self.fail("link.window", f"must be a whole number of bytes from {MIN_LINK_WINDOW} to {MAX_LINK_WINDOW}")
+        proxy = table.get("proxy")
+        if proxy is not None:
+            proxy = self.string(table, "proxy", "", "link.proxy")
+            if not re.fullmatch(r"https?://[^\s/@]+(:\d{1,5})?/?", proxy):
+                raise self.fail("link.proxy", f"is {proxy!r}; give it as \"http://host:port\"")
+        settings = LinkSettings(
             profile=profile,
             keepalive_interval=self.seconds(table, "keepalive_interval"),
             ping_timeout=self.seconds(table, "ping_timeout"),
+            nat_timeout=self.seconds(table, "nat_timeout"),
+            window=window,
+            reconnect_initial=self.seconds(table, "reconnect_initial"),
+            reconnect_max=self.seconds(table, "reconnect_max"),
+            proxy=proxy,
         )
+        try:
+            plan_from_settings(settings)  # the numbers must also make sense together
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: [link] {error}") from None
+        return settings
 
     def bind(self, entry: Any, index: int) -> BindConfig:
         where = f"bind[{index}]"
