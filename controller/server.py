@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import logging
@@ -11,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+import agent.service_manager as service_manager
 from controller.api import MAX_REQUEST_BODY, GatewayApi, ManagementApi, too_large
 from controller.context import ControllerContext
 from controller.errors import ControllerError, StartupError
@@ -143,6 +145,7 @@ class ControllerServer:
         self.context = context
         self._listener = listener
         self._runner: web.AppRunner | None = None
+        self._watchdog: asyncio.Task | None = None
 
     @property
     def port(self) -> int:
@@ -164,9 +167,25 @@ class ControllerServer:
             **({} if runner_takes_grace else grace),
         )
         await site.start()
+        # systemd's "started" (Type=notify) means the listener accepts.
+        service_manager.notify_ready(f"serving on port {self.port}")
+        interval = service_manager.watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(_feed_watchdog(interval))
 
     async def stop(self) -> None:
+        service_manager.notify_stopping()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         self._listener.close()
+
+
+async def _feed_watchdog(interval: float) -> None:
+    """Ping systemd's watchdog from the event loop: a stalled loop stops pinging."""
+    while True:
+        service_manager.notify_watchdog()
+        await asyncio.sleep(interval)

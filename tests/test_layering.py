@@ -49,7 +49,8 @@ def test_protocol_core_does_no_io_and_keeps_no_clock(path: Path) -> None:
 
 @pytest.mark.parametrize("path", python_files(ROOT / "controller"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_controller_uses_only_the_agents_protocol_side(path: Path) -> None:
-    allowed = ("agent.tunnel.protocol", "agent.tunnel.auth", "agent.tunnel.session", "agent.errors", "agent.fsutil", "agent.identity.trust")
+    allowed = ("agent.tunnel.protocol", "agent.tunnel.auth", "agent.tunnel.session", "agent.errors", "agent.fsutil", "agent.identity.trust",
+               "agent.service_manager")
     bad = {
         m for m in imported_modules(path)
         if m.split(".")[0] == "agent" and not m.startswith(allowed)
