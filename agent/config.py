@@ -27,6 +27,10 @@ Example::
     [enrollment]                  # where to look for a token file, in order
     token_paths = ["/etc/outpost/enroll.token"]   # unset = the documented places
 
+    [clock]                       # how the agent checks its own clock
+    ntp_servers = ["pool.ntp.org"]   # unset = none: only the controller's time
+    ntp_timeout = 2.0             # seconds per query
+
 Everything below the CLI receives the typed, frozen ``AgentConfig``; nothing
 else reads files or the environment. Every mistake is one ConfigError
 sentence naming the file, the key and what to do.
@@ -58,7 +62,14 @@ MAX_CONFIG_FILE = 1024 * 1024
 MAX_LINK_SECONDS = 3600.0
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
-TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial", "enrollment"}
+TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial", "enrollment", "clock"}
+CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
+#: Queries run in parallel, one thread each; a few servers already outvote a bad one.
+MAX_NTP_SERVERS = 8
+#: An NTP answer slower than this is useless for timekeeping, and start-up waits for it.
+MAX_NTP_TIMEOUT = 10.0
+#: Covers a satellite round trip (600 ms) three times over.
+DEFAULT_NTP_TIMEOUT = 2.0
 ENROLLMENT_KEYS = {"token_paths"}
 #: A handful of places is plenty; the bound keeps the start-up scan cheap.
 MAX_TOKEN_PATHS = 16
@@ -85,6 +96,16 @@ class DialConfig:
     service: str
     listen_host: str
     listen_port: int
+
+
+@dataclass(frozen=True)
+class ClockSettings:
+    """Where the agent measures its clock offset; no NTP servers = the controller's time only."""
+
+    #: "host", "host:port" or "[v6]:port"; none by default, so nothing leaves
+    #: the machine unless configured (production configs name their servers).
+    ntp_servers: tuple[str, ...] = ()
+    ntp_timeout: float = DEFAULT_NTP_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,7 @@ class AgentConfig:
     #: Token files to enroll from, first found wins; None = the documented
     #: places (agent.enrollment.field.default_token_paths).
     token_paths: tuple[Path, ...] | None = None
+    clock: ClockSettings = field(default_factory=ClockSettings)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -166,6 +188,7 @@ class _Parser:
             link=self.link(self.table(document, "link")),
             log_level=log_level,
             token_paths=self.token_paths(self.table(document, "enrollment")),
+            clock=self.clock(self.table(document, "clock")),
         )
 
     def token_paths(self, table: dict[str, Any]) -> tuple[Path, ...] | None:
@@ -181,6 +204,26 @@ class _Parser:
                 raise self.fail("enrollment.token_paths", f"has {item!r}; give absolute paths such as \"/etc/outpost/enroll.token\"")
             paths.append(Path(item))
         return tuple(paths)
+
+    def clock(self, table: dict[str, Any]) -> ClockSettings:
+        from agent.clock.ntp import split_server  # here: agent.clock imports this module
+
+        self.known(table, CLOCK_KEYS, "clock.")
+        servers = table.get("ntp_servers", [])
+        if not isinstance(servers, list) or len(servers) > MAX_NTP_SERVERS:
+            raise self.fail("clock.ntp_servers", f"must be a list of at most {MAX_NTP_SERVERS} server names in quotes")
+        for server in servers:
+            try:
+                if not isinstance(server, str):
+                    raise ValueError(server)
+                split_server(server)
+            except ValueError:
+                raise self.fail("clock.ntp_servers", f"has {server!r}; give \"host\" or \"host:port\", "
+                                "e.g. \"pool.ntp.org\"") from None
+        timeout = table.get("ntp_timeout", DEFAULT_NTP_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_NTP_TIMEOUT:
+            raise self.fail("clock.ntp_timeout", f"must be a number of seconds above 0 and at most {MAX_NTP_TIMEOUT:g}")
+        return ClockSettings(ntp_servers=tuple(servers), ntp_timeout=float(timeout))
 
     def keystore(self, table: dict[str, Any]) -> KeyStoreSettings:
         self.known(table, KEYSTORE_KEYS, "keystore.")

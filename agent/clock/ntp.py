@@ -1,0 +1,104 @@
+"""Ask NTP servers for this gateway's clock offset (ntplib, one packet each).
+
+NTP over UDP is unauthenticated: its answer is checked against the
+controller's time (agent.clock.trusted.combine) before it is believed when
+the two disagree. Every query is one request and one answer, bounded by a
+timeout, so a blocked APN costs at most ``timeout`` seconds and a few bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Sequence
+
+import ntplib
+
+from agent.clock.trusted import OffsetSample
+
+log = logging.getLogger(__name__)
+
+NTP_PORT = 123
+#: Version 3 is answered by every server from ntpd and chrony to public pools.
+NTP_VERSION = 3
+#: Stratum 0 is a "kiss-o'-death" (the server refuses us); 16 means unsynchronised.
+MAX_STRATUM = 15
+#: Leap indicator 3 means the server's own clock is not synchronised.
+LEAP_ALARM = 3
+#: Our transmit time comes back as the answer's origin time; float rounding of
+#: the 64-bit NTP timestamps costs microseconds, so a millisecond is generous.
+ORIGIN_SLACK = 1e-3
+
+
+def split_server(spec: str) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError if malformed."""
+    text = spec.strip()
+    if not text or any(c.isspace() for c in text) or len(text) > 260:
+        raise ValueError(f"{spec!r} is not a host name or address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not host:
+            raise ValueError(f"{spec!r} has an unclosed '['")
+        if not rest:
+            return host, NTP_PORT
+        if not rest.startswith(":"):
+            raise ValueError(f"{spec!r} has text after ']' that is not ':port'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        # No colon: a name; several: a bare IPv6 address on the default port.
+        return text, NTP_PORT
+    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{spec!r} has no valid port (1-65535)")
+    return host, int(port_text)
+
+
+def query_server(spec: str, timeout: float) -> OffsetSample | None:
+    """One NTP exchange with ``spec``; None when it does not answer or answers nonsense."""
+    host, port = split_server(spec)
+    before = time.time()
+    try:
+        stats = ntplib.NTPClient().request(host, version=NTP_VERSION, port=port, timeout=timeout)
+    except (ntplib.NTPException, OSError) as error:
+        log.info("NTP server %s did not answer: %s", spec, error)
+        return None
+    reason = _implausible(stats, before)
+    if reason is not None:
+        log.warning("ignoring NTP server %s: %s", spec, reason)
+        return None
+    midpoint = (stats.orig_time + stats.dest_time) / 2
+    return OffsetSample(source="ntp", offset=stats.offset, delay=stats.delay, local_time=midpoint, origin=spec)
+
+
+def _implausible(stats: ntplib.NTPStats, sent_after: float) -> str | None:
+    if stats.leap == LEAP_ALARM or not 1 <= stats.stratum <= MAX_STRATUM:
+        return f"it is not synchronised (leap {stats.leap}, stratum {stats.stratum})"
+    # An answer to someone else's request (or a replay) carries another origin time.
+    if not sent_after - ORIGIN_SLACK <= stats.orig_time <= stats.dest_time + ORIGIN_SLACK:
+        return "the answer is not for our request"
+    if not (math.isfinite(stats.offset) and math.isfinite(stats.delay)) or stats.delay < 0:
+        return "the answer's timestamps are inconsistent"
+    return None
+
+
+async def query_servers(servers: Sequence[str], timeout: float) -> OffsetSample | None:
+    """Ask every server at once; the answer with the shortest round trip, or None.
+
+    The shortest round trip bounds the error best (at most half of it). The
+    whole call takes at most about ``timeout`` seconds however many servers.
+    """
+    if not servers:
+        return None
+    tasks = [asyncio.to_thread(query_server, spec, timeout) for spec in servers]
+    try:
+        # Name resolution is not covered by the socket timeout; this is.
+        samples = await asyncio.wait_for(asyncio.gather(*tasks), timeout + 1.0)
+    except asyncio.TimeoutError:
+        log.info("no NTP server answered within %.1f s", timeout)
+        return None
+    answered = [s for s in samples if s is not None]
+    return min(answered, key=lambda s: s.delay) if answered else None
+
