@@ -75,6 +75,7 @@ class GatewayApi:
         app.router.add_get("/v1/ca", self.ca)
         app.router.add_get("/v1/time", self.time)
         app.router.add_post("/v1/enroll", self.enroll)
+        app.router.add_post("/v1/renew", self.renew)
 
     async def ca(self, request: web.Request) -> web.Response:
         return web.Response(text=self.context.ca.certificate_pem, content_type=PEM_CONTENT_TYPE)
@@ -85,6 +86,12 @@ class GatewayApi:
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"))
+        return web.json_response(issued_json(self.context, issued))
+
+    async def renew(self, request: web.Request) -> web.Response:
+        """Renewal or recovery: the CSR's key must be an identity's enrolled key (controller/renewal.py)."""
+        body = await read_json(request)
+        issued = self.context.renewal.renew(body.get("csr"))
         return web.json_response(issued_json(self.context, issued))
 
 
@@ -102,6 +109,8 @@ class ManagementApi:
         r.add_get("/api/v1/identities/{name}", self.get_identity)
         r.add_post("/api/v1/identities/{name}/token", self.create_token)
         r.add_post("/api/v1/identities/{name}/revoke", self.revoke)
+        r.add_post("/api/v1/identities/{name}/disable", self.disable)
+        r.add_post("/api/v1/identities/{name}/enable", self.enable)
         r.add_post("/api/v1/identities/{name}/session", self.session)
         r.add_post("/api/v1/services", self.create_service)
         r.add_get("/api/v1/services", self.list_services)
@@ -153,6 +162,14 @@ class ManagementApi:
         identity = self._identity_from_path(request)
         revoked = self.context.registry.revoke(identity.tenant, identity.name)
         return web.json_response(revoked.to_json())
+
+    async def disable(self, request: web.Request) -> web.Response:
+        identity = self._identity_from_path(request)
+        return web.json_response(self.context.registry.disable(identity.tenant, identity.name).to_json())
+
+    async def enable(self, request: web.Request) -> web.Response:
+        identity = self._identity_from_path(request)
+        return web.json_response(self.context.registry.enable(identity.tenant, identity.name).to_json())
 
     async def session(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -8,6 +8,7 @@ directory behind.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ from controller.enrollment import Enrollment
 from controller.errors import StartupError
 from controller.policy import PolicyEngine
 from controller.registry import Registry
+from controller.renewal import Renewal
 from controller.settings import WILDCARD_HOSTS, Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
@@ -112,7 +114,14 @@ def _create(settings: Settings) -> None:
             leftover.unlink(missing_ok=True)
         os.chmod(staging, 0o700)
         fsync_directory(staging)
-        os.rename(staging, final)
+        try:
+            os.rename(staging, final)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another process sharing this data directory created it first: use theirs.
+            shutil.rmtree(staging, ignore_errors=True)
+            return
         fsync_directory(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -164,6 +173,7 @@ def _load(settings: Settings) -> ControllerContext:
     enrollment = Enrollment(
         store, ca, registry, tokens, audit, settings.cert_lifetime, settings.session_lifetime
     )
+    renewal = Renewal(store, ca, registry, audit, settings.cert_lifetime, settings.recovery_grace)
     return ControllerContext(
         settings=settings,
         store=store,
@@ -173,6 +183,7 @@ def _load(settings: Settings) -> ControllerContext:
         audit=audit,
         tokens=tokens,
         enrollment=enrollment,
+        renewal=renewal,
         server_certificate_der=server_cert.public_bytes(serialization.Encoding.DER),
         relay_urls=settings.relay_urls,
         admin_token=admin_token,

@@ -25,6 +25,7 @@ from controller.settings import (
     DEFAULT_CERT_LIFETIME,
     DEFAULT_LISTEN_HOST,
     DEFAULT_LISTEN_PORT,
+    DEFAULT_RECOVERY_GRACE,
     DEFAULT_TOKEN_TTL,
     DEFAULT_TRUST_DOMAIN,
     Settings,
@@ -35,6 +36,9 @@ from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 #: link completes a renewal; longer than 90 days defeats short-lived certificates.
 MIN_CERT_LIFETIME = 300
 MAX_CERT_LIFETIME = 90 * 24 * 3600
+#: 0 turns recovery off (an expired gateway needs a new token); past a year a
+#: lost gateway's key would stay good for too long.
+MAX_RECOVERY_GRACE = 365 * 24 * 3600
 
 
 class UsageError(StartupError):
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     serve.add_argument("--cert-lifetime", type=int, default=DEFAULT_CERT_LIFETIME, help="seconds")
     serve.add_argument("--token-ttl", type=int, default=DEFAULT_TOKEN_TTL, help="seconds")
+    serve.add_argument("--recovery-grace", type=int, default=DEFAULT_RECOVERY_GRACE,
+                       help="seconds after expiry during which a gateway recovers with its enrolled key")
     serve.add_argument("--san", action="append", default=[], help="extra name for the listener certificate")
     return parser
 
@@ -105,6 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         trust_domain=domain,
         cert_lifetime=check_range("--cert-lifetime", args.cert_lifetime, MIN_CERT_LIFETIME, MAX_CERT_LIFETIME),
         token_ttl=check_range("--token-ttl", args.token_ttl, MIN_TOKEN_TTL, MAX_TOKEN_TTL),
+        recovery_grace=check_range("--recovery-grace", args.recovery_grace, 0, MAX_RECOVERY_GRACE),
         extra_sans=tuple(parse_san(name) for name in args.san),
     )
 

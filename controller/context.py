@@ -12,6 +12,7 @@ from controller.ca import CertificateAuthority
 from controller.enrollment import Enrollment
 from controller.policy import PolicyEngine
 from controller.registry import Registry
+from controller.renewal import Renewal
 from controller.settings import Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
@@ -27,6 +28,7 @@ class ControllerContext:
     audit: AuditLog
     tokens: TokenAuthority
     enrollment: Enrollment
+    renewal: Renewal
     #: DER of the certificate the listener presents; tunnel signatures name it.
     server_certificate_der: bytes
     #: ``wss://HOST:PORT/v1/tunnel`` URLs handed to enrolling agents.

@@ -159,24 +159,68 @@ class Registry:
         )
 
     def revoke(self, tenant: str, name: str) -> Identity:
-        """Mark the identity revoked (idempotent), audit it and tell every listener."""
+        """Mark the identity revoked (idempotent, final), audit it and tell every listener."""
+        return self._change_status(tenant, name, STATUS_REVOKED)
+
+    def disable(self, tenant: str, name: str) -> Identity:
+        """Block the identity until it is enabled again (idempotent); a revoked one stays revoked."""
+        return self._change_status(tenant, name, STATUS_DISABLED)
+
+    def enable(self, tenant: str, name: str) -> Identity:
+        """Undo ``disable``: back to enrolled (or created, if it never enrolled); only from disabled."""
+        return self._change_status(tenant, name, None)
+
+    def _change_status(self, tenant: str, name: str, target: str | None) -> Identity:
+        """One status change in one transaction: row, change log, audit; then the listeners.
+
+        ``target`` None means "enable". The change log row is what the other
+        controller processes poll (controller/watcher.py).
+        """
         with self._store.transaction() as db:
             identity = self.get_identity_in(db, tenant, name)
             if identity is None:
                 raise not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")
-            if identity.status != STATUS_REVOKED:
+            new_status = _next_status(identity, target)
+            if new_status != identity.status:
                 db.execute(
-                    "UPDATE identities SET status = ? WHERE tenant = ? AND name = ?", (STATUS_REVOKED, tenant, name)
+                    "UPDATE identities SET status = ? WHERE tenant = ? AND name = ?", (new_status, tenant, name)
                 )
-                self._audit.record_in(db, "identity_revoked", identity=identity.label)
-            revoked = self.get_identity_in(db, tenant, name)
-        assert revoked is not None
+                db.execute(
+                    "INSERT INTO status_changes (tenant, name, status, time) VALUES (?, ?, ?, ?)",
+                    (tenant, name, new_status, time.time()),
+                )
+                self._audit.record_in(db, _STATUS_EVENTS[new_status], identity=identity.label, previous=identity.status)
+            changed = self.get_identity_in(db, tenant, name)
+        assert changed is not None
+        if changed.status in BLOCKED_STATUSES:
+            self.announce_blocked(changed)
+        return changed
+
+    def announce_blocked(self, identity: Identity) -> None:
+        """Tell every listener (the relay) that ``identity`` may no longer hold a tunnel.
+
+        Called at once for a change made in this process, and by the store
+        watcher for one made in another; listeners must be idempotent.
+        """
         for listener in list(self.revocation_listeners):
             try:
-                listener(revoked)
+                listener(identity)
             except Exception:  # a broken listener must not undo or hide the revocation
-                log.exception("revocation listener failed for %s", revoked.label)
-        return revoked
+                log.exception("revocation listener failed for %s", identity.label)
+
+    def identities_with_key(self, db: Transaction, key_sha256: str) -> list[Identity]:
+        """Identities whose enrolled key is ``key_sha256``, most recently enrolled first."""
+        rows = db.query(
+            "SELECT * FROM identities WHERE key_sha256 = ? ORDER BY enrolled_at DESC", (key_sha256,)
+        )
+        return [self._identity(row) for row in rows]
+
+    def record_certificate_in(self, db: Transaction, identity: Identity, not_after: float) -> None:
+        """A renewed or recovered certificate: the identity's newest notAfter moves on."""
+        db.execute(
+            "UPDATE identities SET cert_not_after = ? WHERE tenant = ? AND name = ?",
+            (not_after, identity.tenant, identity.name),
+        )
 
     # Services
 
@@ -213,6 +257,32 @@ class Registry:
         else:
             rows = self._store.query("SELECT * FROM services WHERE tenant = ? ORDER BY name", (tenant,))
         return [self._service(row) for row in rows]
+
+
+_STATUS_EVENTS = {
+    STATUS_REVOKED: "identity_revoked",
+    STATUS_DISABLED: "identity_disabled",
+    STATUS_ENROLLED: "identity_enabled",
+    STATUS_CREATED: "identity_enabled",
+}
+
+
+def _next_status(identity: Identity, target: str | None) -> str:
+    """The status ``identity`` moves to, or 409 when the move is not allowed."""
+    if target == STATUS_REVOKED:
+        return STATUS_REVOKED
+    if identity.status == STATUS_REVOKED:
+        verb = "disable" if target == STATUS_DISABLED else "enable"
+        raise conflict(
+            "identity_revoked",
+            f"The identity {identity.label} is revoked, which is final; cannot {verb} it. "
+            "Create a new identity for this gateway.",
+        )
+    if target == STATUS_DISABLED:
+        return STATUS_DISABLED
+    if identity.status != STATUS_DISABLED:
+        return identity.status  # enabling an identity that is not disabled changes nothing
+    return STATUS_ENROLLED if identity.key_sha256 else STATUS_CREATED
 
 
 def refuse_blocked(identity: Identity) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio
 import hmac
 import inspect
 import logging
 import socket
 import ssl
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -18,6 +19,7 @@ from controller.context import ControllerContext
 from controller.errors import ControllerError, StartupError
 from controller.relay.session import Relay
 from controller.settings import host_port
+from controller.watcher import StatusWatcher
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,24 @@ def build_app(context: ControllerContext) -> web.Application:
         await relay.close()
 
     app.on_shutdown.append(close_relay)
+    app.cleanup_ctx.append(watch_status_changes(context))
     return app
+
+
+def watch_status_changes(context: ControllerContext) -> Callable[[web.Application], Any]:
+    """While the app runs, poll the store so revocations made by other processes close our tunnels."""
+
+    async def watching(_app: web.Application) -> AsyncIterator[None]:
+        watcher = StatusWatcher(context.store, context.registry)
+        task = asyncio.get_running_loop().create_task(watcher.run())
+        yield
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    return watching
 
 
 def server_ssl_context(context: ControllerContext) -> ssl.SSLContext:

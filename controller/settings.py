@@ -14,6 +14,10 @@ from pathlib import Path
 #: Agents renew at about two thirds of this; a day bounds what a stolen
 #: certificate is worth while leaving a long night offline harmless.
 DEFAULT_CERT_LIFETIME = 24 * 3600
+#: A gateway whose certificate expired less than this long ago recovers by
+#: proving its enrolled key, without a new token: a month covers a site that
+#: lost power over a holiday or waited weeks for a spare modem.
+DEFAULT_RECOVERY_GRACE = 30 * 24 * 3600
 #: A week covers shipping a gateway and waiting for a technician on site.
 DEFAULT_TOKEN_TTL = 7 * 24 * 3600
 DEFAULT_LISTEN_HOST = "127.0.0.1"
@@ -38,6 +42,7 @@ class Settings:
     cert_lifetime: int = DEFAULT_CERT_LIFETIME
     token_ttl: int = DEFAULT_TOKEN_TTL
     session_lifetime: int = SESSION_CERT_LIFETIME
+    recovery_grace: int = DEFAULT_RECOVERY_GRACE
     extra_sans: tuple[str, ...] = ()
 
     @property

@@ -72,6 +72,17 @@ CREATE TABLE IF NOT EXISTS audit (
     event TEXT NOT NULL,
     fields TEXT NOT NULL
 );
+-- Every status change (revoked, disabled, enabled), in order: each controller
+-- process polls it by seq (the primary key index) to close tunnels it holds.
+CREATE TABLE IF NOT EXISTS status_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    time REAL NOT NULL
+);
+-- Renewal looks an identity up by the SHA-256 of its enrolled key.
+CREATE INDEX IF NOT EXISTS identities_by_key ON identities (key_sha256);
 -- The audit log is append-only: no process, not even this one, rewrites history.
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, help_text in (
         ("show", commands.identity_show, "show one identity"),
         ("revoke", commands.identity_revoke, "revoke an identity: close its tunnels, refuse renewal"),
+        ("disable", commands.identity_disable, "disable an identity until enabled: close its tunnels, refuse renewal"),
+        ("enable", commands.identity_enable, "enable a disabled identity again (never a revoked one)"),
     ):
         sub = leaf(identity, name, handler, help_text, json_flag=True)
         sub.add_argument("name", metavar="NAME")

@@ -85,6 +85,12 @@ class ManagementClient:
     def revoke_identity(self, name: str, tenant: str | None = None) -> JsonObject:
         return self.request("POST", _identity_path(name, "/revoke", tenant), {})
 
+    def disable_identity(self, name: str, tenant: str | None = None) -> JsonObject:
+        return self.request("POST", _identity_path(name, "/disable", tenant), {})
+
+    def enable_identity(self, name: str, tenant: str | None = None) -> JsonObject:
+        return self.request("POST", _identity_path(name, "/enable", tenant), {})
+
     def session_certificate(self, name: str, csr_pem: str, tenant: str | None = None) -> JsonObject:
         """A short-lived certificate for ``name`` over ``csr_pem`` (audited by the controller)."""
         return self.request("POST", _identity_path(name, "/session", tenant), {"csr": csr_pem})

@@ -116,6 +116,25 @@ def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+def identity_disable(args: argparse.Namespace, client: ManagementClient) -> int:
+    identity = client.disable_identity(args.name, args.tenant)
+    if args.json:
+        print(render.machine_json(identity))
+    else:
+        print(f"disabled {identity.get('uri') or args.name}: its tunnels close and it cannot renew "
+              f"until 'outpostctl identity enable {args.name}'")
+    return 0
+
+
+def identity_enable(args: argparse.Namespace, client: ManagementClient) -> int:
+    identity = client.enable_identity(args.name, args.tenant)
+    if args.json:
+        print(render.machine_json(identity))
+    else:
+        print(f"enabled {identity.get('uri') or args.name}: status {identity.get('status')}")
+    return 0
+
+
 def _print_identity(identity: JsonObject, *, as_json: bool) -> None:
     if as_json:
         print(render.machine_json(identity))

@@ -1,0 +1,153 @@
+"""Renewal and recovery: a gateway proves its enrolled key and gets a new certificate.
+
+One endpoint serves both (``POST /v1/renew``). The proof is the CSR's
+self-signature by the device key, and that key's SHA-256 must be the key an
+identity enrolled with. What the identity's newest certificate says decides
+the rest:
+
+* still valid                       -> renewal
+* expired less than the grace ago   -> recovery (no new token needed)
+* expired longer ago                -> refused ``recovery_expired``
+* identity revoked or disabled      -> refused
+
+The decision is a pure function of the identity and ``now``
+(``renewal_decision``); ``Renewal`` wraps it in one store transaction that
+issues, records and audits together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from controller.audit import AuditLog
+from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
+from controller.enrollment import Issued, parse_csr
+from controller.errors import ControllerError, forbidden
+from controller.registry import (
+    BLOCKED_STATUSES,
+    STATUS_ENROLLED,
+    Identity,
+    Registry,
+    refuse_blocked,
+)
+from controller.store import Store
+
+log = logging.getLogger(__name__)
+
+RENEWAL = "renewal"
+RECOVERY = "recovery"
+
+
+@dataclass(frozen=True)
+class RenewalRefused:
+    """Why a proven key gets no certificate (audited as ``renewal_refused``)."""
+
+    error: ControllerError
+
+
+def renewal_decision(identity: Identity, now: float, grace: float) -> str | RenewalRefused:
+    """``RENEWAL``, ``RECOVERY`` or why not, for an identity that proved its enrolled key."""
+    if identity.status in BLOCKED_STATUSES:
+        try:
+            refuse_blocked(identity)
+        except ControllerError as error:
+            return RenewalRefused(error)
+    if identity.status != STATUS_ENROLLED or identity.cert_not_after is None:
+        return RenewalRefused(forbidden(
+            "renewal_not_enrolled",
+            f"The identity {identity.label} has no enrolled certificate to renew; enroll it with a token.",
+        ))
+    not_after = identity.cert_not_after
+    if now <= not_after:
+        return RENEWAL
+    if now - not_after <= grace:
+        return RECOVERY
+    expired = datetime.datetime.fromtimestamp(not_after, tz=datetime.timezone.utc)
+    return RenewalRefused(forbidden(
+        "recovery_expired",
+        f"This gateway's certificate expired on {expired:%Y-%m-%d %H:%M} UTC, more than "
+        f"{_days(grace)} ago; re-enroll it with a new token.",
+    ))
+
+
+def _days(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g} days" if days >= 1 else f"{seconds:g} seconds"
+
+
+class Renewal:
+    """Certifies a proven enrolled key again; every outcome of a known key is audited."""
+
+    def __init__(
+        self,
+        store: Store,
+        ca: CertificateAuthority,
+        registry: Registry,
+        audit: AuditLog,
+        cert_lifetime: int,
+        recovery_grace: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._ca = ca
+        self._registry = registry
+        self._audit = audit
+        self._cert_lifetime = cert_lifetime
+        self._recovery_grace = recovery_grace
+        #: The controller's "now" for the renewal window (tests move it).
+        self.clock = clock
+
+    def renew(self, csr_pem: object) -> Issued:
+        """A new certificate for the identity enrolled with the CSR's key, or a ControllerError."""
+        csr = parse_csr(csr_pem)
+        public_key = csr.public_key()
+        key_sha256 = public_key_sha256(public_key)
+        refusal: tuple[Identity, ControllerError] | None = None
+        with self._store.transaction() as db:
+            candidates = self._registry.identities_with_key(db, key_sha256)
+            if not candidates:
+                # Nobody proved to be anybody: the process log only (see audit.py).
+                log.warning("renewal refused: no identity enrolled with key %s", key_sha256[:16])
+                raise forbidden(
+                    "renewal_unknown_key",
+                    "No identity is enrolled with this gateway's key; re-enroll it with a new token.",
+                )
+            # The same device key enrolled under two names: the newest enrollment is the one in use.
+            identity = candidates[0]
+            decision = renewal_decision(identity, self.clock(), self._recovery_grace)
+            if isinstance(decision, RenewalRefused):
+                refusal = (identity, decision.error)
+            else:
+                certificate = self._ca.issue(
+                    public_key, identity.name, identity.tenant, datetime.timedelta(seconds=self._cert_lifetime)
+                )
+                not_after = not_after_of(certificate).timestamp()
+                serial = format(certificate.serial_number, "x")
+                db.execute(
+                    "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (serial, identity.tenant, identity.name, decision, time.time(), not_after, key_sha256),
+                )
+                self._registry.record_certificate_in(db, identity, not_after)
+                self._audit.record_in(
+                    db,
+                    decision,
+                    identity=identity.label,
+                    key_sha256=key_sha256,
+                    serial=serial,
+                    previous_not_after=int(identity.cert_not_after or 0),
+                    not_after=int(not_after),
+                )
+                renewed = self._registry.get_identity_in(db, identity.tenant, identity.name)
+        if refusal is not None:
+            identity, error = refusal
+            # Its own transaction: the refusal is recorded, nothing else changes.
+            self._audit.record("renewal_refused", identity=identity.label, key_sha256=key_sha256, reason=error.code)
+            log.warning("renewal refused for %s: %s", identity.label, error.code)
+            raise error
+        assert renewed is not None
+        return Issued(renewed, certificate)
