@@ -1,4 +1,4 @@
-"""``outpost-agent``: enroll, run and status.
+"""``outpost-agent``: enroll, run, status and doctor.
 
 This is the edge: the only place that reads the config file, flags and the
 clock for the user. Every expected failure is printed as one line,
@@ -12,13 +12,14 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config
-from agent.errors import EXIT_USAGE, OutpostError
+from agent.errors import EXIT_USAGE, ConfigError, OutpostError
 from agent.identity.select import BACKENDS, KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
 
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
                      help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
 
+    doctor = commands.add_parser("doctor", help="check network, DNS, clock, TPM, certificate and token file")
+    doctor.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
+                        help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     status = commands.add_parser("status", help="show identity, certificate and tunnel status")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     where = status.add_mutually_exclusive_group()
@@ -64,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_enroll(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "doctor":
+            from agent.doctor import main as doctor
+
+            return doctor(args.config, args.json)
         return cmd_status(args)
     except OutpostError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
@@ -89,13 +99,25 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = with_environment_proxy(load_config(args.config), os.environ)
     from agent.service_manager import configure_logging
 
     configure_logging(config.log_level.upper())
     from agent.tunnel.runner import run
 
     return run(config)
+
+
+def with_environment_proxy(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
+    """``config`` with HTTPS_PROXY/NO_PROXY applied when ``[link] proxy`` is not set."""
+    from agent.tunnel.proxy import proxy_settings_from_environment
+
+    proxy, no_proxy = proxy_settings_from_environment(env)
+    if config.link.proxy is not None or proxy is None:
+        return config
+    if not proxy.startswith("http://"):
+        raise ConfigError(f"HTTPS_PROXY is {proxy!r}; give it as http://host:port, or set [link] proxy in the config")
+    return dataclasses.replace(config, link=dataclasses.replace(config.link, proxy=proxy, no_proxy=no_proxy))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
