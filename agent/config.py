@@ -121,6 +121,8 @@ class LinkSettings:
     reconnect_max: float | None = None
     #: http://host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
     proxy: str | None = None
+    #: hosts reached without the proxy (NO_PROXY, filled in by the CLI)
+    no_proxy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,10 @@ class _Parser:
         proxy = table.get("proxy")
         if proxy is not None:
             proxy = self.string(table, "proxy", "", "link.proxy")
-            if not re.fullmatch(r"https?://[^\s/@]+(:\d{1,5})?/?", proxy):
+            if proxy.startswith("https://"):
+                raise self.fail("link.proxy", "uses https://; give the proxy as \"http://host:port\" (the "
+                                "tunnel's own TLS still runs end to end through the proxy's CONNECT)")
+            if not re.fullmatch(r"http://[^\s/@]+/?", proxy):
                 raise self.fail("link.proxy", f"is {proxy!r}; give it as \"http://host:port\"")
         settings = LinkSettings(
             profile=profile,

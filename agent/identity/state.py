@@ -23,6 +23,8 @@ CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"
 IDENTITY_FILE = "identity.json"
 STATUS_FILE = "status.json"
+#: The controller's relay list as last sent in AUTH_OK (refreshes enrollment's).
+RELAYS_FILE = "relays.json"
 #: identity.json holds names, a URI and a relay list: a few KiB at most. The
 #: bound keeps a damaged or hostile file from being read into memory whole.
 MAX_STATE_FILE = 256 * 1024
@@ -114,6 +116,21 @@ class StateDir:
         """Store a renewed leaf; the old one stays in place until the new one is durable."""
         x509.load_pem_x509_certificate(cert_pem.encode())
         atomic_write(self.path / CERT_FILE, cert_pem.encode(), PUBLIC_FILE_MODE)
+
+    def save_relays(self, relays: list[str]) -> None:
+        """Store the relay list the controller sent last, for the next start."""
+        atomic_write(self.path / RELAYS_FILE, _json_bytes({"relays": list(relays)}), PUBLIC_FILE_MODE)
+
+    def load_relays(self) -> list[str] | None:
+        """The stored relay list, or None (absent or unreadable: enrollment's list is used)."""
+        try:
+            record = json.loads(self._read_text(RELAYS_FILE))
+            relays = record["relays"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(relays, list) or not relays or not all(isinstance(r, str) for r in relays):
+            return None
+        return relays
 
     def write_status(self, status: dict[str, Any]) -> None:
         """Replace ``status.json`` (tunnel state and counters, for ``outpost-agent status``)."""

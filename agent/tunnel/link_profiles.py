@@ -86,6 +86,7 @@ class LinkPlan:
     reconnect_initial: float
     reconnect_max: float
     proxy: str | None = None
+    no_proxy: tuple[str, ...] = ()
 
     @property
     def detection_bound(self) -> float:
@@ -106,7 +107,8 @@ def keepalive_for(nat_timeout: float, cap: float | None) -> float:
 
 def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_timeout: float | None = None,
              nat_timeout: float | None = None, window: int | None = None, reconnect_initial: float | None = None,
-             reconnect_max: float | None = None, proxy: str | None = None) -> LinkPlan:
+             reconnect_max: float | None = None, proxy: str | None = None,
+             no_proxy: tuple[str, ...] = ()) -> LinkPlan:
     """The plan for ``profile`` with any number overridden (None = the profile's)."""
     defaults = PROFILES.get(profile)
     if defaults is None:
@@ -131,6 +133,7 @@ def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_time
         reconnect_initial=initial,
         reconnect_max=maximum,
         proxy=proxy,
+        no_proxy=tuple(no_proxy),
     )
 
 
@@ -145,4 +148,5 @@ def plan_from_settings(settings) -> LinkPlan:
         reconnect_initial=getattr(settings, "reconnect_initial", None),
         reconnect_max=getattr(settings, "reconnect_max", None),
         proxy=getattr(settings, "proxy", None),
+        no_proxy=tuple(getattr(settings, "no_proxy", ())),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -15,6 +16,9 @@ from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import STABLE_AFTER, Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
+from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
+from agent.tunnel.proxy import proxy_for
+from agent.tunnel.relays import RelayRotation, valid_relay_list
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class TunnelStats:
     bound: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     dials: dict[str, int] = field(default_factory=dict)
+    link: str | None = None
 
     def as_json(self) -> dict:
         return {**self.__dict__, "updated": time.time()}
@@ -47,13 +52,17 @@ class TunnelSupervisor:
     """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
 
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
-                 write_status=None, backoff: Backoff | None = None) -> None:
+                 write_status=None, backoff: Backoff | None = None, save_relays=None) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
-        self.relays = list(relays)
+        self.rotation = RelayRotation(relays)
         self.credentials = credentials
         self.options = options
         self.backoff = backoff or Backoff()
+        #: called with the controller's relay list when it changes (persisted for the next start)
+        self._save_relays = save_relays
+        #: relay hosts reached without ``options.proxy``
+        self.no_proxy: tuple[str, ...] = ()
         self.stats = TunnelStats()
         self.session: AgentSession | None = None
         self.connected = asyncio.Event()
@@ -61,6 +70,10 @@ class TunnelSupervisor:
         self._stop = asyncio.Event()
         self._base_in = 0
         self._base_out = 0
+
+    @property
+    def relays(self) -> list[str]:
+        return list(self.rotation.relays)
 
     def current_session(self) -> AgentSession | None:
         return self.session if self.session is not None and not self.session.conn.closed else None
@@ -88,28 +101,32 @@ class TunnelSupervisor:
         from agent.identity.trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
-        index = 0
-        async with aiohttp.ClientSession() as http:
+        # The environment's proxy variables are read at the edge (the CLI), never here.
+        async with aiohttp.ClientSession(trust_env=False) as http:
             while not self._stop.is_set():
-                relay = self.relays[index % len(self.relays)]
+                relay = self.rotation.current()
                 self.stats.state = "connecting"
                 self.stats.relay = relay
-                started = time.monotonic()
+                options = dataclasses.replace(self.options, proxy=proxy_for(relay, self.options.proxy, self.no_proxy))
                 try:
-                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, self.options)
+                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, options)
                 except (TrustError, TunnelRefused) as exc:
                     self.stats.last_error = str(exc)
                     log.error("%s", exc)
+                    self.rotation.connect_failed()
                 except OutpostError as exc:
                     self.stats.last_error = str(exc)
                     log.warning("%s", exc)
+                    self.rotation.connect_failed()
                 else:
+                    self._adopt_relays(session, relay)
+                    up_since = time.monotonic()
                     await self._serve(session, task)
+                    if time.monotonic() - up_since >= STABLE_AFTER:
+                        self.backoff.reset()
+                    self.rotation.tunnel_dropped()
                 if self._stop.is_set():
                     break
-                if time.monotonic() - started >= STABLE_AFTER:
-                    self.backoff.reset()
-                index += 1
                 self.stats.reconnects += 1
                 self.stats.state = "waiting"
                 self._report()
@@ -121,6 +138,17 @@ class TunnelSupervisor:
                     pass
         self.stats.state = "stopped"
         self._report()
+
+    def _adopt_relays(self, session: AgentSession, connected: str) -> None:
+        """Take the relay list the controller sent in AUTH_OK, and keep it for the next start."""
+        relays = valid_relay_list(session.relay_info.get("relays"))
+        if relays is None:
+            return
+        if self.rotation.refresh(relays, connected) and self._save_relays is not None:
+            try:
+                self._save_relays(relays)
+            except OSError as exc:
+                log.warning("cannot store the relay list: %s", exc)
 
     async def _serve(self, session: AgentSession, task: asyncio.Task) -> None:
         self.session = session
@@ -148,6 +176,16 @@ class TunnelSupervisor:
             log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
                         ", by the relay" if remote else "")
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
+
+
+def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None) -> TunnelOptions:
+    """The tunnel options a link plan asks for."""
+    return TunnelOptions(limits=plan.limits, liveness=plan.liveness, binds=dict(binds or {}), proxy=plan.proxy)
+
+
+def backoff_for(plan: LinkPlan) -> Backoff:
+    """Reconnect delays within the plan's bounds (full jitter)."""
+    return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max)
 
 
 async def feed_watchdog(interval: float) -> None:
@@ -197,8 +235,14 @@ def run(config) -> int:
     keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
-    options = TunnelOptions(binds={b.service: (b.target_host, b.target_port) for b in config.binds})
-    supervisor = TunnelSupervisor(identity.relays, credentials, options, write_status=state.write_status)
+    plan = plan_from_settings(config.link)
+    options = options_for(plan, binds={b.service: (b.target_host, b.target_port) for b in config.binds})
+    # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
+    relays = state.load_relays() or identity.relays
+    supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
+                                  backoff=backoff_for(plan), save_relays=state.save_relays)
+    supervisor.stats.link = plan.profile
+    supervisor.no_proxy = plan.no_proxy
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
     try:
         asyncio.run(serve_agent(supervisor, dials))

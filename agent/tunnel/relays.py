@@ -1,0 +1,62 @@
+"""Which relay to try next: the failover decision, with no I/O.
+
+The controller names its relays at enrollment and again in every AUTH_OK.
+A relay that cannot be reached is left for the next one in the list; a tunnel
+that was up and then dropped is retried on the same relay first, since a drop
+is far more often the path (a NAT, a handover) than the relay.
+"""
+
+from __future__ import annotations
+
+# A relay list is a handful of addresses; more is a broken or hostile answer.
+MAX_RELAYS = 16
+# A relay address is a URL; longer is not one.
+MAX_RELAY_URL = 2048
+
+
+def valid_relay_list(value: object) -> list[str] | None:
+    """The relay URLs in an AUTH_OK ``relays`` field, or None when it is absent or malformed."""
+    if not isinstance(value, list) or not value or len(value) > MAX_RELAYS:
+        return None
+    relays: list[str] = []
+    for url in value:
+        if not isinstance(url, str) or len(url) > MAX_RELAY_URL or not url.startswith(("wss://", "ws://")):
+            return None
+        if url not in relays:
+            relays.append(url)
+    return relays
+
+
+class RelayRotation:
+    """The ordered relay list and the one to try next."""
+
+    def __init__(self, relays: list[str]) -> None:
+        if not relays:
+            raise ValueError("at least one relay is needed")
+        self.relays = list(dict.fromkeys(relays))
+        self.index = 0
+
+    def current(self) -> str:
+        return self.relays[self.index % len(self.relays)]
+
+    def connect_failed(self) -> str:
+        """The relay could not be reached or refused the upgrade: move on to the next one."""
+        self.index = (self.index + 1) % len(self.relays)
+        return self.current()
+
+    def tunnel_dropped(self) -> str:
+        """An established tunnel ended: try the same relay again first."""
+        return self.current()
+
+    def refresh(self, relays: list[str], connected: str) -> bool:
+        """Adopt the controller's list, keeping the relay we reached at the front.
+
+        The address we reached may be an alias of one in the list (a load
+        balancer, a path through a proxy): it stays first because it works.
+        Returns whether the list changed.
+        """
+        updated = [connected] + [r for r in relays if r != connected]
+        changed = updated != self.relays
+        self.relays = updated
+        self.index = 0
+        return changed
