@@ -48,8 +48,9 @@ MAX_TIME_RESPONSE = 4096
 #: tolerance, agent.enrollment.field.CLOCK_TOLERANCE, is the same).
 CLOCK_WARN_SECONDS = 30.0
 CLOCK_FAIL_SECONDS = 300.0
-#: The agent renews well before expiry; a day left means renewal is not happening.
-CERT_WARN_SECONDS = 24 * 3600.0
+#: The agent renews well before expiry (by about half the lifetime); with
+#: less than this fraction left, renewal is not happening.
+CERT_WARN_FRACTION = 0.25
 DEFAULT_HTTPS_PORT = 443
 # OpenSSL verify codes for a certificate outside its validity period.
 _X509_V_ERR_CERT_NOT_YET_VALID = 9
@@ -94,7 +95,8 @@ def exit_code(checks: list[Check]) -> int:
 
 
 def format_text(checks: list[Check]) -> str:
-    return "\n".join(f"{c.status:<5} {c.name:<14} {c.message}" for c in checks)
+    width = max((len(c.name) for c in checks), default=0)
+    return "\n".join(f"{c.status:<5} {c.name:<{width}}  {c.message}" for c in checks)
 
 
 def format_json(checks: list[Check]) -> str:
@@ -183,7 +185,7 @@ def check_certificate(identity: EnrolledIdentity | None, now: float) -> Check:
         return Check("certificate", FAIL, f"the certificate expired on {_utc(not_after)}; an expired certificate cannot "
                                           "be renewed (if the clock is right): ask central ops for a new token, stop "
                                           "outpost-agent, remove the state directory and place the token")
-    if not_after - now < CERT_WARN_SECONDS:
+    if not_after - now < CERT_WARN_FRACTION * (not_after - not_before):
         return Check("certificate", WARN, f"the certificate expires on {_utc(not_after)}; the agent renews it while "
                                           "connected, so check the connection checks below")
     return Check("certificate", OK, f"the certificate is valid until {_utc(not_after)}")
