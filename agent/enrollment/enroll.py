@@ -35,12 +35,16 @@ from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import EnrolledIdentity, StateDir
+from agent.clock.measure import refresh_clock
+from agent.clock.trusted import TrustedClock
 from agent.identity.trust import (
     cert_not_after,
+    check_peer_dates,
     describe_network_error,
     fetch_pinned_ca,
-    pinned_ssl_context,
+    pinned_ssl_context_for_clock,
     read_bounded,
+    served_ssl_object,
     trust_error_for,
     verify_leaf_issued_by,
 )
@@ -62,9 +66,10 @@ def enroll(
     state_dir: Path,
     keystore_settings: KeyStoreSettings,
     now: float | None = None,
+    clock: TrustedClock | None = None,
 ) -> EnrolledIdentity:
     """Enroll this gateway from a token file (blocking; see ``enroll_async``)."""
-    return asyncio.run(enroll_async(token_path, state_dir, keystore_settings, now))
+    return asyncio.run(enroll_async(token_path, state_dir, keystore_settings, now, clock))
 
 
 async def enroll_async(
@@ -72,11 +77,14 @@ async def enroll_async(
     state_dir: Path,
     keystore_settings: KeyStoreSettings,
     now: float | None = None,
+    clock: TrustedClock | None = None,
 ) -> EnrolledIdentity:
     """Enroll this gateway from a token file and store the identity atomically.
 
-    ``now`` is the trusted time (unix seconds) used to judge the token's
-    expiry; without it the local clock is used. Raises TokenError, TrustError,
+    ``clock`` is measured against NTP and the controller (once the CA is
+    pinned) and judges the token's expiry and the controller's certificate;
+    ``now`` (unix seconds) overrides it; with neither, the local clock is used.
+    A clock that cannot be trusted at all raises ClockError. Raises TokenError, TrustError,
     EnrollmentError, ControllerUnreachable or a KeyStoreError; on any failure
     the state directory is left not enrolled and the key is kept for a retry.
     """
@@ -85,16 +93,19 @@ async def enroll_async(
     text = read_token_file(Path(token_path))
     token = parse_unverified(text)
     ca_cert = await fetch_pinned_ca(token.controller_url, token.ca)
-    trusted_now = time.time() if now is None else now
-    verify_token(text, ca_cert, trusted_now)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    if clock is not None and now is None:
+        await refresh_clock(clock, token.controller_url, ca_pem)
+    trusted_now = now if now is not None else clock.now() if clock is not None else time.time()
+    time_measured = now is not None or (clock is not None and clock.measured)
+    verify_token(text, ca_cert, trusted_now)
 
     ensure_private_dir(state.path)
     keystore = open_keystore(state.path, keystore_settings)
     try:
         public_key = _device_public_key(keystore)
         csr = build_csr(keystore, token.sub)
-        answer = await _redeem(token, csr, ca_pem)
+        answer = await _redeem(token, csr, ca_pem, trusted_now, time_measured)
         identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted_now)
         state.save_enrollment(identity)
     finally:
@@ -130,13 +141,22 @@ def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
         return keystore.public_key()
 
 
-async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, ca_pem: str) -> dict[str, Any]:
+async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, ca_pem: str,
+                  now: float, time_measured: bool) -> dict[str, Any]:
     url = token.controller_url + "/v1/enroll"
     body = {"token": token.text, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
     timeout = aiohttp.ClientTimeout(total=ENROLL_TIMEOUT)
+    who = f"the controller at {token.controller_url}"
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(url, json=body, ssl=pinned_ssl_context(ca_pem)) as response:
+        # Dates are judged by trusted time, not by OpenSSL's reading of a possibly wrong clock, and
+        # before the token is sent: a small request first, then the token on the same connection.
+        connector = aiohttp.TCPConnector(ssl=pinned_ssl_context_for_clock(ca_pem), limit=1)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            async with session.get(token.controller_url + "/v1/ca") as response:
+                check_peer_dates(served_ssl_object(response), ca_pem, now, who, time_measured)
+                await read_bounded(response, MAX_ENROLL_RESPONSE, url)
+            async with session.post(url, json=body) as response:
+                check_peer_dates(served_ssl_object(response), ca_pem, now, who, time_measured)
                 raw = await read_bounded(response, MAX_ENROLL_RESPONSE, url)
                 status = response.status
     except aiohttp.ClientConnectorCertificateError as error:

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import os
 import ssl
+import time
 
 import aiohttp
 from cryptography import x509
@@ -20,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import ControllerUnreachable, EnrollmentError, TrustError
+from agent.errors import ClockError, ControllerUnreachable, EnrollmentError, TrustError
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
 #: and still bounds what an unverified peer can make us read.
@@ -32,6 +33,14 @@ FINGERPRINT_PREFIX = "sha256:"
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
 _X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+# OpenSSL verify codes for a certificate outside its validity period.
+_X509_V_ERR_CERT_NOT_YET_VALID = 9
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
+#: OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h, OpenSSL 1.1.0 and later);
+#: Python's ssl module has no name for it. It skips only the comparison of
+#: validity dates with the system clock; chain, signatures and host name are
+#: still verified, and the dates are then checked against trusted time.
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 
 def ca_fingerprint(cert: x509.Certificate) -> str:
@@ -66,6 +75,84 @@ def pinned_ssl_context(ca_pem: str) -> ssl.SSLContext:
     return context
 
 
+def pinned_ssl_context_for_clock(ca_pem: str) -> ssl.SSLContext:
+    """``pinned_ssl_context`` whose OpenSSL check does not read the system clock.
+
+    For a gateway whose clock may read 1970: OpenSSL still verifies the chain
+    to the pinned CA, every signature and the host name, but the caller MUST
+    call ``check_peer_dates`` right after the handshake, with trusted time.
+    """
+    context = pinned_ssl_context(ca_pem)
+    context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    return context
+
+
+def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, who: str) -> x509.Certificate:
+    """The leaf certificate the peer presented in this TLS session."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise TrustError(f"{who} presented no certificate; check the address")
+    return x509.load_der_x509_certificate(der)
+
+
+def served_ssl_object(response: aiohttp.ClientResponse) -> ssl.SSLObject | None:
+    """The TLS session an HTTP answer came over (for ``check_peer_dates``).
+
+    aiohttp hands a small, fully read answer back with its connection already
+    released, so ``response.connection`` is often None; the protocol it was
+    read from stays on the response (aiohttp 3.8 to 3.14, covered by tests).
+    """
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if transport is None:
+        protocol = getattr(response, "_protocol", None)
+        transport = getattr(protocol, "transport", None)
+    return transport.get_extra_info("ssl_object") if transport is not None else None
+
+
+def check_peer_dates(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, ca_pem: str, now: float, who: str,
+                     time_measured: bool) -> x509.Certificate:
+    """Check the validity dates of the peer's leaf and of the pinned CA at trusted ``now``.
+
+    The other half of ``pinned_ssl_context_for_clock``. ``time_measured`` says
+    whether ``now`` came from NTP or the controller (then a failure is the
+    peer's: TrustError) or only from the local clock (then the clock is the
+    likely culprit: ClockError). Returns the leaf.
+    """
+    leaf = peer_certificate(ssl_object, who)
+    ca_cert = x509.load_pem_x509_certificate(ca_pem.encode())
+    for cert, what in ((leaf, f"{who} presented a certificate"), (ca_cert, "the pinned controller CA is")):
+        check_dates(cert, now, what, time_measured)
+    return leaf
+
+
+def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bool) -> None:
+    """Raise TrustError or ClockError (see ``check_peer_dates``) unless ``cert`` is valid at ``now``."""
+    not_before, not_after = cert_not_before(cert), cert_not_after(cert)
+    if not_before.timestamp() <= now <= not_after.timestamp():
+        return
+    span = f"valid from {_utc(not_before.timestamp())} to {_utc(not_after.timestamp())}"
+    if not time_measured:
+        raise ClockError(
+            f"{what} {span}, but this gateway's clock reads {_utc(now)}; the clock is probably wrong and "
+            "could not be checked (no NTP server answered and the controller's time was not available); "
+            "set the clock or allow NTP (UDP port 123), then try again"
+        )
+    state = "not yet valid" if now < not_before.timestamp() else "expired"
+    raise TrustError(
+        f"{what} {span}: {state} at the checked time {_utc(now)}; "
+        "ask central ops to renew the controller's certificates"
+    )
+
+
+def _utc(timestamp: float) -> str:
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"unix time {timestamp:.0f}"
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def verify_leaf_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     """True when ``cert`` names ``ca_cert`` as issuer and carries its valid signature."""
     if cert.issuer != ca_cert.subject:
@@ -91,6 +178,11 @@ def trust_error_for(error: BaseException, url: str) -> TrustError:
         return TrustError(
             f"the controller at {url} presented a certificate for another host name or address; "
             "check the address in the token or the controller's --listen name"
+        )
+    if code in (_X509_V_ERR_CERT_NOT_YET_VALID, _X509_V_ERR_CERT_HAS_EXPIRED):
+        return TrustError(
+            f"the controller at {url} presented a certificate that is not valid by this gateway's clock "
+            f"(it reads {_utc(time.time())}); the clock is probably wrong: set it or allow NTP, then try again"
         )
     return TrustError(
         f"the controller at {url} presented a certificate not issued by the CA pinned from your token; "

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 
-from agent.errors import ControllerUnreachable, TrustError, TunnelRefused
+from agent.errors import ControllerUnreachable, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
+from agent.identity.trust import X509_V_FLAG_NO_CHECK_TIME, check_peer_dates, pinned_ssl_context_for_clock
 from agent.tunnel.auth import peer_certificate_digest
 from agent.tunnel.protocol import (
     PROTOCOL_VERSION,
@@ -26,6 +28,9 @@ from agent.tunnel.protocol import (
     auth_message,
 )
 from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, TunnelSession, splice_socket
+
+if TYPE_CHECKING:
+    from agent.clock.trusted import TrustedClock
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class TunnelOptions:
     #: service name -> (host, port) on the gateway
     binds: dict[str, tuple[str, int]] = field(default_factory=dict)
     proxy: str | None = None
+    #: Trusted time (agent.clock.trusted.TrustedClock); when set, the relay's
+    #: certificate dates are judged by it instead of the system clock.
+    clock: "TrustedClock | None" = None
 
 
 class AgentSession(TunnelSession):
@@ -129,8 +137,12 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     """Connect and authenticate; returns the session and the task running it.
 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
-    (network), TunnelRefused (the relay said no, with its reason).
+    (network), TunnelRefused (the relay said no, with its reason), ClockError
+    (the relay's certificate is not valid by a clock that could not be checked).
     """
+    if options.clock is not None and not ssl_context.verify_flags & X509_V_FLAG_NO_CHECK_TIME:
+        # Trusted time judges the dates, so OpenSSL must not judge them by the system clock.
+        ssl_context = pinned_ssl_context_for_clock(credentials.ca_pem)
     try:
         ws = await asyncio.wait_for(
             http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
@@ -151,7 +163,16 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: {exc or 'timed out'}") from None
 
-    digest = peer_certificate_digest(ws.get_extra_info("ssl_object"))
+    ssl_object = ws.get_extra_info("ssl_object")
+    if options.clock is not None or ssl_context.verify_flags & X509_V_FLAG_NO_CHECK_TIME:
+        clock = options.clock
+        try:
+            check_peer_dates(ssl_object, credentials.ca_pem, clock.now() if clock else time.time(),
+                             f"the relay at {relay_url}", bool(clock and clock.measured))
+        except OutpostError:
+            await ws.close()
+            raise
+    digest = peer_certificate_digest(ssl_object)
     loop = asyncio.get_running_loop()
     conn = Connection(Role.AGENT, loop.time(), limits=options.limits, liveness=options.liveness)
     session = AgentSession(conn, ws, relay_url, credentials, digest, options)

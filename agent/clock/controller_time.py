@@ -1,0 +1,117 @@
+"""The controller's time, over TLS pinned to the controller's CA.
+
+Bootstrapping a clock that may read 1970: the connection is verified against
+the pinned CA with OpenSSL's date check off (our clock cannot judge dates
+yet), and the controller's answer is then checked against the certificate it
+was served with. A time outside that certificate's validity, or before the
+CA existed, cannot be right, so the agent refuses it and says why instead of
+adopting it. Within those bounds the time is as trustworthy as the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Callable
+
+import aiohttp
+from cryptography import x509
+
+from agent.clock.trusted import OffsetSample, format_utc
+from agent.errors import ClockError, ControllerUnreachable
+from agent.identity.trust import (
+    cert_not_after,
+    cert_not_before,
+    describe_network_error,
+    peer_certificate,
+    pinned_ssl_context_for_clock,
+    served_ssl_object,
+    trust_error_for,
+)
+
+#: Two small requests; a controller slower than this gives an offset too
+#: uncertain to be worth waiting for.
+CONTROLLER_TIME_TIMEOUT = 10.0
+#: ``{"time": 1795386097.123}`` is 30 bytes; 1 KiB bounds a hostile answer.
+MAX_TIME_RESPONSE = 1024
+#: The first request pays for TCP and TLS set-up, which skews its midpoint;
+#: the second reuses the connection, so its round trip is one request long.
+TIME_REQUESTS = 2
+
+
+async def fetch_controller_time(controller_url: str, ca_pem: str,
+                                local: Callable[[], float] = time.time) -> OffsetSample:
+    """Measure the local clock's offset from the controller's (``GET /v1/time``).
+
+    Raises ClockError when the controller's time cannot be trusted (says why),
+    TrustError when the controller is not certified by the pinned CA, and
+    ControllerUnreachable on network failures.
+    """
+    url = controller_url.rstrip("/") + "/v1/time"
+    ca_cert = x509.load_pem_x509_certificate(ca_pem.encode())
+    connector = aiohttp.TCPConnector(ssl=pinned_ssl_context_for_clock(ca_pem), limit=1)
+    timeout = aiohttp.ClientTimeout(total=CONTROLLER_TIME_TIMEOUT)
+    samples: list[OffsetSample] = []
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            for _ in range(TIME_REQUESTS):
+                started = local()
+                async with http.get(url) as response:
+                    served = peer_certificate(served_ssl_object(response), f"the controller at {controller_url}")
+                    status = response.status
+                    body = await response.content.read(MAX_TIME_RESPONSE + 1)
+                finished = local()
+                if status != 200 or len(body) > MAX_TIME_RESPONSE:
+                    raise ControllerUnreachable(
+                        f"the controller at {url} did not answer with its time (HTTP {status}); "
+                        "is it an older version? try again later"
+                    )
+                reported = parse_time(body, url)
+                check_reported_time(reported, served, ca_cert, controller_url)
+                midpoint = (started + finished) / 2
+                samples.append(OffsetSample(source="controller", offset=reported - midpoint,
+                                            delay=max(0.0, finished - started), local_time=midpoint,
+                                            origin=controller_url))
+    except aiohttp.ClientConnectorCertificateError as error:
+        raise trust_error_for(error, controller_url) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        raise ControllerUnreachable(
+            f"could not ask the controller at {url} for its time ({describe_network_error(error)})"
+        ) from None
+    return min(samples, key=lambda s: s.delay)
+
+
+def parse_time(body: bytes, url: str) -> float:
+    """The ``time`` of a ``/v1/time`` answer, or ClockError."""
+    try:
+        value = json.loads(body)["time"]
+    except (ValueError, KeyError, TypeError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ClockError(f"the controller at {url} answered with something that is not a time; "
+                         "is the address right?")
+    return float(value)
+
+
+def check_reported_time(reported: float, served: x509.Certificate, ca_cert: x509.Certificate, url: str) -> None:
+    """Refuse a controller time its own certificates prove wrong (ClockError saying why)."""
+    ca_from, ca_until = cert_not_before(ca_cert).timestamp(), cert_not_after(ca_cert).timestamp()
+    if reported < ca_from:
+        raise ClockError(
+            f"the controller at {url} reports {format_utc(reported)}, before its own CA was created "
+            f"({format_utc(ca_from)}); refusing to trust that time — check the controller's clock"
+        )
+    if reported > ca_until:
+        raise ClockError(
+            f"the controller at {url} reports {format_utc(reported)}, after its own CA expired "
+            f"({format_utc(ca_until)}); refusing to trust that time — check the controller's clock"
+        )
+    served_from, served_until = cert_not_before(served).timestamp(), cert_not_after(served).timestamp()
+    if not served_from <= reported <= served_until:
+        raise ClockError(
+            f"the controller at {url} reports {format_utc(reported)}, outside the validity of its own TLS "
+            f"certificate ({format_utc(served_from)} to {format_utc(served_until)}); refusing to trust that "
+            "time — check the controller's clock"
+        )

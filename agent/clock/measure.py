@@ -1,0 +1,57 @@
+"""Measure the clock (NTP and the controller at once) and adopt the result.
+
+The thin asyncio glue around the pure rule in agent.clock.trusted.combine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+from agent.clock.controller_time import fetch_controller_time
+from agent.clock.ntp import query_servers
+from agent.clock.trusted import ClockEstimate, NOTABLE_OFFSET, OffsetSample, TrustedClock, combine
+from agent.errors import ClockError, OutpostError
+
+log = logging.getLogger(__name__)
+
+
+async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
+                        ca_pem: str | None = None) -> ClockEstimate:
+    """Measure now, adopt what the trust rules pick, and return it.
+
+    Raises ClockError when the controller's time is provably wrong and no NTP
+    server answered: then nothing can be trusted, and the clock keeps what it
+    had. A controller that cannot be reached is not an error here (the local
+    clock, or the last measurement, stays in use and says so).
+    """
+    settings = clock.settings
+    ntp_query = query_servers(settings.ntp_servers, settings.ntp_timeout)
+    ntp, controller = await asyncio.gather(ntp_query, _controller_sample(clock, controller_url, ca_pem))
+    if isinstance(controller, ClockError):
+        if ntp is None:
+            raise controller
+        estimate = replace(combine(ntp, None), note=str(controller))
+    else:
+        estimate = combine(ntp, controller)
+    clock.adopt(estimate)
+    sentence = clock.report()
+    if clock.source == "local" or abs(clock.offset) >= NOTABLE_OFFSET or estimate.note:
+        log.warning("%s", sentence)
+    else:
+        log.info("%s", sentence)
+    return estimate
+
+
+async def _controller_sample(clock: TrustedClock, controller_url: str | None,
+                             ca_pem: str | None) -> OffsetSample | ClockError | None:
+    if not controller_url or not ca_pem:
+        return None
+    try:
+        return await fetch_controller_time(controller_url, ca_pem, clock.local_now)
+    except ClockError as error:
+        return error
+    except OutpostError as error:
+        log.info("the controller's time is not available: %s", error)
+        return None
