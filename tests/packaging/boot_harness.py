@@ -61,7 +61,7 @@ DEBS_IN_CONTAINER = "/root/outpost-debs"
 REPORT_UNIT = "outpost-test-report.service"
 REPORT_SCRIPT = "/usr/local/lib/outpost-test/report"
 UNITS_REPORTED = ("outpost-agent", "outpost-controller")
-SHOW_PROPERTIES = "ActiveState,SubState,Result,ExecMainStatus,ConditionResult,NRestarts"
+SHOW_PROPERTIES = "ActiveState,SubState,Result,ExecMainStatus,ConditionResult,NRestarts,StatusText"
 
 
 class HarnessError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
 STATE = "var/lib/outpost-agent"
-# The agent's RestartSec is 10 s: a refused token needs one restart to go quiet.
+# The agent refuses a malformed token within a second of its start.
 SETTLE_SECONDS = 40
+# Longer than a couple of the agent's 5 s polls for a new token file.
+REFUSED_WATCH_SECONDS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_apt_installs_both_packages_with_debians_python_libraries(installed_rootfs: Path) -> None:
@@ -41,19 +50,38 @@ def test_apt_installs_both_packages_with_debians_python_libraries(installed_root
     assert "/var/lib/outpost-agent 700 outpost-agent:outpost-agent" in lines
     assert "/var/lib/outpost-controller 700 outpost-controller:outpost-controller" in lines
     assert "tss-group" in lines
-    # The agent is enabled (its conditions keep it idle); the controller waits for its operator.
+    # The agent is enabled (it waits for a token); the controller waits for its operator.
     assert lines[lines.index("tss-group") + 1: lines.index("tss-group") + 3] == ["enabled", "disabled"]
     assert "agent-launcher-ok" in lines and "outpostctl-launcher-ok" in lines
     assert int(lines[-1]) > 0, "py3compile did not byte-compile the agent"
 
 
-def test_unenrolled_gateway_boots_clean_with_the_agent_idle(gateway_rootfs: Path, tmp_path: Path) -> None:
-    report = boot(gateway_rootfs, tmp_path / "shared")
+def test_unenrolled_gateway_boots_clean_with_the_agent_waiting_and_the_controller_ready(
+    gateway_rootfs: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    # Only loopback: the container shares the host's network.
+    (gateway_rootfs / "etc/default/outpost-controller").write_text(
+        f'OUTPOST_CONTROLLER_ARGS="--listen 127.0.0.1:{port}"\n'
+    )
+    # "systemctl start" returns once the Type=notify unit reported READY=1.
+    probe = """
+        timeout 60 systemctl start outpost-controller
+        ls /var/lib/outpost-controller/data > /run/outpost-test/controller-data
+    """
+    report = boot(gateway_rootfs, tmp_path / "shared", probe)
     assert not report.timed_out and report.returncode == 0, report.diagnosis()
     assert report.text("is-system-running").strip() == "running", report.diagnosis()
     agent = report.show("outpost-agent")
-    assert agent["ActiveState"] == "inactive" and agent["ConditionResult"] == "no", report.diagnosis()
-    assert report.show("outpost-controller")["ActiveState"] == "inactive"
+    assert (agent["ActiveState"], agent["SubState"]) == ("active", "running"), report.diagnosis()
+    assert agent["StatusText"] == (
+        "waiting for enrollment: no token file in /var/lib/outpost-agent/enroll.token, /etc/outpost/enroll.token, "
+        "/boot/firmware/outpost-enroll.token; copy the token file from central ops to one of them"
+    ), report.diagnosis()
+    controller = report.show("outpost-controller")
+    assert (controller["ActiveState"], controller["SubState"]) == ("active", "running"), report.diagnosis()
+    assert controller["StatusText"] == f"serving on port {port}"
+    assert "outpostctl.toml" in report.text("controller-data"), report.diagnosis()
     assert report.text("failed").strip() == ""
 
 
@@ -93,29 +121,32 @@ def test_agent_sandbox_runs_debians_python_stack_and_reports_ready(gateway_rootf
                for entry in journal), report.diagnosis()
 
 
-def test_refused_boot_token_is_taken_set_aside_and_the_agent_goes_quiet(gateway_rootfs: Path, tmp_path: Path) -> None:
+def test_a_refused_boot_token_stays_the_agent_says_why_and_waits_without_restarting(
+    gateway_rootfs: Path, tmp_path: Path
+) -> None:
     firmware = gateway_rootfs / "boot/firmware"
     firmware.mkdir(parents=True, exist_ok=True)
     (firmware / "outpost-enroll.token").write_text("this.is-not.a-token\n")
     probe = f"""
         i=0
-        while [ $i -lt {SETTLE_SECONDS} ]; do
-            if [ -e /{STATE}/enroll.token.rejected ] && [ "$(systemctl show -P ActiveState outpost-agent)" = inactive ]; then
-                break
-            fi
-            sleep 1; i=$((i + 1))
-        done
-        stat -c '%n %a %U' /{STATE}/enroll.token.rejected > /run/outpost-test/rejected || true
+        until [ -e /{STATE}/enroll-refused.json ] || [ $i -ge {SETTLE_SECONDS} ]; do sleep 1; i=$((i + 1)); done
+        # Several of the agent's polls, to show it does not try the same file again.
+        sleep {REFUSED_WATCH_SECONDS}
+        stat -c '%n %a %U' /{STATE}/enroll.token > /run/outpost-test/kept || true
         ls -A /boot/firmware /{STATE} > /run/outpost-test/listing
         journalctl -b -u outpost-agent --no-pager -o cat > /run/outpost-test/agent-log
     """
     report = boot(gateway_rootfs, tmp_path / "shared", probe)
     assert not report.timed_out, report.diagnosis()
-    assert report.text("rejected").strip() == f"/{STATE}/enroll.token.rejected 600 outpost-agent", report.diagnosis()
+    sentence = "the token file is not an Outpost enrollment token; check the file or ask central ops for a new one"
+    agent = report.show("outpost-agent")
+    assert (agent["ActiveState"], agent["SubState"]) == ("active", "running"), report.diagnosis()
+    assert agent["StatusText"] == f"waiting for enrollment: {sentence}", report.diagnosis()
+    assert agent["NRestarts"] == "0", report.diagnosis()
+    assert report.text("kept").strip() == f"/{STATE}/enroll.token 600 outpost-agent", report.diagnosis()
     listing = report.text("listing")
     assert "outpost-enroll.token" not in listing and "identity.json" not in listing, listing
     log = report.text("agent-log")
     assert "outpost-agent: moved the enrollment token" in log, log
-    assert "was refused and set aside" in log, log
-    agent = report.show("outpost-agent")
-    assert agent["ActiveState"] == "inactive" and agent["ConditionResult"] == "no", report.diagnosis()
+    refusals = [line for line in log.splitlines() if line.startswith("could not enroll from")]
+    assert refusals == [f"could not enroll from /{STATE}/enroll.token: {sentence}"], log
