@@ -43,6 +43,11 @@ class TunnelStats:
     refused: dict[str, str] = field(default_factory=dict)
     dials: dict[str, int] = field(default_factory=dict)
     link: str | None = None
+    #: why the last tunnel ended (kept after a reconnect, unlike last_error)
+    last_drop: str | None = None
+    #: Unix seconds: when the current certificate expires, when the agent renews it next.
+    cert_not_after: float | None = None
+    next_renewal: float | None = None
 
     def as_json(self) -> dict:
         return {**self.__dict__, "updated": time.time()}
@@ -173,6 +178,7 @@ class TunnelSupervisor:
             self.session = None
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
+            self.stats.last_drop = self.stats.last_error
             log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
                         ", by the relay" if remote else "")
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
@@ -195,9 +201,10 @@ async def feed_watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener]) -> None:
-    """Run the supervisor and the dial listeners until a stop signal."""
+async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None) -> None:
+    """Run the supervisor, the dial listeners and the certificate keeper until a stop signal."""
     loop = asyncio.get_running_loop()
+    renewing = loop.create_task(keeper.run()) if keeper is not None else None
     interval = service_manager.watchdog_interval()
     watchdog = loop.create_task(feed_watchdog(interval)) if interval else None
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -215,6 +222,8 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener]) -
         service_manager.notify_stopping()
         if watchdog is not None:
             watchdog.cancel()
+        if renewing is not None:
+            renewing.cancel()
         for dial in dials:
             await dial.close()
 
@@ -233,6 +242,11 @@ def run(config) -> int:
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
+    from agent.identity.renewal import keeper_for_tunnel, recover_at_start
+
+    # A gateway offline past its certificate's expiry recovers before its first tunnel.
+    if asyncio.run(recover_at_start(state, keystore)):
+        identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
     plan = plan_from_settings(config.link)
@@ -244,8 +258,9 @@ def run(config) -> int:
     supervisor.stats.link = plan.profile
     supervisor.no_proxy = plan.no_proxy
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats)
     try:
-        asyncio.run(serve_agent(supervisor, dials))
+        asyncio.run(serve_agent(supervisor, dials, keeper))
     finally:
         keystore.close()
     return 0

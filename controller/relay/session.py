@@ -31,6 +31,22 @@ NONCE_BYTES = 32
 # mapping open); it forgets a tunnel that sent nothing for this long, well
 # above the longest keepalive interval a link profile uses.
 RELAY_LIVENESS = Liveness(keepalive_interval=None, idle_timeout=1800.0)
+# Once the agent says how often it pings, the relay forgets its tunnel after
+# this many keepalive intervals of silence: two lost PINGs are tolerated, and a
+# gateway whose carrier NAT black-holed the tunnel is dropped in minutes
+# (freeing its binds) instead of half an hour.
+RELAY_IDLE_KEEPALIVES = 3
+# Never sooner than this: a test's seconds-long keepalive must not make a
+# relay drop tunnels over a short stall.
+RELAY_IDLE_MIN = 10.0
+
+
+def relay_liveness_for(keepalive: object) -> Liveness:
+    """The relay's timers for an agent announcing ``keepalive`` seconds in AUTH (anything else: the default)."""
+    if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or not keepalive > 0:
+        return RELAY_LIVENESS
+    idle = min(RELAY_LIVENESS.idle_timeout, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
+    return Liveness(keepalive_interval=None, idle_timeout=idle)
 # A dial waits this long for the binder gateway to connect its local service.
 BINDER_ACCEPT_TIMEOUT = 20.0
 
@@ -60,6 +76,7 @@ class RelaySession(TunnelSession):
             self.conn.close(refused.code, refused.reason)
             return
         self.identity = identity
+        self.conn.set_liveness(relay_liveness_for(event.info.get("keepalive")))
         self.relay.register(self)
         self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote)
         self.conn.accept_auth({
@@ -134,11 +151,11 @@ class RelaySession(TunnelSession):
 
 async def _pump(source: StreamChannel, sink: StreamChannel) -> None:
     while True:
-        data = await source.read()
-        if not data:
+        chunks = await source.read_chunks()
+        if not chunks:
             await sink.end()
             return
-        await sink.write(data)
+        await sink.write_chunks(chunks)  # the backlog leaves as one message
 
 
 async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:

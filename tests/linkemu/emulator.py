@@ -295,6 +295,16 @@ class LinkEmulator:
             if task is not None:
                 self._tasks.discard(task)
 
+    def blackhole_all(self) -> int:
+        """Silently drop every live mapping now (a carrier NAT restart); returns how many."""
+        links = [link for link in self.connections if not link.blackholed]
+        for link in links:
+            link.blackholed = True
+            self.stats.blackholed += 1
+            link.up.has_data.set()
+            link.down.has_data.set()
+        return len(links)
+
     def reset_all(self) -> int:
         """RST every live connection (a relay restart, seen from the path); returns how many."""
         links = list(self.connections)

@@ -261,6 +261,11 @@ class Connection(Receiver):
             self._queue_frame(FrameType.WINDOW, 0, stream_id, U32.pack(increment))
 
     # -- liveness ---------------------------------------------------------------
+    def set_liveness(self, liveness: Liveness) -> None:
+        """Adopt new timers from now on (the relay learns the agent's keepalive at AUTH)."""
+        self.liveness = liveness
+        self._clock.settings = liveness
+
     def ping(self, now: float) -> None:
         """Send a PING now, unless one is already in flight."""
         self._require_ready()

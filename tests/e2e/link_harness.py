@@ -1,0 +1,156 @@
+"""A real controller-plus-relay in-process, gateways behind the link emulator, and a dialer.
+
+Everything runs in one asyncio loop on 127.0.0.1: the controller (real TLS,
+real relay), TunnelSupervisors (the agent's own reconnect logic) whose path to
+the relay goes through a ``LinkEmulator``, an echo service, and an operator
+tunnel that dials it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import aiohttp
+from cryptography.hazmat.primitives import serialization
+
+from agent.identity.csr import build_csr
+from agent.identity.ephemeral import EphemeralKeyStore
+from agent.identity.trust import pinned_ssl_context
+from agent.tunnel.backoff import Backoff
+from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
+from agent.tunnel.link_profiles import LinkPlan
+from agent.tunnel.runner import TunnelSupervisor, options_for
+from agent.tunnel.session import StreamChannel
+from tests.controller.harness import Running
+from tests.linkemu.emulator import LinkEmulator
+from tests.linkemu.profiles import LinkProfile
+
+ECHO_SERVICE = "echo"
+
+
+async def enrolled(ctl: Running, name: str, roles: list[str]) -> TunnelCredentials:
+    """A freshly enrolled identity with its key in memory."""
+    created = await ctl.create_identity(name, roles)
+    keystore = EphemeralKeyStore()
+    keystore.create()
+    csr = build_csr(keystore, name).public_bytes(serialization.Encoding.PEM).decode()
+    status, body = await ctl.call("POST", "/v1/enroll", {"token": created["token"], "csr": csr}, admin=False)
+    assert status == 200, body
+    return TunnelCredentials(uri=body["identity"], chain_pem=[body["certificate"]], ca_pem=body["ca"],
+                             keystore=keystore)
+
+
+async def allow_echo(ctl: Running) -> None:
+    """Gateways may bind ``echo``; operators may dial it."""
+    for path, body in (
+        ("/api/v1/services", {"name": ECHO_SERVICE, "roles": ["plc"]}),
+        ("/api/v1/policies", {"kind": "bind", "identities": ["role:gateway"], "services": [ECHO_SERVICE]}),
+        ("/api/v1/policies", {"kind": "dial", "identities": ["role:operator"], "services": ["role:plc"]}),
+    ):
+        status, answer = await ctl.call("POST", path, body)
+        assert status == 201, answer
+
+
+def relay_port(ctl: Running) -> int:
+    return int(ctl.url.rsplit(":", 1)[1])
+
+
+def relay_url(port: int) -> str:
+    return f"wss://127.0.0.1:{port}/v1/tunnel"
+
+
+@contextlib.asynccontextmanager
+async def echo_service() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+@dataclass
+class Gateway:
+    supervisor: TunnelSupervisor
+    task: asyncio.Task
+
+    async def wait_connected(self, timeout: float) -> float:
+        """Seconds until the tunnel is up (raises on timeout)."""
+        started = time.monotonic()
+        await asyncio.wait_for(self.supervisor.connected.wait(), timeout)
+        return time.monotonic() - started
+
+    async def stop(self) -> None:
+        self.supervisor.stop()
+        await asyncio.wait_for(self.task, 10)
+
+
+@contextlib.asynccontextmanager
+async def gateway(credentials: TunnelCredentials, relays: list[str], plan: LinkPlan,
+                  binds: dict[str, tuple[str, int]] | None = None, seed: int = 0,
+                  saved: list | None = None) -> AsyncIterator[Gateway]:
+    """A TunnelSupervisor running the agent's reconnect loop with ``plan``'s timers."""
+    backoff = Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, rng=random.Random(seed))
+    supervisor = TunnelSupervisor(relays, credentials, options_for(plan, binds), backoff=backoff,
+                                  save_relays=None if saved is None else saved.append)
+    task = asyncio.get_running_loop().create_task(supervisor.run())
+    gw = Gateway(supervisor, task)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@contextlib.asynccontextmanager
+async def emulated(port: int, profile: LinkProfile) -> AsyncIterator[LinkEmulator]:
+    async with LinkEmulator("127.0.0.1", port, profile) as emu:
+        yield emu
+
+
+@contextlib.asynccontextmanager
+async def operator_tunnel(ctl: Running, credentials: TunnelCredentials):
+    """A direct (unemulated) tunnel from which streams are dialled."""
+    async with aiohttp.ClientSession() as http:
+        session, task = await open_tunnel(http, relay_url(relay_port(ctl)), credentials,
+                                          pinned_ssl_context(credentials.ca_pem), TunnelOptions())
+        try:
+            yield session
+        finally:
+            await session.close()
+            await task
+
+
+async def echo_once(channel: StreamChannel, payload: bytes, timeout: float) -> bytes:
+    """Write ``payload`` on an open stream and read the same number of bytes back."""
+    await asyncio.wait_for(channel.write(payload), timeout)
+    received = b""
+    while len(received) < len(payload):
+        chunk = await asyncio.wait_for(channel.read(), timeout)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+async def dial_echo(operator, payload: bytes, timeout: float) -> bytes:
+    """A fresh stream to ``echo``: one round trip, then end it."""
+    channel = operator.open_stream(ECHO_SERVICE)
+    await asyncio.wait_for(channel.wait_accepted(), timeout)
+    try:
+        return await echo_once(channel, payload, timeout)
+    finally:
+        channel.reset()
