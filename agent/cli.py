@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--keystore", choices=BACKENDS, help="where the device key lives (default auto)")
     enroll.add_argument("--config", type=Path, metavar="FILE", help="agent config file for state_dir and [keystore]")
 
+    renew = commands.add_parser("renew", help="renew (or recover an expired) certificate now with the enrolled key")
+    renew.add_argument("--state", type=Path, metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
+    renew.add_argument("--config", type=Path, metavar="FILE", help="agent config file for state_dir and [keystore]")
+
     run = commands.add_parser("run", help="keep the tunnel up and serve binds and dials")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
                      help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
@@ -70,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_enroll(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "renew":
+            return cmd_renew(args)
         if args.command == "doctor":
             from agent.doctor import main as doctor
 
@@ -95,6 +101,26 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
         f"key in {identity.key_backend}"
     )
+    return 0
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.identity.renewal import renew_certificate
+    from agent.identity.select import open_keystore
+
+    config = load_config(args.config) if args.config else AgentConfig()
+    state = StateDir(args.state or config.state_dir)
+    state.load()  # not enrolled: say so before touching the key store
+    keystore = open_keystore(state.path, config.keystore)
+    try:
+        cert = asyncio.run(renew_certificate(state, keystore, time.time))
+    finally:
+        keystore.close()
+    from agent.identity.trust import cert_not_after
+
+    print(f"certificate renewed; valid until {_utc(cert_not_after(cert))}")
     return 0
 
 

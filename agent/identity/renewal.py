@@ -1,0 +1,357 @@
+"""Keeping the certificate fresh: when to renew (pure), how to renew (one request), and the loop.
+
+``RenewalSchedule`` decides on numbers alone: the first attempt at about two
+thirds of the certificate's life, jittered so a fleet enrolled together does
+not renew together; retries after a failure with exponential backoff and full
+jitter, capped so several attempts fit before expiry, never later than expiry
+minus a margin. ``renew_certificate`` is one ``POST /v1/renew`` over TLS
+pinned to the enrollment CA; the same request recovers a certificate that
+already expired (the controller decides which within its grace period).
+``CertificateKeeper`` loops: sleep until due, renew, store atomically, hand
+the new certificate to new tunnels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.errors import (
+    EXIT_IDENTITY_LOST,
+    ControllerUnreachable,
+    EnrollmentError,
+    OutpostError,
+    TrustError,
+)
+from agent.identity.csr import build_csr
+from agent.identity.keystore import KeyStore
+from agent.identity.state import EnrolledIdentity, StateDir
+from agent.identity.trust import (
+    cert_not_after,
+    cert_not_before,
+    describe_network_error,
+    pinned_ssl_context,
+    read_bounded,
+    trust_error_for,
+    verify_leaf_issued_by,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+#: Renew at two thirds of the lifetime: a 24 h certificate renews after 16 h,
+#: leaving 8 h for a link that is down when the first attempt comes.
+RENEW_AT_FRACTION = 2 / 3
+#: ± this fraction of the lifetime around the renewal point (± 2.4 h for 24 h),
+#: so a fleet enrolled in one morning spreads its renewals over hours.
+RENEW_JITTER_FRACTION = 0.10
+#: No attempt is planned later than expiry minus this fraction of the lifetime
+#: (72 min for 24 h): the last tries still happen while the certificate works.
+EXPIRY_MARGIN_FRACTION = 0.05
+#: ... and never less than this, for short lifetimes: one slow satellite
+#: request with TLS fits in a minute.
+MIN_EXPIRY_MARGIN_SECONDS = 60.0
+#: The first retry waits up to this; each failure doubles the ceiling.
+RETRY_BASE_SECONDS = 10.0
+#: No retry waits longer than an hour, so a link that comes back is used soon.
+MAX_RETRY_SECONDS = 3600.0
+#: Retries before expiry are capped so at least this many still fit before
+#: the margin, however long the backoff has grown.
+MIN_ATTEMPTS_BEFORE_EXPIRY = 4
+#: Full jitter can draw zero; a floor keeps a failing controller from being hammered.
+MIN_RETRY_SECONDS = 1.0
+#: The keeper sleeps at most this long at a time and looks at the clock again:
+#: a corrected (trusted) clock moves "now" and the plan must follow it.
+MAX_SLEEP_SECONDS = 60.0
+#: One request that signs a certificate; slower than this, the controller is overloaded.
+RENEW_TIMEOUT = 30.0
+#: Certificate, CA and relay list fit in a few KiB; 64 KiB bounds a hostile answer.
+MAX_RENEW_RESPONSE = 64 * 1024
+#: A controller's sentence is one line; longer is cut so logs stay readable.
+MAX_CONTROLLER_MESSAGE = 300
+#: Controller codes that mean "this key gets no certificate" (a retry soon cannot help).
+REFUSAL_CODES = frozenset(
+    {"renewal_unknown_key", "recovery_expired", "identity_revoked", "identity_disabled", "renewal_not_enrolled"}
+)
+
+
+class RenewalRefused(OutpostError):
+    """The controller will not certify this gateway's key: revoked, disabled, or offline too long."""
+
+    exit_code = EXIT_IDENTITY_LOST
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RenewalSchedule:
+    """When to renew one certificate; unix seconds in, unix seconds out."""
+
+    not_before: float
+    not_after: float
+
+    @classmethod
+    def for_certificate(cls, cert: x509.Certificate) -> "RenewalSchedule":
+        return cls(cert_not_before(cert).timestamp(), cert_not_after(cert).timestamp())
+
+    @property
+    def lifetime(self) -> float:
+        return max(0.0, self.not_after - self.not_before)
+
+    @property
+    def latest(self) -> float:
+        """No attempt is planned after this while the certificate is still valid."""
+        margin = max(MIN_EXPIRY_MARGIN_SECONDS, self.lifetime * EXPIRY_MARGIN_FRACTION)
+        return max(self.not_before, self.not_after - margin)
+
+    def first_attempt(self, rng: random.Random) -> float:
+        """About two thirds into the lifetime, ± the jitter, never past ``latest``."""
+        fraction = RENEW_AT_FRACTION + rng.uniform(-RENEW_JITTER_FRACTION, RENEW_JITTER_FRACTION)
+        return min(self.not_before + self.lifetime * fraction, self.latest)
+
+    def retry_at(self, now: float, failures: int, rng: random.Random) -> float:
+        """When to try again after ``failures`` (>= 1) failed attempts in a row."""
+        ceiling = min(MAX_RETRY_SECONDS, RETRY_BASE_SECONDS * 2 ** min(max(failures - 1, 0), 30))
+        if now < self.latest:
+            # Keep several attempts before the margin, however far the backoff grew.
+            ceiling = min(ceiling, (self.latest - now) / MIN_ATTEMPTS_BEFORE_EXPIRY)
+        elif now < self.not_after:
+            # Inside the margin: the last minutes of a valid certificate are worth trying often.
+            ceiling = min(ceiling, (self.not_after - now) / MIN_ATTEMPTS_BEFORE_EXPIRY)
+        # After expiry (recovery) the plain backoff applies.
+        return now + max(MIN_RETRY_SECONDS, rng.uniform(0.0, ceiling))
+
+    def expired(self, now: float) -> bool:
+        return now >= self.not_after
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _uri_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore) -> dict[str, Any]:
+    """``POST /v1/renew`` with a CSR signed in the key store; the controller's answer, or an error."""
+    url = identity.controller_url.rstrip("/") + "/v1/renew"
+    csr = build_csr(keystore, identity.name)
+    body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    timeout = aiohttp.ClientTimeout(total=RENEW_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            async with session.post(url, json=body, ssl=pinned_ssl_context(identity.ca_pem)) as response:
+                raw = await read_bounded(response, MAX_RENEW_RESPONSE, url)
+                status = response.status
+    except aiohttp.ClientConnectorCertificateError as error:
+        raise trust_error_for(error, identity.controller_url) from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        raise ControllerUnreachable(
+            f"could not reach the controller at {url} to renew the certificate ({describe_network_error(error)}); "
+            "the agent retries on its own"
+        ) from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if status != 200:
+        raise _refusal(status, answer, url)
+    if not isinstance(answer, dict):
+        raise EnrollmentError(f"the controller at {url} answered with something that is not a certificate; try again later")
+    return answer
+
+
+def _refusal(status: int, answer: Any, url: str) -> OutpostError:
+    code = answer.get("error") if isinstance(answer, dict) else None
+    message = answer.get("message") if isinstance(answer, dict) else None
+    if isinstance(message, str) and message.strip():
+        sentence = " ".join(message.split())[:MAX_CONTROLLER_MESSAGE]
+    elif status >= 500:
+        sentence = f"the controller at {url} failed (HTTP {status}); the agent retries on its own"
+    else:
+        sentence = f"the controller at {url} refused the renewal (HTTP {status}); ask central ops"
+    if code in REFUSAL_CODES:
+        return RenewalRefused(sentence, str(code))
+    if status >= 500:
+        return ControllerUnreachable(sentence)
+    return EnrollmentError(sentence)
+
+
+def accept_certificate(answer: dict[str, Any], identity: EnrolledIdentity, keystore: KeyStore,
+                       now: float) -> x509.Certificate:
+    """The answer's certificate, if it is the pinned CA's, for our key and identity, and valid now."""
+    url = identity.controller_url
+    pem = answer.get("certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode()) if isinstance(pem, str) else None
+    except ValueError:
+        cert = None
+    if cert is None:
+        raise EnrollmentError(f"the controller at {url} did not return a certificate; the agent retries on its own")
+    if not verify_leaf_issued_by(cert, identity.ca_certificate()):
+        raise TrustError(f"the controller at {url} returned a certificate not issued by the pinned CA; ask central ops")
+    if _spki(cert.public_key()) != _spki(keystore.public_key()):
+        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; the agent retries")
+    if identity.uri not in _uri_names(cert):
+        raise EnrollmentError(f"the controller at {url} returned a certificate for another identity than {identity.uri}")
+    if cert_not_after(cert).timestamp() <= now:
+        raise EnrollmentError(
+            f"the controller at {url} returned a certificate that has already expired by this gateway's clock; "
+            "check the clock"
+        )
+    return cert
+
+
+async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = time.time) -> x509.Certificate:
+    """Renew (or recover) now and store the result; the old certificate stays until the new is durable."""
+    identity = state.load()
+    answer = await request_certificate(identity, keystore)
+    cert = accept_certificate(answer, identity, keystore, clock())
+    state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
+    return cert
+
+
+StatusHook = Callable[[float, float, "str | None"], None]
+
+
+class CertificateKeeper:
+    """Renews the stored certificate on schedule until cancelled.
+
+    ``on_renewed(cert_pem)`` is called after the new certificate is stored
+    (the runner puts it into the live TunnelCredentials, so the next tunnel
+    presents it while current tunnels and their streams carry on);
+    ``on_status(cert_not_after, next_renewal, last_error)`` after every plan.
+    """
+
+    def __init__(self, state: StateDir, keystore: KeyStore, *, clock: Clock = time.time,
+                 rng: random.Random | None = None, on_renewed: Callable[[str], None] | None = None,
+                 on_status: StatusHook | None = None) -> None:
+        self.state = state
+        self.keystore = keystore
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._on_renewed = on_renewed
+        self._on_status = on_status
+        self.next_renewal: float | None = None
+        self.cert_not_after: float | None = None
+        self.last_error: str | None = None
+        self.renewals = 0
+
+    def _plan(self, due: float, schedule: RenewalSchedule) -> None:
+        self.next_renewal = due
+        self.cert_not_after = schedule.not_after
+        if self._on_status is not None:
+            self._on_status(schedule.not_after, due, self.last_error)
+
+    async def renew_now(self) -> x509.Certificate:
+        """One attempt; on success the new certificate is stored and handed on."""
+        cert = await renew_certificate(self.state, self.keystore, self.clock)
+        self.renewals += 1
+        self.last_error = None
+        if self._on_renewed is not None:
+            self._on_renewed(cert.public_bytes(serialization.Encoding.PEM).decode())
+        log.info("certificate renewed; valid until %s", cert_not_after(cert).isoformat())
+        return cert
+
+    async def run(self) -> None:
+        """Sleep until due, renew, repeat; failures back off and retry (see RenewalSchedule)."""
+        schedule = RenewalSchedule.for_certificate(self.state.load().certificate())
+        due = schedule.first_attempt(self.rng)
+        failures = 0
+        while True:
+            self._plan(due, schedule)
+            await self._sleep_until(due)
+            try:
+                cert = await self.renew_now()
+            except OutpostError as error:
+                failures += 1
+                self.last_error = str(error)
+                # A refusal is logged loudly but still retried slowly: ops may enable the identity again.
+                level = logging.ERROR if isinstance(error, (RenewalRefused, TrustError)) else logging.WARNING
+                log.log(level, "certificate renewal failed: %s", error)
+                due = schedule.retry_at(self.clock(), failures, self.rng)
+                continue
+            failures = 0
+            schedule = RenewalSchedule.for_certificate(cert)
+            due = schedule.first_attempt(self.rng)
+
+    async def _sleep_until(self, due: float) -> None:
+        while True:
+            remaining = due - self.clock()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, MAX_SLEEP_SECONDS))
+
+
+async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock = time.time) -> bool:
+    """At start: an expired certificate is recovered before any tunnel is tried.
+
+    Returns True when a recovery happened. A refusal (revoked, disabled, past
+    the grace period) raises RenewalRefused; an unreachable controller raises
+    ControllerUnreachable, and the caller retries.
+    """
+    schedule = RenewalSchedule.for_certificate(state.load().certificate())
+    if not schedule.expired(clock()):
+        return False
+    log.warning("the certificate expired; recovering it with the enrolled key")
+    await renew_certificate(state, keystore, clock)
+    return True
+
+
+#: At start, an unreachable controller blocks recovery; retry up to this long
+#: between tries (the tunnel could not authenticate with an expired certificate anyway).
+START_RECOVERY_MAX_WAIT = 300.0
+
+
+async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = time.time,
+                           rng: random.Random | None = None) -> bool:
+    """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
+
+    RenewalRefused (revoked, disabled, past the grace period) and TrustError
+    end it: only central ops can change those.
+    """
+    rng = rng or random.Random()
+    failures = 0
+    while True:
+        try:
+            return await recover_if_expired(state, keystore, clock)
+        except (RenewalRefused, TrustError):
+            raise
+        except OutpostError as error:
+            failures += 1
+            ceiling = min(START_RECOVERY_MAX_WAIT, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 30))
+            delay = max(MIN_RETRY_SECONDS, rng.uniform(0.0, ceiling))
+            log.warning("certificate recovery failed (%s); retrying in %.0f s", error, delay)
+            await asyncio.sleep(delay)
+
+
+def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, stats: Any,
+                      clock: Clock = time.time) -> CertificateKeeper:
+    """A keeper wired to a running agent: renewed certificates go to ``credentials.chain_pem``
+    (used by the next tunnel's AUTH), and ``stats.cert_not_after``/``stats.next_renewal`` to status."""
+
+    def renewed(cert_pem: str) -> None:
+        credentials.chain_pem = [cert_pem]
+
+    def status(not_after: float, next_renewal: float, last_error: str | None) -> None:
+        stats.cert_not_after = not_after
+        stats.next_renewal = next_renewal
+
+    return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status)
