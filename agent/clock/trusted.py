@@ -174,15 +174,13 @@ def format_duration(seconds: float) -> str:
     seconds = abs(seconds)
     if seconds < 60:
         return f"{seconds:.1f} seconds"
-    whole = int(seconds)
     units = ((_YEAR, "year"), (86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
-    for index, (size, name) in enumerate(units[:-1]):
-        if whole >= size:
-            big, rest = divmod(whole, size)
-            small_size, small_name = units[index + 1]
-            small = rest // small_size
+    for (size, name), (small_size, small_name) in zip(units, units[1:]):
+        if seconds >= size - small_size / 2:
+            # Round to the smaller unit first, so 364 days 23.99 hours reads "1 year 0 days".
+            big, small = divmod(round(seconds / small_size), size // small_size)
             return f"{_plural(big, name)} {_plural(small, small_name)}"
-    return _plural(whole, "second")
+    return _plural(round(seconds), "second")
 
 
 def _plural(count: int, name: str) -> str:
