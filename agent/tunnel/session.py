@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import logging
 from typing import Any
 
@@ -46,7 +47,9 @@ WS_MESSAGE_MAX = 512 * 1024
 WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
 # How long closing the WebSocket may take before the transport is dropped.
 CLOSE_TIMEOUT = 2.0
-# Read size from local TCP sockets feeding a stream: one DATA frame's worth.
+# Read size from local TCP sockets feeding a stream: what asyncio's socket
+# transport receives at once, so a busy connection's backlog leaves in one
+# WebSocket message (the core cuts it into DATA frames).
 SOCKET_READ_SIZE = 64 * 1024
 
 
@@ -110,17 +113,35 @@ class StreamChannel:
         Flow-control credit for the previous chunk is returned here, when the
         caller comes back for more: by then it has written that chunk onward.
         """
+        await self._wait_readable()
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft()
+        self._owed += len(data)
+        return data
+
+    async def read_chunks(self) -> list[bytes]:
+        """Every chunk received so far (at least one); [] at end of stream. Raises StreamClosed on reset.
+
+        Taking the whole backlog at once lets the caller pass it on in one
+        write; credit for it is returned on the next call, as with ``read``.
+        """
+        await self._wait_readable()
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        for chunk in chunks:
+            self._owed += len(chunk)
+        return chunks
+
+    async def _wait_readable(self) -> None:
         self._acknowledge()
         while not self._chunks:
             if self.error is not None:
                 raise self.error
             if self.eof:
-                return b""
+                return
             self._readable.clear()
             await self._readable.wait()
-        data = self._chunks.popleft()
-        self._owed += len(data)
-        return data
 
     def _acknowledge(self) -> None:
         if self._owed and self.error is None:
@@ -130,21 +151,43 @@ class StreamChannel:
 
     async def write(self, data: bytes) -> None:
         """Send ``data``, waiting for window credit as needed."""
+        await self.write_chunks((data,))
+
+    async def write_chunks(self, chunks: "collections.abc.Iterable[bytes]") -> None:
+        """Send ``chunks`` in order, waiting for window credit as needed.
+
+        Everything the window allows goes into one flush, so a backlog leaves
+        as one WebSocket message instead of one per chunk (each message costs
+        a TLS record and a system call per hop).
+        """
         conn = self.session.conn
-        view = memoryview(data)
-        while view:
-            if self.error is not None:
-                raise self.error
-            window = conn.send_window(self.stream_id) if not conn.closed else 0
-            if conn.closed:
-                raise StreamClosed(ErrorCode.CANCEL, "the tunnel closed")
-            if window <= 0:
-                self._writable.clear()
-                await self._writable.wait()
-                continue
-            chunk = view[:window]
-            conn.send_data(self.stream_id, bytes(chunk))
-            view = view[len(chunk):]
+        stream_id = self.stream_id
+        queued = False
+        for data in chunks:
+            size = len(data)
+            sent = 0
+            while sent < size:
+                if self.error is not None:
+                    raise self.error
+                if conn.closed:
+                    raise StreamClosed(ErrorCode.CANCEL, "the tunnel closed")
+                window = conn.send_window(stream_id)
+                if window <= 0:
+                    if queued:
+                        queued = False
+                        await self.session.flush()
+                    self._writable.clear()
+                    await self._writable.wait()
+                    continue
+                if sent == 0 and size <= window:
+                    conn.send_data(stream_id, data)  # whole: no copy
+                    sent = size
+                else:
+                    piece = memoryview(data)[sent:sent + window]
+                    conn.send_data(stream_id, piece)
+                    sent += len(piece)
+                queued = True
+        if queued:
             await self.session.flush()
 
     async def end(self) -> None:
@@ -333,8 +376,12 @@ class TunnelSession:
             if not data:
                 return
             try:
-                for start in range(0, len(data), WS_MESSAGE_MAX):
-                    await self.ws.send_bytes(data[start:start + WS_MESSAGE_MAX])
+                if len(data) <= WS_MESSAGE_MAX:
+                    await self.ws.send_bytes(data)
+                else:
+                    view = memoryview(data)
+                    for start in range(0, len(data), WS_MESSAGE_MAX):
+                        await self.ws.send_bytes(view[start:start + WS_MESSAGE_MAX])
             except (ConnectionError, RuntimeError) as exc:
                 self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
                 return
@@ -393,12 +440,12 @@ async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamCha
 async def pump_stream_to_socket(channel: StreamChannel, writer: asyncio.StreamWriter) -> None:
     """Copy a stream's bytes into a local socket until the stream ends."""
     while True:
-        data = await channel.read()
-        if not data:
+        chunks = await channel.read_chunks()
+        if not chunks:
             if writer.can_write_eof():
                 writer.write_eof()
             return
-        writer.write(data)
+        writer.writelines(chunks)  # one system call for the backlog
         await writer.drain()
 
 
