@@ -1,0 +1,41 @@
+"""Failover order: the next relay after a failed connect, the same relay after a dropped tunnel."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.tunnel.relays import MAX_RELAYS, RelayRotation, valid_relay_list
+
+A, B, C = "wss://a.example/v1/tunnel", "wss://b.example/v1/tunnel", "wss://c.example/v1/tunnel"
+
+
+def test_a_failed_connect_moves_to_the_next_relay_and_wraps() -> None:
+    rotation = RelayRotation([A, B, C])
+    assert rotation.current() == A
+    assert [rotation.connect_failed() for _ in range(4)] == [B, C, A, B]
+
+
+def test_a_dropped_tunnel_retries_the_same_relay() -> None:
+    rotation = RelayRotation([A, B])
+    rotation.connect_failed()
+    assert rotation.tunnel_dropped() == B
+
+
+def test_the_controllers_list_is_adopted_with_the_working_relay_first() -> None:
+    rotation = RelayRotation(["wss://127.0.0.1:9/v1/tunnel"])
+    assert rotation.refresh([A, B], connected="wss://127.0.0.1:9/v1/tunnel")
+    assert rotation.relays == ["wss://127.0.0.1:9/v1/tunnel", A, B]
+    assert not rotation.refresh([A, B], connected="wss://127.0.0.1:9/v1/tunnel")
+    rotation2 = RelayRotation([B])
+    rotation2.refresh([A, B, C], connected=B)
+    assert rotation2.relays == [B, A, C] and rotation2.current() == B
+
+
+@pytest.mark.parametrize("value", [None, "wss://a", [], [1], ["https://a"], ["wss://" + "a" * 3000],
+                                   [A] * (MAX_RELAYS + 1)])
+def test_a_malformed_relay_list_is_ignored(value) -> None:
+    assert valid_relay_list(value) is None
+
+
+def test_a_relay_list_is_deduplicated() -> None:
+    assert valid_relay_list([A, B, A]) == [A, B]
