@@ -102,14 +102,21 @@ def test_run_with_a_bad_config_is_one_line_naming_the_file(tmp_path: Path):
     )
 
 
-def test_run_on_a_gateway_not_enrolled_stops_with_the_enroll_hint(tmp_path: Path):
+def test_run_on_a_gateway_not_enrolled_waits_for_a_token_file_and_stops_cleanly(tmp_path: Path):
+    import sys
+
+    from tests.e2e.harness import Process
+
+    token = tmp_path / "enroll.token"
     config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n')
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
+                      f'[enrollment]\ntoken_paths = ["{token}"]\n')
 
-    result = run_cli("run", "--config", config)
+    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+    agent.wait_for_line(f"waiting for enrollment: no token file in {token}; copy the token file from central ops")
 
-    assert result.returncode == 75
-    assert "outpost-agent enroll --token FILE" in one_line_error(result)
+    assert agent.stop() == 0
+    assert not StateDir(tmp_path / "state").is_enrolled()
 
 
 @pytest.mark.parametrize("args", [
