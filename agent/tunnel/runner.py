@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from agent import service_manager
+from agent.clock.measure import keep_clock, measure_once
+from agent.clock.trusted import TrustedClock
 from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import STABLE_AFTER, Backoff
@@ -48,6 +50,11 @@ class TunnelStats:
     #: Unix seconds: when the current certificate expires, when the agent renews it next.
     cert_not_after: float | None = None
     next_renewal: float | None = None
+    #: Seconds to add to the local clock for trusted time, where that came from
+    #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
+    clock_offset_s: float | None = None
+    clock_source: str | None = None
+    clock_problem: str | None = None
 
     def as_json(self) -> dict:
         return {**self.__dict__, "updated": time.time()}
@@ -201,10 +208,12 @@ async def feed_watchdog(interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None) -> None:
-    """Run the supervisor, the dial listeners and the certificate keeper until a stop signal."""
+async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None,
+                      clock_keeper=None) -> None:
+    """Run the supervisor, the dial listeners and the certificate and clock keepers until a stop signal."""
     loop = asyncio.get_running_loop()
     renewing = loop.create_task(keeper.run()) if keeper is not None else None
+    timekeeping = loop.create_task(clock_keeper) if clock_keeper is not None else None
     interval = service_manager.watchdog_interval()
     watchdog = loop.create_task(feed_watchdog(interval)) if interval else None
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -224,8 +233,17 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], k
             watchdog.cancel()
         if renewing is not None:
             renewing.cancel()
+        if timekeeping is not None:
+            timekeeping.cancel()
         for dial in dials:
             await dial.close()
+
+
+def note_clock(stats: TunnelStats, clock: TrustedClock, problem: str | None) -> None:
+    """Put the clock's offset, source and problem into the status."""
+    stats.clock_offset_s = round(clock.offset, 3)
+    stats.clock_source = clock.source
+    stats.clock_problem = problem
 
 
 def run(config) -> int:
@@ -244,8 +262,11 @@ def run(config) -> int:
     keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
     from agent.identity.renewal import keeper_for_tunnel, recover_at_start
 
+    # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time.
+    clock = TrustedClock(config.clock)
+    clock_problem = asyncio.run(measure_once(clock, identity.controller_url, identity.ca_pem))
     # A gateway offline past its certificate's expiry recovers before its first tunnel.
-    if asyncio.run(recover_at_start(state, keystore)):
+    if asyncio.run(recover_at_start(state, keystore, clock.now)):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -257,10 +278,14 @@ def run(config) -> int:
                                   backoff=backoff_for(plan), save_relays=state.save_relays)
     supervisor.stats.link = plan.profile
     supervisor.no_proxy = plan.no_proxy
+    supervisor.options.clock = clock
+    note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock.now)
+    clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
+                              lambda c, problem: note_clock(supervisor.stats, c, problem))
     try:
-        asyncio.run(serve_agent(supervisor, dials, keeper))
+        asyncio.run(serve_agent(supervisor, dials, keeper, clock_keeper))
     finally:
         keystore.close()
     return 0
