@@ -1,0 +1,76 @@
+"""The status watcher: a change made through one store connection reaches another process's listeners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from controller.audit import AuditLog
+from controller.registry import Identity, Registry
+from controller.store import Store
+from controller.watcher import MAX_CHANGES_PER_POLL, StatusWatcher
+
+
+def two_processes(path: Path) -> tuple[Registry, Registry, Store]:
+    """Two registries on two connections to one store file, as two controller processes hold them."""
+    store_a, store_b = Store(path), Store(path)
+    registry_a = Registry(store_a, AuditLog(store_a), "outpost.test")
+    registry_b = Registry(store_b, AuditLog(store_b), "outpost.test")
+    return registry_a, registry_b, store_b
+
+
+def test_a_revocation_through_another_connection_reaches_this_process_on_the_next_poll(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+        registry_a.create_identity_in(db, "default", "other", ())
+    heard_b: list[Identity] = []
+    registry_b.on_revoked(heard_b.append)
+    watcher = StatusWatcher(store_b, registry_b)
+    assert watcher.poll_once() == []
+
+    registry_a.revoke("default", "gw")
+    registry_a.disable("default", "other")
+    assert heard_b == []  # nothing reaches B until it polls
+    announced = watcher.poll_once()
+    assert [(i.name, i.status) for i in announced] == [("gw", "revoked"), ("other", "disabled")]
+    assert heard_b == announced
+    assert watcher.poll_once() == []  # each change once
+
+
+def test_an_identity_enabled_again_before_the_poll_is_not_closed(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+    watcher = StatusWatcher(store_b, registry_b)
+    registry_a.disable("default", "gw")
+    registry_a.enable("default", "gw")
+    assert watcher.poll_once() == []
+
+
+def test_changes_from_before_the_process_started_are_not_replayed(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+    registry_a.revoke("default", "gw")
+    assert StatusWatcher(store_b, registry_b).poll_once() == []
+
+
+def test_a_burst_drains_over_several_polls(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    count = MAX_CHANGES_PER_POLL + 20
+    with registry_a._store.transaction() as db:
+        for i in range(count):
+            registry_a.create_identity_in(db, "default", f"gw-{i}", ())
+    watcher = StatusWatcher(store_b, registry_b)
+    for i in range(count):
+        registry_a.disable("default", f"gw-{i}")
+    assert len(watcher.poll_once()) == MAX_CHANGES_PER_POLL
+    assert len(watcher.poll_once()) == 20
+
+
+def test_the_poll_is_one_indexed_query(tmp_path: Path) -> None:
+    _, _, store_b = two_processes(tmp_path / "store.sqlite3")
+    plan = store_b.query("EXPLAIN QUERY PLAN SELECT seq, tenant, name, status FROM status_changes "
+                         "WHERE seq > ? ORDER BY seq LIMIT ?", (0, 10))
+    detail = " ".join(row["detail"] for row in plan)
+    assert "SEARCH status_changes USING INTEGER PRIMARY KEY" in detail, detail
