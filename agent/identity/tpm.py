@@ -27,15 +27,23 @@ from pathlib import Path
 from typing import Iterator
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_CAP, TPM2_ECC
-from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE
 
 from agent.errors import DeviceKeyLost, KeyStoreError
 from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, fsync_directory
 from agent.identity import tpm_objects as objects
 from agent.identity.keystore import KeyStore
 from agent.identity.tcti import Tcti, parse_tcti
+from agent.identity.tss import (
+    ESAPI,
+    ESYS_TR,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TCTILdr,
+    TSS2_Exception,
+)
 from agent.identity.tpm_errors import (
     Kind,
     classify,

@@ -16,10 +16,8 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from tpm2_pytss import TSS2_Exception
-from tpm2_pytss.constants import TPM2_RC, TSS2_RC
-
 from agent.errors import DeviceKeyLost, KeyStoreBusy, KeyStoreError
+from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception
 
 log = logging.getLogger(__name__)
 

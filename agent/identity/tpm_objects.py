@@ -8,11 +8,16 @@ types are built field by field (no template-string parser differences), and
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_RH, TPM2_ST, TPMA_OBJECT
-from tpm2_pytss.types import (
+
+from agent.identity.tss import (
+    TPM2_ALG,
+    TPM2_ECC,
+    TPM2_RH,
+    TPM2_ST,
     TPM2B_DIGEST,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPMA_OBJECT,
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
     TPMT_SIGNATURE,

@@ -108,8 +108,8 @@ class Swtpm:
 
     def clear(self) -> None:
         """TPM2_Clear through the lockout hierarchy, as ``tpm2_clear`` does: new owner seed."""
-        from tpm2_pytss import ESAPI, TCTILdr
-        from tpm2_pytss.constants import ESYS_TR
+        from agent.identity.tss import ESAPI, TCTILdr
+        from agent.identity.tss import ESYS_TR
 
         with TCTILdr("swtpm", f"host={LOOPBACK},port={self.port}") as tcti:
             with ESAPI(tcti) as esapi:
@@ -123,7 +123,7 @@ class Swtpm:
 
     def esapi(self):  # type: ignore[no-untyped-def]
         """An ESAPI context for test set-up; the caller closes it (and its TCTI)."""
-        from tpm2_pytss import ESAPI
+        from agent.identity.tss import ESAPI
 
         return ESAPI(self.tcti)
 

@@ -11,10 +11,9 @@ import time
 
 import pytest
 
-pytest.importorskip("tpm2_pytss", reason="the TPM backend needs tpm2-pytss")
+pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
-from tpm2_pytss import TSS2_Exception  # noqa: E402
-from tpm2_pytss.constants import TPM2_RC, TSS2_RC  # noqa: E402
+from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception  # noqa: E402
 
 from agent.errors import KeyStoreBusy, KeyStoreError  # noqa: E402
 from agent.identity.tpm_errors import (  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tpm2_pytss", reason="the TPM backend needs tpm2-pytss")
+pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
 from cryptography import x509  # noqa: E402
 from cryptography.exceptions import InvalidSignature  # noqa: E402
@@ -103,8 +103,8 @@ def test_the_key_has_the_field_attributes_and_the_parent_is_rederivable(swtpm, k
 
 
 def test_a_persistent_srk_at_0x81000001_is_used_as_the_parent(swtpm, key_dir: Path) -> None:
-    from tpm2_pytss.constants import ESYS_TR
-    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+    from agent.identity.tss import ESYS_TR
+    from agent.identity.tss import TPM2B_SENSITIVE_CREATE
 
     esapi = swtpm.esapi()
     try:

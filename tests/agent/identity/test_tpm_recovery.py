@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tpm2_pytss", reason="the TPM backend needs tpm2-pytss")
+pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
 from agent.errors import EXIT_IDENTITY_LOST, DeviceKeyLost, KeyStoreBusy, KeyStoreError  # noqa: E402
 from agent.identity.tpm import KEY_FILE, TpmKeyStore  # noqa: E402
@@ -60,8 +60,8 @@ def test_a_replaced_tpm_is_a_lost_identity(swtpm, enrolled: TpmKeyStore, key_dir
 
 
 def test_a_cleared_tpm_with_a_new_persistent_srk_is_a_lost_identity(swtpm, key_dir: Path) -> None:
-    from tpm2_pytss.constants import ESYS_TR
-    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+    from agent.identity.tss import ESYS_TR
+    from agent.identity.tss import TPM2B_SENSITIVE_CREATE
 
     def provision_srk() -> None:
         esapi = swtpm.esapi()
@@ -128,7 +128,7 @@ def test_a_missing_key_file_is_a_lost_identity(enrolled: TpmKeyStore, key_dir: P
 def test_an_owner_password_is_an_authorization_error_answered_at_once_and_not_a_lost_key(
     swtpm, enrolled: TpmKeyStore, key_dir: Path
 ) -> None:
-    from tpm2_pytss.constants import ESYS_TR
+    from agent.identity.tss import ESYS_TR
 
     esapi = swtpm.esapi()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tpm2_pytss", reason="the TPM backend needs tpm2-pytss")
+pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
@@ -25,7 +25,7 @@ TIME_LIMIT = 180.0
 
 
 def transient_handles(swtpm) -> list[int]:
-    from tpm2_pytss.constants import TPM2_CAP, TPM2_HC
+    from agent.identity.tss import TPM2_CAP, TPM2_HC
 
     esapi = swtpm.esapi()
     try:

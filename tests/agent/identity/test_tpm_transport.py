@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tpm2_pytss", reason="the TPM backend needs tpm2-pytss")
+pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
