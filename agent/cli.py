@@ -96,11 +96,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     settings = config.keystore
     if args.keystore:
         settings = dataclasses.replace(settings, backend=args.keystore)
-    identity = enroll(args.token, state_dir, settings, now=time.time())
+    from agent.clock.trusted import NOTABLE_OFFSET, TrustedClock
+
+    # The token's expiry and the controller's certificate are judged by trusted time, not this clock alone.
+    clock = TrustedClock(config.clock)
+    identity = enroll(args.token, state_dir, settings, clock=clock)
     print(
         f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
         f"key in {identity.key_backend}"
     )
+    if clock.measured and (abs(clock.offset) >= NOTABLE_OFFSET or clock.estimate.note):
+        print(clock.report())
     return 0
 
 
@@ -161,6 +167,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def status_report(identity: EnrolledIdentity, live: dict[str, Any] | None, now: float) -> dict[str, Any]:
     """What ``status`` shows, as plain data (the ``--json`` output)."""
     not_after = identity.not_after()
+    offset = live.get("clock_offset_s") if isinstance(live, dict) else None
+    if isinstance(offset, (int, float)) and not isinstance(offset, bool):
+        now += offset  # the agent's trusted time, not this clock alone
     return {
         "identity": identity.uri,
         "name": identity.name,
@@ -171,8 +180,21 @@ def status_report(identity: EnrolledIdentity, live: dict[str, Any] | None, now: 
         "enrolled_at": identity.enrolled_at,
         "cert_not_after": not_after.timestamp(),
         "cert_expired": not_after.timestamp() <= now,
+        "clock": _clock_sentence(live, now - (offset if isinstance(offset, (int, float)) else 0.0)),
         "tunnel": live,
     }
+
+
+def _clock_sentence(live: dict[str, Any] | None, local_now: float) -> str | None:
+    """The plain sentence about the agent's clock from status.json, or None before it measured."""
+    from agent.clock.trusted import describe_offset
+
+    if not isinstance(live, dict) or not isinstance(live.get("clock_source"), str):
+        return None
+    offset = live.get("clock_offset_s")
+    sentence = describe_offset(offset if isinstance(offset, (int, float)) else 0.0, local_now, live["clock_source"])
+    problem = live.get("clock_problem")
+    return f"{sentence}; {problem}" if isinstance(problem, str) and problem else sentence
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -185,6 +207,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"key:         {report['key_backend']}",
         f"certificate: valid until {expiry}" + (" (EXPIRED)" if report["cert_expired"] else ""),
     ]
+    if report.get("clock"):
+        lines.append(f"clock:       {report['clock']}")
     live = report["tunnel"]
     if live is None:
         lines.append("tunnel:      no status yet (is outpost-agent run active?)")
@@ -194,7 +218,8 @@ def format_status(report: dict[str, Any]) -> str:
 
 
 # Keys of status.json (written by agent.tunnel.runner) shown with their own wording.
-_STATUS_SHOWN = {"state", "relay", "connected_since", "rtt_ms", "bytes_in", "bytes_out", "updated"}
+_STATUS_SHOWN = {"state", "relay", "connected_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
+                 "clock_offset_s", "clock_source", "clock_problem"}
 
 
 def _tunnel_lines(live: dict[str, Any]) -> list[str]:

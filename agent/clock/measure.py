@@ -37,11 +37,7 @@ async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
     else:
         estimate = combine(ntp, controller)
     clock.adopt(estimate)
-    sentence = clock.report()
-    if clock.source == "local" or abs(clock.offset) >= NOTABLE_OFFSET or estimate.note:
-        log.warning("%s", sentence)
-    else:
-        log.info("%s", sentence)
+    log.info("%s", clock.report())
     return estimate
 
 
@@ -74,6 +70,9 @@ async def measure_once(clock: TrustedClock, controller_url: str, ca_pem: str) ->
     except ClockError as error:
         log.error("%s", error)
         return str(error)
+    if not clock.measured or abs(clock.offset) >= NOTABLE_OFFSET or estimate.note:
+        # Said once per measurement, so the journal shows when and how far the clock was off.
+        log.warning("%s", clock.report())
     return estimate.note
 
 
