@@ -17,6 +17,7 @@ from agent.tunnel.protocol import (
     Connection,
     ErrorCode,
     Liveness,
+    ProtocolLimits,
     Role,
 )
 from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, StreamClosed, TunnelSession
@@ -47,6 +48,13 @@ def relay_liveness_for(keepalive: object) -> Liveness:
         return RELAY_LIVENESS
     idle = min(RELAY_LIVENESS.idle_timeout, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
     return Liveness(keepalive_interval=None, idle_timeout=idle)
+
+
+# The relay's per-stream receive window, what a gateway can send before credit
+# returns: it must cover the slowest uplink's bandwidth-delay product twice
+# (20 Mbit/s x 600 ms GEO = 1.5 MB; credit returns in half-window batches).
+# The relay is a server with memory to spare; a stream still holds at most this.
+RELAY_LIMITS = ProtocolLimits(initial_window=8 * 1024 * 1024)
 # A dial waits this long for the binder gateway to connect its local service.
 BINDER_ACCEPT_TIMEOUT = 20.0
 
@@ -233,7 +241,7 @@ class Relay:
             await ws.close(message=b"speak outpost.v1")
             return ws
         loop = asyncio.get_running_loop()
-        conn = Connection(Role.RELAY, loop.time(), liveness=RELAY_LIVENESS)
+        conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
         nonce = secrets.token_bytes(NONCE_BYTES)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
