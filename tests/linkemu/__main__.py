@@ -2,8 +2,8 @@
 
     python -m tests.linkemu --target 127.0.0.1:8443 --profile geo [--nat-timeout 600]
 
-Prints ``listening on 127.0.0.1:PORT``; on SIGTERM/SIGINT prints the byte
-counters as one JSON line and exits.
+Prints ``listening on 127.0.0.1:PORT``; prints the byte counters as one JSON
+line on SIGUSR1, and once more on SIGTERM/SIGINT before it exits.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: print(json.dumps(emulator.stats.as_json()), flush=True))
         await stop.wait()
         stats = emulator.stats.as_json()
         await emulator.close()

@@ -1,0 +1,127 @@
+"""Bytes on the wire per idle tunnel per day, for the metered profile behind a carrier NAT.
+
+A real controller-plus-relay and a real agent (``outpost-agent run``, profile
+"metered") whose uplink goes through the link emulator with a NAT timeout.
+The emulator counts TCP payload both ways; nothing but keepalives crosses an
+idle tunnel (the relay never pings; TLS sends nothing on its own).
+
+Two ways to measure:
+
+* scaled (default): the agent pings every ``--scaled-interval`` seconds (NAT
+  timeout scaled alike) for ``--seconds``. A keepalive exchange is the same
+  bytes whatever the interval (one PING frame up, one PONG down, each in one
+  WebSocket message and one TLS record), so bytes/day = measured bytes per
+  exchange x the real plan's exchanges per day. That scaling is exact.
+* real (``--minutes M``): the real plan's interval for M minutes, scaled to a
+  day by 1440 / M.
+
+The baseline side by side is the ethernet profile (25 s keepalive), measured
+the same way in the same run. The last line is one JSON object.
+
+    .venv/bin/python tests/bench/idle_bytes.py [--seconds 40] [--minutes 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.tunnel.link_profiles import plan_for  # noqa: E402
+from tests.bench.link_bench_setup import LinkTunnelPath  # noqa: E402
+
+# Settle time after connecting: the handshake's last bytes (BIND, TLS session
+# tickets) must be through before counting idle bytes.
+SETTLE = 3.0
+# IPv4 + TCP with timestamps: what every segment adds on the wire.
+TCP_IP_HEADER = 52
+# Segments per keepalive exchange on the wire: PING, PONG, and the ACK of the
+# PONG (the PING's ACK rides on the PONG when the relay answers at once).
+SEGMENTS_PER_EXCHANGE = 3
+DAY = 86400.0
+
+
+def run_case(workdir: Path, name: str, link: dict, nat_timeout: float, seconds: float) -> dict:
+    """Idle bytes of one configuration over ``seconds``, per exchange and per second."""
+    path = LinkTunnelPath(workdir / name, "lte-nat", link, {}, dial=False,
+                          emulator_args=("--nat-timeout", str(nat_timeout)))
+    (workdir / name).mkdir()
+    path.start()
+    try:
+        time.sleep(SETTLE)
+        start_counters = _emulator_counters(path)
+        time.sleep(seconds)
+        end_counters = _emulator_counters(path)
+        status = path.binder_status()
+    finally:
+        path.stop()
+    up = end_counters["up_bytes"] - start_counters["up_bytes"]
+    down = end_counters["down_bytes"] - start_counters["down_bytes"]
+    exchanges = end_counters["up_writes"] - start_counters["up_writes"]
+    return {"seconds": seconds, "exchanges": exchanges, "payload_up": up, "payload_down": down,
+            "reconnects": status.get("reconnects", 0), "blackholed": end_counters["blackholed"]}
+
+
+def _emulator_counters(path: LinkTunnelPath) -> dict:
+    """The emulator's counters now (the emulator process prints them on SIGUSR1)."""
+    assert path.emulator is not None
+    return path.emulator.snapshot()
+
+
+def per_day(case: dict, interval: float) -> dict:
+    """Scale a measured case to a day of the given keepalive interval."""
+    exchanges = max(case["exchanges"], 1)
+    payload_per_exchange = (case["payload_up"] + case["payload_down"]) / exchanges
+    exchanges_per_day = DAY / interval
+    payload = payload_per_exchange * exchanges_per_day
+    headers = SEGMENTS_PER_EXCHANGE * TCP_IP_HEADER * exchanges_per_day
+    return {
+        "keepalive_interval_s": interval,
+        "exchanges_per_day": round(exchanges_per_day, 1),
+        "payload_bytes_per_exchange": round(payload_per_exchange, 1),
+        "payload_kb_per_day": round(payload / 1000, 1),
+        "with_tcp_ip_headers_kb_per_day": round((payload + headers) / 1000, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=40.0, help="scaled measurement length (default 40)")
+    parser.add_argument("--scaled-interval", type=float, default=2.0, help="keepalive in the scaled run (default 2 s)")
+    parser.add_argument("--minutes", type=float, help="also measure the real 150 s-NAT plan for this many minutes")
+    args = parser.parse_args(argv)
+    real_600 = plan_for("metered", nat_timeout=600)
+    real_150 = plan_for("metered", nat_timeout=150)
+    ethernet = plan_for("ethernet")
+    scaled = args.scaled_interval
+    report: dict = {"benchmark": "idle_bytes", "method": "scaled", "python": sys.version.split()[0]}
+    with tempfile.TemporaryDirectory(prefix="outpost-idle-") as tmp:
+        workdir = Path(tmp)
+        metered = run_case(workdir, "metered", {"profile": "metered", "keepalive_interval": scaled,
+                                                "nat_timeout": scaled * 1.5}, scaled * 1.5, args.seconds)
+        baseline = run_case(workdir, "ethernet", {"profile": "ethernet", "keepalive_interval": scaled},
+                            scaled * 1.5, args.seconds)
+        report["scaled_runs"] = {"metered": metered, "ethernet_baseline": baseline}
+        report["metered_nat_600s"] = per_day(metered, real_600.liveness.keepalive_interval)
+        report["metered_nat_150s"] = per_day(metered, real_150.liveness.keepalive_interval)
+        report["baseline_ethernet_25s"] = per_day(baseline, ethernet.liveness.keepalive_interval)
+        if args.minutes:
+            seconds = args.minutes * 60
+            real = run_case(workdir, "real150", {"profile": "metered", "nat_timeout": 150}, 150.0, seconds)
+            payload = real["payload_up"] + real["payload_down"]
+            report["real_run_nat_150s"] = {**real, "payload_kb_per_day": round(payload * DAY / seconds / 1000, 1)}
+    report["goal_kb_per_day"] = 100
+    report["goal_met_nat_600s"] = report["metered_nat_600s"]["with_tcp_ip_headers_kb_per_day"] <= 100
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
