@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
-from controller.errors import ControllerError, bad_request
+from controller.errors import ControllerError, bad_request, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Store, Transaction
 from controller.tokens import TokenAuthority, token_error
@@ -139,9 +139,7 @@ class Enrollment:
         with self._store.transaction() as db:
             identity = self._registry.get_identity_in(db, tenant, name)
             if identity is None:
-                raise ControllerError(
-                    "identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.", 404
-                )
+                raise unknown_identity(tenant, name)
             refuse_blocked(identity)
             certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, "session")
             self._audit.record_in(
