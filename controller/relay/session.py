@@ -12,6 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from agent.tunnel.protocol import (
+    NONCE_SIZE,
+    SUBPROTOCOL,
     AuthReceived,
     BindRequested,
     Connection,
@@ -26,8 +28,6 @@ from controller.relay.broker import Broker, service_key
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "outpost.v1"
-NONCE_BYTES = 32
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
 # above the longest keepalive interval a link profile uses.
@@ -238,11 +238,11 @@ class Relay:
                                    autoping=True, heartbeat=None)
         await ws.prepare(request)
         if ws.ws_protocol != SUBPROTOCOL:
-            await ws.close(message=b"speak outpost.v1")
+            await ws.close(message=f"speak {SUBPROTOCOL}".encode())
             return ws
         loop = asyncio.get_running_loop()
         conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
         self.sessions.add(session)

@@ -23,7 +23,7 @@ from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.protocol import ProtocolLimits
+from agent.tunnel.protocol import SUBPROTOCOL, ProtocolLimits
 
 from tests.controller.harness import Running, run, running_controller
 
@@ -156,7 +156,7 @@ def test_garbage_on_a_tunnel_closes_that_tunnel_and_no_other(tmp_path: Path) -> 
         async with running_controller(tmp_path / "ctl") as ctl:
             credentials = await enrolled(ctl, "gw-f")
             async with connect(ctl, credentials) as (session, task), aiohttp.ClientSession() as http:
-                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=("outpost.v1",))
+                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=(SUBPROTOCOL,))
                 await ws.receive()  # the CHALLENGE
                 await ws.send_bytes(b"\xff" * 64)
                 closing = await asyncio.wait_for(ws.receive(), 5.0)
@@ -172,7 +172,7 @@ def test_a_peer_that_does_not_authenticate_in_time_is_dropped(tmp_path: Path) ->
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             async with aiohttp.ClientSession() as http:
-                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=("outpost.v1",))
+                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=(SUBPROTOCOL,))
                 started = asyncio.get_running_loop().time()
                 while True:
                     msg = await asyncio.wait_for(ws.receive(), ProtocolLimits().auth_deadline + 5)
