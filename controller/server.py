@@ -164,6 +164,13 @@ class ControllerServer:
     def port(self) -> int:
         return int(self._listener.getsockname()[1])
 
+    @property
+    def app(self) -> web.Application:
+        """The application being served (after ``start``)."""
+        if self._runner is None:
+            raise RuntimeError("the server is not started")
+        return self._runner.app
+
     async def start(self) -> None:
         app = build_app(self.context)
         # aiohttp 3.9 moved the shutdown grace from the site to the runner; 3.8

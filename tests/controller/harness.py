@@ -40,6 +40,7 @@ class Running:
     url: str
     session: aiohttp.ClientSession
     client_tls: ssl.SSLContext
+    server: ControllerServer
 
     @property
     def admin(self) -> dict[str, str]:
@@ -79,7 +80,7 @@ async def running_controller(data_dir: Path, **overrides: Any) -> AsyncIterator[
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout) as session:
-            yield Running(context, settings.base_url, session, tls)
+            yield Running(context, settings.base_url, session, tls, server)
     finally:
         await server.stop()
         context.close()
