@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
-from controller.errors import ControllerError, bad_request, unknown_identity
+from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Store, Transaction
 from controller.tokens import TokenAuthority, token_error
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: A P-256 CSR in PEM is under 1 KiB; anything far larger is not one of ours.
 MAX_CSR_PEM = 16 * 1024
+#: The ``certificates.purpose`` of a session certificate (``outpostctl connect``).
+SESSION_PURPOSE = "session"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,16 @@ class Issued:
     @property
     def not_after(self) -> int:
         return int(not_after_of(self.certificate).timestamp())
+
+
+def is_session_certificate(store: Store, certificate: x509.Certificate) -> bool:
+    """True when the store recorded ``certificate`` as a session certificate.
+
+    The row is written in the transaction that issues the certificate, so no
+    session certificate exists without it.
+    """
+    row = store.query_one("SELECT purpose FROM certificates WHERE serial = ?", (format(certificate.serial_number, "x"),))
+    return row is not None and row["purpose"] == SESSION_PURPOSE
 
 
 def parse_csr(pem: object) -> x509.CertificateSigningRequest:
@@ -134,14 +146,24 @@ class Enrollment:
         return Issued(enrolled, certificate)
 
     def issue_session(self, tenant: str, name: str, csr_pem: object) -> Issued:
-        """A short-lived certificate for an operator acting as ``tenant/name``."""
+        """A short-lived, dial-only certificate for an operator acting as ``tenant/name``.
+
+        Refused for an identity that enrolled a device key: a gateway is proven
+        by its key alone, and the admin credential must not stand in for it.
+        """
         csr = parse_csr(csr_pem)
         with self._store.transaction() as db:
             identity = self._registry.get_identity_in(db, tenant, name)
             if identity is None:
                 raise unknown_identity(tenant, name)
             refuse_blocked(identity)
-            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, "session")
+            if identity.key_sha256 is not None:
+                raise forbidden(
+                    "session_for_enrolled_identity",
+                    f"The identity {identity.label} is enrolled with its own device key, so only that key may act "
+                    "as it; dial as an identity that never enrolled (outpostctl connect --as NAME, default operator).",
+                )
+            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, SESSION_PURPOSE)
             self._audit.record_in(
                 db,
                 "session_issued",

@@ -68,6 +68,7 @@ class RelaySession(TunnelSession):
         self.nonce = nonce
         self.remote = remote
         self.identity: Any = None
+        self.session_certificate = False
         self.connected_at = time.time()
 
     @property
@@ -77,13 +78,14 @@ class RelaySession(TunnelSession):
     async def on_auth(self, event: AuthReceived) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            identity = admit(self.context, event.chain, event.signature, self.nonce, now)
+            admitted = admit(self.context, event.chain, event.signature, self.nonce, now)
         except AdmissionRefused as refused:
             self.context.audit.record("tunnel_refused", remote=self.remote, reason=refused.reason)
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
             self.conn.close(refused.code, refused.reason)
             return
-        self.identity = identity
+        self.identity = identity = admitted.identity
+        self.session_certificate = admitted.session_certificate
         self.conn.set_liveness(relay_liveness_for(event.info.get("keepalive")))
         self.relay.register(self)
         self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote)
@@ -115,7 +117,8 @@ class RelaySession(TunnelSession):
             reason = f"no service named {key[0]}/{key[1]}"
             allowed = False
         else:
-            decision = self.context.policy.decide(kind, self.identity, service)
+            decision = self.context.policy.decide(kind, self.identity, service,
+                                                  session_certificate=self.session_certificate)
             allowed, reason = decision.allowed, decision.reason
         self.context.audit.record(f"{kind}_{'allowed' if allowed else 'denied'}", identity=self.identity.uri,
                                   service=f"{key[0]}/{key[1]}", reason=reason)

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from controller.api import MAX_REQUEST_BODY
 from controller.ca import not_after_of, not_before_of
+from controller.enrollment import is_session_certificate
 from controller.registry import Identity
 from controller.server import API_PREFIX
 from tests.controller.harness import make_csr, make_key, run, running_controller, store_snapshot
@@ -188,6 +189,43 @@ def test_a_session_certificate_is_short_lived_audited_and_refused_once_revoked(d
             assert (status, body["error"]) == (403, "identity_revoked")
             status, body = await running.call("POST", "/api/v1/identities/operator/token")
             assert (status, body["error"]) == (403, "identity_revoked")
+            assert store_snapshot(running.context.settings.store_path) == before
+
+    run(scenario())
+
+
+def test_a_session_certificate_is_recorded_as_one_and_an_enrollment_certificate_is_not(data_dir: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(data_dir) as running:
+            status, session = await running.call(
+                "POST", "/api/v1/identities/operator/session", {"csr": make_csr(make_key(), "operator")}
+            )
+            assert status == 201, session
+            store = running.context.store
+            assert is_session_certificate(store, x509.load_pem_x509_certificate(session["certificate"].encode()))
+            token = (await running.create_identity("gw"))["token"]
+            status, enrolled = await running.enroll(token, make_key())
+            assert status == 200, enrolled
+            assert not is_session_certificate(store, x509.load_pem_x509_certificate(enrolled["certificate"].encode()))
+
+    run(scenario())
+
+
+def test_no_session_certificate_for_an_identity_that_enrolled_a_device_key(data_dir: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(data_dir) as running:
+            token = (await running.create_identity("gw-1", roles=["gateway"]))["token"]
+            status, _ = await running.enroll(token, make_key())
+            assert status == 200
+            before = store_snapshot(running.context.settings.store_path)
+            status, body = await running.call(
+                "POST", "/api/v1/identities/gw-1/session", {"csr": make_csr(make_key(), "gw-1")}
+            )
+            assert (status, body["error"]) == (403, "session_for_enrolled_identity")
+            assert body["message"] == (
+                "The identity default/gw-1 is enrolled with its own device key, so only that key may act as it; "
+                "dial as an identity that never enrolled (outpostctl connect --as NAME, default operator)."
+            )
             assert store_snapshot(running.context.settings.store_path) == before
 
     run(scenario())
