@@ -85,7 +85,7 @@ class GatewayApi:
 
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"))
+        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
     async def renew(self, request: web.Request) -> web.Response:

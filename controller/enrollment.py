@@ -21,7 +21,7 @@ from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
 from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Store, Transaction
-from controller.tokens import TokenAuthority, token_error
+from controller.tokens import TokenAuthority, TokenClaims, token_error
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,26 @@ class Enrollment:
         self._cert_lifetime = cert_lifetime
         self._session_lifetime = session_lifetime
 
-    def enroll(self, token: object, csr_pem: object) -> Issued:
-        """Consume ``token`` and certify the CSR's key; any refusal changes nothing."""
+    def enroll(self, token: object, csr_pem: object, remote: str | None = None) -> Issued:
+        """Consume ``token`` and certify the CSR's key; a refusal changes nothing but one audit event.
+
+        The event says why (the error code) and from where; it names the
+        identity only when the token's signature verified (this controller
+        wrote that name), and never holds the token or its id.
+        """
+        claims: TokenClaims | None = None
         try:
-            return self._enroll(token, csr_pem)
+            claims = self._tokens.verify(token)
+            return self._redeem(claims, csr_pem)
         except ControllerError as error:
-            # Anonymous refusals go to the process log only (see audit.py).
             log.warning("enrollment refused: %s", error.code)
+            fields = {"reason": error.code, "remote": remote}
+            if claims is not None:
+                fields["identity"] = f"{claims.tenant}/{claims.name}"
+            self._audit.record_anonymous("enrollment_refused", **fields)
             raise
 
-    def _enroll(self, token: object, csr_pem: object) -> Issued:
-        claims = self._tokens.verify(token)
+    def _redeem(self, claims: TokenClaims, csr_pem: object) -> Issued:
         csr = parse_csr(csr_pem)
         key_sha256 = public_key_sha256(csr.public_key())
         with self._store.transaction() as db:
