@@ -167,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
                         workdir / "connect.log", env={"OUTPOSTCTL_CONFIG": str(ctl_config)})
         children.append(connect)
         identity = state / "identity.json"
-        agent.wait_for(identity.exists, "enroll from the token file")
+        # The agent retires the token just after it stores its identity: wait for both.
+        agent.wait_for(lambda: identity.exists() and not token.exists(), "enroll from the token file and retire it")
         uri = json.loads(identity.read_text())["uri"]
-        steps.done(f"agent enrolled from {token.name} as {uri} (token retired: {not token.exists()})")
+        steps.done(f"agent enrolled from {token.name} as {uri} (token retired)")
         status = state / "status.json"
         agent.wait_for(lambda: status.exists() and '"connected"' in status.read_text(), "connect its tunnel")
         steps.done("agent tunnel up, service bound at the relay")
