@@ -105,9 +105,28 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
         f"key in {identity.key_backend}"
     )
+    _retire_used_token(args.token)
     if clock.measured and (abs(clock.offset) >= NOTABLE_OFFSET or clock.estimate.note):
         print(clock.report())
     return 0
+
+
+def _retire_used_token(given: Path) -> None:
+    """Retire the redeemed token as field enrollment does, and say what became of it; never fails."""
+    from agent.enrollment.field import USED_SUFFIX, retire_token
+
+    # The file itself, not a link to it (--token /dev/stdin < FILE must not delete /dev/stdin).
+    token = given.resolve()
+    if not token.is_file():
+        print(f"the token came from {given}, which is not a file; nothing to delete")
+        return
+    problem = retire_token(token)
+    if problem is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    elif token.with_name(token.name + USED_SUFFIX).exists():
+        print(f"token file {token} renamed to {token.name}{USED_SUFFIX}: a token enrolls once")
+    else:
+        print(f"token file {token} deleted: a token enrolls once")
 
 
 def cmd_renew(args: argparse.Namespace) -> int:

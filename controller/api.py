@@ -10,7 +10,7 @@ from aiohttp import web
 
 from controller.context import ControllerContext
 from controller.enrollment import Issued
-from controller.errors import ControllerError, bad_request
+from controller.errors import ControllerError, bad_request, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.audit import DEFAULT_AUDIT_PAGE
@@ -85,7 +85,7 @@ class GatewayApi:
 
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"))
+        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
     async def renew(self, request: web.Request) -> web.Response:
@@ -119,10 +119,13 @@ class ManagementApi:
         r.add_get("/api/v1/audit", self.audit)
         r.add_get("/api/v1/status", self.status)
 
+    @staticmethod
+    def _key_from_path(request: web.Request) -> tuple[str, str]:
+        """(tenant, name) of the identity the path names, checked but not looked up."""
+        return _tenant(request.query.get("tenant")), check_name(request.match_info["name"], "identity name")
+
     def _identity_from_path(self, request: web.Request) -> Identity:
-        name = check_name(request.match_info["name"], "identity name")
-        tenant = _tenant(request.query.get("tenant"))
-        return self.context.registry.require_identity(tenant, name)
+        return self.context.registry.require_identity(*self._key_from_path(request))
 
     async def create_identity(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -149,11 +152,13 @@ class ManagementApi:
     async def create_token(self, request: web.Request) -> web.Response:
         body = await read_json(request, optional=True)
         ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
-        identity = self._identity_from_path(request)
+        tenant, name = self._key_from_path(request)
         ctx = self.context
+        # Looked up in the transaction that creates the token: a revocation cannot slip in between.
         with ctx.store.transaction() as db:
-            current = ctx.registry.get_identity_in(db, identity.tenant, identity.name)
-            assert current is not None
+            current = ctx.registry.get_identity_in(db, tenant, name)
+            if current is None:
+                raise unknown_identity(tenant, name)
             refuse_blocked(current)
             token, expires = ctx.tokens.create_in(db, current, ttl)
         return web.json_response({"identity": current.to_json(), "token": token, "token_expires": expires}, status=201)

@@ -18,15 +18,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
-from controller.errors import ControllerError, bad_request
+from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Store, Transaction
-from controller.tokens import TokenAuthority, token_error
+from controller.tokens import TokenAuthority, TokenClaims, token_error
 
 log = logging.getLogger(__name__)
 
 #: A P-256 CSR in PEM is under 1 KiB; anything far larger is not one of ours.
 MAX_CSR_PEM = 16 * 1024
+#: The ``certificates.purpose`` of a session certificate (``outpostctl connect``).
+SESSION_PURPOSE = "session"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,16 @@ class Issued:
     @property
     def not_after(self) -> int:
         return int(not_after_of(self.certificate).timestamp())
+
+
+def is_session_certificate(store: Store, certificate: x509.Certificate) -> bool:
+    """True when the store recorded ``certificate`` as a session certificate.
+
+    The row is written in the transaction that issues the certificate, so no
+    session certificate exists without it.
+    """
+    row = store.query_one("SELECT purpose FROM certificates WHERE serial = ?", (format(certificate.serial_number, "x"),))
+    return row is not None and row["purpose"] == SESSION_PURPOSE
 
 
 def parse_csr(pem: object) -> x509.CertificateSigningRequest:
@@ -82,17 +94,26 @@ class Enrollment:
         self._cert_lifetime = cert_lifetime
         self._session_lifetime = session_lifetime
 
-    def enroll(self, token: object, csr_pem: object) -> Issued:
-        """Consume ``token`` and certify the CSR's key; any refusal changes nothing."""
+    def enroll(self, token: object, csr_pem: object, remote: str | None = None) -> Issued:
+        """Consume ``token`` and certify the CSR's key; a refusal changes nothing but one audit event.
+
+        The event says why (the error code) and from where; it names the
+        identity only when the token's signature verified (this controller
+        wrote that name), and never holds the token or its id.
+        """
+        claims: TokenClaims | None = None
         try:
-            return self._enroll(token, csr_pem)
+            claims = self._tokens.verify(token)
+            return self._redeem(claims, csr_pem)
         except ControllerError as error:
-            # Anonymous refusals go to the process log only (see audit.py).
             log.warning("enrollment refused: %s", error.code)
+            fields = {"reason": error.code, "remote": remote}
+            if claims is not None:
+                fields["identity"] = f"{claims.tenant}/{claims.name}"
+            self._audit.record_anonymous("enrollment_refused", **fields)
             raise
 
-    def _enroll(self, token: object, csr_pem: object) -> Issued:
-        claims = self._tokens.verify(token)
+    def _redeem(self, claims: TokenClaims, csr_pem: object) -> Issued:
         csr = parse_csr(csr_pem)
         key_sha256 = public_key_sha256(csr.public_key())
         with self._store.transaction() as db:
@@ -134,16 +155,24 @@ class Enrollment:
         return Issued(enrolled, certificate)
 
     def issue_session(self, tenant: str, name: str, csr_pem: object) -> Issued:
-        """A short-lived certificate for an operator acting as ``tenant/name``."""
+        """A short-lived, dial-only certificate for an operator acting as ``tenant/name``.
+
+        Refused for an identity that enrolled a device key: a gateway is proven
+        by its key alone, and the admin credential must not stand in for it.
+        """
         csr = parse_csr(csr_pem)
         with self._store.transaction() as db:
             identity = self._registry.get_identity_in(db, tenant, name)
             if identity is None:
-                raise ControllerError(
-                    "identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.", 404
-                )
+                raise unknown_identity(tenant, name)
             refuse_blocked(identity)
-            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, "session")
+            if identity.key_sha256 is not None:
+                raise forbidden(
+                    "session_for_enrolled_identity",
+                    f"The identity {identity.label} is enrolled with its own device key, so only that key may act "
+                    "as it; dial as an identity that never enrolled (outpostctl connect --as NAME, default operator).",
+                )
+            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, SESSION_PURPOSE)
             self._audit.record_in(
                 db,
                 "session_issued",

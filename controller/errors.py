@@ -39,3 +39,7 @@ def conflict(code: str, message: str) -> ControllerError:
 
 def forbidden(code: str, message: str) -> ControllerError:
     return ControllerError(code, message, 403)
+
+
+def unknown_identity(tenant: str, name: str) -> ControllerError:
+    return not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")

@@ -148,12 +148,22 @@ class PolicyEngine:
             for row in rows
         ]
 
-    def decide(self, kind: str, identity: Identity, service: Service) -> Decision:
-        """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so."""
+    def decide(self, kind: str, identity: Identity, service: Service, *, session_certificate: bool = False) -> Decision:
+        """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so.
+
+        ``session_certificate``: the tunnel authenticated with a session
+        certificate (``outpostctl connect``), which may dial but never bind,
+        whatever the policies say.
+        """
         if kind not in KINDS:
             return Decision(False, f"{kind!r} is not an action a policy can allow.")
         if identity.status in BLOCKED_STATUSES:
             return Decision(False, f"identity {identity.label} is {identity.status}")
+        if kind == "bind" and session_certificate:
+            return Decision(
+                False, f"identity {identity.label} holds a session certificate, which may dial but never bind; "
+                "bind from an agent enrolled with a token",
+            )
         for policy in self.list():
             if policy.kind == kind and policy.allows(identity, service):
                 return Decision(True, f"allowed by policy {policy.id}", policy.id)

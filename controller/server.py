@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import asyncio
 import hmac
 import inspect
 import logging
@@ -102,12 +101,7 @@ def build_app(context: ControllerContext) -> web.Application:
     )
     relay = Relay(context)
     GatewayApi(context).add_routes(app)
-
-    def tunnel_status() -> list[dict[str, Any]]:
-        status = getattr(relay, "status", None)
-        return list(status()) if callable(status) else []
-
-    ManagementApi(context, tunnel_status).add_routes(app)
+    ManagementApi(context, relay.status).add_routes(app)
     app.router.add_get("/v1/tunnel", relay.handle)
 
     async def close_relay(_app: web.Application) -> None:
@@ -169,6 +163,13 @@ class ControllerServer:
     @property
     def port(self) -> int:
         return int(self._listener.getsockname()[1])
+
+    @property
+    def app(self) -> web.Application:
+        """The application being served (after ``start``)."""
+        if self._runner is None:
+            raise RuntimeError("the server is not started")
+        return self._runner.app
 
     async def start(self) -> None:
         app = build_app(self.context)

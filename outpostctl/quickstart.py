@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from outpostctl.config import load_config
 STEP_TIMEOUT = 30.0
 GATEWAY = "demo-gateway"
 SERVICE = "demo-echo"
+LISTENING_LINE = re.compile(r"listening on \S+:(\d+) for ")
 
 
 class QuickstartFailed(OutpostError):
@@ -97,6 +99,12 @@ class Child:
         self._file.close()
 
 
+def listening_port(output: str) -> int | None:
+    """The port from connect's "listening on HOST:PORT for ..." line, once it printed one."""
+    match = LISTENING_LINE.search(output)
+    return int(match.group(1)) if match else None
+
+
 def python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
@@ -154,21 +162,19 @@ def run(args: argparse.Namespace) -> int:
         # field; the operator's dial starts at the same time.
         agent = Child("the agent", python("agent", "run", "--config", str(config)), workdir / "agent.log")
         children.append(agent)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        connect = Child("outpostctl connect",
-                        python("outpostctl", "connect", SERVICE, "--listen", f"127.0.0.1:{port}"),
+        # Port 0: the kernel picks a free port and connect prints it, so no other process can take it between.
+        connect = Child("outpostctl connect", python("outpostctl", "connect", SERVICE, "--listen", "127.0.0.1:0"),
                         workdir / "connect.log", env={"OUTPOSTCTL_CONFIG": str(ctl_config)})
         children.append(connect)
         identity = state / "identity.json"
-        agent.wait_for(identity.exists, "enroll from the token file")
+        # The agent retires the token just after it stores its identity: wait for both.
+        agent.wait_for(lambda: identity.exists() and not token.exists(), "enroll from the token file and retire it")
         uri = json.loads(identity.read_text())["uri"]
-        steps.done(f"agent enrolled from {token.name} as {uri} (token retired: {not token.exists()})")
+        steps.done(f"agent enrolled from {token.name} as {uri} (token retired)")
         status = state / "status.json"
         agent.wait_for(lambda: status.exists() and '"connected"' in status.read_text(), "connect its tunnel")
         steps.done("agent tunnel up, service bound at the relay")
-        connect.wait_for(lambda: "listening" in connect.output(), "start listening")
+        port = connect.wait_for(lambda: listening_port(connect.output()), "start listening")
         payload = os.urandom(64 * 1024)
         with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as s:
             s.sendall(payload)

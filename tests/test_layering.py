@@ -1,59 +1,234 @@
-"""The dependency rules of docs/architecture.md, checked on the source itself.
+"""The dependency rules of docs/architecture.md, checked on the source and on a running interpreter.
 
 The agent runs on gateways without the controller installed, and the protocol
-core must stay pure so it can be tested and fuzzed on bytes alone.
+core must stay pure so it can be tested and fuzzed on bytes alone. Both rules
+hold transitively: through other agent modules (any import statement, also
+relative ones and those inside functions), and through whatever the standard
+library pulls in at run time.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
+from collections import deque
 from pathlib import Path
-
-import pytest
+from typing import Collection
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOL_CORE = ROOT / "agent" / "tunnel" / "protocol"
+PACKAGES = ("agent", "controller", "outpostctl")
+PROTOCOL_CORE = "agent.tunnel.protocol"
+#: What no module of the protocol core, nor any agent module it imports, may import itself.
 FORBIDDEN_IN_CORE = {"asyncio", "socket", "ssl", "time", "selectors", "threading", "os", "random", "secrets"}
+#: What the core may not load even through the standard library (which itself uses os).
+FORBIDDEN_AT_RUN_TIME = {"asyncio", "socket", "ssl", "time", "selectors", "threading"}
+#: The agent modules the controller may import, directly or through each other; docs/architecture.md
+#: says why each one. The protocol core is the other end of the tunnel the relay speaks.
+CONTROLLER_MAY_USE = {
+    "agent",
+    "agent.errors",
+    "agent.fsutil",
+    "agent.identity",
+    "agent.identity.trust",
+    "agent.service_manager",
+    "agent.tunnel",
+    "agent.tunnel.auth",
+    "agent.tunnel.session",
+}
+#: A fresh interpreter that records every import statement it runs (importer -> imported), then
+#: imports the modules named on its command line and prints the edges as JSON.
+RECORD_IMPORTS = r"""
+import builtins, importlib, importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])
+edges = {}
+real_import = builtins.__import__
+
+def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
+    module = real_import(name, globals, locals, fromlist, level)
+    importer = (globals or {}).get("__name__")
+    if importer:
+        package = globals.get("__package__") or importer.rpartition(".")[0]
+        target = importlib.util.resolve_name("." * level + name, package) if level else name
+        found = edges.setdefault(importer, set())
+        found.add(target)
+        found.update(f"{target}.{item}" for item in fromlist or () if f"{target}.{item}" in sys.modules)
+    return module
+
+builtins.__import__ = recording_import
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+print(json.dumps({"edges": {k: sorted(v) for k, v in edges.items()}, "loaded": sorted(sys.modules)}))
+"""
 
 
-def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
-def python_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
-
-
-@pytest.mark.parametrize("path", python_files(ROOT / "agent"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_agent_never_imports_controller_or_outpostctl(path: Path) -> None:
-    bad = {m for m in imported_modules(path) if m.split(".")[0] in {"controller", "outpostctl"}}
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; the agent must not depend on them"
-
-
-def test_protocol_core_exists() -> None:
-    assert python_files(PROTOCOL_CORE), "the sans-IO protocol core is missing"
-
-
-@pytest.mark.parametrize("path", python_files(PROTOCOL_CORE), ids=lambda p: str(p.relative_to(ROOT)))
-def test_protocol_core_does_no_io_and_keeps_no_clock(path: Path) -> None:
-    bad = {m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN_IN_CORE}
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}; the protocol core is sans-IO"
-
-
-@pytest.mark.parametrize("path", python_files(ROOT / "controller"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_controller_uses_only_the_agents_protocol_side(path: Path) -> None:
-    allowed = ("agent.tunnel.protocol", "agent.tunnel.auth", "agent.tunnel.session", "agent.errors", "agent.fsutil", "agent.identity.trust",
-               "agent.service_manager")
-    bad = {
-        m for m in imported_modules(path)
-        if m.split(".")[0] == "agent" and not m.startswith(allowed)
+def source_modules() -> dict[str, Path]:
+    """Every module of the three packages, by dotted name."""
+    return {
+        module_name(path): path
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if "__pycache__" not in path.parts
     }
-    bad |= {m for m in imported_modules(path) if m.split(".")[0] == "outpostctl"}
-    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+MODULES = source_modules()
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imported_names(name: str, path: Path, known: Collection[str]) -> set[str]:
+    """Every module an import statement of module ``name`` names, wherever it stands; relative ones resolved.
+
+    ``from a import b`` names ``a`` and, when it is in ``known``, the module ``a.b``.
+    Imports under ``if TYPE_CHECKING:`` never run and are left out.
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    pending: list[ast.AST] = [ast.parse(path.read_text(), filename=str(path))]
+    while pending:
+        node = pending.pop()
+        if _is_type_checking_block(node):
+            pending.extend(node.orelse)  # type: ignore[attr-defined]
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known)
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def with_parents(name: str) -> list[str]:
+    """``a.b.c`` -> ``a.b.c``, ``a.b``, ``a``: importing a module runs its packages first."""
+    parts = name.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def reachable(start: set[str], edges: dict[str, set[str]]) -> dict[str, str | None]:
+    """Every module reachable from ``start``, each with the module that first led to it."""
+    came_from: dict[str, str | None] = {}
+    queue: deque[tuple[str, str | None]] = deque((s, None) for s in sorted(start))
+    while queue:
+        name, parent = queue.popleft()
+        for module in with_parents(name):
+            if module in came_from:
+                continue
+            came_from[module] = parent
+            queue.extend((target, module) for target in sorted(edges.get(module, ())))
+    return came_from
+
+
+def chain(came_from: dict[str, str | None], name: str) -> str:
+    links = [name]
+    while came_from.get(links[-1]) is not None:
+        links.append(came_from[links[-1]])  # type: ignore[arg-type]
+    return " <- ".join(links)
+
+
+STATIC_EDGES = {name: imported_names(name, path, MODULES) for name, path in MODULES.items()}
+CORE = {name for name in MODULES if name == PROTOCOL_CORE or name.startswith(PROTOCOL_CORE + ".")}
+
+
+def in_package(name: str, *packages: str) -> bool:
+    return name.split(".")[0] in packages
+
+
+def run_recording(*modules: str) -> dict:
+    """Import ``modules`` in a fresh interpreter (no site customisation) that records every import."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", RECORD_IMPORTS, str(ROOT), *modules],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads(result.stdout.strip().splitlines()[-1])
+    recorded["edges"] = {k: set(v) for k, v in recorded["edges"].items()}
+    return recorded
+
+
+def test_the_layers_exist_where_the_rules_look() -> None:
+    assert CORE, "the sans-IO protocol core is missing"
+    assert "agent.cli" in MODULES and "controller.server" in MODULES and "outpostctl.cli" in MODULES
+
+
+def test_the_import_walk_follows_relative_and_function_level_imports_and_skips_type_checking(tmp_path: Path) -> None:
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    module = tmp_path / "pkg" / "sub" / "mod.py"
+    module.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from . import sibling\n"
+        "from ..other import thing\n"
+        "if TYPE_CHECKING:\n    import ssl\nelse:\n    import json\n"
+        "def later():\n    import socket\n"
+    )
+    known = {"pkg", "pkg.sub", "pkg.sub.mod", "pkg.sub.sibling", "pkg.other"}
+    found = imported_names("pkg.sub.mod", module, known)
+    assert found == {"typing", "pkg.sub", "pkg.sub.sibling", "pkg.other", "json", "socket"}
+    edges = {"pkg.sub.mod": found, "pkg.other": {"time"}}
+    assert chain(reachable({"pkg.sub.mod"}, edges), "time") == "time <- pkg.other <- pkg.sub.mod"
+
+
+def test_no_agent_module_reaches_the_controller_or_outpostctl() -> None:
+    agent = {name for name in MODULES if in_package(name, "agent")}
+    found = reachable(agent, STATIC_EDGES)
+    bad = sorted(chain(found, name) for name in found if in_package(name, "controller", "outpostctl"))
+    assert not bad, "the agent must not depend on the controller or outpostctl:\n" + "\n".join(bad)
+
+
+def test_importing_every_agent_module_loads_no_controller_or_outpostctl_code() -> None:
+    agent = sorted(name for name in MODULES if in_package(name, "agent") and not name.endswith("__main__"))
+    recorded = run_recording(*agent)
+    assert set(agent) <= set(recorded["loaded"])
+    bad = sorted(name for name in recorded["loaded"] if in_package(name, "controller", "outpostctl"))
+    assert not bad, f"importing the agent loaded {bad}"
+
+
+def test_the_protocol_core_and_every_agent_module_it_imports_import_no_io_clock_or_randomness() -> None:
+    found = reachable(CORE, STATIC_EDGES)
+    bad = sorted(
+        f"{chain(found, name)} imports {sorted(FORBIDDEN_IN_CORE & {m.split('.')[0] for m in STATIC_EDGES[name]})}"
+        for name in found
+        if name in MODULES and FORBIDDEN_IN_CORE & {m.split(".")[0] for m in STATIC_EDGES[name]}
+    )
+    assert not bad, "the protocol core is sans-IO:\n" + "\n".join(bad)
+    outside = sorted(name for name in found if name in MODULES and name not in CORE)
+    assert outside == ["agent", "agent.errors", "agent.tunnel"], "the core grew a dependency: " + ", ".join(outside)
+
+
+def test_the_protocol_core_loads_no_io_or_clock_module_even_through_the_standard_library() -> None:
+    recorded = run_recording(*sorted(CORE))
+    found = reachable(CORE, recorded["edges"])
+    assert "json" in found and "agent.errors" in found, "the recording saw the core's imports"
+    bad = sorted(chain(found, name) for name in found if name in FORBIDDEN_AT_RUN_TIME)
+    assert not bad, "the protocol core loads I/O or the clock:\n" + "\n".join(bad)
+
+
+def test_the_controller_reaches_only_the_agent_modules_it_is_allowed_and_never_outpostctl() -> None:
+    controller = {name for name in MODULES if in_package(name, "controller")}
+    found = reachable(controller, STATIC_EDGES)
+    agent_used = {name for name in found if name in MODULES and in_package(name, "agent") and name not in CORE}
+    bad = sorted(chain(found, name) for name in agent_used - CONTROLLER_MAY_USE)
+    bad += sorted(chain(found, name) for name in found if in_package(name, "outpostctl"))
+    assert not bad, "the controller uses more of the agent than docs/architecture.md allows:\n" + "\n".join(bad)
+    assert CONTROLLER_MAY_USE <= agent_used | {"agent"}, "allowed but unused: " + ", ".join(
+        sorted(CONTROLLER_MAY_USE - agent_used)
+    )

@@ -17,6 +17,7 @@ from agent.identity.trust import X509_V_FLAG_NO_CHECK_TIME, check_peer_dates, pi
 from agent.tunnel.auth import peer_certificate_digest
 from agent.tunnel.protocol import (
     PROTOCOL_VERSION,
+    SUBPROTOCOL,
     Authenticated,
     BindCompleted,
     ChallengeReceived,
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "outpost.v1"
 # TCP + TLS + WebSocket upgrade on a satellite link takes several round trips
 # of 600 ms; 30 s also covers a congested cellular uplink.
 CONNECT_TIMEOUT = 30.0

@@ -3,13 +3,17 @@
 Only what this process verified decides the identity: the leaf certificate is
 checked against our CA itself (never "some certificate in the chain"), the
 signature must cover our own nonce and our own TLS certificate, and the
-registry must still know the identity as enrolled.
+registry must still know the identity as enrolled. A session certificate
+(``outpostctl connect``; the store records each one's purpose when it is
+issued) is admitted only for an identity that never enrolled a device key,
+and the tunnel is marked so that it may dial but never bind.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -19,10 +23,20 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.identity.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from agent.tunnel.auth import verify_challenge_signature
 from agent.tunnel.protocol import ErrorCode
+from controller.enrollment import is_session_certificate
 
 # An agent presents its leaf and at most a few intermediates; anything longer
 # is not ours and is refused before any parsing work.
 MAX_CHAIN_LENGTH = 4
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """Who a tunnel is, as this process verified it."""
+
+    identity: Any
+    #: The certificate is a session certificate: dial only, never bind.
+    session_certificate: bool
 
 
 class AdmissionRefused(Exception):
@@ -44,8 +58,8 @@ def spiffe_uri(cert: x509.Certificate) -> str | None:
 
 
 def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
-          now: dt.datetime) -> Any:
-    """The registry's Identity for a valid AUTH, or AdmissionRefused saying why not."""
+          now: dt.datetime) -> Admitted:
+    """Who a valid AUTH proves to be, or AdmissionRefused saying why not."""
     if not chain_pem or len(chain_pem) > MAX_CHAIN_LENGTH:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "AUTH must carry the agent's certificate")
     try:
@@ -73,10 +87,18 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate names no identity this controller knows")
     if identity.status in ("revoked", "disabled"):
         raise AdmissionRefused(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} is {identity.status}")
+    session_certificate = is_session_certificate(context.store, leaf)
+    if session_certificate and identity.key_sha256 is not None:
+        # Issued before the identity enrolled: from now on only its device key acts as it.
+        raise AdmissionRefused(
+            ErrorCode.AUTH_FAILED,
+            f"identity {identity.tenant}/{identity.name} is enrolled with a device key; "
+            "a session certificate cannot act as it",
+        )
     public_key = leaf.public_key()
     relay_digest = hashlib.sha256(context.server_certificate_der).digest()
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not verify_challenge_signature(
         public_key, signature, nonce, relay_digest
     ):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
-    return identity
+    return Admitted(identity, session_certificate)

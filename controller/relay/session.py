@@ -12,6 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from agent.tunnel.protocol import (
+    NONCE_SIZE,
+    SUBPROTOCOL,
     AuthReceived,
     BindRequested,
     Connection,
@@ -26,8 +28,6 @@ from controller.relay.broker import Broker, service_key
 
 log = logging.getLogger(__name__)
 
-SUBPROTOCOL = "outpost.v1"
-NONCE_BYTES = 32
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
 # above the longest keepalive interval a link profile uses.
@@ -68,6 +68,7 @@ class RelaySession(TunnelSession):
         self.nonce = nonce
         self.remote = remote
         self.identity: Any = None
+        self.session_certificate = False
         self.connected_at = time.time()
 
     @property
@@ -77,13 +78,14 @@ class RelaySession(TunnelSession):
     async def on_auth(self, event: AuthReceived) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            identity = admit(self.context, event.chain, event.signature, self.nonce, now)
+            admitted = admit(self.context, event.chain, event.signature, self.nonce, now)
         except AdmissionRefused as refused:
             self.context.audit.record("tunnel_refused", remote=self.remote, reason=refused.reason)
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
             self.conn.close(refused.code, refused.reason)
             return
-        self.identity = identity
+        self.identity = identity = admitted.identity
+        self.session_certificate = admitted.session_certificate
         self.conn.set_liveness(relay_liveness_for(event.info.get("keepalive")))
         self.relay.register(self)
         self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote)
@@ -115,7 +117,8 @@ class RelaySession(TunnelSession):
             reason = f"no service named {key[0]}/{key[1]}"
             allowed = False
         else:
-            decision = self.context.policy.decide(kind, self.identity, service)
+            decision = self.context.policy.decide(kind, self.identity, service,
+                                                  session_certificate=self.session_certificate)
             allowed, reason = decision.allowed, decision.reason
         self.context.audit.record(f"{kind}_{'allowed' if allowed else 'denied'}", identity=self.identity.uri,
                                   service=f"{key[0]}/{key[1]}", reason=reason)
@@ -238,11 +241,11 @@ class Relay:
                                    autoping=True, heartbeat=None)
         await ws.prepare(request)
         if ws.ws_protocol != SUBPROTOCOL:
-            await ws.close(message=b"speak outpost.v1")
+            await ws.close(message=f"speak {SUBPROTOCOL}".encode())
             return ws
         loop = asyncio.get_running_loop()
         conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
         self.sessions.add(session)

@@ -6,17 +6,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A CLI command that talks to loopback only; far above what any of them needs.
 CLI_TIMEOUT = 60
 
 
-def run_cli(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+def run_cli(*args: str | os.PathLike, stdin: Any = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=ROOT, env=env, stdin=stdin,
     )
 
 

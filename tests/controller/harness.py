@@ -26,7 +26,8 @@ from controller.settings import Settings
 T = TypeVar("T")
 #: No single test step waits longer than this for the controller.
 REQUEST_TIMEOUT = 20.0
-STORE_TABLES = ("meta", "identities", "tokens", "services", "policies", "certificates", "audit")
+#: SQLite's own AUTOINCREMENT counters: they move with the rows they count, which the snapshot holds.
+SQLITE_INTERNAL_TABLES = ("sqlite_sequence",)
 
 
 def run(coroutine: Awaitable[T]) -> T:
@@ -40,6 +41,7 @@ class Running:
     url: str
     session: aiohttp.ClientSession
     client_tls: ssl.SSLContext
+    server: ControllerServer
 
     @property
     def admin(self) -> dict[str, str]:
@@ -79,7 +81,7 @@ async def running_controller(data_dir: Path, **overrides: Any) -> AsyncIterator[
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout) as session:
-            yield Running(context, settings.base_url, session, tls)
+            yield Running(context, settings.base_url, session, tls, server)
     finally:
         await server.stop()
         context.close()
@@ -99,12 +101,22 @@ def make_csr(key: Any, name: str = "gw") -> str:
 
 
 def store_snapshot(path: Path) -> dict[str, list[tuple]]:
-    """Every row of every table, through a separate connection (as another process sees it)."""
+    """Every row of every table the schema has, through a separate connection (as another process sees it)."""
     connection = sqlite3.connect(str(path))
     try:
-        return {table: list(connection.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in STORE_TABLES}
+        tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                  if row[0] not in SQLITE_INTERNAL_TABLES]
+        assert {"identities", "tokens", "policies", "status_changes", "audit"} <= set(tables), tables
+        return {table: list(connection.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in tables}
     finally:
         connection.close()
+
+
+def audit_events_added(before: dict[str, list[tuple]], after: dict[str, list[tuple]]) -> list[tuple[str, dict]]:
+    """The audit events appended between two snapshots, as (event, fields); fails if anything else changed."""
+    assert {t: rows for t, rows in after.items() if t != "audit"} == {t: rows for t, rows in before.items() if t != "audit"}
+    assert after["audit"][: len(before["audit"])] == before["audit"], "the audit log was rewritten"
+    return [(row[2], json.loads(row[3])) for row in after["audit"][len(before["audit"]):]]
 
 
 def b64url(data: bytes) -> str:

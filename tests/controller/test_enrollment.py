@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
@@ -18,13 +19,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from controller.audit import AnonymousBudget
 from controller.bootstrap import open_data_dir
 from controller.ca import NOT_BEFORE_BACKDATE, CertificateAuthority, not_after_of, not_before_of
 from controller.errors import ControllerError
 from controller.settings import Settings
 from controller.tokens import AUDIENCE
 
-from tests.controller.harness import Running, b64url, b64url_json, make_csr, make_key, run, running_controller, store_snapshot, token_parts
+from tests.controller.harness import (
+    Running,
+    audit_events_added,
+    b64url,
+    b64url_json,
+    make_csr,
+    make_key,
+    run,
+    running_controller,
+    store_snapshot,
+    token_parts,
+)
 
 
 def signed_claims(running: Running, **changes: Any) -> dict[str, Any]:
@@ -91,41 +104,88 @@ def wrong_audience_token(running: Running, token: str) -> str:
     return sign_with(running.context.ca, signed_claims(running, aud="something-else"), running.context.ca.fingerprint)
 
 
+#: case -> (forge, error code, phrase of the message, whether the signature verified so the audit names the identity)
 BAD_TOKENS = {
-    "expired": (expired_token, "token_expired", "expired"),
-    "tampered_payload": (tampered_token, "token_signature", "signature"),
-    "signed_by_another_ca": (other_ca_token, "token_signature", "signature"),
-    "another_controllers_token": (other_ca_own_kid_token, "token_signature", "another controller"),
-    "alg_none": (alg_none_token, "token_signature", "ES256"),
-    "hs256_keyed_with_ca_public_key": (hs256_with_public_key_token, "token_signature", "ES256"),
-    "malformed": (lambda running, token: "not.a-token", "token_malformed", "not a valid"),
-    "empty": (lambda running, token: "", "token_malformed", "missing"),
-    "unknown_jti": (unknown_jti_token, "token_unknown", "no record"),
-    "wrong_audience": (wrong_audience_token, "token_malformed", "enrollment token"),
+    "expired": (expired_token, "token_expired", "expired", False),
+    "tampered_payload": (tampered_token, "token_signature", "signature", False),
+    "signed_by_another_ca": (other_ca_token, "token_signature", "signature", False),
+    "another_controllers_token": (other_ca_own_kid_token, "token_signature", "another controller", False),
+    "alg_none": (alg_none_token, "token_signature", "ES256", False),
+    "hs256_keyed_with_ca_public_key": (hs256_with_public_key_token, "token_signature", "ES256", False),
+    "malformed": (lambda running, token: "not.a-token", "token_malformed", "not a valid", False),
+    "empty": (lambda running, token: "", "token_malformed", "missing", False),
+    "unknown_jti": (unknown_jti_token, "token_unknown", "no record", True),
+    "wrong_audience": (wrong_audience_token, "token_malformed", "enrollment token", False),
 }
 
 
+def refusal(code: str, identity: str | None = None) -> tuple[str, dict]:
+    """The one audit event a refused enrollment from this test's client leaves."""
+    fields = {"reason": code, "remote": "127.0.0.1"}
+    if identity is not None:
+        fields["identity"] = identity
+    return ("enrollment_refused", fields)
+
+
+def assert_no_secret_in(events: list[tuple[str, dict]], *secrets_: str) -> None:
+    text = json.dumps(events)
+    for secret in secrets_:
+        assert secret and secret not in text
+
+
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
-def test_every_bad_token_is_refused_with_its_code_and_changes_nothing(data_dir: Path, case: str) -> None:
-    forge, code, phrase = BAD_TOKENS[case]
+def test_every_bad_token_is_refused_with_its_code_and_changes_nothing_but_one_audit_event(
+    data_dir: Path, case: str
+) -> None:
+    forge, code, phrase, verified = BAD_TOKENS[case]
 
     async def scenario() -> None:
         async with running_controller(data_dir) as running:
             created = await running.create_identity("gw")
+            forged = forge(running, created["token"])
             before = store_snapshot(running.context.settings.store_path)
-            status, body = await running.enroll(forge(running, created["token"]), make_key())
+            status, body = await running.enroll(forged, make_key())
             after = store_snapshot(running.context.settings.store_path)
             assert status in (400, 403), body
             assert body["error"] == code
             assert phrase in body["message"]
             assert body["message"].endswith(".")
-            assert after == before
+            added = audit_events_added(before, after)
+            assert added == [refusal(code, "default/gw" if verified else None)]
+            assert_no_secret_in(added, created["token"], token_parts(created["token"])[1]["jti"],
+                                *([forged] if forged else []))
             assert running.context.registry.get_identity("default", "gw").status == "created"
 
     run(scenario())
 
 
-def test_a_used_token_with_another_key_is_refused_and_changes_nothing(data_dir: Path) -> None:
+def test_a_flood_of_refused_enrollments_is_recorded_within_a_budget_and_counted_beyond_it(data_dir: Path) -> None:
+    now = [1000.0]
+    budget = AnonymousBudget(per_minute=3, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        async with running_controller(data_dir) as running:
+            running.context.audit.anonymous_budget = budget
+            before = store_snapshot(running.context.settings.store_path)
+            for _ in range(5):
+                status, body = await running.enroll("not.a-token", make_key())
+                assert (status, body["error"]) == (400, "token_malformed")
+            assert audit_events_added(before, store_snapshot(running.context.settings.store_path)) == [
+                refusal("token_malformed")
+            ] * 3
+            now[0] += 20.0  # a third of a minute: one more event may be recorded
+            before = store_snapshot(running.context.settings.store_path)
+            await running.enroll("", make_key())
+            await running.enroll("", make_key())
+            event, fields = refusal("token_malformed")
+            assert audit_events_added(before, store_snapshot(running.context.settings.store_path)) == [
+                (event, {**fields, "suppressed": 2})
+            ]
+
+    run(scenario())
+
+
+def test_a_used_token_with_another_key_is_refused_and_changes_nothing_but_one_audit_event(data_dir: Path) -> None:
     async def scenario() -> None:
         async with running_controller(data_dir) as running:
             token = (await running.create_identity("gw"))["token"]
@@ -135,7 +195,9 @@ def test_a_used_token_with_another_key_is_refused_and_changes_nothing(data_dir: 
             status, body = await running.enroll(token, make_key())
             assert (status, body["error"]) == (409, "token_used")
             assert "already used" in body["message"]
-            assert store_snapshot(running.context.settings.store_path) == before
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert added == [refusal("token_used", "default/gw")]
+            assert_no_secret_in(added, token, token_parts(token)[1]["jti"])
 
     run(scenario())
 
@@ -169,7 +231,8 @@ def test_a_bad_csr_is_refused_and_leaves_the_token_unused(data_dir: Path, case: 
             csr = BAD_CSRS[case]()
             status, body = await running.call("POST", "/v1/enroll", {"token": token, "csr": csr}, admin=False)
             assert (status, body["error"]) == (400, "csr_invalid"), body
-            assert store_snapshot(running.context.settings.store_path) == before
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert added == [refusal("csr_invalid", "default/gw")]
             status, _ = await running.enroll(token, make_key())
             assert status == 200
 
@@ -251,6 +314,8 @@ def test_concurrent_redemptions_over_https_let_exactly_one_key_enroll(data_dir: 
             assert all(body["error"] == "token_used" for status, body in results if status == 409)
             certificates = running.context.store.query("SELECT * FROM certificates WHERE name = 'gw'")
             assert len(certificates) == 1
+            events = [e for e in running.context.audit.recent() if e["event"].startswith("enrollment")]
+            assert sorted(e["event"] for e in events) == ["enrollment"] + ["enrollment_refused"] * 19
 
     run(scenario())
 
@@ -299,7 +364,8 @@ def test_a_revoked_identity_cannot_enroll_with_its_old_token(data_dir: Path) -> 
             before = store_snapshot(running.context.settings.store_path)
             status, body = await running.enroll(token, make_key())
             assert (status, body["error"]) == (403, "identity_revoked")
-            assert store_snapshot(running.context.settings.store_path) == before
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert added == [refusal("identity_revoked", "default/gw")]
 
     run(scenario())
 

@@ -110,3 +110,17 @@ def test_decisions_use_only_the_identity_and_service_objects_given(world) -> Non
     engine.create("dial", "default", ["role:operator"], ["modbus"])
     stranger = Identity(name="x", tenant="default", roles=("operator",), uri="", status="enrolled", created_at=0)
     assert engine.decide("dial", stranger, Service(name="modbus", tenant="default")).allowed
+
+
+def test_a_session_certificate_may_dial_but_never_bind_whatever_the_policies_say(world) -> None:
+    engine, _, who, what = world
+    engine.create("bind", "default", ["role:operator"], ["modbus"])
+    engine.create("dial", "default", ["role:operator"], ["modbus"])
+    assert engine.decide("bind", who["ops"], what["modbus"]).allowed
+    refused = engine.decide("bind", who["ops"], what["modbus"], session_certificate=True)
+    assert not refused.allowed and refused.policy_id is None
+    assert refused.reason == (
+        "identity default/ops holds a session certificate, which may dial but never bind; "
+        "bind from an agent enrolled with a token"
+    )
+    assert engine.decide("dial", who["ops"], what["modbus"], session_certificate=True).allowed

@@ -8,23 +8,60 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
-import pytest
-
+from agent.identity.state import RELAYS_FILE, STATUS_FILE
+from outpostctl.quickstart import listening_port
+from tests.controller.harness import audit_events_added, store_snapshot
 from tests.e2e.harness import (
     Controller,
     EchoServer,
     Process,
     free_port,
-    python_env,
     read_status,
     round_trip,
     run_cli,
     wait_until,
 )
+
+
+class Unchanged:
+    """The controller's store and the agents' state directories as they are now, to compare with later.
+
+    Every table of the store and every file of a state directory except
+    status.json, which a running agent rewrites with live counters; of it,
+    what the tunnel is: its state, relay and bound services.
+    """
+
+    def __init__(self, controller: Controller, *states: Path) -> None:
+        self.controller = controller
+        self.states = states
+        self.store = self._store()
+        self.agents = self._agents()
+
+    def _store(self) -> dict:
+        return store_snapshot(self.controller.data / "store.sqlite3")
+
+    def _agents(self) -> dict:
+        files = {
+            str(path): path.read_bytes()
+            for state in self.states for path in sorted(state.iterdir()) if path.name != STATUS_FILE
+        }
+        tunnels = {str(state): {k: read_status(state).get(k) for k in ("state", "relay", "bound")}
+                   for state in self.states}
+        return {"files": files, "tunnels": tunnels}
+
+    def audit_added(self) -> list[tuple[str, dict]]:
+        """The audit events added since; fails when anything else in the store changed."""
+        return audit_events_added(self.store, self._store())
+
+    def assert_agents_as_they_were(self, tunnels: bool = True) -> None:
+        """Every state file as it was; with ``tunnels``, each agent's tunnel too."""
+        now = self._agents()
+        assert now["files"] == self.agents["files"]
+        if tunnels:
+            assert now["tunnels"] == self.agents["tunnels"]
 
 
 def write_agent_config(path: Path, state: Path, binds: dict[str, int] = {}, dials: dict[str, int] = {}) -> Path:
@@ -64,10 +101,9 @@ def test_a_dial_reaches_the_service_a_gateway_binds(controller: Controller, echo
     agent = start_agent(tmp_path, "gw-1", state, binds={"modbus": echo_server.port})
     try:
         assert read_status(state)["bound"] == ["modbus"]
-        port = free_port()
-        connect = controller.ctl_process("connect", "modbus", "--listen", f"127.0.0.1:{port}")
+        connect = controller.ctl_process("connect", "modbus", "--listen", "127.0.0.1:0")
         try:
-            connect.wait_for_line("listening")
+            port = listening_port(connect.wait_for_line("listening"))
             payload = os.urandom(300_000)
             assert round_trip(port, payload) == payload
             assert round_trip(port, b"second connection") == b"second connection"
@@ -81,36 +117,83 @@ def test_a_dial_reaches_the_service_a_gateway_binds(controller: Controller, echo
         agent.stop()
 
 
-def test_a_dial_with_no_policy_is_refused_with_the_reason(controller: Controller, echo_server: EchoServer,
-                                                         tmp_path: Path) -> None:
+def test_a_dial_with_no_policy_is_refused_with_the_reason_and_changes_nothing(
+        controller: Controller, echo_server: EchoServer, tmp_path: Path) -> None:
     controller.ctl("service", "create", "historian")
     controller.ctl("policy", "create", "--kind", "bind", "--identities", "gw-2", "--services", "historian")
     state = enroll_gateway(controller, tmp_path, "gw-2")
     agent = start_agent(tmp_path, "gw-2", state, binds={"historian": echo_server.port})
+    reason = "no policy allows identity default/operator to dial service default/historian"
     try:
-        port = free_port()
-        connect = controller.ctl_process("connect", "historian", "--listen", f"127.0.0.1:{port}")
+        connect = controller.ctl_process("connect", "historian", "--listen", "127.0.0.1:0")
         try:
-            connect.wait_for_line("listening")
+            port = listening_port(connect.wait_for_line("listening"))
+            before = Unchanged(controller, state)  # the operator's session and tunnel exist by now
             assert round_trip(port, b"hello") == b""
-            connect.wait_for_line("no policy allows")
+            connect.wait_for_line(reason)
+            assert before.audit_added() == [("dial_denied", {"identity": "spiffe://outpost.local/default/operator",
+                                                             "service": "default/historian", "reason": reason})]
+            before.assert_agents_as_they_were()
         finally:
             connect.stop()
         assert echo_server.connections == 0
-        assert "dial_denied" in controller.ctl("audit", "--json").stdout
     finally:
         agent.stop()
 
 
-def test_a_dial_to_an_unknown_service_says_so(controller: Controller, tmp_path: Path) -> None:
-    port = free_port()
-    connect = controller.ctl_process("connect", "no-such-service", "--listen", f"127.0.0.1:{port}")
+def test_a_gateway_dialling_an_unknown_service_is_told_so_and_nothing_changes(
+        controller: Controller, echo_server: EchoServer, tmp_path: Path) -> None:
+    controller.ctl("service", "create", "telemetry")
+    controller.ctl("policy", "create", "--kind", "bind", "--identities", "site-u", "--services", "telemetry")
+    host_state = enroll_gateway(controller, tmp_path, "site-u")
+    dial_state = enroll_gateway(controller, tmp_path, "central-u")
+    port = free_port()  # a [[dial]] names its port; the agent reports no port it chose itself
+    host = start_agent(tmp_path, "site-u", host_state, binds={"telemetry": echo_server.port})
+    dialer = start_agent(tmp_path, "central-u", dial_state, dials={"no-such-service": port})
+    reason = "no service named default/no-such-service"
     try:
-        connect.wait_for_line("listening")
+        before = Unchanged(controller, host_state, dial_state)
+        assert round_trip(port, b"hello") == b""
+        dialer.wait_for_line(f"dial no-such-service refused: {reason}")
+        assert before.audit_added() == [("dial_denied", {"identity": "spiffe://outpost.local/default/central-u",
+                                                         "service": "default/no-such-service", "reason": reason})]
+        before.assert_agents_as_they_were()
+        assert echo_server.connections == 0
+    finally:
+        dialer.stop()
+        host.stop()
+
+
+def test_an_operator_dialling_an_unknown_service_is_told_so(controller: Controller) -> None:
+    connect = controller.ctl_process("connect", "no-such-service", "--listen", "127.0.0.1:0")
+    try:
+        port = listening_port(connect.wait_for_line("listening"))
         assert round_trip(port, b"hello") == b""
         connect.wait_for_line("no service named default/no-such-service")
     finally:
         connect.stop()
+
+
+def test_an_agent_sent_to_a_relay_not_from_its_pinned_ca_refuses_it_and_nothing_changes(
+        controller: Controller, tmp_path: Path) -> None:
+    impostor = Controller(tmp_path / "impostor")
+    try:
+        state = enroll_gateway(controller, tmp_path, "gw-i")
+        # As if DNS or the stored relay list led elsewhere: a relay whose certificate another CA issued.
+        (state / RELAYS_FILE).write_text(json.dumps({"relays": [impostor.url.replace("https://", "wss://") + "/v1/tunnel"]}))
+        real, fake = Unchanged(controller, state), Unchanged(impostor)
+        agent = Process([sys.executable, "-m", "agent", "run", "--config",
+                         str(write_agent_config(tmp_path / "gw-i.toml", state))])
+        try:
+            error = wait_until(lambda: read_status(state).get("last_error"), what="the agent's verdict on the relay")
+            assert "presented a certificate not issued by the pinned controller CA" in error
+            assert read_status(state)["state"] != "connected"
+        finally:
+            agent.stop()
+        assert real.audit_added() == [] and fake.audit_added() == []
+        real.assert_agents_as_they_were(tunnels=False)  # it had no tunnel before it ran
+    finally:
+        impostor.process.stop()
 
 
 def test_a_gateway_dials_a_service_another_gateway_binds(controller: Controller, echo_server: EchoServer,

@@ -38,6 +38,7 @@ from agent.tunnel.protocol.limits import (
     MAX_WINDOW,
     NONCE_SIZE,
     PROTOCOL_VERSION,
+    SUBPROTOCOL,
     Liveness,
     ProtocolLimits,
 )
@@ -46,7 +47,7 @@ from agent.tunnel.protocol.streams import StreamState
 
 __all__ = [
     "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
-    "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION",
+    "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
     "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
     "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
     "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from agent.errors import ConfigError
 
 PROTOCOL_VERSION = 1
+# The WebSocket subprotocol both ends name in the upgrade; it carries the
+# version, so a relay can refuse a client of another protocol before any frame.
+SUBPROTOCOL = f"outpost.v{PROTOCOL_VERSION}"
 
 # The largest frame payload we accept. Four times what we send, so a peer with
 # a larger send size still interoperates; small enough that one pending frame

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from agent.identity.state import StateDir
 from tests.agent.cli_helpers import one_line_error, run_cli
 from tests.agent.enrollment.fake_controller import unused_loopback_port
 
 
-def test_enroll_prints_who_until_when_and_where_the_key_is(controller, state_dir, token_file):
+def test_enroll_prints_who_until_when_and_where_the_key_is_and_retires_the_token(controller, state_dir, token_file):
     token = token_file(controller.token(sub="pump-9"))
-    token_before = token.read_bytes()
 
     result = run_cli("enroll", "--token", token, "--state", state_dir, "--keystore", "software")
 
@@ -20,8 +25,71 @@ def test_enroll_prints_who_until_when_and_where_the_key_is(controller, state_dir
     expiry = identity.not_after().strftime("%Y-%m-%d %H:%M UTC")
     assert result.stdout == (
         f"enrolled as spiffe://outpost.test/default/pump-9; certificate valid until {expiry}; key in software\n"
+        f"token file {token} deleted: a token enrolls once\n"
     )
-    assert token.read_bytes() == token_before, "the technician's token file is left alone"
+    assert result.stderr == ""
+    assert not token.exists(), "the used token is retired, as field enrollment does"
+
+
+def test_a_token_read_through_a_link_retires_the_file_not_the_link(controller, state_dir, token_file, tmp_path):
+    token = token_file(controller.token())
+    link = tmp_path / "link.token"
+    link.symlink_to(token)
+
+    result = run_cli("enroll", "--token", link, "--state", state_dir, "--keystore", "software")
+
+    assert result.returncode == 0, result.stderr
+    assert f"token file {token} deleted" in result.stdout
+    assert not token.exists() and link.is_symlink()
+
+
+def test_a_token_from_a_pipe_enrolls_and_there_is_no_file_to_retire(controller, state_dir):
+    read, write = os.pipe()
+    os.write(write, (controller.token() + "\n").encode())
+    os.close(write)
+    try:
+        result = run_cli("enroll", "--token", "/dev/stdin", "--state", state_dir, "--keystore", "software", stdin=read)
+    finally:
+        os.close(read)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "the token came from /dev/stdin, which is not a file; nothing to delete"
+    assert StateDir(state_dir).is_enrolled() and Path("/dev/stdin").exists()
+
+
+def test_a_token_that_cannot_be_deleted_is_one_line_and_the_gateway_stays_enrolled(controller, state_dir, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    token = folder / "outpost-token.txt"
+    token.write_text(controller.token() + "\n")
+    with locked_directory(folder):
+        result = run_cli("enroll", "--token", token, "--state", state_dir, "--keystore", "software")
+        assert token.exists()
+
+    assert result.returncode == 0, result.stderr
+    assert one_line_error(result) == (
+        f"outpost-agent: enrolled, but the used token {token} could not be removed (Operation not permitted); "
+        "delete it by hand (the controller will never accept it again)"
+    )
+    assert StateDir(state_dir).is_enrolled()
+
+
+@contextlib.contextmanager
+def locked_directory(folder: Path) -> Iterator[None]:
+    """A directory in which nothing can be deleted or renamed, even by root (the immutable attribute)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip(f"the file system of {folder} has no immutable attribute (chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def test_enroll_takes_state_dir_and_key_store_from_the_config(controller, tmp_path, token_file):

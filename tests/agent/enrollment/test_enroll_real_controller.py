@@ -29,6 +29,8 @@ def real_controller(tmp_path: Path) -> Iterator[Controller]:
 def test_a_token_from_outpostctl_enrolls_once_and_only_once(real_controller: Controller, tmp_path: Path):
     token = tmp_path / "pump-1.token"
     real_controller.ctl("identity", "create", "pump-1", "--token-out", str(token))
+    kept = tmp_path / "kept-copy.token"  # enroll retires the file; someone kept a copy
+    kept.write_bytes(token.read_bytes())
 
     first = run_cli("enroll", "--token", token, "--state", tmp_path / "gw1", "--keystore", "software")
 
@@ -40,7 +42,8 @@ def test_a_token_from_outpostctl_enrolls_once_and_only_once(real_controller: Con
     assert verify_leaf_issued_by(identity.certificate(), identity.ca_certificate())
     assert (real_controller.data / "ca" / "ca.pem").read_text().strip() == identity.ca_pem.strip()
 
-    replay = run_cli("enroll", "--token", token, "--state", tmp_path / "gw2", "--keystore", "software")
+    assert not token.exists()
+    replay = run_cli("enroll", "--token", kept, "--state", tmp_path / "gw2", "--keystore", "software")
 
     assert replay.returncode == 65
     assert "already used" in one_line_error(replay)

@@ -7,83 +7,38 @@ connect with the agent's own tunnel client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime as dt
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import TrustError, TunnelRefused
-from agent.identity.csr import build_csr
-from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.protocol import ProtocolLimits
-
-from tests.controller.harness import Running, run, running_controller
-
-# Bounds every scenario: nothing here should take more than a few seconds.
-SCENARIO_TIMEOUT = 30.0
-
-
-async def enrolled(ctl: Running, name: str) -> TunnelCredentials:
-    created = await ctl.create_identity(name, ["gateway"])
-    keystore = EphemeralKeyStore()
-    keystore.create()
-    csr = build_csr(keystore, name).public_bytes(serialization.Encoding.PEM).decode()
-    status, body = await ctl.call("POST", "/v1/enroll", {"token": created["token"], "csr": csr}, admin=False)
-    assert status == 200, body
-    return TunnelCredentials(uri=body["identity"], chain_pem=[body["certificate"]], ca_pem=body["ca"], keystore=keystore)
+from agent.tunnel.auth import certificate_digest
+from agent.tunnel.protocol import NONCE_SIZE, SUBPROTOCOL, ProtocolLimits, auth_message
+from agent.tunnel.protocol.connection import AUTH_MESSAGE_PREFIX
+from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
+from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, KeyOf, connect, enrolled, foreign_certificate, relay_url
 
 
-def relay_url(ctl: Running) -> str:
-    return ctl.url.replace("https://", "wss://") + "/v1/tunnel"
+def snapshot(ctl: Running) -> dict:
+    return store_snapshot(ctl.context.settings.store_path)
 
 
-@contextlib.asynccontextmanager
-async def connect(ctl: Running, credentials: TunnelCredentials):
-    """An authenticated tunnel to ``ctl``'s relay, open for the block."""
-    async with aiohttp.ClientSession() as http:
-        ssl_context = pinned_ssl_context(credentials.ca_pem)
-        session, task = await open_tunnel(http, relay_url(ctl), credentials, ssl_context, TunnelOptions())
-        try:
-            yield session, task
-        finally:
-            await session.close()
-            await task
+def refusals_only(before: dict, after: dict) -> list[str]:
+    """The reasons of the tunnel refusals recorded between two snapshots; fails on any other change."""
+    added = audit_events_added(before, after)
+    assert [event for event, _ in added] == ["tunnel_refused"] * len(added), added
+    return [fields["reason"] for _, fields in added]
 
 
-def foreign_certificate(uri: str, key: ec.EllipticCurvePrivateKey) -> str:
-    """A certificate naming ``uri``, signed by a CA that is not the controller's."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outpost CA")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")]))
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-class KeyOf(EphemeralKeyStore):
-    """An in-memory key store around a given key (to present someone's certificate with a wrong key)."""
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
-        super().__init__()
-        self._key = key
+async def tunnel_status(ctl: Running) -> list[dict]:
+    status, body = await ctl.call("GET", "/api/v1/status")
+    assert status == 200
+    return sorted((t["identity"], t["bound"], t["bytes_in"]) for t in body["tunnels"])
 
 
 def test_an_enrolled_agent_is_admitted_under_the_identity_in_its_certificate(tmp_path: Path) -> None:
@@ -103,9 +58,11 @@ def test_a_certificate_from_another_ca_is_refused_even_for_a_known_identity(tmp_
             key = ec.generate_private_key(ec.SECP256R1())
             forged = TunnelCredentials(uri=genuine.uri, chain_pem=[foreign_certificate(genuine.uri, key)],
                                        ca_pem=genuine.ca_pem, keystore=KeyOf(key))
+            before = snapshot(ctl)
             with pytest.raises(TunnelRefused, match="not issued by this controller's CA"):
                 async with connect(ctl, forged):
                     pass
+            assert refusals_only(before, snapshot(ctl)) == ["the certificate was not issued by this controller's CA"]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -116,9 +73,57 @@ def test_a_valid_certificate_with_the_wrong_key_is_refused(tmp_path: Path) -> No
             genuine = await enrolled(ctl, "gw-c")
             thief = TunnelCredentials(uri=genuine.uri, chain_pem=genuine.chain_pem, ca_pem=genuine.ca_pem,
                                       keystore=KeyOf(ec.generate_private_key(ec.SECP256R1())))
+            before = snapshot(ctl)
             with pytest.raises(TunnelRefused, match="signature does not verify"):
                 async with connect(ctl, thief):
                     pass
+            assert refusals_only(before, snapshot(ctl)) == [
+                "the challenge signature does not verify with the certificate's key"
+            ]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+class SignsForAnotherRelay(KeyOf):
+    """The genuine device key, signing this relay's nonce as if it came from the relay ``other_der``.
+
+    What a man in the middle would hold: the gateway's real signature, made
+    for the certificate the gateway saw (the interceptor's), not ours.
+    """
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, other_der: bytes) -> None:
+        super().__init__(key)
+        self.other_digest = certificate_digest(other_der)
+        self.signed = 0
+
+    def sign(self, data: bytes) -> bytes:
+        nonce = data[len(AUTH_MESSAGE_PREFIX):len(AUTH_MESSAGE_PREFIX) + NONCE_SIZE]
+        assert data == auth_message(nonce, data[len(AUTH_MESSAGE_PREFIX) + NONCE_SIZE:]), "not a tunnel challenge"
+        self.signed += 1
+        return super().sign(auth_message(nonce, self.other_digest))
+
+
+def test_a_signature_made_for_another_relays_certificate_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            genuine = await enrolled(ctl, "gw-m")
+            # Another relay of the same fleet: a certificate from the same CA, for another name.
+            other_key = ec.generate_private_key(ec.SECP256R1())
+            other = ctl.context.ca.issue_server(other_key.public_key(), ["relay-b.example.net"])
+            assert other.public_bytes(serialization.Encoding.DER) != ctl.context.server_certificate_der
+            keystore = SignsForAnotherRelay(genuine.keystore._key, other.public_bytes(serialization.Encoding.DER))
+            relayed = TunnelCredentials(uri=genuine.uri, chain_pem=genuine.chain_pem, ca_pem=genuine.ca_pem,
+                                        keystore=keystore)
+            before = snapshot(ctl)
+            with pytest.raises(TunnelRefused, match="signature does not verify"):
+                async with connect(ctl, relayed):
+                    pass
+            assert keystore.signed == 1
+            assert refusals_only(before, snapshot(ctl)) == [
+                "the challenge signature does not verify with the certificate's key"
+            ]
+            async with connect(ctl, genuine) as (session, _):  # the same key, signing for this relay
+                assert session.relay_info["identity"] == genuine.uri
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -143,10 +148,14 @@ def test_a_relay_whose_certificate_is_not_from_the_pinned_ca_is_not_trusted(tmp_
     async def scenario() -> None:
         async with running_controller(tmp_path / "real") as real, running_controller(tmp_path / "impostor") as impostor:
             credentials = await enrolled(real, "gw-e")
+            before = snapshot(real), snapshot(impostor)
             with pytest.raises(TrustError, match="not issued by the pinned controller CA"):
                 async with aiohttp.ClientSession() as http:
                     await open_tunnel(http, relay_url(impostor), credentials,
                                       pinned_ssl_context(credentials.ca_pem), TunnelOptions())
+            # The agent hung up in the TLS handshake: not a byte of its AUTH reached the impostor.
+            assert (snapshot(real), snapshot(impostor)) == before
+            assert impostor.context.audit.recent()[-1]["event"] != "tunnel_refused"
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -156,14 +165,18 @@ def test_garbage_on_a_tunnel_closes_that_tunnel_and_no_other(tmp_path: Path) -> 
         async with running_controller(tmp_path / "ctl") as ctl:
             credentials = await enrolled(ctl, "gw-f")
             async with connect(ctl, credentials) as (session, task), aiohttp.ClientSession() as http:
-                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=("outpost.v1",))
+                before, tunnels = snapshot(ctl), await tunnel_status(ctl)
+                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=(SUBPROTOCOL,))
                 await ws.receive()  # the CHALLENGE
                 await ws.send_bytes(b"\xff" * 64)
                 closing = await asyncio.wait_for(ws.receive(), 5.0)
-                while closing.type == aiohttp.WSMsgType.BINARY:  # the GOAWAY frame, then the close
+                while closing.type == aiohttp.WSMsgType.BINARY:  # a GOAWAY frame, then the close
                     closing = await asyncio.wait_for(ws.receive(), 5.0)
                 assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
                 assert not session.conn.closed and not task.done()
+                # Nothing authenticated, so nothing is recorded, and the other tunnel is as it was.
+                assert snapshot(ctl) == before
+                assert await tunnel_status(ctl) == tunnels and len(tunnels) == 1
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -172,7 +185,7 @@ def test_a_peer_that_does_not_authenticate_in_time_is_dropped(tmp_path: Path) ->
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             async with aiohttp.ClientSession() as http:
-                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=("outpost.v1",))
+                ws = await http.ws_connect(relay_url(ctl), ssl=ctl.client_tls, protocols=(SUBPROTOCOL,))
                 started = asyncio.get_running_loop().time()
                 while True:
                     msg = await asyncio.wait_for(ws.receive(), ProtocolLimits().auth_deadline + 5)
