@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from cryptography import x509
@@ -30,6 +30,7 @@ from tests.agent.identity.swtpm_harness import (
     SWTPM,
     Swtpm,
     closed_port,
+    counted_swtpm,  # noqa: F401  (a fixture)
     started_swtpm,
 )
 from tests.e2e.harness import Controller, EchoServer, Process, free_port, python_env, read_status, round_trip, wait_until
@@ -53,15 +54,6 @@ RECONNECT_MAX = 1.0
 TPM_LIBRARY_MARKS = ("tpm2_pytss", "libtss2")
 # The sentence a refused TPM authorization ends with: what to do about it.
 AUTH_SENTENCE_END = "it does not retry, as wrong passwords count toward the TPM's lockout"
-
-
-@pytest.fixture
-def tpm(tmp_path: Path) -> Iterator[Swtpm]:
-    chip = started_swtpm(tmp_path / "swtpm", log_commands=True)
-    try:
-        yield chip
-    finally:
-        chip.stop()
 
 
 def agent_config(path: Path, state: Path, tcti: str, echo_port: int, backend: str = "tpm") -> Path:
@@ -151,9 +143,9 @@ def tpm_key(state: Path, tcti: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_tpm_gateway_enrolls_tunnels_and_keeps_no_key_on_disk(controller: Controller, echo_server: EchoServer,
-                                                              tpm: Swtpm, tmp_path: Path) -> None:
+                                                              counted_swtpm: Swtpm, tmp_path: Path) -> None:
     allow_plc(controller, "gw-tpm")
-    state, config = enrolled_gateway(controller, tmp_path, "gw-tpm", tpm.tcti, echo_server.port)
+    state, config = enrolled_gateway(controller, tmp_path, "gw-tpm", counted_swtpm.tcti, echo_server.port)
     assert_no_private_key(state)
     agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
     try:
@@ -169,23 +161,23 @@ def test_a_tpm_gateway_enrolls_tunnels_and_keeps_no_key_on_disk(controller: Cont
 
 
 def test_a_tpm_gateway_renews_with_its_tpm_key_and_tunnels_on_the_new_certificate(
-        controller: Controller, echo_server: EchoServer, tpm: Swtpm, tmp_path: Path) -> None:
+        controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path) -> None:
     allow_plc(controller, "gw-renew")
-    state, config = enrolled_gateway(controller, tmp_path, "gw-renew", tpm.tcti, echo_server.port)
+    state, config = enrolled_gateway(controller, tmp_path, "gw-renew", counted_swtpm.tcti, echo_server.port)
     enrolled_cert = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
-    signs_before = tpm.commands().count(CC_SIGN)
+    signs_before = counted_swtpm.commands().count(CC_SIGN)
 
     renewed = agent_cli("renew", "--config", str(config))
     assert renewed.returncode == 0, renewed.stderr
     assert renewed.stdout.startswith("certificate renewed; valid until ")
-    assert tpm.commands().count(CC_SIGN) == signs_before + 1  # the renewal CSR was signed inside the TPM
+    assert counted_swtpm.commands().count(CC_SIGN) == signs_before + 1  # the renewal CSR was signed inside the TPM
 
     cert = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
     assert cert.serial_number != enrolled_cert.serial_number
     ca = x509.load_pem_x509_certificate((state / "ca.pem").read_bytes())
     ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    key = tpm_key(state, tpm.tcti)
+    key = tpm_key(state, counted_swtpm.tcti)
     assert cert.public_key().public_bytes(serialization.Encoding.DER, spki) == \
         key.public_key().public_bytes(serialization.Encoding.DER, spki)
     cert.public_key().verify(key.sign(b"proof of possession"), b"proof of possession", ec.ECDSA(hashes.SHA256()))
@@ -200,16 +192,16 @@ def test_a_tpm_gateway_renews_with_its_tpm_key_and_tunnels_on_the_new_certificat
     assert x509.load_pem_x509_certificate((state / "cert.pem").read_bytes()).serial_number == cert.serial_number
 
 
-def set_owner_password(tpm: Swtpm) -> None:
+def set_owner_password(chip: Swtpm) -> None:
     """Someone sets an owner password the agent does not know (a technician's provisioning script)."""
-    esapi = tpm.esapi()
+    esapi = chip.esapi()
     try:
         esapi.hierarchy_change_auth(tss.ESYS_TR.OWNER, b"set-by-someone-else")
     finally:
         esapi.close()
 
 
-def damage_key_blob(tpm: Swtpm, state: Path) -> None:
+def damage_key_blob(chip: Swtpm, state: Path) -> None:
     path = state / "key.tpm.json"
     path.write_bytes(path.read_bytes()[:-40])
 
@@ -233,32 +225,32 @@ def assert_ended_once(output: str, sentence: str) -> None:
 
 @pytest.mark.parametrize("loss", sorted(AT_START))
 def test_a_lost_key_or_refused_authorization_at_start_ends_the_agent_with_its_own_exit_code(
-        controller: Controller, tpm: Swtpm, tmp_path: Path, loss: str) -> None:
+        controller: Controller, counted_swtpm: Swtpm, tmp_path: Path, loss: str) -> None:
     damage, exit_code, sentence, create_primaries = AT_START[loss]
-    state, config = enrolled_gateway(controller, tmp_path, f"gw-{loss}", tpm.tcti, free_port())
-    damage(tpm, state)
+    state, config = enrolled_gateway(controller, tmp_path, f"gw-{loss}", counted_swtpm.tcti, free_port())
+    damage(counted_swtpm, state)
     before = state_files(state)
-    mark = len(tpm.commands())
+    mark = len(counted_swtpm.commands())
 
     run = agent_cli("run", "--config", str(config), timeout=PROMPT_EXIT)
     assert run.returncode == exit_code, run.stderr
     assert_ended_once(run.stderr, sentence)
-    asked = tpm.commands()[mark:]
+    asked = counted_swtpm.commands()[mark:]
     assert asked.count(CC_CREATE_PRIMARY) == create_primaries and CC_SIGN not in asked, [hex(c) for c in asked]
     assert state_files(state) == before
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_tpm_that_loses_the_key_while_the_agent_runs_ends_it_at_the_next_login_and_asks_no_more(
-        controller: Controller, echo_server: EchoServer, tpm: Swtpm, tmp_path: Path, loss: str) -> None:
+        controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path, loss: str) -> None:
     damage, exit_code, sentence, create_primaries = LOSSES[loss]
-    state, config = enrolled_gateway(controller, tmp_path, f"gw-run-{loss}", tpm.tcti, echo_server.port)
+    state, config = enrolled_gateway(controller, tmp_path, f"gw-run-{loss}", counted_swtpm.tcti, echo_server.port)
     agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
     try:
         wait_until(lambda: read_status(state).get("state") == "connected", what="TPM agent connected")
-        damage(tpm, state)
+        damage(counted_swtpm, state)
         before = state_files(state)
-        mark = len(tpm.commands())
+        mark = len(counted_swtpm.commands())
         restart_controller(controller)  # the tunnel drops; the next login needs a new signature
         started = time.monotonic()
         returncode = agent.proc.wait(LOST_WHILE_RUNNING_EXIT)
@@ -268,7 +260,7 @@ def test_a_tpm_that_loses_the_key_while_the_agent_runs_ends_it_at_the_next_login
     assert returncode == exit_code, agent.output
     assert took < LOST_WHILE_RUNNING_EXIT
     assert_ended_once(agent.output, sentence)
-    asked = tpm.commands()[mark:]
+    asked = counted_swtpm.commands()[mark:]
     assert asked.count(CC_CREATE_PRIMARY) == create_primaries, [hex(c) for c in asked]
     assert CC_LOAD not in asked and CC_SIGN not in asked, [hex(c) for c in asked]
     status = read_status(state)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -190,3 +191,13 @@ def started_swtpm(workdir: Path, log_commands: bool = False) -> Swtpm:
                 raise
             tpm.port = free_port_pair()
     return tpm
+
+
+@pytest.fixture
+def counted_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A fresh swtpm that logs every command it receives, so a test counts what reached it."""
+    tpm = started_swtpm(tmp_path / "counted-swtpm", log_commands=True)
+    try:
+        yield tpm
+    finally:
+        tpm.stop()

@@ -31,7 +31,7 @@ from agent.errors import (  # noqa: E402
 from agent.identity.tpm import KEY_FILE, TpmKeyStore  # noqa: E402
 from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
 from agent.identity.tpm_objects import PERSISTENT_SRK_HANDLE, srk_template  # noqa: E402
-from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN, started_swtpm  # noqa: E402
+from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN  # noqa: E402
 
 #: An authorization failure is answered at once, never after a retry loop.
 AUTH_FAILURE_DEADLINE = 1.0
@@ -134,16 +134,6 @@ def test_a_missing_key_file_is_a_lost_identity(enrolled: TpmKeyStore, key_dir: P
     os.unlink(key_dir / KEY_FILE)
     with pytest.raises(DeviceKeyLost, match="missing"):
         enrolled.sign(b"challenge")
-
-
-@pytest.fixture
-def counted_swtpm(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A swtpm that logs every command it receives, so a test counts what reached it."""
-    chip = started_swtpm(tmp_path / "counted-swtpm", log_commands=True)
-    try:
-        yield chip
-    finally:
-        chip.stop()
 
 
 def test_an_owner_password_is_an_authorization_refusal_asked_once_and_not_a_lost_key(

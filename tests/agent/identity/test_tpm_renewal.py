@@ -28,7 +28,7 @@ from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
 from agent.tunnel.backoff import Backoff  # noqa: E402
 from agent.tunnel.client import TunnelCredentials, TunnelOptions  # noqa: E402
 from agent.tunnel.runner import TunnelSupervisor, serve_agent  # noqa: E402
-from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN, started_swtpm  # noqa: E402
+from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN  # noqa: E402
 from tests.controller.harness import run, running_controller  # noqa: E402
 
 #: How far the keeper's clock is ahead until it has renewed: past every jittered renewal point of a day.
@@ -38,15 +38,6 @@ STEP_TIMEOUT = 30.0
 #: In the lost-key scenario the renewal falls due this long after the agent starts: the tunnel is up by then.
 RENEWAL_DUE_AFTER = 8.0
 SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
-
-
-@pytest.fixture
-def tpm(tmp_path: Path):  # type: ignore[no-untyped-def]
-    chip = started_swtpm(tmp_path / "swtpm", log_commands=True)
-    try:
-        yield chip
-    finally:
-        chip.stop()
 
 
 async def tpm_gateway(running, tmp_path: Path, tcti: str, name: str) -> tuple[StateDir, KeyStoreSettings]:
@@ -75,10 +66,10 @@ async def until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_the_keeper_of_a_running_agent_renews_with_the_tpm_key_and_the_next_tunnel_presents_the_new_certificate(
-        tpm, tmp_path: Path) -> None:
+        counted_swtpm, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "c") as running:
-            state, settings = await tpm_gateway(running, tmp_path, tpm.tcti, "gw-keeper")
+            state, settings = await tpm_gateway(running, tmp_path, counted_swtpm.tcti, "gw-keeper")
             enrolled = state.load().certificate()
             keystore = open_keystore(state.path, settings)
             supervisor = supervisor_for(state, keystore)
@@ -100,11 +91,11 @@ def test_the_keeper_of_a_running_agent_renews_with_the_tpm_key_and_the_next_tunn
                     keystore.public_key().public_bytes(serialization.Encoding.DER, SPKI)
                 cert.public_key().verify(keystore.sign(b"possession"), b"possession", ec.ECDSA(hashes.SHA256()))
                 # The next tunnel logs in (a TPM signature over a new challenge) with the new certificate.
-                signs = tpm.commands().count(CC_SIGN)
+                signs = counted_swtpm.commands().count(CC_SIGN)
                 await supervisor.current_session().close()
                 await until(lambda: supervisor.stats.reconnects >= 1 and supervisor.current_session() is not None,
                             "a new tunnel after renewal")
-                assert tpm.commands().count(CC_SIGN) == signs + 1
+                assert counted_swtpm.commands().count(CC_SIGN) == signs + 1
                 assert supervisor.current_session().credentials.chain_pem == [cert.public_bytes(
                     serialization.Encoding.PEM).decode()]
             finally:
@@ -121,10 +112,10 @@ def test_the_keeper_of_a_running_agent_renews_with_the_tpm_key_and_the_next_tunn
 
 
 def test_a_key_lost_before_a_renewal_stops_the_running_agent_with_the_lost_key_and_asks_the_tpm_once(
-        tpm, tmp_path: Path) -> None:
+        counted_swtpm, tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "c") as running:
-            state, settings = await tpm_gateway(running, tmp_path, tpm.tcti, "gw-lost")
+            state, settings = await tpm_gateway(running, tmp_path, counted_swtpm.tcti, "gw-lost")
             keystore = open_keystore(state.path, settings)
             supervisor = supervisor_for(state, keystore)
             # The keeper's first renewal point (fixed by its seeded jitter), RENEWAL_DUE_AFTER from now.
@@ -135,12 +126,12 @@ def test_a_key_lost_before_a_renewal_stops_the_running_agent_with_the_lost_key_a
             agent = asyncio.ensure_future(serve_agent(supervisor, [], keeper))
             await until(lambda: supervisor.current_session() is not None, "the tunnel")
             assert time.monotonic() - started < RENEWAL_DUE_AFTER / 2, "the tunnel came up too late for this test"
-            tpm.clear()
-            mark = len(tpm.commands())
+            counted_swtpm.clear()
+            mark = len(counted_swtpm.commands())
             with pytest.raises(DeviceKeyLost) as caught:
                 await asyncio.wait_for(agent, RENEWAL_DUE_AFTER + STEP_TIMEOUT)
             assert str(caught.value) == LOST_SENTENCE
-            asked = tpm.commands()[mark:]
+            asked = counted_swtpm.commands()[mark:]
             assert asked.count(CC_CREATE_PRIMARY) == 1, [hex(c) for c in asked]
             assert CC_LOAD not in asked and CC_SIGN not in asked
             assert keeper.renewals == 0
