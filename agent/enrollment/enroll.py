@@ -134,7 +134,9 @@ def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
         keystore.create()
         return keystore.public_key()
     try:
-        return keystore.public_key()
+        public_key = keystore.public_key()
+        keystore.sign(b"outpost-agent enrollment check")  # a TPM cleared since the last try lost it
+        return public_key
     except DeviceKeyLost:
         # Not enrolled yet, so nothing depends on that key: start with a new one.
         keystore.delete()

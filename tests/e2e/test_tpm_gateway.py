@@ -268,6 +268,57 @@ def test_a_tpm_that_loses_the_key_while_the_agent_runs_ends_it_at_the_next_login
     assert state_files(state) == before
 
 
+def test_an_unfinished_enrollment_whose_tpm_was_cleared_since_enrolls_with_a_new_key(
+        controller: Controller, counted_swtpm: Swtpm, tmp_path: Path) -> None:
+    token = tmp_path / "gw-retry.token"
+    controller.ctl("identity", "create", "gw-retry", "--token-out", str(token))
+    state = tmp_path / "gw-retry-state"
+    state.mkdir(mode=0o700)
+    tpm_key(state, counted_swtpm.tcti).create()  # an earlier attempt made the key, then the power went
+    left = (state / "key.tpm.json").read_bytes()
+    counted_swtpm.clear()
+    config = agent_config(tmp_path / "gw-retry.toml", state, counted_swtpm.tcti, free_port())
+    enrolled = agent_cli("enroll", "--token", str(token), "--config", str(config))
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert (state / "key.tpm.json").read_bytes() != left
+    key = tpm_key(state, counted_swtpm.tcti)
+    cert = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
+    cert.public_key().verify(key.sign(b"the new key"), b"the new key", ec.ECDSA(hashes.SHA256()))
+
+
+def remove_owner_password(chip: Swtpm) -> None:
+    esapi = chip.esapi()
+    try:
+        esapi.tr_set_auth(tss.ESYS_TR.OWNER, b"set-by-someone-else")
+        esapi.hierarchy_change_auth(tss.ESYS_TR.OWNER, b"")
+    finally:
+        esapi.close()
+
+
+def test_field_enrollment_on_a_tpm_that_refuses_authorization_ends_the_agent_and_keeps_the_token_for_a_restart(
+        controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path) -> None:
+    token = tmp_path / "boot" / "outpost-enroll.token"
+    token.parent.mkdir()
+    controller.ctl("identity", "create", "gw-field", "--token-out", str(token))
+    state = tmp_path / "gw-field-state"
+    config = agent_config(tmp_path / "gw-field.toml", state, counted_swtpm.tcti, echo_server.port)
+    config.write_text(config.read_text() + f'\n[enrollment]\ntoken_paths = ["{token}"]\n')
+    set_owner_password(counted_swtpm)
+
+    refused = agent_cli("run", "--config", str(config), timeout=PROMPT_EXIT)
+    assert refused.returncode == EXIT_TPM_AUTH_REFUSED, refused.stderr
+    assert_ended_once(refused.stderr, AUTH_SENTENCE_END)
+    assert token.exists() and not (state / "enroll-refused.json").exists()
+
+    remove_owner_password(counted_swtpm)  # what the sentence asks for; then a restart
+    agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
+    try:
+        wait_until(lambda: read_status(state).get("state") == "connected", what="field-enrolled TPM agent connected")
+    finally:
+        agent.stop()
+    assert_no_private_key(state)
+
+
 def test_enroll_requiring_a_tpm_where_there_is_none_creates_nothing_and_keeps_the_token_usable(
         controller: Controller, tmp_path: Path) -> None:
     token = tmp_path / "gw-none.token"
