@@ -268,6 +268,45 @@ def test_a_tpm_that_loses_the_key_while_the_agent_runs_ends_it_at_the_next_login
     assert state_files(state) == before
 
 
+def test_a_tpm_in_lockout_keeps_the_agent_waiting_one_try_per_login_until_it_unlocks(
+        controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path) -> None:
+    # Lockout reaches the agent only through a DA-protected storage key someone
+    # provisioned at 0x81000001 (the agent's own keys are noDA).
+    from agent.identity.tpm_objects import PERSISTENT_SRK_HANDLE, srk_template
+
+    template = srk_template()
+    template.publicArea.objectAttributes &= ~tss.TPMA_OBJECT.NODA
+    esapi = counted_swtpm.esapi()
+    try:
+        handle, _, _, _, _ = esapi.create_primary(tss.TPM2B_SENSITIVE_CREATE(), template, tss.ESYS_TR.OWNER)
+        esapi.evict_control(tss.ESYS_TR.OWNER, handle, PERSISTENT_SRK_HANDLE)
+        esapi.flush_context(handle)
+    finally:
+        esapi.close()
+    allow_plc(controller, "gw-locked")
+    state, config = enrolled_gateway(controller, tmp_path, "gw-locked", counted_swtpm.tcti, echo_server.port)
+    esapi = counted_swtpm.esapi()
+    try:
+        esapi.dictionary_attack_parameters(0, 1000, 1000)  # no tries left: lockout
+        mark = len(counted_swtpm.commands())
+        agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
+        try:
+            wait_until(lambda: agent.output.count("dictionary-attack lockout") >= 3, timeout=LOST_WHILE_RUNNING_EXIT,
+                       what="three tries while locked out")
+            assert agent.proc.poll() is None, agent.output  # still running: it waits, it does not exit
+            tries = agent.output.count("dictionary-attack lockout")
+            assert counted_swtpm.commands()[mark:].count(CC_LOAD) == tries  # one load per try, no busy loop
+            esapi.dictionary_attack_parameters(3, 1000, 1000)
+            esapi.dictionary_attack_lock_reset()
+            wait_until(lambda: read_status(state).get("state") == "connected", timeout=LOST_WHILE_RUNNING_EXIT,
+                       what="connected once the TPM unlocked")
+            dial_plc(controller)
+        finally:
+            agent.stop()
+    finally:
+        esapi.close()
+
+
 def test_an_unfinished_enrollment_whose_tpm_was_cleared_since_enrolls_with_a_new_key(
         controller: Controller, counted_swtpm: Swtpm, tmp_path: Path) -> None:
     token = tmp_path / "gw-retry.token"
