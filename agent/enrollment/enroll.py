@@ -100,8 +100,9 @@ async def enroll_async(
     time_measured = now is not None or (clock is not None and clock.measured)
     verify_token(text, ca_cert, trusted_now)
 
-    ensure_private_dir(state.path)
+    # The key store first: a TPM that is required but absent must leave no state directory behind.
     keystore = open_keystore(state.path, keystore_settings)
+    ensure_private_dir(state.path)
     try:
         public_key = _device_public_key(keystore)
         csr = build_csr(keystore, token.sub)
@@ -133,7 +134,9 @@ def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
         keystore.create()
         return keystore.public_key()
     try:
-        return keystore.public_key()
+        public_key = keystore.public_key()
+        keystore.sign(b"outpost-agent enrollment check")  # a TPM cleared since the last try lost it
+        return public_key
     except DeviceKeyLost:
         # Not enrolled yet, so nothing depends on that key: start with a new one.
         keystore.delete()

@@ -306,6 +306,8 @@ async def _attempt(
     try:
         identity = attempt.result()
     except OutpostError as error:
+        if error.terminal:
+            raise  # the TPM refused authorization: not the token's fault, so it is not marked refused
         delay = schedule.failed(token, str(error), error.retryable, clock())
         if delay is None:
             log.error("could not enroll from %s: %s", token.path, error)

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import (
-    EXIT_IDENTITY_LOST,
+    EXIT_IDENTITY_REFUSED,
     ControllerUnreachable,
     EnrollmentError,
     OutpostError,
@@ -88,7 +88,7 @@ REFUSAL_CODES = frozenset(
 class RenewalRefused(OutpostError):
     """The controller will not certify this gateway's key: revoked, disabled, or offline too long."""
 
-    exit_code = EXIT_IDENTITY_LOST
+    exit_code = EXIT_IDENTITY_REFUSED
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
@@ -281,6 +281,8 @@ class CertificateKeeper:
             try:
                 cert = await self.renew_now()
             except OutpostError as error:
+                if error.terminal:
+                    raise  # a lost device key or a refused TPM authorization: retrying only costs the TPM
                 failures += 1
                 self.last_error = str(error)
                 # A refusal is logged loudly but still retried slowly: ops may enable the identity again.
@@ -325,7 +327,8 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = t
     """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
 
     RenewalRefused (revoked, disabled, past the grace period) and TrustError
-    end it: only central ops can change those.
+    end it: only central ops can change those; so do terminal errors (a lost
+    device key, a TPM that refused authorization).
     """
     rng = rng or random.Random()
     failures = 0
@@ -335,6 +338,8 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = t
         except (RenewalRefused, TrustError):
             raise
         except OutpostError as error:
+            if error.terminal:
+                raise
             failures += 1
             ceiling = min(START_RECOVERY_MAX_WAIT, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 30))
             delay = max(MIN_RETRY_SECONDS, rng.uniform(0.0, ceiling))

@@ -1,12 +1,17 @@
-"""What a TPM response code means for the agent: retry, give up, or identity lost.
+"""What a TPM response code means for the agent: retry, wait long, give up, or identity lost.
 
 A TPM answers "busy" in several ways (self-test running, NV write rate
-limit, a resource manager's RETRY); those pass with a short wait. An
-authorization failure never passes by retrying and, on a key that is not
-exempt from dictionary-attack protection, retrying would walk the TPM into
-lockout, so it is never retried. A key blob that the TPM refuses to load
-means the TPM that made it is gone (cleared or replaced): that is not a crash
-to restart from but a lost identity.
+limit, a resource manager's RETRY); those pass with a short wait. A TPM in
+dictionary-attack lockout is not busy: the lockout lasts the TPM's recovery
+time (minutes to hours), so a short retry loop is pointless; it is reported
+at once and the agent's own loops try again after their (long) backoff. The
+device key and the derived parent are noDA and the owner hierarchy is not
+DA-protected, so lockout reaches the agent only through a DA-protected
+storage key someone provisioned at 0x81000001. An authorization failure
+never passes by retrying and, on a DA-protected object, each retry counts
+toward that lockout, so it is never retried and the agent stops. A key blob
+that the TPM refuses to load means the TPM that made it is gone (cleared or
+replaced): that is not a crash to restart from but a lost identity.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
-from agent.errors import DeviceKeyLost, KeyStoreBusy, KeyStoreError
+from agent.errors import DeviceKeyLost, KeyStoreBusy, KeyStoreError, TpmAuthorizationRefused, TpmLockedOut
 from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,6 @@ _BUSY_CODES = frozenset(
         TPM2_RC.TESTING,
         TPM2_RC.NV_RATE,
         TPM2_RC.NV_UNAVAILABLE,
-        TPM2_RC.LOCKOUT,
         TPM2_RC.CANCELED,
         TPM2_RC.OBJECT_MEMORY,
         TPM2_RC.SESSION_MEMORY,
@@ -98,6 +102,7 @@ _TPM_CODE_MASK = 0xFFFF
 
 class Kind(enum.Enum):
     BUSY = "busy"
+    LOCKOUT = "lockout"
     AUTH = "auth"
     LOAD_REFUSED = "load-refused"
     COMMUNICATION = "communication"
@@ -124,6 +129,8 @@ def classify(error: TSS2_Exception) -> Kind:
         return Kind.COMMUNICATION if layer == int(TSS2_RC.TCTI_RC_LAYER) else Kind.OTHER
     if code in _BUSY_CODES:
         return Kind.BUSY
+    if code == int(TPM2_RC.LOCKOUT):
+        return Kind.LOCKOUT
     if code in _AUTH_CODES:
         return Kind.AUTH
     if code in _LOAD_REFUSED_CODES:
@@ -140,10 +147,17 @@ def to_keystore_error(error: TSS2_Exception, tcti: str, action: str) -> KeyStore
     kind = classify(error)
     if kind is Kind.BUSY:
         return KeyStoreBusy(f"the TPM at {tcti} stayed busy while {action} ({error}); the agent will try again later")
+    if kind is Kind.LOCKOUT:
+        return TpmLockedOut(
+            f"the TPM at {tcti} is in dictionary-attack lockout while {action} ({error}); it unlocks by itself "
+            "after its recovery time, or at once with tpm2_dictionarylockout --clear-lockout by the TPM's owner; "
+            "the agent tries again later"
+        )
     if kind is Kind.AUTH:
-        return KeyStoreError(
-            f"the TPM at {tcti} refused authorization while {action} ({error}); the agent uses an empty "
-            "owner password, so either clear the owner password or provision a storage key at 0x81000001"
+        return TpmAuthorizationRefused(
+            f"the TPM at {tcti} refused authorization while {action} ({error}); the agent uses empty passwords "
+            "(owner hierarchy, storage key at 0x81000001), so remove the password someone set and restart "
+            "outpost-agent; it does not retry, as wrong passwords count toward the TPM's lockout"
         )
     if kind is Kind.COMMUNICATION:
         return KeyStoreError(

@@ -7,11 +7,22 @@ such as ``create_primary``'s ``outside_info`` at that moment. Any library
 that happens to import ``unittest.mock`` first would then break the key
 store, so the import below does not let it see that module. 3.0 keys the
 shortcut on sphinx instead and is unaffected.
+
+The TSS libraries write their own warnings to stderr (``WARNING:tcti:...``
+with C file and line) for every failure the agent already reports in one
+sentence, such as an absent TPM during the ``auto`` probe or a refused key
+load. They are silenced unless ``TSS2_LOG`` is set, so that a technician can
+still ask for them (``TSS2_LOG=all+debug``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+
+#: TSS2_LOG value that turns every TSS log module off.
+TSS_LOG_SILENT = "all+NONE"
+os.environ.setdefault("TSS2_LOG", TSS_LOG_SILENT)
 
 _hidden = sys.modules.pop("unittest.mock", None) if "tpm2_pytss" not in sys.modules else None
 try:

@@ -14,7 +14,8 @@ import aiohttp
 from agent import service_manager
 from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
-from agent.errors import OutpostError, TrustError, TunnelRefused
+from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
+from agent.identity.keystore import KeyStore
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import STABLE_AFTER, Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
@@ -122,13 +123,15 @@ class TunnelSupervisor:
                 options = dataclasses.replace(self.options, proxy=proxy_for(relay, self.options.proxy, self.no_proxy))
                 try:
                     session, task = await open_tunnel(http, relay, self.credentials, ssl_context, options)
-                except (TrustError, TunnelRefused) as exc:
-                    self.stats.last_error = str(exc)
-                    log.error("%s", exc)
-                    self.rotation.connect_failed()
                 except OutpostError as exc:
+                    if exc.terminal:
+                        # A lost device key or a refused TPM authorization: another
+                        # attempt would only ask the TPM again. The CLI prints the sentence.
+                        self.ended_by(exc)
+                        raise
                     self.stats.last_error = str(exc)
-                    log.warning("%s", exc)
+                    log.log(logging.ERROR if isinstance(exc, (TrustError, TunnelRefused)) else logging.WARNING,
+                            "%s", exc)
                     self.rotation.connect_failed()
                 else:
                     self._adopt_relays(session, relay)
@@ -149,6 +152,12 @@ class TunnelSupervisor:
                 except asyncio.TimeoutError:
                     pass
         self.stats.state = "stopped"
+        self._report()
+
+    def ended_by(self, error: OutpostError) -> None:
+        """Record in the status that ``error`` ends the agent (``outpost-agent status`` shows why)."""
+        self.stats.state = "stopped"
+        self.stats.last_error = str(error)
         self._report()
 
     def _adopt_relays(self, session: AgentSession, connected: str) -> None:
@@ -226,7 +235,7 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], k
         supervisor.stats.dials[dial.service] = dial.port
         log.info("dial %s listening on %s:%d", dial.service, dial.host, dial.port)
     try:
-        await supervisor.run()
+        await _supervise(supervisor, renewing)
     finally:
         service_manager.notify_stopping()
         if watchdog is not None:
@@ -237,6 +246,37 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], k
             timekeeping.cancel()
         for dial in dials:
             await dial.close()
+
+
+async def _supervise(supervisor: TunnelSupervisor, renewing: asyncio.Task | None) -> None:
+    """Run the supervisor until it stops; the certificate keeper ends only by a terminal
+    error (lost device key), which stops the tunnel and ends the agent with that error."""
+    supervising = asyncio.ensure_future(supervisor.run())
+    if renewing is not None:
+        await asyncio.wait({supervising, renewing}, return_when=asyncio.FIRST_COMPLETED)
+        if renewing.done() and not supervising.done():
+            supervisor.stop()
+            await supervising
+            error = renewing.exception()
+            if isinstance(error, OutpostError):
+                supervisor.ended_by(error)
+            renewing.result()
+    await supervising
+
+
+def check_device_key(keystore: KeyStore) -> None:
+    """Sign once at start, so a lost key says so now rather than at the first login.
+
+    A lost key or a refused authorization ends the agent here. A TPM that is
+    busy or locked out does not: the tunnel loop tries again with its backoff
+    (minutes apart), where a restart by systemd would ask every 10 s.
+    """
+    try:
+        keystore.sign(b"outpost-agent start check")
+    except KeyStoreError as error:
+        if not error.retryable:
+            raise
+        log.warning("%s", error)
 
 
 def note_clock(stats: TunnelStats, clock: TrustedClock, problem: str | None) -> None:
@@ -259,7 +299,7 @@ def run(config) -> int:
             return 0  # stopped while waiting for a token
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
-    keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
+    check_device_key(keystore)
     from agent.identity.renewal import keeper_for_tunnel, recover_at_start
 
     # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time.

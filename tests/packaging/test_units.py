@@ -95,7 +95,7 @@ def test_restart_prevention_matches_the_agents_exit_codes() -> None:
     from agent import errors
 
     prevented = set(unit_settings("outpost-agent.service")["RestartPreventExitStatus"][0].split())
-    assert prevented == {str(errors.EXIT_USAGE), str(errors.EXIT_DATAERR), str(errors.EXIT_IDENTITY_LOST)}
+    assert prevented == {str(code) for code in errors.NOT_RESTARTED_EXIT_CODES}
     # A retryable failure must stay restartable.
     assert str(errors.EXIT_UNAVAILABLE) not in prevented and str(errors.EXIT_TEMPFAIL) not in prevented
 

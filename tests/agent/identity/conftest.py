@@ -8,6 +8,7 @@ from typing import Iterator
 import pytest
 
 from tests.agent.identity.swtpm_harness import LOOPBACK, Swtpm, closed_port, started_swtpm
+from tests.agent.identity.swtpm_harness import counted_swtpm  # noqa: F401  (a fixture, shared with tests/e2e)
 
 
 @pytest.fixture

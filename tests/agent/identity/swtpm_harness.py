@@ -13,6 +13,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 SWTPM = shutil.which("swtpm")
 LOOPBACK = "127.0.0.1"
@@ -29,6 +32,14 @@ PORT_ATTEMPTS = 50
 PORT_RANGE = (20000, 32000)
 #: Another process may take a port between the check and swtpm's bind; try afresh.
 START_ATTEMPTS = 3
+#: swtpm's log level at which it writes every command it receives, in hex.
+COMMAND_LOG_LEVEL = 20
+#: TPM 2.0 command codes (TPM 2.0 Part 2, TPM_CC) that tests count.
+CC_CREATE_PRIMARY = 0x131
+CC_LOAD = 0x157
+CC_SIGN = 0x15D
+#: A command starts with tag (2 bytes) and size (4); the command code follows.
+_CC_OFFSET = 6
 
 
 def free_port_pair() -> int:
@@ -61,12 +72,15 @@ def closed_port() -> int:
 class Swtpm:
     """One swtpm process: its TCTI string, and the ways a field TPM loses keys."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, log_commands: bool = False) -> None:
         if SWTPM is None:
             pytest.skip("swtpm is not installed (Debian package: swtpm)")
         self.workdir = workdir
         self.state_dir = workdir / "tpm-state"
         self.log_path = workdir / "swtpm.log"
+        #: swtpm writes every command here when ``log_commands`` (see ``commands()``).
+        self.command_log = workdir / "swtpm-commands.log"
+        self.log_commands = log_commands
         self.port = free_port_pair()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -83,6 +97,8 @@ class Swtpm:
             "--tpmstate", f"dir={self.state_dir}",
             "--flags", "not-need-init,startup-clear",
         ]
+        if self.log_commands:
+            command += ["--log", f"file={self.command_log},level={COMMAND_LOG_LEVEL}"]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
@@ -121,6 +137,33 @@ class Swtpm:
         shutil.rmtree(self.state_dir)
         self.start()
 
+    def commands(self) -> list[int]:
+        """The command codes this TPM received so far (across restarts), oldest first.
+
+        Read from swtpm's own log of the bytes it got, so it counts what
+        reached the chip whatever the client did.
+        """
+        if not self.log_commands:
+            raise RuntimeError("start swtpm with log_commands=True to count its commands")
+        try:
+            lines = self.command_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        codes: list[int] = []
+        command: bytearray | None = None
+        for line in lines + [""]:
+            text = line.strip()
+            if command is not None and text and all(len(b) == 2 for b in text.split()):
+                try:
+                    command += bytes.fromhex(text)
+                    continue
+                except ValueError:
+                    pass
+            if command is not None and len(command) >= _CC_OFFSET + 4:
+                codes.append(int.from_bytes(command[_CC_OFFSET:_CC_OFFSET + 4], "big"))
+            command = bytearray() if text.startswith("SWTPM_IO_Read:") else None
+        return codes
+
     def esapi(self):  # type: ignore[no-untyped-def]
         """An ESAPI context for test set-up; the caller closes it (and its TCTI)."""
         from agent.identity.tss import ESAPI
@@ -136,9 +179,9 @@ def _listening(port: int) -> bool:
         return False
 
 
-def started_swtpm(workdir: Path) -> Swtpm:
+def started_swtpm(workdir: Path, log_commands: bool = False) -> Swtpm:
     """A fresh swtpm with its own state in ``workdir``, started (retrying port clashes)."""
-    tpm = Swtpm(workdir)
+    tpm = Swtpm(workdir, log_commands)
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             tpm.start()
@@ -148,3 +191,13 @@ def started_swtpm(workdir: Path) -> Swtpm:
                 raise
             tpm.port = free_port_pair()
     return tpm
+
+
+@pytest.fixture
+def counted_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A fresh swtpm that logs every command it receives, so a test counts what reached it."""
+    tpm = started_swtpm(tmp_path / "counted-swtpm", log_commands=True)
+    try:
+        yield tpm
+    finally:
+        tpm.stop()

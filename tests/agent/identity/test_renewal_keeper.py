@@ -150,7 +150,7 @@ def test_a_wrong_key_is_refused_with_a_sentence_and_changes_nothing(tmp_path: Pa
                 await renew_certificate(state, other)
             assert refused.value.code == "renewal_unknown_key"
             assert "re-enroll it with a new token" in str(refused.value)
-            assert refused.value.exit_code == 78
+            assert refused.value.exit_code == 77  # EX_NOPERM: the controller refuses this identity
             assert state_files(state) == before
 
     run(scenario())

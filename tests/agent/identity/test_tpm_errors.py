@@ -15,7 +15,13 @@ pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pyt
 
 from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception  # noqa: E402
 
-from agent.errors import KeyStoreBusy, KeyStoreError  # noqa: E402
+from agent.errors import (  # noqa: E402
+    EXIT_TEMPFAIL,
+    EXIT_TPM_AUTH_REFUSED,
+    KeyStoreBusy,
+    TpmAuthorizationRefused,
+    TpmLockedOut,
+)
 from agent.identity.tpm_errors import (  # noqa: E402
     BUSY_ATTEMPTS,
     BUSY_TOTAL_BUDGET,
@@ -39,7 +45,7 @@ BAD_AUTH_ON_SESSION_1 = int(TPM2_RC.BAD_AUTH) | 0x900
         (TPM2_RC.YIELDED, Kind.BUSY),
         (TPM2_RC.TESTING, Kind.BUSY),
         (TPM2_RC.NV_RATE, Kind.BUSY),
-        (TPM2_RC.LOCKOUT, Kind.BUSY),
+        (TPM2_RC.LOCKOUT, Kind.LOCKOUT),
         (TPM2_RC.OBJECT_MEMORY, Kind.BUSY),
         (int(TPM2_RC.RETRY) | int(TSS2_RC.RESMGR_TPM_RC_LAYER), Kind.BUSY),
         (TPM2_RC.AUTH_FAIL, Kind.AUTH),
@@ -97,16 +103,32 @@ def test_the_waits_double_and_stay_inside_the_budget() -> None:
     assert sum(waits) <= BUSY_TOTAL_BUDGET
 
 
-@pytest.mark.parametrize("rc", [TPM2_RC.AUTH_FAIL, BAD_AUTH_ON_SESSION_1, INTEGRITY_ON_PARAMETER_1])
-def test_authorization_and_other_failures_are_never_retried(rc: int) -> None:
+@pytest.mark.parametrize("rc", [TPM2_RC.AUTH_FAIL, BAD_AUTH_ON_SESSION_1, INTEGRITY_ON_PARAMETER_1, TPM2_RC.LOCKOUT])
+def test_authorization_lockout_and_other_failures_are_never_retried(rc: int) -> None:
     operation = Answers(rc)
     with pytest.raises(TSS2_Exception):
         with_busy_retry(operation, busy_error)
     assert operation.calls == 1
 
 
-def test_an_authorization_failure_reads_as_a_sentence_that_says_what_to_do() -> None:
+def test_an_authorization_failure_reads_as_a_sentence_that_says_what_to_do_and_ends_the_agent() -> None:
     error = to_keystore_error(TSS2_Exception(BAD_AUTH_ON_SESSION_1), TCTI, "signing")
-    assert type(error) is KeyStoreError
-    assert "refused authorization" in str(error) and "owner password" in str(error)
-    assert not error.retryable
+    assert type(error) is TpmAuthorizationRefused
+    assert str(error).startswith(f"the TPM at {TCTI} refused authorization while signing (")
+    assert "remove the password someone set and restart outpost-agent" in str(error)
+    assert not error.retryable and error.terminal
+    assert error.exit_code == EXIT_TPM_AUTH_REFUSED
+
+
+def test_a_lockout_reads_as_a_sentence_that_says_it_passes_and_leaves_the_retry_to_the_agents_loops() -> None:
+    error = to_keystore_error(TSS2_Exception(int(TPM2_RC.LOCKOUT)), TCTI, "signing")
+    assert type(error) is TpmLockedOut
+    assert "dictionary-attack lockout" in str(error) and "unlocks by itself" in str(error)
+    assert error.retryable and not error.terminal
+    assert error.exit_code == EXIT_TEMPFAIL
+
+
+def test_busy_is_retryable_and_not_terminal() -> None:
+    error = to_keystore_error(TSS2_Exception(int(TPM2_RC.RETRY)), TCTI, "signing")
+    assert type(error) is KeyStoreBusy
+    assert error.retryable and not error.terminal

@@ -20,8 +20,8 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 from agent.errors import KeyStoreError  # noqa: E402
 from agent.identity.tpm import KEY_FILE, TpmKeyStore  # noqa: E402
 from agent.identity.tpm_objects import (  # noqa: E402
-    DEVICE_KEY_ATTRIBUTES,
     PERSISTENT_SRK_HANDLE,
+    name_of,
     srk_template,
     unmarshal_private,
     unmarshal_public,
@@ -90,16 +90,40 @@ def test_no_stored_file_or_field_is_a_private_key_and_the_blob_is_tpm_wrapped(sw
     assert outer_size > 2 + integrity_size + 32
 
 
+# The device key's attributes as the TPM holds them: set, and not set.
+ATTRIBUTES_SET = ("FIXEDTPM", "FIXEDPARENT", "SENSITIVEDATAORIGIN", "USERWITHAUTH", "SIGN_ENCRYPT", "NODA")
+ATTRIBUTES_CLEAR = ("DECRYPT", "RESTRICTED", "ADMINWITHPOLICY", "ENCRYPTEDDUPLICATION")
+
+
 def test_the_key_has_the_field_attributes_and_the_parent_is_rederivable(swtpm, key_dir: Path) -> None:
+    from agent.identity.tss import ESYS_TR, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT
+
     TpmKeyStore(key_dir, swtpm.tcti).create()
     document = json.loads((key_dir / KEY_FILE).read_text())
-    public = unmarshal_public(base64.b64decode(document["public"]))
-    # fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | sign | noDA, no policy.
-    assert int(public.publicArea.objectAttributes) == int(DEVICE_KEY_ATTRIBUTES)
-    assert len(bytes(public.publicArea.authPolicy)) == 0
     parent = document["parent"]
     assert parent["kind"] == "primary" and parent["hierarchy"] == "owner"
-    assert base64.b64decode(parent["template"]) == srk_template().marshal()
+    esapi = swtpm.esapi()
+    try:
+        # The parent derived again from the stored template is the one the key was made under.
+        srk, srk_public, _, _, _ = esapi.create_primary(
+            TPM2B_SENSITIVE_CREATE(), unmarshal_public(base64.b64decode(parent["template"])), ESYS_TR.OWNER
+        )
+        try:
+            assert name_of(srk_public).hex() == parent["name"]
+            key = esapi.load(srk, unmarshal_private(base64.b64decode(document["private"])),
+                             unmarshal_public(base64.b64decode(document["public"])))
+        finally:
+            esapi.flush_context(srk)
+        try:
+            held, _, _ = esapi.read_public(key)  # what the TPM itself says about the loaded key
+        finally:
+            esapi.flush_context(key)
+    finally:
+        esapi.close()
+    attributes = int(held.publicArea.objectAttributes)
+    assert {name for name in ATTRIBUTES_SET if not attributes & int(getattr(TPMA_OBJECT, name))} == set()
+    assert {name for name in ATTRIBUTES_CLEAR if attributes & int(getattr(TPMA_OBJECT, name))} == set()
+    assert len(bytes(held.publicArea.authPolicy)) == 0  # no policy, so no PCRs either
 
 
 def test_a_persistent_srk_at_0x81000001_is_used_as_the_parent(swtpm, key_dir: Path) -> None:

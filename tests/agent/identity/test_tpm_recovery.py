@@ -1,8 +1,10 @@
-"""Field lessons: cleared, replaced and password-protected TPMs, and damaged key files.
+"""Field lessons: cleared, replaced, password-protected and locked-out TPMs, and damaged key files.
 
 A gateway whose TPM no longer holds its key must say "identity lost,
 re-enroll" (DeviceKeyLost, exit 78) and leave its files as they were, never
-crash-loop and never quietly make a new key.
+crash-loop and never quietly make a new key. A refused authorization is asked
+once (TpmAuthorizationRefused, exit 79); a TPM in dictionary-attack lockout is
+reported at once as passing with time (TpmLockedOut), not retried in a loop.
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 
 pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
 
-from agent.errors import EXIT_IDENTITY_LOST, DeviceKeyLost, KeyStoreBusy, KeyStoreError  # noqa: E402
+from agent.errors import (  # noqa: E402
+    EXIT_IDENTITY_LOST,
+    EXIT_TPM_AUTH_REFUSED,
+    DeviceKeyLost,
+    TpmAuthorizationRefused,
+    TpmLockedOut,
+)
 from agent.identity.tpm import KEY_FILE, TpmKeyStore  # noqa: E402
 from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
 from agent.identity.tpm_objects import PERSISTENT_SRK_HANDLE, srk_template  # noqa: E402
+from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN  # noqa: E402
 
 #: An authorization failure is answered at once, never after a retry loop.
 AUTH_FAILURE_DEADLINE = 1.0
@@ -125,24 +136,65 @@ def test_a_missing_key_file_is_a_lost_identity(enrolled: TpmKeyStore, key_dir: P
         enrolled.sign(b"challenge")
 
 
-def test_an_owner_password_is_an_authorization_error_answered_at_once_and_not_a_lost_key(
-    swtpm, enrolled: TpmKeyStore, key_dir: Path
+def test_an_owner_password_is_an_authorization_refusal_asked_once_and_not_a_lost_key(
+    counted_swtpm, key_dir: Path
 ) -> None:
     from agent.identity.tss import ESYS_TR
 
-    esapi = swtpm.esapi()
+    enrolled = TpmKeyStore(key_dir, counted_swtpm.tcti)
+    enrolled.create()
+    esapi = counted_swtpm.esapi()
     try:
         esapi.hierarchy_change_auth(ESYS_TR.OWNER, b"set-by-someone-else")
     finally:
         esapi.close()
     before = snapshot(key_dir)
+    mark = len(counted_swtpm.commands())
     started = time.monotonic()
-    with pytest.raises(KeyStoreError, match="refused authorization") as caught:
+    with pytest.raises(TpmAuthorizationRefused, match="refused authorization") as caught:
         enrolled.sign(b"challenge")
     assert time.monotonic() - started < AUTH_FAILURE_DEADLINE
-    assert not isinstance(caught.value, (DeviceKeyLost, KeyStoreBusy))
+    assert caught.value.terminal and caught.value.exit_code == EXIT_TPM_AUTH_REFUSED
+    assert counted_swtpm.commands()[mark:] == [CC_CREATE_PRIMARY]  # one try, then nothing
     assert snapshot(key_dir) == before
-    other = TpmKeyStore(key_dir / "fresh", swtpm.tcti)
-    with pytest.raises(KeyStoreError, match="refused authorization"):
+    other = TpmKeyStore(key_dir / "fresh", counted_swtpm.tcti)
+    with pytest.raises(TpmAuthorizationRefused, match="refused authorization"):
         other.create()
     assert not other.exists()
+
+
+def test_a_tpm_in_lockout_is_reported_at_once_as_passing_with_time_and_signs_again_after_it(
+    counted_swtpm, key_dir: Path
+) -> None:
+    """Lockout reaches the agent through a DA-protected storage key someone provisioned at
+    0x81000001 (its own keys are noDA); the TPM answers LOCKOUT to loading under it."""
+    from agent.identity.tss import ESYS_TR, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT
+
+    template = srk_template()
+    template.publicArea.objectAttributes &= ~TPMA_OBJECT.NODA
+    esapi = counted_swtpm.esapi()
+    try:
+        handle, _, _, _, _ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER)
+        esapi.evict_control(ESYS_TR.OWNER, handle, PERSISTENT_SRK_HANDLE)
+        esapi.flush_context(handle)
+        store = TpmKeyStore(key_dir, counted_swtpm.tcti)
+        store.create()
+        assert json.loads((key_dir / KEY_FILE).read_text())["parent"]["kind"] == "persistent"
+        esapi.dictionary_attack_parameters(0, 1000, 1000)  # no tries left: the TPM is in lockout now
+        before = snapshot(key_dir)
+        mark = len(counted_swtpm.commands())
+        started = time.monotonic()
+        with pytest.raises(TpmLockedOut, match="dictionary-attack lockout") as caught:
+            store.sign(b"challenge")
+        assert time.monotonic() - started < AUTH_FAILURE_DEADLINE
+        assert caught.value.retryable and not caught.value.terminal
+        assert counted_swtpm.commands()[mark:].count(CC_LOAD) == 1  # reported, not retried
+        assert snapshot(key_dir) == before
+        esapi.dictionary_attack_parameters(3, 1000, 1000)
+        esapi.dictionary_attack_lock_reset()
+    finally:
+        esapi.close()
+    mark = len(counted_swtpm.commands())
+    signature = store.sign(b"after the lockout")
+    assert CC_SIGN in counted_swtpm.commands()[mark:]
+    store.public_key().verify(signature, b"after the lockout", ec.ECDSA(hashes.SHA256()))
