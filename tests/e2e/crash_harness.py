@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import signal
 import sqlite3
 import ssl
@@ -21,10 +22,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -43,6 +46,10 @@ SOFTWARE_KEYS = KeyStoreSettings(backend="software")
 REAP_TIMEOUT = 10.0
 #: A full run of one agent command on a loaded CI machine, at most.
 COMMAND_TIMEOUT = 60.0
+#: The issue asks for at least 200 kills in a run CI executes.
+STRESS_KILLS = 200
+#: The CI machine has two cores: one kill loop per core.
+WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,58 @@ class KillOutcome:
     def failed_on_its_own(self) -> bool:
         """It exited before the kill, and not successfully: a fault in itself."""
         return not self.killed and self.returncode != 0
+
+
+def kill_counts(quick: int) -> list:
+    """pytest parameters: ``quick`` kills in the quick suite, STRESS_KILLS in the slow run."""
+    return [pytest.param(quick, id="quick"),
+            pytest.param(STRESS_KILLS, id="stress", marks=pytest.mark.slow)]
+
+
+@dataclass
+class Tally:
+    """What the kills did, for the failure message and the log."""
+
+    seed: int
+    kills: int = 0
+    iterations: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def merge(self, other: "Tally") -> None:
+        self.kills += other.kills
+        self.iterations += other.iterations
+        self.faults += other.faults
+        for outcome, number in other.outcomes.items():
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + number
+
+    def report(self) -> str:
+        return json.dumps({"seed": self.seed, "kills": self.kills, "iterations": self.iterations,
+                           "outcomes": self.outcomes,
+                           "faults": self.faults[:20]}, sort_keys=True)
+
+
+def crash_seed() -> int:
+    # OUTPOST_CRASH_SEED replays a failing run's kill delays.
+    return int(os.environ.get("OUTPOST_CRASH_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def in_parallel(kills: int, seed: int, loop: Callable[[int, int, random.Random, Tally], None]) -> Tally:
+    """Run ``loop(worker, kills_wanted, rng, tally)`` on WORKERS threads; the merged tally."""
+    total = Tally(seed)
+    shares = [kills // WORKERS + (1 if w < kills % WORKERS else 0) for w in range(WORKERS)]
+    tallies = [Tally(seed) for _ in range(WORKERS)]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = [pool.submit(loop, w, shares[w], random.Random(seed * WORKERS + w), tallies[w])
+                   for w in range(WORKERS)]
+        for future in futures:
+            future.result()
+    for tally in tallies:
+        total.merge(tally)
+    return total
 
 
 def agent_argv(*args: str) -> list[str]:

@@ -24,14 +24,10 @@ brings up a tunnel.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cryptography import x509
@@ -40,24 +36,25 @@ from agent.identity.state import StateDir
 from agent.identity.trust import ca_fingerprint
 from tests.e2e.crash_harness import (
     ControllerStore,
+    WORKERS,
     ManagementClient,
+    Tally,
     agent_argv,
     identity_faults,
+    in_parallel,
+    kill_counts,
     run_and_kill,
     run_agent,
     stored_key_sha256,
     timed_runs,
     token_jti,
+    crash_seed,
 )
 from tests.e2e.harness import Controller
 from tests.e2e.test_walking_skeleton import start_agent
 
 #: The quick suite's share: enough to cross every phase a few times in seconds.
 QUICK_KILLS = 12
-#: The issue asks for at least 200 kills in a run CI executes.
-STRESS_KILLS = 200
-#: The CI machine has two cores: one kill loop per core.
-WORKERS = 2
 #: Whole runs timed before the kills, to spread the kill delays over one run.
 MEASURED_RUNS = 3
 #: Killed runs that exited first are not kills; the loop stops after this many
@@ -70,59 +67,6 @@ STATE_FILES = frozenset({"key.pem", "ca.pem", "cert.pem", "identity.json", "stat
 TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 
-def kill_counts() -> list:
-    return [pytest.param(QUICK_KILLS, id="quick"),
-            pytest.param(STRESS_KILLS, id="stress", marks=pytest.mark.slow)]
-
-
-@dataclass
-class Tally:
-    """What the kills did, for the failure message and the log."""
-
-    seed: int
-    kills: int = 0
-    iterations: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    faults: list[str] = field(default_factory=list)
-    leftover_temporaries: int = 0
-
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-
-    def merge(self, other: "Tally") -> None:
-        self.kills += other.kills
-        self.iterations += other.iterations
-        self.faults += other.faults
-        self.leftover_temporaries += other.leftover_temporaries
-        for outcome, number in other.outcomes.items():
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + number
-
-    def report(self) -> str:
-        return json.dumps({"seed": self.seed, "kills": self.kills, "iterations": self.iterations,
-                           "outcomes": self.outcomes, "leftover_temporaries": self.leftover_temporaries,
-                           "faults": self.faults[:20]}, sort_keys=True)
-
-
-def crash_seed() -> int:
-    # OUTPOST_CRASH_SEED replays a failing run's kill delays.
-    return int(os.environ.get("OUTPOST_CRASH_SEED") or random.SystemRandom().randrange(2**32))
-
-
-def in_parallel(kills: int, seed: int, loop: Callable[[int, int, random.Random, Tally], None]) -> Tally:
-    """Run ``loop(worker, kills_wanted, rng, tally)`` on WORKERS threads; the merged tally."""
-    total = Tally(seed)
-    shares = [kills // WORKERS + (1 if w < kills % WORKERS else 0) for w in range(WORKERS)]
-    tallies = [Tally(seed) for _ in range(WORKERS)]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        futures = [pool.submit(loop, w, shares[w], random.Random(seed * WORKERS + w), tallies[w])
-                   for w in range(WORKERS)]
-        for future in futures:
-            future.result()
-    for tally in tallies:
-        total.merge(tally)
-    return total
-
-
 def debris(state: Path, tally: Tally) -> list[str]:
     """Files a crash left that no agent would write; temporaries are counted, not faults."""
     if not state.is_dir():
@@ -130,7 +74,7 @@ def debris(state: Path, tally: Tally) -> list[str]:
     unknown = []
     for name in os.listdir(state):
         if TEMPORARY.match(name):
-            tally.leftover_temporaries += 1
+            tally.count("leftover temporaries")
         elif name not in STATE_FILES:
             unknown.append(name)
     return [f"{state.name}: unexpected file {name}" for name in unknown]
@@ -140,7 +84,7 @@ def ca_fingerprint_of(controller: Controller) -> str:
     return ca_fingerprint(x509.load_pem_x509_certificate((controller.data / "ca" / "ca.pem").read_bytes()))
 
 
-@pytest.mark.parametrize("kills", kill_counts())
+@pytest.mark.parametrize("kills", kill_counts(QUICK_KILLS))
 def test_an_agent_killed_while_enrolling_is_enrolled_or_enrolls_again_with_the_same_token(
         controller: Controller, tmp_path: Path, kills: int) -> None:
     management = ManagementClient(controller.url, controller.data)
@@ -213,7 +157,7 @@ def test_an_agent_killed_while_enrolling_is_enrolled_or_enrolls_again_with_the_s
     agent.stop()
 
 
-@pytest.mark.parametrize("kills", kill_counts())
+@pytest.mark.parametrize("kills", kill_counts(QUICK_KILLS))
 def test_an_agent_killed_while_renewing_keeps_a_working_certificate_old_or_new(
         controller: Controller, tmp_path: Path, kills: int) -> None:
     management = ManagementClient(controller.url, controller.data)
