@@ -104,19 +104,26 @@ def crash_seed() -> int:
     return int(os.environ.get("OUTPOST_CRASH_SEED") or random.SystemRandom().randrange(2**32))
 
 
-def in_parallel(kills: int, seed: int, loop: Callable[[int, int, random.Random, Tally], None]) -> Tally:
-    """Run ``loop(worker, kills_wanted, rng, tally)`` on WORKERS threads; the merged tally."""
+def in_parallel(kills: int, seed: int, loop: Callable[[int, int, random.Random, Tally], None],
+                workers: int = WORKERS) -> Tally:
+    """Run ``loop(worker, kills_wanted, rng, tally)`` on ``workers`` threads; the merged tally."""
     total = Tally(seed)
-    shares = [kills // WORKERS + (1 if w < kills % WORKERS else 0) for w in range(WORKERS)]
-    tallies = [Tally(seed) for _ in range(WORKERS)]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        futures = [pool.submit(loop, w, shares[w], random.Random(seed * WORKERS + w), tallies[w])
-                   for w in range(WORKERS)]
+    shares = [kills // workers + (1 if w < kills % workers else 0) for w in range(workers)]
+    tallies = [Tally(seed) for _ in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(loop, w, shares[w], random.Random(seed * workers + w), tallies[w])
+                   for w in range(workers)]
         for future in futures:
             future.result()
     for tally in tallies:
         total.merge(tally)
     return total
+
+
+def last_line(output: str) -> str:
+    """The agent's own one-line error, without the TSS's log lines before it."""
+    lines = output.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def agent_argv(*args: str) -> list[str]:
@@ -175,7 +182,8 @@ def timed_runs(argv_for: Callable[[int], tuple[list[str], Path]], runs: int) -> 
     return Timing(statistics.median(wholes), statistics.median(appearances))
 
 
-def identity_faults(state: Path, ca_fingerprint_expected: str, now: float | None = None) -> list[str]:
+def identity_faults(state: Path, ca_fingerprint_expected: str, keys: KeyStoreSettings = SOFTWARE_KEYS,
+                    now: float | None = None) -> list[str]:
     """Why the enrolled state in ``state`` is not a usable identity (empty: it is usable).
 
     Usable means: it loads as a starting agent loads it, the certificate
@@ -196,7 +204,7 @@ def identity_faults(state: Path, ca_fingerprint_expected: str, now: float | None
         faults.append("the stored certificate is not issued by the stored CA")
     if not cert_not_before(cert).timestamp() <= now < cert_not_after(cert).timestamp():
         faults.append("the stored certificate is not valid now")
-    keystore = open_keystore(state, SOFTWARE_KEYS)
+    keystore = open_keystore(state, keys)
     try:
         if public_key_sha256(keystore.public_key()) != public_key_sha256(cert.public_key()):
             faults.append("the stored certificate is for another key than the stored key")
@@ -212,9 +220,9 @@ def identity_faults(state: Path, ca_fingerprint_expected: str, now: float | None
     return faults
 
 
-def stored_key_sha256(state: Path) -> str | None:
+def stored_key_sha256(state: Path, keys: KeyStoreSettings = SOFTWARE_KEYS) -> str | None:
     """SHA-256 of the device key left in ``state``, or None when there is none (or it is unreadable)."""
-    keystore = open_keystore(state, SOFTWARE_KEYS)
+    keystore = open_keystore(state, keys)
     try:
         return public_key_sha256(keystore.public_key()) if keystore.exists() else None
     except OutpostError:

@@ -257,8 +257,10 @@ def kill_loop(data: Path, wanted: int, rng: random.Random, tally: Tally) -> None
 def test_a_controller_killed_while_issuing_loses_no_identity_token_or_certificate_it_answered_for(
         tmp_path: Path, kills: int) -> None:
     # One controller and data directory per worker: a start takes a core for a third of a second.
-    tally = in_parallel(kills, crash_seed(),
-                        lambda worker, wanted, rng, tally: kill_loop(tmp_path / f"controller-{worker}", wanted, rng, tally))
+    def loop(worker: int, wanted: int, rng: random.Random, tally: Tally) -> None:
+        kill_loop(tmp_path / f"controller-{worker}", wanted, rng, tally)
+
+    tally = in_parallel(kills, crash_seed(), loop)
     print(tally.report())
     assert tally.faults == [], tally.report()
     assert tally.kills >= kills, tally.report()

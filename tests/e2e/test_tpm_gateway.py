@@ -11,26 +11,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.agent.identity.swtpm_harness import SWTPM, Swtpm, started_swtpm
+from tests.agent.identity.swtpm_harness import SWTPM, Swtpm
 from tests.e2e.harness import Controller, EchoServer, Process, free_port, python_env, read_status, round_trip, wait_until
 
 pytestmark = pytest.mark.skipif(SWTPM is None, reason="swtpm is not installed (scripts/setup installs it)")
 # How long a refused start may take: one TPM round trip and a clear exit, no retry loop.
 PROMPT_EXIT = 15.0
-
-
-@pytest.fixture
-def tpm(tmp_path: Path) -> Iterator[Swtpm]:
-    chip = started_swtpm(tmp_path / "swtpm")
-    try:
-        yield chip
-    finally:
-        chip.stop()
 
 
 def agent_config(path: Path, state: Path, tcti: str, echo_port: int) -> Path:
