@@ -4,6 +4,12 @@ Several processes may share one store file, so every read-modify-write runs in
 ``BEGIN IMMEDIATE`` (the write lock is taken before the read, so two
 processes can never both see a token unused) and the journal is WAL (readers
 do not block the writer).
+
+A commit is durable before ``transaction()`` returns (``synchronous=FULL``:
+the WAL is flushed at every commit), so nothing the controller answers for
+(a consumed token, an issued certificate) is lost with a crash or the power
+after the answer went out; a crash before the commit loses the whole
+transaction and the client, which got no answer, retries.
 """
 
 from __future__ import annotations

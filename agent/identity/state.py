@@ -3,6 +3,10 @@
 Layout (docs/architecture.md): ``key.pem`` or ``key.tpm.json`` (the key
 store's), ``ca.pem``, ``cert.pem``, ``identity.json`` and ``status.json``.
 Enrollment is committed when ``identity.json`` exists; it is written last.
+
+Every file is replaced atomically and durably (agent/fsutil.py), so a crash
+at any point leaves each file whole, old or new; the crash guarantees and
+what a restart does with each half-finished state are in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from agent.errors import NotEnrolledError
-from agent.fsutil import atomic_write, ensure_private_dir
+from agent.fsutil import atomic_write, discard_unfinished_writes, ensure_private_dir
 from agent.identity.trust import cert_not_after
 
 CA_FILE = "ca.pem"
@@ -105,6 +109,7 @@ class StateDir:
     def save_enrollment(self, identity: EnrolledIdentity) -> None:
         """Store a completed enrollment; ``identity.json`` goes last as the commit marker."""
         ensure_private_dir(self.path)
+        discard_unfinished_writes(self.path)
         atomic_write(self.path / CA_FILE, identity.ca_pem.encode(), PUBLIC_FILE_MODE)
         atomic_write(self.path / CERT_FILE, identity.cert_pem.encode(), PUBLIC_FILE_MODE)
         record = asdict(identity)
@@ -115,6 +120,7 @@ class StateDir:
     def replace_certificate(self, cert_pem: str) -> None:
         """Store a renewed leaf; the old one stays in place until the new one is durable."""
         x509.load_pem_x509_certificate(cert_pem.encode())
+        discard_unfinished_writes(self.path)
         atomic_write(self.path / CERT_FILE, cert_pem.encode(), PUBLIC_FILE_MODE)
 
     def save_relays(self, relays: list[str]) -> None:

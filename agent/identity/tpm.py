@@ -9,7 +9,10 @@ same key), or the persistent one at 0x81000001 when the TPM has one.
 
 Every command runs in its own short ESAPI context and every transient object
 (parent, loaded key) is flushed in ``finally``: without a resource manager a
-TPM keeps a leaked object until reset, and three of them fill it.
+TPM keeps a leaked object until reset, and three of them fill it. A process
+killed mid-command (a watchdog, the OOM killer) flushes nothing, so a TPM
+that answers "out of memory for objects" is emptied of leftovers once and the
+command tried again.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from agent.identity.tss import (
     ESYS_TR,
     TPM2_CAP,
     TPM2_ECC,
+    TPM2_RC,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -49,6 +53,7 @@ from agent.identity.tpm_errors import (
     classify,
     device_key_lost,
     to_keystore_error,
+    tpm_code,
     with_busy_retry,
 )
 
@@ -63,6 +68,10 @@ MAX_KEY_FILE = 16 * 1024
 _ONE_HANDLE = 1
 #: Curves asked for in the probe; TPMs implement a handful at most.
 _MAX_CURVES = 64
+#: The first transient handle (TPM2_HT_TRANSIENT << 24): every loaded object's.
+_TRANSIENT_FIRST = 0x80000000
+#: Transient handles asked for when clearing leftovers; a TPM has a few slots, never this many.
+_MAX_TRANSIENT = 64
 
 
 @dataclass(frozen=True)
@@ -125,10 +134,37 @@ class TpmKeyStore(KeyStore):
     # -- one TPM conversation per operation --------------------------------
 
     def _tpm_call(self, operation, action: str):  # type: ignore[no-untyped-def]
+        def attempt():  # type: ignore[no-untyped-def]
+            try:
+                return operation()
+            except TSS2_Exception as error:
+                if tpm_code(error) != int(TPM2_RC.OBJECT_MEMORY) or not self._flush_leftovers():
+                    raise
+                return operation()
+
         try:
-            return with_busy_retry(operation, lambda error: to_keystore_error(error, str(self.tcti), action))
+            return with_busy_retry(attempt, lambda error: to_keystore_error(error, str(self.tcti), action))
         except TSS2_Exception as error:
             raise to_keystore_error(error, str(self.tcti), action) from None
+
+    def _flush_leftovers(self) -> int:
+        """Flush the transient objects in the TPM; how many there were.
+
+        Called only when the TPM is full. Behind a resource manager the TPM
+        shows each connection only its own objects (none, between our
+        commands), so nothing is flushed and the answer stays "busy". Without
+        one, a TPM serves one connection at a time (the kernel opens
+        /dev/tpm0 once), so what is there was left by a process that died.
+        """
+        with self._esapi() as esapi:
+            _, data = esapi.get_capability(TPM2_CAP.HANDLES, _TRANSIENT_FIRST, _MAX_TRANSIENT)
+            handles = [int(handle) for handle in data.data.handles]
+            for handle in handles:
+                self._flush(esapi, esapi.tr_from_tpmpublic(handle))
+        if handles:
+            log.warning("the TPM at %s was full of %d objects left by an interrupted process; flushed them",
+                        self.tcti, len(handles))
+        return len(handles)
 
     @contextlib.contextmanager
     def _esapi(self) -> Iterator[ESAPI]:

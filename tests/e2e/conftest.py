@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+from tests.agent.identity.swtpm_harness import Swtpm, started_swtpm
 from tests.e2e.harness import Controller, EchoServer
 
 
@@ -26,3 +27,13 @@ def echo_server() -> Iterator[EchoServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def tpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A fresh swtpm (socket mode, no resource manager), stopped after the test."""
+    chip = started_swtpm(tmp_path / "swtpm")
+    try:
+        yield chip
+    finally:
+        chip.stop()

@@ -78,11 +78,15 @@ class Process:
         return self.proc.returncode
 
 
+def controller_argv(data: Path) -> list[str]:
+    """``outpost-controller serve`` on DATA, on a free loopback port."""
+    return [sys.executable, "-m", "controller.cli", "serve", "--data", str(data), "--listen", "127.0.0.1:0"]
+
+
 class Controller:
     def __init__(self, data: Path) -> None:
         self.data = data
-        self.process = Process([sys.executable, "-m", "controller.cli", "serve", "--data", str(data),
-                                "--listen", "127.0.0.1:0"])
+        self.process = Process(controller_argv(data))
         line = self.process.wait_for_line("ready on https://")
         self.url = line.split("ready on ", 1)[1].split()[0]
         self.ctl_config = data / "outpostctl.toml"
