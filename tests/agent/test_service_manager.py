@@ -193,12 +193,15 @@ def test_logging_outside_systemd_goes_to_stderr(
     assert "not shown" not in err
 
 
-def test_logging_under_systemd_goes_to_the_journal_with_the_identifier(
-    restore_root_logger: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def under_journal(restore_root_logger: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started by systemd with python3-systemd at hand: logging will go to the journal."""
     if service_manager._JournalHandler is None:
         pytest.skip("python3-systemd is not installed here")
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+
+
+def test_logging_under_systemd_goes_to_the_journal_with_the_identifier(under_journal: None) -> None:
     handler = service_manager.configure_logging("DEBUG")
     assert isinstance(handler, service_manager._JournalHandler)
     assert handler._extra["SYSLOG_IDENTIFIER"] == "outpost-agent"
@@ -212,8 +215,11 @@ def test_logging_under_systemd_without_the_library_writes_plain_lines_to_stderr(
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
     service_manager.configure_logging(logging.WARNING)
     logging.getLogger("agent.test").warning("clock is 3 min off")
+    # Event fields are the journal's: a plain line stays as it is.
+    logging.getLogger("agent.test").warning(
+        "tunnel closed", extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED, relay="wss://r"))
     # journald stamps each line itself, so no timestamp of our own.
-    assert capsys.readouterr().err == "WARNING agent.test: clock is 3 min off\n"
+    assert capsys.readouterr().err == "WARNING agent.test: clock is 3 min off\nWARNING agent.test: tunnel closed\n"
 
 
 def test_journal_fields_name_the_event_and_only_what_is_known() -> None:
@@ -226,12 +232,7 @@ def test_journal_fields_name_the_event_and_only_what_is_known() -> None:
     }
 
 
-def test_the_journal_handler_sends_the_event_fields_a_log_call_passes_as_extra(
-    restore_root_logger: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if service_manager._JournalHandler is None:
-        pytest.skip("python3-systemd is not installed here")
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+def test_the_journal_handler_sends_the_event_fields_a_log_call_passes_as_extra(under_journal: None) -> None:
     handler = service_manager.configure_logging(logging.INFO)
     sent: list[tuple[str, dict[str, object]]] = []
     # No journald on a development machine: the handler's own sender is
@@ -246,17 +247,6 @@ def test_the_journal_handler_sends_the_event_fields_a_log_call_passes_as_extra(
     assert (fields["OUTPOST_EVENT"], fields["OUTPOST_IDENTITY"], fields["OUTPOST_RELAY"]) == (
         "connected", "spiffe://d/t/gw1", "wss://relay-1")
     assert fields["SYSLOG_IDENTIFIER"] == "outpost-agent"
-
-
-def test_event_fields_leave_a_plain_log_line_unchanged_without_the_journal(
-    restore_root_logger: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(service_manager, "_JournalHandler", None)
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
-    service_manager.configure_logging(logging.INFO)
-    logging.getLogger("agent.test").info(
-        "enrolled", extra=service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity="spiffe://d/t/gw1"))
-    assert capsys.readouterr().err == "INFO agent.test: enrolled\n"
 
 
 def test_watchdog_fed_pings_while_it_awaits_and_stops_after(
