@@ -24,7 +24,8 @@ WATCHDOG_SECONDS = 3
 WATCH_SECONDS = 4 * WATCHDOG_SECONDS
 # Controller start, enrollment and the first tunnel on loopback take seconds.
 CONNECT_WAIT_SECONDS = 60
-CTL = "outpostctl --config /var/lib/outpost-controller/data/outpostctl.toml"
+# No --config: outpostctl finds the packaged controller's own file (as root).
+CTL = "outpostctl"
 
 
 def journal_entries(text: str) -> list[dict[str, str]]:
