@@ -33,7 +33,6 @@ from agent.errors import (
     TrustError,
 )
 from agent.identity.csr import build_csr
-from agent.service_manager import EVENT_RENEWED, journal_fields
 from agent.identity.keystore import KeyStore
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.trust import (
@@ -45,6 +44,7 @@ from agent.identity.trust import (
     trust_error_for,
     verify_leaf_issued_by,
 )
+from agent.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
 
