@@ -175,6 +175,23 @@ def add_dropin(rootfs: Path, unit: str, name: str, text: str) -> None:
     (folder / f"{name}.conf").write_text(text)
 
 
+BOOT_TOKEN_IN_CONTAINER = "boot/firmware/outpost-enroll.token"
+
+
+def place_boot_token(rootfs: Path, text: str) -> Path:
+    """A token file where a technician puts it: the Raspberry Pi boot partition."""
+    token = rootfs / BOOT_TOKEN_IN_CONTAINER
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(text)
+    return token
+
+
+def wait_for_agent_status(prefix: str, seconds: int) -> str:
+    """Shell lines for a probe: wait (at most ``seconds``) until the agent's status line starts with ``prefix``."""
+    return (f"i=0; until systemctl show -P StatusText outpost-agent | grep -q '^{prefix}' || [ $i -ge {seconds} ]; "
+            "do sleep 1; i=$((i + 1)); done")
+
+
 def controller_listens_on(rootfs: Path, port: int) -> None:
     """The packaged controller's arguments: loopback only, since the container shares the host's network."""
     (rootfs / "etc/default/outpost-controller").write_text(f'OUTPOST_CONTROLLER_ARGS="--listen 127.0.0.1:{port}"\n')

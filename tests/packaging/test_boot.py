@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_harness import boot, controller_listens_on, run_in_rootfs
+from boot_harness import boot, controller_listens_on, place_boot_token, run_in_rootfs
 from host_controller import free_port
 
 pytestmark = pytest.mark.slow
@@ -115,9 +115,7 @@ def test_agent_sandbox_runs_debians_python_stack_and_reports_ready(gateway_rootf
 def test_a_refused_boot_token_stays_the_agent_says_why_and_waits_without_restarting(
     gateway_rootfs: Path, tmp_path: Path
 ) -> None:
-    firmware = gateway_rootfs / "boot/firmware"
-    firmware.mkdir(parents=True, exist_ok=True)
-    (firmware / "outpost-enroll.token").write_text("this.is-not.a-token\n")
+    place_boot_token(gateway_rootfs, "this.is-not.a-token\n")
     probe = f"""
         i=0
         until [ -e /{STATE}/enroll-refused.json ] || [ $i -ge {SETTLE_SECONDS} ]; do sleep 1; i=$((i + 1)); done

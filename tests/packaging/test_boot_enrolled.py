@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_harness import boot
+from boot_harness import boot, place_boot_token, wait_for_agent_status
 from host_controller import REPO, PROCESS_TIMEOUT_SECONDS, HostController, free_port, host_controller, python
 
 # Enrollment plus the first tunnel on loopback take seconds; this bounds the
@@ -46,16 +46,13 @@ def test_token_on_boot_partition_enrolls_and_a_host_dial_reaches_a_service_insid
     controller.outpostctl("service", "create", "echo")
     controller.outpostctl("policy", "create", "--kind", "bind", "--identities", "gw1", "--services", "echo")
     controller.outpostctl("policy", "create", "--kind", "dial", "--identities", "role:operator", "--services", "echo")
-    firmware = gateway_rootfs / "boot/firmware"
-    firmware.mkdir(parents=True, exist_ok=True)
-    (firmware / "outpost-enroll.token").write_text(token.read_text())
+    boot_token = place_boot_token(gateway_rootfs, token.read_text())
     (gateway_rootfs / "etc/outpost/agent.toml").write_text(
         f'[[bind]]\nservice = "echo"\ntarget = "127.0.0.1:{echo_port}"\n'
     )
     probe = f"""
         python3 -c 'import socket; s=socket.create_server(("127.0.0.1", {echo_port})); c,_=s.accept(); c.sendall(c.recv(64))' &
-        i=0
-        until systemctl show -P StatusText outpost-agent | grep -q '^connected' || [ $i -ge {ENROLL_WAIT_SECONDS} ]; do sleep 1; i=$((i+1)); done
+        {wait_for_agent_status("connected", ENROLL_WAIT_SECONDS)}
         ls /var/lib/outpost-agent > /run/outpost-test/state-listing
         systemctl show -P StatusText outpost-agent > /run/outpost-test/agent-status-line
         outpost-agent status > /run/outpost-test/agent-status 2>&1 || true
@@ -98,7 +95,7 @@ def test_token_on_boot_partition_enrolls_and_a_host_dial_reaches_a_service_insid
     assert agent["NRestarts"] == "0", report.diagnosis()
     listing = report.text("state-listing").split()
     assert "identity.json" in listing and "enroll.token" not in listing, report.diagnosis()
-    assert not (firmware / "outpost-enroll.token").exists()
+    assert not boot_token.exists()
     assert report.text("agent-status-line").startswith("connected to wss://127.0.0.1:"), report.diagnosis()
     assert "tunnel:      connected" in report.text("agent-status"), report.text("agent-status")
     assert reply == [b"through the tunnel\n"], report.diagnosis()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_harness import add_dropin, boot, enroll_in_rootfs
+from boot_harness import add_dropin, boot, enroll_in_rootfs, wait_for_agent_status
 from host_controller import host_controller
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,7 @@ def test_an_enrolled_gateway_without_its_controller_stays_one_process_past_the_s
                f"[Service]\nTimeoutStartSec={SHORT_START_TIMEOUT_SECONDS}s\n")
     probe = f"""
         out=/run/outpost-test
-        i=0
-        until systemctl show -P StatusText outpost-agent | grep -q '^offline: ' || [ $i -ge {OFFLINE_WAIT_SECONDS} ]; do
-            sleep 1; i=$((i + 1))
-        done
+        {wait_for_agent_status("offline: ", OFFLINE_WAIT_SECONDS)}
         systemctl show -P MainPID outpost-agent > $out/pid-first
         sleep {WATCH_SECONDS}
         systemctl show -P MainPID outpost-agent > $out/pid-later

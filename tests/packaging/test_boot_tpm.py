@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from boot_harness import boot
+from boot_harness import boot, place_boot_token, wait_for_agent_status
 from host_controller import HostController, host_controller
-from tests.agent.identity.swtpm_harness import SWTPM, Swtpm, started_swtpm
+from tests.agent.identity.swtpm_harness import SWTPM, Swtpm, running_swtpm
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(SWTPM is None, reason="swtpm is not installed")]
 
@@ -30,11 +30,8 @@ CONNECT_WAIT_SECONDS = 60
 
 @pytest.fixture
 def tpm(tmp_path: Path) -> Iterator[Swtpm]:
-    chip = started_swtpm(tmp_path / "swtpm")
-    try:
+    with running_swtpm(tmp_path / "swtpm") as chip:
         yield chip
-    finally:
-        chip.stop()
 
 
 @pytest.fixture
@@ -48,18 +45,13 @@ def test_the_sandboxed_agent_enrolls_and_connects_with_its_key_in_a_tpm(
 ) -> None:
     token = tmp_path / "gw-tpm.token"
     controller.outpostctl("identity", "create", "gw-tpm", "--token-out", str(token))
-    firmware = gateway_rootfs / "boot/firmware"
-    firmware.mkdir(parents=True, exist_ok=True)
-    (firmware / "outpost-enroll.token").write_text(token.read_text())
+    place_boot_token(gateway_rootfs, token.read_text())
     (gateway_rootfs / "etc/outpost/agent.toml").write_text(
         f'[keystore]\nbackend = "tpm"\ntcti = "{tpm.tcti}"\n'
     )
     probe = f"""
         out=/run/outpost-test
-        i=0
-        until systemctl show -P StatusText outpost-agent | grep -q '^connected to ' || [ $i -ge {CONNECT_WAIT_SECONDS} ]; do
-            sleep 1; i=$((i + 1))
-        done
+        {wait_for_agent_status("connected to ", CONNECT_WAIT_SECONDS)}
         outpost-agent status --json > $out/status.json 2>&1 || true
         ls -A {STATE} > $out/state-listing
         journalctl -b -u outpost-agent --no-pager -o cat > $out/agent-log

@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SWTPM = shutil.which("swtpm")
@@ -148,3 +150,13 @@ def started_swtpm(workdir: Path) -> Swtpm:
                 raise
             tpm.port = free_port_pair()
     return tpm
+
+
+@contextmanager
+def running_swtpm(workdir: Path) -> Iterator[Swtpm]:
+    """A started swtpm (see :func:`started_swtpm`), stopped on leaving."""
+    tpm = started_swtpm(workdir)
+    try:
+        yield tpm
+    finally:
+        tpm.stop()
