@@ -3,9 +3,12 @@
 Checks, in order: the config file, the state directory, enrollment (identity
 or token file), the key store (TPM), the certificate, DNS for the controller
 and relays, outbound TCP and TLS to them with the pinned CA, and the clock
-against the controller's ``GET /v1/time``. Every check ends in one sentence;
-a failed one says what to do. Network checks send nothing beyond the TLS
-handshake and that one GET, and every one of them is bounded in time.
+against the controller's ``GET /v1/time`` or, when the controller is out of
+reach, against the configured NTP servers (``[clock] ntp_servers``), measured
+by the agent's own code (agent.clock). Every check ends in one sentence; a
+failed one says what to do. Network checks send nothing beyond the TLS
+handshake, the time requests and one NTP packet per server, and every one of
+them is bounded in time.
 
 Like the CLI, this is an edge: it reads the config file, the state directory
 and the token file itself.
@@ -25,12 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from agent.config import AgentConfig, load_config
+from agent.clock.controller_time import fetch_controller_time
+from agent.clock.ntp import query_servers
+from agent.config import AgentConfig, ClockSettings, load_config
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
-from agent.errors import OutpostError
+from agent.errors import ClockError, OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.trust import cert_not_after, cert_not_before, describe_network_error, fetch_pinned_ca, pinned_ssl_context
 
@@ -39,10 +42,6 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 DNS_TIMEOUT = 5.0
 #: TCP and TLS handshakes take a few round trips: seconds even over satellite.
 CONNECT_TIMEOUT = 10.0
-#: One small GET over an open link.
-TIME_REQUEST_TIMEOUT = 10.0
-#: The answer of /v1/time is a few bytes; bound what a wrong server makes us read.
-MAX_TIME_RESPONSE = 4096
 #: Clock offsets: NTP keeps a gateway well within the first; beyond the
 #: second, tokens and certificates are judged wrongly (the enrollment's own
 #: tolerance, agent.enrollment.field.CLOCK_TOLERANCE, is the same).
@@ -85,7 +84,7 @@ def diagnose(config_path: Path) -> list[Check]:
     checks.append(enrollment_check)
     checks.append(check_keystore(config, identity))
     checks.append(check_certificate(identity, time.time()))
-    checks.extend(asyncio.run(check_network(identity, token)))
+    checks.extend(asyncio.run(check_network(identity, token, config.clock)))
     return checks
 
 
@@ -182,19 +181,21 @@ def check_certificate(identity: EnrolledIdentity | None, now: float) -> Check:
         return Check("certificate", FAIL, f"the certificate is valid only from {_utc(not_before)}, after this gateway's "
                                           f"clock ({_utc(now)}); set the clock and check NTP (see the clock check)")
     if now >= not_after:
-        return Check("certificate", FAIL, f"the certificate expired on {_utc(not_after)}; an expired certificate cannot "
-                                          "be renewed (if the clock is right): ask central ops for a new token, stop "
-                                          "outpost-agent, remove the state directory and place the token")
+        return Check("certificate", FAIL, f"the certificate expired on {_utc(not_after)}; the agent recovers it with "
+                                          "its enrolled key once it reaches the controller, within the controller's "
+                                          "grace period (30 days by default); past that (if the clock is right), ask "
+                                          "central ops for a new token, stop outpost-agent, remove the state "
+                                          "directory and place the token")
     if not_after - now < CERT_WARN_FRACTION * (not_after - not_before):
         return Check("certificate", WARN, f"the certificate expires on {_utc(not_after)}; the agent renews it while "
                                           "connected, so check the connection checks below")
     return Check("certificate", OK, f"the certificate is valid until {_utc(not_after)}")
 
 
-def clock_verdict(offset: float) -> tuple[str, str]:
-    """Status and sentence for a local clock ``offset`` seconds behind (+) or ahead (-) of the controller."""
+def clock_verdict(offset: float, reference: str = "the controller's") -> tuple[str, str]:
+    """Status and sentence for a local clock ``offset`` seconds behind (+) or ahead (-) of ``reference``."""
     side = "behind" if offset > 0 else "ahead of"
-    found = f"this gateway's clock is {abs(offset):.1f} s {side} the controller's"
+    found = f"this gateway's clock is {abs(offset):.1f} s {side} {reference}"
     if abs(offset) <= CLOCK_WARN_SECONDS:
         return OK, found
     if abs(offset) <= CLOCK_FAIL_SECONDS:
@@ -225,10 +226,12 @@ def endpoints(identity: EnrolledIdentity | None, token: EnrollmentToken | None) 
     return list(found.values())
 
 
-async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToken | None) -> list[Check]:
+async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToken | None,
+                        clock: ClockSettings = ClockSettings()) -> list[Check]:
     targets = endpoints(identity, token)
     if not targets:
-        return [Check("network", SKIP, "no controller to check until enrolled or a token file is in place")]
+        return [Check("network", SKIP, "no controller to check until enrolled or a token file is in place"),
+                await check_clock(None, None, clock)]
     checks: list[Check] = []
     resolved: dict[str, bool] = {}
     for target in targets:
@@ -259,10 +262,8 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
         reachable[target.role] = check.status == OK
         checks.append(check)
     controller = identity.controller_url if identity is not None else token.controller_url if token else None
-    if controller and ca_pem and reachable.get(targets[0].role):
-        checks.append(await check_clock(controller, ca_pem))
-    else:
-        checks.append(Check("clock", SKIP, "could not ask the controller for the time (see the checks above)"))
+    reached = bool(controller and ca_pem and reachable.get(targets[0].role))
+    checks.append(await check_clock(controller if reached else None, ca_pem, clock))
     return checks
 
 
@@ -317,25 +318,28 @@ async def check_tls(target: Endpoint, ca_pem: str) -> Check:
     return Check(name, OK, f"outbound TCP and TLS to {where} work, and its certificate chains to the pinned CA")
 
 
-async def check_clock(controller_url: str, ca_pem: str) -> Check:
-    url = controller_url.rstrip("/") + "/v1/time"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIME_REQUEST_TIMEOUT)) as session:
-            sent = time.time()
-            async with session.get(url, ssl=pinned_ssl_context(ca_pem)) as response:
-                body = await response.content.read(MAX_TIME_RESPONSE)
-                received = time.time()
-                status = response.status
-        controller_time = float(json.loads(body)["time"]) if status == 200 else None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        return Check("clock", FAIL, f"could not ask {url} for the time ({describe_network_error(error)})")
-    except (ValueError, KeyError, TypeError):
-        controller_time = None
-    if controller_time is None:
-        return Check("clock", FAIL, f"{url} did not answer with the time; check the controller address")
-    # The controller read its clock about halfway through the round trip.
-    status_word, sentence = clock_verdict(controller_time - (sent + received) / 2)
-    return Check("clock", status_word, sentence)
+async def check_clock(controller_url: str | None, ca_pem: str | None, settings: ClockSettings) -> Check:
+    """The clock against the controller's time over the pinned TLS (``controller_url`` None: out of
+    reach), else against the configured NTP servers, both measured as the agent itself measures."""
+    unasked = "could not ask the controller for the time (see the checks above)"
+    if controller_url is not None and ca_pem is not None:
+        try:
+            sample = await fetch_controller_time(controller_url, ca_pem)
+        except ClockError as error:  # it answered, with a time its own certificates prove wrong
+            return Check("clock", FAIL, str(error))
+        except OutpostError as error:
+            unasked = str(error)
+        else:
+            return Check("clock", *clock_verdict(sample.offset))
+    servers = settings.ntp_servers
+    if not servers:
+        return Check("clock", SKIP, f"{unasked}, and no NTP server is configured; set [clock] ntp_servers "
+                                    "(for example [\"pool.ntp.org\"]) to check the clock without the controller")
+    sample = await query_servers(servers, settings.ntp_timeout)
+    if sample is None:
+        return Check("clock", WARN, f"{unasked}, and no NTP server gave a usable answer ({', '.join(servers)}); the clock is "
+                                    "unchecked: allow outbound UDP port 123 to them, or reach the controller")
+    return Check("clock", *clock_verdict(sample.offset, f"NTP ({sample.origin})"))
 
 
 def _gai_reason(error: OSError) -> str:

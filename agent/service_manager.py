@@ -9,15 +9,23 @@ directly on ``$NOTIFY_SOCKET``, which is a few lines and needs no library.
 This module is the systemd edge of the process: reading ``NOTIFY_SOCKET``,
 ``WATCHDOG_USEC`` and ``JOURNAL_STREAM`` is its job, as reading flags is the
 CLI's.
+
+Readiness, as the agent uses it: ``READY=1`` once the agent has done what it
+can do alone and is either connected or waiting on something outside it (a
+token file, the network, the controller), with the status line saying which.
+A gateway that boots with no network is therefore "active", not stuck in
+"activating" until its start timeout kills it (docs/packaging.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import sys
 from types import ModuleType
+from typing import Awaitable, TypeVar
 
 try:  # python3-systemd: optional, the protocol below works without it
     from systemd import daemon as _systemd_daemon
@@ -39,7 +47,15 @@ NOTIFY_SEND_TIMEOUT_SECONDS = 1.0
 WATCHDOG_PING_FRACTION = 0.5
 MICROSECONDS_PER_SECOND = 1_000_000
 
+#: Values of the ``OUTPOST_EVENT`` journal field: the moments of a gateway's
+#: life an operator looks for (``journalctl OUTPOST_EVENT=disconnected``).
+EVENT_ENROLLED = "enrolled"
+EVENT_CONNECTED = "connected"
+EVENT_DISCONNECTED = "disconnected"
+EVENT_RENEWED = "renewed"
+
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def under_systemd() -> bool:
@@ -81,6 +97,31 @@ def notify_watchdog() -> bool:
     return _notify("WATCHDOG=1")
 
 
+async def feed_watchdog(interval: float) -> None:
+    """Ping the watchdog every ``interval`` seconds until cancelled; a stalled event loop stops pinging."""
+    while True:
+        notify_watchdog()
+        await asyncio.sleep(interval)
+
+
+async def watchdog_fed(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` while this event loop pings the watchdog.
+
+    systemd arms a unit's watchdog at its first ``WATCHDOG=1``, before
+    ``READY=1`` too (seen on systemd 252; without a ping it waits for
+    READY), so pinging from the start makes the watchdog catch a hang in
+    start-up as well, long before ``TimeoutStartSec``.
+    """
+    interval = watchdog_interval()
+    if interval is None:
+        return await awaitable
+    feeder = asyncio.ensure_future(feed_watchdog(interval))
+    try:
+        return await awaitable
+    finally:
+        feeder.cancel()
+
+
 def notify_stopping() -> bool:
     """Tell systemd a clean shutdown has begun, so it waits instead of presuming a hang."""
     return _notify("STOPPING=1")
@@ -90,9 +131,9 @@ def configure_logging(level: int | str, identifier: str = DEFAULT_IDENTIFIER) ->
     """Route the root logger to the journal under systemd, to stderr otherwise.
 
     Under systemd with python3-systemd, records go to journald with their own
-    fields (``PRIORITY``, ``LOGGER``, ``CODE_FILE``...) and
-    ``SYSLOG_IDENTIFIER=identifier``, so ``journalctl -t outpost-agent`` finds
-    them. Under systemd without it, stderr is already the journal, which adds
+    fields (``PRIORITY``, ``LOGGER``, ``CODE_FILE``..., and those of
+    :func:`journal_fields`) and ``SYSLOG_IDENTIFIER=identifier``, so
+    ``journalctl -t outpost-agent`` finds them. Under systemd without it, stderr is already the journal, which adds
     its own timestamps. Returns the handler installed, replacing any earlier one.
     """
     handler: logging.Handler
@@ -111,6 +152,23 @@ def configure_logging(level: int | str, identifier: str = DEFAULT_IDENTIFIER) ->
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+def journal_fields(event: str, *, identity: str | None = None, relay: str | None = None) -> dict[str, str]:
+    """The ``extra=`` of the log call that marks ``event`` (one of the ``EVENT_*`` names).
+
+    Gives ``OUTPOST_EVENT``, and ``OUTPOST_IDENTITY`` and ``OUTPOST_RELAY``
+    when known. python3-systemd's JournalHandler sends a record's extra
+    attributes as journal fields (``journalctl OUTPOST_IDENTITY=spiffe://...``);
+    every other handler ignores them, so the same call logs plain text where
+    python3-systemd is absent or outside systemd.
+    """
+    fields = {"OUTPOST_EVENT": event}
+    if identity is not None:
+        fields["OUTPOST_IDENTITY"] = identity
+    if relay is not None:
+        fields["OUTPOST_RELAY"] = relay
+    return fields
 
 
 def _one_line(text: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 from urllib.parse import urlsplit
 
+import agent.service_manager as service_manager
 from agent.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
@@ -147,7 +148,8 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # The journal with structured fields under systemd (python3-systemd), stderr otherwise.
+    service_manager.configure_logging(logging.INFO, identifier="outpost-controller")
     try:
         args = build_parser().parse_args(argv)
         settings = settings_from_args(args)

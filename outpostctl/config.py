@@ -29,6 +29,8 @@ USER_CONFIG_RELATIVE = Path(".config") / "outpost" / CONFIG_FILE_NAME
 SYSTEM_CONFIG_PATHS: tuple[Path, ...] = (
     Path("/etc/outpost") / CONFIG_FILE_NAME,
     Path("/var/lib/outpost-controller") / CONFIG_FILE_NAME,
+    # Where the packaged unit's controller (--data /var/lib/outpost-controller/data) writes it.
+    Path("/var/lib/outpost-controller/data") / CONFIG_FILE_NAME,
 )
 #: The file holds three short values; anything bigger is not our file.
 MAX_CONFIG_FILE_BYTES = 64 * 1024

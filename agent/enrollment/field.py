@@ -321,7 +321,8 @@ async def _attempt(
     with contextlib.suppress(FileNotFoundError):
         (Path(config.state_dir) / REFUSED_NOTE).unlink()
     log.info("enrolled from %s as %s; certificate valid until %s", token.path, identity.uri,
-             identity.not_after().strftime("%Y-%m-%d %H:%M UTC"))
+             identity.not_after().strftime("%Y-%m-%d %H:%M UTC"),
+             extra=service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity=identity.uri))
     service_manager.notify_status(f"enrolled as {identity.uri}; connecting")
     return identity
 

@@ -44,6 +44,7 @@ from agent.identity.trust import (
     trust_error_for,
     verify_leaf_issued_by,
 )
+from agent.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ class CertificateKeeper:
         self.last_error = None
         if self._on_renewed is not None:
             self._on_renewed(cert.public_bytes(serialization.Encoding.PEM).decode())
-        log.info("certificate renewed; valid until %s", cert_not_after(cert).isoformat())
+        log.info("certificate renewed; valid until %s", cert_not_after(cert).isoformat(),
+                 extra=journal_fields(EVENT_RENEWED, identity=self.state.load().uri))
         return cert
 
     async def run(self) -> None:
@@ -313,7 +315,9 @@ async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock =
     if not schedule.expired(clock()):
         return False
     log.warning("the certificate expired; recovering it with the enrolled key")
-    await renew_certificate(state, keystore, clock)
+    cert = await renew_certificate(state, keystore, clock)
+    log.info("certificate recovered; valid until %s", cert_not_after(cert).isoformat(),
+             extra=journal_fields(EVENT_RENEWED, identity=state.load().uri))
     return True
 
 
@@ -323,12 +327,14 @@ START_RECOVERY_MAX_WAIT = 300.0
 
 
 async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = time.time,
-                           rng: random.Random | None = None) -> bool:
+                           rng: random.Random | None = None,
+                           on_retry: Callable[[str], None] | None = None) -> bool:
     """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
 
     RenewalRefused (revoked, disabled, past the grace period) and TrustError
     end it: only central ops can change those; so do terminal errors (a lost
-    device key, a TPM that refused authorization).
+    device key, a TPM that refused authorization). ``on_retry(sentence)``
+    hears each wait before a retry (the runner tells systemd it is offline).
     """
     rng = rng or random.Random()
     failures = 0
@@ -344,6 +350,8 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = t
             ceiling = min(START_RECOVERY_MAX_WAIT, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 30))
             delay = max(MIN_RETRY_SECONDS, rng.uniform(0.0, ceiling))
             log.warning("certificate recovery failed (%s); retrying in %.0f s", error, delay)
+            if on_retry is not None:
+                on_retry(f"the certificate expired and recovering it failed ({error}); retrying in {delay:.0f} s")
             await asyncio.sleep(delay)
 
 

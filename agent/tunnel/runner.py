@@ -120,6 +120,7 @@ class TunnelSupervisor:
                 relay = self.rotation.current()
                 self.stats.state = "connecting"
                 self.stats.relay = relay
+                service_manager.notify_status(f"connecting to {relay}")
                 options = dataclasses.replace(self.options, proxy=proxy_for(relay, self.options.proxy, self.no_proxy))
                 try:
                     session, task = await open_tunnel(http, relay, self.credentials, ssl_context, options)
@@ -147,6 +148,7 @@ class TunnelSupervisor:
                 self._report()
                 delay = self.backoff.next_delay()
                 log.info("reconnecting in %.1f s", delay)
+                report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
                 try:
                     await asyncio.wait_for(self._stop.wait(), delay)
                 except asyncio.TimeoutError:
@@ -178,7 +180,9 @@ class TunnelSupervisor:
         self.stats.bound = list(session.bound)
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
-        log.info("tunnel up to %s as %s", session.relay_url, self.credentials.uri)
+        log.info("tunnel up to %s as %s", session.relay_url, self.credentials.uri,
+                 extra=service_manager.journal_fields(service_manager.EVENT_CONNECTED,
+                                                      identity=self.credentials.uri, relay=session.relay_url))
         # systemd's "started" means the tunnel is up (the unit is Type=notify).
         service_manager.notify_ready(f"connected to {session.relay_url}")
         self.connected.set()
@@ -196,8 +200,16 @@ class TunnelSupervisor:
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             self.stats.last_drop = self.stats.last_error
             log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
-                        ", by the relay" if remote else "")
+                        ", by the relay" if remote else "",
+                        extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED,
+                                                             identity=self.credentials.uri, relay=session.relay_url))
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
+
+
+def report_offline(why: str) -> None:
+    """Ready (the unit is Type=notify), waiting on the network, and why: a gateway that
+    boots offline is up and says so, and systemd never restarts it for that."""
+    service_manager.notify_ready(f"offline: {why}")
 
 
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None) -> TunnelOptions:
@@ -210,13 +222,6 @@ def backoff_for(plan: LinkPlan) -> Backoff:
     return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max)
 
 
-async def feed_watchdog(interval: float) -> None:
-    """Tell systemd the event loop is alive; a stuck loop stops feeding it."""
-    while True:
-        service_manager.notify_watchdog()
-        await asyncio.sleep(interval)
-
-
 async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None,
                       clock_keeper=None) -> None:
     """Run the supervisor, the dial listeners and the certificate and clock keepers until a stop signal."""
@@ -224,7 +229,7 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], k
     renewing = loop.create_task(keeper.run()) if keeper is not None else None
     timekeeping = loop.create_task(clock_keeper) if clock_keeper is not None else None
     interval = service_manager.watchdog_interval()
-    watchdog = loop.create_task(feed_watchdog(interval)) if interval else None
+    watchdog = loop.create_task(service_manager.feed_watchdog(interval)) if interval else None
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, supervisor.stop)
@@ -304,9 +309,10 @@ def run(config) -> int:
 
     # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time.
     clock = TrustedClock(config.clock)
-    clock_problem = asyncio.run(measure_once(clock, identity.controller_url, identity.ca_pem))
-    # A gateway offline past its certificate's expiry recovers before its first tunnel.
-    if asyncio.run(recover_at_start(state, keystore, clock.now)):
+    clock_problem = asyncio.run(service_manager.watchdog_fed(measure_once(clock, identity.controller_url, identity.ca_pem)))
+    # A gateway offline past its certificate's expiry recovers before its first tunnel,
+    # and is ready (waiting on the network) while the controller cannot be reached.
+    if asyncio.run(service_manager.watchdog_fed(recover_at_start(state, keystore, clock.now, on_retry=report_offline))):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)

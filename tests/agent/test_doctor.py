@@ -34,6 +34,7 @@ from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
 from agent.identity.trust import cert_not_after, cert_not_before
 from tests.agent.cli_helpers import run_cli
+from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller
 
 
@@ -98,13 +99,22 @@ def test_json_output_carries_the_same_checks(controller: Controller, tmp_path: P
     assert all(c["status"] == OK for c in report["checks"])
 
 
-def test_a_controller_that_cannot_be_reached_fails_the_connection_and_skips_the_clock(tmp_path: Path) -> None:
+def gateway_of_a_stopped_controller(tmp_path: Path, name: str, clock: str = "") -> tuple[Path, int]:
+    """An enrolled gateway's config (with ``clock`` as its [clock] table) and the closed port of its controller."""
     gone = Controller(tmp_path / "gone")
     try:
-        config, _ = enrolled_gateway(gone, tmp_path, "doc-3")
+        config, _ = enrolled_gateway(gone, tmp_path, name)
     finally:
         gone.process.stop()
-    port = port_of(gone.url)
+    if clock:
+        config.write_text(config.read_text() + f"[clock]\n{clock}")
+    return config, port_of(gone.url)
+
+
+def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_ntp_skips_the_clock(
+    tmp_path: Path
+) -> None:
+    config, port = gateway_of_a_stopped_controller(tmp_path, "doc-3")
 
     result = run_cli("doctor", "--config", config)
 
@@ -113,8 +123,39 @@ def test_a_controller_that_cannot_be_reached_fails_the_connection_and_skips_the_
     assert found[f"127.0.0.1:{port}"] == (
         FAIL, f"cannot connect to the controller and relay at 127.0.0.1:{port} (connection refused); "
               f"allow outbound TCP port {port} to 127.0.0.1 in the site's firewall")
-    assert found["clock"] == (SKIP, "could not ask the controller for the time (see the checks above)")
+    assert found["clock"] == (SKIP, "could not ask the controller for the time (see the checks above), and no NTP "
+                                    'server is configured; set [clock] ntp_servers (for example ["pool.ntp.org"]) '
+                                    "to check the clock without the controller")
     assert found["enrollment"][0] == OK, "the rest is still checked"
+
+
+@pytest.mark.parametrize(("offset", "status", "sentence"), [
+    (0.0, OK, r"this gateway's clock is \d\.\d s (behind|ahead of) NTP \(127\.0\.0\.1:\d+\)"),
+    (400.0, FAIL, r"this gateway's clock is 4\d\d\.\d s behind NTP \(127\.0\.0\.1:\d+\): certificates and tokens "
+                  r"are judged wrongly at that offset; .*"),
+])
+def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
+    tmp_path: Path, offset: float, status: str, sentence: str
+) -> None:
+    with NtpResponder(offset=offset) as ntp:
+        config, _ = gateway_of_a_stopped_controller(tmp_path, f"doc-ntp-{offset:.0f}",
+                                                    f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 2.0\n')
+        result = run_cli("doctor", "--config", config)
+        asked = ntp.requests
+    found = lines_of(result.stdout)
+    assert found["clock"][0] == status, found["clock"]
+    assert re.fullmatch(sentence, found["clock"][1]), found["clock"]
+    assert ntp.address in found["clock"][1] and asked == 1
+
+
+def test_a_silent_ntp_server_leaves_the_clock_unchecked_with_a_warning(tmp_path: Path) -> None:
+    with NtpResponder(silent=True) as ntp:
+        config, _ = gateway_of_a_stopped_controller(tmp_path, "doc-ntp-silent",
+                                                    f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 0.5\n')
+        result = run_cli("doctor", "--config", config)
+    assert lines_of(result.stdout)["clock"] == (
+        WARN, "could not ask the controller for the time (see the checks above), and no NTP server gave a usable "
+              f"answer ({ntp.address}); the clock is unchecked: allow outbound UDP port 123 to them, or reach the controller")
 
 
 def test_before_enrollment_the_token_file_pins_the_ca_and_the_controller_is_checked(
@@ -155,6 +196,19 @@ def test_without_identity_or_token_the_doctor_says_where_to_put_the_token(tmp_pa
         FAIL, f"not enrolled, and no token file in {tmp_path / 'none.token'}; copy the token file from central ops "
               "to /boot/firmware/outpost-enroll.token or /etc/outpost/enroll.token")
     assert found["network"] == (SKIP, "no controller to check until enrolled or a token file is in place")
+    assert found["clock"][0] == SKIP and "no NTP server is configured" in found["clock"][1]
+
+
+def test_before_enrollment_and_without_a_token_the_clock_is_still_checked_against_ntp(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    config = tmp_path / "agent.toml"
+    with NtpResponder(offset=-100.0) as ntp:
+        config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
+                          f'[enrollment]\ntoken_paths = ["{tmp_path / "none.token"}"]\n'
+                          f'[clock]\nntp_servers = ["{ntp.address}"]\n')
+        result = run_cli("doctor", "--config", config)
+    status, sentence = lines_of(result.stdout)["clock"]
+    assert status == WARN and sentence.startswith("this gateway's clock is 10") and " s ahead of NTP (" in sentence
 
 
 def test_a_broken_config_fails_and_the_rest_runs_on_defaults(tmp_path: Path) -> None:
@@ -228,7 +282,8 @@ def test_certificate_validity_is_judged_at_the_given_time(controller: Controller
     assert check_certificate(identity, end - (end - start) * (1 - CERT_WARN_FRACTION) - 1).status == OK
     assert check_certificate(identity, end - (end - start) * CERT_WARN_FRACTION + 1).status == WARN
     expired = check_certificate(identity, end + 1)
-    assert expired.status == FAIL and "an expired certificate cannot be renewed" in expired.message
+    assert expired.status == FAIL and "the agent recovers it with its enrolled key once it reaches the controller" \
+        in expired.message
     early = check_certificate(identity, start - 3600)
     assert early.status == FAIL and early.message.startswith("the certificate is valid only from ")
     assert check_certificate(None, end).status == SKIP

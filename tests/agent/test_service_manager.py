@@ -7,6 +7,7 @@ datagram sender, which is what runs on a gateway without python3-systemd.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -192,12 +193,15 @@ def test_logging_outside_systemd_goes_to_stderr(
     assert "not shown" not in err
 
 
-def test_logging_under_systemd_goes_to_the_journal_with_the_identifier(
-    restore_root_logger: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def under_journal(restore_root_logger: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started by systemd with python3-systemd at hand: logging will go to the journal."""
     if service_manager._JournalHandler is None:
         pytest.skip("python3-systemd is not installed here")
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+
+
+def test_logging_under_systemd_goes_to_the_journal_with_the_identifier(under_journal: None) -> None:
     handler = service_manager.configure_logging("DEBUG")
     assert isinstance(handler, service_manager._JournalHandler)
     assert handler._extra["SYSLOG_IDENTIFIER"] == "outpost-agent"
@@ -211,5 +215,62 @@ def test_logging_under_systemd_without_the_library_writes_plain_lines_to_stderr(
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
     service_manager.configure_logging(logging.WARNING)
     logging.getLogger("agent.test").warning("clock is 3 min off")
+    # Event fields are the journal's: a plain line stays as it is.
+    logging.getLogger("agent.test").warning(
+        "tunnel closed", extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED, relay="wss://r"))
     # journald stamps each line itself, so no timestamp of our own.
-    assert capsys.readouterr().err == "WARNING agent.test: clock is 3 min off\n"
+    assert capsys.readouterr().err == "WARNING agent.test: clock is 3 min off\nWARNING agent.test: tunnel closed\n"
+
+
+def test_journal_fields_name_the_event_and_only_what_is_known() -> None:
+    assert service_manager.journal_fields(service_manager.EVENT_CONNECTED, identity="spiffe://d/t/gw1",
+                                          relay="wss://relay-1/v1/tunnel") == {
+        "OUTPOST_EVENT": "connected", "OUTPOST_IDENTITY": "spiffe://d/t/gw1", "OUTPOST_RELAY": "wss://relay-1/v1/tunnel",
+    }
+    assert service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity="spiffe://d/t/gw1") == {
+        "OUTPOST_EVENT": "enrolled", "OUTPOST_IDENTITY": "spiffe://d/t/gw1",
+    }
+
+
+def test_the_journal_handler_sends_the_event_fields_a_log_call_passes_as_extra(under_journal: None) -> None:
+    handler = service_manager.configure_logging(logging.INFO)
+    sent: list[tuple[str, dict[str, object]]] = []
+    # No journald on a development machine: the handler's own sender is
+    # swapped for one that keeps what it would send (the booted-container
+    # test, tests/packaging/test_boot_watchdog.py, reads the real journal).
+    handler.send = lambda MESSAGE, **fields: sent.append((MESSAGE, fields))  # journal.send(MESSAGE, **fields)
+    logging.getLogger("agent.test").info(
+        "tunnel up to %s", "wss://relay-1", extra=service_manager.journal_fields(
+            service_manager.EVENT_CONNECTED, identity="spiffe://d/t/gw1", relay="wss://relay-1"))
+    [(message, fields)] = sent
+    assert message == "tunnel up to wss://relay-1"
+    assert (fields["OUTPOST_EVENT"], fields["OUTPOST_IDENTITY"], fields["OUTPOST_RELAY"]) == (
+        "connected", "spiffe://d/t/gw1", "wss://relay-1")
+    assert fields["SYSLOG_IDENTIFIER"] == "outpost-agent"
+
+
+def test_watchdog_fed_pings_while_it_awaits_and_stops_after(
+    sender: str, path_receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 0.1 s pings: several during the 0.35 s awaited below.
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+    async def slow_start() -> str:
+        await asyncio.sleep(0.35)
+        return "started"
+
+    assert asyncio.run(service_manager.watchdog_fed(slow_start())) == "started"
+    pings = 0
+    while path_receiver.receive(timeout=SILENCE_SECONDS) == {"WATCHDOG": "1"}:
+        pings += 1
+    assert 3 <= pings <= 5
+    assert path_receiver.receive(timeout=SILENCE_SECONDS) is None
+
+
+def test_watchdog_fed_sends_nothing_without_a_watchdog(
+    sender: str, path_receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert asyncio.run(service_manager.watchdog_fed(asyncio.sleep(0.05, result=7))) == 7
+    assert path_receiver.receive(timeout=SILENCE_SECONDS) is None

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.agent.identity.swtpm_harness import Swtpm, started_swtpm
+from tests.agent.identity.swtpm_harness import Swtpm, running_swtpm
 from tests.e2e.harness import Controller, EchoServer
 
 
@@ -32,8 +32,5 @@ def echo_server() -> Iterator[EchoServer]:
 @pytest.fixture
 def tpm(tmp_path: Path) -> Iterator[Swtpm]:
     """A fresh swtpm (socket mode, no resource manager), stopped after the test."""
-    chip = started_swtpm(tmp_path / "swtpm")
-    try:
+    with running_swtpm(tmp_path / "swtpm") as chip:
         yield chip
-    finally:
-        chip.stop()

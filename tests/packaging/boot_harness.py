@@ -168,6 +168,54 @@ def install_debs(rootfs: Path, debs: Iterable[Path]) -> str:
     return result.stdout
 
 
+def add_dropin(rootfs: Path, unit: str, name: str, text: str) -> None:
+    """A drop-in ``/etc/systemd/system/UNIT.d/NAME.conf``: the packaged unit with a few settings changed."""
+    folder = rootfs / "etc/systemd/system" / f"{unit}.d"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.conf").write_text(text)
+
+
+BOOT_TOKEN_IN_CONTAINER = "boot/firmware/outpost-enroll.token"
+
+
+def place_boot_token(rootfs: Path, text: str) -> Path:
+    """A token file where a technician puts it: the Raspberry Pi boot partition."""
+    token = rootfs / BOOT_TOKEN_IN_CONTAINER
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text(text)
+    return token
+
+
+def wait_for_agent_status(prefix: str, seconds: int) -> str:
+    """Shell lines for a probe: wait (at most ``seconds``) until the agent's status line starts with ``prefix``."""
+    return (f"i=0; until systemctl show -P StatusText outpost-agent | grep -q '^{prefix}' || [ $i -ge {seconds} ]; "
+            "do sleep 1; i=$((i + 1)); done")
+
+
+def controller_listens_on(rootfs: Path, port: int) -> None:
+    """The packaged controller's arguments: loopback only, since the container shares the host's network."""
+    (rootfs / "etc/default/outpost-controller").write_text(f'OUTPOST_CONTROLLER_ARGS="--listen 127.0.0.1:{port}"\n')
+
+
+def enroll_in_rootfs(rootfs: Path, token: str) -> str:
+    """``outpost-agent enroll`` inside the root filesystem as the agent's user, as a technician would by hand.
+
+    The token goes through /var/tmp: nspawn gives the container a /tmp of its own.
+    """
+    staged = rootfs / "var/tmp/outpost-enroll.token"
+    staged.write_text(token)
+    staged.chmod(0o644)
+    try:
+        result = run_in_rootfs(
+            rootfs, "runuser -u outpost-agent -- outpost-agent enroll --token /var/tmp/outpost-enroll.token "
+                    "--config /etc/outpost/agent.toml",
+            check=True,
+        )
+    finally:
+        staged.unlink()
+    return result.stdout
+
+
 @dataclass
 class BootReport:
     """What one boot left in the shared directory, and how the container ended."""

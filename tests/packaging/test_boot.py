@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from boot_harness import boot, run_in_rootfs
+from boot_harness import boot, controller_listens_on, place_boot_token, run_in_rootfs
+from host_controller import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,6 @@ STATE = "var/lib/outpost-agent"
 SETTLE_SECONDS = 40
 # Longer than a couple of the agent's 5 s polls for a new token file.
 REFUSED_WATCH_SECONDS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_apt_installs_both_packages_with_debians_python_libraries(installed_rootfs: Path) -> None:
@@ -60,10 +54,7 @@ def test_unenrolled_gateway_boots_clean_with_the_agent_waiting_and_the_controlle
     gateway_rootfs: Path, tmp_path: Path
 ) -> None:
     port = free_port()
-    # Only loopback: the container shares the host's network.
-    (gateway_rootfs / "etc/default/outpost-controller").write_text(
-        f'OUTPOST_CONTROLLER_ARGS="--listen 127.0.0.1:{port}"\n'
-    )
+    controller_listens_on(gateway_rootfs, port)
     # "systemctl start" returns once the Type=notify unit reported READY=1.
     probe = """
         timeout 60 systemctl start outpost-controller
@@ -124,9 +115,7 @@ def test_agent_sandbox_runs_debians_python_stack_and_reports_ready(gateway_rootf
 def test_a_refused_boot_token_stays_the_agent_says_why_and_waits_without_restarting(
     gateway_rootfs: Path, tmp_path: Path
 ) -> None:
-    firmware = gateway_rootfs / "boot/firmware"
-    firmware.mkdir(parents=True, exist_ok=True)
-    (firmware / "outpost-enroll.token").write_text("this.is-not.a-token\n")
+    place_boot_token(gateway_rootfs, "this.is-not.a-token\n")
     probe = f"""
         i=0
         until [ -e /{STATE}/enroll-refused.json ] || [ $i -ge {SETTLE_SECONDS} ]; do sleep 1; i=$((i + 1)); done

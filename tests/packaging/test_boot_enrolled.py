@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,76 +17,42 @@ from pathlib import Path
 
 import pytest
 
-from boot_harness import boot
+from boot_harness import boot, place_boot_token, wait_for_agent_status
+from host_controller import REPO, PROCESS_TIMEOUT_SECONDS, HostController, free_port, host_controller, python
 
-
-REPO = Path(__file__).resolve().parents[2]
 # Enrollment plus the first tunnel on loopback take seconds; this bounds the
 # waits inside the container and on the host.
 ENROLL_WAIT_SECONDS = 60
-CONTROLLER_START_SECONDS = 30
 DIAL_ATTEMPTS = 60
 DIAL_INTERVAL_SECONDS = 1.0
-PROCESS_TIMEOUT_SECONDS = 30
 
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def python(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from {0}.cli import main; sys.exit(main(sys.argv[1:]))".format(args[0]), *args[1:]]
-
-
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    data = tmp_path / "controller"
-    port = free_port()
-    process = subprocess.Popen(python("controller", "serve", "--data", str(data), "--listen", f"127.0.0.1:{port}"),
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + CONTROLLER_START_SECONDS
-        while not (data / "outpostctl.toml").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "controller did not start"
-            time.sleep(0.2)
-        yield data / "outpostctl.toml", port
-    finally:
-        process.terminate()
-        process.wait(timeout=PROCESS_TIMEOUT_SECONDS)
-
-
-def outpostctl(config: Path, *args: str) -> str:
-    result = subprocess.run(python("outpostctl", "--config", str(config), *args), cwd=REPO,
-                            capture_output=True, text=True, timeout=PROCESS_TIMEOUT_SECONDS)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def controller(tmp_path: Path) -> Iterator[HostController]:
+    with host_controller(tmp_path / "controller") as running:
+        yield running
 
 
 def test_token_on_boot_partition_enrolls_and_a_host_dial_reaches_a_service_inside(
-    gateway_rootfs: Path, controller: tuple[Path, int], tmp_path: Path
+    gateway_rootfs: Path, controller: HostController, tmp_path: Path
 ) -> None:
-    ctl, _ = controller
+    ctl = controller.ctl_config
     echo_port, dial_port = free_port(), free_port()
     token = tmp_path / "gw1.token"
-    outpostctl(ctl, "identity", "create", "gw1", "--token-out", str(token))
-    outpostctl(ctl, "service", "create", "echo")
-    outpostctl(ctl, "policy", "create", "--kind", "bind", "--identities", "gw1", "--services", "echo")
-    outpostctl(ctl, "policy", "create", "--kind", "dial", "--identities", "role:operator", "--services", "echo")
-    firmware = gateway_rootfs / "boot/firmware"
-    firmware.mkdir(parents=True, exist_ok=True)
-    (firmware / "outpost-enroll.token").write_text(token.read_text())
+    controller.outpostctl("identity", "create", "gw1", "--token-out", str(token))
+    controller.outpostctl("service", "create", "echo")
+    controller.outpostctl("policy", "create", "--kind", "bind", "--identities", "gw1", "--services", "echo")
+    controller.outpostctl("policy", "create", "--kind", "dial", "--identities", "role:operator", "--services", "echo")
+    boot_token = place_boot_token(gateway_rootfs, token.read_text())
     (gateway_rootfs / "etc/outpost/agent.toml").write_text(
         f'[[bind]]\nservice = "echo"\ntarget = "127.0.0.1:{echo_port}"\n'
     )
     probe = f"""
         python3 -c 'import socket; s=socket.create_server(("127.0.0.1", {echo_port})); c,_=s.accept(); c.sendall(c.recv(64))' &
-        i=0
-        until systemctl show -P StatusText outpost-agent | grep -q '^connected' || [ $i -ge {ENROLL_WAIT_SECONDS} ]; do sleep 1; i=$((i+1)); done
+        {wait_for_agent_status("connected", ENROLL_WAIT_SECONDS)}
         ls /var/lib/outpost-agent > /run/outpost-test/state-listing
         systemctl show -P StatusText outpost-agent > /run/outpost-test/agent-status-line
         outpost-agent status > /run/outpost-test/agent-status 2>&1 || true
@@ -130,7 +95,7 @@ def test_token_on_boot_partition_enrolls_and_a_host_dial_reaches_a_service_insid
     assert agent["NRestarts"] == "0", report.diagnosis()
     listing = report.text("state-listing").split()
     assert "identity.json" in listing and "enroll.token" not in listing, report.diagnosis()
-    assert not (firmware / "outpost-enroll.token").exists()
+    assert not boot_token.exists()
     assert report.text("agent-status-line").startswith("connected to wss://127.0.0.1:"), report.diagnosis()
     assert "tunnel:      connected" in report.text("agent-status"), report.text("agent-status")
     assert reply == [b"through the tunnel\n"], report.diagnosis()

@@ -8,6 +8,7 @@ stand-ins at the packaged paths.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,3 +125,48 @@ def test_controller_holds_only_the_bind_capability() -> None:
     assert settings["User"] == ["outpost-controller"]
     assert settings["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+
+
+# The bands systemd-analyze security names at or below "OK" (exposure 4.9 and under).
+ACCEPTED_BANDS = ("PERFECT", "SAFE", "OK")
+README = REPO / "README.md"
+
+
+def stated_exposure(unit: str) -> float:
+    """The exposure the README states for ``unit``, in its table row ``| unit | 1.5 OK |``."""
+    match = re.search(rf"^\| `?{re.escape(unit)}`? \| (\d+\.\d) (\w+) \|", README.read_text(), re.MULTILINE)
+    assert match is not None, f"README.md states no systemd-analyze security score for {unit}"
+    assert match.group(2) in ACCEPTED_BANDS
+    return float(match.group(1))
+
+
+def security(path: Path) -> tuple[float, str, int]:
+    """Overall exposure and band of a unit file by ``systemd-analyze security --offline``, and
+    the exit status with ``--threshold`` at the README's figure for it."""
+    threshold = round(stated_exposure(path.name) * 10) if path.parent == UNITS else 0
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", f"--threshold={threshold}", "--no-pager", str(path)],
+        capture_output=True, text=True, timeout=VERIFY_TIMEOUT_SECONDS,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d) (\w+)", result.stdout)
+    assert match is not None, result.stdout + result.stderr
+    return float(match.group(1)), match.group(2), result.returncode
+
+
+@pytest.mark.parametrize("unit", ["outpost-agent.service", "outpost-controller.service"])
+def test_unit_scores_no_worse_than_the_readme_states_and_in_the_ok_band(unit: str) -> None:
+    exposure, band, status = security(UNITS / unit)
+    assert band in ACCEPTED_BANDS, f"{unit}: exposure {exposure} {band}"
+    assert exposure <= stated_exposure(unit), f"{unit}: exposure {exposure}, README states {stated_exposure(unit)}"
+    assert status == 0
+
+
+def test_the_security_score_does_catch_a_weakened_unit(tmp_path: Path) -> None:
+    weakened = tmp_path / "weakened.service"
+    kept = [line for line in (UNITS / "outpost-agent.service").read_text().splitlines()
+            if not line.startswith(("ProtectSystem=", "ProtectHome=", "PrivateTmp=", "NoNewPrivileges=",
+                                    "CapabilityBoundingSet=", "SystemCallFilter="))]
+    weakened.write_text("\n".join(kept) + "\n")
+    exposure, band, _ = security(weakened)
+    assert exposure > stated_exposure("outpost-agent.service")
+    assert band not in ACCEPTED_BANDS

@@ -12,8 +12,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -193,11 +194,18 @@ def started_swtpm(workdir: Path, log_commands: bool = False) -> Swtpm:
     return tpm
 
 
-@pytest.fixture
-def counted_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
-    """A fresh swtpm that logs every command it receives, so a test counts what reached it."""
-    tpm = started_swtpm(tmp_path / "counted-swtpm", log_commands=True)
+@contextmanager
+def running_swtpm(workdir: Path, log_commands: bool = False) -> Iterator[Swtpm]:
+    """A started swtpm (see :func:`started_swtpm`), stopped on leaving."""
+    tpm = started_swtpm(workdir, log_commands=log_commands)
     try:
         yield tpm
     finally:
         tpm.stop()
+
+
+@pytest.fixture
+def counted_swtpm(tmp_path: Path) -> Iterator[Swtpm]:
+    """A fresh swtpm that logs every command it receives, so a test counts what reached it."""
+    with running_swtpm(tmp_path / "counted-swtpm", log_commands=True) as tpm:
+        yield tpm
