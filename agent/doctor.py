@@ -25,24 +25,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-
+from agent.clock.controller_time import fetch_controller_time
+from agent.clock.trusted import OffsetSample, TrustedClock, combine
 from agent.config import AgentConfig, load_config
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
 from agent.errors import OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import cert_not_after, cert_not_before, describe_network_error, fetch_pinned_ca, pinned_ssl_context
+from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, TimeSource
+from agent.identity.trust import cert_not_after, cert_not_before, describe_network_error, fetch_pinned_ca
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 #: A resolver slower than this makes every reconnect slow; report it as failing.
 DNS_TIMEOUT = 5.0
 #: TCP and TLS handshakes take a few round trips: seconds even over satellite.
 CONNECT_TIMEOUT = 10.0
-#: One small GET over an open link.
-TIME_REQUEST_TIMEOUT = 10.0
-#: The answer of /v1/time is a few bytes; bound what a wrong server makes us read.
-MAX_TIME_RESPONSE = 4096
 #: Clock offsets: NTP keeps a gateway well within the first; beyond the
 #: second, tokens and certificates are judged wrongly (the enrollment's own
 #: tolerance, agent.enrollment.field.CLOCK_TOLERANCE, is the same).
@@ -52,9 +49,6 @@ CLOCK_FAIL_SECONDS = 300.0
 #: less than this fraction left, renewal is not happening.
 CERT_WARN_FRACTION = 0.25
 DEFAULT_HTTPS_PORT = 443
-# OpenSSL verify codes for a certificate outside its validity period.
-_X509_V_ERR_CERT_NOT_YET_VALID = 9
-_X509_V_ERR_CERT_HAS_EXPIRED = 10
 
 
 @dataclass(frozen=True)
@@ -199,7 +193,8 @@ def clock_verdict(offset: float) -> tuple[str, str]:
         return OK, found
     if abs(offset) <= CLOCK_FAIL_SECONDS:
         return WARN, f"{found}; check that NTP works (systemd-timesyncd, outbound UDP port 123)"
-    return FAIL, (f"{found}: certificates and tokens are judged wrongly at that offset; set the time "
+    return FAIL, (f"{found}: the agent judges certificates and tokens by the controller's time meanwhile, "
+                  "but logs, and every other program here, read the wrong time; set the time "
                   "(timedatectl set-time) and make sure NTP can get out (outbound UDP port 123)")
 
 
@@ -247,6 +242,13 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
 
             ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
             checks.append(Check("pinned CA", OK, f"the controller's CA matches the token's fingerprint {token.ca[:19]}…"))
+    controller = identity.controller_url if identity is not None else token.controller_url if token else None
+    # The agent judges certificates by the controller's time, so the doctor does too (and says how far off the clock is).
+    asked = controller and ca_pem and resolved.get(targets[0].host)
+    measured = await measure_controller_time(controller, ca_pem) if asked else None
+    trusted = TrustedClock()
+    if isinstance(measured, OffsetSample):
+        trusted.adopt(combine(None, measured))
     reachable: dict[str, bool] = {}
     for target in targets:
         if not resolved[target.host]:
@@ -255,12 +257,11 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
         if ca_pem is None:
             checks.append(Check(f"{target.host}:{target.port}", SKIP, "no pinned CA to check TLS with"))
             continue
-        check = await check_tls(target, ca_pem)
+        check = await check_tls(target, ca_pem, trusted)
         reachable[target.role] = check.status == OK
         checks.append(check)
-    controller = identity.controller_url if identity is not None else token.controller_url if token else None
-    if controller and ca_pem and reachable.get(targets[0].role):
-        checks.append(await check_clock(controller, ca_pem))
+    if measured is not None and reachable.get(targets[0].role):
+        checks.append(clock_check(measured))
     else:
         checks.append(Check("clock", SKIP, "could not ask the controller for the time (see the checks above)"))
     return checks
@@ -287,20 +288,17 @@ async def check_dns(host: str) -> Check:
     return Check(name, OK, f"{host} resolves to {', '.join(addresses[:4])}")
 
 
-async def check_tls(target: Endpoint, ca_pem: str) -> Check:
-    """Outbound TCP to the target, then a TLS handshake that must chain to the pinned CA."""
+async def check_tls(target: Endpoint, ca_pem: str, trusted: TimeSource = LOCAL_TIME) -> Check:
+    """Outbound TCP to the target, then a TLS handshake that must chain to the pinned CA (dates by ``trusted``)."""
     name = f"{target.host}:{target.port}"
     where = f"the {target.role} at {target.host}:{target.port}"
+    tls = PinnedTLS(ca_pem, trusted)
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(target.host, target.port, ssl=pinned_ssl_context(ca_pem),
-                                    server_hostname=target.host),
+            asyncio.open_connection(target.host, target.port, ssl=tls.context(), server_hostname=target.host),
             CONNECT_TIMEOUT,
         )
-    except ssl.SSLCertVerificationError as error:
-        if error.verify_code in (_X509_V_ERR_CERT_NOT_YET_VALID, _X509_V_ERR_CERT_HAS_EXPIRED):
-            return Check(name, FAIL, f"{where} presents a certificate outside its validity period by this gateway's "
-                                     "clock; set the clock (see the clock check)")
+    except ssl.SSLCertVerificationError:
         return Check(name, FAIL, f"{where} presents a certificate not issued by the pinned CA; a TLS-inspecting "
                                  f"proxy or firewall is in between: exempt {target.host} from inspection")
     except asyncio.TimeoutError:
@@ -309,32 +307,31 @@ async def check_tls(target: Endpoint, ca_pem: str) -> Check:
     except (OSError, ssl.SSLError) as error:
         return Check(name, FAIL, f"cannot connect to {where} ({describe_network_error(error)}); allow outbound TCP "
                                  f"port {target.port} to {target.host} in the site's firewall")
-    writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CONNECT_TIMEOUT)
-    except (OSError, ssl.SSLError, asyncio.TimeoutError):
-        pass  # the handshake is what was checked
+        tls.check(writer.get_extra_info("ssl_object"), where)
+    except OutpostError as error:
+        return Check(name, FAIL, str(error))
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CONNECT_TIMEOUT)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            pass  # the handshake is what was checked
     return Check(name, OK, f"outbound TCP and TLS to {where} work, and its certificate chains to the pinned CA")
 
 
-async def check_clock(controller_url: str, ca_pem: str) -> Check:
-    url = controller_url.rstrip("/") + "/v1/time"
+async def measure_controller_time(controller_url: str, ca_pem: str) -> OffsetSample | OutpostError:
+    """The controller's time over the pinned channel (agent.clock.controller_time), or why not."""
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIME_REQUEST_TIMEOUT)) as session:
-            sent = time.time()
-            async with session.get(url, ssl=pinned_ssl_context(ca_pem)) as response:
-                body = await response.content.read(MAX_TIME_RESPONSE)
-                received = time.time()
-                status = response.status
-        controller_time = float(json.loads(body)["time"]) if status == 200 else None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        return Check("clock", FAIL, f"could not ask {url} for the time ({describe_network_error(error)})")
-    except (ValueError, KeyError, TypeError):
-        controller_time = None
-    if controller_time is None:
-        return Check("clock", FAIL, f"{url} did not answer with the time; check the controller address")
-    # The controller read its clock about halfway through the round trip.
-    status_word, sentence = clock_verdict(controller_time - (sent + received) / 2)
+        return await fetch_controller_time(controller_url, ca_pem)
+    except OutpostError as error:
+        return error
+
+
+def clock_check(measured: OffsetSample | OutpostError) -> Check:
+    if isinstance(measured, OutpostError):
+        return Check("clock", FAIL, str(measured))
+    status_word, sentence = clock_verdict(measured.offset)
     return Check("clock", status_word, sentence)
 
 

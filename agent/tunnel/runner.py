@@ -266,7 +266,7 @@ def run(config) -> int:
     clock = TrustedClock(config.clock)
     clock_problem = asyncio.run(measure_once(clock, identity.controller_url, identity.ca_pem))
     # A gateway offline past its certificate's expiry recovers before its first tunnel.
-    if asyncio.run(recover_at_start(state, keystore, clock.now)):
+    if asyncio.run(recover_at_start(state, keystore, clock)):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -281,7 +281,7 @@ def run(config) -> int:
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock.now)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
                               lambda c, problem: note_clock(supervisor.stats, c, problem))
     try:
