@@ -257,6 +257,11 @@ def run(config) -> int:
 
         if asyncio.run(wait_for_enrollment(config)) is None:
             return 0  # stopped while waiting for a token
+    else:
+        from agent.enrollment.field import retire_redeemed_tokens, token_paths
+
+        # A stop between storing the enrollment and retiring its token left the token behind.
+        retire_redeemed_tokens(token_paths(config), state.load())
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     keystore.sign(b"outpost-agent start check")  # a TPM that lost the key says so now, not at first login
