@@ -47,17 +47,20 @@ class TunnelStats:
     link: str | None = None
     #: why the last tunnel ended (kept after a reconnect, unlike last_error)
     last_drop: str | None = None
-    #: Unix seconds: when the current certificate expires, when the agent renews it next.
+    #: Unix seconds: when the current certificate expires, when the agent renews it next,
+    #: and why the last renewal attempt failed (None once one succeeds).
     cert_not_after: float | None = None
     next_renewal: float | None = None
+    renewal_error: str | None = None
     #: Seconds to add to the local clock for trusted time, where that came from
     #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
     clock_offset_s: float | None = None
     clock_source: str | None = None
     clock_problem: str | None = None
 
-    def as_json(self) -> dict:
-        return {**self.__dict__, "updated": time.time()}
+    def as_json(self, now: float) -> dict:
+        """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
+        return {**self.__dict__, "updated": now}
 
 
 class TunnelSupervisor:
@@ -95,6 +98,10 @@ class TunnelSupervisor:
         if self.session is not None:
             asyncio.get_running_loop().create_task(self.session.close())
 
+    def _now(self) -> float:
+        """Trusted time when the agent measured its clock (status is read on other clocks too)."""
+        return self.options.clock.now() if self.options.clock is not None else time.time()
+
     def _report(self) -> None:
         session = self.session
         if session is not None:
@@ -104,7 +111,7 @@ class TunnelSupervisor:
                 self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
         if self._write_status is not None:
             try:
-                self._write_status(self.stats.as_json())
+                self._write_status(self.stats.as_json(self._now()))
             except OSError as exc:
                 log.warning("cannot write status: %s", exc)
 
@@ -165,7 +172,7 @@ class TunnelSupervisor:
     async def _serve(self, session: AgentSession, task: asyncio.Task) -> None:
         self.session = session
         self.stats.state = "connected"
-        self.stats.connected_since = time.time()
+        self.stats.connected_since = self._now()
         self.stats.bound = list(session.bound)
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
