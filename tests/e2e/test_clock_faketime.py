@@ -1,51 +1,36 @@
-"""Whole agent processes under Debian's ``faketime``: a gateway whose clock reads 1970, or a year ahead.
+"""Whole agent processes under libfaketime: a gateway whose clock reads 1970, or a year ahead.
 
-libfaketime (LD_PRELOAD) makes everything in the agent process read the wrong
-clock: Python, ntplib, and OpenSSL's certificate checks alike. The controller
-runs on the real clock. The agent's NTP server is a loopback port nobody
-answers (a cellular APN that blocks UDP 123), so only the controller's time,
-fetched over TLS pinned to its CA, can correct the clock.
-
-The library is preloaded directly rather than through the ``faketime``
-wrapper, which would stand between the test and the agent and not pass
-SIGTERM on. The multi-threaded build is used because the agent runs NTP
-queries and key operations in threads. The monotonic clock is left alone
-(FAKETIME_DONT_FAKE_MONOTONIC): asyncio's timers and the anchor of trusted
-time run on it, and a gateway that boots in 1970 has a sane monotonic clock too.
+The controller runs on the real clock (tests/e2e/clock_harness.py). The
+agent's NTP server is a loopback port nobody answers (a cellular APN that
+blocks UDP 123), so only the controller's time, fetched over TLS pinned to
+its CA, can correct the clock.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.agent.clock.ntp_responder import NtpResponder
-from tests.e2e.harness import (
-    EchoServer,
-    Process,
-    free_port,
-    python_env,
-    read_status,
-    round_trip,
-    run_cli,
-    wait_until,
+from tests.e2e.clock_harness import (
+    FAKE_CLOCKS,
+    LIBFAKETIME,
+    ControllerProcess,
+    agent_argv,
+    faketime_env,
+    silent_ntp_server,
+    write_agent_config,
 )
+from tests.e2e.harness import EchoServer, Process, free_port, read_status, round_trip, wait_until
 
-#: Where Debian's faketime package puts the library, on any architecture.
-LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))), None)
 pytestmark = pytest.mark.skipif(LIBFAKETIME is None, reason="faketime is not installed (scripts/setup installs it)")
 
-#: libfaketime specs: "@" starts the clock at that moment and lets it run.
-FAKE_CLOCKS = {"1970": "@1970-01-02 00:00:00", "year-ahead": "+366d"}
 #: How each wrong clock is described, from the agent's clock sentence.
 CLOCK_SENTENCES = {
     "1970": re.compile(r"the clock is off by \d+ years \d+ days? \(behind: local 1970-01-02 \d\d:\d\d UTC, "
@@ -63,49 +48,9 @@ NTP_TIMEOUT = 1.0
 TRUSTED_TIME_SLACK = 30.0
 
 
-def faketime_env(spec: str) -> dict[str, str]:
-    """The environment of a process whose wall clock reads ``spec`` (a libfaketime spec)."""
-    assert LIBFAKETIME is not None
-    return {**python_env(), "LD_PRELOAD": LIBFAKETIME, "FAKETIME": spec, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-
-
-def agent_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent", *args]
-
-
 def run_faked(spec: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(agent_argv(*args), capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                           env=faketime_env(spec))
-
-
-def silent_ntp_server() -> str:
-    """A loopback UDP port with nobody behind it (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-class ControllerProcess:
-    """``outpost-controller serve`` on a fixed loopback port (tokens name it), on the real clock
-    unless ``faketime`` gives a libfaketime spec."""
-
-    def __init__(self, data: Path, port: int, *flags: str, faketime: str | None = None) -> None:
-        argv = [sys.executable, "-m", "controller.cli", "serve", "--data", str(data),
-                "--listen", f"127.0.0.1:{port}", *flags]
-        self.process = Process(argv, env=faketime_env(faketime) if faketime else python_env())
-        line = self.process.wait_for_line("ready on https://")
-        self.url = line.split("ready on ", 1)[1].split()[0]
-        self.data = data
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        env = python_env()
-        env["OUTPOSTCTL_CONFIG"] = str(self.data / "outpostctl.toml")
-        result = run_cli("outpostctl", *args, env=env)
-        assert result.returncode == 0, f"outpostctl {' '.join(args)}: {result.stderr}"
-        return result
-
-    def stop(self) -> None:
-        self.process.stop()
 
 
 @pytest.fixture
@@ -118,15 +63,7 @@ def controller(tmp_path: Path):
 
 
 def write_config(tmp_path: Path, *, ntp: str, token: Path | None = None, binds: dict[str, int] | None = None) -> Path:
-    lines = [f'state_dir = "{tmp_path / "state"}"', "", "[keystore]", 'backend = "software"', "",
-             "[clock]", f'ntp_servers = ["{ntp}"]', f"ntp_timeout = {NTP_TIMEOUT}", ""]
-    if token is not None:
-        lines += ["[enrollment]", f'token_paths = ["{token}"]', ""]
-    for service, port in (binds or {}).items():
-        lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
-    path = tmp_path / "agent.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return write_agent_config(tmp_path, ntp=ntp, token=token, binds=binds, ntp_timeout=NTP_TIMEOUT)
 
 
 def new_token(controller: ControllerProcess, tmp_path: Path, name: str, *flags: str) -> Path:
@@ -206,8 +143,7 @@ def test_a_gateway_with_a_wrong_clock_enrolls_from_a_token_file_tunnels_and_repo
         assert status["cert_not_after"] > status["next_renewal"] > real_now
 
         port = free_port()
-        connect = Process([sys.executable, "-m", "outpostctl", "connect", "modbus", "--listen", f"127.0.0.1:{port}"],
-                          env={**python_env(), "OUTPOSTCTL_CONFIG": str(controller.data / "outpostctl.toml")})
+        connect = controller.ctl_process("connect", "modbus", "--listen", f"127.0.0.1:{port}")
         try:
             connect.wait_for_line("listening")
             payload = os.urandom(100_000)
