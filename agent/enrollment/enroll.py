@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -131,7 +130,7 @@ def _refuse_unchecked_clock(token: EnrollmentToken, now: float) -> None:
         # a verdict on the token; a retry once NTP or the controller's time is reachable settles it.
         raise ClockError(
             f"this token expired on {_utc(token.exp)} by this gateway's clock, which could not be checked "
-            f"(it reads {_utc(now)}; no NTP server answered and the controller's time was not available); "
+            f"(it reads {_utc(now)}; no NTP server answered and the controller's time could not be used); "
             "if that date is still ahead, set the clock or allow NTP (UDP port 123), "
             "otherwise ask central ops for a new token"
         )

@@ -116,7 +116,7 @@ def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bo
     if not time_measured:
         raise ClockError(
             f"{what} {span}, but this gateway's clock reads {_utc(now)}; the clock is probably wrong and "
-            "could not be checked (no NTP server answered and the controller's time was not available); "
+            "could not be checked (no NTP server answered and the controller's time could not be used); "
             "set the clock or allow NTP (UDP port 123), then try again"
         )
     state = "not yet valid" if now < not_before.timestamp() else "expired"

@@ -160,3 +160,77 @@ def test_a_gateway_with_a_wrong_clock_enrolls_from_a_token_file_tunnels_and_repo
     finally:
         assert agent.stop() == 0, agent.output
     assert "waiting for the clock to be set" not in agent.output
+
+
+#: The controller's clock two days before its own CA was made: the time it reports is provably wrong.
+CONTROLLER_BEFORE_ITS_CA = "-2d"
+UNTRUSTWORTHY = re.compile(r"the controller at https://127\.0\.0\.1:\d+ reports \d{4}-\d\d-\d\d \d\d:\d\d UTC, "
+                           r"before its own CA was created \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\); refusing to trust that "
+                           r"time — check the controller's clock; no NTP server answered either, so nothing can tell "
+                           r"this gateway the time: fix the controller's clock or allow NTP \(UDP port 123\)")
+
+
+def state_snapshot(state: Path) -> dict[str, bytes]:
+    if not state.exists():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(state.iterdir()) if p.is_file() and p.name != "status.json"}
+
+
+def test_when_even_the_controllers_time_cannot_be_trusted_enroll_says_why_in_one_line_and_the_token_stays_good(
+        tmp_path: Path) -> None:
+    port, data = free_port(), tmp_path / "controller"
+    controller = ControllerProcess(data, port)
+    token = new_token(controller, tmp_path, "gw-lost")
+    controller.stop()
+    config = write_config(tmp_path, ntp=silent_ntp_server())
+
+    wrong = ControllerProcess(data, port, faketime=CONTROLLER_BEFORE_ITS_CA)
+    try:
+        refused = run_faked(FAKE_CLOCKS["1970"], "enroll", "--token", str(token), "--config", str(config))
+    finally:
+        wrong.stop()
+
+    assert refused.returncode == 75, refused.stderr
+    assert refused.stdout == "" and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert UNTRUSTWORTHY.fullmatch(refused.stderr.strip().removeprefix("outpost-agent: ")), refused.stderr
+    assert not (tmp_path / "state").exists(), "nothing was created"
+
+    # Nothing was spent either: once the controller's clock is right, the same token enrolls.
+    controller = ControllerProcess(data, port)
+    try:
+        enrolled = run_faked(FAKE_CLOCKS["1970"], "enroll", "--token", str(token), "--config", str(config))
+    finally:
+        controller.stop()
+    assert enrolled.returncode == 0, enrolled.stderr
+
+
+def test_when_even_the_controllers_time_cannot_be_trusted_run_says_why_keeps_the_tunnel_down_and_changes_nothing(
+        tmp_path: Path) -> None:
+    port, data = free_port(), tmp_path / "controller"
+    controller = ControllerProcess(data, port)
+    try:
+        token = new_token(controller, tmp_path, "gw-lost")
+        config = write_config(tmp_path, ntp=silent_ntp_server())
+        assert run_faked(FAKE_CLOCKS["1970"], "enroll", "--token", str(token), "--config", str(config)).returncode == 0
+    finally:
+        controller.stop()
+    state = tmp_path / "state"
+    before = state_snapshot(state)
+
+    wrong = ControllerProcess(data, port, faketime=CONTROLLER_BEFORE_ITS_CA)
+    agent = Process(agent_argv("run", "--config", str(config)), env=faketime_env(FAKE_CLOCKS["1970"]))
+    try:
+        wait_until(lambda: read_status(state).get("last_error"), timeout=CONNECT_TIMEOUT, what="a failed tunnel")
+        status = read_status(state)
+        shown = run_faked(FAKE_CLOCKS["1970"], "status", "--config", str(config))
+    finally:
+        assert agent.stop() == 0, agent.output
+        wrong.stop()
+
+    assert status["state"] != "connected" and status["clock_source"] == "local"
+    assert UNTRUSTWORTHY.fullmatch(status["clock_problem"]), status["clock_problem"]
+    assert "but this gateway's clock reads 1970-01-02" in status["last_error"]
+    said = [line for line in agent.output.splitlines() if "before its own CA was created" in line]
+    assert len(said) == 1 and " ERROR " in said[0], agent.output
+    assert UNTRUSTWORTHY.search(shown.stdout), shown.stdout
+    assert state_snapshot(state) == before, "no renewal, recovery or anything else on an untrusted clock"
