@@ -281,7 +281,8 @@ def _when(timestamp: float, now: float) -> str:
 
 
 def _relative(seconds: float) -> str:
-    span = round(abs(seconds))
+    # Truncated, not rounded: a certificate with 23 h 59.9 min left does not yet have "1 d".
+    span = int(abs(seconds))
     if span < 60:
         text = f"{span} s"
     elif span < 3600:
