@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config
 from agent.errors import EXIT_USAGE, ConfigError, OutpostError
-from agent.identity.select import BACKENDS, KeyStoreSettings
+from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
 
 PROG = "outpost-agent"
@@ -89,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.clock.trusted import TrustedClock
     from agent.enrollment.enroll import enroll
 
     config = load_config(args.config) if args.config else AgentConfig()
@@ -96,8 +96,6 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     settings = config.keystore
     if args.keystore:
         settings = dataclasses.replace(settings, backend=args.keystore)
-    from agent.clock.trusted import NOTABLE_OFFSET, TrustedClock
-
     # The token's expiry and the controller's certificate are judged by trusted time, not this clock alone.
     clock = TrustedClock(config.clock)
     identity = enroll(args.token, state_dir, settings, clock=clock)
@@ -106,8 +104,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"key in {identity.key_backend}"
     )
     _retire_used_token(args.token)
-    if clock.measured and (abs(clock.offset) >= NOTABLE_OFFSET or clock.estimate.note):
-        print(clock.report())
+    _say_if_clock_off(clock)
     return 0
 
 
@@ -132,21 +129,38 @@ def _retire_used_token(given: Path) -> None:
 def cmd_renew(args: argparse.Namespace) -> int:
     import asyncio
 
+    from agent.clock.measure import refresh_clock
+    from agent.clock.trusted import TrustedClock
     from agent.identity.renewal import renew_certificate
     from agent.identity.select import open_keystore
+    from agent.identity.trust import cert_not_after
 
     config = load_config(args.config) if args.config else AgentConfig()
     state = StateDir(args.state or config.state_dir)
-    state.load()  # not enrolled: say so before touching the key store
+    identity = state.load()  # not enrolled: say so before touching the key store
+    clock = TrustedClock(config.clock)
+
+    async def measure_and_renew() -> Any:
+        # As in ``run``: the controller's certificate and the new one are judged by trusted time.
+        await refresh_clock(clock, identity.controller_url, identity.ca_pem)
+        return await renew_certificate(state, keystore, clock)
+
     keystore = open_keystore(state.path, config.keystore)
     try:
-        cert = asyncio.run(renew_certificate(state, keystore, time.time))
+        cert = asyncio.run(measure_and_renew())
     finally:
         keystore.close()
-    from agent.identity.trust import cert_not_after
-
     print(f"certificate renewed; valid until {_utc(cert_not_after(cert))}")
+    _say_if_clock_off(clock)
     return 0
+
+
+def _say_if_clock_off(clock: Any) -> None:
+    """Print the clock sentence when the measured clock is notably off (the command still worked)."""
+    from agent.clock.trusted import NOTABLE_OFFSET
+
+    if clock.measured and (abs(clock.offset) >= NOTABLE_OFFSET or clock.estimate.note):
+        print(clock.report())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -190,6 +204,7 @@ def status_report(identity: EnrolledIdentity, live: dict[str, Any] | None, now: 
     if isinstance(offset, (int, float)) and not isinstance(offset, bool):
         now += offset  # the agent's trusted time, not this clock alone
     return {
+        "now": now,
         "identity": identity.uri,
         "name": identity.name,
         "tenant": identity.tenant,
@@ -217,8 +232,9 @@ def _clock_sentence(live: dict[str, Any] | None, local_now: float) -> str | None
 
 
 def format_status(report: dict[str, Any]) -> str:
-    """The human-readable ``status`` text."""
-    expiry = _utc_from(report["cert_not_after"])
+    """The human-readable ``status`` text; times in UTC, with how far they are from trusted now."""
+    now = report["now"]
+    expiry = _when(report["cert_not_after"], now)
     lines = [
         f"identity:    {report['identity']}",
         f"tenant:      {report['tenant']}",
@@ -226,27 +242,39 @@ def format_status(report: dict[str, Any]) -> str:
         f"key:         {report['key_backend']}",
         f"certificate: valid until {expiry}" + (" (EXPIRED)" if report["cert_expired"] else ""),
     ]
+    live = report["tunnel"]
+    if isinstance(live, dict):
+        lines.extend(_renewal_lines(live, now))
     if report.get("clock"):
         lines.append(f"clock:       {report['clock']}")
-    live = report["tunnel"]
     if live is None:
         lines.append("tunnel:      no status yet (is outpost-agent run active?)")
         return "\n".join(lines)
-    lines.extend(_tunnel_lines(live))
+    lines.extend(_tunnel_lines(live, now))
     return "\n".join(lines)
+
+
+def _renewal_lines(live: dict[str, Any], now: float) -> list[str]:
+    lines = []
+    if _is_number(live.get("next_renewal")):
+        lines.append(f"next renewal: {_when(live['next_renewal'], now)}")
+    if isinstance(live.get("renewal_error"), str) and live["renewal_error"]:
+        lines.append(f"renewal:     the last attempt failed: {live['renewal_error']}")
+    return lines
 
 
 # Keys of status.json (written by agent.tunnel.runner) shown with their own wording.
 _STATUS_SHOWN = {"state", "relay", "connected_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
-                 "clock_offset_s", "clock_source", "clock_problem"}
+                 "clock_offset_s", "clock_source", "clock_problem", "cert_not_after", "next_renewal",
+                 "renewal_error"}
 
 
-def _tunnel_lines(live: dict[str, Any]) -> list[str]:
+def _tunnel_lines(live: dict[str, Any], now: float) -> list[str]:
     lines = [f"tunnel:      {live.get('state', 'unknown')}"]
     if live.get("relay"):
         lines.append(f"relay:       {live['relay']}")
-    if isinstance(live.get("connected_since"), (int, float)):
-        lines.append(f"connected:   since {_utc_from(live['connected_since'])}")
+    if _is_number(live.get("connected_since")):
+        lines.append(f"connected:   since {_when(live['connected_since'], now)}")
     if isinstance(live.get("rtt_ms"), (int, float)):
         lines.append(f"rtt:         {live['rtt_ms']:.0f} ms")
     if "bytes_in" in live or "bytes_out" in live:
@@ -256,9 +284,32 @@ def _tunnel_lines(live: dict[str, Any]) -> list[str]:
         if value in (None, [], {}):
             continue
         lines.append(f"{key.replace('_', ' ') + ':':<12} {_plain(value)}")
-    if isinstance(live.get("updated"), (int, float)):
-        lines.append(f"updated:     {_utc_from(live['updated'])}")
+    if _is_number(live.get("updated")):
+        lines.append(f"updated:     {_when(live['updated'], now)}")
     return lines
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _when(timestamp: float, now: float) -> str:
+    """``2026-11-22 14:05 UTC (in 5 h 12 min)`` or ``(3 min ago)``, relative to trusted ``now``."""
+    return f"{_utc_from(timestamp)} ({_relative(timestamp - now)})"
+
+
+def _relative(seconds: float) -> str:
+    # Truncated, not rounded: a certificate with 23 h 59.9 min left does not yet have "1 d".
+    span = int(abs(seconds))
+    if span < 60:
+        text = f"{span} s"
+    elif span < 3600:
+        text = f"{span // 60} min"
+    elif span < 86400:
+        text = f"{span // 3600} h {span % 3600 // 60} min"
+    else:
+        text = f"{span // 86400} d {span % 86400 // 3600} h"
+    return f"in {text}" if seconds >= 0 else f"{text} ago"
 
 
 def _plain(value: Any) -> str:

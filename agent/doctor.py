@@ -30,12 +30,14 @@ from urllib.parse import urlsplit
 
 from agent.clock.controller_time import fetch_controller_time
 from agent.clock.ntp import query_servers
+from agent.clock.trusted import OffsetSample, TrustedClock, combine
 from agent.config import AgentConfig, ClockSettings, load_config
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
 from agent.errors import ClockError, OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import cert_not_after, cert_not_before, describe_network_error, fetch_pinned_ca, pinned_ssl_context
+from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, TimeSource
+from agent.identity.trust import cert_not_after, cert_not_before, describe_network_error, fetch_pinned_ca
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 #: A resolver slower than this makes every reconnect slow; report it as failing.
@@ -51,9 +53,6 @@ CLOCK_FAIL_SECONDS = 300.0
 #: less than this fraction left, renewal is not happening.
 CERT_WARN_FRACTION = 0.25
 DEFAULT_HTTPS_PORT = 443
-# OpenSSL verify codes for a certificate outside its validity period.
-_X509_V_ERR_CERT_NOT_YET_VALID = 9
-_X509_V_ERR_CERT_HAS_EXPIRED = 10
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,8 @@ def clock_verdict(offset: float, reference: str = "the controller's") -> tuple[s
         return OK, found
     if abs(offset) <= CLOCK_FAIL_SECONDS:
         return WARN, f"{found}; check that NTP works (systemd-timesyncd, outbound UDP port 123)"
-    return FAIL, (f"{found}: certificates and tokens are judged wrongly at that offset; set the time "
+    return FAIL, (f"{found}: the agent judges certificates and tokens by the measured time meanwhile, "
+                  "but logs, and every other program here, read the wrong time; set the time "
                   "(timedatectl set-time) and make sure NTP can get out (outbound UDP port 123)")
 
 
@@ -231,7 +231,7 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
     targets = endpoints(identity, token)
     if not targets:
         return [Check("network", SKIP, "no controller to check until enrolled or a token file is in place"),
-                await check_clock(None, None, clock)]
+                await check_clock(None, clock)]
     checks: list[Check] = []
     resolved: dict[str, bool] = {}
     for target in targets:
@@ -250,7 +250,13 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
 
             ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
             checks.append(Check("pinned CA", OK, f"the controller's CA matches the token's fingerprint {token.ca[:19]}…"))
-    reachable: dict[str, bool] = {}
+    controller = identity.controller_url if identity is not None else token.controller_url if token else None
+    # The agent judges certificates by the controller's time, so the doctor does too (and says how far off the clock is).
+    asked = controller and ca_pem and resolved.get(targets[0].host)
+    measured = await measure_controller_time(controller, ca_pem) if asked else None
+    trusted = TrustedClock()
+    if isinstance(measured, OffsetSample):
+        trusted.adopt(combine(None, measured))
     for target in targets:
         if not resolved[target.host]:
             checks.append(Check(f"{target.host}:{target.port}", SKIP, f"the {target.role} cannot be reached without DNS"))
@@ -258,12 +264,8 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
         if ca_pem is None:
             checks.append(Check(f"{target.host}:{target.port}", SKIP, "no pinned CA to check TLS with"))
             continue
-        check = await check_tls(target, ca_pem)
-        reachable[target.role] = check.status == OK
-        checks.append(check)
-    controller = identity.controller_url if identity is not None else token.controller_url if token else None
-    reached = bool(controller and ca_pem and reachable.get(targets[0].role))
-    checks.append(await check_clock(controller if reached else None, ca_pem, clock))
+        checks.append(await check_tls(target, ca_pem, trusted))
+    checks.append(await check_clock(measured, clock))
     return checks
 
 
@@ -288,20 +290,17 @@ async def check_dns(host: str) -> Check:
     return Check(name, OK, f"{host} resolves to {', '.join(addresses[:4])}")
 
 
-async def check_tls(target: Endpoint, ca_pem: str) -> Check:
-    """Outbound TCP to the target, then a TLS handshake that must chain to the pinned CA."""
+async def check_tls(target: Endpoint, ca_pem: str, trusted: TimeSource = LOCAL_TIME) -> Check:
+    """Outbound TCP to the target, then a TLS handshake that must chain to the pinned CA (dates by ``trusted``)."""
     name = f"{target.host}:{target.port}"
     where = f"the {target.role} at {target.host}:{target.port}"
+    tls = PinnedTLS(ca_pem, trusted)
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(target.host, target.port, ssl=pinned_ssl_context(ca_pem),
-                                    server_hostname=target.host),
+            asyncio.open_connection(target.host, target.port, ssl=tls.context(), server_hostname=target.host),
             CONNECT_TIMEOUT,
         )
-    except ssl.SSLCertVerificationError as error:
-        if error.verify_code in (_X509_V_ERR_CERT_NOT_YET_VALID, _X509_V_ERR_CERT_HAS_EXPIRED):
-            return Check(name, FAIL, f"{where} presents a certificate outside its validity period by this gateway's "
-                                     "clock; set the clock (see the clock check)")
+    except ssl.SSLCertVerificationError:
         return Check(name, FAIL, f"{where} presents a certificate not issued by the pinned CA; a TLS-inspecting "
                                  f"proxy or firewall is in between: exempt {target.host} from inspection")
     except asyncio.TimeoutError:
@@ -310,27 +309,35 @@ async def check_tls(target: Endpoint, ca_pem: str) -> Check:
     except (OSError, ssl.SSLError) as error:
         return Check(name, FAIL, f"cannot connect to {where} ({describe_network_error(error)}); allow outbound TCP "
                                  f"port {target.port} to {target.host} in the site's firewall")
-    writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CONNECT_TIMEOUT)
-    except (OSError, ssl.SSLError, asyncio.TimeoutError):
-        pass  # the handshake is what was checked
+        tls.check(writer.get_extra_info("ssl_object"), where)
+    except OutpostError as error:
+        return Check(name, FAIL, str(error))
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CONNECT_TIMEOUT)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            pass  # the handshake is what was checked
     return Check(name, OK, f"outbound TCP and TLS to {where} work, and its certificate chains to the pinned CA")
 
 
-async def check_clock(controller_url: str | None, ca_pem: str | None, settings: ClockSettings) -> Check:
-    """The clock against the controller's time over the pinned TLS (``controller_url`` None: out of
-    reach), else against the configured NTP servers, both measured as the agent itself measures."""
+async def measure_controller_time(controller_url: str, ca_pem: str) -> OffsetSample | OutpostError:
+    """The controller's time over the pinned channel (agent.clock.controller_time), or why not."""
+    try:
+        return await fetch_controller_time(controller_url, ca_pem)
+    except OutpostError as error:
+        return error
+
+
+async def check_clock(measured: OffsetSample | OutpostError | None, settings: ClockSettings) -> Check:
+    """The clock against the controller's time (``measured``; None: out of reach), else against the
+    configured NTP servers, both measured as the agent itself measures."""
     unasked = "could not ask the controller for the time (see the checks above)"
-    if controller_url is not None and ca_pem is not None:
-        try:
-            sample = await fetch_controller_time(controller_url, ca_pem)
-        except ClockError as error:  # it answered, with a time its own certificates prove wrong
-            return Check("clock", FAIL, str(error))
-        except OutpostError as error:
-            unasked = str(error)
-        else:
-            return Check("clock", *clock_verdict(sample.offset))
+    if isinstance(measured, OffsetSample):
+        return Check("clock", *clock_verdict(measured.offset))
+    if isinstance(measured, ClockError):  # it answered, with a time its own certificates prove wrong
+        return Check("clock", FAIL, str(measured))
     servers = settings.ntp_servers
     if not servers:
         return Check("clock", SKIP, f"{unasked}, and no NTP server is configured; set [clock] ntp_servers "

@@ -10,26 +10,17 @@ adopting it. Within those bounds the time is as trustworthy as the channel.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
 from typing import Callable
 
-import aiohttp
 from cryptography import x509
 
 from agent.clock.trusted import OffsetSample, format_utc
 from agent.errors import ClockError, ControllerUnreachable
-from agent.identity.trust import (
-    cert_not_after,
-    cert_not_before,
-    describe_network_error,
-    peer_certificate,
-    pinned_ssl_context_for_clock,
-    served_ssl_object,
-    trust_error_for,
-)
+from agent.identity.pinned_tls import PinnedTLS
+from agent.identity.trust import cert_not_after, cert_not_before
 
 #: Two small requests; a controller slower than this gives an offset too
 #: uncertain to be worth waiting for.
@@ -50,36 +41,26 @@ async def fetch_controller_time(controller_url: str, ca_pem: str,
     ControllerUnreachable on network failures.
     """
     url = controller_url.rstrip("/") + "/v1/time"
-    ca_cert = x509.load_pem_x509_certificate(ca_pem.encode())
-    connector = aiohttp.TCPConnector(ssl=pinned_ssl_context_for_clock(ca_pem), limit=1)
-    timeout = aiohttp.ClientTimeout(total=CONTROLLER_TIME_TIMEOUT)
+    # No trusted time yet to judge the dates with: the answer is judged by the certificates instead.
+    tls = PinnedTLS(ca_pem, time=None)
     samples: list[OffsetSample] = []
-    try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-            for _ in range(TIME_REQUESTS):
-                started = local()
-                async with http.get(url) as response:
-                    served = peer_certificate(served_ssl_object(response), f"the controller at {controller_url}")
-                    status = response.status
-                    body = await response.content.read(MAX_TIME_RESPONSE + 1)
-                finished = local()
-                if status != 200 or len(body) > MAX_TIME_RESPONSE:
-                    raise ControllerUnreachable(
-                        f"the controller at {url} did not answer with its time (HTTP {status}); "
-                        "is it an older version? try again later"
-                    )
-                reported = parse_time(body, url)
-                check_reported_time(reported, served, ca_cert, controller_url)
-                midpoint = (started + finished) / 2
-                samples.append(OffsetSample(source="controller", offset=reported - midpoint,
-                                            delay=max(0.0, finished - started), local_time=midpoint,
-                                            origin=controller_url))
-    except aiohttp.ClientConnectorCertificateError as error:
-        raise trust_error_for(error, controller_url) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        raise ControllerUnreachable(
-            f"could not ask the controller at {url} for its time ({describe_network_error(error)})"
-        ) from None
+    unreachable = f"could not ask the controller at {url} for its time ({{reason}})"
+    async with tls.client(controller_url, CONTROLLER_TIME_TIMEOUT, unreachable) as channel:
+        for _ in range(TIME_REQUESTS):
+            started = local()
+            served = await channel.get(url, MAX_TIME_RESPONSE)
+            finished = local()
+            if served.status != 200:
+                raise ControllerUnreachable(
+                    f"the controller at {url} did not answer with its time (HTTP {served.status}); "
+                    "is it an older version? try again later"
+                )
+            reported = parse_time(served.body, url)
+            check_reported_time(reported, served.certificate, tls.ca_certificate, controller_url)
+            midpoint = (started + finished) / 2
+            samples.append(OffsetSample(source="controller", offset=reported - midpoint,
+                                        delay=max(0.0, finished - started), local_time=midpoint,
+                                        origin=controller_url))
     return min(samples, key=lambda s: s.delay)
 
 

@@ -32,7 +32,8 @@ async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
     ntp, controller = await asyncio.gather(ntp_query, _controller_sample(clock, controller_url, ca_pem))
     if isinstance(controller, ClockError):
         if ntp is None:
-            raise controller
+            raise ClockError(f"{controller}; no NTP server answered either, so nothing can tell this gateway "
+                             "the time: fix the controller's clock or allow NTP (UDP port 123)")
         estimate = replace(combine(ntp, None), note=str(controller))
     else:
         estimate = combine(ntp, controller)

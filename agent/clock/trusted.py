@@ -159,8 +159,8 @@ class TrustedClock:
 def describe_offset(offset: float, local_now: float, source: str) -> str:
     """The clock sentence for an offset measured from ``source`` at local time ``local_now``."""
     if source == "local":
-        return (f"the clock could not be checked (no NTP server answered and the controller's time was "
-                f"not available); using the local clock, which reads {format_utc(local_now)}")
+        return (f"the clock could not be checked (no NTP server answered and the controller's time could "
+                f"not be used); using the local clock, which reads {format_utc(local_now)}")
     name, using = _SOURCE_WORDS.get(source, (source, f"{source} time"))
     if abs(offset) < NOTABLE_OFFSET:
         return f"the clock is right (within {abs(offset):.1f} seconds of {using})"

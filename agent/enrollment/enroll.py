@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import (
+    ClockError,
     ControllerUnreachable,
     DeviceKeyLost,
     EnrollmentError,
@@ -36,18 +35,9 @@ from agent.identity.keystore import KeyStore
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.clock.measure import refresh_clock
-from agent.clock.trusted import TrustedClock
-from agent.identity.trust import (
-    cert_not_after,
-    check_peer_dates,
-    describe_network_error,
-    fetch_pinned_ca,
-    pinned_ssl_context_for_clock,
-    read_bounded,
-    served_ssl_object,
-    trust_error_for,
-    verify_leaf_issued_by,
-)
+from agent.clock.trusted import TrustedClock, format_utc as _utc
+from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource
+from agent.identity.trust import cert_not_after, fetch_pinned_ca, verify_leaf_issued_by
 
 #: One request that signs a certificate; a controller slower than this on a
 #: working link is overloaded, and a retry later is the better answer.
@@ -59,6 +49,10 @@ MAX_RELAYS = 64
 #: A controller's sentence is one line; a longer one is cut so a terminal stays readable.
 MAX_CONTROLLER_MESSAGE = 300
 TOKEN_ERROR_CODES = frozenset({"token_malformed", "token_signature", "token_expired", "token_used", "token_unknown"})
+#: Gateway and controller clocks may disagree by this much. An unchecked local
+#: clock further behind the token's issue time is not set yet (no RTC, no NTP
+#: yet); the controller backdates certificates by the same five minutes.
+CLOCK_TOLERANCE = 300.0
 
 
 def enroll(
@@ -94,11 +88,14 @@ async def enroll_async(
     token = parse_unverified(text)
     ca_cert = await fetch_pinned_ca(token.controller_url, token.ca)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    trusted: TimeSource = FixedTime(now) if now is not None else clock if clock is not None else LOCAL_TIME
     if clock is not None and now is None:
         await refresh_clock(clock, token.controller_url, ca_pem)
-    trusted_now = now if now is not None else clock.now() if clock is not None else time.time()
-    time_measured = now is not None or (clock is not None and clock.measured)
-    verify_token(text, ca_cert, trusted_now)
+    if trusted.measured:
+        verify_token(text, ca_cert, trusted.now())
+    else:
+        verify_token(text, ca_cert, None)
+        _refuse_unchecked_clock(token, trusted.now())
 
     # The key store first: a TPM that is required but absent must leave no state directory behind.
     keystore = open_keystore(state.path, keystore_settings)
@@ -106,12 +103,38 @@ async def enroll_async(
     try:
         public_key = _device_public_key(keystore)
         csr = build_csr(keystore, token.sub)
-        answer = await _redeem(token, csr, ca_pem, trusted_now, time_measured)
-        identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted_now)
+        answer = await _redeem(token, csr, PinnedTLS(ca_pem, trusted))
+        identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted.now())
         state.save_enrollment(identity)
     finally:
         keystore.close()
     return identity
+
+
+def clock_unset_reason(issued_at: float, now: float) -> str | None:
+    """Why an unchecked local clock reading ``now`` is not set yet for a token issued at ``issued_at``, or None."""
+    if now + CLOCK_TOLERANCE >= issued_at:
+        return None
+    return (
+        f"this gateway's clock reads {_utc(now)}, before the token was issued ({_utc(issued_at)}); "
+        "waiting for the clock to be set (check that NTP, UDP port 123, can get out)"
+    )
+
+
+def _refuse_unchecked_clock(token: EnrollmentToken, now: float) -> None:
+    """ClockError (retryable) where an unchecked clock would otherwise judge the token wrongly."""
+    reason = clock_unset_reason(token.iat, now)
+    if reason is not None:
+        raise ClockError(reason)
+    if token.exp <= now:
+        # Expired by a clock nobody checked: a clock a year ahead looks just like this, so it is not
+        # a verdict on the token; a retry once NTP or the controller's time is reachable settles it.
+        raise ClockError(
+            f"this token expired on {_utc(token.exp)} by this gateway's clock, which could not be checked "
+            f"(it reads {_utc(now)}; no NTP server answered and the controller's time could not be used); "
+            "if that date is still ahead, set the clock or allow NTP (UDP port 123), "
+            "otherwise ask central ops for a new token"
+        )
 
 
 def _refuse_if_enrolled(state: StateDir) -> None:
@@ -144,39 +167,24 @@ def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
         return keystore.public_key()
 
 
-async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, ca_pem: str,
-                  now: float, time_measured: bool) -> dict[str, Any]:
+async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, tls: PinnedTLS) -> dict[str, Any]:
     url = token.controller_url + "/v1/enroll"
     body = {"token": token.text, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
-    timeout = aiohttp.ClientTimeout(total=ENROLL_TIMEOUT)
-    who = f"the controller at {token.controller_url}"
+    unreachable = f"could not reach the controller at {url} ({{reason}}); check the network and try again"
+    async with tls.client(token.controller_url, ENROLL_TIMEOUT, unreachable) as channel:
+        # The controller's certificate is judged (chain, then dates by trusted time) on a small request
+        # first, so the token goes out only on a connection that passed; both share one connection.
+        await channel.get(token.controller_url + "/v1/ca", MAX_ENROLL_RESPONSE)
+        served = await channel.post(url, body, MAX_ENROLL_RESPONSE)
     try:
-        # Dates are judged by trusted time, not by OpenSSL's reading of a possibly wrong clock, and
-        # before the token is sent: a small request first, then the token on the same connection.
-        connector = aiohttp.TCPConnector(ssl=pinned_ssl_context_for_clock(ca_pem), limit=1)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            async with session.get(token.controller_url + "/v1/ca") as response:
-                check_peer_dates(served_ssl_object(response), ca_pem, now, who, time_measured)
-                await read_bounded(response, MAX_ENROLL_RESPONSE, url)
-            async with session.post(url, json=body) as response:
-                check_peer_dates(served_ssl_object(response), ca_pem, now, who, time_measured)
-                raw = await read_bounded(response, MAX_ENROLL_RESPONSE, url)
-                status = response.status
-    except aiohttp.ClientConnectorCertificateError as error:
-        raise trust_error_for(error, token.controller_url) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        raise ControllerUnreachable(
-            f"could not reach the controller at {url} ({describe_network_error(error)}); "
-            "check the network and try again"
-        ) from None
-    try:
-        answer = json.loads(raw)
+        answer = json.loads(served.body)
     except ValueError:
         answer = None
-    if status != 200:
-        raise _controller_refusal(status, answer, url)
+    if served.status != 200:
+        raise _controller_refusal(served.status, answer, url)
     if not isinstance(answer, dict):
-        raise EnrollmentError(f"the controller at {url} answered with something that is not an enrollment result; try again later")
+        raise EnrollmentError(f"the controller at {url} answered with something that is not an enrollment "
+                              "result; ask central ops whether it runs a compatible version")
     return answer
 
 
@@ -213,14 +221,15 @@ def _accept(
     except ValueError:
         cert = None
     if cert is None:
-        raise EnrollmentError(f"the controller at {url} did not return a certificate; try again later")
+        raise EnrollmentError(f"the controller at {url} did not return a certificate; "
+                              "ask central ops whether it runs a compatible version")
     if not verify_leaf_issued_by(cert, ca_cert):
         raise TrustError(
             f"the controller at {url} returned a certificate not issued by the CA pinned from your token; "
             "check the token or the address"
         )
     if _spki(cert.public_key()) != _spki(public_key):
-        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; try again")
+        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; ask central ops")
     if cert_not_after(cert).timestamp() <= now:
         raise EnrollmentError(
             f"the controller at {url} returned a certificate that has already expired by this gateway's clock; "

@@ -10,9 +10,14 @@ gateway on. Until it is enrolled the agent reports "waiting for enrollment:
 - a token that can never work (expired, used, altered, for another
   controller) is left where it is, named in one log line, remembered by its
   content hash so the same file is not tried again, and the agent waits for
-  a new file;
+  a new file; a refused file does not hide a new one in a later place;
 - on success the token is deleted (or renamed ``*.used``) so it is never
-  offered again, and the agent goes on to the tunnel.
+  offered again, and the agent goes on to the tunnel; a token left behind by
+  a stop between enrollment and that step is retired at the next start.
+
+The token's expiry and the controller's certificate are judged by trusted
+time, measured (NTP and the controller's time over the CA the token pins)
+at every attempt, so a gateway that boots in 1970 or a year ahead enrolls.
 
 The decisions live in ``EnrollmentSchedule`` (plain numbers, ``now`` passed
 in); ``wait_for_enrollment`` is the thin asyncio glue around it.
@@ -22,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -30,14 +34,16 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from agent import service_manager
-from agent.errors import ClockError, OutpostError
+from agent.clock.trusted import TrustedClock
+from agent.errors import OutpostError
 from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, ensure_private_dir
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
+from agent.identity.trust import ca_fingerprint
 from agent.tunnel.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -61,10 +67,6 @@ RETRY_INITIAL = 2.0
 RETRY_CAP = 60.0
 #: Full jitter can draw almost zero; never retry faster than this.
 MIN_RETRY_DELAY = 1.0
-#: Gateway and controller clocks may disagree by this much. A local clock
-#: further behind the token's issue time is not set yet (no RTC, no NTP yet),
-#: and the controller's TLS certificate would look "not yet valid" as well.
-CLOCK_TOLERANCE = 300.0
 #: The refused-token note is a few hundred bytes; bound what a damaged one costs.
 MAX_NOTE = 16 * 1024
 
@@ -87,8 +89,9 @@ class TokenFile:
     digest: str
 
 
-def find_token(paths: tuple[Path, ...] | list[Path]) -> TokenFile | None:
-    """The first of ``paths`` that is a regular file, or None."""
+def find_tokens(paths: Sequence[Path]) -> tuple[TokenFile, ...]:
+    """Every one of ``paths`` that is a regular file, in the order given."""
+    found: list[TokenFile] = []
     for path in paths:
         try:
             stat = path.stat()
@@ -103,8 +106,14 @@ def find_token(paths: tuple[Path, ...] | list[Path]) -> TokenFile | None:
             # Enrollment will say why it cannot be read; a change of size or
             # time (someone fixed the permissions) makes it worth another try.
             digest = f"unreadable:{stat.st_size}:{stat.st_mtime_ns}"
-        return TokenFile(path, digest)
-    return None
+        found.append(TokenFile(path, digest))
+    return tuple(found)
+
+
+def find_token(paths: Sequence[Path]) -> TokenFile | None:
+    """The first of ``paths`` that is a regular file, or None."""
+    found = find_tokens(paths)
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -135,15 +144,19 @@ class EnrollmentSchedule:
     _retry_at: float = 0.0
     _retry_reason: str = ""
 
-    def next_step(self, found: TokenFile | None, now: float) -> Attempt | Wait:
-        if found is None:
+    def next_step(self, found: Sequence[TokenFile], now: float) -> Attempt | Wait:
+        """What to do with the token files ``found`` (in the documented order) at ``now``."""
+        if not found:
             return Wait(self.poll_interval, self.missing_reason)
-        if found.digest in self.refused:
-            return Wait(self.poll_interval, self.refused[found.digest])
-        if found == self._retrying and now < self._retry_at:
+        # A refused file stays where the technician put it; it must not hide a new one elsewhere.
+        untried = [token for token in found if token.digest not in self.refused]
+        if not untried:
+            return Wait(self.poll_interval, self.refused[found[0].digest])
+        token = untried[0]
+        if token == self._retrying and now < self._retry_at:
             # Wake up to poll meanwhile: a corrected token must not wait out the backoff.
             return Wait(min(self.poll_interval, self._retry_at - now), self._retry_reason)
-        return Attempt(found)
+        return Attempt(token)
 
     def failed(self, token: TokenFile, reason: str, retryable: bool, now: float) -> float | None:
         """Record a failed attempt; the delay before the retry, or None when refused for good."""
@@ -156,16 +169,6 @@ class EnrollmentSchedule:
         delay = max(MIN_RETRY_DELAY, self.backoff.next_delay())
         self._retrying, self._retry_at, self._retry_reason = token, now + delay, reason
         return delay
-
-
-def clock_unset_reason(issued_at: float, now: float) -> str | None:
-    """Why the local clock cannot be trusted for a token issued at ``issued_at``, or None."""
-    if now + CLOCK_TOLERANCE >= issued_at:
-        return None
-    return (
-        f"this gateway's clock reads {_utc(now)}, before the token was issued ({_utc(issued_at)}); "
-        "waiting for the clock to be set (check that NTP, UDP port 123, can get out)"
-    )
 
 
 def retire_token(path: Path) -> str | None:
@@ -183,8 +186,31 @@ def retire_token(path: Path) -> str | None:
     except OSError as error:
         return (
             f"enrolled, but the used token {path} could not be removed ({error.strerror or error}); "
-            "delete it by hand (the controller will never accept it again)"
+            "delete it by hand (until it expires, the controller accepts it again from this gateway's key)"
         )
+
+
+def retire_redeemed_tokens(paths: Sequence[Path], identity: EnrolledIdentity) -> None:
+    """Retire token files that name the enrolled ``identity`` (at start, on an enrolled gateway).
+
+    A stop between storing the enrollment and retiring its token leaves the
+    token in place, and an enrolled agent never looks for tokens again; this
+    is where it goes. Tokens for anything else are left alone.
+    """
+    pinned = ca_fingerprint(identity.ca_certificate())
+    for token in find_tokens(paths):
+        try:
+            claims = parse_unverified(read_token_file(token.path))
+        except OutpostError:
+            continue
+        if (claims.sub, claims.tnt, claims.controller_url, claims.ca) != (
+                identity.name, identity.tenant, identity.controller_url, pinned):
+            continue
+        problem = retire_token(token.path)
+        if problem is None:
+            log.info("removed the token %s: this gateway is enrolled from it as %s", token.path, identity.uri)
+        else:
+            log.warning("%s", problem)
 
 
 def load_refusals(state_dir: Path) -> dict[str, str]:
@@ -203,21 +229,21 @@ def save_refusal(state_dir: Path, token: TokenFile, reason: str) -> None:
     """Remember the refused token (only the latest) across restarts."""
     note = {"digest": token.digest, "path": str(token.path), "reason": reason, "at": time.time()}
     try:
+        # A fresh gateway's first refused token comes before anything else is stored.
+        ensure_private_dir(Path(state_dir))
         atomic_write(Path(state_dir) / REFUSED_NOTE, (json.dumps(note, indent=2) + "\n").encode(), 0o600)
     except OSError as error:
         # Only costs one more refused attempt after a restart.
         log.warning("cannot record the refused token in %s (%s)", state_dir, error.strerror or error)
 
 
-Enroll = Callable[[Path, Path, KeyStoreSettings, float], Awaitable[EnrolledIdentity]]
+#: agent.enrollment.enroll.enroll_async: (token, state dir, key store, now, clock).
+Enroll = Callable[[Path, Path, KeyStoreSettings, "float | None", TrustedClock], Awaitable[EnrolledIdentity]]
 
 
-async def _enroll_from(token: TokenFile, config: Any, enroll: Enroll, now: float) -> EnrolledIdentity:
-    claims = parse_unverified(read_token_file(token.path))
-    reason = clock_unset_reason(claims.iat, now)
-    if reason is not None:
-        raise ClockError(reason)
-    return await enroll(token.path, config.state_dir, config.keystore, now)
+async def _enroll_from(token: TokenFile, config: Any, enroll: Enroll) -> EnrolledIdentity:
+    # Measured afresh at every attempt: NTP or the controller may be reachable by now.
+    return await enroll(token.path, config.state_dir, config.keystore, None, TrustedClock(config.clock))
 
 
 async def wait_for_enrollment(
@@ -232,7 +258,8 @@ async def wait_for_enrollment(
 
     Tells systemd it is ready (``READY=1``) with "waiting for enrollment:
     <why>" as soon as it has to wait, and feeds the watchdog meanwhile.
-    Without ``stop``, SIGTERM and SIGINT stop the wait.
+    Without ``stop``, SIGTERM and SIGINT stop the wait. ``clock`` only paces
+    polls and retries; every decision about the token is made on trusted time.
     """
     if enroll is None:
         from agent.enrollment.enroll import enroll_async as enroll
@@ -257,7 +284,7 @@ async def wait_for_enrollment(
         while not stop.is_set():
             if state.is_enrolled():  # enrolled by hand meanwhile
                 return state.load()
-            found = find_token(paths)
+            found = find_tokens(paths)
             step = schedule.next_step(found, clock())
             if isinstance(step, Attempt):
                 identity = await _attempt(step.token, config, enroll, schedule, stop, clock)
@@ -269,7 +296,7 @@ async def wait_for_enrollment(
                 service_manager.notify_ready(status)
             elif status != shown:
                 service_manager.notify_status(status)
-            if status != shown and found is None:
+            if status != shown and not found:
                 log.info("%s", status)
             shown = status
             with contextlib.suppress(asyncio.TimeoutError):
@@ -291,7 +318,7 @@ async def _attempt(
 ) -> EnrolledIdentity | None:
     """One enrollment try; None after a failure (recorded in ``schedule``) or a stop."""
     service_manager.notify_status(f"enrolling from {token.path}")
-    attempt = asyncio.ensure_future(_enroll_from(token, config, enroll, clock()))
+    attempt = asyncio.ensure_future(_enroll_from(token, config, enroll))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -331,8 +358,3 @@ async def _feed_watchdog(interval: float) -> None:
     while True:
         service_manager.notify_watchdog()
         await asyncio.sleep(interval)
-
-
-def _utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -17,16 +17,15 @@ import asyncio
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import (
     EXIT_IDENTITY_REFUSED,
+    ClockError,
     ControllerUnreachable,
     EnrollmentError,
     OutpostError,
@@ -34,21 +33,16 @@ from agent.errors import (
 )
 from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
+from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, TimeSource, as_time_source
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.trust import (
     cert_not_after,
     cert_not_before,
-    describe_network_error,
-    pinned_ssl_context,
-    read_bounded,
-    trust_error_for,
     verify_leaf_issued_by,
 )
 from agent.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], float]
 
 #: Renew at two thirds of the lifetime: a 24 h certificate renews after 16 h,
 #: leaving 8 h for a link that is down when the first attempt comes.
@@ -150,32 +144,29 @@ def _uri_names(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore) -> dict[str, Any]:
-    """``POST /v1/renew`` with a CSR signed in the key store; the controller's answer, or an error."""
+async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore,
+                              time: TimeSource = LOCAL_TIME) -> dict[str, Any]:
+    """``POST /v1/renew`` with a CSR signed in the key store; the controller's answer, or an error.
+
+    The controller's certificate is judged by ``time`` (trusted time), not by
+    the system clock, so a gateway whose clock reads 1970 still renews.
+    """
     url = identity.controller_url.rstrip("/") + "/v1/renew"
     csr = build_csr(keystore, identity.name)
     body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
-    timeout = aiohttp.ClientTimeout(total=RENEW_TIMEOUT)
+    unreachable = (f"could not reach the controller at {url} to renew the certificate ({{reason}}); "
+                   "the agent retries on its own")
+    async with PinnedTLS(identity.ca_pem, time).client(identity.controller_url, RENEW_TIMEOUT, unreachable) as channel:
+        served = await channel.post(url, body, MAX_RENEW_RESPONSE)
     try:
-        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
-            async with session.post(url, json=body, ssl=pinned_ssl_context(identity.ca_pem)) as response:
-                raw = await read_bounded(response, MAX_RENEW_RESPONSE, url)
-                status = response.status
-    except aiohttp.ClientConnectorCertificateError as error:
-        raise trust_error_for(error, identity.controller_url) from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        raise ControllerUnreachable(
-            f"could not reach the controller at {url} to renew the certificate ({describe_network_error(error)}); "
-            "the agent retries on its own"
-        ) from None
-    try:
-        answer = json.loads(raw)
+        answer = json.loads(served.body)
     except ValueError:
         answer = None
-    if status != 200:
-        raise _refusal(status, answer, url)
+    if served.status != 200:
+        raise _refusal(served.status, answer, url)
     if not isinstance(answer, dict):
-        raise EnrollmentError(f"the controller at {url} answered with something that is not a certificate; try again later")
+        raise EnrollmentError(f"the controller at {url} answered with something that is not a certificate; "
+                              "the agent retries on its own")
     return answer
 
 
@@ -196,8 +187,8 @@ def _refusal(status: int, answer: Any, url: str) -> OutpostError:
 
 
 def accept_certificate(answer: dict[str, Any], identity: EnrolledIdentity, keystore: KeyStore,
-                       now: float) -> x509.Certificate:
-    """The answer's certificate, if it is the pinned CA's, for our key and identity, and valid now."""
+                       time: TimeSource) -> x509.Certificate:
+    """The answer's certificate, if it is the pinned CA's, for our key and identity, and valid at trusted time."""
     url = identity.controller_url
     pem = answer.get("certificate")
     try:
@@ -212,19 +203,26 @@ def accept_certificate(answer: dict[str, Any], identity: EnrolledIdentity, keyst
         raise EnrollmentError(f"the controller at {url} returned a certificate for another key; the agent retries")
     if identity.uri not in _uri_names(cert):
         raise EnrollmentError(f"the controller at {url} returned a certificate for another identity than {identity.uri}")
-    if cert_not_after(cert).timestamp() <= now:
-        raise EnrollmentError(
-            f"the controller at {url} returned a certificate that has already expired by this gateway's clock; "
-            "check the clock"
-        )
+    if cert_not_after(cert).timestamp() <= time.now():
+        if not time.measured:
+            raise ClockError(
+                f"the controller at {url} returned a certificate that has already expired by this gateway's clock, "
+                "which could not be checked; set the clock or allow NTP (UDP port 123)"
+            )
+        raise EnrollmentError(f"the controller at {url} returned a certificate that has already expired; ask central ops")
     return cert
 
 
-async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = time.time) -> x509.Certificate:
-    """Renew (or recover) now and store the result; the old certificate stays until the new is durable."""
+async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME) -> x509.Certificate:
+    """Renew (or recover) now and store the result; the old certificate stays until the new is durable.
+
+    ``clock`` is trusted time (agent.clock.trusted.TrustedClock); a bare
+    callable counts as a clock nobody measured.
+    """
     identity = state.load()
-    answer = await request_certificate(identity, keystore)
-    cert = accept_certificate(answer, identity, keystore, clock())
+    time = as_time_source(clock)
+    answer = await request_certificate(identity, keystore, time)
+    cert = accept_certificate(answer, identity, keystore, time)
     state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
     return cert
 
@@ -241,12 +239,14 @@ class CertificateKeeper:
     ``on_status(cert_not_after, next_renewal, last_error)`` after every plan.
     """
 
-    def __init__(self, state: StateDir, keystore: KeyStore, *, clock: Clock = time.time,
+    def __init__(self, state: StateDir, keystore: KeyStore, *, clock: Clock = LOCAL_TIME,
                  rng: random.Random | None = None, on_renewed: Callable[[str], None] | None = None,
                  on_status: StatusHook | None = None) -> None:
         self.state = state
         self.keystore = keystore
-        self.clock = clock
+        #: Trusted time: plans are made on it and the controller's certificate is judged by it.
+        self.time = as_time_source(clock)
+        self.clock = self.time.now
         self.rng = rng or random.Random()
         self._on_renewed = on_renewed
         self._on_status = on_status
@@ -263,7 +263,7 @@ class CertificateKeeper:
 
     async def renew_now(self) -> x509.Certificate:
         """One attempt; on success the new certificate is stored and handed on."""
-        cert = await renew_certificate(self.state, self.keystore, self.clock)
+        cert = await renew_certificate(self.state, self.keystore, self.time)
         self.renewals += 1
         self.last_error = None
         if self._on_renewed is not None:
@@ -304,18 +304,19 @@ class CertificateKeeper:
             await asyncio.sleep(min(remaining, MAX_SLEEP_SECONDS))
 
 
-async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock = time.time) -> bool:
+async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME) -> bool:
     """At start: an expired certificate is recovered before any tunnel is tried.
 
     Returns True when a recovery happened. A refusal (revoked, disabled, past
     the grace period) raises RenewalRefused; an unreachable controller raises
     ControllerUnreachable, and the caller retries.
     """
+    time = as_time_source(clock)
     schedule = RenewalSchedule.for_certificate(state.load().certificate())
-    if not schedule.expired(clock()):
+    if not schedule.expired(time.now()):
         return False
     log.warning("the certificate expired; recovering it with the enrolled key")
-    cert = await renew_certificate(state, keystore, clock)
+    cert = await renew_certificate(state, keystore, time)
     log.info("certificate recovered; valid until %s", cert_not_after(cert).isoformat(),
              extra=journal_fields(EVENT_RENEWED, identity=state.load().uri))
     return True
@@ -326,7 +327,7 @@ async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock =
 START_RECOVERY_MAX_WAIT = 300.0
 
 
-async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = time.time,
+async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
                            rng: random.Random | None = None,
                            on_retry: Callable[[str], None] | None = None) -> bool:
     """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
@@ -356,9 +357,10 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = t
 
 
 def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, stats: Any,
-                      clock: Clock = time.time) -> CertificateKeeper:
+                      clock: Clock = LOCAL_TIME) -> CertificateKeeper:
     """A keeper wired to a running agent: renewed certificates go to ``credentials.chain_pem``
-    (used by the next tunnel's AUTH), and ``stats.cert_not_after``/``stats.next_renewal`` to status."""
+    (used by the next tunnel's AUTH; the current tunnel and its streams carry on), and
+    ``stats.cert_not_after``, ``stats.next_renewal`` and ``stats.renewal_error`` to status."""
 
     def renewed(cert_pem: str) -> None:
         credentials.chain_pem = [cert_pem]
@@ -366,5 +368,6 @@ def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, sta
     def status(not_after: float, next_renewal: float, last_error: str | None) -> None:
         stats.cert_not_after = not_after
         stats.next_renewal = next_renewal
+        stats.renewal_error = last_error
 
     return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status)

@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import os
 import ssl
-import time
 
 import aiohttp
 from cryptography import x509
@@ -33,13 +32,11 @@ FINGERPRINT_PREFIX = "sha256:"
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
 _X509_V_ERR_IP_ADDRESS_MISMATCH = 64
-# OpenSSL verify codes for a certificate outside its validity period.
-_X509_V_ERR_CERT_NOT_YET_VALID = 9
-_X509_V_ERR_CERT_HAS_EXPIRED = 10
 #: OpenSSL's X509_V_FLAG_NO_CHECK_TIME (x509_vfy.h, OpenSSL 1.1.0 and later);
 #: Python's ssl module has no name for it. It skips only the comparison of
 #: validity dates with the system clock; chain, signatures and host name are
-#: still verified, and the dates are then checked against trusted time.
+#: still verified, and the dates are then checked against trusted time
+#: (agent.identity.pinned_tls).
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 
@@ -66,23 +63,18 @@ def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
 
 
 def pinned_ssl_context(ca_pem: str) -> ssl.SSLContext:
-    """A client TLS context that trusts only ``ca_pem``, checks host names, TLS 1.2+."""
+    """A client TLS context that trusts only ``ca_pem``, checks host names, TLS 1.2+.
+
+    OpenSSL verifies the chain, every signature and the host name, but does
+    not read the system clock (a gateway's may say 1970): the caller MUST
+    judge the dates with trusted time right after the handshake, which
+    agent.identity.pinned_tls.PinnedTLS does for every connection the agent makes.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(cadata=ca_pem)
-    return context
-
-
-def pinned_ssl_context_for_clock(ca_pem: str) -> ssl.SSLContext:
-    """``pinned_ssl_context`` whose OpenSSL check does not read the system clock.
-
-    For a gateway whose clock may read 1970: OpenSSL still verifies the chain
-    to the pinned CA, every signature and the host name, but the caller MUST
-    call ``check_peer_dates`` right after the handshake, with trusted time.
-    """
-    context = pinned_ssl_context(ca_pem)
     context.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     return context
 
@@ -96,7 +88,7 @@ def peer_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, who: str)
 
 
 def served_ssl_object(response: aiohttp.ClientResponse) -> ssl.SSLObject | None:
-    """The TLS session an HTTP answer came over (for ``check_peer_dates``).
+    """The TLS session an HTTP answer came over (for ``PinnedTLS.check``).
 
     aiohttp hands a small, fully read answer back with its connection already
     released, so ``response.connection`` is often None; the protocol it was
@@ -110,24 +102,13 @@ def served_ssl_object(response: aiohttp.ClientResponse) -> ssl.SSLObject | None:
     return transport.get_extra_info("ssl_object") if transport is not None else None
 
 
-def check_peer_dates(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, ca_pem: str, now: float, who: str,
-                     time_measured: bool) -> x509.Certificate:
-    """Check the validity dates of the peer's leaf and of the pinned CA at trusted ``now``.
-
-    The other half of ``pinned_ssl_context_for_clock``. ``time_measured`` says
-    whether ``now`` came from NTP or the controller (then a failure is the
-    peer's: TrustError) or only from the local clock (then the clock is the
-    likely culprit: ClockError). Returns the leaf.
-    """
-    leaf = peer_certificate(ssl_object, who)
-    ca_cert = x509.load_pem_x509_certificate(ca_pem.encode())
-    for cert, what in ((leaf, f"{who} presented a certificate"), (ca_cert, "the pinned controller CA is")):
-        check_dates(cert, now, what, time_measured)
-    return leaf
-
-
 def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bool) -> None:
-    """Raise TrustError or ClockError (see ``check_peer_dates``) unless ``cert`` is valid at ``now``."""
+    """Raise TrustError or ClockError unless ``cert`` is valid at ``now``.
+
+    ``time_measured`` says whether ``now`` came from NTP or the controller
+    (then a failure is the peer's: TrustError) or only from the local clock
+    (then the clock is the likely culprit: ClockError).
+    """
     not_before, not_after = cert_not_before(cert), cert_not_after(cert)
     if not_before.timestamp() <= now <= not_after.timestamp():
         return
@@ -135,7 +116,7 @@ def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bo
     if not time_measured:
         raise ClockError(
             f"{what} {span}, but this gateway's clock reads {_utc(now)}; the clock is probably wrong and "
-            "could not be checked (no NTP server answered and the controller's time was not available); "
+            "could not be checked (no NTP server answered and the controller's time could not be used); "
             "set the clock or allow NTP (UDP port 123), then try again"
         )
     state = "not yet valid" if now < not_before.timestamp() else "expired"
@@ -178,11 +159,6 @@ def trust_error_for(error: BaseException, url: str) -> TrustError:
         return TrustError(
             f"the controller at {url} presented a certificate for another host name or address; "
             "check the address in the token or the controller's --listen name"
-        )
-    if code in (_X509_V_ERR_CERT_NOT_YET_VALID, _X509_V_ERR_CERT_HAS_EXPIRED):
-        return TrustError(
-            f"the controller at {url} presented a certificate that is not valid by this gateway's clock "
-            f"(it reads {_utc(time.time())}); the clock is probably wrong: set it or allow NTP, then try again"
         )
     return TrustError(
         f"the controller at {url} presented a certificate not issued by the CA pinned from your token; "

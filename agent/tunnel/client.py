@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -13,7 +12,7 @@ import aiohttp
 
 from agent.errors import ControllerUnreachable, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
-from agent.identity.trust import X509_V_FLAG_NO_CHECK_TIME, check_peer_dates, pinned_ssl_context_for_clock
+from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS
 from agent.tunnel.auth import peer_certificate_digest
 from agent.tunnel.protocol import (
     PROTOCOL_VERSION,
@@ -139,10 +138,10 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
     (network), TunnelRefused (the relay said no, with its reason), ClockError
     (the relay's certificate is not valid by a clock that could not be checked).
+    ``ssl_context`` is agent.identity.trust.pinned_ssl_context; the relay's
+    certificate is then judged by ``options.clock`` (PinnedTLS.check).
     """
-    if options.clock is not None and not ssl_context.verify_flags & X509_V_FLAG_NO_CHECK_TIME:
-        # Trusted time judges the dates, so OpenSSL must not judge them by the system clock.
-        ssl_context = pinned_ssl_context_for_clock(credentials.ca_pem)
+    tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME)
     try:
         ws = await asyncio.wait_for(
             http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
@@ -164,14 +163,11 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
         raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: {exc or 'timed out'}") from None
 
     ssl_object = ws.get_extra_info("ssl_object")
-    if options.clock is not None or ssl_context.verify_flags & X509_V_FLAG_NO_CHECK_TIME:
-        clock = options.clock
-        try:
-            check_peer_dates(ssl_object, credentials.ca_pem, clock.now() if clock else time.time(),
-                             f"the relay at {relay_url}", bool(clock and clock.measured))
-        except OutpostError:
-            await ws.close()
-            raise
+    try:
+        tls.check(ssl_object, f"the relay at {relay_url}")
+    except OutpostError:
+        await ws.close()
+        raise
     digest = peer_certificate_digest(ssl_object)
     loop = asyncio.get_running_loop()
     conn = Connection(Role.AGENT, loop.time(), limits=options.limits, liveness=options.liveness)

@@ -48,17 +48,20 @@ class TunnelStats:
     link: str | None = None
     #: why the last tunnel ended (kept after a reconnect, unlike last_error)
     last_drop: str | None = None
-    #: Unix seconds: when the current certificate expires, when the agent renews it next.
+    #: Unix seconds: when the current certificate expires, when the agent renews it next,
+    #: and why the last renewal attempt failed (None once one succeeds).
     cert_not_after: float | None = None
     next_renewal: float | None = None
+    renewal_error: str | None = None
     #: Seconds to add to the local clock for trusted time, where that came from
     #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
     clock_offset_s: float | None = None
     clock_source: str | None = None
     clock_problem: str | None = None
 
-    def as_json(self) -> dict:
-        return {**self.__dict__, "updated": time.time()}
+    def as_json(self, now: float) -> dict:
+        """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
+        return {**self.__dict__, "updated": now}
 
 
 class TunnelSupervisor:
@@ -96,6 +99,10 @@ class TunnelSupervisor:
         if self.session is not None:
             asyncio.get_running_loop().create_task(self.session.close())
 
+    def _now(self) -> float:
+        """Trusted time when the agent measured its clock (status is read on other clocks too)."""
+        return self.options.clock.now() if self.options.clock is not None else time.time()
+
     def _report(self) -> None:
         session = self.session
         if session is not None:
@@ -105,7 +112,7 @@ class TunnelSupervisor:
                 self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
         if self._write_status is not None:
             try:
-                self._write_status(self.stats.as_json())
+                self._write_status(self.stats.as_json(self._now()))
             except OSError as exc:
                 log.warning("cannot write status: %s", exc)
 
@@ -176,7 +183,7 @@ class TunnelSupervisor:
     async def _serve(self, session: AgentSession, task: asyncio.Task) -> None:
         self.session = session
         self.stats.state = "connected"
-        self.stats.connected_since = time.time()
+        self.stats.connected_since = self._now()
         self.stats.bound = list(session.bound)
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
@@ -302,6 +309,11 @@ def run(config) -> int:
 
         if asyncio.run(wait_for_enrollment(config)) is None:
             return 0  # stopped while waiting for a token
+    else:
+        from agent.enrollment.field import retire_redeemed_tokens, token_paths
+
+        # A stop between storing the enrollment and retiring its token left the token behind.
+        retire_redeemed_tokens(token_paths(config), state.load())
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     check_device_key(keystore)
@@ -312,7 +324,7 @@ def run(config) -> int:
     clock_problem = asyncio.run(service_manager.watchdog_fed(measure_once(clock, identity.controller_url, identity.ca_pem)))
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.
-    if asyncio.run(service_manager.watchdog_fed(recover_at_start(state, keystore, clock.now, on_retry=report_offline))):
+    if asyncio.run(service_manager.watchdog_fed(recover_at_start(state, keystore, clock, on_retry=report_offline))):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -327,7 +339,7 @@ def run(config) -> int:
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock.now)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
                               lambda c, problem: note_clock(supervisor.stats, c, problem))
     try:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from agent.tunnel.protocol import (
     NONCE_SIZE,
@@ -88,7 +89,9 @@ class RelaySession(TunnelSession):
         self.session_certificate = admitted.session_certificate
         self.conn.set_liveness(relay_liveness_for(event.info.get("keepalive")))
         self.relay.register(self)
-        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote)
+        # Which certificate opened the tunnel: after a renewal, new tunnels name the new one.
+        serial = format(x509.load_pem_x509_certificate(event.chain[0].encode()).serial_number, "x")
+        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
         self.conn.accept_auth({
             "identity": identity.uri,
             "name": identity.name,

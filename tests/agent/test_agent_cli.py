@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -58,6 +59,64 @@ def test_status_includes_the_tunnel_status_when_the_agent_runs(enrolled: StateDi
                  "rtt:         612 ms", "bytes:       in 1200, out 3400", "bound:       modbus"):
         assert line in result.stdout
     assert "last error" not in result.stdout
+
+
+def test_status_shows_renewal_and_tunnel_times_in_utc_with_how_far_away_they_are(enrolled: StateDir):
+    now = time.time()
+    enrolled.write_status({
+        "state": "connected", "connected_since": now - 2 * 3600 - 5 * 60, "updated": now - 10 * 60 - 15,
+        "cert_not_after": now + 8 * 3600, "next_renewal": now + 5 * 3600 + 12 * 60 + 30,
+        "renewal_error": "could not reach the controller at https://c/v1/renew to renew the certificate (timed out); "
+                         "the agent retries on its own",
+        "clock_offset_s": 0.0, "clock_source": "controller",
+    })
+
+    result = run_cli("status", "--state", enrolled.path)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    utc = r"\d{4}-\d\d-\d\d \d\d:\d\d UTC"
+    assert any(re.fullmatch(f"next renewal: {utc} \\(in 5 h 12 min\\)", line) for line in lines), result.stdout
+    assert "renewal:     the last attempt failed: could not reach the controller at https://c/v1/renew" in result.stdout
+    assert any(re.fullmatch(f"connected:   since {utc} \\(2 h 5 min ago\\)", line) for line in lines), result.stdout
+    assert any(re.fullmatch(f"updated:     {utc} \\(10 min ago\\)", line) for line in lines), result.stdout
+    assert any(re.fullmatch(f"certificate: valid until {utc} \\(in \\d+ h \\d+ min\\)", line) for line in lines)
+    assert not re.search(r"\d{9,}\.\d", result.stdout), "no raw unix times"
+    assert "cert not after" not in result.stdout and "next renewal:  " not in result.stdout
+
+
+def test_a_running_agent_reports_its_next_renewal_in_status(tmp_path: Path):
+    import sys
+
+    from agent.identity.renewal import RENEW_AT_FRACTION, RENEW_JITTER_FRACTION, RenewalSchedule
+    from tests.e2e.harness import Controller, Process, read_status, run_cli as run_module, wait_until
+
+    controller = Controller(tmp_path / "controller")
+    try:
+        token = tmp_path / "gw.token"
+        controller.ctl("identity", "create", "gw-status", "--token-out", str(token))
+        state = tmp_path / "state"
+        assert run_module("agent", "enroll", "--token", str(token), "--state", str(state),
+                          "--keystore", "software").returncode == 0
+        config = tmp_path / "agent.toml"
+        config.write_text(f'state_dir = "{state}"\n[keystore]\nbackend = "software"\n')
+        agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+        try:
+            wait_until(lambda: read_status(state).get("state") == "connected", what="the agent connected")
+            live = read_status(state)
+            shown = run_cli("status", "--state", state)
+        finally:
+            agent.stop()
+    finally:
+        controller.process.stop()
+
+    schedule = RenewalSchedule.for_certificate(StateDir(state).load().certificate())
+    fraction = (live["next_renewal"] - schedule.not_before) / schedule.lifetime
+    assert RENEW_AT_FRACTION - RENEW_JITTER_FRACTION - 1e-6 <= fraction <= RENEW_AT_FRACTION + RENEW_JITTER_FRACTION + 1e-6
+    assert live["cert_not_after"] == schedule.not_after and live["renewal_error"] is None
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^next renewal: \d{4}-\d\d-\d\d \d\d:\d\d UTC \(in \d+ h \d+ min\)$", shown.stdout, re.M), \
+        shown.stdout
 
 
 def test_status_json_is_machine_readable(enrolled: StateDir):

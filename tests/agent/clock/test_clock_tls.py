@@ -1,5 +1,6 @@
 """TLS with a wrong local clock, handled deliberately: OpenSSL verifies the chain,
-signatures and host name; the dates are judged by trusted time afterwards.
+signatures and host name; the dates are judged by trusted time afterwards
+(agent.identity.pinned_tls, for tunnels, enrollment and renewal alike).
 
 Against the real in-process controller and relay; the gateway's clock is a
 callable set to 1970 or a year ahead (tests/e2e/test_clock_faketime.py runs
@@ -22,7 +23,8 @@ from agent.enrollment.enroll import enroll_async
 from agent.errors import ClockError, TrustError
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
-from agent.identity.trust import check_dates, pinned_ssl_context
+from agent.identity.pinned_tls import FixedTime, PinnedTLS
+from agent.identity.trust import check_dates, pinned_ssl_context, served_ssl_object
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted
 from tests.controller.harness import run, running_controller
@@ -140,3 +142,57 @@ def test_dates_outside_validity_by_measured_time_are_the_peers_fault() -> None:
 def test_dates_outside_validity_by_an_unchecked_clock_blame_the_clock() -> None:
     with pytest.raises(ClockError, match="but this gateway's clock reads 1970-01-02 00:00 UTC"):
         check_dates(cert_valid(-10, 10), BOOTED_IN_1970, "the relay presented a certificate", time_measured=False)
+
+
+@pytest.mark.parametrize("which", sorted(WRONG_CLOCKS))
+def test_renewal_judges_the_controllers_certificate_by_trusted_time_not_by_the_local_clock(
+        tmp_path: Path, which: str) -> None:
+    from agent.clock.measure import refresh_clock
+    from agent.identity.renewal import renew_certificate
+
+    local = WRONG_CLOCKS[which]
+
+    async def scenario():
+        async with running_controller(tmp_path / "ctl") as ctl:
+            created = await ctl.create_identity("gw-renew")
+            await enroll_async(write_token(tmp_path, created["token"]), tmp_path / "state", SOFTWARE,
+                               clock=TrustedClock())
+            state = StateDir(tmp_path / "state")
+            keystore = open_keystore(state.path, SOFTWARE)
+            try:
+                unchecked = TrustedClock(local=local)  # nothing measured yet: the wrong clock alone
+                try:
+                    await renew_certificate(state, keystore, unchecked)
+                except ClockError as error:
+                    refused = str(error)
+                else:
+                    refused = None
+                cert_after_refusal = state.load().cert_pem
+                await refresh_clock(unchecked, state.load().controller_url, state.load().ca_pem)
+                renewed = await renew_certificate(state, keystore, unchecked)
+            finally:
+                keystore.close()
+            return refused, cert_after_refusal, renewed
+
+    refused, cert_after_refusal, renewed = run(scenario())
+    assert refused is not None and refused.startswith("the controller at https://127.0.0.1:")
+    assert "but this gateway's clock reads " in refused and "the clock is probably wrong" in refused
+    stored = StateDir(tmp_path / "state").load().certificate()
+    assert x509.load_pem_x509_certificate(cert_after_refusal.encode()).serial_number != renewed.serial_number, \
+        "a refused renewal keeps the old certificate; the measured one replaces it"
+    assert stored.serial_number == renewed.serial_number
+
+
+def test_a_served_leaf_must_be_signed_by_the_pinned_ca_itself(tmp_path: Path) -> None:
+    async def scenario():
+        async with running_controller(tmp_path / "a") as a, running_controller(tmp_path / "b") as b:
+            # A context that trusts both CAs gets past OpenSSL; the check still holds to the one pinned.
+            tls = PinnedTLS(a.context.ca.certificate_pem, FixedTime(time.time()))
+            context = tls.context()
+            context.load_verify_locations(cadata=b.context.ca.certificate_pem)
+            async with aiohttp.ClientSession() as http:
+                async with http.get(b.url + "/v1/ca", ssl=context) as response:
+                    tls.check(served_ssl_object(response), f"the controller at {b.url}")
+
+    with pytest.raises(TrustError, match="presented a certificate not signed by the pinned controller CA"):
+        run(scenario())

@@ -123,10 +123,12 @@ class Behaviour:
     #: Pad the enrollment answer past the agent's bound.
     oversized_answer: bool = False
     relays: list[str] = field(default_factory=list)
+    #: Answer /v1/time (with the real clock), as every controller since the clock checks does.
+    serves_time: bool = True
 
 
 class FakeController:
-    """Serves /v1/ca and /v1/enroll over TLS on 127.0.0.1 from a background thread."""
+    """Serves /v1/ca, /v1/time and /v1/enroll over TLS on 127.0.0.1 from a background thread."""
 
     def __init__(self, workdir: Path, ca: TestCA, tls_ca: TestCA | None = None) -> None:
         self.ca = ca
@@ -179,6 +181,7 @@ class FakeController:
         app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/v1/ca", self._get_ca)
         app.router.add_post("/v1/enroll", self._post_enroll)
+        app.router.add_get("/v1/time", self._get_time)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
@@ -188,6 +191,11 @@ class FakeController:
     async def _get_ca(self, request: web.Request) -> web.Response:
         ca = self.behaviour.served_ca or self.ca
         return web.Response(body=ca.pem.encode(), content_type="application/x-pem-file")
+
+    async def _get_time(self, request: web.Request) -> web.Response:
+        if not self.behaviour.serves_time:
+            raise web.HTTPNotFound()
+        return web.json_response({"time": time.time()})
 
     async def _post_enroll(self, request: web.Request) -> web.Response:
         self.enroll_requests += 1

@@ -69,7 +69,7 @@ def test_a_token_that_cannot_be_deleted_is_one_line_and_the_gateway_stays_enroll
     assert result.returncode == 0, result.stderr
     assert one_line_error(result) == (
         f"outpost-agent: enrolled, but the used token {token} could not be removed (Operation not permitted); "
-        "delete it by hand (the controller will never accept it again)"
+        "delete it by hand (until it expires, the controller accepts it again from this gateway's key)"
     )
     assert StateDir(state_dir).is_enrolled()
 
@@ -128,6 +128,21 @@ def test_an_expired_token_is_one_line_with_exit_65(controller, state_dir, token_
     assert result.returncode == 65
     assert "this token expired on" in one_line_error(result)
     assert controller.enroll_requests == 0
+
+
+def test_a_token_expired_only_by_a_clock_nobody_could_check_is_a_clock_problem_with_exit_75(
+        controller, state_dir, token_file):
+    controller.behaviour.serves_time = False  # and no NTP server configured: nothing can check the clock
+
+    result = run_cli("enroll", "--token", token_file(controller.token(ttl=-60)), "--state", state_dir,
+                     "--keystore", "software")
+
+    assert result.returncode == 75, "retryable: a clock a year ahead looks exactly like this"
+    line = one_line_error(result)
+    assert "this token expired on" in line and "by this gateway's clock, which could not be checked" in line
+    assert line.endswith("set the clock or allow NTP (UDP port 123), otherwise ask central ops for a new token")
+    assert controller.enroll_requests == 0
+    assert not state_dir.exists()
 
 
 def test_a_second_enroll_is_refused_with_exit_1_and_changes_nothing(controller, state_dir, token_file):

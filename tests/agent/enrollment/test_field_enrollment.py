@@ -7,6 +7,8 @@ in temporary directories standing in for /boot/firmware and /etc/outpost.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import random
 import shutil
@@ -19,7 +21,7 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.enrollment.enroll import enroll_async
-from agent.enrollment.field import REFUSED_NOTE, EnrollmentSchedule, wait_for_enrollment
+from agent.enrollment.field import POLL_INTERVAL, REFUSED_NOTE, EnrollmentSchedule, retire_token, wait_for_enrollment
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import StateDir
 from agent.tunnel.backoff import Backoff
@@ -31,6 +33,8 @@ RUN_TIMEOUT = 30.0
 TEST_POLL = 0.05
 # How many polls a "never tried again" check watches.
 WATCHED_POLLS = 20
+# One enrollment on loopback, on a loaded machine.
+ENROLL_SLACK = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +205,93 @@ def test_an_unreachable_controller_is_retried_with_backoff_and_the_token_kept(tm
     statuses = [n.get("STATUS", "") for n in notifications(notify)]
     waiting = [s for s in statuses if s.startswith("waiting for enrollment: ")]
     assert waiting and "could not reach the controller" in waiting[0], statuses
+
+
+def test_a_token_refused_on_a_fresh_gateway_is_remembered_in_the_state_directory_it_creates(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.agent.enrollment.fake_controller import FakeController, TestCA
+
+    fake = FakeController(tmp_path / "fake", TestCA()).start()
+    try:
+        token = tmp_path / "etc" / "enroll.token"
+        token.parent.mkdir()
+        token.write_text(fake.token(ttl=-60) + "\n")  # expired by the controller's time: refused before any key exists
+        config = config_for(tmp_path, token)
+        assert not config.state_dir.exists()
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            waiting = asyncio.ensure_future(wait_for_enrollment(config, stop=stop, schedule=fast_schedule(config)))
+            await until(lambda: (config.state_dir / REFUSED_NOTE).exists(), "the refusal note")
+            stop.set()
+            assert await asyncio.wait_for(waiting, RUN_TIMEOUT) is None
+
+        with caplog.at_level(logging.WARNING):
+            asyncio.run(scenario())
+    finally:
+        fake.stop()
+    assert "this token expired on" in json.loads((config.state_dir / REFUSED_NOTE).read_text())["reason"]
+    assert not any("cannot record" in r.getMessage() for r in caplog.records)
+    assert (config.state_dir.stat().st_mode & 0o777) == 0o700
+    assert not StateDir(config.state_dir).is_enrolled() and token.exists()
+
+
+def test_a_refused_token_in_the_state_directory_does_not_hide_a_new_one_on_the_boot_partition(
+        controller: Controller, tmp_path: Path) -> None:
+    taken = token_for(controller, "field-5", tmp_path / "state" / "enroll.token")  # moved there at boot
+    asyncio.run(enroll_async(taken, tmp_path / "elsewhere", KeyStoreSettings(backend="software")))
+    boot = tmp_path / "boot" / "outpost-enroll.token"
+    boot.parent.mkdir()
+    config = config_for(tmp_path, taken, tmp_path / "etc" / "enroll.token", boot)
+
+    async def scenario() -> tuple[Any, float]:
+        stop = asyncio.Event()
+        # The agent's own poll interval: the documented bound for noticing a new file.
+        waiting = asyncio.ensure_future(wait_for_enrollment(config, stop=stop))
+        await until(lambda: (config.state_dir / REFUSED_NOTE).exists(), "the refusal of the used token")
+        token_for(controller, "field-6", tmp_path / "new.token").replace(boot)
+        dropped = asyncio.get_running_loop().time()
+        identity = await asyncio.wait_for(waiting, RUN_TIMEOUT)
+        return identity, asyncio.get_running_loop().time() - dropped
+
+    identity, elapsed = asyncio.run(scenario())
+
+    assert identity is not None and identity.name == "field-6"
+    assert elapsed < POLL_INTERVAL + ENROLL_SLACK, f"the new token waited {elapsed:.1f} s"
+    assert not boot.exists()
+
+
+def test_a_token_left_behind_by_a_stop_after_enrollment_is_retired_at_the_next_start(
+        controller: Controller, tmp_path: Path) -> None:
+    import sys
+
+    from tests.e2e.harness import Process
+
+    mine = token_for(controller, "field-7", tmp_path / "boot" / "outpost-enroll.token")
+    # Enrolled, then stopped before the token was retired: the state says enrolled, the token is still there.
+    asyncio.run(enroll_async(mine, tmp_path / "state", KeyStoreSettings(backend="software")))
+    other = token_for(controller, "field-8", tmp_path / "etc" / "enroll.token")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
+                      f'[enrollment]\ntoken_paths = ["{other}", "{mine}"]\n')
+
+    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+    try:
+        agent.wait_for_line(f"removed the token {mine}: this gateway is enrolled from it as ")
+    finally:
+        agent.stop()
+    assert not mine.exists()
+    assert other.exists(), "a token for another identity is not this agent's to remove"
+
+
+def test_a_used_token_that_cannot_be_removed_gets_a_true_sentence(tmp_path: Path) -> None:
+    # A directory cannot be unlinked, nor renamed onto a non-empty one: both ways out fail.
+    stuck = tmp_path / "enroll.token"
+    (stuck / "inside").mkdir(parents=True)
+    (tmp_path / "enroll.token.used" / "inside").mkdir(parents=True)
+
+    problem = retire_token(stuck)
+
+    assert problem is not None and problem.startswith(f"enrolled, but the used token {stuck} could not be removed (")
+    assert problem.endswith("delete it by hand (until it expires, the controller accepts it again from this "
+                            "gateway's key)")

@@ -19,6 +19,7 @@ from agent.identity.renewal import (
     RenewalRefused,
     RenewalSchedule,
     recover_at_start,
+    keeper_for_tunnel,
     recover_if_expired,
     renew_certificate,
 )
@@ -135,6 +136,36 @@ def test_a_failed_renewal_backs_off_and_leaves_the_certificate_in_place(tmp_path
             await renew_certificate(state, keystore)
 
     run(scenario())
+
+
+def test_the_last_renewal_error_and_the_retry_reach_a_running_agents_status(tmp_path: Path) -> None:
+    from agent.tunnel.client import TunnelCredentials
+    from agent.tunnel.runner import TunnelStats
+
+    async def scenario() -> tuple[TunnelStats, float]:
+        async with running_controller(tmp_path / "c") as running:
+            state = await enrolled_gateway(running, tmp_path)
+            keystore = open_keystore(state.path, SOFTWARE)
+        # The controller is gone, and the certificate is due (20 h into 24).
+        now = time.time() + 20 * 3600.0
+        stats = TunnelStats()
+        credentials = TunnelCredentials(state.load().uri, [state.load().cert_pem], state.load().ca_pem, keystore)
+        keeper = keeper_for_tunnel(state, keystore, credentials, stats, lambda: now)
+        task = asyncio.ensure_future(keeper.run())
+        try:
+            for _ in range(200):
+                if stats.renewal_error:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+        assert credentials.chain_pem == [state.load().cert_pem], "nothing new to hand on"
+        return stats, now
+
+    stats, now = run(scenario())
+    assert stats.renewal_error and stats.renewal_error.startswith("could not reach the controller at ")
+    assert now < stats.next_renewal <= now + 10.0, "the retry is planned and shown"
+    assert stats.cert_not_after > now
 
 
 def test_a_wrong_key_is_refused_with_a_sentence_and_changes_nothing(tmp_path: Path) -> None:
