@@ -191,7 +191,7 @@ class ControllerServer:
         service_manager.notify_ready(f"serving on port {self.port}")
         interval = service_manager.watchdog_interval()
         if interval:
-            self._watchdog = asyncio.get_running_loop().create_task(_feed_watchdog(interval))
+            self._watchdog = asyncio.get_running_loop().create_task(service_manager.feed_watchdog(interval))
 
     async def stop(self) -> None:
         service_manager.notify_stopping()
@@ -202,10 +202,3 @@ class ControllerServer:
             await self._runner.cleanup()
             self._runner = None
         self._listener.close()
-
-
-async def _feed_watchdog(interval: float) -> None:
-    """Ping systemd's watchdog from the event loop: a stalled loop stops pinging."""
-    while True:
-        service_manager.notify_watchdog()
-        await asyncio.sleep(interval)

@@ -278,7 +278,7 @@ async def wait_for_enrollment(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, stop.set)
     interval = service_manager.watchdog_interval()
-    watchdog = loop.create_task(_feed_watchdog(interval)) if interval else None
+    watchdog = loop.create_task(service_manager.feed_watchdog(interval)) if interval else None
     shown: str | None = None
     try:
         while not stop.is_set():
@@ -352,9 +352,3 @@ async def _attempt(
              extra=service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity=identity.uri))
     service_manager.notify_status(f"enrolled as {identity.uri}; connecting")
     return identity
-
-
-async def _feed_watchdog(interval: float) -> None:
-    while True:
-        service_manager.notify_watchdog()
-        await asyncio.sleep(interval)
