@@ -27,7 +27,9 @@ from agent.tunnel.protocol import (
     Role,
     auth_message,
 )
-from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, TunnelSession, splice_socket
+from agent.tunnel.channel import StreamChannel
+from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from agent.tunnel.splice import splice_socket
 
 if TYPE_CHECKING:
     from agent.clock.trusted import TrustedClock

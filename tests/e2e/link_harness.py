@@ -25,12 +25,17 @@ from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, options_for
-from agent.tunnel.session import StreamChannel
+from agent.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator
 from tests.linkemu.profiles import LinkProfile
 
 ECHO_SERVICE = "echo"
+SOURCE_SERVICE = "source"
+# What the source service sends per connection at most: far more than any
+# test reads, yet a bound on a loop that sends.
+SOURCE_LIMIT = 512 * 1024 * 1024
+SOURCE_CHUNK = 256 * 1024
 
 
 async def enrolled(ctl: Running, name: str, roles: list[str]) -> TunnelCredentials:
@@ -45,13 +50,15 @@ async def enrolled(ctl: Running, name: str, roles: list[str]) -> TunnelCredentia
                              keystore=keystore)
 
 
-async def allow_echo(ctl: Running) -> None:
-    """Gateways may bind ``echo``; operators may dial it."""
-    for path, body in (
-        ("/api/v1/services", {"name": ECHO_SERVICE, "roles": ["plc"]}),
-        ("/api/v1/policies", {"kind": "bind", "identities": ["role:gateway"], "services": [ECHO_SERVICE]}),
+async def allow_echo(ctl: Running, *services: str) -> None:
+    """Gateways may bind ``echo`` (and ``services``); operators may dial them."""
+    names = [ECHO_SERVICE, *services]
+    requests = [("/api/v1/services", {"name": name, "roles": ["plc"]}) for name in names]
+    requests += [
+        ("/api/v1/policies", {"kind": "bind", "identities": ["role:gateway"], "services": names}),
         ("/api/v1/policies", {"kind": "dial", "identities": ["role:operator"], "services": ["role:plc"]}),
-    ):
+    ]
+    for path, body in requests:
         status, answer = await ctl.call("POST", path, body)
         assert status == 201, answer
 
@@ -81,6 +88,36 @@ async def echo_service() -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+@contextlib.asynccontextmanager
+async def source_service() -> AsyncIterator[int]:
+    """A service that sends bytes as fast as it may until the connection ends (at most SOURCE_LIMIT)."""
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        block = bytes(SOURCE_CHUNK)
+        try:
+            for _ in range(SOURCE_LIMIT // SOURCE_CHUNK):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(source, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def read_all(channel: StreamChannel, received: list[int], index: int) -> None:
+    """Read a stream until it ends or is reset, counting its bytes into ``received[index]``."""
+    try:
+        while data := await channel.read():
+            received[index] += len(data)
+    except StreamClosed:
+        pass
 
 
 @dataclass
