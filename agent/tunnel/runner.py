@@ -16,7 +16,7 @@ from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.services.forward import DialListener
-from agent.tunnel.backoff import STABLE_AFTER, Backoff
+from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
 from agent.tunnel.proxy import proxy_for
@@ -134,8 +134,7 @@ class TunnelSupervisor:
                     self._adopt_relays(session, relay)
                     up_since = time.monotonic()
                     await self._serve(session, task)
-                    if time.monotonic() - up_since >= STABLE_AFTER:
-                        self.backoff.reset()
+                    self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
                 if self._stop.is_set():
                     break
@@ -198,7 +197,7 @@ def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None)
 
 def backoff_for(plan: LinkPlan) -> Backoff:
     """Reconnect delays within the plan's bounds (full jitter)."""
-    return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max)
+    return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, stable_after=plan.stable_after)
 
 
 async def feed_watchdog(interval: float) -> None:

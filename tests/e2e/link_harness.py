@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -21,10 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
-from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
-from agent.tunnel.runner import TunnelSupervisor, options_for
+from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
 from agent.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator
@@ -141,7 +141,7 @@ async def gateway(credentials: TunnelCredentials, relays: list[str], plan: LinkP
                   binds: dict[str, tuple[str, int]] | None = None, seed: int = 0,
                   saved: list | None = None) -> AsyncIterator[Gateway]:
     """A TunnelSupervisor running the agent's reconnect loop with ``plan``'s timers."""
-    backoff = Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, rng=random.Random(seed))
+    backoff = dataclasses.replace(backoff_for(plan), rng=random.Random(seed))  # the agent's own, seeded
     supervisor = TunnelSupervisor(relays, credentials, options_for(plan, binds), backoff=backoff,
                                   save_relays=None if saved is None else saved.append)
     task = asyncio.get_running_loop().create_task(supervisor.run())
