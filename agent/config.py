@@ -75,7 +75,7 @@ ENROLLMENT_KEYS = {"token_paths"}
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
-             "reconnect_max", "proxy"}
+             "reconnect_max", "stable_after", "proxy"}
 BIND_KEYS = {"service", "target"}
 DIAL_KEYS = {"service", "listen"}
 
@@ -119,6 +119,7 @@ class LinkSettings:
     window: int | None = None
     reconnect_initial: float | None = None
     reconnect_max: float | None = None
+    stable_after: float | None = None
     #: http://host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
     proxy: str | None = None
     #: hosts reached without the proxy (NO_PROXY, filled in by the CLI)
@@ -266,6 +267,7 @@ class _Parser:
             window=window,
             reconnect_initial=self.seconds(table, "reconnect_initial"),
             reconnect_max=self.seconds(table, "reconnect_max"),
+            stable_after=self.seconds(table, "stable_after"),
             proxy=proxy,
         )
         try:
