@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -41,7 +39,7 @@ from agent.tunnel.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from agent.tunnel.splice import splice_socket, splice_streams
+from agent.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
 # the protocol only): a session hands out channels, and they are spliced onward.
@@ -67,20 +65,13 @@ def abort_transport(ws: Any) -> None:
     """Drop the TCP connection under an aiohttp WebSocket now, with an RST.
 
     aiohttp has no public abort for a WebSocket; its writer holds the
-    transport on both aiohttp 3.8 and 3.14, client and server side. Linger 0
+    transport on both aiohttp 3.8 and 3.14, client and server side. The RST
     makes the kernel discard what it still holds for a dead path instead of
     retrying it for minutes as an orphaned socket.
     """
     transport = getattr(getattr(ws, "_writer", None), "transport", None)
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
+    if transport is not None:
+        reset_connection(transport)
 
 
 class TunnelSession:
@@ -199,6 +190,9 @@ class TunnelSession:
                     channel._on_accepted()
             elif kind is StreamReset:
                 channel = self.streams.pop(event.stream_id, None)
+                if not event.remote:
+                    log.warning("stream %d (%s) reset: %s", event.stream_id,
+                                channel.service if channel is not None else "?", event.reason)
                 if channel is not None:
                     channel._on_reset(event.code, event.reason)
             elif kind is StreamOpened:

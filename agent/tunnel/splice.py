@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 
 from agent.tunnel.channel import StreamChannel, StreamClosed
 from agent.tunnel.protocol import ErrorCode
@@ -14,6 +16,21 @@ log = logging.getLogger(__name__)
 # transport receives at once, so a busy connection's backlog leaves in one
 # WebSocket message (the core cuts it into DATA frames).
 SOCKET_READ_SIZE = 64 * 1024
+
+
+def reset_connection(transport: asyncio.BaseTransport) -> None:
+    """End a TCP connection now with an RST, dropping what the kernel still holds for it.
+
+    A plain close queues FIN behind unsent bytes; to a peer that stopped
+    reading (or a dead path) those never leave, and the socket would linger.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamChannel) -> None:
@@ -62,7 +79,7 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
         elif failure is not None:
             channel.reset(ErrorCode.CONNECT_FAILED, "the local connection failed")
         if failure is not None:
-            writer.transport.abort()
+            reset_connection(writer.transport)
     finally:
         for task in pending | {reset}:
             task.cancel()

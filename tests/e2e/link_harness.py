@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -27,7 +28,7 @@ from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
 from agent.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
-from tests.linkemu.emulator import LinkEmulator
+from tests.linkemu.emulator import LinkEmulator, peer_gone
 from tests.linkemu.profiles import LinkProfile
 
 ECHO_SERVICE = "echo"
@@ -109,6 +110,43 @@ async def source_service() -> AsyncIterator[int]:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+# A service that stops reading: its socket's kernel receive buffer (Linux
+# doubles it), so the bytes it swallows before pushing back are few.
+STUCK_RECEIVE_BUFFER = 64 * 1024
+
+
+class StuckService:
+    """A service that accepts connections and never reads from them (a hung PLC, a full disk)."""
+
+    def __init__(self) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> "StuckService":
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RECEIVE_BUFFER)
+        sock.bind(("127.0.0.1", 0))
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.pause_reading()  # not even asyncio's own buffer takes more
+            self.connections.append(writer)
+
+        self._server = await asyncio.start_server(hold, sock=sock)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def dropped(self) -> int:
+        """Connections the gateway has ended (FIN or RST) though nothing was read."""
+        return sum(1 for writer in self.connections if peer_gone(writer))
+
+    async def close(self) -> None:
+        for writer in self.connections:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
 
 
 async def read_all(channel: StreamChannel, received: list[int], index: int) -> None:

@@ -230,17 +230,6 @@ class _Connection:
             pipe.has_data.set()
             pipe.has_room.set()
 
-    def far_end_gone(self, writer: asyncio.StreamWriter) -> bool:
-        """Whether the peer on this socket ended its connection (FIN or RST), read or not."""
-        sock = writer.get_extra_info("socket")
-        if sock is None:
-            return True
-        try:
-            state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except OSError:
-            return True
-        return state != TCP_ESTABLISHED
-
     def close_side(self, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
@@ -365,8 +354,8 @@ class LinkEmulator:
         """
         holes = [link for link in self.connections if link.blackholed]
         return {
-            "agent": sum(1 for link in holes if link.far_end_gone(link.client_writer)),
-            "relay": sum(1 for link in holes if link.far_end_gone(link.upstream_writer)),
+            "agent": sum(1 for link in holes if peer_gone(link.client_writer)),
+            "relay": sum(1 for link in holes if peer_gone(link.upstream_writer)),
         }
 
     def reset_all(self) -> int:
@@ -399,3 +388,15 @@ def _small_buffer_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, KERNEL_RECEIVE_BUFFER)
     return sock
+
+
+def peer_gone(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer on this socket ended its connection (FIN or RST), read or not."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state != TCP_ESTABLISHED
