@@ -306,7 +306,8 @@ class TunnelSession:
         self._terminate(ErrorCode.NO_ERROR, "closed", False)
         if not self._aborted:
             try:
-                await asyncio.wait_for(self.ws.close(), CLOSE_TIMEOUT)
+                # The core may have queued a GOAWAY saying why (a peer that broke the protocol).
+                await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
             except (asyncio.TimeoutError, ConnectionError, RuntimeError):
                 self.abort()
         for task in list(self._tasks):
