@@ -182,6 +182,7 @@ class TunnelSupervisor:
             self._base_in += session.conn.bytes_received
             self._base_out += session.conn.bytes_sent
             self.session = None
+            self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             self.stats.last_drop = self.stats.last_error
