@@ -73,43 +73,44 @@ def relay_url(port: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def echo_service() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def tcp_service(handle) -> AsyncIterator[int]:
+    """Serve ``handle(reader, writer)`` on 127.0.0.1; yields the port. ``handle`` may raise ConnectionError."""
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+            await handle(reader, writer)
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
 
 
-@contextlib.asynccontextmanager
-async def source_service() -> AsyncIterator[int]:
-    """A service that sends bytes as fast as it may until the connection ends (at most SOURCE_LIMIT)."""
-    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        block = bytes(SOURCE_CHUNK)
-        try:
-            for _ in range(SOURCE_LIMIT // SOURCE_CHUNK):
-                writer.write(block)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
 
-    server = await asyncio.start_server(source, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
+
+async def _source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    block = bytes(SOURCE_CHUNK)
+    for _ in range(SOURCE_LIMIT // SOURCE_CHUNK):
+        writer.write(block)
+        await writer.drain()
+
+
+def echo_service():
+    """A service that echoes every byte; yields its port."""
+    return tcp_service(_echo)
+
+
+def source_service():
+    """A service that sends bytes as fast as it may until the connection ends (at most SOURCE_LIMIT); yields its port."""
+    return tcp_service(_source)
 
 
 # A service that stops reading: its socket's kernel receive buffer (Linux

@@ -9,6 +9,7 @@ the benchmarks measure the real numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -120,36 +121,43 @@ async def longest_stuck_write(session, until) -> float:
     return longest
 
 
+@contextlib.asynccontextmanager
+async def uploading_gateway(tmp_path: Path, plan):
+    """A gateway binding echo and source behind a clean emulated path, and an operator tunnel: (emulator, gateway, operator)."""
+    async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port, \
+            source_service() as source_port:
+        gw_creds, op_creds = await enroll_both(ctl)
+        binds = {ECHO_SERVICE: ("127.0.0.1", echo_port), SOURCE_SERVICE: ("127.0.0.1", source_port)}
+        async with emulated(relay_port(ctl), CLEAN.but(one_way_delay=0.01)) as emu, \
+                gateway(gw_creds, [relay_url(emu.port)], plan, binds) as gw, \
+                operator_tunnel(ctl, op_creds) as operator:
+            await gw.wait_connected(10)
+            yield emu, gw, operator
+
+
 def test_a_black_hole_during_uploads_is_detected_within_the_bound_and_replaced(tmp_path: Path) -> None:
     plan = plan_for("cellular", **FAST)
 
     async def body() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port, \
-                source_service() as source_port:
-            gw_creds, op_creds = await enroll_both(ctl)
-            binds = {ECHO_SERVICE: ("127.0.0.1", echo_port), SOURCE_SERVICE: ("127.0.0.1", source_port)}
-            async with emulated(relay_port(ctl), CLEAN.but(one_way_delay=0.01)) as emu, \
-                    gateway(gw_creds, [relay_url(emu.port)], plan, binds) as gw, \
-                    operator_tunnel(ctl, op_creds) as operator:
-                await gw.wait_connected(10)
-                readers, session = await uploads_into_a_black_hole(emu, gw, operator)
-                dropped_at = time.monotonic()
-                limit = plan.detection_bound + 1.5
+        async with uploading_gateway(tmp_path, plan) as (emu, gw, operator):
+            readers, session = await uploads_into_a_black_hole(emu, gw, operator)
+            dropped_at = time.monotonic()
+            limit = plan.detection_bound + 1.5
 
-                def detected_or_late() -> bool:
-                    return not gw.supervisor.connected.is_set() or time.monotonic() - dropped_at > limit
+            def detected_or_late() -> bool:
+                return not gw.supervisor.connected.is_set() or time.monotonic() - dropped_at > limit
 
-                stuck = await longest_stuck_write(session, detected_or_late)
-                detected = time.monotonic() - dropped_at
-                assert not gw.supervisor.connected.is_set(), "a black hole during uploads was not detected"
-                assert stuck >= 1.0, f"the uploads never blocked in a write ({stuck:.2f} s): the black hole did not bite"
-                assert emu.released_by()["agent"] == 1  # the dead connection was let go, not left to linger
-                await gw.wait_connected(plan.reconnect_max + CONNECT_SLACK)
-                assert "PING" in (gw.supervisor.stats.last_drop or "")
-                assert emu.stats.connections == 2
-                assert await dial_echo(operator, b"after", 5) == b"after"
-                for reader in readers:
-                    reader.cancel()
+            stuck = await longest_stuck_write(session, detected_or_late)
+            detected = time.monotonic() - dropped_at
+            assert not gw.supervisor.connected.is_set(), "a black hole during uploads was not detected"
+            assert stuck >= 1.0, f"the uploads never blocked in a write ({stuck:.2f} s): the black hole did not bite"
+            assert emu.released_by()["agent"] == 1  # the dead connection was let go, not left to linger
+            await gw.wait_connected(plan.reconnect_max + CONNECT_SLACK)
+            assert "PING" in (gw.supervisor.stats.last_drop or "")
+            assert emu.stats.connections == 2
+            assert await dial_echo(operator, b"after", 5) == b"after"
+            for reader in readers:
+                reader.cancel()
         assert detected <= plan.detection_bound + 1.0, detected
 
     scenario(body())
@@ -160,29 +168,18 @@ def test_stopping_the_agent_while_its_upload_is_stuck_in_a_black_hole_finishes_p
     plan = plan_for("cellular", keepalive_interval=60.0, ping_timeout=30.0, reconnect_initial=0.5)
 
     async def body() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port, \
-                source_service() as source_port:
-            gw_creds, op_creds = await enroll_both(ctl)
-            binds = {ECHO_SERVICE: ("127.0.0.1", echo_port), SOURCE_SERVICE: ("127.0.0.1", source_port)}
-            async with emulated(relay_port(ctl), CLEAN.but(one_way_delay=0.01)) as emu, \
-                    operator_tunnel(ctl, op_creds) as operator:
-                gw_context = gateway(gw_creds, [relay_url(emu.port)], plan, binds)
-                gw = await gw_context.__aenter__()
-                try:
-                    await gw.wait_connected(10)
-                    readers, session = await uploads_into_a_black_hole(emu, gw, operator)
-                    settle = time.monotonic() + 1.5
-                    stuck = await longest_stuck_write(session, lambda: time.monotonic() > settle)
-                    assert stuck >= 1.0, f"the upload never blocked in a write ({stuck:.2f} s)"
-                    started = time.monotonic()
-                    gw.supervisor.stop()
-                    await asyncio.wait_for(asyncio.shield(gw.task), CLOSE_TIMEOUT + 5)
-                    took = time.monotonic() - started
-                    assert session.closed.is_set()
-                    for reader in readers:
-                        reader.cancel()
-                finally:
-                    await gw_context.__aexit__(None, None, None)
+        async with uploading_gateway(tmp_path, plan) as (emu, gw, operator):
+            readers, session = await uploads_into_a_black_hole(emu, gw, operator)
+            settle = time.monotonic() + 1.5
+            stuck = await longest_stuck_write(session, lambda: time.monotonic() > settle)
+            assert stuck >= 1.0, f"the upload never blocked in a write ({stuck:.2f} s)"
+            started = time.monotonic()
+            gw.supervisor.stop()
+            await asyncio.wait_for(asyncio.shield(gw.task), CLOSE_TIMEOUT + 5)
+            took = time.monotonic() - started
+            assert session.closed.is_set()
+            for reader in readers:
+                reader.cancel()
         assert took <= CLOSE_TIMEOUT + 1.0, took
 
     scenario(body())

@@ -21,10 +21,10 @@ import asyncio
 import collections
 import random
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
+from agent.tunnel.splice import reset_connection
 from tests.linkemu.profiles import BLACKHOLE_MODES, LinkProfile
 
 # Read size per socket read: one 64 KiB chunk costs ~26 ms at 20 Mbit/s, so
@@ -236,13 +236,7 @@ class _Connection:
     def abort(self) -> None:
         """Both sockets end with an RST, as a carrier reset or a rebooting relay does."""
         for writer in (self.client_writer, self.upstream_writer):
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            writer.transport.abort()
+            reset_connection(writer.transport)
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(c) for c in

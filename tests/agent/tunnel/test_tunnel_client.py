@@ -41,6 +41,7 @@ from agent.tunnel.protocol import (
     StreamReset,
 )
 from agent.tunnel.protocol.frames import FrameType, encode_frame
+from tests.e2e.link_harness import echo_service
 
 SCENARIO_TIMEOUT = 20.0
 
@@ -228,21 +229,6 @@ def test_garbage_from_the_relay_after_authentication_closes_the_tunnel_with_a_cl
                for r in caplog.records)
 
 
-async def local_echo() -> tuple[asyncio.AbstractServer, int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
 def test_a_relay_that_sends_past_the_window_ends_the_tunnel_with_flow_control_error(caplog) -> None:
     window = 64 * 1024
     seen: list = []
@@ -258,12 +244,9 @@ def test_a_relay_that_sends_past_the_window_ends_the_tunnel_with_flow_control_er
         seen.extend(relay.events)
 
     async def scenario() -> dict:
-        server, port = await local_echo()
-        try:
+        async with echo_service() as port:
             options = TunnelOptions(limits=ProtocolLimits(initial_window=window), binds={"svc": ("127.0.0.1", port)})
             return await agent_against(past_the_window, options)
-        finally:
-            server.close()
 
     with caplog.at_level(logging.WARNING):
         outcome = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
@@ -294,12 +277,9 @@ def test_a_stream_flood_from_the_relay_is_refused_past_the_limit_and_the_tunnel_
         await relay.until_agent_leaves()
 
     async def scenario() -> dict:
-        server, port = await local_echo()
-        try:
+        async with echo_service() as port:
             options = TunnelOptions(limits=ProtocolLimits(max_streams=limit), binds={"svc": ("127.0.0.1", port)})
             return await agent_against(flood_of_opens, options, within=3.0)
-        finally:
-            server.close()
 
     outcome = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
     refused = [e for e in seen if isinstance(e, StreamReset) and e.code is ErrorCode.REFUSED_STREAM]
