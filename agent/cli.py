@@ -174,14 +174,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def with_environment_proxy(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
-    """``config`` with HTTPS_PROXY/NO_PROXY applied when ``[link] proxy`` is not set."""
-    from agent.tunnel.proxy import proxy_settings_from_environment
+    """``config`` with HTTPS_PROXY and NO_PROXY filling in what ``[link]`` leaves unset (agent.tunnel.proxy)."""
+    from agent.tunnel.proxy import environment_proxy
 
-    proxy, no_proxy = proxy_settings_from_environment(env)
-    if config.link.proxy is not None or proxy is None:
+    try:
+        proxy, no_proxy = environment_proxy(config.link.proxy, config.link.no_proxy, env)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if (proxy, no_proxy) == (config.link.proxy, config.link.no_proxy):
         return config
-    if not proxy.startswith("http://"):
-        raise ConfigError(f"HTTPS_PROXY is {proxy!r}; give it as http://host:port, or set [link] proxy in the config")
     return dataclasses.replace(config, link=dataclasses.replace(config.link, proxy=proxy, no_proxy=no_proxy))
 
 

@@ -14,7 +14,8 @@ Example::
     nat_timeout = 120             # seconds the carrier keeps an idle mapping
     keepalive_interval = 110.0    # seconds; unset = derived from the profile
     ping_timeout = 20.0           # every [link] number is optional (docs/links.md)
-    proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy; unset = HTTPS_PROXY
+    proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy (user:password@ allowed); unset = HTTPS_PROXY
+    no_proxy = ["relay.corp.lan"]     # relays reached directly; unset = NO_PROXY
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -47,6 +48,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.tunnel.link_profiles import plan_from_settings
+from agent.tunnel.proxy import proxy_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
@@ -75,7 +77,9 @@ ENROLLMENT_KEYS = {"token_paths"}
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
-             "reconnect_max", "proxy"}
+             "reconnect_max", "stable_after", "proxy", "no_proxy"}
+#: Relays reached without the proxy: a few hosts or networks; more is a pasted file.
+MAX_NO_PROXY = 64
 BIND_KEYS = {"service", "target"}
 DIAL_KEYS = {"service", "listen"}
 
@@ -119,9 +123,10 @@ class LinkSettings:
     window: int | None = None
     reconnect_initial: float | None = None
     reconnect_max: float | None = None
-    #: http://host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
+    stable_after: float | None = None
+    #: http://[user:password@]host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
     proxy: str | None = None
-    #: hosts reached without the proxy (NO_PROXY, filled in by the CLI)
+    #: hosts reached without the proxy; empty = NO_PROXY's (filled in by the CLI)
     no_proxy: tuple[str, ...] = ()
 
 
@@ -253,11 +258,9 @@ class _Parser:
         proxy = table.get("proxy")
         if proxy is not None:
             proxy = self.string(table, "proxy", "", "link.proxy")
-            if proxy.startswith("https://"):
-                raise self.fail("link.proxy", "uses https://; give the proxy as \"http://host:port\" (the "
-                                "tunnel's own TLS still runs end to end through the proxy's CONNECT)")
-            if not re.fullmatch(r"http://[^\s/@]+/?", proxy):
-                raise self.fail("link.proxy", f"is {proxy!r}; give it as \"http://host:port\"")
+            problem = proxy_problem(proxy)
+            if problem is not None:
+                raise self.fail("link.proxy", problem)
         settings = LinkSettings(
             profile=profile,
             keepalive_interval=self.seconds(table, "keepalive_interval"),
@@ -266,13 +269,23 @@ class _Parser:
             window=window,
             reconnect_initial=self.seconds(table, "reconnect_initial"),
             reconnect_max=self.seconds(table, "reconnect_max"),
+            stable_after=self.seconds(table, "stable_after"),
             proxy=proxy,
+            no_proxy=self.no_proxy(table),
         )
         try:
             plan_from_settings(settings)  # the numbers must also make sense together
         except ConfigError as error:
             raise ConfigError(f"{self.path}: [link] {error}") from None
         return settings
+
+    def no_proxy(self, table: dict[str, Any]) -> tuple[str, ...]:
+        value = table.get("no_proxy", [])
+        if (not isinstance(value, list) or len(value) > MAX_NO_PROXY
+                or not all(isinstance(e, str) and e.strip() and not any(c.isspace() for c in e.strip()) for e in value)):
+            raise self.fail("link.no_proxy", f"must be a list of at most {MAX_NO_PROXY} host names, domains "
+                            "or addresses in quotes, e.g. [\"relay.corp.lan\", \"10.0.0.0/8\"]")
+        return tuple(e.strip().lower() for e in value)
 
     def bind(self, entry: Any, index: int) -> BindConfig:
         where = f"bind[{index}]"

@@ -1,4 +1,4 @@
-"""Reconnect delays: exponential backoff with full jitter.
+"""Reconnect delays: exponential backoff with full jitter, reset after a stable tunnel.
 
 After a relay restart every gateway of a fleet reconnects at once unless each
 waits a random time; "full jitter" (a uniform draw between zero and the
@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 INITIAL_DELAY = 1.0
 # Upper bound of one wait: a gateway is back within minutes after an outage.
 MAX_DELAY = 300.0
-# A tunnel that stayed up this long was healthy: the next failure starts over.
+# A tunnel that stayed up this long was healthy, so its end is a new outage and
+# the waits start again from the initial bound. Two minutes outlasts the
+# flapping of a link that drops right after each reconnect (a NAT that forgets
+# us, a relay that accepts and then fails) by several reconnect cycles, yet is
+# short next to a day's normal operation. [link] stable_after overrides it.
 STABLE_AFTER = 120.0
 
 
@@ -25,13 +29,34 @@ class Backoff:
     initial: float = INITIAL_DELAY
     cap: float = MAX_DELAY
     factor: float = 2.0
+    #: uptime (s) after which a dropped tunnel counts as a fresh outage
+    stable_after: float = STABLE_AFTER
     rng: random.Random = field(default_factory=random.Random)
+    #: waits since the last reset whose bound was still below the cap
     attempt: int = 0
 
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.cap:
+            raise ValueError(f"the initial delay ({self.initial}) must be above 0 and at most the cap ({self.cap})")
+        if self.factor <= 1:
+            raise ValueError(f"the backoff factor must be above 1, not {self.factor}")
+
+    def bound(self) -> float:
+        """The bound the next wait is drawn below."""
+        return min(self.cap, self.initial * self.factor ** self.attempt)
+
     def next_delay(self) -> float:
-        bound = min(self.cap, self.initial * (self.factor ** self.attempt))
-        self.attempt += 1
+        bound = self.bound()
+        if bound < self.cap:
+            # Once at the cap the exponent stops growing: a gateway failing for
+            # weeks must not overflow a float (2.0 ** 1024 does).
+            self.attempt += 1
         return self.rng.uniform(0.0, bound)
 
     def reset(self) -> None:
         self.attempt = 0
+
+    def tunnel_ended(self, uptime: float) -> None:
+        """An established tunnel ended after ``uptime`` seconds: start over if it had been stable."""
+        if uptime >= self.stable_after:
+            self.reset()

@@ -27,7 +27,10 @@ from agent.tunnel.protocol import (
     Role,
     auth_message,
 )
-from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, TunnelSession, splice_socket
+from agent.tunnel.channel import StreamChannel
+from agent.tunnel.proxy import basic_authorization, proxy_credentials
+from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from agent.tunnel.splice import splice_socket
 
 if TYPE_CHECKING:
     from agent.clock.trusted import TrustedClock
@@ -142,12 +145,23 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     certificate is then judged by ``options.clock`` (PinnedTLS.check).
     """
     tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME)
+    proxy, proxy_headers = None, None
+    if options.proxy:
+        # Credentials travel as a header of the CONNECT, never inside a URL an error message could show.
+        proxy, login = proxy_credentials(options.proxy)
+        proxy_headers = {"Proxy-Authorization": basic_authorization(*login)} if login else None
     try:
         ws = await asyncio.wait_for(
             http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
-                            autoping=True, compress=0, max_msg_size=WS_RECEIVE_MAX, proxy=options.proxy),
+                            autoping=True, compress=0, max_msg_size=WS_RECEIVE_MAX, proxy=proxy,
+                            proxy_headers=proxy_headers),
             CONNECT_TIMEOUT,
         )
+    except aiohttp.ClientHttpProxyError as exc:
+        hint = "; check the user and password in the proxy URL" if exc.status == 407 else ""
+        raise ControllerUnreachable(
+            f"the proxy {proxy} refused to carry the tunnel to {relay_url} (HTTP {exc.status}){hint}"
+        ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise TrustError(
             f"the relay at {relay_url} presented a certificate not issued by the pinned controller CA "

@@ -16,12 +16,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
+from agent.tunnel.backoff import STABLE_AFTER
 from agent.tunnel.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
 
-# The keepalive leaves this many seconds before the NAT timeout: one-way
-# transit (under a second even on GEO), timer slop, and the NAT's own sweep
-# granularity (conntrack-style tables expire entries in passes of seconds).
-NAT_MARGIN = 10.0
+# The keepalive leaves this share of the NAT timeout early, and at least
+# NAT_MARGIN_MIN seconds. What eats into the margin: the PING's one-way
+# transit (under a second on GEO, seconds behind a bufferbloated uplink), a
+# lost PING segment's TCP retransmissions (1-3 s RTO on cellular, doubling: a
+# second try lands 3-9 s late), the event loop of a loaded gateway firing late,
+# the NAT's sweep granularity (tables expire in passes of seconds), and a NAT
+# timeout measured in the field that is only roughly right. Those grow with
+# long timeouts, so the margin is a share: a 600 s NAT gets a PING every 540 s,
+# 160 a day, about 39 KB/day with TCP/IP headers (docs/links.md), well inside
+# a 100 KB/day budget, where a fixed 10 s margin would bet on all of the above
+# fitting in 10 s. The keepalive is timed from the last byte received, and a
+# NAT refreshes on packets either way (TCP ACKs included), so the NAT's own
+# clock is never older than ours.
+NAT_MARGIN_SHARE = 0.10
+NAT_MARGIN_MIN = 10.0
 # Below this the keepalive is a test setting, not a link: refuse sub-second timers
 # that would flood even a LAN.
 MIN_KEEPALIVE = 1.0
@@ -56,8 +68,8 @@ PROFILES: dict[str, ProfileDefaults] = {
     "ethernet": ProfileDefaults(nat_timeout=300.0, keepalive_cap=25.0, ping_timeout=10.0,
                                 window=INITIAL_WINDOW, reconnect_initial=5.0, reconnect_max=300.0),
     # LTE behind carrier NAT: field reports 120-150 s, so assume 120 and ping at
-    # 110. 20 s for the answer covers the radio waking from idle (1-2 s) and a
-    # congested cell; a dead path is found within 130 s.
+    # 108. 20 s for the answer covers the radio waking from idle (1-2 s) and a
+    # congested cell; a dead path is found within 128 s.
     "cellular": ProfileDefaults(nat_timeout=120.0, keepalive_cap=None, ping_timeout=20.0,
                                 window=INITIAL_WINDOW, reconnect_initial=5.0, reconnect_max=300.0),
     # GEO/LEO satellite: 600 ms round trips, a LEO handover stall of 1-2 s every
@@ -85,6 +97,8 @@ class LinkPlan:
     limits: ProtocolLimits
     reconnect_initial: float
     reconnect_max: float
+    #: a tunnel up this long (s) was stable: its drop restarts the backoff
+    stable_after: float = STABLE_AFTER
     proxy: str | None = None
     no_proxy: tuple[str, ...] = ()
 
@@ -98,16 +112,29 @@ class LinkPlan:
         return 86400.0 / (self.liveness.keepalive_interval or 86400.0)
 
 
+def nat_margin(nat_timeout: float) -> float:
+    """How long before the NAT timeout the keepalive leaves (s)."""
+    return max(NAT_MARGIN_MIN, NAT_MARGIN_SHARE * nat_timeout)
+
+
 def keepalive_for(nat_timeout: float, cap: float | None) -> float:
-    """The keepalive interval that leaves before the NAT forgets us, at most ``cap``."""
-    interval = max(MIN_KEEPALIVE, nat_timeout - NAT_MARGIN) if nat_timeout > NAT_MARGIN + MIN_KEEPALIVE \
-        else max(MIN_KEEPALIVE, nat_timeout / 2)
+    """The keepalive interval that leaves before the NAT forgets us, at most ``cap``.
+
+    A short NAT timeout that cannot spare the margin gets a PING at half of it.
+    Raises ConfigError for a NAT timeout too short for any keepalive.
+    """
+    interval = max(nat_timeout - nat_margin(nat_timeout), nat_timeout / 2)
+    if interval < MIN_KEEPALIVE:
+        raise ConfigError(
+            f"a NAT timeout of {nat_timeout:g} s leaves no room for a keepalive (at least {MIN_KEEPALIVE:g} s, "
+            f"at most half the timeout); set nat_timeout to at least {2 * MIN_KEEPALIVE:g} s"
+        )
     return interval if cap is None else min(cap, interval)
 
 
 def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_timeout: float | None = None,
              nat_timeout: float | None = None, window: int | None = None, reconnect_initial: float | None = None,
-             reconnect_max: float | None = None, proxy: str | None = None,
+             reconnect_max: float | None = None, stable_after: float | None = None, proxy: str | None = None,
              no_proxy: tuple[str, ...] = ()) -> LinkPlan:
     """The plan for ``profile`` with any number overridden (None = the profile's)."""
     defaults = PROFILES.get(profile)
@@ -132,6 +159,7 @@ def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_time
         limits=ProtocolLimits(initial_window=window if window is not None else defaults.window),
         reconnect_initial=initial,
         reconnect_max=maximum,
+        stable_after=stable_after if stable_after is not None else STABLE_AFTER,
         proxy=proxy,
         no_proxy=tuple(no_proxy),
     )
@@ -147,6 +175,7 @@ def plan_from_settings(settings) -> LinkPlan:
         window=getattr(settings, "window", None),
         reconnect_initial=getattr(settings, "reconnect_initial", None),
         reconnect_max=getattr(settings, "reconnect_max", None),
+        stable_after=getattr(settings, "stable_after", None),
         proxy=getattr(settings, "proxy", None),
         no_proxy=tuple(getattr(settings, "no_proxy", ())),
     )

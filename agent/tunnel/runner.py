@@ -17,7 +17,7 @@ from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
 from agent.services.forward import DialListener
-from agent.tunnel.backoff import STABLE_AFTER, Backoff
+from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
 from agent.tunnel.proxy import proxy_for
@@ -145,8 +145,7 @@ class TunnelSupervisor:
                     self._adopt_relays(session, relay)
                     up_since = time.monotonic()
                     await self._serve(session, task)
-                    if time.monotonic() - up_since >= STABLE_AFTER:
-                        self.backoff.reset()
+                    self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
                 if self._stop.is_set():
                     break
@@ -203,6 +202,7 @@ class TunnelSupervisor:
             self._base_in += session.conn.bytes_received
             self._base_out += session.conn.bytes_sent
             self.session = None
+            self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             self.stats.last_drop = self.stats.last_error
@@ -226,7 +226,7 @@ def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None)
 
 def backoff_for(plan: LinkPlan) -> Backoff:
     """Reconnect delays within the plan's bounds (full jitter)."""
-    return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max)
+    return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, stable_after=plan.stable_after)
 
 
 async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None,

@@ -3,20 +3,24 @@
 Both ends use it: the agent (``agent.tunnel.client``) and the relay
 (``controller.relay``). It moves bytes between the WebSocket and the sans-IO
 core, runs the core's timer, and turns streams into ``StreamChannel`` objects
-with an awaitable read/write interface and flow control. Role-specific
-behaviour (authentication, bind, dial) lives in subclasses' ``on_*`` hooks.
+(agent.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
+lives in subclasses' ``on_*`` hooks.
+
+The timer never waits for the network. On a path that black-holed, a write
+waits for a socket buffer that never drains; the liveness check must still
+run, and when it finds the path dead the connection is dropped at once (an
+RST), which also ends the stuck write. Closing is bounded the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import collections.abc
 import logging
 from typing import Any
 
 from aiohttp import WSMsgType
 
+from agent.tunnel.channel import StreamChannel, StreamClosed
 from agent.tunnel.protocol import (
     AuthReceived,
     Authenticated,
@@ -27,7 +31,6 @@ from agent.tunnel.protocol import (
     ConnectionTerminated,
     DataReceived,
     ErrorCode,
-    LocalProtocolError,
     PongReceived,
     RemoteProtocolError,
     StreamAccepted,
@@ -36,6 +39,12 @@ from agent.tunnel.protocol import (
     StreamReset,
     WindowUpdated,
 )
+from agent.tunnel.splice import reset_connection, splice_socket, splice_streams
+
+# The names other modules take from here (the relay may import this module and
+# the protocol only): a session hands out channels, and they are spliced onward.
+__all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "StreamChannel", "StreamClosed", "TunnelSession",
+           "abort_transport", "splice_socket", "splice_streams"]
 
 log = logging.getLogger(__name__)
 
@@ -45,171 +54,24 @@ log = logging.getLogger(__name__)
 WS_MESSAGE_MAX = 512 * 1024
 # The receiver's limit: one full message plus slack for a frame header.
 WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
-# How long closing the WebSocket may take before the transport is dropped.
+# How long an orderly close (GOAWAY, then the WebSocket closing handshake) may
+# take before the connection is dropped: a GEO round trip (600 ms) twice over
+# with room to spare, short enough that stopping the agent on a dead path is
+# prompt (systemd waits 90 s before it kills).
 CLOSE_TIMEOUT = 2.0
-# Read size from local TCP sockets feeding a stream: what asyncio's socket
-# transport receives at once, so a busy connection's backlog leaves in one
-# WebSocket message (the core cuts it into DATA frames).
-SOCKET_READ_SIZE = 64 * 1024
 
 
-class StreamClosed(Exception):
-    """The stream was reset (by either side) or the tunnel went away."""
+def abort_transport(ws: Any) -> None:
+    """Drop the TCP connection under an aiohttp WebSocket now, with an RST.
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
-        super().__init__(reason or code.name)
-        self.code = code
-        self.reason = reason
-
-
-class StreamChannel:
-    """One stream, seen from asyncio: read, write, end, reset."""
-
-    def __init__(self, session: "TunnelSession", stream_id: int, service: str, peer: str | None) -> None:
-        self.session = session
-        self.stream_id = stream_id
-        self.service = service
-        self.peer = peer
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._owed = 0  # bytes handed to the reader, not yet acknowledged
-        self.eof = False
-        self.error: StreamClosed | None = None
-
-    # -- called by the session on events --------------------------------
-    def _on_data(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._readable.set()
-
-    def _on_end(self) -> None:
-        self.eof = True
-        self._readable.set()
-
-    def _on_reset(self, code: ErrorCode, reason: str) -> None:
-        self.error = StreamClosed(code, reason)
-        self._readable.set()
-        self._writable.set()
-        if not self._accepted.done():
-            self._accepted.set_exception(self.error)
-            self._accepted.exception()  # retrieved: nobody may be waiting
-
-    def _on_accepted(self) -> None:
-        if not self._accepted.done():
-            self._accepted.set_result(None)
-
-    def _on_window(self) -> None:
-        self._writable.set()
-
-    # -- the application's side ----------------------------------------
-    async def wait_accepted(self) -> None:
-        """Return once the far end accepted the stream; raise StreamClosed if refused."""
-        await self._accepted
-
-    async def read(self) -> bytes:
-        """The next chunk of data; b"" at end of stream. Raises StreamClosed on reset.
-
-        Flow-control credit for the previous chunk is returned here, when the
-        caller comes back for more: by then it has written that chunk onward.
-        """
-        await self._wait_readable()
-        if not self._chunks:
-            return b""
-        data = self._chunks.popleft()
-        self._owed += len(data)
-        return data
-
-    async def read_chunks(self) -> list[bytes]:
-        """Every chunk received so far (at least one); [] at end of stream. Raises StreamClosed on reset.
-
-        Taking the whole backlog at once lets the caller pass it on in one
-        write; credit for it is returned on the next call, as with ``read``.
-        """
-        await self._wait_readable()
-        chunks = list(self._chunks)
-        self._chunks.clear()
-        for chunk in chunks:
-            self._owed += len(chunk)
-        return chunks
-
-    async def _wait_readable(self) -> None:
-        self._acknowledge()
-        while not self._chunks:
-            if self.error is not None:
-                raise self.error
-            if self.eof:
-                return
-            self._readable.clear()
-            await self._readable.wait()
-
-    def _acknowledge(self) -> None:
-        if self._owed and self.error is None:
-            self.session.conn.acknowledge_received(self.stream_id, self._owed)
-            self.session.schedule_flush()
-        self._owed = 0
-
-    async def write(self, data: bytes) -> None:
-        """Send ``data``, waiting for window credit as needed."""
-        await self.write_chunks((data,))
-
-    async def write_chunks(self, chunks: "collections.abc.Iterable[bytes]") -> None:
-        """Send ``chunks`` in order, waiting for window credit as needed.
-
-        Everything the window allows goes into one flush, so a backlog leaves
-        as one WebSocket message instead of one per chunk (each message costs
-        a TLS record and a system call per hop).
-        """
-        conn = self.session.conn
-        stream_id = self.stream_id
-        queued = False
-        for data in chunks:
-            size = len(data)
-            sent = 0
-            while sent < size:
-                if self.error is not None:
-                    raise self.error
-                if conn.closed:
-                    raise StreamClosed(ErrorCode.CANCEL, "the tunnel closed")
-                window = conn.send_window(stream_id)
-                if window <= 0:
-                    if queued:
-                        queued = False
-                        await self.session.flush()
-                    self._writable.clear()
-                    await self._writable.wait()
-                    continue
-                if sent == 0 and size <= window:
-                    conn.send_data(stream_id, data)  # whole: no copy
-                    sent = size
-                else:
-                    piece = memoryview(data)[sent:sent + window]
-                    conn.send_data(stream_id, piece)
-                    sent += len(piece)
-                queued = True
-        if queued:
-            await self.session.flush()
-
-    async def end(self) -> None:
-        """Half-close: no more data from this side."""
-        if self.error is None and not self.session.conn.closed:
-            try:
-                self.session.conn.end_stream(self.stream_id)
-            except LocalProtocolError:
-                return
-            await self.session.flush()
-
-    def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
-        """Abort the stream in both directions."""
-        if self.error is None:
-            self.error = StreamClosed(code, reason)
-            if not self.session.conn.closed:
-                try:
-                    self.session.conn.reset_stream(self.stream_id, code, reason)
-                except LocalProtocolError:
-                    pass
-                self.session.schedule_flush()
-        self.session.streams.pop(self.stream_id, None)
+    aiohttp has no public abort for a WebSocket; its writer holds the
+    transport on both aiohttp 3.8 and 3.14, client and server side. The RST
+    makes the kernel discard what it still holds for a dead path instead of
+    retrying it for minutes as an orphaned socket.
+    """
+    transport = getattr(getattr(ws, "_writer", None), "transport", None)
+    if transport is not None:
+        reset_connection(transport)
 
 
 class TunnelSession:
@@ -224,9 +86,12 @@ class TunnelSession:
         self._timer_changed = asyncio.Event()
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task] = set()
+        self._aborted = False
         self.closed = asyncio.Event()
         self.close_reason: tuple[ErrorCode, str, bool] | None = None
         self.ws_bytes_received = 0
+        #: loop time when the WebSocket write in progress began; None when none is
+        self.write_pending_since: float | None = None
 
     def now(self) -> float:
         return self.loop.time()
@@ -325,6 +190,9 @@ class TunnelSession:
                     channel._on_accepted()
             elif kind is StreamReset:
                 channel = self.streams.pop(event.stream_id, None)
+                if not event.remote:
+                    log.warning("stream %d (%s) reset: %s", event.stream_id,
+                                channel.service if channel is not None else "?", event.reason)
                 if channel is not None:
                     channel._on_reset(event.code, event.reason)
             elif kind is StreamOpened:
@@ -347,6 +215,7 @@ class TunnelSession:
                 await self.on_bind_completed(event)
 
     async def _run_timer(self) -> None:
+        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path."""
         while not self.conn.closed:
             deadline = self.conn.get_timer()
             delay = None if deadline is None else max(0.0, deadline - self.now())
@@ -357,10 +226,13 @@ class TunnelSession:
             except asyncio.TimeoutError:
                 pass
             events = self.conn.handle_timer(self.now())
-            await self._dispatch(events)
-            await self.flush()
+            await self._dispatch(events)  # a timer only ever ends the connection: no hook runs
             if self.conn.closed:
-                await self._close_ws()
+                # A deadline passed: the path is presumed dead, so nothing queued
+                # for it (not even GOAWAY) can be expected to leave.
+                self.abort()
+                return
+            self.schedule_flush()  # the PING, behind whatever write is in progress
 
     def schedule_flush(self) -> None:
         """Flush soon, from a context that cannot await."""
@@ -373,8 +245,9 @@ class TunnelSession:
         async with self._send_lock:
             self._flush_scheduled = False
             data = self.conn.data_to_send()
-            if not data:
+            if not data or self._aborted:
                 return
+            self.write_pending_since = self.now()
             try:
                 if len(data) <= WS_MESSAGE_MAX:
                     await self.ws.send_bytes(data)
@@ -385,6 +258,8 @@ class TunnelSession:
             except (ConnectionError, RuntimeError) as exc:
                 self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
                 return
+            finally:
+                self.write_pending_since = None
         self._timer_changed.set()
 
     def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
@@ -396,12 +271,26 @@ class TunnelSession:
         return channel
 
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """Close the tunnel: GOAWAY, then the WebSocket."""
+        """Close the tunnel: GOAWAY, then the WebSocket; dropped instead if that takes past CLOSE_TIMEOUT."""
         if not self.conn.closed:
             self.conn.close(code, reason)
-            await self.flush()
         self._terminate(code, reason, False)
-        await self._close_ws()
+        try:
+            await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            self.abort()
+
+    async def _close_in_order(self) -> None:
+        await self.flush()
+        if not self._aborted:
+            await self.ws.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake (the path is dead or stuck)."""
+        self._terminate(ErrorCode.CANCEL, "the connection was dropped", False)
+        if not self._aborted:
+            self._aborted = True
+            abort_transport(self.ws)
 
     def _terminate(self, code: ErrorCode, reason: str, remote: bool) -> None:
         if self.close_reason is not None:
@@ -413,58 +302,13 @@ class TunnelSession:
         self.on_closed(code, reason, remote)
         self.closed.set()
 
-    async def _close_ws(self) -> None:
-        try:
-            await asyncio.wait_for(self.ws.close(), CLOSE_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            pass
-
     async def _shutdown(self) -> None:
-        if self.close_reason is None:
-            self._terminate(ErrorCode.NO_ERROR, "closed", False)
-        await self._close_ws()
+        self._terminate(ErrorCode.NO_ERROR, "closed", False)
+        if not self._aborted:
+            try:
+                # The core may have queued a GOAWAY saying why (a peer that broke the protocol).
+                await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
+            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+                self.abort()
         for task in list(self._tasks):
             task.cancel()
-
-
-async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamChannel) -> None:
-    """Copy a local socket's bytes into a stream until EOF, then half-close."""
-    while True:
-        data = await reader.read(SOCKET_READ_SIZE)
-        if not data:
-            await channel.end()
-            return
-        await channel.write(data)
-
-
-async def pump_stream_to_socket(channel: StreamChannel, writer: asyncio.StreamWriter) -> None:
-    """Copy a stream's bytes into a local socket until the stream ends."""
-    while True:
-        chunks = await channel.read_chunks()
-        if not chunks:
-            if writer.can_write_eof():
-                writer.write_eof()
-            return
-        writer.writelines(chunks)  # one system call for the backlog
-        await writer.drain()
-
-
-async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Carry a stream over a local TCP connection in both directions, then close both."""
-    try:
-        outbound = asyncio.ensure_future(pump_socket_to_stream(reader, channel))
-        inbound = asyncio.ensure_future(pump_stream_to_socket(channel, writer))
-        done, pending = await asyncio.wait({outbound, inbound}, return_when=asyncio.FIRST_EXCEPTION)
-        if any(t.exception() for t in done if not t.cancelled()):
-            for t in pending:
-                t.cancel()
-            failed = next(t.exception() for t in done if not t.cancelled() and t.exception())
-            if isinstance(failed, StreamClosed):
-                log.info("stream %d (%s) closed: %s", channel.stream_id, channel.service, failed.reason or failed.code.name)
-            else:
-                channel.reset(ErrorCode.CONNECT_FAILED, "the local connection failed")
-        elif pending:
-            await asyncio.wait(pending)
-    finally:
-        writer.close()
-        channel.session.streams.pop(channel.stream_id, None)

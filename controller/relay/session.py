@@ -23,7 +23,8 @@ from agent.tunnel.protocol import (
     ProtocolLimits,
     Role,
 )
-from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, StreamClosed, TunnelSession
+# The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
+from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, StreamClosed, TunnelSession, splice_streams
 from controller.relay.admit import AdmissionRefused, admit
 from controller.relay.broker import Broker, service_key
 
@@ -161,34 +162,6 @@ class RelaySession(TunnelSession):
         self.relay.unregister(self)
         if self.identity is not None:
             self.context.audit.record("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
-
-
-async def _pump(source: StreamChannel, sink: StreamChannel) -> None:
-    while True:
-        chunks = await source.read_chunks()
-        if not chunks:
-            await sink.end()
-            return
-        await sink.write_chunks(chunks)  # the backlog leaves as one message
-
-
-async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
-    """Carry two streams into each other until both end or one is reset."""
-    forward = asyncio.ensure_future(_pump(a, b))
-    backward = asyncio.ensure_future(_pump(b, a))
-    try:
-        done, pending = await asyncio.wait({forward, backward}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if isinstance(exc, StreamClosed):
-                # Pass the reset on to the other side with its code and reason.
-                for channel in (a, b):
-                    channel.reset(exc.code, exc.reason)
-        for task in pending:
-            task.cancel()
-    finally:
-        a.session.streams.pop(a.stream_id, None)
-        b.session.streams.pop(b.stream_id, None)
 
 
 class Relay:

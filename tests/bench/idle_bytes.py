@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.tunnel.link_profiles import plan_for  # noqa: E402
+from tests.bench.bench_setup import machine  # noqa: E402
 from tests.bench.link_bench_setup import LinkTunnelPath  # noqa: E402
 
 # Settle time after connecting: the handshake's last bytes (BIND, TLS session
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     real_150 = plan_for("metered", nat_timeout=150)
     ethernet = plan_for("ethernet")
     scaled = args.scaled_interval
-    report: dict = {"benchmark": "idle_bytes", "method": "scaled", "python": sys.version.split()[0]}
+    report: dict = {"benchmark": "idle_bytes", "method": "scaled"}
     with tempfile.TemporaryDirectory(prefix="outpost-idle-") as tmp:
         workdir = Path(tmp)
         metered = run_case(workdir, "metered", {"profile": "metered", "keepalive_interval": scaled,
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             report["real_run_nat_150s"] = {**real, "payload_kb_per_day": round(payload * DAY / seconds / 1000, 1)}
     report["goal_kb_per_day"] = 100
     report["goal_met_nat_600s"] = report["metered_nat_600s"]["with_tcp_ip_headers_kb_per_day"] <= 100
+    report["machine"] = machine()
     print(json.dumps(report))
     return 0
 

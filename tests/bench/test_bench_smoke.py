@@ -68,6 +68,22 @@ def test_footprint_reports_idle_and_busy_memory() -> None:
     assert found["streams_reached_service"] == 5
 
 
+def test_idle_bytes_reports_a_day_of_keepalives_for_both_nat_timeouts() -> None:
+    found = run_bench("idle_bytes", "--seconds", "4", "--scaled-interval", "1")
+    metered = found["scaled_runs"]["metered"]
+    assert metered["exchanges"] >= 2 and metered["reconnects"] == 0 and metered["blackholed"] == 0
+    for case in ("metered_nat_600s", "metered_nat_150s", "baseline_ethernet_25s"):
+        assert found[case]["with_tcp_ip_headers_kb_per_day"] > found[case]["payload_kb_per_day"] > 0, case
+    assert isinstance(found["goal_met_nat_600s"], bool)
+
+
+def test_satellite_reports_both_directions_next_to_direct_tcp() -> None:
+    found = run_bench("satellite", "--megabytes", "1", "--rounds", "1")
+    assert found["agent_link_profile"] == "satellite"
+    assert all(value > 0 for value in found["mbit_s"].values()), found["mbit_s"]
+    assert_positive(found, "tunnel_vs_direct_to_gateway", "tunnel_vs_direct_from_gateway")
+
+
 @pytest.mark.skipif(not SSH_AVAILABLE, reason="the OpenSSH baseline needs root and openssh-server")
 def test_the_ssh_baseline_carries_bytes(tmp_path: Path) -> None:
     from tests.bench.bench_setup import EchoServer, wait_for_path

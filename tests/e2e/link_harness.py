@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -21,16 +23,20 @@ from cryptography.hazmat.primitives import serialization
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
-from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
-from agent.tunnel.runner import TunnelSupervisor, options_for
-from agent.tunnel.session import StreamChannel
+from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
+from agent.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
-from tests.linkemu.emulator import LinkEmulator
+from tests.linkemu.emulator import LinkEmulator, peer_gone
 from tests.linkemu.profiles import LinkProfile
 
 ECHO_SERVICE = "echo"
+SOURCE_SERVICE = "source"
+# What the source service sends per connection at most: far more than any
+# test reads, yet a bound on a loop that sends.
+SOURCE_LIMIT = 512 * 1024 * 1024
+SOURCE_CHUNK = 256 * 1024
 
 
 async def enrolled(ctl: Running, name: str, roles: list[str]) -> TunnelCredentials:
@@ -45,13 +51,15 @@ async def enrolled(ctl: Running, name: str, roles: list[str]) -> TunnelCredentia
                              keystore=keystore)
 
 
-async def allow_echo(ctl: Running) -> None:
-    """Gateways may bind ``echo``; operators may dial it."""
-    for path, body in (
-        ("/api/v1/services", {"name": ECHO_SERVICE, "roles": ["plc"]}),
-        ("/api/v1/policies", {"kind": "bind", "identities": ["role:gateway"], "services": [ECHO_SERVICE]}),
+async def allow_echo(ctl: Running, *services: str) -> None:
+    """Gateways may bind ``echo`` (and ``services``); operators may dial them."""
+    names = [ECHO_SERVICE, *services]
+    requests = [("/api/v1/services", {"name": name, "roles": ["plc"]}) for name in names]
+    requests += [
+        ("/api/v1/policies", {"kind": "bind", "identities": ["role:gateway"], "services": names}),
         ("/api/v1/policies", {"kind": "dial", "identities": ["role:operator"], "services": ["role:plc"]}),
-    ):
+    ]
+    for path, body in requests:
         status, answer = await ctl.call("POST", path, body)
         assert status == 201, answer
 
@@ -65,22 +73,90 @@ def relay_url(port: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def echo_service() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def tcp_service(handle) -> AsyncIterator[int]:
+    """Serve ``handle(reader, writer)`` on 127.0.0.1; yields the port. ``handle`` may raise ConnectionError."""
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+            await handle(reader, writer)
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(guarded, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
+async def _source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    block = bytes(SOURCE_CHUNK)
+    for _ in range(SOURCE_LIMIT // SOURCE_CHUNK):
+        writer.write(block)
+        await writer.drain()
+
+
+def echo_service():
+    """A service that echoes every byte; yields its port."""
+    return tcp_service(_echo)
+
+
+def source_service():
+    """A service that sends bytes as fast as it may until the connection ends (at most SOURCE_LIMIT); yields its port."""
+    return tcp_service(_source)
+
+
+# A service that stops reading: its socket's kernel receive buffer (Linux
+# doubles it), so the bytes it swallows before pushing back are few.
+STUCK_RECEIVE_BUFFER = 64 * 1024
+
+
+class StuckService:
+    """A service that accepts connections and never reads from them (a hung PLC, a full disk)."""
+
+    def __init__(self) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> "StuckService":
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RECEIVE_BUFFER)
+        sock.bind(("127.0.0.1", 0))
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.transport.pause_reading()  # not even asyncio's own buffer takes more
+            self.connections.append(writer)
+
+        self._server = await asyncio.start_server(hold, sock=sock)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def dropped(self) -> int:
+        """Connections the gateway has ended (FIN or RST) though nothing was read."""
+        return sum(1 for writer in self.connections if peer_gone(writer))
+
+    async def close(self) -> None:
+        for writer in self.connections:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+
+
+async def read_all(channel: StreamChannel, received: list[int], index: int) -> None:
+    """Read a stream until it ends or is reset, counting its bytes into ``received[index]``."""
+    try:
+        while data := await channel.read():
+            received[index] += len(data)
+    except StreamClosed:
+        pass
 
 
 @dataclass
@@ -104,7 +180,7 @@ async def gateway(credentials: TunnelCredentials, relays: list[str], plan: LinkP
                   binds: dict[str, tuple[str, int]] | None = None, seed: int = 0,
                   saved: list | None = None) -> AsyncIterator[Gateway]:
     """A TunnelSupervisor running the agent's reconnect loop with ``plan``'s timers."""
-    backoff = Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, rng=random.Random(seed))
+    backoff = dataclasses.replace(backoff_for(plan), rng=random.Random(seed))  # the agent's own, seeded
     supervisor = TunnelSupervisor(relays, credentials, options_for(plan, binds), backoff=backoff,
                                   save_relays=None if saved is None else saved.append)
     task = asyncio.get_running_loop().create_task(supervisor.run())

@@ -9,6 +9,7 @@ the benchmarks measure the real numbers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import pytest
 
 from agent.tunnel.link_profiles import plan_for
 from tests.controller.harness import run, running_controller
+from agent.tunnel.session import CLOSE_TIMEOUT
+from controller.relay.session import RELAY_IDLE_MIN
 from tests.e2e.link_harness import (
     ECHO_SERVICE,
+    SOURCE_SERVICE,
     allow_echo,
     dial_echo,
     echo_once,
@@ -26,8 +30,10 @@ from tests.e2e.link_harness import (
     enrolled,
     gateway,
     operator_tunnel,
+    read_all,
     relay_port,
     relay_url,
+    source_service,
 )
 from tests.linkemu.profiles import CLEAN, FLAKY, LEO, LTE_NAT
 
@@ -41,8 +47,16 @@ def scenario(coroutine, limit: float = 90.0) -> None:
     run(asyncio.wait_for(coroutine, limit))
 
 
-async def setup(ctl):
-    await allow_echo(ctl)
+# Streams pushing data at once when the path black-holes.
+UPLOADS = 4
+# Bytes each upload carries before the black hole: the data path is busy.
+UPLOAD_WARMUP = 1 << 20
+# What the operator sends toward a black-holed gateway at most: far more than the buffers on the way.
+DOWNLOAD_MIB = 64
+
+
+async def enroll_both(ctl):
+    await allow_echo(ctl, SOURCE_SERVICE)
     gateway_credentials = await enrolled(ctl, "gw-link", ["gateway"])
     operator_credentials = await enrolled(ctl, "op-link", ["operator"])
     return gateway_credentials, operator_credentials
@@ -53,7 +67,7 @@ def test_a_silently_black_holed_tunnel_is_detected_within_the_bound_and_replaced
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port:
-            gw_creds, op_creds = await setup(ctl)
+            gw_creds, op_creds = await enroll_both(ctl)
             async with emulated(relay_port(ctl), LTE_NAT.but(nat_timeout=None, one_way_delay=0.03, rate=None)) as emu, \
                     gateway(gw_creds, [relay_url(emu.port)], plan, {ECHO_SERVICE: ("127.0.0.1", echo_port)}) as gw, \
                     operator_tunnel(ctl, op_creds) as operator:
@@ -75,13 +89,152 @@ def test_a_silently_black_holed_tunnel_is_detected_within_the_bound_and_replaced
     scenario(body())
 
 
+async def uploads_into_a_black_hole(emu, gw, operator) -> tuple[list[asyncio.Task], object]:
+    """UPLOADS streams from the gateway's source to the operator, then an unread black hole.
+
+    Returns the operator's readers and the gateway's tunnel session.
+    """
+    received = [0] * UPLOADS
+    readers = []
+    for index in range(UPLOADS):
+        channel = operator.open_stream(SOURCE_SERVICE)
+        await asyncio.wait_for(channel.wait_accepted(), 5)
+        readers.append(asyncio.ensure_future(read_all(channel, received, index)))
+    deadline = time.monotonic() + 20
+    while min(received) < UPLOAD_WARMUP:
+        assert time.monotonic() < deadline, f"the uploads did not flow: {received}"
+        await asyncio.sleep(0.05)
+    session = gw.supervisor.session
+    assert emu.blackhole_all("unread") == 1  # no byte read, no ACK: the gateway's writes block
+    return readers, session
+
+
+async def longest_stuck_write(session, until) -> float:
+    """The longest time one WebSocket write of ``session`` was pending, sampled until ``until()``."""
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    while not until():
+        since = session.write_pending_since
+        if since is not None:
+            longest = max(longest, loop.time() - since)
+        await asyncio.sleep(0.05)
+    return longest
+
+
+@contextlib.asynccontextmanager
+async def uploading_gateway(tmp_path: Path, plan):
+    """A gateway binding echo and source behind a clean emulated path, and an operator tunnel: (emulator, gateway, operator)."""
+    async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port, \
+            source_service() as source_port:
+        gw_creds, op_creds = await enroll_both(ctl)
+        binds = {ECHO_SERVICE: ("127.0.0.1", echo_port), SOURCE_SERVICE: ("127.0.0.1", source_port)}
+        async with emulated(relay_port(ctl), CLEAN.but(one_way_delay=0.01)) as emu, \
+                gateway(gw_creds, [relay_url(emu.port)], plan, binds) as gw, \
+                operator_tunnel(ctl, op_creds) as operator:
+            await gw.wait_connected(10)
+            yield emu, gw, operator
+
+
+def test_a_black_hole_during_uploads_is_detected_within_the_bound_and_replaced(tmp_path: Path) -> None:
+    plan = plan_for("cellular", **FAST)
+
+    async def body() -> None:
+        async with uploading_gateway(tmp_path, plan) as (emu, gw, operator):
+            readers, session = await uploads_into_a_black_hole(emu, gw, operator)
+            dropped_at = time.monotonic()
+            limit = plan.detection_bound + 1.5
+
+            def detected_or_late() -> bool:
+                return not gw.supervisor.connected.is_set() or time.monotonic() - dropped_at > limit
+
+            stuck = await longest_stuck_write(session, detected_or_late)
+            detected = time.monotonic() - dropped_at
+            assert not gw.supervisor.connected.is_set(), "a black hole during uploads was not detected"
+            assert stuck >= 1.0, f"the uploads never blocked in a write ({stuck:.2f} s): the black hole did not bite"
+            assert emu.released_by()["agent"] == 1  # the dead connection was let go, not left to linger
+            await gw.wait_connected(plan.reconnect_max + CONNECT_SLACK)
+            assert "PING" in (gw.supervisor.stats.last_drop or "")
+            assert emu.stats.connections == 2
+            assert await dial_echo(operator, b"after", 5) == b"after"
+            for reader in readers:
+                reader.cancel()
+        assert detected <= plan.detection_bound + 1.0, detected
+
+    scenario(body())
+
+
+def test_stopping_the_agent_while_its_upload_is_stuck_in_a_black_hole_finishes_promptly(tmp_path: Path) -> None:
+    # Detection is a minute away: only stop() can end this tunnel soon.
+    plan = plan_for("cellular", keepalive_interval=60.0, ping_timeout=30.0, reconnect_initial=0.5)
+
+    async def body() -> None:
+        async with uploading_gateway(tmp_path, plan) as (emu, gw, operator):
+            readers, session = await uploads_into_a_black_hole(emu, gw, operator)
+            settle = time.monotonic() + 1.5
+            stuck = await longest_stuck_write(session, lambda: time.monotonic() > settle)
+            assert stuck >= 1.0, f"the upload never blocked in a write ({stuck:.2f} s)"
+            started = time.monotonic()
+            gw.supervisor.stop()
+            await asyncio.wait_for(asyncio.shield(gw.task), CLOSE_TIMEOUT + 5)
+            took = time.monotonic() - started
+            assert session.closed.is_set()
+            for reader in readers:
+                reader.cancel()
+        assert took <= CLOSE_TIMEOUT + 1.0, took
+
+    scenario(body())
+
+
+def test_a_relay_stuck_writing_into_a_black_hole_lets_go_of_the_tunnel_within_its_idle_bound(tmp_path: Path) -> None:
+    plan = plan_for("cellular", **FAST)
+    # The relay forgets a tunnel after three keepalives of silence, never sooner than this.
+    relay_bound = RELAY_IDLE_MIN
+
+    async def body() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port:
+            gw_creds, op_creds = await enroll_both(ctl)
+            async with emulated(relay_port(ctl), CLEAN.but(one_way_delay=0.01)) as emu, \
+                    gateway(gw_creds, [relay_url(emu.port)], plan, {ECHO_SERVICE: ("127.0.0.1", echo_port)}) as gw, \
+                    operator_tunnel(ctl, op_creds) as operator:
+                await gw.wait_connected(10)
+                channel = operator.open_stream(ECHO_SERVICE)
+                await asyncio.wait_for(channel.wait_accepted(), 5)
+                echoed = [0]
+                reader = asyncio.ensure_future(read_all(channel, echoed, 0))
+
+                written = [0]
+
+                async def download() -> None:
+                    for _ in range(DOWNLOAD_MIB):
+                        await channel.write(bytes(1 << 20))
+                        written[0] += 1
+
+                writer = asyncio.ensure_future(download())
+                deadline = time.monotonic() + 20
+                while echoed[0] < UPLOAD_WARMUP:
+                    assert time.monotonic() < deadline, "the download did not flow"
+                    await asyncio.sleep(0.05)
+                assert emu.blackhole_all("unread") == 1  # the relay's writes toward the gateway now block
+                dropped_at = time.monotonic()
+                while emu.released_by()["relay"] == 0:
+                    assert time.monotonic() - dropped_at < relay_bound + 3.0, "the relay held on to a dead tunnel"
+                    await asyncio.sleep(0.1)
+                released = time.monotonic() - dropped_at
+                assert written[0] < DOWNLOAD_MIB, "the whole download went through: the relay was never stuck"
+                for task in (reader, writer):
+                    task.cancel()
+        assert released >= relay_bound - 0.5, f"released after {released:.1f} s: before its idle bound?"
+
+    scenario(body())
+
+
 def test_a_keepalive_under_the_nat_timeout_keeps_an_idle_tunnel(tmp_path: Path) -> None:
     plan = plan_for("cellular", nat_timeout=2.5, ping_timeout=2.0, reconnect_initial=0.5)
     assert plan.liveness.keepalive_interval < 2.5
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
-            gw_creds, _ = await setup(ctl)
+            gw_creds, _ = await enroll_both(ctl)
             async with emulated(relay_port(ctl), LTE_NAT.but(nat_timeout=2.5)) as emu, \
                     gateway(gw_creds, [relay_url(emu.port)], plan) as gw:
                 await gw.wait_connected(10)
@@ -98,7 +251,7 @@ def test_a_keepalive_slower_than_the_nat_loses_the_tunnel_and_the_agent_notices(
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
-            gw_creds, _ = await setup(ctl)
+            gw_creds, _ = await enroll_both(ctl)
             async with emulated(relay_port(ctl), LTE_NAT.but(nat_timeout=1.0)) as emu, \
                     gateway(gw_creds, [relay_url(emu.port)], plan) as gw:
                 await gw.wait_connected(10)
@@ -116,7 +269,7 @@ def test_a_leo_handover_stall_keeps_the_tunnel_and_a_long_lived_stream(tmp_path:
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port:
-            gw_creds, op_creds = await setup(ctl)
+            gw_creds, op_creds = await enroll_both(ctl)
             async with emulated(relay_port(ctl), LEO.but(stall_every=6.0, stall_for=2.0)) as emu, \
                     gateway(gw_creds, [relay_url(emu.port)], plan, {ECHO_SERVICE: ("127.0.0.1", echo_port)}) as gw, \
                     operator_tunnel(ctl, op_creds) as operator:
@@ -151,7 +304,7 @@ def test_on_a_flaky_link_the_tunnel_keeps_coming_back_within_a_bounded_time(tmp_
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port:
-            gw_creds, op_creds = await setup(ctl)
+            gw_creds, op_creds = await enroll_both(ctl)
             async with emulated(relay_port(ctl), profile) as emu, \
                     gateway(gw_creds, [relay_url(emu.port)], plan, {ECHO_SERVICE: ("127.0.0.1", echo_port)}) as gw, \
                     operator_tunnel(ctl, op_creds) as operator:
@@ -191,7 +344,7 @@ def test_a_relay_that_is_down_fails_over_to_the_next_and_the_list_is_refreshed(t
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
-            gw_creds, _ = await setup(ctl)
+            gw_creds, _ = await enroll_both(ctl)
             down = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
             dead_port = down.sockets[0].getsockname()[1]
             down.close()
@@ -212,7 +365,7 @@ def test_idle_keepalives_cost_a_bounded_number_of_bytes(tmp_path: Path) -> None:
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
-            gw_creds, _ = await setup(ctl)
+            gw_creds, _ = await enroll_both(ctl)
             async with emulated(relay_port(ctl), CLEAN) as emu, gateway(gw_creds, [relay_url(emu.port)], plan) as gw:
                 await gw.wait_connected(10)
                 await asyncio.sleep(1.5)  # the handshake's last bytes and TLS tickets are through

@@ -4,9 +4,11 @@ The kernel here has no netem, so the link's behaviour is applied to TCP
 payload as it passes: each direction is a timed, order-preserving queue
 (delay), fed through a serialiser (rate), paused by stall windows, and bounded
 (a full bottleneck stops reading, so the sender feels backpressure as on a
-real link). A connection idle longer than the NAT timeout is black-holed:
-everything is swallowed from then on, no RST, no FIN. Random resets abort
-both sockets with an RST.
+real link). A new connection waits one round trip before its bytes move, as
+TCP's handshake does. A connection idle longer than the NAT timeout is
+black-holed: no RST, no FIN, and from then on everything is either swallowed
+("discard") or left unread so the senders' writes block ("unread", as when no
+ACK returns). Random resets abort both sockets with an RST.
 
 Counts are TCP payload bytes as the sender handed them to the link (dropped
 bytes included: a metered link bills what the modem sent); IP/TCP headers and
@@ -19,11 +21,11 @@ import asyncio
 import collections
 import random
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 
-from tests.linkemu.profiles import LinkProfile
+from agent.tunnel.splice import reset_connection
+from tests.linkemu.profiles import BLACKHOLE_MODES, LinkProfile
 
 # Read size per socket read: one 64 KiB chunk costs ~26 ms at 20 Mbit/s, so
 # per-chunk work is negligible and the queue's timing stays fine-grained.
@@ -38,6 +40,13 @@ MAX_CONNECTIONS = 2000
 MAX_RESETS = 1000
 # Connecting to the target is loopback: anything slower is a bug.
 UPSTREAM_CONNECT_TIMEOUT = 5.0
+# The kernel receive buffer of the emulator's sockets (Linux doubles it). Left
+# to autotuning, loopback grows it to tens of MiB: a queue in front of the
+# emulated bottleneck that no modem has, and room for a black-holed sender to
+# write for seconds before it blocks. The emulated queue is queue_bytes.
+KERNEL_RECEIVE_BUFFER = 128 * 1024
+# tcpi_state of a connection both ends still hold (linux/tcp_states.h).
+TCP_ESTABLISHED = 1
 
 
 class StallSchedule:
@@ -114,9 +123,11 @@ class _Pipe:
         profile = emulator.profile
         stats = emulator.stats
         while True:
-            while self.buffered >= self.capacity:
+            while self.buffered >= self.capacity and not self.link.blackholed:
                 self.has_room.clear()
                 await self.has_room.wait()
+            if self.link.unread:
+                await self.link.parked.wait()  # never set: the task ends when the emulator closes
             try:
                 data = await self.reader.read(READ_SIZE)
             except (ConnectionError, OSError):
@@ -133,6 +144,8 @@ class _Pipe:
                 if data:
                     stats.dropped_bytes += len(data)
                     continue
+                if self.link.unread:
+                    continue  # an EOF into an unread mapping is not passed on either
                 # A FIN into a dead mapping goes nowhere: close only our side of it.
                 self.link.close_side(self.reader_side_writer())
                 return
@@ -196,17 +209,26 @@ class _Connection:
         self.upstream_writer = upstream[1]
         self.last_activity = time.monotonic()
         self.blackholed = False
+        #: black-holed in "unread" mode: neither socket is read any more
+        self.unread = False
+        self.parked = asyncio.Event()
         self.up = _Pipe(self, client[0], upstream[1], upward=True)
         self.down = _Pipe(self, upstream[0], client[1], upward=False)
 
     def check_nat(self, now: float) -> bool:
         timeout = self.emulator.profile.nat_timeout
         if not self.blackholed and timeout is not None and now - self.last_activity >= timeout:
-            self.blackholed = True
-            self.emulator.stats.blackholed += 1
-            self.up.has_data.set()
-            self.down.has_data.set()
+            self.blackhole(self.emulator.profile.blackhole)
         return self.blackholed
+
+    def blackhole(self, mode: str) -> None:
+        """The mapping is gone: nothing passes from now on, and nobody is told."""
+        self.blackholed = True
+        self.unread = mode == "unread"
+        self.emulator.stats.blackholed += 1
+        for pipe in (self.up, self.down):
+            pipe.has_data.set()
+            pipe.has_room.set()
 
     def close_side(self, writer: asyncio.StreamWriter) -> None:
         writer.close()
@@ -214,13 +236,7 @@ class _Connection:
     def abort(self) -> None:
         """Both sockets end with an RST, as a carrier reset or a rebooting relay does."""
         for writer in (self.client_writer, self.upstream_writer):
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            writer.transport.abort()
+            reset_connection(writer.transport)
 
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(c) for c in
@@ -267,7 +283,10 @@ class LinkEmulator:
         return f"127.0.0.1:{self.port}"
 
     async def start(self, port: int = 0) -> "LinkEmulator":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
+        listener = _small_buffer_socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        self._server = await asyncio.start_server(self._accept, sock=listener)
         self.port = self._server.sockets[0].getsockname()[1]
         self.stalls = StallSchedule(self.profile, time.monotonic())
         return self
@@ -278,8 +297,10 @@ class LinkEmulator:
         if self.stats.connections > MAX_CONNECTIONS:
             writer.close()
             return
+        # SYN and SYN-ACK cross the link before the first byte may leave.
+        await asyncio.sleep(2 * self.profile.one_way_delay)
         try:
-            upstream = await asyncio.wait_for(asyncio.open_connection(*self.target), UPSTREAM_CONNECT_TIMEOUT)
+            upstream = await asyncio.wait_for(self._connect_upstream(), UPSTREAM_CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             writer.close()  # the relay is down: the agent sees the connection end
             return
@@ -295,15 +316,41 @@ class LinkEmulator:
             if task is not None:
                 self._tasks.discard(task)
 
-    def blackhole_all(self) -> int:
-        """Silently drop every live mapping now (a carrier NAT restart); returns how many."""
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = _small_buffer_socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self.target)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    def blackhole_all(self, mode: str | None = None) -> int:
+        """Silently drop every live mapping now (a carrier NAT restart); returns how many.
+
+        ``mode`` is "discard" or "unread" (see LinkProfile.blackhole); None = the profile's.
+        """
+        mode = mode or self.profile.blackhole
+        if mode not in BLACKHOLE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(BLACKHOLE_MODES)}, not {mode!r}")
         links = [link for link in self.connections if not link.blackholed]
         for link in links:
-            link.blackholed = True
-            self.stats.blackholed += 1
-            link.up.has_data.set()
-            link.down.has_data.set()
+            link.blackhole(mode)
         return len(links)
+
+    def released_by(self) -> dict[str, int]:
+        """How many black-holed connections each end has let go of (sent FIN or RST).
+
+        An end that detects the dead path must close its socket even though
+        nothing it writes can leave; the kernel sees its FIN or RST arrive
+        whether or not the emulator reads.
+        """
+        holes = [link for link in self.connections if link.blackholed]
+        return {
+            "agent": sum(1 for link in holes if peer_gone(link.client_writer)),
+            "relay": sum(1 for link in holes if peer_gone(link.upstream_writer)),
+        }
 
     def reset_all(self) -> int:
         """RST every live connection (a relay restart, seen from the path); returns how many."""
@@ -329,3 +376,21 @@ class LinkEmulator:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _small_buffer_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, KERNEL_RECEIVE_BUFFER)
+    return sock
+
+
+def peer_gone(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer on this socket ended its connection (FIN or RST), read or not."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state != TCP_ESTABLISHED

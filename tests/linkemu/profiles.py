@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 MBIT = 1_000_000 / 8  # bytes per second in one Mbit/s
+BLACKHOLE_MODES = ("discard", "unread")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class LinkProfile:
     stall_for: float = 0.0
     #: a NAT mapping idle this long (no byte either way) is silently black-holed
     nat_timeout: float | None = None
+    #: what a black-holed mapping does with the bytes still sent into it:
+    #: "discard" reads and drops them (the emulator's kernel still ACKs, so the
+    #: sender never blocks and the bytes are counted); "unread" stops reading
+    #: both sockets, so the senders' socket buffers fill and their writes block,
+    #: as when a carrier drops the mapping and no ACK ever returns
+    blackhole: str = "discard"
     #: mean seconds between random connection resets (RST), per connection
     reset_mean_interval: float | None = None
     #: mean seconds between random stalls of ``random_stall_for`` seconds
@@ -35,6 +42,10 @@ class LinkProfile:
     random_stall_for: float = 0.0
     #: seeds the random faults, so a run can be repeated
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.blackhole not in BLACKHOLE_MODES:
+            raise ValueError(f"blackhole must be one of {', '.join(BLACKHOLE_MODES)}, not {self.blackhole!r}")
 
     def but(self, **changes) -> "LinkProfile":
         """This profile with some numbers changed (tests shrink the timers)."""

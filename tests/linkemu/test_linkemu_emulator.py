@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.linkemu.emulator import LinkEmulator, StallSchedule
-from tests.linkemu.profiles import CLEAN, GEO, MBIT, LinkProfile
+from tests.linkemu.profiles import CLEAN, GEO, LinkProfile
 
 SCENARIO_TIMEOUT = 30.0
 
@@ -46,7 +46,7 @@ def run(coroutine) -> None:
     asyncio.run(asyncio.wait_for(coroutine, SCENARIO_TIMEOUT))
 
 
-def test_a_round_trip_takes_twice_the_one_way_delay() -> None:
+def test_a_round_trip_takes_twice_the_one_way_delay_after_a_handshake_round_trip() -> None:
     async def scenario() -> None:
         server, port = await echo_server()
         async with LinkEmulator("127.0.0.1", port, CLEAN.but(one_way_delay=0.15)) as emu:
@@ -54,10 +54,16 @@ def test_a_round_trip_takes_twice_the_one_way_delay() -> None:
             started = time.monotonic()
             writer.write(b"ping")
             assert await reader.readexactly(4) == b"ping"
-            elapsed = time.monotonic() - started
+            first = time.monotonic() - started
+            started = time.monotonic()
+            writer.write(b"pong")
+            assert await reader.readexactly(4) == b"pong"
+            second = time.monotonic() - started
             writer.close()
-            assert 0.3 <= elapsed < 0.6
-            assert emu.stats.up_bytes == 4 and emu.stats.down_bytes == 4
+            # The first exchange waits for SYN/SYN-ACK, as on a real path.
+            assert 0.6 <= first < 0.9, first
+            assert 0.3 <= second < 0.6, second
+            assert emu.stats.up_bytes == 8 and emu.stats.down_bytes == 8
         server.close()
 
     run(scenario())
@@ -77,9 +83,9 @@ def test_the_geo_path_carries_twenty_megabit_with_its_delay_and_no_faster() -> N
             writer.close()
         server.close()
         assert received[0] == len(payload)
-        # 5 MB at 2.5 MB/s is 2 s, plus 0.6 s for the last byte and the answer.
-        assert 2.4 <= elapsed <= 3.6, elapsed
-        assert len(payload) * 8 / (elapsed - 2 * GEO.one_way_delay) / 1e6 >= 18
+        # 5 MB at 2.5 MB/s is 2 s, plus 0.6 s for the handshake and 0.6 s for the last byte and the answer.
+        assert 3.0 <= elapsed <= 4.2, elapsed
+        assert len(payload) * 8 / (elapsed - 4 * GEO.one_way_delay) / 1e6 >= 18
 
     run(scenario())
 
@@ -102,6 +108,34 @@ def test_an_idle_connection_is_black_holed_silently_and_a_new_one_works() -> Non
             assert await fresh_reader.readexactly(1) == b"c"
             writer.close()
             fresh_writer.close()
+        server.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("mode, writes_block", [("discard", False), ("unread", True)])
+def test_a_black_hole_either_swallows_bytes_or_leaves_the_sender_blocked(mode: str, writes_block: bool) -> None:
+    async def scenario() -> None:
+        server, port = await echo_server()
+        async with LinkEmulator("127.0.0.1", port, CLEAN) as emu:
+            reader, writer = await asyncio.open_connection("127.0.0.1", emu.port)
+            writer.write(b"a")
+            assert await reader.readexactly(1) == b"a"
+            assert emu.blackhole_all(mode) == 1
+            # Far more than every buffer on the way holds (the emulator's pipe
+            # is 16 MiB without a rate limit), in bounded steps.
+            blocked = False
+            for _ in range(48):
+                writer.write(bytes(1 << 20))
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except asyncio.TimeoutError:
+                    blocked = True
+                    break
+            assert blocked is writes_block
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.5)  # no answer, no FIN, no RST
+            writer.transport.abort()
         server.close()
 
     run(scenario())

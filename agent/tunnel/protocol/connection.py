@@ -73,6 +73,7 @@ class Connection(Receiver):
         self._peer_parity = 0 if role is Role.AGENT else 1  # relay opens even ids, agent odd
         self._highest_peer_id = 0
         self._peer_streams = 0  # live streams the peer opened, against limits.max_streams
+        self._unread = 0  # the streams' unacknowledged bytes, against limits.receive_budget
         self._peer_window = INITIAL_WINDOW  # until the peer's AUTH/AUTH_OK says otherwise
         self._recently_reset: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._binds_pending = 0
@@ -88,6 +89,11 @@ class Connection(Receiver):
     def buffered(self) -> int:
         """Bytes of an incomplete received frame held until the rest arrives."""
         return len(self._pending)
+
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes received on live streams and not yet acknowledged by their readers (at most the receive budget)."""
+        return self._unread
 
     def stream_state(self, stream_id: int) -> StreamState:
         """The stream's state; CLOSED for any id not live (forgotten or never opened)."""
@@ -252,6 +258,7 @@ class Connection(Receiver):
         self._require(n <= stream.unacknowledged,
                       f"stream {stream_id} has only {stream.unacknowledged} unacknowledged bytes, not {n}")
         stream.unacknowledged -= n
+        self._unread -= n
         stream.owed += n
         # Batching halves the WINDOW frames at the cost of half a window of
         # slack; a window covers the bandwidth-delay product twice over.
@@ -319,6 +326,7 @@ class Connection(Receiver):
         """Closed for good: drop every table so a dead connection holds no memory."""
         self.closed = True
         self._streams.clear()
+        self._unread = 0
         self._recently_reset.clear()
         self._pending = bytearray()
 
@@ -399,6 +407,7 @@ class Connection(Receiver):
     def _forget(self, stream: Stream) -> None:
         stream.state = StreamState.CLOSED
         del self._streams[stream.stream_id]
+        self._unread -= stream.unacknowledged
         if not stream.local:
             self._peer_streams -= 1
 

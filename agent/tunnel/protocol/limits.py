@@ -28,6 +28,14 @@ MAX_WINDOW = 2**31 - 1
 # Concurrently open streams the peer may open on one tunnel; a gateway serves
 # a handful of dials at once, and each stream may buffer a whole window.
 MAX_STREAMS = 256
+# Bytes one tunnel holds for its streams' readers at most: received and not yet
+# consumed, all streams together. A window bounds one stream; without this, 256
+# streams of an 8 MiB satellite window let a peer (or services that stopped
+# reading) park 2 GiB on a 1 GiB gateway. 64 MiB is eight full satellite
+# windows or 32 default ones, a sixteenth of a small gateway's memory. Past it
+# the stream holding the most unread bytes is reset: its reader is the one not
+# keeping up, and the others keep flowing.
+RECEIVE_BUDGET = 64 * 1024 * 1024
 # JSON control frames carry a certificate chain at most (a few KiB).
 MAX_CONTROL_PAYLOAD = 64 * 1024
 # Seconds an unauthenticated connection may live: a TPM signature plus a
@@ -65,10 +73,17 @@ class ProtocolLimits:
     max_streams: int = MAX_STREAMS
     max_control_payload: int = MAX_CONTROL_PAYLOAD
     auth_deadline: float = AUTH_DEADLINE
+    #: unread bytes across all streams of the tunnel, at most
+    receive_budget: int = RECEIVE_BUDGET
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial_window <= MAX_WINDOW:
             raise ConfigError(f"the tunnel window must be between 1 and {MAX_WINDOW} bytes, not {self.initial_window}")
+        if self.receive_budget < self.initial_window:
+            raise ConfigError(
+                f"the tunnel window ({self.initial_window} bytes) must not exceed the tunnel's receive budget "
+                f"({self.receive_budget} bytes): one stream could not fill its own window"
+            )
         if not 1 <= self.max_send_payload <= MAX_FRAME_PAYLOAD:
             raise ConfigError(
                 f"the tunnel send chunk must be between 1 and {MAX_FRAME_PAYLOAD} bytes (what every peer "

@@ -166,7 +166,12 @@ class Receiver:
         if size:
             stream.recv_window -= size
             stream.unacknowledged += size
+            self._unread += size
             events.append(DataReceived(stream_id, payload))
+            if self._unread > self.limits.receive_budget:
+                self._shed_slowest_reader(events)
+                if stream.state is _CLOSED:
+                    return  # this very stream was the slowest
         if flags & FLAG_FIN:
             new_state = TRANSITIONS[(new_state, _RECV_FIN)]
             events.append(StreamEnded(stream_id))
@@ -175,6 +180,13 @@ class Receiver:
                 self._forget(stream)
         else:
             stream.state = new_state
+
+    def _shed_slowest_reader(self: "Connection", events: list) -> None:
+        """Over the receive budget: reset the stream whose reader is furthest behind."""
+        slowest = max(self._streams.values(), key=lambda s: s.unacknowledged)
+        reason = (f"its reader fell {slowest.unacknowledged} bytes behind; this end holds at most "
+                  f"{self.limits.receive_budget} unread bytes for all streams of the tunnel")
+        self._stream_error(slowest, ErrorCode.CANCEL, reason, events)
 
     def _data_without_stream(self: "Connection", stream_id: int) -> None:
         if not self._was_opened(stream_id):

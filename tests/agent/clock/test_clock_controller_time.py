@@ -6,7 +6,6 @@ TLS handshake does not read it (dates are judged by trusted time afterwards).
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import time

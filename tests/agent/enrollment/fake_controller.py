@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import secrets
 import ssl
 import threading

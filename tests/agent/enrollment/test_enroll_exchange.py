@@ -16,7 +16,7 @@ from agent.identity.select import KeyStoreSettings
 from agent.identity.software import SoftwareKeyStore
 from agent.identity.state import StateDir
 from agent.identity.trust import cert_not_after, verify_leaf_issued_by
-from tests.agent.enrollment.fake_controller import FakeController, TestCA, unused_loopback_port
+from tests.agent.enrollment.fake_controller import unused_loopback_port
 
 SOFTWARE = KeyStoreSettings(backend="software")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import statistics
 
+import pytest
+
 from agent.tunnel.backoff import Backoff
 
 
@@ -36,5 +38,38 @@ def test_reset_starts_again_from_the_initial_bound() -> None:
     backoff = Backoff(initial=2.0, cap=300.0, rng=random.Random(5))
     for _ in range(10):
         backoff.next_delay()
+    assert backoff.bound() == 300.0
     backoff.reset()
-    assert all(backoff.next_delay() <= 2.0 for _ in range(1))
+    assert backoff.bound() == 2.0
+    assert backoff.next_delay() <= 2.0
+
+
+def test_a_gateway_failing_for_weeks_keeps_waiting_within_the_cap_without_overflowing() -> None:
+    backoff = Backoff(initial=1.0, cap=300.0, rng=random.Random(9))
+    # 5,000 failures: a month of capped waits; 2.0 ** 1024 alone overflows a float.
+    delays = [backoff.next_delay() for _ in range(5000)]
+    assert max(delays) <= 300.0
+    assert backoff.bound() == 300.0
+    assert backoff.attempt < 20  # the exponent stopped growing at the cap
+
+
+def test_a_stable_tunnel_that_drops_starts_again_from_the_initial_bound() -> None:
+    backoff = Backoff(initial=1.0, cap=300.0, stable_after=120.0, rng=random.Random(2))
+    for _ in range(6):
+        backoff.next_delay()
+    backoff.tunnel_ended(uptime=120.0)
+    assert backoff.bound() == 1.0
+
+
+def test_a_tunnel_that_drops_quickly_keeps_the_bound_growing() -> None:
+    backoff = Backoff(initial=1.0, cap=300.0, stable_after=120.0, rng=random.Random(2))
+    for _ in range(6):
+        backoff.next_delay()
+    backoff.tunnel_ended(uptime=119.0)
+    assert backoff.bound() == 64.0
+
+
+@pytest.mark.parametrize("initial, cap, factor", [(0.0, 10.0, 2.0), (20.0, 10.0, 2.0), (1.0, 10.0, 1.0)])
+def test_bounds_that_cannot_back_off_are_refused(initial: float, cap: float, factor: float) -> None:
+    with pytest.raises(ValueError):
+        Backoff(initial=initial, cap=cap, factor=factor)

@@ -1,7 +1,9 @@
-"""The agent's tunnel client against relays that misbehave.
+"""The agent's tunnel client against relays that misbehave, before and after authentication.
 
 The misbehaving relay is a real TLS WebSocket server on 127.0.0.1 whose
-certificate comes from a CA made here, which the agent pins.
+certificate comes from a CA made here, which the agent pins. After the
+handshake it speaks through a relay-side protocol ``Connection`` (so its
+frames are well formed) and breaks the rules on purpose.
 """
 
 from __future__ import annotations
@@ -27,7 +29,19 @@ from agent.errors import ControllerUnreachable
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.protocol import ErrorCode
+from agent.tunnel.protocol import (
+    AuthReceived,
+    BindRequested,
+    Connection,
+    ConnectionTerminated,
+    ErrorCode,
+    ProtocolLimits,
+    Role,
+    StreamAccepted,
+    StreamReset,
+)
+from agent.tunnel.protocol.frames import FrameType, encode_frame
+from tests.e2e.link_harness import echo_service
 
 SCENARIO_TIMEOUT = 20.0
 
@@ -137,3 +151,140 @@ def test_a_relay_that_never_answers_the_handshake_is_given_up_on() -> None:
         assert asyncio.get_running_loop().time() - started < SCENARIO_TIMEOUT - 2
 
     asyncio.run(asyncio.wait_for(with_fake_relay(silent, agent), SCENARIO_TIMEOUT))
+
+
+class ScriptedRelay:
+    """The relay side of one tunnel: a real handshake, then whatever the test sends."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.loop = asyncio.get_running_loop()
+        self.conn = Connection(Role.RELAY, self.loop.time())
+        self.events: list = []
+
+    async def send_queued(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.ws.send_bytes(data)
+
+    async def receive(self, timeout: float = 5.0) -> bool:
+        """Take one message from the agent into the protocol; False once the agent has gone."""
+        try:
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
+        except asyncio.TimeoutError:
+            return True
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            return False
+        for event in self.conn.receive_data(msg.data, self.loop.time()):
+            self.events.append(event)
+            if isinstance(event, AuthReceived):
+                self.conn.accept_auth({"relays": []})  # the signature is not what these tests are about
+            elif isinstance(event, BindRequested):
+                self.conn.send_bind_result(list(event.services), {})
+        await self.send_queued()
+        return not self.conn.closed
+
+    async def authenticate(self, binds: bool) -> None:
+        self.conn.send_challenge(bytes(32))
+        await self.send_queued()
+        while not (self.conn.authenticated and (not binds or any(isinstance(e, BindRequested) for e in self.events))):
+            assert await self.receive(), "the agent left during the handshake"
+
+    async def until_agent_leaves(self, rounds: int = 200) -> None:
+        for _ in range(rounds):  # bounded: each round waits at most a few seconds
+            if not await self.receive(0.2):
+                return
+
+
+async def agent_against(behaviour, options: TunnelOptions, within: float = 10.0):
+    """Run the agent's tunnel against ``behaviour``; returns (session, its run task) after it ended or ``within``."""
+    outcome: dict = {}
+
+    async def agent(url: str, ca_pem: str) -> None:
+        async with aiohttp.ClientSession() as http:
+            session, task = await open_tunnel(http, url, credentials(ca_pem), pinned_ssl_context(ca_pem), options)
+            outcome["session"] = session
+            done, _ = await asyncio.wait({task}, timeout=within)
+            outcome["ended"] = bool(done)
+            outcome["streams"] = len(session.streams)
+            await session.close()
+            await task
+
+    await with_fake_relay(behaviour, agent)
+    return outcome
+
+
+def test_garbage_from_the_relay_after_authentication_closes_the_tunnel_with_a_clear_log_line(caplog) -> None:
+    async def garbage_later(ws: web.WebSocketResponse) -> None:
+        relay = ScriptedRelay(ws)
+        await relay.authenticate(binds=False)
+        await ws.send_bytes(b"\x42" * 100)
+        await relay.until_agent_leaves()
+
+    with caplog.at_level(logging.WARNING):
+        outcome = asyncio.run(asyncio.wait_for(agent_against(garbage_later, TunnelOptions()), SCENARIO_TIMEOUT))
+    assert outcome["ended"]
+    assert outcome["session"].close_reason[:1] == (ErrorCode.PROTOCOL_ERROR,)
+    assert any("broke the protocol (PROTOCOL_ERROR: unknown frame type 0x42)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_relay_that_sends_past_the_window_ends_the_tunnel_with_flow_control_error(caplog) -> None:
+    window = 64 * 1024
+    seen: list = []
+
+    async def past_the_window(ws: web.WebSocketResponse) -> None:
+        relay = ScriptedRelay(ws)
+        await relay.authenticate(binds=True)
+        stream_id = relay.conn.open_stream("svc")
+        await relay.send_queued()
+        # One frame of window + 1 bytes, which a correct relay's core would refuse to send.
+        await ws.send_bytes(encode_frame(FrameType.DATA, 0, stream_id, bytes(window + 1)))
+        await relay.until_agent_leaves()
+        seen.extend(relay.events)
+
+    async def scenario() -> dict:
+        async with echo_service() as port:
+            options = TunnelOptions(limits=ProtocolLimits(initial_window=window), binds={"svc": ("127.0.0.1", port)})
+            return await agent_against(past_the_window, options)
+
+    with caplog.at_level(logging.WARNING):
+        outcome = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    assert outcome["ended"]
+    assert outcome["session"].close_reason[0] is ErrorCode.FLOW_CONTROL_ERROR
+    assert any("broke the protocol (FLOW_CONTROL_ERROR: 65537 bytes of DATA exceed" in r.getMessage()
+               for r in caplog.records)
+    # The relay was told why, in a GOAWAY.
+    assert [e.code for e in seen if isinstance(e, ConnectionTerminated)] == [ErrorCode.FLOW_CONTROL_ERROR]
+
+
+def test_a_stream_flood_from_the_relay_is_refused_past_the_limit_and_the_tunnel_stays(caplog) -> None:
+    limit, flood = 16, 400
+    seen: list = []
+
+    async def flood_of_opens(ws: web.WebSocketResponse) -> None:
+        relay = ScriptedRelay(ws)
+        await relay.authenticate(binds=True)
+        for _ in range(flood):
+            relay.conn.open_stream("svc")
+        await relay.send_queued()  # one burst
+        for _ in range(50):  # bounded: the answers come within a few messages
+            await relay.receive(0.2)
+            answered = sum(1 for e in relay.events if isinstance(e, (StreamReset, StreamAccepted)))
+            if answered >= flood:
+                break
+        seen.extend(relay.events)
+        await relay.until_agent_leaves()
+
+    async def scenario() -> dict:
+        async with echo_service() as port:
+            options = TunnelOptions(limits=ProtocolLimits(max_streams=limit), binds={"svc": ("127.0.0.1", port)})
+            return await agent_against(flood_of_opens, options, within=3.0)
+
+    outcome = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    refused = [e for e in seen if isinstance(e, StreamReset) and e.code is ErrorCode.REFUSED_STREAM]
+    accepted = [e for e in seen if isinstance(e, StreamAccepted)]
+    assert len(refused) == flood - limit and len(accepted) == limit
+    assert f"allows {limit} open streams" in refused[0].reason
+    assert not outcome["ended"], "the flood ended the tunnel; refusing the streams is enough"
+    assert outcome["streams"] == limit

@@ -15,9 +15,11 @@ from agent.tunnel.protocol import (
     ProtocolLimits,
     RemoteProtocolError,
     StreamEnded,
+    StreamReset,
     StreamState,
     WindowUpdated,
 )
+from agent.errors import ConfigError
 from agent.tunnel.protocol.frames import FLAG_FIN, FrameType
 
 WINDOW = 64 * 1024
@@ -190,3 +192,58 @@ def test_receive_window_is_restored_after_acknowledgement() -> None:
     pair.agent.end_stream(stream_id)
     relay_events, _ = pair.pump()
     assert relay_events == [StreamEnded(stream_id)]
+
+
+def budget_pair(window: int = 1000, budget: int = 2500) -> Pair:
+    return make_pair(agent_limits=ProtocolLimits(initial_window=window, receive_budget=budget))
+
+
+def test_unread_bytes_of_all_streams_stay_within_the_tunnels_receive_budget() -> None:
+    pair = budget_pair()
+    streams = [pair.relay.open_stream("svc") for _ in range(5)]
+    for sid in streams:
+        pair.relay.send_data(sid, bytes(1000))  # a full window each: 5,000 bytes against a 2,500 budget
+    relay_events, events = pair.pump()
+    assert pair.agent.unread_bytes <= 2500
+    resets = [e for e in events if isinstance(e, StreamReset)]
+    assert len(resets) == 3 and all(not e.remote and e.code is ErrorCode.CANCEL for e in resets)
+    assert "holds at most 2500 unread bytes" in resets[0].reason
+    # The relay hears of it as a RESET, not a tunnel error.
+    assert {e.stream_id for e in relay_events if isinstance(e, StreamReset)} == {e.stream_id for e in resets}
+    assert not pair.relay.closed and not pair.agent.closed
+
+
+def test_the_stream_furthest_behind_is_the_one_reset_and_the_others_keep_flowing() -> None:
+    pair = budget_pair()
+    slow, busy, third = (pair.relay.open_stream(name) for name in ("slow", "busy", "third"))
+    pair.relay.send_data(slow, bytes(1000))  # its reader never comes back
+    pair.pump()
+    for _ in range(5):  # the busy stream's reader keeps up: 5,000 bytes, never a problem
+        pair.relay.send_data(busy, bytes(1000))
+        pair.pump()
+        pair.agent.acknowledge_received(busy, 1000)
+        pair.pump()
+    pair.relay.send_data(third, bytes(900))
+    pair.relay.send_data(busy, bytes(700))  # 1,000 + 900 + 700 unread: over the 2,500 budget
+    _, events = pair.pump()
+    assert [e.stream_id for e in events if isinstance(e, StreamReset)] == [slow]
+    assert pair.agent.stream_state(busy) is pair.agent.stream_state(third) is StreamState.OPEN
+    assert pair.agent.unread_bytes == 1600
+
+
+def test_acknowledged_and_reset_bytes_leave_the_budget() -> None:
+    pair = budget_pair()
+    a, b = pair.relay.open_stream("a"), pair.relay.open_stream("b")
+    pair.relay.send_data(a, bytes(800))
+    pair.relay.send_data(b, bytes(600))
+    pair.pump()
+    assert pair.agent.unread_bytes == 1400
+    pair.agent.acknowledge_received(a, 300)
+    assert pair.agent.unread_bytes == 1100
+    pair.agent.reset_stream(b, ErrorCode.CANCEL)
+    assert pair.agent.unread_bytes == 500
+
+
+def test_a_window_larger_than_the_receive_budget_is_refused() -> None:
+    with pytest.raises(ConfigError, match="must not exceed the tunnel's receive budget"):
+        ProtocolLimits(initial_window=2 << 20, receive_budget=1 << 20)
