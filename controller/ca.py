@@ -19,6 +19,7 @@ from agent.fsutil import atomic_write, ensure_private_dir
 # the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
 from agent.identity.trust import ca_fingerprint as certificate_fingerprint
 from agent.identity.trust import cert_not_after as not_after_of
+from agent.identity.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
 
