@@ -35,7 +35,9 @@ CONTROLLER_MAY_USE = {
     "agent.service_manager",
     "agent.tunnel",
     "agent.tunnel.auth",
+    "agent.tunnel.channel",
     "agent.tunnel.session",
+    "agent.tunnel.splice",
 }
 #: A fresh interpreter that records every import statement it runs (importer -> imported), then
 #: imports the modules named on its command line and prints the edges as JSON.

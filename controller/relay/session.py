@@ -24,7 +24,9 @@ from agent.tunnel.protocol import (
     Role,
 )
 # The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
-from agent.tunnel.session import WS_RECEIVE_MAX, StreamChannel, StreamClosed, TunnelSession, splice_streams
+from agent.tunnel.channel import StreamChannel, StreamClosed
+from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from agent.tunnel.splice import splice_streams
 from controller.relay.admit import AdmissionRefused, admit
 from controller.relay.broker import Broker, service_key
 

@@ -61,8 +61,10 @@ s.connect("\\0" + a[1:] if a.startswith("@") else a); s.sendall(b"READY=1"); tim
         wait_connected
         # A replayed token: the controller logs the refusal through its journal handler.
         {CTL} identity create gw2 --token-out /var/tmp/gw2.token > /dev/null
+        # enroll retires the token it used; the copy replays it.
+        cp /var/tmp/gw2.token /var/tmp/gw2-copy.token
         outpost-agent enroll --token /var/tmp/gw2.token --state /var/tmp/gw2-a --keystore software > /dev/null
-        ! outpost-agent enroll --token /var/tmp/gw2.token --state /var/tmp/gw2-b --keystore software 2> $out/replayed
+        ! outpost-agent enroll --token /var/tmp/gw2-copy.token --state /var/tmp/gw2-b --keystore software 2> $out/replayed
         systemctl show -P WatchdogTimestampMonotonic outpost-agent outpost-controller > $out/watchdog-first
         sleep {WATCH_SECONDS}
         systemctl show -P WatchdogTimestampMonotonic outpost-agent outpost-controller > $out/watchdog-later
