@@ -106,7 +106,10 @@ class Connection:
 
     @property
     def unread_bytes(self) -> int:
-        """Bytes received on live streams and not yet acknowledged by their readers (at most the receive budget)."""
+        """Bytes received and not yet acknowledged by their readers (at most the receive budget).
+
+        Streams closed both ways whose reader still lags count too, until it acknowledges or resets them.
+        """
         return self._table.unread
 
     def stream_state(self, stream_id: int) -> StreamState:

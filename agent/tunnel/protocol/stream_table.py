@@ -4,11 +4,19 @@ Each stream moves through the transition table of ``streams.py``; this
 part keeps the table of live streams, allocates ids, charges and returns
 flow-control credit, holds the tunnel's receive budget, and handles the
 stream frames (OPEN, ACCEPT, DATA, RESET, WINDOW) in both directions.
+
+A stream closed both ways (FIN each way) while its reader still holds bytes
+it has not acknowledged is closed on the wire but not yet gone: it stays in
+``draining`` until the reader acknowledges the rest (or resets it), and
+until then its bytes count against the receive budget and, when the peer
+opened it, against the peer's open streams, because the application still
+holds both the bytes and the stream.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Any
 
 from agent.tunnel.protocol.control import decode_open
@@ -39,8 +47,10 @@ class StreamTable:
         self.next_local_id = 1 if endpoint.role is Role.AGENT else 2
         self._peer_parity = 0 if endpoint.role is Role.AGENT else 1  # relay opens even ids, agent odd
         self._highest_peer_id = 0
-        self._peer_streams = 0  # live streams the peer opened, against limits.max_streams
-        #: the streams' unacknowledged bytes, against limits.receive_budget
+        self._peer_streams = 0  # streams the peer opened, live or draining, against limits.max_streams
+        #: streams closed both ways whose reader has not acknowledged all it got, by id
+        self.draining: dict[int, Stream] = {}
+        #: unacknowledged bytes of live and draining streams, against limits.receive_budget
         self.unread = 0
         self.recently_reset: collections.OrderedDict[int, None] = collections.OrderedDict()
 
@@ -51,6 +61,7 @@ class StreamTable:
     def clear(self) -> None:
         """The tunnel closed: a dead connection holds no memory."""
         self.streams.clear()
+        self.draining.clear()
         self.unread = 0
         self.recently_reset.clear()
 
@@ -121,9 +132,14 @@ class StreamTable:
         stream.send_window -= size
         stream.state = new_state
         if new_state is StreamState.CLOSED:
-            self._forget(stream)
+            self._ended_both_ways(stream)
 
     def reset(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        draining = self.draining.get(stream_id)
+        if draining is not None:
+            # Closed on the wire already: nothing to send, only the bytes its reader drops to release.
+            self._release(draining)
+            return
         stream = self._live(stream_id)
         self._local_transition(stream, StreamInput.SEND_RESET)
         self._forget(stream)
@@ -138,13 +154,17 @@ class StreamTable:
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         require(_is_count(n), "the acknowledged byte count must be a non-negative integer")
-        stream = self.streams.get(stream_id)
+        stream = self.streams.get(stream_id) or self.draining.get(stream_id)
         if stream is None or self._endpoint.closed:
-            return  # closed streams need no credit; their data is accounted for
+            return  # reset streams need no credit; their data is accounted for
         require(n <= stream.unacknowledged,
                 f"stream {stream_id} has only {stream.unacknowledged} unacknowledged bytes, not {n}")
         stream.unacknowledged -= n
         self.unread -= n
+        if stream.state is _CLOSED:
+            if not stream.unacknowledged:
+                self._release(stream)
+            return  # closed both ways: no credit to return
         stream.owed += n
         # Batching halves the WINDOW frames at the cost of half a window of
         # slack; a window covers the bandwidth-delay product twice over.
@@ -183,7 +203,7 @@ class StreamTable:
             events.append(StreamEnded(stream_id))
             stream.state = new_state
             if new_state is _CLOSED:
-                self._forget(stream)
+                self._ended_both_ways(stream)
         else:
             stream.state = new_state
 
@@ -295,11 +315,16 @@ class StreamTable:
         self._send_reset(stream_id, ErrorCode.STREAM_CLOSED, "DATA on a closed stream")
 
     def _shed_slowest_reader(self, events: list) -> None:
-        """Over the receive budget: reset the stream whose reader is furthest behind."""
-        slowest = max(self.streams.values(), key=lambda s: s.unacknowledged)
+        """Over the receive budget: reset the stream whose reader is furthest behind, live or draining."""
+        slowest = max(itertools.chain(self.streams.values(), self.draining.values()), key=lambda s: s.unacknowledged)
         reason = (f"its reader fell {slowest.unacknowledged} bytes behind; this end holds at most "
                   f"{self._endpoint.limits.receive_budget} unread bytes for all streams of the tunnel")
-        self._stream_error(slowest, ErrorCode.CANCEL, reason, events)
+        if slowest.state is _CLOSED:
+            # The peer forgot it already: only this end's reader hears of it, and drops what it holds.
+            self._release(slowest)
+            events.append(StreamReset(slowest.stream_id, ErrorCode.CANCEL, reason, remote=False))
+        else:
+            self._stream_error(slowest, ErrorCode.CANCEL, reason, events)
 
     def _stream_error(self, stream: Stream, code: ErrorCode, reason: str, events: list) -> None:
         self._forget(stream)
@@ -313,9 +338,24 @@ class StreamTable:
         if len(self.recently_reset) > RESET_MEMORY:
             self.recently_reset.popitem(last=False)
 
+    def _ended_both_ways(self, stream: Stream) -> None:
+        """FIN each way: closed on the wire; held in ``draining`` while its reader lags."""
+        if not stream.unacknowledged:
+            self._forget(stream)
+            return
+        stream.state = StreamState.CLOSED
+        del self.streams[stream.stream_id]
+        self.draining[stream.stream_id] = stream
+
     def _forget(self, stream: Stream) -> None:
         stream.state = StreamState.CLOSED
         del self.streams[stream.stream_id]
+        self._release(stream)
+
+    def _release(self, stream: Stream) -> None:
+        """The stream and its unread bytes leave this end for good."""
+        self.draining.pop(stream.stream_id, None)
         self.unread -= stream.unacknowledged
+        stream.unacknowledged = 0
         if not stream.local:
             self._peer_streams -= 1
