@@ -10,7 +10,7 @@ from aiohttp import web
 
 from controller.context import ControllerContext
 from controller.enrollment import Issued
-from controller.errors import ControllerError, bad_request, unknown_identity
+from controller.errors import BodyRefused, bad_request, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.audit import DEFAULT_AUDIT_PAGE
@@ -20,12 +20,20 @@ from controller.tokens import check_ttl
 #: bounds what any peer, authenticated or not, can make the controller read.
 MAX_REQUEST_BODY = 64 * 1024
 PEM_CONTENT_TYPE = "application/x-pem-file"
+ENROLL_PATH = "/v1/enroll"
+RENEW_PATH = "/v1/renew"
+#: The endpoints anyone may POST to, and the audit event each one's refusals are recorded as.
+REFUSAL_EVENTS = {ENROLL_PATH: "enrollment_refused", RENEW_PATH: "renewal_refused"}
 
 
-def too_large() -> ControllerError:
-    return ControllerError(
+def too_large() -> BodyRefused:
+    return BodyRefused(
         "body_too_large", f"The request body is larger than {MAX_REQUEST_BODY} bytes; send less.", 413
     )
+
+
+def not_json(message: str) -> BodyRefused:
+    return BodyRefused("invalid_json", message, 400)
 
 
 async def read_json(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
@@ -39,13 +47,13 @@ async def read_json(request: web.Request, *, optional: bool = False) -> dict[str
     if not body.strip():
         if optional:
             return {}
-        raise bad_request("invalid_json", "The request needs a JSON object body.")
+        raise not_json("The request needs a JSON object body.")
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise bad_request("invalid_json", "The request body is not valid JSON.") from None
+        raise not_json("The request body is not valid JSON.") from None
     if not isinstance(value, dict):
-        raise bad_request("invalid_json", "The request body must be a JSON object.")
+        raise not_json("The request body must be a JSON object.")
     return value
 
 
@@ -74,8 +82,8 @@ class GatewayApi:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/ca", self.ca)
         app.router.add_get("/v1/time", self.time)
-        app.router.add_post("/v1/enroll", self.enroll)
-        app.router.add_post("/v1/renew", self.renew)
+        app.router.add_post(ENROLL_PATH, self.enroll)
+        app.router.add_post(RENEW_PATH, self.renew)
 
     async def ca(self, request: web.Request) -> web.Response:
         return web.Response(text=self.context.ca.certificate_pem, content_type=PEM_CONTENT_TYPE)
@@ -91,7 +99,7 @@ class GatewayApi:
     async def renew(self, request: web.Request) -> web.Response:
         """Renewal or recovery: the CSR's key must be an identity's enrolled key (controller/renewal.py)."""
         body = await read_json(request)
-        issued = self.context.renewal.renew(body.get("csr"))
+        issued = self.context.renewal.renew(body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
 

@@ -1,8 +1,11 @@
 """The append-only audit log: every enrollment, issuance, revocation and tunnel decision.
 
-Refusals of peers nobody authenticated (a bad enrollment token) are recorded
-too, through a budget (``AnonymousBudget``): an operator sees every attempt of
-a real incident, and a flood of them cannot grow the store without bound.
+Refusals of peers nobody authenticated (a bad enrollment token, a renewal by
+a key nobody enrolled, a request body too large or not JSON on either
+endpoint) are recorded too, through one budget per process
+(``AnonymousBudget``, shared by every such event): an operator sees every
+attempt of a real incident, and a flood of them cannot grow the store
+without bound.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ DEFAULT_AUDIT_PAGE = 100
 #: Anonymous refusals recorded per minute by one controller process (and as a
 #: burst): far above a fleet's real mistakes (a technician retrying a used
 #: token), and at most 86,400 small rows a day when someone floods the
-#: enrollment endpoint. Past it they are counted and the count is recorded
-#: with the next one.
+#: enrollment and renewal endpoints. Past it they are counted and the count
+#: is recorded with the next one.
 ANONYMOUS_EVENTS_PER_MINUTE = 60
 
 EVENTS = frozenset(

@@ -1,19 +1,33 @@
 """The data directory: created complete on first start, reused on every later one.
 
-A first start builds everything in a hidden sibling directory and renames it
-into place, so a failure (disk full, killed) never leaves a half-made data
-directory behind.
+A first start builds everything in a hidden sibling directory (the staging
+directory, ``.NAME.XXXXXXXX.creating``) and renames it into place, so a
+failure (disk full, killed) never leaves a half-made data directory behind.
+
+A SIGKILL or a power cut during that first start leaves the staging
+directory, with a CA private key in it. Every start removes such leftovers
+of its own data directory, under a lock that every start holds while it
+looks for leftovers or builds a staging directory (an ``flock`` on the
+parent directory): a staging directory found while holding the lock belongs
+to no running process. The kernel drops the lock of a killed process, so a
+leftover is removed at the very next start, however soon it comes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
 import shutil
 import socket
+import time
 from pathlib import Path
+from typing import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
@@ -30,6 +44,18 @@ from controller.settings import WILDCARD_HOSTS, Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
 
+log = logging.getLogger(__name__)
+
+#: How long a start waits for another process creating a data directory in the
+#: same parent: a first start (a CA key, a listener certificate, an empty
+#: store) takes well under a second; a minute covers a loaded, slow board.
+CREATION_LOCK_TIMEOUT = 60.0
+#: How often a waiting start tries the lock again: a twentieth of a second
+#: costs nothing and adds little to a start that waits.
+CREATION_LOCK_POLL = 0.05
+STAGING_SUFFIX = ".creating"
+#: Random hex digits in a staging directory's name (two starts never collide).
+STAGING_TAG_BYTES = 4
 #: The management credential: 32 random bytes, urlsafe base64.
 ADMIN_TOKEN_BYTES = 32
 #: The identity `outpostctl connect` acts as; it can dial nothing until a policy allows it.
@@ -80,13 +106,80 @@ def _is_fresh(data_dir: Path) -> bool:
     return not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir()))
 
 
+def staging_pattern(data_dir: Path) -> re.Pattern[str]:
+    """The names of ``data_dir``'s staging directories, and of no other directory's."""
+    return re.compile(rf"\.{re.escape(data_dir.name)}\.[0-9a-f]{{{2 * STAGING_TAG_BYTES}}}{re.escape(STAGING_SUFFIX)}")
+
+
+@contextlib.contextmanager
+def creation_lock(data_dir: Path) -> Iterator[None]:
+    """Held while a start looks for leftovers of ``data_dir`` or creates it: an flock on its parent.
+
+    A parent this process may not read cannot be locked (nor searched for
+    leftovers); the start goes on without, as it did before the lock existed.
+    """
+    parent = data_dir.parent
+    if not parent.is_dir():
+        raise StartupError(
+            f"The parent of the data directory {data_dir} does not exist; create it or choose another --data."
+        )
+    try:
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        log.warning("cannot read %s: leftovers of an interrupted first start are not looked for", parent)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + CREATION_LOCK_TIMEOUT
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    waiting = True
+                    log.info("waiting for another process creating a data directory in %s", parent)
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"Another process has been creating a data directory in {parent} for over "
+                        f"{CREATION_LOCK_TIMEOUT:g} s; wait for it or stop it, then start again."
+                    ) from None
+                time.sleep(CREATION_LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def remove_interrupted_creations(data_dir: Path) -> list[Path]:
+    """Delete the staging directories of ``data_dir`` left by a start that died; the paths removed.
+
+    Only under ``creation_lock``: then no running process is building one.
+    Only this user's directories, never what a symbolic link points to.
+    """
+    pattern = staging_pattern(data_dir)
+    removed = []
+    with os.scandir(data_dir.parent) as entries:
+        for entry in entries:
+            if (
+                pattern.fullmatch(entry.name)
+                and entry.is_dir(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_uid == os.geteuid()
+            ):
+                shutil.rmtree(entry.path)
+                removed.append(Path(entry.path))
+    if removed:
+        fsync_directory(data_dir.parent)
+        for path in removed:
+            log.warning("removed %s, left by a first start that was interrupted (it held a CA key)", path)
+    return removed
+
+
 def _create(settings: Settings) -> None:
     """Build a complete data directory in a staging sibling, then rename it into place."""
     final = settings.data_dir
     parent = final.parent
-    if not parent.is_dir():
-        raise StartupError(f"The parent of the data directory {final} does not exist; create it or choose another --data.")
-    staging = parent / f".{final.name}.{secrets.token_hex(4)}.creating"
+    staging = parent / f".{final.name}.{secrets.token_hex(STAGING_TAG_BYTES)}{STAGING_SUFFIX}"
     try:
         staging.mkdir(mode=0o700)
     except OSError as error:
@@ -134,8 +227,10 @@ def open_data_dir(settings: Settings) -> ControllerContext:
     ``settings.listen_port`` must already be the bound port. Raises StartupError.
     """
     try:
-        if _is_fresh(settings.data_dir):
-            _create(settings)
+        with creation_lock(settings.data_dir):
+            remove_interrupted_creations(settings.data_dir)
+            if _is_fresh(settings.data_dir):
+                _create(settings)
         return _load(settings)
     except StartupError:
         raise

@@ -21,6 +21,10 @@ class ControllerError(OutpostError):
         return {"error": self.code, "message": self.message}
 
 
+class BodyRefused(ControllerError):
+    """A request refused before its content was read: too large, not JSON, not a JSON object."""
+
+
 class StartupError(OutpostError):
     """``outpost-controller serve`` cannot start (bad flag, data dir, port in use)."""
 

@@ -21,7 +21,9 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
@@ -34,7 +36,7 @@ from controller.registry import (
     Registry,
     refuse_blocked,
 )
-from controller.store import Store
+from controller.store import Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _days(seconds: float) -> str:
 
 
 class Renewal:
-    """Certifies a proven enrolled key again; every outcome of a known key is audited."""
+    """Certifies a proven enrolled key again; every outcome is audited."""
 
     def __init__(
         self,
@@ -101,53 +103,76 @@ class Renewal:
         #: The controller's "now" for the renewal window (tests move it).
         self.clock = clock
 
-    def renew(self, csr_pem: object) -> Issued:
-        """A new certificate for the identity enrolled with the CSR's key, or a ControllerError."""
-        csr = parse_csr(csr_pem)
+    def renew(self, csr_pem: object, remote: str | None = None) -> Issued:
+        """A new certificate for the identity enrolled with the CSR's key, or a ControllerError.
+
+        Every refusal is audited as ``renewal_refused`` with its reason and
+        the peer's address (``remote``): naming the identity and its key when
+        the CSR proved an enrolled key, otherwise (a bad CSR, a key nobody
+        enrolled) through the audit log's anonymous budget. Never the CSR.
+        """
+        try:
+            csr = parse_csr(csr_pem)
+        except ControllerError as error:
+            self._refuse(error, remote)
         public_key = csr.public_key()
         key_sha256 = public_key_sha256(public_key)
-        refusal: tuple[Identity, ControllerError] | None = None
+        identity: Identity | None = None
         with self._store.transaction() as db:
             candidates = self._registry.identities_with_key(db, key_sha256)
             if not candidates:
-                # Nobody proved to be anybody: the process log only (see audit.py).
-                log.warning("renewal refused: no identity enrolled with key %s", key_sha256[:16])
-                raise forbidden(
+                refusal = forbidden(
                     "renewal_unknown_key",
                     "No identity is enrolled with this gateway's key; re-enroll it with a new token.",
                 )
-            # The same device key enrolled under two names: the newest enrollment is the one in use.
-            identity = candidates[0]
-            decision = renewal_decision(identity, self.clock(), self._recovery_grace)
-            if isinstance(decision, RenewalRefused):
-                refusal = (identity, decision.error)
             else:
-                certificate = self._ca.issue(
-                    public_key, identity.name, identity.tenant, datetime.timedelta(seconds=self._cert_lifetime)
-                )
-                not_after = not_after_of(certificate).timestamp()
-                serial = format(certificate.serial_number, "x")
-                db.execute(
-                    "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (serial, identity.tenant, identity.name, decision, time.time(), not_after, key_sha256),
-                )
-                self._registry.record_certificate_in(db, identity, not_after)
-                self._audit.record_in(
-                    db,
-                    decision,
-                    identity=identity.label,
-                    key_sha256=key_sha256,
-                    serial=serial,
-                    previous_not_after=int(identity.cert_not_after or 0),
-                    not_after=int(not_after),
-                )
-                renewed = self._registry.get_identity_in(db, identity.tenant, identity.name)
-        if refusal is not None:
-            identity, error = refusal
-            # Its own transaction: the refusal is recorded, nothing else changes.
-            self._audit.record("renewal_refused", identity=identity.label, key_sha256=key_sha256, reason=error.code)
-            log.warning("renewal refused for %s: %s", identity.label, error.code)
-            raise error
+                # The same device key enrolled under two names: the newest enrollment is the one in use.
+                identity = candidates[0]
+                decision = renewal_decision(identity, self.clock(), self._recovery_grace)
+                if not isinstance(decision, RenewalRefused):
+                    return self._certify_in(db, identity, decision, public_key, key_sha256)
+                refusal = decision.error
+        # After the transaction: the refusal is recorded, nothing else changes.
+        self._refuse(refusal, remote, key_sha256, identity)
+
+    def _certify_in(
+        self, db: Transaction, identity: Identity, decision: str, public_key: ec.EllipticCurvePublicKey, key_sha256: str
+    ) -> Issued:
+        certificate = self._ca.issue(
+            public_key, identity.name, identity.tenant, datetime.timedelta(seconds=self._cert_lifetime)
+        )
+        not_after = not_after_of(certificate).timestamp()
+        serial = format(certificate.serial_number, "x")
+        db.execute(
+            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (serial, identity.tenant, identity.name, decision, time.time(), not_after, key_sha256),
+        )
+        self._registry.record_certificate_in(db, identity, not_after)
+        self._audit.record_in(
+            db,
+            decision,
+            identity=identity.label,
+            key_sha256=key_sha256,
+            serial=serial,
+            previous_not_after=int(identity.cert_not_after or 0),
+            not_after=int(not_after),
+        )
+        renewed = self._registry.get_identity_in(db, identity.tenant, identity.name)
         assert renewed is not None
         return Issued(renewed, certificate)
+
+    def _refuse(
+        self, error: ControllerError, remote: str | None, key_sha256: str | None = None, identity: Identity | None = None
+    ) -> NoReturn:
+        fields: dict[str, object] = {"reason": error.code, "remote": remote}
+        if key_sha256 is not None:
+            # The SHA-256 of a public key: no secret, and what names a gateway whose identity is gone.
+            fields["key_sha256"] = key_sha256
+        if identity is None:
+            log.warning("renewal refused: %s", error.code)
+            self._audit.record_anonymous("renewal_refused", **fields)
+        else:
+            log.warning("renewal refused for %s: %s", identity.label, error.code)
+            self._audit.record("renewal_refused", identity=identity.label, **fields)
+        raise error

@@ -13,9 +13,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 import agent.service_manager as service_manager
-from controller.api import MAX_REQUEST_BODY, GatewayApi, ManagementApi, too_large
+from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.context import ControllerContext
-from controller.errors import ControllerError, StartupError
+from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -93,11 +93,33 @@ async def refuse_large_bodies(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+def audit_unread_refusals(context: ControllerContext) -> Any:
+    """Audit an enrollment or renewal refused before its content was read (413, not a JSON object).
+
+    Nobody proved to be anybody yet, so the event names the peer's address
+    and the reason only, and goes through the audit log's anonymous budget,
+    like the refusals judged on the content (controller/enrollment.py,
+    controller/renewal.py).
+    """
+
+    @web.middleware
+    async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BodyRefused as error:
+            event = REFUSAL_EVENTS.get(request.path) if request.method == "POST" else None
+            if event is not None:
+                context.audit.record_anonymous(event, reason=error.code, remote=request.remote)
+            raise
+
+    return audit
+
+
 def build_app(context: ControllerContext) -> web.Application:
     """The aiohttp application: gateway routes, management API, and the relay at /v1/tunnel."""
     app = web.Application(
         client_max_size=MAX_REQUEST_BODY,
-        middlewares=[errors_as_json, admin_auth(context), refuse_large_bodies],
+        middlewares=[errors_as_json, admin_auth(context), audit_unread_refusals(context), refuse_large_bodies],
     )
     relay = Relay(context)
     GatewayApi(context).add_routes(app)

@@ -53,6 +53,30 @@ class Running:
         async with self.session.request(method, self.url + path, json=body, headers=headers) as response:
             return response.status, await response.json(content_type=None)
 
+    async def post_bytes(self, path: str, data: Any) -> tuple[int, Any]:
+        """POST ``data`` as it is (bytes, or an async generator for a chunked body) without credentials."""
+        async with self.session.post(self.url + path, data=data) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def post_declaring(self, path: str, declared: int, first_bytes: bytes) -> bytes:
+        """POST a ``declared``-byte body but send only ``first_bytes``; the answer's status line.
+
+        An answer at all proves the controller judged the request from its header, without reading the body.
+        """
+        port = int(self.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=self.client_tls, server_hostname="localhost")
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {declared}\r\n\r\n".encode()
+                + first_bytes
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        finally:
+            writer.close()
+        return head.split(b"\r\n", 1)[0]
+
     async def create_identity(self, name: str, roles: list[str] | None = None, tenant: str = "default") -> dict:
         status, body = await self.call("POST", "/api/v1/identities", {"name": name, "roles": roles or [], "tenant": tenant})
         assert status == 201, body

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from pathlib import Path
@@ -128,18 +127,9 @@ def test_invalid_names_are_refused_with_the_rule_and_create_nothing(data_dir: Pa
 def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(data_dir: Path) -> None:
     async def scenario() -> None:
         async with running_controller(data_dir) as running:
-            port = int(running.url.rsplit(":", 1)[1])
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=running.client_tls, server_hostname="localhost")
             # Declare a large body but send only its first bytes: an answer proves it was not read.
-            writer.write(
-                b"POST /v1/enroll HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {MAX_REQUEST_BODY * 16}\r\n\r\n".encode()
-                + b'{"token": "'
-            )
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 413")
-            writer.close()
+            status_line = await running.post_declaring("/v1/enroll", MAX_REQUEST_BODY * 16, b'{"token": "')
+            assert status_line.startswith(b"HTTP/1.1 413")
 
             too_big = {"token": "x" * (MAX_REQUEST_BODY + 1), "csr": ""}
             status, body = await running.call("POST", "/v1/enroll", too_big, admin=False)
@@ -155,9 +145,8 @@ def test_a_chunked_body_over_the_limit_is_refused_with_413(data_dir: Path) -> No
                 for _ in range(20):
                     yield b"x" * 8192
 
-            async with running.session.post(running.url + "/v1/enroll", data=chunks()) as response:
-                body = await response.json()
-            assert (response.status, body["error"]) == (413, "body_too_large")
+            status, body = await running.post_bytes("/v1/enroll", chunks())
+            assert (status, body["error"]) == (413, "body_too_large")
 
     run(scenario())
 

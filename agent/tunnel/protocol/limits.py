@@ -26,10 +26,11 @@ INITIAL_WINDOW = 2 * 1024 * 1024
 # never wraps in any implementation.
 MAX_WINDOW = 2**31 - 1
 # Concurrently open streams the peer may open on one tunnel; a gateway serves
-# a handful of dials at once, and each stream may buffer a whole window.
+# a handful of dials at once, and each stream may buffer a whole window (one
+# closed both ways still counts while its reader has not caught up).
 MAX_STREAMS = 256
 # Bytes one tunnel holds for its streams' readers at most: received and not yet
-# consumed, all streams together. A window bounds one stream; without this, 256
+# consumed, all streams together (closed ones whose reader lags included). A window bounds one stream; without this, 256
 # streams of an 8 MiB satellite window let a peer (or services that stopped
 # reading) park 2 GiB on a 1 GiB gateway. 64 MiB is eight full satellite
 # windows or 32 default ones, a sixteenth of a small gateway's memory. Past it
