@@ -174,8 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def with_environment_proxy(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
-    """``config`` with HTTPS_PROXY and NO_PROXY filling in what ``[link]`` leaves unset (agent.tunnel.proxy)."""
-    from agent.tunnel.proxy import environment_proxy
+    """``config`` with HTTPS_PROXY and NO_PROXY filling in what ``[link]`` leaves unset (agent.proxy)."""
+    from agent.proxy import environment_proxy
 
     try:
         proxy, no_proxy = environment_proxy(config.link.proxy, config.link.no_proxy, env)

@@ -48,7 +48,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.tunnel.link_profiles import plan_from_settings
-from agent.tunnel.proxy import proxy_problem
+from agent.proxy import proxy_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")

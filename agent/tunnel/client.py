@@ -28,7 +28,7 @@ from agent.tunnel.protocol import (
     auth_message,
 )
 from agent.tunnel.channel import StreamChannel
-from agent.tunnel.proxy import basic_authorization, proxy_credentials
+from agent.proxy import basic_authorization, proxy_credentials
 from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from agent.tunnel.splice import splice_socket
 

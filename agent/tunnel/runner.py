@@ -20,7 +20,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
-from agent.tunnel.proxy import proxy_for
+from agent.proxy import proxy_for
 from agent.tunnel.relays import RelayRotation, valid_relay_list
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import pytest
 from agent.cli import with_environment_proxy
 from agent.config import AgentConfig, LinkSettings, load_config
 from agent.errors import ConfigError
-from agent.tunnel.proxy import bypasses_proxy, proxy_credentials, proxy_for, proxy_settings_from_environment
+from agent.proxy import bypasses_proxy, proxy_credentials, proxy_for, proxy_settings_from_environment
 
 SECRET = "s3cret"
 
