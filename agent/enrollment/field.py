@@ -44,6 +44,7 @@ from agent.fsutil import atomic_write, ensure_private_dir
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.trust import ca_fingerprint
+from agent.proxy import ProxySettings
 from agent.tunnel.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -237,13 +238,14 @@ def save_refusal(state_dir: Path, token: TokenFile, reason: str) -> None:
         log.warning("cannot record the refused token in %s (%s)", state_dir, error.strerror or error)
 
 
-#: agent.enrollment.enroll.enroll_async: (token, state dir, key store, now, clock).
-Enroll = Callable[[Path, Path, KeyStoreSettings, "float | None", TrustedClock], Awaitable[EnrolledIdentity]]
+#: agent.enrollment.enroll.enroll_async: (token, state dir, key store, now, clock, proxy).
+Enroll = Callable[[Path, Path, KeyStoreSettings, "float | None", TrustedClock, ProxySettings],
+                  Awaitable[EnrolledIdentity]]
 
 
 async def _enroll_from(token: TokenFile, config: Any, enroll: Enroll) -> EnrolledIdentity:
     # Measured afresh at every attempt: NTP or the controller may be reachable by now.
-    return await enroll(token.path, config.state_dir, config.keystore, None, TrustedClock(config.clock))
+    return await enroll(token.path, config.state_dir, config.keystore, None, TrustedClock(config.clock), config.proxy)
 
 
 async def wait_for_enrollment(
