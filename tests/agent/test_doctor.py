@@ -10,10 +10,12 @@ from typing import Iterator
 
 import pytest
 
+from agent.clock.trusted import format_utc
 from agent.doctor import (
     CERT_WARN_FRACTION,
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
+    DEFAULT_RECOVERY_GRACE_DAYS,
     FAIL,
     OK,
     SKIP,
@@ -281,12 +283,50 @@ def test_certificate_validity_is_judged_at_the_given_time(controller: Controller
     assert check_certificate(identity, start + 1).status == OK
     assert check_certificate(identity, end - (end - start) * (1 - CERT_WARN_FRACTION) - 1).status == OK
     assert check_certificate(identity, end - (end - start) * CERT_WARN_FRACTION + 1).status == WARN
-    expired = check_certificate(identity, end + 1)
-    assert expired.status == FAIL and "the agent recovers it with its enrolled key once it reaches the controller" \
-        in expired.message
     early = check_certificate(identity, start - 3600)
     assert early.status == FAIL and early.message.startswith("the certificate is valid only from ")
+    assert early.message.endswith("after this gateway's clock (" + format_utc(start - 3600) + "); set the clock "
+                                  "and check NTP (see the clock check)")
     assert check_certificate(None, end).status == SKIP
+
+
+def test_an_expired_certificate_is_recovered_within_the_grace_period_and_needs_a_new_token_past_it(
+    controller: Controller, tmp_path: Path
+) -> None:
+    _, identity = enrolled_gateway(controller, tmp_path, "doc-7")
+    end = cert_not_after(identity.certificate()).timestamp()
+    grace_end = format_utc(end + DEFAULT_RECOVERY_GRACE_DAYS * 86400)
+    new_token = "ask central ops for a new token, stop outpost-agent, remove the state directory and place the token"
+
+    within = check_certificate(identity, end + 3 * 86400, measured=True)
+    past = check_certificate(identity, end + (DEFAULT_RECOVERY_GRACE_DAYS + 1) * 86400, measured=True)
+    unchecked = check_certificate(identity, end + 3 * 86400)
+
+    assert (within.status, within.message) == (FAIL, (
+        f"the certificate expired on {format_utc(end)} (by the controller's time); the agent recovers it with its "
+        "enrolled key, no new token needed, at its next start (systemctl restart outpost-agent) or its next renewal "
+        f"attempt, within the controller's grace period (30 days after expiry by default, until {grace_end}); past "
+        f"that, {new_token}"))
+    assert (past.status, past.message) == (FAIL, (
+        f"the certificate expired on {format_utc(end)} (by the controller's time), more than 30 days ago: past the "
+        "controller's grace period (30 days after expiry by default), so the controller refuses to recover it unless "
+        f"it was given a longer --recovery-grace; {new_token}"))
+    assert unchecked.status == FAIL and unchecked.message.startswith(
+        f"the certificate expired on {format_utc(end)} by this gateway's clock ({format_utc(end + 3 * 86400)}), which "
+        "could not be checked against the controller; if the clock is right, the agent recovers it")
+    assert unchecked.message.endswith("if the clock is wrong, set it (see the clock check)")
+
+
+def test_a_controller_issuing_from_the_future_is_named_when_its_time_was_measured(
+    controller: Controller, tmp_path: Path
+) -> None:
+    _, identity = enrolled_gateway(controller, tmp_path, "doc-8")
+    start = cert_not_before(identity.certificate()).timestamp()
+    early = check_certificate(identity, start - 3600, measured=True)
+    assert (early.status, early.message) == (FAIL, (
+        f"the certificate is valid only from {format_utc(start)}, after the controller's time "
+        f"({format_utc(start - 3600)}): the controller's clock was ahead when it issued it; ask central ops to "
+        "check the controller's clock"))
 
 
 def test_the_controller_and_a_relay_on_the_same_address_are_checked_once() -> None:
