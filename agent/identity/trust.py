@@ -88,6 +88,9 @@ def served_ssl_object(response: aiohttp.ClientResponse) -> ssl.SSLObject | None:
     aiohttp hands a small, fully read answer back with its connection already
     released, so ``response.connection`` is often None; the protocol it was
     read from stays on the response (aiohttp 3.8 to 3.14, covered by tests).
+    Through a CONNECT proxy it is the same: aiohttp wraps the tunnelled
+    socket with ``loop.start_tls`` and hands the resulting TLS transport to a
+    fresh protocol, whose ``ssl_object`` is the session with the far end.
     """
     connection = response.connection
     transport = connection.transport if connection is not None else None
