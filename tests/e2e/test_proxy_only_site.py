@@ -224,13 +224,43 @@ def test_https_proxy_from_the_environment_carries_enrollment_and_no_proxy_sends_
             tokens.append(token)
         through = agent_cli("enroll", "--token", tokens[0], "--state", tmp_path / "env-state", "--keystore", "software",
                             env=env)
+        config = tmp_path / "agent.toml"
+        config.write_text(f'state_dir = "{tmp_path / "env-state"}"\n[keystore]\nbackend = "software"\n')
+        doctored = agent_cli("doctor", "--config", config, env=env)
         carried = list(proxy.carried)
+        bypass = {**env, "NO_PROXY": "localhost,127.0.0.1"}
         bypassed = agent_cli("enroll", "--token", tokens[1], "--state", tmp_path / "bypass-state",
-                             "--keystore", "software", env={**env, "NO_PROXY": "localhost,127.0.0.1"})
+                             "--keystore", "software", env=bypass)
+        doctored_directly = agent_cli("doctor", "--config", config, env=bypass)
     assert through.returncode == 0 and bypassed.returncode == 0, through.stderr + bypassed.stderr
     port = controller.url.rsplit(":", 1)[1]
-    assert carried == [f"127.0.0.1:{port}"] * ENROLL_CONNECTIONS
+    assert carried[:ENROLL_CONNECTIONS] == [f"127.0.0.1:{port}"] * ENROLL_CONNECTIONS
     assert proxy.carried == carried, "NO_PROXY's host went straight to the controller"
+    assert lines_of(doctored.stdout)[f"proxy 127.0.0.1:{proxy.port}"] == ("ok", (
+        f"the proxy http://127.0.0.1:{proxy.port} (set in HTTPS_PROXY) carries the connections to 127.0.0.1:{port}; "
+        "HTTPS_PROXY is this shell's: outpost-agent under systemd sees it only if its unit sets it, so set "
+        "[link] proxy in the config file for the service"))
+    direct = lines_of(doctored_directly.stdout)
+    assert not any(name.startswith("proxy ") for name in direct)
+    assert direct[f"127.0.0.1:{port}"] == ("ok", f"outbound TCP and TLS to the controller and relay at 127.0.0.1:{port} "
+                                                 "work directly (127.0.0.1 is in no_proxy), and its certificate "
+                                                 "chains to the pinned CA")
+
+
+def test_a_proxy_that_cannot_be_reached_is_its_own_failing_line_with_the_fix(site, tmp_path: Path) -> None:
+    controller, _ = site
+    closed = free_port()
+    token, config = gateway(tmp_path, controller, "gw-no-proxy", f"http://{USER}:{SECRET}@127.0.0.1:{closed}")
+    sentence = (f"cannot reach the proxy http://127.0.0.1:{closed} (connection refused); check the proxy address in "
+                "[link] proxy and that the proxy is running")
+
+    enroll = agent_cli("enroll", "--token", token, "--config", config)
+    doctor = agent_cli("doctor", "--config", config)
+
+    assert enroll.returncode == EXIT_UNAVAILABLE and one_line(enroll) == f"outpost-agent: {sentence}"
+    assert token.exists() and not (tmp_path / "gw-no-proxy" / "state").exists()
+    assert doctor.returncode == 1 and lines_of(doctor.stdout)[f"proxy 127.0.0.1:{closed}"] == ("fail", sentence)
+    assert SECRET not in shown(enroll, doctor)
 
 
 def test_run_enrolls_and_keeps_its_tunnel_through_the_proxy_on_a_proxy_only_site(site, tmp_path: Path) -> None:
