@@ -307,10 +307,12 @@ def run(config) -> int:
         if asyncio.run(wait_for_enrollment(config)) is None:
             return 0  # stopped while waiting for a token
     else:
-        from agent.enrollment.field import retire_redeemed_tokens, token_paths
+        from agent.enrollment.field import load_refusals, remove_refused_copies, retire_redeemed_tokens, token_paths
 
-        # A stop between storing the enrollment and retiring its token left the token behind.
+        # A stop between storing the enrollment and retiring its token left the token behind;
+        # an enrollment by hand leaves a refused copy in the state directory.
         retire_redeemed_tokens(token_paths(config), state.load())
+        remove_refused_copies(config, load_refusals(config.state_dir).keys())
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     check_device_key(keystore)
