@@ -35,7 +35,7 @@ from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
 from agent.identity.trust import cert_not_after, cert_not_before
-from tests.agent.cli_helpers import run_cli
+from tests.agent.cli_helpers import doctor_lines, run_cli
 from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller
 
@@ -59,14 +59,6 @@ def enrolled_gateway(controller: Controller, folder: Path, name: str) -> tuple[P
     return config, identity
 
 
-def lines_of(output: str) -> dict[str, tuple[str, str]]:
-    found = {}
-    for line in output.splitlines():
-        status, name, message = re.fullmatch(r"(\w+) +(\S+(?: \S+)*)  +(.*)", line).groups()
-        found[name] = (status, message)
-    return found
-
-
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -78,7 +70,7 @@ def test_an_enrolled_gateway_that_reaches_its_controller_passes_every_check(cont
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["config"] == (OK, f"{config} is valid")
     assert found["state"] == (OK, f"the state directory {tmp_path / 'state'} is writable")
     assert found["enrollment"] == (OK, f"enrolled as {identity.uri}")
@@ -121,7 +113,7 @@ def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_nt
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 1
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found[f"127.0.0.1:{port}"] == (
         FAIL, f"cannot connect to the controller and relay at 127.0.0.1:{port} (connection refused); "
               f"allow outbound TCP port {port} to 127.0.0.1 in the site's firewall")
@@ -144,7 +136,7 @@ def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 2.0\n')
         result = run_cli("doctor", "--config", config)
         asked = ntp.requests
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["clock"][0] == status, found["clock"]
     assert re.fullmatch(sentence, found["clock"][1]), found["clock"]
     assert ntp.address in found["clock"][1] and asked == 1
@@ -155,7 +147,7 @@ def test_a_silent_ntp_server_leaves_the_clock_unchecked_with_a_warning(tmp_path:
         config, _ = gateway_of_a_stopped_controller(tmp_path, "doc-ntp-silent",
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 0.5\n')
         result = run_cli("doctor", "--config", config)
-    assert lines_of(result.stdout)["clock"] == (
+    assert doctor_lines(result.stdout)["clock"] == (
         WARN, "could not ask the controller for the time (see the checks above), and no NTP server gave a usable "
               f"answer ({ntp.address}); the clock is unchecked: allow outbound UDP port 123 to them, or reach the controller")
 
@@ -175,7 +167,7 @@ def test_before_enrollment_the_token_file_pins_the_ca_and_the_controller_is_chec
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 0, result.stdout
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["enrollment"] == (OK, f"not enrolled yet; token file found at {token} for doc-4, the agent enrolls from it")
     assert found["key store"] == (OK, "the device key is kept in software, as configured")
     assert found["certificate"] == (SKIP, "no certificate until enrolled")
@@ -193,7 +185,7 @@ def test_without_identity_or_token_the_doctor_says_where_to_put_the_token(tmp_pa
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 1
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["enrollment"] == (
         FAIL, f"not enrolled, and no token file in {tmp_path / 'none.token'}; copy the token file from central ops "
               "to /boot/firmware/outpost-enroll.token or /etc/outpost/enroll.token")
@@ -209,7 +201,7 @@ def test_before_enrollment_and_without_a_token_the_clock_is_still_checked_agains
                           f'[enrollment]\ntoken_paths = ["{tmp_path / "none.token"}"]\n'
                           f'[clock]\nntp_servers = ["{ntp.address}"]\n')
         result = run_cli("doctor", "--config", config)
-    status, sentence = lines_of(result.stdout)["clock"]
+    status, sentence = doctor_lines(result.stdout)["clock"]
     assert status == WARN and sentence.startswith("this gateway's clock is 10") and " s ahead of NTP (" in sentence
 
 
@@ -218,10 +210,10 @@ def test_a_broken_config_fails_and_the_rest_runs_on_defaults(tmp_path: Path) -> 
     config.write_text("state_dir = \n")
     result = run_cli("doctor", "--config", config)
     assert result.returncode == 1
-    status, message = lines_of(result.stdout)["config"]
+    status, message = doctor_lines(result.stdout)["config"]
     assert status == FAIL and message.startswith(f"the config file {config} is not valid TOML")
     assert message.endswith("(the checks below use the defaults)")
-    assert "state" in lines_of(result.stdout)
+    assert "state" in doctor_lines(result.stdout)
 
 
 def test_a_refused_token_is_reported_with_the_reason_it_was_refused(tmp_path: Path) -> None:

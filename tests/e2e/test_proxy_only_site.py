@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +26,7 @@ from agent.identity.renewal import CertificateKeeper
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
 from agent.proxy import ProxySettings
+from tests.agent.cli_helpers import doctor_lines
 from tests.e2e.clock_harness import ControllerProcess, write_agent_config
 from tests.e2e.connect_proxy import PROXY_ONLY_HOST, ConnectProxy, proxy_in_thread
 from tests.e2e.harness import Controller, Process, free_port, python_env, read_status, run_cli, wait_until
@@ -81,14 +81,6 @@ def one_line(result) -> str:
     return lines[0]
 
 
-def lines_of(output: str) -> dict[str, tuple[str, str]]:
-    found = {}
-    for line in output.splitlines():
-        status, name, message = re.fullmatch(r"(\w+) +(\S+(?: \S+)*)  +(.*)", line).groups()
-        found[name] = (status, message)
-    return found
-
-
 def shown(*results) -> str:
     return "".join(r.stdout + r.stderr for r in results)
 
@@ -121,7 +113,7 @@ def test_enroll_renew_time_and_doctor_all_go_through_the_proxy_when_nothing_else
 
     doctor = agent_cli("doctor", "--config", config)
     assert doctor.returncode == 0, doctor.stdout
-    found = lines_of(doctor.stdout)
+    found = doctor_lines(doctor.stdout)
     assert found[f"proxy 127.0.0.1:{proxy.port}"] == (
         "ok", f"the proxy http://127.0.0.1:{proxy.port} (set in [link] proxy) carries the connections to {target}")
     assert found[target] == ("ok", f"outbound TCP and TLS to the controller and relay at {target} work through the "
@@ -190,7 +182,7 @@ def test_a_wrong_proxy_password_is_one_line_changes_nothing_and_the_token_still_
 
     doctor = agent_cli("doctor", "--config", config)
     assert doctor.returncode == 1
-    found = lines_of(doctor.stdout)
+    found = doctor_lines(doctor.stdout)
     assert found[f"proxy 127.0.0.1:{proxy.port}"] == ("fail", refusal)
     assert found["pinned CA"] == ("fail", refusal)
     assert found[target] == ("skip", "no pinned CA to check TLS with")
@@ -206,7 +198,7 @@ def test_a_wrong_proxy_password_is_one_line_changes_nothing_and_the_token_still_
     assert one_line(renewal) == f"outpost-agent: {refusal}"
     assert StateDir(state).load().cert_pem == cert, "the certificate is kept"
     doctor = agent_cli("doctor", "--config", config)
-    found = lines_of(doctor.stdout)
+    found = doctor_lines(doctor.stdout)
     assert found[f"proxy 127.0.0.1:{proxy.port}"] == ("fail", refusal)
     assert found[target] == ("skip", "not checked: the proxy did not carry the connection (see the proxy check)")
 
@@ -236,11 +228,11 @@ def test_https_proxy_from_the_environment_carries_enrollment_and_no_proxy_sends_
     port = controller.url.rsplit(":", 1)[1]
     assert carried[:ENROLL_CONNECTIONS] == [f"127.0.0.1:{port}"] * ENROLL_CONNECTIONS
     assert proxy.carried == carried, "NO_PROXY's host went straight to the controller"
-    assert lines_of(doctored.stdout)[f"proxy 127.0.0.1:{proxy.port}"] == ("ok", (
+    assert doctor_lines(doctored.stdout)[f"proxy 127.0.0.1:{proxy.port}"] == ("ok", (
         f"the proxy http://127.0.0.1:{proxy.port} (set in HTTPS_PROXY) carries the connections to 127.0.0.1:{port}; "
         "HTTPS_PROXY is this shell's: outpost-agent under systemd sees it only if its unit sets it, so set "
         "[link] proxy in the config file for the service"))
-    direct = lines_of(doctored_directly.stdout)
+    direct = doctor_lines(doctored_directly.stdout)
     assert not any(name.startswith("proxy ") for name in direct)
     assert direct[f"127.0.0.1:{port}"] == ("ok", f"outbound TCP and TLS to the controller and relay at 127.0.0.1:{port} "
                                                  "work directly (127.0.0.1 is in no_proxy), and its certificate "
@@ -259,7 +251,7 @@ def test_a_proxy_that_cannot_be_reached_is_its_own_failing_line_with_the_fix(sit
 
     assert enroll.returncode == EXIT_UNAVAILABLE and one_line(enroll) == f"outpost-agent: {sentence}"
     assert token.exists() and not (tmp_path / "gw-no-proxy" / "state").exists()
-    assert doctor.returncode == 1 and lines_of(doctor.stdout)[f"proxy 127.0.0.1:{closed}"] == ("fail", sentence)
+    assert doctor.returncode == 1 and doctor_lines(doctor.stdout)[f"proxy 127.0.0.1:{closed}"] == ("fail", sentence)
     assert SECRET not in shown(enroll, doctor)
 
 

@@ -297,48 +297,40 @@ def test_once_a_later_token_enrolls_the_refused_copy_in_the_state_directory_goes
 
 def test_an_agent_enrolled_by_hand_removes_the_refused_copy_in_its_state_directory_at_start(
         controller: Controller, tmp_path: Path) -> None:
-    import sys
-
-    from tests.e2e.harness import Process
-
     copy = token_for(controller, "field-12", tmp_path / "state" / "enroll.token")
     asyncio.run(enroll_async(copy, tmp_path / "elsewhere", KeyStoreSettings(backend="software")))
     save_refusal(tmp_path / "state", find_token([copy]), "This enrollment token was already used")
     # The technician then enrolled by hand with a new token.
     asyncio.run(enroll_async(token_for(controller, "field-13", tmp_path / "new.token"), tmp_path / "state",
                              KeyStoreSettings(backend="software")))
-    config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
-                      f'[enrollment]\ntoken_paths = ["{copy}"]\n')
-
-    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
-    try:
-        agent.wait_for_line(f"removed the refused token {copy}: this gateway is enrolled")
-    finally:
-        agent.stop()
+    run_enrolled_until(tmp_path, [copy], f"removed the refused token {copy}: this gateway is enrolled")
     assert not copy.exists() and not (tmp_path / "state" / REFUSED_NOTE).exists()
     assert StateDir(tmp_path / "state").load().name == "field-13"
 
 
-def test_a_token_left_behind_by_a_stop_after_enrollment_is_retired_at_the_next_start(
-        controller: Controller, tmp_path: Path) -> None:
+def run_enrolled_until(tmp_path: Path, paths: list[Path], line: str) -> None:
+    """``outpost-agent run`` on the gateway enrolled in ``tmp_path/state``, looking in ``paths``, until it logs ``line``."""
     import sys
 
     from tests.e2e.harness import Process
 
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
+                      f'[enrollment]\ntoken_paths = {json.dumps([str(p) for p in paths])}\n')
+    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+    try:
+        agent.wait_for_line(line)
+    finally:
+        agent.stop()
+
+
+def test_a_token_left_behind_by_a_stop_after_enrollment_is_retired_at_the_next_start(
+        controller: Controller, tmp_path: Path) -> None:
     mine = token_for(controller, "field-7", tmp_path / "boot" / "outpost-enroll.token")
     # Enrolled, then stopped before the token was retired: the state says enrolled, the token is still there.
     asyncio.run(enroll_async(mine, tmp_path / "state", KeyStoreSettings(backend="software")))
     other = token_for(controller, "field-8", tmp_path / "etc" / "enroll.token")
-    config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
-                      f'[enrollment]\ntoken_paths = ["{other}", "{mine}"]\n')
-
-    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
-    try:
-        agent.wait_for_line(f"removed the token {mine}: this gateway is enrolled from it as ")
-    finally:
-        agent.stop()
+    run_enrolled_until(tmp_path, [other, mine], f"removed the token {mine}: this gateway is enrolled from it as ")
     assert not mine.exists()
     assert other.exists(), "a token for another identity is not this agent's to remove"
 
