@@ -15,10 +15,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
-from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config
-from agent.errors import EXIT_USAGE, ConfigError, OutpostError
+from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
+from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
 
@@ -43,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--token", required=True, type=Path, metavar="FILE", help="the token file from central ops")
     enroll.add_argument("--state", type=Path, metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
     enroll.add_argument("--keystore", choices=BACKENDS, help="where the device key lives (default auto)")
-    enroll.add_argument("--config", type=Path, metavar="FILE", help="agent config file for state_dir and [keystore]")
+    enroll.add_argument("--config", type=Path, metavar="FILE",
+                        help="agent config file for state_dir, [keystore], [clock] and the proxy")
 
     renew = commands.add_parser("renew", help="renew (or recover an expired) certificate now with the enrolled key")
     renew.add_argument("--state", type=Path, metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
-    renew.add_argument("--config", type=Path, metavar="FILE", help="agent config file for state_dir and [keystore]")
+    renew.add_argument("--config", type=Path, metavar="FILE",
+                       help="agent config file for state_dir, [keystore], [clock] and the proxy")
 
     run = commands.add_parser("run", help="keep the tunnel up and serve binds and dials")
     run.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from agent.doctor import main as doctor
 
-            return doctor(args.config, args.json)
+            return doctor(args.config, args.json, os.environ)
         return cmd_status(args)
     except OutpostError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
@@ -91,14 +93,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from agent.clock.trusted import TrustedClock
     from agent.enrollment.enroll import enroll
 
-    config = load_config(args.config) if args.config else AgentConfig()
+    config = _config_for_command(args.config)
     state_dir = args.state or config.state_dir
     settings = config.keystore
     if args.keystore:
         settings = dataclasses.replace(settings, backend=args.keystore)
     # The token's expiry and the controller's certificate are judged by trusted time, not this clock alone.
     clock = TrustedClock(config.clock)
-    identity = enroll(args.token, state_dir, settings, clock=clock)
+    identity = enroll(args.token, state_dir, settings, clock=clock, proxy=config.proxy)
     print(
         f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
         f"key in {identity.key_backend}"
@@ -106,6 +108,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     _retire_used_token(args.token)
     _say_if_clock_off(clock)
     return 0
+
+
+def _config_for_command(path: Path | None) -> AgentConfig:
+    """The config file (or the defaults) with the environment's proxy where the file names none, as ``run`` has it."""
+    return with_environment_proxy(load_config(path) if path else AgentConfig(), os.environ)
 
 
 def _retire_used_token(given: Path) -> None:
@@ -135,15 +142,15 @@ def cmd_renew(args: argparse.Namespace) -> int:
     from agent.identity.select import open_keystore
     from agent.identity.trust import cert_not_after
 
-    config = load_config(args.config) if args.config else AgentConfig()
+    config = _config_for_command(args.config)
     state = StateDir(args.state or config.state_dir)
     identity = state.load()  # not enrolled: say so before touching the key store
     clock = TrustedClock(config.clock)
 
     async def measure_and_renew() -> Any:
         # As in ``run``: the controller's certificate and the new one are judged by trusted time.
-        await refresh_clock(clock, identity.controller_url, identity.ca_pem)
-        return await renew_certificate(state, keystore, clock)
+        await refresh_clock(clock, identity.controller_url, identity.ca_pem, config.proxy)
+        return await renew_certificate(state, keystore, clock, config.proxy)
 
     keystore = open_keystore(state.path, config.keystore)
     try:
@@ -164,26 +171,13 @@ def _say_if_clock_off(clock: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = with_environment_proxy(load_config(args.config), os.environ)
+    config = _config_for_command(args.config)
     from agent.service_manager import configure_logging
 
     configure_logging(config.log_level.upper())
     from agent.tunnel.runner import run
 
     return run(config)
-
-
-def with_environment_proxy(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
-    """``config`` with HTTPS_PROXY and NO_PROXY filling in what ``[link]`` leaves unset (agent.tunnel.proxy)."""
-    from agent.tunnel.proxy import environment_proxy
-
-    try:
-        proxy, no_proxy = environment_proxy(config.link.proxy, config.link.no_proxy, env)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if (proxy, no_proxy) == (config.link.proxy, config.link.no_proxy):
-        return config
-    return dataclasses.replace(config, link=dataclasses.replace(config.link, proxy=proxy, no_proxy=no_proxy))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

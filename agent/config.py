@@ -14,8 +14,9 @@ Example::
     nat_timeout = 120             # seconds the carrier keeps an idle mapping
     keepalive_interval = 110.0    # seconds; unset = derived from the profile
     ping_timeout = 20.0           # every [link] number is optional (docs/links.md)
-    proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy (user:password@ allowed); unset = HTTPS_PROXY
-    no_proxy = ["relay.corp.lan"]     # relays reached directly; unset = NO_PROXY
+    proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy for every outbound connection
+                                      # (user:password@ allowed); unset = HTTPS_PROXY
+    no_proxy = ["relay.corp.lan"]     # hosts reached directly; unset = NO_PROXY
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -33,22 +34,24 @@ Example::
     ntp_timeout = 2.0             # seconds per query
 
 Everything below the CLI receives the typed, frozen ``AgentConfig``; nothing
-else reads files or the environment. Every mistake is one ConfigError
-sentence naming the file, the key and what to do.
+else reads files or the environment (the CLI passes ``os.environ`` to
+``with_environment_proxy``). Every mistake is one ConfigError sentence naming
+the file, the key and what to do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.tunnel.link_profiles import plan_from_settings
-from agent.tunnel.proxy import proxy_problem
+from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
@@ -124,10 +127,6 @@ class LinkSettings:
     reconnect_initial: float | None = None
     reconnect_max: float | None = None
     stable_after: float | None = None
-    #: http://[user:password@]host:port of an HTTPS CONNECT proxy; None = direct (or the environment's, at the CLI)
-    proxy: str | None = None
-    #: hosts reached without the proxy; empty = NO_PROXY's (filled in by the CLI)
-    no_proxy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +143,18 @@ class AgentConfig:
     #: places (agent.enrollment.field.default_token_paths).
     token_paths: tuple[Path, ...] | None = None
     clock: ClockSettings = field(default_factory=ClockSettings)
+    #: ``[link] proxy`` and ``no_proxy``, for every outbound connection (agent.proxy); the CLI
+    #: fills in HTTPS_PROXY and NO_PROXY where the file is silent (``with_environment_proxy``).
+    proxy: ProxySettings = DIRECT
+
+
+def with_environment_proxy(config: AgentConfig, env: Mapping[str, str]) -> AgentConfig:
+    """``config`` with https_proxy/HTTPS_PROXY and no_proxy/NO_PROXY filling in what ``[link]`` leaves unset."""
+    try:
+        proxy = environment_proxy(config.proxy, env)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return config if proxy == config.proxy else dataclasses.replace(config, proxy=proxy)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -187,15 +198,17 @@ class _Parser:
         dials = tuple(self.dial(entry, i) for i, entry in enumerate(self.array(document, "dial")))
         self.unique([b.service for b in binds], "bind", "service", "bind each service once")
         self.unique([f"{d.listen_host}:{d.listen_port}" for d in dials], "dial", "listen", "give each dial its own port")
+        link = self.table(document, "link")
         return AgentConfig(
             state_dir=state_dir,
             keystore=self.keystore(self.table(document, "keystore")),
             binds=binds,
             dials=dials,
-            link=self.link(self.table(document, "link")),
+            link=self.link(link),
             log_level=log_level,
             token_paths=self.token_paths(self.table(document, "enrollment")),
             clock=self.clock(self.table(document, "clock")),
+            proxy=self.proxy(link),
         )
 
     def token_paths(self, table: dict[str, Any]) -> tuple[Path, ...] | None:
@@ -255,12 +268,6 @@ class _Parser:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                    or not MIN_LINK_WINDOW <= window <= MAX_LINK_WINDOW):
             raise self.fail("link.window", f"must be a whole number of bytes from {MIN_LINK_WINDOW} to {MAX_LINK_WINDOW}")
-        proxy = table.get("proxy")
-        if proxy is not None:
-            proxy = self.string(table, "proxy", "", "link.proxy")
-            problem = proxy_problem(proxy)
-            if problem is not None:
-                raise self.fail("link.proxy", problem)
         settings = LinkSettings(
             profile=profile,
             keepalive_interval=self.seconds(table, "keepalive_interval"),
@@ -270,14 +277,21 @@ class _Parser:
             reconnect_initial=self.seconds(table, "reconnect_initial"),
             reconnect_max=self.seconds(table, "reconnect_max"),
             stable_after=self.seconds(table, "stable_after"),
-            proxy=proxy,
-            no_proxy=self.no_proxy(table),
         )
         try:
             plan_from_settings(settings)  # the numbers must also make sense together
         except ConfigError as error:
             raise ConfigError(f"{self.path}: [link] {error}") from None
         return settings
+
+    def proxy(self, table: dict[str, Any]) -> ProxySettings:
+        url = None
+        if table.get("proxy") is not None:
+            url = self.string(table, "proxy", "", "link.proxy")
+            problem = proxy_problem(url)
+            if problem is not None:
+                raise self.fail("link.proxy", problem)
+        return ProxySettings(url=url, no_proxy=self.no_proxy(table))
 
     def no_proxy(self, table: dict[str, Any]) -> tuple[str, ...]:
         value = table.get("no_proxy", [])

@@ -80,6 +80,14 @@ class ControllerUnreachable(OutpostError):
     retryable = True
 
 
+class ProxyFailed(ControllerUnreachable):
+    """The HTTPS proxy could not be reached (``status`` None) or refused the CONNECT with HTTP ``status``."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class KeyStoreError(OutpostError):
     """The device key store failed."""
 

@@ -20,6 +20,7 @@ from cryptography import x509
 from agent.clock.trusted import OffsetSample, format_utc
 from agent.errors import ClockError, ControllerUnreachable
 from agent.identity.pinned_tls import PinnedTLS
+from agent.proxy import DIRECT, ProxySettings
 from agent.identity.trust import cert_not_after, cert_not_before
 
 #: Two small requests; a controller slower than this gives an offset too
@@ -32,9 +33,9 @@ MAX_TIME_RESPONSE = 1024
 TIME_REQUESTS = 2
 
 
-async def fetch_controller_time(controller_url: str, ca_pem: str,
-                                local: Callable[[], float] = time.time) -> OffsetSample:
-    """Measure the local clock's offset from the controller's (``GET /v1/time``).
+async def fetch_controller_time(controller_url: str, ca_pem: str, local: Callable[[], float] = time.time,
+                                proxy: ProxySettings = DIRECT) -> OffsetSample:
+    """Measure the local clock's offset from the controller's (``GET /v1/time``), through ``proxy`` where it applies.
 
     Raises ClockError when the controller's time cannot be trusted (says why),
     TrustError when the controller is not certified by the pinned CA, and
@@ -42,7 +43,7 @@ async def fetch_controller_time(controller_url: str, ca_pem: str,
     """
     url = controller_url.rstrip("/") + "/v1/time"
     # No trusted time yet to judge the dates with: the answer is judged by the certificates instead.
-    tls = PinnedTLS(ca_pem, time=None)
+    tls = PinnedTLS(ca_pem, time=None, proxy=proxy)
     samples: list[OffsetSample] = []
     unreachable = f"could not ask the controller at {url} for its time ({{reason}})"
     async with tls.client(controller_url, CONTROLLER_TIME_TIMEOUT, unreachable) as channel:

@@ -14,13 +14,14 @@ from agent.clock.controller_time import fetch_controller_time
 from agent.clock.ntp import query_servers
 from agent.clock.trusted import ClockEstimate, NOTABLE_OFFSET, OffsetSample, TrustedClock, combine
 from agent.errors import ClockError, OutpostError
+from agent.proxy import DIRECT, ProxySettings
 
 log = logging.getLogger(__name__)
 
 
 async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
-                        ca_pem: str | None = None) -> ClockEstimate:
-    """Measure now, adopt what the trust rules pick, and return it.
+                        ca_pem: str | None = None, proxy: ProxySettings = DIRECT) -> ClockEstimate:
+    """Measure now, adopt what the trust rules pick, and return it (the controller through ``proxy``).
 
     Raises ClockError when the controller's time is provably wrong and no NTP
     server answered: then nothing can be trusted, and the clock keeps what it
@@ -29,7 +30,7 @@ async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
     """
     settings = clock.settings
     ntp_query = query_servers(settings.ntp_servers, settings.ntp_timeout)
-    ntp, controller = await asyncio.gather(ntp_query, _controller_sample(clock, controller_url, ca_pem))
+    ntp, controller = await asyncio.gather(ntp_query, _controller_sample(clock, controller_url, ca_pem, proxy))
     if isinstance(controller, ClockError):
         if ntp is None:
             raise ClockError(f"{controller}; no NTP server answered either, so nothing can tell this gateway "
@@ -42,12 +43,12 @@ async def refresh_clock(clock: TrustedClock, controller_url: str | None = None,
     return estimate
 
 
-async def _controller_sample(clock: TrustedClock, controller_url: str | None,
-                             ca_pem: str | None) -> OffsetSample | ClockError | None:
+async def _controller_sample(clock: TrustedClock, controller_url: str | None, ca_pem: str | None,
+                             proxy: ProxySettings) -> OffsetSample | ClockError | None:
     if not controller_url or not ca_pem:
         return None
     try:
-        return await fetch_controller_time(controller_url, ca_pem, clock.local_now)
+        return await fetch_controller_time(controller_url, ca_pem, clock.local_now, proxy)
     except ClockError as error:
         return error
     except OutpostError as error:
@@ -64,10 +65,11 @@ CLOCK_REFRESH_INTERVAL = 4 * 3600.0
 CLOCK_RETRY_INTERVAL = 600.0
 
 
-async def measure_once(clock: TrustedClock, controller_url: str, ca_pem: str) -> str | None:
+async def measure_once(clock: TrustedClock, controller_url: str, ca_pem: str,
+                       proxy: ProxySettings = DIRECT) -> str | None:
     """Measure once; returns what is wrong with the clock, in plain words, or None."""
     try:
-        estimate = await refresh_clock(clock, controller_url, ca_pem)
+        estimate = await refresh_clock(clock, controller_url, ca_pem, proxy)
     except ClockError as error:
         log.error("%s", error)
         return str(error)
@@ -79,9 +81,10 @@ async def measure_once(clock: TrustedClock, controller_url: str, ca_pem: str) ->
 
 async def keep_clock(clock: TrustedClock, controller_url: str, ca_pem: str,
                      on_update: Callable[[TrustedClock, str | None], None],
-                     interval: float = CLOCK_REFRESH_INTERVAL, retry: float = CLOCK_RETRY_INTERVAL) -> None:
+                     interval: float = CLOCK_REFRESH_INTERVAL, retry: float = CLOCK_RETRY_INTERVAL,
+                     proxy: ProxySettings = DIRECT) -> None:
     """Re-measure forever (cancel to stop); ``on_update(clock, problem)`` after each try."""
     while True:
         await asyncio.sleep(interval if clock.measured else retry)
-        problem = await measure_once(clock, controller_url, ca_pem)
+        problem = await measure_once(clock, controller_url, ca_pem, proxy)
         on_update(clock, problem)

@@ -5,7 +5,9 @@ token with that CA, and only then send the token anywhere. The key is created
 once and kept across retries, because the controller redeems a consumed token
 again only for the same public key (an agent that crashed before storing its
 certificate). ``identity.json`` is written last: until it exists the gateway
-is not enrolled, whatever else is in the state directory.
+is not enrolled, whatever else is in the state directory. Every request (the
+CA fetch, the controller's time, the redemption) takes the same HTTPS proxy
+decision (agent.proxy).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock, format_utc as _utc
-from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource
-from agent.identity.trust import cert_not_after, fetch_pinned_ca, verify_leaf_issued_by
+from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource, fetch_pinned_ca
+from agent.identity.trust import cert_not_after, verify_leaf_issued_by
+from agent.proxy import DIRECT, ProxySettings
 
 #: One request that signs a certificate; a controller slower than this on a
 #: working link is overloaded, and a retry later is the better answer.
@@ -61,9 +64,10 @@ def enroll(
     keystore_settings: KeyStoreSettings,
     now: float | None = None,
     clock: TrustedClock | None = None,
+    proxy: ProxySettings = DIRECT,
 ) -> EnrolledIdentity:
     """Enroll this gateway from a token file (blocking; see ``enroll_async``)."""
-    return asyncio.run(enroll_async(token_path, state_dir, keystore_settings, now, clock))
+    return asyncio.run(enroll_async(token_path, state_dir, keystore_settings, now, clock, proxy))
 
 
 async def enroll_async(
@@ -72,12 +76,15 @@ async def enroll_async(
     keystore_settings: KeyStoreSettings,
     now: float | None = None,
     clock: TrustedClock | None = None,
+    proxy: ProxySettings = DIRECT,
 ) -> EnrolledIdentity:
     """Enroll this gateway from a token file and store the identity atomically.
 
     ``clock`` is measured against NTP and the controller (once the CA is
     pinned) and judges the token's expiry and the controller's certificate;
     ``now`` (unix seconds) overrides it; with neither, the local clock is used.
+    Every request goes through ``proxy`` where it applies (its refusal is
+    ProxyFailed, a ControllerUnreachable: the token stays usable).
     A clock that cannot be trusted at all raises ClockError. Raises TokenError, TrustError,
     EnrollmentError, ControllerUnreachable or a KeyStoreError; on any failure
     the state directory is left not enrolled and the key is kept for a retry.
@@ -86,11 +93,11 @@ async def enroll_async(
     _refuse_if_enrolled(state)
     text = read_token_file(Path(token_path))
     token = parse_unverified(text)
-    ca_cert = await fetch_pinned_ca(token.controller_url, token.ca)
+    ca_cert = await fetch_pinned_ca(token.controller_url, token.ca, proxy)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
     trusted: TimeSource = FixedTime(now) if now is not None else clock if clock is not None else LOCAL_TIME
     if clock is not None and now is None:
-        await refresh_clock(clock, token.controller_url, ca_pem)
+        await refresh_clock(clock, token.controller_url, ca_pem, proxy)
     if trusted.measured:
         verify_token(text, ca_cert, trusted.now())
     else:
@@ -103,7 +110,7 @@ async def enroll_async(
     try:
         public_key = _device_public_key(keystore)
         csr = build_csr(keystore, token.sub)
-        answer = await _redeem(token, csr, PinnedTLS(ca_pem, trusted))
+        answer = await _redeem(token, csr, PinnedTLS(ca_pem, trusted, proxy))
         identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted.now())
         state.save_enrollment(identity)
     finally:

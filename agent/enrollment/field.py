@@ -13,7 +13,10 @@ gateway on. Until it is enrolled the agent reports "waiting for enrollment:
   a new file; a refused file does not hide a new one in a later place;
 - on success the token is deleted (or renamed ``*.used``) so it is never
   offered again, and the agent goes on to the tunnel; a token left behind by
-  a stop between enrollment and that step is retired at the next start.
+  a stop between enrollment and that step is retired at the next start. A
+  refused token in the state directory is the agent's own copy (moved there
+  from the boot partition), so it goes too, with the refusal note, once the
+  gateway is enrolled; refused files elsewhere are the technician's and stay.
 
 The token's expiry and the controller's certificate are judged by trusted
 time, measured (NTP and the controller's time over the CA the token pins)
@@ -34,7 +37,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Collection, Sequence
 
 from agent import service_manager
 from agent.clock.trusted import TrustedClock
@@ -44,6 +47,7 @@ from agent.fsutil import atomic_write, ensure_private_dir
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.trust import ca_fingerprint
+from agent.proxy import ProxySettings
 from agent.tunnel.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -213,6 +217,28 @@ def retire_redeemed_tokens(paths: Sequence[Path], identity: EnrolledIdentity) ->
             log.warning("%s", problem)
 
 
+def remove_refused_copies(config: Any, refused: Collection[str]) -> None:
+    """On an enrolled gateway: delete the token files in the state directory whose content was refused
+    (digests in ``refused``), and the refusal note.
+
+    Such a file is the agent's own copy (``take-boot-token`` moved it there),
+    a dead credential nobody else cleans up; a refused file in any other
+    place is the technician's, and stays where it was put.
+    """
+    state_dir = Path(config.state_dir)
+    copies = [path for path in token_paths(config) if path.parent == state_dir]
+    for token in find_tokens(copies):
+        if token.digest in refused:
+            try:
+                token.path.unlink()
+            except OSError as error:
+                log.warning("cannot remove the refused token %s (%s)", token.path, error.strerror or error)
+            else:
+                log.info("removed the refused token %s: this gateway is enrolled", token.path)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / REFUSED_NOTE).unlink()
+
+
 def load_refusals(state_dir: Path) -> dict[str, str]:
     """The refused-token note, as digest -> sentence; empty when absent or damaged."""
     try:
@@ -237,13 +263,14 @@ def save_refusal(state_dir: Path, token: TokenFile, reason: str) -> None:
         log.warning("cannot record the refused token in %s (%s)", state_dir, error.strerror or error)
 
 
-#: agent.enrollment.enroll.enroll_async: (token, state dir, key store, now, clock).
-Enroll = Callable[[Path, Path, KeyStoreSettings, "float | None", TrustedClock], Awaitable[EnrolledIdentity]]
+#: agent.enrollment.enroll.enroll_async: (token, state dir, key store, now, clock, proxy).
+Enroll = Callable[[Path, Path, KeyStoreSettings, "float | None", TrustedClock, ProxySettings],
+                  Awaitable[EnrolledIdentity]]
 
 
 async def _enroll_from(token: TokenFile, config: Any, enroll: Enroll) -> EnrolledIdentity:
     # Measured afresh at every attempt: NTP or the controller may be reachable by now.
-    return await enroll(token.path, config.state_dir, config.keystore, None, TrustedClock(config.clock))
+    return await enroll(token.path, config.state_dir, config.keystore, None, TrustedClock(config.clock), config.proxy)
 
 
 async def wait_for_enrollment(
@@ -283,6 +310,7 @@ async def wait_for_enrollment(
     try:
         while not stop.is_set():
             if state.is_enrolled():  # enrolled by hand meanwhile
+                remove_refused_copies(config, schedule.refused.keys())
                 return state.load()
             found = find_tokens(paths)
             step = schedule.next_step(found, clock())
@@ -345,8 +373,7 @@ async def _attempt(
     problem = retire_token(token.path)
     if problem is not None:
         log.warning("%s", problem)
-    with contextlib.suppress(FileNotFoundError):
-        (Path(config.state_dir) / REFUSED_NOTE).unlink()
+    remove_refused_copies(config, schedule.refused.keys())
     log.info("enrolled from %s as %s; certificate valid until %s", token.path, identity.uri,
              identity.not_after().strftime("%Y-%m-%d %H:%M UTC"),
              extra=service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity=identity.uri))

@@ -1,7 +1,9 @@
 """TLS to the controller and its relays, judged by trusted time: the one place that does it.
 
 Every connection the agent makes after pinning the CA (enrollment, renewal,
-the controller's time, tunnels, ``doctor``) goes through ``PinnedTLS``:
+the controller's time, tunnels, ``doctor``) goes through ``PinnedTLS``,
+directly or through the HTTPS proxy (agent.proxy: the TLS session runs end
+to end inside the proxy's CONNECT, and is checked the same way):
 
 1. OpenSSL verifies the chain to the pinned CA (the only trust anchor), every
    signature, the key usages and the host name. It does not compare the
@@ -16,6 +18,10 @@ Nothing is switched off: the date comparison OpenSSL would make against the
 system clock is made here against the clock the agent trusts. A date failure
 blames the peer when the time was measured (TrustError) and the clock when it
 was not (ClockError), in plain words either way.
+
+The one connection made before a CA is pinned, ``fetch_pinned_ca``, is here
+too: it takes the same proxy, and its answer is believed only if it matches
+the token's fingerprint.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from typing import Any, AsyncIterator, Callable, Protocol, Union
 import aiohttp
 from cryptography import x509
 
-from agent.errors import ControllerUnreachable, TrustError
+from agent.errors import ControllerUnreachable, EnrollmentError, ProxyFailed, TrustError
 from agent.identity.trust import (
+    ca_fingerprint,
     check_dates,
     describe_network_error,
     peer_certificate,
@@ -41,6 +48,14 @@ from agent.identity.trust import (
     trust_error_for,
     verify_leaf_issued_by,
 )
+from agent.proxy import DIRECT, ProxyRoute, ProxySettings
+
+#: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
+#: and still bounds what an unverified peer can make us read.
+MAX_CA_RESPONSE = 16 * 1024
+#: The unverified CA fetch is one small request; a controller that needs more
+#: than this is unusable anyway, and the technician is waiting.
+CA_FETCH_TIMEOUT = 10.0
 
 
 class TimeSource(Protocol):
@@ -99,7 +114,7 @@ class Served:
 
 
 class PinnedTLS:
-    """The pinned CA and the time that judges dates; see the module docstring.
+    """The pinned CA, the time that judges dates and the proxy connections take; see the module docstring.
 
     ``time=None`` is for exactly one caller, the controller's-time fetch that
     bootstraps trusted time: it checks the reported time against the served
@@ -107,10 +122,11 @@ class PinnedTLS:
     trusted time yet to check the certificates with.
     """
 
-    def __init__(self, ca_pem: str, time: TimeSource | None = LOCAL_TIME) -> None:
+    def __init__(self, ca_pem: str, time: TimeSource | None = LOCAL_TIME, proxy: ProxySettings = DIRECT) -> None:
         self.ca_pem = ca_pem
         self.ca_certificate = x509.load_pem_x509_certificate(ca_pem.encode())
         self.time = time
+        self.proxy = proxy
         self._context: ssl.SSLContext | None = None
 
     def context(self) -> ssl.SSLContext:
@@ -133,23 +149,44 @@ class PinnedTLS:
         return leaf
 
     @contextlib.asynccontextmanager
+    async def session(self, timeout: float) -> AsyncIterator[aiohttp.ClientSession]:
+        """An aiohttp session on ``context()``, one connection at a time; raises aiohttp's own errors.
+
+        The environment is never read here (``trust_env=False``): the proxy
+        is ``self.proxy``, decided at the edge. One connection means that
+        requests in a row share it, so a check on the first covers the rest.
+        """
+        connector = aiohttp.TCPConnector(ssl=self.context(), limit=1)
+        async with aiohttp.ClientSession(connector=connector, trust_env=False,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            yield http
+
+    async def fetch(self, http: aiohttp.ClientSession, method: str, url: str, limit: int, who: str,
+                    body: Any = None) -> Served:
+        """One request, through the proxy where it applies; the answer is read (at most ``limit``
+        bytes) only after the certificate of the TLS session it came over passed ``check``."""
+        async with http.request(method, url, json=body, **self.proxy.request_options(url)) as response:
+            leaf = self.check(served_ssl_object(response), who)
+            raw = await read_bounded(response, limit, url)
+            return Served(response.status, raw, leaf)
+
+    @contextlib.asynccontextmanager
     async def client(self, controller_url: str, timeout: float, unreachable: str) -> AsyncIterator["PinnedClient"]:
         """HTTP requests to ``controller_url`` over one checked connection.
 
         ``unreachable`` is the sentence for a network failure, with
-        ``{reason}`` where the short cause goes; a TLS failure becomes the
-        plain TrustError of ``trust_error_for``. The proxy environment is not
-        read here (the edge decides about proxies).
+        ``{reason}`` where the short cause goes; a proxy that cannot be
+        reached or refuses is ProxyFailed with its own sentence; a TLS
+        failure becomes the plain TrustError of ``trust_error_for``.
         """
-        connector = aiohttp.TCPConnector(ssl=self.context(), limit=1)
+        who = f"the controller at {controller_url}"
         try:
-            async with aiohttp.ClientSession(connector=connector, trust_env=False,
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-                yield PinnedClient(self, http, f"the controller at {controller_url}")
+            async with self.session(timeout) as http:
+                yield PinnedClient(self, http, who)
         except aiohttp.ClientConnectorCertificateError as error:
             raise trust_error_for(error, controller_url) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            raise ControllerUnreachable(unreachable.format(reason=describe_network_error(error))) from None
+            raise network_failure(error, self.proxy.route(controller_url), who, unreachable) from None
 
 
 class PinnedClient:
@@ -167,8 +204,76 @@ class PinnedClient:
         return await self.request("POST", url, limit, body)
 
     async def request(self, method: str, url: str, limit: int, body: Any = None) -> Served:
-        """One request; the answer is read (at most ``limit`` bytes) only after its certificate passed."""
-        async with self.http.request(method, url, json=body) as response:
-            leaf = self.tls.check(served_ssl_object(response), self.who)
-            raw = await read_bounded(response, limit, url)
-            return Served(response.status, raw, leaf)
+        """One request (``PinnedTLS.fetch``)."""
+        return await self.tls.fetch(self.http, method, url, limit, self.who, body)
+
+
+def proxy_failure(error: BaseException, route: ProxyRoute | None, who: str) -> ProxyFailed | None:
+    """ProxyFailed when ``error`` (aiohttp's) is the proxy's doing on the way to ``who``, else None."""
+    if route is None:
+        return None
+    if isinstance(error, aiohttp.ClientHttpProxyError):
+        return ProxyFailed(route.refused(error.status, who), error.status)
+    if isinstance(error, aiohttp.ClientProxyConnectionError):
+        return ProxyFailed(route.unreachable(describe_network_error(error)))
+    return None
+
+
+def network_failure(error: BaseException, route: ProxyRoute | None, who: str, unreachable: str) -> ControllerUnreachable:
+    """The error for a connection to ``who`` that failed with ``error``: the proxy's fault (ProxyFailed),
+    or ``unreachable`` with ``{reason}`` filled in (naming the proxy it went through, if any)."""
+    failure = proxy_failure(error, route, who)
+    if failure is not None:
+        return failure
+    reason = describe_network_error(error)
+    if route is not None:
+        reason = f"{reason}, through the proxy {route.url}"
+    return ControllerUnreachable(unreachable.format(reason=reason))
+
+
+def _unverified_ssl_context() -> ssl.SSLContext:
+    # Used for exactly one request whose answer is checked against the token's
+    # fingerprint before it is believed; nothing else may use this context.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def fetch_pinned_ca(base_url: str, expected_fingerprint: str, proxy: ProxySettings = DIRECT) -> x509.Certificate:
+    """Fetch ``GET {base_url}/v1/ca`` unverified and return it only if its fingerprint matches.
+
+    Raises TrustError on a fingerprint mismatch or a non-certificate answer,
+    ControllerUnreachable (ProxyFailed for the proxy's doing) when the
+    controller cannot be reached.
+    """
+    url = base_url.rstrip("/") + "/v1/ca"
+    timeout = aiohttp.ClientTimeout(total=CA_FETCH_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
+            async with session.get(url, ssl=_unverified_ssl_context(), **proxy.request_options(url)) as response:
+                body = await read_bounded(response, MAX_CA_RESPONSE, url)
+                status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        raise network_failure(error, proxy.route(url), f"the controller at {base_url}",
+                              f"could not reach the controller at {url} ({{reason}}); "
+                              "check the network and the address in the token, then try again") from None
+    if status != 200:
+        raise EnrollmentError(
+            f"the server at {url} answered HTTP {status} instead of the CA certificate; check the address in the token"
+        )
+    try:
+        ca_cert = x509.load_pem_x509_certificate(body)
+    except ValueError:
+        raise TrustError(
+            f"the server at {url} did not answer with a CA certificate; check the address in the token"
+        ) from None
+    actual = ca_fingerprint(ca_cert)
+    if actual != expected_fingerprint.lower():
+        raise TrustError(
+            f"wrong CA fingerprint: the controller at {base_url} serves a CA with {actual}, "
+            f"but the token pins {expected_fingerprint}; the token was made for another controller "
+            "or someone is in between; check the address or ask central ops for a new token"
+        )
+    return ca_cert

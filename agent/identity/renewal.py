@@ -5,8 +5,9 @@ thirds of the certificate's life, jittered so a fleet enrolled together does
 not renew together; retries after a failure with exponential backoff and full
 jitter, capped so several attempts fit before expiry, never later than expiry
 minus a margin. ``renew_certificate`` is one ``POST /v1/renew`` over TLS
-pinned to the enrollment CA; the same request recovers a certificate that
-already expired (the controller decides which within its grace period).
+pinned to the enrollment CA (through the HTTPS proxy where it applies); the
+same request recovers a certificate that already expired (the controller
+decides which within its grace period).
 ``CertificateKeeper`` loops: sleep until due, renew, store atomically, hand
 the new certificate to new tunnels.
 """
@@ -40,6 +41,7 @@ from agent.identity.trust import (
     cert_not_before,
     verify_leaf_issued_by,
 )
+from agent.proxy import DIRECT, ProxySettings
 from agent.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def _uri_names(cert: x509.Certificate) -> list[str]:
 
 
 async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore,
-                              time: TimeSource = LOCAL_TIME) -> dict[str, Any]:
+                              time: TimeSource = LOCAL_TIME, proxy: ProxySettings = DIRECT) -> dict[str, Any]:
     """``POST /v1/renew`` with a CSR signed in the key store; the controller's answer, or an error.
 
     The controller's certificate is judged by ``time`` (trusted time), not by
@@ -156,7 +158,8 @@ async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore,
     body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
     unreachable = (f"could not reach the controller at {url} to renew the certificate ({{reason}}); "
                    "the agent retries on its own")
-    async with PinnedTLS(identity.ca_pem, time).client(identity.controller_url, RENEW_TIMEOUT, unreachable) as channel:
+    tls = PinnedTLS(identity.ca_pem, time, proxy)
+    async with tls.client(identity.controller_url, RENEW_TIMEOUT, unreachable) as channel:
         served = await channel.post(url, body, MAX_RENEW_RESPONSE)
     try:
         answer = json.loads(served.body)
@@ -213,7 +216,8 @@ def accept_certificate(answer: dict[str, Any], identity: EnrolledIdentity, keyst
     return cert
 
 
-async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME) -> x509.Certificate:
+async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
+                            proxy: ProxySettings = DIRECT) -> x509.Certificate:
     """Renew (or recover) now and store the result; the old certificate stays until the new is durable.
 
     ``clock`` is trusted time (agent.clock.trusted.TrustedClock); a bare
@@ -221,7 +225,7 @@ async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = 
     """
     identity = state.load()
     time = as_time_source(clock)
-    answer = await request_certificate(identity, keystore, time)
+    answer = await request_certificate(identity, keystore, time, proxy)
     cert = accept_certificate(answer, identity, keystore, time)
     state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
     return cert
@@ -241,9 +245,10 @@ class CertificateKeeper:
 
     def __init__(self, state: StateDir, keystore: KeyStore, *, clock: Clock = LOCAL_TIME,
                  rng: random.Random | None = None, on_renewed: Callable[[str], None] | None = None,
-                 on_status: StatusHook | None = None) -> None:
+                 on_status: StatusHook | None = None, proxy: ProxySettings = DIRECT) -> None:
         self.state = state
         self.keystore = keystore
+        self.proxy = proxy
         #: Trusted time: plans are made on it and the controller's certificate is judged by it.
         self.time = as_time_source(clock)
         self.clock = self.time.now
@@ -263,7 +268,7 @@ class CertificateKeeper:
 
     async def renew_now(self) -> x509.Certificate:
         """One attempt; on success the new certificate is stored and handed on."""
-        cert = await renew_certificate(self.state, self.keystore, self.time)
+        cert = await renew_certificate(self.state, self.keystore, self.time, self.proxy)
         self.renewals += 1
         self.last_error = None
         if self._on_renewed is not None:
@@ -304,7 +309,8 @@ class CertificateKeeper:
             await asyncio.sleep(min(remaining, MAX_SLEEP_SECONDS))
 
 
-async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME) -> bool:
+async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
+                             proxy: ProxySettings = DIRECT) -> bool:
     """At start: an expired certificate is recovered before any tunnel is tried.
 
     Returns True when a recovery happened. A refusal (revoked, disabled, past
@@ -316,7 +322,7 @@ async def recover_if_expired(state: StateDir, keystore: KeyStore, clock: Clock =
     if not schedule.expired(time.now()):
         return False
     log.warning("the certificate expired; recovering it with the enrolled key")
-    cert = await renew_certificate(state, keystore, time)
+    cert = await renew_certificate(state, keystore, time, proxy)
     log.info("certificate recovered; valid until %s", cert_not_after(cert).isoformat(),
              extra=journal_fields(EVENT_RENEWED, identity=state.load().uri))
     return True
@@ -329,7 +335,8 @@ START_RECOVERY_MAX_WAIT = 300.0
 
 async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
                            rng: random.Random | None = None,
-                           on_retry: Callable[[str], None] | None = None) -> bool:
+                           on_retry: Callable[[str], None] | None = None,
+                           proxy: ProxySettings = DIRECT) -> bool:
     """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
 
     RenewalRefused (revoked, disabled, past the grace period) and TrustError
@@ -341,7 +348,7 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = L
     failures = 0
     while True:
         try:
-            return await recover_if_expired(state, keystore, clock)
+            return await recover_if_expired(state, keystore, clock, proxy)
         except (RenewalRefused, TrustError):
             raise
         except OutpostError as error:
@@ -357,7 +364,7 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = L
 
 
 def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, stats: Any,
-                      clock: Clock = LOCAL_TIME) -> CertificateKeeper:
+                      clock: Clock = LOCAL_TIME, proxy: ProxySettings = DIRECT) -> CertificateKeeper:
     """A keeper wired to a running agent: renewed certificates go to ``credentials.chain_pem``
     (used by the next tunnel's AUTH; the current tunnel and its streams carry on), and
     ``stats.cert_not_after``, ``stats.next_renewal`` and ``stats.renewal_error`` to status."""
@@ -370,4 +377,4 @@ def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, sta
         stats.next_renewal = next_renewal
         stats.renewal_error = last_error
 
-    return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status)
+    return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status, proxy=proxy)

@@ -2,8 +2,9 @@
 
 Before enrollment the agent knows only the token's claim ``ca`` (the SHA-256
 of the CA certificate). It fetches the CA once without verification and keeps
-it only if the fingerprint matches; from then on every TLS connection trusts
-that CA and nothing else, and every certificate check ends at the leaf.
+it only if the fingerprint matches (agent.identity.pinned_tls.fetch_pinned_ca);
+from then on every TLS connection trusts that CA and nothing else, and every
+certificate check ends at the leaf.
 """
 
 from __future__ import annotations
@@ -20,14 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import ClockError, ControllerUnreachable, EnrollmentError, TrustError
+from agent.errors import ClockError, EnrollmentError, TrustError
 
-#: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
-#: and still bounds what an unverified peer can make us read.
-MAX_CA_RESPONSE = 16 * 1024
-#: The unverified CA fetch is one small request; a controller that needs more
-#: than this is unusable anyway, and the technician is waiting.
-CA_FETCH_TIMEOUT = 10.0
 FINGERPRINT_PREFIX = "sha256:"
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
@@ -93,6 +88,9 @@ def served_ssl_object(response: aiohttp.ClientResponse) -> ssl.SSLObject | None:
     aiohttp hands a small, fully read answer back with its connection already
     released, so ``response.connection`` is often None; the protocol it was
     read from stays on the response (aiohttp 3.8 to 3.14, covered by tests).
+    Through a CONNECT proxy it is the same: aiohttp wraps the tunnelled
+    socket with ``loop.start_tls`` and hands the resulting TLS transport to a
+    fresh protocol, whose ``ssl_object`` is the session with the far end.
     """
     connection = response.connection
     transport = connection.transport if connection is not None else None
@@ -166,16 +164,6 @@ def trust_error_for(error: BaseException, url: str) -> TrustError:
     )
 
 
-def _unverified_ssl_context() -> ssl.SSLContext:
-    # Used for exactly one request whose answer is checked against the token's
-    # fingerprint before it is believed; nothing else may use this context.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 async def read_bounded(response: aiohttp.ClientResponse, limit: int, url: str) -> bytes:
     """The response body, refusing one longer than ``limit`` bytes."""
     if response.content_length is not None and response.content_length > limit:
@@ -188,44 +176,6 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int, url: str) -
             raise EnrollmentError(f"the answer from {url} is larger than {limit} bytes; check the address in the token")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def fetch_pinned_ca(base_url: str, expected_fingerprint: str) -> x509.Certificate:
-    """Fetch ``GET {base_url}/v1/ca`` unverified and return it only if its fingerprint matches.
-
-    Raises TrustError on a fingerprint mismatch or a non-certificate answer,
-    ControllerUnreachable when the controller cannot be reached.
-    """
-    url = base_url.rstrip("/") + "/v1/ca"
-    timeout = aiohttp.ClientTimeout(total=CA_FETCH_TIMEOUT)
-    try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(url, ssl=_unverified_ssl_context()) as response:
-                body = await read_bounded(response, MAX_CA_RESPONSE, url)
-                status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-        raise ControllerUnreachable(
-            f"could not reach the controller at {url} ({describe_network_error(error)}); "
-            "check the network and the address in the token, then try again"
-        ) from None
-    if status != 200:
-        raise EnrollmentError(
-            f"the server at {url} answered HTTP {status} instead of the CA certificate; check the address in the token"
-        )
-    try:
-        ca_cert = x509.load_pem_x509_certificate(body)
-    except ValueError:
-        raise TrustError(
-            f"the server at {url} did not answer with a CA certificate; check the address in the token"
-        ) from None
-    actual = ca_fingerprint(ca_cert)
-    if actual != expected_fingerprint.lower():
-        raise TrustError(
-            f"wrong CA fingerprint: the controller at {base_url} serves a CA with {actual}, "
-            f"but the token pins {expected_fingerprint}; the token was made for another controller "
-            "or someone is in between; check the address or ask central ops for a new token"
-        )
-    return ca_cert
 
 
 def describe_network_error(error: BaseException) -> str:

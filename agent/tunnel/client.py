@@ -12,7 +12,8 @@ import aiohttp
 
 from agent.errors import ControllerUnreachable, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
-from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS
+from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
+from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.auth import peer_certificate_digest
 from agent.tunnel.protocol import (
     PROTOCOL_VERSION,
@@ -28,7 +29,6 @@ from agent.tunnel.protocol import (
     auth_message,
 )
 from agent.tunnel.channel import StreamChannel
-from agent.tunnel.proxy import basic_authorization, proxy_credentials
 from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from agent.tunnel.splice import splice_socket
 
@@ -60,7 +60,8 @@ class TunnelOptions:
     liveness: Liveness = field(default_factory=Liveness)
     #: service name -> (host, port) on the gateway
     binds: dict[str, tuple[str, int]] = field(default_factory=dict)
-    proxy: str | None = None
+    #: The HTTPS proxy and its no_proxy hosts; each relay URL is routed by it (agent.proxy).
+    proxy: ProxySettings = DIRECT
     #: Trusted time (agent.clock.trusted.TrustedClock); when set, the relay's
     #: certificate dates are judged by it instead of the system clock.
     clock: "TrustedClock | None" = None
@@ -144,24 +145,14 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     ``ssl_context`` is agent.identity.trust.pinned_ssl_context; the relay's
     certificate is then judged by ``options.clock`` (PinnedTLS.check).
     """
-    tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME)
-    proxy, proxy_headers = None, None
-    if options.proxy:
-        # Credentials travel as a header of the CONNECT, never inside a URL an error message could show.
-        proxy, login = proxy_credentials(options.proxy)
-        proxy_headers = {"Proxy-Authorization": basic_authorization(*login)} if login else None
+    tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
     try:
         ws = await asyncio.wait_for(
             http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
-                            autoping=True, compress=0, max_msg_size=WS_RECEIVE_MAX, proxy=proxy,
-                            proxy_headers=proxy_headers),
+                            autoping=True, compress=0, max_msg_size=WS_RECEIVE_MAX,
+                            **options.proxy.request_options(relay_url)),
             CONNECT_TIMEOUT,
         )
-    except aiohttp.ClientHttpProxyError as exc:
-        hint = "; check the user and password in the proxy URL" if exc.status == 407 else ""
-        raise ControllerUnreachable(
-            f"the proxy {proxy} refused to carry the tunnel to {relay_url} (HTTP {exc.status}){hint}"
-        ) from None
     except aiohttp.ClientConnectorCertificateError as exc:
         raise TrustError(
             f"the relay at {relay_url} presented a certificate not issued by the pinned controller CA "
@@ -174,7 +165,8 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
             f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
         ) from None
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: {exc or 'timed out'}") from None
+        raise network_failure(exc, options.proxy.route(relay_url), f"the relay at {relay_url}",
+                              f"cannot reach the relay at {relay_url}: {{reason}}") from None
 
     ssl_object = ws.get_extra_info("ssl_object")
     try:

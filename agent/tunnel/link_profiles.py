@@ -99,8 +99,6 @@ class LinkPlan:
     reconnect_max: float
     #: a tunnel up this long (s) was stable: its drop restarts the backoff
     stable_after: float = STABLE_AFTER
-    proxy: str | None = None
-    no_proxy: tuple[str, ...] = ()
 
     @property
     def detection_bound(self) -> float:
@@ -134,8 +132,7 @@ def keepalive_for(nat_timeout: float, cap: float | None) -> float:
 
 def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_timeout: float | None = None,
              nat_timeout: float | None = None, window: int | None = None, reconnect_initial: float | None = None,
-             reconnect_max: float | None = None, stable_after: float | None = None, proxy: str | None = None,
-             no_proxy: tuple[str, ...] = ()) -> LinkPlan:
+             reconnect_max: float | None = None, stable_after: float | None = None) -> LinkPlan:
     """The plan for ``profile`` with any number overridden (None = the profile's)."""
     defaults = PROFILES.get(profile)
     if defaults is None:
@@ -160,8 +157,6 @@ def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_time
         reconnect_initial=initial,
         reconnect_max=maximum,
         stable_after=stable_after if stable_after is not None else STABLE_AFTER,
-        proxy=proxy,
-        no_proxy=tuple(no_proxy),
     )
 
 
@@ -176,6 +171,4 @@ def plan_from_settings(settings) -> LinkPlan:
         reconnect_initial=getattr(settings, "reconnect_initial", None),
         reconnect_max=getattr(settings, "reconnect_max", None),
         stable_after=getattr(settings, "stable_after", None),
-        proxy=getattr(settings, "proxy", None),
-        no_proxy=tuple(getattr(settings, "no_proxy", ())),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import time
@@ -20,7 +19,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
-from agent.tunnel.proxy import proxy_for
+from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
 
 log = logging.getLogger(__name__)
@@ -77,8 +76,6 @@ class TunnelSupervisor:
         self.backoff = backoff or Backoff()
         #: called with the controller's relay list when it changes (persisted for the next start)
         self._save_relays = save_relays
-        #: relay hosts reached without ``options.proxy``
-        self.no_proxy: tuple[str, ...] = ()
         self.stats = TunnelStats()
         self.session: AgentSession | None = None
         self.connected = asyncio.Event()
@@ -128,9 +125,8 @@ class TunnelSupervisor:
                 self.stats.state = "connecting"
                 self.stats.relay = relay
                 service_manager.notify_status(f"connecting to {relay}")
-                options = dataclasses.replace(self.options, proxy=proxy_for(relay, self.options.proxy, self.no_proxy))
                 try:
-                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, options)
+                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, self.options)
                 except OutpostError as exc:
                     if exc.terminal:
                         # A lost device key or a refused TPM authorization: another
@@ -219,9 +215,10 @@ def report_offline(why: str) -> None:
     service_manager.notify_ready(f"offline: {why}")
 
 
-def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None) -> TunnelOptions:
-    """The tunnel options a link plan asks for."""
-    return TunnelOptions(limits=plan.limits, liveness=plan.liveness, binds=dict(binds or {}), proxy=plan.proxy)
+def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
+                proxy: ProxySettings = DIRECT) -> TunnelOptions:
+    """The tunnel options a link plan asks for, with the proxy every relay is reached through (or not)."""
+    return TunnelOptions(limits=plan.limits, liveness=plan.liveness, binds=dict(binds or {}), proxy=proxy)
 
 
 def backoff_for(plan: LinkPlan) -> Backoff:
@@ -310,38 +307,43 @@ def run(config) -> int:
         if asyncio.run(wait_for_enrollment(config)) is None:
             return 0  # stopped while waiting for a token
     else:
-        from agent.enrollment.field import retire_redeemed_tokens, token_paths
+        from agent.enrollment.field import load_refusals, remove_refused_copies, retire_redeemed_tokens, token_paths
 
-        # A stop between storing the enrollment and retiring its token left the token behind.
+        # A stop between storing the enrollment and retiring its token left the token behind;
+        # an enrollment by hand leaves a refused copy in the state directory.
         retire_redeemed_tokens(token_paths(config), state.load())
+        remove_refused_copies(config, load_refusals(config.state_dir).keys())
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     check_device_key(keystore)
     from agent.identity.renewal import keeper_for_tunnel, recover_at_start
 
-    # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time.
+    # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time,
+    # and every connection (clock, recovery, renewal, tunnels) takes the same proxy decision.
     clock = TrustedClock(config.clock)
-    clock_problem = asyncio.run(service_manager.watchdog_fed(measure_once(clock, identity.controller_url, identity.ca_pem)))
+    proxy = config.proxy
+    clock_problem = asyncio.run(service_manager.watchdog_fed(
+        measure_once(clock, identity.controller_url, identity.ca_pem, proxy)))
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.
-    if asyncio.run(service_manager.watchdog_fed(recover_at_start(state, keystore, clock, on_retry=report_offline))):
+    if asyncio.run(service_manager.watchdog_fed(
+            recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy))):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
     plan = plan_from_settings(config.link)
-    options = options_for(plan, binds={b.service: (b.target_host, b.target_port) for b in config.binds})
+    options = options_for(plan, binds={b.service: (b.target_host, b.target_port) for b in config.binds}, proxy=proxy)
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
                                   backoff=backoff_for(plan), save_relays=state.save_relays)
     supervisor.stats.link = plan.profile
-    supervisor.no_proxy = plan.no_proxy
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
-                              lambda c, problem: note_clock(supervisor.stats, c, problem))
+                              lambda c, problem: note_clock(supervisor.stats, c, problem), proxy=proxy)
     try:
         asyncio.run(serve_agent(supervisor, dials, keeper, clock_keeper))
     finally:

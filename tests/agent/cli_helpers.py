@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,12 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert lines[0].startswith("outpost-agent: "), lines[0]
     assert "Traceback" not in result.stderr
     return lines[0]
+
+
+def doctor_lines(output: str) -> dict[str, tuple[str, str]]:
+    """``outpost-agent doctor``'s text output as name -> (status, sentence)."""
+    found = {}
+    for line in output.splitlines():
+        status, name, message = re.fullmatch(r"(\w+) +(\S+(?: \S+)*)  +(.*)", line).groups()
+        found[name] = (status, message)
+    return found

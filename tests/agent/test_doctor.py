@@ -10,10 +10,12 @@ from typing import Iterator
 
 import pytest
 
+from agent.clock.trusted import format_utc
 from agent.doctor import (
     CERT_WARN_FRACTION,
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
+    DEFAULT_RECOVERY_GRACE_DAYS,
     FAIL,
     OK,
     SKIP,
@@ -33,7 +35,7 @@ from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
 from agent.identity.trust import cert_not_after, cert_not_before
-from tests.agent.cli_helpers import run_cli
+from tests.agent.cli_helpers import doctor_lines, run_cli
 from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller
 
@@ -57,14 +59,6 @@ def enrolled_gateway(controller: Controller, folder: Path, name: str) -> tuple[P
     return config, identity
 
 
-def lines_of(output: str) -> dict[str, tuple[str, str]]:
-    found = {}
-    for line in output.splitlines():
-        status, name, message = re.fullmatch(r"(\w+) +(\S+(?: \S+)*)  +(.*)", line).groups()
-        found[name] = (status, message)
-    return found
-
-
 def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
@@ -76,7 +70,7 @@ def test_an_enrolled_gateway_that_reaches_its_controller_passes_every_check(cont
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["config"] == (OK, f"{config} is valid")
     assert found["state"] == (OK, f"the state directory {tmp_path / 'state'} is writable")
     assert found["enrollment"] == (OK, f"enrolled as {identity.uri}")
@@ -119,7 +113,7 @@ def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_nt
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 1
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found[f"127.0.0.1:{port}"] == (
         FAIL, f"cannot connect to the controller and relay at 127.0.0.1:{port} (connection refused); "
               f"allow outbound TCP port {port} to 127.0.0.1 in the site's firewall")
@@ -142,7 +136,7 @@ def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 2.0\n')
         result = run_cli("doctor", "--config", config)
         asked = ntp.requests
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["clock"][0] == status, found["clock"]
     assert re.fullmatch(sentence, found["clock"][1]), found["clock"]
     assert ntp.address in found["clock"][1] and asked == 1
@@ -153,7 +147,7 @@ def test_a_silent_ntp_server_leaves_the_clock_unchecked_with_a_warning(tmp_path:
         config, _ = gateway_of_a_stopped_controller(tmp_path, "doc-ntp-silent",
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 0.5\n')
         result = run_cli("doctor", "--config", config)
-    assert lines_of(result.stdout)["clock"] == (
+    assert doctor_lines(result.stdout)["clock"] == (
         WARN, "could not ask the controller for the time (see the checks above), and no NTP server gave a usable "
               f"answer ({ntp.address}); the clock is unchecked: allow outbound UDP port 123 to them, or reach the controller")
 
@@ -173,7 +167,7 @@ def test_before_enrollment_the_token_file_pins_the_ca_and_the_controller_is_chec
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 0, result.stdout
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["enrollment"] == (OK, f"not enrolled yet; token file found at {token} for doc-4, the agent enrolls from it")
     assert found["key store"] == (OK, "the device key is kept in software, as configured")
     assert found["certificate"] == (SKIP, "no certificate until enrolled")
@@ -191,7 +185,7 @@ def test_without_identity_or_token_the_doctor_says_where_to_put_the_token(tmp_pa
     result = run_cli("doctor", "--config", config)
 
     assert result.returncode == 1
-    found = lines_of(result.stdout)
+    found = doctor_lines(result.stdout)
     assert found["enrollment"] == (
         FAIL, f"not enrolled, and no token file in {tmp_path / 'none.token'}; copy the token file from central ops "
               "to /boot/firmware/outpost-enroll.token or /etc/outpost/enroll.token")
@@ -207,7 +201,7 @@ def test_before_enrollment_and_without_a_token_the_clock_is_still_checked_agains
                           f'[enrollment]\ntoken_paths = ["{tmp_path / "none.token"}"]\n'
                           f'[clock]\nntp_servers = ["{ntp.address}"]\n')
         result = run_cli("doctor", "--config", config)
-    status, sentence = lines_of(result.stdout)["clock"]
+    status, sentence = doctor_lines(result.stdout)["clock"]
     assert status == WARN and sentence.startswith("this gateway's clock is 10") and " s ahead of NTP (" in sentence
 
 
@@ -216,10 +210,10 @@ def test_a_broken_config_fails_and_the_rest_runs_on_defaults(tmp_path: Path) -> 
     config.write_text("state_dir = \n")
     result = run_cli("doctor", "--config", config)
     assert result.returncode == 1
-    status, message = lines_of(result.stdout)["config"]
+    status, message = doctor_lines(result.stdout)["config"]
     assert status == FAIL and message.startswith(f"the config file {config} is not valid TOML")
     assert message.endswith("(the checks below use the defaults)")
-    assert "state" in lines_of(result.stdout)
+    assert "state" in doctor_lines(result.stdout)
 
 
 def test_a_refused_token_is_reported_with_the_reason_it_was_refused(tmp_path: Path) -> None:
@@ -281,12 +275,50 @@ def test_certificate_validity_is_judged_at_the_given_time(controller: Controller
     assert check_certificate(identity, start + 1).status == OK
     assert check_certificate(identity, end - (end - start) * (1 - CERT_WARN_FRACTION) - 1).status == OK
     assert check_certificate(identity, end - (end - start) * CERT_WARN_FRACTION + 1).status == WARN
-    expired = check_certificate(identity, end + 1)
-    assert expired.status == FAIL and "the agent recovers it with its enrolled key once it reaches the controller" \
-        in expired.message
     early = check_certificate(identity, start - 3600)
     assert early.status == FAIL and early.message.startswith("the certificate is valid only from ")
+    assert early.message.endswith("after this gateway's clock (" + format_utc(start - 3600) + "); set the clock "
+                                  "and check NTP (see the clock check)")
     assert check_certificate(None, end).status == SKIP
+
+
+def test_an_expired_certificate_is_recovered_within_the_grace_period_and_needs_a_new_token_past_it(
+    controller: Controller, tmp_path: Path
+) -> None:
+    _, identity = enrolled_gateway(controller, tmp_path, "doc-7")
+    end = cert_not_after(identity.certificate()).timestamp()
+    grace_end = format_utc(end + DEFAULT_RECOVERY_GRACE_DAYS * 86400)
+    new_token = "ask central ops for a new token, stop outpost-agent, remove the state directory and place the token"
+
+    within = check_certificate(identity, end + 3 * 86400, measured=True)
+    past = check_certificate(identity, end + (DEFAULT_RECOVERY_GRACE_DAYS + 1) * 86400, measured=True)
+    unchecked = check_certificate(identity, end + 3 * 86400)
+
+    assert (within.status, within.message) == (FAIL, (
+        f"the certificate expired on {format_utc(end)} (by the controller's time); the agent recovers it with its "
+        "enrolled key, no new token needed, at its next start (systemctl restart outpost-agent) or its next renewal "
+        f"attempt, within the controller's grace period (30 days after expiry by default, until {grace_end}); past "
+        f"that, {new_token}"))
+    assert (past.status, past.message) == (FAIL, (
+        f"the certificate expired on {format_utc(end)} (by the controller's time), more than 30 days ago: past the "
+        "controller's grace period (30 days after expiry by default), so the controller refuses to recover it unless "
+        f"it was given a longer --recovery-grace; {new_token}"))
+    assert unchecked.status == FAIL and unchecked.message.startswith(
+        f"the certificate expired on {format_utc(end)} by this gateway's clock ({format_utc(end + 3 * 86400)}), which "
+        "could not be checked against the controller; if the clock is right, the agent recovers it")
+    assert unchecked.message.endswith("if the clock is wrong, set it (see the clock check)")
+
+
+def test_a_controller_issuing_from_the_future_is_named_when_its_time_was_measured(
+    controller: Controller, tmp_path: Path
+) -> None:
+    _, identity = enrolled_gateway(controller, tmp_path, "doc-8")
+    start = cert_not_before(identity.certificate()).timestamp()
+    early = check_certificate(identity, start - 3600, measured=True)
+    assert (early.status, early.message) == (FAIL, (
+        f"the certificate is valid only from {format_utc(start)}, after the controller's time "
+        f"({format_utc(start - 3600)}): the controller's clock was ahead when it issued it; ask central ops to "
+        "check the controller's clock"))
 
 
 def test_the_controller_and_a_relay_on_the_same_address_are_checked_once() -> None:

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.trust import pinned_ssl_context
+from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
@@ -178,10 +179,10 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def gateway(credentials: TunnelCredentials, relays: list[str], plan: LinkPlan,
                   binds: dict[str, tuple[str, int]] | None = None, seed: int = 0,
-                  saved: list | None = None) -> AsyncIterator[Gateway]:
-    """A TunnelSupervisor running the agent's reconnect loop with ``plan``'s timers."""
+                  saved: list | None = None, proxy: ProxySettings = DIRECT) -> AsyncIterator[Gateway]:
+    """A TunnelSupervisor running the agent's reconnect loop with ``plan``'s timers (through ``proxy``)."""
     backoff = dataclasses.replace(backoff_for(plan), rng=random.Random(seed))  # the agent's own, seeded
-    supervisor = TunnelSupervisor(relays, credentials, options_for(plan, binds), backoff=backoff,
+    supervisor = TunnelSupervisor(relays, credentials, options_for(plan, binds, proxy), backoff=backoff,
                                   save_relays=None if saved is None else saved.append)
     task = asyncio.get_running_loop().create_task(supervisor.run())
     gw = Gateway(supervisor, task)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 from pathlib import Path
 
+from agent.proxy import ProxySettings
 from agent.tunnel.link_profiles import plan_for
 from tests.controller.harness import run, running_controller
+from tests.e2e.connect_proxy import ConnectProxy
 from tests.e2e.link_harness import emulated, enrolled, gateway, relay_port, relay_url
 from tests.linkemu.profiles import CLEAN
 
@@ -47,55 +48,16 @@ def test_after_a_relay_restart_a_fleet_reconnects_spread_out(tmp_path: Path) -> 
     run(asyncio.wait_for(body(), 150))
 
 
-async def connect_proxy(counter: list[int], login: tuple[str, str] | None = None) -> asyncio.AbstractServer:
-    """A minimal HTTP CONNECT proxy on 127.0.0.1 that counts tunnels it opened; with ``login``, Basic auth first."""
-    expected = None if login is None else "Basic " + base64.b64encode(":".join(login).encode()).decode()
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
-        host, _, port = target.rpartition(":")
-        if method != "CONNECT" or host not in ("127.0.0.1", "localhost"):
-            writer.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
-            writer.close()
-            return
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line)
-        if expected is not None and headers.get("Proxy-Authorization") != expected:
-            writer.write(b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="t"\r\n'
-                         b"Content-Length: 0\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", int(port))
-        counter.append(int(port))
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await writer.drain()
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
-
-
 def test_the_tunnel_goes_through_an_https_connect_proxy(tmp_path: Path) -> None:
-    tunnels: list[int] = []
+    proxy = ConnectProxy()
 
     async def body() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             creds = await enrolled(ctl, "gw-proxied", ["gateway"])
-            proxy = await connect_proxy(tunnels)
-            proxy_url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
-            plan = plan_for("ethernet", keepalive_interval=1.0, ping_timeout=2.0, proxy=proxy_url)
+            await proxy.start()
+            plan = plan_for("ethernet", keepalive_interval=1.0, ping_timeout=2.0)
             try:
-                async with gateway(creds, [relay_url(relay_port(ctl))], plan) as gw:
+                async with gateway(creds, [relay_url(relay_port(ctl))], plan, proxy=ProxySettings(proxy.url())) as gw:
                     await gw.wait_connected(15)
                     await asyncio.sleep(2.5)  # keepalives answered through the proxy
                     assert gw.supervisor.connected.is_set()
@@ -104,28 +66,28 @@ def test_the_tunnel_goes_through_an_https_connect_proxy(tmp_path: Path) -> None:
                 proxy.close()
 
     run(asyncio.wait_for(body(), 60))
-    assert len(tunnels) == 1
+    assert len(proxy.carried) == 1
 
 
 def test_a_proxy_asking_for_a_login_gets_the_one_in_the_proxy_url_and_the_password_is_never_shown(
         tmp_path: Path, caplog) -> None:
-    tunnels: list[int] = []
     secret = "pr0xy-s3cret"
+    proxy = ConnectProxy(login=("outpost", secret))
 
     async def body() -> str:
         async with running_controller(tmp_path / "ctl") as ctl:
             creds = await enrolled(ctl, "gw-login", ["gateway"])
-            proxy = await connect_proxy(tunnels, login=("outpost", secret))
-            where = f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+            await proxy.start()
             try:
-                good = plan_for("ethernet", keepalive_interval=1.0, ping_timeout=2.0, proxy=f"http://outpost:{secret}@{where}")
-                async with gateway(creds, [relay_url(relay_port(ctl))], good) as gw:
+                good = plan_for("ethernet", keepalive_interval=1.0, ping_timeout=2.0)
+                async with gateway(creds, [relay_url(relay_port(ctl))], good,
+                                   proxy=ProxySettings(proxy.url("outpost", secret))) as gw:
                     await gw.wait_connected(15)
                     await asyncio.sleep(1.5)  # keepalives answered through the proxy
                     assert gw.supervisor.session.last_rtt is not None
-                wrong = plan_for("ethernet", reconnect_initial=0.5, reconnect_max=1.0,
-                                 proxy=f"http://outpost:not-{secret}@{where}")
-                async with gateway(creds, [relay_url(relay_port(ctl))], wrong) as gw:
+                wrong = plan_for("ethernet", reconnect_initial=0.5, reconnect_max=1.0)
+                async with gateway(creds, [relay_url(relay_port(ctl))], wrong,
+                                   proxy=ProxySettings(proxy.url("outpost", f"not-{secret}"))) as gw:
                     for _ in range(100):  # bounded: the first attempt answers within a second
                         if gw.supervisor.stats.last_error:
                             break
@@ -137,6 +99,8 @@ def test_a_proxy_asking_for_a_login_gets_the_one_in_the_proxy_url_and_the_passwo
 
     with caplog.at_level(logging.DEBUG):
         error = run(asyncio.wait_for(body(), 60))
-    assert len(tunnels) == 1
-    assert "refused to carry the tunnel" in error and "(HTTP 407); check the user and password" in error, error
+    assert len(proxy.carried) == 1
+    assert error.startswith(f"the proxy http://127.0.0.1:{proxy.port} refused to carry the connection to the relay at "
+                            "wss://127.0.0.1:"), error
+    assert error.endswith("(HTTP 407); check the user and password in [link] proxy"), error
     assert secret not in error and all(secret not in r.getMessage() for r in caplog.records)

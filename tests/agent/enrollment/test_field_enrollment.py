@@ -21,7 +21,15 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.enrollment.enroll import enroll_async
-from agent.enrollment.field import POLL_INTERVAL, REFUSED_NOTE, EnrollmentSchedule, retire_token, wait_for_enrollment
+from agent.enrollment.field import (
+    POLL_INTERVAL,
+    REFUSED_NOTE,
+    EnrollmentSchedule,
+    find_token,
+    retire_token,
+    save_refusal,
+    wait_for_enrollment,
+)
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import StateDir
 from agent.tunnel.backoff import Backoff
@@ -261,25 +269,68 @@ def test_a_refused_token_in_the_state_directory_does_not_hide_a_new_one_on_the_b
     assert not boot.exists()
 
 
-def test_a_token_left_behind_by_a_stop_after_enrollment_is_retired_at_the_next_start(
+def test_once_a_later_token_enrolls_the_refused_copy_in_the_state_directory_goes_and_a_refused_file_elsewhere_stays(
         controller: Controller, tmp_path: Path) -> None:
+    copy = token_for(controller, "field-9", tmp_path / "state" / "enroll.token")  # moved there at boot
+    etc = token_for(controller, "field-10", tmp_path / "etc" / "enroll.token")  # the technician's
+    for used in (copy, etc):
+        asyncio.run(enroll_async(used, tmp_path / f"elsewhere-{used.parent.name}", KeyStoreSettings(backend="software")))
+    etc_text = etc.read_text()
+    boot = tmp_path / "boot" / "outpost-enroll.token"
+    config = config_for(tmp_path, copy, etc, boot)
+
+    async def scenario() -> Any:
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(wait_for_enrollment(config, stop=stop, schedule=fast_schedule(config)))
+        await until(lambda: json.loads((config.state_dir / REFUSED_NOTE).read_text())["path"] == str(etc)
+                    if (config.state_dir / REFUSED_NOTE).exists() else False, "both used tokens refused")
+        token_for(controller, "field-11", boot)
+        return await asyncio.wait_for(waiting, RUN_TIMEOUT)
+
+    identity = asyncio.run(scenario())
+
+    assert identity is not None and identity.name == "field-11"
+    assert not copy.exists() and not (config.state_dir / REFUSED_NOTE).exists()
+    assert etc.read_text() == etc_text, "a refused token outside the state directory is the technician's"
+    assert not boot.exists()
+
+
+def test_an_agent_enrolled_by_hand_removes_the_refused_copy_in_its_state_directory_at_start(
+        controller: Controller, tmp_path: Path) -> None:
+    copy = token_for(controller, "field-12", tmp_path / "state" / "enroll.token")
+    asyncio.run(enroll_async(copy, tmp_path / "elsewhere", KeyStoreSettings(backend="software")))
+    save_refusal(tmp_path / "state", find_token([copy]), "This enrollment token was already used")
+    # The technician then enrolled by hand with a new token.
+    asyncio.run(enroll_async(token_for(controller, "field-13", tmp_path / "new.token"), tmp_path / "state",
+                             KeyStoreSettings(backend="software")))
+    run_enrolled_until(tmp_path, [copy], f"removed the refused token {copy}: this gateway is enrolled")
+    assert not copy.exists() and not (tmp_path / "state" / REFUSED_NOTE).exists()
+    assert StateDir(tmp_path / "state").load().name == "field-13"
+
+
+def run_enrolled_until(tmp_path: Path, paths: list[Path], line: str) -> None:
+    """``outpost-agent run`` on the gateway enrolled in ``tmp_path/state``, looking in ``paths``, until it logs ``line``."""
     import sys
 
     from tests.e2e.harness import Process
 
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
+                      f'[enrollment]\ntoken_paths = {json.dumps([str(p) for p in paths])}\n')
+    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
+    try:
+        agent.wait_for_line(line)
+    finally:
+        agent.stop()
+
+
+def test_a_token_left_behind_by_a_stop_after_enrollment_is_retired_at_the_next_start(
+        controller: Controller, tmp_path: Path) -> None:
     mine = token_for(controller, "field-7", tmp_path / "boot" / "outpost-enroll.token")
     # Enrolled, then stopped before the token was retired: the state says enrolled, the token is still there.
     asyncio.run(enroll_async(mine, tmp_path / "state", KeyStoreSettings(backend="software")))
     other = token_for(controller, "field-8", tmp_path / "etc" / "enroll.token")
-    config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[keystore]\nbackend = "software"\n'
-                      f'[enrollment]\ntoken_paths = ["{other}", "{mine}"]\n')
-
-    agent = Process([sys.executable, "-m", "agent.cli", "run", "--config", str(config)])
-    try:
-        agent.wait_for_line(f"removed the token {mine}: this gateway is enrolled from it as ")
-    finally:
-        agent.stop()
+    run_enrolled_until(tmp_path, [other, mine], f"removed the token {mine}: this gateway is enrolled from it as ")
     assert not mine.exists()
     assert other.exists(), "a token for another identity is not this agent's to remove"
 

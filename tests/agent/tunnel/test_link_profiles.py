@@ -81,9 +81,8 @@ def test_a_nat_timeout_too_short_for_any_keepalive_is_refused_naming_the_nat_tim
 
 
 def test_settings_map_to_a_plan() -> None:
-    plan = plan_from_settings(LinkSettings(profile="metered", nat_timeout=600.0, stable_after=300.0,
-                                           proxy="http://127.0.0.1:3128"))
-    assert plan.liveness.keepalive_interval == 540.0 and plan.proxy == "http://127.0.0.1:3128"
+    plan = plan_from_settings(LinkSettings(profile="metered", nat_timeout=600.0, stable_after=300.0))
+    assert plan.liveness.keepalive_interval == 540.0
     assert plan.stable_after == 300.0
 
 
@@ -98,8 +97,8 @@ def test_the_config_file_sets_every_link_number(tmp_path) -> None:
                                          'window = 1048576\nreconnect_initial = 3\nreconnect_max = 600\n'
                                          'stable_after = 300\nproxy = "http://proxy.lan:3128"\n'))
     assert config.link == LinkSettings(profile="metered", nat_timeout=600.0, ping_timeout=25.0, window=1048576,
-                                       reconnect_initial=3.0, reconnect_max=600.0, stable_after=300.0,
-                                       proxy="http://proxy.lan:3128")
+                                       reconnect_initial=3.0, reconnect_max=600.0, stable_after=300.0)
+    assert config.proxy.url == "http://proxy.lan:3128"
 
 
 @pytest.mark.parametrize("text, message", [
