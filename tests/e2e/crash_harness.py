@@ -60,11 +60,17 @@ class KillOutcome:
     killed: bool
     returncode: int
     stderr: str
+    elapsed: float
 
     @property
     def failed_on_its_own(self) -> bool:
         """It exited before the kill, and not successfully: a fault in itself."""
         return not self.killed and self.returncode != 0
+
+    def shortened(self, whole: float) -> float:
+        """The window to draw the next delay from: a run that finished before its kill
+        shows that runs got faster than when ``whole`` was measured (the load went down)."""
+        return min(whole, self.elapsed) if self.returncode == 0 and not self.killed else whole
 
 
 def kill_counts(quick: int) -> list:
@@ -132,15 +138,17 @@ def agent_argv(*args: str) -> list[str]:
 
 def run_and_kill(argv: Sequence[str], delay: float, env: dict | None = None) -> KillOutcome:
     """Start ``argv``, SIGKILL it after ``delay`` seconds unless it has already exited."""
+    started = time.monotonic()
     process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env=env or python_env())
     try:
         process.wait(delay)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
+    elapsed = time.monotonic() - started
     _, stderr = process.communicate(timeout=REAP_TIMEOUT)
     killed = process.returncode == -signal.SIGKILL
-    return KillOutcome(delay, killed, process.returncode, stderr.decode(errors="replace").strip())
+    return KillOutcome(delay, killed, process.returncode, stderr.decode(errors="replace").strip(), elapsed)
 
 
 def run_agent(*args: str) -> subprocess.CompletedProcess:

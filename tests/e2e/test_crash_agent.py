@@ -157,14 +157,16 @@ def enrollment_kills(fleet: Fleet) -> Loop:
 
         # Timed here, beside the other worker, so the delays match the load the kills see.
         timing = timed_runs(measured_run, MEASURED_RUNS)
+        whole = timing.whole
         for iteration in range(wanted * MAX_ITERATIONS_PER_KILL):
             if tally.kills >= wanted:
                 return
             gateway = fleet.new(f"gw-{worker}-{iteration}")
             # Half the kills anywhere in the run; half from the moment the state directory
             # appears (key, exchange, writes: the last few percent of a run that is mostly start-up).
-            start = 0.0 if iteration % 2 == 0 else timing.appeared
-            outcome = run_and_kill(agent_argv(*fleet.enroll_args(gateway)), rng.uniform(start, timing.whole))
+            start = 0.0 if iteration % 2 == 0 else min(timing.appeared, whole)
+            outcome = run_and_kill(agent_argv(*fleet.enroll_args(gateway)), rng.uniform(start, whole))
+            whole = outcome.shortened(whole)
             tally.iterations += 1
             tally.kills += outcome.killed
             where = f"{gateway.name} (killed after {outcome.delay:.3f} s)"
@@ -216,6 +218,7 @@ def renewal_kills(fleet: Fleet, gateways: list[Gateway]) -> Loop:
                 return
             before = StateDir(gateway.state).load().certificate().serial_number
             outcome = run_and_kill(argv, rng.uniform(0.0, full_run))
+            full_run = outcome.shortened(full_run)
             tally.iterations += 1
             tally.kills += outcome.killed
             where = f"{gateway.name} iteration {iteration} (killed after {outcome.delay:.3f} s)"
