@@ -90,7 +90,7 @@ class ConnectProxy:
         self.carried.append(target)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await writer.drain()
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, response: bytes) -> None:
@@ -100,7 +100,7 @@ class ConnectProxy:
         writer.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Copy until the sender ends (bounded by what the two ends send each other)."""
     try:
         while data := await reader.read(PIPE_CHUNK):

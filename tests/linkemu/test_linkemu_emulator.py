@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.e2e.connect_proxy import pipe
 from tests.linkemu.emulator import LinkEmulator, StallSchedule
 from tests.linkemu.profiles import CLEAN, GEO, LinkProfile
 
@@ -15,14 +16,7 @@ SCENARIO_TIMEOUT = 30.0
 
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await pipe(reader, writer)
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
