@@ -196,22 +196,36 @@ class TunnelPath:
         #: service name -> the dialer agent's local port for it
         self.ports: dict[str, int] = {}
 
+    #: Identity names of the two agents (a subclass's path names its own).
+    BINDER, DIALER = "bench-binder", "bench-dialer"
+    #: The agents' log level; None keeps the agent's default.
+    LOG_LEVEL: str | None = None
+
     def start(self) -> "TunnelPath":
+        self._start_controller()
+        binder_state = self._enroll(self.BINDER)
+        dialer_state = self._enroll(self.DIALER)
+        self.binder = self._run(self.BINDER, binder_state, self._binds())
+        self._start_dialer(dialer_state)
+        return self
+
+    def _start_controller(self) -> None:
+        """A fresh controller with the targets as services and a bind and a dial policy for the two agents."""
         self.controller = Controller(self.workdir / "controller")
         for service in self.targets:
             self.controller.ctl("service", "create", service, "--role", "bench")
-        self.controller.ctl("policy", "create", "--kind", "bind", "--identities", "bench-binder",
+        self.controller.ctl("policy", "create", "--kind", "bind", "--identities", self.BINDER,
                             "--services", "role:bench")
-        self.controller.ctl("policy", "create", "--kind", "dial", "--identities", "bench-dialer",
+        self.controller.ctl("policy", "create", "--kind", "dial", "--identities", self.DIALER,
                             "--services", "role:bench")
-        binder_state = self._enroll("bench-binder")
-        dialer_state = self._enroll("bench-dialer")
-        binds = [("[[bind]]", f'service = "{s}"', f'target = "127.0.0.1:{p}"') for s, p in self.targets.items()]
+
+    def _binds(self) -> list[tuple[str, ...]]:
+        return [("[[bind]]", f'service = "{s}"', f'target = "127.0.0.1:{p}"') for s, p in self.targets.items()]
+
+    def _start_dialer(self, dialer_state: Path) -> None:
         self.ports = {service: _free_port() for service in self.targets}
         dials = [("[[dial]]", f'service = "{s}"', f'listen = "127.0.0.1:{self.ports[s]}"') for s in self.targets]
-        self.binder = self._run("bench-binder", binder_state, binds)
-        self.dialer = self._run("bench-dialer", dialer_state, dials)
-        return self
+        self.dialer = self._run(self.DIALER, dialer_state, dials)
 
     def _enroll(self, name: str) -> Path:
         assert self.controller is not None
@@ -224,7 +238,8 @@ class TunnelPath:
         return state
 
     def _run(self, name: str, state: Path, sections: list[tuple[str, ...]]) -> Process:
-        lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', ""]
+        lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
+                 "", "[keystore]", 'backend = "software"', ""]
         for section in sections:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"
@@ -254,11 +269,14 @@ class TunnelPath:
         return self.controller.process.proc.pid
 
     def stop(self) -> None:
+        self._stop_agents()
+        if self.controller is not None:
+            self.controller.process.stop()
+
+    def _stop_agents(self) -> None:
         for process in (self.dialer, self.binder):
             if process is not None:
                 process.stop()
-        if self.controller is not None:
-            self.controller.process.stop()
 
 
 # -- the OpenSSH path ---------------------------------------------------------------
