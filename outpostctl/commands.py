@@ -7,16 +7,55 @@ the exit code; errors are raised as ``OutpostError`` for ``cli.main`` to print.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from outpostctl import render
 from outpostctl.client import JsonObject, ManagementClient
-from outpostctl.errors import OutpostError, TokenFileError
+from outpostctl.errors import ApiError, OutpostError, TokenFileError
 from outpostctl.tokenfile import check_token_target, write_token_file
 
 PROG = "outpostctl"
+#: The tenant a command means when it is given no --tenant (the controller's default).
+DEFAULT_TENANT = "default"
+
+Handler = Callable[[argparse.Namespace, ManagementClient], int]
+
+
+def tenant_flag(tenant: object) -> str:
+    """`` --tenant T`` to repeat a command for ``tenant``, or "" for the default tenant."""
+    return f" --tenant {tenant}" if tenant not in (None, "", DEFAULT_TENANT) else ""
+
+
+def found_elsewhere(kind: str, name: str, tenant: str, found: list[JsonObject]) -> str:
+    """The sentence saying that ``name`` exists in other tenants than ``tenant``, or ""."""
+    others = sorted(str(o.get("tenant")) for o in found if o.get("name") == name and o.get("tenant") != tenant)
+    if not others:
+        return ""
+    where = " and ".join(f"{t}/{name}" for t in others)
+    verb = "exists" if len(others) == 1 else "exist"
+    flag = f"--tenant {others[0]}" if len(others) == 1 else "--tenant with one of " + ", ".join(others)
+    return f"{where} {verb}: add {flag}" if kind == "identity" else f"{where} {verb}"
+
+
+def names_an_identity(handler: Handler) -> Handler:
+    """A command naming one identity: when it is unknown in its tenant, say where that name does exist."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace, client: ManagementClient) -> int:
+        try:
+            return handler(args, client)
+        except ApiError as error:
+            if error.code != "identity_unknown":
+                raise
+            hint = found_elsewhere("identity", args.name, args.tenant or DEFAULT_TENANT, client.list_identities())
+            if not hint:
+                raise
+            raise ApiError(f"{str(error).rstrip('.')}; {hint}", code=error.code, status=error.status) from None
+
+    return wrapped
 
 
 # -- identities ------------------------------------------------------------
@@ -41,6 +80,7 @@ def identity_create(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
     check_token_target(args.token_out, force=args.force)
     answer = client.issue_token(args.name, args.ttl, args.tenant)
@@ -59,7 +99,7 @@ def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
     token = answer.get("token")
     if not isinstance(token, str) or not token:
         raise OutpostError("the controller answered without an enrollment token; see its log")
-    tenant = f" --tenant {args.tenant}" if args.tenant not in (None, "default") else ""
+    tenant = tenant_flag(args.tenant)
     try:
         return write_token_file(args.token_out, token, force=args.force)
     except TokenFileError as error:
@@ -102,11 +142,13 @@ def identity_list(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_show(args: argparse.Namespace, client: ManagementClient) -> int:
     _print_identity(client.get_identity(args.name, args.tenant), as_json=args.json)
     return 0
 
 
+@names_an_identity
 def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.revoke_identity(args.name, args.tenant)
     if args.json:
@@ -116,16 +158,19 @@ def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_disable(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.disable_identity(args.name, args.tenant)
     if args.json:
         print(render.machine_json(identity))
     else:
+        tenant = tenant_flag(identity.get("tenant", args.tenant))
         print(f"disabled {identity.get('uri') or args.name}: its tunnels close and it cannot renew "
-              f"until 'outpostctl identity enable {args.name}'")
+              f"until '{PROG} identity enable {args.name}{tenant}'")
     return 0
 
 
+@names_an_identity
 def identity_enable(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.enable_identity(args.name, args.tenant)
     if args.json:

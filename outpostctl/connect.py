@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +23,12 @@ from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelCredentials, TunnelOptions
 from agent.tunnel.runner import TunnelSupervisor, serve_agent
 from outpostctl.client import ManagementClient
+from outpostctl.commands import DEFAULT_TENANT, PROG, found_elsewhere
 from outpostctl.config import CtlConfig
+from outpostctl.errors import ApiError
+
+#: A service name: one DNS label, as the controller's names are (controller.names).
+SERVICE_LABEL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -30,6 +36,27 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"--listen {value!r} is not HOST:PORT; for example --listen 127.0.0.1:5020")
     return host.strip("[]"), int(port)
+
+
+def check_service(client: ManagementClient, service: str, tenant: str = DEFAULT_TENANT) -> None:
+    """Refuse a service the controller does not know, before anything listens or a certificate is issued.
+
+    ``service`` is ``NAME`` (the dialing identity's tenant) or ``TENANT/NAME``.
+    """
+    owner, _, name = service.rpartition("/")
+    owner = owner or tenant
+    if not (SERVICE_LABEL.fullmatch(owner) and SERVICE_LABEL.fullmatch(name)):
+        raise ConfigError(f"{service!r} is not a service name; write NAME or TENANT/NAME "
+                          "(lowercase letters, digits and '-'), for example acme/scada")
+    known = client.list_services(owner)
+    if any(s.get("name") == name for s in known):
+        return
+    elsewhere = found_elsewhere("service", name, owner, client.list_services())
+    hint = f"; {elsewhere}: connect to that one by its full name" if elsewhere else (
+        f"; see {PROG} service list, or create it with {PROG} service create {name}"
+        + (f" --tenant {owner}" if owner != DEFAULT_TENANT else ""))
+    raise ApiError(f"there is no service {owner}/{name}, so nothing would answer on the local port{hint}",
+                   code="service_unknown", status=404)
 
 
 def session_credentials(client: ManagementClient, identity: str) -> tuple[TunnelCredentials, list[str]]:
@@ -63,8 +90,10 @@ async def serve(supervisor: TunnelSupervisor, dial: DialListener) -> None:
 
 def run(args: argparse.Namespace, config: CtlConfig) -> int:
     host, port = parse_listen(args.listen)
+    client = ManagementClient(config)
+    check_service(client, args.service)
     logging.basicConfig(level=logging.WARNING, format="outpostctl: %(message)s", stream=sys.stdout)
-    credentials, relays = session_credentials(ManagementClient(config), args.as_identity)
+    credentials, relays = session_credentials(client, args.as_identity)
     supervisor = TunnelSupervisor(relays, credentials, TunnelOptions())
     dial = DialListener(args.service, host, port, supervisor.current_session)
     try:
