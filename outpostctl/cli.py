@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agent import __version__
 from agent.errors import EXIT_USAGE
 from outpostctl import commands
 from outpostctl.client import ManagementClient
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command line of ``outpostctl``."""
     parser = _Parser(prog=PROG, description="Manage an Outpost fleet through the controller's management API.",
                      parents=[_config_options(suppress=False)])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = _config_options(suppress=True)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
