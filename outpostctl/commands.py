@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from agent.durations import format_relative
 from outpostctl import render
 from outpostctl.client import JsonObject, ManagementClient
 from outpostctl.errors import ApiError, OutpostError, TokenFileError
@@ -110,11 +111,11 @@ def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
 
 
 def _expiry(unix_time: Any) -> str:
-    if not isinstance(unix_time, (int, float)):
+    if not isinstance(unix_time, (int, float)) or isinstance(unix_time, bool):
         return render.format_time(unix_time)
-    remaining_hours = max(0.0, (unix_time - time.time()) / 3600)
-    span = f"{remaining_hours / 24:.1f} days" if remaining_hours >= 48 else f"{remaining_hours:.1f} hours"
-    return f"{render.format_time(unix_time)} (in {span})"
+    remaining = unix_time - time.time()
+    when = format_relative(remaining) if remaining > 0 else "already expired: check this machine's clock"
+    return f"{render.format_time(unix_time)} ({when})"
 
 
 def _technician_note(name: str, path: Path) -> str:

@@ -56,6 +56,14 @@ def test_identity_create_takes_roles_tenant_and_token_lifetime(ctl: Ctl, tmp_pat
     assert identity["tenant"] == "acme"
 
 
+def test_a_token_expiry_reads_as_a_span_not_fractions_of_hours(ctl: Ctl, tmp_path: Path) -> None:
+    short = ctl.ok("identity", "create", "gw-span-1", "--ttl", "60", "--token-out", str(tmp_path / "s1.token")).out
+    line = next(line for line in short.splitlines() if line.startswith("token expires:"))
+    assert line.endswith(("(in 60 s)", "(in 59 s)")), line
+    week = ctl.ok("identity", "create", "gw-span-2", "--ttl", str(7 * 86400), "--token-out", str(tmp_path / "s2.token")).out
+    assert "(in 7 days)" in week
+
+
 def test_identity_list_shows_an_aligned_table_and_json(ctl: Ctl, tmp_path: Path) -> None:
     ctl.ok("identity", "create", "gw-list", "--token-out", str(tmp_path / "l.token"))
     table = ctl.ok("identity", "list").out.splitlines()
