@@ -252,8 +252,10 @@ def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
 #: Keys of an audit event that are not details: TIME and EVENT have columns,
 #: ``fields`` is spread out as key=value, the row id means nothing to a reader.
 _AUDIT_OWN_KEYS = {"time", "event", "fields", "id"}
-#: Detail fields holding unix times (besides every ``*_at``), shown as dates.
-_AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since"}
+#: Detail fields holding unix times, shown as UTC dates: these names, and every name ending in one of
+#: _AUDIT_TIME_SUFFIXES (``previous_not_after``, ``expires_at``...).
+_AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since", "until", "since", "time"}
+_AUDIT_TIME_SUFFIXES = ("_at", "_after", "_before", "_until", "_since", "_time", "_expires")
 
 
 def audit(args: argparse.Namespace, client: ManagementClient) -> int:
@@ -264,19 +266,26 @@ def audit(args: argparse.Namespace, client: ManagementClient) -> int:
     if not events:
         print("the audit log is empty")
         return 0
+    print(render.table(["TIME", "EVENT", "DETAILS"], audit_rows(events)))
+    return 0
+
+
+def audit_rows(events: list[JsonObject]) -> list[list[str]]:
+    """The audit view's rows: the time in UTC, the event, then its details as sorted key=value pairs."""
     rows = []
     for event in events:
         fields = event.get("fields")
         details = dict(fields) if isinstance(fields, dict) else {}
         details.update((k, v) for k, v in event.items() if k not in _AUDIT_OWN_KEYS)
-        rows.append([render.format_time(event.get("time")), render.format_value(event.get("event")),
+        rows.append([render.format_audit_time(event.get("time")), render.format_value(event.get("event")),
                      " ".join(f"{k}={_audit_detail(k, v)}" for k, v in sorted(details.items()))])
-    print(render.table(["TIME", "EVENT", "DETAILS"], rows))
-    return 0
+    return rows
 
 
 def _audit_detail(key: str, value: Any) -> str:
-    if key in _AUDIT_TIME_FIELDS or key.endswith("_at"):
+    if key in _AUDIT_TIME_FIELDS or key.endswith(_AUDIT_TIME_SUFFIXES):
+        if value == 0 and not isinstance(value, bool):
+            return render.MISSING  # "none yet" (a first certificate's previous_not_after), not 1970
         return render.format_time_compact(value)
     return render.format_value(value)
 
