@@ -30,15 +30,14 @@ def tenant_flag(tenant: object) -> str:
     return f" --tenant {tenant}" if tenant not in (None, "", DEFAULT_TENANT) else ""
 
 
-def found_elsewhere(kind: str, name: str, tenant: str, found: list[JsonObject]) -> str:
-    """The sentence saying that ``name`` exists in other tenants than ``tenant``, or ""."""
-    others = sorted(str(o.get("tenant")) for o in found if o.get("name") == name and o.get("tenant") != tenant)
-    if not others:
-        return ""
-    where = " and ".join(f"{t}/{name}" for t in others)
-    verb = "exists" if len(others) == 1 else "exist"
-    flag = f"--tenant {others[0]}" if len(others) == 1 else "--tenant with one of " + ", ".join(others)
-    return f"{where} {verb}: add {flag}" if kind == "identity" else f"{where} {verb}"
+def tenants_holding(name: str, tenant: str, found: list[JsonObject]) -> list[str]:
+    """The tenants other than ``tenant`` where ``found`` (identities or services) has one named ``name``."""
+    return sorted({str(o.get("tenant")) for o in found if o.get("name") == name and o.get("tenant") != tenant})
+
+
+def exists_in(name: str, tenants: list[str]) -> str:
+    """``acme/gw-b1 exists`` or ``acme/gw-b1 and beta/gw-b1 exist``."""
+    return " and ".join(f"{t}/{name}" for t in tenants) + (" exists" if len(tenants) == 1 else " exist")
 
 
 def names_an_identity(handler: Handler) -> Handler:
@@ -51,10 +50,12 @@ def names_an_identity(handler: Handler) -> Handler:
         except ApiError as error:
             if error.code != "identity_unknown":
                 raise
-            hint = found_elsewhere("identity", args.name, args.tenant or DEFAULT_TENANT, client.list_identities())
-            if not hint:
+            tenants = tenants_holding(args.name, args.tenant or DEFAULT_TENANT, client.list_identities())
+            if not tenants:
                 raise
-            raise ApiError(f"{str(error).rstrip('.')}; {hint}", code=error.code, status=error.status) from None
+            flag = " or ".join(f"--tenant {t}" for t in tenants)
+            raise ApiError(f"{str(error).rstrip('.')}; {exists_in(args.name, tenants)}: add {flag}",
+                           code=error.code, status=error.status) from None
 
     return wrapped
 

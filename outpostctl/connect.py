@@ -23,7 +23,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelCredentials, TunnelOptions
 from agent.tunnel.runner import TunnelSupervisor, serve_agent
 from outpostctl.client import ManagementClient
-from outpostctl.commands import DEFAULT_TENANT, PROG, found_elsewhere
+from outpostctl.commands import DEFAULT_TENANT, PROG, exists_in, tenants_holding
 from outpostctl.config import CtlConfig
 from outpostctl.errors import ApiError
 
@@ -51,20 +51,41 @@ def check_service(client: ManagementClient, service: str, tenant: str = DEFAULT_
     known = client.list_services(owner)
     if any(s.get("name") == name for s in known):
         return
-    elsewhere = found_elsewhere("service", name, owner, client.list_services())
-    hint = f"; {elsewhere}: connect to that one by its full name" if elsewhere else (
+    tenants = tenants_holding(name, owner, client.list_services())
+    hint = f"; {exists_in(name, tenants)}: connect to it by its full name, TENANT/{name}" if tenants else (
         f"; see {PROG} service list, or create it with {PROG} service create {name}"
         + (f" --tenant {owner}" if owner != DEFAULT_TENANT else ""))
     raise ApiError(f"there is no service {owner}/{name}, so nothing would answer on the local port{hint}",
                    code="service_unknown", status=404)
 
 
-def session_credentials(client: ManagementClient, identity: str) -> tuple[TunnelCredentials, list[str]]:
-    """A fresh in-memory key and a short-lived certificate for ``identity``."""
+def parse_identity(value: str) -> tuple[str, str]:
+    """(tenant, name) of ``--as NAME`` or ``--as TENANT/NAME``."""
+    tenant, _, name = value.rpartition("/")
+    tenant = tenant or DEFAULT_TENANT
+    if not (SERVICE_LABEL.fullmatch(tenant) and SERVICE_LABEL.fullmatch(name)):
+        raise ConfigError(f"--as {value!r} is not an identity; write NAME or TENANT/NAME "
+                          "(lowercase letters, digits and '-'), for example --as acme/ops")
+    return tenant, name
+
+
+def session_credentials(client: ManagementClient, identity: str,
+                        tenant: str = DEFAULT_TENANT) -> tuple[TunnelCredentials, list[str]]:
+    """A fresh in-memory key and a short-lived certificate for ``tenant/identity``."""
     keystore = EphemeralKeyStore()
     keystore.create()
     csr = build_csr(keystore, identity).public_bytes(serialization.Encoding.PEM).decode()
-    issued = client.session_certificate(identity, csr)
+    try:
+        issued = client.session_certificate(identity, csr, None if tenant == DEFAULT_TENANT else tenant)
+    except ApiError as error:
+        if error.code != "identity_unknown":
+            raise
+        tenants = tenants_holding(identity, tenant, client.list_identities())
+        if not tenants:
+            raise
+        use = " or ".join(f"--as {t}/{identity}" for t in tenants)
+        raise ApiError(f"{str(error).rstrip('.')}; {exists_in(identity, tenants)}: use {use}",
+                       code=error.code, status=error.status) from None
     credentials = TunnelCredentials(uri=issued["identity"], chain_pem=[issued["certificate"]],
                                     ca_pem=issued["ca"], keystore=keystore)
     return credentials, list(issued["relays"])
@@ -90,10 +111,11 @@ async def serve(supervisor: TunnelSupervisor, dial: DialListener) -> None:
 
 def run(args: argparse.Namespace, config: CtlConfig) -> int:
     host, port = parse_listen(args.listen)
+    tenant, name = parse_identity(args.as_identity)
     client = ManagementClient(config)
-    check_service(client, args.service)
+    check_service(client, args.service, tenant)
     logging.basicConfig(level=logging.WARNING, format="outpostctl: %(message)s", stream=sys.stdout)
-    credentials, relays = session_credentials(client, args.as_identity)
+    credentials, relays = session_credentials(client, name, tenant)
     supervisor = TunnelSupervisor(relays, credentials, TunnelOptions())
     dial = DialListener(args.service, host, port, supervisor.current_session)
     try:

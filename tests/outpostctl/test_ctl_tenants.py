@@ -88,7 +88,21 @@ def test_connect_names_the_tenant_that_has_the_service(ctl: Ctl, controller: Run
     result = connect(controller, "historian-x", free_port())
     assert one_sentence(result.err) == (
         "outpostctl: there is no service default/historian-x, so nothing would answer on the local port; "
-        "acme/historian-x exists: connect to that one by its full name")
+        "acme/historian-x exists: connect to it by its full name, TENANT/historian-x")
     result = connect(controller, "acme/Bad", free_port())
     assert one_sentence(result.err) == ("outpostctl: 'acme/Bad' is not a service name; write NAME or TENANT/NAME "
                                         "(lowercase letters, digits and '-'), for example acme/scada")
+
+
+def test_connect_as_an_identity_of_another_tenant_is_named_tenant_slash_name(
+    ctl: Ctl, controller: RunningController, tmp_path: Path
+) -> None:
+    ctl.ok("identity", "create", "ops-acme", "--tenant", "acme", "--token-out", str(tmp_path / "o.token"))
+    ctl.ok("service", "create", "scada-2", "--tenant", "acme")
+    env = subprocess_env(OUTPOSTCTL_CONFIG=str(controller.config_path))
+    result = run_outpostctl("connect", "acme/scada-2", "--as", "ops-acme", "--listen", f"127.0.0.1:{free_port()}",
+                            env=env)
+    assert one_sentence(result.err) == ("outpostctl: There is no identity default/ops-acme; check the name and "
+                                        "tenant; acme/ops-acme exists: use --as acme/ops-acme")
+    result = run_outpostctl("connect", "scada-2", "--as", "x/y/z", "--listen", f"127.0.0.1:{free_port()}", env=env)
+    assert one_sentence(result.err).startswith("outpostctl: --as 'x/y/z' is not an identity; write NAME or TENANT/NAME")
