@@ -76,6 +76,7 @@ def test_an_enrolled_gateway_that_reaches_its_controller_passes_every_check(cont
     assert found["enrollment"] == (OK, f"enrolled as {identity.uri}")
     assert found["key store"] == (OK, "the device key is kept in software (as enrolled)")
     assert found["certificate"][0] == OK and found["certificate"][1].startswith("the certificate is valid until ")
+    assert re.search(r" UTC \(in (23 h \d+ min|24 h)\)$", found["certificate"][1]), found["certificate"][1]
     assert found["dns 127.0.0.1"] == (OK, "127.0.0.1 is an IP address; no DNS needed")
     assert found[f"127.0.0.1:{port}"] == (
         OK, f"outbound TCP and TLS to the controller and relay at 127.0.0.1:{port} work, "
