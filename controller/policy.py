@@ -30,6 +30,8 @@ ROLE_PREFIX = "role:"
 #: Selectors per side of one policy: enough for any real grouping (use roles
 #: for more), small enough that deciding stays a quick scan.
 MAX_SELECTORS = 100
+#: Foreign policies a refusal names: enough to find the mistake, short enough for one audit line.
+MAX_NAMED_FOREIGN = 3
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,9 @@ class PolicyEngine:
                 foreign.append(policy)
         reason = f"no policy allows identity {identity.label} to {kind} service {service.label}"
         if foreign:
-            named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign)
+            named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])
+            if len(foreign) > MAX_NAMED_FOREIGN:
+                named += f" and {len(foreign) - MAX_NAMED_FOREIGN} more"
             reason = (f"{reason}: policy {named} names it, but only a policy of tenant {service.tenant} "
                       f"opens {service.tenant}'s services")
         return Decision(False, reason)
