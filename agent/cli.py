@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
@@ -37,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Outpost gateway agent")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     enroll = commands.add_parser("enroll", help="enroll this gateway from a one-time token file")

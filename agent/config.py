@@ -23,7 +23,7 @@ Example::
     target = "127.0.0.1:502"
 
     [[dial]]                      # expose a remote service as a local port
-    service = "historian"
+    service = "historian"         # or "TENANT/SERVICE": another tenant's, if it allows
     listen = "127.0.0.1:9000"
 
     [enrollment]                  # where to look for a token file, in order
@@ -66,6 +66,9 @@ MAX_CONFIG_FILE = 1024 * 1024
 #: Keepalive and ping timers above an hour would hide a dead link for too long.
 MAX_LINK_SECONDS = 3600.0
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: What a dial may name: a service of this gateway's tenant, or ``TENANT/SERVICE``
+#: of another (reached only where a policy of that tenant allows it).
+DIAL_TARGET = re.compile(rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}")
 
 TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial", "enrollment", "clock"}
 CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
@@ -98,7 +101,7 @@ class BindConfig:
 
 @dataclass(frozen=True)
 class DialConfig:
-    """A remote ``service`` exposed on a local port of this gateway."""
+    """A remote ``service`` (``NAME`` or ``TENANT/NAME``) exposed on a local port of this gateway."""
 
     service: str
     listen_host: str
@@ -315,18 +318,20 @@ class _Parser:
         if not isinstance(entry, dict):
             raise self.fail(where, "must be a table: [[dial]] with service and listen")
         self.known(entry, DIAL_KEYS, where + ".")
-        service = self.service(entry, where)
+        service = self.service(entry, where, dial=True)
         host, port = self.address(entry, "listen", where)
         return DialConfig(service=service, listen_host=host, listen_port=port)
 
-    def service(self, entry: dict[str, Any], where: str) -> str:
+    def service(self, entry: dict[str, Any], where: str, *, dial: bool = False) -> str:
+        """A bind names a service of this gateway's tenant; a dial may also name ``TENANT/SERVICE``."""
         if "service" not in entry:
             raise self.fail(f"{where}.service", "is missing; name the service")
         service = self.string(entry, "service", "", f"{where}.service")
-        if not SERVICE_NAME.fullmatch(service):
+        if not (DIAL_TARGET if dial else SERVICE_NAME).fullmatch(service):
+            form = ", optionally after a tenant as \"acme/scada\"" if dial else ""
             raise self.fail(
                 f"{where}.service",
-                f"is {service!r}; a service name is lowercase letters, digits and '-' (at most 63)",
+                f"is {service!r}; a service name is lowercase letters, digits and '-' (at most 63){form}",
             )
         return service
 

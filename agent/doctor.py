@@ -28,6 +28,7 @@ from typing import Mapping
 from agent.clock.trusted import format_utc as _utc
 from agent.config import AgentConfig, load_config, with_environment_proxy
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
+from agent.durations import format_relative
 from agent.doctor_network import (
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
@@ -177,9 +178,10 @@ def check_certificate(identity: EnrolledIdentity | None, now: float, measured: b
     if now >= not_after:
         return Check("certificate", FAIL, _expired_advice(not_after, now, measured))
     if not_after - now < CERT_WARN_FRACTION * (not_after - not_before):
-        return Check("certificate", WARN, f"the certificate expires on {_utc(not_after)}; the agent renews it while "
+        return Check("certificate", WARN, f"the certificate expires on {_utc(not_after)} "
+                                          f"({format_relative(not_after - now)}); the agent renews it while "
                                           "connected, so check the connection checks below")
-    return Check("certificate", OK, f"the certificate is valid until {_utc(not_after)}")
+    return Check("certificate", OK, f"the certificate is valid until {_utc(not_after)} ({format_relative(not_after - now)})")
 
 
 def _expired_advice(not_after: float, now: float, measured: bool) -> str:

@@ -23,6 +23,7 @@ from agent.clock.ntp import query_servers
 from agent.clock.trusted import OffsetSample, TrustedClock, combine
 from agent.config import ClockSettings
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
+from agent.durations import format_duration
 from agent.enrollment.token import EnrollmentToken
 from agent.errors import ClockError, OutpostError, ProxyFailed
 from agent.identity.pinned_tls import (
@@ -67,7 +68,7 @@ class Endpoint:
 def clock_verdict(offset: float, reference: str = "the controller's") -> tuple[str, str]:
     """Status and sentence for a local clock ``offset`` seconds behind (+) or ahead (-) of ``reference``."""
     side = "behind" if offset > 0 else "ahead of"
-    found = f"this gateway's clock is {abs(offset):.1f} s {side} {reference}"
+    found = f"this gateway's clock is {format_duration(offset)} {side} {reference}"
     if abs(offset) <= CLOCK_WARN_SECONDS:
         return OK, found
     if abs(offset) <= CLOCK_FAIL_SECONDS:

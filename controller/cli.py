@@ -18,6 +18,7 @@ from typing import NoReturn, Sequence
 from urllib.parse import urlsplit
 
 import agent.service_manager as service_manager
+from agent import __version__
 from agent.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
@@ -85,6 +86,7 @@ def check_range(flag: str, value: int, low: int, high: int) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outpost-controller", description="Outpost controller and relay.")
+    parser.add_argument("--version", action="version", version=f"outpost-controller {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser("serve", help="run the controller, API and relay on one TLS listener")
     serve.add_argument("--data", required=True, help="data directory (created on first start)")

@@ -2,8 +2,14 @@
 
 A selector is ``NAME`` or ``role:ROLE``, optionally with a tenant prefix
 (``TENANT/NAME``, ``role:TENANT/ROLE``). An unprefixed selector means the
-policy's own tenant, so a policy reaches another tenant only where a selector
-names it.
+policy's own tenant.
+
+Tenants are apart: a service is opened only by a policy that lives in the
+service's own tenant. Its service selectors may name no other tenant (such a
+policy is refused when created, and a stored one opens nothing); its identity
+selectors may name other tenants, which is how a tenant lets another
+tenant's identities in. No tenant can open another tenant's services, in
+either direction.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ ROLE_PREFIX = "role:"
 #: Selectors per side of one policy: enough for any real grouping (use roles
 #: for more), small enough that deciding stays a quick scan.
 MAX_SELECTORS = 100
+#: Foreign policies a refusal names: enough to find the mistake, short enough for one audit line.
+MAX_NAMED_FOREIGN = 3
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,11 @@ class Policy:
     created_at: float
 
     def allows(self, identity: Identity, service: Service) -> bool:
+        """True when both sides match and the policy lives in the service's tenant."""
+        return service.tenant == self.tenant and self.names(identity, service)
+
+    def names(self, identity: Identity, service: Service) -> bool:
+        """Both sides match, whatever tenant the policy lives in."""
         return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
             s.matches(service.tenant, service.name, service.roles) for s in self.services
         )
@@ -107,6 +120,7 @@ class PolicyEngine:
         check_name(tenant, "tenant")
         identity_selectors = self._selectors(identities, tenant, "identities")
         service_selectors = self._selectors(services, tenant, "services")
+        _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
         with self._store.transaction() as db:
             cursor = db.execute(
@@ -164,7 +178,34 @@ class PolicyEngine:
                 False, f"identity {identity.label} holds a session certificate, which may dial but never bind; "
                 "bind from an agent enrolled with a token",
             )
+        foreign: list[Policy] = []
         for policy in self.list():
-            if policy.kind == kind and policy.allows(identity, service):
+            if policy.kind != kind:
+                continue
+            if policy.allows(identity, service):
                 return Decision(True, f"allowed by policy {policy.id}", policy.id)
-        return Decision(False, f"no policy allows identity {identity.label} to {kind} service {service.label}")
+            if policy.tenant != service.tenant and policy.names(identity, service):
+                foreign.append(policy)
+        reason = f"no policy allows identity {identity.label} to {kind} service {service.label}"
+        if foreign:
+            named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])
+            if len(foreign) > MAX_NAMED_FOREIGN:
+                named += f" and {len(foreign) - MAX_NAMED_FOREIGN} more"
+            reason = (f"{reason}: policy {named} names it, but only a policy of tenant {service.tenant} "
+                      f"opens {service.tenant}'s services")
+        return Decision(False, reason)
+
+
+def _refuse_foreign_services(kind: object, tenant: str, identities: tuple[Selector, ...],
+                             services: tuple[Selector, ...]) -> None:
+    """400 ``cross_tenant_service`` when a service selector names a tenant other than the policy's."""
+    foreign = next((s for s in services if s.tenant != tenant), None)
+    if foreign is None:
+        return
+    who = ",".join(s.text(foreign.tenant) for s in identities)
+    raise bad_request(
+        "cross_tenant_service",
+        f"A policy of tenant {tenant} cannot open {foreign.text(tenant)}: only a policy of tenant {foreign.tenant} "
+        f"opens its services; create it there: outpostctl policy create --tenant {foreign.tenant} --kind {kind} "
+        f"--identities {who} --services {foreign.text(foreign.tenant)}",
+    )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agent import __version__
 from agent.errors import EXIT_USAGE
 from outpostctl import commands
 from outpostctl.client import ManagementClient
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command line of ``outpostctl``."""
     parser = _Parser(prog=PROG, description="Manage an Outpost fleet through the controller's management API.",
                      parents=[_config_options(suppress=False)])
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     common = _config_options(suppress=True)
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -148,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)
 
     sub = leaf(top, "connect", None, "expose a remote service as a local port")
-    sub.add_argument("service", metavar="SERVICE")
+    sub.add_argument("service", metavar="SERVICE", help="NAME (the identity's tenant) or TENANT/NAME")
     sub.add_argument("--listen", required=True, metavar="HOST:PORT", help="the local address to listen on")
     sub.add_argument("--as", dest="as_identity", default=DEFAULT_CONNECT_IDENTITY, metavar="IDENTITY",
-                     help=f"the identity to dial as (default {DEFAULT_CONNECT_IDENTITY})")
+                     help=f"the identity to dial as, NAME or TENANT/NAME (default {DEFAULT_CONNECT_IDENTITY})")
     sub = leaf(top, "quickstart", None, "run a controller, an agent and a demo service on this machine")
     sub.add_argument("--once", action="store_true", help="check the whole path once, then stop")
     sub.add_argument("--dir", type=Path, metavar="DIR", help="where to keep the quickstart's state")

@@ -7,16 +7,57 @@ the exit code; errors are raised as ``OutpostError`` for ``cli.main`` to print.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from agent.durations import format_relative
 from outpostctl import render
 from outpostctl.client import JsonObject, ManagementClient
-from outpostctl.errors import OutpostError, TokenFileError
+from outpostctl.errors import ApiError, OutpostError, TokenFileError
 from outpostctl.tokenfile import check_token_target, write_token_file
 
 PROG = "outpostctl"
+#: The tenant a command means when it is given no --tenant (the controller's default).
+DEFAULT_TENANT = "default"
+
+Handler = Callable[[argparse.Namespace, ManagementClient], int]
+
+
+def tenant_flag(tenant: object) -> str:
+    """`` --tenant T`` to repeat a command for ``tenant``, or "" for the default tenant."""
+    return f" --tenant {tenant}" if tenant not in (None, "", DEFAULT_TENANT) else ""
+
+
+def tenants_holding(name: str, tenant: str, found: list[JsonObject]) -> list[str]:
+    """The tenants other than ``tenant`` where ``found`` (identities or services) has one named ``name``."""
+    return sorted({str(o.get("tenant")) for o in found if o.get("name") == name and o.get("tenant") != tenant})
+
+
+def exists_in(name: str, tenants: list[str]) -> str:
+    """``acme/gw-b1 exists`` or ``acme/gw-b1 and beta/gw-b1 exist``."""
+    return " and ".join(f"{t}/{name}" for t in tenants) + (" exists" if len(tenants) == 1 else " exist")
+
+
+def names_an_identity(handler: Handler) -> Handler:
+    """A command naming one identity: when it is unknown in its tenant, say where that name does exist."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace, client: ManagementClient) -> int:
+        try:
+            return handler(args, client)
+        except ApiError as error:
+            if error.code != "identity_unknown":
+                raise
+            tenants = tenants_holding(args.name, args.tenant or DEFAULT_TENANT, client.list_identities())
+            if not tenants:
+                raise
+            flag = " or ".join(f"--tenant {t}" for t in tenants)
+            raise ApiError(f"{str(error).rstrip('.')}; {exists_in(args.name, tenants)}: add {flag}",
+                           code=error.code, status=error.status) from None
+
+    return wrapped
 
 
 # -- identities ------------------------------------------------------------
@@ -41,6 +82,7 @@ def identity_create(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
     check_token_target(args.token_out, force=args.force)
     answer = client.issue_token(args.name, args.ttl, args.tenant)
@@ -59,7 +101,7 @@ def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
     token = answer.get("token")
     if not isinstance(token, str) or not token:
         raise OutpostError("the controller answered without an enrollment token; see its log")
-    tenant = f" --tenant {args.tenant}" if args.tenant not in (None, "default") else ""
+    tenant = tenant_flag(args.tenant)
     try:
         return write_token_file(args.token_out, token, force=args.force)
     except TokenFileError as error:
@@ -70,11 +112,11 @@ def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
 
 
 def _expiry(unix_time: Any) -> str:
-    if not isinstance(unix_time, (int, float)):
+    if not isinstance(unix_time, (int, float)) or isinstance(unix_time, bool):
         return render.format_time(unix_time)
-    remaining_hours = max(0.0, (unix_time - time.time()) / 3600)
-    span = f"{remaining_hours / 24:.1f} days" if remaining_hours >= 48 else f"{remaining_hours:.1f} hours"
-    return f"{render.format_time(unix_time)} (in {span})"
+    remaining = unix_time - time.time()
+    when = format_relative(remaining) if remaining > 0 else "already expired: check this machine's clock"
+    return f"{render.format_time(unix_time)} ({when})"
 
 
 def _technician_note(name: str, path: Path) -> str:
@@ -102,11 +144,13 @@ def identity_list(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_show(args: argparse.Namespace, client: ManagementClient) -> int:
     _print_identity(client.get_identity(args.name, args.tenant), as_json=args.json)
     return 0
 
 
+@names_an_identity
 def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.revoke_identity(args.name, args.tenant)
     if args.json:
@@ -116,16 +160,19 @@ def identity_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
+@names_an_identity
 def identity_disable(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.disable_identity(args.name, args.tenant)
     if args.json:
         print(render.machine_json(identity))
     else:
+        tenant = tenant_flag(identity.get("tenant", args.tenant))
         print(f"disabled {identity.get('uri') or args.name}: its tunnels close and it cannot renew "
-              f"until 'outpostctl identity enable {args.name}'")
+              f"until '{PROG} identity enable {args.name}{tenant}'")
     return 0
 
 
+@names_an_identity
 def identity_enable(args: argparse.Namespace, client: ManagementClient) -> int:
     identity = client.enable_identity(args.name, args.tenant)
     if args.json:
@@ -206,8 +253,10 @@ def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
 #: Keys of an audit event that are not details: TIME and EVENT have columns,
 #: ``fields`` is spread out as key=value, the row id means nothing to a reader.
 _AUDIT_OWN_KEYS = {"time", "event", "fields", "id"}
-#: Detail fields holding unix times (besides every ``*_at``), shown as dates.
-_AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since"}
+#: Detail fields holding unix times, shown as UTC dates: these names, and every name ending in one of
+#: _AUDIT_TIME_SUFFIXES (``previous_not_after``, ``expires_at``...).
+_AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since", "until", "since", "time"}
+_AUDIT_TIME_SUFFIXES = ("_at", "_after", "_before", "_until", "_since", "_time", "_expires")
 
 
 def audit(args: argparse.Namespace, client: ManagementClient) -> int:
@@ -218,19 +267,26 @@ def audit(args: argparse.Namespace, client: ManagementClient) -> int:
     if not events:
         print("the audit log is empty")
         return 0
+    print(render.table(["TIME", "EVENT", "DETAILS"], audit_rows(events)))
+    return 0
+
+
+def audit_rows(events: list[JsonObject]) -> list[list[str]]:
+    """The audit view's rows: the time in UTC, the event, then its details as sorted key=value pairs."""
     rows = []
     for event in events:
         fields = event.get("fields")
         details = dict(fields) if isinstance(fields, dict) else {}
         details.update((k, v) for k, v in event.items() if k not in _AUDIT_OWN_KEYS)
-        rows.append([render.format_time(event.get("time")), render.format_value(event.get("event")),
+        rows.append([render.format_audit_time(event.get("time")), render.format_value(event.get("event")),
                      " ".join(f"{k}={_audit_detail(k, v)}" for k, v in sorted(details.items()))])
-    print(render.table(["TIME", "EVENT", "DETAILS"], rows))
-    return 0
+    return rows
 
 
 def _audit_detail(key: str, value: Any) -> str:
-    if key in _AUDIT_TIME_FIELDS or key.endswith("_at"):
+    if key in _AUDIT_TIME_FIELDS or key.endswith(_AUDIT_TIME_SUFFIXES):
+        if value == 0 and not isinstance(value, bool):
+            return render.MISSING  # "none yet" (a first certificate's previous_not_after), not 1970
         return render.format_time_compact(value)
     return render.format_value(value)
 

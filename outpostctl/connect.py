@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +23,12 @@ from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelCredentials, TunnelOptions
 from agent.tunnel.runner import TunnelSupervisor, serve_agent
 from outpostctl.client import ManagementClient
+from outpostctl.commands import DEFAULT_TENANT, PROG, exists_in, tenants_holding
 from outpostctl.config import CtlConfig
+from outpostctl.errors import ApiError
+
+#: A service name: one DNS label, as the controller's names are (controller.names).
+SERVICE_LABEL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -32,12 +38,54 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def session_credentials(client: ManagementClient, identity: str) -> tuple[TunnelCredentials, list[str]]:
-    """A fresh in-memory key and a short-lived certificate for ``identity``."""
+def check_service(client: ManagementClient, service: str, tenant: str = DEFAULT_TENANT) -> None:
+    """Refuse a service the controller does not know, before anything listens or a certificate is issued.
+
+    ``service`` is ``NAME`` (the dialing identity's tenant) or ``TENANT/NAME``.
+    """
+    owner, _, name = service.rpartition("/")
+    owner = owner or tenant
+    if not (SERVICE_LABEL.fullmatch(owner) and SERVICE_LABEL.fullmatch(name)):
+        raise ConfigError(f"{service!r} is not a service name; write NAME or TENANT/NAME "
+                          "(lowercase letters, digits and '-'), for example acme/scada")
+    known = client.list_services(owner)
+    if any(s.get("name") == name for s in known):
+        return
+    tenants = tenants_holding(name, owner, client.list_services())
+    hint = f"; {exists_in(name, tenants)}: connect to it by its full name, TENANT/{name}" if tenants else (
+        f"; see {PROG} service list, or create it with {PROG} service create {name}"
+        + (f" --tenant {owner}" if owner != DEFAULT_TENANT else ""))
+    raise ApiError(f"there is no service {owner}/{name}, so nothing would answer on the local port{hint}",
+                   code="service_unknown", status=404)
+
+
+def parse_identity(value: str) -> tuple[str, str]:
+    """(tenant, name) of ``--as NAME`` or ``--as TENANT/NAME``."""
+    tenant, _, name = value.rpartition("/")
+    tenant = tenant or DEFAULT_TENANT
+    if not (SERVICE_LABEL.fullmatch(tenant) and SERVICE_LABEL.fullmatch(name)):
+        raise ConfigError(f"--as {value!r} is not an identity; write NAME or TENANT/NAME "
+                          "(lowercase letters, digits and '-'), for example --as acme/ops")
+    return tenant, name
+
+
+def session_credentials(client: ManagementClient, identity: str,
+                        tenant: str = DEFAULT_TENANT) -> tuple[TunnelCredentials, list[str]]:
+    """A fresh in-memory key and a short-lived certificate for ``tenant/identity``."""
     keystore = EphemeralKeyStore()
     keystore.create()
     csr = build_csr(keystore, identity).public_bytes(serialization.Encoding.PEM).decode()
-    issued = client.session_certificate(identity, csr)
+    try:
+        issued = client.session_certificate(identity, csr, None if tenant == DEFAULT_TENANT else tenant)
+    except ApiError as error:
+        if error.code != "identity_unknown":
+            raise
+        tenants = tenants_holding(identity, tenant, client.list_identities())
+        if not tenants:
+            raise
+        use = " or ".join(f"--as {t}/{identity}" for t in tenants)
+        raise ApiError(f"{str(error).rstrip('.')}; {exists_in(identity, tenants)}: use {use}",
+                       code=error.code, status=error.status) from None
     credentials = TunnelCredentials(uri=issued["identity"], chain_pem=[issued["certificate"]],
                                     ca_pem=issued["ca"], keystore=keystore)
     return credentials, list(issued["relays"])
@@ -63,8 +111,11 @@ async def serve(supervisor: TunnelSupervisor, dial: DialListener) -> None:
 
 def run(args: argparse.Namespace, config: CtlConfig) -> int:
     host, port = parse_listen(args.listen)
+    tenant, name = parse_identity(args.as_identity)
+    client = ManagementClient(config)
+    check_service(client, args.service, tenant)
     logging.basicConfig(level=logging.WARNING, format="outpostctl: %(message)s", stream=sys.stdout)
-    credentials, relays = session_credentials(ManagementClient(config), args.as_identity)
+    credentials, relays = session_credentials(client, name, tenant)
     supervisor = TunnelSupervisor(relays, credentials, TunnelOptions())
     dial = DialListener(args.service, host, port, supervisor.current_session)
     try:

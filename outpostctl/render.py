@@ -25,6 +25,17 @@ def format_time(value: Any) -> str:
     return str(value)
 
 
+def format_audit_time(value: Any) -> str:
+    """A unix time as ``YYYY-MM-DD HH:MM:SSZ`` (UTC): the audit view's time column."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _utc(value).strftime("%Y-%m-%d %H:%M:%SZ")
+    return format_value(value)
+
+
+def _utc(value: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+
+
 def format_time_compact(value: Any) -> str:
     """A unix time as ``YYYY-MM-DDTHH:MM:SSZ``: one word, for ``key=value`` lists."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agent.config import ClockSettings
+from agent.durations import format_duration
 
 #: NTP and the controller normally agree to well under a second; 30 s of
 #: disagreement beyond their measured round trips means one of them is wrong,
@@ -41,7 +42,6 @@ NOTABLE_OFFSET = 2.0
 SOURCES = ("ntp", "controller", "local")
 #: source -> (its name in "local ..., <name> ...", the time we then use)
 _SOURCE_WORDS = {"ntp": ("NTP", "NTP time"), "controller": ("controller", "the controller's time")}
-_YEAR = 365 * 86400
 
 
 @dataclass(frozen=True)
@@ -163,28 +163,10 @@ def describe_offset(offset: float, local_now: float, source: str) -> str:
                 f"not be used); using the local clock, which reads {format_utc(local_now)}")
     name, using = _SOURCE_WORDS.get(source, (source, f"{source} time"))
     if abs(offset) < NOTABLE_OFFSET:
-        return f"the clock is right (within {abs(offset):.1f} seconds of {using})"
+        return f"the clock is right (within {format_duration(offset)} of {using})"
     direction = "behind" if offset > 0 else "ahead"
     return (f"the clock is off by {format_duration(offset)} ({direction}: local {format_utc(local_now)}, "
             f"{name} {format_utc(local_now + offset)}); using {using}")
-
-
-def format_duration(seconds: float) -> str:
-    """A span in at most two units people read at a glance: "56 years 3 days", "4 minutes 10 seconds"."""
-    seconds = abs(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} seconds"
-    units = ((_YEAR, "year"), (86400, "day"), (3600, "hour"), (60, "minute"), (1, "second"))
-    for (size, name), (small_size, small_name) in zip(units, units[1:]):
-        if seconds >= size - small_size / 2:
-            # Round to the smaller unit first, so 364 days 23.99 hours reads "1 year 0 days".
-            big, small = divmod(round(seconds / small_size), size // small_size)
-            return f"{_plural(big, name)} {_plural(small, small_name)}"
-    return _plural(round(seconds), "second")
-
-
-def _plural(count: int, name: str) -> str:
-    return f"{count} {name}" if count == 1 else f"{count} {name}s"
 
 
 def format_utc(timestamp: float) -> str:

@@ -16,11 +16,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError, KeyStoreError
+from agent.errors import EXIT_USAGE, ConfigError, KeyStoreError
 from agent.identity.keystore import KeyStore
 from agent.identity.tcti import DEFAULT_TCTI, parse_tcti
 
-__all__ = ["BACKENDS", "DEFAULT_TCTI", "KeyStoreSettings", "open_keystore"]
+__all__ = ["BACKENDS", "DEFAULT_TCTI", "KeyStoreSettings", "TpmRequiredButAbsent", "open_keystore"]
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,17 @@ class KeyStoreSettings:
         parse_tcti(self.tcti)  # a bad TCTI is a config error now, not a TPM error later
 
 
+class TpmRequiredButAbsent(KeyStoreError):
+    """The config demands a TPM (``backend = "tpm"``), none is usable and none ever held this gateway's
+    key: a configuration to fix, so the agent exits 64 and systemd does not restart it in a loop."""
+
+    exit_code = EXIT_USAGE
+
+
 def open_keystore(state_dir: Path, settings: KeyStoreSettings) -> KeyStore:
     """The key store for ``state_dir``, chosen by ``settings.backend``.
 
-    ``tpm`` raises KeyStoreError when no usable TPM answers at ``settings.tcti``;
+    ``tpm`` raises TpmRequiredButAbsent when no usable TPM answers at ``settings.tcti``;
     ``auto`` uses the TPM if one answers, else the software key store, and logs
     which one it chose.
     """
@@ -69,13 +76,18 @@ def _software(state_dir: Path) -> KeyStore:
 def _tpm_required(state_dir: Path, tcti: str) -> KeyStore:
     tpm = _import_tpm()
     if tpm is None:
-        raise KeyStoreError(
+        raise TpmRequiredButAbsent(
             "the TPM backend needs the tpm2-pytss library (Debian: python3-tpm2-pytss), which is not installed; "
             'install it or set keystore.backend = "software"'
         )
     reason = tpm.unusable_reason(tcti)
     if reason is not None:
-        raise KeyStoreError(f'{reason}; set keystore.backend = "software" or fix keystore.tcti')
+        sentence = f'{reason}; set keystore.backend = "software" or fix keystore.tcti'
+        if (state_dir / _TPM_KEY_FILE).exists():
+            # This gateway's key is in a TPM, so one answered before: most likely its driver comes
+            # up late at boot, and a restart (exit 1) finds it.
+            raise KeyStoreError(sentence)
+        raise TpmRequiredButAbsent(sentence)
     return tpm.TpmKeyStore(state_dir, tcti)
 
 

@@ -65,6 +65,12 @@ def test_a_full_config_becomes_typed_frozen_values(tmp_path: Path):
         config.log_level = "info"  # type: ignore[misc]
 
 
+def test_a_dial_may_name_a_service_of_another_tenant(tmp_path: Path):
+    config = load_config(write(tmp_path, '[[dial]]\nservice = "acme/scada"\nlisten = "127.0.0.1:9001"\n'))
+
+    assert config.dials == (DialConfig("acme/scada", "127.0.0.1", 9001),)
+
+
 def test_an_empty_file_gives_the_defaults(tmp_path: Path):
     config = load_config(write(tmp_path, ""))
 
@@ -94,6 +100,10 @@ def test_a_relative_state_dir_is_relative_to_the_file(tmp_path: Path):
     ('[[dial]]\nservice = "a"\nlisten = "127.0.0.1:9000"\n[[dial]]\nservice = "b"\nlisten = "127.0.0.1:9000"\n',
      "'dial[1].listen' repeats '127.0.0.1:9000'", "its own port"),
     ('[[dial]]\nservice = "a"\nport = 9000\n', "'dial[0].port' is not a setting", "listen, service"),
+    ('[[dial]]\nservice = "a/b/c"\nlisten = "127.0.0.1:9000"\n', "'dial[0].service' is 'a/b/c'", '"acme/scada"'),
+    ('[[dial]]\nservice = "Acme/scada"\nlisten = "127.0.0.1:9000"\n', "'dial[0].service'", "optionally after a tenant"),
+    ('[[dial]]\nservice = "/scada"\nlisten = "127.0.0.1:9000"\n', "'dial[0].service' is '/scada'", "lowercase"),
+    ('[[bind]]\nservice = "acme/scada"\ntarget = "127.0.0.1:502"\n', "'bind[0].service' is 'acme/scada'", "lowercase"),
     ('[link]\nprofile = "carrier-pigeon"\n', "'link.profile' must be one of", "ethernet"),
     ('[link]\nping_timeout = -1\n', "'link.ping_timeout' must be a number of seconds", "above 0"),
     ('[link]\nkeepalive_interval = "30s"\n', "'link.keepalive_interval' must be a number", "seconds"),

@@ -76,12 +76,13 @@ def test_an_enrolled_gateway_that_reaches_its_controller_passes_every_check(cont
     assert found["enrollment"] == (OK, f"enrolled as {identity.uri}")
     assert found["key store"] == (OK, "the device key is kept in software (as enrolled)")
     assert found["certificate"][0] == OK and found["certificate"][1].startswith("the certificate is valid until ")
+    assert re.search(r" UTC \(in (23 h \d+ min|24 h)\)$", found["certificate"][1]), found["certificate"][1]
     assert found["dns 127.0.0.1"] == (OK, "127.0.0.1 is an IP address; no DNS needed")
     assert found[f"127.0.0.1:{port}"] == (
         OK, f"outbound TCP and TLS to the controller and relay at 127.0.0.1:{port} work, "
             "and its certificate chains to the pinned CA")
     assert found["clock"][0] == OK
-    assert re.fullmatch(r"this gateway's clock is \d+\.\d s (behind|ahead of) the controller's", found["clock"][1])
+    assert re.fullmatch(r"this gateway's clock is \d+(\.\d)? s (behind|ahead of) the controller's", found["clock"][1])
 
 
 def test_json_output_carries_the_same_checks(controller: Controller, tmp_path: Path) -> None:
@@ -124,8 +125,8 @@ def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_nt
 
 
 @pytest.mark.parametrize(("offset", "status", "sentence"), [
-    (0.0, OK, r"this gateway's clock is \d\.\d s (behind|ahead of) NTP \(127\.0\.0\.1:\d+\)"),
-    (400.0, FAIL, r"this gateway's clock is 4\d\d\.\d s behind NTP \(127\.0\.0\.1:\d+\): the agent judges "
+    (0.0, OK, r"this gateway's clock is \d(\.\d)? s (behind|ahead of) NTP \(127\.0\.0\.1:\d+\)"),
+    (400.0, FAIL, r"this gateway's clock is 6 min( \d+ s)? behind NTP \(127\.0\.0\.1:\d+\): the agent judges "
                   r"certificates and tokens by the measured time meanwhile, but logs, .*; set the time .*"),
 ])
 def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
@@ -259,9 +260,16 @@ def test_localhost_resolves_through_the_hosts_file() -> None:
     assert check.status == OK and check.message.startswith("localhost resolves to ") and "127.0.0.1" in check.message
 
 
+def test_clock_offsets_read_in_the_units_people_use() -> None:
+    status, message = clock_verdict(-400 * 86400.0)
+    assert status == FAIL and message.startswith("this gateway's clock is 400 days ahead of the controller's: ")
+    assert clock_verdict(-60.0)[1] == "this gateway's clock is 60 s ahead of the controller's; check that NTP works " \
+                                      "(systemd-timesyncd, outbound UDP port 123)"
+
+
 def test_clock_offsets_are_judged_against_named_bounds() -> None:
     assert clock_verdict(1.25) == (OK, "this gateway's clock is 1.2 s behind the controller's")
-    assert clock_verdict(-CLOCK_WARN_SECONDS) == (OK, f"this gateway's clock is {CLOCK_WARN_SECONDS:.1f} s ahead of the controller's")
+    assert clock_verdict(-CLOCK_WARN_SECONDS) == (OK, f"this gateway's clock is {CLOCK_WARN_SECONDS:.0f} s ahead of the controller's")
     status, message = clock_verdict(CLOCK_WARN_SECONDS + 1)
     assert status == WARN and message.endswith("; check that NTP works (systemd-timesyncd, outbound UDP port 123)")
     status, message = clock_verdict(-(CLOCK_FAIL_SECONDS + 1))

@@ -63,15 +63,58 @@ def test_an_unprefixed_selector_never_reaches_another_tenant(world) -> None:
     assert not engine.decide("dial", who["ops"], what["acme-modbus"]).allowed
 
 
-def test_a_policy_crosses_tenants_where_a_selector_names_the_other_tenant(world) -> None:
+def test_a_policy_of_the_services_tenant_lets_another_tenants_identities_in(world) -> None:
     engine, _, who, what = world
     policy = engine.create("dial", "default", ["acme/ops"], ["modbus"])
-    assert engine.decide("dial", who["acme-ops"], what["modbus"]).allowed
+    assert engine.decide("dial", who["acme-ops"], what["modbus"]).reason == f"allowed by policy {policy.id}"
     assert not engine.decide("dial", who["ops"], what["modbus"]).allowed
     assert policy.to_json()["identities"] == ["acme/ops"]
-    role_policy = engine.create("dial", "acme", ["ops"], ["role:default/plc"])
-    assert engine.decide("dial", who["acme-ops"], what["modbus"]).reason == f"allowed by policy {policy.id}"
-    assert role_policy.to_json()["services"] == ["role:default/plc"]
+    by_role = engine.create("dial", "acme", ["role:default/operator"], ["modbus"])
+    assert engine.decide("dial", who["ops"], what["acme-modbus"]).reason == f"allowed by policy {by_role.id}"
+
+
+@pytest.mark.parametrize("services", [["acme/modbus"], ["role:acme/plc"], ["modbus", "acme/modbus"]])
+def test_a_policy_cannot_open_another_tenants_services_and_says_where_to_create_it(world, services) -> None:
+    engine, _, who, what = world
+    with pytest.raises(ControllerError) as refused:
+        engine.create("dial", "default", ["ops"], services)
+    error = refused.value
+    assert error.status == 400 and error.code == "cross_tenant_service"
+    assert "only a policy of tenant acme opens its services" in error.message
+    assert "outpostctl policy create --tenant acme --kind dial --identities default/ops" in error.message
+    assert "\n" not in error.message
+    assert engine.list() == []
+    assert not engine.decide("dial", who["ops"], what["acme-modbus"]).allowed
+
+
+def test_a_stored_policy_naming_another_tenants_service_opens_nothing_and_the_decision_says_why(world, tmp_path) -> None:
+    engine, _, who, what = world
+    # A policy stored before the rule existed, straight into the table.
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        with store.transaction() as db:
+            db.execute(
+                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?)",
+                ("dial", "default", '["ops"]', '["acme/modbus"]', 0.0),
+            )
+    finally:
+        store.close()
+    [legacy] = engine.list()
+    denied = engine.decide("dial", who["ops"], what["acme-modbus"])
+    assert not denied.allowed and denied.policy_id is None
+    assert denied.reason == (
+        f"no policy allows identity default/ops to dial service acme/modbus: policy {legacy.id} (tenant default) "
+        "names it, but only a policy of tenant acme opens acme's services"
+    )
+
+
+def test_a_bind_across_tenants_needs_the_services_tenant_too(world) -> None:
+    engine, _, who, what = world
+    engine.create("bind", "default", ["role:edge"], ["role:plc"])
+    assert engine.decide("bind", who["gw"], what["modbus"]).allowed
+    assert not engine.decide("bind", who["gw"], what["acme-modbus"]).allowed
+    engine.create("bind", "acme", ["default/gw"], ["modbus"])
+    assert engine.decide("bind", who["gw"], what["acme-modbus"]).allowed
 
 
 def test_a_revoked_identity_is_denied_whatever_the_policies_say(world) -> None:

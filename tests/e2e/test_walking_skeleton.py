@@ -164,14 +164,13 @@ def test_a_gateway_dialling_an_unknown_service_is_told_so_and_nothing_changes(
         host.stop()
 
 
-def test_an_operator_dialling_an_unknown_service_is_told_so(controller: Controller) -> None:
-    connect = controller.ctl_process("connect", "no-such-service", "--listen", "127.0.0.1:0")
-    try:
-        port = listening_port(connect.wait_for_line("listening"))
-        assert round_trip(port, b"hello") == b""
-        connect.wait_for_line("no service named default/no-such-service")
-    finally:
-        connect.stop()
+def test_an_operator_dialling_an_unknown_service_is_told_so_before_anything_listens(controller: Controller) -> None:
+    refused = controller.ctl("connect", "no-such-service", "--listen", "127.0.0.1:0", check=False)
+    assert refused.returncode != 0
+    assert "listening" not in refused.stdout
+    assert refused.stderr.strip() == (
+        "outpostctl: there is no service default/no-such-service, so nothing would answer on the local port; "
+        "see outpostctl service list, or create it with outpostctl service create no-such-service")
 
 
 def test_an_agent_sent_to_a_relay_not_from_its_pinned_ca_refuses_it_and_nothing_changes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def test_identity_create_takes_roles_tenant_and_token_lifetime(ctl: Ctl, tmp_pat
     identity = identity_json(ctl, "gw-roles", "--tenant", "acme")
     assert sorted(identity["roles"]) == ["camera", "plc"]
     assert identity["tenant"] == "acme"
+
+
+def test_a_token_expiry_reads_as_a_span_not_fractions_of_hours(ctl: Ctl, tmp_path: Path) -> None:
+    short = ctl.ok("identity", "create", "gw-span-1", "--ttl", "60", "--token-out", str(tmp_path / "s1.token")).out
+    line = next(line for line in short.splitlines() if line.startswith("token expires:"))
+    assert line.endswith(("(in 60 s)", "(in 59 s)")), line
+    week = ctl.ok("identity", "create", "gw-span-2", "--ttl", str(7 * 86400), "--token-out", str(tmp_path / "s2.token")).out
+    assert "(in 7 days)" in week
 
 
 def test_identity_list_shows_an_aligned_table_and_json(ctl: Ctl, tmp_path: Path) -> None:
@@ -200,3 +209,24 @@ def test_status_lists_a_connected_gateways_tunnel(ctl: Ctl, controller: RunningC
         assert "UTC" in row
     finally:
         stop_process(agent)
+
+
+def test_the_audit_view_shows_utc_times_and_json_keeps_unix_times(ctl: Ctl, tmp_path: Path) -> None:
+    ctl.ok("identity", "create", "gw-audit-time", "--token-out", str(tmp_path / "t.token"))
+    events = json.loads(ctl.ok("audit", "--json", "--limit", "3").out)["events"]
+    assert all(isinstance(e["time"], (int, float)) for e in events)
+    rows = ctl.ok("audit", "--limit", "3").out.splitlines()[1:]
+    assert rows and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ  \S", row) for row in rows), rows
+    token_row = next(row for row in rows if "token_created" in row)
+    assert re.search(r" expires=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", token_row), token_row
+
+
+def test_audit_details_holding_times_read_as_dates_whatever_their_name() -> None:
+    from outpostctl.commands import audit_rows
+
+    [row] = audit_rows([{"id": 7, "time": 1796544000.5, "event": "renewal", "fields": {
+        "identity": "default/gw-1", "not_after": 1796630400, "previous_not_after": 1796544000, "serial": "ab"}}])
+    assert row == ["2026-12-06 08:00:00Z", "renewal", "identity=default/gw-1 not_after=2026-12-07T08:00:00Z "
+                   "previous_not_after=2026-12-06T08:00:00Z serial=ab"]
+    [first] = audit_rows([{"time": 1796544000, "event": "renewal", "fields": {"previous_not_after": 0}}])
+    assert first[2] == "previous_not_after=-"

@@ -29,7 +29,7 @@ def test_changelog_version_is_the_projects_version() -> None:
         pytest.skip("dpkg-dev is not installed (packaging/install-build-deps)")
     changelog = subprocess.run(["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog"), "-S", "Version"],
                                capture_output=True, text=True, check=True).stdout.strip()
-    assert f'version = "{changelog}"' in (REPO / "pyproject.toml").read_text()
+    assert f'__version__ = "{changelog}"' in (REPO / "agent/__init__.py").read_text()
 
 
 def test_both_packages_depend_on_debians_own_python_libraries(built_debs: dict[str, Path]) -> None:

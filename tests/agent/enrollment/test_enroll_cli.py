@@ -163,3 +163,16 @@ def test_a_missing_token_file_is_one_line(tmp_path: Path):
 
     assert result.returncode == 65
     assert one_line_error(result) == f"outpost-agent: the token file {tmp_path / 'nope'} does not exist; check the path"
+
+
+def test_a_config_demanding_a_tpm_where_there_is_none_exits_64_in_one_line_and_keeps_the_token(
+        controller, state_dir, token_file, tmp_path):
+    token = token_file(controller.token())
+    config = tmp_path / "agent.toml"
+    config.write_text('[keystore]\nbackend = "tpm"\ntcti = "device:/dev/outpost-test-no-such-tpm"\n')
+
+    result = run_cli("enroll", "--token", token, "--state", state_dir, "--config", config)
+
+    assert result.returncode == 64, result.stderr
+    assert 'keystore.backend = "software"' in one_line_error(result)
+    assert token.exists() and not StateDir(state_dir).is_enrolled()

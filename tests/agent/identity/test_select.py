@@ -135,3 +135,17 @@ print(json.dumps(sorted(m for m in sys.modules if m.startswith(("tpm2_pytss", "a
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+@needs_tpm_library
+def test_a_tpm_missing_where_one_held_the_key_is_a_restartable_error_not_a_config_error(key_dir: Path) -> None:
+    from agent.identity.select import TpmRequiredButAbsent
+
+    settings = KeyStoreSettings(backend="tpm", tcti="device:/dev/outpost-test-no-such-tpm")
+    with pytest.raises(TpmRequiredButAbsent) as never_had_one:
+        open_keystore(key_dir, settings)
+    assert never_had_one.value.exit_code == 64
+    (key_dir / "key.tpm.json").write_text("{}")  # a TPM held this gateway's key: its driver may come up late
+    with pytest.raises(KeyStoreError) as late:
+        open_keystore(key_dir, settings)
+    assert not isinstance(late.value, TpmRequiredButAbsent) and late.value.exit_code == 1
