@@ -10,6 +10,11 @@ the rest:
 * expired longer ago                -> refused ``recovery_expired``
 * identity revoked or disabled      -> refused
 
+A key is renewed only while it is the identity's one current key: the key of
+a device replaced by re-enrollment is refused (``renewal_unknown_key``, the
+code every agent version stops on) with a sentence that says so, and the
+refusal names the identity, since the key once held it.
+
 The decision is a pure function of the identity and ``now``
 (``renewal_decision``); ``Renewal`` wraps it in one store transaction that
 issues, records and audits together.
@@ -76,6 +81,19 @@ def renewal_decision(identity: Identity, now: float, grace: float) -> str | Rene
     ))
 
 
+def unknown_key(former_holder: Identity | None) -> ControllerError:
+    """403 ``renewal_unknown_key``: no identity holds this key now; say so plainly if one did."""
+    if former_holder is None:
+        return forbidden(
+            "renewal_unknown_key", "No identity is enrolled with this gateway's key; re-enroll it with a new token."
+        )
+    return forbidden(
+        "renewal_unknown_key",
+        f"This gateway's key is no longer the key of {former_holder.label}: the identity was enrolled again with "
+        "a new key, and one identity has one key. Re-enroll this gateway with a new token if it should hold it.",
+    )
+
+
 def _days(seconds: float) -> str:
     days = seconds / 86400
     return f"{days:g} days" if days >= 1 else f"{seconds:g} seconds"
@@ -108,8 +126,9 @@ class Renewal:
 
         Every refusal is audited as ``renewal_refused`` with its reason and
         the peer's address (``remote``): naming the identity and its key when
-        the CSR proved an enrolled key, otherwise (a bad CSR, a key nobody
-        enrolled) through the audit log's anonymous budget. Never the CSR.
+        the CSR proved a key the identity holds or held before re-enrollment,
+        otherwise (a bad CSR, a key nobody enrolled) through the audit log's
+        anonymous budget. Never the CSR.
         """
         try:
             csr = parse_csr(csr_pem)
@@ -121,10 +140,8 @@ class Renewal:
         with self._store.transaction() as db:
             candidates = self._registry.identities_with_key(db, key_sha256)
             if not candidates:
-                refusal = forbidden(
-                    "renewal_unknown_key",
-                    "No identity is enrolled with this gateway's key; re-enroll it with a new token.",
-                )
+                identity = self._registry.former_holder_in(db, key_sha256)
+                refusal = unknown_key(identity)
             else:
                 # The same device key enrolled under two names: the newest enrollment is the one in use.
                 identity = candidates[0]

@@ -46,7 +46,11 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     used_at REAL,
-    used_key_sha256 TEXT
+    used_key_sha256 TEXT,
+    -- Set when a newer token of the identity was created (this one unused) or
+    -- redeemed: the token enrolls nothing any more (controller/tokens.py).
+    superseded_at REAL,
+    superseded_by TEXT
 );
 CREATE TABLE IF NOT EXISTS services (
     tenant TEXT NOT NULL,
@@ -78,8 +82,9 @@ CREATE TABLE IF NOT EXISTS audit (
     event TEXT NOT NULL,
     fields TEXT NOT NULL
 );
--- Every status change (revoked, disabled, enabled), in order: each controller
--- process polls it by seq (the primary key index) to close tunnels it holds.
+-- Every status change (revoked, disabled, enabled) and every change of an
+-- identity's key (status 'rekeyed'), in order: each controller process polls
+-- it by seq (the primary key index) to close tunnels it holds.
 CREATE TABLE IF NOT EXISTS status_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant TEXT NOT NULL,
@@ -87,8 +92,11 @@ CREATE TABLE IF NOT EXISTS status_changes (
     status TEXT NOT NULL,
     time REAL NOT NULL
 );
--- Renewal looks an identity up by the SHA-256 of its enrolled key.
+-- Renewal looks an identity up by the SHA-256 of its enrolled key, and a key
+-- no identity holds up among the certificates (whose key was it?): indexed,
+-- because anyone may send such a request.
 CREATE INDEX IF NOT EXISTS identities_by_key ON identities (key_sha256);
+CREATE INDEX IF NOT EXISTS certificates_by_key ON certificates (key_sha256);
 -- The audit log is append-only: no process, not even this one, rewrites history.
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -120,6 +128,7 @@ class Store:
         self._connection.execute("PRAGMA synchronous=FULL")
         with self.transaction() as db:
             db.executescript_in_transaction(SCHEMA)
+            _add_missing_columns(db)
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -170,6 +179,21 @@ class Transaction:
         # executescript() would COMMIT first; run the statements one by one instead.
         for statement in _split_statements(script):
             self._connection.execute(statement)
+
+
+#: Columns added after a store could first have been created; ``CREATE TABLE IF
+#: NOT EXISTS`` leaves an older table as it is, so each is added when missing.
+ADDED_COLUMNS = (
+    ("tokens", "superseded_at", "REAL"),
+    ("tokens", "superseded_by", "TEXT"),
+)
+
+
+def _add_missing_columns(db: Transaction) -> None:
+    for table, column, kind in ADDED_COLUMNS:
+        present = {row["name"] for row in db.query(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _split_statements(script: str) -> list[str]:

@@ -2,12 +2,21 @@
 
 Only ES256 is ever accepted. The header is checked before any verification,
 so ``alg: none`` and HMAC tokens keyed with the CA's public key (the classic
-algorithm-confusion attack) are refused without being interpreted.
+algorithm-confusion attack) are refused without being interpreted. The
+``iss`` must be this controller's URL, and the store's own record of the
+token (known, not superseded, not expired) has the last word.
+
+One identity, one key: creating a token for an identity supersedes every
+older token of it that was not redeemed, and redeeming one supersedes every
+other token of it, redeemed or not. A superseded token enrolls nothing, so
+only the newest token can (re-)enroll, and the idempotent retry of a
+redeemed token lasts only until another token of the identity is redeemed.
 """
 
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +62,45 @@ def token_error(code: str, message: str) -> ControllerError:
     return ControllerError(code, message, status)
 
 
+def supersede_in(db: Transaction, tenant: str, name: str, by_jti: str, *, redeemed_too: bool) -> int:
+    """Mark the identity's other live tokens superseded by ``by_jti``; returns how many.
+
+    At creation only the unredeemed ones (``redeemed_too`` False): the device
+    that redeemed the last token may still retry it until the new token is
+    used. At redemption all of them: from then on the new key is the one.
+    """
+    only_unredeemed = "" if redeemed_too else " AND used_at IS NULL"
+    cursor = db.execute(
+        "UPDATE tokens SET superseded_at = ?, superseded_by = ? "
+        "WHERE tenant = ? AND name = ? AND jti != ? AND superseded_at IS NULL" + only_unredeemed,
+        (time.time(), by_jti, tenant, name, by_jti),
+    )
+    return int(cursor.rowcount)
+
+
+def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float) -> sqlite3.Row:
+    """The store's record of a verified token, or why it enrolls nothing: unknown, superseded, expired.
+
+    A token that was redeemed and then superseded is the caller's to judge
+    (``token_used``): it says more than "a newer token exists".
+    """
+    row = db.query_one("SELECT * FROM tokens WHERE jti = ?", (claims.jti,))
+    if row is None or row["tenant"] != claims.tenant or row["name"] != claims.name:
+        raise token_error(
+            "token_unknown", "This controller has no record of the enrollment token; ask central ops for a new one."
+        )
+    if row["superseded_at"] is not None and row["used_at"] is None:
+        raise token_error(
+            "token_superseded",
+            f"This enrollment token for {label} no longer works: a newer token was issued for this identity; "
+            "use that one.",
+        )
+    # The store's expiry, not only the token's own exp claim: what the controller recorded is what holds.
+    if now > row["expires_at"] + EXPIRY_LEEWAY_SECONDS:
+        raise token_error("token_expired", "The enrollment token has expired; ask central ops for a new one.")
+    return row
+
+
 def check_ttl(value: object, default: int) -> int:
     if value is None:
         return default
@@ -73,7 +121,11 @@ class TokenAuthority:
         self.issuer_url = issuer_url
 
     def create_in(self, db: Transaction, identity: Identity, ttl: int) -> tuple[str, int]:
-        """Record and sign a new one-time token for ``identity``; returns (jwt, expires unix)."""
+        """Record and sign a new one-time token for ``identity``; returns (jwt, expires unix).
+
+        Every older unredeemed token of the identity stops working; the
+        ``token_created`` event says how many (``superseded``).
+        """
         now = int(time.time())
         expires = now + ttl
         jti = secrets.token_hex(JTI_BYTES)
@@ -92,15 +144,18 @@ class TokenAuthority:
         )
         if isinstance(token, bytes):  # PyJWT 1.x returned bytes; keep text everywhere
             token = token.decode("ascii")
+        superseded = supersede_in(db, identity.tenant, identity.name, jti, redeemed_too=False)
         db.execute(
             "INSERT INTO tokens (jti, tenant, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
             (jti, identity.tenant, identity.name, now, expires),
         )
-        self._audit.record_in(db, "token_created", identity=identity.label, jti=jti, expires=expires)
+        self._audit.record_in(
+            db, "token_created", identity=identity.label, jti=jti, expires=expires, superseded=superseded
+        )
         return token, expires
 
     def verify(self, token: object) -> TokenClaims:
-        """Verify signature, algorithm, audience, expiry and CA; raise a ``token_*`` error otherwise.
+        """Verify signature, algorithm, audience, expiry, CA and issuer; raise a ``token_*`` error otherwise.
 
         Whether the token is known and unused is the store's to say, inside the
         enrollment transaction.
@@ -155,6 +210,14 @@ class TokenAuthority:
         fields = (claims.get("jti"), claims.get("sub"), claims.get("tnt"), claims.get("iss"))
         if not all(isinstance(value, str) for value in fields):
             raise token_error("token_malformed", "The enrollment token's claims are incomplete; ask for a new one.")
+        # Signed by our CA, so the text is ours; another issuer is another controller sharing the CA
+        # (a restored backup, a staging copy) or this one under an old URL the agent would not reach.
+        if claims["iss"] != self.issuer_url:
+            raise token_error(
+                "token_issuer",
+                f"The enrollment token was issued for the controller at {claims['iss']}, not this one "
+                f"({self.issuer_url}); ask central ops for a token from this controller.",
+            )
         return TokenClaims(
             jti=claims["jti"],
             name=claims["sub"],
