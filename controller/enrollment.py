@@ -137,7 +137,7 @@ class Enrollment:
         key_sha256 = public_key_sha256(csr.public_key())
         label = f"{claims.tenant}/{claims.name}"
         with self._store.transaction() as db:
-            row = token_row_in(db, claims, label, time.time())
+            row = token_row_in(db, claims, label, time.time(), self._tokens.issuer_url)
             identity = self._registry.get_identity_in(db, claims.tenant, claims.name)
             if identity is None:
                 raise token_error(

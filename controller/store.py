@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     -- Set when a newer token of the identity was created (this one unused) or
     -- redeemed: the token enrolls nothing any more (controller/tokens.py).
     superseded_at REAL,
-    superseded_by TEXT
+    superseded_by TEXT,
+    -- The token's iss: the URL this controller minted it under.
+    issuer TEXT
 );
 CREATE TABLE IF NOT EXISTS services (
     tenant TEXT NOT NULL,
@@ -186,6 +188,7 @@ class Transaction:
 ADDED_COLUMNS = (
     ("tokens", "superseded_at", "REAL"),
     ("tokens", "superseded_by", "TEXT"),
+    ("tokens", "issuer", "TEXT"),
 )
 
 

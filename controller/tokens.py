@@ -3,8 +3,9 @@
 Only ES256 is ever accepted. The header is checked before any verification,
 so ``alg: none`` and HMAC tokens keyed with the CA's public key (the classic
 algorithm-confusion attack) are refused without being interpreted. The
-``iss`` must be this controller's URL, and the store's own record of the
-token (known, not superseded, not expired) has the last word.
+store's own record of the token has the last word: it must be known, carry
+the ``iss`` this controller minted it under, and be neither superseded nor
+expired by the store's own ``expires_at``.
 
 One identity, one key: creating a token for an identity supersedes every
 older token of it that was not redeemed, and redeeming one supersedes every
@@ -78,8 +79,14 @@ def supersede_in(db: Transaction, tenant: str, name: str, by_jti: str, *, redeem
     return int(cursor.rowcount)
 
 
-def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float) -> sqlite3.Row:
-    """The store's record of a verified token, or why it enrolls nothing: unknown, superseded, expired.
+def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float, issuer_url: str) -> sqlite3.Row:
+    """The store's record of a verified token, or why it enrolls nothing: unknown, another issuer, superseded, expired.
+
+    The ``iss`` must be the URL the token was minted under, recorded with it
+    (``issuer_url``, this process's own, for a token recorded before the
+    store kept it). Not simply this process's URL: a token minted by another
+    process on the shared store, or before the URL changed, is this
+    controller's as long as its record says so.
 
     A token that was redeemed and then superseded is the caller's to judge
     (``token_used``): it says more than "a newer token exists".
@@ -88,6 +95,14 @@ def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float)
     if row is None or row["tenant"] != claims.tenant or row["name"] != claims.name:
         raise token_error(
             "token_unknown", "This controller has no record of the enrollment token; ask central ops for a new one."
+        )
+    minted_under = row["issuer"] or issuer_url
+    if claims.issuer != minted_under:
+        # Signed with our CA key, yet not as we minted it: a copy of the key is signing elsewhere.
+        raise token_error(
+            "token_issuer",
+            f"The enrollment token names the controller at {claims.issuer}, but this controller issued it "
+            f"as {minted_under}; ask central ops for a new token.",
         )
     if row["superseded_at"] is not None and row["used_at"] is None:
         raise token_error(
@@ -146,8 +161,8 @@ class TokenAuthority:
             token = token.decode("ascii")
         superseded = supersede_in(db, identity.tenant, identity.name, jti, redeemed_too=False)
         db.execute(
-            "INSERT INTO tokens (jti, tenant, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (jti, identity.tenant, identity.name, now, expires),
+            "INSERT INTO tokens (jti, tenant, name, created_at, expires_at, issuer) VALUES (?, ?, ?, ?, ?, ?)",
+            (jti, identity.tenant, identity.name, now, expires, self.issuer_url),
         )
         self._audit.record_in(
             db, "token_created", identity=identity.label, jti=jti, expires=expires, superseded=superseded
@@ -210,14 +225,6 @@ class TokenAuthority:
         fields = (claims.get("jti"), claims.get("sub"), claims.get("tnt"), claims.get("iss"))
         if not all(isinstance(value, str) for value in fields):
             raise token_error("token_malformed", "The enrollment token's claims are incomplete; ask for a new one.")
-        # Signed by our CA, so the text is ours; another issuer is another controller sharing the CA
-        # (a restored backup, a staging copy) or this one under an old URL the agent would not reach.
-        if claims["iss"] != self.issuer_url:
-            raise token_error(
-                "token_issuer",
-                f"The enrollment token was issued for the controller at {claims['iss']}, not this one "
-                f"({self.issuer_url}); ask central ops for a token from this controller.",
-            )
         return TokenClaims(
             jti=claims["jti"],
             name=claims["sub"],
