@@ -52,7 +52,17 @@ def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
     ]))
     print()
     print(_technician_note(args.name, path))
+    print(_replaces_note(args.name))
     return 0
+
+
+def _replaces_note(name: str) -> str:
+    # One identity, one key: a new token retires the older ones, and its use retires the enrolled device.
+    return (
+        f"This token replaces every unused token issued earlier for {name}; those no longer enroll anything.\n"
+        f"Once it is used, the key it enrolls is {name}'s only key: a gateway enrolled earlier as {name}\n"
+        "loses its tunnels within seconds and can no longer renew."
+    )
 
 
 def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:
