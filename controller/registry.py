@@ -60,6 +60,8 @@ class Identity:
             "created_at": self.created_at,
             "enrolled_at": self.enrolled_at,
             "cert_not_after": self.cert_not_after,
+            # The one current device key (SHA-256 of its SubjectPublicKeyInfo), as audit events name keys.
+            "key_sha256": self.key_sha256,
         }
 
 

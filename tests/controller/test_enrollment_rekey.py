@@ -264,3 +264,21 @@ def test_a_token_minted_before_the_controllers_url_changed_still_enrolls(data_di
             assert (await running.enroll(new, make_key()))[0] == 200
 
     run(scenario())
+
+
+def test_the_identity_shows_its_one_current_key(data_dir: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(data_dir) as running:
+            token = (await running.create_identity("gw"))["token"]
+            assert (await running.call("GET", "/api/v1/identities/gw"))[1]["key_sha256"] is None
+            key = make_key()
+            assert (await running.enroll(token, key))[0] == 200
+            assert (await running.call("GET", "/api/v1/identities/gw"))[1]["key_sha256"] == sha(key)
+            new_key = make_key()
+            assert (await running.enroll(await new_token(running), new_key))[0] == 200
+            assert (await running.call("GET", "/api/v1/identities/gw"))[1]["key_sha256"] == sha(new_key)
+            enrollments = [e["fields"] for e in running.context.audit.recent() if e["event"] == "enrollment"]
+            assert "previous_key_sha256" not in enrollments[0]
+            assert enrollments[1]["previous_key_sha256"] == sha(key)
+
+    run(scenario())
