@@ -275,3 +275,19 @@ def test_a_renewal_racing_the_re_enrollment_never_leaves_the_old_key_current(tmp
             assert (await _renew(running, old_key))[0] == 403
 
     run(scenario())
+
+
+def test_a_replaced_device_flooding_renewals_is_recorded_within_the_anonymous_budget(tmp_path: Path) -> None:
+    from controller.audit import AnonymousBudget
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            old_key, _ = await _re_enrolled(running)
+            running.context.audit.anonymous_budget = AnonymousBudget(per_minute=2, clock=lambda: 1000.0)
+            before = store_snapshot(running.context.settings.store_path)
+            for _ in range(6):
+                assert (await _renew(running, old_key))[0] == 403
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert [(event, fields["identity"]) for event, fields in added] == [("renewal_refused", "default/gw")] * 2
+
+    run(scenario())
