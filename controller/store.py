@@ -18,6 +18,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -193,10 +194,31 @@ ADDED_COLUMNS = (
 
 
 def _add_missing_columns(db: Transaction) -> None:
+    added = set()
     for table, column, kind in ADDED_COLUMNS:
         present = {row["name"] for row in db.query(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            added.add((table, column))
+    if ("tokens", "superseded_at") in added:
+        _supersede_older_tokens(db)
+
+
+def _supersede_older_tokens(db: Transaction) -> None:
+    """Once, for a store from before tokens were superseded: an unused token with a newer one of its
+    identity stops working, as it would have had the newer one been created today (controller/tokens.py).
+
+    Rows are inserted, never deleted, so ``rowid`` is the order they were created in.
+    """
+    db.execute(
+        "UPDATE tokens SET superseded_at = ?, superseded_by = ("
+        " SELECT newer.jti FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+        " AND newer.rowid > tokens.rowid ORDER BY newer.rowid DESC LIMIT 1) "
+        "WHERE used_at IS NULL AND EXISTS ("
+        " SELECT 1 FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+        " AND newer.rowid > tokens.rowid)",
+        (time.time(),),
+    )
 
 
 def _split_statements(script: str) -> list[str]:

@@ -282,3 +282,38 @@ def test_the_identity_shows_its_one_current_key(data_dir: Path) -> None:
             assert enrollments[1]["previous_key_sha256"] == sha(key)
 
     run(scenario())
+
+
+#: The tokens table as stores created before tokens could be superseded hold it.
+OLD_TOKENS_TABLE = """CREATE TABLE tokens (
+    jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, name TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, used_at REAL, used_key_sha256 TEXT)"""
+
+
+def test_a_store_from_before_supersession_retires_its_older_unused_tokens_once(tmp_path: Path) -> None:
+    import sqlite3
+
+    from controller.store import Store
+
+    path = tmp_path / "store.sqlite3"
+    connection = sqlite3.connect(str(path))
+    connection.execute(OLD_TOKENS_TABLE)
+    rows = [("t1", "gw", None), ("t2", "gw", None), ("t3", "gw", None), ("u1", "other", 5.0), ("u2", "other", None),
+            ("v1", "third", 5.0)]
+    for jti, name, used in rows:
+        connection.execute("INSERT INTO tokens (jti, tenant, name, created_at, expires_at, used_at) "
+                           "VALUES (?, 'default', ?, 1, 2e9, ?)", (jti, name, used))
+    connection.commit()
+    connection.close()
+    store = Store(path)
+    try:
+        state = {row["jti"]: row["superseded_by"] for row in store.query("SELECT jti, superseded_by FROM tokens")}
+        # The newest token of each identity still works; an older unused one names the newest; a used one stays.
+        assert state == {"t1": "t3", "t2": "t3", "t3": None, "u1": None, "u2": None, "v1": None}
+    finally:
+        store.close()
+    reopened = Store(path)  # the columns exist now: nothing runs again
+    try:
+        assert reopened.query_one("SELECT superseded_by FROM tokens WHERE jti = 't3'")["superseded_by"] is None
+    finally:
+        reopened.close()
