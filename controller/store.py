@@ -100,6 +100,8 @@ CREATE TABLE IF NOT EXISTS status_changes (
 -- because anyone may send such a request.
 CREATE INDEX IF NOT EXISTS identities_by_key ON identities (key_sha256);
 CREATE INDEX IF NOT EXISTS certificates_by_key ON certificates (key_sha256);
+-- A new token, and every redemption, supersedes the identity's other tokens.
+CREATE INDEX IF NOT EXISTS tokens_by_identity ON tokens (tenant, name);
 -- The audit log is append-only: no process, not even this one, rewrites history.
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;

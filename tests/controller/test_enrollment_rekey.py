@@ -317,3 +317,22 @@ def test_a_store_from_before_supersession_retires_its_older_unused_tokens_once(t
         assert reopened.query_one("SELECT superseded_by FROM tokens WHERE jti = 't3'")["superseded_by"] is None
     finally:
         reopened.close()
+
+
+def test_superseding_and_the_former_holder_lookup_are_indexed(tmp_path: Path) -> None:
+    # Both run inside enrollment and renewal transactions, the latter for anyone who sends a CSR.
+    from controller.store import Store
+
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        plans = {
+            "supersede": ("UPDATE tokens SET superseded_at = 1 WHERE tenant = ? AND name = ? AND jti != ? "
+                          "AND superseded_at IS NULL", ("default", "gw", "x")),
+            "former holder": ("SELECT tenant, name FROM certificates WHERE key_sha256 = ? AND purpose != 'session' "
+                              "ORDER BY issued_at DESC LIMIT 1", ("ab",)),
+        }
+        for what, (sql, parameters) in plans.items():
+            detail = " ".join(row["detail"] for row in store.query("EXPLAIN QUERY PLAN " + sql, parameters))
+            assert "USING INDEX" in detail, (what, detail)
+    finally:
+        store.close()
