@@ -170,10 +170,11 @@ class TokenAuthority:
         return token, expires
 
     def verify(self, token: object) -> TokenClaims:
-        """Verify signature, algorithm, audience, expiry, CA and issuer; raise a ``token_*`` error otherwise.
+        """Verify signature, algorithm, audience, expiry and CA; raise a ``token_*`` error otherwise.
 
-        Whether the token is known and unused is the store's to say, inside the
-        enrollment transaction.
+        Whether the token is known, unused, not superseded, issued under its
+        ``iss`` and unexpired by the store's record is the store's to say,
+        inside the enrollment transaction (``token_row_in``).
         """
         if not isinstance(token, str) or not token.strip():
             raise token_error("token_malformed", "The enrollment token is missing; pass the token file's content.")
