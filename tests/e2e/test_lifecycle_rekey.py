@@ -103,6 +103,7 @@ def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
         token = tmp_path / "gw-1-new.token"
         issued = ctl_via(a_config, "identity", "token", "gw-1", "--token-out", str(token))
         assert "replaces every unused token" in issued.stdout
+        assert f"key sha256 {old_key_sha[:16]}" in issued.stdout and "loses its tunnels" in issued.stdout
         new_state = tmp_path / "gw-1-new-state"
         watch = TunnelWatch(second, "gw-1")
         watch.start()
