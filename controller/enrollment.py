@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
 from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Store, Transaction
-from controller.tokens import TokenAuthority, TokenClaims, token_error
+from controller.tokens import TokenAuthority, TokenClaims, supersede_in, token_error, token_row_in
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,24 @@ def parse_csr(pem: object) -> x509.CertificateSigningRequest:
     return csr
 
 
+def refuse_retry(row: sqlite3.Row, identity: Identity, key_sha256: str) -> None:
+    """Allow the retry of a redeemed token only for its own key, while that key is still the identity's.
+
+    The retry is for an agent that crashed before storing its certificate.
+    Once another token of the identity was redeemed (the token is superseded)
+    or the identity holds another key, the token's device no longer holds the
+    identity, and replaying the token must not take it back.
+    """
+    if row["used_key_sha256"] != key_sha256:
+        raise token_error("token_used", "This enrollment token was already used; ask central ops for a new one.")
+    if row["superseded_at"] is not None or identity.key_sha256 != key_sha256:
+        raise token_error(
+            "token_used",
+            f"This enrollment token was already used, and {identity.label} was enrolled again with a newer token "
+            "since, so this device no longer holds it; ask central ops for a new token if it should.",
+        )
+
+
 class Enrollment:
     """Redeems tokens and issues session certificates."""
 
@@ -116,31 +135,29 @@ class Enrollment:
     def _redeem(self, claims: TokenClaims, csr_pem: object) -> Issued:
         csr = parse_csr(csr_pem)
         key_sha256 = public_key_sha256(csr.public_key())
+        label = f"{claims.tenant}/{claims.name}"
         with self._store.transaction() as db:
-            row = db.query_one("SELECT * FROM tokens WHERE jti = ?", (claims.jti,))
-            if row is None or row["tenant"] != claims.tenant or row["name"] != claims.name:
-                raise token_error(
-                    "token_unknown", "This controller has no record of the enrollment token; ask central ops for a new one."
-                )
-            retry = row["used_at"] is not None
-            if retry and row["used_key_sha256"] != key_sha256:
-                raise token_error(
-                    "token_used", "This enrollment token was already used; ask central ops for a new one."
-                )
+            row = token_row_in(db, claims, label, time.time(), self._tokens.issuer_url)
             identity = self._registry.get_identity_in(db, claims.tenant, claims.name)
             if identity is None:
                 raise token_error(
                     "token_unknown", "The identity this token enrolls no longer exists; ask central ops for a new token."
                 )
+            retry = row["used_at"] is not None
+            if retry:
+                refuse_retry(row, identity, key_sha256)
             refuse_blocked(identity)
             if not retry:
                 db.execute(
                     "UPDATE tokens SET used_at = ?, used_key_sha256 = ? WHERE jti = ? AND used_at IS NULL",
                     (time.time(), key_sha256, claims.jti),
                 )
+                # From now on this token's key is the identity's one key: no other token enrolls anything.
+                supersede_in(db, identity.tenant, identity.name, claims.jti, redeemed_too=True)
             certificate = self._issue_in(db, identity, csr.public_key(), self._cert_lifetime, "enrollment")
             not_after = not_after_of(certificate).timestamp()
-            self._registry.mark_enrolled_in(db, identity, key_sha256, not_after)
+            rekeyed = self._registry.enroll_key_in(db, identity, key_sha256, not_after)
+            fields = {"previous_key_sha256": identity.key_sha256} if rekeyed and identity.key_sha256 else {}
             self._audit.record_in(
                 db,
                 "enrollment",
@@ -149,9 +166,13 @@ class Enrollment:
                 key_sha256=key_sha256,
                 serial=format(certificate.serial_number, "x"),
                 retry=retry,
+                **fields,
             )
             enrolled = self._registry.get_identity_in(db, identity.tenant, identity.name)
         assert enrolled is not None
+        if rekeyed:
+            # Committed: this process's tunnels on any other key close now, the others' at their next poll.
+            self._registry.announce_rekeyed(enrolled)
         return Issued(enrolled, certificate)
 
     def issue_session(self, tenant: str, name: str, csr_pem: object) -> Issued:

@@ -27,6 +27,9 @@ STATUS_DISABLED = "disabled"
 STATUS_REVOKED = "revoked"
 #: Identities in these states get no certificate, no session and no tunnel.
 BLOCKED_STATUSES = frozenset({STATUS_DISABLED, STATUS_REVOKED})
+#: The ``status_changes`` kind of a change of key: the identity was enrolled
+#: with another key, and every tunnel on any other key must close.
+CHANGE_REKEYED = "rekeyed"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class Identity:
             "created_at": self.created_at,
             "enrolled_at": self.enrolled_at,
             "cert_not_after": self.cert_not_after,
+            # The one current device key (SHA-256 of its SubjectPublicKeyInfo), as audit events name keys.
+            "key_sha256": self.key_sha256,
         }
 
 
@@ -76,6 +81,7 @@ class Service:
 
 
 RevocationListener = Callable[[Identity], None]
+RekeyListener = Callable[[Identity], None]
 
 
 class Registry:
@@ -87,9 +93,15 @@ class Registry:
         self.trust_domain = trust_domain
         #: Called in-process with the revoked Identity (the relay closes its tunnels).
         self.revocation_listeners: list[RevocationListener] = []
+        #: Called in-process with the identity as it is after a change of its key
+        #: (the relay closes its tunnels on any other key).
+        self.rekey_listeners: list[RekeyListener] = []
 
     def on_revoked(self, listener: RevocationListener) -> None:
         self.revocation_listeners.append(listener)
+
+    def on_rekeyed(self, listener: RekeyListener) -> None:
+        self.rekey_listeners.append(listener)
 
     # Identities
 
@@ -151,12 +163,27 @@ class Registry:
             rows = self._store.query("SELECT * FROM identities WHERE tenant = ? ORDER BY name", (tenant,))
         return [self._identity(row) for row in rows]
 
-    def mark_enrolled_in(self, db: Transaction, identity: Identity, key_sha256: str, not_after: float) -> None:
+    def enroll_key_in(self, db: Transaction, identity: Identity, key_sha256: str, not_after: float) -> bool:
+        """Make ``key_sha256`` the identity's one current key; True when that changed its key.
+
+        A change is logged in ``status_changes`` as ``rekeyed`` in the same
+        transaction, so every controller process closes the tunnels of the
+        key it replaced (controller/watcher.py); the caller announces it in
+        this process after the commit (``announce_rekeyed``).
+        """
+        now = time.time()
         db.execute(
             "UPDATE identities SET status = ?, enrolled_at = ?, cert_not_after = ?, key_sha256 = ? "
             "WHERE tenant = ? AND name = ?",
-            (STATUS_ENROLLED, time.time(), not_after, key_sha256, identity.tenant, identity.name),
+            (STATUS_ENROLLED, now, not_after, key_sha256, identity.tenant, identity.name),
         )
+        if identity.key_sha256 == key_sha256:
+            return False
+        db.execute(
+            "INSERT INTO status_changes (tenant, name, status, time) VALUES (?, ?, ?, ?)",
+            (identity.tenant, identity.name, CHANGE_REKEYED, now),
+        )
+        return True
 
     def revoke(self, tenant: str, name: str) -> Identity:
         """Mark the identity revoked (idempotent, final), audit it and tell every listener."""
@@ -208,12 +235,40 @@ class Registry:
             except Exception:  # a broken listener must not undo or hide the revocation
                 log.exception("revocation listener failed for %s", identity.label)
 
+    def announce_rekeyed(self, identity: Identity) -> None:
+        """Tell every listener (the relay) that ``identity``'s current key is ``identity.key_sha256``.
+
+        Called at once for a re-enrollment in this process, and by the store
+        watcher for one in another; listeners must be idempotent.
+        """
+        for listener in list(self.rekey_listeners):
+            try:
+                listener(identity)
+            except Exception:  # a broken listener must not undo or hide the re-enrollment
+                log.exception("rekey listener failed for %s", identity.label)
+
     def identities_with_key(self, db: Transaction, key_sha256: str) -> list[Identity]:
         """Identities whose enrolled key is ``key_sha256``, most recently enrolled first."""
         rows = db.query(
             "SELECT * FROM identities WHERE key_sha256 = ? ORDER BY enrolled_at DESC", (key_sha256,)
         )
         return [self._identity(row) for row in rows]
+
+    def former_holder_in(self, db: Transaction, key_sha256: str) -> Identity | None:
+        """The identity a certificate was last issued to for ``key_sha256``, if that is no longer its key.
+
+        What the old device of a re-enrolled gateway proves: a key this
+        identity held once. Session certificates never held an identity's key.
+        """
+        row = db.query_one(
+            "SELECT tenant, name FROM certificates WHERE key_sha256 = ? AND purpose != 'session' "
+            "ORDER BY issued_at DESC LIMIT 1",
+            (key_sha256,),
+        )
+        if row is None:
+            return None
+        identity = self.get_identity_in(db, row["tenant"], row["name"])
+        return identity if identity is not None and identity.key_sha256 != key_sha256 else None
 
     def record_certificate_in(self, db: Transaction, identity: Identity, not_after: float) -> None:
         """A renewed or recovered certificate: the identity's newest notAfter moves on."""

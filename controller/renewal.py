@@ -10,6 +10,11 @@ the rest:
 * expired longer ago                -> refused ``recovery_expired``
 * identity revoked or disabled      -> refused
 
+A key is renewed only while it is the identity's one current key: the key of
+a device replaced by re-enrollment is refused (``renewal_unknown_key``, the
+code every agent version stops on) with a sentence that says so, and the
+refusal names the identity, since the key once held it.
+
 The decision is a pure function of the identity and ``now``
 (``renewal_decision``); ``Renewal`` wraps it in one store transaction that
 issues, records and audits together.
@@ -76,6 +81,19 @@ def renewal_decision(identity: Identity, now: float, grace: float) -> str | Rene
     ))
 
 
+def unknown_key(former_holder: Identity | None) -> ControllerError:
+    """403 ``renewal_unknown_key``: no identity holds this key now; say so plainly if one did."""
+    if former_holder is None:
+        return forbidden(
+            "renewal_unknown_key", "No identity is enrolled with this gateway's key; re-enroll it with a new token."
+        )
+    return forbidden(
+        "renewal_unknown_key",
+        f"This gateway's key is no longer the key of {former_holder.label}: the identity was enrolled again with "
+        "a new key, and one identity has one key. Re-enroll this gateway with a new token if it should hold it.",
+    )
+
+
 def _days(seconds: float) -> str:
     days = seconds / 86400
     return f"{days:g} days" if days >= 1 else f"{seconds:g} seconds"
@@ -108,8 +126,9 @@ class Renewal:
 
         Every refusal is audited as ``renewal_refused`` with its reason and
         the peer's address (``remote``): naming the identity and its key when
-        the CSR proved an enrolled key, otherwise (a bad CSR, a key nobody
-        enrolled) through the audit log's anonymous budget. Never the CSR.
+        the CSR proved the identity's key; otherwise (a bad CSR, a key nobody
+        holds) through the audit log's anonymous budget, naming the identity
+        a replaced key held before re-enrollment. Never the CSR.
         """
         try:
             csr = parse_csr(csr_pem)
@@ -118,13 +137,13 @@ class Renewal:
         public_key = csr.public_key()
         key_sha256 = public_key_sha256(public_key)
         identity: Identity | None = None
+        former: Identity | None = None
         with self._store.transaction() as db:
             candidates = self._registry.identities_with_key(db, key_sha256)
             if not candidates:
-                refusal = forbidden(
-                    "renewal_unknown_key",
-                    "No identity is enrolled with this gateway's key; re-enroll it with a new token.",
-                )
+                # Named if the key once held an identity, but budgeted: it holds none now.
+                former = self._registry.former_holder_in(db, key_sha256)
+                refusal = unknown_key(former)
             else:
                 # The same device key enrolled under two names: the newest enrollment is the one in use.
                 identity = candidates[0]
@@ -133,7 +152,7 @@ class Renewal:
                     return self._certify_in(db, identity, decision, public_key, key_sha256)
                 refusal = decision.error
         # After the transaction: the refusal is recorded, nothing else changes.
-        self._refuse(refusal, remote, key_sha256, identity)
+        self._refuse(refusal, remote, key_sha256, identity, former_holder=former)
 
     def _certify_in(
         self, db: Transaction, identity: Identity, decision: str, public_key: ec.EllipticCurvePublicKey, key_sha256: str
@@ -163,12 +182,21 @@ class Renewal:
         return Issued(renewed, certificate)
 
     def _refuse(
-        self, error: ControllerError, remote: str | None, key_sha256: str | None = None, identity: Identity | None = None
+        self,
+        error: ControllerError,
+        remote: str | None,
+        key_sha256: str | None = None,
+        identity: Identity | None = None,
+        former_holder: Identity | None = None,
     ) -> NoReturn:
         fields: dict[str, object] = {"reason": error.code, "remote": remote}
         if key_sha256 is not None:
             # The SHA-256 of a public key: no secret, and what names a gateway whose identity is gone.
             fields["key_sha256"] = key_sha256
+        if former_holder is not None:
+            # A replaced device proves a key that no longer holds the identity: say whose it was, within the
+            # anonymous budget, since a device that holds nothing must not grow the store without bound.
+            fields["identity"] = former_holder.label
         if identity is None:
             log.warning("renewal refused: %s", error.code)
             self._audit.record_anonymous("renewal_refused", **fields)

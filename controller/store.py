@@ -18,6 +18,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +47,13 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     used_at REAL,
-    used_key_sha256 TEXT
+    used_key_sha256 TEXT,
+    -- Set when a newer token of the identity was created (this one unused) or
+    -- redeemed: the token enrolls nothing any more (controller/tokens.py).
+    superseded_at REAL,
+    superseded_by TEXT,
+    -- The token's iss: the URL this controller minted it under.
+    issuer TEXT
 );
 CREATE TABLE IF NOT EXISTS services (
     tenant TEXT NOT NULL,
@@ -78,8 +85,9 @@ CREATE TABLE IF NOT EXISTS audit (
     event TEXT NOT NULL,
     fields TEXT NOT NULL
 );
--- Every status change (revoked, disabled, enabled), in order: each controller
--- process polls it by seq (the primary key index) to close tunnels it holds.
+-- Every status change (revoked, disabled, enabled) and every change of an
+-- identity's key (status 'rekeyed'), in order: each controller process polls
+-- it by seq (the primary key index) to close tunnels it holds.
 CREATE TABLE IF NOT EXISTS status_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant TEXT NOT NULL,
@@ -87,8 +95,13 @@ CREATE TABLE IF NOT EXISTS status_changes (
     status TEXT NOT NULL,
     time REAL NOT NULL
 );
--- Renewal looks an identity up by the SHA-256 of its enrolled key.
+-- Renewal looks an identity up by the SHA-256 of its enrolled key, and a key
+-- no identity holds up among the certificates (whose key was it?): indexed,
+-- because anyone may send such a request.
 CREATE INDEX IF NOT EXISTS identities_by_key ON identities (key_sha256);
+CREATE INDEX IF NOT EXISTS certificates_by_key ON certificates (key_sha256);
+-- A new token, and every redemption, supersedes the identity's other tokens.
+CREATE INDEX IF NOT EXISTS tokens_by_identity ON tokens (tenant, name);
 -- The audit log is append-only: no process, not even this one, rewrites history.
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -120,6 +133,7 @@ class Store:
         self._connection.execute("PRAGMA synchronous=FULL")
         with self.transaction() as db:
             db.executescript_in_transaction(SCHEMA)
+            _add_missing_columns(db)
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -170,6 +184,43 @@ class Transaction:
         # executescript() would COMMIT first; run the statements one by one instead.
         for statement in _split_statements(script):
             self._connection.execute(statement)
+
+
+#: Columns added after a store could first have been created; ``CREATE TABLE IF
+#: NOT EXISTS`` leaves an older table as it is, so each is added when missing.
+ADDED_COLUMNS = (
+    ("tokens", "superseded_at", "REAL"),
+    ("tokens", "superseded_by", "TEXT"),
+    ("tokens", "issuer", "TEXT"),
+)
+
+
+def _add_missing_columns(db: Transaction) -> None:
+    added = set()
+    for table, column, kind in ADDED_COLUMNS:
+        present = {row["name"] for row in db.query(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            added.add((table, column))
+    if ("tokens", "superseded_at") in added:
+        _supersede_older_tokens(db)
+
+
+def _supersede_older_tokens(db: Transaction) -> None:
+    """Once, for a store from before tokens were superseded: an unused token with a newer one of its
+    identity stops working, as it would have had the newer one been created today (controller/tokens.py).
+
+    Rows are inserted, never deleted, so ``rowid`` is the order they were created in.
+    """
+    db.execute(
+        "UPDATE tokens SET superseded_at = ?, superseded_by = ("
+        " SELECT newer.jti FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+        " AND newer.rowid > tokens.rowid ORDER BY newer.rowid DESC LIMIT 1) "
+        "WHERE used_at IS NULL AND EXISTS ("
+        " SELECT 1 FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+        " AND newer.rowid > tokens.rowid)",
+        (time.time(),),
+    )
 
 
 def _split_statements(script: str) -> list[str]:

@@ -2,12 +2,22 @@
 
 Only ES256 is ever accepted. The header is checked before any verification,
 so ``alg: none`` and HMAC tokens keyed with the CA's public key (the classic
-algorithm-confusion attack) are refused without being interpreted.
+algorithm-confusion attack) are refused without being interpreted. The
+store's own record of the token has the last word: it must be known, carry
+the ``iss`` this controller minted it under, and be neither superseded nor
+expired by the store's own ``expires_at``.
+
+One identity, one key: creating a token for an identity supersedes every
+older token of it that was not redeemed, and redeeming one supersedes every
+other token of it, redeemed or not. A superseded token enrolls nothing, so
+only the newest token can (re-)enroll, and the idempotent retry of a
+redeemed token lasts only until another token of the identity is redeemed.
 """
 
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +63,59 @@ def token_error(code: str, message: str) -> ControllerError:
     return ControllerError(code, message, status)
 
 
+def supersede_in(db: Transaction, tenant: str, name: str, by_jti: str, *, redeemed_too: bool) -> int:
+    """Mark the identity's other live tokens superseded by ``by_jti``; returns how many.
+
+    At creation only the unredeemed ones (``redeemed_too`` False): the device
+    that redeemed the last token may still retry it until the new token is
+    used. At redemption all of them: from then on the new key is the one.
+    """
+    only_unredeemed = "" if redeemed_too else " AND used_at IS NULL"
+    cursor = db.execute(
+        "UPDATE tokens SET superseded_at = ?, superseded_by = ? "
+        "WHERE tenant = ? AND name = ? AND jti != ? AND superseded_at IS NULL" + only_unredeemed,
+        (time.time(), by_jti, tenant, name, by_jti),
+    )
+    return int(cursor.rowcount)
+
+
+def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float, issuer_url: str) -> sqlite3.Row:
+    """The store's record of a verified token, or why it enrolls nothing: unknown, another issuer, superseded, expired.
+
+    The ``iss`` must be the URL the token was minted under, recorded with it
+    (``issuer_url``, this process's own, for a token recorded before the
+    store kept it). Not simply this process's URL: a token minted by another
+    process on the shared store, or before the URL changed, is this
+    controller's as long as its record says so.
+
+    A token that was redeemed and then superseded is the caller's to judge
+    (``token_used``): it says more than "a newer token exists".
+    """
+    row = db.query_one("SELECT * FROM tokens WHERE jti = ?", (claims.jti,))
+    if row is None or row["tenant"] != claims.tenant or row["name"] != claims.name:
+        raise token_error(
+            "token_unknown", "This controller has no record of the enrollment token; ask central ops for a new one."
+        )
+    minted_under = row["issuer"] or issuer_url
+    if claims.issuer != minted_under:
+        # Signed with our CA key, yet not as we minted it: a copy of the key is signing elsewhere.
+        raise token_error(
+            "token_issuer",
+            f"The enrollment token names the controller at {claims.issuer}, but this controller issued it "
+            f"as {minted_under}; ask central ops for a new token.",
+        )
+    if row["superseded_at"] is not None and row["used_at"] is None:
+        raise token_error(
+            "token_superseded",
+            f"This enrollment token for {label} no longer works: a newer token was issued for this identity; "
+            "use that one.",
+        )
+    # The store's expiry, not only the token's own exp claim: what the controller recorded is what holds.
+    if now > row["expires_at"] + EXPIRY_LEEWAY_SECONDS:
+        raise token_error("token_expired", "The enrollment token has expired; ask central ops for a new one.")
+    return row
+
+
 def check_ttl(value: object, default: int) -> int:
     if value is None:
         return default
@@ -73,7 +136,11 @@ class TokenAuthority:
         self.issuer_url = issuer_url
 
     def create_in(self, db: Transaction, identity: Identity, ttl: int) -> tuple[str, int]:
-        """Record and sign a new one-time token for ``identity``; returns (jwt, expires unix)."""
+        """Record and sign a new one-time token for ``identity``; returns (jwt, expires unix).
+
+        Every older unredeemed token of the identity stops working; the
+        ``token_created`` event says how many (``superseded``).
+        """
         now = int(time.time())
         expires = now + ttl
         jti = secrets.token_hex(JTI_BYTES)
@@ -92,18 +159,22 @@ class TokenAuthority:
         )
         if isinstance(token, bytes):  # PyJWT 1.x returned bytes; keep text everywhere
             token = token.decode("ascii")
+        superseded = supersede_in(db, identity.tenant, identity.name, jti, redeemed_too=False)
         db.execute(
-            "INSERT INTO tokens (jti, tenant, name, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (jti, identity.tenant, identity.name, now, expires),
+            "INSERT INTO tokens (jti, tenant, name, created_at, expires_at, issuer) VALUES (?, ?, ?, ?, ?, ?)",
+            (jti, identity.tenant, identity.name, now, expires, self.issuer_url),
         )
-        self._audit.record_in(db, "token_created", identity=identity.label, jti=jti, expires=expires)
+        self._audit.record_in(
+            db, "token_created", identity=identity.label, jti=jti, expires=expires, superseded=superseded
+        )
         return token, expires
 
     def verify(self, token: object) -> TokenClaims:
         """Verify signature, algorithm, audience, expiry and CA; raise a ``token_*`` error otherwise.
 
-        Whether the token is known and unused is the store's to say, inside the
-        enrollment transaction.
+        Whether the token is known, unused, not superseded, issued under its
+        ``iss`` and unexpired by the store's record is the store's to say,
+        inside the enrollment transaction (``token_row_in``).
         """
         if not isinstance(token, str) or not token.strip():
             raise token_error("token_malformed", "The enrollment token is missing; pass the token file's content.")

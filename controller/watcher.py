@@ -1,10 +1,12 @@
 """Status changes made by any controller process reach this process's relay.
 
-The store is the source of truth. Every revoke, disable or enable appends a
-row to ``status_changes`` (see registry.py); each process polls that table by
-its increasing ``seq`` and hands the identities that became revoked or
-disabled to the registry's listeners, so every relay process closes their
-tunnels, not only the one that took the operator's request.
+The store is the source of truth. Every revoke, disable or enable, and every
+re-enrollment with a new key (``rekeyed``), appends a row to
+``status_changes`` (see registry.py); each process polls that table by its
+increasing ``seq`` and hands the identities that became revoked or disabled,
+or hold a new key, to the registry's listeners, so every relay process
+closes their tunnels (for a new key: those on any other key), not only the
+one that took the request.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from controller.registry import BLOCKED_STATUSES, Identity, Registry
+from controller.registry import BLOCKED_STATUSES, CHANGE_REKEYED, Identity, Registry
 from controller.store import Store
 
 log = logging.getLogger(__name__)
 
-#: How often each process looks for changes. Revocation must close tunnels
+#: How often each process looks for changes. Revocation and re-enrollment must close tunnels
 #: everywhere within 2 s; half a second leaves room for a slow poll and the
 #: close itself, and one indexed query twice a second costs nothing.
 POLL_INTERVAL_SECONDS = 0.5
@@ -26,7 +28,7 @@ MAX_CHANGES_PER_POLL = 500
 
 
 class StatusWatcher:
-    """Polls ``status_changes`` from where it started; announces blocked identities."""
+    """Polls ``status_changes`` from where it started; announces blocked and re-keyed identities."""
 
     def __init__(self, store: Store, registry: Registry, interval: float = POLL_INTERVAL_SECONDS) -> None:
         self._store = store
@@ -45,13 +47,18 @@ class StatusWatcher:
         announced: list[Identity] = []
         for row in rows:
             self.last_seq = int(row["seq"])
-            if row["status"] not in BLOCKED_STATUSES:
+            if row["status"] not in BLOCKED_STATUSES and row["status"] != CHANGE_REKEYED:
                 continue
-            # The row says what happened; the registry says what holds now (enabled since?).
+            # The row says what happened; the registry says what holds now (enabled since? which key?).
             identity = self._registry.get_identity(row["tenant"], row["name"])
-            if identity is None or identity.status not in BLOCKED_STATUSES:
+            if identity is None:
                 continue
-            self._registry.announce_blocked(identity)
+            if row["status"] == CHANGE_REKEYED:
+                self._registry.announce_rekeyed(identity)
+            elif identity.status in BLOCKED_STATUSES:
+                self._registry.announce_blocked(identity)
+            else:
+                continue
             announced.append(identity)
         return announced
 

@@ -94,7 +94,20 @@ def identity_token(args: argparse.Namespace, client: ManagementClient) -> int:
     ]))
     print()
     print(_technician_note(args.name, path))
+    print(_replaces_note(args.name, answer.get("identity", {}).get("key_sha256")))
     return 0
+
+
+def _replaces_note(name: str, current_key: Any) -> str:
+    # One identity, one key: a new token retires the older ones, and its use retires the enrolled device.
+    note = f"This token replaces every unused token issued earlier for {name}; those no longer enroll anything."
+    if isinstance(current_key, str) and current_key:
+        note += (
+            f"\n{name} is enrolled now (key sha256 {current_key[:16]}...). Once this token is used, the key it\n"
+            "enrolls is the identity's only key: the device enrolled now loses its tunnels within seconds\n"
+            "and can no longer renew."
+        )
+    return note
 
 
 def _store_token(args: argparse.Namespace, answer: JsonObject) -> Path:

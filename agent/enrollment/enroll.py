@@ -51,7 +51,10 @@ MAX_ENROLL_RESPONSE = 64 * 1024
 MAX_RELAYS = 64
 #: A controller's sentence is one line; a longer one is cut so a terminal stays readable.
 MAX_CONTROLLER_MESSAGE = 300
-TOKEN_ERROR_CODES = frozenset({"token_malformed", "token_signature", "token_expired", "token_used", "token_unknown"})
+TOKEN_ERROR_CODES = frozenset({
+    "token_malformed", "token_signature", "token_expired", "token_used", "token_unknown", "token_superseded",
+    "token_issuer",
+})
 #: Gateway and controller clocks may disagree by this much. An unchecked local
 #: clock further behind the token's issue time is not set yet (no RTC, no NTP
 #: yet); the controller backdates certificates by the same five minutes.

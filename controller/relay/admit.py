@@ -3,7 +3,9 @@
 Only what this process verified decides the identity: the leaf certificate is
 checked against our CA itself (never "some certificate in the chain"), the
 signature must cover our own nonce and our own TLS certificate, and the
-registry must still know the identity as enrolled. A session certificate
+registry must still know the identity as enrolled, with the certificate's key
+as its one current key (a device replaced by re-enrollment holds a valid
+certificate for a key the identity no longer has). A session certificate
 (``outpostctl connect``; the store records each one's purpose when it is
 issued) is admitted only for an identity that never enrolled a device key,
 and the tunnel is marked so that it may dial but never bind.
@@ -23,6 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.identity.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from agent.tunnel.auth import verify_challenge_signature
 from agent.tunnel.protocol import ErrorCode
+from controller.ca import public_key_sha256
 from controller.enrollment import is_session_certificate
 
 # An agent presents its leaf and at most a few intermediates; anything longer
@@ -34,9 +37,14 @@ MAX_CHAIN_LENGTH = 4
 class Admitted:
     """Who a tunnel is, as this process verified it."""
 
+    #: The identity as admission read it; its ``key_sha256`` is this tunnel's key
+    #: for an enrolled identity (admission refuses any other key).
     identity: Any
     #: The certificate is a session certificate: dial only, never bind.
     session_certificate: bool
+    #: SHA-256 of the SubjectPublicKeyInfo of the key that signed the challenge:
+    #: when the identity's key changes, the relay closes tunnels on any other.
+    key_sha256: str = ""
 
 
 class AdmissionRefused(Exception):
@@ -101,4 +109,12 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
         public_key, signature, nonce, relay_digest
     ):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
-    return Admitted(identity, session_certificate)
+    key_sha256 = public_key_sha256(public_key)
+    if identity.key_sha256 is not None and key_sha256 != identity.key_sha256:
+        # Judged after the signature, so only the holder of the old key learns that it was replaced.
+        raise AdmissionRefused(
+            ErrorCode.REVOKED,
+            f"this certificate's key is no longer the key of identity {identity.tenant}/{identity.name}: "
+            "it was re-enrolled with a new key, and one identity has one key",
+        )
+    return Admitted(identity, session_certificate, key_sha256)

@@ -177,6 +177,9 @@ class Relay:
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
+        rekeyed = getattr(context.registry, "on_rekeyed", None)
+        if rekeyed is not None:
+            rekeyed(self.identity_rekeyed)
 
     def register(self, session: RelaySession) -> None:
         self.by_identity.setdefault(session.identity.uri, set()).add(session)
@@ -197,6 +200,17 @@ class Relay:
             asyncio.get_running_loop().create_task(
                 session.close(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} was {identity.status}")
             )
+
+    def identity_rekeyed(self, identity: Any) -> None:
+        """Close every live tunnel of ``identity`` on a key other than its current one (re-enrollment).
+
+        A tunnel's key is the one admission saw as the identity's (controller/relay/admit.py).
+        """
+        for session in list(self.by_identity.get(identity.uri, ())):
+            if session.identity.key_sha256 != identity.key_sha256:
+                asyncio.get_running_loop().create_task(session.close(
+                    ErrorCode.REVOKED, f"the key of identity {identity.tenant}/{identity.name} was replaced by "
+                    "re-enrollment"))
 
     def status(self) -> list[dict]:
         return [

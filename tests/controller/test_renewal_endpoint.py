@@ -222,3 +222,72 @@ def test_the_decision_on_numbers_alone() -> None:
     # Zero grace: recovery is off, renewal still works up to the last second.
     assert renewal_decision(_identity(), 1000.0, 0.0) == RENEWAL
     assert isinstance(renewal_decision(_identity(), 1000.1, 0.0), RenewalRefused)
+
+
+async def _re_enrolled(running, name: str = "gw"):
+    """Enroll ``name`` with one key, then again with a new token and a new key: (old key, new key)."""
+    old_key, _ = await _enrolled(running, name)
+    status, body = await running.call("POST", f"/api/v1/identities/{name}/token", {})
+    assert status == 201, body
+    new_key = make_key()
+    status, body = await running.enroll(body["token"], new_key, name)
+    assert status == 200, body
+    return old_key, new_key
+
+
+def test_the_replaced_key_neither_renews_nor_recovers_after_re_enrollment(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            old_key, new_key = await _re_enrolled(running)
+            for offset in (0.0, 3 * DAY):  # renewal, then recovery of an expired certificate
+                running.context.renewal.clock = lambda: time.time() + offset
+                before = store_snapshot(running.context.settings.store_path)
+                status, body = await _renew(running, old_key)
+                assert (status, body["error"]) == (403, "renewal_unknown_key"), body
+                assert "enrolled again with a new key" in body["message"] and "default/gw" in body["message"]
+                # The old device proved a key this identity once held: the refusal names it.
+                added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+                assert added == [("renewal_refused", {
+                    "identity": "default/gw", "key_sha256": public_key_sha256(old_key.public_key()),
+                    "reason": "renewal_unknown_key", "remote": "127.0.0.1",
+                })]
+            running.context.renewal.clock = time.time
+            status, body = await _renew(running, new_key)
+            assert status == 200, body
+
+    run(scenario())
+
+
+def test_a_renewal_racing_the_re_enrollment_never_leaves_the_old_key_current(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        import asyncio
+
+        async with running_controller(tmp_path / "c") as running:
+            old_key, _ = await _enrolled(running)
+            status, body = await running.call("POST", "/api/v1/identities/gw/token", {})
+            new_key = make_key()
+            results = await asyncio.gather(running.enroll(body["token"], new_key),
+                                           *(_renew(running, old_key) for _ in range(8)))
+            assert results[0][0] == 200
+            assert {status for status, _ in results[1:]} <= {200, 403}
+            identity = running.context.registry.get_identity("default", "gw")
+            assert identity.key_sha256 == public_key_sha256(new_key.public_key())
+            assert (await _renew(running, old_key))[0] == 403
+
+    run(scenario())
+
+
+def test_a_replaced_device_flooding_renewals_is_recorded_within_the_anonymous_budget(tmp_path: Path) -> None:
+    from controller.audit import AnonymousBudget
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            old_key, _ = await _re_enrolled(running)
+            running.context.audit.anonymous_budget = AnonymousBudget(per_minute=2, clock=lambda: 1000.0)
+            before = store_snapshot(running.context.settings.store_path)
+            for _ in range(6):
+                assert (await _renew(running, old_key))[0] == 403
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert [(event, fields["identity"]) for event, fields in added] == [("renewal_refused", "default/gw")] * 2
+
+    run(scenario())

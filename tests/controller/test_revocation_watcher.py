@@ -74,3 +74,57 @@ def test_the_poll_is_one_indexed_query(tmp_path: Path) -> None:
                          "WHERE seq > ? ORDER BY seq LIMIT ?", (0, 10))
     detail = " ".join(row["detail"] for row in plan)
     assert "SEARCH status_changes USING INTEGER PRIMARY KEY" in detail, detail
+
+
+def _enroll_key(registry: Registry, name: str, key_sha256: str) -> None:
+    """What a redemption does to the identity's key, in one transaction (controller/enrollment.py)."""
+    with registry._store.transaction() as db:
+        identity = registry.get_identity_in(db, "default", name)
+        registry.enroll_key_in(db, identity, key_sha256, 2e9)
+
+
+def test_a_re_enrollment_through_another_connection_reaches_this_process_as_rekeyed(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+    _enroll_key(registry_a, "gw", "aa" * 32)
+    rekeyed_b: list[Identity] = []
+    revoked_b: list[Identity] = []
+    registry_b.on_rekeyed(rekeyed_b.append)
+    registry_b.on_revoked(revoked_b.append)
+    watcher = StatusWatcher(store_b, registry_b)
+
+    _enroll_key(registry_a, "gw", "aa" * 32)  # the same key again (a crash retry): no change to announce
+    assert watcher.poll_once() == []
+    _enroll_key(registry_a, "gw", "bb" * 32)
+    assert rekeyed_b == []
+    announced = watcher.poll_once()
+    assert [(i.name, i.key_sha256) for i in announced] == [("gw", "bb" * 32)]
+    assert rekeyed_b == announced and revoked_b == []
+    assert watcher.poll_once() == []
+
+
+def test_a_rekey_announces_the_key_current_at_the_poll_not_the_one_in_the_row(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+    watcher = StatusWatcher(store_b, registry_b)
+    heard: list[Identity] = []
+    registry_b.on_rekeyed(heard.append)
+    _enroll_key(registry_a, "gw", "aa" * 32)
+    _enroll_key(registry_a, "gw", "bb" * 32)
+    watcher.poll_once()
+    # Both rows announce what holds now: every tunnel not on the newest key closes.
+    assert {i.key_sha256 for i in heard} == {"bb" * 32}
+
+
+def test_revocation_listeners_are_not_told_of_a_rekey_nor_rekey_listeners_of_a_revocation(tmp_path: Path) -> None:
+    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+    with registry_a._store.transaction() as db:
+        registry_a.create_identity_in(db, "default", "gw", ())
+    watcher = StatusWatcher(store_b, registry_b)
+    rekeyed: list[Identity] = []
+    registry_b.on_rekeyed(rekeyed.append)
+    registry_a.revoke("default", "gw")
+    assert [i.status for i in watcher.poll_once()] == ["revoked"]
+    assert rekeyed == []

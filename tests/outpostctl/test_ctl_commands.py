@@ -101,6 +101,9 @@ def test_identity_token_issues_a_new_token_file(ctl: Ctl, tmp_path: Path) -> Non
     assert token_claims(second)["exp"] - token_claims(second)["iat"] == 600
     assert stat.S_IMODE(second.stat().st_mode) == 0o600
     assert str(second) in result.out
+    # One identity, one key: the operator is told what the new token retires (no device yet, so no more).
+    assert "replaces every unused token issued earlier for gw-retoken" in result.out
+    assert "loses its tunnels" not in result.out
 
 
 def test_identity_revoke_marks_it_revoked(ctl: Ctl, tmp_path: Path) -> None:

@@ -18,10 +18,19 @@ from agent.errors import TrustError, TunnelRefused
 from agent.identity.trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.auth import certificate_digest
-from agent.tunnel.protocol import NONCE_SIZE, SUBPROTOCOL, ProtocolLimits, auth_message
+from agent.tunnel.protocol import NONCE_SIZE, SUBPROTOCOL, ErrorCode, ProtocolLimits, auth_message
 from agent.tunnel.protocol.connection import AUTH_MESSAGE_PREFIX
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
-from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, KeyOf, connect, enrolled, foreign_certificate, relay_url
+from tests.controller.relay.relay_harness import (
+    SCENARIO_TIMEOUT,
+    KeyOf,
+    connect,
+    enrolled,
+    foreign_certificate,
+    redeem,
+    relay_url,
+    session_credentials,
+)
 
 
 def snapshot(ctl: Running) -> dict:
@@ -193,5 +202,86 @@ def test_a_peer_that_does_not_authenticate_in_time_is_dropped(tmp_path: Path) ->
                         break
                 waited = asyncio.get_running_loop().time() - started
                 assert ProtocolLimits().auth_deadline - 1 <= waited <= ProtocolLimits().auth_deadline + 3
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+#: The issue's promise for re-enrollment, as for revocation: the old key's tunnels close within this.
+REKEY_DEADLINE = 2.0
+
+
+async def re_enroll(ctl: Running, name: str):
+    status, body = await ctl.call("POST", f"/api/v1/identities/{name}/token", {})
+    assert status == 201, body
+    return await redeem(ctl, body["token"], name)
+
+
+def test_re_enrollment_closes_the_old_keys_live_tunnel_and_refuses_its_certificate(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            old = await enrolled(ctl, "gw-r")
+            async with connect(ctl, old) as (old_session, old_task):
+                new = await re_enroll(ctl, "gw-r")
+                # The old certificate is still within its dates; only the identity's key moved on.
+                await asyncio.wait_for(old_task, REKEY_DEADLINE)
+                assert old_session.close_reason[0] == ErrorCode.REVOKED
+                assert "replaced" in old_session.close_reason[1]
+            before = snapshot(ctl)
+            with pytest.raises(TunnelRefused, match="no longer the key of identity default/gw-r"):
+                async with connect(ctl, old):
+                    pass
+            [reason] = refusals_only(before, snapshot(ctl))
+            assert "re-enrolled with a new key" in reason
+            async with connect(ctl, new) as (session, task):
+                assert session.relay_info["identity"] == new.uri
+                assert not task.done()
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_re_enrollment_leaves_the_new_keys_tunnel_and_other_identities_alone(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            other = await enrolled(ctl, "gw-o")
+            old = await enrolled(ctl, "gw-s")
+            async with connect(ctl, other) as (_, other_task), connect(ctl, old) as (_, old_task):
+                new = await re_enroll(ctl, "gw-s")
+                async with connect(ctl, new) as (_, new_task):
+                    await asyncio.wait_for(old_task, REKEY_DEADLINE)
+                    # The same key enrolled again (a crash retry of the newest token) closes nothing.
+                    with ctl.context.store.transaction() as db:
+                        identity = ctl.context.registry.get_identity_in(db, "default", "gw-s")
+                    ctl.context.registry.announce_rekeyed(identity)
+                    await asyncio.sleep(0.3)
+                    assert not new_task.done() and not other_task.done()
+                    names = [t[0] for t in await tunnel_status(ctl)]
+                    assert names == [other.uri, new.uri]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_session_tunnel_closes_when_its_identity_enrolls_a_device_key(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            token = (await ctl.create_identity("gw-p", ["gateway"]))["token"]
+            early = await session_credentials(ctl, "gw-p")
+            async with connect(ctl, early) as (session, task):
+                await redeem(ctl, token, "gw-p")
+                await asyncio.wait_for(task, REKEY_DEADLINE)
+                assert session.close_reason[0] == ErrorCode.REVOKED
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_session_certificate_of_an_identity_that_never_enrolled_keeps_working(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            operator = await session_credentials(ctl, "operator")
+            await enrolled(ctl, "gw-q")
+            await re_enroll(ctl, "gw-q")
+            async with connect(ctl, operator) as (session, task):
+                assert session.relay_info["identity"] == operator.uri
+                await asyncio.sleep(0.2)
+                assert not task.done()
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
