@@ -135,7 +135,8 @@ class RelaySession(TunnelSession):
 
     async def on_bind_requested(self, event: BindRequested) -> None:
         # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
-        decisions = await self.in_worker(self._decide_all, "bind", event.services)
+        held = self.relay.broker.keys_bound_by(self)
+        decisions = await self.in_worker(self._decide_all, "bind", event.services, held)
         if self.conn.closed:
             return
         bound: list[str] = []
@@ -148,13 +149,19 @@ class RelaySession(TunnelSession):
                 refused[requested] = reason
         self.conn.send_bind_result(bound, refused)
 
-    def _decide_all(self, kind: str, requested: Sequence[str]) -> list[Decision]:
-        """Decide every name (reads only), then audit them all in one transaction (worker thread)."""
+    def _decide_all(self, kind: str, requested: Sequence[str], held: frozenset[ServiceKey] = frozenset()
+                    ) -> list[Decision]:
+        """Decide every name (reads only), then audit them all in one transaction (worker thread).
+
+        A bind this tunnel already holds and may keep changes nothing, so it
+        is not recorded again: repeating an allowed BIND cannot grow the log.
+        """
         decisions = [self._decide(kind, name) for name in requested]
         self.context.audit.record_many([
             (f"{kind}_{'allowed' if allowed else 'denied'}",
              {"identity": self.identity.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
             for allowed, reason, key in decisions
+            if not (allowed and key in held)
         ])
         return decisions
 

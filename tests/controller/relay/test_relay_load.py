@@ -137,8 +137,14 @@ def test_one_bind_frame_is_one_store_transaction(tmp_path: Path) -> None:
                 await bind_answer(session, requested)
                 assert ctl.context.store.commits - commits == 1
                 assert sorted(session.bound) == ["hmi", "plc"] and len(session.refused) == 10
+                # The same BIND again: the binds it holds are not recorded twice, the refusals are (budgeted).
+                commits = ctl.context.store.commits
+                await bind_answer(session, requested)
+                assert ctl.context.store.commits - commits == 1
+                await bind_answer(session, ["plc", "hmi"])
+                assert ctl.context.store.commits - commits == 1  # nothing new to record: no transaction
             assert len(audit_rows(ctl, "bind_allowed")) == 2
-            assert len(audit_rows(ctl, "bind_denied")) == 10
+            assert len(audit_rows(ctl, "bind_denied")) == 20
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
