@@ -271,3 +271,21 @@ def test_a_refused_tunnel_of_a_verified_certificate_names_the_identity_in_a_fiel
             assert {row["identity"] for row in rows} == {credentials.uri}
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT * 2))
+
+
+def test_a_revocation_announced_from_a_worker_thread_closes_the_tunnel(tmp_path: Path) -> None:
+    """Enrollment and renewal now run in worker threads; a listener they call must still reach the event loop."""
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials = await enrolled(ctl, "gw-threaded")
+            async with connect(ctl, credentials) as (session, _):
+                registry = ctl.context.registry
+                identity = registry.get_identity("default", "gw-threaded")
+                blocked = type(identity)(**{**identity.__dict__, "status": "revoked"})
+                # Announced from a thread, as a listener called inside a worker's transaction would be.
+                await asyncio.to_thread(registry.announce_blocked, blocked)
+                await asyncio.wait_for(session.closed.wait(), 2.0)
+                assert session.close_reason[0] == ErrorCode.REVOKED
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
