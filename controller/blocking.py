@@ -16,6 +16,8 @@ import functools
 import threading
 from typing import Any, Callable, TypeVar
 
+from controller.errors import ControllerError
+
 T = TypeVar("T")
 
 #: Threads for the HTTP endpoints' enrollment, renewal, recovery and session
@@ -27,14 +29,33 @@ API_WORKERS = 2
 #: never holds more than one of them at once (RelaySession), so a peer
 #: flooding one frame type leaves the other for everybody else.
 RELAY_WORKERS = 2
+#: HTTP jobs that may wait for an API worker at once. A job is a few
+#: milliseconds (a signature and an fsync), so a fleet's burst of a thousand
+#: renewals waits seconds at most; past that, "busy, retry" (503, which the
+#: agent retries on its own schedule with jitter) costs the controller less
+#: than holding every request, its body and its connection in a queue.
+MAX_PENDING_API_JOBS = 1000
+
+
+def busy() -> ControllerError:
+    return ControllerError(
+        "controller_busy", "The controller is busy with other requests; retry in a few seconds.", 503
+    )
 
 
 class WorkerPool:
-    """A bounded thread pool, created on first use, shared by every controller of this process."""
+    """A bounded thread pool, created on first use, shared by every controller of this process.
 
-    def __init__(self, workers: int, name: str) -> None:
+    ``max_pending``: jobs ``run`` accepts at once (running and queued); past
+    it ``run`` refuses with 503 ``controller_busy`` and starts nothing.
+    None: every job queues (the relay, whose tunnels queue one job each).
+    """
+
+    def __init__(self, workers: int, name: str, max_pending: int | None = None) -> None:
         self.workers = workers
         self.name = name
+        self.max_pending = max_pending
+        self.pending = 0
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -47,13 +68,21 @@ class WorkerPool:
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``function(*args, **kwargs)`` in a worker thread; its result or its exception."""
         call = functools.partial(function, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self.executor(), call)
+        with self._lock:
+            if self.max_pending is not None and self.pending >= self.max_pending:
+                raise busy()
+            self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor(), call)
+        finally:
+            with self._lock:
+                self.pending -= 1
 
     def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Start ``function`` in a worker thread from code that cannot await (a callback)."""
         return self.executor().submit(function, *args, **kwargs)
 
 
-API_POOL = WorkerPool(API_WORKERS, "outpost-api")
+API_POOL = WorkerPool(API_WORKERS, "outpost-api", MAX_PENDING_API_JOBS)
 RELAY_POOL = WorkerPool(RELAY_WORKERS, "outpost-relay")
 

@@ -292,3 +292,29 @@ def test_a_revocation_announced_from_a_worker_thread_closes_the_tunnel(tmp_path:
                 assert session.close_reason[0] == ErrorCode.REVOKED
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_past_the_api_queue_bound_a_renewal_is_told_to_retry_and_nothing_changes(tmp_path: Path) -> None:
+    from controller.blocking import API_POOL
+    from tests.controller.harness import store_snapshot
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            created = await ctl.create_identity("gw-busy")
+            key = make_key()
+            status, body = await ctl.enroll(created["token"], key, "gw-busy")
+            assert status == 200, body
+            before = store_snapshot(ctl.context.settings.store_path)
+            bound = API_POOL.max_pending
+            API_POOL.max_pending = 0
+            try:
+                status, body = await ctl.call("POST", "/v1/renew", {"csr": make_csr(key, "gw-busy")}, admin=False)
+            finally:
+                API_POOL.max_pending = bound
+            assert (status, body["error"]) == (503, "controller_busy"), body
+            assert body["message"] == "The controller is busy with other requests; retry in a few seconds."
+            assert store_snapshot(ctl.context.settings.store_path) == before
+            status, body = await ctl.call("POST", "/v1/renew", {"csr": make_csr(key, "gw-busy")}, admin=False)
+            assert status == 200, body
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
