@@ -52,6 +52,7 @@ from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.tunnel.link_profiles import plan_from_settings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
+from agent.tunnel.protocol.limits import MAX_BIND_SERVICES
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")
@@ -200,6 +201,9 @@ class _Parser:
         binds = tuple(self.bind(entry, i) for i, entry in enumerate(self.array(document, "bind")))
         dials = tuple(self.dial(entry, i) for i, entry in enumerate(self.array(document, "dial")))
         self.unique([b.service for b in binds], "bind", "service", "bind each service once")
+        if len(binds) > MAX_BIND_SERVICES:
+            raise self.fail("bind", f"has {len(binds)} entries; one tunnel binds at most {MAX_BIND_SERVICES} "
+                            "services: split them across gateways' identities")
         self.unique([f"{d.listen_host}:{d.listen_port}" for d in dials], "dial", "listen", "give each dial its own port")
         link = self.table(document, "link")
         return AgentConfig(

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.enrollment import Issued
 from controller.errors import BodyRefused, bad_request, unknown_identity
@@ -93,18 +94,24 @@ class GatewayApi:
 
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        issued = self.context.enrollment.enroll(body.get("token"), body.get("csr"), remote=request.remote)
+        # The token's transaction fsyncs and the CA signs: off the loop that carries tunnels.
+        issued = await API_POOL.run(self.context.enrollment.enroll, body.get("token"), body.get("csr"),
+                                    remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
     async def renew(self, request: web.Request) -> web.Response:
         """Renewal or recovery: the CSR's key must be an identity's enrolled key (controller/renewal.py)."""
         body = await read_json(request)
-        issued = self.context.renewal.renew(body.get("csr"), remote=request.remote)
+        issued = await API_POOL.run(self.context.renewal.renew, body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
 
 class ManagementApi:
-    """``/api/v1/``: what operators (outpostctl) do, behind the admin credential."""
+    """``/api/v1/``: what operators (outpostctl) do, behind the admin credential.
+
+    Every handler that writes (a commit, a token's signature) runs it in the
+    API worker pool; reads stay on the event loop, on its own connection.
+    """
 
     def __init__(self, context: ControllerContext, tunnel_status: Callable[[], list[dict[str, Any]]]) -> None:
         self.context = context
@@ -142,9 +149,13 @@ class ManagementApi:
         roles = check_roles(body.get("roles"))
         ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
         ctx = self.context
-        with ctx.store.transaction() as db:
-            identity = ctx.registry.create_identity_in(db, tenant, name, roles)
-            token, expires = ctx.tokens.create_in(db, identity, ttl)
+
+        def create() -> tuple[Identity, str, int]:
+            with ctx.store.transaction() as db:
+                identity = ctx.registry.create_identity_in(db, tenant, name, roles)
+                return (identity, *ctx.tokens.create_in(db, identity, ttl))
+
+        identity, token, expires = await API_POOL.run(create)
         return web.json_response(
             {"identity": identity.to_json(), "token": token, "token_expires": expires}, status=201
         )
@@ -162,38 +173,46 @@ class ManagementApi:
         ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
         tenant, name = self._key_from_path(request)
         ctx = self.context
-        # Looked up in the transaction that creates the token: a revocation cannot slip in between.
-        with ctx.store.transaction() as db:
-            current = ctx.registry.get_identity_in(db, tenant, name)
-            if current is None:
-                raise unknown_identity(tenant, name)
-            refuse_blocked(current)
-            token, expires = ctx.tokens.create_in(db, current, ttl)
+
+        def create() -> tuple[Identity, str, int]:
+            # Looked up in the transaction that creates the token: a revocation cannot slip in between.
+            with ctx.store.transaction() as db:
+                current = ctx.registry.get_identity_in(db, tenant, name)
+                if current is None:
+                    raise unknown_identity(tenant, name)
+                refuse_blocked(current)
+                return (current, *ctx.tokens.create_in(db, current, ttl))
+
+        current, token, expires = await API_POOL.run(create)
         return web.json_response({"identity": current.to_json(), "token": token, "token_expires": expires}, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
         identity = self._identity_from_path(request)
-        revoked = self.context.registry.revoke(identity.tenant, identity.name)
+        revoked = await API_POOL.run(self.context.registry.revoke, identity.tenant, identity.name)
         return web.json_response(revoked.to_json())
 
     async def disable(self, request: web.Request) -> web.Response:
         identity = self._identity_from_path(request)
-        return web.json_response(self.context.registry.disable(identity.tenant, identity.name).to_json())
+        disabled = await API_POOL.run(self.context.registry.disable, identity.tenant, identity.name)
+        return web.json_response(disabled.to_json())
 
     async def enable(self, request: web.Request) -> web.Response:
         identity = self._identity_from_path(request)
-        return web.json_response(self.context.registry.enable(identity.tenant, identity.name).to_json())
+        enabled = await API_POOL.run(self.context.registry.enable, identity.tenant, identity.name)
+        return web.json_response(enabled.to_json())
 
     async def session(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         identity = self._identity_from_path(request)
-        issued = self.context.enrollment.issue_session(identity.tenant, identity.name, body.get("csr"))
+        issued = await API_POOL.run(self.context.enrollment.issue_session, identity.tenant, identity.name,
+                                    body.get("csr"))
         return web.json_response(issued_json(self.context, issued), status=201)
 
     async def create_service(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        service = self.context.registry.create_service(
-            _tenant(body.get("tenant")), check_name(body.get("name"), "service name"), check_roles(body.get("roles"))
+        service = await API_POOL.run(
+            self.context.registry.create_service,
+            _tenant(body.get("tenant")), check_name(body.get("name"), "service name"), check_roles(body.get("roles")),
         )
         return web.json_response(service.to_json(), status=201)
 
@@ -204,8 +223,9 @@ class ManagementApi:
 
     async def create_policy(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        policy = self.context.policy.create(
-            body.get("kind"), _tenant(body.get("tenant")), body.get("identities"), body.get("services")
+        policy = await API_POOL.run(
+            self.context.policy.create,
+            body.get("kind"), _tenant(body.get("tenant")), body.get("identities"), body.get("services"),
         )
         return web.json_response(policy.to_json(), status=201)
 

@@ -6,12 +6,21 @@ endpoint) are recorded too, through one budget per process
 (``AnonymousBudget``, shared by every such event): an operator sees every
 attempt of a real incident, and a flood of them cannot grow the store
 without bound.
+
+Refusals of an identity that did prove who it is (a denied bind or dial, a
+tunnel or a renewal refused to a known identity) go through a budget of
+that identity and event (``IdentityBudgets``): one gateway retrying in a
+loop, or flooding frames it knows will be denied, costs a few rows a minute.
+Past a budget, events are counted; the next row recorded for the same
+budget carries the count as ``suppressed``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -29,6 +38,18 @@ DEFAULT_AUDIT_PAGE = 100
 #: enrollment and renewal endpoints. Past it they are counted and the count
 #: is recorded with the next one.
 ANONYMOUS_EVENTS_PER_MINUTE = 60
+
+#: Refusals recorded per minute (and as a burst) for one identity and one
+#: event: a gateway that binds a few denied services at each reconnect, or an
+#: operator's misconfigured dial retried by hand, has every refusal recorded;
+#: a loop or a flood of one identity costs at most 28,800 rows a day per event.
+IDENTITY_REFUSALS_PER_MINUTE = 20
+#: Identities whose budgets one process tracks at once. The least recently
+#: refused is forgotten first (its count goes to the log); 10,000 budgets are
+#: about 2 MB, a whole fleet refused at once.
+MAX_TRACKED_IDENTITIES = 10_000
+#: Events budgeted per identity when the caller names the identity.
+IDENTITY_BUDGETED_EVENTS = frozenset({"bind_denied", "dial_denied", "tunnel_refused", "renewal_refused"})
 
 EVENTS = frozenset(
     {
@@ -78,17 +99,71 @@ class AnonymousBudget:
         return True
 
 
-class AuditLog:
-    """Writes and reads the ``audit`` table."""
+class IdentityBudgets:
+    """One ``AnonymousBudget`` per (identity, event), the least recently used forgotten past a bound."""
 
-    def __init__(self, store: Store, anonymous_budget: AnonymousBudget | None = None) -> None:
+    def __init__(self, per_minute: int = IDENTITY_REFUSALS_PER_MINUTE, capacity: int = MAX_TRACKED_IDENTITIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_minute = per_minute
+        self._capacity = capacity
+        self._clock = clock
+        self._budgets: collections.OrderedDict[tuple[str, str], AnonymousBudget] = collections.OrderedDict()
+
+    def admit(self, identity: str, event: str) -> tuple[bool, int]:
+        """(record this one?, how many were counted instead since the last recorded) for ``identity``'s ``event``."""
+        key = (identity, event)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = AnonymousBudget(self._per_minute, self._clock)
+            while len(self._budgets) > self._capacity:
+                (old_identity, old_event), old = self._budgets.popitem(last=False)
+                if old.suppressed:
+                    log.warning("audit: %d %s events of %s were counted and not recorded", old.suppressed,
+                                old_event, old_identity)
+        self._budgets.move_to_end(key)
+        if not budget.take():
+            if budget.suppressed == 1:
+                log.warning("audit: %s of %s past %d a minute: counting, not recording", event, identity,
+                            self._per_minute)
+            return False, budget.suppressed
+        suppressed, budget.suppressed = budget.suppressed, 0
+        return True, suppressed
+
+
+class AuditLog:
+    """Writes and reads the ``audit`` table. Safe to call from several threads."""
+
+    def __init__(self, store: Store, anonymous_budget: AnonymousBudget | None = None,
+                 identity_budgets: IdentityBudgets | None = None) -> None:
         self._store = store
         self.anonymous_budget = anonymous_budget or AnonymousBudget()
+        self.identity_budgets = identity_budgets or IdentityBudgets()
+        # The budgets are read and changed by the event loop and worker threads alike.
+        self._budget_lock = threading.Lock()
 
-    def record(self, event: str, **fields: Any) -> None:
-        """Append one event in its own transaction; ``fields`` must be JSON-serialisable."""
+    def record(self, event: str, **fields: Any) -> bool:
+        """Append one event in its own transaction; ``fields`` must be JSON-serialisable.
+
+        False when a budget only counted it (see ``record_in``): no transaction is opened then.
+        """
+        if not self._within_identity_budget(event, fields):
+            return False
         with self._store.transaction() as db:
-            self.record_in(db, event, **fields)
+            self._insert(db, event, fields)
+        return True
+
+    def record_many(self, events: list[tuple[str, dict[str, Any]]]) -> int:
+        """Append several events in one transaction, each within its budget; how many were recorded.
+
+        The budgets are taken first, so a batch that is all counted opens no transaction at all.
+        """
+        kept = [(event, dict(fields)) for event, fields in events]
+        kept = [(event, fields) for event, fields in kept if self._within_identity_budget(event, fields)]
+        if kept:
+            with self._store.transaction() as db:
+                for event, fields in kept:
+                    self._insert(db, event, fields)
+        return len(kept)
 
     def record_anonymous(self, event: str, **fields: Any) -> bool:
         """Append an event no authenticated peer caused, within the budget; False when it was only counted.
@@ -96,19 +171,42 @@ class AuditLog:
         The first event recorded after some were suppressed carries their number as ``suppressed``.
         """
         budget = self.anonymous_budget
-        if not budget.take():
-            log.warning("audit: %s not recorded (more than %d a minute)", event, ANONYMOUS_EVENTS_PER_MINUTE)
-            return False
-        if budget.suppressed:
-            fields["suppressed"] = budget.suppressed
+        with self._budget_lock:
+            if not budget.take():
+                if budget.suppressed == 1:
+                    log.warning("audit: %s not recorded (more than %d a minute)", event, ANONYMOUS_EVENTS_PER_MINUTE)
+                return False
+            if budget.suppressed:
+                fields["suppressed"] = budget.suppressed
+            budget.suppressed = 0
         self.record(event, **fields)
-        budget.suppressed = 0
         return True
 
-    def record_in(self, db: Transaction, event: str, **fields: Any) -> None:
-        """Append one event inside a caller's transaction (commits or rolls back with it)."""
+    def record_in(self, db: Transaction, event: str, **fields: Any) -> bool:
+        """Append one event inside a caller's transaction (commits or rolls back with it).
+
+        A refusal of a named identity (``IDENTITY_BUDGETED_EVENTS`` with an
+        ``identity`` field) past that identity's budget is counted instead of
+        recorded, and False returned; the next one recorded says how many.
+        """
+        if not self._within_identity_budget(event, fields):
+            return False
+        self._insert(db, event, fields)
+        return True
+
+    def _within_identity_budget(self, event: str, fields: dict[str, Any]) -> bool:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
+        identity = fields.get("identity")
+        if event not in IDENTITY_BUDGETED_EVENTS or not isinstance(identity, str):
+            return True
+        with self._budget_lock:
+            recorded, suppressed = self.identity_budgets.admit(identity, event)
+        if recorded and suppressed:
+            fields["suppressed"] = suppressed
+        return recorded
+
+    def _insert(self, db: Transaction, event: str, fields: dict[str, Any]) -> None:
         db.execute(
             "INSERT INTO audit (time, event, fields) VALUES (?, ?, ?)",
             (time.time(), event, json.dumps(fields, sort_keys=True, default=str)),

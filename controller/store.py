@@ -111,10 +111,15 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 
 
 class Store:
-    """One connection to the store file, shared by this process's handlers.
+    """The store file as this process's threads see it: one SQLite connection per thread.
 
-    Handlers run on one event loop, but the lock keeps the connection safe if a
-    caller uses it from a worker thread too.
+    Handlers run on the event loop, and the blocking work (transactions that
+    fsync, CA signatures) runs in worker threads (controller/blocking.py). A
+    connection of its own per thread means a read on the event loop never
+    waits for a worker's commit (WAL readers do not block on the writer);
+    write transactions of this process take one lock in turn, so they queue
+    here instead of sleeping in SQLite's busy handler, and ``BEGIN IMMEDIATE``
+    still orders them against other processes.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -122,15 +127,14 @@ class Store:
         if not self.path.exists():
             # The store names every identity and key; owner-only like the keys beside it.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        # isolation_level=None: transactions are begun explicitly, never implicitly.
-        self._connection = sqlite3.connect(
-            str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
-        self._connection.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._connections_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        #: Write transactions committed by this process (the relay's tests count them).
+        self.commits = 0
         self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA foreign_keys=ON")
-        self._connection.execute("PRAGMA synchronous=FULL")
         with self.transaction() as db:
             db.executescript_in_transaction(SCHEMA)
             _add_missing_columns(db)
@@ -138,30 +142,54 @@ class Store:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
 
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            with self._connections_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                # isolation_level=None: transactions are begun explicitly, never implicitly.
+                connection = sqlite3.connect(
+                    str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+                )
+                self._connections.append(connection)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA synchronous=FULL")
+            self._local.connection = connection
+        return connection
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator["Transaction"]:
         """A write transaction (``BEGIN IMMEDIATE``): commits on success, rolls back on error."""
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
+        connection = self._connection
+        with self._write_lock:
+            connection.execute("BEGIN IMMEDIATE")
             try:
-                yield Transaction(self._connection)
+                yield Transaction(connection)
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
+            connection.execute("COMMIT")
+            self.commits += 1
 
     def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
         """Rows of one read-only statement (its own implicit snapshot)."""
-        with self._lock:
-            return list(self._connection.execute(sql, parameters))
+        return list(self._connection.execute(sql, parameters))
 
     def query_one(self, sql: str, parameters: tuple = ()) -> sqlite3.Row | None:
         rows = self.query(sql, parameters)
         return rows[0] if rows else None
 
     def close(self) -> None:
-        with self._lock:
-            self._connection.close()
+        """Close every thread's connection (after the last transaction of any thread)."""
+        with self._write_lock, self._connections_lock:
+            self._closed = True
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
 
 
 class Transaction:

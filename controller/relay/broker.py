@@ -37,5 +37,8 @@ class Broker:
                 return session
         return None
 
+    def keys_bound_by(self, session: Any) -> frozenset[ServiceKey]:
+        return frozenset(k for k, v in self._binders.items() if session in v)
+
     def bound_services(self, session: Any) -> list[str]:
         return sorted(f"{t}/{n}" for (t, n), v in self._binders.items() if session in v)

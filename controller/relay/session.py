@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 
 from aiohttp import web
 from cryptography import x509
@@ -27,10 +28,15 @@ from agent.tunnel.protocol import (
 from agent.tunnel.channel import StreamChannel, StreamClosed
 from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from agent.tunnel.splice import splice_streams
-from controller.relay.admit import AdmissionRefused, admit
-from controller.relay.broker import Broker, service_key
+from agent.identity.trust import verify_leaf_issued_by
+from controller.blocking import RELAY_POOL
+from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
+from controller.relay.broker import Broker, ServiceKey, service_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: (allowed, reason, service key) of one named service.
+Decision = tuple[bool, str, ServiceKey]
 
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
@@ -64,7 +70,13 @@ BINDER_ACCEPT_TIMEOUT = 20.0
 
 
 class RelaySession(TunnelSession):
-    """One agent's tunnel, relay side."""
+    """One agent's tunnel, relay side.
+
+    Admission, decisions and their audit rows read and write the store, so
+    they run in the relay's worker threads (controller/blocking.py), one job
+    of this tunnel at a time: a peer flooding BIND or OPEN frames waits for
+    its own answers and holds one worker, never the event loop.
+    """
 
     def __init__(self, relay: "Relay", conn: Connection, ws: web.WebSocketResponse, nonce: bytes, remote: str) -> None:
         super().__init__(conn, ws)
@@ -74,19 +86,28 @@ class RelaySession(TunnelSession):
         self.identity: Any = None
         self.session_certificate = False
         self.connected_at = time.time()
+        self._worker_turn = asyncio.Lock()
 
     @property
     def context(self) -> Any:
         return self.relay.context
 
+    async def in_worker(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function`` in a relay worker thread, after this tunnel's earlier jobs."""
+        async with self._worker_turn:
+            return await RELAY_POOL.run(function, *args, **kwargs)
+
     async def on_auth(self, event: AuthReceived) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            admitted = admit(self.context, event.chain, event.signature, self.nonce, now)
+            admitted = await self.in_worker(admit, self.context, event.chain, event.signature, self.nonce, now)
         except AdmissionRefused as refused:
-            self.context.audit.record("tunnel_refused", remote=self.remote, reason=refused.reason)
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
-            self.conn.close(refused.code, refused.reason)
+            if not self.conn.closed:
+                self.conn.close(refused.code, refused.reason)
+            await self.in_worker(self._record_refusal, event.chain, refused.reason)
+            return
+        if self.conn.closed:  # the AUTH deadline passed while the worker checked it
             return
         self.identity = identity = admitted.identity
         self.session_certificate = admitted.session_certificate
@@ -94,7 +115,6 @@ class RelaySession(TunnelSession):
         self.relay.register(self)
         # Which certificate opened the tunnel: after a renewal, new tunnels name the new one.
         serial = format(x509.load_pem_x509_certificate(event.chain[0].encode()).serial_number, "x")
-        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
         self.conn.accept_auth({
             "identity": identity.uri,
             "name": identity.name,
@@ -102,12 +122,44 @@ class RelaySession(TunnelSession):
             "time": time.time(),
             "relays": list(self.context.relay_urls),
         })
+        still = await self.in_worker(self._confirm_admission, serial)
+        if still is not None:
+            await self.close(ErrorCode.REVOKED, still)
+
+    def _confirm_admission(self, serial: str) -> str | None:
+        """Record ``tunnel_connected``, then read the identity again: None, or why the tunnel must close.
+
+        Admission read the identity in a worker thread before this tunnel was
+        registered; a revocation or re-enrollment the store watcher announced
+        in that gap found no tunnel to close. Read after registering, the
+        store shows every change the watcher will not announce to us.
+        """
+        identity = self.identity
+        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
+        now = self.context.registry.identity_by_uri(identity.uri)
+        if now is None or now.status in ("revoked", "disabled"):
+            return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
+        if now.key_sha256 != identity.key_sha256:
+            return f"the key of identity {identity.tenant}/{identity.name} was replaced by re-enrollment"
+        return None
+
+    def _record_refusal(self, chain: Sequence[str], reason: str) -> None:
+        """``tunnel_refused``: by the identity's budget when our CA issued the certificate, else anonymous."""
+        uri = verified_identity_uri(self.context, chain)
+        if uri is None:
+            self.context.audit.record_anonymous("tunnel_refused", remote=self.remote, reason=reason)
+        else:
+            self.context.audit.record("tunnel_refused", identity=uri, remote=self.remote, reason=reason)
 
     async def on_bind_requested(self, event: BindRequested) -> None:
+        # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
+        held = self.relay.broker.keys_bound_by(self)
+        decisions = await self.in_worker(self._decide_all, "bind", event.services, held)
+        if self.conn.closed:
+            return
         bound: list[str] = []
         refused: dict[str, str] = {}
-        for requested in event.services:
-            allowed, reason, key = self._decide("bind", requested)
+        for requested, (allowed, reason, key) in zip(event.services, decisions):
             if allowed:
                 self.relay.broker.bind(key, self)
                 bound.append(requested)
@@ -115,23 +167,35 @@ class RelaySession(TunnelSession):
                 refused[requested] = reason
         self.conn.send_bind_result(bound, refused)
 
-    def _decide(self, kind: str, requested: str) -> tuple[bool, str, Any]:
-        """(allowed, reason, service key) for this identity and a named service, audited."""
+    def _decide_all(self, kind: str, requested: Sequence[str], held: frozenset[ServiceKey] = frozenset()
+                    ) -> list[Decision]:
+        """Decide every name (reads only), then audit them all in one transaction (worker thread).
+
+        A bind this tunnel already holds and may keep changes nothing, so it
+        is not recorded again: repeating an allowed BIND cannot grow the log.
+        """
+        decisions = [self._decide(kind, name) for name in requested]
+        self.context.audit.record_many([
+            (f"{kind}_{'allowed' if allowed else 'denied'}",
+             {"identity": self.identity.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
+            for allowed, reason, key in decisions
+            if not (allowed and key in held)
+        ])
+        return decisions
+
+    def _decide(self, kind: str, requested: str) -> Decision:
+        """(allowed, reason, service key) for this identity and a named service."""
         key = service_key(requested, self.identity.tenant)
         service = self.context.registry.get_service(*key)
         if service is None:
-            reason = f"no service named {key[0]}/{key[1]}"
-            allowed = False
-        else:
-            decision = self.context.policy.decide(kind, self.identity, service,
-                                                  session_certificate=self.session_certificate)
-            allowed, reason = decision.allowed, decision.reason
-        self.context.audit.record(f"{kind}_{'allowed' if allowed else 'denied'}", identity=self.identity.uri,
-                                  service=f"{key[0]}/{key[1]}", reason=reason)
-        return allowed, reason, key
+            return False, f"no service named {key[0]}/{key[1]}", key
+        decision = self.context.policy.decide(kind, self.identity, service, session_certificate=self.session_certificate)
+        return decision.allowed, decision.reason, key
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
-        allowed, reason, key = self._decide("dial", channel.service)
+        [(allowed, reason, key)] = await self.in_worker(self._decide_all, "dial", [channel.service])
+        if channel.error is not None or self.conn.closed:
+            return
         if not allowed:
             code = ErrorCode.SERVICE_UNKNOWN if reason.startswith("no service named") else ErrorCode.POLICY_DENIED
             channel.reset(code, reason)
@@ -163,7 +227,18 @@ class RelaySession(TunnelSession):
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         self.relay.unregister(self)
         if self.identity is not None:
-            self.context.audit.record("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
+            self.relay.record_soon("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
+
+
+def verified_identity_uri(context: Any, chain: Sequence[str]) -> str | None:
+    """The identity URI of ``chain``'s leaf when this controller's CA issued it, else None."""
+    try:
+        leaf = x509.load_pem_x509_certificate(chain[0].encode())
+    except (ValueError, TypeError, IndexError):
+        return None
+    if not verify_leaf_issued_by(leaf, context.ca.certificate):
+        return None
+    return spiffe_uri(leaf)
 
 
 class Relay:
@@ -174,6 +249,12 @@ class Relay:
         self.broker = Broker()
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
+        #: Audit rows started from callbacks and not yet written (awaited at shutdown).
+        self._pending: set[concurrent.futures.Future] = set()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
@@ -194,21 +275,53 @@ class Relay:
                 if not peers:
                     del self.by_identity[session.identity.uri]
 
+    def record_soon(self, event: str, **fields: Any) -> None:
+        """Write an audit row in a worker thread, from code that cannot await."""
+        future = RELAY_POOL.submit(self.context.audit.record, event, **fields)
+        self._pending.add(future)
+        future.add_done_callback(self._recorded)
+
+    def _recorded(self, future: concurrent.futures.Future) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("audit row not written: %r", future.exception())
+
     def identity_revoked(self, identity: Any) -> None:
-        """Close every live tunnel of ``identity`` at once."""
-        for session in list(self.by_identity.get(identity.uri, ())):
-            asyncio.get_running_loop().create_task(
-                session.close(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} was {identity.status}")
-            )
+        """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
+        self._on_loop(self._close_tunnels_of, identity)
 
     def identity_rekeyed(self, identity: Any) -> None:
         """Close every live tunnel of ``identity`` on a key other than its current one (re-enrollment).
 
-        A tunnel's key is the one admission saw as the identity's (controller/relay/admit.py).
+        Called from the enrollment's worker thread in this process, or from the
+        store watcher on the event loop for a re-enrollment in another.
         """
+        self._on_loop(self._close_tunnels_on_old_keys, identity)
+
+    def _on_loop(self, callback: Callable[[Any], None], identity: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return  # not serving yet: no tunnel to close
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            callback(identity)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(callback, identity)
+
+    def _close_tunnels_of(self, identity: Any) -> None:
+        for session in list(self.by_identity.get(identity.uri, ())):
+            self._loop.create_task(  # type: ignore[union-attr]
+                session.close(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} was {identity.status}")
+            )
+
+    def _close_tunnels_on_old_keys(self, identity: Any) -> None:
+        # A tunnel's key is the one admission saw as the identity's (controller/relay/admit.py).
         for session in list(self.by_identity.get(identity.uri, ())):
             if session.identity.key_sha256 != identity.key_sha256:
-                asyncio.get_running_loop().create_task(session.close(
+                self._loop.create_task(session.close(  # type: ignore[union-attr]
                     ErrorCode.REVOKED, f"the key of identity {identity.tenant}/{identity.name} was replaced by "
                     "re-enrollment"))
 
@@ -253,3 +366,5 @@ class Relay:
             *(s.close(ErrorCode.NO_ERROR, "relay shutting down") for s in list(self.sessions)),
             return_exceptions=True,
         )
+        # The tunnels' last audit rows reach the store before it closes.
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._pending)), return_exceptions=True)

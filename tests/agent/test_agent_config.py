@@ -143,3 +143,16 @@ def test_a_non_utf8_file_is_refused(tmp_path: Path):
 
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(path)
+
+
+def test_more_binds_than_one_tunnel_carries_are_refused_at_load(tmp_path: Path):
+    from agent.tunnel.protocol import MAX_BIND_SERVICES
+
+    entries = "".join(f'[[bind]]\nservice = "svc-{i}"\ntarget = "127.0.0.1:{1000 + i}"\n\n'
+                      for i in range(MAX_BIND_SERVICES + 1))
+    with pytest.raises(ConfigError, match=f"'bind' has {MAX_BIND_SERVICES + 1} entries; one tunnel binds at most "
+                                          f"{MAX_BIND_SERVICES} services"):
+        load_config(write(tmp_path, entries))
+    exactly = "".join(f'[[bind]]\nservice = "svc-{i}"\ntarget = "127.0.0.1:{1000 + i}"\n\n'
+                      for i in range(MAX_BIND_SERVICES))
+    assert len(load_config(write(tmp_path, exactly)).binds) == MAX_BIND_SERVICES

@@ -102,3 +102,77 @@ def test_a_store_reopened_after_a_crash_has_every_committed_row(tmp_path: Path) 
         assert {f"k{line.strip()}" for line in committed} <= keys
     finally:
         store.close()
+
+
+def test_a_read_does_not_wait_for_another_threads_open_write_transaction(tmp_path: Path) -> None:
+    """The event loop reads while a worker thread commits: WAL readers on their own connection never queue."""
+    import threading
+
+    store = Store(tmp_path / "store.sqlite3")
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('held', 'yes')")
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        result: list = []
+        reader = threading.Thread(target=lambda: result.append(store.query_one("SELECT value FROM meta WHERE key = 'held'")))
+        reader.start()
+        reader.join(2)
+        # Answered while the write is still open, and without its uncommitted row.
+        assert not reader.is_alive() and result == [None]
+    finally:
+        release.set()
+        thread.join(10)
+    assert store.query_one("SELECT value FROM meta WHERE key = 'held'")["value"] == "yes"
+    store.close()
+
+
+def test_write_transactions_of_many_threads_each_commit_exactly_once(tmp_path: Path) -> None:
+    import threading
+
+    store = Store(tmp_path / "store.sqlite3")
+    with store.transaction() as db:
+        db.execute("INSERT INTO meta (key, value) VALUES ('n', '0')")
+
+    def bump() -> None:
+        for _ in range(25):
+            with store.transaction() as db:
+                value = int(db.query_one("SELECT value FROM meta WHERE key = 'n'")["value"])
+                db.execute("UPDATE meta SET value = ? WHERE key = 'n'", (str(value + 1),))
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert store.query_one("SELECT value FROM meta WHERE key = 'n'")["value"] == "200"
+    store.close()
+
+
+def test_an_identitys_refusals_past_its_budget_are_counted_into_the_next_row(tmp_path: Path) -> None:
+    from controller.audit import IdentityBudgets
+
+    now = [1000.0]
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        audit = AuditLog(store, identity_budgets=IdentityBudgets(per_minute=2, clock=lambda: now[0]))
+        recorded = [audit.record("renewal_refused", identity="default/gw", reason="x") for _ in range(5)]
+        assert recorded == [True, True, False, False, False]
+        # Another identity, and another event of the same identity, have budgets of their own.
+        assert audit.record("renewal_refused", identity="default/other", reason="x")
+        assert audit.record("tunnel_refused", identity="default/gw", reason="x")
+        # Events that are not refusals are never counted away.
+        assert all(audit.record("tunnel_connected", identity="default/gw") for _ in range(5))
+        now[0] += 30.0  # one refilled
+        assert audit.record("renewal_refused", identity="default/gw", reason="x")
+        rows = [e["fields"] for e in audit.recent() if e["event"] == "renewal_refused"]
+        assert [r.get("suppressed") for r in rows] == [None, None, None, 3]
+    finally:
+        store.close()

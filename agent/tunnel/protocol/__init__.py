@@ -31,10 +31,12 @@ from agent.tunnel.protocol.events import (
 from agent.tunnel.protocol.limits import (
     AUTH_DEADLINE,
     INITIAL_WINDOW,
+    MAX_BIND_SERVICES,
     MAX_CONTROL_PAYLOAD,
     MAX_FRAME_PAYLOAD,
     MAX_SEND_PAYLOAD,
     MAX_STREAMS,
+    MAX_SERVICE_NAME_CHARS,
     MAX_WINDOW,
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -46,8 +48,8 @@ from agent.tunnel.protocol.state import Handshake, Role
 from agent.tunnel.protocol.streams import StreamState
 
 __all__ = [
-    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
-    "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
+    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
+    "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
     "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
     "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
     "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",

@@ -18,7 +18,7 @@ from agent.tunnel.protocol.control import (
     decode_bind_result,
 )
 from agent.tunnel.protocol.endpoint import Endpoint, require
-from agent.tunnel.protocol.errors import ErrorCode, RemoteProtocolError
+from agent.tunnel.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from agent.tunnel.protocol.events import (
     Authenticated,
     AuthReceived,
@@ -26,11 +26,26 @@ from agent.tunnel.protocol.events import (
     BindRequested,
     ChallengeReceived,
 )
-from agent.tunnel.protocol.frames import FrameType
-from agent.tunnel.protocol.limits import NONCE_SIZE, PROTOCOL_VERSION
+from agent.tunnel.protocol.frames import FrameType, encode_json
+from agent.tunnel.protocol.limits import MAX_BIND_SERVICES, MAX_SERVICE_NAME_CHARS, NONCE_SIZE, PROTOCOL_VERSION
 from agent.tunnel.protocol.state import Handshake, Role
 
 AUTH_MESSAGE_PREFIX = b"outpost-tunnel-auth-v1\0"
+# What BIND_RESULT says of a refused name when the full reasons would not fit
+# in one control frame; the relay's audit log keeps every full reason.
+SHORT_REFUSAL = "refused; the relay's audit log says why"
+
+
+def bind_problem(services: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``services`` cannot be one BIND (too many, or a name too long), or None."""
+    if len(services) > MAX_BIND_SERVICES:
+        return (f"BIND names {len(services)} services; one BIND may name at most {MAX_BIND_SERVICES}: "
+                "bind fewer services per tunnel")
+    longest = max((len(s) for s in services), default=0)
+    if longest > MAX_SERVICE_NAME_CHARS:
+        return (f"BIND names a service of {longest} characters; a service name has at most "
+                f"{MAX_SERVICE_NAME_CHARS} (tenant/name)")
+    return None
 
 
 def auth_message(nonce: bytes, relay_cert_sha256: bytes) -> bytes:
@@ -92,6 +107,8 @@ class AuthExchange:
         require(endpoint.role is Role.AGENT, "only the agent sends BIND")
         endpoint.require_ready()
         require(all(isinstance(s, str) and s for s in services), "service names must be non-empty strings")
+        problem = bind_problem(services)
+        require(problem is None, problem or "")
         endpoint.queue_frame(FrameType.BIND, 0, 0, endpoint.control_payload("BIND", {"services": list(services)}))
         self.binds_pending += 1
 
@@ -100,9 +117,23 @@ class AuthExchange:
         require(endpoint.role is Role.RELAY, "only the relay sends BIND_RESULT")
         endpoint.require_ready()
         require(self.binds_pending > 0, "BIND_RESULT answers a BIND; none is pending")
-        body = {"bound": list(bound), "refused": dict(refused)}
-        endpoint.queue_frame(FrameType.BIND_RESULT, 0, 0, endpoint.control_payload("BIND_RESULT", body))
+        endpoint.queue_frame(FrameType.BIND_RESULT, 0, 0, self._bind_result_payload(bound, refused))
         self.binds_pending -= 1
+
+    def _bind_result_payload(self, bound: list[str], refused: dict[str, str]) -> bytes:
+        """BIND_RESULT within the control frame limit: full reasons where they fit, short ones otherwise.
+
+        Names are bounded by the BIND limits, so the short form of an answer to
+        any valid BIND always fits (tests/controller/relay/test_relay_load.py).
+        """
+        body = {"bound": list(bound), "refused": dict(refused)}
+        try:
+            payload = encode_json(body)
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(ErrorCode.INTERNAL_ERROR, f"BIND_RESULT payload is not JSON: {exc}") from None
+        if len(payload) > self._endpoint.limits.max_control_payload:
+            body["refused"] = {name: SHORT_REFUSAL for name in refused}
+        return self._endpoint.control_payload("BIND_RESULT", body)
 
     def _become_authenticated(self) -> None:
         self.state = Handshake.DONE
@@ -149,6 +180,9 @@ class AuthExchange:
         if self._endpoint.role is not Role.RELAY:
             raise self._unexpected("BIND")
         services = decode_bind(payload)
+        problem = bind_problem(services)
+        if problem is not None:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, problem)
         self.binds_pending += 1
         events.append(BindRequested(services))
 

@@ -39,6 +39,16 @@ MAX_STREAMS = 256
 RECEIVE_BUDGET = 64 * 1024 * 1024
 # JSON control frames carry a certificate chain at most (a few KiB).
 MAX_CONTROL_PAYLOAD = 64 * 1024
+# Service names one BIND may carry. A gateway hosts a handful of services
+# (Modbus, SSH, a web UI); 64 is ten times the largest real one. The relay
+# decides and audits every name, so this bounds the work one frame can ask
+# for, and it keeps the answer (BIND_RESULT: every name with a reason) well
+# inside MAX_CONTROL_PAYLOAD.
+MAX_BIND_SERVICES = 64
+# Characters of one service name in BIND: ``tenant/name``, two 63-character
+# names and the slash. Longer is no service any controller can hold; with
+# MAX_BIND_SERVICES it bounds the names echoed back in BIND_RESULT.
+MAX_SERVICE_NAME_CHARS = 2 * 63 + 1
 # Seconds an unauthenticated connection may live: a TPM signature plus a
 # satellite round trip fit several times over; a scanner holding sockets does not.
 AUTH_DEADLINE = 10.0

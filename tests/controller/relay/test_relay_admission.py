@@ -7,6 +7,7 @@ connect with the agent's own tunnel client.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
@@ -283,5 +284,35 @@ def test_a_session_certificate_of_an_identity_that_never_enrolled_keeps_working(
                 assert session.relay_info["identity"] == operator.uri
                 await asyncio.sleep(0.2)
                 assert not task.done()
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_revocation_committed_while_admission_is_checked_still_closes_the_tunnel(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission reads the store in a worker thread before the tunnel is registered; a revocation
+    announced in that gap found no tunnel to close, so the relay reads the identity again once the
+    tunnel is registered."""
+    import controller.relay.session as relay_session
+    from controller.watcher import POLL_INTERVAL_SECONDS
+
+    real_admit = relay_session.admit
+
+    def admit_then_revoked(context, *args, **kwargs):  # type: ignore[no-untyped-def]
+        admitted = real_admit(context, *args, **kwargs)
+        # Committed (and announced) after the check passed, before the relay registers the tunnel,
+        # and the store watcher polls (and announces it again) within the gap too.
+        context.registry.revoke(admitted.identity.tenant, admitted.identity.name)
+        time.sleep(3 * POLL_INTERVAL_SECONDS)
+        return admitted
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials = await enrolled(ctl, "gw-gap")
+            monkeypatch.setattr(relay_session, "admit", admit_then_revoked)
+            async with connect(ctl, credentials) as (session, task):
+                await asyncio.wait_for(task, 2.0)
+                assert session.close_reason[0] == ErrorCode.REVOKED
+                assert "revoked" in session.close_reason[1]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
