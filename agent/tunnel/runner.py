@@ -15,6 +15,7 @@ from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
+from agent.identity.refusals import DISABLED, DisabledGate, identity_status
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
@@ -35,7 +36,9 @@ class TunnelStats:
 
     state: str = "starting"
     relay: str | None = None
+    #: while connected: since when; None otherwise (``down_since`` then says since when it is not)
     connected_since: float | None = None
+    down_since: float | None = None
     rtt_ms: float | None = None
     bytes_in: int = 0
     bytes_out: int = 0
@@ -57,6 +60,8 @@ class TunnelStats:
     clock_offset_s: float | None = None
     clock_source: str | None = None
     clock_problem: str | None = None
+    #: While the controller says the identity is disabled (state "disabled"): when the agent asks again.
+    next_ask: float | None = None
 
     def as_json(self, now: float) -> dict:
         """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
@@ -67,13 +72,16 @@ class TunnelSupervisor:
     """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
 
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
-                 write_status=None, backoff: Backoff | None = None, save_relays=None) -> None:
+                 write_status=None, backoff: Backoff | None = None, save_relays=None,
+                 gate: DisabledGate | None = None) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
         self.rotation = RelayRotation(relays)
         self.credentials = credentials
         self.options = options
         self.backoff = backoff or Backoff()
+        #: shared with the certificate keeper: a disabled identity is asked about at most once per interval
+        self.gate = gate or DisabledGate()
         #: called with the controller's relay list when it changes (persisted for the next start)
         self._save_relays = save_relays
         self.stats = TunnelStats()
@@ -121,12 +129,16 @@ class TunnelSupervisor:
         # The environment's proxy variables are read at the edge (the CLI), never here.
         async with aiohttp.ClientSession(trust_env=False) as http:
             while not self._stop.is_set():
+                # While the identity is disabled: one ask per interval, a stop ends the wait.
+                if self.gate.closed and not await self._until_stopped(self.gate.wait()):
+                    break
                 relay = self.rotation.current()
                 self.stats.state = "connecting"
                 self.stats.relay = relay
                 service_manager.notify_status(f"connecting to {relay}")
                 try:
-                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, self.options)
+                    session, task = await self.gate.ask(
+                        open_tunnel(http, relay, self.credentials, ssl_context, self.options))
                 except OutpostError as exc:
                     if exc.terminal:
                         # A lost device key or a refused TPM authorization: another
@@ -136,6 +148,9 @@ class TunnelSupervisor:
                     self.stats.last_error = str(exc)
                     log.log(logging.ERROR if isinstance(exc, (TrustError, TunnelRefused)) else logging.WARNING,
                             "%s", exc)
+                    if identity_status(exc) == DISABLED:
+                        self._report_disabled()
+                        continue
                     self.rotation.connect_failed()
                 else:
                     self._adopt_relays(session, relay)
@@ -147,16 +162,36 @@ class TunnelSupervisor:
                     break
                 self.stats.reconnects += 1
                 self.stats.state = "waiting"
+                self.stats.next_ask = None
                 self._report()
                 delay = self.backoff.next_delay()
                 log.info("reconnecting in %.1f s", delay)
                 report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._until_stopped(asyncio.sleep(delay))
         self.stats.state = "stopped"
+        self.stats.next_ask = None
         self._report()
+
+    async def _until_stopped(self, waiting) -> bool:
+        """Await ``waiting`` unless stop() comes first; True when it finished."""
+        task = asyncio.ensure_future(waiting)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stopping):
+                pending.cancel()
+        return task.done() and not task.cancelled() and not self._stop.is_set()
+
+    def _report_disabled(self) -> None:
+        """The relay said "disabled": the agent keeps running (ops may enable it again), asks
+        again when the gate allows (the loop's next turn), and says so."""
+        self.stats.state = DISABLED
+        self.stats.next_ask = self._now() + self.gate.remaining()
+        self._report()
+        sentence = f"disabled by central ops; asking again at {clock_time(self.stats.next_ask)}"
+        log.warning("%s", sentence)
+        service_manager.notify_ready(sentence)
 
     def ended_by(self, error: OutpostError) -> None:
         """Record in the status that ``error`` ends the agent (``outpost-agent status`` shows why)."""
@@ -179,6 +214,8 @@ class TunnelSupervisor:
         self.session = session
         self.stats.state = "connected"
         self.stats.connected_since = self._now()
+        self.stats.down_since = None
+        self.stats.next_ask = None
         self.stats.bound = list(session.bound)
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
@@ -199,6 +236,9 @@ class TunnelSupervisor:
             self._base_out += session.conn.bytes_sent
             self.session = None
             self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
+            # "connected since" of a tunnel that is gone would contradict the state (status shows "down since")
+            self.stats.connected_since = None
+            self.stats.down_since = self._now()
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             self.stats.last_drop = self.stats.last_error
@@ -207,6 +247,11 @@ class TunnelSupervisor:
                         extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED,
                                                              identity=self.credentials.uri, relay=session.relay_url))
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
+
+
+def clock_time(timestamp: float) -> str:
+    """``14:05 UTC``: when, within the next hours, the agent does something (the date adds nothing there)."""
+    return time.strftime("%H:%M UTC", time.gmtime(timestamp))
 
 
 def report_offline(why: str) -> None:
@@ -324,10 +369,23 @@ def run(config) -> int:
     proxy = config.proxy
     clock_problem = asyncio.run(service_manager.watchdog_fed(
         measure_once(clock, identity.controller_url, identity.ca_pem, proxy)))
+    # One schedule of asks while the identity is disabled: recovery, tunnels and renewal share it.
+    gate = DisabledGate()
+
+    def disabled_at_start(why: str, wait: float) -> None:
+        stats = TunnelStats(state=DISABLED, last_error=why, next_ask=clock.now() + wait)
+        note_clock(stats, clock, clock_problem)
+        try:
+            state.write_status(stats.as_json(clock.now()))
+        except OSError as exc:
+            log.warning("cannot write status: %s", exc)
+        service_manager.notify_ready(f"disabled by central ops; asking again at {clock_time(stats.next_ask)}")
+
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.
     if asyncio.run(service_manager.watchdog_fed(
-            recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy))):
+            recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy, gate=gate,
+                             on_disabled=disabled_at_start))):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -336,12 +394,12 @@ def run(config) -> int:
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
-                                  backoff=backoff_for(plan), save_relays=state.save_relays)
+                                  backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate)
     supervisor.stats.link = plan.profile
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy, gate=gate)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
                               lambda c, problem: note_clock(supervisor.stats, c, problem), proxy=proxy)
     try:
