@@ -93,19 +93,25 @@ class DisabledGate:
         await self.wait()
         self._asking = True
 
+    @property
+    def ready(self) -> bool:
+        """An ask may go out now: nobody is asking and no interval runs."""
+        return not self._asking and self.remaining() <= 0
+
     async def wait(self) -> None:
         """Return when an ask may go out (without taking the turn)."""
-        while True:
-            remaining = self.remaining()
-            if not self._asking and remaining <= 0:
-                return
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.add(waiter)
-            try:
-                await asyncio.wait({waiter}, timeout=None if self._asking else remaining)
-            finally:
-                self._waiters.discard(waiter)
-                waiter.cancel()
+        while not self.ready:
+            await self.changed()
+
+    async def changed(self) -> None:
+        """Return at the next ``finish()``, or when the interval runs out, whichever comes first."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait({waiter}, timeout=None if self._asking or not self.closed else self.remaining())
+        finally:
+            self._waiters.discard(waiter)
+            waiter.cancel()
 
     def finish(self, disabled: bool | None) -> None:
         """End the turn with what the controller said: disabled (True), anything else (False), nothing (None)."""

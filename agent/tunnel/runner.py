@@ -129,8 +129,7 @@ class TunnelSupervisor:
         # The environment's proxy variables are read at the edge (the CLI), never here.
         async with aiohttp.ClientSession(trust_env=False) as http:
             while not self._stop.is_set():
-                # While the identity is disabled: one ask per interval, a stop ends the wait.
-                if self.gate.closed and not await self._until_stopped(self.gate.wait()):
+                if not await self._wait_for_turn():
                     break
                 relay = self.rotation.current()
                 self.stats.state = "connecting"
@@ -153,6 +152,10 @@ class TunnelSupervisor:
                         continue
                     self.rotation.connect_failed()
                 else:
+                    if self._stop.is_set():  # stopped while this tunnel was being opened
+                        await session.close()
+                        await task
+                        break
                     self._adopt_relays(session, relay)
                     up_since = time.monotonic()
                     await self._serve(session, task)
@@ -183,9 +186,24 @@ class TunnelSupervisor:
                 pending.cancel()
         return task.done() and not task.cancelled() and not self._stop.is_set()
 
-    def _report_disabled(self) -> None:
-        """The relay said "disabled": the agent keeps running (ops may enable it again), asks
+    async def _wait_for_turn(self) -> bool:
+        """Wait while the renewal asks or the identity is disabled (one ask per interval, whoever
+        learned it); status says so meanwhile. False when stop() came first."""
+        while not self.gate.ready:
+            if self.gate.closed:
+                next_ask = self._now() + self.gate.remaining()
+                if self.stats.state != DISABLED or abs((self.stats.next_ask or 0.0) - next_ask) > 1.0:
+                    # The certificate keeper's ask learned it (or asked again): same wait, same status.
+                    self._report_disabled(self.stats.renewal_error)
+            if not await self._until_stopped(self.gate.changed()):
+                return False
+        return not self._stop.is_set()
+
+    def _report_disabled(self, why: str | None = None) -> None:
+        """The controller said "disabled": the agent keeps running (ops may enable it again), asks
         again when the gate allows (the loop's next turn), and says so."""
+        if why:
+            self.stats.last_error = why
         self.stats.state = DISABLED
         self.stats.next_ask = self._now() + self.gate.remaining()
         self._report()
