@@ -66,11 +66,15 @@ def refusal_for(code: ErrorCode, reason: str, relay_url: str) -> TunnelRefused:
     """
     said = f"the relay at {relay_url} refused this gateway: {reason}"
     if code is ErrorCode.DISABLED or (code is ErrorCode.REVOKED and reason.rstrip().endswith(" is disabled")):
-        return IdentityRefused(f"{said}; ask central ops to enable it (outpostctl identity enable)", DISABLED)
-    if code is ErrorCode.REVOKED:
-        return IdentityRefused(f"{said}; the agent stops: only a new identity, enrolled with a new token, "
-                               "can connect this gateway again", REVOKED)
-    return TunnelRefused(said)
+        error: TunnelRefused = IdentityRefused(
+            f"{said}; ask central ops to enable it (outpostctl identity enable)", DISABLED)
+    elif code is ErrorCode.REVOKED:
+        error = IdentityRefused(f"{said}; the agent stops: only a new identity, enrolled with a new token, "
+                                "can connect this gateway again", REVOKED)
+    else:
+        error = TunnelRefused(said)
+    error.code = code  # type: ignore[attr-defined]  # the wire code, for logs and tests
+    return error
 
 
 @dataclass
