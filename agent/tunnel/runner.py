@@ -20,6 +20,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
+from agent.tunnel.protocol import ErrorCode
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
 
@@ -161,6 +162,12 @@ class TunnelSupervisor:
                     await self._serve(session, task)
                     self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
+                    code, _, by_relay = session.close_reason or (None, "", False)
+                    if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED):
+                        # The identity was blocked: ask once at once, and let the answer decide
+                        # (exit for revoked, the disabled interval), rather than after a backoff.
+                        self.stats.reconnects += 1
+                        continue
                 if self._stop.is_set():
                     break
                 self.stats.reconnects += 1

@@ -27,6 +27,10 @@ REFUSAL_SEEN_TIMEOUT = 30.0
 #: How long the asks of a disabled agent are counted. The old rule (reconnect backoff from 5 s,
 #: renewal retries down to 1 s near expiry) asked several times in this window.
 WINDOW = 12.0
+#: A reconnect bound far above REVOKED_EXIT_TIMEOUT, and how soon a revoked agent must be gone:
+#: the relay closes the tunnel within 2 s, the agent asks once at once and stops.
+SLOW_RECONNECT = 120.0
+REVOKED_EXIT_TIMEOUT = 15.0
 #: The ask interval of the agent started to watch an enable take effect (the real one is ten minutes).
 SHORT_INTERVAL = 3.0
 
@@ -73,13 +77,16 @@ def status_text(state: Path) -> str:
     return result.stdout
 
 
-def test_a_revoked_agent_exits_77_and_asks_no_more(controller: Controller, tmp_path: Path) -> None:
+def test_a_revoked_agent_exits_77_at_once_and_asks_no_more(controller: Controller, tmp_path: Path) -> None:
     state, config = enrolled(controller, tmp_path, "gw-rev")
+    # Reconnect waits of up to two minutes: the revoked tunnel's end must not wait for one.
+    with config.open("a") as extra:
+        extra.write(f"\n[link]\nreconnect_initial = {SLOW_RECONNECT}\nreconnect_max = {SLOW_RECONNECT}\n")
     agent = start(config, state)
     try:
         controller.ctl("identity", "revoke", "gw-rev")
         try:
-            code = agent.proc.wait(REFUSAL_SEEN_TIMEOUT)
+            code = agent.proc.wait(REVOKED_EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"the revoked agent still runs:\n{agent.output}") from None
         assert code == EXIT_IDENTITY_REFUSED, agent.output
@@ -163,5 +170,26 @@ def test_a_disabled_agent_near_expiry_does_not_hammer_renewal(controller: Contro
         assert len(asks(controller, "gw-exp")) == 1, asks(controller, "gw-exp")
         live = read_status(state)
         assert live["state"] == "disabled" and "disabled" in live["last_error"]
+    finally:
+        agent.stop()
+
+
+def test_an_expired_disabled_gateway_waits_at_start_and_recovers_once_enabled(
+        controller: Controller, tmp_path: Path) -> None:
+    state, config = enrolled(controller, tmp_path, "gw-old")
+    expiring_soon(controller, state, -60.0)  # back after an outage: the certificate expired a minute ago
+    controller.ctl("identity", "disable", "gw-old")
+    agent = Process(agent_argv(config, SHORT_INTERVAL))
+    try:
+        wait_until(lambda: read_status(state).get("state") == "disabled", timeout=REFUSAL_SEEN_TIMEOUT,
+                   what="the agent reports that it is disabled while recovering")
+        assert "disabled" in read_status(state)["last_error"]
+        assert "disabled by central ops; asking again at " in status_text(state)
+        time.sleep(2 * SHORT_INTERVAL)
+        assert agent.proc.poll() is None, f"a disabled agent must keep running:\n{agent.output}"
+        assert 1 <= len(asks(controller, "gw-old")) <= 3
+        controller.ctl("identity", "enable", "gw-old")
+        wait_until(lambda: read_status(state).get("state") == "connected", timeout=SHORT_INTERVAL + 20,
+                   what="the agent recovered and connected after enable")
     finally:
         agent.stop()
