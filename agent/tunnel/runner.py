@@ -92,6 +92,8 @@ class TunnelSupervisor:
         self._stop = asyncio.Event()
         self._base_in = 0
         self._base_out = 0
+        #: the last tunnel, closed by the relay as revoked or disabled, was followed by an attempt without backoff
+        self._asked_at_once = False
 
     @property
     def relays(self) -> list[str]:
@@ -141,8 +143,9 @@ class TunnelSupervisor:
                         open_tunnel(http, relay, self.credentials, ssl_context, self.options))
                 except OutpostError as exc:
                     if exc.terminal:
-                        # A lost device key or a refused TPM authorization: another
-                        # attempt would only ask the TPM again. The CLI prints the sentence.
+                        # A revoked identity, a lost device key or a refused TPM authorization:
+                        # another attempt would only ask the controller or the TPM again. The CLI
+                        # prints the sentence and exits with the error's code (77, 78, 79).
                         self.ended_by(exc)
                         raise
                     self.stats.last_error = str(exc)
@@ -163,13 +166,16 @@ class TunnelSupervisor:
                     self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
                     code, _, by_relay = session.close_reason or (None, "", False)
-                    if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED):
+                    if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED) and not self._asked_at_once:
                         # The identity was blocked: ask once at once, and let the answer decide
                         # (exit for revoked, the disabled interval), rather than after a backoff.
+                        # Once only: a relay that admits and then closes again waits the backoff.
+                        self._asked_at_once = True
                         self.stats.reconnects += 1
                         continue
                 if self._stop.is_set():
                     break
+                self._asked_at_once = False
                 self.stats.reconnects += 1
                 self.stats.state = "waiting"
                 self.stats.next_ask = None
