@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -23,50 +22,13 @@ from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
 from agent.tunnel.protocol import ErrorCode
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
+from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
 
 log = logging.getLogger(__name__)
 
 # status.json is rewritten at most this often while traffic flows: the state
 # directory may live on an SD card that wears with every write.
 STATUS_INTERVAL = 10.0
-
-
-@dataclass
-class TunnelStats:
-    """What ``outpost-agent status`` shows about the tunnel."""
-
-    state: str = "starting"
-    relay: str | None = None
-    #: while connected: since when; None otherwise (``down_since`` then says since when it is not)
-    connected_since: float | None = None
-    down_since: float | None = None
-    rtt_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
-    bound: list[str] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    dials: dict[str, int] = field(default_factory=dict)
-    link: str | None = None
-    #: why the last tunnel ended (kept after a reconnect, unlike last_error)
-    last_drop: str | None = None
-    #: Unix seconds: when the current certificate expires, when the agent renews it next,
-    #: and why the last renewal attempt failed (None once one succeeds).
-    cert_not_after: float | None = None
-    next_renewal: float | None = None
-    renewal_error: str | None = None
-    #: Seconds to add to the local clock for trusted time, where that came from
-    #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
-    clock_offset_s: float | None = None
-    clock_source: str | None = None
-    clock_problem: str | None = None
-    #: While the controller says the identity is disabled (state "disabled"): when the agent asks again.
-    next_ask: float | None = None
-
-    def as_json(self, now: float) -> dict:
-        """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
-        return {**self.__dict__, "updated": now}
 
 
 class TunnelSupervisor:
@@ -280,17 +242,6 @@ class TunnelSupervisor:
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
 
 
-def clock_time(timestamp: float) -> str:
-    """``14:05 UTC``: when, within the next hours, the agent does something (the date adds nothing there)."""
-    return time.strftime("%H:%M UTC", time.gmtime(timestamp))
-
-
-def report_offline(why: str) -> None:
-    """Ready (the unit is Type=notify), waiting on the network, and why: a gateway that
-    boots offline is up and says so, and systemd never restarts it for that."""
-    service_manager.notify_ready(f"offline: {why}")
-
-
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
                 proxy: ProxySettings = DIRECT) -> TunnelOptions:
     """The tunnel options a link plan asks for, with the proxy every relay is reached through (or not)."""
@@ -362,13 +313,6 @@ def check_device_key(keystore: KeyStore) -> None:
         if not error.retryable:
             raise
         log.warning("%s", error)
-
-
-def note_clock(stats: TunnelStats, clock: TrustedClock, problem: str | None) -> None:
-    """Put the clock's offset, source and problem into the status."""
-    stats.clock_offset_s = round(clock.offset, 3)
-    stats.clock_source = clock.source
-    stats.clock_problem = problem
 
 
 def run(config) -> int:
