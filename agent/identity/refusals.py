@@ -61,11 +61,13 @@ class DisabledGate:
 
     Every ask goes between ``turn()`` and ``finish()``, one at a time, so two
     askers never ask at once and the second learns from the first's answer.
-    Once the controller said "disabled" (``finish(disabled=True)``) the next
-    ``turn()`` returns only when the interval has passed, whoever asks. Any
-    other answer from the controller (accepted, or refused for another reason:
-    ``finish(disabled=False)``) opens it; no answer (the network,
-    ``finish(None)``) leaves it as it was. Times are on ``monotonic``: an
+    Once the controller said "disabled" (``finish(True)``) the next ``turn()``
+    returns only when the interval has passed, whoever asks. Only an accepted
+    ask (``finish(False)``) opens it: an answer that says nothing of the
+    status (the network failed, or a refusal for another reason, such as an
+    expired certificate the relay judges before the status: ``finish(None)``)
+    starts the interval again while it is closed, so a disabled gateway asks
+    once per interval whatever the answers. Times are on ``monotonic``: an
     interval, not a date, so a clock step must not move it.
     """
 
@@ -114,9 +116,9 @@ class DisabledGate:
             waiter.cancel()
 
     def finish(self, disabled: bool | None) -> None:
-        """End the turn with what the controller said: disabled (True), anything else (False), nothing (None)."""
+        """End the turn: the controller said disabled (True), accepted (False), or nothing of the status (None)."""
         self._asking = False
-        if disabled:
+        if disabled or (disabled is None and self.closed):
             self._until = self._monotonic() + self.interval
         elif disabled is not None:
             self._until = None
@@ -127,14 +129,13 @@ class DisabledGate:
     async def ask(self, request: Awaitable[T]) -> T:
         """Await ``request`` (one ask of the controller) in this gate's turn; its outcome decides the gate.
 
-        A retryable error is no answer (the network, a failing controller);
-        any other error is the controller's answer, "disabled" or not.
+        Success is an acceptance; an error is "disabled" or says nothing of the status.
         """
         await self.turn()
         try:
             result = await request
         except OutpostError as error:
-            self.finish(None if error.retryable else identity_status(error) == DISABLED)
+            self.finish(True if identity_status(error) == DISABLED else None)
             raise
         except BaseException:
             self.finish(None)

@@ -101,20 +101,24 @@ def test_a_second_asker_waits_for_the_first_answer_and_a_disabled_answer_holds_i
     asyncio.run(scenario())
 
 
-def test_any_other_answer_opens_the_gate_and_no_answer_leaves_it() -> None:
+def test_only_an_accepted_ask_opens_the_gate_and_other_answers_start_the_interval_again() -> None:
     async def scenario() -> None:
         clock = FakeMonotonic()
         gate = DisabledGate(interval=600.0, monotonic=clock)
+        with pytest.raises(EnrollmentError):
+            await gate.ask(_raise(EnrollmentError("a refusal while open")))
+        assert not gate.closed, "an open gate stays open: only 'disabled' closes it"
         with pytest.raises(Disabled):
             await gate.ask(_raise(Disabled("disabled")))
+        for error in (ControllerUnreachable("no network"), EnrollmentError("the certificate expired")):
+            clock.now += 600.0
+            assert gate.ready
+            with pytest.raises(type(error)):
+                await gate.ask(_raise(error))
+            assert gate.closed and gate.remaining() == 600.0, "says nothing of the status: one ask per interval"
         clock.now += 600.0
-        with pytest.raises(ControllerUnreachable):
-            await gate.ask(_raise(ControllerUnreachable("no network")))
-        assert gate.closed, "no answer says nothing about the identity"
-        with pytest.raises(EnrollmentError):
-            await gate.ask(_raise(EnrollmentError("a refusal for another reason")))
-        assert not gate.closed
         assert await gate.ask(_value("certificate")) == "certificate"
+        assert not gate.closed and gate.ready
 
     asyncio.run(scenario())
 
