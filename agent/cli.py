@@ -91,6 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (``status | head -1``): what it wanted it has; leave quietly.
         _silence_stdout()
         return 0
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush what every command printed here, not at interpreter exit, where a closed pipe
+    would print a traceback-like "Exception ignored" (``doctor | head -1`` too)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except (OSError, ValueError):
+        pass  # stdout closed or gone: nothing more to say, and nowhere to say it
 
 
 def _silence_stdout() -> None:
@@ -201,7 +214,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(format_status(report))
-    sys.stdout.flush()  # a closed pipe is met here, inside main, not at interpreter exit
     return 0
 
 

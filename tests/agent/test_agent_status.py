@@ -15,6 +15,13 @@ from tests.agent.test_agent_cli import enrolled  # noqa: F401 (fixture)
 UTC = r"\d{4}-\d\d-\d\d \d\d:\d\d UTC"
 
 
+def buffered_env() -> dict[str, str]:
+    """A shell's environment: stdout into a pipe is block-buffered, so what is printed is
+    flushed at exit, where a closed pipe used to surface (PYTHONUNBUFFERED would hide that)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
 def test_status_into_a_closed_pipe_exits_quietly(enrolled: StateDir) -> None:  # noqa: F811
     # ``outpost-agent status | head -1``, with head already gone: the reader's end is closed before the write.
     enrolled.write_status({"state": "connected", "relay": "wss://relay.example/v1/tunnel"})
@@ -23,7 +30,7 @@ def test_status_into_a_closed_pipe_exits_quietly(enrolled: StateDir) -> None:  #
     try:
         result = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--state", str(enrolled.path)],
                                 stdout=writer, stderr=subprocess.PIPE, text=True, timeout=CLI_TIMEOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                env=buffered_env())
     finally:
         os.close(writer)
     assert result.stderr == "", result.stderr
@@ -33,7 +40,7 @@ def test_status_into_a_closed_pipe_exits_quietly(enrolled: StateDir) -> None:  #
 def test_status_piped_into_head_prints_one_line_and_no_traceback(enrolled: StateDir) -> None:  # noqa: F811
     command = f"{sys.executable} -m agent.cli status --state {enrolled.path} | head -1"
     result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=buffered_env())
     assert result.stdout.startswith("identity:") and result.stdout.count("\n") == 1
     assert result.stderr == ""
 
@@ -77,3 +84,18 @@ def test_a_disabled_agent_says_why_and_when_it_asks_again(enrolled: StateDir) ->
                      text, re.M), text
     assert "next ask" not in text, "shown in the tunnel line, not again as a raw field"
     assert "last error:  the relay at wss://relay.example/v1/tunnel refused this gateway" in text
+
+
+def test_any_command_into_a_closed_pipe_exits_without_a_word(tmp_path) -> None:
+    # doctor prints its checks and returns; the flush at exit met the closed pipe.
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n\n[keystore]\nbackend = "software"\n')
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
+                                stdout=writer, stderr=subprocess.PIPE, text=True, timeout=CLI_TIMEOUT, cwd=ROOT,
+                                env=buffered_env())
+    finally:
+        os.close(writer)
+    assert "BrokenPipe" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
