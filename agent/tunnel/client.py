@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 
-from agent.errors import ControllerUnreachable, OutpostError, TrustError, TunnelRefused
+from agent.errors import EXIT_IDENTITY_REFUSED, ControllerUnreachable, OutpostError, TrustError, TunnelRefused
+from agent.identity.refusals import DISABLED, REVOKED
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.proxy import DIRECT, ProxySettings
@@ -42,6 +43,38 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
 # Connecting to a bound service on the gateway itself (loopback or LAN).
 LOCAL_CONNECT_TIMEOUT = 10.0
+
+
+class IdentityRefused(TunnelRefused):
+    """The relay refused the tunnel because of the identity's status: ``identity_status`` is
+    ``revoked`` (terminal: the running agent stops with exit 77) or ``disabled`` (the agent asks again, slowly)."""
+
+    exit_code = EXIT_IDENTITY_REFUSED
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.identity_status = status
+        self.terminal = status == REVOKED
+
+
+def refusal_for(code: ErrorCode, reason: str, relay_url: str) -> TunnelRefused:
+    """The error for a relay that refused AUTH with ``code`` and ``reason``.
+
+    A relay from before DISABLED existed says REVOKED for a disabled identity
+    too, with the reason ``identity T/N is disabled``: read as disabled, since
+    stopping an agent that ops may enable again would need a site visit.
+    """
+    said = f"the relay at {relay_url} refused this gateway: {reason}"
+    if code is ErrorCode.DISABLED or (code is ErrorCode.REVOKED and reason.rstrip().endswith(" is disabled")):
+        error: TunnelRefused = IdentityRefused(
+            f"{said}; ask central ops to enable it (outpostctl identity enable)", DISABLED)
+    elif code is ErrorCode.REVOKED:
+        error = IdentityRefused(f"{said}; the agent stops: only a new identity, enrolled with a new token, "
+                                "can connect this gateway again", REVOKED)
+    else:
+        error = TunnelRefused(said)
+    error.code = code  # type: ignore[attr-defined]  # the wire code, for logs and tests
+    return error
 
 
 @dataclass
@@ -140,7 +173,8 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     """Connect and authenticate; returns the session and the task running it.
 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
-    (network), TunnelRefused (the relay said no, with its reason), ClockError
+    (network), TunnelRefused (the relay said no, with its reason;
+    IdentityRefused when it was for a revoked or disabled identity), ClockError
     (the relay's certificate is not valid by a clock that could not be checked).
     ``ssl_context`` is agent.identity.trust.pinned_ssl_context; the relay's
     certificate is then judged by ``options.clock`` (PinnedTLS.check).
@@ -189,7 +223,7 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     if not session.authenticated.is_set():
         await task
         code, reason, _ = session.close_reason or (ErrorCode.CANCEL, "closed", True)
-        if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.UNSUPPORTED_VERSION):
-            raise TunnelRefused(f"the relay at {relay_url} refused this gateway: {reason}")
+        if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.DISABLED, ErrorCode.UNSUPPORTED_VERSION):
+            raise refusal_for(code, reason, relay_url)
         raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
     return session, task

@@ -31,6 +31,8 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 13
     TIMEOUT = 14
     CONNECT_FAILED = 15
+    #: The identity is disabled (it may be enabled again): unlike REVOKED, the agent keeps asking, slowly.
+    DISABLED = 16
 
     @classmethod
     def from_wire(cls, value: int) -> "ErrorCode":
