@@ -96,7 +96,7 @@ def main() -> None:
             measures: dict[str, Callable[[], tuple[list[float], dict[str, float]]]] = {
                 name: (lambda p=port, n=name: round_trips(p, size, requests, processes[n]))
                 for name, port in ports.items()}
-            found = alternate(rounds, measures)  # type: ignore[arg-type]
+            found = alternate(rounds, measures)
             stunnel = stunnel_fields(chain, why)
     finally:
         echo.close()
