@@ -52,14 +52,14 @@ CERT_LIFETIME = datetime.timedelta(days=2)
 # Errors and warnings (refused certificates) only: per-connection notices would cost the chain CPU.
 STUNNEL_LOG_LEVEL = 4
 CLIENT, MIDDLE, SERVER = "stunnel-client", "stunnel-middle", "stunnel-server"
-#: What the benchmarks print (JSON field and stderr line) when the chain cannot run.
-MISSING_LINE = "stunnel4 is not installed: the stunnel chain is not measured (scripts/setup installs it)"
+#: After the program's path, what the benchmarks say (JSON field and stderr line) when the chain cannot run.
+MISSING_LINE = "the stunnel chain is not measured (scripts/setup installs stunnel4)"
 
 
 def unavailable() -> str | None:
     """Why this machine cannot run the stunnel chain, or None."""
     if not os.access(STUNNEL, os.X_OK):
-        return f"{STUNNEL} not found: {MISSING_LINE}"
+        return f"stunnel4 not found at {STUNNEL}: {MISSING_LINE}"
     return None
 
 

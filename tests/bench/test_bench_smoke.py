@@ -117,7 +117,7 @@ def test_a_missing_stunnel4_is_said_in_the_json_and_on_stderr() -> None:
     env = {**os.environ, "OUTPOST_BENCH_STUNNEL": "/nonexistent/stunnel4"}
     found = run_bench("latency", "--requests", "20", "--rounds", "1", env=env, stderr=stderr)
     assert found["stunnel_available"] is False
-    assert found["stunnel_skipped"] == f"/nonexistent/stunnel4 not found: {stunnel_path.MISSING_LINE}"
+    assert found["stunnel_skipped"] == f"stunnel4 not found at /nonexistent/stunnel4: {stunnel_path.MISSING_LINE}"
     assert found["stunnel_p50_us"] is None and found["cpu_ratio_vs_stunnel"] is None
     assert "stunnel" not in found["cpu_us_per_round_trip"]
     lines = [line for line in stderr[0].splitlines() if "stunnel" in line]
