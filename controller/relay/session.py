@@ -74,6 +74,8 @@ class RelaySession(TunnelSession):
         self.identity: Any = None
         self.session_certificate = False
         self.connected_at = time.time()
+        #: The upgrade request this tunnel came in on (set by Relay.handle).
+        self.request: web.Request | None = None
 
     @property
     def context(self) -> Any:
@@ -177,9 +179,13 @@ class Relay:
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
+        #: Told about each tunnel's request once it authenticated: the listener stops counting it as anonymous.
+        self.on_admitted: Any = None
 
     def register(self, session: RelaySession) -> None:
         self.by_identity.setdefault(session.identity.uri, set()).add(session)
+        if self.on_admitted is not None and session.request is not None:
+            self.on_admitted(session.request)
 
     def unregister(self, session: RelaySession) -> None:
         self.broker.unbind_all(session)
@@ -226,6 +232,7 @@ class Relay:
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
+        session.request = request
         self.sessions.add(session)
         try:
             await session.run()

@@ -96,15 +96,18 @@ def test_first_start_creates_the_data_directory_and_a_restart_reuses_it_both_sto
         assert config_path == data.resolve() / "outpostctl.toml"
         assert port != 0
         assert mode(data) == 0o700
-        for private in ("ca/ca.key", "tls/server.key", "admin.token", "outpostctl.toml", "store.sqlite3"):
+        for private in ("ca/ca.key", "tls/server.key", "admin.hash", "outpostctl.toml", "store.sqlite3"):
             assert mode(data / private) == 0o600, private
+        assert not (data / "admin.token").exists()
         ca = x509.load_pem_x509_certificate((data / "ca/ca.pem").read_bytes())
         assert certificate_fingerprint(ca) == fingerprint
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
         assert constraints.ca and constraints.path_length == 0
         config = read_toml(config_path)
-        admin_token = (data / "admin.token").read_text().strip()
+        admin_token = config["token"]
         assert config == {"url": f"https://127.0.0.1:{port}", "ca": str(data.resolve() / "ca/ca.pem"), "token": admin_token}
+        # The controller keeps a salted hash only: the plaintext is nowhere in its files but outpostctl.toml.
+        assert admin_token not in (data / "admin.hash").read_text()
         operator = api(config["url"], Path(config["ca"]), admin_token, "/api/v1/identities/operator")
         assert (operator["tenant"], operator["roles"]) == ("default", ["operator"])
         created = api(config["url"], Path(config["ca"]), admin_token, "/api/v1/identities", {"name": "gw"})
@@ -118,7 +121,7 @@ def test_first_start_creates_the_data_directory_and_a_restart_reuses_it_both_sto
         assert x509.DNSName("localhost") in names and x509.DNSName(socket.gethostname().lower()) in names
     finally:
         assert first.stop() == 0
-    kept = {p: p.read_bytes() for p in (data / "ca/ca.pem", data / "ca/ca.key", data / "tls/server.pem", data / "admin.token")}
+    kept = {p: p.read_bytes() for p in (data / "ca/ca.pem", data / "ca/ca.key", data / "tls/server.pem", data / "admin.hash")}
 
     second = Controller("--data", str(data), "--listen", "127.0.0.1:0")
     try:

@@ -1,0 +1,307 @@
+"""The listeners' front door: deadlines and caps for connections that have not authenticated yet.
+
+Every accepted TCP connection passes through a ``GuardedConnection`` before
+aiohttp sees it. It is counted against a cap per source address and a cap in
+total *before* the TLS handshake, so a flood from one address costs neither a
+handshake nor a TLS buffer; it then does the TLS handshake itself
+(``loop.start_tls``, bounded by a deadline) with whatever certificate the
+listener holds at that moment, so a certificate renewed while running is used
+by every new handshake and no live one is touched. Afterwards it stays between
+the TLS transport and aiohttp's request handler and keeps the request-head
+deadline: a connection that does not complete a request head in time is
+closed. The request body deadline is kept by ``request_deadlines`` (a
+middleware). A connection leaves the unauthenticated count once it proved who
+it is: a tunnel that passed AUTH, or a request carrying the admin credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import ssl
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+#: A TLS handshake is two round trips and one signature each way: 1.2 s at a
+#: satellite's 600 ms RTT; 10 s also absorbs a lost segment's retransmission
+#: (TCP's first RTO is 1 s, then 3 s) on such a link, and no more.
+TLS_HANDSHAKE_DEADLINE = 10.0
+#: The request head follows the handshake in one flight (a few hundred bytes,
+#: one segment): half a round trip on any link, so 10 s again leaves room for
+#: retransmissions, and a client sending one header line every few seconds
+#: is cut off well before it could pin memory for long.
+REQUEST_HEAD_DEADLINE = 10.0
+#: A body is at most MAX_REQUEST_BODY (64 KiB): about six round trips of TCP
+#: slow start (3.6 s at 600 ms RTT), or 8 s at 64 kbit/s on a poor cellular
+#: link; 30 s covers both with room to spare and ends a trickling body.
+REQUEST_BODY_DEADLINE = 30.0
+#: Connections not yet authenticated from one source address. A whole site (or
+#: a carrier-grade NAT) of gateways shares one address; each spends a second
+#: or two unauthenticated per reconnection, spread by full-jitter backoff, so a
+#: few dozen at once is a large site after an outage; 128 leaves room for that
+#: while keeping one address from holding more than a few percent of the total.
+MAX_UNAUTHENTICATED_PER_ADDRESS = 128
+#: Connections not yet authenticated in total: bounds what anonymous peers may
+#: hold of the controller's memory (4,096 x ~64 KiB = 256 MiB at most) while a
+#: fleet of thousands reconnecting after a relay restart still gets through.
+MAX_UNAUTHENTICATED = 4096
+#: A cap "bites" in episodes: one warning when it starts refusing, one line
+#: with the count when no connection was refused for this long.
+CAP_EPISODE_QUIET = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerLimits:
+    """The deadlines and caps of one listener (tests shorten them)."""
+
+    handshake_deadline: float = TLS_HANDSHAKE_DEADLINE
+    head_deadline: float = REQUEST_HEAD_DEADLINE
+    body_deadline: float = REQUEST_BODY_DEADLINE
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
+
+
+class Admission:
+    """How many connections are unauthenticated, per source address and in total; refuses past the caps."""
+
+    def __init__(self, name: str, limits: ListenerLimits) -> None:
+        self.name = name
+        self.limits = limits
+        self.total = 0
+        self.per_address: dict[str, int] = {}
+        self.refused = 0
+        self._episode_refused = 0
+        self._episode_addresses: set[str] = set()
+        self._episode_end: asyncio.TimerHandle | None = None
+
+    def enter(self, address: str) -> bool:
+        """Count one more unauthenticated connection from ``address``; False (and counted as refused) past a cap."""
+        held = self.per_address.get(address, 0)
+        if held >= self.limits.max_unauthenticated_per_address:
+            self._refuse(address, f"{held} from {address} (the cap per address is "
+                                  f"{self.limits.max_unauthenticated_per_address})")
+            return False
+        if self.total >= self.limits.max_unauthenticated:
+            self._refuse(address, f"{self.total} in total (the cap is {self.limits.max_unauthenticated})")
+            return False
+        self.per_address[address] = held + 1
+        self.total += 1
+        return True
+
+    def leave(self, address: str) -> None:
+        held = self.per_address.get(address, 0) - 1
+        if held > 0:
+            self.per_address[address] = held
+        else:
+            self.per_address.pop(address, None)
+        self.total -= 1
+
+    def _refuse(self, address: str, why: str) -> None:
+        self.refused += 1
+        self._episode_refused += 1
+        self._episode_addresses.add(address)
+        loop = asyncio.get_running_loop()
+        if self._episode_end is None:
+            log.warning(
+                "%s: refusing new connections, too many not yet authenticated (%s); authenticated "
+                "tunnels are not affected; one line follows when this stops", self.name, why,
+            )
+        else:
+            self._episode_end.cancel()
+        self._episode_end = loop.call_later(CAP_EPISODE_QUIET, self._episode_over)
+
+    def _episode_over(self) -> None:
+        log.warning(
+            "%s: refused %d connections from %d addresses over the unauthenticated cap; none refused for %g s",
+            self.name, self._episode_refused, len(self._episode_addresses), CAP_EPISODE_QUIET,
+        )
+        self._episode_end = None
+        self._episode_refused = 0
+        self._episode_addresses.clear()
+
+    def close(self) -> None:
+        if self._episode_end is not None:
+            self._episode_end.cancel()
+            self._episode_end = None
+
+
+class Stage(enum.Enum):
+    HANDSHAKE = "handshake"
+    HEAD = "head"  # waiting for a complete request head, the deadline running
+    REQUEST = "request"  # a request is being handled (its body under the body deadline)
+    IDLE = "idle"  # between requests; aiohttp's keep-alive timeout bounds this
+    CLOSED = "closed"
+
+
+class Listener:
+    """One listening socket's guard: its TLS context (swappable), limits, admission and live connections."""
+
+    def __init__(self, name: str, tls: ssl.SSLContext, limits: ListenerLimits) -> None:
+        self.name = name
+        self.tls = tls
+        self.limits = limits
+        self.admission = Admission(name, limits)
+        self.connections: set[GuardedConnection] = set()
+
+    def protocol_factory(self, handler_factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: GuardedConnection(self, handler_factory)
+
+    def abort_handshakes(self) -> None:
+        """Close the connections aiohttp does not know yet (still in their TLS handshake): shutdown."""
+        for connection in list(self.connections):
+            if connection.stage is Stage.HANDSHAKE:
+                connection.abort()
+        self.admission.close()
+
+
+class GuardedConnection(asyncio.Protocol):
+    """One accepted connection: admission, TLS handshake, then aiohttp's handler behind a head deadline."""
+
+    def __init__(self, listener: Listener, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.listener = listener
+        self._handler_factory = handler_factory
+        self.stage = Stage.HANDSHAKE
+        self.address = ""
+        self.authenticated = False
+        self._counted = False
+        self._raw: asyncio.Transport | None = None
+        self._tls: asyncio.Transport | None = None
+        self._handler: asyncio.Protocol | None = None
+        self._early: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+
+    # -- from the TCP transport, then from the TLS transport --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self.listener.admission.enter(self.address):
+            self.stage = Stage.CLOSED
+            transport.abort()
+            return
+        self._counted = True
+        self._raw = transport
+        self.listener.connections.add(self)
+        # Nothing is read until the TLS layer owns the socket: no byte of the ClientHello is lost.
+        transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(raw, self, self.listener.tls, server_side=True,
+                                       ssl_handshake_timeout=self.listener.limits.handshake_deadline)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError, RuntimeError) as error:
+            log.debug("%s: TLS handshake with %s failed: %s", self.listener.name, self.address, error)
+            raw.abort()
+            self._finish()
+            return
+        if self.stage is Stage.CLOSED or tls is None:
+            return
+        self._tls = tls
+        handler = self._handler_factory()
+        self._handler = handler
+        handler.connection_made(tls)
+        self._arm(self.listener.limits.head_deadline)
+        self.stage = Stage.HEAD
+        early, self._early = self._early, []
+        for data in early:
+            handler.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is None:
+            self._early.append(data)  # after the handshake, before the handler is attached
+            return
+        if self.stage is Stage.IDLE:
+            self.stage = Stage.HEAD  # the first byte of the next request starts its head deadline
+            self._arm(self.listener.limits.head_deadline)
+        self._handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received() if self._handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        handler, self._handler = self._handler, None
+        self._finish()
+        if handler is not None:
+            handler.connection_lost(exc)
+
+    # -- from the request middleware and the relay --
+    def request_started(self) -> None:
+        self._disarm()
+        if self.stage is not Stage.CLOSED:
+            self.stage = Stage.REQUEST
+
+    def request_finished(self) -> None:
+        if self.stage is Stage.REQUEST:
+            self.stage = Stage.IDLE
+
+    def mark_authenticated(self) -> None:
+        """The peer proved who it is: it no longer counts against the unauthenticated caps."""
+        if not self.authenticated:
+            self.authenticated = True
+            self._release()
+
+    def abort(self) -> None:
+        transport = self._tls or self._raw
+        if transport is not None:
+            transport.abort()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._finish()
+
+    # -- internals --
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        if self.stage is Stage.HEAD:
+            log.debug("%s: %s sent no complete request head in %g s; closed",
+                      self.listener.name, self.address, self.listener.limits.head_deadline)
+            self.abort()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.listener.admission.leave(self.address)
+
+    def _finish(self) -> None:
+        self.stage = Stage.CLOSED
+        self._disarm()
+        self._release()
+        self.listener.connections.discard(self)
+
+
+def guarded_connection(request: web.Request) -> GuardedConnection | None:
+    """The guard in front of ``request``'s connection (None if it is gone already)."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, GuardedConnection) else None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BodyTimedOut(Exception):
+    """The request body did not arrive within its deadline."""
