@@ -257,11 +257,13 @@ class GuardedConnection(asyncio.Protocol):
             self._release()
 
     def abort(self) -> None:
-        transport = self._tls or self._raw
-        if transport is not None:
-            transport.abort()
+        """Close at once, without a TLS goodbye (the peer is stalling or gone)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self.stage is not Stage.CLOSED:
+            transport = self._tls or self._raw
+            if transport is not None and not transport.is_closing():
+                transport.abort()
         self._finish()
 
     # -- internals --
