@@ -192,6 +192,13 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         app.router.add_get("/v1/tunnel", relay.handle)
     if api:
         ManagementApi(context, relay.status).add_routes(app)
+    elif gateway:
+        async def api_elsewhere(request: web.Request) -> web.Response:
+            return error_response(
+                "not_found", "The management API is not served here but on its own listener (--api-listen); "
+                "see outpostctl.toml for its URL.", 404)
+
+        app.router.add_route("*", API_PREFIX + "{tail:.*}", api_elsewhere)
     return app
 
 

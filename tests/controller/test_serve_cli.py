@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -216,3 +217,32 @@ def test_an_incomplete_data_directory_is_refused_not_repaired(tmp_path: Path) ->
     assert_one_sentence(result.stderr)
     assert "incomplete" in result.stderr
     assert sorted(p.name for p in data.iterdir()) == ["store.sqlite3"]
+
+
+def test_api_listen_moves_the_management_api_to_its_own_port_and_into_outpostctl_toml(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    controller = Controller("--data", str(data), "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0")
+    try:
+        match = re.match(r"^outpost-controller ready on https://127\.0\.0\.1:(\d+) .*; management API on "
+                         r"https://127\.0\.0\.1:(\d+)$", controller.line)
+        assert match, controller.line
+        public, api_port = int(match[1]), int(match[2])
+        assert public != api_port
+        config = read_toml(data / "outpostctl.toml")
+        assert config["url"] == f"https://127.0.0.1:{api_port}"
+        assert api(config["url"], Path(config["ca"]), config["token"], "/api/v1/identities/operator")["name"] == "operator"
+        try:
+            api(f"https://127.0.0.1:{public}", Path(config["ca"]), config["token"], "/api/v1/identities/operator")
+            raise AssertionError("the public listener served the management API")
+        except urllib.error.HTTPError as error:
+            assert error.code == 404
+    finally:
+        assert controller.stop() == 0
+
+
+def test_api_listen_on_the_same_address_as_listen_is_one_sentence(tmp_path: Path) -> None:
+    result = run_failing("serve", "--data", str(tmp_path / "data"), "--listen", "127.0.0.1:8443",
+                         "--api-listen", "127.0.0.1:8443")
+    assert result.returncode == 64
+    assert_one_sentence(result.stderr)
+    assert list(tmp_path.iterdir()) == []
