@@ -46,6 +46,8 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 CERT_RENEW_RETRY_SECONDS = 3600.0
 #: Never wake sooner than this for a renewal: a clock that jumped does not spin the loop.
 CERT_RENEW_MIN_WAIT = 1.0
+#: Nor later than this: the wall clock may be set (NTP's first sync) while we sleep on the monotonic one.
+CERT_RENEW_MAX_WAIT = 3600.0
 
 _HTTP_ERROR_CODES = {
     401: "unauthorized",
@@ -334,6 +336,9 @@ class ControllerServer:
             current = x509.load_der_x509_certificate(self.context.server_certificate_der)
             due = not_after_of(current) - renew_before
             wait = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            if wait > CERT_RENEW_MAX_WAIT:
+                await asyncio.sleep(CERT_RENEW_MAX_WAIT)
+                continue
             await asyncio.sleep(max(CERT_RENEW_MIN_WAIT, wait))
             try:
                 await asyncio.to_thread(self.renew_certificate_now)
