@@ -22,6 +22,7 @@ import agent.service_manager as service_manager
 from agent.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
+from controller.event_loop import EVENT_LOOPS, run, running_loop_name
 from controller.listener import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, ListenerLimits
 from controller.names import NAME_PATTERN
 from controller.settings import (
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections not yet authenticated, in total, per listener")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
                        help="connections not yet authenticated from one source address")
+    serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                       help="auto: uvloop where installed (less memory per connection), else asyncio")
     admin = commands.add_parser("admin-token", help="the management API's admin credential")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
     rotate = admin_commands.add_parser(
@@ -182,6 +185,7 @@ async def serve(settings: Settings) -> None:
             f"outpostctl config: {settings.outpostctl_config_path}){api}",
             flush=True,
         )
+        logging.getLogger(__name__).info("running on the %s event loop", running_loop_name())
         await stop.wait()
     finally:
         await server.stop()
@@ -202,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "Keep that file private: it is the only copy.")
             return 0
         settings = settings_from_args(args)
-        asyncio.run(serve(settings))
+        run(serve(settings), args.event_loop)
     except OutpostError as error:
         print(str(error), file=sys.stderr)
         return error.exit_code

@@ -1,15 +1,15 @@
 """The listeners' front door: deadlines and caps for connections that have not authenticated yet.
 
-Every accepted TCP connection passes through a ``GuardedConnection`` before
-aiohttp sees it. It is counted against a cap per source address and a cap in
-total *before* the TLS handshake, so a flood from one address costs neither a
-handshake nor a TLS buffer; it then does the TLS handshake itself
-(``loop.start_tls``, bounded by a deadline) with whatever certificate the
-listener holds at that moment, so a certificate renewed while running is used
-by every new handshake and no live one is touched. Afterwards it stays between
-the TLS transport and aiohttp's request handler and keeps the request-head
-deadline: a connection that does not complete a request head in time is
-closed. The request body deadline is kept by ``request_deadlines`` (a
+A ``Listener`` runs its own accept loop: every accepted TCP connection is
+counted against a cap per source address and a cap in total *before* its TLS
+handshake, so a flood from one address costs neither a handshake nor a TLS
+buffer (one over a cap is reset at once). The handshake
+(``loop.connect_accepted_socket``, bounded by a deadline) uses whatever
+certificate the listener holds at that moment, so a certificate renewed while
+running serves every new handshake and no live one is touched. Then a
+``GuardedConnection`` stands between the TLS transport and aiohttp's request
+handler and keeps the request-head deadline: a connection that does not
+complete a request head in time is closed. The request body deadline is kept by ``request_deadlines`` (a
 middleware). A connection leaves the unauthenticated count once it proved who
 it is: a tunnel that passed AUTH, or a request carrying the admin credential.
 """
@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import logging
+import socket
 import ssl
-from typing import Any, Awaitable, Callable
+import struct
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -138,8 +141,18 @@ class Stage(enum.Enum):
     CLOSED = "closed"
 
 
+#: accept() failures that mean "out of descriptors or memory": wait, then accept again.
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: How long the accept loop waits after running out of descriptors (asyncio's own servers wait 1 s too).
+ACCEPT_RETRY_DELAY = 1.0
+
+
 class Listener:
-    """One listening socket's guard: its TLS context (swappable), limits, admission and live connections."""
+    """One listening socket: its TLS context (swappable), limits, admission, and the accept loop.
+
+    It stands in for the ``asyncio.Server`` aiohttp's site would hold
+    (``close``, ``wait_closed``, ``sockets``).
+    """
 
     def __init__(self, name: str, tls: ssl.SSLContext, limits: ListenerLimits) -> None:
         self.name = name
@@ -147,76 +160,89 @@ class Listener:
         self.limits = limits
         self.admission = Admission(name, limits)
         self.connections: set[GuardedConnection] = set()
+        self.sockets: list[socket.socket] = []
+        self._accepting: asyncio.Task | None = None
+        self._handshakes: set[asyncio.Task] = set()
 
-    def protocol_factory(self, handler_factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: GuardedConnection(self, handler_factory)
+    def start(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.sockets = [sock]
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock, handler_factory))
 
-    def abort_handshakes(self) -> None:
-        """Close the connections aiohttp does not know yet (still in their TLS handshake): shutdown."""
-        for connection in list(self.connections):
-            if connection.stage is Stage.HANDSHAKE:
-                connection.abort()
+    async def _accept(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(sock)
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRNOS:
+                    log.error("%s: cannot accept connections (%s); trying again in %g s",
+                              self.name, error.strerror, ACCEPT_RETRY_DELAY)
+                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue  # ECONNABORTED and the like: that one peer is gone
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            if not self.admission.enter(address):
+                # A reset, not a goodbye: no TIME_WAIT kept for a peer over its cap.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._handshake(conn, address, handler_factory))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, address: str,
+                         handler_factory: Callable[[], asyncio.Protocol]) -> None:
+        connection = GuardedConnection(self, handler_factory, address)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, conn, ssl=self.tls, ssl_handshake_timeout=self.limits.handshake_deadline)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.CancelledError) as error:
+            log.debug("%s: TLS handshake with %s failed: %r", self.name, address, error)
+            connection.handshake_failed()
+
+    def close(self) -> None:
+        """Stop accepting and end the handshakes in progress (aiohttp closes the rest)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
         self.admission.close()
+
+    async def wait_closed(self) -> None:
+        tasks = [t for t in (self._accepting, *self._handshakes) if t is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+#: SO_LINGER on, zero seconds: close() sends a reset.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class GuardedConnection(asyncio.Protocol):
-    """One accepted connection: admission, TLS handshake, then aiohttp's handler behind a head deadline."""
+    """One connection past its TLS handshake: aiohttp's handler behind the head deadline, counted until it authenticates."""
 
-    def __init__(self, listener: Listener, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, listener: Listener, handler_factory: Callable[[], asyncio.Protocol], address: str) -> None:
         self.listener = listener
         self._handler_factory = handler_factory
+        self.address = address
         self.stage = Stage.HANDSHAKE
-        self.address = ""
         self.authenticated = False
-        self._counted = False
-        self._raw: asyncio.Transport | None = None
-        self._tls: asyncio.Transport | None = None
+        self._counted = True  # Listener._accept counted it
+        self._transport: Any = None
         self._handler: asyncio.Protocol | None = None
-        self._early: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task | None = None
 
-    # -- from the TCP transport, then from the TLS transport --
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not self.listener.admission.enter(self.address):
-            self.stage = Stage.CLOSED
-            transport.abort()
-            return
-        self._counted = True
-        self._raw = transport
+    # -- from the TLS transport, forwarded to aiohttp's handler --
+    def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TLS transport
+        self._transport = transport
         self.listener.connections.add(self)
-        # Nothing is read until the TLS layer owns the socket: no byte of the ClientHello is lost.
-        transport.pause_reading()
-        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
-
-    async def _handshake(self, raw: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            tls = await loop.start_tls(raw, self, self.listener.tls, server_side=True,
-                                       ssl_handshake_timeout=self.listener.limits.handshake_deadline)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError, RuntimeError) as error:
-            log.debug("%s: TLS handshake with %s failed: %s", self.listener.name, self.address, error)
-            raw.abort()
-            self._finish()
-            return
-        if self.stage is Stage.CLOSED or tls is None:
-            return
-        self._tls = tls
+        self.stage = Stage.HEAD
+        self._arm(self.listener.limits.head_deadline)
         handler = self._handler_factory()
         self._handler = handler
-        handler.connection_made(tls)
-        self._arm(self.listener.limits.head_deadline)
-        self.stage = Stage.HEAD
-        early, self._early = self._early, []
-        for data in early:
-            handler.data_received(data)
+        handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._handler is None:
-            self._early.append(data)  # after the handshake, before the handler is attached
             return
         if self.stage is Stage.IDLE:
             self.stage = Stage.HEAD  # the first byte of the next request starts its head deadline
@@ -240,6 +266,10 @@ class GuardedConnection(asyncio.Protocol):
         if handler is not None:
             handler.connection_lost(exc)
 
+    def handshake_failed(self) -> None:
+        if self._handler is None:
+            self._finish()
+
     # -- from the request middleware and the relay --
     def request_started(self) -> None:
         self._disarm()
@@ -258,12 +288,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once, without a TLS goodbye (the peer is stalling or gone)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self.stage is not Stage.CLOSED:
-            transport = self._tls or self._raw
-            if transport is not None and not transport.is_closing():
-                transport.abort()
+        if self.stage is not Stage.CLOSED and self._transport is not None and not self._transport.is_closing():
+            self._transport.abort()
         self._finish()
 
     # -- internals --
@@ -302,8 +328,3 @@ def guarded_connection(request: web.Request) -> GuardedConnection | None:
     return protocol if isinstance(protocol, GuardedConnection) else None
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class BodyTimedOut(Exception):
-    """The request body did not arrive within its deadline."""

@@ -228,7 +228,7 @@ def server_ssl_context(context: ControllerContext) -> ssl.SSLContext:
 
 
 class GuardedSite(web.SockSite):
-    """A site whose connections pass a Listener (caps, TLS handshake, deadlines) before aiohttp."""
+    """A site whose connections are accepted by a Listener (caps, TLS handshake, deadlines), then served by aiohttp."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: Listener, **kwargs: Any) -> None:
         super().__init__(runner, sock, **kwargs)
@@ -243,13 +243,8 @@ class GuardedSite(web.SockSite):
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            self.guard.protocol_factory(server), sock=self._sock, backlog=self._backlog
-        )
-
-    async def stop(self) -> None:
-        self.guard.abort_handshakes()
-        await super().stop()
+        self.guard.start(self._sock, server)
+        self._server = self.guard  # type: ignore[assignment]  # what stop() closes
 
 
 def bind_listener(host: str, port: int, flag: str = "--listen") -> socket.socket:

@@ -30,7 +30,8 @@ async def presented_certificate(ctl: Running) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
 
 
-def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up_across_it(tmp_path: Path) -> None:
+def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up_across_it(
+        tmp_path: Path, loop_name: str) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl", listener_cert_lifetime=SHORT_LIFETIME) as ctl:
             first = await presented_certificate(ctl)
@@ -59,4 +60,4 @@ def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up
             on_disk = x509.load_pem_x509_certificate((tmp_path / "ctl" / "tls" / "server.pem").read_bytes())
             assert cert_not_after(on_disk) >= cert_not_after(current)
 
-    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)

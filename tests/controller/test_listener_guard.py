@@ -50,7 +50,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return False
 
 
-def test_a_client_sending_one_header_line_every_second_is_closed_at_the_head_deadline(tmp_path: Path) -> None:
+def test_a_client_sending_one_header_line_every_second_is_closed_at_the_head_deadline(tmp_path: Path, loop_name: str) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl", limits=SHORT) as ctl:
             reader, writer = await tls_client(ctl)
@@ -72,10 +72,10 @@ def test_a_client_sending_one_header_line_every_second_is_closed_at_the_head_dea
             assert closed_after is not None, "a trickling request head was never cut off"
             assert SHORT.head_deadline - 0.5 <= closed_after <= SHORT.head_deadline + LATE
 
-    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
 
 
-def test_a_silent_connection_after_the_handshake_and_one_that_never_handshakes_are_closed(tmp_path: Path) -> None:
+def test_a_silent_connection_after_the_handshake_and_one_that_never_handshakes_are_closed(tmp_path: Path, loop_name: str) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl", limits=SHORT) as ctl:
             reader, writer = await tls_client(ctl)
@@ -88,11 +88,11 @@ def test_a_silent_connection_after_the_handshake_and_one_that_never_handshakes_a
             raw_writer.close()
             assert ctl.server.guards[0].admission.total == 0
 
-    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
 
 
 def test_a_trickling_body_is_closed_at_the_body_deadline_and_keep_alive_is_not_the_head_deadline(
-        tmp_path: Path) -> None:
+        tmp_path: Path, loop_name: str) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl", limits=SHORT) as ctl:
             reader, writer = await tls_client(ctl)
@@ -124,10 +124,10 @@ def test_a_trickling_body_is_closed_at_the_body_deadline_and_keep_alive_is_not_t
             assert closed_after is not None, "a trickling body was never cut off"
             assert SHORT.body_deadline - 0.5 <= closed_after <= SHORT.body_deadline + LATE
 
-    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
 
 
-def test_a_client_that_resets_during_a_body_is_one_log_line_not_a_traceback(tmp_path: Path, caplog) -> None:
+def test_a_client_that_resets_during_a_body_is_one_log_line_not_a_traceback(tmp_path: Path, loop_name: str, caplog) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             port = int(ctl.url.rsplit(":", 1)[1])
@@ -147,7 +147,7 @@ def test_a_client_that_resets_during_a_body_is_one_log_line_not_a_traceback(tmp_
             assert status == 200
 
     with caplog.at_level(logging.DEBUG):
-        run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+        run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
     about_it = [r for r in caplog.records if "/v1/enroll" in r.getMessage() or r.exc_info]
     assert len(about_it) == 1, [r.getMessage() for r in about_it]
     assert about_it[0].exc_info is None and "went away during the body" in about_it[0].getMessage()
@@ -155,7 +155,7 @@ def test_a_client_that_resets_during_a_body_is_one_log_line_not_a_traceback(tmp_
 
 
 def test_the_cap_per_address_bites_with_one_log_line_and_tunnels_and_the_api_keep_working(
-        tmp_path: Path, caplog) -> None:
+        tmp_path: Path, loop_name: str, caplog) -> None:
     limits = ListenerLimits(max_unauthenticated_per_address=4, max_unauthenticated=1000)
 
     async def scenario() -> None:
@@ -185,13 +185,13 @@ def test_the_cap_per_address_bites_with_one_log_line_and_tunnels_and_the_api_kee
                     writer.close()
 
     with caplog.at_level(logging.INFO, logger="controller.listener"):
-        run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+        run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
     bites = [r for r in caplog.records if "refusing new connections" in r.getMessage()]
     assert len(bites) == 1, caplog.text
     assert "127.0.0.2" in bites[0].getMessage()
 
 
-def test_the_total_cap_bites_while_admitted_tunnels_and_the_api_listener_keep_working(tmp_path: Path) -> None:
+def test_the_total_cap_bites_while_admitted_tunnels_and_the_api_listener_keep_working(tmp_path: Path, loop_name: str) -> None:
     limits = ListenerLimits(max_unauthenticated_per_address=100, max_unauthenticated=6)
 
     async def scenario() -> None:
@@ -213,7 +213,7 @@ def test_the_total_cap_bites_while_admitted_tunnels_and_the_api_listener_keep_wo
                 for _, writer in held:
                     writer.close()
 
-    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
 
 
 def test_an_enrollment_still_works_under_the_deadlines(tmp_path: Path) -> None:
