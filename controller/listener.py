@@ -53,6 +53,13 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 128
 #: hold of the controller's memory (4,096 x ~64 KiB = 256 MiB at most) while a
 #: fleet of thousands reconnecting after a relay restart still gets through.
 MAX_UNAUTHENTICATED = 4096
+#: Freed memory is handed back to the system when at least this many
+#: connections closed since the last look: a burst of anonymous connections
+#: (a scan, a fleet's reconnection storm) must not leave the process at its
+#: peak size, while a quiet relay never pays for the heap walk.
+MEMORY_TRIM_MIN_CLOSED = 256
+#: How often to look: the walk costs a few milliseconds on a large heap.
+MEMORY_TRIM_INTERVAL = 30.0
 #: A cap "bites" in episodes: one warning when it starts refusing, one line
 #: with the count when no connection was refused for this long.
 CAP_EPISODE_QUIET = 60.0
@@ -133,6 +140,36 @@ class Admission:
             self._episode_end = None
 
 
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+async def return_freed_memory(listeners: list["Listener"]) -> None:
+    """Forever: after a burst of connections closed, give the freed heap back to the system.
+
+    glibc keeps freed memory in the process (the 256 KiB TLS read buffers of
+    asyncio's SSL layer fragment the heap), so without this a controller stays
+    at the size of its largest burst of anonymous connections.
+    """
+    if _malloc_trim is None:
+        return
+    while True:
+        await asyncio.sleep(MEMORY_TRIM_INTERVAL)
+        closed = sum(listener.closed_since_trim for listener in listeners)
+        if closed >= MEMORY_TRIM_MIN_CLOSED:
+            for listener in listeners:
+                listener.closed_since_trim = 0
+            _malloc_trim(0)
+
+
 class Stage(enum.Enum):
     HANDSHAKE = "handshake"
     HEAD = "head"  # waiting for a complete request head, the deadline running
@@ -163,6 +200,8 @@ class Listener:
         self.sockets: list[socket.socket] = []
         self._accepting: asyncio.Task | None = None
         self._handshakes: set[asyncio.Task] = set()
+        #: Connections ended since memory was last handed back (return_freed_memory).
+        self.closed_since_trim = 0
 
     def start(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
         self.sockets = [sock]
@@ -315,6 +354,8 @@ class GuardedConnection(asyncio.Protocol):
             self.listener.admission.leave(self.address)
 
     def _finish(self) -> None:
+        if self.stage is not Stage.CLOSED:
+            self.listener.closed_since_trim += 1
         self.stage = Stage.CLOSED
         self._disarm()
         self._release()

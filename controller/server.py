@@ -26,7 +26,7 @@ from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
-from controller.listener import Listener, guarded_connection
+from controller.listener import Listener, guarded_connection, return_freed_memory
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -307,6 +307,7 @@ class ControllerServer:
         service_manager.notify_ready(f"serving on port {self.port}")
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._renew_certificate()))
+        self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))

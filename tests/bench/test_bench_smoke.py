@@ -97,3 +97,12 @@ def test_the_ssh_baseline_carries_bytes(tmp_path: Path) -> None:
     finally:
         ssh.stop()
         echo.close()
+
+
+def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_trip() -> None:
+    found = run_bench("idle_connections", "--connections", "20", "--after-close-wait", "1")
+    assert found["loops"], found
+    for result in found["loops"].values():
+        assert result["connections"] == 20
+        assert_positive(result["tunnel_round_trip"]["holding"], "p50_ms", "p99_ms")
+        assert result["controller_rss_kib"]["holding"] > 0
