@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import enum
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -53,6 +54,10 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 128
 #: hold of the controller's memory (4,096 x ~64 KiB = 256 MiB at most) while a
 #: fleet of thousands reconnecting after a relay restart still gets through.
 MAX_UNAUTHENTICATED = 4096
+#: IPv6 peers are counted per /64: one subscriber (a home, a phone, a
+#: server's subnet) gets a whole /64, so counting single addresses would give
+#: one attacker 2^64 separate caps.
+IPV6_CAP_PREFIX = 64
 #: Freed memory is handed back to the system when at least this many
 #: connections closed since the last look: a burst of anonymous connections
 #: (a scan, a fleet's reconnection storm) must not leave the process at its
@@ -74,6 +79,19 @@ class ListenerLimits:
     body_deadline: float = REQUEST_BODY_DEADLINE
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
+
+
+def cap_key(address: str) -> str:
+    """What the per-address cap counts ``address`` under: itself (IPv4), its /64 (IPv6)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network((parsed, IPV6_CAP_PREFIX), strict=False))
+    return str(parsed)
 
 
 class Admission:
@@ -218,7 +236,7 @@ class Listener:
                               self.name, error.strerror, ACCEPT_RETRY_DELAY)
                     await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue  # ECONNABORTED and the like: that one peer is gone
-            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            address = cap_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
             if not self.admission.enter(address):
                 # A reset, not a goodbye: no TIME_WAIT kept for a peer over its cap.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

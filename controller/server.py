@@ -337,7 +337,7 @@ class ControllerServer:
                 continue
             await asyncio.sleep(max(CERT_RENEW_MIN_WAIT, wait))
             try:
-                await asyncio.to_thread(self.renew_certificate_now)
+                self.use_certificate(*await asyncio.to_thread(self.issue_certificate))
             except Exception as error:  # a full disk must not end the controller; it is retried
                 left = (not_after_of(current) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
                 retry = max(CERT_RENEW_MIN_WAIT, min(CERT_RENEW_RETRY_SECONDS, left / 10))
@@ -345,18 +345,20 @@ class ControllerServer:
                           "it expires", error, retry, left)
                 await asyncio.sleep(retry)
 
-    def renew_certificate_now(self) -> None:
-        """Issue a new listener certificate and use it for every new TLS handshake (any thread)."""
+    def issue_certificate(self) -> tuple[x509.Certificate, ssl.SSLContext]:
+        """A new listener certificate for the same key, written, and a TLS context holding it (a worker thread)."""
         settings = self.context.settings
         lifetime, renew_before = listener_cert_lifetimes(settings)
         cert, _ = ensure_server_certificate(
             self.context.ca, settings.server_cert_path, settings.server_key_path, server_names(settings),
             lifetime, renew_before, force=True,
         )
-        tls = server_ssl_context(self.context)
-        der = cert.public_bytes(serialization.Encoding.DER)
+        return cert, server_ssl_context(self.context)
+
+    def use_certificate(self, cert: x509.Certificate, tls: ssl.SSLContext) -> None:
+        """Every new TLS handshake gets ``cert``; live connections keep theirs (the event loop)."""
         self.context.previous_server_certificate_der = self.context.server_certificate_der
-        self.context.server_certificate_der = der
+        self.context.server_certificate_der = cert.public_bytes(serialization.Encoding.DER)
         for guard in self.guards:
             guard.tls = tls
         log.info("renewed the listener's certificate (serial %x, valid until %s UTC)", cert.serial_number,

@@ -13,7 +13,7 @@ import ssl
 import struct
 from pathlib import Path
 
-from controller.listener import ListenerLimits
+from controller.listener import ListenerLimits, cap_key
 from tests.controller.harness import Running, make_csr, make_key, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled
 from tests.controller.relay.test_relay_decisions import dial_refusal
@@ -224,3 +224,10 @@ def test_an_enrollment_still_works_under_the_deadlines(tmp_path: Path) -> None:
             assert status == 200, body
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_the_cap_counts_an_ipv6_peer_by_its_64_and_a_mapped_ipv4_as_ipv4() -> None:
+    assert cap_key("2001:db8:1:2:aaaa::1") == cap_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert cap_key("2001:db8:1:3::1") != cap_key("2001:db8:1:2::1")
+    assert cap_key("::ffff:192.0.2.7") == cap_key("192.0.2.7") == "192.0.2.7"
+    assert cap_key("fe80::1%eth0") == "fe80::/64"
