@@ -58,6 +58,11 @@ MAX_UNAUTHENTICATED = 4096
 #: server's subnet) gets a whole /64, so counting single addresses would give
 #: one attacker 2^64 separate caps.
 IPV6_CAP_PREFIX = 64
+#: A head deadline that fires this late found the event loop stalled (by
+#: other work), not the peer: it gets this long once more for its bytes,
+#: which may be waiting unread, to be read.
+STALL_TOLERANCE = 0.5
+HEAD_END = b"\r\n\r\n"
 #: Freed memory is handed back to the system when at least this many
 #: connections closed since the last look: a burst of anonymous connections
 #: (a scan, a fleet's reconnection storm) must not leave the process at its
@@ -287,6 +292,10 @@ class GuardedConnection(asyncio.Protocol):
         self._transport: Any = None
         self._handler: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
+        self._grace_given = False
+        #: The last bytes of the head so far, to find its end across two reads.
+        self._tail = b""
 
     # -- from the TLS transport, forwarded to aiohttp's handler --
     def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TLS transport
@@ -303,7 +312,18 @@ class GuardedConnection(asyncio.Protocol):
             return
         if self.stage is Stage.IDLE:
             self.stage = Stage.HEAD  # the first byte of the next request starts its head deadline
+            self._tail = b""
             self._arm(self.listener.limits.head_deadline)
+        if self.stage is Stage.HEAD:
+            # The blank line that ends a request head: the deadline is met, whenever the handler
+            # runs. Empty lines before a request line (RFC 9112 lets servers skip them) start nothing.
+            chunk = data if self._tail else data.lstrip(b"\r\n")
+            if chunk:
+                seen = self._tail + chunk
+                if HEAD_END in seen:
+                    self._disarm()
+                    self.stage = Stage.REQUEST
+                self._tail = seen[-(len(HEAD_END) - 1):]
         self._handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -352,7 +372,10 @@ class GuardedConnection(asyncio.Protocol):
     # -- internals --
     def _arm(self, seconds: float) -> None:
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._head_expired)
+        loop = asyncio.get_running_loop()
+        self._deadline_at = loop.time() + seconds
+        self._grace_given = False
+        self._timer = loop.call_later(seconds, self._head_expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -361,10 +384,19 @@ class GuardedConnection(asyncio.Protocol):
 
     def _head_expired(self) -> None:
         self._timer = None
-        if self.stage is Stage.HEAD:
-            log.debug("%s: %s sent no complete request head in %g s; closed",
-                      self.listener.name, self.address, self.listener.limits.head_deadline)
-            self.abort()
+        if self.stage is not Stage.HEAD:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._deadline_at > STALL_TOLERANCE and not self._grace_given:
+            # The loop itself was stalled past the deadline: the peer's bytes may be waiting
+            # unread. Read them first (uvloop runs timers before reading sockets).
+            self._grace_given = True
+            self._timer = loop.call_later(STALL_TOLERANCE, self._head_expired)
+            self._deadline_at = loop.time() + STALL_TOLERANCE
+            return
+        log.debug("%s: %s sent no complete request head in %g s; closed",
+                  self.listener.name, self.address, self.listener.limits.head_deadline)
+        self.abort()
 
     def _release(self) -> None:
         if self._counted:

@@ -11,7 +11,10 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from pathlib import Path
+
+import pytest
 
 from controller.listener import ListenerLimits, cap_key
 from tests.controller.harness import Running, make_csr, make_key, run, running_controller
@@ -50,13 +53,15 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return False
 
 
-def test_a_client_sending_one_header_line_every_second_is_closed_at_the_head_deadline(tmp_path: Path, loop_name: str) -> None:
+@pytest.mark.parametrize("prefix", [b"", b"\r\n\r\n\r\n"], ids=["plain", "after_blank_lines"])
+def test_a_client_sending_one_header_line_every_second_is_closed_at_the_head_deadline(
+        tmp_path: Path, loop_name: str, prefix: bytes) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl", limits=SHORT) as ctl:
             reader, writer = await tls_client(ctl)
             loop = asyncio.get_running_loop()
             started = loop.time()
-            writer.write(b"GET /v1/time HTTP/1.1\r\nHost: localhost\r\n")
+            writer.write(prefix + b"GET /v1/time HTTP/1.1\r\nHost: localhost\r\n")
             closed_after = None
             for line in range(TRICKLE_MAX_LINES):
                 if await closed_within(reader, TRICKLE_INTERVAL):
@@ -231,3 +236,20 @@ def test_the_cap_counts_an_ipv6_peer_by_its_64_and_a_mapped_ipv4_as_ipv4() -> No
     assert cap_key("2001:db8:1:3::1") != cap_key("2001:db8:1:2::1")
     assert cap_key("::ffff:192.0.2.7") == cap_key("192.0.2.7") == "192.0.2.7"
     assert cap_key("fe80::1%eth0") == "fe80::/64"
+
+
+def test_a_head_that_arrived_while_the_loop_was_stalled_past_the_deadline_is_served(
+        tmp_path: Path, loop_name: str) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", limits=SHORT) as ctl:
+            reader, writer = await tls_client(ctl)
+            await asyncio.sleep(0.2)  # the server side is past its handshake, the head deadline running
+            writer.write(b"GET /v1/time HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await writer.drain()
+            # The controller's loop (this loop) stalls past the deadline, as under a burst of work.
+            time.sleep(SHORT.head_deadline + 1)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            writer.close()
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
