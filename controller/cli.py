@@ -23,7 +23,8 @@ from agent.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
 from controller.event_loop import EVENT_LOOPS, run, running_loop_name
-from controller.listener import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, ListenerLimits
+from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
+from controller.listener import ListenerLimits
 from controller.names import NAME_PATTERN
 from controller.settings import (
     DEFAULT_CERT_LIFETIME,

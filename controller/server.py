@@ -26,7 +26,8 @@ from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
-from controller.listener import Listener, guarded_connection, return_freed_memory
+from controller.admission import return_freed_memory
+from controller.listener import Listener, guarded_connection
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher

@@ -45,7 +45,7 @@ from agent.identity.csr import build_csr  # noqa: E402
 from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
 from agent.identity.trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
-from controller.listener import MEMORY_TRIM_INTERVAL  # noqa: E402
+from controller.admission import MEMORY_TRIM_INTERVAL  # noqa: E402
 
 #: The issue's figure: a relay should hold this many idle anonymous peers cheaply.
 DEFAULT_CONNECTIONS = 3000

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.listener import ListenerLimits, cap_key
+from controller.admission import cap_key
+from controller.listener import ListenerLimits
 from tests.controller.harness import Running, make_csr, make_key, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled
 from tests.controller.relay.test_relay_decisions import dial_refusal
