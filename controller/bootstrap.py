@@ -348,6 +348,8 @@ def rotate_admin_token(data_dir: Path, out: Path | None = None, url: str | None 
             f"No outpostctl.toml in {data_dir} says where the management API is; "
             "pass --url https://HOST:PORT (the controller's --advertise or --api-listen address)."
         )
+    if not url.startswith("https://") or any(char.isspace() or char in "\"\\" for char in url):
+        raise StartupError(f"--url {url!r} must be the management API's base URL, like https://controller.example:8443.")
     token = new_token()
     config = outpostctl_config(dataclasses.replace(settings, advertise_url=url), token)
     try:

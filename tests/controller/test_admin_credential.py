@@ -124,3 +124,31 @@ def test_the_management_api_on_its_own_listener_is_not_served_on_the_public_one(
             assert tomllib.loads((data_dir / "outpostctl.toml").read_text())["url"] == ctl.api_url
 
     run(scenario())
+
+
+def test_a_restart_never_writes_the_token_again_once_outpostctl_toml_was_moved_to_the_operator(
+        data_dir: Path, tmp_path: Path) -> None:
+    async def once() -> str:
+        async with running_controller(data_dir) as ctl:
+            return ctl.admin_token
+
+    token = run(once())
+    moved = tmp_path / "operator.toml"
+    (data_dir / "outpostctl.toml").rename(moved)
+
+    async def again() -> None:
+        async with running_controller(data_dir) as ctl:
+            ctl.admin_token = token
+            assert (await ctl.call("GET", "/api/v1/status"))[0] == 200
+        assert not (data_dir / "outpostctl.toml").exists()
+        assert files_holding(data_dir, token) == []
+
+    run(again())
+    # Without the file, a rotation needs to be told the URL, and refuses one that is not https.
+    refused = rotate("--data", str(data_dir))
+    assert refused.returncode != 0 and "--url" in refused.stderr and "Traceback" not in refused.stderr
+    bad = rotate("--data", str(data_dir), "--url", "http://x")
+    assert bad.returncode != 0 and "must be the management API" in bad.stderr
+    good = rotate("--data", str(data_dir), "--url", "https://controller.example:8443")
+    assert good.returncode == 0, good.stderr
+    assert tomllib.loads((data_dir / "outpostctl.toml").read_text())["url"] == "https://controller.example:8443"
