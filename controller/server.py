@@ -27,7 +27,7 @@ from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.admission import return_freed_memory
-from controller.listener import Listener, guarded_connection
+from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -128,7 +128,7 @@ async def request_deadlines(request: web.Request, handler: Handler) -> web.Strea
         connection.request_started()
     try:
         if request.body_exists:
-            deadline = connection.listener.limits.body_deadline if connection is not None else None
+            deadline = connection.listener.limits.body_deadline if connection is not None else REQUEST_BODY_DEADLINE
             try:
                 await asyncio.wait_for(request.read(), deadline)
             except asyncio.TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from cryptography import x509
 from agent.identity.trust import cert_not_after
 from controller.settings import LISTENER_CERT_RENEW_FRACTION
 from tests.controller.harness import Running, run, running_controller
-from tests.controller.relay.relay_harness import connect, enrolled
+from tests.controller.relay.relay_harness import KeyOf, connect, enrolled
 from tests.controller.relay.test_relay_decisions import dial_refusal
 
 #: Seconds of life for the listener's certificate in this test: renewed after
@@ -61,3 +62,33 @@ def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up
             assert cert_not_after(on_disk) >= cert_not_after(current)
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT), loop_name)
+
+
+class RenewsWhileSigning(KeyOf):
+    """A key store whose signature of the relay's challenge comes after the listener certificate was renewed."""
+
+    def __init__(self, key, server, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(key)
+        self.server, self.loop = server, loop
+
+    def sign(self, data: bytes) -> bytes:  # runs in a worker thread (AgentSession.on_challenge)
+        issued = self.server.issue_certificate()
+        asyncio.run_coroutine_threadsafe(self._use(issued), self.loop).result(10)
+        return super().sign(data)
+
+    async def _use(self, issued) -> None:
+        self.server.use_certificate(*issued)
+
+
+def test_a_tunnel_whose_handshake_came_just_before_a_renewal_still_authenticates(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            gateway = await enrolled(ctl, "gw-a")
+            before = ctl.context.server_certificate_der
+            racing = dataclasses.replace(
+                gateway, keystore=RenewsWhileSigning(gateway.keystore._key, ctl.server, asyncio.get_running_loop()))
+            async with connect(ctl, racing) as (tunnel, _):
+                assert ctl.context.server_certificate_der != before  # the AUTH came after the swap
+                await dial_refusal(tunnel, "no-such-service")
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
