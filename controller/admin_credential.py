@@ -73,8 +73,36 @@ def matches(salt: bytes, digest: bytes, presented: str) -> bool:
     return hmac.compare_digest(_digest(salt, presented), digest)
 
 
-def write_hash(path: Path, token: str) -> None:
-    atomic_write(path, (hash_line(token) + "\n").encode("ascii"), mode=0o600)
+def write_hash(path: Path, token: str, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with the hash of ``token`` (0600), owned by ``owner`` (uid, gid) from its first byte."""
+    data = (hash_line(token) + "\n").encode("ascii")
+    if owner is None:
+        atomic_write(path, data, mode=0o600)
+        return
+    # Owned by the controller's user before it is renamed into place: a running controller
+    # never sees a hash it cannot read (root rotating the packaged service's credential).
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchown(fd, *owner)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def data_dir_owner(data_dir: Path) -> tuple[int, int] | None:
+    """(uid, gid) new credential files must have when root writes into another user's data directory."""
+    info = data_dir.stat()
+    if os.geteuid() != 0 or info.st_uid == 0:
+        return None
+    return info.st_uid, info.st_gid
 
 
 def read_hash(path: Path) -> tuple[bytes, bytes]:
@@ -125,7 +153,7 @@ class AdminCredential:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._hash: tuple[bytes, bytes] | None = None
         self._reload()
         if self._hash is None:
@@ -137,7 +165,7 @@ class AdminCredential:
         except OSError:
             self._stamp, self._hash = None, None
             return
-        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns, info.st_size)
         if stamp == self._stamp:
             return
         try:

@@ -33,7 +33,7 @@ from typing import Iterator
 from cryptography.hazmat.primitives import serialization
 
 from agent.fsutil import atomic_write, ensure_private_dir, fsync_directory
-from controller.admin_credential import AdminCredential, migrate_plaintext, new_token, write_hash
+from controller.admin_credential import AdminCredential, data_dir_owner, migrate_plaintext, new_token, write_hash
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, ensure_server_certificate
 from controller.context import ControllerContext
@@ -353,8 +353,11 @@ def rotate_admin_token(data_dir: Path, out: Path | None = None, url: str | None 
     token = new_token()
     config = outpostctl_config(dataclasses.replace(settings, advertise_url=url), token)
     try:
+        owner = data_dir_owner(data_dir)
         atomic_write(target, config, mode=0o600)
-        write_hash(settings.admin_hash_path, token)
+        if owner is not None and target.parent == data_dir:
+            os.chown(target, *owner)  # the data directory's files stay its user's
+        write_hash(settings.admin_hash_path, token, owner)
         settings.admin_token_path.unlink(missing_ok=True)  # a plaintext left by an older version is void now
     except OSError as error:
         raise StartupError(

@@ -4,11 +4,14 @@ and the management API on a listener of its own."""
 from __future__ import annotations
 
 import asyncio
+import os
 import stat
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from controller.admin_credential import AdminCredential, hash_line, parse_hash_line
 from controller.bootstrap import open_data_dir
@@ -152,3 +155,21 @@ def test_a_restart_never_writes_the_token_again_once_outpostctl_toml_was_moved_t
     good = rotate("--data", str(data_dir), "--url", "https://controller.example:8443")
     assert good.returncode == 0, good.stderr
     assert tomllib.loads((data_dir / "outpostctl.toml").read_text())["url"] == "https://controller.example:8443"
+
+
+def test_root_rotating_another_users_data_directory_leaves_the_files_to_that_user(data_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files to another user")
+    run(_start_once(data_dir))
+    for path in [data_dir, *data_dir.rglob("*")]:
+        os.chown(path, 4242, 4242)  # as the packaged service's user would own them
+    result = rotate("--data", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    for name in ("admin.hash", "outpostctl.toml"):
+        info = (data_dir / name).stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4242, 4242, 0o600), name
+
+
+async def _start_once(data_dir: Path) -> None:
+    async with running_controller(data_dir):
+        pass

@@ -188,6 +188,10 @@ def test_a_port_in_use_is_one_sentence_and_creates_nothing(tmp_path: Path) -> No
         (["--san", "bad name"], "--san"),
         (["--trust-domain", "Bad_Domain"], "--trust-domain"),
         (["--no-such-flag"], "unrecognized"),
+        (["--api-listen", "nowhere"], "--api-listen"),
+        (["--max-unauthenticated", "0"], "--max-unauthenticated"),
+        (["--max-unauthenticated-per-address", "-1"], "--max-unauthenticated-per-address"),
+        (["--event-loop", "tokio"], "invalid choice"),
     ],
 )
 def test_a_bad_flag_is_one_sentence_exit_64_and_creates_nothing(tmp_path: Path, flags: list[str], phrase: str) -> None:
