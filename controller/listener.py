@@ -1,16 +1,16 @@
 """The listeners' front door: deadlines and caps for connections that have not authenticated yet.
 
 A ``Listener`` runs its own accept loop: every accepted TCP connection is
-counted against a cap per source address and a cap in total *before* its TLS
-handshake, so a flood from one address costs neither a handshake nor a TLS
+counted against a cap per source address and a cap in total
+(controller/admission.py) *before* its TLS handshake, so a flood from one address costs neither a handshake nor a TLS
 buffer (one over a cap is reset at once). The handshake
 (``loop.connect_accepted_socket``, bounded by a deadline) uses whatever
 certificate the listener holds at that moment, so a certificate renewed while
 running serves every new handshake and no live one is touched. Then a
 ``GuardedConnection`` stands between the TLS transport and aiohttp's request
 handler and keeps the request-head deadline: a connection that does not
-complete a request head in time is closed. The request body deadline is kept by ``request_deadlines`` (a
-middleware). A connection leaves the unauthenticated count once it proved who
+complete a request head in time is closed. The request body deadline is kept
+by ``request_deadlines`` (a middleware in controller/server.py). A connection leaves the unauthenticated count once it proved who
 it is: a tunnel that passed AUTH, or a request carrying the admin credential.
 """
 
