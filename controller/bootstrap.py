@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import fcntl
 import logging
@@ -32,6 +33,7 @@ from typing import Iterator
 from cryptography.hazmat.primitives import serialization
 
 from agent.fsutil import atomic_write, ensure_private_dir, fsync_directory
+from controller.admin_credential import AdminCredential, data_dir_owner, migrate_plaintext, new_token, write_hash
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, ensure_server_certificate
 from controller.context import ControllerContext
@@ -40,7 +42,7 @@ from controller.errors import StartupError
 from controller.policy import PolicyEngine
 from controller.registry import Registry
 from controller.renewal import Renewal
-from controller.settings import WILDCARD_HOSTS, Settings
+from controller.settings import LISTENER_CERT_RENEW_FRACTION, WILDCARD_HOSTS, Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
 
@@ -56,8 +58,6 @@ CREATION_LOCK_POLL = 0.05
 STAGING_SUFFIX = ".creating"
 #: Random hex digits in a staging directory's name (two starts never collide).
 STAGING_TAG_BYTES = 4
-#: The management credential: 32 random bytes, urlsafe base64.
-ADMIN_TOKEN_BYTES = 32
 #: The identity `outpostctl connect` acts as; it can dial nothing until a policy allows it.
 OPERATOR_NAME = "operator"
 OPERATOR_ROLE = "operator"
@@ -67,12 +67,14 @@ OPERATOR_TENANT = "default"
 def server_names(settings: Settings) -> list[str]:
     """Every name the listener's certificate must cover."""
     names = ["localhost", socket.gethostname(), "127.0.0.1", "::1"]
-    if settings.listen_host not in WILDCARD_HOSTS:
-        names.append(settings.listen_host)
+    for host in (settings.listen_host, settings.api_listen_host):
+        if host is not None and host not in WILDCARD_HOSTS:
+            names.append(host)
     names.extend(settings.extra_sans)
-    advertised = _url_host(settings.base_url)
-    if advertised:
-        names.append(advertised)
+    for url in (settings.base_url, settings.api_url):
+        advertised = _url_host(url)
+        if advertised:
+            names.append(advertised)
     unique: list[str] = []
     for name in names:
         if name and name.lower() not in unique:
@@ -87,19 +89,53 @@ def _url_host(url: str) -> str:
 
 
 def outpostctl_config(settings: Settings, admin_token: str) -> bytes:
-    """The TOML `outpostctl` reads: where the controller is, its CA and the credential."""
+    """The TOML `outpostctl` reads: where the management API is, its CA and the credential."""
     ca_path = str(settings.ca_cert_path.resolve())
 
     def quoted(value: str) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     lines = [
-        "# Written by outpost-controller; the token is the management credential, keep this file private.",
-        f"url = {quoted(settings.base_url)}",
+        "# Written by outpost-controller; the token is the management credential and this file its only copy:",
+        "# keep it private (move it to the operator's ~/.config/outpost/). The controller keeps only a hash.",
+        f"url = {quoted(settings.api_url)}",
         f"ca = {quoted(ca_path)}",
         f"token = {quoted(admin_token)}",
     ]
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def token_in_config(path: Path) -> str | None:
+    """The admin token an existing outpostctl.toml holds (None if there is none or it is unreadable)."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(path.read_text(encoding="utf-8")).get("token")
+    except (OSError, ValueError):
+        return None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def refresh_outpostctl_config(settings: Settings) -> None:
+    """Point an existing outpostctl.toml at this start's URL, keeping its token; never create one.
+
+    The controller has no plaintext to write into a new file: if the file was
+    moved away (as it should be, to the operator), nothing is written.
+    """
+    path = settings.outpostctl_config_path
+    token = token_in_config(path) if path.exists() else None
+    if token is None:
+        return
+    config = outpostctl_config(settings, token)
+    # Rewritten only when it changed (a new port), so a restart touches nothing else.
+    if path.read_bytes() != config:
+        atomic_write(path, config, mode=0o600)
+
+
+def listener_cert_lifetimes(settings: Settings) -> tuple[datetime.timedelta, datetime.timedelta]:
+    """(lifetime, renew when less than this is left) of the listener's certificate."""
+    lifetime = datetime.timedelta(seconds=settings.listener_cert_lifetime)
+    return lifetime, lifetime * (1 - LISTENER_CERT_RENEW_FRACTION)
 
 
 def _is_fresh(data_dir: Path) -> bool:
@@ -190,8 +226,8 @@ def _create(settings: Settings) -> None:
         staged = dataclasses.replace(settings, data_dir=staging)
         ca = CertificateAuthority.create(settings.trust_domain)
         ca.save(staged.ca_cert_path, staged.ca_key_path)
-        admin_token = secrets.token_urlsafe(ADMIN_TOKEN_BYTES)
-        atomic_write(staged.admin_token_path, (admin_token + "\n").encode("ascii"), mode=0o600)
+        admin_token = new_token()
+        write_hash(staged.admin_hash_path, admin_token)
         store = Store(staged.store_path)
         try:
             audit = AuditLog(store)
@@ -200,7 +236,8 @@ def _create(settings: Settings) -> None:
                 registry.create_identity_in(db, OPERATOR_TENANT, OPERATOR_NAME, (OPERATOR_ROLE,))
         finally:
             store.close()
-        ensure_server_certificate(ca, staged.server_cert_path, staged.server_key_path, server_names(settings))
+        ensure_server_certificate(ca, staged.server_cert_path, staged.server_key_path, server_names(settings),
+                                  *listener_cert_lifetimes(settings))
         atomic_write(staged.outpostctl_config_path, outpostctl_config(settings, admin_token), mode=0o600)
         # WAL side files belong to a connection; none may travel with the rename.
         for leftover in (staging / "store.sqlite3-wal", staging / "store.sqlite3-shm"):
@@ -243,23 +280,21 @@ def open_data_dir(settings: Settings) -> ControllerContext:
 
 
 def _load(settings: Settings) -> ControllerContext:
-    for required in (settings.ca_cert_path, settings.ca_key_path, settings.admin_token_path, settings.store_path):
+    for required in (settings.ca_cert_path, settings.ca_key_path, settings.store_path):
         if not required.exists():
             raise StartupError(
                 f"The data directory {settings.data_dir} is incomplete ({required.name} is missing); "
                 "restore it from a backup or start with an empty directory."
             )
     ca = CertificateAuthority.load(settings.ca_cert_path, settings.ca_key_path, settings.trust_domain)
-    admin_token = settings.admin_token_path.read_text(encoding="ascii").strip()
+    migrate_plaintext(settings.admin_token_path, settings.admin_hash_path)
+    admin = AdminCredential(settings.admin_hash_path)
     ensure_private_dir(settings.server_cert_path.parent)
     server_cert, _ = ensure_server_certificate(
-        ca, settings.server_cert_path, settings.server_key_path, server_names(settings)
+        ca, settings.server_cert_path, settings.server_key_path, server_names(settings),
+        *listener_cert_lifetimes(settings),
     )
-    config = outpostctl_config(settings, admin_token)
-    path = settings.outpostctl_config_path
-    # Rewritten only when it changed (a new port), so a restart touches nothing else.
-    if not path.exists() or path.read_bytes() != config:
-        atomic_write(path, config, mode=0o600)
+    refresh_outpostctl_config(settings)
     store = Store(settings.store_path)
     audit = AuditLog(store)
     registry = Registry(store, audit, settings.trust_domain)
@@ -281,5 +316,52 @@ def _load(settings: Settings) -> ControllerContext:
         renewal=renewal,
         server_certificate_der=server_cert.public_bytes(serialization.Encoding.DER),
         relay_urls=settings.relay_urls,
-        admin_token=admin_token,
+        admin=admin,
     )
+
+
+def rotate_admin_token(data_dir: Path, out: Path | None = None, url: str | None = None) -> Path:
+    """Make a new admin token: its hash replaces ``admin.hash``, its plaintext goes to an outpostctl.toml only.
+
+    A running controller notices the new hash at its next management request,
+    so the old token stops working at once. The new outpostctl.toml is written
+    before the hash, so a crash in between leaves the old token working and
+    the command can simply be run again. Returns the file written.
+    """
+    settings = Settings(data_dir=data_dir)
+    if not settings.ca_cert_path.is_file() or not settings.store_path.is_file():
+        raise StartupError(f"{data_dir} is not a controller data directory (no ca/ca.pem or store); check --data.")
+    target = out or settings.outpostctl_config_path
+    if url is None:
+        import tomllib
+
+        for existing in (target, settings.outpostctl_config_path):
+            try:
+                found = tomllib.loads(existing.read_text(encoding="utf-8")).get("url")
+            except (OSError, ValueError):
+                continue
+            if isinstance(found, str) and found.startswith("https://"):
+                url = found
+                break
+    if url is None:
+        raise StartupError(
+            f"No outpostctl.toml in {data_dir} says where the management API is; "
+            "pass --url https://HOST:PORT (the controller's --advertise or --api-listen address)."
+        )
+    if not url.startswith("https://") or any(char.isspace() or char in "\"\\" for char in url):
+        raise StartupError(f"--url {url!r} must be the management API's base URL, like https://controller.example:8443.")
+    token = new_token()
+    config = outpostctl_config(dataclasses.replace(settings, advertise_url=url), token)
+    try:
+        owner = data_dir_owner(data_dir)
+        atomic_write(target, config, mode=0o600)
+        if owner is not None and target.parent == data_dir:
+            os.chown(target, *owner)  # the data directory's files stay its user's
+        write_hash(settings.admin_hash_path, token, owner)
+        settings.admin_token_path.unlink(missing_ok=True)  # a plaintext left by an older version is void now
+    except OSError as error:
+        raise StartupError(
+            f"Cannot write {error.filename or target} ({error.strerror}); run the command as the controller's user."
+        ) from None
+    log.info("admin credential rotated; the new token is in %s", target)
+    return target

@@ -178,11 +178,12 @@ class CertificateAuthority:
             .sign(self.private_key, hashes.SHA256())
         )
 
-    def issue_server(self, public_key: ec.EllipticCurvePublicKey, names: list[str]) -> x509.Certificate:
+    def issue_server(self, public_key: ec.EllipticCurvePublicKey, names: list[str],
+                     lifetime: datetime.timedelta = SERVER_CERT_LIFETIME) -> x509.Certificate:
         """The listener's certificate: serverAuth for each DNS name or IP address in ``names``."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "outpost")])
         return (
-            self._builder(subject, public_key, SERVER_CERT_LIFETIME)
+            self._builder(subject, public_key, lifetime)
             .add_extension(x509.SubjectAlternativeName(general_names(names)), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.private_key, hashes.SHA256())
@@ -202,11 +203,12 @@ def general_names(names: list[str]) -> list[x509.GeneralName]:
     return result
 
 
-def server_certificate_covers(cert: x509.Certificate, names: list[str], ca: CertificateAuthority) -> bool:
+def server_certificate_covers(cert: x509.Certificate, names: list[str], ca: CertificateAuthority,
+                              renew_before: datetime.timedelta = SERVER_CERT_RENEW_BEFORE) -> bool:
     """True when ``cert`` was issued by ``ca``, names every one of ``names`` and is not about to expire."""
     if cert.issuer != ca.certificate.subject:
         return False
-    if not_after_of(cert) - utcnow() < SERVER_CERT_RENEW_BEFORE:
+    if not_after_of(cert) - utcnow() < renew_before:
         return False
     try:
         ca.certificate.public_key().verify(
@@ -219,16 +221,20 @@ def server_certificate_covers(cert: x509.Certificate, names: list[str], ca: Cert
 
 
 def ensure_server_certificate(
-    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str]
+    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str],
+    lifetime: datetime.timedelta = SERVER_CERT_LIFETIME,
+    renew_before: datetime.timedelta = SERVER_CERT_RENEW_BEFORE,
+    force: bool = False,
 ) -> tuple[x509.Certificate, bool]:
-    """Load the listener's certificate, or (re)issue it; returns (certificate, reissued)."""
+    """Load the listener's certificate, or (re)issue it (always with ``force``); returns (certificate, reissued)."""
     if cert_path.exists() and key_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if (
             isinstance(key, ec.EllipticCurvePrivateKey)
             and key.public_key().public_numbers() == cert.public_key().public_numbers()
-            and server_certificate_covers(cert, names, ca)
+            and not force
+            and server_certificate_covers(cert, names, ca, renew_before)
         ):
             return cert, False
     else:
@@ -237,6 +243,6 @@ def ensure_server_certificate(
         key = ec.generate_private_key(ec.SECP256R1())
         ensure_private_dir(key_path.parent)
         atomic_write(key_path, _private_key_pem(key), mode=0o600)
-    cert = ca.issue_server(key.public_key(), names)
+    cert = ca.issue_server(key.public_key(), names, lifetime)
     atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert, True

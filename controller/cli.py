@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -22,6 +23,9 @@ from agent import __version__
 from agent.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
+from controller.event_loop import EVENT_LOOPS, run, running_loop_name
+from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
+from controller.listener import ListenerLimits
 from controller.names import NAME_PATTERN
 from controller.settings import (
     DEFAULT_CERT_LIFETIME,
@@ -41,6 +45,10 @@ MAX_CERT_LIFETIME = 90 * 24 * 3600
 #: 0 turns recovery off (an expired gateway needs a new token); past a year a
 #: lost gateway's key would stay good for too long.
 MAX_RECOVERY_GRACE = 365 * 24 * 3600
+#: A cap below this would refuse a single site's gateways reconnecting together;
+#: above a million the cap no longer bounds memory (each connection holds ~64 KiB).
+MIN_CONNECTION_CAP = 1
+MAX_CONNECTION_CAP = 1_000_000
 
 
 class UsageError(StartupError):
@@ -52,10 +60,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"outpost-controller: {message}; see outpost-controller serve --help.")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise UsageError(f"--listen {value!r} is not HOST:PORT (for example 127.0.0.1:8443 or [::1]:8443).")
+        raise UsageError(f"{flag} {value!r} is not HOST:PORT (for example 127.0.0.1:8443 or [::1]:8443).")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return host, int(port_text)
 
@@ -78,9 +86,9 @@ def parse_san(value: str) -> str:
     return ".".join(labels)
 
 
-def check_range(flag: str, value: int, low: int, high: int) -> int:
+def check_range(flag: str, value: int, low: int, high: int, unit: str = "seconds") -> int:
     if not low <= value <= high:
-        raise UsageError(f"{flag} must be between {low} and {high} seconds, not {value}.")
+        raise UsageError(f"{flag} must be between {low} and {high} {unit}, not {value}.")
     return value
 
 
@@ -98,11 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--recovery-grace", type=int, default=DEFAULT_RECOVERY_GRACE,
                        help="seconds after expiry during which a gateway recovers with its enrolled key")
     serve.add_argument("--san", action="append", default=[], help="extra name for the listener certificate")
+    serve.add_argument("--api-listen", help="HOST:PORT of a listener for the management API alone "
+                                            "(then /api/ is not served on --listen)")
+    serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
+                       help="connections not yet authenticated, in total, per listener")
+    serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
+                       help="connections not yet authenticated from one source address")
+    serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                       help="auto: uvloop where installed (less memory per connection), else asyncio")
+    admin = commands.add_parser("admin-token", help="the management API's admin credential")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, parser_class=_Parser)
+    rotate = admin_commands.add_parser(
+        "rotate", help="make a new admin token; the old one stops working at once, also in a running controller")
+    rotate.add_argument("--data", required=True, help="the controller's data directory")
+    rotate.add_argument("--out", help="where to write the new outpostctl.toml (default: DIR/outpostctl.toml)")
+    rotate.add_argument("--url", help="the management API's URL for that file (default: from DIR/outpostctl.toml)")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     host, port = parse_listen(args.listen)
+    api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)
+    if api_host is not None and (api_host, api_port) == (host, port) and port != 0:
+        raise UsageError("--api-listen must differ from --listen; leave it out to serve the API on --listen.")
     domain = args.trust_domain
     if not all(NAME_PATTERN.fullmatch(label) for label in domain.split(".")):
         raise UsageError(f"--trust-domain {domain!r} must be a DNS-style name such as outpost.example.")
@@ -116,6 +142,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         token_ttl=check_range("--token-ttl", args.token_ttl, MIN_TOKEN_TTL, MAX_TOKEN_TTL),
         recovery_grace=check_range("--recovery-grace", args.recovery_grace, 0, MAX_RECOVERY_GRACE),
         extra_sans=tuple(parse_san(name) for name in args.san),
+        api_listen_host=api_host,
+        api_listen_port=api_port,
+        limits=dataclasses.replace(
+            ListenerLimits(),
+            max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,
+                                            MIN_CONNECTION_CAP, MAX_CONNECTION_CAP, "connections"),
+            max_unauthenticated_per_address=check_range(
+                "--max-unauthenticated-per-address", args.max_unauthenticated_per_address,
+                MIN_CONNECTION_CAP, MAX_CONNECTION_CAP, "connections"),
+        ),
     )
 
 
@@ -125,24 +161,34 @@ async def serve(settings: Settings) -> None:
     from controller.server import ControllerServer, bind_listener
 
     listener = bind_listener(settings.listen_host, settings.listen_port)
+    api_listener = None
     try:
-        settings = settings.with_port(int(listener.getsockname()[1]))
+        if settings.api_listen_host is not None:
+            api_listener = bind_listener(settings.api_listen_host, settings.api_listen_port or 0, "--api-listen")
+        settings = settings.with_port(
+            int(listener.getsockname()[1]),
+            int(api_listener.getsockname()[1]) if api_listener is not None else None,
+        )
         context = open_data_dir(settings)
     except BaseException:
         listener.close()
+        if api_listener is not None:
+            api_listener.close()
         raise
-    server = ControllerServer(context, listener)
+    server = ControllerServer(context, listener, api_listener)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         await server.start()
+        api = f"; management API on {settings.api_url}" if settings.separate_api else ""
         print(
             f"outpost-controller ready on {settings.base_url} (CA {context.ca.fingerprint}; "
-            f"outpostctl config: {settings.outpostctl_config_path})",
+            f"outpostctl config: {settings.outpostctl_config_path}){api}",
             flush=True,
         )
+        logging.getLogger(__name__).info("running on the %s event loop", running_loop_name())
         await stop.wait()
     finally:
         await server.stop()
@@ -154,8 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     service_manager.configure_logging(logging.INFO, identifier="outpost-controller")
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "admin-token":
+            from controller.bootstrap import rotate_admin_token
+
+            written = rotate_admin_token(Path(args.data).absolute(), Path(args.out).absolute() if args.out else None,
+                                         args.url)
+            print(f"a new admin token is in {written}; the old one no longer works. "
+                  "Keep that file private: it is the only copy.")
+            return 0
         settings = settings_from_args(args)
-        asyncio.run(serve(settings))
+        run(serve(settings), args.event_loop)
     except OutpostError as error:
         print(str(error), file=sys.stderr)
         return error.exit_code

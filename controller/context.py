@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from controller.admin_credential import AdminCredential
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority
 from controller.enrollment import Enrollment
@@ -33,8 +34,11 @@ class ControllerContext:
     server_certificate_der: bytes
     #: ``wss://HOST:PORT/v1/tunnel`` URLs handed to enrolling agents.
     relay_urls: list[str] = field(default_factory=list)
-    #: The management API credential (compared in constant time, never logged).
-    admin_token: str = field(default="", repr=False)
+    #: The management API credential's hash (compared in constant time; the plaintext is not here).
+    admin: AdminCredential | None = field(default=None, repr=False)
+    #: DER of the listener certificate replaced by the last renewal: a tunnel whose TLS handshake
+    #: came just before the swap signs over that one.
+    previous_server_certificate_der: bytes | None = None
 
     def close(self) -> None:
         self.store.close()

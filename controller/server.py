@@ -1,21 +1,33 @@
-"""One process, one TLS listener: the gateway endpoints, the management API and the relay."""
+"""The controller's TLS listeners: the gateway endpoints, the relay and the management API.
+
+One public listener by default; with ``--api-listen`` the management API moves
+to a listener of its own and ``/api/`` is not served on the public one.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import datetime
 import inspect
 import logging
 import socket
 import ssl
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import agent.service_manager as service_manager
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
+from controller.bootstrap import listener_cert_lifetimes, server_names
+from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
+from controller.admission import return_freed_memory
+from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -29,6 +41,14 @@ API_PREFIX = "/api/"
 LISTEN_BACKLOG = 512
 #: Seconds given to open connections (tunnels included) to finish on shutdown.
 SHUTDOWN_GRACE_SECONDS = 5.0
+#: A renewal of the listener's certificate that failed (a full disk) is tried
+#: again after this long, or sooner when less life is left: often enough to
+#: succeed long before expiry, seldom enough not to fill the log.
+CERT_RENEW_RETRY_SECONDS = 3600.0
+#: Never wake sooner than this for a renewal: a clock that jumped does not spin the loop.
+CERT_RENEW_MIN_WAIT = 1.0
+#: Nor later than this: the wall clock may be set (NTP's first sync) while we sleep on the monotonic one.
+CERT_RENEW_MAX_WAIT = 3600.0
 
 _HTTP_ERROR_CODES = {
     401: "unauthorized",
@@ -66,23 +86,71 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response("internal", "The controller failed on this request; see its log.", 500)
 
 
+BEARER = "Bearer "
+
+
 def admin_auth(context: ControllerContext) -> Any:
-    expected = ("Bearer " + context.admin_token).encode("utf-8")
+    """Every /api/ request carries the admin credential; a request that does has authenticated its connection."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(API_PREFIX):
-            presented = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            # Constant time: the comparison must not tell how much of a guess was right.
-            if not hmac.compare_digest(presented, expected):
+            presented = request.headers.get("Authorization", "")
+            valid = (
+                context.admin is not None
+                and presented.startswith(BEARER)
+                and context.admin.check(presented[len(BEARER):])
+            )
+            if not valid:
                 return error_response(
                     "unauthorized",
                     "This request needs the admin token (Authorization: Bearer ...); see outpostctl.toml.",
                     401,
                 )
+            connection = guarded_connection(request)
+            if connection is not None:
+                connection.mark_authenticated()
         return await handler(request)
 
     return check
+
+
+@web.middleware
+async def request_deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The request head is complete: stop its deadline, and read any body within the body deadline.
+
+    The body is read here, whole and bounded by MAX_REQUEST_BODY, so that the
+    handlers' own read gets it at once; a body that trickles is cut off, and
+    a client that goes away during it costs one log line.
+    """
+    connection = guarded_connection(request)
+    if connection is not None:
+        connection.request_started()
+    try:
+        if request.body_exists:
+            deadline = connection.listener.limits.body_deadline if connection is not None else REQUEST_BODY_DEADLINE
+            try:
+                await asyncio.wait_for(request.read(), deadline)
+            except asyncio.TimeoutError:
+                log.info("%s did not send the body of %s %s within %g s; connection closed",
+                         request.remote, request.method, request.path, deadline)
+                if connection is not None:
+                    connection.abort()
+                raise BodyRefused("body_timeout", f"The request body did not arrive within {deadline:g} s; "
+                                  "send it at once or check the link.", 408) from None
+            except web.HTTPRequestEntityTooLarge:
+                raise too_large() from None
+            except (ConnectionError, aiohttp.ClientConnectionError, aiohttp.http_exceptions.HttpProcessingError,
+                    asyncio.IncompleteReadError) as error:
+                log.info("%s went away during the body of %s %s (%s)", request.remote, request.method,
+                         request.path, error.__class__.__name__)
+                if connection is not None:
+                    connection.abort()
+                raise BodyRefused("body_incomplete", "The request body was cut off; send it again.", 400) from None
+        return await handler(request)
+    finally:
+        if connection is not None:
+            connection.request_finished()
 
 
 @web.middleware
@@ -115,22 +183,25 @@ def audit_unread_refusals(context: ControllerContext) -> Any:
     return audit
 
 
-def build_app(context: ControllerContext) -> web.Application:
-    """The aiohttp application: gateway routes, management API, and the relay at /v1/tunnel."""
-    app = web.Application(
-        client_max_size=MAX_REQUEST_BODY,
-        middlewares=[errors_as_json, admin_auth(context), audit_unread_refusals(context), refuse_large_bodies],
-    )
-    relay = Relay(context)
-    GatewayApi(context).add_routes(app)
-    ManagementApi(context, relay.status).add_routes(app)
-    app.router.add_get("/v1/tunnel", relay.handle)
+def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True, api: bool = True) -> web.Application:
+    """An aiohttp application: the gateway routes and the relay, the management API, or both."""
+    middlewares = [errors_as_json]
+    if api:
+        middlewares.append(admin_auth(context))
+    middlewares += [audit_unread_refusals(context), refuse_large_bodies, request_deadlines]
+    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=middlewares)
+    if gateway:
+        GatewayApi(context).add_routes(app)
+        app.router.add_get("/v1/tunnel", relay.handle)
+    if api:
+        ManagementApi(context, relay.status).add_routes(app)
+    elif gateway:
+        async def api_elsewhere(request: web.Request) -> web.Response:
+            return error_response(
+                "not_found", "The management API is not served here but on its own listener (--api-listen); "
+                "see outpostctl.toml for its URL.", 404)
 
-    async def close_relay(_app: web.Application) -> None:
-        await relay.close()
-
-    app.on_shutdown.append(close_relay)
-    app.cleanup_ctx.append(watch_status_changes(context))
+        app.router.add_route("*", API_PREFIX + "{tail:.*}", api_elsewhere)
     return app
 
 
@@ -157,7 +228,27 @@ def server_ssl_context(context: ControllerContext) -> ssl.SSLContext:
     return tls
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
+class GuardedSite(web.SockSite):
+    """A site whose connections are accepted by a Listener (caps, TLS handshake, deadlines), then served by aiohttp."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: Listener, **kwargs: Any) -> None:
+        super().__init__(runner, sock, **kwargs)
+        self.guard = guard
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return "https://" + host_port(host, port)
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self.guard.start(self._sock, server)
+        self._server = self.guard  # type: ignore[assignment]  # what stop() closes
+
+
+def bind_listener(host: str, port: int, flag: str = "--listen") -> socket.socket:
     """Bind and listen before anything else starts, so ``port`` 0 yields the real port early."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -166,61 +257,129 @@ def bind_listener(host: str, port: int) -> socket.socket:
         where = host_port(host, port)
         if error.errno == 98:  # EADDRINUSE
             raise StartupError(
-                f"Cannot listen on {where}: the port is already in use; stop the other process or choose another --listen."
+                f"Cannot listen on {where}: the port is already in use; stop the other process or choose another {flag}."
             ) from None
-        raise StartupError(f"Cannot listen on {where}: {error.strerror}; choose another --listen.") from None
+        raise StartupError(f"Cannot listen on {where}: {error.strerror}; choose another {flag}.") from None
     listener.setblocking(False)
     return listener
 
 
 class ControllerServer:
-    """The running listener; ``start`` serves on an already bound socket, ``stop`` shuts down cleanly."""
+    """The running listeners; ``start`` serves on already bound sockets, ``stop`` shuts down cleanly."""
 
-    def __init__(self, context: ControllerContext, listener: socket.socket) -> None:
+    def __init__(self, context: ControllerContext, listener: socket.socket,
+                 api_listener: socket.socket | None = None) -> None:
         self.context = context
         self._listener = listener
-        self._runner: web.AppRunner | None = None
-        self._watchdog: asyncio.Task | None = None
+        self._api_listener = api_listener
+        self._runners: list[web.AppRunner] = []
+        self.guards: list[Listener] = []
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def port(self) -> int:
         return int(self._listener.getsockname()[1])
 
     @property
+    def api_port(self) -> int | None:
+        return int(self._api_listener.getsockname()[1]) if self._api_listener is not None else None
+
+    @property
     def app(self) -> web.Application:
-        """The application being served (after ``start``)."""
-        if self._runner is None:
+        """The application serving the management API (after ``start``)."""
+        if not self._runners:
             raise RuntimeError("the server is not started")
-        return self._runner.app
+        return self._runners[-1].app
 
     async def start(self) -> None:
-        app = build_app(self.context)
+        context = self.context
+        relay = Relay(context)
+        relay.on_admitted = _mark_authenticated
+        separate = self._api_listener is not None
+        public = build_app(context, relay, api=not separate)
+        public.on_shutdown.append(lambda _app: relay.close())
+        public.cleanup_ctx.append(watch_status_changes(context))
+        tls = server_ssl_context(context)
+        await self._serve(public, self._listener, Listener("listener", tls, context.settings.limits))
+        if self._api_listener is not None:
+            api = build_app(context, relay, gateway=False)
+            await self._serve(api, self._api_listener, Listener("api listener", tls, context.settings.limits))
+        # systemd's "started" (Type=notify) means the listeners accept.
+        service_manager.notify_ready(f"serving on port {self.port}")
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._renew_certificate()))
+        self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
+        interval = service_manager.watchdog_interval()
+        if interval:
+            self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
+
+    async def _serve(self, app: web.Application, sock: socket.socket, guard: Listener) -> None:
         # aiohttp 3.9 moved the shutdown grace from the site to the runner; 3.8
         # would hand an unknown runner keyword to every connection handler.
         runner_takes_grace = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
         grace = {"shutdown_timeout": SHUTDOWN_GRACE_SECONDS}
-        self._runner = web.AppRunner(app, access_log=None, **(grace if runner_takes_grace else {}))
-        await self._runner.setup()
-        site = web.SockSite(
-            self._runner,
-            self._listener,
-            ssl_context=server_ssl_context(self.context),
-            backlog=LISTEN_BACKLOG,
-            **({} if runner_takes_grace else grace),
-        )
+        runner = web.AppRunner(app, access_log=None, **(grace if runner_takes_grace else {}))
+        await runner.setup()
+        self._runners.append(runner)
+        self.guards.append(guard)
+        site = GuardedSite(runner, sock, guard, backlog=LISTEN_BACKLOG, **({} if runner_takes_grace else grace))
         await site.start()
-        # systemd's "started" (Type=notify) means the listener accepts.
-        service_manager.notify_ready(f"serving on port {self.port}")
-        interval = service_manager.watchdog_interval()
-        if interval:
-            self._watchdog = asyncio.get_running_loop().create_task(service_manager.feed_watchdog(interval))
+
+    async def _renew_certificate(self) -> None:
+        """Renew the listeners' certificate while running, well before it expires; live tunnels keep theirs."""
+        settings = self.context.settings
+        lifetime, renew_before = listener_cert_lifetimes(settings)
+        while True:
+            current = x509.load_der_x509_certificate(self.context.server_certificate_der)
+            due = not_after_of(current) - renew_before
+            wait = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            if wait > CERT_RENEW_MAX_WAIT:
+                await asyncio.sleep(CERT_RENEW_MAX_WAIT)
+                continue
+            await asyncio.sleep(max(CERT_RENEW_MIN_WAIT, wait))
+            try:
+                self.use_certificate(*await asyncio.to_thread(self.issue_certificate))
+            except Exception as error:  # a full disk must not end the controller; it is retried
+                left = (not_after_of(current) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                retry = max(CERT_RENEW_MIN_WAIT, min(CERT_RENEW_RETRY_SECONDS, left / 10))
+                log.error("renewing the listener's certificate failed (%s); trying again in %g s, %g s before "
+                          "it expires", error, retry, left)
+                await asyncio.sleep(retry)
+
+    def issue_certificate(self) -> tuple[x509.Certificate, ssl.SSLContext]:
+        """A new listener certificate for the same key, written, and a TLS context holding it (a worker thread)."""
+        settings = self.context.settings
+        lifetime, renew_before = listener_cert_lifetimes(settings)
+        cert, _ = ensure_server_certificate(
+            self.context.ca, settings.server_cert_path, settings.server_key_path, server_names(settings),
+            lifetime, renew_before, force=True,
+        )
+        return cert, server_ssl_context(self.context)
+
+    def use_certificate(self, cert: x509.Certificate, tls: ssl.SSLContext) -> None:
+        """Every new TLS handshake gets ``cert``; live connections keep theirs (the event loop)."""
+        self.context.previous_server_certificate_der = self.context.server_certificate_der
+        self.context.server_certificate_der = cert.public_bytes(serialization.Encoding.DER)
+        for guard in self.guards:
+            guard.tls = tls
+        log.info("renewed the listener's certificate (serial %x, valid until %s UTC)", cert.serial_number,
+                 not_after_of(cert).strftime("%Y-%m-%d %H:%M"))
 
     async def stop(self) -> None:
         service_manager.notify_stopping()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        # The API first: the public runner's shutdown closes the relay the API reports on.
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners = []
         self._listener.close()
+        if self._api_listener is not None:
+            self._api_listener.close()
+
+
+def _mark_authenticated(request: web.Request) -> None:
+    connection = guarded_connection(request)
+    if connection is not None:
+        connection.mark_authenticated()

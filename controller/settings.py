@@ -11,6 +11,8 @@ import ipaddress
 import socket
 from pathlib import Path
 
+from controller.listener import ListenerLimits
+
 #: Agents renew at about two thirds of this; a day bounds what a stolen
 #: certificate is worth while leaving a long night offline harmless.
 DEFAULT_CERT_LIFETIME = 24 * 3600
@@ -27,6 +29,13 @@ DEFAULT_TRUST_DOMAIN = "outpost.local"
 #: session yet expires soon after the laptop is closed.
 SESSION_CERT_LIFETIME = 3600
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+#: The listener's own certificate: a year, renewed while running (below) and
+#: reissued on start when it would not last (controller/ca.py).
+DEFAULT_LISTENER_CERT_LIFETIME = 365 * 24 * 3600
+#: The listener's certificate is renewed once this fraction of its life has
+#: passed: four months before expiry for a year, so a renewal that fails (a
+#: full disk) is retried for months, and loudly, before any agent is refused.
+LISTENER_CERT_RENEW_FRACTION = 2 / 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +53,12 @@ class Settings:
     session_lifetime: int = SESSION_CERT_LIFETIME
     recovery_grace: int = DEFAULT_RECOVERY_GRACE
     extra_sans: tuple[str, ...] = ()
+    #: The management API's own listener (``--api-listen``); None: /api/ on the public listener.
+    api_listen_host: str | None = None
+    api_listen_port: int | None = None
+    listener_cert_lifetime: int = DEFAULT_LISTENER_CERT_LIFETIME
+    #: Deadlines and caps for connections that have not authenticated (controller/listener.py).
+    limits: ListenerLimits = ListenerLimits()
 
     @property
     def store_path(self) -> Path:
@@ -67,15 +82,24 @@ class Settings:
 
     @property
     def admin_token_path(self) -> Path:
+        """Where older data directories kept the admin credential in plaintext (migrated on start)."""
         return self.data_dir / "admin.token"
+
+    @property
+    def admin_hash_path(self) -> Path:
+        return self.data_dir / "admin.hash"
 
     @property
     def outpostctl_config_path(self) -> Path:
         return self.data_dir / "outpostctl.toml"
 
-    def with_port(self, port: int) -> "Settings":
-        """The same settings once the listener is bound (``--listen HOST:0``)."""
-        return dataclasses.replace(self, listen_port=port)
+    def with_port(self, port: int, api_port: int | None = None) -> "Settings":
+        """The same settings once the listeners are bound (``--listen HOST:0``, ``--api-listen HOST:0``)."""
+        return dataclasses.replace(self, listen_port=port, api_listen_port=api_port)
+
+    @property
+    def separate_api(self) -> bool:
+        return self.api_listen_host is not None
 
     @property
     def base_url(self) -> str:
@@ -87,6 +111,16 @@ class Settings:
             # Listening everywhere: the machine's name is what others can reach.
             host = socket.gethostname()
         return "https://" + host_port(host, self.listen_port)
+
+    @property
+    def api_url(self) -> str:
+        """Where the management API is: its own listener, or the public base URL."""
+        if self.api_listen_host is None or self.api_listen_port is None:
+            return self.base_url
+        host = self.api_listen_host
+        if host in WILDCARD_HOSTS:
+            host = socket.gethostname()
+        return "https://" + host_port(host, self.api_listen_port)
 
     @property
     def relay_urls(self) -> list[str]:

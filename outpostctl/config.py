@@ -1,7 +1,9 @@
 """Where ``outpostctl`` finds the controller, and the typed config it builds once.
 
-The controller writes ``outpostctl.toml`` (keys ``url``, ``ca``, ``token``)
-into its data directory on first start. ``find_config_file`` looks for it in
+The controller writes ``outpostctl.toml`` (keys ``url``: the management API,
+its own listener with ``--api-listen``; ``ca``; ``token``) into its data
+directory on first start and at ``outpost-controller admin-token rotate``;
+it is the only copy of the token (the controller keeps a hash). ``find_config_file`` looks for it in
 a fixed, documented order so that a new operator gets a working command
 without reading anything; ``load_config`` turns it into a ``CtlConfig``.
 This module is the edge: it is the only place that reads the environment or
@@ -144,6 +146,6 @@ def config_from_values(values: Mapping[str, object], source: Path) -> CtlConfig:
         # Refused here, not by http.client, whose error would quote the token.
         raise ConfigError(
             f"{source}: the token holds spaces or characters an HTTP header cannot carry; "
-            "copy it again from the controller's admin.token"
+            "copy the file again, or make a new token with outpost-controller admin-token rotate"
         )
     return CtlConfig(url=url, ca_path=ca_path, token=token, source=source)

@@ -105,9 +105,12 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
             "a session certificate cannot act as it",
         )
     public_key = leaf.public_key()
-    relay_digest = hashlib.sha256(context.server_certificate_der).digest()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not verify_challenge_signature(
-        public_key, signature, nonce, relay_digest
+    # The listener's certificate as of this tunnel's handshake: the current one, or the one a
+    # renewal while running just replaced (controller/server.py).
+    ours = [der for der in (context.server_certificate_der,
+                            getattr(context, "previous_server_certificate_der", None)) if der]
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not any(
+        verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours
     ):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
     key_sha256 = public_key_sha256(public_key)

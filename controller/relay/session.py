@@ -87,6 +87,8 @@ class RelaySession(TunnelSession):
         self.session_certificate = False
         self.connected_at = time.time()
         self._worker_turn = asyncio.Lock()
+        #: The upgrade request this tunnel came in on (set by Relay.handle).
+        self.request: web.Request | None = None
 
     @property
     def context(self) -> Any:
@@ -261,9 +263,13 @@ class Relay:
         rekeyed = getattr(context.registry, "on_rekeyed", None)
         if rekeyed is not None:
             rekeyed(self.identity_rekeyed)
+        #: Told about each tunnel's request once it authenticated: the listener stops counting it as anonymous.
+        self.on_admitted: Any = None
 
     def register(self, session: RelaySession) -> None:
         self.by_identity.setdefault(session.identity.uri, set()).add(session)
+        if self.on_admitted is not None and session.request is not None:
+            self.on_admitted(session.request)
 
     def unregister(self, session: RelaySession) -> None:
         self.broker.unbind_all(session)
@@ -353,6 +359,7 @@ class Relay:
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
+        session.request = request
         self.sessions.add(session)
         try:
             await session.run()

@@ -218,3 +218,12 @@ def test_loop_stall_reports_the_live_stream_quiet_and_under_load() -> None:
                     "p99_ratio_loaded_vs_quiet")
     assert found["phases"]["renewals_and_binds"]["renewals"] == 10
     assert found["phases"]["open_flood"]["refused"] == 20
+
+
+def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_trip() -> None:
+    found = run_bench("idle_connections", "--connections", "20", "--after-close-wait", "1")
+    assert found["loops"], found
+    for result in found["loops"].values():
+        assert result["connections"] == 20
+        assert_positive(result["tunnel_round_trip"]["holding"], "p50_ms", "p99_ms")
+        assert result["controller_rss_kib"]["holding"] > 0

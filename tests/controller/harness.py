@@ -30,8 +30,12 @@ REQUEST_TIMEOUT = 20.0
 SQLITE_INTERNAL_TABLES = ("sqlite_sequence",)
 
 
-def run(coroutine: Awaitable[T]) -> T:
-    """Drive one async scenario to completion (no pytest-asyncio here)."""
+def run(coroutine: Awaitable[T], loop: str = "asyncio") -> T:
+    """Drive one async scenario to completion (no pytest-asyncio here) on asyncio's loop or uvloop."""
+    if loop == "uvloop":
+        from controller.event_loop import run as run_on
+
+        return run_on(asyncio.wait_for(coroutine, 120), "uvloop")
     return asyncio.run(asyncio.wait_for(coroutine, 120))
 
 
@@ -42,15 +46,20 @@ class Running:
     session: aiohttp.ClientSession
     client_tls: ssl.SSLContext
     server: ControllerServer
+    #: The admin credential, from the outpostctl.toml the controller wrote (it keeps only a hash).
+    admin_token: str = ""
+    #: Where the management API is (its own listener, or ``url``).
+    api_url: str = ""
 
     @property
     def admin(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.context.admin_token}"}
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     async def call(self, method: str, path: str, body: Any = None, admin: bool = True) -> tuple[int, Any]:
         """One JSON request; returns (status, decoded JSON body)."""
         headers = self.admin if admin else {}
-        async with self.session.request(method, self.url + path, json=body, headers=headers) as response:
+        base = self.api_url if path.startswith("/api/") and self.api_url else self.url
+        async with self.session.request(method, base + path, json=body, headers=headers) as response:
             return response.status, await response.json(content_type=None)
 
     async def post_bytes(self, path: str, data: Any) -> tuple[int, Any]:
@@ -94,21 +103,36 @@ def client_tls_for(context: ControllerContext) -> ssl.SSLContext:
 
 
 @contextlib.asynccontextmanager
-async def running_controller(data_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
-    """The real server (TLS, middlewares, relay mounted) on 127.0.0.1 with an ephemeral port."""
+async def running_controller(data_dir: Path, *, separate_api: bool = False, **overrides: Any) -> AsyncIterator[Running]:
+    """The real server (TLS, middlewares, relay mounted) on 127.0.0.1 with an ephemeral port.
+
+    ``separate_api``: the management API on a listener of its own (``--api-listen 127.0.0.1:0``).
+    """
     listener = bind_listener("127.0.0.1", 0)
-    settings = Settings(data_dir=data_dir, listen_host="127.0.0.1", listen_port=listener.getsockname()[1], **overrides)
+    api_listener = bind_listener("127.0.0.1", 0) if separate_api else None
+    settings = Settings(data_dir=data_dir, listen_host="127.0.0.1", listen_port=listener.getsockname()[1],
+                        api_listen_host="127.0.0.1" if separate_api else None,
+                        api_listen_port=api_listener.getsockname()[1] if api_listener else None, **overrides)
+    fresh = not data_dir.exists()
     context = open_data_dir(settings)
-    server = ControllerServer(context, listener)
+    server = ControllerServer(context, listener, api_listener)
     await server.start()
     tls = client_tls_for(context)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    token = admin_token_of(data_dir) if fresh or settings.outpostctl_config_path.exists() else ""
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout) as session:
-            yield Running(context, settings.base_url, session, tls, server)
+            yield Running(context, settings.base_url, session, tls, server, token, settings.api_url)
     finally:
         await server.stop()
         context.close()
+
+
+def admin_token_of(data_dir: Path) -> str:
+    """The admin token in the outpostctl.toml a controller wrote into ``data_dir``."""
+    import tomllib
+
+    return tomllib.loads((data_dir / "outpostctl.toml").read_text())["token"]
 
 
 def make_key() -> ec.EllipticCurvePrivateKey:

@@ -50,7 +50,7 @@ def test_every_route_under_api_answers_401_without_the_admin_token(data_dir: Pat
             routes = api_routes(running.server.app)
             assert DOCUMENTED_API_ROUTES <= set(routes), "the management API is not mounted as documented"
             before = store_snapshot(running.context.settings.store_path)
-            headers = {"Authorization": credential.format(token=running.context.admin_token)} if credential else {}
+            headers = {"Authorization": credential.format(token=running.admin_token)} if credential else {}
             for method, template in routes + [("GET", UNROUTED_API_PATH), ("DELETE", "/api/v1/identities")]:
                 path = concrete(template)
                 async with running.session.request(

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -96,15 +97,18 @@ def test_first_start_creates_the_data_directory_and_a_restart_reuses_it_both_sto
         assert config_path == data.resolve() / "outpostctl.toml"
         assert port != 0
         assert mode(data) == 0o700
-        for private in ("ca/ca.key", "tls/server.key", "admin.token", "outpostctl.toml", "store.sqlite3"):
+        for private in ("ca/ca.key", "tls/server.key", "admin.hash", "outpostctl.toml", "store.sqlite3"):
             assert mode(data / private) == 0o600, private
+        assert not (data / "admin.token").exists()
         ca = x509.load_pem_x509_certificate((data / "ca/ca.pem").read_bytes())
         assert certificate_fingerprint(ca) == fingerprint
         constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
         assert constraints.ca and constraints.path_length == 0
         config = read_toml(config_path)
-        admin_token = (data / "admin.token").read_text().strip()
+        admin_token = config["token"]
         assert config == {"url": f"https://127.0.0.1:{port}", "ca": str(data.resolve() / "ca/ca.pem"), "token": admin_token}
+        # The controller keeps a salted hash only: the plaintext is nowhere in its files but outpostctl.toml.
+        assert admin_token not in (data / "admin.hash").read_text()
         operator = api(config["url"], Path(config["ca"]), admin_token, "/api/v1/identities/operator")
         assert (operator["tenant"], operator["roles"]) == ("default", ["operator"])
         created = api(config["url"], Path(config["ca"]), admin_token, "/api/v1/identities", {"name": "gw"})
@@ -118,7 +122,7 @@ def test_first_start_creates_the_data_directory_and_a_restart_reuses_it_both_sto
         assert x509.DNSName("localhost") in names and x509.DNSName(socket.gethostname().lower()) in names
     finally:
         assert first.stop() == 0
-    kept = {p: p.read_bytes() for p in (data / "ca/ca.pem", data / "ca/ca.key", data / "tls/server.pem", data / "admin.token")}
+    kept = {p: p.read_bytes() for p in (data / "ca/ca.pem", data / "ca/ca.key", data / "tls/server.pem", data / "admin.hash")}
 
     second = Controller("--data", str(data), "--listen", "127.0.0.1:0")
     try:
@@ -184,6 +188,10 @@ def test_a_port_in_use_is_one_sentence_and_creates_nothing(tmp_path: Path) -> No
         (["--san", "bad name"], "--san"),
         (["--trust-domain", "Bad_Domain"], "--trust-domain"),
         (["--no-such-flag"], "unrecognized"),
+        (["--api-listen", "nowhere"], "--api-listen"),
+        (["--max-unauthenticated", "0"], "--max-unauthenticated"),
+        (["--max-unauthenticated-per-address", "-1"], "--max-unauthenticated-per-address"),
+        (["--event-loop", "tokio"], "invalid choice"),
     ],
 )
 def test_a_bad_flag_is_one_sentence_exit_64_and_creates_nothing(tmp_path: Path, flags: list[str], phrase: str) -> None:
@@ -213,3 +221,32 @@ def test_an_incomplete_data_directory_is_refused_not_repaired(tmp_path: Path) ->
     assert_one_sentence(result.stderr)
     assert "incomplete" in result.stderr
     assert sorted(p.name for p in data.iterdir()) == ["store.sqlite3"]
+
+
+def test_api_listen_moves_the_management_api_to_its_own_port_and_into_outpostctl_toml(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    controller = Controller("--data", str(data), "--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0")
+    try:
+        match = re.match(r"^outpost-controller ready on https://127\.0\.0\.1:(\d+) .*; management API on "
+                         r"https://127\.0\.0\.1:(\d+)$", controller.line)
+        assert match, controller.line
+        public, api_port = int(match[1]), int(match[2])
+        assert public != api_port
+        config = read_toml(data / "outpostctl.toml")
+        assert config["url"] == f"https://127.0.0.1:{api_port}"
+        assert api(config["url"], Path(config["ca"]), config["token"], "/api/v1/identities/operator")["name"] == "operator"
+        try:
+            api(f"https://127.0.0.1:{public}", Path(config["ca"]), config["token"], "/api/v1/identities/operator")
+            raise AssertionError("the public listener served the management API")
+        except urllib.error.HTTPError as error:
+            assert error.code == 404
+    finally:
+        assert controller.stop() == 0
+
+
+def test_api_listen_on_the_same_address_as_listen_is_one_sentence(tmp_path: Path) -> None:
+    result = run_failing("serve", "--data", str(tmp_path / "data"), "--listen", "127.0.0.1:8443",
+                         "--api-listen", "127.0.0.1:8443")
+    assert result.returncode == 64
+    assert_one_sentence(result.stderr)
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
 from agent.identity.trust import ca_fingerprint, cert_not_after, cert_not_before, verify_leaf_issued_by
 from controller.ca import public_key_sha256
-from tests.e2e.harness import python_env
+from tests.e2e.harness import admin_token_in, python_env
 
 SOFTWARE_KEYS = KeyStoreSettings(backend="software")
 #: A killed process is reaped at once; one that ignores SIGKILL does not exist,
@@ -249,7 +249,7 @@ class ManagementClient:
 
     def __init__(self, url: str, data_dir: Path) -> None:
         self.url = url
-        self.admin_token = (data_dir / "admin.token").read_text().strip()
+        self.admin_token = admin_token_in(data_dir)
         self.tls = ssl.create_default_context(cafile=str(data_dir / "ca" / "ca.pem"))
 
     def create_identity(self, name: str, roles: Sequence[str] = ()) -> str:

@@ -20,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
 
 
+def admin_token_in(data_dir: Path) -> str:
+    """The admin token in the outpostctl.toml a controller wrote into ``data_dir`` (it keeps only a hash)."""
+    import tomllib
+
+    return tomllib.loads((data_dir / "outpostctl.toml").read_text())["token"]
+
+
 def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

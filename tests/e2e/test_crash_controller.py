@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controller.ca import public_key_sha256
 from tests.controller.harness import make_csr
 from tests.e2e.crash_harness import ControllerStore, Tally, crash_seed, in_parallel, kill_counts, token_jti
-from tests.e2e.harness import Controller, Process, controller_argv
+from tests.e2e.harness import Controller, Process, admin_token_in, controller_argv
 
 #: The quick suite's share of kills with requests in flight.
 QUICK_KILLS = 10
@@ -88,7 +88,7 @@ class Traffic:
     def __init__(self, url: str, data_dir: Path, ledger: Ledger) -> None:
         self.url = url
         self.ledger = ledger
-        self.admin = {"Authorization": f"Bearer {(data_dir / 'admin.token').read_text().strip()}"}
+        self.admin = {"Authorization": f"Bearer {admin_token_in(data_dir)}"}
         self.tls = ssl.create_default_context(cafile=str(data_dir / "ca" / "ca.pem"))
         self.in_flight = 0
         self.stopped = False

@@ -29,7 +29,7 @@ from tests.e2e.crash_harness import crash_seed, run_and_kill
 from tests.e2e.harness import START_TIMEOUT, Controller, Process, controller_argv
 
 #: ``python -c STOP_AT POINT SIGNAL serve ARGS...``: `outpost-controller serve`, sending itself SIGNAL
-#: during the first start, at POINT: "store" (the CA key and the admin token are written, the store is
+#: during the first start, at POINT: "store" (the CA key and the admin token's hash are written, the store is
 #: not) or "rename" (the staging directory is complete and about to be renamed into place). The hooks
 #: only pick the moment; everything else is the real controller.
 STOP_AT = r"""
@@ -92,7 +92,7 @@ def assert_private(directory: Path) -> None:
 def secrets_in(directory: Path) -> dict[str, bytes]:
     """The private files of a staging directory, by name."""
     return {path.name: path.read_bytes() for path in directory.rglob("*")
-            if path.is_file() and path.name in ("ca.key", "admin.token", "server.key")}
+            if path.is_file() and path.name in ("ca.key", "admin.hash", "server.key")}
 
 
 def files_holding(root: Path, secret: bytes) -> list[Path]:
@@ -133,7 +133,7 @@ def test_a_first_start_killed_before_its_rename_leaves_a_private_staging_directo
     [left] = staging_dirs(data)
     assert_private(left)
     secrets_left = secrets_in(left)
-    assert {"ca.key", "admin.token"} <= set(secrets_left)
+    assert {"ca.key", "admin.hash"} <= set(secrets_left)
 
     start_and_check_nothing_is_left(data, secrets_left)
     assert (data / "ca" / "ca.key").read_bytes() != secrets_left["ca.key"]

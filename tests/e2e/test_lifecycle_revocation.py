@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
+    admin_token_in,
     Controller,
     EchoServer,
     Process,
@@ -44,7 +45,7 @@ class SecondProcess:
         ctl_config.write_text("\n".join(
             f'url = "{self.url}"' if line.startswith("url = ") else line for line in config.splitlines()) + "\n")
         self.ctl_config = ctl_config
-        self.token = (data / "admin.token").read_text().strip()
+        self.token = admin_token_in(data)
         self.tls = ssl.create_default_context(cafile=str(data / "ca" / "ca.pem"))
 
     def ctl(self, *args: str) -> None:
