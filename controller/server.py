@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 import agent.service_manager as service_manager
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
+from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
@@ -177,7 +178,11 @@ def audit_unread_refusals(context: ControllerContext) -> Any:
         except BodyRefused as error:
             event = REFUSAL_EVENTS.get(request.path) if request.method == "POST" else None
             if event is not None:
-                context.audit.record_anonymous(event, reason=error.code, remote=request.remote)
+                # An fsynced row: in a worker thread, like every other store write (controller/blocking.py).
+                try:
+                    await API_POOL.run(context.audit.record_anonymous, event, reason=error.code, remote=request.remote)
+                except ControllerError:
+                    log.warning("audit: %s not recorded (the controller is busy)", event)
             raise
 
     return audit
