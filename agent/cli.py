@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from agent import __version__
+from shared import __version__
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
@@ -142,7 +142,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     from agent.clock.trusted import TrustedClock
     from agent.identity.renewal import renew_certificate
     from agent.identity.select import open_keystore
-    from agent.identity.trust import cert_not_after
+    from shared.trust import cert_not_after
 
     config = _config_for_command(args.config)
     state = StateDir(args.state or config.state_dir)
@@ -174,7 +174,7 @@ def _say_if_clock_off(clock: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_for_command(args.config)
-    from agent.service_manager import configure_logging
+    from shared.service_manager import configure_logging
 
     configure_logging(config.log_level.upper())
     from agent.tunnel.runner import run

@@ -52,7 +52,7 @@ from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.tunnel.link_profiles import plan_from_settings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
-from agent.tunnel.protocol.limits import MAX_BIND_SERVICES
+from shared.protocol.limits import MAX_BIND_SERVICES
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")

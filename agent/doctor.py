@@ -43,7 +43,7 @@ from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refus
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
 from agent.errors import OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 
 #: The agent renews well before expiry (by about half the lifetime); with
 #: less than this fraction left, renewal is not happening.

@@ -31,7 +31,7 @@ from typing import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.fsutil import atomic_write, ensure_private_dir, fsync_directory
+from shared.fsutil import atomic_write, ensure_private_dir, fsync_directory
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, ensure_server_certificate
 from controller.context import ControllerContext

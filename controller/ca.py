@@ -14,12 +14,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.fsutil import atomic_write, ensure_private_dir
+from shared.fsutil import atomic_write, ensure_private_dir
 # The agent and the controller read certificates the same way: one place for
 # the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
-from agent.identity.trust import ca_fingerprint as certificate_fingerprint
-from agent.identity.trust import cert_not_after as not_after_of
-from agent.identity.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
+from shared.trust import ca_fingerprint as certificate_fingerprint
+from shared.trust import cert_not_after as not_after_of
+from shared.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
 

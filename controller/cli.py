@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 from urllib.parse import urlsplit
 
-import agent.service_manager as service_manager
-from agent import __version__
-from agent.errors import EXIT_USAGE, OutpostError
+import shared.service_manager as service_manager
+from shared import __version__
+from shared.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
 from controller.names import NAME_PATTERN

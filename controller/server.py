@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-import agent.service_manager as service_manager
+import shared.service_manager as service_manager
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent import __version__
+from shared import __version__
 from agent.errors import EXIT_USAGE
 from outpostctl import commands
 from outpostctl.client import ManagementClient

@@ -19,7 +19,7 @@ from typing import Collection
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("agent", "controller", "outpostctl")
-PROTOCOL_CORE = "agent.tunnel.protocol"
+PROTOCOL_CORE = "shared.protocol"
 #: What no module of the protocol core, nor any agent module it imports, may import itself.
 FORBIDDEN_IN_CORE = {"asyncio", "socket", "ssl", "time", "selectors", "threading", "os", "random", "secrets"}
 #: What the core may not load even through the standard library (which itself uses os).
@@ -29,15 +29,15 @@ FORBIDDEN_AT_RUN_TIME = {"asyncio", "socket", "ssl", "time", "selectors", "threa
 CONTROLLER_MAY_USE = {
     "agent",
     "agent.errors",
-    "agent.fsutil",
+    "shared.fsutil",
     "agent.identity",
-    "agent.identity.trust",
-    "agent.service_manager",
+    "shared.trust",
+    "shared.service_manager",
     "agent.tunnel",
-    "agent.tunnel.auth",
-    "agent.tunnel.channel",
-    "agent.tunnel.session",
-    "agent.tunnel.splice",
+    "shared.tunnel.auth",
+    "shared.tunnel.channel",
+    "shared.tunnel.session",
+    "shared.tunnel.splice",
 }
 #: A fresh interpreter that records every import statement it runs (importer -> imported), then
 #: imports the modules named on its command line and prints the edges as JSON.

@@ -30,7 +30,7 @@ from agent.errors import (
     TokenError,
     TrustError,
 )
-from agent.fsutil import ensure_private_dir
+from shared.fsutil import ensure_private_dir
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
 from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
@@ -39,7 +39,7 @@ from agent.identity.state import EnrolledIdentity, StateDir
 from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock, format_utc as _utc
 from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource, fetch_pinned_ca
-from agent.identity.trust import cert_not_after, verify_leaf_issued_by
+from shared.trust import cert_not_after, verify_leaf_issued_by
 from agent.proxy import DIRECT, ProxySettings
 
 #: One request that signs a certificate; a controller slower than this on a

@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Collection, Sequence
 
-from agent import service_manager
+from shared import service_manager
 from agent.clock.trusted import TrustedClock
 from agent.errors import OutpostError
 from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
-from agent.fsutil import atomic_write, ensure_private_dir
+from shared.fsutil import atomic_write, ensure_private_dir
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 from agent.proxy import ProxySettings
 from agent.tunnel.backoff import Backoff
 

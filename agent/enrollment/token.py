@@ -18,7 +18,7 @@ import jwt
 from cryptography import x509
 
 from agent.errors import TokenError
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 
 #: A token is about 700 bytes of text; 16 KiB bounds what a wrong file (an
 #: image on the boot partition) makes us read.

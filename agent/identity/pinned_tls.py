@@ -37,7 +37,7 @@ import aiohttp
 from cryptography import x509
 
 from agent.errors import ControllerUnreachable, EnrollmentError, ProxyFailed, TrustError
-from agent.identity.trust import (
+from shared.trust import (
     ca_fingerprint,
     check_dates,
     describe_network_error,

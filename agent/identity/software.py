@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import DeviceKeyLost, KeyStoreError
-from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
+from shared.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 from agent.identity.keystore import KeyStore
 
 KEY_FILE = "key.pem"

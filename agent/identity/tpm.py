@@ -32,7 +32,7 @@ from typing import Iterator
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import DeviceKeyLost, KeyStoreError
-from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, fsync_directory
+from shared.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, fsync_directory
 from agent.identity import tpm_objects as objects
 from agent.identity.keystore import KeyStore
 from agent.identity.tcti import Tcti, parse_tcti

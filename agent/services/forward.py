@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from agent.tunnel.session import StreamClosed, TunnelSession, splice_socket
+from shared.tunnel.session import StreamClosed, TunnelSession, splice_socket
 
 log = logging.getLogger(__name__)
 

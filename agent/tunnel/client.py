@@ -14,8 +14,8 @@ from agent.errors import ControllerUnreachable, OutpostError, TrustError, Tunnel
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.proxy import DIRECT, ProxySettings
-from agent.tunnel.auth import peer_certificate_digest
-from agent.tunnel.protocol import (
+from shared.tunnel.auth import peer_certificate_digest
+from shared.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
     Authenticated,
@@ -28,9 +28,9 @@ from agent.tunnel.protocol import (
     Role,
     auth_message,
 )
-from agent.tunnel.channel import StreamChannel
-from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
-from agent.tunnel.splice import splice_socket
+from shared.tunnel.channel import StreamChannel
+from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from shared.tunnel.splice import splice_socket
 
 if TYPE_CHECKING:
     from agent.clock.trusted import TrustedClock

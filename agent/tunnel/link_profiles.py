@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from agent.errors import ConfigError
 from agent.tunnel.backoff import STABLE_AFTER
-from agent.tunnel.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
+from shared.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
 
 # The keepalive leaves this share of the NAT timeout early, and at least
 # NAT_MARGIN_MIN seconds. What eats into the margin: the PING's one-way

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from agent import service_manager
+from shared import service_manager
 from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
@@ -115,7 +115,7 @@ class TunnelSupervisor:
 
     async def run(self) -> None:
         """Until stop(): connect, serve, and reconnect after failures."""
-        from agent.identity.trust import pinned_ssl_context
+        from shared.trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
         # The environment's proxy variables are read at the edge (the CLI), never here.

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from aiohttp import web
 from cryptography import x509
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     NONCE_SIZE,
     SUBPROTOCOL,
     AuthReceived,
@@ -25,10 +25,10 @@ from agent.tunnel.protocol import (
     Role,
 )
 # The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
-from agent.tunnel.channel import StreamChannel, StreamClosed
-from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
-from agent.tunnel.splice import splice_streams
-from agent.identity.trust import verify_leaf_issued_by
+from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from shared.tunnel.splice import splice_streams
+from shared.trust import verify_leaf_issued_by
 from controller.blocking import RELAY_POOL
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key

@@ -4,15 +4,15 @@ No sockets, no clock, no randomness: bytes and ``now`` go in, events and bytes
 to send come out. The agent and the relay both drive a ``Connection``.
 """
 
-from agent.tunnel.protocol.connection import Connection, auth_message
-from agent.tunnel.protocol.errors import (
+from shared.protocol.connection import Connection, auth_message
+from shared.protocol.errors import (
     ErrorCode,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     StreamClosedError,
 )
-from agent.tunnel.protocol.events import (
+from shared.protocol.events import (
     Authenticated,
     AuthReceived,
     BindCompleted,
@@ -28,7 +28,7 @@ from agent.tunnel.protocol.events import (
     StreamReset,
     WindowUpdated,
 )
-from agent.tunnel.protocol.limits import (
+from shared.protocol.limits import (
     AUTH_DEADLINE,
     INITIAL_WINDOW,
     MAX_BIND_SERVICES,
@@ -44,8 +44,8 @@ from agent.tunnel.protocol.limits import (
     Liveness,
     ProtocolLimits,
 )
-from agent.tunnel.protocol.state import Handshake, Role
-from agent.tunnel.protocol.streams import StreamState
+from shared.protocol.state import Handshake, Role
+from shared.protocol.streams import StreamState
 
 __all__ = [
     "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",

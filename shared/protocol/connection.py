@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.tunnel.protocol.endpoint import Endpoint
-from agent.tunnel.protocol.errors import ErrorCode, RemoteProtocolError
-from agent.tunnel.protocol.events import ConnectionTerminated, Event
-from agent.tunnel.protocol.frames import U32, FrameType, decode_code_reason, encode_code_reason
-from agent.tunnel.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_message
-from agent.tunnel.protocol.limits import Liveness, ProtocolLimits
-from agent.tunnel.protocol.liveness import Keepalive
-from agent.tunnel.protocol.reader import FrameReader
-from agent.tunnel.protocol.state import Handshake, Role
-from agent.tunnel.protocol.stream_table import StreamTable
-from agent.tunnel.protocol.streams import Stream, StreamState
+from shared.protocol.endpoint import Endpoint
+from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.events import ConnectionTerminated, Event
+from shared.protocol.frames import U32, FrameType, decode_code_reason, encode_code_reason
+from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_message
+from shared.protocol.limits import Liveness, ProtocolLimits
+from shared.protocol.liveness import Keepalive
+from shared.protocol.reader import FrameReader
+from shared.protocol.state import Handshake, Role
+from shared.protocol.stream_table import StreamTable
+from shared.protocol.streams import Stream, StreamState
 
 __all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "auth_message"]
 

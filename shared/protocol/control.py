@@ -11,8 +11,8 @@ import binascii
 import json
 from typing import Any
 
-from agent.tunnel.protocol.errors import ErrorCode, RemoteProtocolError
-from agent.tunnel.protocol.limits import INITIAL_WINDOW, MAX_WINDOW, PROTOCOL_VERSION
+from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.limits import INITIAL_WINDOW, MAX_WINDOW, PROTOCOL_VERSION
 
 # Keys of AUTH the connection itself fills in; ``extra`` may not override them.
 AUTH_RESERVED_KEYS = frozenset({"version", "chain", "signature", "window"})

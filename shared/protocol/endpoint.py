@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.tunnel.protocol.errors import ErrorCode, LocalProtocolError
-from agent.tunnel.protocol.frames import FrameType, encode_frame, encode_json
-from agent.tunnel.protocol.limits import INITIAL_WINDOW, ProtocolLimits
-from agent.tunnel.protocol.state import Role
+from shared.protocol.errors import ErrorCode, LocalProtocolError
+from shared.protocol.frames import FrameType, encode_frame, encode_json
+from shared.protocol.limits import INITIAL_WINDOW, ProtocolLimits
+from shared.protocol.state import Role
 
 
 def require(condition: bool, message: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-from agent.errors import OutpostError
+from shared.errors import OutpostError
 
 
 class ErrorCode(enum.IntEnum):

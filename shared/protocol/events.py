@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from agent.tunnel.protocol.errors import ErrorCode
+from shared.protocol.errors import ErrorCode
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import json
 import struct
 from typing import Any
 
-from agent.tunnel.protocol.errors import ErrorCode
-from agent.tunnel.protocol.limits import MAX_REASON_BYTES
+from shared.protocol.errors import ErrorCode
+from shared.protocol.limits import MAX_REASON_BYTES
 
 # type u8, flags u8, stream id u32, payload length u32; big-endian.
 HEADER = struct.Struct(">BBII")

@@ -10,25 +10,25 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from agent.tunnel.protocol.control import (
+from shared.protocol.control import (
     AUTH_RESERVED_KEYS,
     decode_auth,
     decode_auth_ok,
     decode_bind,
     decode_bind_result,
 )
-from agent.tunnel.protocol.endpoint import Endpoint, require
-from agent.tunnel.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from agent.tunnel.protocol.events import (
+from shared.protocol.endpoint import Endpoint, require
+from shared.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from shared.protocol.events import (
     Authenticated,
     AuthReceived,
     BindCompleted,
     BindRequested,
     ChallengeReceived,
 )
-from agent.tunnel.protocol.frames import FrameType, encode_json
-from agent.tunnel.protocol.limits import MAX_BIND_SERVICES, MAX_SERVICE_NAME_CHARS, NONCE_SIZE, PROTOCOL_VERSION
-from agent.tunnel.protocol.state import Handshake, Role
+from shared.protocol.frames import FrameType, encode_json
+from shared.protocol.limits import MAX_BIND_SERVICES, MAX_SERVICE_NAME_CHARS, NONCE_SIZE, PROTOCOL_VERSION
+from shared.protocol.state import Handshake, Role
 
 AUTH_MESSAGE_PREFIX = b"outpost-tunnel-auth-v1\0"
 # What BIND_RESULT says of a refused name when the full reasons would not fit

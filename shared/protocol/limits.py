@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.errors import ConfigError
+from shared.errors import ConfigError
 
 PROTOCOL_VERSION = 1
 # The WebSocket subprotocol both ends name in the upgrade; it carries the

@@ -5,12 +5,12 @@ Time is whatever the caller passes as ``now`` (a monotonic clock in seconds).
 
 from __future__ import annotations
 
-from agent.tunnel.protocol.endpoint import Endpoint
-from agent.tunnel.protocol.errors import ErrorCode, RemoteProtocolError
-from agent.tunnel.protocol.events import PongReceived
-from agent.tunnel.protocol.frames import PING_COUNTER, FrameType
-from agent.tunnel.protocol.limits import PING_PAYLOAD_SIZE, Liveness
-from agent.tunnel.protocol.state import Role
+from shared.protocol.endpoint import Endpoint
+from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.events import PongReceived
+from shared.protocol.frames import PING_COUNTER, FrameType
+from shared.protocol.limits import PING_PAYLOAD_SIZE, Liveness
+from shared.protocol.state import Role
 
 
 class Keepalive:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from agent.tunnel.protocol.endpoint import Endpoint
-from agent.tunnel.protocol.errors import ErrorCode, RemoteProtocolError
-from agent.tunnel.protocol.frames import (
+from shared.protocol.endpoint import Endpoint
+from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.frames import (
     FRAME_TYPES,
     HANDSHAKE_FRAME_TYPES,
     HEADER,

@@ -19,14 +19,14 @@ import collections
 import itertools
 from typing import Any
 
-from agent.tunnel.protocol.control import decode_open
-from agent.tunnel.protocol.endpoint import Endpoint, require
-from agent.tunnel.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamClosedError
-from agent.tunnel.protocol.events import DataReceived, StreamAccepted, StreamEnded, StreamOpened, StreamReset, WindowUpdated
-from agent.tunnel.protocol.frames import FLAG_FIN, HEADER, HEADER_SIZE, U32, FrameType, decode_code_reason, encode_code_reason
-from agent.tunnel.protocol.limits import MAX_STREAM_ID, MAX_WINDOW, RESET_MEMORY
-from agent.tunnel.protocol.state import Role
-from agent.tunnel.protocol.streams import TRANSITIONS, Stream, StreamInput, StreamState
+from shared.protocol.control import decode_open
+from shared.protocol.endpoint import Endpoint, require
+from shared.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamClosedError
+from shared.protocol.events import DataReceived, StreamAccepted, StreamEnded, StreamOpened, StreamReset, WindowUpdated
+from shared.protocol.frames import FLAG_FIN, HEADER, HEADER_SIZE, U32, FrameType, decode_code_reason, encode_code_reason
+from shared.protocol.limits import MAX_STREAM_ID, MAX_WINDOW, RESET_MEMORY
+from shared.protocol.state import Role
+from shared.protocol.streams import TRANSITIONS, Stream, StreamInput, StreamState
 
 _DATA = int(FrameType.DATA)
 _RECV_DATA = StreamInput.RECV_DATA

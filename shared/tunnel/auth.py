@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.tunnel.protocol import auth_message
+from shared.protocol import auth_message
 
 
 def peer_certificate_digest(ssl_object: Any) -> bytes:

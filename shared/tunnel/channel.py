@@ -1,6 +1,6 @@
 """One stream seen from asyncio: an awaitable read/write interface with flow control.
 
-A ``StreamChannel`` belongs to a ``TunnelSession`` (agent.tunnel.session),
+A ``StreamChannel`` belongs to a ``TunnelSession`` (shared.tunnel.session),
 which feeds it the core's events and sends what it queues.
 """
 
@@ -11,10 +11,10 @@ import collections
 import collections.abc
 from typing import TYPE_CHECKING
 
-from agent.tunnel.protocol import ErrorCode, LocalProtocolError
+from shared.protocol import ErrorCode, LocalProtocolError
 
 if TYPE_CHECKING:
-    from agent.tunnel.session import TunnelSession
+    from shared.tunnel.session import TunnelSession
 
 
 class StreamClosed(Exception):

@@ -3,7 +3,7 @@
 Both ends use it: the agent (``agent.tunnel.client``) and the relay
 (``controller.relay``). It moves bytes between the WebSocket and the sans-IO
 core, runs the core's timer, and turns streams into ``StreamChannel`` objects
-(agent.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
+(shared.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
 lives in subclasses' ``on_*`` hooks.
 
 The timer never waits for the network. On a path that black-holed, a write
@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import WSMsgType
 
-from agent.tunnel.channel import StreamChannel, StreamClosed
-from agent.tunnel.protocol import (
+from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.protocol import (
     AuthReceived,
     Authenticated,
     BindCompleted,
@@ -39,7 +39,7 @@ from agent.tunnel.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from agent.tunnel.splice import reset_connection, splice_socket, splice_streams
+from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
 # the protocol only): a session hands out channels, and they are spliced onward.

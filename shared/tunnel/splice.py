@@ -7,8 +7,8 @@ import logging
 import socket
 import struct
 
-from agent.tunnel.channel import StreamChannel, StreamClosed
-from agent.tunnel.protocol import ErrorCode
+from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 

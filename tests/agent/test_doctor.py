@@ -34,7 +34,7 @@ from agent.enrollment.enroll import enroll_async
 from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 from tests.agent.cli_helpers import doctor_lines, run_cli
 from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller

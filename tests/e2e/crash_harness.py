@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.errors import OutpostError
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
-from agent.identity.trust import ca_fingerprint, cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.trust import ca_fingerprint, cert_not_after, cert_not_before, verify_leaf_issued_by
 from controller.ca import public_key_sha256
 from tests.e2e.harness import python_env
 

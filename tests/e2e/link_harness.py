@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
-from agent.identity.trust import pinned_ssl_context
+from shared.trust import pinned_ssl_context
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
-from agent.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator, peer_gone
 from tests.linkemu.profiles import LinkProfile

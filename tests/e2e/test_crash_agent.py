@@ -37,7 +37,7 @@ from cryptography import x509
 
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import StateDir
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 from tests.agent.identity.swtpm_harness import SWTPM, Swtpm
 from tests.e2e.crash_harness import (
     SOFTWARE_KEYS,

@@ -17,7 +17,7 @@ import pytest
 
 from agent.tunnel.link_profiles import plan_for
 from tests.controller.harness import run, running_controller
-from agent.tunnel.session import CLOSE_TIMEOUT
+from shared.tunnel.session import CLOSE_TIMEOUT
 from controller.relay.session import RELAY_IDLE_MIN
 from tests.e2e.link_harness import (
     ECHO_SERVICE,

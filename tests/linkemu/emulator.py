@@ -24,7 +24,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from agent.tunnel.splice import reset_connection
+from shared.tunnel.splice import reset_connection
 from tests.linkemu.profiles import BLACKHOLE_MODES, LinkProfile
 
 # Read size per socket read: one 64 KiB chunk costs ~26 ms at 20 Mbit/s, so

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fsutil import UNFINISHED_WRITE_AGE, atomic_write, discard_unfinished_writes, ensure_private_dir
+from shared.fsutil import UNFINISHED_WRITE_AGE, atomic_write, discard_unfinished_writes, ensure_private_dir
 from tests.e2e.harness import python_env
 from tests.syscall_trace import durability_faults, renamed_into, traced_run
 
@@ -90,7 +90,7 @@ def test_a_write_flushes_the_new_file_before_the_rename_and_the_directory_after(
     state = tmp_path / "state"
     state.mkdir()
     calls = _traced_python(
-        f"from agent.fsutil import atomic_write\n"
+        f"from shared.fsutil import atomic_write\n"
         f"atomic_write({str(state / 'cert.pem')!r}, b'old')\n"
         f"atomic_write({str(state / 'cert.pem')!r}, b'new')\n",
         tmp_path,
@@ -103,7 +103,7 @@ def test_a_write_flushes_the_new_file_before_the_rename_and_the_directory_after(
 def test_new_state_directories_are_flushed_into_their_parents(tmp_path: Path):
     state = tmp_path / "var" / "lib" / "outpost-agent"
     calls = _traced_python(
-        f"from agent.fsutil import atomic_write, ensure_private_dir\n"
+        f"from shared.fsutil import atomic_write, ensure_private_dir\n"
         f"atomic_write(ensure_private_dir({str(state)!r}) / 'key.pem', b'key')\n",
         tmp_path,
     )

@@ -1,4 +1,4 @@
-"""agent.service_manager speaks sd_notify to a real AF_UNIX datagram socket.
+"""shared.service_manager speaks sd_notify to a real AF_UNIX datagram socket.
 
 Each behaviour is checked twice where it matters: through python3-systemd's
 ``systemd.daemon.notify`` when it is installed, and through the module's own
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import service_manager
+from shared import service_manager
 
 # A notification is delivered synchronously to a local socket; a second is
 # ample, and bounds every wait in these tests.

@@ -18,7 +18,7 @@ from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock
 from agent.config import ClockSettings
 from agent.errors import ClockError, TrustError
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted, time_server
 from tests.agent.clock.ntp_responder import NtpResponder, silent_port
 from tests.controller.harness import run, running_controller

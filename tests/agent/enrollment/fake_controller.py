@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 
 TRUST_DOMAIN = "outpost.test"
 # Matches docs/api.md: request bodies above 64 KiB are refused before reading.

@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from agent.identity.state import StateDir
-from agent.identity.trust import verify_leaf_issued_by
+from shared.trust import verify_leaf_issued_by
 from tests.agent.cli_helpers import one_line_error, run_cli
 from tests.e2e.harness import Controller
 

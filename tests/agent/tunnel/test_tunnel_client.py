@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import ControllerUnreachable
 from agent.identity.ephemeral import EphemeralKeyStore
-from agent.identity.trust import pinned_ssl_context
+from shared.trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.protocol import (
+from shared.protocol import (
     AuthReceived,
     BindRequested,
     Connection,
@@ -40,7 +40,7 @@ from agent.tunnel.protocol import (
     StreamAccepted,
     StreamReset,
 )
-from agent.tunnel.protocol.frames import FrameType, encode_frame
+from shared.protocol.frames import FrameType, encode_frame
 from tests.e2e.link_harness import echo_service
 
 SCENARIO_TIMEOUT = 20.0

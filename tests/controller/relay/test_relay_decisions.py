@@ -14,8 +14,8 @@ import pytest
 
 from agent.errors import TunnelRefused
 from agent.tunnel.client import TunnelOptions
-from agent.tunnel.protocol import ErrorCode
-from agent.tunnel.session import StreamClosed, TunnelSession
+from shared.protocol import ErrorCode
+from shared.tunnel.session import StreamClosed, TunnelSession
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from agent.tunnel.protocol import Connection, Liveness, ProtocolLimits, Role
+from shared.protocol import Connection, Liveness, ProtocolLimits, Role
 
 NONCE = bytes(range(32))
 RELAY_CERT_SHA256 = bytes(32 * [0xAB])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     ErrorCode,
     LocalProtocolError,
     ProtocolLimits,
@@ -21,7 +21,7 @@ from agent.tunnel.protocol import (
     StreamReset,
     StreamState,
 )
-from agent.tunnel.protocol.frames import FrameType
+from shared.protocol.frames import FrameType
 from protocol_pairs import Pair, make_pair, read_frames
 
 WINDOW = 1000

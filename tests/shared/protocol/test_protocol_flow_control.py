@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     INITIAL_WINDOW,
     MAX_SEND_PAYLOAD,
     MAX_WINDOW,
@@ -20,7 +20,7 @@ from agent.tunnel.protocol import (
     WindowUpdated,
 )
 from agent.errors import ConfigError
-from agent.tunnel.protocol.frames import FLAG_FIN, FrameType
+from shared.protocol.frames import FLAG_FIN, FrameType
 
 WINDOW = 64 * 1024
 # Bounds the pumping loop of the two-stream test: enough rounds to move 1 MiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import NONCE, Pair, make_pair, raw_frame, read_frames
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     MAX_FRAME_PAYLOAD,
     BindCompleted,
     BindRequested,
@@ -23,8 +23,8 @@ from agent.tunnel.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from agent.tunnel.protocol.frames import FLAG_FIN, HEADER_SIZE, FrameType, decode_code_reason, encode_code_reason
-from agent.tunnel.protocol.limits import MAX_REASON_BYTES
+from shared.protocol.frames import FLAG_FIN, HEADER_SIZE, FrameType, decode_code_reason, encode_code_reason
+from shared.protocol.limits import MAX_REASON_BYTES
 
 
 def test_header_layout_is_type_flags_stream_length_big_endian() -> None:

@@ -6,8 +6,8 @@ from protocol_pairs import make_pair, raw_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.tunnel.protocol import MAX_FRAME_PAYLOAD, ProtocolLimits, RemoteProtocolError
-from agent.tunnel.protocol.frames import FLAG_FIN, HEADER_SIZE, FrameType
+from shared.protocol import MAX_FRAME_PAYLOAD, ProtocolLimits, RemoteProtocolError
+from shared.protocol.frames import FLAG_FIN, HEADER_SIZE, FrameType
 
 BUFFER_BOUND = HEADER_SIZE + MAX_FRAME_PAYLOAD
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ import json
 import pytest
 from protocol_pairs import CHAIN, NONCE, RELAY_CERT_SHA256, RELAY_INFO, SIGNATURE, make_pair, raw_frame, read_frames, snapshot
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     INITIAL_WINDOW,
     PROTOCOL_VERSION,
     Authenticated,
@@ -24,7 +24,7 @@ from agent.tunnel.protocol import (
     Role,
     auth_message,
 )
-from agent.tunnel.protocol.frames import FrameType
+from shared.protocol.frames import FrameType
 
 
 def test_auth_message_binds_the_nonce_to_the_relay_certificate() -> None:

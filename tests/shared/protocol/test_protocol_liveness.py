@@ -6,7 +6,7 @@ import pytest
 from protocol_pairs import CHAIN, NONCE, SIGNATURE, make_pair, raw_frame, read_frames
 
 from agent.errors import ConfigError
-from agent.tunnel.protocol import (
+from shared.protocol import (
     AUTH_DEADLINE,
     Connection,
     ConnectionTerminated,
@@ -16,7 +16,7 @@ from agent.tunnel.protocol import (
     ProtocolLimits,
     Role,
 )
-from agent.tunnel.protocol.frames import FrameType, decode_code_reason
+from shared.protocol.frames import FrameType, decode_code_reason
 
 KEEPALIVE = 25.0
 PING_TIMEOUT = 10.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
-from agent.tunnel.protocol import (
+from shared.protocol import (
     DataReceived,
     ErrorCode,
     LocalProtocolError,
@@ -19,9 +19,9 @@ from agent.tunnel.protocol import (
     StreamState,
     WindowUpdated,
 )
-from agent.tunnel.protocol.frames import FLAG_FIN, FrameType, decode_code_reason
-from agent.tunnel.protocol.limits import RESET_MEMORY
-from agent.tunnel.protocol.streams import TRANSITIONS, StreamInput
+from shared.protocol.frames import FLAG_FIN, FrameType, decode_code_reason
+from shared.protocol.limits import RESET_MEMORY
+from shared.protocol.streams import TRANSITIONS, StreamInput
 
 S, I = StreamState, StreamInput
 SMALL_WINDOW = 1024
