@@ -35,7 +35,7 @@ from agent.identity.pinned_tls import (
     proxy_failure,
 )
 from agent.identity.state import EnrolledIdentity
-from shared.trust import describe_network_error
+from agent.identity.tls_trust import describe_network_error
 from agent.proxy import DIRECT, PROXY_VARIABLES, ProxySettings
 
 #: A resolver slower than this makes every reconnect slow; report it as failing.

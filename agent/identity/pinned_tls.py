@@ -37,17 +37,8 @@ import aiohttp
 from cryptography import x509
 
 from agent.errors import ControllerUnreachable, EnrollmentError, ProxyFailed, TrustError
-from shared.trust import (
-    ca_fingerprint,
-    check_dates,
-    describe_network_error,
-    peer_certificate,
-    pinned_ssl_context,
-    read_bounded,
-    served_ssl_object,
-    trust_error_for,
-    verify_leaf_issued_by,
-)
+from shared.trust import ca_fingerprint, verify_leaf_issued_by
+from agent.identity.tls_trust import check_dates, describe_network_error, peer_certificate, pinned_ssl_context, read_bounded, served_ssl_object, trust_error_for
 from agent.proxy import DIRECT, ProxyRoute, ProxySettings
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names

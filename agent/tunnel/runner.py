@@ -115,7 +115,7 @@ class TunnelSupervisor:
 
     async def run(self) -> None:
         """Until stop(): connect, serve, and reconnect after failures."""
-        from shared.trust import pinned_ssl_context
+        from agent.identity.tls_trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
         # The environment's proxy variables are read at the edge (the CLI), never here.

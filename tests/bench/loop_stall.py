@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent.identity.csr import build_csr  # noqa: E402
 from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
-from shared.trust import pinned_ssl_context  # noqa: E402
+from agent.identity.tls_trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
 from shared.protocol import MAX_BIND_SERVICES  # noqa: E402
 from shared.tunnel.session import StreamClosed  # noqa: E402

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
-from shared.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan

@@ -24,7 +24,7 @@ from agent.errors import ClockError, TrustError
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
 from agent.identity.pinned_tls import FixedTime, PinnedTLS
-from shared.trust import check_dates, pinned_ssl_context, served_ssl_object
+from agent.identity.tls_trust import check_dates, pinned_ssl_context, served_ssl_object
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted
 from tests.controller.harness import run, running_controller

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import ControllerUnreachable
 from agent.identity.ephemeral import EphemeralKeyStore
-from shared.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from shared.protocol import (
     AuthReceived,

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import TrustError, TunnelRefused
-from shared.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from shared.tunnel.auth import certificate_digest
 from shared.protocol import NONCE_SIZE, SUBPROTOCOL, ErrorCode, ProtocolLimits, auth_message

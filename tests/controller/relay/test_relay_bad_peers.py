@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from shared.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelOptions, open_tunnel
 from shared.protocol import MAX_FRAME_PAYLOAD, MAX_STREAMS, ErrorCode
 from shared.protocol.frames import FrameType, encode_frame
