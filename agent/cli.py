@@ -14,14 +14,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
-from shared import __version__
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
+from shared import __version__
 
 PROG = "outpost-agent"
 #: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.

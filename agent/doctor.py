@@ -21,14 +21,13 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
 
 from agent.clock.trusted import format_utc as _utc
 from agent.config import AgentConfig, load_config, with_environment_proxy
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
-from agent.durations import format_relative
 from agent.doctor_network import (
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
@@ -39,6 +38,7 @@ from agent.doctor_network import (
     clock_verdict,
     endpoints,
 )
+from agent.durations import format_relative
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
 from agent.errors import OutpostError

@@ -200,7 +200,7 @@ async def check_dns(host: str) -> Check:
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), DNS_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Check(name, FAIL, f"resolving {host} took over {DNS_TIMEOUT:.0f} s; check the DNS server this gateway "
                                  "uses (/etc/resolv.conf, DHCP) and that outbound DNS (port 53) is open")
     except OSError as error:
@@ -234,7 +234,7 @@ async def probe_tls(target: Endpoint, ca_pem: str, trusted: TimeSource = LOCAL_T
             await tls.fetch(http, "GET", url, MAX_CA_RESPONSE, where)
     except OutpostError as error:  # the certificate, judged by trusted time
         return Check(name, FAIL, str(error))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+    except (TimeoutError, aiohttp.ClientError, OSError) as error:
         failure = proxy_failure(error, route, where)
         if failure is not None:
             return failure

@@ -26,12 +26,11 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from shared.fsutil import atomic_write, ensure_private_dir, fsync_directory
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, ensure_server_certificate
 from controller.context import ControllerContext
@@ -43,6 +42,7 @@ from controller.renewal import Renewal
 from controller.settings import WILDCARD_HOSTS, Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
+from shared.fsutil import atomic_write, ensure_private_dir, fsync_directory
 
 log = logging.getLogger(__name__)
 

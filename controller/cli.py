@@ -13,13 +13,12 @@ import ipaddress
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import shared.service_manager as service_manager
-from shared import __version__
-from shared.errors import EXIT_USAGE, OutpostError
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
 from controller.names import NAME_PATTERN
@@ -33,6 +32,8 @@ from controller.settings import (
     Settings,
 )
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
+from shared import __version__
+from shared.errors import EXIT_USAGE, OutpostError
 
 #: Certificates shorter than five minutes would be renewed faster than a slow
 #: link completes a renewal; longer than 90 days defeats short-lived certificates.

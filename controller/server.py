@@ -8,7 +8,8 @@ import inspect
 import logging
 import socket
 import ssl
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 

@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from shared import __version__
 from agent.errors import EXIT_USAGE
 from outpostctl import commands
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
+from shared import __version__
 
 PROG = commands.PROG
 DEFAULT_TENANT = "default"

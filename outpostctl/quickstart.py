@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         controller = Child("the controller", python("controller.cli", "serve", "--data", str(workdir / "controller"),
                                                     "--listen", "127.0.0.1:0"), workdir / "controller.log")
         children.append(controller)
-        ready = controller.wait_for(lambda: [l for l in controller.output().splitlines() if "ready on" in l], "start")
+        ready = controller.wait_for(lambda: [line for line in controller.output().splitlines() if "ready on" in line], "start")
         url = ready[0].split("ready on ", 1)[1].split()[0]
         ctl_config = workdir / "controller" / "outpostctl.toml"
         steps.done(f"controller and relay on {url} (data in {workdir / 'controller'})")

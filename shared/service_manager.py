@@ -24,8 +24,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Awaitable
 from types import ModuleType
-from typing import Awaitable, TypeVar
+from typing import TypeVar
 
 try:  # python3-systemd: optional, the protocol below works without it
     from systemd import daemon as _systemd_daemon

@@ -30,7 +30,7 @@ def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
     aware = getattr(cert, "not_valid_after_utc", None)
     if aware is not None:
         return aware
-    return cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return cert.not_valid_after.replace(tzinfo=datetime.UTC)
 
 
 def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
@@ -38,7 +38,7 @@ def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
     aware = getattr(cert, "not_valid_before_utc", None)
     if aware is not None:
         return aware
-    return cert.not_valid_before.replace(tzinfo=datetime.timezone.utc)
+    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
 
 
 def verify_leaf_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:

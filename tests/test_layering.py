@@ -15,8 +15,8 @@ import json
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("agent", "controller", "outpostctl", "shared")

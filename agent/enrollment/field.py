@@ -35,20 +35,21 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Collection, Sequence
+from typing import Any
 
-from shared import service_manager
 from agent.clock.trusted import TrustedClock
-from agent.errors import OutpostError
 from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
-from shared.fsutil import atomic_write, ensure_private_dir
+from agent.errors import OutpostError
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
-from shared.trust import ca_fingerprint
 from agent.proxy import ProxySettings
 from agent.tunnel.backoff import Backoff
+from shared import service_manager
+from shared.fsutil import atomic_write, ensure_private_dir
+from shared.trust import ca_fingerprint
 
 log = logging.getLogger(__name__)
 

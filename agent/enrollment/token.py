@@ -173,5 +173,5 @@ def _token_from_claims(text: str, claims: Any) -> EnrollmentToken:
 
 
 def _utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.strftime("%Y-%m-%d %H:%M UTC")

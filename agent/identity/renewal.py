@@ -18,8 +18,9 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -36,13 +37,13 @@ from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, TimeSource, as_time_source
 from agent.identity.state import EnrolledIdentity, StateDir
+from agent.proxy import DIRECT, ProxySettings
+from shared.service_manager import EVENT_RENEWED, journal_fields
 from shared.trust import (
     cert_not_after,
     cert_not_before,
     verify_leaf_issued_by,
 )
-from agent.proxy import DIRECT, ProxySettings
-from shared.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bo
 
 def _utc(timestamp: float) -> str:
     try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     except (OverflowError, OSError, ValueError):
         return f"unix time {timestamp:.0f}"
     return moment.strftime("%Y-%m-%d %H:%M UTC")

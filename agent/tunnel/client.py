@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -14,7 +15,6 @@ from agent.errors import ControllerUnreachable, OutpostError, TrustError, Tunnel
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.proxy import DIRECT, ProxySettings
-from shared.tunnel.auth import peer_certificate_digest
 from shared.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -28,6 +28,7 @@ from shared.protocol import (
     Role,
     auth_message,
 )
+from shared.tunnel.auth import peer_certificate_digest
 from shared.tunnel.channel import StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from shared.tunnel.splice import splice_socket

@@ -10,17 +10,17 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from shared import service_manager
 from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
+from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
-from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
+from shared import service_manager
 
 log = logging.getLogger(__name__)
 

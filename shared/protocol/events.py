@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from shared.protocol.errors import ErrorCode
 
@@ -112,7 +112,7 @@ class ConnectionTerminated:
     remote: bool
 
 
-Event = Union[
-    ChallengeReceived, AuthReceived, Authenticated, BindRequested, BindCompleted, StreamOpened,
-    StreamAccepted, DataReceived, StreamEnded, StreamReset, WindowUpdated, PongReceived, ConnectionTerminated,
-]
+Event = (
+    ChallengeReceived | AuthReceived | Authenticated | BindRequested | BindCompleted | StreamOpened
+    | StreamAccepted | DataReceived | StreamEnded | StreamReset | WindowUpdated | PongReceived | ConnectionTerminated
+)

@@ -7,7 +7,8 @@ payload is kept: an oversized or unknown frame fails at its header.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shared.protocol.endpoint import Endpoint
 from shared.protocol.errors import ErrorCode, RemoteProtocolError

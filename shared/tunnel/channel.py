@@ -29,7 +29,7 @@ class StreamClosed(Exception):
 class StreamChannel:
     """One stream, seen from asyncio: read, write, end, reset."""
 
-    def __init__(self, session: "TunnelSession", stream_id: int, service: str, peer: str | None) -> None:
+    def __init__(self, session: TunnelSession, stream_id: int, service: str, peer: str | None) -> None:
         self.session = session
         self.stream_id = stream_id
         self.service = service
@@ -124,7 +124,7 @@ class StreamChannel:
         """Send ``data``, waiting for window credit as needed."""
         await self.write_chunks((data,))
 
-    async def write_chunks(self, chunks: "collections.abc.Iterable[bytes]") -> None:
+    async def write_chunks(self, chunks: collections.abc.Iterable[bytes]) -> None:
         """Send ``chunks`` in order, waiting for window credit as needed.
 
         Everything the window allows goes into one flush, so a backlog leaves

@@ -20,10 +20,9 @@ from typing import Any
 
 from aiohttp import WSMsgType
 
-from shared.tunnel.channel import StreamChannel, StreamClosed
 from shared.protocol import (
-    AuthReceived,
     Authenticated,
+    AuthReceived,
     BindCompleted,
     BindRequested,
     ChallengeReceived,
@@ -39,6 +38,7 @@ from shared.protocol import (
     StreamReset,
     WindowUpdated,
 )
+from shared.tunnel.channel import StreamChannel, StreamClosed
 from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
@@ -155,7 +155,7 @@ class TunnelSession:
         except RemoteProtocolError as exc:
             log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
             self._terminate(exc.code, str(exc), True)
-        except (ConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
         finally:
             timer.cancel()
@@ -223,7 +223,7 @@ class TunnelSession:
             try:
                 await asyncio.wait_for(self._timer_changed.wait(), delay)
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             events = self.conn.handle_timer(self.now())
             await self._dispatch(events)  # a timer only ever ends the connection: no hook runs
@@ -277,7 +277,7 @@ class TunnelSession:
         self._terminate(code, reason, False)
         try:
             await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        except (TimeoutError, ConnectionError, RuntimeError):
             self.abort()
 
     async def _close_in_order(self) -> None:
@@ -308,7 +308,7 @@ class TunnelSession:
             try:
                 # The core may have queued a GOAWAY saying why (a peer that broke the protocol).
                 await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
-            except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            except (TimeoutError, ConnectionError, RuntimeError):
                 self.abort()
         for task in list(self._tasks):
             task.cancel()

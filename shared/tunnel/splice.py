@@ -7,8 +7,8 @@ import logging
 import socket
 import struct
 
-from shared.tunnel.channel import StreamChannel, StreamClosed
 from shared.protocol import ErrorCode
+from shared.tunnel.channel import StreamChannel, StreamClosed
 
 log = logging.getLogger(__name__)
 

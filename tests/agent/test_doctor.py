@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from agent.clock.trusted import format_utc
+from agent.config import AgentConfig
 from agent.doctor import (
     CERT_WARN_FRACTION,
     CLOCK_FAIL_SECONDS,
@@ -29,7 +30,6 @@ from agent.doctor import (
     clock_verdict,
     endpoints,
 )
-from agent.config import AgentConfig
 from agent.enrollment.enroll import enroll_async
 from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings

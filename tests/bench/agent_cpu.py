@@ -12,8 +12,8 @@ the relay and sshd are reported too, for the whole picture. Last line: JSON.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 

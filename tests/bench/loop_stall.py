@@ -150,7 +150,7 @@ class ControllerClient:
         self.headers = {"Authorization": f"Bearer {config['token']}"}
         self.http: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "ControllerClient":
+    async def __aenter__(self) -> ControllerClient:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls, limit=100),
                                           timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
         return self

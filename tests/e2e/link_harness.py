@@ -14,8 +14,8 @@ import dataclasses
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import aiohttp
 from cryptography.hazmat.primitives import serialization
@@ -127,7 +127,7 @@ class StuckService:
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def start(self) -> "StuckService":
+    async def start(self) -> StuckService:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RECEIVE_BUFFER)
         sock.bind(("127.0.0.1", 0))

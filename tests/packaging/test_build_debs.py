@@ -67,4 +67,4 @@ def test_lintian_finds_no_errors_or_warnings(built_debs: dict[str, Path]) -> Non
     result = subprocess.run(["lintian", "--fail-on", "error,warning", *map(str, built_debs.values())],
                             capture_output=True, text=True, timeout=LINTIAN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not [l for l in result.stdout.splitlines() if l.startswith(("E:", "W:"))]
+    assert not [line for line in result.stdout.splitlines() if line.startswith(("E:", "W:"))]

@@ -39,7 +39,7 @@ class NotifyReceiver:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             return None
         return dict(line.split("=", 1) for line in data.decode().splitlines())
 

@@ -25,7 +25,7 @@ from tests.controller.harness import run, running_controller
 
 #: One request on loopback; the measured offset is uncertain by half of it.
 LOOPBACK_ERROR = 0.5
-JAN_2019 = datetime.datetime(2019, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+JAN_2019 = datetime.datetime(2019, 1, 1, tzinfo=datetime.UTC).timestamp()
 
 
 def test_the_offset_of_a_right_clock_is_near_zero(tmp_path: Path) -> None:

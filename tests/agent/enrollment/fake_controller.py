@@ -41,7 +41,7 @@ BACKDATE = datetime.timedelta(minutes=5)
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class TestCA:
@@ -145,7 +145,7 @@ class FakeController:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeController":
+    def start(self) -> FakeController:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(STARTUP_TIMEOUT)
         return self

@@ -6,8 +6,8 @@ this checks that the agent and the actual controller agree on docs/api.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

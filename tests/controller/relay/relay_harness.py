@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from cryptography import x509
@@ -81,7 +82,7 @@ async def connect(ctl: Running, credentials: TunnelCredentials,
 def foreign_certificate(uri: str, key: ec.EllipticCurvePrivateKey) -> str:
     """A certificate naming ``uri``, signed by a CA that is not the controller's."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outpost CA")])
     cert = (
         x509.CertificateBuilder()

@@ -18,9 +18,9 @@ import aiohttp
 
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelOptions, open_tunnel
+from controller.relay.session import RELAY_LIMITS
 from shared.protocol import MAX_FRAME_PAYLOAD, MAX_STREAMS, ErrorCode
 from shared.protocol.frames import FrameType, encode_frame
-from controller.relay.session import RELAY_LIMITS
 from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (
     ECHO_SERVICE,

@@ -37,7 +37,7 @@ class Echo:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def __aenter__(self) -> "Echo":
+    async def __aenter__(self) -> Echo:
         self.server = await asyncio.start_server(self._echo, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

@@ -11,6 +11,7 @@ stream beyond any bound.
 from __future__ import annotations
 
 import pytest
+from protocol_pairs import Pair, make_pair, read_frames
 
 from shared.protocol import (
     ErrorCode,
@@ -22,7 +23,6 @@ from shared.protocol import (
     StreamState,
 )
 from shared.protocol.frames import FrameType
-from protocol_pairs import Pair, make_pair, read_frames
 
 WINDOW = 1000
 BUDGET = 2500

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
+from agent.errors import ConfigError
 from shared.protocol import (
     INITIAL_WINDOW,
     MAX_SEND_PAYLOAD,
@@ -19,7 +20,6 @@ from shared.protocol import (
     StreamState,
     WindowUpdated,
 )
-from agent.errors import ConfigError
 from shared.protocol.frames import FLAG_FIN, FrameType
 
 WINDOW = 64 * 1024

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from protocol_pairs import make_pair, raw_frame
+import itertools
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_pairs import make_pair, raw_frame
 
 from shared.protocol import MAX_FRAME_PAYLOAD, ProtocolLimits, RemoteProtocolError
 from shared.protocol.frames import FLAG_FIN, HEADER_SIZE, FrameType
@@ -29,7 +31,7 @@ byte_stream = st.one_of(st.binary(max_size=2000), st.lists(plausible_frame, max_
 
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @FUZZ

@@ -6,7 +6,17 @@ import base64
 import json
 
 import pytest
-from protocol_pairs import CHAIN, NONCE, RELAY_CERT_SHA256, RELAY_INFO, SIGNATURE, make_pair, raw_frame, read_frames, snapshot
+from protocol_pairs import (
+    CHAIN,
+    NONCE,
+    RELAY_CERT_SHA256,
+    RELAY_INFO,
+    SIGNATURE,
+    make_pair,
+    raw_frame,
+    read_frames,
+    snapshot,
+)
 
 from shared.protocol import (
     INITIAL_WINDOW,

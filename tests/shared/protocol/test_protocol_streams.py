@@ -23,7 +23,7 @@ from shared.protocol.frames import FLAG_FIN, FrameType, decode_code_reason
 from shared.protocol.limits import RESET_MEMORY
 from shared.protocol.streams import TRANSITIONS, StreamInput
 
-S, I = StreamState, StreamInput
+S, I = StreamState, StreamInput  # noqa: E741  (the table's two axes, as short as in docs/protocol.md)
 SMALL_WINDOW = 1024
 
 
