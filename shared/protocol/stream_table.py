@@ -79,7 +79,7 @@ class StreamTable:
         payload = endpoint.control_payload("OPEN", body)
         stream = Stream(stream_id, local=True, send_window=endpoint.peer_window,
                         recv_window=endpoint.limits.initial_window)
-        stream.state = stream.next_state(StreamInput.SEND_OPEN)
+        stream.state = self._local_transition(stream, StreamInput.SEND_OPEN)
         self.streams[stream_id] = stream
         self.next_local_id += 2
         endpoint.queue_frame(FrameType.OPEN, 0, stream_id, payload)

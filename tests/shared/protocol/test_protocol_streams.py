@@ -336,3 +336,14 @@ def test_empty_data_without_fin_sends_and_reports_nothing(pair: Pair) -> None:
     pair.agent.send_data(stream_id, b"")
     assert pair.agent.data_to_send() == b""
     assert pair.relay.receive_data(raw_frame(FrameType.DATA, stream_id, b""), 0.0) == []
+
+
+def test_opening_a_stream_takes_its_transition_from_the_table_like_every_other_local_input(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without the (IDLE, SEND_OPEN) row the table forbids opening: the open must be refused,
+    # not leave a stream without a state and an OPEN frame queued.
+    monkeypatch.delitem(TRANSITIONS, (S.IDLE, I.SEND_OPEN))
+    with pytest.raises(LocalProtocolError, match="cannot send OPEN on stream 1"):
+        pair.agent.open_stream("svc")
+    assert pair.agent.open_stream_ids == set() and pair.agent.data_to_send() == b""
