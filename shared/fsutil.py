@@ -101,7 +101,7 @@ def discard_unfinished_writes(directory: Path | str, now: float | None = None) -
     gateway that loses power often would collect them.
     """
     now = time.time() if now is None else now
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:

@@ -27,7 +27,7 @@ def ca_fingerprint(cert: x509.Certificate) -> str:
 
 def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
     """The certificate's notAfter as an aware UTC datetime (any cryptography version)."""
-    aware = getattr(cert, "not_valid_after_utc", None)
+    aware: datetime.datetime | None = getattr(cert, "not_valid_after_utc", None)
     if aware is not None:
         return aware
     return cert.not_valid_after.replace(tzinfo=datetime.UTC)
@@ -35,7 +35,7 @@ def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
 
 def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
     """The certificate's notBefore as an aware UTC datetime (any cryptography version)."""
-    aware = getattr(cert, "not_valid_before_utc", None)
+    aware: datetime.datetime | None = getattr(cert, "not_valid_before_utc", None)
     if aware is not None:
         return aware
     return cert.not_valid_before.replace(tzinfo=datetime.UTC)

@@ -146,7 +146,7 @@ class Connection:
         """Tell the opener that this end connected the stream."""
         self._table.accept(stream_id)
 
-    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
         """Queue ``data`` (at most ``send_window(stream_id)`` bytes), then FIN if ``end_stream``."""
         self._table.send_data(stream_id, data, end_stream)
 
@@ -200,7 +200,7 @@ class Connection:
         """
         if self.closed:
             return []
-        events: list = []
+        events: list[Event] = []
         if not data:
             return events
         self.bytes_received += len(data)
@@ -214,7 +214,7 @@ class Connection:
             raise
         return events
 
-    def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) < U32.size:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY frame without an error code")
         code, reason = decode_code_reason(payload)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, TypeGuard
 
 from shared.protocol.errors import ErrorCode, RemoteProtocolError
 from shared.protocol.limits import INITIAL_WINDOW, MAX_WINDOW, PROTOCOL_VERSION
@@ -34,7 +34,7 @@ def decode_object(frame: str, payload: bytes) -> dict[str, Any]:
     return obj
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

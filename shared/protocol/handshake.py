@@ -25,6 +25,7 @@ from shared.protocol.events import (
     BindCompleted,
     BindRequested,
     ChallengeReceived,
+    Event,
 )
 from shared.protocol.frames import FrameType, encode_json
 from shared.protocol.limits import MAX_BIND_SERVICES, MAX_SERVICE_NAME_CHARS, NONCE_SIZE, PROTOCOL_VERSION
@@ -146,7 +147,7 @@ class AuthExchange:
             f"unexpected {kind} (this end is the {self._endpoint.role.value}, handshake {self.state.value})",
         )
 
-    def on_challenge(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_challenge(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if self._endpoint.role is not Role.AGENT or self.state is not Handshake.START:
             raise self._unexpected("CHALLENGE")
         if not payload:
@@ -158,7 +159,7 @@ class AuthExchange:
         self.state = Handshake.CHALLENGED
         events.append(ChallengeReceived(version, nonce))
 
-    def on_auth(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_auth(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if self._endpoint.role is not Role.RELAY or self.state is not Handshake.CHALLENGED:
             raise self._unexpected("AUTH")
         chain, signature, info, window = decode_auth(payload)
@@ -167,7 +168,7 @@ class AuthExchange:
         self.state = Handshake.AUTH_EXCHANGED
         events.append(AuthReceived(chain, signature, info))
 
-    def on_auth_ok(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_auth_ok(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if self._endpoint.role is not Role.AGENT or self.state is not Handshake.AUTH_EXCHANGED:
             raise self._unexpected("AUTH_OK")
         info, window = decode_auth_ok(payload)
@@ -176,7 +177,7 @@ class AuthExchange:
         self._become_authenticated()
         events.append(Authenticated(info))
 
-    def on_bind(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_bind(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if self._endpoint.role is not Role.RELAY:
             raise self._unexpected("BIND")
         services = decode_bind(payload)
@@ -186,7 +187,7 @@ class AuthExchange:
         self.binds_pending += 1
         events.append(BindRequested(services))
 
-    def on_bind_result(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_bind_result(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if self._endpoint.role is not Role.AGENT or self.binds_pending == 0:
             raise self._unexpected("BIND_RESULT")
         bound, refused = decode_bind_result(payload)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from shared.protocol.endpoint import Endpoint
 from shared.protocol.errors import ErrorCode, RemoteProtocolError
-from shared.protocol.events import PongReceived
+from shared.protocol.events import Event, PongReceived
 from shared.protocol.frames import PING_COUNTER, FrameType
 from shared.protocol.limits import PING_PAYLOAD_SIZE, Liveness
 from shared.protocol.state import Role
@@ -87,12 +87,12 @@ class Keepalive:
         self.ping_payload = payload
         self._endpoint.queue_frame(FrameType.PING, 0, 0, payload)
 
-    def on_ping(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_ping(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) != PING_PAYLOAD_SIZE:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"PING of {len(payload)} bytes, not {PING_PAYLOAD_SIZE}")
         self._endpoint.queue_frame(FrameType.PONG, 0, 0, payload)
 
-    def on_pong(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_pong(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) != PING_PAYLOAD_SIZE:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"PONG of {len(payload)} bytes, not {PING_PAYLOAD_SIZE}")
         if self.ping_sent_at is None or payload != self.ping_payload:

@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.protocol.endpoint import Endpoint
 from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.events import Event
 from shared.protocol.frames import (
     FRAME_TYPES,
     HANDSHAKE_FRAME_TYPES,
@@ -22,7 +23,7 @@ from shared.protocol.frames import (
 )
 
 #: What handles one received frame: (flags, stream id, payload, events to append to).
-FrameHandler = Callable[[int, int, bytes, list], None]
+FrameHandler = Callable[[int, int, bytes, list[Event]], None]
 
 _DATA = int(FrameType.DATA)
 _unpack_header = HEADER.unpack_from
@@ -43,7 +44,7 @@ class FrameReader:
     def clear(self) -> None:
         self.pending = bytearray()
 
-    def feed(self, view: memoryview, events: list) -> None:
+    def feed(self, view: memoryview, events: list[Event]) -> None:
         """Handle every whole frame of ``view``; keep the incomplete rest. Stops once the connection closed."""
         endpoint = self._endpoint
         end = len(view)
@@ -106,7 +107,7 @@ class FrameReader:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame on {where}")
         return frame_type, flags, stream_id, length
 
-    def _dispatch(self, frame_type: int, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def _dispatch(self, frame_type: int, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         kind = FrameType(frame_type)
         if not self._endpoint.authenticated and kind not in HANDSHAKE_FRAME_TYPES:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, f"{kind.name} frame before authentication")

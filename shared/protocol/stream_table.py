@@ -22,7 +22,15 @@ from typing import Any
 from shared.protocol.control import decode_open
 from shared.protocol.endpoint import Endpoint, require
 from shared.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError, StreamClosedError
-from shared.protocol.events import DataReceived, StreamAccepted, StreamEnded, StreamOpened, StreamReset, WindowUpdated
+from shared.protocol.events import (
+    DataReceived,
+    Event,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
 from shared.protocol.frames import FLAG_FIN, HEADER, HEADER_SIZE, U32, FrameType, decode_code_reason, encode_code_reason
 from shared.protocol.limits import MAX_STREAM_ID, MAX_WINDOW, RESET_MEMORY
 from shared.protocol.state import Role
@@ -94,7 +102,7 @@ class StreamTable:
         stream.state = new_state
         self._endpoint.queue_frame(FrameType.ACCEPT, 0, stream_id, b"")
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool) -> None:
         stream = self._live(stream_id)
         size = len(data)
         if size > stream.send_window:
@@ -174,7 +182,7 @@ class StreamTable:
             self._endpoint.queue_frame(FrameType.WINDOW, 0, stream_id, U32.pack(increment))
 
     # -- received (frame handlers: flags, stream id, payload, events) ----------------
-    def on_data(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             self._data_without_stream(stream_id)
@@ -207,7 +215,7 @@ class StreamTable:
         else:
             stream.state = new_state
 
-    def on_open(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_open(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if stream_id % 2 != self._peer_parity:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR,
                                       f"the peer opened stream {stream_id}, an id of this end's parity")
@@ -229,7 +237,7 @@ class StreamTable:
         self._peer_streams += 1
         events.append(StreamOpened(stream_id, service, peer))
 
-    def on_accept(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_accept(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if payload:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "ACCEPT frame with a payload")
         stream = self._known_stream("ACCEPT", stream_id)
@@ -243,7 +251,7 @@ class StreamTable:
         stream.accepted = True
         events.append(StreamAccepted(stream_id))
 
-    def on_reset(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_reset(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) < U32.size:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RESET frame without an error code")
         stream = self._known_stream("RESET", stream_id)
@@ -253,7 +261,7 @@ class StreamTable:
         self._forget(stream)
         events.append(StreamReset(stream_id, code, reason, remote=True))
 
-    def on_window(self, flags: int, stream_id: int, payload: bytes, events: list) -> None:
+    def on_window(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) != U32.size:
             raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"WINDOW frame of {len(payload)} bytes, not 4")
         (increment,) = U32.unpack(payload)
@@ -314,7 +322,7 @@ class StreamTable:
         # The peer writes on a stream it ended or reset: tell it once, then drop.
         self._send_reset(stream_id, ErrorCode.STREAM_CLOSED, "DATA on a closed stream")
 
-    def _shed_slowest_reader(self, events: list) -> None:
+    def _shed_slowest_reader(self, events: list[Event]) -> None:
         """Over the receive budget: reset the stream whose reader is furthest behind, live or draining."""
         slowest = max(itertools.chain(self.streams.values(), self.draining.values()), key=lambda s: s.unacknowledged)
         reason = (f"its reader fell {slowest.unacknowledged} bytes behind; this end holds at most "
@@ -326,7 +334,7 @@ class StreamTable:
         else:
             self._stream_error(slowest, ErrorCode.CANCEL, reason, events)
 
-    def _stream_error(self, stream: Stream, code: ErrorCode, reason: str, events: list) -> None:
+    def _stream_error(self, stream: Stream, code: ErrorCode, reason: str, events: list[Event]) -> None:
         self._forget(stream)
         self._send_reset(stream.stream_id, code, reason)
         events.append(StreamReset(stream.stream_id, code, reason, remote=False))

@@ -8,6 +8,7 @@ an interceptor. The relay verifies with ``verify_challenge_signature``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -29,7 +30,7 @@ def certificate_digest(der: bytes) -> bytes:
     return hashlib.sha256(der).digest()
 
 
-def sign_challenge(sign: Any, nonce: bytes, relay_cert_sha256: bytes) -> bytes:
+def sign_challenge(sign: Callable[[bytes], bytes], nonce: bytes, relay_cert_sha256: bytes) -> bytes:
     """Sign the challenge with ``sign`` (a KeyStore's ``sign``)."""
     return sign(auth_message(nonce, relay_cert_sha256))
 

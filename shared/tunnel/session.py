@@ -30,6 +30,7 @@ from shared.protocol import (
     ConnectionTerminated,
     DataReceived,
     ErrorCode,
+    Event,
     PongReceived,
     RemoteProtocolError,
     StreamAccepted,
@@ -85,7 +86,7 @@ class TunnelSession:
         self._send_lock = asyncio.Lock()
         self._timer_changed = asyncio.Event()
         self._flush_scheduled = False
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._aborted = False
         self.closed = asyncio.Event()
         self.close_reason: tuple[ErrorCode, str, bool] | None = None
@@ -123,14 +124,14 @@ class TunnelSession:
         """The tunnel ended (once)."""
 
     # -- driving -----------------------------------------------------------
-    def spawn(self, coro: Any) -> asyncio.Task:
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a task that belongs to this tunnel and dies with it."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("tunnel task failed: %r", task.exception(), exc_info=task.exception())
@@ -167,51 +168,50 @@ class TunnelSession:
         self._timer_changed.set()
         await self.flush()
 
-    async def _dispatch(self, events: list) -> None:
+    async def _dispatch(self, events: list[Event]) -> None:
         for event in events:
-            kind = type(event)
-            if kind is DataReceived:
+            if type(event) is DataReceived:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
                     channel._on_data(event.data)
                 else:
                     self.conn.acknowledge_received(event.stream_id, len(event.data))
-            elif kind is WindowUpdated:
+            elif type(event) is WindowUpdated:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
                     channel._on_window()
-            elif kind is StreamEnded:
+            elif type(event) is StreamEnded:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
                     channel._on_end()
-            elif kind is StreamAccepted:
+            elif type(event) is StreamAccepted:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
                     channel._on_accepted()
-            elif kind is StreamReset:
+            elif type(event) is StreamReset:
                 channel = self.streams.pop(event.stream_id, None)
                 if not event.remote:
                     log.warning("stream %d (%s) reset: %s", event.stream_id,
                                 channel.service if channel is not None else "?", event.reason)
                 if channel is not None:
                     channel._on_reset(event.code, event.reason)
-            elif kind is StreamOpened:
+            elif type(event) is StreamOpened:
                 channel = StreamChannel(self, event.stream_id, event.service, event.peer)
                 self.streams[event.stream_id] = channel
                 self.spawn(self.on_stream_opened(channel))
-            elif kind is PongReceived:
+            elif type(event) is PongReceived:
                 self.on_pong(event.rtt)
-            elif kind is ConnectionTerminated:
+            elif type(event) is ConnectionTerminated:
                 self._terminate(event.code, event.reason, event.remote)
-            elif kind is ChallengeReceived:
+            elif type(event) is ChallengeReceived:
                 await self.on_challenge(event)
-            elif kind is AuthReceived:
+            elif type(event) is AuthReceived:
                 await self.on_auth(event)
-            elif kind is Authenticated:
+            elif type(event) is Authenticated:
                 await self.on_authenticated(event)
-            elif kind is BindRequested:
+            elif type(event) is BindRequested:
                 await self.on_bind_requested(event)
-            elif kind is BindCompleted:
+            elif type(event) is BindCompleted:
                 await self.on_bind_completed(event)
 
     async def _run_timer(self) -> None:

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 SOCKET_READ_SIZE = 64 * 1024
 
 
-def reset_connection(transport: asyncio.BaseTransport) -> None:
+def reset_connection(transport: asyncio.WriteTransport) -> None:
     """End a TCP connection now with an RST, dropping what the kernel still holds for it.
 
     A plain close queues FIN behind unsent bytes; to a peer that stopped
