@@ -90,6 +90,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``status | head -1``): what it wanted it has; leave quietly.
+        _silence_stdout()
+        return 0
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush what every command printed here, not at interpreter exit, where a closed pipe
+    would print a traceback-like "Exception ignored" (``doctor | head -1`` too)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except (OSError, ValueError):
+        pass  # stdout closed or gone: nothing more to say, and nowhere to say it
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what the closed pipe
+    did not take raises nothing at exit (the Python documentation's advice for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -262,17 +287,26 @@ def _renewal_lines(live: dict[str, Any], now: float) -> list[str]:
 
 
 # Keys of status.json (written by agent.tunnel.runner) shown with their own wording.
-_STATUS_SHOWN = {"state", "relay", "connected_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
+_STATUS_SHOWN = {"state", "relay", "connected_since", "down_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
                  "clock_offset_s", "clock_source", "clock_problem", "cert_not_after", "next_renewal",
-                 "renewal_error"}
+                 "renewal_error", "next_ask"}
 
 
 def _tunnel_lines(live: dict[str, Any], now: float) -> list[str]:
-    lines = [f"tunnel:      {live.get('state', 'unknown')}"]
+    state = live.get("state", "unknown")
+    if state == "disabled" and _is_number(live.get("next_ask")):
+        ask = live["next_ask"]
+        lines = [f"tunnel:      disabled by central ops; asking again at {_utc_clock(ask)} ({_relative(ask - now)})"]
+    else:
+        lines = [f"tunnel:      {state}"]
     if live.get("relay"):
         lines.append(f"relay:       {live['relay']}")
-    if _is_number(live.get("connected_since")):
+    # Only a tunnel that is up has been connected since some time; an agent from before
+    # down_since left connected_since of a tunnel that was gone, which must not be shown as current.
+    if state == "connected" and _is_number(live.get("connected_since")):
         lines.append(f"connected:   since {_when(live['connected_since'], now)}")
+    elif state != "connected" and _is_number(live.get("down_since")):
+        lines.append(f"down:        since {_when(live['down_since'], now)}")
     if isinstance(live.get("rtt_ms"), (int, float)):
         lines.append(f"rtt:         {live['rtt_ms']:.0f} ms")
     if "bytes_in" in live or "bytes_out" in live:
@@ -316,6 +350,11 @@ def _plain(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     return str(value)
+
+
+def _utc_clock(timestamp: float) -> str:
+    """``14:05 UTC``, for what happens within the next minutes (the date would add nothing)."""
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%H:%M UTC")
 
 
 def _utc_from(timestamp: float) -> str:

@@ -36,6 +36,7 @@ from agent.errors import (
 from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, TimeSource, as_time_source
+from agent.identity.refusals import DISABLED, REVOKED, DisabledGate, identity_status, refusal_delay
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.proxy import DIRECT, ProxySettings
 from shared.service_manager import EVENT_RENEWED, journal_fields
@@ -83,14 +84,23 @@ REFUSAL_CODES = frozenset(
 )
 
 
+#: The refusals that are the controller's word on the identity itself (agent.identity.refusals).
+IDENTITY_STATUS_CODES = {"identity_revoked": REVOKED, "identity_disabled": DISABLED}
+
+
 class RenewalRefused(OutpostError):
-    """The controller will not certify this gateway's key: revoked, disabled, or offline too long."""
+    """The controller will not certify this gateway's key: revoked, disabled, or offline too long.
+
+    Revoked is terminal: the running agent stops (exit 77) instead of asking again.
+    """
 
     exit_code = EXIT_IDENTITY_REFUSED
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.identity_status = IDENTITY_STATUS_CODES.get(code)
+        self.terminal = self.identity_status == REVOKED
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class RenewalSchedule:
     not_after: float
 
     @classmethod
-    def for_certificate(cls, cert: x509.Certificate) -> "RenewalSchedule":
+    def for_certificate(cls, cert: x509.Certificate) -> RenewalSchedule:
         return cls(cert_not_before(cert).timestamp(), cert_not_after(cert).timestamp())
 
     @property
@@ -130,6 +140,12 @@ class RenewalSchedule:
             ceiling = min(ceiling, (self.not_after - now) / MIN_ATTEMPTS_BEFORE_EXPIRY)
         # After expiry (recovery) the plain backoff applies.
         return now + max(MIN_RETRY_SECONDS, rng.uniform(0.0, ceiling))
+
+    @staticmethod
+    def refused_retry_at(now: float, refusals: int, rng: random.Random) -> float:
+        """When to ask again after ``refusals`` (>= 1) answers that refused: a decision, not a glitch,
+        so the plain refusal backoff, never squeezed toward the expiry as network failures are."""
+        return now + refusal_delay(refusals, rng)
 
     def expired(self, now: float) -> bool:
         return now >= self.not_after
@@ -246,8 +262,11 @@ class CertificateKeeper:
 
     def __init__(self, state: StateDir, keystore: KeyStore, *, clock: Clock = LOCAL_TIME,
                  rng: random.Random | None = None, on_renewed: Callable[[str], None] | None = None,
-                 on_status: StatusHook | None = None, proxy: ProxySettings = DIRECT) -> None:
+                 on_status: StatusHook | None = None, proxy: ProxySettings = DIRECT,
+                 gate: DisabledGate | None = None) -> None:
         self.state = state
+        #: Shared with the tunnel: while the identity is disabled, one ask per interval between them.
+        self.gate = gate or DisabledGate()
         self.keystore = keystore
         self.proxy = proxy
         #: Trusted time: plans are made on it and the controller's certificate is judged by it.
@@ -282,23 +301,32 @@ class CertificateKeeper:
         """Sleep until due, renew, repeat; failures back off and retry (see RenewalSchedule)."""
         schedule = RenewalSchedule.for_certificate(self.state.load().certificate())
         due = schedule.first_attempt(self.rng)
-        failures = 0
+        failures = refusals = 0
         while True:
             self._plan(due, schedule)
             await self._sleep_until(due)
             try:
-                cert = await self.renew_now()
+                cert = await self.gate.ask(self.renew_now())
             except OutpostError as error:
                 if error.terminal:
-                    raise  # a lost device key or a refused TPM authorization: retrying only costs the TPM
-                failures += 1
+                    # Revoked, a lost device key or a refused TPM authorization: asking again
+                    # cannot help, and each try costs the controller or the TPM.
+                    raise
                 self.last_error = str(error)
-                # A refusal is logged loudly but still retried slowly: ops may enable the identity again.
                 level = logging.ERROR if isinstance(error, (RenewalRefused, TrustError)) else logging.WARNING
                 log.log(level, "certificate renewal failed: %s", error)
-                due = schedule.retry_at(self.clock(), failures, self.rng)
+                if identity_status(error) == DISABLED:
+                    # Ops may enable it again: ask, but no sooner than the gate allows.
+                    due = self.clock() + self.gate.remaining()
+                elif error.retryable:
+                    # The network or the controller's health: squeezed toward the expiry (RenewalSchedule).
+                    failures += 1
+                    due = schedule.retry_at(self.clock(), failures, self.rng)
+                else:
+                    refusals += 1
+                    due = schedule.refused_retry_at(self.clock(), refusals, self.rng)
                 continue
-            failures = 0
+            failures = refusals = 0
             schedule = RenewalSchedule.for_certificate(cert)
             due = schedule.first_attempt(self.rng)
 
@@ -337,20 +365,32 @@ START_RECOVERY_MAX_WAIT = 300.0
 async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
                            rng: random.Random | None = None,
                            on_retry: Callable[[str], None] | None = None,
-                           proxy: ProxySettings = DIRECT) -> bool:
+                           proxy: ProxySettings = DIRECT, gate: DisabledGate | None = None,
+                           on_disabled: Callable[[str, float], None] | None = None) -> bool:
     """Recover an expired certificate before the first tunnel; retries while the controller is unreachable.
 
-    RenewalRefused (revoked, disabled, past the grace period) and TrustError
-    end it: only central ops can change those; so do terminal errors (a lost
-    device key, a TPM that refused authorization). ``on_retry(sentence)``
-    hears each wait before a retry (the runner tells systemd it is offline).
+    A disabled identity is asked about again once ``gate`` allows (ops may
+    enable it); ``on_disabled(sentence, seconds)`` hears each such wait.
+    RenewalRefused for anything else (revoked, past the grace period) and
+    TrustError end it: only central ops can change those; so do terminal
+    errors (a lost device key, a TPM that refused authorization).
+    ``on_retry(sentence)`` hears each wait before a retry (the runner tells
+    systemd it is offline).
     """
     rng = rng or random.Random()
+    gate = gate or DisabledGate()
     failures = 0
     while True:
         try:
-            return await recover_if_expired(state, keystore, clock, proxy)
-        except (RenewalRefused, TrustError):
+            return await gate.ask(recover_if_expired(state, keystore, clock, proxy))
+        except RenewalRefused as refused:
+            if identity_status(refused) != DISABLED:
+                raise
+            wait = gate.remaining()
+            log.warning("certificate recovery refused (%s); asking again in %.0f s", refused, wait)
+            if on_disabled is not None:
+                on_disabled(str(refused), wait)
+        except TrustError:
             raise
         except OutpostError as error:
             if error.terminal:
@@ -365,7 +405,8 @@ async def recover_at_start(state: StateDir, keystore: KeyStore, clock: Clock = L
 
 
 def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, stats: Any,
-                      clock: Clock = LOCAL_TIME, proxy: ProxySettings = DIRECT) -> CertificateKeeper:
+                      clock: Clock = LOCAL_TIME, proxy: ProxySettings = DIRECT,
+                      gate: DisabledGate | None = None) -> CertificateKeeper:
     """A keeper wired to a running agent: renewed certificates go to ``credentials.chain_pem``
     (used by the next tunnel's AUTH; the current tunnel and its streams carry on), and
     ``stats.cert_not_after``, ``stats.next_renewal`` and ``stats.renewal_error`` to status."""
@@ -378,4 +419,5 @@ def keeper_for_tunnel(state: StateDir, keystore: KeyStore, credentials: Any, sta
         stats.next_renewal = next_renewal
         stats.renewal_error = last_error
 
-    return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status, proxy=proxy)
+    return CertificateKeeper(state, keystore, clock=clock, on_renewed=renewed, on_status=status, proxy=proxy,
+                             gate=gate)

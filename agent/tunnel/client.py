@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from agent.errors import ControllerUnreachable, OutpostError, TrustError, TunnelRefused
+from agent.errors import EXIT_IDENTITY_REFUSED, ControllerUnreachable, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
+from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -45,6 +46,38 @@ CONNECT_TIMEOUT = 30.0
 LOCAL_CONNECT_TIMEOUT = 10.0
 
 
+class IdentityRefused(TunnelRefused):
+    """The relay refused the tunnel because of the identity's status: ``identity_status`` is
+    ``revoked`` (terminal: the running agent stops with exit 77) or ``disabled`` (the agent asks again, slowly)."""
+
+    exit_code = EXIT_IDENTITY_REFUSED
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.identity_status = status
+        self.terminal = status == REVOKED
+
+
+def refusal_for(code: ErrorCode, reason: str, relay_url: str) -> TunnelRefused:
+    """The error for a relay that refused AUTH with ``code`` and ``reason``.
+
+    A relay from before DISABLED existed says REVOKED for a disabled identity
+    too, with the reason ``identity T/N is disabled``: read as disabled, since
+    stopping an agent that ops may enable again would need a site visit.
+    """
+    said = f"the relay at {relay_url} refused this gateway: {reason}"
+    if code is ErrorCode.DISABLED or (code is ErrorCode.REVOKED and reason.rstrip().endswith(" is disabled")):
+        error: TunnelRefused = IdentityRefused(
+            f"{said}; ask central ops to enable it (outpostctl identity enable)", DISABLED)
+    elif code is ErrorCode.REVOKED:
+        error = IdentityRefused(f"{said}; the agent stops: only a new identity, enrolled with a new token, "
+                                "can connect this gateway again", REVOKED)
+    else:
+        error = TunnelRefused(said)
+    error.code = code  # type: ignore[attr-defined]  # the wire code, for logs and tests
+    return error
+
+
 @dataclass
 class TunnelCredentials:
     """What proves who we are to a relay, and what we trust."""
@@ -65,7 +98,7 @@ class TunnelOptions:
     proxy: ProxySettings = DIRECT
     #: Trusted time (agent.clock.trusted.TrustedClock); when set, the relay's
     #: certificate dates are judged by it instead of the system clock.
-    clock: "TrustedClock | None" = None
+    clock: TrustedClock | None = None
 
 
 class AgentSession(TunnelSession):
@@ -122,7 +155,7 @@ class AgentSession(TunnelSession):
         host, port = target
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("service %s: cannot connect to %s:%d: %s", channel.service, host, port, exc)
             channel.reset(ErrorCode.CONNECT_FAILED,
                           f"the gateway could not connect to {channel.service} at {host}:{port}")
@@ -141,9 +174,10 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     """Connect and authenticate; returns the session and the task running it.
 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
-    (network), TunnelRefused (the relay said no, with its reason), ClockError
+    (network), TunnelRefused (the relay said no, with its reason;
+    IdentityRefused when it was for a revoked or disabled identity), ClockError
     (the relay's certificate is not valid by a clock that could not be checked).
-    ``ssl_context`` is agent.identity.trust.pinned_ssl_context; the relay's
+    ``ssl_context`` is agent.identity.tls_trust.pinned_ssl_context; the relay's
     certificate is then judged by ``options.clock`` (PinnedTLS.check).
     """
     tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
@@ -165,7 +199,7 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
         raise ControllerUnreachable(
             f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
         ) from None
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise network_failure(exc, options.proxy.route(relay_url), f"the relay at {relay_url}",
                               f"cannot reach the relay at {relay_url}: {{reason}}") from None
 
@@ -190,7 +224,7 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     if not session.authenticated.is_set():
         await task
         code, reason, _ = session.close_reason or (ErrorCode.CANCEL, "closed", True)
-        if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.UNSUPPORTED_VERSION):
-            raise TunnelRefused(f"the relay at {relay_url} refused this gateway: {reason}")
+        if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.DISABLED, ErrorCode.UNSUPPORTED_VERSION):
+            raise refusal_for(code, reason, relay_url)
         raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
     return session, task

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -14,13 +13,16 @@ from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
+from agent.identity.refusals import DISABLED, DisabledGate, identity_status
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
+from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
 from shared import service_manager
+from shared.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -29,51 +31,20 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 10.0
 
 
-@dataclass
-class TunnelStats:
-    """What ``outpost-agent status`` shows about the tunnel."""
-
-    state: str = "starting"
-    relay: str | None = None
-    connected_since: float | None = None
-    rtt_ms: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
-    bound: list[str] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    dials: dict[str, int] = field(default_factory=dict)
-    link: str | None = None
-    #: why the last tunnel ended (kept after a reconnect, unlike last_error)
-    last_drop: str | None = None
-    #: Unix seconds: when the current certificate expires, when the agent renews it next,
-    #: and why the last renewal attempt failed (None once one succeeds).
-    cert_not_after: float | None = None
-    next_renewal: float | None = None
-    renewal_error: str | None = None
-    #: Seconds to add to the local clock for trusted time, where that came from
-    #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
-    clock_offset_s: float | None = None
-    clock_source: str | None = None
-    clock_problem: str | None = None
-
-    def as_json(self, now: float) -> dict:
-        """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
-        return {**self.__dict__, "updated": now}
-
-
 class TunnelSupervisor:
     """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
 
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
-                 write_status=None, backoff: Backoff | None = None, save_relays=None) -> None:
+                 write_status=None, backoff: Backoff | None = None, save_relays=None,
+                 gate: DisabledGate | None = None) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
         self.rotation = RelayRotation(relays)
         self.credentials = credentials
         self.options = options
         self.backoff = backoff or Backoff()
+        #: shared with the certificate keeper: a disabled identity is asked about at most once per interval
+        self.gate = gate or DisabledGate()
         #: called with the controller's relay list when it changes (persisted for the next start)
         self._save_relays = save_relays
         self.stats = TunnelStats()
@@ -83,6 +54,8 @@ class TunnelSupervisor:
         self._stop = asyncio.Event()
         self._base_in = 0
         self._base_out = 0
+        #: the last tunnel, closed by the relay as revoked or disabled, was followed by an attempt without backoff
+        self._asked_at_once = False
 
     @property
     def relays(self) -> list[str]:
@@ -121,42 +94,97 @@ class TunnelSupervisor:
         # The environment's proxy variables are read at the edge (the CLI), never here.
         async with aiohttp.ClientSession(trust_env=False) as http:
             while not self._stop.is_set():
+                if not await self._wait_for_turn():
+                    break
                 relay = self.rotation.current()
                 self.stats.state = "connecting"
                 self.stats.relay = relay
                 service_manager.notify_status(f"connecting to {relay}")
                 try:
-                    session, task = await open_tunnel(http, relay, self.credentials, ssl_context, self.options)
+                    session, task = await self.gate.ask(
+                        open_tunnel(http, relay, self.credentials, ssl_context, self.options))
                 except OutpostError as exc:
                     if exc.terminal:
-                        # A lost device key or a refused TPM authorization: another
-                        # attempt would only ask the TPM again. The CLI prints the sentence.
+                        # A revoked identity, a lost device key or a refused TPM authorization:
+                        # another attempt would only ask the controller or the TPM again. The CLI
+                        # prints the sentence and exits with the error's code (77, 78, 79).
                         self.ended_by(exc)
                         raise
                     self.stats.last_error = str(exc)
                     log.log(logging.ERROR if isinstance(exc, (TrustError, TunnelRefused)) else logging.WARNING,
                             "%s", exc)
+                    if identity_status(exc) == DISABLED:
+                        self._report_disabled()
+                        continue
                     self.rotation.connect_failed()
                 else:
+                    if self._stop.is_set():  # stopped while this tunnel was being opened
+                        await session.close()
+                        await task
+                        break
                     self._adopt_relays(session, relay)
                     up_since = time.monotonic()
                     await self._serve(session, task)
                     self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
+                    code, _, by_relay = session.close_reason or (None, "", False)
+                    if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED) and not self._asked_at_once:
+                        # The identity was blocked: ask once at once, and let the answer decide
+                        # (exit for revoked, the disabled interval), rather than after a backoff.
+                        # Once only: a relay that admits and then closes again waits the backoff.
+                        self._asked_at_once = True
+                        self.stats.reconnects += 1
+                        continue
                 if self._stop.is_set():
                     break
+                self._asked_at_once = False
                 self.stats.reconnects += 1
                 self.stats.state = "waiting"
+                self.stats.next_ask = None
                 self._report()
                 delay = self.backoff.next_delay()
                 log.info("reconnecting in %.1f s", delay)
                 report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._until_stopped(asyncio.sleep(delay))
         self.stats.state = "stopped"
+        self.stats.next_ask = None
         self._report()
+
+    async def _until_stopped(self, waiting) -> bool:
+        """Await ``waiting`` unless stop() comes first; True when it finished."""
+        task = asyncio.ensure_future(waiting)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stopping):
+                pending.cancel()
+        return task.done() and not task.cancelled() and not self._stop.is_set()
+
+    async def _wait_for_turn(self) -> bool:
+        """Wait while the renewal asks or the identity is disabled (one ask per interval, whoever
+        learned it); status says so meanwhile. False when stop() came first."""
+        while not self.gate.ready:
+            if self.gate.closed:
+                next_ask = self._now() + self.gate.remaining()
+                if self.stats.state != DISABLED or abs((self.stats.next_ask or 0.0) - next_ask) > 1.0:
+                    # The certificate keeper's ask learned it (or asked again): same wait, same status.
+                    self._report_disabled(self.stats.renewal_error)
+            if not await self._until_stopped(self.gate.changed()):
+                return False
+        return not self._stop.is_set()
+
+    def _report_disabled(self, why: str | None = None) -> None:
+        """The controller said "disabled": the agent keeps running (ops may enable it again), asks
+        again when the gate allows (the loop's next turn), and says so."""
+        if why:
+            self.stats.last_error = why
+        self.stats.state = DISABLED
+        self.stats.next_ask = self._now() + self.gate.remaining()
+        self._report()
+        sentence = f"disabled by central ops; asking again at {clock_time(self.stats.next_ask)}"
+        log.warning("%s", sentence)
+        service_manager.notify_ready(sentence)
 
     def ended_by(self, error: OutpostError) -> None:
         """Record in the status that ``error`` ends the agent (``outpost-agent status`` shows why)."""
@@ -179,6 +207,8 @@ class TunnelSupervisor:
         self.session = session
         self.stats.state = "connected"
         self.stats.connected_since = self._now()
+        self.stats.down_since = None
+        self.stats.next_ask = None
         self.stats.bound = list(session.bound)
         self.stats.refused = dict(session.refused)
         self.stats.last_error = None
@@ -199,6 +229,9 @@ class TunnelSupervisor:
             self._base_out += session.conn.bytes_sent
             self.session = None
             self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
+            # "connected since" of a tunnel that is gone would contradict the state (status shows "down since")
+            self.stats.connected_since = None
+            self.stats.down_since = self._now()
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
             self.stats.last_drop = self.stats.last_error
@@ -207,12 +240,6 @@ class TunnelSupervisor:
                         extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED,
                                                              identity=self.credentials.uri, relay=session.relay_url))
             service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
-
-
-def report_offline(why: str) -> None:
-    """Ready (the unit is Type=notify), waiting on the network, and why: a gateway that
-    boots offline is up and says so, and systemd never restarts it for that."""
-    service_manager.notify_ready(f"offline: {why}")
 
 
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
@@ -288,13 +315,6 @@ def check_device_key(keystore: KeyStore) -> None:
         log.warning("%s", error)
 
 
-def note_clock(stats: TunnelStats, clock: TrustedClock, problem: str | None) -> None:
-    """Put the clock's offset, source and problem into the status."""
-    stats.clock_offset_s = round(clock.offset, 3)
-    stats.clock_source = clock.source
-    stats.clock_problem = problem
-
-
 def run(config) -> int:
     """Entry point of ``outpost-agent run``; returns the exit code."""
     from agent.identity.select import open_keystore
@@ -324,10 +344,23 @@ def run(config) -> int:
     proxy = config.proxy
     clock_problem = asyncio.run(service_manager.watchdog_fed(
         measure_once(clock, identity.controller_url, identity.ca_pem, proxy)))
+    # One schedule of asks while the identity is disabled: recovery, tunnels and renewal share it.
+    gate = DisabledGate()
+
+    def disabled_at_start(why: str, wait: float) -> None:
+        stats = TunnelStats(state=DISABLED, last_error=why, next_ask=clock.now() + wait)
+        note_clock(stats, clock, clock_problem)
+        try:
+            state.write_status(stats.as_json(clock.now()))
+        except OSError as exc:
+            log.warning("cannot write status: %s", exc)
+        service_manager.notify_ready(f"disabled by central ops; asking again at {clock_time(stats.next_ask)}")
+
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.
     if asyncio.run(service_manager.watchdog_fed(
-            recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy))):
+            recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy, gate=gate,
+                             on_disabled=disabled_at_start))):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -336,12 +369,12 @@ def run(config) -> int:
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
-                                  backoff=backoff_for(plan), save_relays=state.save_relays)
+                                  backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate)
     supervisor.stats.link = plan.profile
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
-    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy)
+    keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy, gate=gate)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
                               lambda c, problem: note_clock(supervisor.stats, c, problem), proxy=proxy)
     try:

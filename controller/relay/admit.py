@@ -94,7 +94,8 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
     if identity is None:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate names no identity this controller knows")
     if identity.status in ("revoked", "disabled"):
-        raise AdmissionRefused(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} is {identity.status}")
+        raise AdmissionRefused(ErrorCode.DISABLED if identity.status == "disabled" else ErrorCode.REVOKED,
+                               f"identity {identity.tenant}/{identity.name} is {identity.status}")
     session_certificate = is_session_certificate(context.store, leaf)
     if session_certificate and identity.key_sha256 is not None:
         # Issued before the identity enrolled: from now on only its device key acts as it.

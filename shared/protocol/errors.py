@@ -8,8 +8,12 @@ handle, such as writing to a stream the peer has just reset).
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from shared.errors import OutpostError
+
+if TYPE_CHECKING:  # events.py imports this module's ErrorCode
+    from shared.protocol.events import Event
 
 
 class ErrorCode(enum.IntEnum):
@@ -31,9 +35,11 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 13
     TIMEOUT = 14
     CONNECT_FAILED = 15
+    #: The identity is disabled (it may be enabled again): unlike REVOKED, the agent keeps asking, slowly.
+    DISABLED = 16
 
     @classmethod
-    def from_wire(cls, value: int) -> "ErrorCode":
+    def from_wire(cls, value: int) -> ErrorCode:
         """The code for a received integer; codes from a newer peer read as INTERNAL_ERROR."""
         try:
             return cls(value)
@@ -58,7 +64,7 @@ class RemoteProtocolError(ProtocolError):
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(code, message)
-        self.events: list = []
+        self.events: list[Event] = []
 
 
 class LocalProtocolError(ProtocolError):

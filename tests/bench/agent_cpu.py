@@ -1,10 +1,13 @@
-"""CPU seconds per GB carried: the binding agent next to the ``ssh -R`` client.
+"""CPU seconds per GB carried, for every process of the tunnel, the stunnel chain and ``ssh -R``.
 
-Both processes play the same part: they take a stream off an encrypted
-connection and write it into the local service. Each round sends
-``--megabytes`` MiB through each path in turn (as throughput.py does) and
-reads utime+stime from /proc/PID/stat before and after. The dialer agent,
-the relay and sshd are reported too, for the whole picture. Last line: JSON.
+The headline compares the processes that play the same part, taking a stream
+off an encrypted connection and writing it into the local service: the
+binding agent, the ``ssh -R`` client and the stunnel chain's server process.
+Each path's total over its processes is reported too (the tunnel and the
+stunnel chain have three, each with a relay that decrypts and re-encrypts;
+ssh has two). Each round sends ``--megabytes`` MiB through each path in turn
+(as throughput.py does) and reads utime+stime from /proc/PID/stat before and
+after. Last line: JSON.
 
     .venv/bin/python tests/bench/agent_cpu.py
 """
@@ -12,7 +15,6 @@ the relay and sshd are reported too, for the whole picture. Last line: JSON.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -25,16 +27,16 @@ from tests.bench.bench_setup import (  # noqa: E402
     TUNNEL_PATH,
     EchoServer,
     SinkServer,
-    cpu_seconds,
     emit,
     int_arg,
     machine,
-    median,
     paths,
     ratio,
     send_bulk,
     wait_for_path,
 )
+from tests.bench.path_cpu import measured, median_per_process, path_processes, with_total  # noqa: E402
+from tests.bench.stunnel_path import SERVER, STUNNEL_PATH, stunnel_chain, stunnel_fields  # noqa: E402
 
 # 256 MiB a round: seconds of CPU on every process measured, far above the
 # 10 ms resolution of /proc/PID/stat.
@@ -44,45 +46,39 @@ MIB = 1024 * 1024
 GB = 1e9
 
 
-def cpu_per_gb(pids: dict[str, Callable[[], list[int]]], send: Callable[[], float], total: int) -> dict[str, float]:
-    """CPU seconds per GB of each named process group while ``send`` carries ``total`` bytes."""
-    groups = {name: find() for name, find in pids.items()}
-    before = {name: sum(cpu_seconds(p) for p in group) for name, group in groups.items()}
-    send()
-    after = {name: sum(cpu_seconds(p) for p in group) for name, group in groups.items()}
-    return {name: (after[name] - before[name]) / (total / GB) for name in groups}
-
-
 def main() -> None:
     megabytes = int_arg("megabytes", DEFAULT_MEGABYTES)
     rounds = int_arg("rounds", DEFAULT_ROUNDS)
     total = megabytes * MIB
     sink, echo = SinkServer(), EchoServer()
-    tunnel_rounds: list[dict[str, float]] = []
-    ssh_rounds: list[dict[str, float]] = []
+    per_round: dict[str, list[dict[str, float]]] = {}
     try:
-        with paths({BENCH_SINK: sink.port, BENCH_ECHO: echo.port}) as (tunnel, ssh):
+        targets = {BENCH_SINK: sink.port, BENCH_ECHO: echo.port}
+        with paths(targets) as (tunnel, ssh), stunnel_chain(targets) as (chain, why):
+            sinks = {"tunnel": tunnel.ports[BENCH_SINK]}
             wait_for_path(tunnel.ports[BENCH_ECHO])
+            if chain is not None:
+                wait_for_path(chain.ports[BENCH_ECHO])
+                sinks["stunnel"] = chain.ports[BENCH_SINK]
             if ssh is not None:
                 wait_for_path(ssh.ports[BENCH_ECHO])
-            tunnel_pids = {"binder_agent": lambda: [tunnel.binder_pid], "dialer_agent": lambda: [tunnel.dialer_pid],
-                           "relay": lambda: [tunnel.relay_pid]}
+                sinks["ssh"] = ssh.ports[BENCH_SINK]
+            processes = path_processes(tunnel, ssh, chain)
+            per_round = {name: [] for name in sinks}
             for _ in range(rounds):
-                tunnel_rounds.append(cpu_per_gb(tunnel_pids, lambda: send_bulk(tunnel.ports[BENCH_SINK], total),
-                                                total))
-                if ssh is not None:
-                    ssh_pids = {"ssh_client": lambda: [ssh.client_pid], "sshd": ssh.sshd_session_pids}
-                    ssh_rounds.append(cpu_per_gb(ssh_pids, lambda: send_bulk(ssh.ports[BENCH_SINK], total), total))
+                for name, port in sinks.items():
+                    _, cpu = measured(processes[name], lambda p=port: send_bulk(p, total))
+                    per_round[name].append(with_total({n: s / (total / GB) for n, s in cpu.items()}))
+            stunnel = stunnel_fields(chain, why)
     finally:
         sink.close()
         echo.close()
 
-    def medians(found: list[dict[str, float]]) -> dict[str, float]:
-        return {name: round(median([r[name] for r in found]), 3) for name in (found[0] if found else {})}
-
-    tunnel_cpu, ssh_cpu = medians(tunnel_rounds), medians(ssh_rounds)
-    agent = tunnel_cpu["binder_agent"]
-    client = ssh_cpu.get("ssh_client")
+    cpu = {name: median_per_process(found, 3) for name, found in per_round.items()}
+    path_total = {name: per["path_total"] for name, per in cpu.items()}
+    agent = cpu["tunnel"]["binder_agent"]
+    client = cpu["ssh"]["ssh_client"] if "ssh" in cpu else None
+    stunnel_server = cpu["stunnel"][SERVER] if "stunnel" in cpu else None
     emit({
         "benchmark": "agent_cpu",
         "bytes_per_round": total,
@@ -90,15 +86,24 @@ def main() -> None:
         "agent_cpu_s_per_gb": agent,
         "ssh_client_cpu_s_per_gb": client,
         "ratio_vs_ssh": ratio(agent, client) if client else None,
-        "goal": "agent_cpu_s_per_gb <= ssh_client_cpu_s_per_gb",
-        "tunnel_cpu_s_per_gb": tunnel_cpu,
-        "ssh_cpu_s_per_gb": ssh_cpu or None,
-        "measured": "binding agent (writes into the service) vs ssh -R client (writes into the service); "
-                    "utime+stime from /proc/PID/stat",
-        "ssh_cipher": SSH_CIPHER if ssh_rounds else None,
-        "ssh_skipped": None if ssh_rounds else "OpenSSH baseline unavailable (needs root and openssh-server)",
+        "stunnel_server_cpu_s_per_gb": stunnel_server,
+        "ratio_vs_stunnel_server": ratio(agent, stunnel_server) if stunnel_server else None,
+        "goal": "agent_cpu_s_per_gb <= ssh_client_cpu_s_per_gb; issue 14: path_cpu_ratio_vs_stunnel <= 1.0",
+        "tunnel_cpu_s_per_gb": {n: v for n, v in cpu["tunnel"].items() if n != "path_total"},
+        "ssh_cpu_s_per_gb": {n: v for n, v in cpu["ssh"].items() if n != "path_total"} if "ssh" in cpu else None,
+        "stunnel_cpu_s_per_gb": ({n: v for n, v in cpu["stunnel"].items() if n != "path_total"}
+                                 if "stunnel" in cpu else None),
+        "path_cpu_s_per_gb": path_total,
+        "path_cpu_ratio_vs_stunnel": ratio(path_total["tunnel"], path_total["stunnel"]) if "stunnel" in cpu else None,
+        "path_cpu_ratio_vs_ssh": ratio(path_total["tunnel"], path_total["ssh"]) if "ssh" in cpu else None,
+        "rounds_path_cpu_s_per_gb": {n: [round(r["path_total"], 3) for r in found] for n, found in per_round.items()},
+        "measured": "utime+stime from /proc/PID/stat of every process on each path, per GB carried; the binding "
+                    "agent, the ssh -R client and the stunnel server process each write into the service",
+        "ssh_cipher": SSH_CIPHER if "ssh" in cpu else None,
+        "ssh_skipped": None if "ssh" in cpu else "OpenSSH baseline unavailable (needs root and openssh-server)",
+        **stunnel,
         "path": "dialer agent -> relay -> binder agent",
-        "paths": {"tunnel": TUNNEL_PATH, "ssh": SSH_PATH},
+        "paths": {"tunnel": TUNNEL_PATH, "stunnel": STUNNEL_PATH, "ssh": SSH_PATH},
         "direction": "client uploads to the service",
         "machine": machine(),
     })

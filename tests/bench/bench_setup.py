@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -526,9 +527,12 @@ def emit(result: dict) -> None:
     print(json.dumps(result, sort_keys=False))
 
 
-def alternate(rounds: int, measures: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+Measure = TypeVar("Measure")
+
+
+def alternate(rounds: int, measures: dict[str, Callable[[], Measure]]) -> dict[str, list[Measure]]:
     """Run each measure once per round, in turn, so machine noise lands on all paths alike."""
-    results: dict[str, list[float]] = {name: [] for name in measures}
+    results: dict[str, list[Measure]] = {name: [] for name in measures}
     for _ in range(rounds):
         for name, measure in measures.items():
             results[name].append(measure())

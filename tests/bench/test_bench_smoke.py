@@ -1,35 +1,57 @@
 """Each benchmark script runs end to end on tiny sizes and prints its JSON result.
 
 No performance is asserted: this keeps the scripts from rotting. The OpenSSH
-baseline is checked where it can run (root, OpenSSH installed).
+baseline is checked where it can run (root, OpenSSH installed), the stunnel
+chain where stunnel4 is installed, and its absence must be said, not hidden.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench import stunnel_path
 from tests.bench.bench_setup import ROOT, SshPath
 
 # One script starts a controller, enrolls two agents and measures tiny sizes:
 # a few seconds here; a loaded CI machine gets ten times that.
 SCRIPT_TIMEOUT = 120
 SSH_AVAILABLE = SshPath.unavailable() is None
+STUNNEL_AVAILABLE = stunnel_path.unavailable() is None
+needs_stunnel = pytest.mark.skipif(not STUNNEL_AVAILABLE, reason="stunnel4 is not installed (scripts/setup)")
+# The processes on each path whose CPU the benchmarks report, and their sum.
+TUNNEL_PROCESSES = {"dialer_agent", "relay", "binder_agent", "path_total"}
+STUNNEL_PROCESSES = {"stunnel-client", "stunnel-middle", "stunnel-server", "path_total"}
 
 
-def run_bench(name: str, *args: str) -> dict:
+def run_bench(name: str, *args: str, env: dict | None = None, stderr: list[str] | None = None) -> dict:
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / f"{name}.py"), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+                            capture_output=True, text=True, timeout=SCRIPT_TIMEOUT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     found = json.loads(last)
     assert found["benchmark"] == name
     assert found["machine"]["nproc"] >= 1 and found["machine"]["python"]
+    if stderr is not None:
+        stderr.append(result.stderr)
     return found
+
+
+def assert_stunnel_said(found: dict, stderr: str) -> None:
+    """Measured where stunnel4 is installed; otherwise said in the JSON and in one stderr line."""
+    if STUNNEL_AVAILABLE:
+        assert found["stunnel_available"] is True and found["stunnel_skipped"] is None
+        assert found["stunnel_version"].startswith("stunnel ") and found["stunnel_cipher"]
+    else:
+        assert found["stunnel_available"] is False and "stunnel4" in found["stunnel_skipped"]
+        assert stderr.count("stunnel chain is not measured") == 1, stderr
 
 
 def assert_positive(found: dict, *fields: str) -> None:
@@ -37,29 +59,119 @@ def assert_positive(found: dict, *fields: str) -> None:
         assert isinstance(found[field], (int, float)) and found[field] > 0, (field, found[field])
 
 
-def test_throughput_reports_all_three_paths() -> None:
-    found = run_bench("throughput", "--megabytes", "2", "--rounds", "1")
+def test_throughput_reports_every_path() -> None:
+    stderr: list[str] = []
+    found = run_bench("throughput", "--megabytes", "2", "--rounds", "1", stderr=stderr)
     assert_positive(found, "tunnel_mbps", "direct_mbps")
     assert found["path"] == "dialer agent -> relay -> binder agent"
     if SSH_AVAILABLE:
         assert_positive(found, "ssh_mbps", "ratio_vs_ssh")
         assert found["ssh_cipher"]
+    assert_stunnel_said(found, stderr[0])
+    if STUNNEL_AVAILABLE:
+        assert_positive(found, "stunnel_mbps", "ratio_vs_stunnel")
+        assert len(found["rounds_mbps"]["stunnel"]) == 1
 
 
-def test_latency_reports_percentiles_for_each_path() -> None:
-    found = run_bench("latency", "--requests", "20", "--rounds", "1")
-    assert_positive(found, "tunnel_p50_us", "tunnel_p99_us", "direct_p50_us", "direct_p99_us")
+def test_latency_reports_percentiles_and_cpu_per_round_trip_for_each_path() -> None:
+    stderr: list[str] = []
+    # 200 round trips: the tunnel's few hundred us of CPU each add up to several
+    # 10 ms ticks of /proc/PID/stat, so its CPU cannot round to zero.
+    found = run_bench("latency", "--requests", "200", "--rounds", "1", stderr=stderr)
+    assert_positive(found, "tunnel_p50_us", "tunnel_p99_us", "direct_p50_us", "direct_p99_us",
+                    "tunnel_cpu_us_per_round_trip")
     assert found["tunnel_p99_us"] >= found["tunnel_p50_us"]
+    cpu = found["cpu_us_per_round_trip"]
+    assert set(cpu["tunnel"]) == TUNNEL_PROCESSES and cpu["direct"] == {"path_total": 0}
+    assert found["tunnel_cpu_us_per_round_trip"] == cpu["tunnel"]["path_total"]
     if SSH_AVAILABLE:
         assert_positive(found, "ssh_p50_us", "ssh_p99_us", "p50_ratio_vs_ssh")
+        assert set(cpu["ssh"]) == {"sshd", "ssh_client", "path_total"}
+    assert_stunnel_said(found, stderr[0])
+    if STUNNEL_AVAILABLE:
+        assert_positive(found, "stunnel_p50_us", "stunnel_p99_us", "p50_ratio_vs_stunnel")
+        assert set(cpu["stunnel"]) == STUNNEL_PROCESSES
+        assert found["stunnel_cpu_us_per_round_trip"] == cpu["stunnel"]["path_total"] >= 0
+        assert "cpu_ratio_vs_stunnel" in found
+    else:
+        assert found["stunnel_cpu_us_per_round_trip"] is None and found["cpu_ratio_vs_stunnel"] is None
 
 
-def test_agent_cpu_reports_seconds_per_gb() -> None:
-    found = run_bench("agent_cpu", "--megabytes", "8", "--rounds", "1")
+def test_agent_cpu_reports_seconds_per_gb_for_every_process_of_every_path() -> None:
+    stderr: list[str] = []
+    found = run_bench("agent_cpu", "--megabytes", "8", "--rounds", "1", stderr=stderr)
     assert found["agent_cpu_s_per_gb"] >= 0
     assert set(found["tunnel_cpu_s_per_gb"]) == {"binder_agent", "dialer_agent", "relay"}
+    assert found["path_cpu_s_per_gb"]["tunnel"] > 0
     if SSH_AVAILABLE:
         assert found["ssh_client_cpu_s_per_gb"] is not None
+        assert set(found["ssh_cpu_s_per_gb"]) == {"sshd", "ssh_client"}
+    assert_stunnel_said(found, stderr[0])
+    if STUNNEL_AVAILABLE:
+        assert set(found["stunnel_cpu_s_per_gb"]) == STUNNEL_PROCESSES - {"path_total"}
+        assert found["path_cpu_s_per_gb"]["stunnel"] > 0 and found["path_cpu_ratio_vs_stunnel"] > 0
+
+
+def test_a_missing_stunnel4_is_said_in_the_json_and_on_stderr() -> None:
+    stderr: list[str] = []
+    env = {**os.environ, "OUTPOST_BENCH_STUNNEL": "/nonexistent/stunnel4"}
+    found = run_bench("latency", "--requests", "20", "--rounds", "1", env=env, stderr=stderr)
+    assert found["stunnel_available"] is False
+    assert found["stunnel_skipped"] == f"stunnel4 not found at /nonexistent/stunnel4: {stunnel_path.MISSING_LINE}"
+    assert found["stunnel_p50_us"] is None and found["cpu_ratio_vs_stunnel"] is None
+    assert "stunnel" not in found["cpu_us_per_round_trip"]
+    lines = [line for line in stderr[0].splitlines() if "stunnel" in line]
+    assert lines == [f"bench: {found['stunnel_skipped']}"], stderr[0]
+    assert_positive(found, "tunnel_p50_us")
+
+
+def _echo_through(port: int, context: ssl.SSLContext) -> bytes | None:
+    """What comes back of a 5-byte echo through the TLS port, or None when the TLS peer refused us."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=stunnel_path.MIDDLE) as tls:
+                tls.sendall(b"hello")
+                got = b""
+                while len(got) < 5:
+                    data = tls.recv(5 - len(got))
+                    if not data:
+                        return got or None
+                    got += data
+                return got
+    except (ssl.SSLError, OSError):
+        return None
+
+
+@needs_stunnel
+def test_the_stunnel_chain_checks_certificates(tmp_path: Path) -> None:
+    """The middle carries bytes for a peer with a certificate from the chain's CA, and for no one else."""
+    from tests.bench.bench_setup import EchoServer, wait_for_path
+
+    echo = EchoServer()
+    chain = stunnel_path.StunnelChain(tmp_path, {"echo": echo.port})
+    try:
+        chain.start()
+        wait_for_path(chain.ports["echo"])
+        port = chain.middle_ports["echo"]
+        workdir = chain.workdir
+
+        def context(cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(workdir / "ca.pem"))
+            if cert is not None:
+                ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+            return ctx
+
+        ours = (workdir / f"{stunnel_path.CLIENT}.pem", workdir / f"{stunnel_path.CLIENT}.key")
+        assert _echo_through(port, context(ours)) == b"hello"
+        assert _echo_through(port, context(None)) is None
+        foreign_dir = tmp_path / "foreign"
+        foreign_dir.mkdir()
+        foreign = stunnel_path.make_pki(foreign_dir, (stunnel_path.CLIENT,))[stunnel_path.CLIENT]
+        assert _echo_through(port, context(foreign)) is None
+        assert "certificate" in chain.log(stunnel_path.MIDDLE).lower()
+    finally:
+        chain.stop()
+        echo.close()
 
 
 def test_footprint_reports_idle_and_busy_memory() -> None:

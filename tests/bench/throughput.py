@@ -1,8 +1,8 @@
-"""Bulk throughput through the tunnel, next to an OpenSSH reverse tunnel and direct TCP.
+"""Bulk throughput through the tunnel, next to the stunnel chain, an OpenSSH reverse tunnel and direct TCP.
 
 One client connection sends ``--megabytes`` MiB to a sink service, which
 answers with the byte count once it has read them all; the time runs from
-connect to that answer. The three paths (see bench_setup) take turns for
+connect to that answer. The paths (see bench_setup and stunnel_path) take turns for
 ``--rounds`` rounds; the result is the median per path. Last line: JSON.
 
     .venv/bin/python tests/bench/throughput.py
@@ -34,6 +34,7 @@ from tests.bench.bench_setup import (  # noqa: E402
     send_bulk,
     wait_for_path,
 )
+from tests.bench.stunnel_path import STUNNEL_PATH, stunnel_chain, stunnel_fields  # noqa: E402
 
 # 256 MiB per transfer: a second or more on every path here, so start-up and
 # the final round trip are a small part of the time.
@@ -49,14 +50,19 @@ def main() -> None:
     total = megabytes * MIB
     sink, echo = SinkServer(), EchoServer()
     try:
-        with paths({BENCH_SINK: sink.port, BENCH_ECHO: echo.port}) as (tunnel, ssh):
+        targets = {BENCH_SINK: sink.port, BENCH_ECHO: echo.port}
+        with paths(targets) as (tunnel, ssh), stunnel_chain(targets) as (chain, why):
             wait_for_path(tunnel.ports[BENCH_ECHO])
             measures = {"tunnel": lambda: send_bulk(tunnel.ports[BENCH_SINK], total)}
+            if chain is not None:
+                wait_for_path(chain.ports[BENCH_ECHO])
+                measures["stunnel"] = lambda: send_bulk(chain.ports[BENCH_SINK], total)
             if ssh is not None:
                 wait_for_path(ssh.ports[BENCH_ECHO])
                 measures["ssh"] = lambda: send_bulk(ssh.ports[BENCH_SINK], total)
             measures["direct"] = lambda: send_bulk(sink.port, total)
             seconds = alternate(rounds, measures)
+            stunnel = stunnel_fields(chain, why)
     finally:
         sink.close()
         echo.close()
@@ -71,12 +77,15 @@ def main() -> None:
         "direct_mbps": medians["direct"],
         "ratio_vs_ssh": ratio(medians["tunnel"], medians["ssh"]) if "ssh" in medians else None,
         "ratio_vs_direct": ratio(medians["tunnel"], medians["direct"]),
-        "goal": "ratio_vs_ssh >= 1.0",
+        "stunnel_mbps": medians.get("stunnel"),
+        "ratio_vs_stunnel": ratio(medians["tunnel"], medians["stunnel"]) if "stunnel" in medians else None,
+        "goal": "ratio_vs_ssh >= 1.0; issue 14: ratio_vs_stunnel >= 1.0",
         "rounds_mbps": {name: [round(v, 1) for v in values] for name, values in mbps.items()},
         "ssh_cipher": SSH_CIPHER if "ssh" in medians else None,
         "ssh_skipped": None if "ssh" in medians else "OpenSSH baseline unavailable (needs root and openssh-server)",
+        **stunnel,
         "path": "dialer agent -> relay -> binder agent",
-        "paths": {"tunnel": TUNNEL_PATH, "ssh": SSH_PATH, "direct": DIRECT_PATH},
+        "paths": {"tunnel": TUNNEL_PATH, "stunnel": STUNNEL_PATH, "ssh": SSH_PATH, "direct": DIRECT_PATH},
         "direction": "client uploads to the service",
         "machine": machine(),
     })

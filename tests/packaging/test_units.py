@@ -97,6 +97,8 @@ def test_restart_prevention_matches_the_agents_exit_codes() -> None:
 
     prevented = set(unit_settings("outpost-agent.service")["RestartPreventExitStatus"][0].split())
     assert prevented == {str(code) for code in errors.NOT_RESTARTED_EXIT_CODES}
+    # A revoked identity ends the agent with 77 (tests/e2e/test_lifecycle_refused.py): it must stay stopped.
+    assert str(errors.EXIT_IDENTITY_REFUSED) in prevented
     # A retryable failure must stay restartable.
     assert str(errors.EXIT_UNAVAILABLE) not in prevented and str(errors.EXIT_TEMPFAIL) not in prevented
 

@@ -45,6 +45,18 @@ def refusals_only(before: dict, after: dict) -> list[str]:
     return [fields["reason"] for _, fields in added]
 
 
+async def tunnel_closed_recorded(ctl: Running, name: str) -> None:
+    """Wait (bounded) for the ``tunnel_closed`` row of ``name``: the relay writes it in a worker thread
+    after the tunnel ended, so a snapshot taken at once may miss it."""
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while asyncio.get_running_loop().time() < deadline:
+        rows = snapshot(ctl)["audit"]
+        if any(row[2] == "tunnel_closed" and f"/{name}\"" in row[3] for row in rows):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no tunnel_closed row for {name}")
+
+
 async def tunnel_status(ctl: Running) -> list[dict]:
     status, body = await ctl.call("GET", "/api/v1/status")
     assert status == 200
@@ -227,6 +239,7 @@ def test_re_enrollment_closes_the_old_keys_live_tunnel_and_refuses_its_certifica
                 await asyncio.wait_for(old_task, REKEY_DEADLINE)
                 assert old_session.close_reason[0] == ErrorCode.REVOKED
                 assert "replaced" in old_session.close_reason[1]
+            await tunnel_closed_recorded(ctl, "gw-r")
             before = snapshot(ctl)
             with pytest.raises(TunnelRefused, match="no longer the key of identity default/gw-r"):
                 async with connect(ctl, old):

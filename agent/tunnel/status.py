@@ -1,0 +1,65 @@
+"""What ``outpost-agent run`` reports of itself: the tunnel's state in ``status.json``, and to systemd."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from agent.clock.trusted import TrustedClock
+from shared import service_manager
+
+
+@dataclass
+class TunnelStats:
+    """What ``outpost-agent status`` shows about the tunnel."""
+
+    state: str = "starting"
+    relay: str | None = None
+    #: while connected: since when; None otherwise (``down_since`` then says since when it is not)
+    connected_since: float | None = None
+    down_since: float | None = None
+    rtt_ms: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    bound: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    dials: dict[str, int] = field(default_factory=dict)
+    link: str | None = None
+    #: why the last tunnel ended (kept after a reconnect, unlike last_error)
+    last_drop: str | None = None
+    #: Unix seconds: when the current certificate expires, when the agent renews it next,
+    #: and why the last renewal attempt failed (None once one succeeds).
+    cert_not_after: float | None = None
+    next_renewal: float | None = None
+    renewal_error: str | None = None
+    #: Seconds to add to the local clock for trusted time, where that came from
+    #: (ntp, controller, local), and what is wrong with the clock, if anything (agent.clock).
+    clock_offset_s: float | None = None
+    clock_source: str | None = None
+    clock_problem: str | None = None
+    #: While the controller says the identity is disabled (state "disabled"): when the agent asks again.
+    next_ask: float | None = None
+
+    def as_json(self, now: float) -> dict:
+        """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
+        return {**self.__dict__, "updated": now}
+
+
+def clock_time(timestamp: float) -> str:
+    """``14:05 UTC``: when, within the next hours, the agent does something (the date adds nothing there)."""
+    return time.strftime("%H:%M UTC", time.gmtime(timestamp))
+
+
+def report_offline(why: str) -> None:
+    """Ready (the unit is Type=notify), waiting on the network, and why: a gateway that
+    boots offline is up and says so, and systemd never restarts it for that."""
+    service_manager.notify_ready(f"offline: {why}")
+
+
+def note_clock(stats: TunnelStats, clock: TrustedClock, problem: str | None) -> None:
+    """Put the clock's offset, source and problem into the status."""
+    stats.clock_offset_s = round(clock.offset, 3)
+    stats.clock_source = clock.source
+    stats.clock_problem = problem

@@ -1,0 +1,117 @@
+"""The certificate keeper against a real controller that refuses: revoked stops, disabled and
+other refusals are asked again slowly, even in the last minutes of the certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.identity.refusals import DISABLED_ASK_INTERVAL, REFUSAL_RETRY_BASE_SECONDS, DisabledGate
+from agent.identity.renewal import CertificateKeeper, RenewalRefused, recover_at_start
+from agent.identity.select import open_keystore
+from agent.identity.software import SoftwareKeyStore
+from agent.identity.state import StateDir
+from tests.agent.identity.test_renewal_keeper import SOFTWARE, age_certificate, enrolled_gateway
+from tests.controller.harness import run, running_controller
+
+#: How long each keeper is watched: the old rule asked about once a second this close to the expiry.
+WINDOW = 6.0
+#: Seconds before the certificate's expiry at which the keepers below start (inside the last-minutes margin).
+BEFORE_EXPIRY = 8.0
+
+
+def refusals(running) -> list[dict]:
+    return [e for e in running.context.audit.recent(500) if e["event"] == "renewal_refused"]
+
+
+async def watch(keeper: CertificateKeeper, seconds: float) -> BaseException | None:
+    """Run the keeper for ``seconds``; what it raised, if it ended."""
+    task = asyncio.ensure_future(keeper.run())
+    try:
+        await asyncio.wait({task}, timeout=seconds)
+    finally:
+        task.cancel()
+    return task.exception() if task.done() and not task.cancelled() else None
+
+
+def near_expiry_clock(state: StateDir):
+    """Trusted time that reads ``BEFORE_EXPIRY`` seconds before the certificate's expiry, and runs."""
+    shift = state.load().not_after().timestamp() - BEFORE_EXPIRY - time.time()
+    return lambda: time.time() + shift
+
+
+def test_a_revoked_identity_stops_the_keeper_after_one_ask(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            state = await enrolled_gateway(running, tmp_path)
+            await running.call("POST", "/api/v1/identities/gw/revoke")
+            keeper = CertificateKeeper(state, open_keystore(state.path, SOFTWARE), clock=near_expiry_clock(state))
+            ended = await watch(keeper, WINDOW)
+            assert isinstance(ended, RenewalRefused) and ended.terminal and ended.exit_code == 77
+            assert "revoked" in str(ended)
+            assert len(refusals(running)) == 1
+
+    run(scenario())
+
+
+def test_a_disabled_identity_is_asked_about_once_per_interval_even_in_the_last_seconds(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            state = await enrolled_gateway(running, tmp_path)
+            await running.call("POST", "/api/v1/identities/gw/disable")
+            clock = near_expiry_clock(state)
+            plans: list[tuple[float, float, str | None]] = []
+            keeper = CertificateKeeper(state, open_keystore(state.path, SOFTWARE), clock=clock,
+                                       on_status=lambda *plan: plans.append(plan))
+            assert await watch(keeper, WINDOW) is None, "disabled: the keeper keeps running"
+            assert len(refusals(running)) == 1
+            assert refusals(running)[0]["fields"]["reason"] == "identity_disabled"
+            _, next_renewal, error = plans[-1]
+            assert "disabled" in error
+            assert next_renewal >= clock() + DISABLED_ASK_INTERVAL - WINDOW - 1
+
+    run(scenario())
+
+
+def test_another_refusal_backs_off_by_minutes_not_seconds_near_expiry(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            state = await enrolled_gateway(running, tmp_path)
+            # Another device's key in this state directory: the controller refuses it (renewal_unknown_key).
+            (state.path / "key.pem").unlink()
+            other = SoftwareKeyStore(state.path)
+            other.create()
+            clock = near_expiry_clock(state)
+            plans: list[tuple[float, float, str | None]] = []
+            keeper = CertificateKeeper(state, other, clock=clock, rng=random.Random(1),
+                                       on_status=lambda *plan: plans.append(plan))
+            assert await watch(keeper, WINDOW) is None
+            assert [e["fields"]["reason"] for e in refusals(running)] == ["renewal_unknown_key"]
+            assert plans[-1][1] >= clock() + REFUSAL_RETRY_BASE_SECONDS / 2 - WINDOW - 1
+
+    run(scenario())
+
+
+def test_start_up_recovery_of_a_disabled_identity_waits_and_goes_on_once_enabled(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            state = await enrolled_gateway(running, tmp_path)
+            age_certificate(running, state, days=2)
+            await running.call("POST", "/api/v1/identities/gw/disable")
+            waits: list[tuple[str, float]] = []
+            gate = DisabledGate(interval=1.0)
+            recovering = asyncio.ensure_future(recover_at_start(
+                state, open_keystore(state.path, SOFTWARE), gate=gate,
+                on_disabled=lambda why, wait: waits.append((why, wait))))
+            await asyncio.sleep(1.5)
+            assert not recovering.done(), "disabled is not the end at start either"
+            assert waits and "disabled" in waits[0][0] and waits[0][1] == pytest.approx(1.0, abs=0.2)
+            assert len(refusals(running)) == len(waits) <= 2
+            await running.call("POST", "/api/v1/identities/gw/enable")
+            assert await asyncio.wait_for(recovering, 10) is True
+
+    run(scenario())
