@@ -143,7 +143,7 @@ def check_keystore(config: AgentConfig, identity: EnrolledIdentity | None) -> Ch
     try:
         from agent.identity import tpm
     except (ImportError, OSError):
-        tpm = None
+        tpm = None  # type: ignore[assignment]  # the backend is optional
     if tpm is None:
         reason = "the tpm2-pytss library is not installed"
     else:

@@ -132,8 +132,8 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
             checks.append(Check("pinned CA", OK, f"the controller's CA matches the token's fingerprint {token.ca[:19]}…"))
     controller = identity.controller_url if identity is not None else token.controller_url if token else None
     # The agent judges certificates by the controller's time, so the doctor does too (and says how far off the clock is).
-    asked = controller and ca_pem and resolved.get(targets[0].host)
-    measured = await measure_controller_time(controller, ca_pem, proxy) if asked else None
+    measured = (await measure_controller_time(controller, ca_pem, proxy)
+                if controller and ca_pem and resolved.get(targets[0].host) else None)
     if isinstance(measured, OffsetSample):
         trusted.adopt(combine(None, measured))
     elif isinstance(measured, ProxyFailed):
@@ -206,7 +206,7 @@ async def check_dns(host: str) -> Check:
     except OSError as error:
         return Check(name, FAIL, f"{host} does not resolve ({_gai_reason(error)}); check the DNS server this gateway "
                                  "uses (/etc/resolv.conf, DHCP) and the spelling of the name")
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     return Check(name, OK, f"{host} resolves to {', '.join(addresses[:4])}")
 
 

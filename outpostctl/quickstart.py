@@ -20,11 +20,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from agent.errors import OutpostError
 from outpostctl.client import ManagementClient
 from outpostctl.config import load_config
+
+T = TypeVar("T")
 
 # A fresh controller creates its CA and store; a slow SD card may need seconds.
 STEP_TIMEOUT = 30.0
@@ -76,7 +80,7 @@ class Child:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, predicate, what: str, timeout: float = STEP_TIMEOUT):
+    def wait_for(self, predicate: Callable[[], T], what: str, timeout: float = STEP_TIMEOUT) -> T:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()

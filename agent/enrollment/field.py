@@ -290,7 +290,9 @@ async def wait_for_enrollment(
     polls and retries; every decision about the token is made on trusted time.
     """
     if enroll is None:
-        from agent.enrollment.enroll import enroll_async as enroll
+        from agent.enrollment.enroll import enroll_async
+
+        enroll = enroll_async
     state = StateDir(config.state_dir)
     paths = token_paths(config)
     if schedule is None:

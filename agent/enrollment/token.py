@@ -11,7 +11,7 @@ import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import jwt
@@ -100,7 +100,7 @@ def verify_token(text: str, ca_cert: x509.Certificate, now: float | None) -> Enr
     try:
         claims = jwt.decode(
             text,
-            ca_cert.public_key(),
+            cast(Any, ca_cert.public_key()),  # an ECDSA key; jwt names fewer key types than x509
             algorithms=[ALGORITHM],
             audience=AUDIENCE,
             # Expiry is judged below against the trusted ``now``, not the local clock.

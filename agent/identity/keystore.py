@@ -62,11 +62,11 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
     def __init__(self, store: KeyStore) -> None:
         self._store = store
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         algorithm = getattr(signature_algorithm, "algorithm", None)
         if not isinstance(algorithm, hashes.SHA256):
             raise ValueError("the device key signs with ECDSA-SHA256 only")
-        return self._store.sign(data)
+        return self._store.sign(bytes(data))
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._store.public_key()
@@ -93,5 +93,5 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
     def __copy__(self) -> _DelegatingPrivateKey:
         return self
 
-    def __deepcopy__(self, memo: dict) -> _DelegatingPrivateKey:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DelegatingPrivateKey:
         return self

@@ -99,8 +99,8 @@ def as_time_source(clock: Clock | None) -> TimeSource:
     if clock is None:
         return LOCAL_TIME
     if hasattr(clock, "now") and hasattr(clock, "measured"):
-        return clock  # type: ignore[return-value]
-    return UncheckedTime(clock)  # type: ignore[arg-type]
+        return clock
+    return UncheckedTime(clock)
 
 
 @dataclass(frozen=True)

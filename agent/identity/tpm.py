@@ -121,7 +121,8 @@ class TpmKeyStore(KeyStore):
         stored = self._read()
         digest = hashlib.sha256(data).digest()
         with self._lock:
-            return self._tpm_call(lambda: self._sign_once(stored, digest), "signing")
+            signature: bytes = self._tpm_call(lambda: self._sign_once(stored, digest), "signing")
+            return signature
 
     def delete(self) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -112,7 +112,7 @@ class AgentSession(TunnelSession):
         self.relay_digest = relay_digest
         self.options = options
         self.authenticated = asyncio.Event()
-        self.relay_info: dict = {}
+        self.relay_info: dict[str, Any] = {}
         self.bound: tuple[str, ...] = ()
         self.refused: dict[str, str] = {}
         self.last_rtt: float | None = None
@@ -170,7 +170,7 @@ class AgentSession(TunnelSession):
 
 
 async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,
-                      ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task]:
+                      ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
     """Connect and authenticate; returns the session and the task running it.
 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
