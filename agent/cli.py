@@ -14,14 +14,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
-from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
+from shared import __version__
 
 PROG = "outpost-agent"
 #: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.
@@ -167,7 +168,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     from agent.clock.trusted import TrustedClock
     from agent.identity.renewal import renew_certificate
     from agent.identity.select import open_keystore
-    from agent.identity.trust import cert_not_after
+    from shared.trust import cert_not_after
 
     config = _config_for_command(args.config)
     state = StateDir(args.state or config.state_dir)
@@ -199,7 +200,7 @@ def _say_if_clock_off(clock: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config_for_command(args.config)
-    from agent.service_manager import configure_logging
+    from shared.service_manager import configure_logging
 
     configure_logging(config.log_level.upper())
     from agent.tunnel.runner import run
@@ -353,15 +354,15 @@ def _plain(value: Any) -> str:
 
 def _utc_clock(timestamp: float) -> str:
     """``14:05 UTC``, for what happens within the next minutes (the date would add nothing)."""
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).strftime("%H:%M UTC")
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime("%H:%M UTC")
 
 
 def _utc_from(timestamp: float) -> str:
-    return _utc(datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc))
+    return _utc(datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC))
 
 
 def _utc(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 if __name__ == "__main__":

@@ -44,15 +44,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
-from agent.tunnel.link_profiles import plan_from_settings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
-from agent.tunnel.protocol.limits import MAX_BIND_SERVICES
+from agent.tunnel.link_profiles import plan_from_settings
+from shared.protocol.limits import MAX_BIND_SERVICES
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
 DEFAULT_CONFIG_PATH = Path("/etc/outpost/agent.toml")

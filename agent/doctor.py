@@ -21,14 +21,13 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
 
 from agent.clock.trusted import format_utc as _utc
 from agent.config import AgentConfig, load_config, with_environment_proxy
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
-from agent.durations import format_relative
 from agent.doctor_network import (
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
@@ -39,11 +38,12 @@ from agent.doctor_network import (
     clock_verdict,
     endpoints,
 )
+from agent.durations import format_relative
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file
 from agent.errors import OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 
 #: The agent renews well before expiry (by about half the lifetime); with
 #: less than this fraction left, renewal is not happening.
@@ -143,7 +143,7 @@ def check_keystore(config: AgentConfig, identity: EnrolledIdentity | None) -> Ch
     try:
         from agent.identity import tpm
     except (ImportError, OSError):
-        tpm = None
+        tpm = None  # type: ignore[assignment]  # the backend is optional
     if tpm is None:
         reason = "the tpm2-pytss library is not installed"
     else:

@@ -35,7 +35,7 @@ from agent.identity.pinned_tls import (
     proxy_failure,
 )
 from agent.identity.state import EnrolledIdentity
-from agent.identity.trust import describe_network_error
+from agent.identity.tls_trust import describe_network_error
 from agent.proxy import DIRECT, PROXY_VARIABLES, ProxySettings
 
 #: A resolver slower than this makes every reconnect slow; report it as failing.
@@ -132,8 +132,8 @@ async def check_network(identity: EnrolledIdentity | None, token: EnrollmentToke
             checks.append(Check("pinned CA", OK, f"the controller's CA matches the token's fingerprint {token.ca[:19]}…"))
     controller = identity.controller_url if identity is not None else token.controller_url if token else None
     # The agent judges certificates by the controller's time, so the doctor does too (and says how far off the clock is).
-    asked = controller and ca_pem and resolved.get(targets[0].host)
-    measured = await measure_controller_time(controller, ca_pem, proxy) if asked else None
+    measured = (await measure_controller_time(controller, ca_pem, proxy)
+                if controller and ca_pem and resolved.get(targets[0].host) else None)
     if isinstance(measured, OffsetSample):
         trusted.adopt(combine(None, measured))
     elif isinstance(measured, ProxyFailed):
@@ -200,13 +200,13 @@ async def check_dns(host: str) -> Check:
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), DNS_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Check(name, FAIL, f"resolving {host} took over {DNS_TIMEOUT:.0f} s; check the DNS server this gateway "
                                  "uses (/etc/resolv.conf, DHCP) and that outbound DNS (port 53) is open")
     except OSError as error:
         return Check(name, FAIL, f"{host} does not resolve ({_gai_reason(error)}); check the DNS server this gateway "
                                  "uses (/etc/resolv.conf, DHCP) and the spelling of the name")
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     return Check(name, OK, f"{host} resolves to {', '.join(addresses[:4])}")
 
 
@@ -234,7 +234,7 @@ async def probe_tls(target: Endpoint, ca_pem: str, trusted: TimeSource = LOCAL_T
             await tls.fetch(http, "GET", url, MAX_CA_RESPONSE, where)
     except OutpostError as error:  # the certificate, judged by trusted time
         return Check(name, FAIL, str(error))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+    except (TimeoutError, aiohttp.ClientError, OSError) as error:
         failure = proxy_failure(error, route, where)
         if failure is not None:
             return failure

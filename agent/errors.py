@@ -1,4 +1,4 @@
-"""The errors a user of the agent can meet.
+"""The errors a user of the agent can meet; their base, ``OutpostError``, is shared/errors.py.
 
 Every error carries the one plain sentence the user will read (what went wrong
 and what to do), and the process exit code the CLI returns for it. The CLI
@@ -7,15 +7,17 @@ prints ``str(error)`` and nothing else: no tracebacks for expected failures.
 
 from __future__ import annotations
 
-# Exit codes follow sysexits(3) where one fits, so that systemd units can
-# refuse to restart where a restart cannot help (RestartPreventExitStatus=).
-# Each outcome only a person can end has a code of its own, so that the exit
+from shared.errors import EXIT_DATAERR as EXIT_DATAERR
+from shared.errors import EXIT_FAILURE as EXIT_FAILURE
+from shared.errors import EXIT_TEMPFAIL as EXIT_TEMPFAIL
+from shared.errors import EXIT_UNAVAILABLE as EXIT_UNAVAILABLE
+from shared.errors import EXIT_USAGE as EXIT_USAGE
+from shared.errors import ConfigError as ConfigError
+from shared.errors import OutpostError as OutpostError
+
+# The exit codes of shared/errors.py, and those only the agent returns. Each
+# outcome only a person can end has a code of its own, so that the exit
 # status alone tells a technician what to do.
-EXIT_FAILURE = 1
-EXIT_USAGE = 64  # EX_USAGE: bad command line or config value
-EXIT_DATAERR = 65  # EX_DATAERR: a bad token or input file
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: controller/relay unreachable, try later
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: a retry later may succeed
 EXIT_IDENTITY_REFUSED = 77  # EX_NOPERM: the controller refuses this identity (revoked, disabled, offline too long)
 EXIT_IDENTITY_LOST = 78  # EX_CONFIG: the device key is gone (TPM cleared or replaced, key file damaged); re-enroll
 # sysexits(3) has nothing for it: the TPM refused the agent's authorization
@@ -25,30 +27,6 @@ EXIT_TPM_AUTH_REFUSED = 79
 NOT_RESTARTED_EXIT_CODES = frozenset(
     {EXIT_USAGE, EXIT_DATAERR, EXIT_IDENTITY_REFUSED, EXIT_IDENTITY_LOST, EXIT_TPM_AUTH_REFUSED}
 )
-
-
-class OutpostError(Exception):
-    """Base of every expected failure; ``str()`` is the sentence for the user."""
-
-    exit_code = EXIT_FAILURE
-    #: True where trying again later (network back, clock fixed) can help.
-    retryable = False
-    #: True where the running agent must stop instead of trying again: only a
-    #: person can help (re-enroll, fix the TPM), and each try would cost the TPM.
-    terminal = False
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class ConfigError(OutpostError):
-    """A configuration file, flag or environment value is wrong."""
-
-    exit_code = EXIT_USAGE
 
 
 class TokenError(OutpostError):

@@ -18,8 +18,9 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 # Checked in this order, as curl and most tools do: the lowercase name first.
@@ -68,7 +69,7 @@ def proxy_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
 
 def basic_authorization(user: str, password: str) -> str:
     """The Proxy-Authorization value for HTTP Basic (RFC 7617, UTF-8)."""
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import os
 import secrets
 from pathlib import Path
 
-from agent.fsutil import atomic_write, fsync_directory
 from controller.errors import StartupError
+from shared.fsutil import atomic_write, fsync_directory
 
 log = logging.getLogger(__name__)
 

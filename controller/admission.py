@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
+from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.enrollment import Issued
 from controller.errors import BodyRefused, bad_request, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
-from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.tokens import check_ttl
 
 #: Every request body is JSON of a few KiB at most (a CSR, a policy); 64 KiB

@@ -22,7 +22,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from controller.store import Store, Transaction
 

@@ -14,7 +14,8 @@ import asyncio
 import concurrent.futures
 import functools
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from controller.errors import ControllerError
 

@@ -27,12 +27,11 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.fsutil import atomic_write, ensure_private_dir, fsync_directory
 from controller.admin_credential import AdminCredential, data_dir_owner, migrate_plaintext, new_token, write_hash
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, ensure_server_certificate
@@ -45,6 +44,7 @@ from controller.renewal import Renewal
 from controller.settings import LISTENER_CERT_RENEW_FRACTION, WILDCARD_HOSTS, Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
+from shared.fsutil import atomic_write, ensure_private_dir, fsync_directory
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.fsutil import atomic_write, ensure_private_dir
-# The agent and the controller read certificates the same way: one place for
-# the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
-from agent.identity.trust import ca_fingerprint as certificate_fingerprint
-from agent.identity.trust import cert_not_after as not_after_of
-from agent.identity.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
+from shared.fsutil import atomic_write, ensure_private_dir
+
+# The agent and the controller read certificates the same way: one place for
+# the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
+from shared.trust import ca_fingerprint as certificate_fingerprint
+from shared.trust import cert_not_after as not_after_of
+from shared.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
 
 #: Ten years: the CA is pinned by every enrolled gateway and in every token,
 #: so replacing it means re-enrolling the fleet.
@@ -40,7 +41,7 @@ CA_COMMON_NAME = "Outpost CA"
 
 
 def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -73,7 +74,7 @@ class CertificateAuthority:
         return certificate_fingerprint(self.certificate)
 
     @classmethod
-    def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> "CertificateAuthority":
+    def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
         now = utcnow()
@@ -101,7 +102,7 @@ class CertificateAuthority:
         return cls(certificate, key, trust_domain)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> "CertificateAuthority":
+    def load(cls, cert_path: Path, key_path: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> CertificateAuthority:
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -14,17 +14,16 @@ import ipaddress
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 from urllib.parse import urlsplit
 
-import agent.service_manager as service_manager
-from agent import __version__
-from agent.errors import EXIT_USAGE, OutpostError
+import shared.service_manager as service_manager
+from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
 from controller.event_loop import EVENT_LOOPS, run, running_loop_name
-from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.listener import ListenerLimits
 from controller.names import NAME_PATTERN
 from controller.settings import (
@@ -37,6 +36,8 @@ from controller.settings import (
     Settings,
 )
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
+from shared import __version__
+from shared.errors import EXIT_USAGE, OutpostError
 
 #: Certificates shorter than five minutes would be renewed faster than a slow
 #: link completes a renewal; longer than 90 days defeats short-lived certificates.

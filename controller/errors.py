@@ -6,7 +6,7 @@ it travels with, and the one plain sentence a user reads, saying what to do.
 
 from __future__ import annotations
 
-from agent.errors import OutpostError
+from shared.errors import OutpostError
 
 
 class ControllerError(OutpostError):

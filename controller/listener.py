@@ -24,7 +24,8 @@ import logging
 import socket
 import ssl
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -128,7 +129,7 @@ class Listener:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: connection, conn, ssl=self.tls, ssl_handshake_timeout=self.limits.handshake_deadline)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.CancelledError) as error:
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError) as error:
             log.debug("%s: TLS handshake with %s failed: %r", self.name, address, error)
             connection.handshake_failed()
 

@@ -11,8 +11,9 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from controller.audit import AuditLog
 from controller.errors import ControllerError, conflict, not_found

@@ -25,8 +25,9 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -73,7 +74,7 @@ def renewal_decision(identity: Identity, now: float, grace: float) -> str | Rene
         return RENEWAL
     if now - not_after <= grace:
         return RECOVERY
-    expired = datetime.datetime.fromtimestamp(not_after, tz=datetime.timezone.utc)
+    expired = datetime.datetime.fromtimestamp(not_after, tz=datetime.UTC)
     return RenewalRefused(forbidden(
         "recovery_expired",
         f"This gateway's certificate expired on {expired:%Y-%m-%d %H:%M} UTC, more than "

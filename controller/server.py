@@ -12,7 +12,8 @@ import inspect
 import logging
 import socket
 import ssl
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import aiohttp.http_exceptions
@@ -20,14 +21,14 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import agent.service_manager as service_manager
+import shared.service_manager as service_manager
+from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
-from controller.admission import return_freed_memory
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.relay.session import Relay
 from controller.settings import host_port
@@ -132,7 +133,7 @@ async def request_deadlines(request: web.Request, handler: Handler) -> web.Strea
             deadline = connection.listener.limits.body_deadline if connection is not None else REQUEST_BODY_DEADLINE
             try:
                 await asyncio.wait_for(request.read(), deadline)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.info("%s did not send the body of %s %s within %g s; connection closed",
                          request.remote, request.method, request.path, deadline)
                 if connection is not None:
@@ -337,7 +338,7 @@ class ControllerServer:
         while True:
             current = x509.load_der_x509_certificate(self.context.server_certificate_der)
             due = not_after_of(current) - renew_before
-            wait = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            wait = (due - datetime.datetime.now(datetime.UTC)).total_seconds()
             if wait > CERT_RENEW_MAX_WAIT:
                 await asyncio.sleep(CERT_RENEW_MAX_WAIT)
                 continue
@@ -345,7 +346,7 @@ class ControllerServer:
             try:
                 self.use_certificate(*await asyncio.to_thread(self.issue_certificate))
             except Exception as error:  # a full disk must not end the controller; it is retried
-                left = (not_after_of(current) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                left = (not_after_of(current) - datetime.datetime.now(datetime.UTC)).total_seconds()
                 retry = max(CERT_RENEW_MIN_WAIT, min(CERT_RENEW_RETRY_SECONDS, left / 10))
                 log.error("renewing the listener's certificate failed (%s); trying again in %g s, %g s before "
                           "it expires", error, retry, left)

@@ -93,7 +93,7 @@ class Settings:
     def outpostctl_config_path(self) -> Path:
         return self.data_dir / "outpostctl.toml"
 
-    def with_port(self, port: int, api_port: int | None = None) -> "Settings":
+    def with_port(self, port: int, api_port: int | None = None) -> Settings:
         """The same settings once the listeners are bound (``--listen HOST:0``, ``--api-listen HOST:0``)."""
         return dataclasses.replace(self, listen_port=port, api_listen_port=api_port)
 

@@ -19,8 +19,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 #: How long a writer waits for another process's transaction before failing;
 #: every transaction here is a handful of row writes, so seconds is generous.
@@ -162,7 +162,7 @@ class Store:
         return connection
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator["Transaction"]:
+    def transaction(self) -> Iterator[Transaction]:
         """A write transaction (``BEGIN IMMEDIATE``): commits on success, rolls back on error."""
         connection = self._connection
         with self._write_lock:

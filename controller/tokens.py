@@ -24,11 +24,11 @@ from typing import Any
 
 import jwt
 
+from controller.audit import AuditLog
 from controller.ca import CertificateAuthority
 from controller.errors import ControllerError, bad_request
 from controller.registry import Identity
 from controller.store import Transaction
-from controller.audit import AuditLog
 
 ALGORITHM = "ES256"
 AUDIENCE = "outpost-enroll"
@@ -79,7 +79,7 @@ def supersede_in(db: Transaction, tenant: str, name: str, by_jti: str, *, redeem
     return int(cursor.rowcount)
 
 
-def token_row_in(db: Transaction, claims: "TokenClaims", label: str, now: float, issuer_url: str) -> sqlite3.Row:
+def token_row_in(db: Transaction, claims: TokenClaims, label: str, now: float, issuer_url: str) -> sqlite3.Row:
     """The store's record of a verified token, or why it enrolls nothing: unknown, another issuer, superseded, expired.
 
     The ``iss`` must be the URL the token was minted under, recorded with it

@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent import __version__
 from agent.errors import EXIT_USAGE
 from outpostctl import commands
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
+from shared import __version__
 
 PROG = commands.PROG
 DEFAULT_TENANT = "default"
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def leaf(group: Any, name: str, handler: Handler | None, help_text: str, *, json_flag: bool = False) -> argparse.ArgumentParser:
-        sub = group.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text, parents=[common])
         sub.set_defaults(handler=handler)
         if json_flag:
             sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -177,7 +177,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "connect":
         from outpostctl.connect import run as run_connect
         return run_connect(args, config)
-    return args.handler(args, ManagementClient(config))
+    code: int = args.handler(args, ManagementClient(config))
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,7 +148,7 @@ class ManagementClient:
             raise ControllerUnreachable(
                 f"cannot reach the controller at {self.url}: connection refused; is it running?"
             ) from None
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise ControllerUnreachable(
                 f"cannot reach the controller at {self.url}: no answer within "
                 f"{self._timeout:g} seconds; is it running and is the address right?"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent.durations import format_relative
 from outpostctl import render

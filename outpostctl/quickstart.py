@@ -20,11 +20,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from agent.errors import OutpostError
 from outpostctl.client import ManagementClient
 from outpostctl.config import load_config
+
+T = TypeVar("T")
 
 # A fresh controller creates its CA and store; a slow SD card may need seconds.
 STEP_TIMEOUT = 30.0
@@ -76,7 +80,7 @@ class Child:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, predicate, what: str, timeout: float = STEP_TIMEOUT):
+    def wait_for(self, predicate: Callable[[], T], what: str, timeout: float = STEP_TIMEOUT) -> T:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         controller = Child("the controller", python("controller.cli", "serve", "--data", str(workdir / "controller"),
                                                     "--listen", "127.0.0.1:0"), workdir / "controller.log")
         children.append(controller)
-        ready = controller.wait_for(lambda: [l for l in controller.output().splitlines() if "ready on" in l], "start")
+        ready = controller.wait_for(lambda: [line for line in controller.output().splitlines() if "ready on" in line], "start")
         url = ready[0].split("ready on ", 1)[1].split()[0]
         ctl_config = workdir / "controller" / "outpostctl.toml"
         steps.done(f"controller and relay on {url} (data in {workdir / 'controller'})")

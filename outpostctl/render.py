@@ -20,7 +20,7 @@ def format_time(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, (int, float)):
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
         return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
     return str(value)
 
@@ -33,13 +33,13 @@ def format_audit_time(value: Any) -> str:
 
 
 def _utc(value: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
 
 
 def format_time_compact(value: Any) -> str:
     """A unix time as ``YYYY-MM-DDTHH:MM:SSZ``: one word, for ``key=value`` lists."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     return format_value(value)
 

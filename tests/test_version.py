@@ -1,4 +1,4 @@
-"""``--version`` of every command prints the one version of Outpost (agent/__init__.py) and exits 0."""
+"""``--version`` of every command prints the one version of Outpost (shared/__init__.py) and exits 0."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import __version__
+from shared import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A Python start-up and an argparse run; generous for a loaded machine.
@@ -32,5 +32,5 @@ def test_every_command_prints_the_package_version(command: str, module: str) -> 
 def test_the_version_lives_in_one_place() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "agent.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "shared.__version__"}
     assert __version__.count(".") == 2

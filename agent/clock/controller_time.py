@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography import x509
 
@@ -21,7 +21,7 @@ from agent.clock.trusted import OffsetSample, format_utc
 from agent.errors import ClockError, ControllerUnreachable
 from agent.identity.pinned_tls import PinnedTLS
 from agent.proxy import DIRECT, ProxySettings
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 
 #: Two small requests; a controller slower than this gives an offset too
 #: uncertain to be worth waiting for.

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from agent.clock.controller_time import fetch_controller_time
 from agent.clock.ntp import query_servers
-from agent.clock.trusted import ClockEstimate, NOTABLE_OFFSET, OffsetSample, TrustedClock, combine
+from agent.clock.trusted import NOTABLE_OFFSET, ClockEstimate, OffsetSample, TrustedClock, combine
 from agent.errors import ClockError, OutpostError
 from agent.proxy import DIRECT, ProxySettings
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import ntplib
 
@@ -96,7 +96,7 @@ async def query_servers(servers: Sequence[str], timeout: float) -> OffsetSample 
     try:
         # Name resolution is not covered by the socket timeout; this is.
         samples = await asyncio.wait_for(asyncio.gather(*tasks), timeout + 1.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         log.info("no NTP server answered within %.1f s", timeout)
         return None
     answered = [s for s in samples if s is not None]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from agent.config import ClockSettings
 from agent.durations import format_duration
@@ -172,7 +172,7 @@ def describe_offset(offset: float, local_now: float, source: str) -> str:
 def format_utc(timestamp: float) -> str:
     """``YYYY-MM-DD HH:MM UTC`` for a unix time (any year a gateway's clock can read)."""
     try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     except (OverflowError, OSError, ValueError):
         return f"unix time {timestamp:.0f}"
     return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -22,6 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.clock.measure import refresh_clock
+from agent.clock.trusted import TrustedClock
+from agent.clock.trusted import format_utc as _utc
+from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
 from agent.errors import (
     ClockError,
     ControllerUnreachable,
@@ -30,17 +34,14 @@ from agent.errors import (
     TokenError,
     TrustError,
 )
-from agent.fsutil import ensure_private_dir
-from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
 from agent.identity.csr import build_csr
 from agent.identity.keystore import KeyStore
+from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource, fetch_pinned_ca
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.clock.measure import refresh_clock
-from agent.clock.trusted import TrustedClock, format_utc as _utc
-from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource, fetch_pinned_ca
-from agent.identity.trust import cert_not_after, verify_leaf_issued_by
 from agent.proxy import DIRECT, ProxySettings
+from shared.fsutil import ensure_private_dir
+from shared.trust import cert_not_after, verify_leaf_issued_by
 
 #: One request that signs a certificate; a controller slower than this on a
 #: working link is overloaded, and a retry later is the better answer.
@@ -267,7 +268,8 @@ def _accept(
 
 
 def _spki(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der
 
 
 def _uri_names(cert: x509.Certificate) -> list[str]:

@@ -35,20 +35,21 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Collection, Sequence
+from typing import Any
 
-from agent import service_manager
 from agent.clock.trusted import TrustedClock
-from agent.errors import OutpostError
 from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
-from agent.fsutil import atomic_write, ensure_private_dir
+from agent.errors import OutpostError
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import ca_fingerprint
 from agent.proxy import ProxySettings
 from agent.tunnel.backoff import Backoff
+from shared import service_manager
+from shared.fsutil import atomic_write, ensure_private_dir
+from shared.trust import ca_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,9 @@ async def wait_for_enrollment(
     polls and retries; every decision about the token is made on trusted time.
     """
     if enroll is None:
-        from agent.enrollment.enroll import enroll_async as enroll
+        from agent.enrollment.enroll import enroll_async
+
+        enroll = enroll_async
     state = StateDir(config.state_dir)
     paths = token_paths(config)
     if schedule is None:

@@ -11,14 +11,14 @@ import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography import x509
 
 from agent.errors import TokenError
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 
 #: A token is about 700 bytes of text; 16 KiB bounds what a wrong file (an
 #: image on the boot partition) makes us read.
@@ -100,7 +100,7 @@ def verify_token(text: str, ca_cert: x509.Certificate, now: float | None) -> Enr
     try:
         claims = jwt.decode(
             text,
-            ca_cert.public_key(),
+            cast(Any, ca_cert.public_key()),  # an ECDSA key; jwt names fewer key types than x509
             algorithms=[ALGORITHM],
             audience=AUDIENCE,
             # Expiry is judged below against the trusted ``now``, not the local clock.
@@ -173,5 +173,5 @@ def _token_from_claims(text: str, claims: Any) -> EnrollmentToken:
 
 
 def _utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.strftime("%Y-%m-%d %H:%M UTC")

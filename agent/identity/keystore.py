@@ -44,7 +44,7 @@ class KeyStore(abc.ABC):
     def delete(self) -> None:
         """Remove the stored key (used when an enrollment is abandoned)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most backends hold nothing to release)
         """Release backend resources (TPM context); the default holds none."""
 
     def signing_key(self) -> ec.EllipticCurvePrivateKey:
@@ -62,11 +62,11 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
     def __init__(self, store: KeyStore) -> None:
         self._store = store
 
-    def sign(self, data: bytes, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+    def sign(self, data: bytes | bytearray | memoryview, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         algorithm = getattr(signature_algorithm, "algorithm", None)
         if not isinstance(algorithm, hashes.SHA256):
             raise ValueError("the device key signs with ECDSA-SHA256 only")
-        return self._store.sign(data)
+        return self._store.sign(bytes(data))
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._store.public_key()
@@ -90,8 +90,8 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
         raise NotImplementedError("the device key never leaves its key store")
 
     # cryptography 50 copies key objects it is handed.
-    def __copy__(self) -> "_DelegatingPrivateKey":
+    def __copy__(self) -> _DelegatingPrivateKey:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "_DelegatingPrivateKey":
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DelegatingPrivateKey:
         return self

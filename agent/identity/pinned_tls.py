@@ -26,19 +26,18 @@ the token's fingerprint.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol, Union
+from typing import Any, Protocol
 
 import aiohttp
 from cryptography import x509
 
 from agent.errors import ControllerUnreachable, EnrollmentError, ProxyFailed, TrustError
-from agent.identity.trust import (
-    ca_fingerprint,
+from agent.identity.tls_trust import (
     check_dates,
     describe_network_error,
     peer_certificate,
@@ -46,9 +45,9 @@ from agent.identity.trust import (
     read_bounded,
     served_ssl_object,
     trust_error_for,
-    verify_leaf_issued_by,
 )
 from agent.proxy import DIRECT, ProxyRoute, ProxySettings
+from shared.trust import ca_fingerprint, verify_leaf_issued_by
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
 #: and still bounds what an unverified peer can make us read.
@@ -92,7 +91,7 @@ class UncheckedTime:
 
 
 LOCAL_TIME = UncheckedTime()
-Clock = Union[TimeSource, Callable[[], float]]
+Clock = TimeSource | Callable[[], float]
 
 
 def as_time_source(clock: Clock | None) -> TimeSource:
@@ -100,8 +99,8 @@ def as_time_source(clock: Clock | None) -> TimeSource:
     if clock is None:
         return LOCAL_TIME
     if hasattr(clock, "now") and hasattr(clock, "measured"):
-        return clock  # type: ignore[return-value]
-    return UncheckedTime(clock)  # type: ignore[arg-type]
+        return clock
+    return UncheckedTime(clock)
 
 
 @dataclass(frozen=True)
@@ -171,7 +170,7 @@ class PinnedTLS:
             return Served(response.status, raw, leaf)
 
     @contextlib.asynccontextmanager
-    async def client(self, controller_url: str, timeout: float, unreachable: str) -> AsyncIterator["PinnedClient"]:
+    async def client(self, controller_url: str, timeout: float, unreachable: str) -> AsyncIterator[PinnedClient]:
         """HTTP requests to ``controller_url`` over one checked connection.
 
         ``unreachable`` is the sentence for a network failure, with
@@ -185,7 +184,7 @@ class PinnedTLS:
                 yield PinnedClient(self, http, who)
         except aiohttp.ClientConnectorCertificateError as error:
             raise trust_error_for(error, controller_url) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
             raise network_failure(error, self.proxy.route(controller_url), who, unreachable) from None
 
 
@@ -255,7 +254,7 @@ async def fetch_pinned_ca(base_url: str, expected_fingerprint: str, proxy: Proxy
             async with session.get(url, ssl=_unverified_ssl_context(), **proxy.request_options(url)) as response:
                 body = await read_bounded(response, MAX_CA_RESPONSE, url)
                 status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+    except (TimeoutError, aiohttp.ClientError, OSError) as error:
         raise network_failure(error, proxy.route(url), f"the controller at {base_url}",
                               f"could not reach the controller at {url} ({{reason}}); "
                               "check the network and the address in the token, then try again") from None

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from agent.errors import OutpostError
 
@@ -79,7 +80,7 @@ class DisabledGate:
         self._asking = False
         # Futures of the callers waiting in turn(), not an asyncio.Event: the agent's start-up
         # (recovery) and its main loop are separate event loops, and an Event binds to one.
-        self._waiters: set[asyncio.Future] = set()
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def closed(self) -> bool:

@@ -18,8 +18,9 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -37,13 +38,13 @@ from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, TimeSource, as_time_source
 from agent.identity.refusals import DISABLED, REVOKED, DisabledGate, identity_status, refusal_delay
 from agent.identity.state import EnrolledIdentity, StateDir
-from agent.identity.trust import (
+from agent.proxy import DIRECT, ProxySettings
+from shared.service_manager import EVENT_RENEWED, journal_fields
+from shared.trust import (
     cert_not_after,
     cert_not_before,
     verify_leaf_issued_by,
 )
-from agent.proxy import DIRECT, ProxySettings
-from agent.service_manager import EVENT_RENEWED, journal_fields
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class RenewalSchedule:
     not_after: float
 
     @classmethod
-    def for_certificate(cls, cert: x509.Certificate) -> "RenewalSchedule":
+    def for_certificate(cls, cert: x509.Certificate) -> RenewalSchedule:
         return cls(cert_not_before(cert).timestamp(), cert_not_after(cert).timestamp())
 
     @property
@@ -151,7 +152,8 @@ class RenewalSchedule:
 
 
 def _spki(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der
 
 
 def _uri_names(cert: x509.Certificate) -> list[str]:

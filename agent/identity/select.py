@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from agent.errors import EXIT_USAGE, ConfigError, KeyStoreError
 from agent.identity.keystore import KeyStore
@@ -88,7 +89,8 @@ def _tpm_required(state_dir: Path, tcti: str) -> KeyStore:
             # up late at boot, and a restart (exit 1) finds it.
             raise KeyStoreError(sentence)
         raise TpmRequiredButAbsent(sentence)
-    return tpm.TpmKeyStore(state_dir, tcti)
+    store: KeyStore = tpm.TpmKeyStore(state_dir, tcti)
+    return store
 
 
 def _auto(state_dir: Path, tcti: str) -> KeyStore:
@@ -100,7 +102,8 @@ def _auto(state_dir: Path, tcti: str) -> KeyStore:
                 "this gateway's key is in a TPM but the tpm2-pytss library (Debian: python3-tpm2-pytss) "
                 "is not installed; install it"
             )
-        return tpm.TpmKeyStore(state_dir, tcti)
+        store: KeyStore = tpm.TpmKeyStore(state_dir, tcti)
+        return store
     if (state_dir / _SOFTWARE_KEY_FILE).exists():
         log.info("key store: using the software key in %s, which holds this gateway's key", state_dir)
         return _software(state_dir)
@@ -108,12 +111,13 @@ def _auto(state_dir: Path, tcti: str) -> KeyStore:
     reason = "the tpm2-pytss library is not installed" if tpm is None else tpm.unusable_reason(tcti)
     if tpm is not None and reason is None:
         log.info("key store: using the TPM at %s", tcti)
-        return tpm.TpmKeyStore(state_dir, tcti)
+        chosen: KeyStore = tpm.TpmKeyStore(state_dir, tcti)
+        return chosen
     log.info("key store: %s, so the device key is kept in software in %s", reason, state_dir)
     return _software(state_dir)
 
 
-def _import_tpm():  # type: ignore[no-untyped-def]
+def _import_tpm() -> ModuleType | None:
     """The TPM backend module, or None when tpm2-pytss (or libtss2) is missing."""
     try:
         from agent.identity import tpm

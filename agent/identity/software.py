@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import DeviceKeyLost, KeyStoreError
-from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 from agent.identity.keystore import KeyStore
+from shared.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir
 
 KEY_FILE = "key.pem"
 #: A PKCS#8 P-256 key in PEM is about 240 bytes; anything far larger is not ours.

@@ -20,8 +20,8 @@ from typing import Any
 from cryptography import x509
 
 from agent.errors import NotEnrolledError
-from agent.fsutil import atomic_write, discard_unfinished_writes, ensure_private_dir
-from agent.identity.trust import cert_not_after
+from shared.fsutil import atomic_write, discard_unfinished_writes, ensure_private_dir
+from shared.trust import cert_not_after
 
 CA_FILE = "ca.pem"
 CERT_FILE = "cert.pem"

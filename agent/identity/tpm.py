@@ -25,17 +25,24 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import DeviceKeyLost, KeyStoreError
-from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, fsync_directory
 from agent.identity import tpm_objects as objects
 from agent.identity.keystore import KeyStore
 from agent.identity.tcti import Tcti, parse_tcti
+from agent.identity.tpm_errors import (
+    Kind,
+    classify,
+    device_key_lost,
+    to_keystore_error,
+    tpm_code,
+    with_busy_retry,
+)
 from agent.identity.tss import (
     ESAPI,
     ESYS_TR,
@@ -48,14 +55,7 @@ from agent.identity.tss import (
     TCTILdr,
     TSS2_Exception,
 )
-from agent.identity.tpm_errors import (
-    Kind,
-    classify,
-    device_key_lost,
-    to_keystore_error,
-    tpm_code,
-    with_busy_retry,
-)
+from shared.fsutil import PRIVATE_FILE_MODE, atomic_write, ensure_private_dir, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class TpmKeyStore(KeyStore):
         stored = self._read()
         digest = hashlib.sha256(data).digest()
         with self._lock:
-            return self._tpm_call(lambda: self._sign_once(stored, digest), "signing")
+            signature: bytes = self._tpm_call(lambda: self._sign_once(stored, digest), "signing")
+            return signature
 
     def delete(self) -> None:
         with self._lock:

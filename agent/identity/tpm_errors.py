@@ -19,7 +19,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from agent.errors import DeviceKeyLost, KeyStoreBusy, KeyStoreError, TpmAuthorizationRefused, TpmLockedOut
 from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception

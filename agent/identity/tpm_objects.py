@@ -7,6 +7,8 @@ types are built field by field (no template-string parser differences), and
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from agent.identity.tss import (
@@ -158,7 +160,7 @@ def unmarshal_private(blob: bytes) -> TPM2B_PRIVATE:
     return _unmarshal_exact(TPM2B_PRIVATE, blob)
 
 
-def _unmarshal_exact(kind: type, blob: bytes):  # type: ignore[no-untyped-def]
+def _unmarshal_exact(kind: Any, blob: bytes) -> Any:
     try:
         value, used = kind.unmarshal(blob)
     except Exception as error:  # the MU layer raises TSS2_Exception on malformed input

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
-from agent.tunnel.session import StreamClosed, TunnelSession, splice_socket
+from shared.tunnel.session import StreamClosed, TunnelSession, splice_socket
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class DialListener:
             log.warning("dial %s refused: %s", self.service, self.last_error)
             writer.close()
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.last_error = "the far end did not answer in time"
             channel.reset(reason="dial timed out")
             writer.close()

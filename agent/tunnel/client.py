@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from agent.errors import EXIT_IDENTITY_REFUSED, ControllerUnreachable, OutpostError, TrustError, TunnelRefused
-from agent.identity.refusals import DISABLED, REVOKED
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
+from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
-from agent.tunnel.auth import peer_certificate_digest
-from agent.tunnel.protocol import (
+from shared.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
     Authenticated,
@@ -29,9 +29,10 @@ from agent.tunnel.protocol import (
     Role,
     auth_message,
 )
-from agent.tunnel.channel import StreamChannel
-from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
-from agent.tunnel.splice import splice_socket
+from shared.tunnel.auth import peer_certificate_digest
+from shared.tunnel.channel import StreamChannel
+from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from shared.tunnel.splice import splice_socket
 
 if TYPE_CHECKING:
     from agent.clock.trusted import TrustedClock
@@ -97,7 +98,7 @@ class TunnelOptions:
     proxy: ProxySettings = DIRECT
     #: Trusted time (agent.clock.trusted.TrustedClock); when set, the relay's
     #: certificate dates are judged by it instead of the system clock.
-    clock: "TrustedClock | None" = None
+    clock: TrustedClock | None = None
 
 
 class AgentSession(TunnelSession):
@@ -111,7 +112,7 @@ class AgentSession(TunnelSession):
         self.relay_digest = relay_digest
         self.options = options
         self.authenticated = asyncio.Event()
-        self.relay_info: dict = {}
+        self.relay_info: dict[str, Any] = {}
         self.bound: tuple[str, ...] = ()
         self.refused: dict[str, str] = {}
         self.last_rtt: float | None = None
@@ -154,7 +155,7 @@ class AgentSession(TunnelSession):
         host, port = target
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("service %s: cannot connect to %s:%d: %s", channel.service, host, port, exc)
             channel.reset(ErrorCode.CONNECT_FAILED,
                           f"the gateway could not connect to {channel.service} at {host}:{port}")
@@ -169,14 +170,14 @@ class AgentSession(TunnelSession):
 
 
 async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,
-                      ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task]:
+                      ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
     """Connect and authenticate; returns the session and the task running it.
 
     Raises TrustError (relay not from the pinned CA), ControllerUnreachable
     (network), TunnelRefused (the relay said no, with its reason;
     IdentityRefused when it was for a revoked or disabled identity), ClockError
     (the relay's certificate is not valid by a clock that could not be checked).
-    ``ssl_context`` is agent.identity.trust.pinned_ssl_context; the relay's
+    ``ssl_context`` is agent.identity.tls_trust.pinned_ssl_context; the relay's
     certificate is then judged by ``options.clock`` (PinnedTLS.check).
     """
     tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
@@ -198,7 +199,7 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
         raise ControllerUnreachable(
             f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
         ) from None
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise network_failure(exc, options.proxy.route(relay_url), f"the relay at {relay_url}",
                               f"cannot reach the relay at {relay_url}: {{reason}}") from None
 

@@ -14,10 +14,14 @@ the interval follows the NAT timeout and nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
 from agent.tunnel.backoff import STABLE_AFTER
-from agent.tunnel.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
+from shared.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
+
+if TYPE_CHECKING:  # agent.config builds on this module
+    from agent.config import LinkSettings
 
 # The keepalive leaves this share of the NAT timeout early, and at least
 # NAT_MARGIN_MIN seconds. What eats into the margin: the PING's one-way
@@ -160,7 +164,7 @@ def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_time
     )
 
 
-def plan_from_settings(settings) -> LinkPlan:
+def plan_from_settings(settings: LinkSettings) -> LinkPlan:
     """The plan for an ``agent.config.LinkSettings`` (fields it lacks are the profile's)."""
     return plan_for(
         settings.profile,

@@ -6,23 +6,29 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent import service_manager
 from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
 from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
 from agent.identity.keystore import KeyStore
 from agent.identity.refusals import DISABLED, DisabledGate, identity_status
+from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
-from agent.tunnel.protocol import ErrorCode
-from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
 from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
+from shared import service_manager
+from shared.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.identity.renewal import CertificateKeeper
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +41,8 @@ class TunnelSupervisor:
     """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
 
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
-                 write_status=None, backoff: Backoff | None = None, save_relays=None,
+                 write_status: Callable[[dict[str, Any]], None] | None = None, backoff: Backoff | None = None,
+                 save_relays: Callable[[list[str]], None] | None = None,
                  gate: DisabledGate | None = None) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
@@ -88,7 +95,7 @@ class TunnelSupervisor:
 
     async def run(self) -> None:
         """Until stop(): connect, serve, and reconnect after failures."""
-        from agent.identity.trust import pinned_ssl_context
+        from agent.identity.tls_trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
         # The environment's proxy variables are read at the edge (the CLI), never here.
@@ -150,7 +157,7 @@ class TunnelSupervisor:
         self.stats.next_ask = None
         self._report()
 
-    async def _until_stopped(self, waiting) -> bool:
+    async def _until_stopped(self, waiting: Awaitable[Any]) -> bool:
         """Await ``waiting`` unless stop() comes first; True when it finished."""
         task = asyncio.ensure_future(waiting)
         stopping = asyncio.ensure_future(self._stop.wait())
@@ -203,7 +210,7 @@ class TunnelSupervisor:
             except OSError as exc:
                 log.warning("cannot store the relay list: %s", exc)
 
-    async def _serve(self, session: AgentSession, task: asyncio.Task) -> None:
+    async def _serve(self, session: AgentSession, task: asyncio.Task[Any]) -> None:
         self.session = session
         self.stats.state = "connected"
         self.stats.connected_since = self._now()
@@ -253,8 +260,9 @@ def backoff_for(plan: LinkPlan) -> Backoff:
     return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, stable_after=plan.stable_after)
 
 
-async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], keeper=None,
-                      clock_keeper=None) -> None:
+async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener],
+                      keeper: CertificateKeeper | None = None,
+                      clock_keeper: Coroutine[Any, Any, None] | None = None) -> None:
     """Run the supervisor, the dial listeners and the certificate and clock keepers until a stop signal."""
     loop = asyncio.get_running_loop()
     renewing = loop.create_task(keeper.run()) if keeper is not None else None
@@ -284,7 +292,7 @@ async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener], k
             await dial.close()
 
 
-async def _supervise(supervisor: TunnelSupervisor, renewing: asyncio.Task | None) -> None:
+async def _supervise(supervisor: TunnelSupervisor, renewing: asyncio.Task[Any] | None) -> None:
     """Run the supervisor until it stops; the certificate keeper ends only by a terminal
     error (lost device key), which stops the tunnel and ends the agent with that error."""
     supervising = asyncio.ensure_future(supervisor.run())
@@ -315,7 +323,7 @@ def check_device_key(keystore: KeyStore) -> None:
         log.warning("%s", error)
 
 
-def run(config) -> int:
+def run(config: AgentConfig) -> int:
     """Entry point of ``outpost-agent run``; returns the exit code."""
     from agent.identity.select import open_keystore
     from agent.identity.state import StateDir
@@ -348,13 +356,14 @@ def run(config) -> int:
     gate = DisabledGate()
 
     def disabled_at_start(why: str, wait: float) -> None:
-        stats = TunnelStats(state=DISABLED, last_error=why, next_ask=clock.now() + wait)
+        next_ask = clock.now() + wait
+        stats = TunnelStats(state=DISABLED, last_error=why, next_ask=next_ask)
         note_clock(stats, clock, clock_problem)
         try:
             state.write_status(stats.as_json(clock.now()))
         except OSError as exc:
             log.warning("cannot write status: %s", exc)
-        service_manager.notify_ready(f"disabled by central ops; asking again at {clock_time(stats.next_ask)}")
+        service_manager.notify_ready(f"disabled by central ops; asking again at {clock_time(next_ask)}")
 
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from agent import service_manager
 from agent.clock.trusted import TrustedClock
+from shared import service_manager
 
 
 @dataclass
@@ -42,7 +43,7 @@ class TunnelStats:
     #: While the controller says the identity is disabled (state "disabled"): when the agent asks again.
     next_ask: float | None = None
 
-    def as_json(self, now: float) -> dict:
+    def as_json(self, now: float) -> dict[str, Any]:
         """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""
         return {**self.__dict__, "updated": now}
 

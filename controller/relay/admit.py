@@ -22,11 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.identity.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
-from agent.tunnel.auth import verify_challenge_signature
-from agent.tunnel.protocol import ErrorCode
 from controller.ca import public_key_sha256
 from controller.enrollment import is_session_certificate
+from shared.protocol import ErrorCode
+from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.tunnel.auth import verify_challenge_signature
 
 # An agent presents its leaf and at most a few intermediates; anything longer
 # is not ours and is refused before any parsing work.

@@ -8,12 +8,16 @@ import datetime as dt
 import logging
 import secrets
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 
-from agent.tunnel.protocol import (
+from controller.blocking import RELAY_POOL
+from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
+from controller.relay.broker import Broker, ServiceKey, service_key
+from shared.protocol import (
     NONCE_SIZE,
     SUBPROTOCOL,
     AuthReceived,
@@ -24,14 +28,12 @@ from agent.tunnel.protocol import (
     ProtocolLimits,
     Role,
 )
+from shared.trust import verify_leaf_issued_by
+
 # The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
-from agent.tunnel.channel import StreamChannel, StreamClosed
-from agent.tunnel.session import WS_RECEIVE_MAX, TunnelSession
-from agent.tunnel.splice import splice_streams
-from agent.identity.trust import verify_leaf_issued_by
-from controller.blocking import RELAY_POOL
-from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
-from controller.relay.broker import Broker, ServiceKey, service_key
+from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from shared.tunnel.splice import splice_streams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +80,7 @@ class RelaySession(TunnelSession):
     its own answers and holds one worker, never the event loop.
     """
 
-    def __init__(self, relay: "Relay", conn: Connection, ws: web.WebSocketResponse, nonce: bytes, remote: str) -> None:
+    def __init__(self, relay: Relay, conn: Connection, ws: web.WebSocketResponse, nonce: bytes, remote: str) -> None:
         super().__init__(conn, ws)
         self.relay = relay
         self.nonce = nonce
@@ -100,7 +102,7 @@ class RelaySession(TunnelSession):
             return await RELAY_POOL.run(function, *args, **kwargs)
 
     async def on_auth(self, event: AuthReceived) -> None:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         try:
             admitted = await self.in_worker(admit, self.context, event.chain, event.signature, self.nonce, now)
         except AdmissionRefused as refused:
@@ -161,7 +163,7 @@ class RelaySession(TunnelSession):
             return
         bound: list[str] = []
         refused: dict[str, str] = {}
-        for requested, (allowed, reason, key) in zip(event.services, decisions):
+        for requested, (allowed, reason, key) in zip(event.services, decisions, strict=True):
             if allowed:
                 self.relay.broker.bind(key, self)
                 bound.append(requested)
@@ -215,7 +217,7 @@ class RelaySession(TunnelSession):
         except StreamClosed as exc:
             channel.reset(exc.code, exc.reason)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             upstream.reset(ErrorCode.TIMEOUT, "dial timed out")
             channel.reset(ErrorCode.TIMEOUT, f"the gateway hosting {key[0]}/{key[1]} did not answer in time")
             return

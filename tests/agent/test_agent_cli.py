@@ -89,7 +89,8 @@ def test_a_running_agent_reports_its_next_renewal_in_status(tmp_path: Path):
     import sys
 
     from agent.identity.renewal import RENEW_AT_FRACTION, RENEW_JITTER_FRACTION, RenewalSchedule
-    from tests.e2e.harness import Controller, Process, read_status, run_cli as run_module, wait_until
+    from tests.e2e.harness import Controller, Process, read_status, wait_until
+    from tests.e2e.harness import run_cli as run_module
 
     controller = Controller(tmp_path / "controller")
     try:

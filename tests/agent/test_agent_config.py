@@ -146,7 +146,7 @@ def test_a_non_utf8_file_is_refused(tmp_path: Path):
 
 
 def test_more_binds_than_one_tunnel_carries_are_refused_at_load(tmp_path: Path):
-    from agent.tunnel.protocol import MAX_BIND_SERVICES
+    from shared.protocol import MAX_BIND_SERVICES
 
     entries = "".join(f'[[bind]]\nservice = "svc-{i}"\ntarget = "127.0.0.1:{1000 + i}"\n\n'
                       for i in range(MAX_BIND_SERVICES + 1))

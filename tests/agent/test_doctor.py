@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from agent.clock.trusted import format_utc
+from agent.config import AgentConfig
 from agent.doctor import (
     CERT_WARN_FRACTION,
     CLOCK_FAIL_SECONDS,
@@ -29,12 +30,11 @@ from agent.doctor import (
     clock_verdict,
     endpoints,
 )
-from agent.config import AgentConfig
 from agent.enrollment.enroll import enroll_async
 from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 from tests.agent.cli_helpers import doctor_lines, run_cli
 from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller

@@ -30,8 +30,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -201,7 +202,7 @@ class TunnelPath:
     #: The agents' log level; None keeps the agent's default.
     LOG_LEVEL: str | None = None
 
-    def start(self) -> "TunnelPath":
+    def start(self) -> TunnelPath:
         self._start_controller()
         binder_state = self._enroll(self.BINDER)
         dialer_state = self._enroll(self.DIALER)
@@ -250,7 +251,7 @@ class TunnelPath:
                        what=f"{name} connected")
         except AssertionError:
             agent.stop()
-            raise RuntimeError(f"agent {name} did not connect within {AGENT_START_TIMEOUT} s:\n{agent.output}")
+            raise RuntimeError(f"agent {name} did not connect within {AGENT_START_TIMEOUT} s:\n{agent.output}") from None
         return agent
 
     @property
@@ -300,7 +301,7 @@ class SshPath:
             return "sshd must run as root for the baseline (it changes to the logging-in user)"
         return None
 
-    def start(self) -> "SshPath":
+    def start(self) -> SshPath:
         why = self.unavailable()
         if why:
             raise RuntimeError(why)
@@ -347,7 +348,7 @@ class SshPath:
              *forwards, f"{_user()}@127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        for service, forwarded in self.ports.items():
+        for forwarded in self.ports.values():
             deadline = time.monotonic() + SSH_START_TIMEOUT
             while not _listening(forwarded):
                 if self.client.poll() is not None:

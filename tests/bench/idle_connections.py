@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent.identity.csr import build_csr  # noqa: E402
 from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
-from agent.identity.trust import pinned_ssl_context  # noqa: E402
+from agent.identity.tls_trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
 from controller.admission import MEMORY_TRIM_INTERVAL  # noqa: E402
 
@@ -65,7 +65,7 @@ READY_TIMEOUT = 60.0
 RUNNER = r"""
 import dataclasses, logging, sys
 sys.path.insert(0, sys.argv[1])
-import agent.service_manager as service_manager
+import shared.service_manager as service_manager
 from controller import cli
 from controller.event_loop import run
 service_manager.configure_logging(logging.WARNING, identifier="outpost-controller")
@@ -161,7 +161,7 @@ async def ping_once(session) -> float:
         session.schedule_flush()
         await asyncio.wait_for(answered, PING_TIMEOUT)
         return (time.perf_counter() - started) * 1000
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return PING_TIMEOUT * 1000
     finally:
         session.pong_listeners.remove(listener)

@@ -69,7 +69,7 @@ class LinkTunnelPath(TunnelPath):
         self.emulator: Emulator | None = None
         self.binder_state: Path | None = None
 
-    def start(self) -> "LinkTunnelPath":
+    def start(self) -> LinkTunnelPath:
         self._start_controller()
         assert self.controller is not None
         relay_port = int(self.controller.url.rsplit(":", 1)[1])

@@ -41,10 +41,10 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from agent.identity.csr import build_csr  # noqa: E402
 from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
-from agent.identity.trust import pinned_ssl_context  # noqa: E402
+from agent.identity.tls_trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
-from agent.tunnel.protocol import MAX_BIND_SERVICES  # noqa: E402
-from agent.tunnel.session import StreamClosed  # noqa: E402
+from shared.protocol import MAX_BIND_SERVICES  # noqa: E402
+from shared.tunnel.session import StreamClosed  # noqa: E402
 from tests.bench.bench_setup import (  # noqa: E402
     BENCH_ECHO,
     TUNNEL_PATH,
@@ -150,7 +150,7 @@ class ControllerClient:
         self.headers = {"Authorization": f"Bearer {config['token']}"}
         self.http: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "ControllerClient":
+    async def __aenter__(self) -> ControllerClient:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.tls, limit=100),
                                           timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
         return self

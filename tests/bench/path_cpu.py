@@ -6,7 +6,7 @@ on every path, so they are left out; direct TCP therefore costs 0 here.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tests.bench.bench_setup import SshPath, TunnelPath, cpu_seconds, median
 from tests.bench.stunnel_path import StunnelChain

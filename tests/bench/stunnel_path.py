@@ -27,8 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -87,7 +87,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 
 def make_pki(directory: Path, names: tuple[str, ...] = (CLIENT, MIDDLE, SERVER)) -> dict[str, tuple[Path, Path]]:
     """A CA (``ca.pem``) and, per name, a certificate and 0600 key it issued; ECDSA P-256 as Outpost's."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("outpost bench CA")).issuer_name(_name("outpost bench CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
@@ -129,7 +129,7 @@ class StunnelChain:
         #: service name -> the middle's TLS port for it (the tests knock on it)
         self.middle_ports: dict[str, int] = {}
 
-    def start(self) -> "StunnelChain":
+    def start(self) -> StunnelChain:
         why = unavailable()
         if why:
             raise RuntimeError(why)

@@ -9,8 +9,9 @@ import dataclasses
 import json
 import sqlite3
 import ssl
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from cryptography import x509

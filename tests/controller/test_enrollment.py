@@ -25,7 +25,6 @@ from controller.ca import NOT_BEFORE_BACKDATE, CertificateAuthority, not_after_o
 from controller.errors import ControllerError
 from controller.settings import Settings
 from controller.tokens import AUDIENCE
-
 from tests.controller.harness import (
     Running,
     audit_events_added,
@@ -265,7 +264,7 @@ def test_issued_certificate_names_the_identity_is_backdated_and_is_for_client_au
     async def scenario() -> None:
         async with running_controller(data_dir, cert_lifetime=7200) as running:
             token = (await running.create_identity("gw"))["token"]
-            started = datetime.datetime.now(datetime.timezone.utc)
+            started = datetime.datetime.now(datetime.UTC)
             status, body = await running.enroll(token, make_key())
             assert status == 200
             cert = x509.load_pem_x509_certificate(body["certificate"].encode())

@@ -19,7 +19,6 @@ from controller.bootstrap import open_data_dir
 from controller.ca import public_key_sha256
 from controller.errors import ControllerError
 from controller.settings import Settings
-
 from tests.controller.harness import (
     Running,
     audit_events_added,
@@ -185,10 +184,10 @@ def test_two_tokens_raced_then_redeemed_at_once_let_exactly_the_newest_enroll(da
             await running.create_identity("gw")
             tokens = await asyncio.gather(*(new_token(running) for _ in range(4)))
             keys = [make_key() for _ in tokens]
-            results = await asyncio.gather(*(running.enroll(t, k) for t, k in zip(tokens, keys)))
+            results = await asyncio.gather(*(running.enroll(t, k) for t, k in zip(tokens, keys, strict=True)))
             codes = sorted("enrolled" if status == 200 else body["error"] for status, body in results)
             assert codes == ["enrolled"] + ["token_superseded"] * 3, results
-            winner = next(k for (status, _), k in zip(results, keys) if status == 200)
+            winner = next(k for (status, _), k in zip(results, keys, strict=True) if status == 200)
             assert current_key(running) == sha(winner)
             # Exactly one token of the identity is left that enrolls anything.
             live = running.context.store.query(

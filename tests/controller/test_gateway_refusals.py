@@ -9,15 +9,24 @@ endpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from controller.api import MAX_REQUEST_BODY
 from controller.audit import AnonymousBudget
 from controller.ca import public_key_sha256
-from tests.controller.harness import Running, audit_events_added, make_csr, make_key, run, running_controller, store_snapshot
+from tests.controller.harness import (
+    Running,
+    audit_events_added,
+    make_csr,
+    make_key,
+    run,
+    running_controller,
+    store_snapshot,
+)
 
 ENDPOINTS = {"/v1/enroll": "enrollment_refused", "/v1/renew": "renewal_refused"}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.identity.trust import cert_not_after
 from controller.settings import LISTENER_CERT_RENEW_FRACTION
+from shared.trust import cert_not_after
 from tests.controller.harness import Running, run, running_controller
 from tests.controller.relay.relay_harness import KeyOf, connect, enrolled
 from tests.controller.relay.test_relay_decisions import dial_refusal
@@ -41,7 +41,7 @@ def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up
                 # Watch new handshakes until past the first certificate's expiry (bounded by the scenario).
                 expiry = cert_not_after(first)
                 renewed_at = None
-                while (now := dt.datetime.now(dt.timezone.utc)) < expiry + dt.timedelta(seconds=1):
+                while (now := dt.datetime.now(dt.UTC)) < expiry + dt.timedelta(seconds=1):
                     current = await presented_certificate(ctl)
                     if renewed_at is None and current.serial_number != first.serial_number:
                         renewed_at = now
@@ -51,7 +51,7 @@ def test_the_listener_certificate_is_renewed_while_running_and_a_tunnel_stays_up
                 left = SHORT_LIFETIME * (1 - LISTENER_CERT_RENEW_FRACTION)
                 assert (expiry - renewed_at).total_seconds() > left / 2
                 current = await presented_certificate(ctl)
-                assert cert_not_after(current) > dt.datetime.now(dt.timezone.utc)
+                assert cert_not_after(current) > dt.datetime.now(dt.UTC)
                 # The tunnel from before the renewal still carries a round trip through the relay ...
                 assert not tunnel.conn.closed
                 await dial_refusal(tunnel, "no-such-service")

@@ -18,7 +18,7 @@ import pytest
 
 from controller.admission import cap_key
 from controller.listener import ListenerLimits
-from tests.controller.harness import Running, make_csr, make_key, run, running_controller
+from tests.controller.harness import Running, make_key, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled
 from tests.controller.relay.test_relay_decisions import dial_refusal
 
@@ -50,7 +50,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return True
     except (ConnectionError, ssl.SSLError):
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 

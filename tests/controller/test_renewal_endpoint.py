@@ -8,9 +8,8 @@ from pathlib import Path
 from cryptography import x509
 
 from controller.ca import public_key_sha256
-from controller.registry import STATUS_ENROLLED
+from controller.registry import STATUS_ENROLLED, Identity
 from controller.renewal import RECOVERY, RENEWAL, RenewalRefused, renewal_decision
-from controller.registry import Identity
 from tests.controller.harness import audit_events_added, make_csr, make_key, run, running_controller, store_snapshot
 
 DAY = 86400.0
@@ -240,7 +239,7 @@ def test_the_replaced_key_neither_renews_nor_recovers_after_re_enrollment(tmp_pa
         async with running_controller(tmp_path / "c") as running:
             old_key, new_key = await _re_enrolled(running)
             for offset in (0.0, 3 * DAY):  # renewal, then recovery of an expired certificate
-                running.context.renewal.clock = lambda: time.time() + offset
+                running.context.renewal.clock = lambda offset=offset: time.time() + offset
                 before = store_snapshot(running.context.settings.store_path)
                 status, body = await _renew(running, old_key)
                 assert (status, body["error"]) == (403, "renewal_unknown_key"), body

@@ -18,7 +18,7 @@ import asyncio
 import base64
 import contextlib
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 #: An address on the loopback network where nothing listens (the controller binds 127.0.0.1 only):
 #: a connection straight to it is refused, one through the proxy's route arrives.
@@ -51,7 +51,7 @@ class ConnectProxy:
         login = f"{user}:{password}@" if user is not None else ""
         return f"http://{login}127.0.0.1:{self.port}"
 
-    async def start(self) -> "ConnectProxy":
+    async def start(self) -> ConnectProxy:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -63,7 +63,7 @@ class ConnectProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
         text = head.decode("latin-1")

@@ -22,10 +22,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pytest
 from cryptography import x509
@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.errors import OutpostError
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
-from agent.identity.trust import ca_fingerprint, cert_not_after, cert_not_before, verify_leaf_issued_by
 from controller.ca import public_key_sha256
+from shared.trust import ca_fingerprint, cert_not_after, cert_not_before, verify_leaf_issued_by
 from tests.e2e.harness import admin_token_in, python_env
 
 SOFTWARE_KEYS = KeyStoreSettings(backend="software")
@@ -92,7 +92,7 @@ class Tally:
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
-    def merge(self, other: "Tally") -> None:
+    def merge(self, other: Tally) -> None:
         self.kills += other.kills
         self.iterations += other.iterations
         self.faults += other.faults

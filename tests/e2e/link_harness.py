@@ -14,20 +14,20 @@ import dataclasses
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import aiohttp
 from cryptography.hazmat.primitives import serialization
 
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
-from agent.identity.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
-from agent.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import StreamChannel, StreamClosed
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator, peer_gone
 from tests.linkemu.profiles import LinkProfile
@@ -127,7 +127,7 @@ class StuckService:
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def start(self) -> "StuckService":
+    async def start(self) -> StuckService:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RECEIVE_BUFFER)
         sock.bind(("127.0.0.1", 0))

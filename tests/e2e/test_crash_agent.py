@@ -28,16 +28,16 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cryptography import x509
 
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import StateDir
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 from tests.agent.identity.swtpm_harness import SWTPM, Swtpm
 from tests.e2e.crash_harness import (
     SOFTWARE_KEYS,

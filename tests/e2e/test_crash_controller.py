@@ -102,7 +102,7 @@ class Traffic:
             async with session.post(self.url + path, json=body, headers=self.admin if admin else {}) as response:
                 answer = await response.json(content_type=None)
                 status = response.status
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             raise Cut() from None
         finally:
             self.in_flight -= 1

@@ -146,7 +146,7 @@ def expiring_soon(controller: Controller, state: Path, seconds: float) -> None:
     """Replace the gateway's certificate with one of the controller's CA that expires in ``seconds``."""
     current = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((controller.data / "ca" / "ca.key").read_bytes(), password=None)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(current.subject).issuer_name(current.issuer)
                .public_key(current.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(seconds=seconds)))

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from agent.enrollment.enroll import enroll_async
 from agent.errors import TunnelRefused
 from agent.identity.select import KeyStoreSettings, open_keystore
-from agent.identity.trust import cert_not_after, pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
+from shared.trust import cert_not_after
 from tests.controller.harness import run, running_controller
 from tests.e2e.clock_harness import (
     FAKE_CLOCKS,

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import (
-    admin_token_in,
     Controller,
     EchoServer,
     Process,
+    admin_token_in,
     python_env,
     read_status,
     run_cli,

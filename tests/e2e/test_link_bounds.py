@@ -13,9 +13,9 @@ import dataclasses
 import time
 from pathlib import Path
 
-from agent.tunnel.channel import StreamClosed
 from agent.tunnel.link_profiles import plan_for
-from agent.tunnel.protocol import ProtocolLimits
+from shared.protocol import ProtocolLimits
+from shared.tunnel.channel import StreamClosed
 from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (
     ECHO_SERVICE,

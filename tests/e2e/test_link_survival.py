@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from agent.tunnel.link_profiles import plan_for
-from tests.controller.harness import run, running_controller
-from agent.tunnel.session import CLOSE_TIMEOUT
 from controller.relay.session import RELAY_IDLE_MIN
+from shared.tunnel.session import CLOSE_TIMEOUT
+from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (
     ECHO_SERVICE,
     SOURCE_SERVICE,
@@ -326,7 +326,7 @@ def test_on_a_flaky_link_the_tunnel_keeps_coming_back_within_a_bounded_time(tmp_
                 assert longest <= outage_bound, f"an outage lasted {longest:.1f} s"
                 await gw.wait_connected(outage_bound)
                 # Between resets the tunnel works end to end.
-                for attempt in range(5):
+                for _attempt in range(5):
                     try:
                         assert await dial_echo(operator, b"still here", 3) == b"still here"
                         break

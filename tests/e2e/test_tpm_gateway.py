@@ -14,8 +14,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cryptography import x509
@@ -33,7 +33,16 @@ from tests.agent.identity.swtpm_harness import (
     counted_swtpm,  # noqa: F401  (a fixture)
     started_swtpm,
 )
-from tests.e2e.harness import Controller, EchoServer, Process, free_port, python_env, read_status, round_trip, wait_until
+from tests.e2e.harness import (
+    Controller,
+    EchoServer,
+    Process,
+    free_port,
+    python_env,
+    read_status,
+    round_trip,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(SWTPM is None, reason="swtpm is not installed (scripts/setup installs it)")
 tss = pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")

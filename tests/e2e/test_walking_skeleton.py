@@ -64,11 +64,12 @@ class Unchanged:
             assert now["tunnels"] == self.agents["tunnels"]
 
 
-def write_agent_config(path: Path, state: Path, binds: dict[str, int] = {}, dials: dict[str, int] = {}) -> Path:
+def write_agent_config(path: Path, state: Path, binds: dict[str, int] | None = None,
+                       dials: dict[str, int] | None = None) -> Path:
     lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', ""]
-    for service, port in binds.items():
+    for service, port in (binds or {}).items():
         lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
-    for service, port in dials.items():
+    for service, port in (dials or {}).items():
         lines += ["[[dial]]", f'service = "{service}"', f'listen = "127.0.0.1:{port}"', ""]
     path.write_text("\n".join(lines))
     return path

@@ -24,7 +24,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from agent.tunnel.splice import reset_connection
+from shared.tunnel.splice import reset_connection
 from tests.linkemu.profiles import BLACKHOLE_MODES, LinkProfile
 
 # Read size per socket read: one 64 KiB chunk costs ~26 ms at 20 Mbit/s, so
@@ -102,7 +102,7 @@ class LinkStats:
 class _Pipe:
     """One direction of one connection."""
 
-    def __init__(self, link: "_Connection", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def __init__(self, link: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  upward: bool) -> None:
         self.link = link
         self.reader = reader
@@ -202,7 +202,7 @@ class _Pipe:
 
 
 class _Connection:
-    def __init__(self, emulator: "LinkEmulator", client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    def __init__(self, emulator: LinkEmulator, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                  upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
         self.emulator = emulator
         self.client_writer = client[1]
@@ -282,7 +282,7 @@ class LinkEmulator:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start(self, port: int = 0) -> "LinkEmulator":
+    async def start(self, port: int = 0) -> LinkEmulator:
         listener = _small_buffer_socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", port))
@@ -301,7 +301,7 @@ class LinkEmulator:
         await asyncio.sleep(2 * self.profile.one_way_delay)
         try:
             upstream = await asyncio.wait_for(self._connect_upstream(), UPSTREAM_CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.close()  # the relay is down: the agent sees the connection end
             return
         link = _Connection(self, (reader, writer), upstream)
@@ -371,7 +371,7 @@ class LinkEmulator:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> "LinkEmulator":
+    async def __aenter__(self) -> LinkEmulator:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:

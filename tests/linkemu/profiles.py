@@ -47,7 +47,7 @@ class LinkProfile:
         if self.blackhole not in BLACKHOLE_MODES:
             raise ValueError(f"blackhole must be one of {', '.join(BLACKHOLE_MODES)}, not {self.blackhole!r}")
 
-    def but(self, **changes) -> "LinkProfile":
+    def but(self, **changes) -> LinkProfile:
         """This profile with some numbers changed (tests shrink the timers)."""
         return replace(self, **changes)
 

@@ -123,7 +123,7 @@ def test_a_black_hole_either_swallows_bytes_or_leaves_the_sender_blocked(mode: s
                 writer.write(bytes(1 << 20))
                 try:
                     await asyncio.wait_for(writer.drain(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     blocked = True
                     break
             assert blocked is writes_block

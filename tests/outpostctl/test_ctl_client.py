@@ -33,7 +33,7 @@ TEST_TIMEOUT_SECONDS = 1.0
 
 def issue(folder: Path, host_names: list[x509.GeneralName]) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for ``host_names``: (ca.pem, server.pem, server.key)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

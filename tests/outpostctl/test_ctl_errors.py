@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+
 from agent.errors import EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.outpostctl.harness import Ctl, RunningController, other_ca_pem, run_outpostctl, subprocess_env
 

@@ -12,8 +12,8 @@ container listens on is reachable from the host.
 
 from __future__ import annotations
 
-import hashlib
 import fcntl
+import hashlib
 import os
 import re
 import secrets

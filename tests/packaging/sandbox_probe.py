@@ -3,7 +3,7 @@
 Run by the booted container's outpost-agent.service (a drop-in swaps the
 ExecStart), it exercises what the agent will need there, on Debian's own
 python3-* packages: the imports, an ECDSA signature, a TLS context, a loopback
-connection, the journal and sd_notify through agent.service_manager; then it
+connection, the journal and sd_notify through shared.service_manager; then it
 records what it found in the state directory and keeps pinging the watchdog.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, "/usr/lib/outpost-agent")
 
-from agent import service_manager  # noqa: E402
+from shared import service_manager  # noqa: E402
 
 RESULT = Path("/var/lib/outpost-agent/sandbox-probe.json")
 # The unit's watchdog allows 60 s; stop pinging (and let systemd act) only at poweroff.

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from boot_harness import boot, controller_listens_on, place_boot_token, run_in_rootfs
 from host_controller import free_port
 

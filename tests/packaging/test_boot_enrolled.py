@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from boot_harness import boot, place_boot_token, wait_for_agent_status
-from host_controller import REPO, PROCESS_TIMEOUT_SECONDS, HostController, free_port, host_controller, python
+from host_controller import PROCESS_TIMEOUT_SECONDS, REPO, HostController, free_port, host_controller, python
 
 # Enrollment plus the first tunnel on loopback take seconds; this bounds the
 # waits inside the container and on the host.

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from boot_harness import add_dropin, boot, enroll_in_rootfs, wait_for_agent_status
 from host_controller import host_controller
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from boot_harness import boot, place_boot_token, wait_for_agent_status
 from host_controller import HostController, host_controller
+
 from tests.agent.identity.swtpm_harness import SWTPM, Swtpm, running_swtpm
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(SWTPM is None, reason="swtpm is not installed")]

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from boot_harness import add_dropin, boot, controller_listens_on
 from host_controller import free_port
 
@@ -87,7 +86,7 @@ s.connect("\\0" + a[1:] if a.startswith("@") else a); s.sendall(b"READY=1"); tim
     first = report.text("watchdog-first").split()
     later = report.text("watchdog-later").split()
     assert len(first) == len(later) == 2, report.diagnosis()
-    for before, after in zip(first, later):
+    for before, after in zip(first, later, strict=True):
         assert 0 < int(before) < int(after), report.diagnosis()
 
     agent = journal_entries(report.text("agent-journal.json"))

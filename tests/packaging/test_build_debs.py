@@ -29,7 +29,7 @@ def test_changelog_version_is_the_projects_version() -> None:
         pytest.skip("dpkg-dev is not installed (packaging/install-build-deps)")
     changelog = subprocess.run(["dpkg-parsechangelog", "-l", str(REPO / "packaging/debian/changelog"), "-S", "Version"],
                                capture_output=True, text=True, check=True).stdout.strip()
-    assert f'__version__ = "{changelog}"' in (REPO / "agent/__init__.py").read_text()
+    assert f'__version__ = "{changelog}"' in (REPO / "shared/__init__.py").read_text()
 
 
 def test_both_packages_depend_on_debians_own_python_libraries(built_debs: dict[str, Path]) -> None:
@@ -47,11 +47,14 @@ def test_agent_package_ships_only_the_agent_and_the_controller_package_is_self_c
     agent = contents(built_debs["outpost-agent"])
     controller = contents(built_debs["outpost-controller"])
     assert {"/usr/bin/outpost-agent", "/lib/systemd/system/outpost-agent.service", "/etc/outpost/agent.toml",
-            "/usr/lib/outpost-agent/agent/cli.py"} <= agent
+            "/usr/lib/outpost-agent/agent/cli.py", "/usr/lib/outpost-agent/shared/protocol/connection.py",
+            "/usr/lib/outpost-agent/shared/tunnel/session.py"} <= agent
     assert not any(p.startswith(("/usr/lib/outpost-agent/controller", "/usr/lib/outpost-agent/outpostctl")) for p in agent)
     assert {"/usr/bin/outpost-controller", "/usr/bin/outpostctl", "/lib/systemd/system/outpost-controller.service",
             "/usr/lib/outpost-controller/controller/cli.py", "/usr/lib/outpost-controller/outpostctl/cli.py",
-            "/usr/lib/outpost-controller/agent/errors.py"} <= controller
+            "/usr/lib/outpost-controller/agent/errors.py", "/usr/lib/outpost-controller/shared/errors.py",
+            "/usr/lib/outpost-controller/shared/protocol/connection.py",
+            "/usr/lib/outpost-controller/shared/tunnel/session.py"} <= controller
     # Both can be installed on one host: no path in common but shared directories.
     assert not {p for p in agent & controller if not p.endswith("/")} - {"/etc/outpost", "/usr/share/man/man1"}
     assert not any("__pycache__" in p for p in agent | controller)
@@ -64,4 +67,4 @@ def test_lintian_finds_no_errors_or_warnings(built_debs: dict[str, Path]) -> Non
     result = subprocess.run(["lintian", "--fail-on", "error,warning", *map(str, built_debs.values())],
                             capture_output=True, text=True, timeout=LINTIAN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not [l for l in result.stdout.splitlines() if l.startswith(("E:", "W:"))]
+    assert not [line for line in result.stdout.splitlines() if line.startswith(("E:", "W:"))]

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from boot_harness import DEBS_IN_CONTAINER, boot, controller_listens_on
 from host_controller import free_port
 

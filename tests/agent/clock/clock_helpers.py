@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 from aiohttp import web
 

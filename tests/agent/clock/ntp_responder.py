@@ -50,7 +50,7 @@ class NtpResponder:
         while not self._closed.is_set() and self.requests < MAX_ANSWERS:
             try:
                 packet, peer = self.sock.recvfrom(512)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -75,7 +75,7 @@ class NtpResponder:
         self._thread.join(2.0)
         self.sock.close()
 
-    def __enter__(self) -> "NtpResponder":
+    def __enter__(self) -> NtpResponder:
         return self
 
     def __exit__(self, *exc: object) -> None:

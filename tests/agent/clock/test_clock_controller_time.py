@@ -18,14 +18,14 @@ from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock
 from agent.config import ClockSettings
 from agent.errors import ClockError, TrustError
-from agent.identity.trust import cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted, time_server
 from tests.agent.clock.ntp_responder import NtpResponder, silent_port
 from tests.controller.harness import run, running_controller
 
 #: One request on loopback; the measured offset is uncertain by half of it.
 LOOPBACK_ERROR = 0.5
-JAN_2019 = datetime.datetime(2019, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
+JAN_2019 = datetime.datetime(2019, 1, 1, tzinfo=datetime.UTC).timestamp()
 
 
 def test_the_offset_of_a_right_clock_is_near_zero(tmp_path: Path) -> None:

@@ -21,10 +21,10 @@ from agent.clock.trusted import TrustedClock
 from agent.config import ClockSettings
 from agent.enrollment.enroll import enroll_async
 from agent.errors import ClockError, TrustError
+from agent.identity.pinned_tls import FixedTime, PinnedTLS
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
-from agent.identity.pinned_tls import FixedTime, PinnedTLS
-from agent.identity.trust import check_dates, pinned_ssl_context, served_ssl_object
+from agent.identity.tls_trust import check_dates, pinned_ssl_context, served_ssl_object
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted
 from tests.controller.harness import run, running_controller
@@ -121,13 +121,13 @@ def cert_valid(days_from: float, days_to: float) -> x509.Certificate:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
-    now = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now + dt.timedelta(days=days_from))
             .not_valid_after(now + dt.timedelta(days=days_to)).sign(key, hashes.SHA256()))
 
 
-NOV_22 = datetime.datetime(2026, 11, 22, tzinfo=datetime.timezone.utc).timestamp()
+NOV_22 = datetime.datetime(2026, 11, 22, tzinfo=datetime.UTC).timestamp()
 
 
 def test_dates_outside_validity_by_measured_time_are_the_peers_fault() -> None:

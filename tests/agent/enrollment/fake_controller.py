@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.identity.trust import ca_fingerprint
+from shared.trust import ca_fingerprint
 
 TRUST_DOMAIN = "outpost.test"
 # Matches docs/api.md: request bodies above 64 KiB are refused before reading.
@@ -41,7 +41,7 @@ BACKDATE = datetime.timedelta(minutes=5)
 
 
 def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class TestCA:
@@ -145,7 +145,7 @@ class FakeController:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeController":
+    def start(self) -> FakeController:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(STARTUP_TIMEOUT)
         return self

@@ -15,7 +15,7 @@ from agent.errors import ControllerUnreachable, EnrollmentError, TokenError, Tru
 from agent.identity.select import KeyStoreSettings
 from agent.identity.software import SoftwareKeyStore
 from agent.identity.state import StateDir
-from agent.identity.trust import cert_not_after, verify_leaf_issued_by
+from shared.trust import cert_not_after, verify_leaf_issued_by
 from tests.agent.enrollment.fake_controller import unused_loopback_port
 
 SOFTWARE = KeyStoreSettings(backend="software")

@@ -6,13 +6,13 @@ this checks that the agent and the actual controller agree on docs/api.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from agent.identity.state import StateDir
-from agent.identity.trust import verify_leaf_issued_by
+from shared.trust import verify_leaf_issued_by
 from tests.agent.cli_helpers import one_line_error, run_cli
 from tests.e2e.harness import Controller
 

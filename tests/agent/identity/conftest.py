@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.agent.identity.swtpm_harness import LOOPBACK, Swtpm, closed_port, started_swtpm
-from tests.agent.identity.swtpm_harness import counted_swtpm  # noqa: F401  (a fixture, shared with tests/e2e)
+from tests.agent.identity.swtpm_harness import (
+    LOOPBACK,
+    Swtpm,
+    closed_port,
+    counted_swtpm,  # noqa: F401  (a fixture, shared with tests/e2e)
+    started_swtpm,
+)
 
 
 @pytest.fixture

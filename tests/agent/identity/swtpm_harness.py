@@ -125,8 +125,7 @@ class Swtpm:
 
     def clear(self) -> None:
         """TPM2_Clear through the lockout hierarchy, as ``tpm2_clear`` does: new owner seed."""
-        from agent.identity.tss import ESAPI, TCTILdr
-        from agent.identity.tss import ESYS_TR
+        from agent.identity.tss import ESAPI, ESYS_TR, TCTILdr
 
         with TCTILdr("swtpm", f"host={LOOPBACK},port={self.port}") as tcti:
             with ESAPI(tcti) as esapi:

@@ -18,8 +18,8 @@ from agent.identity.renewal import (
     CertificateKeeper,
     RenewalRefused,
     RenewalSchedule,
-    recover_at_start,
     keeper_for_tunnel,
+    recover_at_start,
     recover_if_expired,
     renew_certificate,
 )
@@ -191,7 +191,7 @@ def age_certificate(running, state: StateDir, days: float) -> None:
     """Make the gateway as if it had been offline: its certificate expired ``days`` ago, in its
     state directory and in the controller's store alike (every clock stays real)."""
     current = state.load().certificate()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_after = now - datetime.timedelta(days=days)
     builder = (
         x509.CertificateBuilder()

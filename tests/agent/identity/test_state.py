@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import NotEnrolledError
-from agent.identity.state import EnrolledIdentity, StateDir
 from agent.identity.software import SoftwareKeyStore
+from agent.identity.state import EnrolledIdentity, StateDir
 from tests.agent.enrollment.fake_controller import TestCA
 
 URI = "spiffe://outpost.test/default/pump-1"

@@ -7,13 +7,12 @@ made to say RETRY on demand.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
 
 pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pytss")
-
-from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception  # noqa: E402
 
 from agent.errors import (  # noqa: E402
     EXIT_TEMPFAIL,
@@ -30,6 +29,7 @@ from agent.identity.tpm_errors import (  # noqa: E402
     to_keystore_error,
     with_busy_retry,
 )
+from agent.identity.tss import TPM2_RC, TSS2_RC, TSS2_Exception  # noqa: E402
 
 TCTI = "swtpm:host=127.0.0.1,port=2321"
 # Format-one codes name the handle/parameter/session that failed; these are
@@ -99,7 +99,7 @@ def test_the_waits_double_and_stay_inside_the_budget() -> None:
     with pytest.raises(KeyStoreBusy):
         with_busy_retry(Answers(*[TPM2_RC.YIELDED] * 100), busy_error, sleep=waits.append)
     assert len(waits) == BUSY_ATTEMPTS - 1
-    assert all(later == 2 * earlier for earlier, later in zip(waits, waits[1:]))
+    assert all(later == 2 * earlier for earlier, later in itertools.pairwise(waits))
     assert sum(waits) <= BUSY_TOTAL_BUDGET
 
 

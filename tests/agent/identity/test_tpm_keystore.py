@@ -127,8 +127,7 @@ def test_the_key_has_the_field_attributes_and_the_parent_is_rederivable(swtpm, k
 
 
 def test_a_persistent_srk_at_0x81000001_is_used_as_the_parent(swtpm, key_dir: Path) -> None:
-    from agent.identity.tss import ESYS_TR
-    from agent.identity.tss import TPM2B_SENSITIVE_CREATE
+    from agent.identity.tss import ESYS_TR, TPM2B_SENSITIVE_CREATE
 
     esapi = swtpm.esapi()
     try:

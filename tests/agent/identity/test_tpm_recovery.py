@@ -71,8 +71,7 @@ def test_a_replaced_tpm_is_a_lost_identity(swtpm, enrolled: TpmKeyStore, key_dir
 
 
 def test_a_cleared_tpm_with_a_new_persistent_srk_is_a_lost_identity(swtpm, key_dir: Path) -> None:
-    from agent.identity.tss import ESYS_TR
-    from agent.identity.tss import TPM2B_SENSITIVE_CREATE
+    from agent.identity.tss import ESYS_TR, TPM2B_SENSITIVE_CREATE
 
     def provision_srk() -> None:
         esapi = swtpm.esapi()

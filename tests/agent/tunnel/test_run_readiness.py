@@ -52,7 +52,7 @@ class NotifySocket:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 break
             message = dict(line.split("=", 1) for line in data.decode().splitlines())
             self.received.append(message)

@@ -14,8 +14,8 @@ import ipaddress
 import logging
 import ssl
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -27,9 +27,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import ControllerUnreachable
 from agent.identity.ephemeral import EphemeralKeyStore
-from agent.identity.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.protocol import (
+from shared.protocol import (
     AuthReceived,
     BindRequested,
     Connection,
@@ -40,7 +40,7 @@ from agent.tunnel.protocol import (
     StreamAccepted,
     StreamReset,
 )
-from agent.tunnel.protocol.frames import FrameType, encode_frame
+from shared.protocol.frames import FrameType, encode_frame
 from tests.e2e.link_harness import echo_service
 
 SCENARIO_TIMEOUT = 20.0
@@ -48,7 +48,7 @@ SCENARIO_TIMEOUT = 20.0
 
 def make_ca_and_server() -> tuple[str, ssl.SSLContext]:
     """A CA (PEM) and a server TLS context with a 127.0.0.1 certificate from it."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test relay CA")])
     ca = (
@@ -171,7 +171,7 @@ class ScriptedRelay:
         """Take one message from the agent into the protocol; False once the agent has gone."""
         try:
             msg = await asyncio.wait_for(self.ws.receive(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return True
         if msg.type != aiohttp.WSMsgType.BINARY:
             return False

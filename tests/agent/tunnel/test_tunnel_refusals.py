@@ -14,7 +14,7 @@ from aiohttp import web
 
 from agent.errors import EXIT_IDENTITY_REFUSED, TunnelRefused
 from agent.identity.refusals import DISABLED, REVOKED, identity_status
-from agent.tunnel.protocol import AuthReceived, Connection, ErrorCode, Role
+from shared.protocol import AuthReceived, Connection, ErrorCode, Role
 from tests.agent.tunnel.test_tunnel_client import SCENARIO_TIMEOUT, try_tunnel, with_fake_relay
 
 
@@ -74,7 +74,7 @@ def test_other_refusals_are_neither() -> None:
 
 def test_the_controllers_relay_sends_disabled_and_revoked_as_their_own_codes(tmp_path) -> None:
     from agent.identity.select import open_keystore
-    from agent.identity.trust import pinned_ssl_context
+    from agent.identity.tls_trust import pinned_ssl_context
     from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
     from tests.agent.identity.test_renewal_keeper import SOFTWARE, enrolled_gateway
     from tests.controller.harness import run, running_controller

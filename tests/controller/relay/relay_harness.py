@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from cryptography import x509
@@ -14,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
-from agent.identity.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from tests.controller.harness import Running
 
@@ -81,7 +82,7 @@ async def connect(ctl: Running, credentials: TunnelCredentials,
 def foreign_certificate(uri: str, key: ec.EllipticCurvePrivateKey) -> str:
     """A certificate naming ``uri``, signed by a CA that is not the controller's."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outpost CA")])
     cert = (
         x509.CertificateBuilder()

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import TrustError, TunnelRefused
-from agent.identity.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from agent.tunnel.auth import certificate_digest
-from agent.tunnel.protocol import NONCE_SIZE, SUBPROTOCOL, ErrorCode, ProtocolLimits, auth_message
-from agent.tunnel.protocol.connection import AUTH_MESSAGE_PREFIX
+from shared.protocol import NONCE_SIZE, SUBPROTOCOL, ErrorCode, ProtocolLimits, auth_message
+from shared.protocol.connection import AUTH_MESSAGE_PREFIX
+from shared.tunnel.auth import certificate_digest
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,

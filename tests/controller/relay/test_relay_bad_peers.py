@@ -16,11 +16,11 @@ from pathlib import Path
 
 import aiohttp
 
-from agent.identity.trust import pinned_ssl_context
+from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelOptions, open_tunnel
-from agent.tunnel.protocol import MAX_FRAME_PAYLOAD, MAX_STREAMS, ErrorCode
-from agent.tunnel.protocol.frames import FrameType, encode_frame
 from controller.relay.session import RELAY_LIMITS
+from shared.protocol import MAX_FRAME_PAYLOAD, MAX_STREAMS, ErrorCode
+from shared.protocol.frames import FrameType, encode_frame
 from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (
     ECHO_SERVICE,
@@ -100,7 +100,7 @@ def test_garbage_after_authentication_closes_only_that_tunnel_with_a_log_line(tm
                 await asyncio.wait_for(task, 10)
                 return bad.close_reason
 
-    with caplog.at_level(logging.WARNING, logger="agent.tunnel.session"):
+    with caplog.at_level(logging.WARNING, logger="shared.tunnel.session"):
         code, reason, remote = run(asyncio.wait_for(body(), SCENARIO_TIMEOUT))
     assert (code, remote) == (ErrorCode.PROTOCOL_ERROR, True)
     assert "unknown frame type 0x42" in reason
@@ -126,7 +126,7 @@ def test_data_past_the_relays_window_closes_only_that_tunnel_with_a_log_line(tmp
                 await asyncio.wait_for(task, 10)
                 return bad.close_reason, sent
 
-    with caplog.at_level(logging.WARNING, logger="agent.tunnel.session"):
+    with caplog.at_level(logging.WARNING, logger="shared.tunnel.session"):
         (code, reason, remote), sent = run(asyncio.wait_for(body(), SCENARIO_TIMEOUT))
     assert sent > RELAY_LIMITS.initial_window
     assert (code, remote) == (ErrorCode.FLOW_CONTROL_ERROR, True)

@@ -14,8 +14,8 @@ import pytest
 
 from agent.errors import TunnelRefused
 from agent.tunnel.client import TunnelOptions
-from agent.tunnel.protocol import ErrorCode
-from agent.tunnel.session import StreamClosed, TunnelSession
+from shared.protocol import ErrorCode
+from shared.tunnel.session import StreamClosed, TunnelSession
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,
@@ -37,7 +37,7 @@ class Echo:
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
-    async def __aenter__(self) -> "Echo":
+    async def __aenter__(self) -> Echo:
         self.server = await asyncio.start_server(self._echo, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self

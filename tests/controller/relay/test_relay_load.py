@@ -12,19 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import TunnelRefused
 from agent.tunnel.client import AgentSession, TunnelCredentials
-from agent.tunnel.protocol import MAX_BIND_SERVICES, MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME_CHARS, ErrorCode
-from agent.tunnel.protocol.frames import FrameType, encode_json
-from agent.tunnel.protocol.handshake import SHORT_REFUSAL
-from agent.tunnel.session import StreamClosed
 from controller.audit import IDENTITY_REFUSALS_PER_MINUTE, AnonymousBudget
+from shared.protocol import MAX_BIND_SERVICES, MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME_CHARS, ErrorCode
+from shared.protocol.frames import FrameType, encode_json
+from shared.protocol.handshake import SHORT_REFUSAL
+from shared.tunnel.session import StreamClosed
 from tests.controller.harness import Running, make_csr, make_key, run, running_controller
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,
@@ -89,8 +90,8 @@ def test_a_service_name_longer_than_any_service_is_refused_in_the_core(tmp_path:
 
 
 def test_the_agent_core_will_not_send_a_bind_past_the_limit() -> None:
-    from agent.tunnel.protocol import Connection, LocalProtocolError, Role
-    from agent.tunnel.protocol.state import Handshake
+    from shared.protocol import Connection, LocalProtocolError, Role
+    from shared.protocol.state import Handshake
 
     conn = Connection(Role.AGENT, 0.0)
     conn._auth.state = Handshake.DONE

@@ -15,7 +15,7 @@ from pathlib import Path
 from agent.config import load_config
 from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelOptions
-from agent.tunnel.protocol import ErrorCode
+from shared.protocol import ErrorCode
 from tests.controller.harness import Running, audit_events_added, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled, redeem
 from tests.controller.relay.test_relay_decisions import Echo, create, dial_refusal, snapshot

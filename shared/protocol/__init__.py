@@ -1,0 +1,58 @@
+"""The tunnel wire protocol (docs/protocol.md) as a sans-IO state machine.
+
+No sockets, no clock, no randomness: bytes and ``now`` go in, events and bytes
+to send come out. The agent and the relay both drive a ``Connection``.
+"""
+
+from shared.protocol.connection import Connection, auth_message
+from shared.protocol.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    StreamClosedError,
+)
+from shared.protocol.events import (
+    Authenticated,
+    AuthReceived,
+    BindCompleted,
+    BindRequested,
+    ChallengeReceived,
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from shared.protocol.limits import (
+    AUTH_DEADLINE,
+    INITIAL_WINDOW,
+    MAX_BIND_SERVICES,
+    MAX_CONTROL_PAYLOAD,
+    MAX_FRAME_PAYLOAD,
+    MAX_SEND_PAYLOAD,
+    MAX_SERVICE_NAME_CHARS,
+    MAX_STREAMS,
+    MAX_WINDOW,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    Liveness,
+    ProtocolLimits,
+)
+from shared.protocol.state import Handshake, Role
+from shared.protocol.streams import StreamState
+
+__all__ = [
+    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
+    "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
+    "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
+    "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
+    "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",
+    "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowUpdated",
+    "auth_message",
+]

@@ -1,0 +1,263 @@
+"""One end of a tunnel as a pure state machine: bytes in, events out, bytes to send.
+
+The caller feeds received bytes to ``receive_data``, sends whatever
+``data_to_send`` returns, and calls ``handle_timer`` when ``get_timer`` says.
+
+``Connection`` is the one face of four parts, each with its own state, that
+share an ``Endpoint`` (role, limits, queued output, open/authenticated):
+``AuthExchange`` (handshake.py: CHALLENGE, AUTH, AUTH_OK, BIND),
+``StreamTable`` (stream_table.py: streams, windows, the receive budget),
+``Keepalive`` (liveness.py: deadlines, PING and PONG) and ``FrameReader``
+(reader.py: bytes into frames, each frame to the part that handles it).
+Closing the connection (GOAWAY either way) is this module's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.protocol.endpoint import Endpoint
+from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.events import ConnectionTerminated, Event
+from shared.protocol.frames import U32, FrameType, decode_code_reason, encode_code_reason
+from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_message
+from shared.protocol.limits import Liveness, ProtocolLimits
+from shared.protocol.liveness import Keepalive
+from shared.protocol.reader import FrameReader
+from shared.protocol.state import Handshake, Role
+from shared.protocol.stream_table import StreamTable
+from shared.protocol.streams import Stream, StreamState
+
+__all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "auth_message"]
+
+
+class Connection:
+    """One tunnel end. Not thread-safe; drive it from one task."""
+
+    def __init__(self, role: Role, now: float, *, limits: ProtocolLimits = ProtocolLimits(),
+                 liveness: Liveness = Liveness()) -> None:
+        self._endpoint = endpoint = Endpoint(role, limits)
+        self._auth = auth = AuthExchange(endpoint)
+        self._table = table = StreamTable(endpoint)
+        self._keepalive = keepalive = Keepalive(endpoint, liveness, now)
+        self._reader = FrameReader(endpoint, {
+            FrameType.CHALLENGE: auth.on_challenge,
+            FrameType.AUTH: auth.on_auth,
+            FrameType.AUTH_OK: auth.on_auth_ok,
+            FrameType.BIND: auth.on_bind,
+            FrameType.BIND_RESULT: auth.on_bind_result,
+            FrameType.OPEN: table.on_open,
+            FrameType.ACCEPT: table.on_accept,
+            FrameType.DATA: table.on_data,
+            FrameType.RESET: table.on_reset,
+            FrameType.WINDOW: table.on_window,
+            FrameType.PING: keepalive.on_ping,
+            FrameType.PONG: keepalive.on_pong,
+            FrameType.GOAWAY: self._on_goaway,
+        })
+        self.bytes_received = 0
+
+    # -- state --------------------------------------------------------------
+    @property
+    def role(self) -> Role:
+        return self._endpoint.role
+
+    @property
+    def limits(self) -> ProtocolLimits:
+        return self._endpoint.limits
+
+    @property
+    def liveness(self) -> Liveness:
+        return self._keepalive.settings
+
+    @property
+    def closed(self) -> bool:
+        return self._endpoint.closed
+
+    @property
+    def authenticated(self) -> bool:
+        return self._endpoint.authenticated
+
+    @property
+    def handshake(self) -> Handshake:
+        return self._auth.state
+
+    @property
+    def peer_info(self) -> dict[str, Any] | None:
+        """The peer's AUTH (relay side, minus chain and signature) or AUTH_OK (agent side)."""
+        return self._auth.peer_info
+
+    @property
+    def last_rtt(self) -> float | None:
+        return self._keepalive.last_rtt
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._endpoint.bytes_sent
+
+    @property
+    def open_stream_ids(self) -> set[int]:
+        return set(self._table.streams)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete received frame held until the rest arrives."""
+        return len(self._reader.pending)
+
+    @property
+    def unread_bytes(self) -> int:
+        """Bytes received and not yet acknowledged by their readers (at most the receive budget).
+
+        Streams closed both ways whose reader still lags count too, until it acknowledges or resets them.
+        """
+        return self._table.unread
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The stream's state; CLOSED for any id not live (forgotten or never opened)."""
+        return self._table.state(stream_id)
+
+    # -- handshake -------------------------------------------------------------
+    def send_challenge(self, nonce: bytes) -> None:
+        """Relay: queue CHALLENGE. The auth deadline runs from construction."""
+        self._auth.send_challenge(nonce)
+
+    def send_auth(self, chain_pem: list[str], signature: bytes, extra: dict[str, Any] | None = None) -> None:
+        """Agent: answer the CHALLENGE with our chain (leaf first) and signature."""
+        self._auth.send_auth(chain_pem, signature, extra)
+
+    def accept_auth(self, info: dict[str, Any]) -> None:
+        """Relay: the AUTH checked out; queue AUTH_OK and open the tunnel for streams."""
+        self._auth.accept_auth(info)
+
+    def send_bind(self, services: list[str]) -> None:
+        """Agent: ask the relay to route dials for these services to us."""
+        self._auth.send_bind(services)
+
+    def send_bind_result(self, bound: list[str], refused: dict[str, str]) -> None:
+        """Relay: answer one BIND."""
+        self._auth.send_bind_result(bound, refused)
+
+    # -- streams -----------------------------------------------------------------
+    def open_stream(self, service: str, *, peer: str | None = None) -> int:
+        """Open a stream to ``service``; returns its id. Data may be sent at once."""
+        return self._table.open(service, peer)
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Tell the opener that this end connected the stream."""
+        self._table.accept(stream_id)
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False) -> None:
+        """Queue ``data`` (at most ``send_window(stream_id)`` bytes), then FIN if ``end_stream``."""
+        self._table.send_data(stream_id, data, end_stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: this end sends no more data on the stream."""
+        self._table.send_data(stream_id, b"", True)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "") -> None:
+        """Abort the stream both ways. Data the peer already sent is dropped quietly."""
+        self._table.reset(stream_id, code, reason)
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes ``send_data`` may send now; 0 for a stream that is closed."""
+        return self._table.send_window(stream_id)
+
+    def acknowledge_received(self, stream_id: int, n: int) -> None:
+        """The application consumed ``n`` received bytes; return credit in batches."""
+        self._table.acknowledge(stream_id, n)
+
+    # -- liveness ---------------------------------------------------------------
+    def set_liveness(self, liveness: Liveness) -> None:
+        """Adopt new timers from now on (the relay learns the agent's keepalive at AUTH)."""
+        self._keepalive.settings = liveness
+
+    def ping(self, now: float) -> None:
+        """Send a PING now, unless one is already in flight."""
+        self._keepalive.ping(now)
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called; None when closed."""
+        return None if self.closed else self._keepalive.next_deadline()
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Act on deadlines that passed by ``now``: PING, or end the connection."""
+        if self.closed:
+            return []
+        reason = self._keepalive.expired(now)
+        if reason is not None:
+            self._close(ErrorCode.TIMEOUT, reason)
+            return [ConnectionTerminated(ErrorCode.TIMEOUT, reason, remote=False)]
+        self._keepalive.ping_if_due(now)
+        return []
+
+    # -- receiving ------------------------------------------------------------------
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Parse ``data`` (any chunking) and return the events it completes.
+
+        Raises RemoteProtocolError when the peer broke the protocol; GOAWAY is
+        queued by then and the connection is closed. Bytes after the
+        connection closed are ignored.
+        """
+        if self.closed:
+            return []
+        events: list[Event] = []
+        if not data:
+            return events
+        self.bytes_received += len(data)
+        self._keepalive.last_received = now
+        try:
+            self._reader.feed(memoryview(data), events)
+        except RemoteProtocolError as exc:
+            if not self.closed:
+                self._close(exc.code, str(exc))
+            exc.events = events
+            raise
+        return events
+
+    def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+        if len(payload) < U32.size:
+            raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY frame without an error code")
+        code, reason = decode_code_reason(payload)
+        self._mark_closed()
+        events.append(ConnectionTerminated(code, reason, remote=True))
+
+    # -- closing and output -----------------------------------------------------------
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Queue GOAWAY and end the connection; later calls do nothing."""
+        if not self.closed:
+            self._close(code, reason)
+
+    def _close(self, code: ErrorCode, reason: str) -> None:
+        self._endpoint.queue_frame(FrameType.GOAWAY, 0, 0, encode_code_reason(code, reason))
+        self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        """Closed for good: drop every table so a dead connection holds no memory."""
+        self._endpoint.closed = True
+        self._table.clear()
+        self._reader.clear()
+
+    def data_to_send(self) -> bytes:
+        """Everything queued since the last call, in order."""
+        return self._endpoint.take()
+
+    # -- the parts' bookkeeping, by the names the protocol tests inspect ------------------
+    @property
+    def _streams(self) -> dict[int, Stream]:
+        return self._table.streams
+
+    @property
+    def _recently_reset(self) -> dict[int, None]:
+        return self._table.recently_reset
+
+    @property
+    def _next_local_id(self) -> int:
+        return self._table.next_local_id
+
+    @property
+    def _out(self) -> list[Any]:
+        return self._endpoint.out
+
+    @property
+    def _binds_pending(self) -> int:
+        return self._auth.binds_pending

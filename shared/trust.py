@@ -1,0 +1,58 @@
+"""Certificates as both ends read them: dates, the leaf-issued-by check, the CA fingerprint.
+
+The fingerprint the controller writes into an enrollment token must be the one
+the agent pins, and cryptography 38 and 42+ read dates differently: one copy
+serves both. How the agent judges what a peer presents (the pinned TLS
+context, dates at trusted time) is agent/identity/tls_trust.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def ca_fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of the certificate's DER encoding (the token's ``ca`` claim)."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def cert_not_after(cert: x509.Certificate) -> datetime.datetime:
+    """The certificate's notAfter as an aware UTC datetime (any cryptography version)."""
+    aware: datetime.datetime | None = getattr(cert, "not_valid_after_utc", None)
+    if aware is not None:
+        return aware
+    return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
+def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
+    """The certificate's notBefore as an aware UTC datetime (any cryptography version)."""
+    aware: datetime.datetime | None = getattr(cert, "not_valid_before_utc", None)
+    if aware is not None:
+        return aware
+    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
+
+
+def verify_leaf_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True when ``cert`` names ``ca_cert`` as issuer and carries its valid signature."""
+    if cert.issuer != ca_cert.subject:
+        return False
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return False
+    hash_algorithm = cert.signature_hash_algorithm
+    if hash_algorithm is None:
+        return False
+    try:
+        public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+    except InvalidSignature:
+        return False
+    return True

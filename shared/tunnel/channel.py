@@ -1,0 +1,185 @@
+"""One stream seen from asyncio: an awaitable read/write interface with flow control.
+
+A ``StreamChannel`` belongs to a ``TunnelSession`` (shared.tunnel.session),
+which feeds it the core's events and sends what it queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import collections.abc
+from typing import TYPE_CHECKING
+
+from shared.protocol import ErrorCode, LocalProtocolError
+
+if TYPE_CHECKING:
+    from shared.tunnel.session import TunnelSession
+
+
+class StreamClosed(Exception):
+    """The stream was reset (by either side) or the tunnel went away."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason or code.name)
+        self.code = code
+        self.reason = reason
+
+
+class StreamChannel:
+    """One stream, seen from asyncio: read, write, end, reset."""
+
+    def __init__(self, session: TunnelSession, stream_id: int, service: str, peer: str | None) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.service = service
+        self.peer = peer
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._owed = 0  # bytes handed to the reader, not yet acknowledged
+        self._closed = asyncio.Event()  # reset by either side, or the tunnel went away
+        self.eof = False
+        self.error: StreamClosed | None = None
+
+    # -- called by the session on events --------------------------------
+    def _on_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self.eof = True
+        self._readable.set()
+
+    def _on_reset(self, code: ErrorCode, reason: str) -> None:
+        self.error = StreamClosed(code, reason)
+        self._chunks.clear()  # nobody will read them: free the memory now
+        self._closed.set()
+        self._readable.set()
+        self._writable.set()
+        if not self._accepted.done():
+            self._accepted.set_exception(self.error)
+            self._accepted.exception()  # retrieved: nobody may be waiting
+
+    def _on_accepted(self) -> None:
+        if not self._accepted.done():
+            self._accepted.set_result(None)
+
+    def _on_window(self) -> None:
+        self._writable.set()
+
+    # -- the application's side ----------------------------------------
+    async def wait_accepted(self) -> None:
+        """Return once the far end accepted the stream; raise StreamClosed if refused."""
+        await self._accepted
+
+    async def wait_reset(self) -> None:
+        """Return once the stream is reset by either side or its tunnel went away."""
+        await self._closed.wait()
+
+    async def read(self) -> bytes:
+        """The next chunk of data; b"" at end of stream. Raises StreamClosed on reset.
+
+        Flow-control credit for the previous chunk is returned here, when the
+        caller comes back for more: by then it has written that chunk onward.
+        """
+        await self._wait_readable()
+        if not self._chunks:
+            return b""
+        data = self._chunks.popleft()
+        self._owed += len(data)
+        return data
+
+    async def read_chunks(self) -> list[bytes]:
+        """Every chunk received so far (at least one); [] at end of stream. Raises StreamClosed on reset.
+
+        Taking the whole backlog at once lets the caller pass it on in one
+        write; credit for it is returned on the next call, as with ``read``.
+        """
+        await self._wait_readable()
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        for chunk in chunks:
+            self._owed += len(chunk)
+        return chunks
+
+    async def _wait_readable(self) -> None:
+        self._acknowledge()
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                return
+            self._readable.clear()
+            await self._readable.wait()
+
+    def _acknowledge(self) -> None:
+        if self._owed and self.error is None:
+            self.session.conn.acknowledge_received(self.stream_id, self._owed)
+            self.session.schedule_flush()
+        self._owed = 0
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``, waiting for window credit as needed."""
+        await self.write_chunks((data,))
+
+    async def write_chunks(self, chunks: collections.abc.Iterable[bytes]) -> None:
+        """Send ``chunks`` in order, waiting for window credit as needed.
+
+        Everything the window allows goes into one flush, so a backlog leaves
+        as one WebSocket message instead of one per chunk (each message costs
+        a TLS record and a system call per hop).
+        """
+        conn = self.session.conn
+        stream_id = self.stream_id
+        queued = False
+        for data in chunks:
+            size = len(data)
+            sent = 0
+            while sent < size:
+                if self.error is not None:
+                    raise self.error
+                if conn.closed:
+                    raise StreamClosed(ErrorCode.CANCEL, "the tunnel closed")
+                window = conn.send_window(stream_id)
+                if window <= 0:
+                    if queued:
+                        queued = False
+                        await self.session.flush()
+                    self._writable.clear()
+                    await self._writable.wait()
+                    continue
+                if sent == 0 and size <= window:
+                    conn.send_data(stream_id, data)  # whole: no copy
+                    sent = size
+                else:
+                    piece = memoryview(data)[sent:sent + window]
+                    conn.send_data(stream_id, piece)
+                    sent += len(piece)
+                queued = True
+        if queued:
+            await self.session.flush()
+
+    async def end(self) -> None:
+        """Half-close: no more data from this side."""
+        if self.error is None and not self.session.conn.closed:
+            try:
+                self.session.conn.end_stream(self.stream_id)
+            except LocalProtocolError:
+                return
+            await self.session.flush()
+
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
+        """Abort the stream in both directions."""
+        if self.error is None:
+            self.error = StreamClosed(code, reason)
+            self._chunks.clear()
+            self._closed.set()
+            if not self.session.conn.closed:
+                try:
+                    self.session.conn.reset_stream(self.stream_id, code, reason)
+                except LocalProtocolError:
+                    pass
+                self.session.schedule_flush()
+        self.session.streams.pop(self.stream_id, None)

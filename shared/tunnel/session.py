@@ -1,0 +1,314 @@
+"""The asyncio glue around one protocol ``Connection`` on one WebSocket.
+
+Both ends use it: the agent (``agent.tunnel.client``) and the relay
+(``controller.relay``). It moves bytes between the WebSocket and the sans-IO
+core, runs the core's timer, and turns streams into ``StreamChannel`` objects
+(shared.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
+lives in subclasses' ``on_*`` hooks.
+
+The timer never waits for the network. On a path that black-holed, a write
+waits for a socket buffer that never drains; the liveness check must still
+run, and when it finds the path dead the connection is dropped at once (an
+RST), which also ends the stuck write. Closing is bounded the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType
+
+from shared.protocol import (
+    Authenticated,
+    AuthReceived,
+    BindCompleted,
+    BindRequested,
+    ChallengeReceived,
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    Event,
+    PongReceived,
+    RemoteProtocolError,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
+
+# The names other modules take from here (the relay may import this module and
+# the protocol only): a session hands out channels, and they are spliced onward.
+__all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "StreamChannel", "StreamClosed", "TunnelSession",
+           "abort_transport", "splice_socket", "splice_streams"]
+
+log = logging.getLogger(__name__)
+
+# WebSocket messages are cut at this size: the receiver's aiohttp message limit
+# must be above it, and smaller messages interleave streams more fairly. Frames
+# may straddle messages (the core parses a byte stream).
+WS_MESSAGE_MAX = 512 * 1024
+# The receiver's limit: one full message plus slack for a frame header.
+WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
+# How long an orderly close (GOAWAY, then the WebSocket closing handshake) may
+# take before the connection is dropped: a GEO round trip (600 ms) twice over
+# with room to spare, short enough that stopping the agent on a dead path is
+# prompt (systemd waits 90 s before it kills).
+CLOSE_TIMEOUT = 2.0
+
+
+def abort_transport(ws: Any) -> None:
+    """Drop the TCP connection under an aiohttp WebSocket now, with an RST.
+
+    aiohttp has no public abort for a WebSocket; its writer holds the
+    transport on both aiohttp 3.8 and 3.14, client and server side. The RST
+    makes the kernel discard what it still holds for a dead path instead of
+    retrying it for minutes as an orphaned socket.
+    """
+    transport = getattr(getattr(ws, "_writer", None), "transport", None)
+    if transport is not None:
+        reset_connection(transport)
+
+
+class TunnelSession:
+    """Runs one Connection over one aiohttp WebSocket (client or server side)."""
+
+    def __init__(self, conn: Connection, ws: Any) -> None:
+        self.conn = conn
+        self.ws = ws
+        self.loop = asyncio.get_running_loop()
+        self.streams: dict[int, StreamChannel] = {}
+        self._send_lock = asyncio.Lock()
+        self._timer_changed = asyncio.Event()
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._aborted = False
+        self.closed = asyncio.Event()
+        self.close_reason: tuple[ErrorCode, str, bool] | None = None
+        self.ws_bytes_received = 0
+        #: loop time when the WebSocket write in progress began; None when none is
+        self.write_pending_since: float | None = None
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # -- hooks for the two ends ------------------------------------------
+    async def on_challenge(self, event: ChallengeReceived) -> None:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CHALLENGE")
+
+    async def on_auth(self, event: AuthReceived) -> None:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected AUTH")
+
+    async def on_authenticated(self, event: Authenticated) -> None:
+        """The relay accepted us (agent side)."""
+
+    async def on_bind_requested(self, event: BindRequested) -> None:
+        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected BIND")
+
+    async def on_bind_completed(self, event: BindCompleted) -> None:
+        """The relay answered our BIND (agent side)."""
+
+    async def on_stream_opened(self, channel: StreamChannel) -> None:
+        """The peer opened a stream; the default refuses it."""
+        channel.reset(ErrorCode.SERVICE_UNKNOWN, "this end hosts no services")
+
+    def on_pong(self, rtt: float) -> None:
+        """A keepalive round trip completed."""
+
+    def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
+        """The tunnel ended (once)."""
+
+    # -- driving -----------------------------------------------------------
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Run a task that belongs to this tunnel and dies with it."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("tunnel task failed: %r", task.exception(), exc_info=task.exception())
+
+    async def run(self) -> None:
+        """Pump until the tunnel ends; always leaves it closed."""
+        timer = self.spawn(self._run_timer())
+        try:
+            await self.flush()
+            while not self.conn.closed:
+                msg = await self.ws.receive()
+                if msg.type == WSMsgType.BINARY:
+                    self.ws_bytes_received += len(msg.data)
+                    await self._receive(msg.data)
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    self._terminate(ErrorCode.CANCEL, "the connection closed", True)
+                    break
+                else:
+                    self.conn.close(ErrorCode.PROTOCOL_ERROR, "text WebSocket messages are not part of the protocol")
+                    self._terminate(ErrorCode.PROTOCOL_ERROR, "peer sent a text message", True)
+                    break
+        except RemoteProtocolError as exc:
+            log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
+            self._terminate(exc.code, str(exc), True)
+        except (TimeoutError, ConnectionError) as exc:
+            self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
+        finally:
+            timer.cancel()
+            await self._shutdown()
+
+    async def _receive(self, data: bytes) -> None:
+        events = self.conn.receive_data(data, self.now())
+        await self._dispatch(events)
+        self._timer_changed.set()
+        await self.flush()
+
+    async def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if type(event) is DataReceived:
+                channel = self.streams.get(event.stream_id)
+                if channel is not None:
+                    channel._on_data(event.data)
+                else:
+                    self.conn.acknowledge_received(event.stream_id, len(event.data))
+            elif type(event) is WindowUpdated:
+                channel = self.streams.get(event.stream_id)
+                if channel is not None:
+                    channel._on_window()
+            elif type(event) is StreamEnded:
+                channel = self.streams.get(event.stream_id)
+                if channel is not None:
+                    channel._on_end()
+            elif type(event) is StreamAccepted:
+                channel = self.streams.get(event.stream_id)
+                if channel is not None:
+                    channel._on_accepted()
+            elif type(event) is StreamReset:
+                channel = self.streams.pop(event.stream_id, None)
+                if not event.remote:
+                    log.warning("stream %d (%s) reset: %s", event.stream_id,
+                                channel.service if channel is not None else "?", event.reason)
+                if channel is not None:
+                    channel._on_reset(event.code, event.reason)
+            elif type(event) is StreamOpened:
+                channel = StreamChannel(self, event.stream_id, event.service, event.peer)
+                self.streams[event.stream_id] = channel
+                self.spawn(self.on_stream_opened(channel))
+            elif type(event) is PongReceived:
+                self.on_pong(event.rtt)
+            elif type(event) is ConnectionTerminated:
+                self._terminate(event.code, event.reason, event.remote)
+            elif type(event) is ChallengeReceived:
+                await self.on_challenge(event)
+            elif type(event) is AuthReceived:
+                await self.on_auth(event)
+            elif type(event) is Authenticated:
+                await self.on_authenticated(event)
+            elif type(event) is BindRequested:
+                await self.on_bind_requested(event)
+            elif type(event) is BindCompleted:
+                await self.on_bind_completed(event)
+
+    async def _run_timer(self) -> None:
+        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path."""
+        while not self.conn.closed:
+            deadline = self.conn.get_timer()
+            delay = None if deadline is None else max(0.0, deadline - self.now())
+            self._timer_changed.clear()
+            try:
+                await asyncio.wait_for(self._timer_changed.wait(), delay)
+                continue
+            except TimeoutError:
+                pass
+            events = self.conn.handle_timer(self.now())
+            await self._dispatch(events)  # a timer only ever ends the connection: no hook runs
+            if self.conn.closed:
+                # A deadline passed: the path is presumed dead, so nothing queued
+                # for it (not even GOAWAY) can be expected to leave.
+                self.abort()
+                return
+            self.schedule_flush()  # the PING, behind whatever write is in progress
+
+    def schedule_flush(self) -> None:
+        """Flush soon, from a context that cannot await."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.spawn(self.flush())
+
+    async def flush(self) -> None:
+        """Send whatever the core has queued, in order."""
+        async with self._send_lock:
+            self._flush_scheduled = False
+            data = self.conn.data_to_send()
+            if not data or self._aborted:
+                return
+            self.write_pending_since = self.now()
+            try:
+                if len(data) <= WS_MESSAGE_MAX:
+                    await self.ws.send_bytes(data)
+                else:
+                    view = memoryview(data)
+                    for start in range(0, len(data), WS_MESSAGE_MAX):
+                        await self.ws.send_bytes(view[start:start + WS_MESSAGE_MAX])
+            except (ConnectionError, RuntimeError) as exc:
+                self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
+                return
+            finally:
+                self.write_pending_since = None
+        self._timer_changed.set()
+
+    def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
+        """Open a stream to ``service``; await ``wait_accepted()`` on the result."""
+        stream_id = self.conn.open_stream(service, peer=peer)
+        channel = StreamChannel(self, stream_id, service, peer)
+        self.streams[stream_id] = channel
+        self.schedule_flush()
+        return channel
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Close the tunnel: GOAWAY, then the WebSocket; dropped instead if that takes past CLOSE_TIMEOUT."""
+        if not self.conn.closed:
+            self.conn.close(code, reason)
+        self._terminate(code, reason, False)
+        try:
+            await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self.abort()
+
+    async def _close_in_order(self) -> None:
+        await self.flush()
+        if not self._aborted:
+            await self.ws.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake (the path is dead or stuck)."""
+        self._terminate(ErrorCode.CANCEL, "the connection was dropped", False)
+        if not self._aborted:
+            self._aborted = True
+            abort_transport(self.ws)
+
+    def _terminate(self, code: ErrorCode, reason: str, remote: bool) -> None:
+        if self.close_reason is not None:
+            return
+        self.close_reason = (code, reason, remote)
+        for channel in list(self.streams.values()):
+            channel._on_reset(ErrorCode.CANCEL, "the tunnel closed")
+        self.streams.clear()
+        self.on_closed(code, reason, remote)
+        self.closed.set()
+
+    async def _shutdown(self) -> None:
+        self._terminate(ErrorCode.NO_ERROR, "closed", False)
+        if not self._aborted:
+            try:
+                # The core may have queued a GOAWAY saying why (a peer that broke the protocol).
+                await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)
+            except (TimeoutError, ConnectionError, RuntimeError):
+                self.abort()
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,115 @@
+"""Carrying a stream onward: into a local TCP connection (agent), or into another stream (relay)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+
+from shared.protocol import ErrorCode
+from shared.tunnel.channel import StreamChannel, StreamClosed
+
+log = logging.getLogger(__name__)
+
+# Read size from local TCP sockets feeding a stream: what asyncio's socket
+# transport receives at once, so a busy connection's backlog leaves in one
+# WebSocket message (the core cuts it into DATA frames).
+SOCKET_READ_SIZE = 64 * 1024
+
+
+def reset_connection(transport: asyncio.WriteTransport) -> None:
+    """End a TCP connection now with an RST, dropping what the kernel still holds for it.
+
+    A plain close queues FIN behind unsent bytes; to a peer that stopped
+    reading (or a dead path) those never leave, and the socket would linger.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
+async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamChannel) -> None:
+    """Copy a local socket's bytes into a stream until EOF, then half-close."""
+    while True:
+        data = await reader.read(SOCKET_READ_SIZE)
+        if not data:
+            await channel.end()
+            return
+        await channel.write(data)
+
+
+async def pump_stream_to_socket(channel: StreamChannel, writer: asyncio.StreamWriter) -> None:
+    """Copy a stream's bytes into a local socket until the stream ends."""
+    while True:
+        chunks = await channel.read_chunks()
+        if not chunks:
+            if writer.can_write_eof():
+                writer.write_eof()
+            return
+        writer.writelines(chunks)  # one system call for the backlog
+        await writer.drain()
+
+
+async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Carry a stream over a local TCP connection in both directions, then close both.
+
+    A reset ends the local connection at once (RST), even while a pump waits
+    on a local peer that stopped reading: what it had not taken is dropped.
+    """
+    pending = {asyncio.ensure_future(pump_socket_to_stream(reader, channel)),
+               asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
+    reset = asyncio.ensure_future(channel.wait_reset())
+    failure: BaseException | None = None
+    try:
+        while pending and failure is None and not reset.done():
+            done, _ = await asyncio.wait(pending | {reset}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done & pending:
+                pending.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    failure = task.exception()
+        if failure is None and reset.done() and channel.error is not None:
+            failure = channel.error
+        if isinstance(failure, StreamClosed):
+            log.info("stream %d (%s) closed: %s", channel.stream_id, channel.service, failure.reason or failure.code.name)
+        elif failure is not None:
+            channel.reset(ErrorCode.CONNECT_FAILED, "the local connection failed")
+        if failure is not None:
+            reset_connection(writer.transport)
+    finally:
+        for task in pending | {reset}:
+            task.cancel()
+        writer.close()
+        channel.session.streams.pop(channel.stream_id, None)
+
+
+async def _pump_streams(source: StreamChannel, sink: StreamChannel) -> None:
+    while True:
+        chunks = await source.read_chunks()
+        if not chunks:
+            await sink.end()
+            return
+        await sink.write_chunks(chunks)  # the backlog leaves as one message
+
+
+async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
+    """Carry two streams into each other until both end or one is reset (the relay's splice)."""
+    forward = asyncio.ensure_future(_pump_streams(a, b))
+    backward = asyncio.ensure_future(_pump_streams(b, a))
+    try:
+        done, pending = await asyncio.wait({forward, backward}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, StreamClosed):
+                # Pass the reset on to the other side with its code and reason.
+                for channel in (a, b):
+                    channel.reset(exc.code, exc.reason)
+        for task in pending:
+            task.cancel()
+    finally:
+        a.session.streams.pop(a.stream_id, None)
+        b.session.streams.pop(b.stream_id, None)
