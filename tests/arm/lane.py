@@ -1,0 +1,294 @@
+"""The ARM lane: Outpost's agent tests, quickstart and .deb on emulated arm64 and armhf Debian 12.
+
+Run by scripts/test-arm (and so by scripts/test and CI). Steps run in the
+order that fails fastest, each printing how long it took; the first failure
+stops the lane. Where this machine cannot run foreign binaries, the lane says
+so in one sentence and counts every step as skipped, never as passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import rootfs  # noqa: E402
+from boot_harness import DEBS_IN_CONTAINER, HarnessError, install_debs  # noqa: E402
+
+REPO = rootfs.REPO
+RUN_PARENT = Path("/var/tmp")
+# The whole lane's share of CI's hour (the rest of scripts/test takes about 22 minutes).
+BUDGET_SECONDS = 30 * 60
+# The agent's quick suite took about 7 minutes under arm64 emulation on an idle machine.
+SUITE_TIMEOUT_SECONDS = 25 * 60
+QUICKSTART_TIMEOUT_SECONDS = 300
+DEB_CHECK_TIMEOUT_SECONDS = 300
+BOOT_TIMEOUT_SECONDS = 15 * 60
+BUILD_DEBS_TIMEOUT_SECONDS = 300
+CHECKOUT_IN_ROOTFS = "/root/outpost"
+# A dependency no archive has: the lane checks that such a .deb fails naming it.
+MISSING_PROBE_PACKAGE = "python3-outpost-no-such-dependency"
+# Every pytest inside: Debian's python3 with bytecode in the throwaway overlay.
+PYTEST = "python3 -m pytest -p no:cacheprovider -q -ra"
+# The agent's quick suite per architecture. armhf runs it whole too unless a
+# subset is named here (with the reason in the README's architecture table).
+SUITE_ARGS = {
+    "arm64": 'tests/agent -m "not slow"',
+    "armhf": 'tests/agent -m "not slow"',
+}
+# The 32-bit traps (and their 64-bit control) on every architecture.
+TRAPS_ARGS = "tests/arm/test_wordsize_traps.py"
+
+
+class StepFailed(Exception):
+    """A step's check failed; the message says what and where."""
+
+
+@dataclass
+class Lane:
+    run_dir: Path
+    arches: list[rootfs.Arch]
+    layers: dict[str, rootfs.Layers] = field(default_factory=dict)
+    work: dict[str, Path] = field(default_factory=dict)  # a mounted test overlay per arch
+    installed: dict[str, Path] = field(default_factory=dict)  # upper dir with the .debs installed
+    debs: list[Path] = field(default_factory=list)
+    stack: ExitStack = field(default_factory=ExitStack)
+
+
+def say(text: str) -> None:
+    print(f"arm-lane: {text}", flush=True)
+
+
+def step_rootfs(lane: Lane, arch: rootfs.Arch) -> str:
+    layers = rootfs.ensure_layers(arch, log=say)
+    lane.layers[arch.debian] = layers
+    work = lane.stack.enter_context(rootfs.overlay(layers.test_lowers, lane.run_dir / f"{arch.debian}-work"))
+    rootfs.copy_checkout(work / CHECKOUT_IN_ROOTFS.lstrip("/"))
+    lane.work[arch.debian] = work
+    found = rootfs.nspawn(work, "uname -m; python3 -c 'import struct, sys; "
+                                "print(struct.calcsize(\"P\") * 8, sys.version.split()[0])'",
+                          timeout=rootfs.QUICK_TIMEOUT_SECONDS).stdout.split()
+    if found[:2] != [arch.machine, str(arch.bits)]:
+        raise StepFailed(f"the {arch.debian} root filesystem runs {found}, not {arch.machine} with "
+                         f"{arch.bits}-bit pointers: emulation is not what it claims")
+    return f"{found[0]}, {found[1]}-bit Python {found[2]} (cache {layers.base.parent})"
+
+
+def step_build_debs(lane: Lane) -> str:
+    out = lane.run_dir / "debs"
+    result = subprocess.run([str(REPO / "packaging/build-debs"), "--no-lintian", "--out", str(out)],
+                            capture_output=True, text=True, timeout=BUILD_DEBS_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        raise StepFailed(f"packaging/build-debs failed:\n{result.stderr[-3000:]}")
+    lane.debs = sorted(out.glob("outpost-*.deb"))
+    return ", ".join(d.name for d in lane.debs)
+
+
+def install_or_name_missing(target: Path, debs: list[Path], arch_name: str) -> str:
+    """apt installs the .debs; a dependency that does not resolve fails naming the package."""
+    try:
+        return install_debs(target, debs)
+    except HarnessError as error:
+        missing = rootfs.unresolved_dependencies(str(error))
+        if missing:
+            raise StepFailed(f"the .deb's dependencies do not resolve on {arch_name}: "
+                             f"{', '.join(missing)} (apt says not installable)") from None
+        raise StepFailed(f"apt could not install the .debs on {arch_name}:\n{str(error)[-3000:]}") from None
+
+
+def step_deb_install(lane: Lane, arch: rootfs.Arch) -> str:
+    # The guard first, on the real apt of this architecture: a .deb depending on
+    # a package the archive lacks must fail this step naming that package.
+    with rootfs.overlay([lane.layers[arch.debian].base_rootfs], lane.run_dir / f"{arch.debian}-guard") as merged:
+        probe = rootfs.probe_deb(lane.run_dir, f"python3, {MISSING_PROBE_PACKAGE}")
+        try:
+            install_or_name_missing(merged, [probe], arch.debian)
+        except StepFailed as refused:
+            if MISSING_PROBE_PACKAGE not in str(refused):
+                raise StepFailed(f"an unresolvable dependency was not named: {refused}") from None
+        else:
+            raise StepFailed(f"apt on {arch.debian} installed a .deb depending on {MISSING_PROBE_PACKAGE}")
+    holder = lane.run_dir / f"{arch.debian}-installed"
+    with rootfs.overlay([lane.layers[arch.debian].base_rootfs], holder) as merged:
+        log = install_or_name_missing(merged, lane.debs, arch.debian)
+        (holder / "apt-install.log").write_text(log)
+        shutil.rmtree(merged / DEBS_IN_CONTAINER.lstrip("/"))
+        checks = rootfs.nspawn(merged, """
+            dpkg-query -W -f='${Package} ${Architecture} ${Status}\\n' outpost-agent python3-cryptography python3-aiohttp
+            outpost-agent --version 2>/dev/null || outpost-agent --help >/dev/null && echo agent-runs
+            outpostctl --help >/dev/null && echo outpostctl-runs
+            ls /usr/lib/outpost-agent/agent/__pycache__ | grep -c cpython-311
+        """, timeout=DEB_CHECK_TIMEOUT_SECONDS).stdout
+    lines = checks.splitlines()
+    for expected in ("outpost-agent all install ok installed",
+                     f"python3-cryptography {arch.debian} install ok installed",
+                     f"python3-aiohttp {arch.debian} install ok installed", "agent-runs", "outpostctl-runs"):
+        if expected not in lines:
+            raise StepFailed(f"after apt install on {arch.debian}, missing {expected!r} in:\n{checks}")
+    if not lines[-1].isdigit() or int(lines[-1]) == 0:
+        raise StepFailed(f"py3compile did not byte-compile the agent on {arch.debian}:\n{checks}")
+    lane.installed[arch.debian] = holder / "upper"
+    pulled = sum(1 for line in log.splitlines() if line.startswith("Setting up "))
+    return f"a .deb depending on {MISSING_PROBE_PACKAGE} failed naming it; apt set up {pulled} packages ({arch.debian} builds of python3-cryptography, -aiohttp, ...)"
+
+
+def step_quickstart(lane: Lane, arch: rootfs.Arch) -> str:
+    out = rootfs.nspawn(lane.work[arch.debian], f"cd {CHECKOUT_IN_ROOTFS} && python3 -c "
+                        "'import sys; from outpostctl.cli import main; sys.exit(main([\"quickstart\", \"--once\"]))'",
+                        timeout=QUICKSTART_TIMEOUT_SECONDS).stdout
+    if "quickstart ok" not in out:
+        raise StepFailed(f"quickstart on {arch.debian} did not print 'quickstart ok':\n{out[-3000:]}")
+    last = [line.strip() for line in out.splitlines() if line.strip()][-1]
+    return last
+
+
+def pytest_inside(lane: Lane, arch: rootfs.Arch, args: str, timeout: float) -> str:
+    """pytest on Debian's arm python3-* packages, its output streamed to this lane's output."""
+    log = lane.run_dir / f"{arch.debian}-pytest.log"
+    work = lane.work[arch.debian]
+    (work / "root/run-pytest").write_text(
+        f"set -o pipefail\ncd {CHECKOUT_IN_ROOTFS}\n{PYTEST} {args} 2>&1 | tee /root/pytest.log\n")
+    try:
+        rootfs.nspawn(work, "exec bash /root/run-pytest", timeout=timeout, capture=False,
+                      env=["PYTHONPATH=" + CHECKOUT_IN_ROOTFS])
+    except HarnessError:
+        raise StepFailed(f"pytest {args} failed on {arch.debian} (output above)") from None
+    finally:
+        saved = lane.work[arch.debian] / "root/pytest.log"
+        if saved.exists():
+            shutil.copy(saved, log)
+    summary = [line for line in log.read_text().splitlines() if " passed" in line or " failed" in line]
+    return summary[-1].strip("= ") if summary else "(no summary)"
+
+
+def step_traps(lane: Lane, arch: rootfs.Arch) -> str:
+    return pytest_inside(lane, arch, TRAPS_ARGS, QUICKSTART_TIMEOUT_SECONDS)
+
+
+def step_suite(lane: Lane, arch: rootfs.Arch) -> str:
+    return pytest_inside(lane, arch, SUITE_ARGS[arch.debian], SUITE_TIMEOUT_SECONDS)
+
+
+def step_boot(lane: Lane, arch: rootfs.Arch) -> str:
+    """The packaged end-to-end boot test (tests/arm/test_arm_boot.py) on the host, against this arch's tree."""
+    env = dict(os.environ, OUTPOST_ARM_INSTALLED=str(lane.installed[arch.debian]),
+               OUTPOST_ARM_BASE=str(lane.layers[arch.debian].base_rootfs), OUTPOST_ARM_ARCH=arch.debian)
+    python = REPO / ".venv/bin/python"
+    result = subprocess.run([str(python if python.exists() else sys.executable), "-m", "pytest", "-p",
+                             "no:cacheprovider", "-q", "-ra", "tests/arm/test_arm_boot.py"],
+                            cwd=REPO, env=env, timeout=BOOT_TIMEOUT_SECONDS, capture_output=True, text=True)
+    sys.stdout.write(result.stdout[-6000:])
+    if result.returncode != 0 or " passed" not in result.stdout or "skipped" in result.stdout.splitlines()[-1]:
+        raise StepFailed(f"the {arch.debian} boot test did not pass:\n{result.stderr[-2000:]}")
+    return result.stdout.strip().splitlines()[-1].strip("= ")
+
+
+@dataclass
+class Step:
+    name: str
+    run: Callable[[], str]
+    arch: str = ""
+
+
+def plan(lane: Lane) -> list[Step]:
+    """Cheap, decisive checks first (the .deb resolves, the quickstart), the long suites last."""
+    by = {a.debian: a for a in lane.arches}
+    steps: list[Step] = [Step("build the .debs (host)", lambda: step_build_debs(lane))]
+    for name in ("arm64", "armhf"):
+        if name in by:
+            a = by[name]
+            steps += [
+                Step("root filesystem", lambda a=a: step_rootfs(lane, a), name),
+                Step("apt install the .debs", lambda a=a: step_deb_install(lane, a), name),
+                Step("quickstart --once", lambda a=a: step_quickstart(lane, a), name),
+                Step("word-size traps", lambda a=a: step_traps(lane, a), name),
+            ]
+    if "arm64" in by:
+        steps.append(Step("boot the .deb, enroll, dial in", lambda: step_boot(lane, by["arm64"]), "arm64"))
+    for name in ("arm64", "armhf"):
+        if name in by:
+            steps.append(Step(f"agent quick suite ({SUITE_ARGS[name]})",
+                              lambda a=by[name]: step_suite(lane, a), name))
+    return steps
+
+
+@contextmanager
+def run_directory() -> Iterator[Path]:
+    RUN_PARENT.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="outpost-arm-run.", dir=RUN_PARENT))
+    try:
+        yield path
+    finally:
+        rootfs.remove_tree(path)
+
+
+def clean_stale_runs() -> None:
+    """Run directories of killed lanes (no live owner holds their lock): unmount and remove."""
+    for old in RUN_PARENT.glob("outpost-arm-run.*"):
+        pid_file = old / "pid"
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+            continue
+        except (OSError, ValueError):
+            rootfs.remove_tree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/test-arm", description=__doc__)
+    parser.add_argument("--arch", action="append", choices=sorted(rootfs.ARCHES),
+                        help="only this architecture (repeatable; default: arm64 and armhf)")
+    args = parser.parse_args(argv)
+    arches = [rootfs.ARCHES[a] for a in (args.arch or ["arm64", "armhf"])]
+    started = time.monotonic()
+    try:
+        for arch in arches:
+            rootfs.preflight(arch)
+    except rootfs.LaneSkip as skip:
+        say(f"SKIPPED, nothing was tested on ARM: {skip}")
+        if os.environ.get("OUTPOST_ARM_REQUIRED") == "1":
+            say("OUTPOST_ARM_REQUIRED=1, so a skipped lane fails")
+            print(f"arm-lane: 0 passed, {len(arches)} failed", flush=True)
+            return 1
+        print(f"arm-lane: 0 passed, 0 failed, {len(arches)} skipped", flush=True)
+        return 0
+    clean_stale_runs()
+    passed = failed = 0
+    with run_directory() as run_dir:
+        (run_dir / "pid").write_text(str(os.getpid()))
+        lane = Lane(run_dir, arches)
+        with lane.stack:
+            steps = plan(lane)
+            for index, step in enumerate(steps):
+                label = f"[{step.arch}] {step.name}" if step.arch else step.name
+                say(f"{label} ...")
+                begun = time.monotonic()
+                try:
+                    note = step.run()
+                except (StepFailed, HarnessError, subprocess.TimeoutExpired) as error:
+                    failed += 1
+                    say(f"{label}: FAILED after {time.monotonic() - begun:.0f} s: {error}")
+                    for rest in steps[index + 1:]:
+                        say(f"not run: [{rest.arch}] {rest.name}")
+                    break
+                passed += 1
+                say(f"{label}: ok in {time.monotonic() - begun:.0f} s: {note}")
+    total = time.monotonic() - started
+    over = " (over the lane's budget)" if total > BUDGET_SECONDS else ""
+    say(f"whole lane {total:.0f} s of a {BUDGET_SECONDS} s budget{over}")
+    print(f"arm-lane: {passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
