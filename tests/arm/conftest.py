@@ -9,7 +9,6 @@ saying so; the lane itself fails a step whose tests skipped.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -43,10 +42,12 @@ def _arm_machine_names(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def installed_rootfs() -> Iterator[Path]:
     """The lane's root filesystem with the .debs installed by apt (read through a throwaway overlay)."""
-    installed, base, _ = _lane_tree()
+    installed, base, arch = _lane_tree()
     holder = Path(tempfile.mkdtemp(prefix="outpost-arm-installed-", dir=SCRATCH_DIR))
     try:
         with rootfs.overlay([installed, base], holder) as merged:
+            machine = rootfs.machine_inside(merged)
+            assert machine == rootfs.ARCHES[arch].machine, f"the lane's tree runs as {machine}, not {arch}"
             yield merged
     finally:
         rootfs.remove_tree(holder)
@@ -55,10 +56,12 @@ def installed_rootfs() -> Iterator[Path]:
 @pytest.fixture
 def gateway_rootfs() -> Iterator[Path]:
     """A throwaway writable view of the installed root filesystem for one boot."""
-    installed, base, _ = _lane_tree()
+    installed, base, arch = _lane_tree()
     holder = Path(tempfile.mkdtemp(prefix="outpost-arm-boot-", dir=SCRATCH_DIR))
     try:
         with rootfs.overlay([installed, base], holder) as merged:
+            machine = rootfs.machine_inside(merged)
+            assert machine == rootfs.ARCHES[arch].machine, f"the lane's tree runs as {machine}, not {arch}"
             yield merged
     finally:
         rootfs.remove_tree(holder)

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -170,9 +171,10 @@ def remove_tree(path: Path) -> None:
 
 
 @contextmanager
-def _locked(cache_dir: Path) -> Iterator[None]:
+def _locked(cache_dir: Path, arch_name: str) -> Iterator[None]:
+    """One builder per architecture at a time; two architectures build side by side."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "lock", "w") as lock:
+    with open(cache_dir / f"{arch_name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -185,7 +187,7 @@ def cached(cache_dir: Path, key: str, build: BuildFn, log: LogFn = print) -> Pat
     becomes the tree only after its marker is written.
     """
     tree = cache_dir / key
-    with _locked(cache_dir):
+    with _locked(cache_dir, key.split("-", 1)[0]):
         if is_complete(tree, key):
             return tree
         if tree.exists():
@@ -208,7 +210,7 @@ def cached(cache_dir: Path, key: str, build: BuildFn, log: LogFn = print) -> Pat
 
 def prune(cache_dir: Path, arch: Arch, keep: Sequence[str]) -> None:
     """Drops this architecture's trees of other keys (older package lists), so the cache stays one per arch."""
-    with _locked(cache_dir):
+    with _locked(cache_dir, arch.debian):
         for old in cache_dir.glob(f"{arch.debian}-*"):
             if old.name not in keep:
                 remove_tree(old)
@@ -224,8 +226,11 @@ def _run(command: Sequence[str], timeout: float, what: str) -> subprocess.Comple
 def nspawn(rootfs: Path, script: str, *, timeout: float, binds: Sequence[str] = (), env: Sequence[str] = (),
            capture: bool = True) -> subprocess.CompletedProcess[str]:
     """A shell script inside ``rootfs`` (not booted), sharing the host's network; a non-zero exit raises."""
+    # A machine name of our own: nspawn keeps per-name state under /run, and
+    # the x86 tests' trees are all called "rootfs".
     command = [
         "systemd-nspawn", "--quiet", "--pipe", "--register=no", "--keep-unit", f"--directory={rootfs}",
+        f"--machine=outpost-arm-{secrets.token_hex(4)}",
         *[f"--bind={b}" for b in binds], *[f"--setenv={e}" for e in env], "--", "/bin/sh", "-c", script,
     ]
     result = subprocess.run(command, capture_output=capture, text=True, timeout=timeout, stdin=subprocess.DEVNULL)

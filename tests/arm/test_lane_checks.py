@@ -147,7 +147,7 @@ def test_a_failed_build_leaves_nothing_that_looks_usable(tmp_path: Path) -> None
 
     with pytest.raises(rootfs.HarnessError, match="mirror is unreachable"):
         rootfs.cached(cache, "arm64-key", failing)
-    assert sorted(p.name for p in cache.iterdir()) == ["lock"]
+    assert sorted(p.name for p in cache.iterdir()) == ["arm64.lock"]
 
 
 def test_cache_keys_change_with_the_package_lists_and_differ_per_architecture() -> None:
