@@ -22,6 +22,8 @@ from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
 
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
 PROG = "outpost-agent"
 #: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.
 EXIT_INTERRUPTED = 130
@@ -316,7 +318,8 @@ def _plain(value: Any) -> str:
 
 
 def _utc_from(timestamp: float) -> str:
-    return _utc(datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc))
+    # Arithmetic, not fromtimestamp: a 32-bit time_t (Debian armhf) ends in 2038.
+    return _utc(_UNIX_EPOCH + datetime.timedelta(seconds=timestamp))
 
 
 def _utc(moment: datetime.datetime) -> str:

@@ -30,6 +30,8 @@ from typing import Callable
 
 from agent.config import ClockSettings
 
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
 #: NTP and the controller normally agree to well under a second; 30 s of
 #: disagreement beyond their measured round trips means one of them is wrong,
 #: yet it stays far inside the 5 minutes certificates are backdated, so even
@@ -190,7 +192,8 @@ def _plural(count: int, name: str) -> str:
 def format_utc(timestamp: float) -> str:
     """``YYYY-MM-DD HH:MM UTC`` for a unix time (any year a gateway's clock can read)."""
     try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+        # Arithmetic, not fromtimestamp: a 32-bit time_t (Debian armhf) ends in 2038.
+        moment = _UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
     except (OverflowError, OSError, ValueError):
         return f"unix time {timestamp:.0f}"
     return moment.strftime("%Y-%m-%d %H:%M UTC")

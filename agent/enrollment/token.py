@@ -20,6 +20,8 @@ from cryptography import x509
 from agent.errors import TokenError
 from agent.identity.trust import ca_fingerprint
 
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
 #: A token is about 700 bytes of text; 16 KiB bounds what a wrong file (an
 #: image on the boot partition) makes us read.
 MAX_TOKEN_FILE = 16 * 1024
@@ -173,5 +175,6 @@ def _token_from_claims(text: str, claims: Any) -> EnrollmentToken:
 
 
 def _utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    # Arithmetic, not fromtimestamp: a 32-bit time_t (Debian armhf) ends in 2038.
+    moment = _UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
     return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ClockError, EnrollmentError, TrustError
 
+_UNIX_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
 FINGERPRINT_PREFIX = "sha256:"
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
@@ -126,7 +128,8 @@ def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bo
 
 def _utc(timestamp: float) -> str:
     try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+        # Arithmetic, not fromtimestamp: a 32-bit time_t (Debian armhf) ends in 2038.
+        moment = _UNIX_EPOCH + datetime.timedelta(seconds=timestamp)
     except (OverflowError, OSError, ValueError):
         return f"unix time {timestamp:.0f}"
     return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import agent.cli as agent_cli
 import agent.tunnel.protocol as protocol_package
 from agent.clock.trusted import format_utc
 from agent.enrollment.token import MAX_TOKEN_FILE, read_token_file, verify_token
@@ -49,6 +50,8 @@ IDLE_STREAM_CEILING = 16 * 1024
 def test_moments_past_2038_are_written_as_dates() -> None:
     assert format_utc(Y2038) == "2038-01-19 03:14 UTC"
     assert format_utc(CA_NOT_AFTER.timestamp()) == "2040-06-01 12:00 UTC"
+    # What `outpost-agent status` prints for a certificate or an update time.
+    assert agent_cli._utc_from(CA_NOT_AFTER.timestamp()) == "2040-06-01 12:00 UTC"
 
 
 def _certificate(not_before: datetime.datetime, not_after: datetime.datetime) -> x509.Certificate:
