@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -39,7 +40,7 @@ CHECKOUT_IN_ROOTFS = "/root/outpost"
 # A dependency no archive has: the lane checks that such a .deb fails naming it.
 MISSING_PROBE_PACKAGE = "python3-outpost-no-such-dependency"
 # Every pytest inside: Debian's python3 with bytecode in the throwaway overlay.
-PYTEST = "python3 -m pytest -p no:cacheprovider -q -ra"
+PYTEST = "python3 -m pytest -p no:cacheprovider -q -ra --durations=10"
 # The agent's quick suite per architecture. armhf runs it whole too unless a
 # subset is named here (with the reason in the README's architecture table).
 SUITE_ARGS = {
@@ -62,6 +63,7 @@ class Lane:
     work: dict[str, Path] = field(default_factory=dict)  # a mounted test overlay per arch
     installed: dict[str, Path] = field(default_factory=dict)  # upper dir with the .debs installed
     debs: list[Path] = field(default_factory=list)
+    prebuilds: dict[str, Prebuild] = field(default_factory=dict)
     stack: ExitStack = field(default_factory=ExitStack)
 
 
@@ -69,8 +71,38 @@ def say(text: str) -> None:
     print(f"arm-lane: {text}", flush=True)
 
 
+class Prebuild(threading.Thread):
+    """Builds (or finds) an architecture's layers while the steps of the one before it run.
+
+    Emulated package installs use one core each; the machine has two.
+    """
+
+    def __init__(self, arch: rootfs.Arch) -> None:
+        super().__init__(name=f"prebuild-{arch.debian}", daemon=True)
+        self.arch = arch
+        self.layers: rootfs.Layers | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        begun = time.monotonic()
+        try:
+            self.layers = rootfs.ensure_layers(self.arch, log=say)
+        except BaseException as error:  # handed to the step that waits for it
+            self.error = error
+        self.seconds = time.monotonic() - begun
+
+    def result(self) -> rootfs.Layers:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.layers is not None
+        return self.layers
+
+
 def step_rootfs(lane: Lane, arch: rootfs.Arch) -> str:
-    layers = rootfs.ensure_layers(arch, log=say)
+    prebuild = lane.prebuilds.get(arch.debian)
+    layers = prebuild.result() if prebuild else rootfs.ensure_layers(arch, log=say)
     lane.layers[arch.debian] = layers
     work = lane.stack.enter_context(rootfs.overlay(layers.test_lowers, lane.run_dir / f"{arch.debian}-work"))
     rootfs.copy_checkout(work / CHECKOUT_IN_ROOTFS.lstrip("/"))
@@ -81,7 +113,8 @@ def step_rootfs(lane: Lane, arch: rootfs.Arch) -> str:
     if found[:2] != [arch.machine, str(arch.bits)]:
         raise StepFailed(f"the {arch.debian} root filesystem runs {found}, not {arch.machine} with "
                          f"{arch.bits}-bit pointers: emulation is not what it claims")
-    return f"{found[0]}, {found[1]}-bit Python {found[2]} (cache {layers.base.parent})"
+    built = f"layers ready after {prebuild.seconds:.0f} s, built beside the steps before" if prebuild else "layers ready"
+    return f"{found[0]}, {found[1]}-bit Python {found[2]}; {built} (cache {layers.base.parent})"
 
 
 def step_build_debs(lane: Lane) -> str:
@@ -267,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     with run_directory() as run_dir:
         (run_dir / "pid").write_text(str(os.getpid()))
         lane = Lane(run_dir, arches)
+        for arch in arches[1:]:
+            lane.prebuilds[arch.debian] = Prebuild(arch)
+            lane.prebuilds[arch.debian].start()
         with lane.stack:
             steps = plan(lane)
             for index, step in enumerate(steps):
@@ -283,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 passed += 1
                 say(f"{label}: ok in {time.monotonic() - begun:.0f} s: {note}")
+            for prebuild in lane.prebuilds.values():
+                if prebuild.is_alive():
+                    # Its debootstrap and apt must not outlive the lane; the cache keeps what it builds.
+                    say(f"waiting for the {prebuild.arch.debian} root filesystem build to finish before leaving")
+                    prebuild.join()
     total = time.monotonic() - started
     over = " (over the lane's budget)" if total > BUDGET_SECONDS else ""
     say(f"whole lane {total:.0f} s of a {BUDGET_SECONDS} s budget{over}")

@@ -231,7 +231,10 @@ def nspawn(rootfs: Path, script: str, *, timeout: float, binds: Sequence[str] = 
     command = [
         "systemd-nspawn", "--quiet", "--pipe", "--register=no", "--keep-unit", f"--directory={rootfs}",
         f"--machine=outpost-arm-{secrets.token_hex(4)}",
-        *[f"--bind={b}" for b in binds], *[f"--setenv={e}" for e in env], "--", "/bin/sh", "-c", script,
+        *[f"--bind={b}" for b in binds], *[f"--setenv={e}" for e in env], "--", "/bin/sh", "-c",
+        # nspawn hands its payload a NOTIFY_SOCKET; the agent would take that
+        # for systemd and log to the journal instead of the stderr tests read.
+        f"unset NOTIFY_SOCKET; {script}",
     ]
     result = subprocess.run(command, capture_output=capture, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
