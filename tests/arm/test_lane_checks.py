@@ -167,3 +167,15 @@ def test_a_dependency_that_does_not_resolve_is_named(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert rootfs.unresolved_dependencies(result.stdout + result.stderr) == ["python3-no-such-outpost-dependency"]
 
+
+
+def test_a_skipped_tpm_test_fails_the_suite_step_while_the_strace_skips_are_expected() -> None:
+    from lane import unexpected_skips
+
+    output = ("SKIPPED [3] tests/syscall_trace.py:49: strace is not installed (Debian package: strace; "
+              "scripts/setup installs it)\n"
+              "SKIPPED [9] tests/agent/identity/swtpm_harness.py:81: swtpm is not installed (Debian package: swtpm)\n"
+              "640 passed, 12 skipped in 500.00s\n")
+    assert unexpected_skips(output) == [
+        "SKIPPED [9] tests/agent/identity/swtpm_harness.py:81: swtpm is not installed (Debian package: swtpm)"]
+    assert unexpected_skips(output.splitlines()[0]) == []
