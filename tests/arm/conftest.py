@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 import boot_harness  # noqa: E402
 import rootfs  # noqa: E402
 
-SCRATCH_DIR = Path("/var/tmp")
+# Inside the lane's run directory, so a killed run's overlays are cleaned with it.
+SCRATCH_DIR = Path(os.environ.get("OUTPOST_ARM_SCRATCH", "/var/tmp"))
 
 
 def _lane_tree() -> tuple[Path, Path, str]:

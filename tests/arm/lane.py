@@ -229,7 +229,7 @@ def unexpected_skips(pytest_output: str) -> list[str]:
 def step_boot(lane: Lane, arch: rootfs.Arch) -> str:
     """The packaged end-to-end boot test (tests/arm/test_arm_boot.py) on the host, against this arch's tree."""
     env = dict(os.environ, OUTPOST_ARM_INSTALLED=str(lane.installed[arch.debian]),
-               OUTPOST_ARM_BASE=str(lane.layers[arch.debian].base_rootfs), OUTPOST_ARM_ARCH=arch.debian)
+               OUTPOST_ARM_BASE=str(lane.layers[arch.debian].base_rootfs), OUTPOST_ARM_ARCH=arch.debian, OUTPOST_ARM_SCRATCH=str(lane.run_dir))
     python = REPO / ".venv/bin/python"
     result = subprocess.run([str(python if python.exists() else sys.executable), "-m", "pytest", "-p",
                              "no:cacheprovider", "-q", "-ra", "tests/arm/test_arm_boot.py"],
