@@ -37,6 +37,8 @@ DEB_CHECK_TIMEOUT_SECONDS = 300
 BOOT_TIMEOUT_SECONDS = 15 * 60
 BUILD_DEBS_TIMEOUT_SECONDS = 300
 CHECKOUT_IN_ROOTFS = "/root/outpost"
+# A run directory without a live owner's pid is stale once older than this.
+STARTING_GRACE_SECONDS = 60
 # A dependency no archive has: the lane checks that such a .deb fails naming it.
 MISSING_PROBE_PACKAGE = "python3-outpost-no-such-dependency"
 # Every pytest inside: Debian's python3 with bytecode in the throwaway overlay.
@@ -282,13 +284,17 @@ def run_directory() -> Iterator[Path]:
 def clean_stale_runs() -> None:
     """Run directories of killed lanes (no live owner holds their lock): unmount and remove."""
     for old in RUN_PARENT.glob("outpost-arm-run.*"):
-        pid_file = old / "pid"
         try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
+            os.kill(int((old / "pid").read_text()), 0)
             continue
         except (OSError, ValueError):
-            rootfs.remove_tree(old)
+            pass
+        try:
+            if time.time() - old.stat().st_mtime < STARTING_GRACE_SECONDS:
+                continue  # a lane that has not written its pid yet
+        except FileNotFoundError:
+            continue
+        rootfs.remove_tree(old)
 
 
 def main(argv: list[str] | None = None) -> int:
