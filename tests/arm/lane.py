@@ -281,9 +281,9 @@ def run_directory() -> Iterator[Path]:
         rootfs.remove_tree(path)
 
 
-def clean_stale_runs() -> None:
-    """Run directories of killed lanes (no live owner holds their lock): unmount and remove."""
-    for old in RUN_PARENT.glob("outpost-arm-run.*"):
+def clean_stale_runs(parent: Path = RUN_PARENT) -> None:
+    """Run directories of killed lanes (their pid is gone): unmount what they left mounted, and remove."""
+    for old in parent.glob("outpost-arm-run.*"):
         try:
             os.kill(int((old / "pid").read_text()), 0)
             continue

@@ -179,3 +179,21 @@ def test_a_skipped_tpm_test_fails_the_suite_step_while_the_strace_skips_are_expe
     assert unexpected_skips(output) == [
         "SKIPPED [9] tests/agent/identity/swtpm_harness.py:81: swtpm is not installed (Debian package: swtpm)"]
     assert unexpected_skips(output.splitlines()[0]) == []
+
+
+@needs_root
+def test_a_killed_lanes_run_directory_is_unmounted_and_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    from lane import STARTING_GRACE_SECONDS, clean_stale_runs
+
+    killed, live = tmp_path / "outpost-arm-run.killed", tmp_path / "outpost-arm-run.live"
+    # Above pid_max (at most 2**22 on Linux): no process has it.
+    for folder, pid in ((killed, 2**22 + 1), (live, os.getpid())):
+        (folder / "armhf-work/merged").mkdir(parents=True)
+        (folder / "pid").write_text(str(pid))
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(killed / "armhf-work/merged")], check=True, timeout=30)
+    old = killed.stat().st_mtime - STARTING_GRACE_SECONDS - 1
+    os.utime(killed, (old, old))
+    clean_stale_runs(tmp_path)
+    assert not killed.exists() and live.exists()
+    with open("/proc/self/mounts") as mounts:
+        assert str(killed) not in mounts.read()
