@@ -30,11 +30,16 @@ REPO = rootfs.REPO
 RUN_PARENT = Path("/var/tmp")
 # The whole lane's share of CI's hour (the rest of scripts/test takes about 22 minutes).
 BUDGET_SECONDS = 30 * 60
-# The agent's quick suite took about 7 minutes under arm64 emulation on an idle machine.
+# The agent's quick suite takes about 9 minutes under arm64 emulation on a
+# busy 2-core machine; a hung test must not eat the rest of CI's 90 minutes.
 SUITE_TIMEOUT_SECONDS = 25 * 60
+# quickstart --once takes 5 to 15 s emulated; the traps a few seconds.
 QUICKSTART_TIMEOUT_SECONDS = 300
+# Starting outpost-agent and outpostctl once each under emulation.
 DEB_CHECK_TIMEOUT_SECONDS = 300
+# Two boots of about 20 s each, plus the harness's own bounds (240 s per boot).
 BOOT_TIMEOUT_SECONDS = 15 * 60
+# dpkg-buildpackage of two pure-Python packages takes seconds.
 BUILD_DEBS_TIMEOUT_SECONDS = 300
 CHECKOUT_IN_ROOTFS = "/root/outpost"
 # A run directory without a live owner's pid is stale once older than this.
