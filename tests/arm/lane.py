@@ -270,8 +270,9 @@ def plan(lane: Lane) -> list[Step]:
                 Step("quickstart --once", lambda a=a: step_quickstart(lane, a), name),
                 Step("word-size traps", lambda a=a: step_traps(lane, a), name),
             ]
-    if "arm64" in by:
-        steps.append(Step("boot the .deb, enroll, dial in", lambda: step_boot(lane, by["arm64"]), "arm64"))
+    for name in ("arm64", "armhf"):
+        if name in by:
+            steps.append(Step("boot the .deb, enroll, dial in", lambda a=by[name]: step_boot(lane, a), name))
     for name in ("arm64", "armhf"):
         if name in by:
             steps.append(Step('agent quick suite (tests/agent -m "not slow", less the speed tests)',
