@@ -22,7 +22,9 @@ from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, lo
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import EnrolledIdentity, StateDir
+from agent.tunnel.status import clock_time as _utc_clock
 from shared import __version__
+from shared.utc import format_utc
 
 PROG = "outpost-agent"
 #: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.
@@ -352,13 +354,8 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
-def _utc_clock(timestamp: float) -> str:
-    """``14:05 UTC``, for what happens within the next minutes (the date would add nothing)."""
-    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime("%H:%M UTC")
-
-
 def _utc_from(timestamp: float) -> str:
-    return _utc(datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC))
+    return format_utc(timestamp)
 
 
 def _utc(moment: datetime.datetime) -> str:

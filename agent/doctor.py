@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from agent.clock.trusted import format_utc as _utc
 from agent.config import AgentConfig, load_config, with_environment_proxy
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
 from agent.doctor_network import (
@@ -44,6 +43,7 @@ from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token
 from agent.errors import OutpostError
 from agent.identity.state import EnrolledIdentity, StateDir
 from shared.trust import cert_not_after, cert_not_before
+from shared.utc import format_utc as _utc
 
 #: The agent renews well before expiry (by about half the lifetime); with
 #: less than this fraction left, renewal is not happening.

@@ -43,6 +43,7 @@ from controller.registry import (
     refuse_blocked,
 )
 from controller.store import Store, Transaction
+from shared.utc import utc_datetime
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def renewal_decision(identity: Identity, now: float, grace: float) -> str | Rene
         return RENEWAL
     if now - not_after <= grace:
         return RECOVERY
-    expired = datetime.datetime.fromtimestamp(not_after, tz=datetime.UTC)
+    expired = utc_datetime(not_after)
     return RenewalRefused(forbidden(
         "recovery_expired",
         f"This gateway's certificate expired on {expired:%Y-%m-%d %H:%M} UTC, more than "

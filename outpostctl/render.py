@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from shared.utc import format_utc, utc_datetime
+
 #: Shown for a value the controller left empty (never enrolled, no expiry...).
 MISSING = "-"
 #: Space between table columns: enough to read, little enough for 80 columns.
@@ -20,8 +22,7 @@ def format_time(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, (int, float)):
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
-        return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return format_utc(value, "%Y-%m-%d %H:%M:%S UTC")
     return str(value)
 
 
@@ -33,14 +34,13 @@ def format_audit_time(value: Any) -> str:
 
 
 def _utc(value: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
+    return utc_datetime(value)
 
 
 def format_time_compact(value: Any) -> str:
     """A unix time as ``YYYY-MM-DDTHH:MM:SSZ``: one word, for ``key=value`` lists."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        moment = datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
-        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_utc(value, "%Y-%m-%dT%H:%M:%SZ")
     return format_value(value)
 
 

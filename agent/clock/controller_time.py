@@ -17,11 +17,12 @@ from collections.abc import Callable
 
 from cryptography import x509
 
-from agent.clock.trusted import OffsetSample, format_utc
+from agent.clock.trusted import OffsetSample
 from agent.errors import ClockError, ControllerUnreachable
 from agent.identity.pinned_tls import PinnedTLS
 from agent.proxy import DIRECT, ProxySettings
 from shared.trust import cert_not_after, cert_not_before
+from shared.utc import format_utc
 
 #: Two small requests; a controller slower than this gives an offset too
 #: uncertain to be worth waiting for.

@@ -23,13 +23,13 @@ Trust rules, in order:
 
 from __future__ import annotations
 
-import datetime
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import ClockSettings
 from agent.durations import format_duration
+from shared.utc import format_utc
 
 #: NTP and the controller normally agree to well under a second; 30 s of
 #: disagreement beyond their measured round trips means one of them is wrong,
@@ -169,10 +169,3 @@ def describe_offset(offset: float, local_now: float, source: str) -> str:
             f"{name} {format_utc(local_now + offset)}); using {using}")
 
 
-def format_utc(timestamp: float) -> str:
-    """``YYYY-MM-DD HH:MM UTC`` for a unix time (any year a gateway's clock can read)."""
-    try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"unix time {timestamp:.0f}"
-    return moment.strftime("%Y-%m-%d %H:%M UTC")

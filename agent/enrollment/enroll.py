@@ -24,7 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock
-from agent.clock.trusted import format_utc as _utc
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
 from agent.errors import (
     ClockError,
@@ -42,6 +41,7 @@ from agent.identity.state import EnrolledIdentity, StateDir
 from agent.proxy import DIRECT, ProxySettings
 from shared.fsutil import ensure_private_dir
 from shared.trust import cert_not_after, verify_leaf_issued_by
+from shared.utc import format_utc as _utc
 
 #: One request that signs a certificate; a controller slower than this on a
 #: working link is overloaded, and a retry later is the better answer.

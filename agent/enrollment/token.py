@@ -7,7 +7,6 @@ has checked the signature with the pinned CA's key.
 
 from __future__ import annotations
 
-import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from cryptography import x509
 
 from agent.errors import TokenError
 from shared.trust import ca_fingerprint
+from shared.utc import format_utc as _utc
 
 #: A token is about 700 bytes of text; 16 KiB bounds what a wrong file (an
 #: image on the boot partition) makes us read.
@@ -171,7 +171,3 @@ def _token_from_claims(text: str, claims: Any) -> EnrollmentToken:
         raise TokenError(_MALFORMED)
     return EnrollmentToken(text=text, iss=iss, sub=sub, tnt=tnt, jti=jti, exp=float(exp), iat=float(iat), ca=ca)
 
-
-def _utc(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M UTC")

@@ -4,7 +4,7 @@ Layout (docs/architecture.md): ``key.pem`` or ``key.tpm.json`` (the key
 store's), ``ca.pem``, ``cert.pem``, ``identity.json`` and ``status.json``.
 Enrollment is committed when ``identity.json`` exists; it is written last.
 
-Every file is replaced atomically and durably (agent/fsutil.py), so a crash
+Every file is replaced atomically and durably (shared/fsutil.py), so a crash
 at any point leaves each file whole, old or new; the crash guarantees and
 what a restart does with each half-finished state are in docs/architecture.md.
 """

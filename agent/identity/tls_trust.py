@@ -10,7 +10,6 @@ certificate check ends at the leaf.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import ssl
 
@@ -19,6 +18,7 @@ from cryptography import x509
 
 from agent.errors import ClockError, EnrollmentError, TrustError
 from shared.trust import cert_not_after, cert_not_before
+from shared.utc import format_utc as _utc
 
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62
@@ -96,14 +96,6 @@ def check_dates(cert: x509.Certificate, now: float, what: str, time_measured: bo
         f"{what} {span}: {state} at the checked time {_utc(now)}; "
         "ask central ops to renew the controller's certificates"
     )
-
-
-def _utc(timestamp: float) -> str:
-    try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"unix time {timestamp:.0f}"
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def trust_error_for(error: BaseException, url: str) -> TrustError:

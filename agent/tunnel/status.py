@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.clock.trusted import TrustedClock
 from shared import service_manager
+from shared.utc import format_utc
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TunnelStats:
 
 def clock_time(timestamp: float) -> str:
     """``14:05 UTC``: when, within the next hours, the agent does something (the date adds nothing there)."""
-    return time.strftime("%H:%M UTC", time.gmtime(timestamp))
+    return format_utc(timestamp, "%H:%M UTC")
 
 
 def report_offline(why: str) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.clock.trusted import format_utc
 from agent.config import AgentConfig
 from agent.doctor import (
     CERT_WARN_FRACTION,
@@ -35,6 +34,7 @@ from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings
 from agent.identity.state import EnrolledIdentity
 from shared.trust import cert_not_after, cert_not_before
+from shared.utc import format_utc
 from tests.agent.cli_helpers import doctor_lines, run_cli
 from tests.agent.clock.ntp_responder import NtpResponder
 from tests.e2e.harness import Controller

@@ -56,6 +56,9 @@ PROBE_TIMEOUT_SECONDS = 150
 # After SIGTERM (orderly poweroff), how long before SIGKILL.
 KILL_GRACE_SECONDS = 20
 
+# Names the booted machines; another lane booting at the same time (the ARM
+# lane) sets its own, so no two runs ever share a machine name.
+MACHINE_PREFIX = "outpost-test"
 SHARED_IN_CONTAINER = "/run/outpost-test"
 DEBS_IN_CONTAINER = "/root/outpost-debs"
 REPORT_UNIT = "outpost-test-report.service"
@@ -299,7 +302,7 @@ def boot(rootfs: Path, shared: Path, probe: str = "", timeout: float = BOOT_TIME
     console_path = shared.parent / f"{shared.name}.console"
     command = [
         "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit", "--console=pipe",
-        f"--machine=outpost-test-{secrets.token_hex(4)}", f"--directory={rootfs}",
+        f"--machine={MACHINE_PREFIX}-{secrets.token_hex(4)}", f"--directory={rootfs}",
         f"--bind={shared}:{SHARED_IN_CONTAINER}",
     ]
     timed_out = False
