@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import make_csr
 from tests.e2e.harness import Controller, EchoServer, Process, python_env, read_status, round_trip, run_cli, wait_until
-from tests.e2e.test_lifecycle_revocation import SecondProcess, ctl_via, second  # noqa: F401 (fixture)
+from tests.e2e.test_lifecycle_revocation import SecondProcess, ctl_via, second, start_gateway  # noqa: F401 (fixture)
 
 #: The issue's promise: the old key's tunnels close on every relay within this, as at revocation.
 REKEY_DEADLINE = 2.0
@@ -47,23 +47,6 @@ class TunnelWatch(threading.Thread):
                 self.gone_at = time.time()
                 return
             time.sleep(0.05)
-
-
-def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer) -> tuple[Path, Process, str]:
-    """Enrolled through process B and tunnelled to it; returns its state, its agent and a copy of its token."""
-    token = tmp_path / f"{name}.token"
-    b.ctl("identity", "create", name, "--role", "gateway", "--token-out", str(token))
-    kept = token.read_text().strip()  # the agent retires the file once it enrolled
-    state = tmp_path / f"{name}-state"
-    enrolled = run_cli("agent", "enroll", "--token", str(token), "--state", str(state), "--keystore", "software")
-    assert enrolled.returncode == 0, enrolled.stderr
-    config = tmp_path / f"{name}.toml"
-    config.write_text(f'state_dir = "{state}"\n\n[keystore]\nbackend = "software"\n\n'
-                      f'[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:{echo.port}"\n')
-    agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
-    wait_until(lambda: read_status(state).get("state") == "connected", what=f"{name} connected")
-    assert read_status(state)["relay"].startswith(b.url.replace("https://", "wss://"))
-    return state, agent, kept
 
 
 def enrollment_time(config: Path, name: str, key_sha256_not: str) -> float:

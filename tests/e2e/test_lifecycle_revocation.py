@@ -79,10 +79,11 @@ def ctl_via(config: Path, *args: str, check: bool = True):
     return result
 
 
-def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer) -> tuple[Path, Process]:
-    """Enrolled through process B (so its relay list names B), tunnelled to B."""
+def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer) -> tuple[Path, Process, str]:
+    """Enrolled through process B and tunnelled to it; returns its state, its agent and a copy of its token."""
     token = tmp_path / f"{name}.token"
     b.ctl("identity", "create", name, "--role", "gateway", "--token-out", str(token))
+    kept = token.read_text().strip()  # the agent retires the file once it enrolled
     state = tmp_path / f"{name}-state"
     enrolled = run_cli("agent", "enroll", "--token", str(token), "--state", str(state), "--keystore", "software")
     assert enrolled.returncode == 0, enrolled.stderr
@@ -92,7 +93,7 @@ def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer)
     agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
     wait_until(lambda: read_status(state).get("state") == "connected", what=f"{name} connected")
     assert read_status(state)["relay"].startswith(b.url.replace("https://", "wss://"))
-    return state, agent
+    return state, agent, kept
 
 
 def seconds_until_closed(b: SecondProcess, name: str, deadline: float) -> float:
@@ -119,7 +120,7 @@ def test_revoking_through_one_process_closes_the_tunnel_held_by_another_within_t
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")
-    state, agent = start_gateway(second, tmp_path, "gw-rev", echo_server)
+    state, agent, _ = start_gateway(second, tmp_path, "gw-rev", echo_server)
     try:
         assert any(t["name"] == "gw-rev" for t in second.tunnels())
         ctl_via(a_config, "identity", "revoke", "gw-rev")
@@ -146,7 +147,7 @@ def test_disable_closes_the_tunnel_everywhere_and_enable_lets_it_renew_again(
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")
-    state, agent = start_gateway(second, tmp_path, "gw-dis", echo_server)
+    state, agent, _ = start_gateway(second, tmp_path, "gw-dis", echo_server)
     try:
         ctl_via(a_config, "identity", "disable", "gw-dis")
         elapsed = seconds_until_closed(second, "gw-dis", REVOCATION_DEADLINE)
