@@ -84,7 +84,7 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
             f"the certificate expired at {cert_not_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
         )
     try:
-        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         usage = []
     if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:

@@ -43,7 +43,8 @@ Decision = tuple[bool, str, ServiceKey]
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
 # above the longest keepalive interval a link profile uses.
-RELAY_LIVENESS = Liveness(keepalive_interval=None, idle_timeout=1800.0)
+RELAY_IDLE_TIMEOUT = 1800.0
+RELAY_LIVENESS = Liveness(keepalive_interval=None, idle_timeout=RELAY_IDLE_TIMEOUT)
 # Once the agent says how often it pings, the relay forgets its tunnel after
 # this many keepalive intervals of silence: two lost PINGs are tolerated, and a
 # gateway whose carrier NAT black-holed the tunnel is dropped in minutes
@@ -58,7 +59,7 @@ def relay_liveness_for(keepalive: object) -> Liveness:
     """The relay's timers for an agent announcing ``keepalive`` seconds in AUTH (anything else: the default)."""
     if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or not keepalive > 0:
         return RELAY_LIVENESS
-    idle = min(RELAY_LIVENESS.idle_timeout, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
+    idle = min(RELAY_IDLE_TIMEOUT, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
     return Liveness(keepalive_interval=None, idle_timeout=idle)
 
 
@@ -254,7 +255,7 @@ class Relay:
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
         #: Audit rows started from callbacks and not yet written (awaited at shutdown).
-        self._pending: set[concurrent.futures.Future] = set()
+        self._pending: set[concurrent.futures.Future[bool]] = set()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -289,7 +290,7 @@ class Relay:
         self._pending.add(future)
         future.add_done_callback(self._recorded)
 
-    def _recorded(self, future: concurrent.futures.Future) -> None:
+    def _recorded(self, future: concurrent.futures.Future[bool]) -> None:
         self._pending.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("audit row not written: %r", future.exception())
@@ -333,7 +334,7 @@ class Relay:
                     ErrorCode.REVOKED, f"the key of identity {identity.tenant}/{identity.name} was replaced by "
                     "re-enrollment"))
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[dict[str, object]]:
         return [
             {
                 "identity": s.identity.uri,
