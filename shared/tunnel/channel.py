@@ -53,13 +53,17 @@ class StreamChannel:
         self._readable.set()
 
     def _on_reset(self, code: ErrorCode, reason: str) -> None:
-        self.error = StreamClosed(code, reason)
+        self._fail(StreamClosed(code, reason))
+
+    def _fail(self, error: StreamClosed) -> None:
+        """The stream is over, whichever end said so: wake everyone waiting on it with ``error``."""
+        self.error = error
         self._chunks.clear()  # nobody will read them: free the memory now
         self._closed.set()
         self._readable.set()
         self._writable.set()
         if not self._accepted.done():
-            self._accepted.set_exception(self.error)
+            self._accepted.set_exception(error)
             self._accepted.exception()  # retrieved: nobody may be waiting
 
     def _on_accepted(self) -> None:
@@ -173,9 +177,8 @@ class StreamChannel:
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abort the stream in both directions."""
         if self.error is None:
-            self.error = StreamClosed(code, reason)
-            self._chunks.clear()
-            self._closed.set()
+            # A reader, writer or opener of this end waiting on the stream must not wait for a peer that forgot it.
+            self._fail(StreamClosed(code, reason))
             if not self.session.conn.closed:
                 try:
                     self.session.conn.reset_stream(self.stream_id, code, reason)

@@ -207,3 +207,30 @@ def test_when_the_tunnel_closes_every_stream_fails_at_once() -> None:
                 await reading.write(b"after the tunnel")
 
     run(scenario)
+
+
+def test_a_reset_by_this_end_wakes_its_own_waiting_reader_writer_and_opener() -> None:
+    async def scenario() -> None:
+        async with tunnel(relay_limits=SMALL) as (relay, agent):
+            outgoing = agent.open_stream("svc")
+            await relay.next_stream()
+            reader = asyncio.ensure_future(outgoing.read())
+            writer = asyncio.ensure_future(outgoing.write(b"w" * (2 * SMALL_WINDOW)))  # waits for credit
+            unanswered = agent.open_stream("svc")  # the relay end accepts it, but not before the reset
+            opener = asyncio.ensure_future(unanswered.wait_accepted())
+            await asyncio.sleep(0)
+            assert not opener.done()
+            unanswered.reset(ErrorCode.CANCEL, "gave up waiting")
+            await settle()
+            assert not reader.done() and not writer.done()
+
+            outgoing.reset(ErrorCode.CANCEL, "the local side went away")
+            for task in (reader, writer):
+                with pytest.raises(StreamClosed) as woken:
+                    await asyncio.wait_for(task, 5)
+                assert woken.value.reason == "the local side went away"
+            with pytest.raises(StreamClosed) as refused:
+                await asyncio.wait_for(opener, 5)
+            assert refused.value.reason == "gave up waiting"
+
+    run(scenario)

@@ -58,6 +58,8 @@ class End(TunnelSession):
         if not self.accept:
             await super().on_stream_opened(channel)  # refuses: SERVICE_UNKNOWN
             return
+        if channel.error is not None or self.conn.closed:
+            return  # the opener gave up before this end came to accept
         self.conn.accept_stream(channel.stream_id)
         await self.flush()
         await self.opened.put(channel)
