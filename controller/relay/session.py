@@ -31,7 +31,7 @@ from shared.protocol import (
 from shared.trust import verify_leaf_issued_by
 
 # The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from shared.tunnel.splice import splice_streams
 
@@ -215,7 +215,7 @@ class RelaySession(TunnelSession):
         upstream = binder.open_stream(name, peer=self.identity.uri)
         try:
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
-        except StreamClosed as exc:
+        except ChannelReset as exc:
             channel.reset(exc.code, exc.reason)
             return
         except TimeoutError:

@@ -12,7 +12,7 @@ import pytest
 from tunnel_loopback import SMALL_WINDOW, read_exactly, read_to_end, run, settle, tunnel
 
 from shared.protocol import ErrorCode, ProtocolLimits
-from shared.tunnel.channel import StreamClosed
+from shared.tunnel.channel import ChannelReset
 
 #: The relay end advertises a small window, so that a few KiB exhaust the agent's credit.
 SMALL = ProtocolLimits(initial_window=SMALL_WINDOW)
@@ -60,11 +60,11 @@ def test_a_refused_stream_raises_on_wait_accepted_with_the_refusal() -> None:
     async def scenario() -> None:
         async with tunnel(relay_accepts=False) as (_relay, agent):
             channel = agent.open_stream("nothing-here")
-            with pytest.raises(StreamClosed) as refused:
+            with pytest.raises(ChannelReset) as refused:
                 await channel.wait_accepted()
             assert refused.value.code is ErrorCode.SERVICE_UNKNOWN
             assert "hosts no services" in refused.value.reason
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await channel.write(b"x")
             assert channel.stream_id not in agent.streams
 
@@ -135,19 +135,19 @@ def test_a_reset_reaches_the_reader_and_the_writer_of_the_other_end_with_its_cod
             assert not blocked.done()
 
             incoming.reset(ErrorCode.CONNECT_FAILED, "the local service went away")
-            with pytest.raises(StreamClosed) as at_writer:
+            with pytest.raises(ChannelReset) as at_writer:
                 await asyncio.wait_for(blocked, 5)
             assert at_writer.value.code is ErrorCode.CONNECT_FAILED
             assert at_writer.value.reason == "the local service went away"
             # What was not read is dropped: the reader learns of the reset, not of stale data.
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await outgoing.read()
             await asyncio.wait_for(outgoing.wait_reset(), 5)
             assert outgoing.stream_id not in agent.streams and incoming.stream_id not in relay.streams
             # The end that reset sees the same: it can neither read nor write.
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await incoming.read()
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await incoming.write(b"late")
 
     run(scenario)
@@ -176,7 +176,7 @@ def test_ending_after_a_reset_is_harmless() -> None:
             outgoing.reset(ErrorCode.CANCEL, "changed my mind")
             await outgoing.end()  # nothing to end: no error, nothing sent
             outgoing.reset()  # a second reset is a no-op
-            with pytest.raises(StreamClosed) as at_peer:
+            with pytest.raises(ChannelReset) as at_peer:
                 await incoming.read()
             assert at_peer.value.reason == "changed my mind"
             assert not agent.conn.closed and not relay.conn.closed
@@ -198,12 +198,12 @@ def test_when_the_tunnel_closes_every_stream_fails_at_once() -> None:
 
             await relay.close(ErrorCode.NO_ERROR, "relay shutting down")
             for task in (reader, writer):
-                with pytest.raises(StreamClosed) as closed:
+                with pytest.raises(ChannelReset) as closed:
                     await asyncio.wait_for(task, 5)
                 assert closed.value.code is ErrorCode.CANCEL
             await asyncio.wait_for(agent.closed.wait(), 5)
             assert agent.streams == {}
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await reading.write(b"after the tunnel")
 
     run(scenario)
@@ -226,10 +226,10 @@ def test_a_reset_by_this_end_wakes_its_own_waiting_reader_writer_and_opener() ->
 
             outgoing.reset(ErrorCode.CANCEL, "the local side went away")
             for task in (reader, writer):
-                with pytest.raises(StreamClosed) as woken:
+                with pytest.raises(ChannelReset) as woken:
                     await asyncio.wait_for(task, 5)
                 assert woken.value.reason == "the local side went away"
-            with pytest.raises(StreamClosed) as refused:
+            with pytest.raises(ChannelReset) as refused:
                 await asyncio.wait_for(opener, 5)
             assert refused.value.reason == "gave up waiting"
 

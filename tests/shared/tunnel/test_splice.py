@@ -17,7 +17,7 @@ import pytest
 from tunnel_loopback import SMALL_WINDOW, End, read_exactly, read_to_end, run, settle, tunnel
 
 from shared.protocol import ErrorCode, ProtocolLimits
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.splice import splice_socket, splice_streams
 
 SMALL = ProtocolLimits(initial_window=SMALL_WINDOW)
@@ -85,7 +85,7 @@ def test_a_reset_on_either_side_reaches_the_other_with_its_reason_and_ends_the_s
             assert await read_exactly(r.served, 5) == b"hello"
             resetting, other = (r.served, r.dial) if side == "binder" else (r.dial, r.served)
             resetting.reset(ErrorCode.CONNECT_FAILED, f"the {side} gave up")
-            with pytest.raises(StreamClosed) as passed_on:
+            with pytest.raises(ChannelReset) as passed_on:
                 await asyncio.wait_for(other.read(), PROMPT)
             assert passed_on.value.code is ErrorCode.CONNECT_FAILED
             assert passed_on.value.reason == f"the {side} gave up"
@@ -100,7 +100,7 @@ def test_when_the_binders_tunnel_goes_the_dialers_stream_is_reset_and_the_splice
         async with relayed() as r:
             reading = asyncio.ensure_future(r.dial.read())
             await r.binder.close(ErrorCode.NO_ERROR, "gateway stopping")
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await asyncio.wait_for(reading, PROMPT)
             await asyncio.wait_for(r.splice, PROMPT)
             assert not r.dialer.conn.closed  # only the stream, not the dialer's tunnel
@@ -237,7 +237,7 @@ def test_a_reset_ends_the_splice_even_while_the_local_service_has_stopped_readin
             await asyncio.wait_for(h.splice, PROMPT)
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(read_until_reset(h.service_reader, size), PROMPT)
-            with pytest.raises(StreamClosed):
+            with pytest.raises(ChannelReset):
                 await writer
 
     run(scenario)
@@ -250,7 +250,7 @@ def test_a_local_connection_that_fails_resets_the_stream_with_connect_failed() -
             sock = h.service_writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.service_writer.transport.abort()  # an RST to the agent
-            with pytest.raises(StreamClosed) as failed:
+            with pytest.raises(ChannelReset) as failed:
                 await asyncio.wait_for(reading, PROMPT)
             assert failed.value.code is ErrorCode.CONNECT_FAILED
             assert failed.value.reason == "the local connection failed"
