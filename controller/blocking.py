@@ -15,11 +15,12 @@ import concurrent.futures
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 from controller.errors import ControllerError
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Threads for the HTTP endpoints' enrollment, renewal, recovery and session
 #: certificates. SQLite commits one writer at a time and Python signs under
@@ -66,7 +67,7 @@ class WorkerPool:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
             return self._executor
 
-    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``function(*args, **kwargs)`` in a worker thread; its result or its exception."""
         call = functools.partial(function, *args, **kwargs)
         with self._lock:
@@ -79,7 +80,7 @@ class WorkerPool:
             with self._lock:
                 self.pending -= 1
 
-    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    def submit(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Start ``function`` in a worker thread from code that cannot await (a callback)."""
         return self.executor().submit(function, *args, **kwargs)
 

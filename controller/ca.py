@@ -17,12 +17,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
 from shared.fsutil import atomic_write, ensure_private_dir
+from shared.trust import ca_fingerprint, cert_not_after, cert_not_before
 
 # The agent and the controller read certificates the same way: one place for
 # the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
-from shared.trust import ca_fingerprint as certificate_fingerprint
-from shared.trust import cert_not_after as not_after_of
-from shared.trust import cert_not_before as not_before_of  # noqa: F401  (dates, for callers of the CA)
+# Named here too, for the callers of the CA.
+certificate_fingerprint = ca_fingerprint
+not_after_of = cert_not_after
+not_before_of = cert_not_before
 
 #: Ten years: the CA is pinned by every enrolled gateway and in every token,
 #: so replacing it means re-enrolling the fleet.
@@ -48,6 +50,13 @@ def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
     """Hex SHA-256 of the SubjectPublicKeyInfo DER: how the store names a device key."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def _same_key(key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> bool:
+    """True when ``certificate`` certifies ``key``'s public half (an ECDSA key, as every key here)."""
+    certified = certificate.public_key()
+    return (isinstance(certified, ec.EllipticCurvePublicKey)
+            and key.public_key().public_numbers() == certified.public_numbers())
 
 
 def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -107,7 +116,7 @@ class CertificateAuthority:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key_path} is not an ECDSA key")
-        if key.public_key().public_numbers() != certificate.public_key().public_numbers():
+        if not _same_key(key, certificate):
             raise ValueError(f"{key_path} is not the key of {cert_path}")
         return cls(certificate, key, trust_domain)
 
@@ -211,10 +220,12 @@ def server_certificate_covers(cert: x509.Certificate, names: list[str], ca: Cert
         return False
     if not_after_of(cert) - utcnow() < renew_before:
         return False
+    ca_key = ca.certificate.public_key()
+    algorithm = cert.signature_hash_algorithm
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey) or algorithm is None:
+        return False  # not signed by our ECDSA CA (whose certificate is created with its own key)
     try:
-        ca.certificate.public_key().verify(
-            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
-        )
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
         present = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except Exception:
         return False
@@ -233,7 +244,7 @@ def ensure_server_certificate(
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if (
             isinstance(key, ec.EllipticCurvePrivateKey)
-            and key.public_key().public_numbers() == cert.public_key().public_numbers()
+            and _same_key(key, cert)
             and not force
             and server_certificate_covers(cert, names, ca, renew_before)
         ):

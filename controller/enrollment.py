@@ -56,8 +56,8 @@ def is_session_certificate(store: Store, certificate: x509.Certificate) -> bool:
     return row is not None and row["purpose"] == SESSION_PURPOSE
 
 
-def parse_csr(pem: object) -> x509.CertificateSigningRequest:
-    """A CSR with a valid self-signature over a P-256 key, or 400 ``csr_invalid``."""
+def parse_csr_key(pem: object) -> ec.EllipticCurvePublicKey:
+    """The P-256 key of a CSR with a valid self-signature, or 400 ``csr_invalid``."""
     if not isinstance(pem, str) or not pem.strip() or len(pem) > MAX_CSR_PEM:
         raise bad_request("csr_invalid", "The request carries no certificate signing request (CSR) in PEM.")
     try:
@@ -71,7 +71,7 @@ def parse_csr(pem: object) -> x509.CertificateSigningRequest:
         raise bad_request(
             "csr_invalid", "The certificate signing request's signature does not verify; create it again with the device key."
         )
-    return csr
+    return public_key
 
 
 def refuse_retry(row: sqlite3.Row, identity: Identity, key_sha256: str) -> None:
@@ -133,8 +133,8 @@ class Enrollment:
             raise
 
     def _redeem(self, claims: TokenClaims, csr_pem: object) -> Issued:
-        csr = parse_csr(csr_pem)
-        key_sha256 = public_key_sha256(csr.public_key())
+        public_key = parse_csr_key(csr_pem)
+        key_sha256 = public_key_sha256(public_key)
         label = f"{claims.tenant}/{claims.name}"
         with self._store.transaction() as db:
             row = token_row_in(db, claims, label, time.time(), self._tokens.issuer_url)
@@ -154,7 +154,7 @@ class Enrollment:
                 )
                 # From now on this token's key is the identity's one key: no other token enrolls anything.
                 supersede_in(db, identity.tenant, identity.name, claims.jti, redeemed_too=True)
-            certificate = self._issue_in(db, identity, csr.public_key(), self._cert_lifetime, "enrollment")
+            certificate = self._issue_in(db, identity, public_key, self._cert_lifetime, "enrollment")
             not_after = not_after_of(certificate).timestamp()
             rekeyed = self._registry.enroll_key_in(db, identity, key_sha256, not_after)
             fields = {"previous_key_sha256": identity.key_sha256} if rekeyed and identity.key_sha256 else {}
@@ -181,7 +181,7 @@ class Enrollment:
         Refused for an identity that enrolled a device key: a gateway is proven
         by its key alone, and the admin credential must not stand in for it.
         """
-        csr = parse_csr(csr_pem)
+        public_key = parse_csr_key(csr_pem)
         with self._store.transaction() as db:
             identity = self._registry.get_identity_in(db, tenant, name)
             if identity is None:
@@ -193,12 +193,12 @@ class Enrollment:
                     f"The identity {identity.label} is enrolled with its own device key, so only that key may act "
                     "as it; dial as an identity that never enrolled (outpostctl connect --as NAME, default operator).",
                 )
-            certificate = self._issue_in(db, identity, csr.public_key(), self._session_lifetime, SESSION_PURPOSE)
+            certificate = self._issue_in(db, identity, public_key, self._session_lifetime, SESSION_PURPOSE)
             self._audit.record_in(
                 db,
                 "session_issued",
                 identity=identity.label,
-                key_sha256=public_key_sha256(csr.public_key()),
+                key_sha256=public_key_sha256(public_key),
                 serial=format(certificate.serial_number, "x"),
                 not_after=int(not_after_of(certificate).timestamp()),
             )

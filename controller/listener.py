@@ -92,8 +92,8 @@ class Listener:
         self.admission = Admission(name, limits)
         self.connections: set[GuardedConnection] = set()
         self.sockets: list[socket.socket] = []
-        self._accepting: asyncio.Task | None = None
-        self._handshakes: set[asyncio.Task] = set()
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         #: Connections ended since memory was last handed back (return_freed_memory).
         self.closed_since_trim = 0
 

@@ -133,7 +133,9 @@ class PolicyEngine:
                     now,
                 ),
             )
-            policy_id = int(cursor.lastrowid)
+            policy_id = cursor.lastrowid
+            if policy_id is None:  # sqlite3 sets it after every INSERT; None would mean no row was written
+                raise RuntimeError("the store wrote no policy row")
             policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now)
             self._audit.record_in(db, "policy_created", **policy.to_json())
         return policy

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
-from controller.enrollment import Issued, parse_csr
+from controller.enrollment import Issued, parse_csr_key
 from controller.errors import ControllerError, forbidden
 from controller.registry import (
     BLOCKED_STATUSES,
@@ -133,10 +133,9 @@ class Renewal:
         a replaced key held before re-enrollment. Never the CSR.
         """
         try:
-            csr = parse_csr(csr_pem)
+            public_key = parse_csr_key(csr_pem)
         except ControllerError as error:
             self._refuse(error, remote)
-        public_key = csr.public_key()
         key_sha256 = public_key_sha256(public_key)
         identity: Identity | None = None
         former: Identity | None = None

@@ -75,8 +75,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if exception.status < 400:
             raise
         if exception.status == 413:
-            error = too_large()
-            return error_response(error.code, error.message, error.status)
+            refusal = too_large()
+            return error_response(refusal.code, refusal.message, refusal.status)
         code = _HTTP_ERROR_CODES.get(exception.status, "http_error")
         message = {
             404: f"There is nothing at {request.path}; check the URL.",
@@ -280,7 +280,7 @@ class ControllerServer:
         self._api_listener = api_listener
         self._runners: list[web.AppRunner] = []
         self.guards: list[Listener] = []
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def port(self) -> int:
@@ -323,12 +323,15 @@ class ControllerServer:
         # aiohttp 3.9 moved the shutdown grace from the site to the runner; 3.8
         # would hand an unknown runner keyword to every connection handler.
         runner_takes_grace = "shutdown_timeout" in inspect.signature(web.BaseRunner.__init__).parameters
-        grace = {"shutdown_timeout": SHUTDOWN_GRACE_SECONDS}
-        runner = web.AppRunner(app, access_log=None, **(grace if runner_takes_grace else {}))
+        if runner_takes_grace:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        else:
+            runner = web.AppRunner(app, access_log=None)
+        site_grace = {} if runner_takes_grace else {"shutdown_timeout": SHUTDOWN_GRACE_SECONDS}
         await runner.setup()
         self._runners.append(runner)
         self.guards.append(guard)
-        site = GuardedSite(runner, sock, guard, backlog=LISTEN_BACKLOG, **({} if runner_takes_grace else grace))
+        site = GuardedSite(runner, sock, guard, backlog=LISTEN_BACKLOG, **site_grace)
         await site.start()
 
     async def _renew_certificate(self) -> None:

@@ -22,6 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+#: The values of one statement's ``?`` placeholders.
+Parameters = tuple[object, ...]
+
 #: How long a writer waits for another process's transaction before failing;
 #: every transaction here is a handful of row writes, so seconds is generous.
 BUSY_TIMEOUT_SECONDS = 10.0
@@ -175,11 +178,11 @@ class Store:
             connection.execute("COMMIT")
             self.commits += 1
 
-    def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, parameters: Parameters = ()) -> list[sqlite3.Row]:
         """Rows of one read-only statement (its own implicit snapshot)."""
         return list(self._connection.execute(sql, parameters))
 
-    def query_one(self, sql: str, parameters: tuple = ()) -> sqlite3.Row | None:
+    def query_one(self, sql: str, parameters: Parameters = ()) -> sqlite3.Row | None:
         rows = self.query(sql, parameters)
         return rows[0] if rows else None
 
@@ -198,13 +201,13 @@ class Transaction:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
 
-    def execute(self, sql: str, parameters: tuple = ()) -> sqlite3.Cursor:
+    def execute(self, sql: str, parameters: Parameters = ()) -> sqlite3.Cursor:
         return self._connection.execute(sql, parameters)
 
-    def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, parameters: Parameters = ()) -> list[sqlite3.Row]:
         return list(self._connection.execute(sql, parameters))
 
-    def query_one(self, sql: str, parameters: tuple = ()) -> sqlite3.Row | None:
+    def query_one(self, sql: str, parameters: Parameters = ()) -> sqlite3.Row | None:
         rows = self.query(sql, parameters)
         return rows[0] if rows else None
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from shared.tunnel.session import StreamClosed, TunnelSession, splice_socket
+from shared.tunnel.session import ChannelReset, TunnelSession, splice_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DialListener:
         channel = session.open_stream(self.service)
         try:
             await asyncio.wait_for(channel.wait_accepted(), ACCEPT_TIMEOUT)
-        except StreamClosed as exc:
+        except ChannelReset as exc:
             self.last_error = exc.reason or exc.code.name
             log.warning("dial %s refused: %s", self.service, self.last_error)
             writer.close()

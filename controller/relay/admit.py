@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,9 +24,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controller.ca import public_key_sha256
 from controller.enrollment import is_session_certificate
+from controller.registry import Identity
 from shared.protocol import ErrorCode
 from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from shared.tunnel.auth import verify_challenge_signature
+
+if TYPE_CHECKING:
+    from controller.context import ControllerContext
 
 # An agent presents its leaf and at most a few intermediates; anything longer
 # is not ours and is refused before any parsing work.
@@ -39,7 +43,7 @@ class Admitted:
 
     #: The identity as admission read it; its ``key_sha256`` is this tunnel's key
     #: for an enrolled identity (admission refuses any other key).
-    identity: Any
+    identity: Identity
     #: The certificate is a session certificate: dial only, never bind.
     session_certificate: bool
     #: SHA-256 of the SubjectPublicKeyInfo of the key that signed the challenge:
@@ -65,7 +69,7 @@ def spiffe_uri(cert: x509.Certificate) -> str | None:
     return uris[0] if len(uris) == 1 else None
 
 
-def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
+def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
           now: dt.datetime) -> Admitted:
     """Who a valid AUTH proves to be, or AdmissionRefused saying why not."""
     if not chain_pem or len(chain_pem) > MAX_CHAIN_LENGTH:
@@ -84,7 +88,7 @@ def admit(context: Any, chain_pem: tuple[str, ...] | list[str], signature: bytes
             f"the certificate expired at {cert_not_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
         )
     try:
-        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         usage = []
     if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:

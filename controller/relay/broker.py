@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from controller.relay.session import RelaySession
 
 ServiceKey = tuple[str, str]  # (tenant, name)
 
@@ -17,28 +20,28 @@ class Broker:
     """Bound services of the tunnels connected to this relay."""
 
     def __init__(self) -> None:
-        self._binders: dict[ServiceKey, list[Any]] = {}
+        self._binders: dict[ServiceKey, list[RelaySession]] = {}
 
-    def bind(self, key: ServiceKey, session: Any) -> None:
+    def bind(self, key: ServiceKey, session: RelaySession) -> None:
         sessions = self._binders.setdefault(key, [])
         if session not in sessions:
             sessions.append(session)
 
-    def unbind_all(self, session: Any) -> None:
+    def unbind_all(self, session: RelaySession) -> None:
         for key in [k for k, v in self._binders.items() if session in v]:
             self._binders[key].remove(session)
             if not self._binders[key]:
                 del self._binders[key]
 
-    def binder(self, key: ServiceKey) -> Any | None:
+    def binder(self, key: ServiceKey) -> RelaySession | None:
         """The most recently bound live tunnel for ``key``, if any."""
         for session in reversed(self._binders.get(key, [])):
             if not session.conn.closed:
                 return session
         return None
 
-    def keys_bound_by(self, session: Any) -> frozenset[ServiceKey]:
+    def keys_bound_by(self, session: RelaySession) -> frozenset[ServiceKey]:
         return frozenset(k for k, v in self._binders.items() if session in v)
 
-    def bound_services(self, session: Any) -> list[str]:
+    def bound_services(self, session: RelaySession) -> list[str]:
         return sorted(f"{t}/{n}" for (t, n), v in self._binders.items() if session in v)

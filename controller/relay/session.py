@@ -9,12 +9,13 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiohttp import web
 from cryptography import x509
 
 from controller.blocking import RELAY_POOL
+from controller.registry import Identity
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
 from shared.protocol import (
@@ -31,19 +32,24 @@ from shared.protocol import (
 from shared.trust import verify_leaf_issued_by
 
 # The session module is the agent's shared tunnel glue the relay may use (tests/test_layering.py).
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from shared.tunnel.splice import splice_streams
 
+if TYPE_CHECKING:
+    from controller.context import ControllerContext
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 #: (allowed, reason, service key) of one named service.
 Decision = tuple[bool, str, ServiceKey]
 
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
 # above the longest keepalive interval a link profile uses.
-RELAY_LIVENESS = Liveness(keepalive_interval=None, idle_timeout=1800.0)
+RELAY_IDLE_TIMEOUT = 1800.0
+RELAY_LIVENESS = Liveness(keepalive_interval=None, idle_timeout=RELAY_IDLE_TIMEOUT)
 # Once the agent says how often it pings, the relay forgets its tunnel after
 # this many keepalive intervals of silence: two lost PINGs are tolerated, and a
 # gateway whose carrier NAT black-holed the tunnel is dropped in minutes
@@ -58,7 +64,7 @@ def relay_liveness_for(keepalive: object) -> Liveness:
     """The relay's timers for an agent announcing ``keepalive`` seconds in AUTH (anything else: the default)."""
     if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or not keepalive > 0:
         return RELAY_LIVENESS
-    idle = min(RELAY_LIVENESS.idle_timeout, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
+    idle = min(RELAY_IDLE_TIMEOUT, max(RELAY_IDLE_MIN, RELAY_IDLE_KEEPALIVES * float(keepalive)))
     return Liveness(keepalive_interval=None, idle_timeout=idle)
 
 
@@ -85,7 +91,7 @@ class RelaySession(TunnelSession):
         self.relay = relay
         self.nonce = nonce
         self.remote = remote
-        self.identity: Any = None
+        self.identity: Identity | None = None
         self.session_certificate = False
         self.connected_at = time.time()
         self._worker_turn = asyncio.Lock()
@@ -93,10 +99,17 @@ class RelaySession(TunnelSession):
         self.request: web.Request | None = None
 
     @property
-    def context(self) -> Any:
+    def context(self) -> ControllerContext:
         return self.relay.context
 
-    async def in_worker(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    @property
+    def admitted(self) -> Identity:
+        """The identity admission proved; asked only once admitted (the core refuses BIND and OPEN before AUTH_OK)."""
+        if self.identity is None:
+            raise RuntimeError("the tunnel is not admitted yet")
+        return self.identity
+
+    async def in_worker(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``function`` in a relay worker thread, after this tunnel's earlier jobs."""
         async with self._worker_turn:
             return await RELAY_POOL.run(function, *args, **kwargs)
@@ -138,7 +151,7 @@ class RelaySession(TunnelSession):
         in that gap found no tunnel to close. Read after registering, the
         store shows every change the watcher will not announce to us.
         """
-        identity = self.identity
+        identity = self.admitted
         self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
@@ -181,7 +194,7 @@ class RelaySession(TunnelSession):
         decisions = [self._decide(kind, name) for name in requested]
         self.context.audit.record_many([
             (f"{kind}_{'allowed' if allowed else 'denied'}",
-             {"identity": self.identity.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
+             {"identity": self.admitted.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
             for allowed, reason, key in decisions
             if not (allowed and key in held)
         ])
@@ -189,11 +202,11 @@ class RelaySession(TunnelSession):
 
     def _decide(self, kind: str, requested: str) -> Decision:
         """(allowed, reason, service key) for this identity and a named service."""
-        key = service_key(requested, self.identity.tenant)
+        key = service_key(requested, self.admitted.tenant)
         service = self.context.registry.get_service(*key)
         if service is None:
             return False, f"no service named {key[0]}/{key[1]}", key
-        decision = self.context.policy.decide(kind, self.identity, service, session_certificate=self.session_certificate)
+        decision = self.context.policy.decide(kind, self.admitted, service, session_certificate=self.session_certificate)
         return decision.allowed, decision.reason, key
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
@@ -210,11 +223,11 @@ class RelaySession(TunnelSession):
             return
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
-        name = key[1] if binder.identity.tenant == key[0] else f"{key[0]}/{key[1]}"
-        upstream = binder.open_stream(name, peer=self.identity.uri)
+        name = key[1] if binder.admitted.tenant == key[0] else f"{key[0]}/{key[1]}"
+        upstream = binder.open_stream(name, peer=self.admitted.uri)
         try:
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
-        except StreamClosed as exc:
+        except ChannelReset as exc:
             channel.reset(exc.code, exc.reason)
             return
         except TimeoutError:
@@ -234,7 +247,7 @@ class RelaySession(TunnelSession):
             self.relay.record_soon("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
 
 
-def verified_identity_uri(context: Any, chain: Sequence[str]) -> str | None:
+def verified_identity_uri(context: ControllerContext, chain: Sequence[str]) -> str | None:
     """The identity URI of ``chain``'s leaf when this controller's CA issued it, else None."""
     try:
         leaf = x509.load_pem_x509_certificate(chain[0].encode())
@@ -248,13 +261,13 @@ def verified_identity_uri(context: Any, chain: Sequence[str]) -> str | None:
 class Relay:
     """Accepts tunnels at ``GET /v1/tunnel``; holds every live tunnel of this process."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: ControllerContext) -> None:
         self.context = context
         self.broker = Broker()
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
         #: Audit rows started from callbacks and not yet written (awaited at shutdown).
-        self._pending: set[concurrent.futures.Future] = set()
+        self._pending: set[concurrent.futures.Future[bool]] = set()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -269,7 +282,7 @@ class Relay:
         self.on_admitted: Any = None
 
     def register(self, session: RelaySession) -> None:
-        self.by_identity.setdefault(session.identity.uri, set()).add(session)
+        self.by_identity.setdefault(session.admitted.uri, set()).add(session)
         if self.on_admitted is not None and session.request is not None:
             self.on_admitted(session.request)
 
@@ -289,16 +302,16 @@ class Relay:
         self._pending.add(future)
         future.add_done_callback(self._recorded)
 
-    def _recorded(self, future: concurrent.futures.Future) -> None:
+    def _recorded(self, future: concurrent.futures.Future[bool]) -> None:
         self._pending.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("audit row not written: %r", future.exception())
 
-    def identity_revoked(self, identity: Any) -> None:
+    def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
         self._on_loop(self._close_tunnels_of, identity)
 
-    def identity_rekeyed(self, identity: Any) -> None:
+    def identity_rekeyed(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` on a key other than its current one (re-enrollment).
 
         Called from the enrollment's worker thread in this process, or from the
@@ -306,7 +319,7 @@ class Relay:
         """
         self._on_loop(self._close_tunnels_on_old_keys, identity)
 
-    def _on_loop(self, callback: Callable[[Any], None], identity: Any) -> None:
+    def _on_loop(self, callback: Callable[[Identity], None], identity: Identity) -> None:
         loop = self._loop
         if loop is None:
             return  # not serving yet: no tunnel to close
@@ -319,21 +332,21 @@ class Relay:
         elif not loop.is_closed():
             loop.call_soon_threadsafe(callback, identity)
 
-    def _close_tunnels_of(self, identity: Any) -> None:
+    def _close_tunnels_of(self, identity: Identity) -> None:
         for session in list(self.by_identity.get(identity.uri, ())):
             self._loop.create_task(  # type: ignore[union-attr]
                 session.close(ErrorCode.REVOKED, f"identity {identity.tenant}/{identity.name} was {identity.status}")
             )
 
-    def _close_tunnels_on_old_keys(self, identity: Any) -> None:
+    def _close_tunnels_on_old_keys(self, identity: Identity) -> None:
         # A tunnel's key is the one admission saw as the identity's (controller/relay/admit.py).
         for session in list(self.by_identity.get(identity.uri, ())):
-            if session.identity.key_sha256 != identity.key_sha256:
+            if session.admitted.key_sha256 != identity.key_sha256:
                 self._loop.create_task(session.close(  # type: ignore[union-attr]
                     ErrorCode.REVOKED, f"the key of identity {identity.tenant}/{identity.name} was replaced by "
                     "re-enrollment"))
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[dict[str, object]]:
         return [
             {
                 "identity": s.identity.uri,

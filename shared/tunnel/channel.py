@@ -17,8 +17,12 @@ if TYPE_CHECKING:
     from shared.tunnel.session import TunnelSession
 
 
-class StreamClosed(Exception):
-    """The stream was reset (by either side) or the tunnel went away."""
+class ChannelReset(Exception):
+    """The stream was reset (by either side) or the tunnel went away: what a channel's reader, writer or opener gets.
+
+    Not the core's ``StreamClosedError``, a caller's misuse of a stream id
+    that is no longer open; this is the stream's end as the application sees it.
+    """
 
     def __init__(self, code: ErrorCode, reason: str) -> None:
         super().__init__(reason or code.name)
@@ -41,7 +45,7 @@ class StreamChannel:
         self._owed = 0  # bytes handed to the reader, not yet acknowledged
         self._closed = asyncio.Event()  # reset by either side, or the tunnel went away
         self.eof = False
-        self.error: StreamClosed | None = None
+        self.error: ChannelReset | None = None
 
     # -- called by the session on events --------------------------------
     def _on_data(self, data: bytes) -> None:
@@ -53,13 +57,17 @@ class StreamChannel:
         self._readable.set()
 
     def _on_reset(self, code: ErrorCode, reason: str) -> None:
-        self.error = StreamClosed(code, reason)
+        self._fail(ChannelReset(code, reason))
+
+    def _fail(self, error: ChannelReset) -> None:
+        """The stream is over, whichever end said so: wake everyone waiting on it with ``error``."""
+        self.error = error
         self._chunks.clear()  # nobody will read them: free the memory now
         self._closed.set()
         self._readable.set()
         self._writable.set()
         if not self._accepted.done():
-            self._accepted.set_exception(self.error)
+            self._accepted.set_exception(error)
             self._accepted.exception()  # retrieved: nobody may be waiting
 
     def _on_accepted(self) -> None:
@@ -71,7 +79,7 @@ class StreamChannel:
 
     # -- the application's side ----------------------------------------
     async def wait_accepted(self) -> None:
-        """Return once the far end accepted the stream; raise StreamClosed if refused."""
+        """Return once the far end accepted the stream; raise ChannelReset if refused."""
         await self._accepted
 
     async def wait_reset(self) -> None:
@@ -79,7 +87,7 @@ class StreamChannel:
         await self._closed.wait()
 
     async def read(self) -> bytes:
-        """The next chunk of data; b"" at end of stream. Raises StreamClosed on reset.
+        """The next chunk of data; b"" at end of stream. Raises ChannelReset on reset.
 
         Flow-control credit for the previous chunk is returned here, when the
         caller comes back for more: by then it has written that chunk onward.
@@ -92,7 +100,7 @@ class StreamChannel:
         return data
 
     async def read_chunks(self) -> list[bytes]:
-        """Every chunk received so far (at least one); [] at end of stream. Raises StreamClosed on reset.
+        """Every chunk received so far (at least one); [] at end of stream. Raises ChannelReset on reset.
 
         Taking the whole backlog at once lets the caller pass it on in one
         write; credit for it is returned on the next call, as with ``read``.
@@ -141,7 +149,7 @@ class StreamChannel:
                 if self.error is not None:
                     raise self.error
                 if conn.closed:
-                    raise StreamClosed(ErrorCode.CANCEL, "the tunnel closed")
+                    raise ChannelReset(ErrorCode.CANCEL, "the tunnel closed")
                 window = conn.send_window(stream_id)
                 if window <= 0:
                     if queued:
@@ -173,9 +181,8 @@ class StreamChannel:
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abort the stream in both directions."""
         if self.error is None:
-            self.error = StreamClosed(code, reason)
-            self._chunks.clear()
-            self._closed.set()
+            # A reader, writer or opener of this end waiting on the stream must not wait for a peer that forgot it.
+            self._fail(ChannelReset(code, reason))
             if not self.session.conn.closed:
                 try:
                     self.session.conn.reset_stream(self.stream_id, code, reason)

@@ -39,12 +39,12 @@ from shared.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
 # the protocol only): a session hands out channels, and they are spliced onward.
-__all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "StreamChannel", "StreamClosed", "TunnelSession",
+__all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "ChannelReset", "StreamChannel", "TunnelSession",
            "abort_transport", "splice_socket", "splice_streams"]
 
 log = logging.getLogger(__name__)

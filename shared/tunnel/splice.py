@@ -8,7 +8,7 @@ import socket
 import struct
 
 from shared.protocol import ErrorCode
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
                     failure = task.exception()
         if failure is None and reset.done() and channel.error is not None:
             failure = channel.error
-        if isinstance(failure, StreamClosed):
+        if isinstance(failure, ChannelReset):
             log.info("stream %d (%s) closed: %s", channel.stream_id, channel.service, failure.reason or failure.code.name)
         elif failure is not None:
             channel.reset(ErrorCode.CONNECT_FAILED, "the local connection failed")
@@ -104,7 +104,7 @@ async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
         done, pending = await asyncio.wait({forward, backward}, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             exc = task.exception()
-            if isinstance(exc, StreamClosed):
+            if isinstance(exc, ChannelReset):
                 # Pass the reset on to the other side with its code and reason.
                 for channel in (a, b):
                     channel.reset(exc.code, exc.reason)

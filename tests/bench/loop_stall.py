@@ -44,7 +44,7 @@ from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
 from agent.identity.tls_trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
 from shared.protocol import MAX_BIND_SERVICES  # noqa: E402
-from shared.tunnel.session import StreamClosed  # noqa: E402
+from shared.tunnel.session import ChannelReset  # noqa: E402
 from tests.bench.bench_setup import (  # noqa: E402
     BENCH_ECHO,
     TUNNEL_PATH,
@@ -228,7 +228,7 @@ async def open_flood(session: AgentSession, opens: int) -> tuple[float, int]:
         for channel in channels:
             try:
                 await asyncio.wait_for(channel.wait_accepted(), PHASE_TIMEOUT)
-            except StreamClosed:
+            except ChannelReset:
                 refused += 1
     return time.perf_counter() - started, refused
 

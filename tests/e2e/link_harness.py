@@ -27,7 +27,7 @@ from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
 from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
-from shared.tunnel.channel import StreamChannel, StreamClosed
+from shared.tunnel.channel import ChannelReset, StreamChannel
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator, peer_gone
 from tests.linkemu.profiles import LinkProfile
@@ -156,7 +156,7 @@ async def read_all(channel: StreamChannel, received: list[int], index: int) -> N
     try:
         while data := await channel.read():
             received[index] += len(data)
-    except StreamClosed:
+    except ChannelReset:
         pass
 
 

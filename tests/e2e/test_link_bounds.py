@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.tunnel.link_profiles import plan_for
 from shared.protocol import ProtocolLimits
-from shared.tunnel.channel import StreamClosed
+from shared.tunnel.channel import ChannelReset
 from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (
     ECHO_SERVICE,
@@ -48,7 +48,7 @@ async def push(channel, outcome: dict, index: int) -> None:
         for _ in range(PUSH_MIB):
             await channel.write(bytes(1 << 20))
         outcome[index] = "all written"
-    except StreamClosed as exc:
+    except ChannelReset as exc:
         outcome[index] = exc.reason
 
 

@@ -15,7 +15,7 @@ import pytest
 from agent.errors import TunnelRefused
 from agent.tunnel.client import TunnelOptions
 from shared.protocol import ErrorCode
-from shared.tunnel.session import StreamClosed, TunnelSession
+from shared.tunnel.session import ChannelReset, TunnelSession
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,
@@ -66,10 +66,10 @@ async def tunnels(ctl: Running) -> list[tuple[str, list[str]]]:
     return sorted((t["identity"], sorted(t["bound"])) for t in body["tunnels"])
 
 
-async def dial_refusal(dialer: TunnelSession, service: str) -> StreamClosed:
+async def dial_refusal(dialer: TunnelSession, service: str) -> ChannelReset:
     """Open a stream to ``service`` and return how the relay refused it (fails if it was accepted)."""
     channel = dialer.open_stream(service)
-    with pytest.raises(StreamClosed) as refused:
+    with pytest.raises(ChannelReset) as refused:
         await asyncio.wait_for(channel.wait_accepted(), DIAL_ANSWER_TIMEOUT)
     return refused.value
 

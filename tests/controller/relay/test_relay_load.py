@@ -25,7 +25,7 @@ from controller.audit import IDENTITY_REFUSALS_PER_MINUTE, AnonymousBudget
 from shared.protocol import MAX_BIND_SERVICES, MAX_CONTROL_PAYLOAD, MAX_SERVICE_NAME_CHARS, ErrorCode
 from shared.protocol.frames import FrameType, encode_json
 from shared.protocol.handshake import SHORT_REFUSAL
-from shared.tunnel.session import StreamClosed
+from shared.tunnel.session import ChannelReset
 from tests.controller.harness import Running, make_csr, make_key, run, running_controller
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,
@@ -194,7 +194,7 @@ def test_no_store_write_or_signature_runs_on_the_event_loop(tmp_path: Path) -> N
                 async with connect(ctl, credentials) as (session, _):
                     await bind_answer(session, ["plc", "hmi"])
                     channel = session.open_stream("plc")
-                    with pytest.raises(StreamClosed):
+                    with pytest.raises(ChannelReset):
                         await asyncio.wait_for(channel.wait_accepted(), ANSWER_TIMEOUT)
                 foreign_key = ec.generate_private_key(ec.SECP256R1())
                 forged = TunnelCredentials(uri=credentials.uri, chain_pem=[foreign_certificate(credentials.uri, foreign_key)],
@@ -226,7 +226,7 @@ def test_denied_binds_and_dials_of_one_identity_are_recorded_within_its_budget(t
                 for _ in range(3):
                     channels = [session.open_stream("nope") for _ in range(50)]
                     for channel in channels:
-                        with pytest.raises(StreamClosed) as refused:
+                        with pytest.raises(ChannelReset) as refused:
                             await asyncio.wait_for(channel.wait_accepted(), ANSWER_TIMEOUT)
                         refusals.append(refused.value.code)
                 assert set(refusals) == {ErrorCode.SERVICE_UNKNOWN} and len(refusals) == 150
