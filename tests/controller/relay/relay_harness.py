@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
-from tests.controller.harness import Running
+from tests.controller.harness import Running, store_snapshot
 
 # Bounds every scenario: nothing here should take more than a few seconds.
 SCENARIO_TIMEOUT = 30.0
@@ -105,3 +106,20 @@ class KeyOf(EphemeralKeyStore):
     def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
         super().__init__()
         self._key = key
+
+
+#: How long a test waits for an audit row the relay writes in a worker thread.
+AUDIT_ROW_WAIT = 5.0
+
+
+async def tunnel_closed_recorded(ctl: Running, name: str) -> None:
+    """Wait (bounded) for a ``tunnel_closed`` row of ``name``: the relay writes it in a worker thread
+    after the tunnel ended, so a store snapshot taken at once may miss it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AUDIT_ROW_WAIT
+    while loop.time() < deadline:
+        rows = store_snapshot(ctl.context.settings.store_path)["audit"]
+        if any(row[2] == "tunnel_closed" and f'/{name}"' in row[3] for row in rows):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no tunnel_closed row for {name} within {AUDIT_ROW_WAIT} s")

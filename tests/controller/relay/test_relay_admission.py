@@ -31,6 +31,7 @@ from tests.controller.relay.relay_harness import (
     redeem,
     relay_url,
     session_credentials,
+    tunnel_closed_recorded,
 )
 
 
@@ -43,18 +44,6 @@ def refusals_only(before: dict, after: dict) -> list[str]:
     added = audit_events_added(before, after)
     assert [event for event, _ in added] == ["tunnel_refused"] * len(added), added
     return [fields["reason"] for _, fields in added]
-
-
-async def tunnel_closed_recorded(ctl: Running, name: str) -> None:
-    """Wait (bounded) for the ``tunnel_closed`` row of ``name``: the relay writes it in a worker thread
-    after the tunnel ended, so a snapshot taken at once may miss it."""
-    deadline = asyncio.get_running_loop().time() + 5.0
-    while asyncio.get_running_loop().time() < deadline:
-        rows = snapshot(ctl)["audit"]
-        if any(row[2] == "tunnel_closed" and f"/{name}\"" in row[3] for row in rows):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no tunnel_closed row for {name}")
 
 
 async def tunnel_status(ctl: Running) -> list[dict]:

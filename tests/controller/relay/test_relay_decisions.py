@@ -23,6 +23,7 @@ from tests.controller.relay.relay_harness import (
     enrolled,
     redeem,
     session_credentials,
+    tunnel_closed_recorded,
 )
 
 #: A dial's answer (accept or reset) comes back within this; the relay decides at once.
@@ -173,6 +174,7 @@ def test_a_session_certificate_issued_before_its_identity_enrolled_gets_no_tunne
                 assert session.relay_info["identity"] == early.uri
 
             gateway = await redeem(ctl, token, "gw-c")
+            await tunnel_closed_recorded(ctl, "gw-c")
             before = snapshot(ctl)
             with pytest.raises(TunnelRefused, match="is enrolled with a device key; a session certificate cannot act as it"):
                 async with connect(ctl, early):
