@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,11 @@ def _arm_machine_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(boot_harness, "MACHINE_PREFIX", f"outpost-arm-{os.environ.get('OUTPOST_ARM_ARCH', 'lane')}")
 
 
-@pytest.fixture(scope="session")
-def installed_rootfs() -> Iterator[Path]:
-    """The lane's root filesystem with the .debs installed by apt (read through a throwaway overlay)."""
+@contextmanager
+def _lane_view(prefix: str) -> Iterator[Path]:
+    """A throwaway writable overlay of the lane's installed root filesystem."""
     installed, base, arch = _lane_tree()
-    holder = Path(tempfile.mkdtemp(prefix="outpost-arm-installed-", dir=SCRATCH_DIR))
+    holder = Path(tempfile.mkdtemp(prefix=prefix, dir=SCRATCH_DIR))
     try:
         with rootfs.overlay([installed, base], holder) as merged:
             machine = rootfs.machine_inside(merged)
@@ -52,17 +53,17 @@ def installed_rootfs() -> Iterator[Path]:
             yield merged
     finally:
         rootfs.remove_tree(holder)
+
+
+@pytest.fixture(scope="session")
+def installed_rootfs() -> Iterator[Path]:
+    """The lane's root filesystem with the .debs installed by apt (read through a throwaway overlay)."""
+    with _lane_view("outpost-arm-installed-") as merged:
+        yield merged
 
 
 @pytest.fixture
 def gateway_rootfs() -> Iterator[Path]:
     """A throwaway writable view of the installed root filesystem for one boot."""
-    installed, base, arch = _lane_tree()
-    holder = Path(tempfile.mkdtemp(prefix="outpost-arm-boot-", dir=SCRATCH_DIR))
-    try:
-        with rootfs.overlay([installed, base], holder) as merged:
-            machine = rootfs.machine_inside(merged)
-            assert machine == rootfs.ARCHES[arch].machine, f"the lane's tree runs as {machine}, not {arch}"
-            yield merged
-    finally:
-        rootfs.remove_tree(holder)
+    with _lane_view("outpost-arm-boot-") as merged:
+        yield merged

@@ -53,7 +53,8 @@ PYTEST = "python3 -m pytest -p no:cacheprovider -q -ra --durations=10"
 # whole 180 s and fail. Every functional TPM test runs; this one runs on x86.
 SPEED_TESTS = ("tests/agent/identity/test_tpm_stress.py::"
                "test_thousands_of_signatures_without_a_resource_manager_all_verify_and_leak_nothing",)
-_QUICK_SUITE = 'tests/agent -m "not slow" ' + " ".join(f"--deselect {t}" for t in SPEED_TESTS)
+# The agent runs the shared package (protocol core, tunnel glue, fsutil), so its tests run too.
+_QUICK_SUITE = 'tests/agent tests/shared -m "not slow" ' + " ".join(f"--deselect {t}" for t in SPEED_TESTS)
 # The agent's quick suite per architecture. armhf runs it whole too unless a
 # subset is named here (with the reason in the README's architecture table).
 SUITE_ARGS = {"arm64": _QUICK_SUITE, "armhf": _QUICK_SUITE}
@@ -276,7 +277,7 @@ def plan(lane: Lane) -> list[Step]:
             steps.append(Step("boot the .deb, enroll, dial in", lambda a=by[name]: step_boot(lane, a), name))
     for name in ("arm64", "armhf"):
         if name in by:
-            steps.append(Step('agent quick suite (tests/agent -m "not slow", less the speed tests)',
+            steps.append(Step('agent quick suite (tests/agent tests/shared -m "not slow", less the speed tests)',
                               lambda a=by[name]: step_suite(lane, a), name))
     return steps
 
