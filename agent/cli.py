@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
@@ -132,7 +131,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     clock = TrustedClock(config.clock)
     identity = enroll(args.token, state_dir, settings, clock=clock, proxy=config.proxy)
     print(
-        f"enrolled as {identity.uri}; certificate valid until {_utc(identity.not_after())}; "
+        f"enrolled as {identity.uri}; certificate valid until {format_utc(identity.not_after().timestamp())}; "
         f"key in {identity.key_backend}"
     )
     _retire_used_token(args.token)
@@ -187,7 +186,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         cert = asyncio.run(measure_and_renew())
     finally:
         keystore.close()
-    print(f"certificate renewed; valid until {_utc(cert_not_after(cert))}")
+    print(f"certificate renewed; valid until {format_utc(cert_not_after(cert).timestamp())}")
     _say_if_clock_off(clock)
     return 0
 
@@ -329,7 +328,7 @@ def _is_number(value: Any) -> bool:
 
 def _when(timestamp: float, now: float) -> str:
     """``2026-11-22 14:05 UTC (in 5 h 12 min)`` or ``(3 min ago)``, relative to trusted ``now``."""
-    return f"{_utc_from(timestamp)} ({_relative(timestamp - now)})"
+    return f"{format_utc(timestamp)} ({_relative(timestamp - now)})"
 
 
 def _relative(seconds: float) -> str:
@@ -352,14 +351,6 @@ def _plain(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     return str(value)
-
-
-def _utc_from(timestamp: float) -> str:
-    return format_utc(timestamp)
-
-
-def _utc(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 if __name__ == "__main__":

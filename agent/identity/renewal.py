@@ -4,8 +4,8 @@
 thirds of the certificate's life, jittered so a fleet enrolled together does
 not renew together; retries after a failure with exponential backoff and full
 jitter, capped so several attempts fit before expiry, never later than expiry
-minus a margin. ``renew_certificate`` is one ``POST /v1/renew`` over TLS
-pinned to the enrollment CA (through the HTTPS proxy where it applies); the
+minus a margin. ``renew_certificate`` is one ``POST /v1/renew`` (the exchange of
+agent.identity.exchange, as enrollment's); the
 same request recovers a certificate that already expired (the controller
 decides which within its grace period).
 ``CertificateKeeper`` loops: sleep until due, renew, store atomically, hand
@@ -15,7 +15,6 @@ the new certificate to new tunnels.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -25,26 +24,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.errors import (
-    EXIT_IDENTITY_REFUSED,
-    ClockError,
-    ControllerUnreachable,
-    EnrollmentError,
-    OutpostError,
-    TrustError,
-)
+from agent.errors import EXIT_IDENTITY_REFUSED, OutpostError, TrustError
 from agent.identity.csr import build_csr
+from agent.identity.exchange import Wording, accept_certificate, post_csr
 from agent.identity.keystore import KeyStore
-from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, TimeSource, as_time_source
+from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, as_time_source
 from agent.identity.refusals import DISABLED, REVOKED, DisabledGate, identity_status, refusal_delay
-from agent.identity.state import EnrolledIdentity, StateDir
+from agent.identity.state import StateDir
 from agent.proxy import DIRECT, ProxySettings
 from shared.service_manager import EVENT_RENEWED, journal_fields
-from shared.trust import (
-    cert_not_after,
-    cert_not_before,
-    verify_leaf_issued_by,
-)
+from shared.trust import cert_not_after, cert_not_before
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +61,6 @@ MIN_RETRY_SECONDS = 1.0
 #: The keeper sleeps at most this long at a time and looks at the clock again:
 #: a corrected (trusted) clock moves "now" and the plan must follow it.
 MAX_SLEEP_SECONDS = 60.0
-#: One request that signs a certificate; slower than this, the controller is overloaded.
-RENEW_TIMEOUT = 30.0
-#: Certificate, CA and relay list fit in a few KiB; 64 KiB bounds a hostile answer.
-MAX_RENEW_RESPONSE = 64 * 1024
-#: A controller's sentence is one line; longer is cut so logs stay readable.
-MAX_CONTROLLER_MESSAGE = 300
 #: Controller codes that mean "this key gets no certificate" (a retry soon cannot help).
 REFUSAL_CODES = frozenset(
     {"renewal_unknown_key", "recovery_expired", "identity_revoked", "identity_disabled", "renewal_not_enrolled"}
@@ -86,6 +69,19 @@ REFUSAL_CODES = frozenset(
 
 #: The refusals that are the controller's word on the identity itself (agent.identity.refusals).
 IDENTITY_STATUS_CODES = {"identity_revoked": REVOKED, "identity_disabled": DISABLED}
+#: What renewal and recovery say where the exchange with the controller fails (agent.identity.exchange).
+RENEWAL = Wording(
+    unreachable=("could not reach the controller at {url} to renew the certificate ({{reason}}); "
+                 "the agent retries on its own"),
+    not_an_answer=("the controller at {url} answered with something that is not a certificate; "
+                   "the agent retries on its own"),
+    failed="the controller at {url} failed (HTTP {status}); the agent retries on its own",
+    refused="the controller at {url} refused the renewal (HTTP {status}); ask central ops",
+    no_certificate="the controller at {url} did not return a certificate; the agent retries on its own",
+    other_ca="the controller at {url} returned a certificate not issued by the pinned CA; ask central ops",
+    other_key="the controller at {url} returned a certificate for another key; the agent retries",
+    other_identity="the controller at {url} returned a certificate for another identity than {uri}",
+)
 
 
 class RenewalRefused(OutpostError):
@@ -151,87 +147,9 @@ class RenewalSchedule:
         return now >= self.not_after
 
 
-def _spki(key: Any) -> bytes:
-    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
-
-
-def _uri_names(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-async def request_certificate(identity: EnrolledIdentity, keystore: KeyStore,
-                              time: TimeSource = LOCAL_TIME, proxy: ProxySettings = DIRECT) -> dict[str, Any]:
-    """``POST /v1/renew`` with a CSR signed in the key store; the controller's answer, or an error.
-
-    The controller's certificate is judged by ``time`` (trusted time), not by
-    the system clock, so a gateway whose clock reads 1970 still renews.
-    """
-    url = identity.controller_url.rstrip("/") + "/v1/renew"
-    csr = build_csr(keystore, identity.name)
-    body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
-    unreachable = (f"could not reach the controller at {url} to renew the certificate ({{reason}}); "
-                   "the agent retries on its own")
-    tls = PinnedTLS(identity.ca_pem, time, proxy)
-    async with tls.client(identity.controller_url, RENEW_TIMEOUT, unreachable) as channel:
-        served = await channel.post(url, body, MAX_RENEW_RESPONSE)
-    try:
-        answer = json.loads(served.body)
-    except ValueError:
-        answer = None
-    if served.status != 200:
-        raise _refusal(served.status, answer, url)
-    if not isinstance(answer, dict):
-        raise EnrollmentError(f"the controller at {url} answered with something that is not a certificate; "
-                              "the agent retries on its own")
-    return answer
-
-
-def _refusal(status: int, answer: Any, url: str) -> OutpostError:
-    code = answer.get("error") if isinstance(answer, dict) else None
-    message = answer.get("message") if isinstance(answer, dict) else None
-    if isinstance(message, str) and message.strip():
-        sentence = " ".join(message.split())[:MAX_CONTROLLER_MESSAGE]
-    elif status >= 500:
-        sentence = f"the controller at {url} failed (HTTP {status}); the agent retries on its own"
-    else:
-        sentence = f"the controller at {url} refused the renewal (HTTP {status}); ask central ops"
-    if code in REFUSAL_CODES:
-        return RenewalRefused(sentence, str(code))
-    if status >= 500:
-        return ControllerUnreachable(sentence)
-    return EnrollmentError(sentence)
-
-
-def accept_certificate(answer: dict[str, Any], identity: EnrolledIdentity, keystore: KeyStore,
-                       time: TimeSource) -> x509.Certificate:
-    """The answer's certificate, if it is the pinned CA's, for our key and identity, and valid at trusted time."""
-    url = identity.controller_url
-    pem = answer.get("certificate")
-    try:
-        cert = x509.load_pem_x509_certificate(pem.encode()) if isinstance(pem, str) else None
-    except ValueError:
-        cert = None
-    if cert is None:
-        raise EnrollmentError(f"the controller at {url} did not return a certificate; the agent retries on its own")
-    if not verify_leaf_issued_by(cert, identity.ca_certificate()):
-        raise TrustError(f"the controller at {url} returned a certificate not issued by the pinned CA; ask central ops")
-    if _spki(cert.public_key()) != _spki(keystore.public_key()):
-        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; the agent retries")
-    if identity.uri not in _uri_names(cert):
-        raise EnrollmentError(f"the controller at {url} returned a certificate for another identity than {identity.uri}")
-    if cert_not_after(cert).timestamp() <= time.now():
-        if not time.measured:
-            raise ClockError(
-                f"the controller at {url} returned a certificate that has already expired by this gateway's clock, "
-                "which could not be checked; set the clock or allow NTP (UDP port 123)"
-            )
-        raise EnrollmentError(f"the controller at {url} returned a certificate that has already expired; ask central ops")
-    return cert
+def _renewal_refusal(code: object, sentence: str) -> OutpostError | None:
+    """The controller's word that this key gets no certificate (revoked, disabled, too late) is RenewalRefused."""
+    return RenewalRefused(sentence, str(code)) if code in REFUSAL_CODES else None
 
 
 async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = LOCAL_TIME,
@@ -243,8 +161,14 @@ async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = 
     """
     identity = state.load()
     time = as_time_source(clock)
-    answer = await request_certificate(identity, keystore, time, proxy)
-    cert = accept_certificate(answer, identity, keystore, time)
+    # The controller's certificate is judged by trusted time, not by the system clock,
+    # so a gateway whose clock reads 1970 still renews.
+    csr = build_csr(keystore, identity.name)
+    body = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    answer = await post_csr(PinnedTLS(identity.ca_pem, time, proxy), identity.controller_url, "/v1/renew", body,
+                            RENEWAL, _renewal_refusal)
+    cert = accept_certificate(answer, identity.controller_url, identity.ca_certificate(), keystore.public_key(),
+                              identity.uri, time, RENEWAL)
     state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
     return cert
 
