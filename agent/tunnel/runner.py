@@ -28,7 +28,7 @@ from shared.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.identity.renewal import CertificateKeeper
+    from agent.identity.keeper import CertificateKeeper
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,8 @@ def run(config: AgentConfig) -> int:
     identity = state.load()
     keystore = open_keystore(config.state_dir, config.keystore)
     check_device_key(keystore)
-    from agent.identity.renewal import keeper_for_tunnel, recover_at_start
+    from agent.identity.keeper import keeper_for_tunnel
+    from agent.identity.recovery import recover_at_start
 
     # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time,
     # and every connection (clock, recovery, renewal, tunnels) takes the same proxy decision.

@@ -21,7 +21,8 @@ pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pyt
 
 from agent.enrollment.enroll import enroll_async  # noqa: E402
 from agent.errors import DeviceKeyLost  # noqa: E402
-from agent.identity.renewal import CertificateKeeper, RenewalSchedule, keeper_for_tunnel  # noqa: E402
+from agent.identity.keeper import CertificateKeeper, keeper_for_tunnel  # noqa: E402
+from agent.identity.renewal_schedule import RenewalSchedule  # noqa: E402
 from agent.identity.select import KeyStoreSettings, open_keystore  # noqa: E402
 from agent.identity.state import StateDir  # noqa: E402
 from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
