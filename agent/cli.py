@@ -287,7 +287,7 @@ def _renewal_lines(live: dict[str, Any], now: float) -> list[str]:
     return lines
 
 
-# Keys of status.json (written by agent.tunnel.runner) shown with their own wording.
+# Keys of status.json (written by agent.tunnel.supervisor) shown with their own wording.
 _STATUS_SHOWN = {"state", "relay", "connected_since", "down_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
                  "clock_offset_s", "clock_source", "clock_problem", "cert_not_after", "next_renewal",
                  "renewal_error", "next_ask"}

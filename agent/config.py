@@ -4,6 +4,7 @@ Example::
 
     state_dir = "/var/lib/outpost-agent"
     log_level = "info"
+    event_loop = "auto"           # auto (uvloop where installed) | uvloop | asyncio
 
     [keystore]
     backend = "auto"              # auto | tpm | software
@@ -53,6 +54,7 @@ from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
 from agent.tunnel.link_profiles import plan_from_settings
+from shared.event_loop import EVENT_LOOPS
 from shared.protocol.limits import MAX_BIND_SERVICES
 
 DEFAULT_STATE_DIR = Path("/var/lib/outpost-agent")
@@ -72,7 +74,7 @@ SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: of another (reached only where a policy of that tenant allows it).
 DIAL_TARGET = re.compile(rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}")
 
-TOP_LEVEL_KEYS = {"state_dir", "log_level", "keystore", "link", "bind", "dial", "enrollment", "clock"}
+TOP_LEVEL_KEYS = {"state_dir", "log_level", "event_loop", "keystore", "link", "bind", "dial", "enrollment", "clock"}
 CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
 #: Queries run in parallel, one thread each; a few servers already outvote a bad one.
 MAX_NTP_SERVERS = 8
@@ -144,6 +146,9 @@ class AgentConfig:
     dials: tuple[DialConfig, ...] = ()
     link: LinkSettings = field(default_factory=LinkSettings)
     log_level: str = "info"
+    #: ``auto`` runs on uvloop where it is installed (less memory and CPU per tunnel), ``asyncio``
+    #: forces the standard loop (shared.event_loop).
+    event_loop: str = "auto"
     #: Token files to enroll from, first found wins; None = the documented
     #: places (agent.enrollment.field.default_token_paths).
     token_paths: tuple[Path, ...] | None = None
@@ -199,6 +204,9 @@ class _Parser:
         log_level = self.string(document, "log_level", "info", "log_level").lower()
         if log_level not in LOG_LEVELS:
             raise self.fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+        loop = self.string(document, "event_loop", "auto", "event_loop").lower()
+        if loop not in EVENT_LOOPS:
+            raise self.fail("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, not {loop!r}")
         binds = tuple(self.bind(entry, i) for i, entry in enumerate(self.array(document, "bind")))
         dials = tuple(self.dial(entry, i) for i, entry in enumerate(self.array(document, "dial")))
         self.unique([b.service for b in binds], "bind", "service", "bind each service once")
@@ -214,6 +222,7 @@ class _Parser:
             dials=dials,
             link=self.link(link),
             log_level=log_level,
+            event_loop=loop,
             token_paths=self.token_paths(self.table(document, "enrollment")),
             clock=self.clock(self.table(document, "clock")),
             proxy=self.proxy(link),

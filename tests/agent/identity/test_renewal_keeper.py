@@ -135,7 +135,7 @@ def test_a_failed_renewal_backs_off_and_leaves_the_certificate_in_place(tmp_path
 
 def test_the_last_renewal_error_and_the_retry_reach_a_running_agents_status(tmp_path: Path) -> None:
     from agent.tunnel.client import TunnelCredentials
-    from agent.tunnel.runner import TunnelStats
+    from agent.tunnel.status import TunnelStats
 
     async def scenario() -> tuple[TunnelStats, float]:
         async with running_controller(tmp_path / "c") as running:

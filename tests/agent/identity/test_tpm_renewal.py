@@ -28,7 +28,7 @@ from agent.identity.state import StateDir  # noqa: E402
 from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
 from agent.tunnel.backoff import Backoff  # noqa: E402
 from agent.tunnel.client import TunnelCredentials, TunnelOptions  # noqa: E402
-from agent.tunnel.runner import TunnelSupervisor, serve_agent  # noqa: E402
+from agent.tunnel.supervisor import TunnelSupervisor, serve_agent  # noqa: E402
 from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN  # noqa: E402
 from tests.controller.harness import run, running_controller  # noqa: E402
 
