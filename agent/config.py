@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.clock.settings import DEFAULT_NTP_TIMEOUT, ClockSettings, split_server
 from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
@@ -80,8 +81,6 @@ CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
 MAX_NTP_SERVERS = 8
 #: An NTP answer slower than this is useless for timekeeping, and start-up waits for it.
 MAX_NTP_TIMEOUT = 10.0
-#: Covers a satellite round trip (600 ms) three times over.
-DEFAULT_NTP_TIMEOUT = 2.0
 ENROLLMENT_KEYS = {"token_paths"}
 #: A handful of places is plenty; the bound keeps the start-up scan cheap.
 MAX_TOKEN_PATHS = 16
@@ -110,16 +109,6 @@ class DialConfig:
     service: str
     listen_host: str
     listen_port: int
-
-
-@dataclass(frozen=True)
-class ClockSettings:
-    """Where the agent measures its clock offset; no NTP servers = the controller's time only."""
-
-    #: "host", "host:port" or "[v6]:port"; none by default, so nothing leaves
-    #: the machine unless configured (production configs name their servers).
-    ntp_servers: tuple[str, ...] = ()
-    ntp_timeout: float = DEFAULT_NTP_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -243,8 +232,6 @@ class _Parser:
         return tuple(paths)
 
     def clock(self, table: dict[str, Any]) -> ClockSettings:
-        from agent.clock.ntp import split_server  # here: agent.clock imports this module
-
         self.known(table, CLOCK_KEYS, "clock.")
         servers = table.get("ntp_servers", [])
         if not isinstance(servers, list) or len(servers) > MAX_NTP_SERVERS:

@@ -20,8 +20,8 @@ import aiohttp
 
 from agent.clock.controller_time import fetch_controller_time
 from agent.clock.ntp import query_servers
+from agent.clock.settings import ClockSettings
 from agent.clock.trusted import OffsetSample, TrustedClock, combine
-from agent.config import ClockSettings
 from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
 from agent.durations import format_duration
 from agent.enrollment.token import EnrollmentToken
