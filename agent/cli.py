@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "renew":
             return cmd_renew(args)
         if args.command == "doctor":
-            from agent.doctor import main as doctor
+            from agent.doctor.checks import main as doctor
 
             return doctor(args.config, args.json, os.environ)
         return cmd_status(args)
