@@ -29,6 +29,9 @@ from shared import event_loop, service_manager
 
 log = logging.getLogger(__name__)
 
+#: How the sentence for a missing uvloop names the setting that asked for it.
+EVENT_LOOP_SETTING = 'event_loop = "{}" in the agent config'
+
 
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
                 proxy: ProxySettings = DIRECT) -> TunnelOptions:
@@ -59,10 +62,6 @@ def check_device_key(keystore: KeyStore) -> None:
 def run(config: AgentConfig) -> int:
     """Entry point of ``outpost-agent run``; returns the exit code."""
     return event_loop.run(run_agent(config), config.event_loop, setting=EVENT_LOOP_SETTING)
-
-
-#: How the sentence for a missing uvloop names the setting that asked for it.
-EVENT_LOOP_SETTING = 'event_loop = "{}" in the agent config'
 
 
 async def run_agent(config: AgentConfig) -> int:
