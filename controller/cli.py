@@ -23,7 +23,6 @@ import shared.service_manager as service_manager
 from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
-from controller.event_loop import EVENT_LOOPS, run, running_loop_name
 from controller.listener import ListenerLimits
 from controller.names import NAME_PATTERN
 from controller.settings import (
@@ -38,6 +37,7 @@ from controller.settings import (
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from shared import __version__
 from shared.errors import EXIT_USAGE, OutpostError
+from shared.event_loop import EVENT_LOOPS, run, running_loop_name
 
 #: Certificates shorter than five minutes would be renewed faster than a slow
 #: link completes a renewal; longer than 90 days defeats short-lived certificates.

@@ -21,7 +21,7 @@ from agent.identity.csr import build_csr
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelCredentials, TunnelOptions
-from agent.tunnel.runner import TunnelSupervisor, serve_agent
+from agent.tunnel.supervisor import TunnelSupervisor, serve_agent
 from outpostctl.client import ManagementClient
 from outpostctl.commands import DEFAULT_TENANT, PROG, exists_in, tenants_holding
 from outpostctl.config import CtlConfig

@@ -230,3 +230,77 @@ def test_the_protocol_core_loads_no_io_or_clock_module_even_through_the_standard
     assert "json" in found and "shared.errors" in found, "the recording saw the core's imports"
     bad = sorted(chain(found, name) for name in found if name in FORBIDDEN_AT_RUN_TIME)
     assert not bad, "the protocol core loads I/O or the clock:\n" + "\n".join(bad)
+
+
+def import_cycles(edges: dict[str, set[str]], package: str) -> list[str]:
+    """Every circle of imports among the modules of ``package``, each once, as ``a -> b -> a``.
+
+    A strongly connected component of more than one module is a circle; the
+    path shown is one circle through its first module, for the reader to break.
+    """
+    inside = {name: {t for t in targets if in_package(t, package) and t in edges and t != name}
+              for name, targets in edges.items() if in_package(name, package)}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[list[str]] = []
+    for root in sorted(inside):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(inside[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        while work:
+            name, targets = work[-1]
+            target = next(targets, None)
+            if target is not None:
+                if target not in index:
+                    index[target] = low[target] = len(index)
+                    stack.append(target)
+                    work.append((target, iter(sorted(inside[target]))))
+                elif target in stack:
+                    low[name] = min(low[name], index[target])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[name])
+            if low[name] == index[name]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    component.append(member)
+                    if member == name:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return [_one_circle(sorted(c)[0], set(c), inside) for c in sorted(components)]
+
+
+def _one_circle(start: str, members: set[str], edges: dict[str, set[str]]) -> str:
+    came_from: dict[str, str] = {}
+    queue = deque([start])
+    while queue:
+        name = queue.popleft()
+        for target in sorted(edges[name] & members):
+            if target == start:
+                path = [name]
+                while path[-1] != start:
+                    path.append(came_from[path[-1]])
+                return " -> ".join([start, *reversed(path[:-1]), start]) if len(path) > 1 else f"{start} -> {start}"
+            if target not in came_from:
+                came_from[target] = name
+                queue.append(target)
+    raise AssertionError(f"{start} is in no circle")
+
+
+def test_the_cycle_check_finds_a_circle_and_names_it() -> None:
+    edges = {"agent.a": {"agent.b", "json"}, "agent.b": {"agent.c"}, "agent.c": {"agent.a"}, "agent.d": {"agent.a"}}
+    assert import_cycles(edges, "agent") == ["agent.a -> agent.b -> agent.c -> agent.a"]
+    assert import_cycles({"agent.a": {"agent.b"}, "agent.b": set()}, "agent") == []
+
+
+def test_no_module_of_the_agent_imports_itself_in_a_circle() -> None:
+    # Every import statement counts, those inside functions too: an import moved into a
+    # function only postpones the circle (agent.config once reached agent.clock.ntp that way).
+    circles = import_cycles(STATIC_EDGES, "agent")
+    assert not circles, "import circles among agent modules (pass typed values in instead):\n" + "\n".join(circles)

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import ntplib
 
+from agent.clock.settings import split_server
 from agent.clock.trusted import OffsetSample
 
 log = logging.getLogger(__name__)
 
-NTP_PORT = 123
 #: Version 3 is answered by every server from ntpd and chrony to public pools.
 NTP_VERSION = 3
 #: Stratum 0 is a "kiss-o'-death" (the server refuses us); 16 means unsynchronised.
@@ -30,30 +30,6 @@ LEAP_ALARM = 3
 #: Our transmit time comes back as the answer's origin time; float rounding of
 #: the 64-bit NTP timestamps costs microseconds, so a millisecond is generous.
 ORIGIN_SLACK = 1e-3
-
-
-def split_server(spec: str) -> tuple[str, int]:
-    """``"host"``, ``"host:port"`` or ``"[v6]:port"`` -> (host, port); ValueError if malformed."""
-    text = spec.strip()
-    if not text or any(c.isspace() for c in text) or len(text) > 260:
-        raise ValueError(f"{spec!r} is not a host name or address")
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not host:
-            raise ValueError(f"{spec!r} has an unclosed '['")
-        if not rest:
-            return host, NTP_PORT
-        if not rest.startswith(":"):
-            raise ValueError(f"{spec!r} has text after ']' that is not ':port'")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        # No colon: a name; several: a bare IPv6 address on the default port.
-        return text, NTP_PORT
-    if not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{spec!r} has no valid port (1-65535)")
-    return host, int(port_text)
 
 
 def query_server(spec: str, timeout: float) -> OffsetSample | None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.config import ClockSettings
+from agent.clock.settings import ClockSettings
 from agent.durations import format_duration
 from shared.utc import format_utc
 

@@ -13,10 +13,8 @@ decision (agent.proxy).
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,37 +23,36 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.clock.measure import refresh_clock
 from agent.clock.trusted import TrustedClock
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file, verify_token
-from agent.errors import (
-    ClockError,
-    ControllerUnreachable,
-    DeviceKeyLost,
-    EnrollmentError,
-    TokenError,
-    TrustError,
-)
+from agent.errors import ClockError, DeviceKeyLost, EnrollmentError, OutpostError, TokenError
 from agent.identity.csr import build_csr
+from agent.identity.exchange import Wording, accept_certificate, post_csr, relay_list
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, FixedTime, PinnedTLS, TimeSource, fetch_pinned_ca
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import EnrolledIdentity, StateDir
 from agent.proxy import DIRECT, ProxySettings
 from shared.fsutil import ensure_private_dir
-from shared.trust import cert_not_after, verify_leaf_issued_by
 from shared.utc import format_utc as _utc
 
-#: One request that signs a certificate; a controller slower than this on a
-#: working link is overloaded, and a retry later is the better answer.
-ENROLL_TIMEOUT = 30.0
-#: Certificate, CA and relay list fit in a few KiB; 64 KiB bounds a hostile answer.
-MAX_ENROLL_RESPONSE = 64 * 1024
-#: More relays than a fleet would ever run; bounds what we store.
-MAX_RELAYS = 64
-#: A controller's sentence is one line; a longer one is cut so a terminal stays readable.
-MAX_CONTROLLER_MESSAGE = 300
+#: The controller's codes for a token it will not redeem (docs/api.md).
 TOKEN_ERROR_CODES = frozenset({
     "token_malformed", "token_signature", "token_expired", "token_used", "token_unknown", "token_superseded",
     "token_issuer",
 })
+#: What enrollment says where the exchange with the controller fails (agent.identity.exchange).
+ENROLLMENT = Wording(
+    unreachable="could not reach the controller at {url} ({{reason}}); check the network and try again",
+    not_an_answer=("the controller at {url} answered with something that is not an enrollment result; "
+                   "ask central ops whether it runs a compatible version"),
+    failed="the controller at {url} failed (HTTP {status}); try again later",
+    refused="the controller at {url} refused enrollment (HTTP {status}); ask central ops",
+    no_certificate=("the controller at {url} did not return a certificate; "
+                    "ask central ops whether it runs a compatible version"),
+    other_ca=("the controller at {url} returned a certificate not issued by the CA pinned from your token; "
+              "check the token or the address"),
+    other_key="the controller at {url} returned a certificate for another key; ask central ops",
+    other_identity="the controller at {url} returned a certificate that does not name the identity it reported",
+)
 #: Gateway and controller clocks may disagree by this much. An unchecked local
 #: clock further behind the token's issue time is not set yet (no RTC, no NTP
 #: yet); the controller backdates certificates by the same five minutes.
@@ -115,7 +112,7 @@ async def enroll_async(
         public_key = _device_public_key(keystore)
         csr = build_csr(keystore, token.sub)
         answer = await _redeem(token, csr, PinnedTLS(ca_pem, trusted, proxy))
-        identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted.now())
+        identity = _accept(answer, token, ca_cert, ca_pem, public_key, keystore.backend, trusted)
         state.save_enrollment(identity)
     finally:
         keystore.close()
@@ -179,40 +176,15 @@ def _device_public_key(keystore: KeyStore) -> ec.EllipticCurvePublicKey:
 
 
 async def _redeem(token: EnrollmentToken, csr: x509.CertificateSigningRequest, tls: PinnedTLS) -> dict[str, Any]:
-    url = token.controller_url + "/v1/enroll"
     body = {"token": token.text, "csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
-    unreachable = f"could not reach the controller at {url} ({{reason}}); check the network and try again"
-    async with tls.client(token.controller_url, ENROLL_TIMEOUT, unreachable) as channel:
-        # The controller's certificate is judged (chain, then dates by trusted time) on a small request
-        # first, so the token goes out only on a connection that passed; both share one connection.
-        await channel.get(token.controller_url + "/v1/ca", MAX_ENROLL_RESPONSE)
-        served = await channel.post(url, body, MAX_ENROLL_RESPONSE)
-    try:
-        answer = json.loads(served.body)
-    except ValueError:
-        answer = None
-    if served.status != 200:
-        raise _controller_refusal(served.status, answer, url)
-    if not isinstance(answer, dict):
-        raise EnrollmentError(f"the controller at {url} answered with something that is not an enrollment "
-                              "result; ask central ops whether it runs a compatible version")
-    return answer
+    # The controller's certificate is judged on a small request (/v1/ca) first, so the token goes out
+    # only on a connection that passed.
+    return await post_csr(tls, token.controller_url, "/v1/enroll", body, ENROLLMENT, _token_refusal, probe="/v1/ca")
 
 
-def _controller_refusal(status: int, answer: Any, url: str) -> Exception:
-    code = answer.get("error") if isinstance(answer, dict) else None
-    message = answer.get("message") if isinstance(answer, dict) else None
-    if isinstance(message, str) and message.strip():
-        sentence = " ".join(message.split())[:MAX_CONTROLLER_MESSAGE]
-    elif status >= 500:
-        sentence = f"the controller at {url} failed (HTTP {status}); try again later"
-    else:
-        sentence = f"the controller at {url} refused enrollment (HTTP {status}); ask central ops"
-    if code in TOKEN_ERROR_CODES:
-        return TokenError(sentence)
-    if status >= 500:
-        return ControllerUnreachable(sentence)
-    return EnrollmentError(sentence)
+def _token_refusal(code: object, sentence: str) -> OutpostError | None:
+    """A refused token is a TokenError (the field loop then waits for another token)."""
+    return TokenError(sentence) if code in TOKEN_ERROR_CODES else None
 
 
 def _accept(
@@ -222,66 +194,22 @@ def _accept(
     ca_pem: str,
     public_key: ec.EllipticCurvePublicKey,
     key_backend: str,
-    now: float,
+    time: TimeSource,
 ) -> EnrolledIdentity:
     """Check the controller's answer against what we pinned and hold; build the identity."""
     url = token.controller_url
-    cert_pem = answer.get("certificate")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode()) if isinstance(cert_pem, str) else None
-    except ValueError:
-        cert = None
-    if cert is None:
-        raise EnrollmentError(f"the controller at {url} did not return a certificate; "
-                              "ask central ops whether it runs a compatible version")
-    if not verify_leaf_issued_by(cert, ca_cert):
-        raise TrustError(
-            f"the controller at {url} returned a certificate not issued by the CA pinned from your token; "
-            "check the token or the address"
-        )
-    if _spki(cert.public_key()) != _spki(public_key):
-        raise EnrollmentError(f"the controller at {url} returned a certificate for another key; ask central ops")
-    if cert_not_after(cert).timestamp() <= now:
-        raise EnrollmentError(
-            f"the controller at {url} returned a certificate that has already expired by this gateway's clock; "
-            "check the clock and try again"
-        )
     uri = answer.get("identity")
-    if not isinstance(uri, str) or uri not in _uri_names(cert):
-        raise EnrollmentError(f"the controller at {url} returned a certificate that does not name the identity it reported")
+    cert = accept_certificate(answer, url, ca_cert, public_key, uri, time, ENROLLMENT)
     if answer.get("name", token.sub) != token.sub or answer.get("tenant", token.tnt) != token.tnt:
         raise EnrollmentError(f"the controller at {url} enrolled another identity than the token names; ask central ops")
-    relays = answer.get("relays", [])
-    if not isinstance(relays, list) or len(relays) > MAX_RELAYS or not all(_is_relay_url(r) for r in relays):
-        raise EnrollmentError(f"the controller at {url} returned an invalid relay list; ask central ops")
     return EnrolledIdentity(
         name=token.sub,
         tenant=token.tnt,
-        uri=uri,
+        uri=str(uri),
         controller_url=url,
-        relays=list(relays),
+        relays=relay_list(answer, url),
         ca_pem=ca_pem,
         cert_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
         key_backend=key_backend,
-        enrolled_at=now,
+        enrolled_at=time.now(),
     )
-
-
-def _spki(key: Any) -> bytes:
-    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
-
-
-def _uri_names(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def _is_relay_url(value: Any) -> bool:
-    if not isinstance(value, str) or len(value) > 2048:
-        return False
-    parts = urlsplit(value)
-    return parts.scheme == "wss" and bool(parts.hostname)

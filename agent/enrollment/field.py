@@ -50,6 +50,7 @@ from agent.tunnel.backoff import Backoff
 from shared import service_manager
 from shared.fsutil import atomic_write, ensure_private_dir
 from shared.trust import ca_fingerprint
+from shared.utc import format_utc
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ async def _attempt(
         log.warning("%s", problem)
     remove_refused_copies(config, schedule.refused.keys())
     log.info("enrolled from %s as %s; certificate valid until %s", token.path, identity.uri,
-             identity.not_after().strftime("%Y-%m-%d %H:%M UTC"),
+             format_utc(identity.not_after().timestamp()),
              extra=service_manager.journal_fields(service_manager.EVENT_ENROLLED, identity=identity.uri))
     service_manager.notify_status(f"enrolled as {identity.uri}; connecting")
     return identity

@@ -1,4 +1,4 @@
-"""The agent's end of a tunnel: dial a relay, authenticate, host bound services."""
+"""The agent's end of a tunnel: dial a relay, authenticate, bind services (served by agent.services.forward)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
+from agent.services.forward import serve_bound
 from shared.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -32,7 +33,6 @@ from shared.protocol import (
 from shared.tunnel.auth import peer_certificate_digest
 from shared.tunnel.channel import StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
-from shared.tunnel.splice import splice_socket
 
 if TYPE_CHECKING:
     from agent.clock.trusted import TrustedClock
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 # TCP + TLS + WebSocket upgrade on a satellite link takes several round trips
 # of 600 ms; 30 s also covers a congested cellular uplink.
 CONNECT_TIMEOUT = 30.0
-# Connecting to a bound service on the gateway itself (loopback or LAN).
-LOCAL_CONNECT_TIMEOUT = 10.0
 
 
 class IdentityRefused(TunnelRefused):
@@ -148,25 +146,7 @@ class AgentSession(TunnelSession):
             listener(rtt)
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
-        target = self.options.binds.get(channel.service)
-        if target is None:
-            channel.reset(ErrorCode.SERVICE_UNKNOWN, f"this gateway does not bind {channel.service}")
-            return
-        host, port = target
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), LOCAL_CONNECT_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
-            log.warning("service %s: cannot connect to %s:%d: %s", channel.service, host, port, exc)
-            channel.reset(ErrorCode.CONNECT_FAILED,
-                          f"the gateway could not connect to {channel.service} at {host}:{port}")
-            return
-        if channel.error is not None or self.conn.closed:
-            writer.close()  # the dialer gave up while we connected
-            return
-        self.conn.accept_stream(channel.stream_id)
-        await self.flush()
-        log.info("stream %d: %s dialled %s", channel.stream_id, channel.peer or "?", channel.service)
-        await splice_socket(channel, reader, writer)
+        await serve_bound(self, channel, self.options.binds)
 
 
 async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,

@@ -1,252 +1,36 @@
-"""``outpost-agent run``: keep a tunnel up, serve binds and dials, report status."""
+"""``outpost-agent run``: the composition root, and the one event loop of the process.
+
+``run`` starts the loop (uvloop where installed, unless the config says
+``event_loop = "asyncio"``; shared.event_loop) and everything else happens in
+it, in order: enroll from a token file if not enrolled, check the device key,
+measure the clock, recover an expired certificate, then serve (the tunnel
+supervisor, dials, the certificate and clock keepers) until a stop signal.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
-import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
-
-import aiohttp
 
 from agent.clock.measure import keep_clock, measure_once
 from agent.clock.trusted import TrustedClock
-from agent.errors import KeyStoreError, OutpostError, TrustError, TunnelRefused
+from agent.config import AgentConfig
+from agent.errors import KeyStoreError
 from agent.identity.keystore import KeyStore
-from agent.identity.refusals import DISABLED, DisabledGate, identity_status
+from agent.identity.refusals import DISABLED, DisabledGate
+from agent.identity.state import StateDir
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
-from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
+from agent.tunnel.client import TunnelCredentials, TunnelOptions
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
-from agent.tunnel.relays import RelayRotation, valid_relay_list
 from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
-from shared import service_manager
-from shared.protocol import ErrorCode
-
-if TYPE_CHECKING:
-    from agent.config import AgentConfig
-    from agent.identity.renewal import CertificateKeeper
+from agent.tunnel.supervisor import TunnelSupervisor, serve_agent
+from shared import event_loop, service_manager
 
 log = logging.getLogger(__name__)
 
-# status.json is rewritten at most this often while traffic flows: the state
-# directory may live on an SD card that wears with every write.
-STATUS_INTERVAL = 10.0
-
-
-class TunnelSupervisor:
-    """Keeps one tunnel to one of the relays up, reconnecting with backoff."""
-
-    def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
-                 write_status: Callable[[dict[str, Any]], None] | None = None, backoff: Backoff | None = None,
-                 save_relays: Callable[[list[str]], None] | None = None,
-                 gate: DisabledGate | None = None) -> None:
-        if not relays:
-            raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
-        self.rotation = RelayRotation(relays)
-        self.credentials = credentials
-        self.options = options
-        self.backoff = backoff or Backoff()
-        #: shared with the certificate keeper: a disabled identity is asked about at most once per interval
-        self.gate = gate or DisabledGate()
-        #: called with the controller's relay list when it changes (persisted for the next start)
-        self._save_relays = save_relays
-        self.stats = TunnelStats()
-        self.session: AgentSession | None = None
-        self.connected = asyncio.Event()
-        self._write_status = write_status
-        self._stop = asyncio.Event()
-        self._base_in = 0
-        self._base_out = 0
-        #: the last tunnel, closed by the relay as revoked or disabled, was followed by an attempt without backoff
-        self._asked_at_once = False
-
-    @property
-    def relays(self) -> list[str]:
-        return list(self.rotation.relays)
-
-    def current_session(self) -> AgentSession | None:
-        return self.session if self.session is not None and not self.session.conn.closed else None
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.session is not None:
-            asyncio.get_running_loop().create_task(self.session.close())
-
-    def _now(self) -> float:
-        """Trusted time when the agent measured its clock (status is read on other clocks too)."""
-        return self.options.clock.now() if self.options.clock is not None else time.time()
-
-    def _report(self) -> None:
-        session = self.session
-        if session is not None:
-            self.stats.bytes_in = self._base_in + session.conn.bytes_received
-            self.stats.bytes_out = self._base_out + session.conn.bytes_sent
-            if session.last_rtt is not None:
-                self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
-        if self._write_status is not None:
-            try:
-                self._write_status(self.stats.as_json(self._now()))
-            except OSError as exc:
-                log.warning("cannot write status: %s", exc)
-
-    async def run(self) -> None:
-        """Until stop(): connect, serve, and reconnect after failures."""
-        from agent.identity.tls_trust import pinned_ssl_context
-
-        ssl_context = pinned_ssl_context(self.credentials.ca_pem)
-        # The environment's proxy variables are read at the edge (the CLI), never here.
-        async with aiohttp.ClientSession(trust_env=False) as http:
-            while not self._stop.is_set():
-                if not await self._wait_for_turn():
-                    break
-                relay = self.rotation.current()
-                self.stats.state = "connecting"
-                self.stats.relay = relay
-                service_manager.notify_status(f"connecting to {relay}")
-                try:
-                    session, task = await self.gate.ask(
-                        open_tunnel(http, relay, self.credentials, ssl_context, self.options))
-                except OutpostError as exc:
-                    if exc.terminal:
-                        # A revoked identity, a lost device key or a refused TPM authorization:
-                        # another attempt would only ask the controller or the TPM again. The CLI
-                        # prints the sentence and exits with the error's code (77, 78, 79).
-                        self.ended_by(exc)
-                        raise
-                    self.stats.last_error = str(exc)
-                    log.log(logging.ERROR if isinstance(exc, (TrustError, TunnelRefused)) else logging.WARNING,
-                            "%s", exc)
-                    if identity_status(exc) == DISABLED:
-                        self._report_disabled()
-                        continue
-                    self.rotation.connect_failed()
-                else:
-                    if self._stop.is_set():  # stopped while this tunnel was being opened
-                        await session.close()
-                        await task
-                        break
-                    self._adopt_relays(session, relay)
-                    up_since = time.monotonic()
-                    await self._serve(session, task)
-                    self.backoff.tunnel_ended(time.monotonic() - up_since)
-                    self.rotation.tunnel_dropped()
-                    code, _, by_relay = session.close_reason or (None, "", False)
-                    if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED) and not self._asked_at_once:
-                        # The identity was blocked: ask once at once, and let the answer decide
-                        # (exit for revoked, the disabled interval), rather than after a backoff.
-                        # Once only: a relay that admits and then closes again waits the backoff.
-                        self._asked_at_once = True
-                        self.stats.reconnects += 1
-                        continue
-                if self._stop.is_set():
-                    break
-                self._asked_at_once = False
-                self.stats.reconnects += 1
-                self.stats.state = "waiting"
-                self.stats.next_ask = None
-                self._report()
-                delay = self.backoff.next_delay()
-                log.info("reconnecting in %.1f s", delay)
-                report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
-                await self._until_stopped(asyncio.sleep(delay))
-        self.stats.state = "stopped"
-        self.stats.next_ask = None
-        self._report()
-
-    async def _until_stopped(self, waiting: Awaitable[Any]) -> bool:
-        """Await ``waiting`` unless stop() comes first; True when it finished."""
-        task = asyncio.ensure_future(waiting)
-        stopping = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in (task, stopping):
-                pending.cancel()
-        return task.done() and not task.cancelled() and not self._stop.is_set()
-
-    async def _wait_for_turn(self) -> bool:
-        """Wait while the renewal asks or the identity is disabled (one ask per interval, whoever
-        learned it); status says so meanwhile. False when stop() came first."""
-        while not self.gate.ready:
-            if self.gate.closed:
-                next_ask = self._now() + self.gate.remaining()
-                if self.stats.state != DISABLED or abs((self.stats.next_ask or 0.0) - next_ask) > 1.0:
-                    # The certificate keeper's ask learned it (or asked again): same wait, same status.
-                    self._report_disabled(self.stats.renewal_error)
-            if not await self._until_stopped(self.gate.changed()):
-                return False
-        return not self._stop.is_set()
-
-    def _report_disabled(self, why: str | None = None) -> None:
-        """The controller said "disabled": the agent keeps running (ops may enable it again), asks
-        again when the gate allows (the loop's next turn), and says so."""
-        if why:
-            self.stats.last_error = why
-        self.stats.state = DISABLED
-        self.stats.next_ask = self._now() + self.gate.remaining()
-        self._report()
-        sentence = f"disabled by central ops; asking again at {clock_time(self.stats.next_ask)}"
-        log.warning("%s", sentence)
-        service_manager.notify_ready(sentence)
-
-    def ended_by(self, error: OutpostError) -> None:
-        """Record in the status that ``error`` ends the agent (``outpost-agent status`` shows why)."""
-        self.stats.state = "stopped"
-        self.stats.last_error = str(error)
-        self._report()
-
-    def _adopt_relays(self, session: AgentSession, connected: str) -> None:
-        """Take the relay list the controller sent in AUTH_OK, and keep it for the next start."""
-        relays = valid_relay_list(session.relay_info.get("relays"))
-        if relays is None:
-            return
-        if self.rotation.refresh(relays, connected) and self._save_relays is not None:
-            try:
-                self._save_relays(relays)
-            except OSError as exc:
-                log.warning("cannot store the relay list: %s", exc)
-
-    async def _serve(self, session: AgentSession, task: asyncio.Task[Any]) -> None:
-        self.session = session
-        self.stats.state = "connected"
-        self.stats.connected_since = self._now()
-        self.stats.down_since = None
-        self.stats.next_ask = None
-        self.stats.bound = list(session.bound)
-        self.stats.refused = dict(session.refused)
-        self.stats.last_error = None
-        log.info("tunnel up to %s as %s", session.relay_url, self.credentials.uri,
-                 extra=service_manager.journal_fields(service_manager.EVENT_CONNECTED,
-                                                      identity=self.credentials.uri, relay=session.relay_url))
-        # systemd's "started" means the tunnel is up (the unit is Type=notify).
-        service_manager.notify_ready(f"connected to {session.relay_url}")
-        self.connected.set()
-        self._report()
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=STATUS_INTERVAL)
-                self._report()
-        finally:
-            self.connected.clear()
-            self._base_in += session.conn.bytes_received
-            self._base_out += session.conn.bytes_sent
-            self.session = None
-            self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
-            # "connected since" of a tunnel that is gone would contradict the state (status shows "down since")
-            self.stats.connected_since = None
-            self.stats.down_since = self._now()
-            code, reason, remote = session.close_reason or (None, "", False)
-            self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
-            self.stats.last_drop = self.stats.last_error
-            log.warning("tunnel to %s closed (%s%s)", session.relay_url, reason or "no reason",
-                        ", by the relay" if remote else "",
-                        extra=service_manager.journal_fields(service_manager.EVENT_DISCONNECTED,
-                                                             identity=self.credentials.uri, relay=session.relay_url))
-            service_manager.notify_status(f"reconnecting: {self.stats.last_error}")
+#: How the sentence for a missing uvloop names the setting that asked for it.
+EVENT_LOOP_SETTING = 'event_loop = "{}" in the agent config'
 
 
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
@@ -258,54 +42,6 @@ def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
 def backoff_for(plan: LinkPlan) -> Backoff:
     """Reconnect delays within the plan's bounds (full jitter)."""
     return Backoff(initial=plan.reconnect_initial, cap=plan.reconnect_max, stable_after=plan.stable_after)
-
-
-async def serve_agent(supervisor: TunnelSupervisor, dials: list[DialListener],
-                      keeper: CertificateKeeper | None = None,
-                      clock_keeper: Coroutine[Any, Any, None] | None = None) -> None:
-    """Run the supervisor, the dial listeners and the certificate and clock keepers until a stop signal."""
-    loop = asyncio.get_running_loop()
-    renewing = loop.create_task(keeper.run()) if keeper is not None else None
-    timekeeping = loop.create_task(clock_keeper) if clock_keeper is not None else None
-    interval = service_manager.watchdog_interval()
-    watchdog = loop.create_task(service_manager.feed_watchdog(interval)) if interval else None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, supervisor.stop)
-        except (NotImplementedError, RuntimeError):
-            pass
-    for dial in dials:
-        await dial.start()
-        supervisor.stats.dials[dial.service] = dial.port
-        log.info("dial %s listening on %s:%d", dial.service, dial.host, dial.port)
-    try:
-        await _supervise(supervisor, renewing)
-    finally:
-        service_manager.notify_stopping()
-        if watchdog is not None:
-            watchdog.cancel()
-        if renewing is not None:
-            renewing.cancel()
-        if timekeeping is not None:
-            timekeeping.cancel()
-        for dial in dials:
-            await dial.close()
-
-
-async def _supervise(supervisor: TunnelSupervisor, renewing: asyncio.Task[Any] | None) -> None:
-    """Run the supervisor until it stops; the certificate keeper ends only by a terminal
-    error (lost device key), which stops the tunnel and ends the agent with that error."""
-    supervising = asyncio.ensure_future(supervisor.run())
-    if renewing is not None:
-        await asyncio.wait({supervising, renewing}, return_when=asyncio.FIRST_COMPLETED)
-        if renewing.done() and not supervising.done():
-            supervisor.stop()
-            await supervising
-            error = renewing.exception()
-            if isinstance(error, OutpostError):
-                supervisor.ended_by(error)
-            renewing.result()
-    await supervising
 
 
 def check_device_key(keystore: KeyStore) -> None:
@@ -325,14 +61,17 @@ def check_device_key(keystore: KeyStore) -> None:
 
 def run(config: AgentConfig) -> int:
     """Entry point of ``outpost-agent run``; returns the exit code."""
-    from agent.identity.select import open_keystore
-    from agent.identity.state import StateDir
+    return event_loop.run(run_agent(config), config.event_loop, setting=EVENT_LOOP_SETTING)
 
+
+async def run_agent(config: AgentConfig) -> int:
+    """Everything ``run`` does, on the running loop; returns the exit code."""
+    log.info("running on the %s event loop", event_loop.running_loop_name())
     state = StateDir(config.state_dir)
     if not state.is_enrolled():
         from agent.enrollment.field import wait_for_enrollment
 
-        if asyncio.run(wait_for_enrollment(config)) is None:
+        if await wait_for_enrollment(config) is None:
             return 0  # stopped while waiting for a token
     else:
         from agent.enrollment.field import load_refusals, remove_refused_copies, retire_redeemed_tokens, token_paths
@@ -341,17 +80,28 @@ def run(config: AgentConfig) -> int:
         # an enrollment by hand leaves a refused copy in the state directory.
         retire_redeemed_tokens(token_paths(config), state.load())
         remove_refused_copies(config, load_refusals(config.state_dir).keys())
-    identity = state.load()
-    keystore = open_keystore(config.state_dir, config.keystore)
-    check_device_key(keystore)
-    from agent.identity.renewal import keeper_for_tunnel, recover_at_start
+    from agent.identity.select import open_keystore
 
+    keystore = open_keystore(config.state_dir, config.keystore)
+    try:
+        check_device_key(keystore)
+        await _serve_enrolled(config, state, keystore)
+    finally:
+        keystore.close()
+    return 0
+
+
+async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeyStore) -> None:
+    from agent.identity.keeper import keeper_for_tunnel
+    from agent.identity.recovery import recover_at_start
+
+    identity = state.load()
     # Every decision below (expiry, renewal, the relay's certificate) runs on trusted time,
     # and every connection (clock, recovery, renewal, tunnels) takes the same proxy decision.
     clock = TrustedClock(config.clock)
     proxy = config.proxy
-    clock_problem = asyncio.run(service_manager.watchdog_fed(
-        measure_once(clock, identity.controller_url, identity.ca_pem, proxy)))
+    clock_problem = await service_manager.watchdog_fed(
+        measure_once(clock, identity.controller_url, identity.ca_pem, proxy))
     # One schedule of asks while the identity is disabled: recovery, tunnels and renewal share it.
     gate = DisabledGate()
 
@@ -367,9 +117,9 @@ def run(config: AgentConfig) -> int:
 
     # A gateway offline past its certificate's expiry recovers before its first tunnel,
     # and is ready (waiting on the network) while the controller cannot be reached.
-    if asyncio.run(service_manager.watchdog_fed(
+    if await service_manager.watchdog_fed(
             recover_at_start(state, keystore, clock, on_retry=report_offline, proxy=proxy, gate=gate,
-                             on_disabled=disabled_at_start))):
+                             on_disabled=disabled_at_start)):
         identity = state.load()
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
@@ -386,8 +136,4 @@ def run(config: AgentConfig) -> int:
     keeper = keeper_for_tunnel(state, keystore, credentials, supervisor.stats, clock, proxy, gate=gate)
     clock_keeper = keep_clock(clock, identity.controller_url, identity.ca_pem,
                               lambda c, problem: note_clock(supervisor.stats, c, problem), proxy=proxy)
-    try:
-        asyncio.run(serve_agent(supervisor, dials, keeper, clock_keeper))
-    finally:
-        keystore.close()
-    return 0
+    await serve_agent(supervisor, dials, keeper, clock_keeper)

@@ -88,7 +88,7 @@ def test_status_shows_renewal_and_tunnel_times_in_utc_with_how_far_away_they_are
 def test_a_running_agent_reports_its_next_renewal_in_status(tmp_path: Path):
     import sys
 
-    from agent.identity.renewal import RENEW_AT_FRACTION, RENEW_JITTER_FRACTION, RenewalSchedule
+    from agent.identity.renewal_schedule import RENEW_AT_FRACTION, RENEW_JITTER_FRACTION, RenewalSchedule
     from tests.e2e.harness import Controller, Process, read_status, wait_until
     from tests.e2e.harness import run_cli as run_module
 

@@ -20,6 +20,7 @@ from agent.identity.select import KeyStoreSettings
 FULL = """
 state_dir = "/srv/outpost"
 log_level = "debug"
+event_loop = "asyncio"
 
 [keystore]
 backend = "tpm"
@@ -60,6 +61,7 @@ def test_a_full_config_becomes_typed_frozen_values(tmp_path: Path):
         dials=(DialConfig("historian", "127.0.0.1", 9000),),
         link=LinkSettings(profile="satellite", keepalive_interval=25.0, ping_timeout=12.5),
         log_level="debug",
+        event_loop="asyncio",
     )
     with pytest.raises(AttributeError):
         config.log_level = "info"  # type: ignore[misc]
@@ -75,6 +77,7 @@ def test_an_empty_file_gives_the_defaults(tmp_path: Path):
     config = load_config(write(tmp_path, ""))
 
     assert config == AgentConfig()
+    assert config.event_loop == "auto"
     assert config.state_dir == DEFAULT_STATE_DIR == Path("/var/lib/outpost-agent")
     assert config.keystore == KeyStoreSettings(backend="auto", tcti="device:/dev/tpmrm0")
 
@@ -108,6 +111,7 @@ def test_a_relative_state_dir_is_relative_to_the_file(tmp_path: Path):
     ('[link]\nping_timeout = -1\n', "'link.ping_timeout' must be a number of seconds", "above 0"),
     ('[link]\nkeepalive_interval = "30s"\n', "'link.keepalive_interval' must be a number", "seconds"),
     ('log_level = "loud"\n', "'log_level' must be one of debug, info, warning, error", "loud"),
+    ('event_loop = "trio"\n', "'event_loop' must be one of auto, uvloop, asyncio", "trio"),
     ('state_dir = 5\n', "'state_dir' must be a string", "quotes"),
     ('bind = "modbus"\n', "'bind' must be written as [[bind]] tables", "[[bind]]"),
     ('keystore = "tpm"\n', "'keystore' must be a table", "[keystore]"),

@@ -11,24 +11,23 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig
-from agent.doctor import (
+from agent.doctor.checks import (
     CERT_WARN_FRACTION,
-    CLOCK_FAIL_SECONDS,
-    CLOCK_WARN_SECONDS,
     DEFAULT_RECOVERY_GRACE_DAYS,
-    FAIL,
-    OK,
-    SKIP,
-    WARN,
-    Endpoint,
     check_certificate,
-    check_dns,
     check_enrollment,
     check_state_dir,
+)
+from agent.doctor.network import (
+    CLOCK_FAIL_SECONDS,
+    CLOCK_WARN_SECONDS,
+    Endpoint,
+    check_dns,
     check_tls,
     clock_verdict,
     endpoints,
 )
+from agent.doctor.result import FAIL, OK, SKIP, WARN
 from agent.enrollment.enroll import enroll_async
 from agent.enrollment.field import REFUSED_NOTE, find_token, save_refusal
 from agent.identity.select import KeyStoreSettings

@@ -239,8 +239,9 @@ class TunnelPath:
         return state
 
     def _run(self, name: str, state: Path, sections: list[tuple[str, ...]]) -> Process:
+        loop = str_arg("agent-event-loop", "")
         lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
-                 "", "[keystore]", 'backend = "software"', ""]
+                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', ""]
         for section in sections:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"
@@ -537,6 +538,14 @@ def alternate(rounds: int, measures: dict[str, Callable[[], Measure]]) -> dict[s
         for name, measure in measures.items():
             results[name].append(measure())
     return results
+
+
+def str_arg(name: str, default: str) -> str:
+    """``--name VALUE`` from argv (``--agent-event-loop asyncio``: the agents' loop, as their config sets it)."""
+    flag = f"--{name}"
+    if flag in sys.argv:
+        return sys.argv[sys.argv.index(flag) + 1]
+    return default
 
 
 def int_arg(name: str, default: int) -> int:

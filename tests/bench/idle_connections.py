@@ -67,7 +67,7 @@ import dataclasses, logging, sys
 sys.path.insert(0, sys.argv[1])
 import shared.service_manager as service_manager
 from controller import cli
-from controller.event_loop import run
+from shared.event_loop import run
 service_manager.configure_logging(logging.WARNING, identifier="outpost-controller")
 args = cli.build_parser().parse_args(sys.argv[2:])
 settings = cli.settings_from_args(args)
@@ -232,7 +232,7 @@ async def measure(controller: Controller, count: int, after_close_wait: float) -
 
 
 def loops_available(requested: list[str]) -> tuple[list[str], dict[str, str]]:
-    from controller.event_loop import uvloop_module
+    from shared.event_loop import uvloop_module
 
     run, skipped = [], {}
     for name in requested:
@@ -260,7 +260,7 @@ def main() -> None:
             finally:
                 controller.stop()
             print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
-    from controller.event_loop import uvloop_module
+    from shared.event_loop import uvloop_module
 
     print(json.dumps({
         "benchmark": "idle_connections",

@@ -34,7 +34,7 @@ SQLITE_INTERNAL_TABLES = ("sqlite_sequence",)
 def run(coroutine: Awaitable[T], loop: str = "asyncio") -> T:
     """Drive one async scenario to completion (no pytest-asyncio here) on asyncio's loop or uvloop."""
     if loop == "uvloop":
-        from controller.event_loop import run as run_on
+        from shared.event_loop import run as run_on
 
         return run_on(asyncio.wait_for(coroutine, 120), "uvloop")
     return asyncio.run(asyncio.wait_for(coroutine, 120))

@@ -26,7 +26,8 @@ from agent.identity.tls_trust import pinned_ssl_context
 from agent.proxy import DIRECT, ProxySettings
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan
-from agent.tunnel.runner import TunnelSupervisor, backoff_for, options_for
+from agent.tunnel.runner import backoff_for, options_for
+from agent.tunnel.supervisor import TunnelSupervisor
 from shared.tunnel.channel import ChannelReset, StreamChannel
 from tests.controller.harness import Running
 from tests.linkemu.emulator import LinkEmulator, peer_gone

@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.bench.link_bench_setup import LinkTunnelPath
 from tests.e2e.harness import read_status, run_cli, wait_until
 
-# status.json is rewritten every 10 s while connected (agent.tunnel.runner.STATUS_INTERVAL)
+# status.json is rewritten every 10 s while connected (agent.tunnel.supervisor.STATUS_INTERVAL)
 # and at every change of state; a busy machine adds a few seconds.
 STATUS_WAIT = 25.0
 LINK = {"profile": "ethernet", "keepalive_interval": 1.0, "ping_timeout": 3.0, "reconnect_initial": 0.5,

@@ -21,8 +21,8 @@ import pytest
 
 from agent.clock.controller_time import fetch_controller_time
 from agent.errors import EXIT_UNAVAILABLE, ControllerUnreachable, TrustError
+from agent.identity.keeper import CertificateKeeper
 from agent.identity.pinned_tls import FixedTime, PinnedTLS
-from agent.identity.renewal import CertificateKeeper
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.state import StateDir
 from agent.proxy import ProxySettings

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.identity.state import RELAYS_FILE, STATUS_FILE
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import audit_events_added, store_snapshot
@@ -65,8 +67,9 @@ class Unchanged:
 
 
 def write_agent_config(path: Path, state: Path, binds: dict[str, int] | None = None,
-                       dials: dict[str, int] | None = None) -> Path:
-    lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', ""]
+                       dials: dict[str, int] | None = None, event_loop: str | None = None) -> Path:
+    lines = [f'state_dir = "{state}"'] + ([f'event_loop = "{event_loop}"'] if event_loop else [])
+    lines += ["", "[keystore]", 'backend = "software"', ""]
     for service, port in (binds or {}).items():
         lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
     for service, port in (dials or {}).items():
@@ -92,15 +95,20 @@ def start_agent(tmp_path: Path, name: str, state: Path, **kwargs) -> Process:
     return agent
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
 def test_a_dial_reaches_the_service_a_gateway_binds(controller: Controller, echo_server: EchoServer,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, event_loop: str) -> None:
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (python3-uvloop)")
     controller.ctl("service", "create", "modbus", "--role", "plc")
     controller.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")
     controller.ctl("policy", "create", "--kind", "dial", "--identities", "role:operator", "--services", "role:plc")
     state = enroll_gateway(controller, tmp_path, "gw-1", "gateway")
     assert not list(tmp_path.glob("*-state/*.token"))
-    agent = start_agent(tmp_path, "gw-1", state, binds={"modbus": echo_server.port})
+    agent = start_agent(tmp_path, "gw-1", state, binds={"modbus": echo_server.port}, event_loop=event_loop)
     try:
+        # One loop for the whole process, the one the config names.
+        assert f"running on the {event_loop} " in agent.wait_for_line("running on the ")
         assert read_status(state)["bound"] == ["modbus"]
         connect = controller.ctl_process("connect", "modbus", "--listen", "127.0.0.1:0")
         try:

@@ -38,7 +38,7 @@ def test_both_packages_depend_on_debians_own_python_libraries(built_debs: dict[s
         depends = field(deb, "Depends")
         for dependency in DEBIAN_DEPENDS:
             assert dependency in depends, f"{deb.name} lacks {dependency}"
-    assert field(built_debs["outpost-agent"], "Recommends") == "python3-tpm2-pytss"
+    assert field(built_debs["outpost-agent"], "Recommends") == "python3-tpm2-pytss, python3-uvloop"
 
 
 def test_agent_package_ships_only_the_agent_and_the_controller_package_is_self_contained(

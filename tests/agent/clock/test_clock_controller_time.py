@@ -15,8 +15,8 @@ import pytest
 
 from agent.clock.controller_time import check_reported_time, fetch_controller_time
 from agent.clock.measure import refresh_clock
+from agent.clock.settings import ClockSettings
 from agent.clock.trusted import TrustedClock
-from agent.config import ClockSettings
 from agent.errors import ClockError, TrustError
 from shared.trust import cert_not_after, cert_not_before
 from tests.agent.clock.clock_helpers import BOOTED_IN_1970, YEAR, local_clock_at, local_clock_shifted, time_server

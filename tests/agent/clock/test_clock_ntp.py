@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from agent.clock.ntp import NTP_PORT, query_server, query_servers, split_server
+from agent.clock.ntp import query_server, query_servers
+from agent.clock.settings import NTP_PORT, split_server
 from tests.agent.clock.ntp_responder import NtpResponder, silent_port
 
 YEAR = 365 * 86400

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from cryptography import x509
 
+from agent.clock.settings import ClockSettings
 from agent.clock.trusted import TrustedClock
-from agent.config import ClockSettings
 from agent.enrollment.enroll import enroll_async
 from agent.errors import ClockError, TrustError
 from agent.identity.pinned_tls import FixedTime, PinnedTLS

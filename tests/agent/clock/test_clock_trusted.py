@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.clock.settings import ClockSettings
 from agent.clock.trusted import (
     NTP_CONTROLLER_TOLERANCE,
     ClockEstimate,
@@ -11,7 +12,6 @@ from agent.clock.trusted import (
     describe_offset,
     format_duration,
 )
-from agent.config import ClockSettings
 
 YEAR = 365 * 86400
 REAL_NOW = 1_795_386_600.0  # 2026-11-22 22:30 UTC

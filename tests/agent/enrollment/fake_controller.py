@@ -1,8 +1,8 @@
 """A test double of the controller's gateway API, for the enrollment tests.
 
 The real controller (``controller/``) is the other end of enrollment. This
-double implements the same two endpoints from docs/api.md -- ``GET /v1/ca``
-and ``POST /v1/enroll`` -- honestly: real TLS on 127.0.0.1 with a certificate
+double implements the endpoints from docs/api.md -- ``GET /v1/ca``, ``GET /v1/time``,
+``POST /v1/enroll`` and ``POST /v1/renew`` -- honestly: real TLS on 127.0.0.1 with a certificate
 from its CA, real ES256 token verification, one-time ``jti`` consumption with
 re-issue for the same key, real certificates signed from the CSR. Its knobs
 let a test play a misbehaving or hostile controller (another CA at /v1/ca, a
@@ -124,6 +124,8 @@ class Behaviour:
     relays: list[str] = field(default_factory=list)
     #: Answer /v1/time (with the real clock), as every controller since the clock checks does.
     serves_time: bool = True
+    #: How long issued certificates live; a negative lifetime issues one already expired.
+    leaf_lifetime: datetime.timedelta = LEAF_LIFETIME
 
 
 class FakeController:
@@ -135,6 +137,8 @@ class FakeController:
         self.enroll_requests = 0
         #: jti -> DER SubjectPublicKeyInfo of the key that redeemed it.
         self.consumed: dict[str, bytes] = {}
+        #: DER SubjectPublicKeyInfo -> the URI it was enrolled as, for /v1/renew.
+        self.enrolled: dict[bytes, str] = {}
         self._ssl = self._server_context(workdir, tls_ca or ca)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-controller", daemon=True)
@@ -180,6 +184,7 @@ class FakeController:
         app = web.Application(client_max_size=MAX_REQUEST_BODY)
         app.router.add_get("/v1/ca", self._get_ca)
         app.router.add_post("/v1/enroll", self._post_enroll)
+        app.router.add_post("/v1/renew", self._post_renew)
         app.router.add_get("/v1/time", self._get_time)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -218,7 +223,9 @@ class FakeController:
             return _error(409, "token_used", "This enrollment token was already used; ask central ops for a new one.")
         public_key = ec.generate_private_key(ec.SECP256R1()).public_key() if self.behaviour.certify_other_key else csr.public_key()
         uri = f"spiffe://{TRUST_DOMAIN}/{claims['tnt']}/{claims['sub']}"
-        leaf = self.ca.issue(public_key, claims["sub"], [x509.UniformResourceIdentifier(uri)])
+        leaf = self.ca.issue(public_key, claims["sub"], [x509.UniformResourceIdentifier(uri)],
+                             self.behaviour.leaf_lifetime)
+        self.enrolled[spki] = uri
         answer: dict[str, Any] = {
             "certificate": leaf.public_bytes(serialization.Encoding.PEM).decode(),
             "ca": self.ca.pem,
@@ -231,6 +238,22 @@ class FakeController:
         if self.behaviour.oversized_answer:
             answer["padding"] = "x" * (128 * 1024)
         return web.json_response(answer)
+
+
+    async def _post_renew(self, request: web.Request) -> web.Response:
+        """Renewal by proof of the enrolled key (the CSR's signature), as docs/api.md describes it."""
+        try:
+            csr = x509.load_pem_x509_csr((await request.json())["csr"].encode())
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "csr_invalid", "The certificate request is not valid.")
+        spki = csr.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        uri = self.enrolled.get(spki)
+        if not csr.is_signature_valid or uri is None:
+            return _error(403, "renewal_unknown_key", "No identity is enrolled with this gateway's key.")
+        leaf = self.ca.issue(csr.public_key(), uri.rsplit("/", 1)[-1], [x509.UniformResourceIdentifier(uri)],
+                             self.behaviour.leaf_lifetime)
+        return web.json_response({"certificate": leaf.public_bytes(serialization.Encoding.PEM).decode(),
+                                  "identity": uri})
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity.renewal import CertificateKeeper, recover_at_start
+from agent.identity.keeper import CertificateKeeper
+from agent.identity.recovery import recover_at_start
 from agent.identity.select import open_keystore
 from tests.agent.identity.test_renewal_keeper import SOFTWARE, age_certificate, enrolled_gateway
 from tests.controller.harness import run, running_controller
@@ -26,7 +27,7 @@ def events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
 def test_a_renewal_and_a_recovery_are_renewed_events_naming_the_identity(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.identity.renewal")
+    caplog.set_level(logging.INFO, logger="agent.identity")
 
     async def scenario() -> str:
         async with running_controller(tmp_path / "c") as running:

@@ -14,15 +14,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from agent.enrollment.enroll import enroll_async
 from agent.errors import ControllerUnreachable
-from agent.identity.renewal import (
-    CertificateKeeper,
-    RenewalRefused,
-    RenewalSchedule,
-    keeper_for_tunnel,
-    recover_at_start,
-    recover_if_expired,
-    renew_certificate,
-)
+from agent.identity.keeper import CertificateKeeper, keeper_for_tunnel
+from agent.identity.recovery import recover_at_start, recover_if_expired
+from agent.identity.renewal import RenewalRefused, renew_certificate
+from agent.identity.renewal_schedule import RenewalSchedule
 from agent.identity.select import KeyStoreSettings, open_keystore
 from agent.identity.software import SoftwareKeyStore
 from agent.identity.state import StateDir
@@ -140,7 +135,7 @@ def test_a_failed_renewal_backs_off_and_leaves_the_certificate_in_place(tmp_path
 
 def test_the_last_renewal_error_and_the_retry_reach_a_running_agents_status(tmp_path: Path) -> None:
     from agent.tunnel.client import TunnelCredentials
-    from agent.tunnel.runner import TunnelStats
+    from agent.tunnel.status import TunnelStats
 
     async def scenario() -> tuple[TunnelStats, float]:
         async with running_controller(tmp_path / "c") as running:

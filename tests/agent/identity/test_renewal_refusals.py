@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.identity.keeper import CertificateKeeper
+from agent.identity.recovery import recover_at_start
 from agent.identity.refusals import DISABLED_ASK_INTERVAL, REFUSAL_RETRY_BASE_SECONDS, DisabledGate
-from agent.identity.renewal import CertificateKeeper, RenewalRefused, recover_at_start
+from agent.identity.renewal import RenewalRefused
 from agent.identity.select import open_keystore
 from agent.identity.software import SoftwareKeyStore
 from agent.identity.state import StateDir

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.identity.renewal import (
+from agent.identity.renewal_schedule import (
     MAX_RETRY_SECONDS,
     MIN_EXPIRY_MARGIN_SECONDS,
     MIN_RETRY_SECONDS,

@@ -21,13 +21,14 @@ pytest.importorskip("agent.identity.tss", reason="the TPM backend needs tpm2-pyt
 
 from agent.enrollment.enroll import enroll_async  # noqa: E402
 from agent.errors import DeviceKeyLost  # noqa: E402
-from agent.identity.renewal import CertificateKeeper, RenewalSchedule, keeper_for_tunnel  # noqa: E402
+from agent.identity.keeper import CertificateKeeper, keeper_for_tunnel  # noqa: E402
+from agent.identity.renewal_schedule import RenewalSchedule  # noqa: E402
 from agent.identity.select import KeyStoreSettings, open_keystore  # noqa: E402
 from agent.identity.state import StateDir  # noqa: E402
 from agent.identity.tpm_errors import LOST_SENTENCE  # noqa: E402
 from agent.tunnel.backoff import Backoff  # noqa: E402
 from agent.tunnel.client import TunnelCredentials, TunnelOptions  # noqa: E402
-from agent.tunnel.runner import TunnelSupervisor, serve_agent  # noqa: E402
+from agent.tunnel.supervisor import TunnelSupervisor, serve_agent  # noqa: E402
 from tests.agent.identity.swtpm_harness import CC_CREATE_PRIMARY, CC_LOAD, CC_SIGN  # noqa: E402
 from tests.controller.harness import run, running_controller  # noqa: E402
 

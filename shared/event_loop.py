@@ -1,10 +1,11 @@
-"""Which event loop the controller runs on: uvloop where it is installed, asyncio's own otherwise.
+"""Which event loop the agent and the controller run on: uvloop where it is installed, asyncio's own otherwise.
 
 uvloop (Debian: python3-uvloop; PyPI: the ``uvloop`` extra) holds an idle TLS
 connection in about a fifth of the memory of Python 3.11's asyncio, whose
 SSL layer allocates a 256 KiB read buffer per connection (measured in
 tests/bench/idle_connections.py, quoted in the README), and costs less CPU
-per small message. Plain asyncio stays the tested fallback.
+per small message. Plain asyncio stays the tested fallback; ``asyncio``
+forces it (the controller's ``--event-loop``, the agent's ``[agent] event_loop``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from controller.errors import StartupError
+from shared.errors import OutpostError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+class EventLoopUnavailable(OutpostError):
+    """The loop asked for by name is not installed."""
 
 
 def uvloop_module() -> Any:
@@ -31,14 +36,18 @@ def uvloop_module() -> Any:
     return uvloop
 
 
-def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
-    """Run ``main`` to completion on the chosen loop (``auto``: uvloop if installed)."""
+def run(main: Coroutine[Any, Any, T], choice: str = "auto", setting: str = "--event-loop {}") -> T:
+    """Run ``main`` to completion on the chosen loop (``auto``: uvloop if installed).
+
+    ``setting`` is how the user chooses a loop, ``{}`` for its name, for the
+    sentence when uvloop was asked for and is missing.
+    """
     uvloop = uvloop_module() if choice != "asyncio" else None
     if uvloop is None and choice == "uvloop":
         main.close()
-        raise StartupError(
-            "--event-loop uvloop: uvloop is not installed; install python3-uvloop (or the uvloop extra) "
-            "or use --event-loop asyncio."
+        raise EventLoopUnavailable(
+            f"{setting.format('uvloop')}: uvloop is not installed; install python3-uvloop (or the uvloop extra) "
+            f"or use {setting.format('asyncio')}."
         )
     if uvloop is None:
         return asyncio.run(main)

@@ -1,5 +1,5 @@
 """The network half of ``outpost-agent doctor``: DNS, the HTTPS proxy, TCP and TLS to the controller and
-relays, and the clock against the controller's time or NTP (agent.doctor runs them).
+relays, and the clock against the controller's time or NTP (agent.doctor.checks runs them).
 
 Every connection takes the agent's own proxy decision (agent.proxy) and its
 pinned, trusted-time TLS check (agent.identity.pinned_tls), so what passes
@@ -20,9 +20,9 @@ import aiohttp
 
 from agent.clock.controller_time import fetch_controller_time
 from agent.clock.ntp import query_servers
+from agent.clock.settings import ClockSettings
 from agent.clock.trusted import OffsetSample, TrustedClock, combine
-from agent.config import ClockSettings
-from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
+from agent.doctor.result import FAIL, OK, SKIP, WARN, Check
 from agent.durations import format_duration
 from agent.enrollment.token import EnrollmentToken
 from agent.errors import ClockError, OutpostError, ProxyFailed

@@ -7,7 +7,7 @@ relays, the HTTPS proxy when one carries them, outbound TCP and TLS to them
 with the pinned CA, and the clock against the controller's ``GET /v1/time``
 or, when the controller is out of reach, against the configured NTP servers
 (``[clock] ntp_servers``), measured by the agent's own code (agent.clock).
-The network checks (agent.doctor_network) take the agent's own proxy
+The network checks (agent.doctor.network) take the agent's own proxy
 decision and TLS check, so the doctor sees the path the agent uses. Every
 check ends in one sentence; a failed one says what to do.
 
@@ -26,8 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from agent.config import AgentConfig, load_config, with_environment_proxy
-from agent.doctor_check import FAIL, OK, SKIP, WARN, Check
-from agent.doctor_network import (
+from agent.doctor.network import (
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,
     Endpoint,
@@ -37,6 +36,7 @@ from agent.doctor_network import (
     clock_verdict,
     endpoints,
 )
+from agent.doctor.result import FAIL, OK, SKIP, WARN, Check
 from agent.durations import format_relative
 from agent.enrollment.field import BOOT_TOKEN, ETC_TOKEN, find_token, load_refusals, token_paths
 from agent.enrollment.token import EnrollmentToken, parse_unverified, read_token_file

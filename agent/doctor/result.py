@@ -1,4 +1,4 @@
-"""One line of ``outpost-agent doctor``: a name, a status and the sentence (agent.doctor)."""
+"""One line of ``outpost-agent doctor``: a name, a status and the sentence (agent.doctor.checks)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""``outpost-agent doctor``: the local checks (``checks``), the network ones (``network``), and one result line each (``result``)."""
