@@ -29,6 +29,7 @@ from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
+from controller.fleet_api import FleetApi
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.relay.session import Relay
 from controller.settings import host_port
@@ -201,6 +202,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         app.router.add_get("/v1/tunnel", relay.handle)
     if api:
         ManagementApi(context, relay.status).add_routes(app)
+        FleetApi(context, relay.presence).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(
@@ -281,6 +283,7 @@ class ControllerServer:
         self._runners: list[web.AppRunner] = []
         self.guards: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.relay: Relay | None = None
 
     @property
     def port(self) -> int:
@@ -299,7 +302,7 @@ class ControllerServer:
 
     async def start(self) -> None:
         context = self.context
-        relay = Relay(context)
+        self.relay = relay = Relay(context)
         relay.on_admitted = _mark_authenticated
         separate = self._api_listener is not None
         public = build_app(context, relay, api=not separate)
@@ -315,6 +318,7 @@ class ControllerServer:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
+        self._tasks.append(loop.create_task(relay.presence.run()))
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))

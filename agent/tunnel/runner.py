@@ -22,6 +22,7 @@ from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
 from agent.tunnel.relays import RelayRotation, valid_relay_list
+from agent.tunnel.report import Reporter, static_facts
 from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
 from shared import service_manager
 from shared.protocol import ErrorCode
@@ -63,6 +64,8 @@ class TunnelSupervisor:
         self._base_out = 0
         #: the last tunnel, closed by the relay as revoked or disabled, was followed by an attempt without backoff
         self._asked_at_once = False
+        #: sends the agent's report of itself on each tunnel and on meaningful change (agent/tunnel/report.py)
+        self.reporter: Reporter | None = None
 
     @property
     def relays(self) -> list[str]:
@@ -87,6 +90,8 @@ class TunnelSupervisor:
             self.stats.bytes_out = self._base_out + session.conn.bytes_sent
             if session.last_rtt is not None:
                 self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
+            if self.reporter is not None:
+                self.reporter.offer(session, self.stats)
         if self._write_status is not None:
             try:
                 self._write_status(self.stats.as_json(self._now()))
@@ -380,6 +385,8 @@ def run(config: AgentConfig) -> int:
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
                                   backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate)
     supervisor.stats.link = plan.profile
+    supervisor.reporter = Reporter(static_facts(identity.uri, plan.profile, plan.liveness.keepalive_interval,
+                                                keystore.backend))
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]
