@@ -70,8 +70,7 @@ def sightings(store: Store, book: PresenceBook | None, now: float) -> dict[Key, 
 def presence_of(identity: Identity, seen: list[Sighting], now: float) -> dict[str, Any]:
     """The fleet fields of one identity from every process's word on it."""
     entry: dict[str, Any] = {
-        "name": identity.name, "tenant": identity.tenant, "roles": list(identity.roles), "uri": identity.uri,
-        "status": identity.status, "presence": "never", "connected_since": None, "last_seen": None, "relay": None,
+        **identity.to_json(), "presence": "never", "connected_since": None, "last_seen": None, "relay": None,
         "remote": None, "keepalive_s": None, **dict.fromkeys(REPORT_FIELDS), "report_at": None,
         "cert_not_after": identity.cert_not_after,
     }

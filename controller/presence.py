@@ -71,6 +71,8 @@ class TunnelPresence:
     last_seen: Callable[[], float]
     report: dict[str, Any] | None = None
     report_at: float | None = None
+    #: () -> (bytes received, bytes sent) on the tunnel so far
+    traffic: Callable[[], tuple[int, int]] | None = None
 
     @property
     def key(self) -> Key:
@@ -96,6 +98,10 @@ class PresenceBook:
         #: presence rows written by this process (the benchmark reports them per minute)
         self.rows_written = 0
         self.flushes = 0
+        #: seconds the presence transactions took, all together (the metrics' store write latency)
+        self.write_seconds = 0.0
+        #: bytes (in, out) of this process's tunnels that ended
+        self.bytes_closed = [0, 0]
 
     # -- the relay's events (event loop) ------------------------------------------
     def up(self, tunnel: TunnelPresence) -> None:
@@ -113,6 +119,10 @@ class PresenceBook:
 
     def down(self, tunnel: TunnelPresence) -> None:
         """The tunnel ended; a newer tunnel of the same identity on this process stays online."""
+        if tunnel.traffic is not None:
+            received, sent = tunnel.traffic()
+            self.bytes_closed[0] += received
+            self.bytes_closed[1] += sent
         if self.live.get(tunnel.key) is not tunnel:
             return
         del self.live[tunnel.key]
@@ -149,6 +159,7 @@ class PresenceBook:
     def write(self, rows: list[tuple[Any, ...]]) -> None:
         """One transaction: the rows and this process's heartbeat (a worker thread)."""
         now = self._clock()
+        started = time.perf_counter()
         with self.store.transaction() as db:
             db.execute(
                 "INSERT INTO presence_relays (relay, started_at, updated_at) VALUES (?, ?, ?) "
@@ -171,6 +182,7 @@ class PresenceBook:
                                "AND last_seen <= ?", (row[0], row[1], self.relay_id, row[5]))
         self.rows_written += len(rows)
         self.flushes += 1
+        self.write_seconds += time.perf_counter() - started
 
     async def flush(self) -> None:
         rows = self.collect()

@@ -44,7 +44,8 @@ def tunnel_up(session: RelaySession, keepalive: object) -> TunnelPresence:
 
     announced = float(keepalive) if isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool) \
         and keepalive > 0 else None
-    tunnel = TunnelPresence(identity.tenant, identity.name, session.remote, session.connected_at, announced, last_seen)
+    tunnel = TunnelPresence(identity.tenant, identity.name, session.remote, session.connected_at, announced, last_seen,
+                            traffic=lambda: (conn.bytes_received, conn.bytes_sent))
     session.relay.presence.up(tunnel)
     return tunnel
 

@@ -310,6 +310,10 @@ class Relay:
                 if not peers:
                     del self.by_identity[session.identity.uri]
 
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (in, out) on this process's live tunnels."""
+        return (sum(s.conn.bytes_received for s in self.sessions), sum(s.conn.bytes_sent for s in self.sessions))
+
     def record_soon(self, event: str, **fields: Any) -> None:
         """Write an audit row in a worker thread, from code that cannot await."""
         future = RELAY_POOL.submit(self.context.audit.record, event, **fields)
