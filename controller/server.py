@@ -33,6 +33,7 @@ from controller.fleet_api import FleetApi
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
+from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -205,6 +206,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
     if api:
         ManagementApi(context, relay.status).add_routes(app)
         FleetApi(context, relay.presence).add_routes(app)
+        PolicyExplainApi(context).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(

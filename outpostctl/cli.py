@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
     sub.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the policy's tenant (default {DEFAULT_TENANT})")
     leaf(policy, "list", commands.policy_list, "list policies", json_flag=True)
+    sub = leaf(policy, "explain", fleet.policy_explain,
+               "say whether IDENTITY may dial or bind SERVICE, and which policies decide it", json_flag=True)
+    sub.add_argument("identity", metavar="IDENTITY", help="NAME (tenant default) or TENANT/NAME")
+    sub.add_argument("service", metavar="SERVICE", help="NAME (the identity's tenant) or TENANT/NAME")
+    sub.add_argument("--kind", choices=["dial", "bind"], default=None, help="only this action (default: both)")
+    sub.add_argument("--session", action="store_true",
+                     help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
     sub = leaf(top, "audit", commands.audit, "show the newest audit events", json_flag=True)
     sub.add_argument("--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, metavar="N",

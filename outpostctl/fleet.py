@@ -138,3 +138,28 @@ def identity_show(args: argparse.Namespace, client: ManagementClient) -> int:
         ("reported", ago(now, entry.get("report_at"))),
     ]))
     return 0
+
+
+def policy_explain(args: argparse.Namespace, client: ManagementClient) -> int:
+    """Whether a dial or bind would be allowed, and which policies decide it (exit 0: the answer was given)."""
+    query = {"identity": args.identity, "service": args.service}
+    if args.kind is not None:
+        query["kind"] = args.kind
+    if args.session:
+        query["session"] = "true"
+    answer = client.request("GET", "/policies/explain?" + urlencode(query))
+    if args.json:
+        print(render.machine_json(answer))
+        return 0
+    policies = {p.get("id"): p for p in answer.get("policies", [])}
+    for kind, decision in answer.get("decisions", {}).items():
+        verdict = "allowed" if decision.get("allowed") else "denied"
+        print(f"{kind} {answer.get('identity')} -> {answer.get('service')}: {verdict}: {decision.get('reason')}")
+        for label, ids in (("decides", decision.get("allowing", [])[:1]),
+                           ("also allows", decision.get("allowing", [])[1:]),
+                           ("names it, opens nothing (another tenant)", decision.get("foreign", []))):
+            for pid in ids:
+                policy = policies.get(pid, {})
+                print(f"  policy {pid} {label}: tenant {policy.get('tenant')}, {policy.get('kind')} "
+                      f"{render.format_value(policy.get('identities'))} -> {render.format_value(policy.get('services'))}")
+    return 0
