@@ -40,6 +40,9 @@ LAST_SEEN_RESOLUTION = 60.0
 #: down): its "online" rows read as offline. Four missed flushes, so a busy
 #: store (a flush that waits seconds for the write lock) is not taken for death.
 PRESENCE_STALE_AFTER = 4 * PRESENCE_FLUSH_INTERVAL
+#: Heartbeat rows of processes gone this long are removed (each start adds
+#: one): a week of history says which process a gateway was last seen on.
+RELAY_ROW_RETENTION = 7 * 86400.0
 #: A gateway is "overdue" when this many of its announced keepalive intervals
 #: passed without a byte from it, even while the relay still holds its socket
 #: (the relay drops it after three: controller/relay/session.py).
@@ -166,6 +169,7 @@ class PresenceBook:
                 "ON CONFLICT (relay) DO UPDATE SET updated_at = excluded.updated_at",
                 (self.relay_id, self.started_at, now),
             )
+            db.execute("DELETE FROM presence_relays WHERE updated_at < ?", (now - RELAY_ROW_RETENTION,))
             for row in rows:
                 db.execute(
                     "INSERT INTO presence (tenant, name, relay, online, connected_since, last_seen, remote, "

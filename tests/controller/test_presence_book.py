@@ -11,6 +11,7 @@ from controller.presence import (
     LAST_SEEN_RESOLUTION,
     OVERDUE_KEEPALIVES,
     PRESENCE_STALE_AFTER,
+    RELAY_ROW_RETENTION,
     PresenceBook,
     TunnelPresence,
     row_lag,
@@ -149,3 +150,11 @@ def test_filters(store: Store) -> None:
     assert names(FleetFilter(expiring_within=86400)) == ["on", "ops"]  # an expired one is expiring too
     assert names(FleetFilter(tenant="acme")) == ["ops"]
     assert names(FleetFilter(role="sensor")) == ["ops"]
+
+
+def test_heartbeat_rows_of_long_gone_processes_are_removed(store: Store) -> None:
+    clock = Clock()
+    PresenceBook(store, "relay-old", clock).write([])
+    clock.now = T0 + RELAY_ROW_RETENTION + 1
+    PresenceBook(store, "relay-new", clock).write([])
+    assert [row["relay"] for row in store.query("SELECT relay FROM presence_relays")] == ["relay-new"]
