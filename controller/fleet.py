@@ -39,31 +39,53 @@ class Sighting:
     own: bool
 
 
-def sightings(store: Store, book: PresenceBook | None, now: float) -> dict[Key, list[Sighting]]:
-    """Every process's word on every identity it saw (one read of the store, then this process's memory)."""
-    own = book.relay_id if book is not None else None
+@dataclass(frozen=True)
+class OwnView:
+    """This process's word, taken on the event loop (cheap), so the rest may run in a worker thread."""
+
+    relay_id: str
+    live: dict[Key, Sighting]
+    #: rows of tunnels that ended since the last batch
+    ended: dict[Key, tuple[Any, ...]]
+
+
+def own_view(book: PresenceBook) -> OwnView:
+    """On the event loop: this process's live tunnels and those that ended, as they are now."""
+    live = {key: Sighting(book.relay_id, True, tunnel.connected_since, tunnel.last_seen(), tunnel.remote,
+                          tunnel.keepalive_s, tunnel.report, tunnel.report_at, True)
+            for key, tunnel in book.live.items()}
+    return OwnView(book.relay_id, live, {(r[0], r[1]): r[:len(COLUMNS)] for r in book.ended_unwritten()})
+
+
+COLUMNS = ("tenant", "name", "relay", "online", "connected_since", "last_seen", "remote", "keepalive_s", "report",
+           "report_at")
+
+
+def sightings(store: Store, own: OwnView | None, now: float, only: Key | None = None) -> dict[Key, list[Sighting]]:
+    """Every process's word on every identity it saw (one read of the store, then this process's own).
+
+    ``only``: one identity's rows alone (``identity show``), by the primary key.
+    """
+    relay = own.relay_id if own is not None else None
+    live = own.live if own is not None else {}
+    ended = own.ended if own is not None else {}
     alive = {row["relay"] for row in store.query("SELECT relay FROM presence_relays WHERE updated_at >= ?",
                                                   (now - PRESENCE_STALE_AFTER,))}
     seen: dict[Key, list[Sighting]] = {}
-    columns = ("tenant", "name", "relay", "online", "connected_since", "last_seen", "remote", "keepalive_s", "report",
-               "report_at")
-    # Tunnels of this process that ended since its last batch: memory is fresher than the store.
-    ended = {(r[0], r[1]): r[:len(columns)] for r in book.ended_unwritten()} if book is not None else {}
-    live = book.live if book is not None else {}
-    rows = [tuple(row) for row in store.query(f"SELECT {', '.join(columns)} FROM presence")]
-    for row in [r for r in rows if not (r[2] == own and ((r[0], r[1]) in live or (r[0], r[1]) in ended))] \
+    select = f"SELECT {', '.join(COLUMNS)} FROM presence"
+    rows = [tuple(row) for row in (store.query(select) if only is None
+                                   else store.query(select + " WHERE tenant = ? AND name = ?", only))]
+    # Our own rows of tunnels live or ended since the last batch: memory is fresher than the store.
+    for row in [r for r in rows if not (r[2] == relay and ((r[0], r[1]) in live or (r[0], r[1]) in ended))] \
             + list(ended.values()):
-        tenant, name, relay, is_online, since, last_seen, remote, keepalive, report_json, report_at = row
-        mine = relay == own
-        online = bool(is_online) and relay in alive and not mine
+        tenant, name, row_relay, is_online, since, last_seen, remote, keepalive, report_json, report_at = row
+        mine = row_relay == relay
+        online = bool(is_online) and row_relay in alive and not mine
         report = json.loads(report_json) if report_json else None
-        seen.setdefault((tenant, name), []).append(Sighting(relay, online, since, last_seen, remote, keepalive,
+        seen.setdefault((tenant, name), []).append(Sighting(row_relay, online, since, last_seen, remote, keepalive,
                                                             report, report_at, mine))
-    if book is not None:
-        for key, tunnel in book.live.items():
-            seen.setdefault(key, []).append(Sighting(
-                book.relay_id, True, tunnel.connected_since, tunnel.last_seen(), tunnel.remote, tunnel.keepalive_s,
-                tunnel.report, tunnel.report_at, True))
+    for key, sighting in live.items():
+        seen.setdefault(key, []).append(sighting)
     return seen
 
 
@@ -121,10 +143,15 @@ class FleetFilter:
         return True
 
 
-def fleet(store: Store, identities: list[Identity], book: PresenceBook | None,
+def fleet(store: Store, identities: list[Identity], own: PresenceBook | OwnView | None,
           keep: FleetFilter = FleetFilter(), now: float | None = None) -> list[dict[str, Any]]:
-    """The fleet view of ``identities``, in their order, narrowed by ``keep``."""
+    """The fleet view of ``identities``, in their order, narrowed by ``keep``.
+
+    With a ``PresenceBook`` call it on the event loop; with an ``OwnView``
+    (``own_view`` on the loop) from any thread.
+    """
     now = time.time() if now is None else now
-    seen = sightings(store, book, now)
+    only = (identities[0].tenant, identities[0].name) if len(identities) == 1 else None
+    seen = sightings(store, own_view(own) if isinstance(own, PresenceBook) else own, now, only)
     entries = (presence_of(identity, seen.get((identity.tenant, identity.name), []), now) for identity in identities)
     return [entry for entry in entries if keep.keeps(entry, now)]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from controller.fleet import PRESENCE_STATES, fleet
+from controller.fleet import PRESENCE_STATES, OwnView, fleet, own_view
 from controller.relay import reports as relay_reports
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class Snapshot:
     expiring: dict[str, int] = field(default_factory=dict)
     reports: dict[str, int] = field(default_factory=dict)
     store_writes: tuple[int, float] = (0, 0.0)
+    own: OwnView | None = None
 
 
 class ControllerMetrics(Collector):
@@ -172,20 +173,12 @@ class ControllerMetrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._snapshot = Snapshot()
+        #: one render at a time: ``collect`` reads the snapshot its render set
+        self._render_lock = threading.Lock()
 
     def snapshot(self) -> Snapshot:
-        """On the event loop: the fleet's presence (the same reads the fleet API does) and live counters."""
-        now = time.time()
-        started = time.perf_counter()
-        identities = self.context.registry.list_identities()
-        entries = fleet(self.context.store, identities, self.book, now=now)
-        snap = Snapshot(store_read_seconds=time.perf_counter() - started)
-        for entry in entries:
-            snap.presence[(entry["tenant"], entry["presence"])] += 1
-            not_after = entry["cert_not_after"]
-            if entry["status"] == "enrolled" and isinstance(not_after, (int, float)):
-                for label, window in EXPIRY_WINDOWS:
-                    snap.expiring[label] = snap.expiring.get(label, 0) + (not_after <= now + window)
+        """On the event loop: this process's own presence and live counters (the store is read in ``render``)."""
+        snap = Snapshot(own=own_view(self.book))
         for tenant, _name in self.book.live:
             snap.tunnels[tenant] += 1
         live_in, live_out = self.bytes_live()
@@ -199,9 +192,23 @@ class ControllerMetrics(Collector):
         return snap
 
     def render(self, snap: Snapshot) -> bytes:
-        """In a worker thread: read the new audit rows, then the text format."""
+        """In a worker thread: the fleet's presence (the fleet API's reads), the new audit rows, the text format."""
+        with self._render_lock:
+            return self._render(snap)
+
+    def _render(self, snap: Snapshot) -> bytes:
         from prometheus_client import generate_latest
 
+        now = time.time()
+        started = time.perf_counter()
+        entries = fleet(self.context.store, self.context.registry.list_identities(), snap.own, now=now)
+        snap.store_read_seconds = time.perf_counter() - started
+        for entry in entries:
+            snap.presence[(entry["tenant"], entry["presence"])] += 1
+            not_after = entry["cert_not_after"]
+            if entry["status"] == "enrolled" and isinstance(not_after, (int, float)):
+                for label, window in EXPIRY_WINDOWS:
+                    snap.expiring[label] = snap.expiring.get(label, 0) + (not_after <= now + window)
         self.audit.advance()
         self._snapshot = snap
         return bytes(generate_latest(self.registry))
