@@ -34,6 +34,7 @@ from controller.settings import (
     DEFAULT_TOKEN_TTL,
     DEFAULT_TRUST_DOMAIN,
     Settings,
+    host_port,
 )
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from shared import __version__
@@ -194,6 +195,9 @@ async def serve(settings: Settings) -> None:
     try:
         await server.start()
         api = f"; management API on {settings.api_url}" if settings.separate_api else ""
+        if server.metrics_port is not None:
+            api += (f"; metrics on https://{host_port(settings.metrics_listen_host or '', server.metrics_port)}"
+                    f"/metrics for the bearer of {settings.data_dir / 'metrics.token'}")
         print(
             f"outpost-controller ready on {settings.base_url} (CA {context.ca.fingerprint}; "
             f"outpostctl config: {settings.outpostctl_config_path}){api}",
