@@ -66,7 +66,7 @@ def test_a_report_shows_in_the_fleet_view_and_presence_outlives_the_tunnel(tmp_p
                 assert entry["connected_since"] <= entry["last_seen"]
             await until(lambda: _offline(ctl), "offline after the tunnel closed")
         # A restart: the store keeps what the relay flushed at its stop.
-        rows = store_snapshot(tmp_path / "ctl" / "store.sqlite3")["presence"]
+        rows = store_snapshot(tmp_path / "ctl" / "store.sqlite3", live=True)["presence"]
         assert [(r[0], r[1], r[3]) for r in rows] == [("default", "gw-1", 0)]
         async with running_controller(tmp_path / "ctl") as again:
             entry = await fleet_entry(again, "gw-1")
