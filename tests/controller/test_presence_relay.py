@@ -154,3 +154,26 @@ def test_fleet_filters_refuse_bad_values_in_one_sentence(tmp_path: Path) -> None
             assert status == 404 and "There is no identity default/nobody" in body["message"]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_two_processes_on_one_store_see_each_others_gateways(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as first, running_controller(tmp_path / "ctl") as second:
+            creds = await enrolled(first, "gw-1")
+            async with connect(first, creds, TunnelOptions(liveness=Liveness(keepalive_interval=540.0))) as (session, _):
+                Reporter(static_facts(creds.uri, "metered", 540.0, "software")).offer(session, stats())
+
+                async def reported() -> bool:
+                    return (await fleet_entry(first, "gw-1"))["agent_version"] is not None
+                await until(reported, "the report on the first process")
+                await first.server.relay.presence.flush()  # the batch the first process writes every 30 s
+                entry = await fleet_entry(second, "gw-1")
+                assert entry["presence"] == "online" and entry["relay"] == first.server.relay.presence.relay_id
+                assert entry["agent_version"] is not None and entry["link_profile"] == "metered"
+                assert second.server.relay.presence.relay_id != entry["relay"]
+            await until(lambda: _offline(first), "offline on the first process")
+            await first.server.relay.presence.flush()
+            entry = await fleet_entry(second, "gw-1")
+            assert entry["presence"] == "offline" and entry["last_seen"] is not None
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
