@@ -37,6 +37,20 @@ def duration(text: str) -> float:
     return seconds
 
 
+#: The presence states the controller knows (controller/fleet.py PRESENCE_STATES).
+PRESENCE_STATES = ("online", "overdue", "offline", "never")
+
+
+def presence_states(text: str) -> list[str]:
+    """``online,overdue``: argparse's type for ``--presence``."""
+    states = [part.strip() for part in text.split(",")]
+    wrong = next((state for state in states if state not in PRESENCE_STATES), None)
+    if wrong is not None:
+        raise argparse.ArgumentTypeError(f"{wrong!r} is not a presence: use one or more of "
+                                         f"{', '.join(PRESENCE_STATES)}, separated by commas")
+    return states
+
+
 def add_filters(sub: argparse.ArgumentParser) -> None:
     """``identity list``'s filters (``--tenant`` is the command's own)."""
     sub.add_argument("--offline", action="store_true", help="only identities not connected (offline or never)")
@@ -44,13 +58,16 @@ def add_filters(sub: argparse.ArgumentParser) -> None:
                      help="only connected identities silent for two keepalive intervals")
     sub.add_argument("--expiring", type=duration, metavar="DURATION",
                      help="only certificates expiring within DURATION (such as 24h or 7d), or expired")
+    sub.add_argument("--presence", type=presence_states, default=[], metavar="STATE[,STATE...]",
+                     help=f"only these presence states ({', '.join(PRESENCE_STATES)})")
     sub.add_argument("--role", default=None, help="only identities with this role")
 
 
 def fleet_query(args: argparse.Namespace) -> dict[str, str]:
     query: dict[str, str] = {}
     presence = [state for flag, states in (("offline", ("offline", "never")), ("overdue", ("overdue",)))
-                if getattr(args, flag) for state in states]
+                if getattr(args, flag) for state in states] + list(args.presence)
+    presence = list(dict.fromkeys(presence))
     if presence:
         query["presence"] = ",".join(presence)
     if args.expiring is not None:

@@ -46,6 +46,7 @@ def test_a_real_agents_report_and_presence_through_a_restart(controller: Control
         assert set(listed(controller, "--expiring", "7d")) == {"gw-fleet"}  # a 24 h certificate
         assert set(listed(controller, "--role", "gateway")) == {"gw-fleet"}
         assert listed(controller, "--overdue") == {}
+        assert set(listed(controller, "--presence", "online,overdue")) == {"gw-fleet"}
     finally:
         agent.stop()
     wait_until(lambda: listed(controller)["gw-fleet"]["presence"] == "offline", what="offline once the agent stopped")
@@ -66,6 +67,7 @@ def test_bad_filter_values_say_what_to_write_and_exit_non_zero(controller: Contr
         (("--expiring", "20y"), "is not a duration"),
         (("--expiring", "99999w"), "longer than ten years"),
         (("--tenant", "Not A Tenant"), "tenant"),
+        (("--presence", "asleep"), "'asleep' is not a presence: use one or more of online, overdue, offline, never"),
     ]:
         result = controller.ctl("identity", "list", *args, check=False)
         assert result.returncode != 0, args
