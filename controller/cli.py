@@ -33,6 +33,7 @@ from controller.settings import (
     DEFAULT_TOKEN_TTL,
     DEFAULT_TRUST_DOMAIN,
     Settings,
+    host_port,
 )
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from shared import __version__
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--san", action="append", default=[], help="extra name for the listener certificate")
     serve.add_argument("--api-listen", help="HOST:PORT of a listener for the management API alone "
                                             "(then /api/ is not served on --listen)")
+    serve.add_argument("--metrics-listen", help="HOST:PORT of a listener for /metrics alone, for the bearer of "
+                                                "DIR/metrics.token (default: no metrics)")
     serve.add_argument("--max-unauthenticated", type=int, default=MAX_UNAUTHENTICATED,
                        help="connections not yet authenticated, in total, per listener")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
@@ -130,6 +133,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)
     if api_host is not None and (api_host, api_port) == (host, port) and port != 0:
         raise UsageError("--api-listen must differ from --listen; leave it out to serve the API on --listen.")
+    metrics_host, metrics_port = (parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen
+                                  else (None, None))
+    if metrics_host is not None and metrics_port != 0 and (metrics_host, metrics_port) in ((host, port),
+                                                                                          (api_host, api_port)):
+        raise UsageError("--metrics-listen must differ from --listen and --api-listen: metrics have a listener "
+                         "of their own.")
     domain = args.trust_domain
     if not all(NAME_PATTERN.fullmatch(label) for label in domain.split(".")):
         raise UsageError(f"--trust-domain {domain!r} must be a DNS-style name such as outpost.example.")
@@ -145,6 +154,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         extra_sans=tuple(parse_san(name) for name in args.san),
         api_listen_host=api_host,
         api_listen_port=api_port,
+        metrics_listen_host=metrics_host,
+        metrics_listen_port=metrics_port,
         limits=dataclasses.replace(
             ListenerLimits(),
             max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,
@@ -184,6 +195,9 @@ async def serve(settings: Settings) -> None:
     try:
         await server.start()
         api = f"; management API on {settings.api_url}" if settings.separate_api else ""
+        if server.metrics_port is not None:
+            api += (f"; metrics on https://{host_port(settings.metrics_listen_host or '', server.metrics_port)}"
+                    f"/metrics for the bearer of {settings.data_dir / 'metrics.token'}")
         print(
             f"outpost-controller ready on {settings.base_url} (CA {context.ca.fingerprint}; "
             f"outpostctl config: {settings.outpostctl_config_path}){api}",

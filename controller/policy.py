@@ -107,6 +107,24 @@ class Decision:
     policy_id: int | None = None
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """Why a decision is what it is: the decision itself, and every policy that took part in it."""
+
+    decision: Decision
+    #: every policy that allows it, in the order they are tried (the first decides)
+    allowing: tuple[int, ...] = ()
+    #: policies that name both sides but live in another tenant than the service, so open nothing
+    foreign: tuple[int, ...] = ()
+    #: what refuses before any policy is read (a blocked identity, a session certificate binding)
+    blocked: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"allowed": self.decision.allowed, "reason": self.decision.reason,
+                "policy": self.decision.policy_id, "allowing": list(self.allowing), "foreign": list(self.foreign),
+                "blocked": self.blocked}
+
+
 class PolicyEngine:
     """Stores policies and decides; ``decide`` records nothing (the caller audits the outcome)."""
 
@@ -169,25 +187,36 @@ class PolicyEngine:
 
         ``session_certificate``: the tunnel authenticated with a session
         certificate (``outpostctl connect``), which may dial but never bind,
-        whatever the policies say.
+        whatever the policies say. The decision is ``explain``'s, so what
+        ``outpostctl policy explain`` says is what the relay does.
         """
+        return self.explain(kind, identity, service, session_certificate=session_certificate).decision
+
+    def explain(self, kind: str, identity: Identity, service: Service, *,
+                session_certificate: bool = False) -> Explanation:
+        """The decision, with every policy that allows it and every one that names it in vain."""
         if kind not in KINDS:
-            return Decision(False, f"{kind!r} is not an action a policy can allow.")
+            return Explanation(Decision(False, f"{kind!r} is not an action a policy can allow."))
         if identity.status in BLOCKED_STATUSES:
-            return Decision(False, f"identity {identity.label} is {identity.status}")
+            why = f"identity {identity.label} is {identity.status}"
+            return Explanation(Decision(False, why), blocked=why)
         if kind == "bind" and session_certificate:
-            return Decision(
-                False, f"identity {identity.label} holds a session certificate, which may dial but never bind; "
-                "bind from an agent enrolled with a token",
-            )
+            why = (f"identity {identity.label} holds a session certificate, which may dial but never bind; "
+                   "bind from an agent enrolled with a token")
+            return Explanation(Decision(False, why), blocked=why)
         foreign: list[Policy] = []
+        allowing: list[Policy] = []
         for policy in self.list():
             if policy.kind != kind:
                 continue
             if policy.allows(identity, service):
-                return Decision(True, f"allowed by policy {policy.id}", policy.id)
-            if policy.tenant != service.tenant and policy.names(identity, service):
+                allowing.append(policy)
+            elif policy.tenant != service.tenant and policy.names(identity, service):
                 foreign.append(policy)
+        if allowing:
+            first = allowing[0].id
+            return Explanation(Decision(True, f"allowed by policy {first}", first),
+                               tuple(p.id for p in allowing), tuple(p.id for p in foreign))
         reason = f"no policy allows identity {identity.label} to {kind} service {service.label}"
         if foreign:
             named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])
@@ -195,7 +224,7 @@ class PolicyEngine:
                 named += f" and {len(foreign) - MAX_NAMED_FOREIGN} more"
             reason = (f"{reason}: policy {named} names it, but only a policy of tenant {service.tenant} "
                       f"opens {service.tenant}'s services")
-        return Decision(False, reason)
+        return Explanation(Decision(False, reason), foreign=tuple(p.id for p in foreign))
 
 
 def _refuse_foreign_services(kind: object, tenant: str, identities: tuple[Selector, ...],

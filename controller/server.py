@@ -29,7 +29,11 @@ from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
+from controller.fleet_api import FleetApi
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
+from controller.metrics import ControllerMetrics
+from controller.metrics_server import metrics_app, metrics_token
+from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
 from controller.settings import host_port
 from controller.watcher import StatusWatcher
@@ -201,6 +205,8 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         app.router.add_get("/v1/tunnel", relay.handle)
     if api:
         ManagementApi(context, relay.status).add_routes(app)
+        FleetApi(context, relay.presence).add_routes(app)
+        PolicyExplainApi(context).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(
@@ -281,6 +287,8 @@ class ControllerServer:
         self._runners: list[web.AppRunner] = []
         self.guards: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.relay: Relay | None = None
+        self._metrics_listener: socket.socket | None = None
 
     @property
     def port(self) -> int:
@@ -299,7 +307,7 @@ class ControllerServer:
 
     async def start(self) -> None:
         context = self.context
-        relay = Relay(context)
+        self.relay = relay = Relay(context)
         relay.on_admitted = _mark_authenticated
         separate = self._api_listener is not None
         public = build_app(context, relay, api=not separate)
@@ -315,6 +323,9 @@ class ControllerServer:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
+        self._tasks.append(loop.create_task(relay.presence.run()))
+        if context.settings.metrics_listen_host is not None:
+            await self._serve_metrics(relay, tls)
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
@@ -333,6 +344,24 @@ class ControllerServer:
         self.guards.append(guard)
         site = GuardedSite(runner, sock, guard, backlog=LISTEN_BACKLOG, **site_grace)
         await site.start()
+
+    async def _serve_metrics(self, relay: Relay, tls: ssl.SSLContext) -> None:
+        """``/metrics`` on its own listener, for the bearer of the metrics credential."""
+        settings = self.context.settings
+        assert settings.metrics_listen_host is not None
+        token = metrics_token(settings.data_dir)
+        self._metrics_listener = bind_listener(settings.metrics_listen_host, settings.metrics_listen_port or 0,
+                                               "--metrics-listen")
+        metrics = ControllerMetrics(self.context, relay.presence, self.guards, relay.traffic)
+        self._tasks.append(asyncio.get_running_loop().create_task(metrics.lag.run()))
+        await self._serve(metrics_app(metrics, token), self._metrics_listener,
+                          Listener("metrics listener", tls, settings.limits))
+        self._runners.insert(0, self._runners.pop())  # ``app`` stays the management API's
+
+    @property
+    def metrics_port(self) -> int | None:
+        sock = self._metrics_listener
+        return int(sock.getsockname()[1]) if sock is not None else None
 
     async def _renew_certificate(self) -> None:
         """Renew the listeners' certificate while running, well before it expires; live tunnels keep theirs."""
@@ -386,6 +415,8 @@ class ControllerServer:
         self._listener.close()
         if self._api_listener is not None:
             self._api_listener.close()
+        if self._metrics_listener is not None:
+            self._metrics_listener.close()
 
 
 def _mark_authenticated(request: web.Request) -> None:

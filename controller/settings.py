@@ -56,6 +56,9 @@ class Settings:
     #: The management API's own listener (``--api-listen``); None: /api/ on the public listener.
     api_listen_host: str | None = None
     api_listen_port: int | None = None
+    #: The metrics listener (``--metrics-listen``); None: no /metrics at all (controller/metrics_server.py).
+    metrics_listen_host: str | None = None
+    metrics_listen_port: int | None = None
     listener_cert_lifetime: int = DEFAULT_LISTENER_CERT_LIFETIME
     #: Deadlines and caps for connections that have not authenticated (controller/listener.py).
     limits: ListenerLimits = ListenerLimits()

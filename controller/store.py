@@ -110,6 +110,28 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+-- Presence (controller/presence.py): each controller process writes the rows
+-- of its own tunnels, keyed by its relay id, in batches; readers merge them.
+CREATE TABLE IF NOT EXISTS presence (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    relay TEXT NOT NULL,
+    online INTEGER NOT NULL,
+    connected_since REAL,
+    last_seen REAL NOT NULL,
+    remote TEXT,
+    keepalive_s REAL,
+    report TEXT,
+    report_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name, relay)
+);
+-- One heartbeat row per controller process: rows of a process whose heartbeat stopped read as offline.
+CREATE TABLE IF NOT EXISTS presence_relays (
+    relay TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import commands
+from outpostctl import commands, fleet
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -111,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name", metavar="NAME")
     roles_and_tenant(sub)
     token_out(sub)
-    tenant_filter(leaf(identity, "list", commands.identity_list, "list identities", json_flag=True))
+    sub = leaf(identity, "list", fleet.identity_list, "list identities with presence, last seen and health",
+               json_flag=True)
+    tenant_filter(sub)
+    fleet.add_filters(sub)
     for name, handler, help_text in (
-        ("show", commands.identity_show, "show one identity"),
+        ("show", commands.names_an_identity(fleet.identity_show), "show one identity, its presence and its report"),
         ("revoke", commands.identity_revoke, "revoke an identity: close its tunnels, refuse renewal"),
         ("disable", commands.identity_disable, "disable an identity until enabled: close its tunnels, refuse renewal"),
         ("enable", commands.identity_enable, "enable a disabled identity again (never a revoked one)"),
@@ -143,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
     sub.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the policy's tenant (default {DEFAULT_TENANT})")
     leaf(policy, "list", commands.policy_list, "list policies", json_flag=True)
+    sub = leaf(policy, "explain", fleet.policy_explain,
+               "say whether IDENTITY may dial or bind SERVICE, and which policies decide it", json_flag=True)
+    sub.add_argument("identity", metavar="IDENTITY", help="NAME (tenant default) or TENANT/NAME")
+    sub.add_argument("service", metavar="SERVICE", help="NAME (the identity's tenant) or TENANT/NAME")
+    sub.add_argument("--kind", choices=["dial", "bind"], default=None, help="only this action (default: both)")
+    sub.add_argument("--session", action="store_true",
+                     help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
     sub = leaf(top, "audit", commands.audit, "show the newest audit events", json_flag=True)
     sub.add_argument("--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, metavar="N",

@@ -23,6 +23,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelCredentials, TunnelOptions
 from agent.tunnel.link_profiles import LinkPlan, plan_from_settings
+from agent.tunnel.report import Reporter, static_facts
 from agent.tunnel.status import TunnelStats, clock_time, note_clock, report_offline
 from agent.tunnel.supervisor import TunnelSupervisor, serve_agent
 from shared import event_loop, service_manager
@@ -130,6 +131,8 @@ async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeySto
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
                                   backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate)
     supervisor.stats.link = plan.profile
+    supervisor.reporter = Reporter(static_facts(identity.uri, plan.profile, plan.liveness.keepalive_interval,
+                                                keystore.backend))
     supervisor.options.clock = clock
     note_clock(supervisor.stats, clock, clock_problem)
     dials = [DialListener(d.service, d.listen_host, d.listen_port, supervisor.current_session) for d in config.dials]

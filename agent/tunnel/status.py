@@ -42,6 +42,9 @@ class TunnelStats:
     clock_problem: str | None = None
     #: While the controller says the identity is disabled (state "disabled"): when the agent asks again.
     next_ask: float | None = None
+    #: REPORT frames sent to relays since the start, and the payload size of the last (agent/tunnel/report.py)
+    reports_sent: int = 0
+    last_report_bytes: int | None = None
 
     def as_json(self, now: float) -> dict[str, Any]:
         """Every time in it (connected_since, updated, the certificate's) is trusted unix time."""

@@ -18,6 +18,7 @@ from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.relays import RelayRotation, valid_relay_list
+from agent.tunnel.report import Reporter
 from agent.tunnel.status import TunnelStats, clock_time, report_offline
 from shared import service_manager
 from shared.protocol import ErrorCode
@@ -58,6 +59,8 @@ class TunnelSupervisor:
         self._base_out = 0
         #: the last tunnel, closed by the relay as revoked or disabled, was followed by an attempt without backoff
         self._asked_at_once = False
+        #: sends the agent's report of itself on each tunnel and on meaningful change (agent/tunnel/report.py)
+        self.reporter: Reporter | None = None
 
     @property
     def relays(self) -> list[str]:
@@ -82,6 +85,8 @@ class TunnelSupervisor:
             self.stats.bytes_out = self._base_out + session.conn.bytes_sent
             if session.last_rtt is not None:
                 self.stats.rtt_ms = round(session.last_rtt * 1000, 1)
+            if self.reporter is not None:
+                self.reporter.offer(session, self.stats)
         if self._write_status is not None:
             try:
                 self._write_status(self.stats.as_json(self._now()))

@@ -15,7 +15,9 @@ from aiohttp import web
 from cryptography import x509
 
 from controller.blocking import RELAY_POOL
+from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
+from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
 from shared.protocol import (
@@ -27,6 +29,7 @@ from shared.protocol import (
     ErrorCode,
     Liveness,
     ProtocolLimits,
+    ReportReceived,
     Role,
 )
 from shared.trust import verify_leaf_issued_by
@@ -97,6 +100,8 @@ class RelaySession(TunnelSession):
         self._worker_turn = asyncio.Lock()
         #: The upgrade request this tunnel came in on (set by Relay.handle).
         self.request: web.Request | None = None
+        self.presence: TunnelPresence | None = None
+        self.reports_refused = 0
 
     @property
     def context(self) -> ControllerContext:
@@ -130,6 +135,7 @@ class RelaySession(TunnelSession):
         self.session_certificate = admitted.session_certificate
         self.conn.set_liveness(relay_liveness_for(event.info.get("keepalive")))
         self.relay.register(self)
+        self.presence = reports.tunnel_up(self, event.info.get("keepalive"))
         # Which certificate opened the tunnel: after a renewal, new tunnels name the new one.
         serial = format(x509.load_pem_x509_certificate(event.chain[0].encode()).serial_number, "x")
         self.conn.accept_auth({
@@ -138,6 +144,7 @@ class RelaySession(TunnelSession):
             "tenant": identity.tenant,
             "time": time.time(),
             "relays": list(self.context.relay_urls),
+            "reports": True,
         })
         still = await self.in_worker(self._confirm_admission, serial)
         if still is not None:
@@ -241,7 +248,12 @@ class RelaySession(TunnelSession):
         await self.flush()
         await splice_streams(channel, upstream)
 
+    def on_report(self, event: ReportReceived) -> None:
+        reports.on_report(self, self.presence, event)
+
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
+        if self.presence is not None:
+            self.relay.presence.down(self.presence)
         self.relay.unregister(self)
         if self.identity is not None:
             self.relay.record_soon("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
@@ -264,6 +276,8 @@ class Relay:
     def __init__(self, context: ControllerContext) -> None:
         self.context = context
         self.broker = Broker()
+        #: this process's tunnels' presence, written to the store in batches (controller/presence.py)
+        self.presence = PresenceBook(context.store)
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
         #: Audit rows started from callbacks and not yet written (awaited at shutdown).
@@ -295,6 +309,10 @@ class Relay:
                 peers.discard(session)
                 if not peers:
                     del self.by_identity[session.identity.uri]
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (in, out) on this process's live tunnels."""
+        return (sum(s.conn.bytes_received for s in self.sessions), sum(s.conn.bytes_sent for s in self.sessions))
 
     def record_soon(self, event: str, **fields: Any) -> None:
         """Write an audit row in a worker thread, from code that cannot await."""
@@ -388,5 +406,6 @@ class Relay:
             *(s.close(ErrorCode.NO_ERROR, "relay shutting down") for s in list(self.sessions)),
             return_exceptions=True,
         )
-        # The tunnels' last audit rows reach the store before it closes.
+        # The tunnels' last audit rows and their presence reach the store before it closes.
         await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._pending)), return_exceptions=True)
+        await self.presence.close()

@@ -22,6 +22,7 @@ from shared.protocol.events import (
     DataReceived,
     Event,
     PongReceived,
+    ReportReceived,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
@@ -52,7 +53,7 @@ __all__ = [
     "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
     "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
     "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
-    "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",
+    "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted",
     "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowUpdated",
     "auth_message",
 ]

@@ -24,6 +24,7 @@ from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_me
 from shared.protocol.limits import Liveness, ProtocolLimits
 from shared.protocol.liveness import Keepalive
 from shared.protocol.reader import FrameReader
+from shared.protocol.report import Reports
 from shared.protocol.state import Handshake, Role
 from shared.protocol.stream_table import StreamTable
 from shared.protocol.streams import Stream, StreamState
@@ -40,6 +41,7 @@ class Connection:
         self._auth = auth = AuthExchange(endpoint)
         self._table = table = StreamTable(endpoint)
         self._keepalive = keepalive = Keepalive(endpoint, liveness, now)
+        self._reports = reports = Reports(endpoint)
         self._reader = FrameReader(endpoint, {
             FrameType.CHALLENGE: auth.on_challenge,
             FrameType.AUTH: auth.on_auth,
@@ -54,6 +56,7 @@ class Connection:
             FrameType.PING: keepalive.on_ping,
             FrameType.PONG: keepalive.on_pong,
             FrameType.GOAWAY: self._on_goaway,
+            FrameType.REPORT: reports.on_report,
         })
         self.bytes_received = 0
 
@@ -90,6 +93,16 @@ class Connection:
     @property
     def last_rtt(self) -> float | None:
         return self._keepalive.last_rtt
+
+    @property
+    def last_received(self) -> float:
+        """The ``now`` of the last ``receive_data`` with bytes in it (construction before any)."""
+        return self._keepalive.last_received
+
+    @property
+    def reports(self) -> int:
+        """REPORT frames sent (agent) or received (relay)."""
+        return self._reports.count
 
     @property
     def bytes_sent(self) -> int:
@@ -136,6 +149,10 @@ class Connection:
     def send_bind_result(self, bound: list[str], refused: dict[str, str]) -> None:
         """Relay: answer one BIND."""
         self._auth.send_bind_result(bound, refused)
+
+    def send_report(self, report: dict[str, Any]) -> int:
+        """Agent: queue a REPORT of itself (docs/protocol.md); returns the payload's size."""
+        return self._reports.send(report)
 
     # -- streams -----------------------------------------------------------------
     def open_stream(self, service: str, *, peer: str | None = None) -> int:

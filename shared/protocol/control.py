@@ -1,4 +1,4 @@
-"""Decoding and checking the JSON control payloads (AUTH, AUTH_OK, OPEN, BIND, BIND_RESULT).
+"""Decoding and checking the JSON control payloads (AUTH, AUTH_OK, OPEN, BIND, BIND_RESULT, REPORT).
 
 Every check raises RemoteProtocolError: these payloads only ever come from
 the peer. Types are checked exactly (a JSON ``true`` is not a window size).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any, TypeGuard
 
 from shared.protocol.errors import ErrorCode, RemoteProtocolError
@@ -112,3 +113,61 @@ def decode_bind_result(payload: bytes) -> tuple[tuple[str, ...], dict[str, str]]
     if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
         raise _bad("BIND_RESULT", '"refused" must map service names to reasons')
     return bound, refused
+
+
+# -- REPORT: what the agent says of itself ------------------------------------------
+# Bytes of one REPORT payload. A full report is about 500 bytes (a dozen short
+# fields); four times that leaves room for long OS names and an error
+# sentence, while the relay keeps one report per tunnel (10,000 tunnels hold
+# 20 MB at most) and each report a metered gateway sends stays a small part
+# of its 100 KB/day budget. Larger (up to the control frame limit) is refused
+# alone; the tunnel carries on.
+MAX_REPORT_BYTES = 2048
+# Characters of the error sentence a report carries: one sentence for a log
+# line, cut by the agent to fit.
+MAX_REPORT_ERROR_CHARS = 300
+# Characters of any other text field (a version, an OS name, a profile).
+MAX_REPORT_TEXT_CHARS = 64
+# The report's fields and what each may hold: text, a number, or a positive number.
+REPORT_TEXT_FIELDS = frozenset({"identity", "agent_version", "os", "arch", "link_profile", "clock_source",
+                                "key_backend"})
+REPORT_NUMBER_FIELDS = frozenset({"rtt_ms", "clock_offset_s", "cert_not_after", "next_renewal"})
+REPORT_POSITIVE_FIELDS = frozenset({"keepalive_s"})
+# Characters of ``identity``: a SPIFFE URI of a trust domain and two names.
+MAX_REPORT_IDENTITY_CHARS = 400
+
+
+def decode_report(payload: bytes) -> dict[str, Any]:
+    """The checked fields of a REPORT; unknown keys (a newer agent's) are dropped, null means unknown.
+
+    Raises RemoteProtocolError for a report to refuse; the caller refuses the
+    report alone, never the tunnel.
+    """
+    if len(payload) > MAX_REPORT_BYTES:
+        raise _bad("REPORT", f"{len(payload)} bytes, more than {MAX_REPORT_BYTES}")
+    obj = decode_object("REPORT", payload)
+    report: dict[str, Any] = {}
+    for key, value in obj.items():
+        if value is None:
+            if key in REPORT_TEXT_FIELDS | REPORT_NUMBER_FIELDS | REPORT_POSITIVE_FIELDS | {"renewal_error"}:
+                report[key] = None
+            continue
+        if key in REPORT_TEXT_FIELDS:
+            limit = MAX_REPORT_IDENTITY_CHARS if key == "identity" else MAX_REPORT_TEXT_CHARS
+            if not isinstance(value, str) or len(value) > limit or not value.isprintable():
+                raise _bad("REPORT", f'"{key}" must be printable text of at most {limit} characters')
+        elif key == "renewal_error":
+            if not isinstance(value, str) or len(value) > MAX_REPORT_ERROR_CHARS:
+                raise _bad("REPORT", f'"renewal_error" must be text of at most {MAX_REPORT_ERROR_CHARS} characters')
+        elif key in REPORT_NUMBER_FIELDS or key in REPORT_POSITIVE_FIELDS:
+            if not _is_number(value) or (key in REPORT_POSITIVE_FIELDS and not value > 0):
+                raise _bad("REPORT", f'"{key}" must be a {"positive " if key in REPORT_POSITIVE_FIELDS else ""}number')
+        else:
+            continue
+        report[key] = value
+    return report
+
+
+def _is_number(value: Any) -> bool:
+    # json.loads reads NaN and Infinity; neither is a time or a round trip.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

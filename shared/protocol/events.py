@@ -104,6 +104,18 @@ class PongReceived:
 
 
 @dataclass(frozen=True)
+class ReportReceived:
+    """Relay side: the agent's REPORT. ``report`` is the checked fields, or None and ``refused`` says why.
+
+    A refused report harms nothing else: the tunnel and its streams carry on.
+    """
+
+    report: dict[str, Any] | None
+    refused: str | None
+    size: int
+
+
+@dataclass(frozen=True)
 class ConnectionTerminated:
     """The tunnel is over: GOAWAY from the peer (``remote``) or a local timeout."""
 
@@ -114,5 +126,6 @@ class ConnectionTerminated:
 
 Event = (
     ChallengeReceived | AuthReceived | Authenticated | BindRequested | BindCompleted | StreamOpened
-    | StreamAccepted | DataReceived | StreamEnded | StreamReset | WindowUpdated | PongReceived | ConnectionTerminated
+    | StreamAccepted | DataReceived | StreamEnded | StreamReset | WindowUpdated | PongReceived | ReportReceived
+    | ConnectionTerminated
 )

@@ -37,6 +37,8 @@ class FrameType(enum.IntEnum):
     GOAWAY = 0x0B
     BIND = 0x0C
     BIND_RESULT = 0x0D
+    #: the agent's report of itself (agent -> relay); refused alone, never the tunnel, when bad
+    REPORT = 0x0E
 
 
 # Frames that belong to a stream (stream id > 0); all others use stream 0.

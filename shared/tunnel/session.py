@@ -33,6 +33,7 @@ from shared.protocol import (
     Event,
     PongReceived,
     RemoteProtocolError,
+    ReportReceived,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
@@ -120,6 +121,9 @@ class TunnelSession:
     def on_pong(self, rtt: float) -> None:
         """A keepalive round trip completed."""
 
+    def on_report(self, event: ReportReceived) -> None:
+        """The agent's REPORT (relay side); the default ignores it."""
+
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         """The tunnel ended (once)."""
 
@@ -201,6 +205,8 @@ class TunnelSession:
                 self.spawn(self.on_stream_opened(channel))
             elif type(event) is PongReceived:
                 self.on_pong(event.rtt)
+            elif type(event) is ReportReceived:
+                self.on_report(event)
             elif type(event) is ConnectionTerminated:
                 self._terminate(event.code, event.reason, event.remote)
             elif type(event) is ChallengeReceived:

@@ -15,6 +15,12 @@ Two ways to measure:
 * real (``--minutes M``): the real plan's interval for M minutes, scaled to a
   day by 1440 / M.
 
+The agent's report of itself (REPORT) goes once per tunnel and then only on
+meaningful change, at most once per ``REPORT_MIN_INTERVAL``; the budget is
+checked with the worst case, every allowed report sent, each of the size the
+real agent's report had in this run (frame, WebSocket and TLS record overhead
+and its segment's TCP/IP header included).
+
 The baseline side by side is the ethernet profile (25 s keepalive), measured
 the same way in the same run. The last line is one JSON object.
 
@@ -35,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.tunnel.link_profiles import plan_for  # noqa: E402
+from agent.tunnel.report import REPORT_MIN_INTERVAL  # noqa: E402
 from tests.bench.bench_setup import machine  # noqa: E402
 from tests.bench.link_bench_setup import LinkTunnelPath  # noqa: E402
 
@@ -47,6 +54,9 @@ TCP_IP_HEADER = 52
 # PONG (the PING's ACK rides on the PONG when the relay answers at once).
 SEGMENTS_PER_EXCHANGE = 3
 DAY = 86400.0
+# Bytes one small message adds around its payload: the frame header (10), the
+# WebSocket header of a masked client message (6) and a TLS 1.3 record (22).
+MESSAGE_OVERHEAD = 10 + 6 + 22
 
 
 def run_case(workdir: Path, name: str, link: dict, nat_timeout: float, seconds: float) -> dict:
@@ -67,7 +77,18 @@ def run_case(workdir: Path, name: str, link: dict, nat_timeout: float, seconds: 
     down = end_counters["down_bytes"] - start_counters["down_bytes"]
     exchanges = end_counters["up_writes"] - start_counters["up_writes"]
     return {"seconds": seconds, "exchanges": exchanges, "payload_up": up, "payload_down": down,
-            "reconnects": status.get("reconnects", 0), "blackholed": end_counters["blackholed"]}
+            "reconnects": status.get("reconnects", 0), "blackholed": end_counters["blackholed"],
+            "reports_sent": status.get("reports_sent", 0), "report_payload_bytes": status.get("last_report_bytes")}
+
+
+def reports_per_day(case: dict) -> dict:
+    """The worst case of the agent's reports in a day: one per REPORT_MIN_INTERVAL, each as large as measured."""
+    size = case["report_payload_bytes"]
+    assert size, "the agent sent no report: the relay or the agent does not speak REPORT"
+    per_report = size + MESSAGE_OVERHEAD + TCP_IP_HEADER * 2  # the report's segment and its ACK
+    reports = DAY / REPORT_MIN_INTERVAL
+    return {"report_payload_bytes": size, "max_reports_per_day": reports,
+            "worst_case_kb_per_day": round(per_report * reports / 1000, 1)}
 
 
 def _emulator_counters(path: LinkTunnelPath) -> dict:
@@ -118,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             real = run_case(workdir, "real150", {"profile": "metered", "nat_timeout": 150}, 150.0, seconds)
             payload = real["payload_up"] + real["payload_down"]
             report["real_run_nat_150s"] = {**real, "payload_kb_per_day": round(payload * DAY / seconds / 1000, 1)}
+    report["reports"] = reports_per_day(metered)
+    for key in ("metered_nat_600s", "metered_nat_150s"):
+        report[key]["with_reports_worst_case_kb_per_day"] = round(
+            report[key]["with_tcp_ip_headers_kb_per_day"] + report["reports"]["worst_case_kb_per_day"], 1)
     report["goal_kb_per_day"] = 100
-    report["goal_met_nat_600s"] = report["metered_nat_600s"]["with_tcp_ip_headers_kb_per_day"] <= 100
+    report["goal_met_nat_600s"] = report["metered_nat_600s"]["with_reports_worst_case_kb_per_day"] <= 100
     report["machine"] = machine()
     print(json.dumps(report))
     return 0

@@ -187,6 +187,18 @@ def test_idle_bytes_reports_a_day_of_keepalives_for_both_nat_timeouts() -> None:
     for case in ("metered_nat_600s", "metered_nat_150s", "baseline_ethernet_25s"):
         assert found[case]["with_tcp_ip_headers_kb_per_day"] > found[case]["payload_kb_per_day"] > 0, case
     assert isinstance(found["goal_met_nat_600s"], bool)
+    assert found["reports"]["report_payload_bytes"] > 0
+    assert found["metered_nat_600s"]["with_reports_worst_case_kb_per_day"] > \
+        found["metered_nat_600s"]["with_tcp_ip_headers_kb_per_day"]
+
+
+def test_fleet_view_reports_list_time_and_presence_writes() -> None:
+    found = run_bench("fleet_view", "--identities", "60", "--online", "30")
+    assert found["presence_counts"]["online"] == 30 and found["cli_output_identities"] == 61  # and operator
+    assert found["api_fleet_s_median"] > 0 and found["cli_identity_list_json_s_median"] > 0
+    ethernet, metered = found["presence_writes"]
+    assert ethernet["rows_per_minute"] > metered["rows_per_minute"] > 0
+    assert ethernet["transactions_per_minute"] == 2.0
 
 
 def test_satellite_reports_both_directions_next_to_direct_tcp() -> None:

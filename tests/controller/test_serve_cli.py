@@ -189,6 +189,7 @@ def test_a_port_in_use_is_one_sentence_and_creates_nothing(tmp_path: Path) -> No
         (["--trust-domain", "Bad_Domain"], "--trust-domain"),
         (["--no-such-flag"], "unrecognized"),
         (["--api-listen", "nowhere"], "--api-listen"),
+        (["--metrics-listen", "nowhere"], "--metrics-listen"),
         (["--max-unauthenticated", "0"], "--max-unauthenticated"),
         (["--max-unauthenticated-per-address", "-1"], "--max-unauthenticated-per-address"),
         (["--event-loop", "tokio"], "invalid choice"),
@@ -250,3 +251,29 @@ def test_api_listen_on_the_same_address_as_listen_is_one_sentence(tmp_path: Path
     assert result.returncode == 64
     assert_one_sentence(result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_listen_on_the_same_address_as_listen_is_one_sentence(tmp_path: Path) -> None:
+    result = run_failing("serve", "--data", str(tmp_path / "data"), "--listen", "127.0.0.1:8443",
+                         "--metrics-listen", "127.0.0.1:8443")
+    assert result.returncode == 64
+    assert_one_sentence(result.stderr)
+    assert "--metrics-listen must differ" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_listen_serves_metrics_on_its_own_port_and_says_where(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    controller = Controller("--data", str(data), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+    try:
+        match = re.search(r"; metrics on https://127\.0\.0\.1:(\d+)/metrics for the bearer of (\S+)$", controller.line)
+        assert match, controller.line
+        assert Path(match[2]) == data / "metrics.token"
+        token = (data / "metrics.token").read_text().strip()
+        request = urllib.request.Request(f"https://127.0.0.1:{match[1]}/metrics",
+                                         headers={"Authorization": f"Bearer {token}"})
+        context = ssl.create_default_context(cafile=str(data / "ca" / "ca.pem"))
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            assert b"outpost_identities" in response.read()
+    finally:
+        assert controller.stop() == 0
