@@ -50,7 +50,9 @@ IDENTITY_REFUSALS_PER_MINUTE = 20
 #: about 2 MB, a whole fleet refused at once.
 MAX_TRACKED_IDENTITIES = 10_000
 #: Events budgeted per identity when the caller names the identity.
-IDENTITY_BUDGETED_EVENTS = frozenset({"bind_denied", "dial_denied", "tunnel_refused", "renewal_refused"})
+IDENTITY_BUDGETED_EVENTS = frozenset(
+    {"bind_denied", "dial_denied", "tunnel_refused", "renewal_refused", "management_refused"}
+)
 
 EVENTS = frozenset(
     {
@@ -74,6 +76,11 @@ EVENTS = frozenset(
         "bind_denied",
         "dial_allowed",
         "dial_denied",
+        "signin",
+        "signin_refused",
+        "signout",
+        "admin_credential_refused",
+        "management_refused",
     }
 )
 
