@@ -90,9 +90,12 @@ class People:
         token = SESSION_PREFIX + secrets.token_urlsafe(SESSION_BYTES)
         expires_at = now + lifetime
         with self._store.transaction() as db:
-            replay = "This ID token was already used to sign in; sign in again for a new one."
-            self.remember_once(db, "id_token", id_token, float(claims["exp"]) + 60, "id_token_replayed", replay)
             if nonce is not None:
+                # Only an ID token a client brought can be replayed: one the controller redeemed a device
+                # code for came straight from the provider, once (and two such tokens issued in the same
+                # second to the same person may be byte for byte the same).
+                replay = "This ID token was already used to sign in; sign in again for a new one."
+                self.remember_once(db, "id_token", id_token, float(claims["exp"]) + 60, "id_token_replayed", replay)
                 self.remember_once(db, "nonce", nonce, float(claims["exp"]) + 60, "nonce_replayed",
                                    "This sign-in's nonce was already used; start the sign-in again.")
             row = db.query_one("SELECT tenant, name FROM people WHERE provider = ? AND subject = ?",

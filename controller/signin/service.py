@@ -54,6 +54,9 @@ class SigninService:
         self._store = store
         self.clients = {p.name: ProviderClient(p) for p in settings.providers}
         self._nonce_key: bytes | None = None
+        if settings.providers:
+            # Made at start, so that no request (a forged nonce included) is the one that writes it.
+            self._key()
 
     def provider(self, name: object) -> ProviderClient:
         if not self.settings.providers:

@@ -1,0 +1,76 @@
+"""Tenant-scoped admins, and the admin credential as break-glass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.controller.harness import audit_events_added, make_csr, make_key, run, running_controller, store_snapshot
+from tests.oidc.harness import IdP
+from tests.oidc.signin_harness import call, device_sign_in, signin_settings
+
+
+def test_a_tenant_admin_sees_and_changes_only_their_tenant(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            session = (await device_sign_in(running, idp, "tina"))["session"]
+            status, made = await call(running, "POST", "/api/v1/identities", {"name": "gw-a1", "tenant": "acme"},
+                                      bearer=session)
+            assert status == 201, made
+            status, listed = await call(running, "GET", "/api/v1/identities", bearer=session)
+            assert status == 200 and [i["name"] for i in listed["identities"]] == ["gw-a1"]
+            refusals = [
+                ("GET", "/api/v1/identities/operator?tenant=default", None,
+                 "Reading an identity needs the auditor role in tenant default; you have admin:acme."),
+                ("GET", "/api/v1/identities/operator", None,
+                 "Reading an identity needs the auditor role in tenant default; you have admin:acme."),
+                ("POST", "/api/v1/identities/operator/revoke", None,
+                 "Revoking an identity needs the admin role in tenant default; you have admin:acme."),
+                ("POST", "/api/v1/identities", {"name": "gw-x"},
+                 "Creating an identity needs the admin role in tenant default; you have admin:acme."),
+                ("GET", "/api/v1/audit", None, "Reading the audit log needs the auditor role; you have admin:acme."),
+            ]
+            for method, path, body, sentence in refusals:
+                before = store_snapshot(running.context.settings.store_path)
+                status, refused = await call(running, method, path, body, bearer=session)
+                assert (status, refused["message"]) == (403, sentence), (path, refused)
+                added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+                assert [e for e, _ in added] == ["management_refused"], path
+
+    run(scenario())
+
+
+def test_the_admin_credential_cannot_act_as_a_person(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            oscar = (await device_sign_in(running, idp, "oscar"))["session"]
+            csr = make_csr(make_key())
+            before = store_snapshot(running.context.settings.store_path)
+            status, refused = await running.call("POST", "/api/v1/identities/oscar/session", {"csr": csr})
+            assert (status, refused["error"]) == (403, "admin_as_person")
+            assert store_snapshot(running.context.settings.store_path) == before
+            # Nor may one person act as another, or as the shared operator identity.
+            for other in ("alice", "operator"):
+                status, refused = await call(running, "POST", f"/api/v1/identities/{other}/session", {"csr": csr},
+                                             bearer=oscar)
+                assert status in (403, 404), refused
+            # The person may, as themselves.
+            status, issued = await call(running, "POST", "/api/v1/identities/oscar/session", {"csr": csr},
+                                        bearer=oscar)
+            assert (status, issued["name"]) == (201, "oscar"), issued
+
+    run(scenario())
+
+
+def test_the_admin_credential_can_be_turned_off(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        settings = signin_settings(idp, admin_credential=False)
+        async with running_controller(tmp_path / "ctl", signin=settings) as running:
+            before = store_snapshot(running.context.settings.store_path)
+            status, refused = await running.call("GET", "/api/v1/identities")
+            assert (status, refused["error"]) == (401, "admin_credential_off")
+            added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
+            assert [e for e, _ in added] == ["admin_credential_refused"]
+            session = (await device_sign_in(running, idp, "alice"))["session"]
+            assert (await call(running, "GET", "/api/v1/identities", bearer=session))[0] == 200
+
+    run(scenario())
