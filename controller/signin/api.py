@@ -102,6 +102,7 @@ async def _person(request: web.Request, service: SigninService, bearer: str) -> 
         error = SigninRefused(f"session_{state}", {
             "expired": "Your session has expired; sign in again with outpostctl login.",
             "ended": "You signed out of this session; sign in again with outpostctl login.",
+            "blocked": "Your identity was revoked or disabled, which ended this session; ask an admin.",
         }.get(state, "This session is not known here; sign in again with outpostctl login."))
         await API_POOL.run(service.refuse, error, None, _remote(request))
         raise error

@@ -143,12 +143,16 @@ class People:
         return Person(row["tenant"], row["name"], grants, row["expires_at"])
 
     def session_state(self, token: str) -> str:
-        """Why a bearer that is no live session fails: unknown, ended or expired."""
-        row = self._store.query_one("SELECT expires_at, ended_at FROM person_sessions WHERE token_sha256 = ?",
-                                    (sha256(token),))
+        """Why a bearer that is no live session fails: unknown, ended, blocked (the person) or expired."""
+        row = self._store.query_one(
+            "SELECT s.expires_at, s.ended_at, i.status FROM person_sessions s "
+            "LEFT JOIN identities i ON i.tenant = s.tenant AND i.name = s.name WHERE s.token_sha256 = ?",
+            (sha256(token),))
         if row is None:
             return "unknown"
-        return "ended" if row["ended_at"] is not None else "expired"
+        if row["ended_at"] is not None:
+            return "ended"
+        return "blocked" if row["status"] in BLOCKED_STATUSES or row["status"] is None else "expired"
 
     def end(self, token: str, remote: str) -> Person | None:
         person = self.session(token)

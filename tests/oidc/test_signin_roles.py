@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
+import pytest
+from cryptography import x509
+
+from controller.ca import not_after_of, not_before_of
 from tests.controller.harness import audit_events_added, make_csr, make_key, run, running_controller, store_snapshot
 from tests.oidc.harness import IdP
 from tests.oidc.signin_harness import call, device_sign_in, signin_settings
@@ -57,6 +62,22 @@ def test_the_admin_credential_cannot_act_as_a_person(idp: IdP, tmp_path: Path) -
             status, issued = await call(running, "POST", "/api/v1/identities/oscar/session", {"csr": csr},
                                         bearer=oscar)
             assert (status, issued["name"]) == (201, "oscar"), issued
+            certificate = x509.load_pem_x509_certificate(issued["certificate"].encode())
+            assert not_after_of(certificate) - not_before_of(certificate) <= datetime.timedelta(hours=1, minutes=5)
+            assert issued["identity"].endswith("/default/oscar")
+
+
+def test_revoking_a_person_ends_their_sessions_at_once(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            session = (await device_sign_in(running, idp, "oscar"))["session"]
+            status, _ = await running.call("POST", "/api/v1/identities/oscar/revoke")
+            assert status == 200
+            status, refused = await call(running, "GET", "/api/v1/identities", bearer=session)
+            assert (status, refused["error"]) == (401, "session_blocked"), refused
+            # Nor can they sign in again while revoked.
+            with pytest.raises(AssertionError, match="person_blocked"):
+                await device_sign_in(running, idp, "oscar")
 
     run(scenario())
 
