@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from controller.audit import AuditLog
+from controller.audit import AnonymousBudget, AuditLog
 from controller.errors import ControllerError, bad_request
 from controller.registry import Registry
 from controller.signin.config import Grant, Provider, SigninSettings
@@ -30,6 +31,11 @@ from controller.store import Store
 NONCE_LIFETIME = 10 * 60
 #: Device codes and nonces are short strings; anything longer is not a sign-in.
 MAX_CODE_LENGTH = 2048
+#: Requests to a provider that nobody authenticated may cause, per controller process and minute (and
+#: as a burst): sign-ins starting, and polls (one every five seconds per sign-in in progress). A
+#: company's morning rush of logins fits many times over; a flood of them costs the provider at
+#: most this, not one request per request.
+PROVIDER_CALLS_PER_MINUTE = 600
 #: The device flow's poll errors a client keeps polling through (RFC 8628, 3.5).
 PENDING_ERRORS = {"authorization_pending", "slow_down"}
 
@@ -54,6 +60,8 @@ class SigninService:
         self._store = store
         self.clients = {p.name: ProviderClient(p) for p in settings.providers}
         self._nonce_key: bytes | None = None
+        self._provider_calls = AnonymousBudget(PROVIDER_CALLS_PER_MINUTE)
+        self._budget_lock = threading.Lock()
         if settings.providers:
             # Made at start, so that no request (a forged nonce included) is the one that writes it.
             self._key()
@@ -73,8 +81,15 @@ class SigninService:
     def refuse(self, error: ControllerError, provider: str | None, remote: str, **fields: Any) -> None:
         self.audit.record_anonymous("signin_refused", reason=error.code, provider=provider, remote=remote, **fields)
 
+    def _spend_provider_call(self) -> None:
+        with self._budget_lock:
+            if not self._provider_calls.take():
+                raise ControllerError("signin_busy", "Too many sign-ins are under way at once; try again in a "
+                                      "minute.", 429)
+
     def start_device(self, name: object, remote: str) -> dict[str, Any]:
         client = self.provider(name)
+        self._spend_provider_call()
         answer = client.start_device()
         return {"provider": client.provider.name, "device_code": answer["device_code"],
                 "user_code": answer["user_code"], "verification_uri": answer["verification_uri"],
@@ -85,6 +100,7 @@ class SigninService:
         client = self.provider(name)
         if not isinstance(device_code, str) or not device_code or len(device_code) > MAX_CODE_LENGTH:
             raise bad_request("invalid_device_code", "The device_code is missing; start the sign-in again.")
+        self._spend_provider_call()
         status, answer = client.poll_device(device_code)
         error = answer.get("error")
         if status != 200 or error is not None:

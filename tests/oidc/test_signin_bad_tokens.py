@@ -15,6 +15,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from controller.signin.service import PROVIDER_CALLS_PER_MINUTE
 from tests.controller.harness import audit_events_added, run, running_controller, store_snapshot
 from tests.oidc.harness import IdP
 from tests.oidc.signin_harness import PROVIDER_NAME, call, signin_settings
@@ -146,5 +147,24 @@ def test_an_unknown_kid_refetches_the_jwks_at_most_once_a_minute(idp: IdP, tmp_p
                                          {"provider": PROVIDER_NAME, "nonce": nonce,
                                           "id_token": idp.sign({"nonce": nonce, "preferred_username": "alice"})})
             assert status == 201 and client.jwks_fetches == 1
+
+    run(scenario())
+
+
+def test_a_flood_of_sign_in_starts_costs_the_provider_a_bounded_number_of_requests(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            service = running.context.signin
+            statuses = []
+            # Bounded: twice the budget at most (it refills while the loop runs).
+            for _ in range(2 * PROVIDER_CALLS_PER_MINUTE):
+                status, answer = await call(running, "POST", "/api/v1/signin/device/poll",
+                                            {"provider": PROVIDER_NAME, "device_code": "made-up"})
+                statuses.append(status)
+                if status == 429:
+                    assert answer["message"] == "Too many sign-ins are under way at once; try again in a minute."
+                    break
+            assert statuses[-1] == 429 and set(statuses[:-1]) == {401}
+            assert service is not None
 
     run(scenario())
