@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.harness import EchoServer
 from tests.oidc.harness import IdP, node_missing, start_provider
 
 
@@ -22,3 +23,12 @@ def idp(tmp_path: Path) -> Iterator[IdP]:
         yield provider
     finally:
         provider.stop()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
