@@ -20,7 +20,7 @@ from outpostctl import commands
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
-from outpostctl.login import load_session, login, logout, with_session
+from outpostctl.login import load_session, login, login_browser, logout, with_session
 from shared import __version__
 
 PROG = commands.PROG
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                           f"else {DEFAULT_CONNECT_IDENTITY})")
     sub = leaf(top, "login", None, "sign in as yourself through the identity provider (device code)")
     sub.add_argument("--provider", metavar="NAME", help="which identity provider, when the controller trusts several")
+    sub.add_argument("--browser", action="store_true",
+                     help="sign in with a browser on this machine (code flow with PKCE) instead of a device code")
     leaf(top, "logout", None, "end your session, on the controller too")
     sub = leaf(top, "quickstart", None, "run a controller, an agent and a demo service on this machine")
     sub.add_argument("--once", action="store_true", help="check the whole path once, then stop")
@@ -187,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_quickstart(args)
     config = read_config(args)
     if args.command == "login":
-        login(ManagementClient(config), config, os.environ, args.provider)
+        (login_browser if args.browser else login)(ManagementClient(config), config, os.environ, args.provider)
         return 0
     if args.command == "logout":
         return logout(config, os.environ)

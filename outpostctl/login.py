@@ -10,9 +10,15 @@ one file per controller, and used by every later command until it expires.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import http.server
 import json
 import os
+import secrets
 import time
+import urllib.parse
+import webbrowser
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +38,11 @@ MAX_LOGIN_SECONDS = 15 * 60
 #: A session file holds four short values; a larger file is not ours.
 MAX_SESSION_FILE = 16 * 1024
 SESSION_PREFIX = "ops_"
+#: RFC 7636: a verifier of 43 to 128 characters; 48 random bytes make 64.
+PKCE_VERIFIER_BYTES = 48
+CALLBACK_PATH = "/callback"
+#: How often the wait for the browser looks at the deadline (the loopback server's accept timeout).
+CALLBACK_POLL_SECONDS = 1.0
 
 
 def session_dir(environ: Mapping[str, str]) -> Path:
@@ -93,6 +104,12 @@ def login(client: ManagementClient, config: CtlConfig, environ: Mapping[str, str
                 raise
         if time.monotonic() > deadline:
             raise ConfigError("the sign-in was not confirmed in time; run outpostctl login again")
+    return _keep(config, environ, answer, out)
+
+
+def _keep(config: CtlConfig, environ: Mapping[str, str], answer: dict[str, Any],
+          out: Callable[[str], None]) -> dict[str, Any]:
+    """Store the session the controller answered, 0600, and say who signed in."""
     directory = session_dir(environ)
     ensure_private_dir(directory)
     record = {"url": config.url, "session": answer["session"], "identity": answer["identity"],
@@ -101,6 +118,69 @@ def login(client: ManagementClient, config: CtlConfig, environ: Mapping[str, str
     atomic_write(session_file(config, environ), json.dumps(record).encode())
     out(str(answer["message"]))
     return record
+
+
+class _Callback(http.server.BaseHTTPRequestHandler):
+    """The one request the browser makes to the loopback redirect: the code, or the provider's refusal."""
+
+    server: _CallbackServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        parts = urllib.parse.urlsplit(self.path)
+        query = urllib.parse.parse_qs(parts.query)
+        if parts.path != CALLBACK_PATH or query.get("state", [""])[0] != self.server.state:
+            # Another page, or a request forged without this sign-in's state: not ours, keep waiting.
+            self.send_error(404)
+            return
+        self.server.result = {k: v[0] for k, v in query.items()}
+        body = b"Outpost: you may close this window and return to the terminal.\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # the code must not reach a terminal or a log
+        pass
+
+
+class _CallbackServer(http.server.HTTPServer):
+    state = ""
+    result: dict[str, str] | None = None
+
+
+def login_browser(client: ManagementClient, config: CtlConfig, environ: Mapping[str, str], provider: str | None,
+                  out: Callable[[str], None] = print,
+                  open_browser: Callable[[str], object] = webbrowser.open) -> dict[str, Any]:
+    """The authorization code flow with PKCE and a loopback redirect (RFC 8252), for a browser at hand."""
+    verifier = secrets.token_urlsafe(PKCE_VERIFIER_BYTES)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    server = _CallbackServer(("127.0.0.1", 0), _Callback)
+    server.state = secrets.token_urlsafe(24)
+    server.timeout = CALLBACK_POLL_SECONDS
+    try:
+        redirect_uri = f"http://127.0.0.1:{server.server_address[1]}{CALLBACK_PATH}"
+        body: dict[str, Any] = {"redirect_uri": redirect_uri, "code_challenge": challenge, "state": server.state}
+        if provider is not None:
+            body["provider"] = provider
+        start = client.request("POST", "/signin/authorize", body)
+        out(f"To sign in, open {start['authorization_url']} in a browser on this machine.")
+        open_browser(start["authorization_url"])
+        deadline = time.monotonic() + MAX_LOGIN_SECONDS
+        while server.result is None:
+            if time.monotonic() > deadline:
+                raise ConfigError("the sign-in was not completed in the browser in time; run outpostctl login again")
+            server.handle_request()
+        result = server.result
+    finally:
+        server.server_close()
+    if "code" not in result:
+        raise ConfigError(f"the identity provider refused the sign-in ({result.get('error', 'no code')[:60]}); "
+                          "run outpostctl login again")
+    answer = client.request("POST", "/signin/code", {
+        "provider": start["provider"], "code": result["code"], "code_verifier": verifier,
+        "redirect_uri": redirect_uri, "nonce": start["nonce"]})
+    return _keep(config, environ, answer, out)
 
 
 def logout(config: CtlConfig, environ: Mapping[str, str], out: Callable[[str], None] = print) -> int:

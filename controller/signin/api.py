@@ -33,7 +33,8 @@ BEARER = "Bearer "
 SIGNIN_PREFIX = "/api/v1/signin/"
 #: The sign-in routes open to anyone (the rest of /api/v1/signin/ needs a session).
 OPEN_ROUTES = frozenset({"/api/v1/signin/providers", "/api/v1/signin/device", "/api/v1/signin/device/poll",
-                         "/api/v1/signin/nonce", "/api/v1/signin/id-token"})
+                         "/api/v1/signin/nonce", "/api/v1/signin/id-token", "/api/v1/signin/authorize",
+                         "/api/v1/signin/code"})
 #: Routes whose answer spans every tenant: a tenant-scoped role is not enough for them.
 ALL_TENANT_ROUTES = frozenset({"/api/v1/audit", "/api/v1/status"})
 #: Where the request leaves the person's grants and the tenants the used role reaches (None: all).
@@ -173,6 +174,8 @@ class SigninApi:
         r.add_post("/api/v1/signin/device/poll", self.poll)
         r.add_post("/api/v1/signin/nonce", self.nonce)
         r.add_post("/api/v1/signin/id-token", self.id_token)
+        r.add_post("/api/v1/signin/authorize", self.authorize)
+        r.add_post("/api/v1/signin/code", self.code)
         r.add_get("/api/v1/signin/whoami", self.whoami)
         r.add_post("/api/v1/signin/logout", self.logout)
 
@@ -210,6 +213,23 @@ class SigninApi:
         body = await read_json(request)
         signed = await API_POOL.run(self.service.sign_in_with_id_token, body.get("provider"), body.get("id_token"),
                                     body.get("nonce"), _remote(request))
+        return web.json_response(signed.to_json(), status=201)
+
+    async def authorize(self, request: web.Request) -> web.Response:
+        from controller.api import read_json
+
+        body = await read_json(request)
+        return web.json_response(await API_POOL.run(self.service.authorize, body.get("provider"),
+                                                    body.get("redirect_uri"), body.get("code_challenge"),
+                                                    body.get("state")))
+
+    async def code(self, request: web.Request) -> web.Response:
+        from controller.api import read_json
+
+        body = await read_json(request)
+        signed = await API_POOL.run(self.service.redeem_code, body.get("provider"), body.get("code"),
+                                    body.get("code_verifier"), body.get("redirect_uri"), body.get("nonce"),
+                                    _remote(request))
         return web.json_response(signed.to_json(), status=201)
 
     async def whoami(self, request: web.Request) -> web.Response:

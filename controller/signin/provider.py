@@ -127,18 +127,36 @@ class ProviderClient:
         with self._lock:
             return self._jwks.get(kid)
 
-    def start_device(self) -> dict[str, Any]:
+    def _scopes(self) -> list[str]:
         supported = self.discovery().get("scopes_supported")
         wanted = SCOPES.split()
         if isinstance(supported, list):
             wanted = [scope for scope in wanted if scope in supported or scope == "openid"]
-        status, answer = self._request(self.endpoint("device_authorization_endpoint"), {"scope": " ".join(wanted)})
+        return wanted
+
+    def start_device(self) -> dict[str, Any]:
+        status, answer = self._request(self.endpoint("device_authorization_endpoint"),
+                                       {"scope": " ".join(self._scopes())})
         needed = ("device_code", "user_code", "verification_uri")
         if status != 200 or not all(isinstance(answer.get(k), str) for k in needed):
             raise ProviderUnavailable(f"The identity provider {self.provider.name} refused to start a device "
                                       f"sign-in ({answer.get('error', status)}); check that client "
                                       f"{self.provider.client_id} may use the device flow.")
         return answer
+
+    def authorization_url(self, redirect_uri: str, code_challenge: str, state: str, nonce: str) -> str:
+        query = urllib.parse.urlencode({
+            "response_type": "code", "client_id": self.provider.client_id, "redirect_uri": redirect_uri,
+            "scope": " ".join(self._scopes()), "code_challenge": code_challenge, "code_challenge_method": "S256",
+            "state": state, "nonce": nonce,
+        })
+        endpoint = self.endpoint("authorization_endpoint")
+        return endpoint + ("&" if "?" in endpoint else "?") + query
+
+    def redeem_code(self, code: str, code_verifier: str, redirect_uri: str) -> tuple[int, dict[str, Any]]:
+        return self._request(self.endpoint("token_endpoint"), {
+            "grant_type": "authorization_code", "code": code, "code_verifier": code_verifier,
+            "redirect_uri": redirect_uri})
 
     def poll_device(self, device_code: str) -> tuple[int, dict[str, Any]]:
         return self._request(self.endpoint("token_endpoint"), {"grant_type": DEVICE_GRANT, "device_code": device_code})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,10 @@ MAX_CODE_LENGTH = 2048
 #: company's morning rush of logins fits many times over; a flood of them costs the provider at
 #: most this, not one request per request.
 PROVIDER_CALLS_PER_MINUTE = 600
+#: RFC 8252 7.3: loopback redirects name the address, not "localhost" (which a resolver could send elsewhere).
+LOOPBACK_HOSTS = ("127.0.0.1", "::1")
+#: RFC 7636: BASE64URL(SHA256(verifier)) is 43 characters.
+PKCE_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")
 #: The device flow's poll errors a client keeps polling through (RFC 8628, 3.5).
 PENDING_ERRORS = {"authorization_pending", "slow_down"}
 
@@ -113,6 +119,44 @@ class SigninService:
             raise refusal
         return self._sign_in(client, answer.get("id_token"), remote, nonce=None)
 
+    def authorize(self, name: object, redirect_uri: object, code_challenge: object, state: object) -> dict[str, Any]:
+        """The provider's authorization URL for a browser sign-in with PKCE and a loopback redirect (RFC 8252)."""
+        client = self.provider(name)
+        uri = check_loopback(redirect_uri)
+        if not isinstance(code_challenge, str) or not PKCE_CHALLENGE.fullmatch(code_challenge):
+            raise bad_request("invalid_code_challenge", "The code_challenge must be the S256 of a PKCE verifier "
+                              "(43 base64url characters).")
+        if not isinstance(state, str) or not 16 <= len(state) <= 128:
+            raise bad_request("invalid_state", "The state must be a random string of 16 to 128 characters.")
+        nonce = self.new_nonce()["nonce"]
+        self._spend_provider_call()
+        return {"provider": client.provider.name, "nonce": nonce,
+                "authorization_url": client.authorization_url(uri, code_challenge, state, nonce)}
+
+    def redeem_code(self, name: object, code: object, code_verifier: object, redirect_uri: object, nonce: object,
+                    remote: str) -> SignedIn:
+        """The browser's code, redeemed at the provider by the controller (with its secret, if any)."""
+        client = self.provider(name)
+        try:
+            uri = check_loopback(redirect_uri)
+            checked = self.check_nonce(nonce)
+            if not isinstance(code, str) or not code or len(code) > MAX_CODE_LENGTH or \
+                    not isinstance(code_verifier, str) or not 43 <= len(code_verifier) <= 128:
+                raise bad_request("invalid_code", "The code or the code_verifier is missing; sign in again.")
+        except ControllerError as error:
+            self.refuse(error, client.provider.name, remote)
+            raise
+        self._spend_provider_call()
+        status, answer = client.redeem_code(code, code_verifier, uri)
+        if status != 200 or "error" in answer:
+            said = answer.get("error")
+            refusal = SigninRefused(f"provider_{said}" if isinstance(said, str) else "provider_refused",
+                                    f"The identity provider refused the sign-in ({str(said)[:60]}); "
+                                    "run outpostctl login again.")
+            self.refuse(refusal, client.provider.name, remote)
+            raise refusal
+        return self._sign_in(client, answer.get("id_token"), remote, nonce=checked)
+
     def new_nonce(self) -> dict[str, Any]:
         expires = int(time.time()) + NONCE_LIFETIME
         body = f"{expires}.{secrets.token_urlsafe(16)}"
@@ -167,6 +211,16 @@ class SigninService:
             self.refuse(error, provider.name, remote)
             raise
         return SignedIn(person, session, _welcome(person, grants, groups))
+
+
+def check_loopback(value: object) -> str:
+    """A redirect URI on this machine's loopback, as RFC 8252 has native apps use: nothing else is accepted."""
+    parts = urllib.parse.urlsplit(value) if isinstance(value, str) and len(value) <= MAX_CODE_LENGTH else None
+    if parts is None or parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS or parts.query \
+            or parts.fragment or parts.username is not None:
+        raise bad_request("invalid_redirect_uri", "The redirect_uri must be http://127.0.0.1:PORT/PATH or "
+                          "http://[::1]:PORT/PATH (a loopback address on the person's machine).")
+    return str(value)
 
 
 def _groups(claims: dict[str, Any], provider: Provider) -> list[str]:

@@ -7,15 +7,19 @@ import contextlib
 import io
 import os
 import stat
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from outpostctl.cli import main
 from outpostctl.client import ManagementClient
 from outpostctl.config import load_config
-from outpostctl.login import load_session, login
+from outpostctl.login import load_session, login, login_browser
 from tests.controller.harness import run, running_controller
 from tests.oidc.harness import IdP, complete_device_login
-from tests.oidc.signin_harness import signin_settings
+from tests.oidc.signin_harness import call, signin_settings
 
 
 def person_config(tmp_path: Path, url: str, ca: Path) -> Path:
@@ -74,5 +78,57 @@ def test_login_polls_the_device_flow_keeps_the_session_0600_and_logout_ends_it(i
                 assert response.status == 401 and (await response.json())["error"] == "session_ended"
             code, out, err = await asyncio.to_thread(cli, "identity", "list")
             assert code != 0 and "sign in" in err
+
+    run(scenario())
+
+
+def test_login_with_a_browser_uses_pkce_and_a_loopback_redirect(idp: IdP, tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path / "home")}
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            config = load_config(person_config(tmp_path, running.api_url, running.context.settings.ca_cert_path))
+            printed: list[str] = []
+            browsers: list[threading.Thread] = []
+            forged: list[int] = []
+
+            def browser(url: str) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+                assert query["code_challenge_method"] == ["S256"] and query["nonce"][0]
+                redirect = query["redirect_uri"][0]
+                assert redirect.startswith("http://127.0.0.1:")
+
+                def person() -> None:
+                    # Someone else's page calling the callback without this sign-in's state is ignored.
+                    try:
+                        urllib.request.urlopen(redirect + "?code=stolen&state=guess", timeout=10)
+                    except urllib.error.HTTPError as error:
+                        forged.append(error.code)
+                    complete_device_login(idp, url, "alice")
+
+                thread = threading.Thread(target=person)
+                thread.start()
+                browsers.append(thread)
+
+            record = await asyncio.to_thread(login_browser, ManagementClient(config), config, environ, None,
+                                             printed.append, browser)
+            for thread in browsers:
+                thread.join(10)
+            assert forged == [404]
+            assert record["identity"] == "default/alice" and printed[-1] == "Signed in as default/alice with admin."
+            assert load_session(config, environ) is not None
+            signin = [e for e in running.context.audit.recent() if e["event"] == "signin"]
+            assert len(signin) == 1
+
+    run(scenario())
+
+
+def test_a_redirect_that_is_not_loopback_is_refused(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            for uri in ("https://evil.example/callback", "http://localhost:8000/cb", "http://127.0.0.1.evil/cb"):
+                status, refused = await call(running, "POST", "/api/v1/signin/authorize",
+                                             {"redirect_uri": uri, "code_challenge": "a" * 43, "state": "s" * 20})
+                assert (status, refused["error"]) == (400, "invalid_redirect_uri"), uri
 
     run(scenario())
