@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--browser", action="store_true",
                      help="sign in with a browser on this machine (code flow with PKCE) instead of a device code")
     leaf(top, "logout", None, "end your session, on the controller too")
+    leaf(top, "whoami", commands.whoami, "who the controller takes you for, and your roles", json_flag=True)
     sub = leaf(top, "quickstart", None, "run a controller, an agent and a demo service on this machine")
     sub.add_argument("--once", action="store_true", help="check the whole path once, then stop")
     sub.add_argument("--dir", type=Path, metavar="DIR", help="where to keep the quickstart's state")

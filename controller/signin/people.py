@@ -30,6 +30,8 @@ SESSION_BYTES = 32
 #: Remembered ID tokens and nonces are swept at most this many at a time: a
 #: sign-in never pays for a large backlog at once.
 SWEEP_BATCH = 100
+#: An expired session is kept this long, so a person using it is told it expired rather than unknown.
+ENDED_SESSION_KEPT = 7 * 24 * 3600
 _NOT_NAME = re.compile(r"[^a-z0-9-]+")
 
 
@@ -122,12 +124,21 @@ class People:
             if identity.status in BLOCKED_STATUSES:
                 raise SigninRefused("person_blocked", f"Your identity {identity.label} is {identity.status}; "
                                     "ask an admin to enable it.", 403)
+            self._sweep_sessions(db, now)
             db.execute("INSERT INTO person_sessions (token_sha256, tenant, name, grants, created_at, expires_at) "
                        "VALUES (?, ?, ?, ?, ?, ?)",
                        (sha256(token), tenant, name, json.dumps([str(g) for g in grants]), now, expires_at))
             self._audit.record_in(db, "signin", identity=identity.label, provider=provider.name, subject=subject,
                                   grants=[str(g) for g in grants], session_expires=int(expires_at), remote=remote)
         return Person(tenant, name, grants, expires_at), token
+
+    @staticmethod
+    def _sweep_sessions(db: Transaction, now: float) -> None:
+        """Forget sessions long over (the audit keeps their story), a batch at a time."""
+        stale = db.query("SELECT token_sha256 FROM person_sessions WHERE expires_at < ? LIMIT ?",
+                         (now - ENDED_SESSION_KEPT, SWEEP_BATCH))
+        for row in stale:
+            db.execute("DELETE FROM person_sessions WHERE token_sha256 = ?", (row["token_sha256"],))
 
     def session(self, token: str) -> Person | None:
         """The person a live session bearer belongs to, or None (unknown, ended, expired, person blocked)."""

@@ -11,15 +11,16 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
-from outpostctl.cli import main
+from outpostctl.cli import build_parser, main
 from outpostctl.client import ManagementClient
 from outpostctl.config import load_config
 from outpostctl.login import load_session, login, login_browser
 from tests.controller.harness import run, running_controller
 from tests.oidc.harness import IdP, complete_device_login
-from tests.oidc.signin_harness import call, signin_settings
+from tests.oidc.signin_harness import call, device_sign_in, signin_settings
 
 
 def person_config(tmp_path: Path, url: str, ca: Path) -> Path:
@@ -130,5 +131,22 @@ def test_a_redirect_that_is_not_loopback_is_refused(idp: IdP, tmp_path: Path) ->
                 status, refused = await call(running, "POST", "/api/v1/signin/authorize",
                                              {"redirect_uri": uri, "code_challenge": "a" * 43, "state": "s" * 20})
                 assert (status, refused["error"]) == (400, "invalid_redirect_uri"), uri
+
+    run(scenario())
+
+
+def test_whoami_names_the_person_or_the_admin_credential(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            person = (await device_sign_in(running, idp, "tina"))["session"]
+            config = load_config(person_config(tmp_path, running.api_url, running.context.settings.ca_cert_path))
+            for bearer, expected in ((person, "default/tina (admin:acme); session until "),
+                                     (running.admin_token, "the admin credential (break-glass)")):
+                out = io.StringIO()
+                args = build_parser().parse_args(["whoami"])
+                with contextlib.redirect_stdout(out):
+                    code = await asyncio.to_thread(args.handler, args,
+                                                   ManagementClient(replace(config, token=bearer)))
+                assert code == 0 and out.getvalue().startswith(expected), out.getvalue()
 
     run(scenario())

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from controller.signin.people import SESSION_PREFIX
+from controller.signin.people import ENDED_SESSION_KEPT, SESSION_PREFIX
 from tests.controller.harness import audit_events_added, run, running_controller, store_snapshot
 from tests.oidc.harness import IdP
 from tests.oidc.signin_harness import call, device_sign_in, signin_settings
@@ -101,5 +102,18 @@ def test_an_expired_session_is_refused_with_one_sentence_and_one_audit_row(idp: 
             assert refused["message"] == "Your session has expired; sign in again with outpostctl login."
             added = audit_events_added(before, store_snapshot(running.context.settings.store_path))
             assert [(e, f["reason"]) for e, f in added] == [("signin_refused", "session_expired")]
+
+    run(scenario())
+
+
+def test_sessions_long_over_are_forgotten_at_a_later_sign_in(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as running:
+            await device_sign_in(running, idp, "oscar")
+            store = running.context.store
+            with store.transaction() as db:
+                db.execute("UPDATE person_sessions SET expires_at = ?", (time.time() - ENDED_SESSION_KEPT - 1,))
+            await device_sign_in(running, idp, "oscar")
+            assert len(store.query("SELECT 1 FROM person_sessions")) == 1
 
     run(scenario())
