@@ -17,7 +17,7 @@ from controller.enrollment import Issued
 from controller.errors import BodyRefused, bad_request, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
-from controller.signin.api import require_tenant, signin_of, tenant_scope
+from controller.signin.api import person_label, require_tenant, signin_of, tenant_scope
 from controller.tokens import check_ttl
 
 #: Every request body is JSON of a few KiB at most (a CSR, a policy); 64 KiB
@@ -219,7 +219,7 @@ class ManagementApi:
         """A person gets a session certificate only as themselves; the admin credential never as a person."""
         actor = actor_of(request)
         is_person = await API_POOL.run(signin_of(self.context).people.is_person, identity.tenant, identity.name)
-        if actor.kind == "person" and (identity.name != actor.name or not is_person):
+        if actor.kind == "person" and (identity.label != person_label(request) or not is_person):
             raise forbidden("not_yourself", f"A person connects only as themselves, not as {identity.label}; "
                             "leave out --as.")
         if actor.kind != "person" and is_person:

@@ -157,6 +157,12 @@ async def require_tenant(request: web.Request, context: ControllerContext, tenan
     await refuse(request, signin_of(context), person, what, role, tenant)
 
 
+def person_label(request: web.Request) -> str | None:
+    """``tenant/name`` of the person making the request, None for the admin credential."""
+    person = request.get(PERSON_KEY)
+    return person.label if isinstance(person, Person) else None
+
+
 def tenant_scope(request: web.Request) -> set[str] | None:
     """The tenants a list may show this caller: None for all."""
     scope = request.get(SCOPE_KEY)

@@ -37,18 +37,18 @@ async def call(running: Running, method: str, path: str, body: Any = None,
         return response.status, await response.json(content_type=None)
 
 
-async def device_sign_in(running: Running, idp: IdP, login: str) -> dict[str, Any]:
+async def device_sign_in(running: Running, idp: IdP, login: str, provider: str = PROVIDER_NAME) -> dict[str, Any]:
     """What ``outpostctl login`` and the person do together; the controller's answer."""
-    status, start = await call(running, "POST", "/api/v1/signin/device", {"provider": PROVIDER_NAME})
+    status, start = await call(running, "POST", "/api/v1/signin/device", {"provider": provider})
     assert status == 200, start
     status, pending = await call(running, "POST", "/api/v1/signin/device/poll",
-                                 {"provider": PROVIDER_NAME, "device_code": start["device_code"]})
+                                 {"provider": provider, "device_code": start["device_code"]})
     assert (status, pending["error"]) == (400, "authorization_pending"), pending
     await asyncio.to_thread(complete_device_login, idp, start["verification_uri_complete"], login)
     deadline = time.monotonic() + 30
     for _ in range(MAX_POLLS):
         status, answer = await call(running, "POST", "/api/v1/signin/device/poll",
-                                    {"provider": PROVIDER_NAME, "device_code": start["device_code"]})
+                                    {"provider": provider, "device_code": start["device_code"]})
         if status != 400 or answer.get("error") not in ("authorization_pending", "slow_down"):
             break
         assert time.monotonic() < deadline

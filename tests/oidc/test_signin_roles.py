@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -65,6 +66,24 @@ def test_the_admin_credential_cannot_act_as_a_person(idp: IdP, tmp_path: Path) -
             certificate = x509.load_pem_x509_certificate(issued["certificate"].encode())
             assert not_after_of(certificate) - not_before_of(certificate) <= datetime.timedelta(hours=1, minutes=5)
             assert issued["identity"].endswith("/default/oscar")
+
+
+def test_a_person_cannot_act_as_a_namesake_in_another_tenant(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        base = signin_settings(idp)
+        acme = dataclasses.replace(base.providers[0], name="acme-idp", tenant="acme")
+        settings = dataclasses.replace(base, providers=(base.providers[0], acme))
+        async with running_controller(tmp_path / "ctl", signin=settings) as running:
+            oscar = (await device_sign_in(running, idp, "oscar"))["session"]
+            answer = await device_sign_in(running, idp, "oscar", provider="acme-idp")
+            assert answer["identity"] == "acme/oscar"
+            before = store_snapshot(running.context.settings.store_path)
+            status, refused = await call(running, "POST", "/api/v1/identities/oscar/session?tenant=acme",
+                                         {"csr": make_csr(make_key())}, bearer=oscar)
+            assert (status, refused["error"]) == (403, "not_yourself"), refused
+            assert store_snapshot(running.context.settings.store_path) == before
+
+    run(scenario())
 
 
 def test_revoking_a_person_ends_their_sessions_at_once(idp: IdP, tmp_path: Path) -> None:
