@@ -108,6 +108,10 @@ async def _person(request: web.Request, service: SigninService, bearer: str) -> 
         await API_POOL.run(service.refuse, error, None, _remote(request))
         raise error
     request[PERSON_KEY] = person
+    if request.match_info.http_exception is not None:
+        # No such route (404) or method (405): the router says so, as it does to the admin credential.
+        request[ACTOR_KEY] = Actor(kind="person", name=person.name, role="", remote=_remote(request))
+        return
     route = request.match_info.route.resource
     canonical = route.canonical if route is not None else request.path
     role, what = ROUTE_ROLES.get((request.method, canonical), ("admin", f"{request.method} {canonical}"))

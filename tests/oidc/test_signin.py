@@ -29,6 +29,8 @@ def test_a_person_signs_in_with_the_device_flow_and_gets_the_roles_of_their_grou
             assert status == 201, service
             status, alice = await call(running, "GET", "/api/v1/identities/alice", bearer=answer["session"])
             assert (status, alice["roles"]) == (200, ["admin"])
+            assert (await call(running, "GET", "/api/v1/no-such-thing", bearer=answer["session"]))[0] == 404
+            assert (await call(running, "DELETE", "/api/v1/services", bearer=answer["session"]))[0] == 405
             signin = [e for e in running.context.audit.recent() if e["event"] == "signin"]
             assert len(signin) == 1 and signin[0]["fields"]["identity"] == "default/alice"
             assert signin[0]["fields"]["grants"] == ["admin"] and signin[0]["fields"]["provider"] == "test"
