@@ -57,6 +57,10 @@ def verify_id_token(client: ProviderClient, token: object, *, nonce: str | None 
         raise refused("id_token_unknown_key",
                       f"The ID token is signed with a key ({kid[:40]!r}) that {provider.name}'s JWKS does not "
                       "list; sign in again, or check that the issuer is the right one.")
+    if jwk.get("alg", alg) != alg:
+        raise refused("id_token_algorithm",
+                      f"The ID token says {alg}, but {provider.name}'s key {kid[:40]!r} is for {jwk.get('alg')}; "
+                      "sign in again.")
     try:
         key = jwt.PyJWK(jwk, algorithm=alg).key
     except (jwt.PyJWTError, ValueError, KeyError, TypeError):

@@ -110,7 +110,9 @@ class ProviderClient:
         if status != 200 or not isinstance(keys, list):
             raise ProviderUnavailable(f"The identity provider {self.provider.name} served no JWKS; check the provider.")
         with self._lock:
-            self._jwks = {k["kid"]: k for k in keys if isinstance(k, dict) and isinstance(k.get("kid"), str)}
+            # Encryption keys never verify a signature.
+            self._jwks = {k["kid"]: k for k in keys
+                          if isinstance(k, dict) and isinstance(k.get("kid"), str) and k.get("use", "sig") == "sig"}
             self._jwks_at = self._clock()
             self.jwks_fetches += 1
 

@@ -38,6 +38,8 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str, str]] = {
     "HMAC": ({}, {"key": "outpost", "alg": "HS256"}, "id_token_algorithm",
              "The ID token is signed with 'HS256', which is not accepted; the provider must sign with one of "
              "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512."),
+    "algorithm not the key's": ({}, {"alg": "PS256"}, "id_token_algorithm",
+                                "The ID token says PS256, but test's key 'test-key-1' is for RS256; sign in again."),
     "wrong nonce": ({"nonce": "1.2.3"}, {}, "id_token_nonce",
                     "The ID token does not carry this sign-in's nonce; sign in again."),
 }
