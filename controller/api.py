@@ -9,13 +9,15 @@ from typing import Any
 
 from aiohttp import web
 
+from controller.actor import actor_of
 from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.enrollment import Issued
-from controller.errors import BodyRefused, bad_request, unknown_identity
+from controller.errors import BodyRefused, bad_request, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
+from controller.signin.api import person_label, require_tenant, signin_of, tenant_scope
 from controller.tokens import check_ttl
 
 #: Every request body is JSON of a few KiB at most (a CSR, a policy); 64 KiB
@@ -146,6 +148,7 @@ class ManagementApi:
     async def create_identity(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         tenant = _tenant(body.get("tenant"))
+        await require_tenant(request, self.context, tenant)
         name = check_name(body.get("name"), "identity name")
         roles = check_roles(body.get("roles"))
         ttl = check_ttl(body.get("ttl"), self.context.settings.token_ttl)
@@ -164,6 +167,8 @@ class ManagementApi:
     async def list_identities(self, request: web.Request) -> web.Response:
         tenant = request.query.get("tenant")
         identities = self.context.registry.list_identities(None if tenant is None else _tenant(tenant))
+        scope = tenant_scope(request)
+        identities = [i for i in identities if scope is None or i.tenant in scope]
         return web.json_response({"identities": [i.to_json() for i in identities]})
 
     async def get_identity(self, request: web.Request) -> web.Response:
@@ -205,33 +210,52 @@ class ManagementApi:
     async def session(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         identity = self._identity_from_path(request)
+        await self._may_act_as(request, identity)
         issued = await API_POOL.run(self.context.enrollment.issue_session, identity.tenant, identity.name,
                                     body.get("csr"))
         return web.json_response(issued_json(self.context, issued), status=201)
 
+    async def _may_act_as(self, request: web.Request, identity: Identity) -> None:
+        """A person gets a session certificate only as themselves; the admin credential never as a person."""
+        actor = actor_of(request)
+        is_person = await API_POOL.run(signin_of(self.context).people.is_person, identity.tenant, identity.name)
+        if actor.kind == "person" and (identity.label != person_label(request) or not is_person):
+            raise forbidden("not_yourself", f"A person connects only as themselves, not as {identity.label}; "
+                            "leave out --as.")
+        if actor.kind != "person" and is_person:
+            raise forbidden("admin_as_person", f"{identity.label} is a person: only they can act as themselves, "
+                            "by signing in (outpostctl login); the admin credential cannot.")
+
     async def create_service(self, request: web.Request) -> web.Response:
         body = await read_json(request)
+        tenant = _tenant(body.get("tenant"))
+        await require_tenant(request, self.context, tenant)
         service = await API_POOL.run(
             self.context.registry.create_service,
-            _tenant(body.get("tenant")), check_name(body.get("name"), "service name"), check_roles(body.get("roles")),
+            tenant, check_name(body.get("name"), "service name"), check_roles(body.get("roles")),
         )
         return web.json_response(service.to_json(), status=201)
 
     async def list_services(self, request: web.Request) -> web.Response:
         tenant = request.query.get("tenant")
         services = self.context.registry.list_services(None if tenant is None else _tenant(tenant))
+        scope = tenant_scope(request)
+        services = [s for s in services if scope is None or s.tenant in scope]
         return web.json_response({"services": [s.to_json() for s in services]})
 
     async def create_policy(self, request: web.Request) -> web.Response:
         body = await read_json(request)
+        tenant = _tenant(body.get("tenant"))
+        await require_tenant(request, self.context, tenant)
         policy = await API_POOL.run(
-            self.context.policy.create,
-            body.get("kind"), _tenant(body.get("tenant")), body.get("identities"), body.get("services"),
+            self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
         )
         return web.json_response(policy.to_json(), status=201)
 
     async def list_policies(self, request: web.Request) -> web.Response:
-        return web.json_response({"policies": [p.to_json() for p in self.context.policy.list()]})
+        scope = tenant_scope(request)
+        policies = [p for p in self.context.policy.list() if scope is None or p.tenant in scope]
+        return web.json_response({"policies": [p.to_json() for p in policies]})
 
     async def audit(self, request: web.Request) -> web.Response:
         raw = request.query.get("limit", str(DEFAULT_AUDIT_PAGE))

@@ -51,7 +51,7 @@ IDENTITY_REFUSALS_PER_MINUTE = 20
 MAX_TRACKED_IDENTITIES = 10_000
 #: Events budgeted per identity when the caller names the identity.
 IDENTITY_BUDGETED_EVENTS = frozenset({"bind_denied", "dial_denied", "tunnel_refused", "renewal_refused",
-                                      "report_refused"})
+                                      "report_refused", "management_refused"})
 
 EVENTS = frozenset(
     {
@@ -76,6 +76,11 @@ EVENTS = frozenset(
         "dial_allowed",
         "dial_denied",
         "report_refused",
+        "signin",
+        "signin_refused",
+        "signout",
+        "admin_credential_refused",
+        "management_refused",
     }
 )
 

@@ -35,6 +35,7 @@ from controller.settings import (
     Settings,
     host_port,
 )
+from controller.signin.config import SigninSettings, load_config
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from shared import __version__
 from shared.errors import EXIT_USAGE, OutpostError
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections not yet authenticated, in total, per listener")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
                        help="connections not yet authenticated from one source address")
+    serve.add_argument("--config", help="TOML file: identity providers ([[signin.provider]]), [signin.roles], "
+                                        "admin_credential = false (docs/people.md)")
     serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                        help="auto: uvloop where installed (less memory per connection), else asyncio")
     admin = commands.add_parser("admin-token", help="the management API's admin credential")
@@ -156,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         api_listen_port=api_port,
         metrics_listen_host=metrics_host,
         metrics_listen_port=metrics_port,
+        signin=load_config(Path(args.config)) if args.config else SigninSettings(),
         limits=dataclasses.replace(
             ListenerLimits(),
             max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,

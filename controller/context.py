@@ -6,6 +6,7 @@ The relay (``controller/relay/``) is built against this object.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.admin_credential import AdminCredential
 from controller.audit import AuditLog
@@ -39,6 +40,8 @@ class ControllerContext:
     #: DER of the listener certificate replaced by the last renewal: a tunnel whose TLS handshake
     #: came just before the swap signs over that one.
     previous_server_certificate_der: bytes | None = None
+    #: People's sign-in (controller/signin/service.py ``SigninService``), made with the app.
+    signin: Any = field(default=None, repr=False)
 
     def close(self) -> None:
         self.store.close()

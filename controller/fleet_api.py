@@ -19,6 +19,7 @@ from controller.errors import bad_request, not_found
 from controller.fleet import PRESENCE_STATES, FleetFilter, fleet, own_view
 from controller.names import DEFAULT_TENANT, check_name
 from controller.presence import PresenceBook
+from controller.signin.api import tenant_scope
 
 FLEET_PARAMETERS = frozenset({"presence", "expiring_within", "tenant", "role"})
 #: ``expiring_within`` at most this many seconds (ten years): past it the
@@ -69,11 +70,13 @@ class FleetApi:
 
     async def list(self, request: web.Request) -> web.Response:
         keep = fleet_filter(request)
+        scope = tenant_scope(request)  # a tenant-scoped role sees only its tenants
         own = own_view(self.book)  # on the loop; the store reads, the merge and the JSON in a worker thread
 
         def answer() -> bytes:
             now = time.time()
-            identities = self.context.registry.list_identities(keep.tenant)
+            identities = [i for i in self.context.registry.list_identities(keep.tenant)
+                          if scope is None or i.tenant in scope]
             entries = fleet(self.context.store, identities, own, keep, now)
             return json.dumps({"now": now, "identities": entries}, separators=(",", ":")).encode()
 

@@ -17,6 +17,7 @@ from controller.errors import bad_request, not_found
 from controller.names import DEFAULT_TENANT, check_name
 from controller.policy import KINDS
 from controller.relay.broker import service_key
+from controller.signin.api import require_tenant
 
 EXPLAIN_PARAMETERS = frozenset({"identity", "service", "kind", "session"})
 
@@ -49,6 +50,7 @@ class PolicyExplainApi:
         if session not in ("true", "false"):
             raise bad_request("invalid_parameter", "session must be true or false.")
         tenant, name = _split(query["identity"], DEFAULT_TENANT, "identity name")
+        await require_tenant(request, self.context, tenant)
         registry = self.context.registry
         identity = registry.get_identity(tenant, name)
         if identity is None:

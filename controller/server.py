@@ -36,6 +36,8 @@ from controller.metrics_server import metrics_app, metrics_token
 from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
 from controller.settings import host_port
+from controller.signin.api import SigninApi, management_auth
+from controller.signin.service import SigninService
 from controller.watcher import StatusWatcher
 
 log = logging.getLogger(__name__)
@@ -90,35 +92,6 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return error_response("internal", "The controller failed on this request; see its log.", 500)
-
-
-BEARER = "Bearer "
-
-
-def admin_auth(context: ControllerContext) -> Any:
-    """Every /api/ request carries the admin credential; a request that does has authenticated its connection."""
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(API_PREFIX):
-            presented = request.headers.get("Authorization", "")
-            valid = (
-                context.admin is not None
-                and presented.startswith(BEARER)
-                and context.admin.check(presented[len(BEARER):])
-            )
-            if not valid:
-                return error_response(
-                    "unauthorized",
-                    "This request needs the admin token (Authorization: Bearer ...); see outpostctl.toml.",
-                    401,
-                )
-            connection = guarded_connection(request)
-            if connection is not None:
-                connection.mark_authenticated()
-        return await handler(request)
-
-    return check
 
 
 @web.middleware
@@ -197,7 +170,9 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
     """An aiohttp application: the gateway routes and the relay, the management API, or both."""
     middlewares = [errors_as_json]
     if api:
-        middlewares.append(admin_auth(context))
+        if context.signin is None:
+            context.signin = SigninService(context.settings.signin, context.store, context.registry, context.audit)
+        middlewares.append(management_auth(context))
     middlewares += [audit_unread_refusals(context), refuse_large_bodies, request_deadlines]
     app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=middlewares)
     if gateway:
@@ -207,6 +182,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         ManagementApi(context, relay.status).add_routes(app)
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
+        SigninApi(context).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(

@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from controller.listener import ListenerLimits
+from controller.signin.config import SigninSettings
 
 #: Agents renew at about two thirds of this; a day bounds what a stolen
 #: certificate is worth while leaving a long night offline harmless.
@@ -62,6 +63,8 @@ class Settings:
     listener_cert_lifetime: int = DEFAULT_LISTENER_CERT_LIFETIME
     #: Deadlines and caps for connections that have not authenticated (controller/listener.py).
     limits: ListenerLimits = ListenerLimits()
+    #: Identity providers, group to role mapping, sessions, the admin credential on or off (``--config``).
+    signin: SigninSettings = SigninSettings()
 
     @property
     def store_path(self) -> Path:

@@ -132,6 +132,35 @@ CREATE TABLE IF NOT EXISTS presence_relays (
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+-- People who signed in through an identity provider (controller/signin/): the
+-- identity (tenant, name) of kind person; (provider, subject) says who they are.
+CREATE TABLE IF NOT EXISTS people (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    display_name TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    signed_in_at REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS people_by_subject ON people (provider, subject);
+-- A person's session: only the SHA-256 of the bearer is kept.
+CREATE TABLE IF NOT EXISTS person_sessions (
+    token_sha256 TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    grants TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    ended_at REAL
+);
+-- ID tokens and nonces already used to sign in, until they expire: none is accepted twice.
+CREATE TABLE IF NOT EXISTS signin_seen (
+    digest TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
 """
 
 

@@ -20,6 +20,7 @@ from outpostctl import commands, fleet
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
+from outpostctl.login import load_session, login, login_browser, logout, with_session
 from shared import __version__
 
 PROG = commands.PROG
@@ -162,8 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(top, "connect", None, "expose a remote service as a local port")
     sub.add_argument("service", metavar="SERVICE", help="NAME (the identity's tenant) or TENANT/NAME")
     sub.add_argument("--listen", required=True, metavar="HOST:PORT", help="the local address to listen on")
-    sub.add_argument("--as", dest="as_identity", default=DEFAULT_CONNECT_IDENTITY, metavar="IDENTITY",
-                     help=f"the identity to dial as, NAME or TENANT/NAME (default {DEFAULT_CONNECT_IDENTITY})")
+    sub.add_argument("--as", dest="as_identity", default=None, metavar="IDENTITY",
+                     help="the identity to dial as, NAME or TENANT/NAME (default: yourself when signed in, "
+                          f"else {DEFAULT_CONNECT_IDENTITY})")
+    sub = leaf(top, "login", None, "sign in as yourself through the identity provider (device code)")
+    sub.add_argument("--provider", metavar="NAME", help="which identity provider, when the controller trusts several")
+    sub.add_argument("--browser", action="store_true",
+                     help="sign in with a browser on this machine (code flow with PKCE) instead of a device code")
+    leaf(top, "logout", None, "end your session, on the controller too")
+    leaf(top, "whoami", commands.whoami, "who the controller takes you for, and your roles", json_flag=True)
     sub = leaf(top, "quickstart", None, "run a controller, an agent and a demo service on this machine")
     sub.add_argument("--once", action="store_true", help="check the whole path once, then stop")
     sub.add_argument("--dir", type=Path, metavar="DIR", help="where to keep the quickstart's state")
@@ -179,13 +187,30 @@ def read_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
     return load_config(path)
 
 
+def connect_identity(flag: str | None, session: dict[str, Any] | None) -> str:
+    """``--as``, else the signed-in person, else the shared ``operator`` identity."""
+    if flag is not None:
+        return flag
+    return f"{session['tenant']}/{session['name']}" if session else DEFAULT_CONNECT_IDENTITY
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "quickstart":
         from outpostctl.quickstart import run as run_quickstart
         return run_quickstart(args)
     config = read_config(args)
+    if args.command == "login":
+        (login_browser if args.browser else login)(ManagementClient(config), config, os.environ, args.provider)
+        return 0
+    if args.command == "logout":
+        return logout(config, os.environ)
+    session = load_session(config, os.environ)
+    if session is not None:
+        # Signed in: the person acts as themselves, never with the admin token beside it.
+        config = with_session(config, os.environ)
     if args.command == "connect":
         from outpostctl.connect import run as run_connect
+        args.as_identity = connect_identity(args.as_identity, session)
         return run_connect(args, config)
     code: int = args.handler(args, ManagementClient(config))
     return code

@@ -193,6 +193,9 @@ class ManagementClient:
         if isinstance(document, dict):
             code = str(document.get("error") or "")
             message = str(document.get("message") or "")
+        if status == 401 and (code.startswith("session_") or code == "admin_credential_off" or not self._config.token):
+            raise CredentialRefused(message or "the controller wants you to sign in: outpostctl login",
+                                    code=code or "unauthorized", status=status)
         if status == 401:
             where = f" in {self._config.source}" if self._config.source else ""
             raise CredentialRefused(

@@ -328,3 +328,16 @@ def _tunnel_identity(tunnel: JsonObject) -> str:
     if tunnel.get("tenant") and tunnel.get("name"):
         return f"{tunnel['tenant']}/{tunnel['name']}"
     return render.format_value(tunnel.get("identity"))
+
+
+def whoami(args: argparse.Namespace, client: ManagementClient) -> int:
+    """Who the controller takes this shell for: a person and their roles, or the admin credential."""
+    me = client.request("GET", "/signin/whoami")
+    if args.json:
+        print(render.machine_json(me))
+    elif me.get("kind") == "person":
+        grants = ", ".join(me.get("grants") or []) or "no role"
+        print(f"{me['identity']} ({grants}); session until {render.format_time(me.get('expires_at'))}")
+    else:
+        print("the admin credential (break-glass): every action is on record as the admin's")
+    return 0

@@ -52,7 +52,8 @@ class CtlConfig:
     url: str
     #: The controller CA's PEM file; the only CA the client trusts.
     ca_path: Path
-    #: The admin bearer token. Kept out of ``repr`` so it never reaches a log.
+    #: The bearer: the admin token, a person's session (outpostctl login), or "" for neither.
+    #: Kept out of ``repr`` so it never reaches a log.
     token: str = field(repr=False)
     #: The file this config was read from, named in error sentences.
     source: Path | None = None
@@ -141,7 +142,8 @@ def config_from_values(values: Mapping[str, object], source: Path) -> CtlConfig:
         ca_path = source.parent / ca_path
     if not ca_path.is_file():
         raise ConfigError(f"{source}: the CA file {ca_path} does not exist; point 'ca' at the controller's ca/ca.pem")
-    token = required("token")
+    # A person's file names the controller only: they sign in (outpostctl login) instead.
+    token = required("token") if "token" in values else ""
     if not all(VISIBLE_ASCII_FIRST <= ord(char) <= VISIBLE_ASCII_LAST for char in token):
         # Refused here, not by http.client, whose error would quote the token.
         raise ConfigError(

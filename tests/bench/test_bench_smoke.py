@@ -239,3 +239,11 @@ def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_tr
         assert result["connections"] == 20
         assert_positive(result["tunnel_round_trip"]["holding"], "p50_ms", "p99_ms")
         assert result["controller_rss_kib"]["holding"] > 0
+
+
+def test_signin_bench_runs_or_says_why_not() -> None:
+    found = run_bench("signin", "--signins", "2", "--requests", "5")
+    if "skipped" in found:
+        assert "node" in found["skipped"]
+        return
+    assert found["device_signin_ms"]["n"] == 2 and found["request_ms"]["person_session"]["p50"] > 0

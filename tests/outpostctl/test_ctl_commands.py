@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jwt
 
-from outpostctl.cli import build_parser
+from outpostctl.cli import build_parser, connect_identity
 from tests.outpostctl.harness import (
     CLI_TIMEOUT_SECONDS,
     Ctl,
@@ -170,7 +170,11 @@ def test_the_environment_variable_points_python_dash_m_at_the_controller(control
 
 def test_connect_parses_with_the_operator_identity_by_default() -> None:
     args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000"])
-    assert (args.command, args.service, args.listen, args.as_identity) == ("connect", "historian", "127.0.0.1:15000", "operator")
+    assert (args.command, args.service, args.listen, args.as_identity) == ("connect", "historian", "127.0.0.1:15000", None)
+    # Without --as: the signed-in person, else the shared operator identity.
+    assert connect_identity(None, None) == "operator"
+    assert connect_identity(None, {"tenant": "default", "name": "oscar"}) == "default/oscar"
+    assert connect_identity("ops-1", {"tenant": "default", "name": "oscar"}) == "ops-1"
     args = build_parser().parse_args(["connect", "historian", "--listen", "127.0.0.1:15000", "--as", "ops-1"])
     assert args.as_identity == "ops-1"
 
