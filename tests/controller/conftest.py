@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres_server
 
 
 @pytest.fixture
@@ -18,3 +21,21 @@ def loop_name(request: pytest.FixtureRequest) -> str:
     if request.param == "uvloop":
         pytest.importorskip("uvloop", reason="uvloop is not installed (python3-uvloop)")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (tests/controller/postgres_harness.py)."""
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database of the session's server, dropped after the test."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
