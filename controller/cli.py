@@ -50,6 +50,8 @@ MAX_RECOVERY_GRACE = 365 * 24 * 3600
 #: above a million the cap no longer bounds memory (each connection holds ~64 KiB).
 MIN_CONNECTION_CAP = 1
 MAX_CONNECTION_CAP = 1_000_000
+#: What a ``--config`` file may set (each as its flag would).
+CONFIG_KEYS = frozenset({"store"})
 
 
 class UsageError(StartupError):
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections not yet authenticated, in total, per listener")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
                        help="connections not yet authenticated from one source address")
+    serve.add_argument("--store", help="postgresql://USER@HOST/DATABASE: a store shared by several controller "
+                                       "processes (default: an SQLite file in the data directory)")
+    serve.add_argument("--config", help="a TOML file with settings; a flag given on the command line wins "
+                                        f"(keys: {', '.join(sorted(CONFIG_KEYS))})")
     serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                        help="auto: uvloop where installed (less memory per connection), else asyncio")
     admin = commands.add_parser("admin-token", help="the management API's admin credential")
@@ -125,7 +131,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_config(path: str) -> dict[str, str]:
+    """The settings of a ``--config`` TOML file; one sentence for a file that cannot be used."""
+    import tomllib
+
+    try:
+        config = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--config {path}: {error.strerror}; give the path of a readable TOML file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path} is not valid TOML ({error}); fix the file.") from None
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting {unknown[0]!r}; the known ones are "
+                         f"{', '.join(sorted(CONFIG_KEYS))}.")
+    for key, value in config.items():
+        if not isinstance(value, str):
+            raise UsageError(f"--config {path}: {key} must be a string in quotes, like {key} = \"...\".")
+    return config
+
+
+def parse_store(value: str) -> str:
+    """A ``postgresql://`` URL libpq can read; otherwise one sentence (nothing is opened or created here)."""
+    from controller.store import StoreLocationError, is_url
+
+    if not is_url(value):
+        raise UsageError(f"--store {value!r} is not a URL; give postgresql://USER@HOST/DATABASE, or leave --store "
+                         "out for the SQLite file in the data directory.")
+    try:
+        from controller.store_postgres import check_url
+    except ImportError:
+        raise StoreLocationError("--store postgresql://... needs psycopg 3: apt install python3-psycopg "
+                                 "(or pip install 'outpost[postgresql]').") from None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise UsageError(f"--store {value.split(':', 1)[0]}://... is not a store this controller knows; "
+                         "give a postgresql:// URL.")
+    return check_url(value)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    config = read_config(args.config) if args.config else {}
+    store = args.store if args.store is not None else config.get("store")
     host, port = parse_listen(args.listen)
     api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)
     if api_host is not None and (api_host, api_port) == (host, port) and port != 0:
@@ -145,6 +191,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         extra_sans=tuple(parse_san(name) for name in args.san),
         api_listen_host=api_host,
         api_listen_port=api_port,
+        store_url=parse_store(store) if store else None,
         limits=dataclasses.replace(
             ListenerLimits(),
             max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,
