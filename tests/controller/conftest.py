@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres_server
+# The PostgreSQL fixtures live beside the server they start; imported here for every controller test.
+from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
 
 
 @pytest.fixture
@@ -23,28 +23,19 @@ def loop_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the whole session (tests/controller/postgres_harness.py)."""
-    reason = missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture
-def postgres_url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh, empty database of the session's server, dropped after the test."""
-    url = postgres.create_database()
-    yield url
-    postgres.drop_database(url)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
     """Where a test's store lives, once on each engine: an SQLite file, or a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return tmp_path / "store.sqlite3"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """``Settings.store_url`` once per engine: None (the data directory's SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
     url: str = request.getfixturevalue("postgres_url")
     return url
