@@ -224,10 +224,13 @@ class PostgresStore(Store):
         return StoreUnavailable(self.describe(), reason)
 
     def _connection(self) -> psycopg.Connection[Any]:
-        """This thread's connection; a new one when there was none or it broke."""
+        return self._connection_and_freshness()[0]
+
+    def _connection_and_freshness(self) -> tuple[psycopg.Connection[Any], bool]:
+        """This thread's connection, and whether it was opened just now (a new one when there was none or it broke)."""
         connection: psycopg.Connection[Any] | None = getattr(self._local, "connection", None)
         if connection is not None and not connection.closed and not connection.broken:
-            return connection
+            return connection, False
         if connection is not None:
             self._drop(connection)
         with self._connections_lock:
@@ -244,7 +247,7 @@ class PostgresStore(Store):
         with self._connections_lock:
             self._connections.append(connection)
         self._local.connection = connection
-        return connection
+        return connection, True
 
     def _drop(self, connection: psycopg.Connection[Any]) -> None:
         with contextlib.suppress(Exception):
@@ -255,17 +258,26 @@ class PostgresStore(Store):
         if getattr(self._local, "connection", None) is connection:
             self._local.connection = None
 
+    def _begin(self) -> psycopg.Connection[Any]:
+        """This thread's connection inside a new transaction that holds the write lock."""
+        for attempt in (1, 2):
+            connection, fresh = self._connection_and_freshness()
+            try:
+                connection.execute("BEGIN")
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                return connection
+            except psycopg.OperationalError as error:
+                self._drop(connection)
+                # A connection kept from before a server restart fails at its first use; nothing was sent yet.
+                if fresh or attempt == 2:
+                    raise self._unavailable(error) from None
+        raise AssertionError("unreachable")
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A write transaction under the store's advisory lock: commits on success, rolls back on error."""
         with self._write_lock:
-            connection = self._connection()
-            try:
-                connection.execute("BEGIN")
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-            except psycopg.OperationalError as error:
-                self._drop(connection)
-                raise self._unavailable(error) from None
+            connection = self._begin()
             try:
                 yield PostgresTransaction(connection)
             except BaseException as error:
@@ -279,17 +291,21 @@ class PostgresStore(Store):
             try:
                 connection.execute("COMMIT")
             except psycopg.OperationalError as error:
+                # Whether the server committed is unknown; every request here is safe to retry (docs/deployment.md).
                 self._drop(connection)
                 raise self._unavailable(error) from None
             self.commits += 1
 
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
-        connection = self._connection()
-        try:
-            return list(connection.execute(_query(sql), _adapt(parameters)).fetchall())
-        except psycopg.OperationalError as error:
-            self._drop(connection)
-            raise self._unavailable(error) from None
+        for attempt in (1, 2):
+            connection, fresh = self._connection_and_freshness()
+            try:
+                return list(connection.execute(_query(sql), _adapt(parameters)).fetchall())
+            except psycopg.OperationalError as error:
+                self._drop(connection)
+                if fresh or attempt == 2:  # a read is safe to send again on a new connection, once
+                    raise self._unavailable(error) from None
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._write_lock, self._connections_lock:
