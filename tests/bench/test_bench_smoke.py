@@ -227,3 +227,13 @@ def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_tr
         assert result["connections"] == 20
         assert_positive(result["tunnel_round_trip"]["holding"], "p50_ms", "p99_ms")
         assert result["controller_rss_kib"]["holding"] > 0
+
+
+def test_store_throughput_reports_enrollment_and_renewal_on_each_store() -> None:
+    stderr: list[str] = []
+    found = run_bench("store_throughput", "--count", "8", "--concurrency", "4", stderr=stderr)
+    assert_positive(found["sqlite"], "enroll_per_s", "renew_per_s")
+    if found["postgresql"] is None:
+        assert "PostgreSQL is not measured" in stderr[0] and found["postgresql_skipped"]
+    else:
+        assert_positive(found["postgresql"], "enroll_per_s", "renew_per_s", "enroll_per_s_two_processes")
