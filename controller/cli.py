@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--data", required=True, help="the controller's data directory")
     rotate.add_argument("--out", help="where to write the new outpostctl.toml (default: DIR/outpostctl.toml)")
     rotate.add_argument("--url", help="the management API's URL for that file (default: from DIR/outpostctl.toml)")
+    backup = commands.add_parser("backup", help="copy the data directory (CA, SQLite store) to a new directory, "
+                                                "also while the controller runs")
+    backup.add_argument("path", help="the backup directory to create")
+    backup.add_argument("--data", required=True, help="the controller's data directory")
+    restore = commands.add_parser("restore", help="make a data directory from a backup (then start serve on it)")
+    restore.add_argument("path", help="a directory made by outpost-controller backup")
+    restore.add_argument("--data", required=True, help="the data directory to create (absent or empty)")
     return parser
 
 
@@ -243,6 +250,21 @@ async def serve(settings: Settings) -> None:
         context.close()
 
 
+def backup_or_restore(args: argparse.Namespace) -> int:
+    from controller.backup import backup, restore
+
+    data, path = Path(args.data).absolute(), Path(args.path).absolute()
+    if args.command == "backup":
+        with_store = backup(data, path)
+        store = "its SQLite store" if with_store else "no store (back up PostgreSQL with pg_dump, docs/deployment.md)"
+        print(f"backed up {data} to {path}: the CA, the listener certificate, the admin hash and {store}.")
+    else:
+        restore(path, data)
+        print(f"restored {path} into {data}; start outpost-controller serve --data {data} "
+              "(with the same --listen and --advertise, so agents find it).")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The journal with structured fields under systemd (python3-systemd), stderr otherwise.
     service_manager.configure_logging(logging.INFO, identifier="outpost-controller")
@@ -256,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"a new admin token is in {written}; the old one no longer works. "
                   "Keep that file private: it is the only copy.")
             return 0
+        if args.command in ("backup", "restore"):
+            return backup_or_restore(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
     except OutpostError as error:

@@ -16,7 +16,6 @@ Last line: JSON.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import sys
 import tempfile
