@@ -161,14 +161,18 @@ class Cursor(Protocol):
 
 
 class StoreUnavailable(ControllerError):
-    """The store cannot be reached now (PostgreSQL down or restarting); nothing of the request was written."""
+    """The store cannot be reached now (PostgreSQL down or restarting); nothing of the request was written.
+
+    The sentence goes to peers, enrolled or not: where the store is stays in this process's log.
+    """
 
     def __init__(self, where: str, reason: str = "") -> None:
-        #: Why, as the database driver said it (for logs and startup sentences).
+        #: Where the store is and why it failed, as the database driver said it (logs and startup sentences).
+        self.where = where
         self.reason = reason
         super().__init__(
             "store_unavailable",
-            f"The controller cannot reach its store ({where}) right now; nothing was changed. Retry in a few seconds.",
+            "The controller cannot reach its store right now; nothing was changed. Retry in a few seconds.",
             503,
         )
 
