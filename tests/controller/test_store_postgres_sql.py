@@ -36,3 +36,14 @@ def test_a_password_never_appears_in_what_is_said_about_the_store() -> None:
     assert safe_url("postgresql://outpost@/outpost?host=/run") == "postgresql://outpost@/outpost?host=/run"
     assert safe_url("postgresql://db/outpost?user=o&password=s3cret&x=1") == "postgresql://db/outpost?user=o&password=***&x=1"
     assert safe_url("postgresql://o:s3cret@[::1/outpost") == "postgresql://o:***@[::1/outpost"
+
+
+def test_a_vanished_database_host_is_noticed_within_seconds_unless_the_url_says_otherwise() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from controller.store_postgres import connection_string
+
+    params = conninfo_to_dict(connection_string("postgresql://outpost@db.example/outpost?keepalives_idle=30"))
+    assert params["keepalives"] == "1" and params["keepalives_idle"] == "30"  # the URL's own value
+    assert int(params["tcp_user_timeout"]) <= 10_000 and int(params["connect_timeout"]) <= 5
+    assert params["host"] == "db.example" and params["dbname"] == "outpost"
