@@ -377,6 +377,8 @@ def _first_line(error: BaseException) -> str:
 
 
 class PostgresTransaction(Transaction):
+    reapply_current_schema = False
+
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self._connection = connection
 

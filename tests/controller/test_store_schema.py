@@ -141,3 +141,28 @@ def test_unix_times_keep_their_microseconds_and_ids_count_up_on_postgresql(postg
         assert [(row["time"], row[1]) for row in rows] == [(1796555753.006379, "{}"), (2.0, "100% done?")]
     finally:
         store.close()
+
+
+def test_an_up_to_date_postgresql_store_opens_for_a_user_who_may_not_change_its_schema(postgres_url: str) -> None:
+    import psycopg
+
+    Store(postgres_url).close()
+    writer = "w_" + postgres_url.split("/")[3].split("?")[0]  # roles are the cluster's: one per database
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {writer} LOGIN")
+        connection.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {writer}")
+        connection.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {writer}")
+    try:
+        as_writer = postgres_url.replace("postgresql://outpost@", f"postgresql://{writer}@")
+        store = Store(as_writer)
+        try:
+            with store.transaction() as db:
+                db.execute("INSERT INTO audit (time, event, fields) VALUES (1, 'x', '{}')")
+            with pytest.raises(Exception, match="must be owner|permission denied"), store.transaction() as db:
+                db.execute("ALTER TABLE audit DISABLE TRIGGER audit_append_only")
+        finally:
+            store.close()
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as connection:
+            connection.execute(f"DROP OWNED BY {writer}")
+            connection.execute(f"DROP ROLE {writer}")
