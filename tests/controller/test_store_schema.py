@@ -166,3 +166,20 @@ def test_an_up_to_date_postgresql_store_opens_for_a_user_who_may_not_change_its_
         with psycopg.connect(postgres_url, autocommit=True) as connection:
             connection.execute(f"DROP OWNED BY {writer}")
             connection.execute(f"DROP ROLE {writer}")
+
+
+def test_a_store_missing_a_later_column_gets_it_on_either_engine(store_location: Path | str) -> None:
+    """An older store of either engine: the column ADDED_COLUMNS lists is added and the version recorded."""
+    store = Store(store_location)
+    with store.transaction() as db:
+        db.execute("INSERT INTO tokens (jti, tenant, name, created_at, expires_at) VALUES ('j', 'default', 'gw', 1, 2)")
+        db.execute("ALTER TABLE tokens DROP COLUMN issuer")
+        db.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    store.close()
+    store = Store(store_location)
+    try:
+        row = store.query_one("SELECT jti, issuer FROM tokens")
+        assert row is not None and (row["jti"], row["issuer"]) == ("j", None)
+        assert store.query_one("SELECT value FROM meta WHERE key = 'schema_version'")["value"] == str(SCHEMA_VERSION)
+    finally:
+        store.close()
