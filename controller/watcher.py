@@ -19,6 +19,7 @@ down); the listeners are called on the event loop, as before.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 
 from controller.registry import BLOCKED_STATUSES, CHANGE_REKEYED, Identity, Registry
@@ -89,11 +90,19 @@ class StatusWatcher:
     async def run(self) -> None:
         """Poll until cancelled; a failing poll (store busy or away) is logged and retried."""
         loop = asyncio.get_running_loop()
+        # One thread of its own: one store connection for the watcher, whichever thread would be free.
+        worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="outpost-watcher")
+        try:
+            await self._watch(loop, worker)
+        finally:
+            worker.shutdown(wait=False)
+
+    async def _watch(self, loop: asyncio.AbstractEventLoop, worker: concurrent.futures.Executor) -> None:
         while True:
             # On PostgreSQL the first wait starts listening and returns: the poll after it misses nothing.
             await self._store.wait_for_changes(self.interval)
             try:
-                self.announce(await loop.run_in_executor(None, self.fetch))
+                self.announce(await loop.run_in_executor(worker, self.fetch))
             except StoreUnavailable:
                 pass  # said once by the store; the next poll tries again
             except Exception:

@@ -29,6 +29,9 @@ RACERS = 50
 SESSIONS = 40
 #: A generous bound for a whole burst of requests on a loaded 2-core machine.
 BURST_TIMEOUT = 60.0
+#: What docs/deployment.md promises: the event loop's, two API workers', two relay
+#: workers', the watcher's and its listening connection, about eight.
+MAX_CONNECTIONS_PER_PROCESS = 8
 
 
 class StoreProcess:
@@ -121,6 +124,8 @@ def test_serials_stay_unique_and_a_revocation_is_recorded_once_whichever_process
     assert [status for status, _ in results] == [201] * SESSIONS, results[:3]
     stored = rows(postgres_url, "SELECT serial FROM certificates WHERE purpose = 'session'")
     assert len(stored) == len({serial for (serial,) in stored}) == SESSIONS
+    (connections,) = rows(postgres_url, "SELECT count(*) - 1 FROM pg_stat_activity WHERE datname = current_database()")
+    assert connections[0] <= MAX_CONNECTIONS_PER_PROCESS * len(processes), connections
 
     created = asyncio.run(post_all([(processes[0], "/api/v1/identities", {"name": "gw", "roles": []}, True)]))
     assert created[0][0] == 201
