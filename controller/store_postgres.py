@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 #: The key of the store's one write lock (any 64-bit number works; this is "outpost" in ASCII).
 #: Every writer of every process takes it first, so it must never change between versions.
 WRITE_LOCK_KEY = 0x6F7574706F7374
+_BEGIN_LOCKED = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})".encode()
 #: The channel ``status_changes`` rows are announced on.
 NOTIFY_CHANNEL = "outpost_status_changes"
 #: How long a new connection may take. The store is on the local network and
@@ -180,8 +181,8 @@ class PostgresStore(Store):
         for attempt in (1, 2):
             connection, fresh = self._connection_and_freshness()
             try:
-                connection.execute("BEGIN")
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+                # One round trip for both (no parameters: the simple protocol takes two statements).
+                connection.execute(_BEGIN_LOCKED)
                 return connection
             except psycopg.OperationalError as error:
                 self._drop(connection)
