@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,11 @@ TCP_DEFAULTS = {
     "tcp_user_timeout": "10000",
     "connect_timeout": str(CONNECT_TIMEOUT_SECONDS),
 }
+#: After a new connection failed, how long requests are refused at once instead of each
+#: trying (and waiting up to CONNECT_TIMEOUT_SECONDS for) a server that is not there: a
+#: flood of dials during an outage then costs the relay's workers nothing, and a server
+#: that is back is used within a second.
+CONNECT_HOLDOFF_SECONDS = 1.0
 #: How long the notification listener waits before connecting again after it lost the
 #: server: short enough to meet revocation's 2 s once the server is back, and
 #: one attempt a second from each process costs a restarting server nothing.
@@ -117,6 +123,8 @@ class PostgresStore(Store):
         self._closed = False
         self._listener: psycopg.AsyncConnection[Any] | None = None
         self._opened = False
+        #: When and why the last new connection failed: for a moment, requests are refused without trying.
+        self._last_failure: tuple[float, str] | None = None
         try:
             self._connection()
         except StoreUnavailable as error:
@@ -156,12 +164,20 @@ class PostgresStore(Store):
         with self._connections_lock:
             if self._closed:
                 raise psycopg.InterfaceError("the store is closed")
+            last_failure = self._last_failure
+        if last_failure is not None and time.monotonic() - last_failure[0] < CONNECT_HOLDOFF_SECONDS:
+            raise StoreUnavailable(self.describe(), last_failure[1])
         try:
             connection = psycopg.connect(self._conninfo, autocommit=True, row_factory=row_factory)
             # A writer waits for another process's transaction as long as on SQLite, then fails.
             connection.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
         except psycopg.OperationalError as error:
-            raise self._unavailable(error) from None
+            unavailable = self._unavailable(error)
+            with self._connections_lock:
+                self._last_failure = (time.monotonic(), unavailable.reason)
+            raise unavailable from None
+        with self._connections_lock:
+            self._last_failure = None
         with self._connections_lock:
             self._connections.append(connection)
         self._local.connection = connection

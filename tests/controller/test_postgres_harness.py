@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
-from tests.controller.postgres_harness import PostgresServer
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (python3-psycopg)")
+
+from tests.controller.postgres_harness import PostgresServer  # noqa: E402
 
 
 def test_the_server_runs_unprivileged_on_a_socket_and_each_test_gets_an_empty_database(

@@ -12,16 +12,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from controller.audit import AuditLog
-from controller.registry import Identity, Registry
-from controller.store import Store, StoreUnavailable
-from controller.store_postgres import CONNECT_TIMEOUT_SECONDS
-from controller.watcher import StatusWatcher
-from tests.controller.harness import make_key, run, running_controller
-from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres, postgres_url  # noqa: F401
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (python3-psycopg)")
+
+from controller.audit import AuditLog  # noqa: E402
+from controller.registry import Identity, Registry  # noqa: E402
+from controller.store import Store, StoreUnavailable  # noqa: E402
+from controller.store_postgres import CONNECT_HOLDOFF_SECONDS, CONNECT_TIMEOUT_SECONDS  # noqa: E402
+from controller.watcher import StatusWatcher  # noqa: E402
+from tests.controller.harness import make_key, run, running_controller  # noqa: E402
+from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres, postgres_url  # noqa: E402, F401
 
 #: The promise for revocation, also once the store is back.
 REVOCATION_DEADLINE = 2.0
@@ -72,6 +73,7 @@ def test_a_stopped_server_is_refused_quickly_and_the_same_store_recovers_when_it
             db.execute("INSERT INTO meta (key, value) VALUES ('lost', 'yes')")
         assert time.monotonic() - started < 2 * CONNECT_TIMEOUT_SECONDS
         own_server.start()
+        time.sleep(CONNECT_HOLDOFF_SECONDS)  # refused at once for a moment after a failed connection
         with store.transaction() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('back', 'yes')")
         assert [row["key"] for row in store.query("SELECT key FROM meta WHERE key IN ('lost', 'back')")] == ["back"]
@@ -128,9 +130,37 @@ def test_enrollment_while_the_store_is_down_is_refused_with_503_and_works_once_i
             assert status == 503 and body["error"] == "store_unavailable", body
             assert "Retry in a few seconds" in body["message"]
             await asyncio.to_thread(own_server.start)
+            await asyncio.sleep(CONNECT_HOLDOFF_SECONDS)
             status, body = await running.enroll(token, make_key())
             assert status == 200, body
             certificates = running.context.store.query("SELECT count(*) AS n FROM certificates WHERE name = 'gw'")
             assert certificates[0]["n"] == 1
 
     run(scenario())
+
+
+def test_after_a_failed_connection_requests_are_refused_at_once_for_a_moment_then_tried_again(
+    own_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = own_server.create_database()
+    store = Store(url)
+    attempts: list[float] = []
+    real_connect = psycopg.connect
+
+    def counted(*args: object, **kwargs: object) -> object:
+        attempts.append(time.monotonic())
+        return real_connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(psycopg, "connect", counted)
+    try:
+        own_server.stop()
+        for _ in range(50):  # a flood of requests while the server is away: one attempt to connect
+            with pytest.raises(StoreUnavailable):
+                store.query("SELECT 1")
+        assert len(attempts) == 1
+        own_server.start()
+        time.sleep(CONNECT_HOLDOFF_SECONDS)
+        assert store.query_one("SELECT 1 AS one")["one"] == 1  # type: ignore[index]
+        assert len(attempts) == 2
+    finally:
+        store.close()

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ControllerUnreachable
-from agent.tunnel.client import TunnelOptions
-from shared.protocol import ErrorCode
-from shared.tunnel.session import ChannelReset
-from tests.controller.harness import run, running_controller
-from tests.controller.postgres_harness import PostgresServer, missing_reason
-from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled, session_credentials
-from tests.controller.relay.test_relay_decisions import DIAL_ANSWER_TIMEOUT, Echo, create
+pytest.importorskip("psycopg", reason="psycopg is not installed (python3-psycopg)")
+
+from agent.errors import ControllerUnreachable  # noqa: E402
+from agent.tunnel.client import TunnelOptions  # noqa: E402
+from controller.store_postgres import CONNECT_HOLDOFF_SECONDS  # noqa: E402
+from shared.protocol import ErrorCode  # noqa: E402
+from shared.tunnel.session import ChannelReset  # noqa: E402
+from tests.controller.harness import run, running_controller  # noqa: E402
+from tests.controller.postgres_harness import PostgresServer, missing_reason  # noqa: E402
+from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled, session_credentials  # noqa: E402
+from tests.controller.relay.test_relay_decisions import DIAL_ANSWER_TIMEOUT, Echo, create  # noqa: E402
 
 
 @pytest.fixture
@@ -63,6 +66,7 @@ def test_while_the_store_is_down_live_tunnels_stay_and_dials_and_new_tunnels_are
                 assert not binder.conn.closed and not dialer.conn.closed
 
                 await asyncio.to_thread(own_server.start)
+                await asyncio.sleep(CONNECT_HOLDOFF_SECONDS)  # refused at once for a moment after a failed connection
                 channel = dialer.open_stream("modbus")
                 await asyncio.wait_for(channel.wait_accepted(), DIAL_ANSWER_TIMEOUT)
                 assert echo.connections == 1
