@@ -87,3 +87,18 @@ def test_a_data_directory_on_postgresql_holds_no_sqlite_file_and_a_second_one_wi
     assert not (tmp_path / "two").exists()
     with pytest.raises(sqlite3.Error):
         sqlite3.connect(f"file:{tmp_path / 'two' / 'store.sqlite3'}?mode=ro", uri=True).execute("SELECT 1")
+
+
+def test_without_psycopg_a_postgresql_store_is_refused_saying_what_to_install(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.harness import python_env
+
+    data = tmp_path / "controller"
+    script = ("import sys; sys.modules['psycopg'] = None; from controller.cli import main; "
+              f"sys.exit(main(['serve', '--data', {str(data)!r}, '--store', 'postgresql://outpost@db/outpost']))")
+    result = subprocess.run([sys.executable, "-c", script], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_USAGE
+    assert "needs psycopg 3: apt install python3-psycopg" in result.stderr and result.stderr.count("\n") == 1
+    assert not data.exists()
