@@ -10,7 +10,11 @@ between its read and its write, the guarantee ``BEGIN IMMEDIATE`` gives. The
 alternative, SERIALIZABLE with retries, would let writers run side by side but
 must re-run a transaction's body after a conflict, and the bodies here sign
 certificates and announce changes; one lock keeps them run exactly once
-(docs/deployment.md has the enrollment rate it allows).
+(docs/deployment.md has the enrollment rate it allows). The one writer also
+makes sequence numbers appear in order: a row numbered N+1 is never
+committed before row N, so the status watcher's ``seq > last`` never skips
+a row that committed late. Unlike SQLite, a rolled-back insert leaves a gap
+in the numbers: nothing may assume they are contiguous.
 
 Commits are durable before they return (PostgreSQL's default
 ``synchronous_commit``). Every ``status_changes`` row notifies
