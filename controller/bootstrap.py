@@ -228,12 +228,15 @@ def _create(settings: Settings) -> None:
         ca.save(staged.ca_cert_path, staged.ca_key_path)
         admin_token = new_token()
         write_hash(staged.admin_hash_path, admin_token)
-        store = Store(staged.store_path)
+        store = Store(staged.store_location)
         try:
+            claim_store(store, ca.fingerprint)
             audit = AuditLog(store)
             registry = Registry(store, audit, settings.trust_domain)
             with store.transaction() as db:
-                registry.create_identity_in(db, OPERATOR_TENANT, OPERATOR_NAME, (OPERATOR_ROLE,))
+                # A shared store already has it when another controller created it first.
+                if registry.get_identity_in(db, OPERATOR_TENANT, OPERATOR_NAME) is None:
+                    registry.create_identity_in(db, OPERATOR_TENANT, OPERATOR_NAME, (OPERATOR_ROLE,))
         finally:
             store.close()
         ensure_server_certificate(ca, staged.server_cert_path, staged.server_key_path, server_names(settings),
@@ -258,6 +261,25 @@ def _create(settings: Settings) -> None:
         raise
 
 
+def claim_store(store: Store, ca_fingerprint: str) -> None:
+    """Record which CA the store belongs to, or refuse a store that belongs to another CA.
+
+    Every process sharing a store must share the data directory's CA (a copy
+    of it): a certificate another CA signed would be refused by every agent,
+    and a token it signed by every other controller.
+    """
+    with store.transaction() as db:
+        row = db.query_one("SELECT value FROM meta WHERE key = 'ca_fingerprint'")
+        if row is None:
+            db.execute("INSERT INTO meta (key, value) VALUES ('ca_fingerprint', ?)", (ca_fingerprint,))
+        elif row["value"] != ca_fingerprint:
+            raise StartupError(
+                f"The store {store.describe()} belongs to the controller whose CA is {row['value']}, "
+                f"not to this data directory's CA ({ca_fingerprint}); give this controller a copy of that "
+                "controller's data directory, or another store."
+            )
+
+
 def open_data_dir(settings: Settings) -> ControllerContext:
     """Create the data directory if it is new, then load it into a context.
 
@@ -280,7 +302,10 @@ def open_data_dir(settings: Settings) -> ControllerContext:
 
 
 def _load(settings: Settings) -> ControllerContext:
-    for required in (settings.ca_cert_path, settings.ca_key_path, settings.store_path):
+    required_files = [settings.ca_cert_path, settings.ca_key_path]
+    if settings.store_url is None:
+        required_files.append(settings.store_path)
+    for required in required_files:
         if not required.exists():
             raise StartupError(
                 f"The data directory {settings.data_dir} is incomplete ({required.name} is missing); "
@@ -294,8 +319,13 @@ def _load(settings: Settings) -> ControllerContext:
         ca, settings.server_cert_path, settings.server_key_path, server_names(settings),
         *listener_cert_lifetimes(settings),
     )
+    store = Store(settings.store_location)
+    try:
+        claim_store(store, ca.fingerprint)
+    except BaseException:
+        store.close()
+        raise
     refresh_outpostctl_config(settings)
-    store = Store(settings.store_path)
     audit = AuditLog(store)
     registry = Registry(store, audit, settings.trust_domain)
     policy = PolicyEngine(store, audit)
@@ -329,8 +359,9 @@ def rotate_admin_token(data_dir: Path, out: Path | None = None, url: str | None 
     the command can simply be run again. Returns the file written.
     """
     settings = Settings(data_dir=data_dir)
-    if not settings.ca_cert_path.is_file() or not settings.store_path.is_file():
-        raise StartupError(f"{data_dir} is not a controller data directory (no ca/ca.pem or store); check --data.")
+    # The store may be elsewhere (--store postgresql://...): the CA is what makes a data directory.
+    if not settings.ca_cert_path.is_file() or not settings.admin_hash_path.is_file():
+        raise StartupError(f"{data_dir} is not a controller data directory (no ca/ca.pem or admin.hash); check --data.")
     target = out or settings.outpostctl_config_path
     if url is None:
         import tomllib

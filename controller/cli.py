@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import shared.service_manager as service_manager
@@ -35,7 +35,7 @@ from controller.settings import (
     Settings,
     host_port,
 )
-from controller.signin.config import SigninSettings, load_config
+from controller.signin.config import SigninSettings, parse_config
 from controller.tokens import MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from shared import __version__
 from shared.errors import EXIT_USAGE, OutpostError
@@ -52,6 +52,10 @@ MAX_RECOVERY_GRACE = 365 * 24 * 3600
 #: above a million the cap no longer bounds memory (each connection holds ~64 KiB).
 MIN_CONNECTION_CAP = 1
 MAX_CONNECTION_CAP = 1_000_000
+#: What a ``--config`` file may set (each as its flag would).
+#: The keys of a ``--config`` file: the store, and people's sign-in (controller/signin/config.py).
+CONFIG_KEYS = frozenset({"store", "admin_credential", "signin"})
+SIGNIN_KEYS = ("admin_credential", "signin")
 
 
 class UsageError(StartupError):
@@ -117,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="connections not yet authenticated, in total, per listener")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=MAX_UNAUTHENTICATED_PER_ADDRESS,
                        help="connections not yet authenticated from one source address")
-    serve.add_argument("--config", help="TOML file: identity providers ([[signin.provider]]), [signin.roles], "
-                                        "admin_credential = false (docs/people.md)")
+    serve.add_argument("--store", help="postgresql://USER@HOST/DATABASE: a store shared by several controller "
+                                       "processes (default: an SQLite file in the data directory)")
+    serve.add_argument("--config", help="a TOML file with settings; a flag given on the command line wins "
+                                        f"(keys: {', '.join(sorted(CONFIG_KEYS))}; identity providers in "
+                                        "[[signin.provider]], docs/people.md)")
     serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                        help="auto: uvloop where installed (less memory per connection), else asyncio")
     admin = commands.add_parser("admin-token", help="the management API's admin credential")
@@ -128,10 +135,61 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--data", required=True, help="the controller's data directory")
     rotate.add_argument("--out", help="where to write the new outpostctl.toml (default: DIR/outpostctl.toml)")
     rotate.add_argument("--url", help="the management API's URL for that file (default: from DIR/outpostctl.toml)")
+    backup = commands.add_parser("backup", help="copy the data directory (CA, SQLite store) to a new directory, "
+                                                "also while the controller runs")
+    backup.add_argument("path", help="the backup directory to create")
+    backup.add_argument("--data", required=True, help="the controller's data directory")
+    restore = commands.add_parser("restore", help="make a data directory from a backup (then start serve on it)")
+    restore.add_argument("path", help="a directory made by outpost-controller backup")
+    restore.add_argument("--data", required=True, help="the data directory to create (absent or empty)")
     return parser
 
 
+def read_config(path: str) -> dict[str, Any]:
+    """The settings of a ``--config`` TOML file; one sentence for a file that cannot be used."""
+    import tomllib
+
+    try:
+        config = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--config {path}: {error.strerror}; give the path of a readable TOML file.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path} is not valid TOML ({error}); fix the file.") from None
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting {unknown[0]!r}; the known ones are "
+                         f"{', '.join(sorted(CONFIG_KEYS))}.")
+    if "store" in config and not isinstance(config["store"], str):
+        raise UsageError(f"--config {path}: store must be a string in quotes, like store = \"...\".")
+    return config
+
+
+def signin_settings(config: dict[str, Any], base: Path) -> SigninSettings:
+    """People's sign-in from the ``--config`` file's ``admin_credential`` and ``[signin]``."""
+    return parse_config({key: config[key] for key in SIGNIN_KEYS if key in config}, base)
+
+
+def parse_store(value: str) -> str:
+    """A ``postgresql://`` URL libpq can read; otherwise one sentence (nothing is opened or created here)."""
+    from controller.store import StoreLocationError, is_url
+
+    if not is_url(value):
+        raise UsageError(f"--store {value!r} is not a URL; give postgresql://USER@HOST/DATABASE, or leave --store "
+                         "out for the SQLite file in the data directory.")
+    try:
+        from controller.store_postgres import check_url
+    except ImportError:
+        raise StoreLocationError("--store postgresql://... needs psycopg 3: apt install python3-psycopg "
+                                 "(or pip install 'outpost[postgresql]').") from None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise UsageError(f"--store {value.split(':', 1)[0]}://... is not a store this controller knows; "
+                         "give a postgresql:// URL.")
+    return check_url(value)
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    config = read_config(args.config) if args.config else {}
+    store = args.store if args.store is not None else config.get("store")
     host, port = parse_listen(args.listen)
     api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)
     if api_host is not None and (api_host, api_port) == (host, port) and port != 0:
@@ -159,7 +217,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         api_listen_port=api_port,
         metrics_listen_host=metrics_host,
         metrics_listen_port=metrics_port,
-        signin=load_config(Path(args.config)) if args.config else SigninSettings(),
+        signin=signin_settings(config, Path(args.config).parent) if args.config else SigninSettings(),
+        store_url=parse_store(store) if store else None,
         limits=dataclasses.replace(
             ListenerLimits(),
             max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,
@@ -214,6 +273,21 @@ async def serve(settings: Settings) -> None:
         context.close()
 
 
+def backup_or_restore(args: argparse.Namespace) -> int:
+    from controller.backup import backup, restore
+
+    data, path = Path(args.data).absolute(), Path(args.path).absolute()
+    if args.command == "backup":
+        with_store = backup(data, path)
+        store = "its SQLite store" if with_store else "no store (back up PostgreSQL with pg_dump, docs/deployment.md)"
+        print(f"backed up {data} to {path}: the CA, the listener certificate, the admin hash and {store}.")
+    else:
+        restore(path, data)
+        print(f"restored {path} into {data}; start outpost-controller serve --data {data} "
+              "(with the same --listen and --advertise, so agents find it).")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The journal with structured fields under systemd (python3-systemd), stderr otherwise.
     service_manager.configure_logging(logging.INFO, identifier="outpost-controller")
@@ -227,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"a new admin token is in {written}; the old one no longer works. "
                   "Keep that file private: it is the only copy.")
             return 0
+        if args.command in ("backup", "restore"):
+            return backup_or_restore(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
     except OutpostError as error:

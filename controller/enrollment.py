@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from controller.audit import AuditLog
 from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
 from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
-from controller.store import Store, Transaction
+from controller.store import Row, Store, Transaction
 from controller.tokens import TokenAuthority, TokenClaims, supersede_in, token_error, token_row_in
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def parse_csr_key(pem: object) -> ec.EllipticCurvePublicKey:
     return public_key
 
 
-def refuse_retry(row: sqlite3.Row, identity: Identity, key_sha256: str) -> None:
+def refuse_retry(row: Row, identity: Identity, key_sha256: str) -> None:
     """Allow the retry of a redeemed token only for its own key, while that key is still the identity's.
 
     The retry is for an agent that crashed before storing its certificate.

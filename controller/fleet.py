@@ -73,8 +73,10 @@ def sightings(store: Store, own: OwnView | None, now: float, only: Key | None = 
                                                   (now - PRESENCE_STALE_AFTER,))}
     seen: dict[Key, list[Sighting]] = {}
     select = f"SELECT {', '.join(COLUMNS)} FROM presence"
-    rows = [tuple(row) for row in (store.query(select) if only is None
-                                   else store.query(select + " WHERE tenant = ? AND name = ?", only))]
+    rows: list[tuple[Any, ...]] = [
+        tuple(row[column] for column in COLUMNS)
+        for row in (store.query(select) if only is None else store.query(select + " WHERE tenant = ? AND name = ?", only))
+    ]
     # Our own rows of tunnels live or ended since the last batch: memory is fresher than the store.
     for row in [r for r in rows if not (r[2] == relay and ((r[0], r[1]) in live or (r[0], r[1]) in ended))] \
             + list(ended.values()):

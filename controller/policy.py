@@ -141,8 +141,9 @@ class PolicyEngine:
         _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
         with self._store.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?)",
+            row = db.query_one(
+                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (
                     kind,
                     tenant,
@@ -151,9 +152,9 @@ class PolicyEngine:
                     now,
                 ),
             )
-            policy_id = cursor.lastrowid
-            if policy_id is None:  # sqlite3 sets it after every INSERT; None would mean no row was written
+            if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
                 raise RuntimeError("the store wrote no policy row")
+            policy_id = int(row["id"])
             policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now)
             self._audit.record_in(db, "policy_created", **policy.to_json())
         return policy

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 from controller.audit import AuditLog
 from controller.errors import ControllerError, conflict, not_found
 from controller.names import check_name, identity_uri, parse_identity_uri
-from controller.store import Store, Transaction
+from controller.store import Row, Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class Registry:
 
     # Identities
 
-    def _identity(self, row: sqlite3.Row) -> Identity:
+    def _identity(self, row: Row) -> Identity:
         return Identity(
             name=row["name"],
             tenant=row["tenant"],
@@ -298,7 +297,7 @@ class Registry:
         return Service(name=name, tenant=tenant, roles=roles, created_at=now)
 
     @staticmethod
-    def _service(row: sqlite3.Row) -> Service:
+    def _service(row: Row) -> Service:
         return Service(
             name=row["name"], tenant=row["tenant"], roles=tuple(json.loads(row["roles"])), created_at=row["created_at"]
         )

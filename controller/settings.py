@@ -65,10 +65,17 @@ class Settings:
     limits: ListenerLimits = ListenerLimits()
     #: Identity providers, group to role mapping, sessions, the admin credential on or off (``--config``).
     signin: SigninSettings = SigninSettings()
+    #: ``--store``: a ``postgresql://`` URL shared by several processes; None: the SQLite file in the data directory.
+    store_url: str | None = None
 
     @property
     def store_path(self) -> Path:
         return self.data_dir / "store.sqlite3"
+
+    @property
+    def store_location(self) -> Path | str:
+        """What ``Store()`` opens: the ``--store`` URL, or the SQLite file in the data directory."""
+        return self.store_url if self.store_url is not None else self.store_path
 
     @property
     def ca_cert_path(self) -> Path:

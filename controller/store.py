@@ -1,26 +1,45 @@
-"""The controller's SQLite store: identities, tokens, services, policies, certificates, audit.
+"""The controller's store: one interface, two engines.
 
-Several processes may share one store file, so every read-modify-write runs in
-``BEGIN IMMEDIATE`` (the write lock is taken before the read, so two
-processes can never both see a token unused) and the journal is WAL (readers
-do not block the writer).
+``Store(location)`` opens either: a path is an SQLite file (controller/store_sqlite.py,
+the embedded default in the data directory), a ``postgresql://`` URL a PostgreSQL
+database that several controller and relay processes share
+(controller/store_postgres.py). Both keep the same guarantees:
 
-A commit is durable before ``transaction()`` returns (``synchronous=FULL``:
-the WAL is flushed at every commit), so nothing the controller answers for
-(a consumed token, an issued certificate) is lost with a crash or the power
-after the answer went out; a crash before the commit loses the whole
-transaction and the client, which got no answer, retries.
+- One writer's read-modify-write never interleaves with another's, in this
+  process or any other: ``transaction()`` takes the store's one write lock
+  before its first read (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a
+  transaction-scoped advisory lock), so two processes never both see a token unused.
+- A commit is durable before ``transaction()`` returns, and a transaction
+  that fails (an error, a crash, the database gone) leaves nothing behind.
+- A read (``query``) never waits for a writer.
+
+The SQL is written once, in the dialect both engines share: ``?``
+placeholders (the PostgreSQL store translates them), ``INTEGER``, ``REAL``,
+``TEXT`` and ``BLOB`` columns, ``INTEGER PRIMARY KEY AUTOINCREMENT`` for a
+sequence, ``INSERT ... ON CONFLICT``, ``RETURNING`` instead of ``lastrowid``.
+
+The schema grows in one obvious step per change, on both engines:
+- a table or an index: append its ``CREATE ... IF NOT EXISTS`` to ``SCHEMA``;
+- a column of an existing table: append it to ``ADDED_COLUMNS``;
+- a table nobody may rewrite: add it to ``APPEND_ONLY_TABLES``;
+- rows to rewrite once: a function in ``MIGRATIONS`` under the new version;
+and raise ``SCHEMA_VERSION`` by one (tests/controller/test_store_schema.py
+checks that it was). Every open applies what is missing and records the
+version; a controller refuses a store of a newer version before writing
+anything, in one sentence (``StoreTooNew``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import re
 import sqlite3
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from controller.errors import ControllerError, StartupError
+from shared.errors import EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_USAGE
 
 #: The values of one statement's ``?`` placeholders.
 Parameters = tuple[object, ...]
@@ -28,7 +47,9 @@ Parameters = tuple[object, ...]
 #: How long a writer waits for another process's transaction before failing;
 #: every transaction here is a handful of row writes, so seconds is generous.
 BUSY_TIMEOUT_SECONDS = 10.0
-SCHEMA_VERSION = 1
+#: The schema this code reads and writes; raise it with every change to SCHEMA,
+#: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -105,11 +126,6 @@ CREATE INDEX IF NOT EXISTS identities_by_key ON identities (key_sha256);
 CREATE INDEX IF NOT EXISTS certificates_by_key ON certificates (key_sha256);
 -- A new token, and every redemption, supersedes the identity's other tokens.
 CREATE INDEX IF NOT EXISTS tokens_by_identity ON tokens (tenant, name);
--- The audit log is append-only: no process, not even this one, rewrites history.
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 -- Presence (controller/presence.py): each controller process writes the rows
 -- of its own tunnels, keyed by its relay id, in batches; readers merge them.
 CREATE TABLE IF NOT EXISTS presence (
@@ -163,111 +179,6 @@ CREATE TABLE IF NOT EXISTS signin_seen (
 );
 """
 
-
-class Store:
-    """The store file as this process's threads see it: one SQLite connection per thread.
-
-    Handlers run on the event loop, and the blocking work (transactions that
-    fsync, CA signatures) runs in worker threads (controller/blocking.py). A
-    connection of its own per thread means a read on the event loop never
-    waits for a worker's commit (WAL readers do not block on the writer);
-    write transactions of this process take one lock in turn, so they queue
-    here instead of sleeping in SQLite's busy handler, and ``BEGIN IMMEDIATE``
-    still orders them against other processes.
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            # The store names every identity and key; owner-only like the keys beside it.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self._local = threading.local()
-        self._write_lock = threading.RLock()
-        self._connections_lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._closed = False
-        #: Write transactions committed by this process (the relay's tests count them).
-        self.commits = 0
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        with self.transaction() as db:
-            db.executescript_in_transaction(SCHEMA)
-            _add_missing_columns(db)
-            db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
-
-    @property
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            with self._connections_lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the store is closed")
-                # isolation_level=None: transactions are begun explicitly, never implicitly.
-                connection = sqlite3.connect(
-                    str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-                )
-                self._connections.append(connection)
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA foreign_keys=ON")
-            connection.execute("PRAGMA synchronous=FULL")
-            self._local.connection = connection
-        return connection
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """A write transaction (``BEGIN IMMEDIATE``): commits on success, rolls back on error."""
-        connection = self._connection
-        with self._write_lock:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield Transaction(connection)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-            self.commits += 1
-
-    def query(self, sql: str, parameters: Parameters = ()) -> list[sqlite3.Row]:
-        """Rows of one read-only statement (its own implicit snapshot)."""
-        return list(self._connection.execute(sql, parameters))
-
-    def query_one(self, sql: str, parameters: Parameters = ()) -> sqlite3.Row | None:
-        rows = self.query(sql, parameters)
-        return rows[0] if rows else None
-
-    def close(self) -> None:
-        """Close every thread's connection (after the last transaction of any thread)."""
-        with self._write_lock, self._connections_lock:
-            self._closed = True
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
-
-
-class Transaction:
-    """The statements of one open transaction."""
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._connection = connection
-
-    def execute(self, sql: str, parameters: Parameters = ()) -> sqlite3.Cursor:
-        return self._connection.execute(sql, parameters)
-
-    def query(self, sql: str, parameters: Parameters = ()) -> list[sqlite3.Row]:
-        return list(self._connection.execute(sql, parameters))
-
-    def query_one(self, sql: str, parameters: Parameters = ()) -> sqlite3.Row | None:
-        rows = self.query(sql, parameters)
-        return rows[0] if rows else None
-
-    def executescript_in_transaction(self, script: str) -> None:
-        # executescript() would COMMIT first; run the statements one by one instead.
-        for statement in _split_statements(script):
-            self._connection.execute(statement)
-
-
 #: Columns added after a store could first have been created; ``CREATE TABLE IF
 #: NOT EXISTS`` leaves an older table as it is, so each is added when missing.
 ADDED_COLUMNS = (
@@ -276,37 +187,234 @@ ADDED_COLUMNS = (
     ("tokens", "issuer", "TEXT"),
 )
 
+#: Tables no process, not even this one, may update, delete from or empty:
+#: history is never rewritten. Each engine enforces it with its own triggers.
+APPEND_ONLY_TABLES = ("audit",)
 
-def _add_missing_columns(db: Transaction) -> None:
+
+class Row(Protocol):
+    """One result row: by column name (``row["name"]``) or position; ``keys()`` names the columns."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    """What ``Transaction.execute`` returns: rows changed, and rows of a ``RETURNING`` clause."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class StoreUnavailable(ControllerError):
+    """The store cannot be reached now (PostgreSQL down or restarting); nothing of the request was written.
+
+    The sentence goes to peers, enrolled or not: where the store is stays in this process's log.
+    """
+
+    def __init__(self, where: str, reason: str = "") -> None:
+        #: Where the store is and why it failed, as the database driver said it (logs and startup sentences).
+        self.where = where
+        self.reason = reason
+        super().__init__(
+            "store_unavailable",
+            "The controller cannot reach its store right now; nothing was changed. Retry in a few seconds.",
+            503,
+        )
+
+
+class StoreLocationError(StartupError):
+    """``--store`` names nothing this controller can open."""
+
+    exit_code = EXIT_USAGE
+
+
+class StoreUnreachable(StartupError):
+    """The store exists in the configuration but does not answer."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class StoreTooNew(StartupError):
+    """The store was written by a newer controller; this one must not touch it."""
+
+    exit_code = EXIT_DATAERR
+
+    def __init__(self, where: str, version: int) -> None:
+        super().__init__(
+            f"The store {where} has schema version {version}, newer than this outpost-controller knows "
+            f"({SCHEMA_VERSION}); upgrade outpost-controller (nothing was changed in the store)."
+        )
+
+
+def is_url(location: Path | str) -> bool:
+    """True for a ``scheme://`` location (a database server); False for a file path."""
+    return isinstance(location, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", location) is not None
+
+
+class Store:
+    """The store as this process's threads see it; ``Store(location)`` opens the engine the location names.
+
+    Handlers run on the event loop, and the blocking work (transactions that
+    fsync, CA signatures) runs in worker threads (controller/blocking.py);
+    every thread has a connection of its own, and the write transactions of
+    this process take one lock in turn, so they queue here rather than in the
+    database, while the database's own lock orders them against other processes.
+    """
+
+    #: "sqlite" or "postgresql".
+    engine: ClassVar[str] = ""
+    #: Whether commits that insert ``status_changes`` rows wake ``wait_for_changes`` at once.
+    notifies: ClassVar[bool] = False
+
+    def __new__(cls, location: Path | str) -> Store:
+        if cls is Store:
+            if is_url(location):
+                if not str(location).startswith(("postgresql://", "postgres://")):
+                    scheme = str(location).split(":", 1)[0]
+                    raise StoreLocationError(
+                        f"--store {scheme}://... is not a store this controller knows; give a postgresql:// URL "
+                        "or leave --store out for the SQLite file in the data directory."
+                    )
+                try:
+                    from controller.store_postgres import PostgresStore
+                except ImportError:
+                    raise StoreLocationError(
+                        "--store postgresql://... needs psycopg 3: apt install python3-psycopg "
+                        "(or pip install 'outpost[postgresql]')."
+                    ) from None
+                return object.__new__(PostgresStore)
+            from controller.store_sqlite import SQLiteStore
+
+            return object.__new__(SQLiteStore)
+        return object.__new__(cls)
+
+    def __init__(self, location: Path | str) -> None:
+        #: Write transactions committed by this process (the relay's tests count them).
+        self.commits = 0
+
+    def describe(self) -> str:
+        """Where the store is, for sentences and logs (never a password)."""
+        raise NotImplementedError
+
+    def transaction(self) -> contextlib.AbstractContextManager[Transaction]:
+        """A write transaction holding the store's write lock: commits on success, rolls back on error."""
+        raise NotImplementedError
+
+    def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
+        """Rows of one read-only statement (its own implicit snapshot)."""
+        raise NotImplementedError
+
+    def query_one(self, sql: str, parameters: Parameters = ()) -> Row | None:
+        rows = self.query(sql, parameters)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        """Close every thread's connection (after the last transaction of any thread)."""
+        raise NotImplementedError
+
+    async def wait_for_changes(self, timeout: float) -> None:
+        """Return when another process may have committed a status change, or after ``timeout``."""
+        import asyncio
+
+        await asyncio.sleep(timeout)
+
+    def _open_schema(self) -> None:
+        """Bring the store to ``SCHEMA_VERSION``, or refuse a newer one before writing anything."""
+        with self.transaction() as db:
+            version = db.schema_version()
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreTooNew(self.describe(), version)
+            if version == SCHEMA_VERSION and not db.reapply_current_schema:
+                return
+            for statement in split_statements(SCHEMA):
+                db.execute_ddl(db.translate_ddl(statement))
+            for table in APPEND_ONLY_TABLES:
+                db.make_append_only(table)
+            db.install_engine_schema()
+            added = _add_missing_columns(db)
+            if ("tokens", "superseded_at") in added:
+                db.supersede_older_tokens()
+            for step in range((version or 0) + 1, SCHEMA_VERSION + 1):
+                migration = MIGRATIONS.get(step)
+                if migration is not None:
+                    migration(db)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+
+
+class Transaction:
+    """The statements of one open transaction; each engine's subclass runs them."""
+
+    #: Whether a store already at SCHEMA_VERSION gets the schema applied again at every open. SQLite:
+    #: yes, stores from before the version was kept honest say 1 whatever they hold. PostgreSQL: no,
+    #: so a controller whose database user may not change the schema starts on an up-to-date store.
+    reapply_current_schema = True
+
+    def execute(self, sql: str, parameters: Parameters = ()) -> Cursor:
+        raise NotImplementedError
+
+    def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
+        return list(self.execute(sql, parameters).fetchall())
+
+    def query_one(self, sql: str, parameters: Parameters = ()) -> Row | None:
+        rows = self.query(sql, parameters)
+        return rows[0] if rows else None
+
+    # What differs between the engines: the schema's own statements and the catalogue.
+
+    def translate_ddl(self, statement: str) -> str:
+        return statement
+
+    def execute_ddl(self, statement: str) -> None:
+        self.execute(statement)
+
+    def table_exists(self, table: str) -> bool:
+        raise NotImplementedError
+
+    def columns(self, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def make_append_only(self, table: str) -> None:
+        raise NotImplementedError
+
+    def install_engine_schema(self) -> None:
+        """What only this engine has (PostgreSQL: the notification of status changes)."""
+
+    def supersede_older_tokens(self) -> None:
+        """Once, for a store from before tokens were superseded (only SQLite stores are that old)."""
+
+    def schema_version(self) -> int | None:
+        """The version the store records; None for a new store or one from before versions were recorded."""
+        if not self.table_exists("meta"):
+            return None
+        row = self.query_one("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(row["value"]) if row is not None else None
+
+
+#: Rewrites of existing rows, run once when a store reaches that version.
+MIGRATIONS: dict[int, Callable[[Transaction], None]] = {}
+
+
+def _add_missing_columns(db: Transaction) -> set[tuple[str, str]]:
     added = set()
     for table, column, kind in ADDED_COLUMNS:
-        present = {row["name"] for row in db.query(f"PRAGMA table_info({table})")}
-        if column not in present:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        if column not in db.columns(table):
+            db.execute_ddl(db.translate_ddl(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
             added.add((table, column))
-    if ("tokens", "superseded_at") in added:
-        _supersede_older_tokens(db)
+    return added
 
 
-def _supersede_older_tokens(db: Transaction) -> None:
-    """Once, for a store from before tokens were superseded: an unused token with a newer one of its
-    identity stops working, as it would have had the newer one been created today (controller/tokens.py).
-
-    Rows are inserted, never deleted, so ``rowid`` is the order they were created in.
-    """
-    db.execute(
-        "UPDATE tokens SET superseded_at = ?, superseded_by = ("
-        " SELECT newer.jti FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
-        " AND newer.rowid > tokens.rowid ORDER BY newer.rowid DESC LIMIT 1) "
-        "WHERE used_at IS NULL AND EXISTS ("
-        " SELECT 1 FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
-        " AND newer.rowid > tokens.rowid)",
-        (time.time(),),
-    )
-
-
-def _split_statements(script: str) -> list[str]:
-    """Complete SQL statements of ``script`` (triggers contain ';' inside BEGIN...END)."""
+def split_statements(script: str) -> list[str]:
+    """Complete SQL statements of ``script``, comment lines left out (a trigger holds ';' inside BEGIN...END)."""
     statements: list[str] = []
     current = ""
     for line in script.splitlines(keepends=True):

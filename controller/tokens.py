@@ -17,7 +17,6 @@ redeemed token lasts only until another token of the identity is redeemed.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from controller.audit import AuditLog
 from controller.ca import CertificateAuthority
 from controller.errors import ControllerError, bad_request
 from controller.registry import Identity
-from controller.store import Transaction
+from controller.store import Row, Transaction
 
 ALGORITHM = "ES256"
 AUDIENCE = "outpost-enroll"
@@ -79,7 +78,7 @@ def supersede_in(db: Transaction, tenant: str, name: str, by_jti: str, *, redeem
     return int(cursor.rowcount)
 
 
-def token_row_in(db: Transaction, claims: TokenClaims, label: str, now: float, issuer_url: str) -> sqlite3.Row:
+def token_row_in(db: Transaction, claims: TokenClaims, label: str, now: float, issuer_url: str) -> Row:
     """The store's record of a verified token, or why it enrolls nothing: unknown, another issuer, superseded, expired.
 
     The ``iss`` must be the URL the token was minted under, recorded with it

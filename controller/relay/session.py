@@ -20,6 +20,7 @@ from controller.registry import Identity
 from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.store import StoreUnavailable
 from shared.protocol import (
     NONCE_SIZE,
     SUBPROTOCOL,
@@ -129,6 +130,12 @@ class RelaySession(TunnelSession):
                 self.conn.close(refused.code, refused.reason)
             await self.in_worker(self._record_refusal, event.chain, refused.reason)
             return
+        except StoreUnavailable as unavailable:
+            # Nothing to decide with: the agent comes back on its own backoff once the store answers.
+            log.warning("tunnel from %s refused: the store is unavailable", self.remote)
+            if not self.conn.closed:
+                self.conn.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
+            return
         if self.conn.closed:  # the AUTH deadline passed while the worker checked it
             return
         self.identity = identity = admitted.identity
@@ -146,7 +153,11 @@ class RelaySession(TunnelSession):
             "relays": list(self.context.relay_urls),
             "reports": True,
         })
-        still = await self.in_worker(self._confirm_admission, serial)
+        try:
+            still = await self.in_worker(self._confirm_admission, serial)
+        except StoreUnavailable as unavailable:  # admitted, but whether it was revoked meanwhile cannot be read
+            await self.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
+            return
         if still is not None:
             await self.close(ErrorCode.REVOKED, still)
 
@@ -178,7 +189,12 @@ class RelaySession(TunnelSession):
     async def on_bind_requested(self, event: BindRequested) -> None:
         # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
         held = self.relay.broker.keys_bound_by(self)
-        decisions = await self.in_worker(self._decide_all, "bind", event.services, held)
+        try:
+            decisions = await self.in_worker(self._decide_all, "bind", event.services, held)
+        except StoreUnavailable as unavailable:
+            # Closed rather than refused: the agent binds again when it reconnects, once the store answers.
+            await self.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
+            return
         if self.conn.closed:
             return
         bound: list[str] = []
@@ -217,7 +233,11 @@ class RelaySession(TunnelSession):
         return decision.allowed, decision.reason, key
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
-        [(allowed, reason, key)] = await self.in_worker(self._decide_all, "dial", [channel.service])
+        try:
+            [(allowed, reason, key)] = await self.in_worker(self._decide_all, "dial", [channel.service])
+        except StoreUnavailable as unavailable:
+            channel.reset(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
+            return
         if channel.error is not None or self.conn.closed:
             return
         if not allowed:

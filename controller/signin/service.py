@@ -167,11 +167,10 @@ class SigninService:
 
     def _key(self) -> bytes:
         if self._nonce_key is None:
-            # One key for every process sharing the store (portable SQL: no INSERT OR IGNORE).
+            # One key for every process sharing the store: the first to write it wins.
             with self._store.transaction() as db:
-                db.execute("INSERT INTO meta (key, value) SELECT ?, ? WHERE NOT EXISTS "
-                           "(SELECT 1 FROM meta WHERE key = ?)",
-                           ("signin_nonce_key", secrets.token_hex(32), "signin_nonce_key"))
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                           ("signin_nonce_key", secrets.token_hex(32)))
                 row = db.query_one("SELECT value FROM meta WHERE key = ?", ("signin_nonce_key",))
             assert row is not None
             self._nonce_key = bytes.fromhex(row["value"])

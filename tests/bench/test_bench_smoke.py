@@ -247,3 +247,13 @@ def test_signin_bench_runs_or_says_why_not() -> None:
         assert "node" in found["skipped"]
         return
     assert found["device_signin_ms"]["n"] == 2 and found["request_ms"]["person_session"]["p50"] > 0
+
+
+def test_store_throughput_reports_enrollment_and_renewal_on_each_store() -> None:
+    stderr: list[str] = []
+    found = run_bench("store_throughput", "--count", "8", "--concurrency", "4", stderr=stderr)
+    assert_positive(found["sqlite"], "enroll_per_s", "renew_per_s")
+    if found["postgresql"] is None:
+        assert "PostgreSQL is not measured" in stderr[0] and found["postgresql_skipped"]
+    else:
+        assert_positive(found["postgresql"], "enroll_per_s", "renew_per_s", "enroll_per_s_two_processes")

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# The PostgreSQL fixtures live beside the server they start; imported here for every controller test.
+from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
@@ -18,3 +21,21 @@ def loop_name(request: pytest.FixtureRequest) -> str:
     if request.param == "uvloop":
         pytest.importorskip("uvloop", reason="uvloop is not installed (python3-uvloop)")
     return request.param
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """Where a test's store lives, once on each engine: an SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "store.sqlite3"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """``Settings.store_url`` once per engine: None (the data directory's SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url

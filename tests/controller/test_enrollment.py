@@ -303,9 +303,9 @@ def test_same_key_retry_of_a_used_token_returns_a_fresh_certificate(data_dir: Pa
     run(scenario())
 
 
-def test_concurrent_redemptions_over_https_let_exactly_one_key_enroll(data_dir: Path) -> None:
+def test_concurrent_redemptions_over_https_let_exactly_one_key_enroll(data_dir: Path, store_url: str | None) -> None:
     async def scenario() -> None:
-        async with running_controller(data_dir) as running:
+        async with running_controller(data_dir, store_url=store_url) as running:
             token = (await running.create_identity("gw"))["token"]
             results = await asyncio.gather(*(running.enroll(token, make_key()) for _ in range(20)))
             statuses = sorted(status for status, _ in results)
@@ -320,10 +320,10 @@ def test_concurrent_redemptions_over_https_let_exactly_one_key_enroll(data_dir: 
 
 
 def test_concurrent_redemptions_from_separate_processes_views_of_the_store_let_exactly_one_enroll(
-    data_dir: Path,
+    data_dir: Path, store_url: str | None
 ) -> None:
-    # Separate connections to one store file: how several controller processes share it.
-    settings = Settings(data_dir=data_dir, listen_port=8443)
+    # Separate connections to one store: how several controller processes share it.
+    settings = Settings(data_dir=data_dir, listen_port=8443, store_url=store_url)
     first = open_data_dir(settings)
     with first.store.transaction() as db:
         identity = first.registry.create_identity_in(db, "default", "gw", ())

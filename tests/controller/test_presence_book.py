@@ -41,8 +41,9 @@ def tunnel(name: str, clock: Clock, seen: list[float], keepalive: float | None =
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    store = Store(tmp_path / "store.sqlite3")
+def store(store_location: str | Path):
+    """Presence is read and written the same way on both engines."""
+    store = Store(store_location)
     yield store
     store.close()
 

@@ -10,16 +10,16 @@ from controller.store import Store
 from controller.watcher import MAX_CHANGES_PER_POLL, StatusWatcher
 
 
-def two_processes(path: Path) -> tuple[Registry, Registry, Store]:
-    """Two registries on two connections to one store file, as two controller processes hold them."""
+def two_processes(path: Path | str) -> tuple[Registry, Registry, Store]:
+    """Two registries on two connections to one store (either engine), as two controller processes hold them."""
     store_a, store_b = Store(path), Store(path)
     registry_a = Registry(store_a, AuditLog(store_a), "outpost.test")
     registry_b = Registry(store_b, AuditLog(store_b), "outpost.test")
     return registry_a, registry_b, store_b
 
 
-def test_a_revocation_through_another_connection_reaches_this_process_on_the_next_poll(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_a_revocation_through_another_connection_reaches_this_process_on_the_next_poll(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
         registry_a.create_identity_in(db, "default", "other", ())
@@ -37,8 +37,8 @@ def test_a_revocation_through_another_connection_reaches_this_process_on_the_nex
     assert watcher.poll_once() == []  # each change once
 
 
-def test_an_identity_enabled_again_before_the_poll_is_not_closed(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_an_identity_enabled_again_before_the_poll_is_not_closed(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     watcher = StatusWatcher(store_b, registry_b)
@@ -47,16 +47,16 @@ def test_an_identity_enabled_again_before_the_poll_is_not_closed(tmp_path: Path)
     assert watcher.poll_once() == []
 
 
-def test_changes_from_before_the_process_started_are_not_replayed(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_changes_from_before_the_process_started_are_not_replayed(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     registry_a.revoke("default", "gw")
     assert StatusWatcher(store_b, registry_b).poll_once() == []
 
 
-def test_a_burst_drains_over_several_polls(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_a_burst_drains_over_several_polls(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     count = MAX_CHANGES_PER_POLL + 20
     with registry_a._store.transaction() as db:
         for i in range(count):
@@ -83,8 +83,8 @@ def _enroll_key(registry: Registry, name: str, key_sha256: str) -> None:
         registry.enroll_key_in(db, identity, key_sha256, 2e9)
 
 
-def test_a_re_enrollment_through_another_connection_reaches_this_process_as_rekeyed(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_a_re_enrollment_through_another_connection_reaches_this_process_as_rekeyed(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     _enroll_key(registry_a, "gw", "aa" * 32)
@@ -104,8 +104,8 @@ def test_a_re_enrollment_through_another_connection_reaches_this_process_as_reke
     assert watcher.poll_once() == []
 
 
-def test_a_rekey_announces_the_key_current_at_the_poll_not_the_one_in_the_row(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_a_rekey_announces_the_key_current_at_the_poll_not_the_one_in_the_row(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     watcher = StatusWatcher(store_b, registry_b)
@@ -118,8 +118,8 @@ def test_a_rekey_announces_the_key_current_at_the_poll_not_the_one_in_the_row(tm
     assert {i.key_sha256 for i in heard} == {"bb" * 32}
 
 
-def test_revocation_listeners_are_not_told_of_a_rekey_nor_rekey_listeners_of_a_revocation(tmp_path: Path) -> None:
-    registry_a, registry_b, store_b = two_processes(tmp_path / "store.sqlite3")
+def test_revocation_listeners_are_not_told_of_a_rekey_nor_rekey_listeners_of_a_revocation(store_location: Path | str) -> None:
+    registry_a, registry_b, store_b = two_processes(store_location)
     with registry_a._store.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     watcher = StatusWatcher(store_b, registry_b)

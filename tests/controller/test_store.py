@@ -1,9 +1,11 @@
-"""The store: append-only audit log, shared by several connections; a commit survives a crash."""
+"""The store: append-only audit log, shared by several connections; a commit survives a crash.
+
+The tests that take ``store_location`` run on both engines (SQLite and a real PostgreSQL).
+"""
 
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +18,14 @@ from tests.e2e.harness import python_env
 from tests.syscall_trace import FLUSHES, traced_run
 
 
-def test_the_audit_log_cannot_be_rewritten_or_deleted(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store.sqlite3")
+def test_the_audit_log_cannot_be_rewritten_or_deleted(store_location: Path | str) -> None:
+    store = Store(store_location)
     try:
         AuditLog(store).record("identity_created", identity="default/gw")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with pytest.raises(Exception, match="append-only"):
             with store.transaction() as db:
                 db.execute("UPDATE audit SET event = 'nothing'")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with pytest.raises(Exception, match="append-only"):
             with store.transaction() as db:
                 db.execute("DELETE FROM audit")
         events = AuditLog(store).recent()
@@ -32,8 +34,8 @@ def test_the_audit_log_cannot_be_rewritten_or_deleted(tmp_path: Path) -> None:
         store.close()
 
 
-def test_an_unknown_audit_event_is_a_programming_error(tmp_path: Path) -> None:
-    store = Store(tmp_path / "store.sqlite3")
+def test_an_unknown_audit_event_is_a_programming_error(store_location: Path | str) -> None:
+    store = Store(store_location)
     try:
         with pytest.raises(ValueError):
             AuditLog(store).record("something_else")
@@ -42,12 +44,19 @@ def test_an_unknown_audit_event_is_a_programming_error(tmp_path: Path) -> None:
         store.close()
 
 
-def test_the_store_is_wal_owner_only_and_rolls_back_a_failed_transaction(tmp_path: Path) -> None:
+def test_the_store_file_is_wal_and_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
     store = Store(path)
     try:
         assert store.query_one("PRAGMA journal_mode")[0] == "wal"
         assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        store.close()
+
+
+def test_the_store_rolls_back_a_failed_transaction(store_location: Path | str) -> None:
+    store = Store(store_location)
+    try:
         with pytest.raises(RuntimeError):
             with store.transaction() as db:
                 db.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
@@ -104,11 +113,11 @@ def test_a_store_reopened_after_a_crash_has_every_committed_row(tmp_path: Path) 
         store.close()
 
 
-def test_a_read_does_not_wait_for_another_threads_open_write_transaction(tmp_path: Path) -> None:
-    """The event loop reads while a worker thread commits: WAL readers on their own connection never queue."""
+def test_a_read_does_not_wait_for_another_threads_open_write_transaction(store_location: Path | str) -> None:
+    """The event loop reads while a worker thread commits: readers on their own connection never queue."""
     import threading
 
-    store = Store(tmp_path / "store.sqlite3")
+    store = Store(store_location)
     inside, release = threading.Event(), threading.Event()
 
     def writer() -> None:
@@ -134,10 +143,10 @@ def test_a_read_does_not_wait_for_another_threads_open_write_transaction(tmp_pat
     store.close()
 
 
-def test_write_transactions_of_many_threads_each_commit_exactly_once(tmp_path: Path) -> None:
+def test_write_transactions_of_many_threads_each_commit_exactly_once(store_location: Path | str) -> None:
     import threading
 
-    store = Store(tmp_path / "store.sqlite3")
+    store = Store(store_location)
     with store.transaction() as db:
         db.execute("INSERT INTO meta (key, value) VALUES ('n', '0')")
 
@@ -156,11 +165,11 @@ def test_write_transactions_of_many_threads_each_commit_exactly_once(tmp_path: P
     store.close()
 
 
-def test_an_identitys_refusals_past_its_budget_are_counted_into_the_next_row(tmp_path: Path) -> None:
+def test_an_identitys_refusals_past_its_budget_are_counted_into_the_next_row(store_location: Path | str) -> None:
     from controller.audit import IdentityBudgets
 
     now = [1000.0]
-    store = Store(tmp_path / "store.sqlite3")
+    store = Store(store_location)
     try:
         audit = AuditLog(store, identity_budgets=IdentityBudgets(per_minute=2, clock=lambda: now[0]))
         recorded = [audit.record("renewal_refused", identity="default/gw", reason="x") for _ in range(5)]
@@ -176,3 +185,31 @@ def test_an_identitys_refusals_past_its_budget_are_counted_into_the_next_row(tmp
         assert [r.get("suppressed") for r in rows] == [None, None, None, 3]
     finally:
         store.close()
+
+
+def test_writers_on_separate_connections_never_interleave_a_read_modify_write(store_location: Path | str) -> None:
+    """Four views of one store, as four processes hold them: only the store's own lock orders their writers."""
+    import threading
+
+    stores = [Store(store_location) for _ in range(4)]
+    with stores[0].transaction() as db:
+        db.execute("INSERT INTO meta (key, value) VALUES ('n', '0')")
+    start = threading.Barrier(8)
+
+    def bump(store: Store) -> None:
+        start.wait(10)
+        for _ in range(25):
+            with store.transaction() as db:
+                value = int(db.query_one("SELECT value FROM meta WHERE key = 'n'")["value"])
+                db.execute("UPDATE meta SET value = ? WHERE key = 'n'", (str(value + 1),))
+
+    threads = [threading.Thread(target=bump, args=(store,)) for store in stores for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert stores[3].query_one("SELECT value FROM meta WHERE key = 'n'")["value"] == "200"
+    finally:
+        for store in stores:
+            store.close()

@@ -1,0 +1,143 @@
+"""The SQLite store: the embedded default, one file in the data directory.
+
+Several processes may share one store file, so every read-modify-write runs in
+``BEGIN IMMEDIATE`` (the write lock is taken before the read, so two
+processes can never both see a token unused) and the journal is WAL (readers
+do not block the writer).
+
+A commit is durable before ``transaction()`` returns (``synchronous=FULL``:
+the WAL is flushed at every commit), so nothing the controller answers for
+(a consumed token, an issued certificate) is lost with a crash or the power
+after the answer went out; a crash before the commit loses the whole
+transaction and the client, which got no answer, retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from controller.store import BUSY_TIMEOUT_SECONDS, Cursor, Parameters, Row, Store, Transaction
+
+
+class SQLiteStore(Store):
+    """The store file as this process's threads see it: one SQLite connection per thread."""
+
+    engine = "sqlite"
+
+    def __init__(self, location: Path | str) -> None:
+        super().__init__(location)
+        self.path = Path(location)
+        if not self.path.exists():
+            # The store names every identity and key; owner-only like the keys beside it.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._connections_lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._open_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    @property
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            with self._connections_lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the store is closed")
+                # isolation_level=None: transactions are begun explicitly, never implicitly.
+                connection = sqlite3.connect(
+                    str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+                )
+                self._connections.append(connection)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA synchronous=FULL")
+            self._local.connection = connection
+        return connection
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction (``BEGIN IMMEDIATE``): commits on success, rolls back on error."""
+        connection = self._connection
+        with self._write_lock:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield SQLiteTransaction(connection)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+            self.commits += 1
+
+    def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
+        return list(self._connection.execute(sql, parameters))
+
+    def close(self) -> None:
+        with self._write_lock, self._connections_lock:
+            self._closed = True
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+
+
+class SQLiteTransaction(Transaction):
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, parameters: Parameters = ()) -> Cursor:
+        return self._connection.execute(sql, parameters)
+
+    def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
+        return list(self._connection.execute(sql, parameters))
+
+    def executescript_in_transaction(self, script: str) -> None:
+        # executescript() would COMMIT first; run the statements one by one instead.
+        from controller.store import split_statements
+
+        for statement in split_statements(script):
+            self._connection.execute(statement)
+
+    def table_exists(self, table: str) -> bool:
+        row = self.query_one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+        return row is not None
+
+    def columns(self, table: str) -> set[str]:
+        return {row["name"] for row in self.query(f"PRAGMA table_info({table})")}
+
+    def make_append_only(self, table: str) -> None:
+        for action in ("update", "delete"):
+            self.execute(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action} BEFORE {action.upper()} ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, 'the {table} log is append-only'); END"
+            )
+
+    def supersede_older_tokens(self) -> None:
+        """An unused token with a newer one of its identity stops working, as it would have had the
+        newer one been created today (controller/tokens.py).
+
+        Rows are inserted, never deleted, so ``rowid`` is the order they were created in.
+        """
+        self.execute(
+            "UPDATE tokens SET superseded_at = ?, superseded_by = ("
+            " SELECT newer.jti FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+            " AND newer.rowid > tokens.rowid ORDER BY newer.rowid DESC LIMIT 1) "
+            "WHERE used_at IS NULL AND EXISTS ("
+            " SELECT 1 FROM tokens AS newer WHERE newer.tenant = tokens.tenant AND newer.name = tokens.name"
+            " AND newer.rowid > tokens.rowid)",
+            (time.time(),),
+        )
