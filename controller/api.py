@@ -12,6 +12,7 @@ from aiohttp import web
 from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
+from controller.correlation import ENROLLMENT, RENEWAL, audit_scope, new_id
 from controller.enrollment import Issued
 from controller.errors import BodyRefused, bad_request, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
@@ -96,14 +97,16 @@ class GatewayApi:
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         # The token's transaction fsyncs and the CA signs: off the loop that carries tunnels.
-        issued = await API_POOL.run(self.context.enrollment.enroll, body.get("token"), body.get("csr"),
-                                    remote=request.remote)
+        with audit_scope(correlation=new_id(ENROLLMENT)):
+            issued = await API_POOL.run(self.context.enrollment.enroll, body.get("token"), body.get("csr"),
+                                        remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
     async def renew(self, request: web.Request) -> web.Response:
         """Renewal or recovery: the CSR's key must be an identity's enrolled key (controller/renewal.py)."""
         body = await read_json(request)
-        issued = await API_POOL.run(self.context.renewal.renew, body.get("csr"), remote=request.remote)
+        with audit_scope(correlation=new_id(RENEWAL)):
+            issued = await API_POOL.run(self.context.renewal.renew, body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
 

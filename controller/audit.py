@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controller.correlation import OTHER, new_id, scope_fields
 from controller.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,16 @@ EVENTS = frozenset(
         "tunnel_closed",
         "bind_allowed",
         "bind_denied",
+        "dial_requested",
         "dial_allowed",
         "dial_denied",
+        "dial_served",
+        "dial_failed",
+        "dial_closed",
     }
 )
+#: One audit event, before it is written: (event, fields).
+Event = tuple[str, dict[str, Any]]
 
 
 class AnonymousBudget:
@@ -158,8 +165,20 @@ class AuditLog:
 
         The budgets are taken first, so a batch that is all counted opens no transaction at all.
         """
-        kept = [(event, dict(fields)) for event, fields in events]
-        kept = [(event, fields) for event, fields in kept if self._within_identity_budget(event, fields)]
+        return self.record_groups([[event] for event in events])
+
+    def record_groups(self, groups: list[list[Event]]) -> int:
+        """Append groups of events in one transaction, each group whole or not at all; how many events were recorded.
+
+        A group is one attempt's story (a dial's request and its decision):
+        past the budget of any of its events, the whole group is counted
+        instead, so a flood of denied dials does not leave requests behind.
+        """
+        kept: list[Event] = []
+        for group in groups:
+            copied = [(event, dict(fields)) for event, fields in group]
+            if all([self._within_identity_budget(event, fields) for event, fields in copied]):
+                kept += copied
         if kept:
             with self._store.transaction() as db:
                 for event, fields in kept:
@@ -208,9 +227,14 @@ class AuditLog:
         return recorded
 
     def _insert(self, db: Transaction, event: str, fields: dict[str, Any]) -> None:
+        # The attempt's shared fields (its correlation id, a management request's actor) unless named here.
+        fields = {**scope_fields(), **fields}
+        correlation = fields.setdefault("correlation", new_id(OTHER))
+        identity, service = fields.get("identity"), fields.get("service")
         db.execute(
-            "INSERT INTO audit (time, event, fields) VALUES (?, ?, ?)",
-            (time.time(), event, json.dumps(fields, sort_keys=True, default=str)),
+            "INSERT INTO audit (time, event, fields, correlation, identity, service) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), event, json.dumps(fields, sort_keys=True, default=str), str(correlation),
+             identity if isinstance(identity, str) else None, service if isinstance(service, str) else None),
         )
 
     def recent(self, limit: int = DEFAULT_AUDIT_PAGE) -> list[dict[str, Any]]:

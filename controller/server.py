@@ -22,12 +22,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import shared.service_manager as service_manager
+from controller.actor import ACTOR_KEY, Actor
 from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
+from controller.correlation import MANAGEMENT, audit_scope, new_id
 from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.relay.session import Relay
@@ -112,6 +114,10 @@ def admin_auth(context: ControllerContext) -> Any:
             connection = guarded_connection(request)
             if connection is not None:
                 connection.mark_authenticated()
+            actor = request[ACTOR_KEY] = Actor(kind="admin", name="admin", role="admin", remote=request.remote or "")
+            # Every event the action causes names who asked, from where, under one correlation id.
+            with audit_scope(correlation=new_id(MANAGEMENT), **actor.audit_fields()):
+                return await handler(request)
         return await handler(request)
 
     return check

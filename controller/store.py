@@ -141,6 +141,8 @@ class Store:
         with self.transaction() as db:
             db.executescript_in_transaction(SCHEMA)
             _add_missing_columns(db)
+            for index in ADDED_INDEXES:
+                db.execute(index)
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -223,6 +225,18 @@ ADDED_COLUMNS = (
     ("tokens", "superseded_at", "REAL"),
     ("tokens", "superseded_by", "TEXT"),
     ("tokens", "issuer", "TEXT"),
+    # An audit event's correlation id, and the identity and service it names,
+    # copied from its fields so the audit and connection filters use an index.
+    ("audit", "correlation", "TEXT"),
+    ("audit", "identity", "TEXT"),
+    ("audit", "service", "TEXT"),
+)
+#: Indexes on ADDED_COLUMNS: created once the columns exist.
+ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS audit_by_correlation ON audit (correlation)",
+    "CREATE INDEX IF NOT EXISTS audit_by_identity ON audit (identity, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event, id)",
 )
 
 

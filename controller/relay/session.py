@@ -6,7 +6,9 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -15,9 +17,11 @@ from aiohttp import web
 from cryptography import x509
 
 from controller.blocking import RELAY_POOL
+from controller.correlation import TUNNEL, new_id
 from controller.registry import Identity
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.records import DialRecord, label_of_uri
 from shared.protocol import (
     NONCE_SIZE,
     SUBPROTOCOL,
@@ -42,8 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
-#: (allowed, reason, service key) of one named service.
-Decision = tuple[bool, str, ServiceKey]
+#: (allowed, reason, service key, deciding policy id) of one named service.
+Decision = tuple[bool, str, ServiceKey, int | None]
 
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
@@ -94,6 +98,8 @@ class RelaySession(TunnelSession):
         self.identity: Identity | None = None
         self.session_certificate = False
         self.connected_at = time.time()
+        #: The correlation id of this tunnel's audit events (controller/correlation.py).
+        self.tunnel_id = new_id(TUNNEL)
         self._worker_turn = asyncio.Lock()
         #: The upgrade request this tunnel came in on (set by Relay.handle).
         self.request: web.Request | None = None
@@ -152,7 +158,8 @@ class RelaySession(TunnelSession):
         store shows every change the watcher will not announce to us.
         """
         identity = self.admitted
-        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
+        self.context.audit.record("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
+                                  correlation=self.tunnel_id, relay=self.relay.name)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
             return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
@@ -163,10 +170,11 @@ class RelaySession(TunnelSession):
     def _record_refusal(self, chain: Sequence[str], reason: str) -> None:
         """``tunnel_refused``: by the identity's budget when our CA issued the certificate, else anonymous."""
         uri = verified_identity_uri(self.context, chain)
+        fields = {"remote": self.remote, "reason": reason, "correlation": self.tunnel_id, "relay": self.relay.name}
         if uri is None:
-            self.context.audit.record_anonymous("tunnel_refused", remote=self.remote, reason=reason)
+            self.context.audit.record_anonymous("tunnel_refused", **fields)
         else:
-            self.context.audit.record("tunnel_refused", identity=uri, remote=self.remote, reason=reason)
+            self.context.audit.record("tunnel_refused", identity=label_of_uri(uri), **fields)
 
     async def on_bind_requested(self, event: BindRequested) -> None:
         # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
@@ -176,7 +184,7 @@ class RelaySession(TunnelSession):
             return
         bound: list[str] = []
         refused: dict[str, str] = {}
-        for requested, (allowed, reason, key) in zip(event.services, decisions, strict=True):
+        for requested, (allowed, reason, key, _policy) in zip(event.services, decisions, strict=True):
             if allowed:
                 self.relay.broker.bind(key, self)
                 bound.append(requested)
@@ -194,24 +202,34 @@ class RelaySession(TunnelSession):
         decisions = [self._decide(kind, name) for name in requested]
         self.context.audit.record_many([
             (f"{kind}_{'allowed' if allowed else 'denied'}",
-             {"identity": self.admitted.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
-            for allowed, reason, key in decisions
+             {"identity": self.admitted.label, "service": f"{key[0]}/{key[1]}", "reason": reason,
+              "correlation": self.tunnel_id, **({} if policy is None else {"policy": policy})})
+            for allowed, reason, key, policy in decisions
             if not (allowed and key in held)
         ])
         return decisions
+
+    def _decide_dial(self, record: DialRecord) -> Decision:
+        """Decide one dial and record its request and decision under its connection id (worker thread)."""
+        decision = allowed, reason, key, policy = self._decide("dial", record.requested)
+        self.context.audit.record_groups([record.decided(allowed, reason, f"{key[0]}/{key[1]}", policy)])
+        return decision
 
     def _decide(self, kind: str, requested: str) -> Decision:
         """(allowed, reason, service key) for this identity and a named service."""
         key = service_key(requested, self.admitted.tenant)
         service = self.context.registry.get_service(*key)
         if service is None:
-            return False, f"no service named {key[0]}/{key[1]}", key
+            return False, f"no service named {key[0]}/{key[1]}", key, None
         decision = self.context.policy.decide(kind, self.admitted, service, session_certificate=self.session_certificate)
-        return decision.allowed, decision.reason, key
+        return decision.allowed, decision.reason, key, decision.policy_id
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
-        [(allowed, reason, key)] = await self.in_worker(self._decide_all, "dial", [channel.service])
+        record = DialRecord(self, channel)
+        allowed, reason, key, _policy = await self.in_worker(self._decide_dial, record)
         if channel.error is not None or self.conn.closed:
+            if allowed:
+                self.relay.record_soon(*record.failed("the dialer went away"))
             return
         if not allowed:
             code = ErrorCode.SERVICE_UNKNOWN if reason.startswith("no service named") else ErrorCode.POLICY_DENIED
@@ -220,7 +238,16 @@ class RelaySession(TunnelSession):
         binder = self.relay.broker.binder(key)
         if binder is None:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, f"no gateway hosting {key[0]}/{key[1]} is connected")
+            self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
+        try:
+            await self._serve_dial(channel, binder, key, record)
+        except ChannelReset as exc:
+            self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
+
+    async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
+                          record: DialRecord) -> None:
+        """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
         name = key[1] if binder.admitted.tenant == key[0] else f"{key[0]}/{key[1]}"
@@ -229,22 +256,31 @@ class RelaySession(TunnelSession):
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
         except ChannelReset as exc:
             channel.reset(exc.code, exc.reason)
-            return
+            raise
         except TimeoutError:
             upstream.reset(ErrorCode.TIMEOUT, "dial timed out")
-            channel.reset(ErrorCode.TIMEOUT, f"the gateway hosting {key[0]}/{key[1]} did not answer in time")
-            return
+            reason = f"the gateway hosting {key[0]}/{key[1]} did not answer in time"
+            channel.reset(ErrorCode.TIMEOUT, reason)
+            raise ChannelReset(ErrorCode.TIMEOUT, reason) from None
         if channel.error is not None or self.conn.closed:
             upstream.reset(ErrorCode.CANCEL, "the dialer went away")
-            return
+            raise ChannelReset(ErrorCode.CANCEL, "the dialer went away")
         self.conn.accept_stream(channel.stream_id)
+        loop = asyncio.get_running_loop()
+        self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
-        await splice_streams(channel, upstream)
+        try:
+            await splice_streams(channel, upstream)
+        finally:
+            self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         self.relay.unregister(self)
         if self.identity is not None:
-            self.relay.record_soon("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
+            self.relay.record_soon(
+                "tunnel_closed", identity=self.identity.label, reason=reason or code.name, correlation=self.tunnel_id,
+                closed_by="gateway" if remote else "relay", relay=self.relay.name, bytes_in=self.conn.bytes_received,
+                bytes_out=self.conn.bytes_sent, duration_s=round(time.time() - self.connected_at, 3))
 
 
 def verified_identity_uri(context: ControllerContext, chain: Sequence[str]) -> str | None:
@@ -264,6 +300,8 @@ class Relay:
     def __init__(self, context: ControllerContext) -> None:
         self.context = context
         self.broker = Broker()
+        #: This relay process as audit events name it: which host and process served or refused.
+        self.name = f"{socket.gethostname()}/{os.getpid()}"
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
         #: Audit rows started from callbacks and not yet written (awaited at shutdown).
@@ -296,9 +334,9 @@ class Relay:
                 if not peers:
                     del self.by_identity[session.identity.uri]
 
-    def record_soon(self, event: str, **fields: Any) -> None:
+    def record_soon(self, event: str, fields: dict[str, Any] | None = None, /, **more: Any) -> None:
         """Write an audit row in a worker thread, from code that cannot await."""
-        future = RELAY_POOL.submit(self.context.audit.record, event, **fields)
+        future = RELAY_POOL.submit(self.context.audit.record, event, **(fields or {}), **more)
         self._pending.add(future)
         future.add_done_callback(self._recorded)
 
