@@ -9,12 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.correlation import ENROLLMENT, RENEWAL, audit_scope, new_id
 from controller.enrollment import Issued
-from controller.errors import BodyRefused, bad_request, unknown_identity
+from controller.errors import BodyRefused, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.tokens import check_ttl
@@ -135,7 +134,6 @@ class ManagementApi:
         r.add_get("/api/v1/services", self.list_services)
         r.add_post("/api/v1/policies", self.create_policy)
         r.add_get("/api/v1/policies", self.list_policies)
-        r.add_get("/api/v1/audit", self.audit)
         r.add_get("/api/v1/status", self.status)
 
     @staticmethod
@@ -235,12 +233,6 @@ class ManagementApi:
 
     async def list_policies(self, request: web.Request) -> web.Response:
         return web.json_response({"policies": [p.to_json() for p in self.context.policy.list()]})
-
-    async def audit(self, request: web.Request) -> web.Response:
-        raw = request.query.get("limit", str(DEFAULT_AUDIT_PAGE))
-        if not raw.isdigit() or int(raw) < 1:
-            raise bad_request("invalid_limit", "The limit must be a positive whole number.")
-        return web.json_response({"events": self.context.audit.recent(int(raw))})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({"tunnels": self._tunnel_status()})

@@ -25,6 +25,7 @@ import shared.service_manager as service_manager
 from controller.actor import ACTOR_KEY, Actor
 from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
+from controller.audit_api import AuditApi
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
@@ -207,6 +208,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         app.router.add_get("/v1/tunnel", relay.handle)
     if api:
         ManagementApi(context, relay.status).add_routes(app)
+        AuditApi(context).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(

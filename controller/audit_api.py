@@ -1,0 +1,58 @@
+"""``/api/v1/audit`` (filters, paging, follow), ``/api/v1/connections`` and ``/api/v1/audit/verify``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from controller.audit_query import audit_page, newest_id, parse_filter
+from controller.blocking import API_POOL
+from controller.connections import connections_page
+from controller.context import ControllerContext
+from controller.errors import bad_request
+
+#: The longest a follow request waits for a new event before answering empty:
+#: below the idle timeouts of proxies and of outpostctl's own request timeout.
+MAX_FOLLOW_WAIT_SECONDS = 30
+#: How often a waiting follow request looks for new events: one indexed
+#: MAX(id) read, so at most 60 cheap reads per request, and a SIEM sees an
+#: event within half a second.
+FOLLOW_POLL_SECONDS = 0.5
+
+_FILTERS = frozenset({"identity", "service", "since", "denied", "limit", "before"})
+AUDIT_PARAMETERS = _FILTERS | {"correlation", "after", "wait"}
+CONNECTION_PARAMETERS = _FILTERS
+
+
+class AuditApi:
+    def __init__(self, context: ControllerContext) -> None:
+        self.context = context
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/v1/audit", self.audit)
+        app.router.add_get("/api/v1/connections", self.connections)
+
+    async def audit(self, request: web.Request) -> web.Response:
+        where = parse_filter(request.query, AUDIT_PARAMETERS)
+        wait = request.query.get("wait")
+        if wait is not None:
+            if where.after is None:
+                raise bad_request("wait_without_after", "wait follows the events after a cursor; give after=ID too.")
+            if not wait.isdigit() or int(wait) > MAX_FOLLOW_WAIT_SECONDS:
+                raise bad_request("invalid_wait", f"wait must be a whole number of seconds up to "
+                                  f"{MAX_FOLLOW_WAIT_SECONDS}.")
+            await self._wait_for_events(where.after, int(wait))
+        page = await API_POOL.run(audit_page, self.context.store, where)
+        return web.json_response(page)
+
+    async def _wait_for_events(self, after: int, wait: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while newest_id(self.context.store) <= after and loop.time() < deadline:
+            await asyncio.sleep(min(FOLLOW_POLL_SECONDS, max(0.0, deadline - loop.time())))
+
+    async def connections(self, request: web.Request) -> web.Response:
+        where = parse_filter(request.query, CONNECTION_PARAMETERS)
+        page = await API_POOL.run(connections_page, self.context.store, where)
+        return web.json_response(page)
