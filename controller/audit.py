@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controller.audit_chain import INDEXED_FIELDS, insert_chained, load_or_create_key
 from controller.correlation import OTHER, new_id, scope_fields
 from controller.store import Store, Transaction
 
@@ -142,8 +143,10 @@ class AuditLog:
     """Writes and reads the ``audit`` table. Safe to call from several threads."""
 
     def __init__(self, store: Store, anonymous_budget: AnonymousBudget | None = None,
-                 identity_budgets: IdentityBudgets | None = None) -> None:
+                 identity_budgets: IdentityBudgets | None = None, chain_key: bytes | None = None) -> None:
         self._store = store
+        #: The hash chain's key (controller/audit_chain.py): by default in the data directory beside the store.
+        self.chain_key = chain_key if chain_key is not None else load_or_create_key(store.path.parent)
         self.anonymous_budget = anonymous_budget or AnonymousBudget()
         self.identity_budgets = identity_budgets or IdentityBudgets()
         # The budgets are read and changed by the event loop and worker threads alike.
@@ -229,13 +232,10 @@ class AuditLog:
     def _insert(self, db: Transaction, event: str, fields: dict[str, Any]) -> None:
         # The attempt's shared fields (its correlation id, a management request's actor) unless named here.
         fields = {**scope_fields(), **fields}
-        correlation = fields.setdefault("correlation", new_id(OTHER))
-        identity, service = fields.get("identity"), fields.get("service")
-        db.execute(
-            "INSERT INTO audit (time, event, fields, correlation, identity, service) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), event, json.dumps(fields, sort_keys=True, default=str), str(correlation),
-             identity if isinstance(identity, str) else None, service if isinstance(service, str) else None),
-        )
+        fields.setdefault("correlation", new_id(OTHER))
+        columns = {name: value if isinstance(value := fields.get(name), str) else None for name in INDEXED_FIELDS}
+        insert_chained(db, self.chain_key, time.time(), event, json.dumps(fields, sort_keys=True, default=str),
+                       columns)
 
     def recent(self, limit: int = DEFAULT_AUDIT_PAGE) -> list[dict[str, Any]]:
         """The newest ``limit`` events, oldest first."""

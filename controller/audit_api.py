@@ -6,11 +6,12 @@ import asyncio
 
 from aiohttp import web
 
+from controller.audit_chain import parse_checkpoint, rows_of, verify
 from controller.audit_query import audit_page, newest_id, parse_filter
 from controller.blocking import API_POOL
 from controller.connections import connections_page
 from controller.context import ControllerContext
-from controller.errors import bad_request
+from controller.errors import bad_request, conflict
 
 #: The longest a follow request waits for a new event before answering empty:
 #: below the idle timeouts of proxies and of outpostctl's own request timeout.
@@ -28,10 +29,13 @@ CONNECTION_PARAMETERS = _FILTERS
 class AuditApi:
     def __init__(self, context: ControllerContext) -> None:
         self.context = context
+        # A verification reads the whole trail: one at a time per process, so the API's workers stay free.
+        self._verifying = asyncio.Lock()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/audit", self.audit)
         app.router.add_get("/api/v1/connections", self.connections)
+        app.router.add_get("/api/v1/audit/verify", self.verify)
 
     async def audit(self, request: web.Request) -> web.Response:
         where = parse_filter(request.query, AUDIT_PARAMETERS)
@@ -56,3 +60,17 @@ class AuditApi:
         where = parse_filter(request.query, CONNECTION_PARAMETERS)
         page = await API_POOL.run(connections_page, self.context.store, where)
         return web.json_response(page)
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """Walk the hash chain (and the checkpoints given); ``ok`` false names the first bad event."""
+        unknown = sorted(set(request.query) - {"checkpoint"})
+        if unknown:
+            raise bad_request("unknown_parameter", f"Unknown query parameter {unknown[0][:40]!r}; this endpoint "
+                              "takes checkpoint (ID:MAC, repeatable).")
+        checkpoints = [parse_checkpoint(text) for text in request.query.getall("checkpoint", [])]
+        if self._verifying.locked():
+            raise conflict("verify_running", "A verification of the audit trail is already running; wait for it.")
+        async with self._verifying:
+            result = await API_POOL.run(verify, rows_of(self.context.store), self.context.audit.chain_key,
+                                        checkpoints)
+        return web.json_response(result.to_json())

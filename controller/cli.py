@@ -20,6 +20,7 @@ from typing import NoReturn
 from urllib.parse import urlsplit
 
 import shared.service_manager as service_manager
+from controller import audit_cli
 from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--data", required=True, help="the controller's data directory")
     rotate.add_argument("--out", help="where to write the new outpostctl.toml (default: DIR/outpostctl.toml)")
     rotate.add_argument("--url", help="the management API's URL for that file (default: from DIR/outpostctl.toml)")
+    audit_cli.add_parser(commands)
     return parser
 
 
@@ -209,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"a new admin token is in {written}; the old one no longer works. "
                   "Keep that file private: it is the only copy.")
             return 0
+        if args.command == "audit":
+            return audit_cli.run(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
     except OutpostError as error:

@@ -26,6 +26,7 @@ from controller.actor import ACTOR_KEY, Actor
 from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.audit_api import AuditApi
+from controller.audit_chain import log_checkpoint, log_checkpoints
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
@@ -323,6 +324,7 @@ class ControllerServer:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
+        self._tasks.append(loop.create_task(log_checkpoints(context.store)))
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
@@ -391,6 +393,7 @@ class ControllerServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
+        log_checkpoint(self.context.store)  # the head as this process leaves it
         self._listener.close()
         if self._api_listener is not None:
             self._api_listener.close()

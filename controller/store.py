@@ -230,6 +230,8 @@ ADDED_COLUMNS = (
     ("audit", "correlation", "TEXT"),
     ("audit", "identity", "TEXT"),
     ("audit", "service", "TEXT"),
+    # The event's link in the keyed hash chain (controller/audit_chain.py); NULL on rows from before it.
+    ("audit", "mac", "TEXT"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

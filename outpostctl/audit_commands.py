@@ -12,10 +12,18 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
+from agent.errors import EXIT_DATAERR
 from outpostctl import render
 from outpostctl.client import JsonObject, ManagementClient
 from outpostctl.commands import audit_rows
-from outpostctl.errors import ControllerUnreachable
+from outpostctl.errors import ControllerUnreachable, OutpostError
+
+
+class ChainBroken(OutpostError):
+    """``audit verify`` found an edited, deleted, inserted or reordered event."""
+
+    exit_code = EXIT_DATAERR
+
 
 Handler = Callable[[argparse.Namespace, ManagementClient], int]
 DEFAULT_AUDIT_LIMIT = 50
@@ -27,6 +35,9 @@ FOLLOW_WAIT_SECONDS = 20
 FOLLOW_MAX_FAILURES = 5
 #: Pause after a failed ``--follow`` request before the next one.
 FOLLOW_RETRY_SECONDS = 2.0
+#: A verification reads the whole trail (a million events in seconds, benchmark
+#: tests/bench/audit_verify.py); this leaves room for far larger ones.
+VERIFY_TIMEOUT_SECONDS = 600.0
 _DURATION = re.compile(r"\d{1,9}[smhdw]")
 
 
@@ -122,6 +133,19 @@ def _hint_older(page: JsonObject, command: str) -> None:
         print(f"older: outpostctl {command} --before {page['next_before']}", file=sys.stderr)
 
 
+def verify(args: argparse.Namespace, client: ManagementClient) -> int:
+    """0 when the chain is whole; EXIT_DATAERR, naming the first bad event, when it is not."""
+    query = urlencode([("checkpoint", text) for text in args.checkpoint])
+    result = client.with_timeout(VERIFY_TIMEOUT_SECONDS).request("GET", "/audit/verify" + (f"?{query}" if query else ""))
+    if args.json:
+        print(render.machine_json(result))
+    elif result.get("ok"):
+        print(result.get("summary"))
+    if not result.get("ok"):
+        raise ChainBroken(f"the audit trail fails verification at {result.get('summary')}")
+    return 0
+
+
 def connections(args: argparse.Namespace, client: ManagementClient) -> int:
     page = client.request("GET", "/connections?" + urlencode(_query(args)))
     records = list(page.get("connections", []))
@@ -153,6 +177,11 @@ def add_commands(top: Any, leaf: Callable[..., argparse.ArgumentParser], positiv
     sub.add_argument("--correlation", metavar="ID", help="only the events of one attempt (c-..., t-..., m-...)")
     sub.add_argument("--follow", action="store_true",
                      help="then print new events as they are recorded, until interrupted (JSON lines with --json)")
+    verify_sub = sub.add_subparsers(dest="audit_command", metavar="verify", required=False)
+    check = leaf(verify_sub, "verify", verify, "check the audit trail's hash chain; names the first bad event",
+                 json_flag=True)
+    check.add_argument("--checkpoint", action="append", default=[], metavar="ID:MAC",
+                       help="a chain head from the controller's log (repeatable): a rewrite since is found")
     sub = leaf(top, "connections", connections,
                "who reached what, when, through which policy, how long, how many bytes", json_flag=True)
     sub.add_argument("--limit", type=positive_int, default=DEFAULT_AUDIT_LIMIT, metavar="N",

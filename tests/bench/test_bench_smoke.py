@@ -227,3 +227,9 @@ def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_tr
         assert result["connections"] == 20
         assert_positive(result["tunnel_round_trip"]["holding"], "p50_ms", "p99_ms")
         assert result["controller_rss_kib"]["holding"] > 0
+
+
+def test_audit_verify_reports_seconds_per_million_events() -> None:
+    found = run_bench("audit_verify", "--events", "2000")
+    assert found["events"] == 2000 and isinstance(found["goal_met"], bool)
+    assert_positive(found, "verify_seconds", "verify_events_per_second", "verify_seconds_per_million")

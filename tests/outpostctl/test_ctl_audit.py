@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.errors import EXIT_USAGE
+from agent.errors import EXIT_DATAERR, EXIT_USAGE
 from tests.outpostctl.harness import ROOT, Ctl, RunningController, stop_process, subprocess_env
 
 #: A followed event reaches the follower within this (it polls every half second).
@@ -69,3 +69,12 @@ def test_follow_streams_new_events_as_json_lines(controller: RunningController, 
     assert [e["event"] for e in events if e["fields"].get("identity") == "default/gw-followed"] == [
         "identity_created", "token_created"], lines
     assert [e["id"] for e in events] == sorted({e["id"] for e in events})  # each once, in order
+
+
+def test_audit_verify_exits_zero_on_a_whole_chain_and_names_a_checkpoint_it_does_not_match(ctl: Ctl) -> None:
+    report = json.loads(ctl.ok("audit", "verify", "--json").out)
+    assert report["ok"] and ctl.ok("audit", "verify").out.startswith("the chain is whole: ")
+    result = ctl("audit", "verify", "--checkpoint", "1:" + "0" * 64)
+    assert result.code == EXIT_DATAERR, result
+    assert result.err.startswith("outpostctl: the audit trail fails verification at event 1: it does not match the "
+                                 "checkpoint") and result.err.count("\n") == 1, result
