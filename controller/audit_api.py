@@ -11,7 +11,7 @@ from controller.audit_query import audit_page, newest_id, parse_filter
 from controller.blocking import API_POOL
 from controller.connections import connections_page
 from controller.context import ControllerContext
-from controller.errors import bad_request, conflict
+from controller.errors import ControllerError, bad_request, conflict
 
 #: The longest a follow request waits for a new event before answering empty:
 #: below the idle timeouts of proxies and of outpostctl's own request timeout.
@@ -20,6 +20,11 @@ MAX_FOLLOW_WAIT_SECONDS = 30
 #: MAX(id) read, so at most 60 cheap reads per request, and a SIEM sees an
 #: event within half a second.
 FOLLOW_POLL_SECONDS = 0.5
+
+#: Follow requests one process holds at once: a few SIEM shippers and
+#: operators' terminals; each polls the store, so a runaway script opening
+#: more is told to slow down instead of multiplying the polling.
+MAX_FOLLOWERS = 16
 
 _FILTERS = frozenset({"identity", "service", "since", "denied", "limit", "before"})
 AUDIT_PARAMETERS = _FILTERS | {"correlation", "after", "wait"}
@@ -31,6 +36,7 @@ class AuditApi:
         self.context = context
         # A verification reads the whole trail: one at a time per process, so the API's workers stay free.
         self._verifying = asyncio.Lock()
+        self._followers = 0
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/v1/audit", self.audit)
@@ -46,7 +52,14 @@ class AuditApi:
             if not wait.isdigit() or int(wait) > MAX_FOLLOW_WAIT_SECONDS:
                 raise bad_request("invalid_wait", f"wait must be a whole number of seconds up to "
                                   f"{MAX_FOLLOW_WAIT_SECONDS}.")
-            await self._wait_for_events(where.after, int(wait))
+            if self._followers >= MAX_FOLLOWERS:
+                raise ControllerError("too_many_followers", f"{MAX_FOLLOWERS} requests already follow the audit "
+                                      "trail; stop one or follow less often.", 429)
+            self._followers += 1
+            try:
+                await self._wait_for_events(where.after, int(wait))
+            finally:
+                self._followers -= 1
         page = await API_POOL.run(audit_page, self.context.store, where)
         return web.json_response(page)
 

@@ -184,7 +184,8 @@ def verify(rows: Iterable[Any], key: bytes, checkpoints: Sequence[tuple[int, str
         if problem is None and not hmac.compare_digest(
                 str(mac), compute_mac(key, previous or "", row_id, row["time"], row["event"], row["fields"])):
             problem = ("its MAC does not match: the event was edited, inserted or moved, or the one before it "
-                       "was deleted")
+                       "was deleted" + (", or audit.key is not the key the chain was written with"
+                                        if row_id == result.chain_start else ""))
         if problem is None:
             problem = _columns_problem(row)
         if problem is None and row_id in wanted and wanted.pop(row_id) != mac:

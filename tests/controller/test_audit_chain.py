@@ -236,3 +236,9 @@ def test_the_management_endpoint_verifies_the_running_controllers_store(tmp_path
             assert report["summary"].startswith("event 2: its MAC does not match")
 
     run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_replaced_key_fails_at_the_chains_first_event_and_says_the_key_may_be_wrong(data: Path) -> None:
+    (data / KEY_FILE).write_bytes(os.urandom(32))
+    code, line = check(data)
+    assert code == EXIT_CHAIN_BROKEN and line.startswith("event 1: ") and "audit.key is not the key" in line, line

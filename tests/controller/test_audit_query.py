@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.tunnel.client import TunnelOptions
+from controller.audit_api import MAX_FOLLOWERS
 from controller.audit_query import parse_since
 from controller.errors import ControllerError
 from tests.controller.harness import Running, run, running_controller
@@ -135,5 +136,22 @@ def test_connections_say_who_reached_what_through_which_policy_for_how_long_and_
             status, story_page = await get(ctl, f"/api/v1/audit?correlation={closed['id']}")
             assert [e["event"] for e in story_page["events"]] == [
                 "dial_requested", "dial_allowed", "dial_served", "dial_closed"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_followers_past_the_bound_are_told_to_slow_down_and_the_others_still_answer(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            status, page = await get(ctl, "/api/v1/audit?limit=1")
+            path = f"/api/v1/audit?after={page['last_id']}&wait=3"
+            held = [asyncio.ensure_future(get(ctl, path)) for _ in range(MAX_FOLLOWERS)]
+            await asyncio.sleep(0.5)
+            status, body = await get(ctl, path)
+            assert (status, body["error"]) == (429, "too_many_followers"), body
+            answers = await asyncio.gather(*held)
+            assert {status for status, _ in answers} == {200}
+            status, body = await get(ctl, f"/api/v1/audit?after={page['last_id']}&wait=0")
+            assert status == 200  # the bound is free again
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
