@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import datetime as dt
 import logging
 import os
@@ -365,10 +366,11 @@ class Relay:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
+        # A fresh context: the tunnels' own audit events must not carry the caller's scope (an actor's address).
         if on_loop:
-            callback(identity)
+            contextvars.Context().run(callback, identity)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(callback, identity)
+            loop.call_soon_threadsafe(callback, identity, context=contextvars.Context())
 
     def _close_tunnels_of(self, identity: Identity) -> None:
         for session in list(self.by_identity.get(identity.uri, ())):

@@ -147,3 +147,20 @@ def test_a_refused_enrollment_is_anonymous_and_carries_its_own_id(tmp_path: Path
             assert fields["correlation"].startswith("e-") and "actor" not in fields
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_tunnels_closed_by_a_revocation_keep_their_own_id_and_not_the_actors_address(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            gateway = await enrolled(ctl, "gw-r")
+            async with connect(ctl, gateway) as (session, _):
+                status, body = await ctl.call("POST", "/api/v1/identities/gw-r/revoke")
+                assert status == 200, body
+                await tunnel_closed_recorded(ctl, "gw-r")
+            by_event = {e: f for _, e, f in events(ctl) if f.get("identity") == "default/gw-r"}
+            revoked, closed = by_event["identity_revoked"], by_event["tunnel_closed"]
+            assert revoked["actor"] == "admin" and revoked["correlation"].startswith("m-")
+            assert closed["correlation"] == by_event["tunnel_connected"]["correlation"]
+            assert not {"actor", "remote"} & set(closed), closed
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
