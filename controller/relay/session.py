@@ -268,12 +268,13 @@ class RelaySession(TunnelSession):
             raise ChannelReset(ErrorCode.CANCEL, "the dialer went away")
         self.conn.accept_stream(channel.stream_id)
         loop = asyncio.get_running_loop()
-        self.relay.record_soon(*record.served(binder, loop.time()))
+        served = self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
         try:
             await splice_streams(channel, upstream)
         finally:
-            self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
+            # After the served row: a short connection's story reads in order.
+            self.relay.record_soon(*record.closed(channel, upstream, loop.time()), served)
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         self.relay.unregister(self)
@@ -335,11 +336,20 @@ class Relay:
                 if not peers:
                     del self.by_identity[session.identity.uri]
 
-    def record_soon(self, event: str, fields: dict[str, Any] | None = None, /, **more: Any) -> None:
-        """Write an audit row in a worker thread, from code that cannot await."""
-        future = RELAY_POOL.submit(self.context.audit.record, event, **(fields or {}), **more)
+    def record_soon(self, event: str, fields: dict[str, Any] | None = None,
+                    after: concurrent.futures.Future[bool] | None = None, /, **more: Any
+                    ) -> concurrent.futures.Future[bool]:
+        """Write an audit row in a worker thread, from code that cannot await (once ``after`` is written)."""
+        def write() -> bool:
+            if after is not None:
+                # Submitted earlier to the same first-in-first-out pool, so already running or done.
+                concurrent.futures.wait([after])
+            return self.context.audit.record(event, **(fields or {}), **more)
+
+        future = RELAY_POOL.submit(write)
         self._pending.add(future)
         future.add_done_callback(self._recorded)
+        return future
 
     def _recorded(self, future: concurrent.futures.Future[bool]) -> None:
         self._pending.discard(future)
