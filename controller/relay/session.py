@@ -281,7 +281,7 @@ class RelaySession(TunnelSession):
         if self.identity is not None:
             self.relay.record_soon(
                 "tunnel_closed", identity=self.identity.label, reason=reason or code.name, correlation=self.tunnel_id,
-                closed_by="gateway" if remote else "relay", relay=self.relay.name, bytes_in=self.conn.bytes_received,
+                closed_by="agent" if remote else "relay", relay=self.relay.name, bytes_in=self.conn.bytes_received,
                 bytes_out=self.conn.bytes_sent, duration_s=round(time.time() - self.connected_at, 3))
 
 

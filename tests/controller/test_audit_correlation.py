@@ -115,7 +115,7 @@ def test_a_tunnels_events_share_its_id_and_name_the_identity_one_way(tmp_path: P
             assert by_event["bind_denied"]["correlation"] == by_event["tunnel_closed"]["correlation"] == tunnel
             assert by_event["enrollment"]["correlation"].startswith("e-")
             closed = by_event["tunnel_closed"]
-            assert closed["bytes_in"] > 0 and closed["bytes_out"] > 0 and closed["closed_by"] == "gateway"
+            assert closed["bytes_in"] > 0 and closed["bytes_out"] > 0 and closed["closed_by"] == "agent"
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
