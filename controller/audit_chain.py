@@ -84,7 +84,16 @@ def compute_mac(key: bytes, previous: str, row_id: int, time: float, event: str,
 
 def insert_chained(db: Transaction, key: bytes, time: float, event: str, fields: str,
                    columns: dict[str, str | None]) -> None:
-    """Insert one event as the chain's new head (inside the caller's write transaction)."""
+    """Insert one event as the chain's new head (inside the caller's write transaction).
+
+    Two writers must never read the same head. SQLite's ``BEGIN IMMEDIATE``
+    already holds the store's one write lock; a store whose transactions run
+    side by side (PostgreSQL) gives its Transaction a ``lock_audit_chain()``
+    (a transaction-scoped advisory lock), taken here before the head is read.
+    """
+    lock = getattr(db, "lock_audit_chain", None)
+    if lock is not None:
+        lock()
     head = db.query_one("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1")
     row_id = 1 if head is None else int(head["id"]) + 1
     previous = "" if head is None or head["mac"] is None else str(head["mac"])

@@ -242,3 +242,17 @@ def test_a_replaced_key_fails_at_the_chains_first_event_and_says_the_key_may_be_
     (data / KEY_FILE).write_bytes(os.urandom(32))
     code, line = check(data)
     assert code == EXIT_CHAIN_BROKEN and line.startswith("event 1: ") and "audit.key is not the key" in line, line
+
+
+def test_a_store_whose_writers_run_side_by_side_is_asked_to_lock_the_chain_first(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite3")
+    calls: list[str] = []
+    try:
+        audit = AuditLog(store)
+        with store.transaction() as db:
+            db.lock_audit_chain = lambda: calls.append("locked")  # type: ignore[attr-defined]
+            audit.record_in(db, "identity_created", identity="default/gw")
+        assert calls == ["locked"]
+        assert verify(rows_of(store), audit.chain_key).ok
+    finally:
+        store.close()
