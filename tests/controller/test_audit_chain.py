@@ -256,3 +256,14 @@ def test_a_store_whose_writers_run_side_by_side_is_asked_to_lock_the_chain_first
         assert verify(rows_of(store), audit.chain_key).ok
     finally:
         store.close()
+
+
+def test_an_old_store_never_opened_by_a_chaining_controller_is_told_so_in_one_sentence(tmp_path: Path) -> None:
+    data = tmp_path / "old"
+    data.mkdir()
+    old = sqlite3.connect(data / "store.sqlite3")
+    old.executescript("CREATE TABLE audit (id INTEGER PRIMARY KEY, time REAL, event TEXT, fields TEXT);")
+    old.close()
+    (data / KEY_FILE).write_bytes(os.urandom(32))
+    code, line = check(data)
+    assert code != 0 and line == "This store has no audit chain yet; start the controller on it once.", line
