@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import datetime as dt
 import logging
@@ -22,7 +21,7 @@ from controller.correlation import TUNNEL, new_id
 from controller.registry import Identity
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
-from controller.relay.records import DialRecord, label_of_uri
+from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from shared.protocol import (
     NONCE_SIZE,
     SUBPROTOCOL,
@@ -268,13 +267,12 @@ class RelaySession(TunnelSession):
             raise ChannelReset(ErrorCode.CANCEL, "the dialer went away")
         self.conn.accept_stream(channel.stream_id)
         loop = asyncio.get_running_loop()
-        served = self.relay.record_soon(*record.served(binder, loop.time()))
+        self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
         try:
             await splice_streams(channel, upstream)
         finally:
-            # After the served row: a short connection's story reads in order.
-            self.relay.record_soon(*record.closed(channel, upstream, loop.time()), served)
+            self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         self.relay.unregister(self)
@@ -306,8 +304,8 @@ class Relay:
         self.name = f"{socket.gethostname()}/{os.getpid()}"
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
-        #: Audit rows started from callbacks and not yet written (awaited at shutdown).
-        self._pending: set[concurrent.futures.Future[bool]] = set()
+        #: Audit rows from callbacks, written in order by one worker job at a time (drained at shutdown).
+        self.audit_queue = QueuedAudit(context.audit, RELAY_POOL)
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -336,25 +334,9 @@ class Relay:
                 if not peers:
                     del self.by_identity[session.identity.uri]
 
-    def record_soon(self, event: str, fields: dict[str, Any] | None = None,
-                    after: concurrent.futures.Future[bool] | None = None, /, **more: Any
-                    ) -> concurrent.futures.Future[bool]:
-        """Write an audit row in a worker thread, from code that cannot await (once ``after`` is written)."""
-        def write() -> bool:
-            if after is not None:
-                # Submitted earlier to the same first-in-first-out pool, so already running or done.
-                concurrent.futures.wait([after])
-            return self.context.audit.record(event, **(fields or {}), **more)
-
-        future = RELAY_POOL.submit(write)
-        self._pending.add(future)
-        future.add_done_callback(self._recorded)
-        return future
-
-    def _recorded(self, future: concurrent.futures.Future[bool]) -> None:
-        self._pending.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("audit row not written: %r", future.exception())
+    def record_soon(self, event: str, fields: dict[str, Any] | None = None, /, **more: Any) -> None:
+        """Write an audit row in a worker thread, from code that cannot await (controller/relay/records.py)."""
+        self.audit_queue.put(event, {**(fields or {}), **more})
 
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
@@ -439,4 +421,4 @@ class Relay:
             return_exceptions=True,
         )
         # The tunnels' last audit rows reach the store before it closes.
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._pending)), return_exceptions=True)
+        await self.audit_queue.drained()
