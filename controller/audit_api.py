@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from controller.audit_chain import parse_checkpoint, rows_of, verify
-from controller.audit_query import audit_page, newest_id, parse_filter
+from controller.audit_query import AuditFilter, any_after, audit_page, parse_filter
 from controller.blocking import API_POOL
 from controller.connections import connections_page
 from controller.context import ControllerContext
@@ -17,7 +17,7 @@ from controller.errors import ControllerError, bad_request, conflict
 #: below the idle timeouts of proxies and of outpostctl's own request timeout.
 MAX_FOLLOW_WAIT_SECONDS = 30
 #: How often a waiting follow request looks for new events: one indexed
-#: MAX(id) read, so at most 60 cheap reads per request, and a SIEM sees an
+#: read, so at most 60 cheap reads per request, and a SIEM sees an
 #: event within half a second.
 FOLLOW_POLL_SECONDS = 0.5
 
@@ -57,16 +57,17 @@ class AuditApi:
                                       "trail; stop one or follow less often.", 429)
             self._followers += 1
             try:
-                await self._wait_for_events(where.after, int(wait))
+                await self._wait_for_events(where, int(wait))
             finally:
                 self._followers -= 1
         page = await API_POOL.run(audit_page, self.context.store, where)
         return web.json_response(page)
 
-    async def _wait_for_events(self, after: int, wait: int) -> None:
+    async def _wait_for_events(self, where: AuditFilter, wait: int) -> None:
+        """Until an event the filters match is recorded after the cursor, or ``wait`` seconds passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while newest_id(self.context.store) <= after and loop.time() < deadline:
+        while not any_after(self.context.store, where) and loop.time() < deadline:
             await asyncio.sleep(min(FOLLOW_POLL_SECONDS, max(0.0, deadline - loop.time())))
 
     async def connections(self, request: web.Request) -> web.Response:

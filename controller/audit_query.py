@@ -144,6 +144,8 @@ def audit_page(store: Store, where: AuditFilter) -> dict[str, Any]:
     """
     clause, values = where.where(REFUSAL_EVENTS if where.denied else None)
     order = "ASC" if where.after is not None else "DESC"
+    # Read before the page: every event up to it is committed, so the page's query sees them all.
+    newest = newest_id(store)
     # One more than the page: whether an older page exists, without a second query.
     rows = store.query(f"SELECT id, time, event, fields FROM audit{clause} ORDER BY id {order} LIMIT ?",
                        (*values, where.limit + 1))
@@ -154,8 +156,24 @@ def audit_page(store: Store, where: AuditFilter) -> dict[str, Any]:
     return {
         "events": events,
         "next_before": events[0]["id"] if more and order == "DESC" else None,
-        "last_id": events[-1]["id"] if events else where.after,
+        "last_id": _cursor(where, events, more, newest),
     }
+
+
+def _cursor(where: AuditFilter, events: list[dict[str, Any]], more: bool, newest: int) -> int:
+    """Where a follower goes on from: past the events this page's filters skipped too, so it waits for new ones."""
+    shown = events[-1]["id"] if events else 0
+    if where.after is not None:
+        return shown if more else max(newest, where.after, shown)
+    if where.before is not None:
+        return shown or where.before - 1
+    return max(newest, shown)
+
+
+def any_after(store: Store, where: AuditFilter) -> bool:
+    """Whether an event matching ``where`` lies after its ``after`` cursor (one indexed read)."""
+    clause, values = where.where(REFUSAL_EVENTS if where.denied else None)
+    return store.query_one(f"SELECT id FROM audit{clause} ORDER BY id LIMIT 1", values) is not None
 
 
 def newest_id(store: Store) -> int:

@@ -155,3 +155,23 @@ def test_followers_past_the_bound_are_told_to_slow_down_and_the_others_still_ans
             assert status == 200  # the bound is free again
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_filtered_follow_waits_past_events_it_does_not_match_and_its_cursor_skips_them(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            status, page = await get(ctl, "/api/v1/audit?identity=gw-wanted")
+            assert page["events"] == []
+            cursor = page["last_id"]
+            assert cursor >= 1  # the newest event, though none matched: a follow starts from now
+            waiting = asyncio.ensure_future(get(ctl, f"/api/v1/audit?identity=gw-wanted&after={cursor}&wait=20"))
+            await ctl.create_identity("gw-other")  # not matched: the follower keeps waiting
+            await asyncio.sleep(1.5)
+            assert not waiting.done()
+            await ctl.create_identity("gw-wanted")
+            status, page = await asyncio.wait_for(waiting, 10)
+            assert [e["fields"]["identity"] for e in page["events"]] == ["default/gw-wanted"] * 2
+            status, later = await get(ctl, f"/api/v1/audit?identity=gw-other&after={page['last_id']}")
+            assert later["events"] == [] and later["last_id"] >= page["last_id"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
