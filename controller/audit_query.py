@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ from controller.store import Parameters, Store
 #: A time given as ``--since`` may be this far ahead of the controller's clock
 #: (the operator's clock drifts a little); further is a mistake, not skew.
 MAX_FUTURE_SKEW_SECONDS = 60.0
+#: The largest id or count a query takes: the stores' 64-bit integers.
+MAX_ID = 2**63 - 1
 #: Events that refuse something: what ``--denied`` shows.
 REFUSAL_EVENTS = ("dial_denied", "bind_denied", "tunnel_refused", "renewal_refused", "enrollment_refused")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -73,6 +76,8 @@ def parse_since(text: str, now: float | None = None) -> float:
         return now - int(match.group(1)) * _UNITS[match.group(2)]
     try:
         when = float(text)
+        if not math.isfinite(when):
+            raise ValueError(text)
     except ValueError:
         try:
             parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -97,8 +102,8 @@ def _whole(query: Mapping[str, str], key: str, minimum: int = 0) -> int | None:
     raw = query.get(key)
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < minimum:
-        raise bad_request(f"invalid_{key}", f"The {key} must be a whole number of at least {minimum}.")
+    if not raw.isdigit() or not minimum <= int(raw) <= MAX_ID:
+        raise bad_request(f"invalid_{key}", f"The {key} must be a whole number from {minimum} to {MAX_ID}.")
     return int(raw)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import re
 import sys
 import time
@@ -48,6 +49,8 @@ def _since(text: str) -> str:
         return text
     try:
         when = float(text)
+        if not math.isfinite(when):
+            raise ValueError(text)
     except ValueError:
         try:
             parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))

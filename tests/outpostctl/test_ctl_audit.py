@@ -35,6 +35,7 @@ def test_connections_and_filtered_audit_answer_in_json_and_in_a_table(ctl: Ctl, 
 def test_a_bad_time_or_filter_is_one_sentence_and_a_usage_exit(ctl: Ctl) -> None:
     for args, words in [
         (["audit", "--since", "last tuesday"], "is not a time"),
+        (["audit", "--since", "nan"], "is not a time"),
         (["connections", "--since", "2999-01-01T00:00:00Z"], "is in the future"),
     ]:
         result = ctl(*args)
