@@ -56,6 +56,10 @@ def load_or_create_key(data_dir: Path) -> bytes:
     try:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            # Whoever can read the key can forge the chain: owner-only, like the CA key.
+            log.warning("the audit chain key %s was readable by others; made it 0600", path)
+            path.chmod(0o600)
         return read_key(path)
     try:
         os.write(descriptor, secrets.token_bytes(KEY_BYTES))

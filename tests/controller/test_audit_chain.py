@@ -267,3 +267,16 @@ def test_an_old_store_never_opened_by_a_chaining_controller_is_told_so_in_one_se
     (data / KEY_FILE).write_bytes(os.urandom(32))
     code, line = check(data)
     assert code != 0 and line == "This store has no audit chain yet; start the controller on it once.", line
+
+
+def test_a_key_left_readable_by_others_is_made_owner_only_at_start(data: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (data / KEY_FILE).chmod(0o644)
+    store = Store(data / "store.sqlite3")
+    try:
+        with caplog.at_level(logging.WARNING, logger="controller.audit_chain"):
+            AuditLog(store).record("identity_created", identity="default/gw-late")
+    finally:
+        store.close()
+    assert stat.S_IMODE((data / KEY_FILE).stat().st_mode) == 0o600
+    assert any("made it 0600" in r.getMessage() for r in caplog.records)
+    assert check(data)[0] == 0
