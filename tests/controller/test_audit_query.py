@@ -149,14 +149,19 @@ def test_followers_past_the_bound_are_told_to_slow_down_and_the_others_still_ans
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             status, page = await get(ctl, "/api/v1/audit?limit=1")
-            path = f"/api/v1/audit?after={page['last_id']}&wait=3"
-            held = [asyncio.ensure_future(get(ctl, path)) for _ in range(MAX_FOLLOWERS)]
-            await asyncio.sleep(0.5)
-            status, body = await get(ctl, path)
+            after = page["last_id"]
+            follows = {asyncio.ensure_future(get(ctl, f"/api/v1/audit?after={after}&wait=20"))
+                       for _ in range(MAX_FOLLOWERS + 1)}
+            # The others wait for an event: the first to answer is the one past the bound.
+            done, waiting = await asyncio.wait(follows, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            [(status, body)] = [task.result() for task in done]
             assert (status, body["error"]) == (429, "too_many_followers"), body
-            answers = await asyncio.gather(*held)
+            assert len(waiting) == MAX_FOLLOWERS
+            await ctl.create_identity("gw-wakes-them")
+            answers = await asyncio.wait_for(asyncio.gather(*waiting), 10)
             assert {status for status, _ in answers} == {200}
-            status, body = await get(ctl, f"/api/v1/audit?after={page['last_id']}&wait=0")
+            assert all(body["events"] for _, body in answers)
+            status, body = await get(ctl, f"/api/v1/audit?after={after}&wait=0")
             assert status == 200  # the bound is free again
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
