@@ -26,7 +26,7 @@ from controller.actor import ACTOR_KEY, Actor
 from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
 from controller.audit_api import AuditApi
-from controller.audit_chain import log_checkpoint, log_checkpoints
+from controller.audit_chain import check_recent_at_start, log_checkpoint, log_checkpoints
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
@@ -290,6 +290,8 @@ class ControllerServer:
         self._runners: list[web.AppRunner] = []
         self.guards: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        #: Reads the store in a thread: awaited, never cancelled, before the store may close.
+        self._startup_check: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -325,6 +327,7 @@ class ControllerServer:
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(log_checkpoints(context.store)))
+        self._startup_check = loop.create_task(check_recent_at_start(context.store, context.audit.chain_key))
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
@@ -389,6 +392,9 @@ class ControllerServer:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self._startup_check is not None:
+            await self._startup_check  # a tenth of a second at most (STARTUP_VERIFY_EVENTS)
+            self._startup_check = None
         # The API first: the public runner's shutdown closes the relay the API reports on.
         for runner in reversed(self._runners):
             await runner.cleanup()

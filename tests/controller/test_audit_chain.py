@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from controller.audit import AuditLog
-from controller.audit_chain import KEY_FILE, compute_mac, log_checkpoint, rows_of, verify
+from controller.audit_chain import KEY_FILE, compute_mac, log_checkpoint, rows_of, verify, verify_recent
 from controller.audit_cli import EXIT_CHAIN_BROKEN
 from controller.store import Store
 from tests.controller.harness import run, running_controller
@@ -280,3 +280,37 @@ def test_a_key_left_readable_by_others_is_made_owner_only_at_start(data: Path, c
     assert stat.S_IMODE((data / KEY_FILE).stat().st_mode) == 0o600
     assert any("made it 0600" in r.getMessage() for r in caplog.records)
     assert check(data)[0] == 0
+
+
+def test_the_newest_events_are_checked_anchored_on_the_one_before_them(data: Path) -> None:
+    store = Store(data / "store.sqlite3")
+    try:
+        key = (data / KEY_FILE).read_bytes()
+        assert verify_recent(store, key, count=4).ok
+        attack(data, f"UPDATE audit SET event = 'identity_revoked' WHERE id = {EVENTS - 1};")
+        result = verify_recent(store, key, count=4)
+        assert (result.ok, result.first_bad) == (False, EVENTS - 1)
+        assert verify_recent(store, key, count=1).ok  # the edit lies before the newest event's anchor
+    finally:
+        store.close()
+
+
+def test_a_controller_started_on_an_edited_store_says_so_in_its_log(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    async def first() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            await ctl.create_identity("gw-history")
+
+    async def again() -> None:
+        async with running_controller(tmp_path / "ctl"):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while loop.time() < deadline and not any("fails verification" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+
+    run(asyncio.wait_for(first(), 60))
+    attack(tmp_path / "ctl", "UPDATE audit SET fields = replace(fields, 'gw-history', 'gw-other') WHERE id = 2;")
+    with caplog.at_level(logging.INFO, logger="controller.audit_chain"):
+        run(asyncio.wait_for(again(), 60))
+    [line] = [r.getMessage() for r in caplog.records if "fails verification" in r.getMessage()]
+    assert line.startswith("audit: the trail fails verification at event 2: its MAC does not match"), line
