@@ -10,11 +10,11 @@ from typing import Any
 from aiohttp import web
 
 from controller.actor import actor_of
-from controller.audit import DEFAULT_AUDIT_PAGE
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
+from controller.correlation import ENROLLMENT, RENEWAL, audit_scope, new_id
 from controller.enrollment import Issued
-from controller.errors import BodyRefused, bad_request, forbidden, unknown_identity
+from controller.errors import BodyRefused, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.signin.api import person_label, require_tenant, signin_of, tenant_scope
@@ -98,14 +98,16 @@ class GatewayApi:
     async def enroll(self, request: web.Request) -> web.Response:
         body = await read_json(request)
         # The token's transaction fsyncs and the CA signs: off the loop that carries tunnels.
-        issued = await API_POOL.run(self.context.enrollment.enroll, body.get("token"), body.get("csr"),
-                                    remote=request.remote)
+        with audit_scope(correlation=new_id(ENROLLMENT)):
+            issued = await API_POOL.run(self.context.enrollment.enroll, body.get("token"), body.get("csr"),
+                                        remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
     async def renew(self, request: web.Request) -> web.Response:
         """Renewal or recovery: the CSR's key must be an identity's enrolled key (controller/renewal.py)."""
         body = await read_json(request)
-        issued = await API_POOL.run(self.context.renewal.renew, body.get("csr"), remote=request.remote)
+        with audit_scope(correlation=new_id(RENEWAL)):
+            issued = await API_POOL.run(self.context.renewal.renew, body.get("csr"), remote=request.remote)
         return web.json_response(issued_json(self.context, issued))
 
 
@@ -134,7 +136,6 @@ class ManagementApi:
         r.add_get("/api/v1/services", self.list_services)
         r.add_post("/api/v1/policies", self.create_policy)
         r.add_get("/api/v1/policies", self.list_policies)
-        r.add_get("/api/v1/audit", self.audit)
         r.add_get("/api/v1/status", self.status)
 
     @staticmethod
@@ -256,12 +257,6 @@ class ManagementApi:
         scope = tenant_scope(request)
         policies = [p for p in self.context.policy.list() if scope is None or p.tenant in scope]
         return web.json_response({"policies": [p.to_json() for p in policies]})
-
-    async def audit(self, request: web.Request) -> web.Response:
-        raw = request.query.get("limit", str(DEFAULT_AUDIT_PAGE))
-        if not raw.isdigit() or int(raw) < 1:
-            raise bad_request("invalid_limit", "The limit must be a positive whole number.")
-        return web.json_response({"events": self.context.audit.recent(int(raw))})
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response({"tunnels": self._tunnel_status()})

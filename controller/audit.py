@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controller.audit_chain import INDEXED_FIELDS, insert_chained, load_or_create_key
+from controller.correlation import OTHER, new_id, scope_fields
 from controller.store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ EVENTS = frozenset(
         "tunnel_closed",
         "bind_allowed",
         "bind_denied",
+        "dial_requested",
         "dial_allowed",
         "dial_denied",
         "report_refused",
@@ -81,8 +84,13 @@ EVENTS = frozenset(
         "signout",
         "admin_credential_refused",
         "management_refused",
+        "dial_served",
+        "dial_failed",
+        "dial_closed",
     }
 )
+#: One audit event, before it is written: (event, fields).
+Event = tuple[str, dict[str, Any]]
 
 
 class AnonymousBudget:
@@ -138,12 +146,23 @@ class IdentityBudgets:
         return True, suppressed
 
 
+def _key_beside(store: Store) -> bytes:
+    """An SQLite store's data directory holds the chain key; a database server's controller names its key."""
+    from controller.store_sqlite import SQLiteStore
+
+    if not isinstance(store, SQLiteStore):
+        raise ValueError("an audit log on a database server needs the chain key of its data directory")
+    return load_or_create_key(store.path.parent)
+
+
 class AuditLog:
     """Writes and reads the ``audit`` table. Safe to call from several threads."""
 
     def __init__(self, store: Store, anonymous_budget: AnonymousBudget | None = None,
-                 identity_budgets: IdentityBudgets | None = None) -> None:
+                 identity_budgets: IdentityBudgets | None = None, chain_key: bytes | None = None) -> None:
         self._store = store
+        #: The hash chain's key (controller/audit_chain.py), kept in the data directory, never in the store.
+        self.chain_key = chain_key if chain_key is not None else _key_beside(store)
         self.anonymous_budget = anonymous_budget or AnonymousBudget()
         self.identity_budgets = identity_budgets or IdentityBudgets()
         # The budgets are read and changed by the event loop and worker threads alike.
@@ -165,8 +184,20 @@ class AuditLog:
 
         The budgets are taken first, so a batch that is all counted opens no transaction at all.
         """
-        kept = [(event, dict(fields)) for event, fields in events]
-        kept = [(event, fields) for event, fields in kept if self._within_identity_budget(event, fields)]
+        return self.record_groups([[event] for event in events])
+
+    def record_groups(self, groups: list[list[Event]]) -> int:
+        """Append groups of events in one transaction, each group whole or not at all; how many events were recorded.
+
+        A group is one attempt's story (a dial's request and its decision):
+        past the budget of any of its events, the whole group is counted
+        instead, so a flood of denied dials does not leave requests behind.
+        """
+        kept: list[Event] = []
+        for group in groups:
+            copied = [(event, dict(fields)) for event, fields in group]
+            if all([self._within_identity_budget(event, fields) for event, fields in copied]):
+                kept += copied
         if kept:
             with self._store.transaction() as db:
                 for event, fields in kept:
@@ -215,10 +246,12 @@ class AuditLog:
         return recorded
 
     def _insert(self, db: Transaction, event: str, fields: dict[str, Any]) -> None:
-        db.execute(
-            "INSERT INTO audit (time, event, fields) VALUES (?, ?, ?)",
-            (time.time(), event, json.dumps(fields, sort_keys=True, default=str)),
-        )
+        # The attempt's shared fields (its correlation id, a management request's actor) unless named here.
+        fields = {**scope_fields(), **fields}
+        fields.setdefault("correlation", new_id(OTHER))
+        columns = {name: value if isinstance(value := fields.get(name), str) else None for name in INDEXED_FIELDS}
+        insert_chained(db, self.chain_key, time.time(), event, json.dumps(fields, sort_keys=True, default=str),
+                       columns)
 
     def recent(self, limit: int = DEFAULT_AUDIT_PAGE) -> list[dict[str, Any]]:
         """The newest ``limit`` events, oldest first."""

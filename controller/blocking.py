@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import threading
 from collections.abc import Callable
@@ -69,7 +70,8 @@ class WorkerPool:
 
     async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``function(*args, **kwargs)`` in a worker thread; its result or its exception."""
-        call = functools.partial(function, *args, **kwargs)
+        # The caller's context (its audit scope, controller/correlation.py) goes along, as with asyncio.to_thread.
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
         with self._lock:
             if self.max_pending is not None and self.pending >= self.max_pending:
                 raise busy()
@@ -82,7 +84,8 @@ class WorkerPool:
 
     def submit(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
         """Start ``function`` in a worker thread from code that cannot await (a callback)."""
-        return self.executor().submit(function, *args, **kwargs)
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+        return self.executor().submit(call)
 
 
 API_POOL = WorkerPool(API_WORKERS, "outpost-api", MAX_PENDING_API_JOBS)

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 
 from controller.admin_credential import AdminCredential, data_dir_owner, migrate_plaintext, new_token, write_hash
 from controller.audit import AuditLog
+from controller.audit_chain import load_or_create_key
 from controller.ca import CertificateAuthority, ensure_server_certificate
 from controller.context import ControllerContext
 from controller.enrollment import Enrollment
@@ -231,7 +232,7 @@ def _create(settings: Settings) -> None:
         store = Store(staged.store_location)
         try:
             claim_store(store, ca.fingerprint)
-            audit = AuditLog(store)
+            audit = AuditLog(store, chain_key=load_or_create_key(staging))
             registry = Registry(store, audit, settings.trust_domain)
             with store.transaction() as db:
                 # A shared store already has it when another controller created it first.
@@ -326,7 +327,8 @@ def _load(settings: Settings) -> ControllerContext:
         store.close()
         raise
     refresh_outpostctl_config(settings)
-    audit = AuditLog(store)
+    # Every controller sharing a store holds the same audit.key, as it holds the same CA (docs/deployment.md).
+    audit = AuditLog(store, chain_key=load_or_create_key(settings.data_dir))
     registry = Registry(store, audit, settings.trust_domain)
     policy = PolicyEngine(store, audit)
     tokens = TokenAuthority(ca, audit, settings.base_url)

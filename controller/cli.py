@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import shared.service_manager as service_manager
+from controller import audit_cli
 from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser("restore", help="make a data directory from a backup (then start serve on it)")
     restore.add_argument("path", help="a directory made by outpost-controller backup")
     restore.add_argument("--data", required=True, help="the data directory to create (absent or empty)")
+    audit_cli.add_parser(commands)
     return parser
 
 
@@ -303,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("backup", "restore"):
             return backup_or_restore(args)
+        if args.command == "audit":
+            return audit_cli.run(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
     except OutpostError as error:

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import serialization
 import shared.service_manager as service_manager
 from controller.admission import return_freed_memory
 from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
+from controller.audit_api import AuditApi
+from controller.audit_chain import check_recent_at_start, log_checkpoint, log_checkpoints
 from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
@@ -183,6 +185,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
+        AuditApi(context).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(
@@ -265,6 +268,8 @@ class ControllerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.relay: Relay | None = None
         self._metrics_listener: socket.socket | None = None
+        #: Reads the store in a thread: awaited, never cancelled, before the store may close.
+        self._startup_check: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -302,6 +307,8 @@ class ControllerServer:
         self._tasks.append(loop.create_task(relay.presence.run()))
         if context.settings.metrics_listen_host is not None:
             await self._serve_metrics(relay, tls)
+        self._tasks.append(loop.create_task(log_checkpoints(context.store)))
+        self._startup_check = loop.create_task(check_recent_at_start(context.store, context.audit.chain_key))
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
@@ -384,10 +391,14 @@ class ControllerServer:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self._startup_check is not None:
+            await self._startup_check  # a tenth of a second at most (STARTUP_VERIFY_EVENTS)
+            self._startup_check = None
         # The API first: the public runner's shutdown closes the relay the API reports on.
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
+        log_checkpoint(self.context.store)  # the head as this process leaves it
         self._listener.close()
         if self._api_listener is not None:
             self._api_listener.close()

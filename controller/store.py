@@ -20,7 +20,7 @@ sequence, ``INSERT ... ON CONFLICT``, ``RETURNING`` instead of ``lastrowid``.
 
 The schema grows in one obvious step per change, on both engines:
 - a table or an index: append its ``CREATE ... IF NOT EXISTS`` to ``SCHEMA``;
-- a column of an existing table: append it to ``ADDED_COLUMNS``;
+- a column of an existing table: append it to ``ADDED_COLUMNS`` (an index on it to ``ADDED_INDEXES``);
 - a table nobody may rewrite: add it to ``APPEND_ONLY_TABLES``;
 - rows to rewrite once: a function in ``MIGRATIONS`` under the new version;
 and raise ``SCHEMA_VERSION`` by one (tests/controller/test_store_schema.py
@@ -49,7 +49,7 @@ Parameters = tuple[object, ...]
 BUSY_TIMEOUT_SECONDS = 10.0
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -185,6 +185,20 @@ ADDED_COLUMNS = (
     ("tokens", "superseded_at", "REAL"),
     ("tokens", "superseded_by", "TEXT"),
     ("tokens", "issuer", "TEXT"),
+    # An audit event's correlation id, and the identity and service it names,
+    # copied from its fields so the audit and connection filters use an index.
+    ("audit", "correlation", "TEXT"),
+    ("audit", "identity", "TEXT"),
+    ("audit", "service", "TEXT"),
+    # The event's link in the keyed hash chain (controller/audit_chain.py); NULL on rows from before it.
+    ("audit", "mac", "TEXT"),
+)
+#: Indexes on ADDED_COLUMNS: created once the columns exist.
+ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS audit_by_correlation ON audit (correlation)",
+    "CREATE INDEX IF NOT EXISTS audit_by_identity ON audit (identity, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_service ON audit (service, id)",
+    "CREATE INDEX IF NOT EXISTS audit_by_event ON audit (event, id)",
 )
 
 #: Tables no process, not even this one, may update, delete from or empty:
@@ -338,6 +352,8 @@ class Store:
                 db.make_append_only(table)
             db.install_engine_schema()
             added = _add_missing_columns(db)
+            for index in ADDED_INDEXES:
+                db.execute_ddl(db.translate_ddl(index))
             if ("tokens", "superseded_at") in added:
                 db.supersede_older_tokens()
             for step in range((version or 0) + 1, SCHEMA_VERSION + 1):

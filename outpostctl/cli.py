@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import commands, fleet
+from outpostctl import audit_commands, commands, fleet
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -26,7 +26,6 @@ from shared import __version__
 PROG = commands.PROG
 DEFAULT_TENANT = "default"
 #: Enough recent events to see what just happened without flooding a terminal.
-DEFAULT_AUDIT_LIMIT = 50
 #: The identity ``outpostctl connect`` dials as unless told otherwise.
 DEFAULT_CONNECT_IDENTITY = "operator"
 #: 128 + SIGINT, the shell's convention for a command stopped with Ctrl-C.
@@ -155,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--session", action="store_true",
                      help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
-    sub = leaf(top, "audit", commands.audit, "show the newest audit events", json_flag=True)
-    sub.add_argument("--limit", type=_positive_int, default=DEFAULT_AUDIT_LIMIT, metavar="N",
-                     help=f"how many events (default {DEFAULT_AUDIT_LIMIT}; the controller caps it)")
+    audit_commands.add_commands(top, leaf, _positive_int)
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)
 
     sub = leaf(top, "connect", None, "expose a remote service as a local port")

@@ -47,6 +47,14 @@ class ManagementClient:
     def url(self) -> str:
         return self._config.url
 
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    def with_timeout(self, timeout: float) -> ManagementClient:
+        """The same controller, with requests that may take ``timeout`` seconds (a long poll)."""
+        return ManagementClient(self._config, timeout=timeout)
+
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
             try:

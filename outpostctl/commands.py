@@ -273,18 +273,6 @@ _AUDIT_TIME_FIELDS = {"expires", "not_after", "not_before", "connected_since", "
 _AUDIT_TIME_SUFFIXES = ("_at", "_after", "_before", "_until", "_since", "_time", "_expires")
 
 
-def audit(args: argparse.Namespace, client: ManagementClient) -> int:
-    events = client.audit(args.limit)
-    if args.json:
-        print(render.machine_json({"events": events}))
-        return 0
-    if not events:
-        print("the audit log is empty")
-        return 0
-    print(render.table(["TIME", "EVENT", "DETAILS"], audit_rows(events)))
-    return 0
-
-
 def audit_rows(events: list[JsonObject]) -> list[list[str]]:
     """The audit view's rows: the time in UTC, the event, then its details as sorted key=value pairs."""
     rows = []

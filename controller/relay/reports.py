@@ -66,5 +66,5 @@ def on_report(session: RelaySession, tunnel: TunnelPresence | None, event: Repor
     refused_reports[kind or "malformed"] += 1
     session.reports_refused += 1
     if session.reports_refused == 1:
-        session.relay.record_soon("report_refused", identity=identity.uri, remote=session.remote,
-                                  reason=reason, size=event.size)
+        session.relay.record_soon("report_refused", identity=identity.label, remote=session.remote,
+                                  reason=reason, size=event.size, correlation=session.tunnel_id)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextvars
 import datetime as dt
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -15,11 +17,13 @@ from aiohttp import web
 from cryptography import x509
 
 from controller.blocking import RELAY_POOL
+from controller.correlation import TUNNEL, new_id
 from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
 from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.store import StoreUnavailable
 from shared.protocol import (
     NONCE_SIZE,
@@ -46,8 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
-#: (allowed, reason, service key) of one named service.
-Decision = tuple[bool, str, ServiceKey]
+#: (allowed, reason, service key, deciding policy id) of one named service.
+Decision = tuple[bool, str, ServiceKey, int | None]
 
 # The relay never pings (the agent pays for keepalives and keeps the NAT
 # mapping open); it forgets a tunnel that sent nothing for this long, well
@@ -98,6 +102,8 @@ class RelaySession(TunnelSession):
         self.identity: Identity | None = None
         self.session_certificate = False
         self.connected_at = time.time()
+        #: The correlation id of this tunnel's audit events (controller/correlation.py).
+        self.tunnel_id = new_id(TUNNEL)
         self._worker_turn = asyncio.Lock()
         #: The upgrade request this tunnel came in on (set by Relay.handle).
         self.request: web.Request | None = None
@@ -170,7 +176,8 @@ class RelaySession(TunnelSession):
         store shows every change the watcher will not announce to us.
         """
         identity = self.admitted
-        self.context.audit.record("tunnel_connected", identity=identity.uri, remote=self.remote, serial=serial)
+        self.context.audit.record("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
+                                  correlation=self.tunnel_id, relay=self.relay.name)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
             return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
@@ -181,10 +188,11 @@ class RelaySession(TunnelSession):
     def _record_refusal(self, chain: Sequence[str], reason: str) -> None:
         """``tunnel_refused``: by the identity's budget when our CA issued the certificate, else anonymous."""
         uri = verified_identity_uri(self.context, chain)
+        fields = {"remote": self.remote, "reason": reason, "correlation": self.tunnel_id, "relay": self.relay.name}
         if uri is None:
-            self.context.audit.record_anonymous("tunnel_refused", remote=self.remote, reason=reason)
+            self.context.audit.record_anonymous("tunnel_refused", **fields)
         else:
-            self.context.audit.record("tunnel_refused", identity=uri, remote=self.remote, reason=reason)
+            self.context.audit.record("tunnel_refused", identity=label_of_uri(uri), **fields)
 
     async def on_bind_requested(self, event: BindRequested) -> None:
         # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
@@ -199,7 +207,7 @@ class RelaySession(TunnelSession):
             return
         bound: list[str] = []
         refused: dict[str, str] = {}
-        for requested, (allowed, reason, key) in zip(event.services, decisions, strict=True):
+        for requested, (allowed, reason, key, _policy) in zip(event.services, decisions, strict=True):
             if allowed:
                 self.relay.broker.bind(key, self)
                 bound.append(requested)
@@ -217,28 +225,38 @@ class RelaySession(TunnelSession):
         decisions = [self._decide(kind, name) for name in requested]
         self.context.audit.record_many([
             (f"{kind}_{'allowed' if allowed else 'denied'}",
-             {"identity": self.admitted.uri, "service": f"{key[0]}/{key[1]}", "reason": reason})
-            for allowed, reason, key in decisions
+             {"identity": self.admitted.label, "service": f"{key[0]}/{key[1]}", "reason": reason,
+              "correlation": self.tunnel_id, **({} if policy is None else {"policy": policy})})
+            for allowed, reason, key, policy in decisions
             if not (allowed and key in held)
         ])
         return decisions
+
+    def _decide_dial(self, record: DialRecord) -> Decision:
+        """Decide one dial and record its request and decision under its connection id (worker thread)."""
+        decision = allowed, reason, key, policy = self._decide("dial", record.requested)
+        self.context.audit.record_groups([record.decided(allowed, reason, f"{key[0]}/{key[1]}", policy)])
+        return decision
 
     def _decide(self, kind: str, requested: str) -> Decision:
         """(allowed, reason, service key) for this identity and a named service."""
         key = service_key(requested, self.admitted.tenant)
         service = self.context.registry.get_service(*key)
         if service is None:
-            return False, f"no service named {key[0]}/{key[1]}", key
+            return False, f"no service named {key[0]}/{key[1]}", key, None
         decision = self.context.policy.decide(kind, self.admitted, service, session_certificate=self.session_certificate)
-        return decision.allowed, decision.reason, key
+        return decision.allowed, decision.reason, key, decision.policy_id
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
+        record = DialRecord(self, channel)
         try:
-            [(allowed, reason, key)] = await self.in_worker(self._decide_all, "dial", [channel.service])
+            allowed, reason, key, _policy = await self.in_worker(self._decide_dial, record)
         except StoreUnavailable as unavailable:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
         if channel.error is not None or self.conn.closed:
+            if allowed:
+                self.relay.record_soon(*record.failed("the dialer went away"))
             return
         if not allowed:
             code = ErrorCode.SERVICE_UNKNOWN if reason.startswith("no service named") else ErrorCode.POLICY_DENIED
@@ -247,7 +265,16 @@ class RelaySession(TunnelSession):
         binder = self.relay.broker.binder(key)
         if binder is None:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, f"no gateway hosting {key[0]}/{key[1]} is connected")
+            self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
+        try:
+            await self._serve_dial(channel, binder, key, record)
+        except ChannelReset as exc:
+            self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
+
+    async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
+                          record: DialRecord) -> None:
+        """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
         name = key[1] if binder.admitted.tenant == key[0] else f"{key[0]}/{key[1]}"
@@ -256,17 +283,23 @@ class RelaySession(TunnelSession):
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
         except ChannelReset as exc:
             channel.reset(exc.code, exc.reason)
-            return
+            raise
         except TimeoutError:
             upstream.reset(ErrorCode.TIMEOUT, "dial timed out")
-            channel.reset(ErrorCode.TIMEOUT, f"the gateway hosting {key[0]}/{key[1]} did not answer in time")
-            return
+            reason = f"the gateway hosting {key[0]}/{key[1]} did not answer in time"
+            channel.reset(ErrorCode.TIMEOUT, reason)
+            raise ChannelReset(ErrorCode.TIMEOUT, reason) from None
         if channel.error is not None or self.conn.closed:
             upstream.reset(ErrorCode.CANCEL, "the dialer went away")
-            return
+            raise ChannelReset(ErrorCode.CANCEL, "the dialer went away")
         self.conn.accept_stream(channel.stream_id)
+        loop = asyncio.get_running_loop()
+        self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
-        await splice_streams(channel, upstream)
+        try:
+            await splice_streams(channel, upstream)
+        finally:
+            self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_report(self, event: ReportReceived) -> None:
         reports.on_report(self, self.presence, event)
@@ -276,7 +309,10 @@ class RelaySession(TunnelSession):
             self.relay.presence.down(self.presence)
         self.relay.unregister(self)
         if self.identity is not None:
-            self.relay.record_soon("tunnel_closed", identity=self.identity.uri, reason=reason or code.name)
+            self.relay.record_soon(
+                "tunnel_closed", identity=self.identity.label, reason=reason or code.name, correlation=self.tunnel_id,
+                closed_by="agent" if remote else "relay", relay=self.relay.name, bytes_in=self.conn.bytes_received,
+                bytes_out=self.conn.bytes_sent, duration_s=round(time.time() - self.connected_at, 3))
 
 
 def verified_identity_uri(context: ControllerContext, chain: Sequence[str]) -> str | None:
@@ -298,10 +334,12 @@ class Relay:
         self.broker = Broker()
         #: this process's tunnels' presence, written to the store in batches (controller/presence.py)
         self.presence = PresenceBook(context.store)
+        #: This relay process as audit events name it: which host and process served or refused.
+        self.name = f"{socket.gethostname()}/{os.getpid()}"
         self.sessions: set[RelaySession] = set()
         self.by_identity: dict[str, set[RelaySession]] = {}
-        #: Audit rows started from callbacks and not yet written (awaited at shutdown).
-        self._pending: set[concurrent.futures.Future[bool]] = set()
+        #: Audit rows from callbacks, written in order by one worker job at a time (drained at shutdown).
+        self.audit_queue = QueuedAudit(context.audit, RELAY_POOL)
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -334,16 +372,9 @@ class Relay:
         """Bytes (in, out) on this process's live tunnels."""
         return (sum(s.conn.bytes_received for s in self.sessions), sum(s.conn.bytes_sent for s in self.sessions))
 
-    def record_soon(self, event: str, **fields: Any) -> None:
-        """Write an audit row in a worker thread, from code that cannot await."""
-        future = RELAY_POOL.submit(self.context.audit.record, event, **fields)
-        self._pending.add(future)
-        future.add_done_callback(self._recorded)
-
-    def _recorded(self, future: concurrent.futures.Future[bool]) -> None:
-        self._pending.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("audit row not written: %r", future.exception())
+    def record_soon(self, event: str, fields: dict[str, Any] | None = None, /, **more: Any) -> None:
+        """Write an audit row in a worker thread, from code that cannot await (controller/relay/records.py)."""
+        self.audit_queue.put(event, {**(fields or {}), **more})
 
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
@@ -365,10 +396,11 @@ class Relay:
             on_loop = asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
+        # A fresh context: the tunnels' own audit events must not carry the caller's scope (an actor's address).
         if on_loop:
-            callback(identity)
+            contextvars.Context().run(callback, identity)
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(callback, identity)
+            loop.call_soon_threadsafe(callback, identity, context=contextvars.Context())
 
     def _close_tunnels_of(self, identity: Identity) -> None:
         for session in list(self.by_identity.get(identity.uri, ())):
@@ -427,5 +459,5 @@ class Relay:
             return_exceptions=True,
         )
         # The tunnels' last audit rows and their presence reach the store before it closes.
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in list(self._pending)), return_exceptions=True)
+        await self.audit_queue.drained()
         await self.presence.close()

@@ -15,9 +15,10 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.actor import ACTOR_KEY, Actor
+from controller.actor import ACTOR_KEY, Actor, actor_of
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
+from controller.correlation import MANAGEMENT, audit_scope, new_id
 from controller.errors import ControllerError
 from controller.listener import guarded_connection
 from controller.names import DEFAULT_TENANT
@@ -77,7 +78,9 @@ def management_auth(context: ControllerContext) -> Any:
             # Break-glass: the action's own audit row names the actor (controller/actor.py, kind "admin");
             # every use, reads included, is in the log too.
             log.info("admin credential used: %s %s from %s", request.method, request.path, _remote(request))
-        return await handler(request)
+        # Every event the action causes names who asked, from where, under one correlation id.
+        with audit_scope(correlation=new_id(MANAGEMENT), **actor_of(request).audit_fields()):
+            return await handler(request)
 
     return check
 

@@ -46,18 +46,29 @@ class StreamChannel:
         self._closed = asyncio.Event()  # reset by either side, or the tunnel went away
         self.eof = False
         self.error: ChannelReset | None = None
+        #: Bytes the far end sent on this stream (the relay's connection records).
+        self.received = 0
+        #: The loop's time at which the far end ended or reset the stream (or its tunnel went away), if it did.
+        self.peer_finished_at: float | None = None
 
     # -- called by the session on events --------------------------------
     def _on_data(self, data: bytes) -> None:
+        self.received += len(data)
         self._chunks.append(data)
         self._readable.set()
 
     def _on_end(self) -> None:
+        self._peer_finished()
         self.eof = True
         self._readable.set()
 
     def _on_reset(self, code: ErrorCode, reason: str) -> None:
+        self._peer_finished()
         self._fail(ChannelReset(code, reason))
+
+    def _peer_finished(self) -> None:
+        if self.peer_finished_at is None:
+            self.peer_finished_at = self._accepted.get_loop().time()
 
     def _fail(self, error: ChannelReset) -> None:
         """The stream is over, whichever end said so: wake everyone waiting on it with ``error``."""

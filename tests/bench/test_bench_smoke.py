@@ -257,3 +257,9 @@ def test_store_throughput_reports_enrollment_and_renewal_on_each_store() -> None
         assert "PostgreSQL is not measured" in stderr[0] and found["postgresql_skipped"]
     else:
         assert_positive(found["postgresql"], "enroll_per_s", "renew_per_s", "enroll_per_s_two_processes")
+
+
+def test_audit_verify_reports_seconds_per_million_events() -> None:
+    found = run_bench("audit_verify", "--events", "2000")
+    assert found["events"] == 2000 and isinstance(found["goal_met"], bool)
+    assert_positive(found, "verify_seconds", "verify_events_per_second", "verify_seconds_per_million")

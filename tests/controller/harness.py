@@ -170,10 +170,29 @@ def store_snapshot(path: Path, *, live: bool = False) -> dict[str, list[tuple]]:
 
 
 def audit_events_added(before: dict[str, list[tuple]], after: dict[str, list[tuple]]) -> list[tuple[str, dict]]:
-    """The audit events appended between two snapshots, as (event, fields); fails if anything else changed."""
+    """The audit events appended between two snapshots, as (event, fields); fails if anything else changed.
+
+    The random correlation id is left out (``audit_correlations_added`` has them); so are the relay
+    process's name and the dialer's tunnel, which a dial's request names.
+    """
     assert {t: rows for t, rows in after.items() if t != "audit"} == {t: rows for t, rows in before.items() if t != "audit"}
     assert after["audit"][: len(before["audit"])] == before["audit"], "the audit log was rewritten"
-    return [(row[2], json.loads(row[3])) for row in after["audit"][len(before["audit"]):]]
+    added = []
+    for row in after["audit"][len(before["audit"]):]:
+        fields = json.loads(row[3])
+        for varying in VARYING_AUDIT_FIELDS:
+            fields.pop(varying, None)
+        added.append((row[2], fields))
+    return added
+
+
+#: Audit fields whose value is random or names this process: compared apart.
+VARYING_AUDIT_FIELDS = ("correlation", "relay", "tunnel", "gateway_tunnel")
+
+
+def audit_correlations_added(before: dict[str, list[tuple]], after: dict[str, list[tuple]]) -> list[tuple[str, str]]:
+    """(event, correlation id) of each audit event appended between two snapshots."""
+    return [(row[2], json.loads(row[3])["correlation"]) for row in after["audit"][len(before["audit"]):]]
 
 
 def b64url(data: bytes) -> str:

@@ -112,7 +112,8 @@ def test_bad_reports_are_refused_counted_audited_once_and_the_tunnel_lives(tmp_p
                 return any(r[2] == "report_refused" for r in rows)
             await until(audited, "report_refused audited")
             rows = [r for r in store_snapshot(ctl.context.settings.store_path)["audit"] if r[2] == "report_refused"]
-            assert len(rows) == 1 and creds.uri in rows[0][3] and "more than 2048" in rows[0][3]
+            fields = json.loads(rows[0][3])
+            assert len(rows) == 1 and fields["identity"] == "default/gw-1" and "more than 2048" in fields["reason"]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 

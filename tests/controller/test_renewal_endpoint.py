@@ -46,6 +46,7 @@ def test_a_valid_certificate_is_renewed_for_the_same_key(tmp_path: Path) -> None
             assert event["event"] == "renewal"
             assert event["fields"]["identity"] == "default/gw"
             assert event["fields"]["serial"] == format(cert.serial_number, "x")
+            assert event["fields"]["correlation"].startswith("r-")  # the renewal request's own id
             row = running.context.store.query_one("SELECT purpose FROM certificates WHERE serial = ?",
                                                    (format(cert.serial_number, "x"),))
             assert row["purpose"] == "renewal"

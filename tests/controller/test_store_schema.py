@@ -26,7 +26,7 @@ TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
 
 
 def schema_digest() -> str:
-    parts = (store_module.SCHEMA, store_module.ADDED_COLUMNS, store_module.APPEND_ONLY_TABLES,
+    parts = (store_module.SCHEMA, store_module.ADDED_COLUMNS, store_module.ADDED_INDEXES, store_module.APPEND_ONLY_TABLES,
              sorted(store_module.MIGRATIONS))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 

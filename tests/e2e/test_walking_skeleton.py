@@ -140,8 +140,10 @@ def test_a_dial_with_no_policy_is_refused_with_the_reason_and_changes_nothing(
             before = Unchanged(controller, state)  # the operator's session and tunnel exist by now
             assert round_trip(port, b"hello") == b""
             connect.wait_for_line(reason)
-            assert before.audit_added() == [("dial_denied", {"identity": "spiffe://outpost.local/default/operator",
-                                                             "service": "default/historian", "reason": reason})]
+            assert before.audit_added() == [
+                ("dial_requested", {"identity": "default/operator", "service": "default/historian",
+                                    "requested": "historian", "remote": "127.0.0.1"}),
+                ("dial_denied", {"identity": "default/operator", "service": "default/historian", "reason": reason})]
             before.assert_agents_as_they_were()
         finally:
             connect.stop()
@@ -164,8 +166,10 @@ def test_a_gateway_dialling_an_unknown_service_is_told_so_and_nothing_changes(
         before = Unchanged(controller, host_state, dial_state)
         assert round_trip(port, b"hello") == b""
         dialer.wait_for_line(f"dial no-such-service refused: {reason}")
-        assert before.audit_added() == [("dial_denied", {"identity": "spiffe://outpost.local/default/central-u",
-                                                         "service": "default/no-such-service", "reason": reason})]
+        assert before.audit_added() == [
+            ("dial_requested", {"identity": "default/central-u", "service": "default/no-such-service",
+                                "requested": "no-such-service", "remote": "127.0.0.1"}),
+            ("dial_denied", {"identity": "default/central-u", "service": "default/no-such-service", "reason": reason})]
         before.assert_agents_as_they_were()
         assert echo_server.connections == 0
     finally:

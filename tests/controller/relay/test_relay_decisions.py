@@ -16,7 +16,14 @@ from agent.errors import TunnelRefused
 from agent.tunnel.client import TunnelOptions
 from shared.protocol import ErrorCode
 from shared.tunnel.session import ChannelReset, TunnelSession
-from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
+from tests.controller.harness import (
+    Running,
+    audit_correlations_added,
+    audit_events_added,
+    run,
+    running_controller,
+    store_snapshot,
+)
 from tests.controller.relay.relay_harness import (
     SCENARIO_TIMEOUT,
     connect,
@@ -100,7 +107,8 @@ def test_a_denied_bind_tells_the_binder_why_leaves_the_service_unreachable_and_i
                 assert not binder.conn.closed and not dialer.conn.closed
             added = audit_events_added(before, snapshot(ctl))
             binds_decided = [(event, fields) for event, fields in added if event.startswith("bind_")]
-            assert binds_decided == [("bind_denied", {"identity": gateway.uri, "service": "default/modbus", "reason": reason})]
+            assert binds_decided == [("bind_denied", {"identity": "default/gw-a", "service": "default/modbus",
+                                                      "reason": reason})]
             assert echo.connections == 0
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
@@ -133,10 +141,16 @@ def test_a_refused_dial_says_why_reaches_nothing_and_changes_nothing_but_one_aud
                 before, held = snapshot(ctl), await tunnels(ctl)
                 refused = await dial_refusal(dialer, service)
                 assert (refused.code, refused.reason) == (code, reason)
-                assert audit_events_added(before, snapshot(ctl)) == [
-                    ("dial_denied", {"identity": dialer.credentials.uri, "service": f"default/{service}",
-                                     "reason": reason})
+                # The request and its decision, under one connection id; nothing served, nothing to close.
+                after = snapshot(ctl)
+                assert audit_events_added(before, after) == [
+                    ("dial_requested", {"identity": "default/operator", "service": f"default/{service}",
+                                        "requested": service, "remote": "127.0.0.1"}),
+                    ("dial_denied", {"identity": "default/operator", "service": f"default/{service}",
+                                     "reason": reason}),
                 ]
+                [(_, requested), (_, decided)] = audit_correlations_added(before, after)
+                assert requested == decided and requested.startswith("c-")
                 assert await tunnels(ctl) == held  # both tunnels up, the binding in place
                 assert not binder.conn.closed and not dialer.conn.closed
             assert echo.connections == 0
@@ -159,7 +173,8 @@ def test_a_session_certificate_may_dial_but_its_bind_is_refused_whatever_the_pol
                 assert (held.bound, held.refused) == ((), {"modbus": reason})
                 assert await tunnels(ctl) == [(operator.uri, [])]
             decided = [(e, f) for e, f in audit_events_added(before, snapshot(ctl)) if e.startswith("bind_")]
-            assert decided == [("bind_denied", {"identity": operator.uri, "service": "default/modbus", "reason": reason})]
+            assert decided == [("bind_denied", {"identity": "default/operator", "service": "default/modbus",
+                                                "reason": reason})]
             assert echo.connections == 0
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))

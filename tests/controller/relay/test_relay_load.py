@@ -235,7 +235,9 @@ def test_denied_binds_and_dials_of_one_identity_are_recorded_within_its_budget(t
             assert len(audit_rows(ctl, "bind_denied")) == IDENTITY_REFUSALS_PER_MINUTE
             dials = audit_rows(ctl, "dial_denied")
             assert len(dials) == IDENTITY_REFUSALS_PER_MINUTE
-            assert {row["identity"] for row in dials} == {credentials.uri}
+            assert {row["identity"] for row in dials} == {"default/gw-noisy"}
+            # A request is recorded only with its decision: the flood leaves no requests without one.
+            assert len(audit_rows(ctl, "dial_requested")) == IDENTITY_REFUSALS_PER_MINUTE
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -272,7 +274,7 @@ def test_a_refused_tunnel_of_a_verified_certificate_names_the_identity_in_a_fiel
                         pass
             rows = audit_rows(ctl, "tunnel_refused")
             assert len(rows) == IDENTITY_REFUSALS_PER_MINUTE
-            assert {row["identity"] for row in rows} == {credentials.uri}
+            assert {row["identity"] for row in rows} == {"default/gw-gone"}
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT * 2))
 

@@ -67,7 +67,9 @@ def test_a_policy_of_another_tenant_cannot_open_acme_scada_and_the_dial_says_why
                 reason = "no policy allows identity default/gw-d to dial service acme/scada"
                 assert (denied.code, denied.reason) == (ErrorCode.POLICY_DENIED, reason)
                 assert audit_events_added(before, snapshot(ctl)) == [
-                    ("dial_denied", {"identity": dialer.uri, "service": "acme/scada", "reason": reason})]
+                    ("dial_requested", {"identity": "default/gw-d", "service": "acme/scada", "requested": "acme/scada",
+                                        "remote": "127.0.0.1"}),
+                    ("dial_denied", {"identity": "default/gw-d", "service": "acme/scada", "reason": reason})]
             assert echo.connections == 0
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
@@ -91,10 +93,11 @@ def test_an_agents_dial_of_acme_scada_reaches_it_when_a_policy_of_acme_lets_defa
                     assert dial.last_error is None
                 finally:
                     await dial.close()
-                decided = [(e, f) for e, f in audit_events_added(before, snapshot(ctl)) if e.startswith("dial_")]
-                assert decided == [("dial_allowed", {"identity": dialer.uri, "service": "acme/scada",
-                                                     "reason": decided[0][1]["reason"]})]
-                assert decided[0][1]["reason"].startswith("allowed by policy ")
+                decided = [(e, f) for e, f in audit_events_added(before, snapshot(ctl)) if e == "dial_allowed"]
+                assert decided == [("dial_allowed", {"identity": "default/gw-d", "service": "acme/scada",
+                                                     "reason": decided[0][1]["reason"],
+                                                     "policy": decided[0][1]["policy"]})]
+                assert decided[0][1]["reason"] == f"allowed by policy {decided[0][1]['policy']}"
             assert echo.connections == 1
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))

@@ -1,0 +1,130 @@
+"""A dial's audit story under one connection id: requested, decided, served or failed, closed.
+
+Every event names the dialing identity and the service the same way
+(``tenant/name``), so ``outpostctl connections`` and ``outpostctl audit
+--identity`` find them all (controller/connections.py builds one row per
+connection id from these events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from controller.audit import AuditLog, Event
+from controller.blocking import WorkerPool
+from controller.correlation import CONNECTION, new_id
+from shared.tunnel.channel import StreamChannel
+
+log = logging.getLogger(__name__)
+
+#: Rows one transaction of the relay's queued audit writes holds at most: a
+#: burst of closing tunnels costs a few fsyncs, and no transaction grows unbounded.
+MAX_ROWS_PER_TRANSACTION = 500
+#: Shutdown waits for this many rounds of queued rows (rows queued while the previous round was written).
+DRAIN_ROUNDS = 10
+
+if TYPE_CHECKING:
+    from controller.relay.session import RelaySession
+
+
+def label_of_uri(uri: str) -> str:
+    """``tenant/name`` of an identity URI (``spiffe://domain/tenant/name``)."""
+    return "/".join(uri.rsplit("/", 2)[-2:])
+
+
+class DialRecord:
+    """The audit events of one dial through this relay (built on the event loop, written in workers)."""
+
+    def __init__(self, session: RelaySession, channel: StreamChannel) -> None:
+        self.id = new_id(CONNECTION)
+        self.identity = session.admitted.label
+        self.requested = channel.service
+        self.service = channel.service
+        self.relay = session.relay.name
+        self.remote = session.remote
+        self.tunnel = session.tunnel_id
+        self.served_at: float | None = None  # the loop's clock
+
+    def _fields(self, **fields: Any) -> dict[str, Any]:
+        return {"correlation": self.id, "identity": self.identity, "service": self.service, **fields}
+
+    def decided(self, allowed: bool, reason: str, service: str, policy_id: int | None) -> list[Event]:
+        """The request and its decision: recorded together or (past the identity's budget) not at all."""
+        self.service = service
+        decision = {"reason": reason} if policy_id is None else {"reason": reason, "policy": policy_id}
+        return [
+            ("dial_requested", self._fields(relay=self.relay, remote=self.remote, tunnel=self.tunnel,
+                                             requested=self.requested)),
+            ("dial_allowed" if allowed else "dial_denied", self._fields(**decision)),
+        ]
+
+    def failed(self, reason: str) -> Event:
+        return "dial_failed", self._fields(reason=reason, relay=self.relay)
+
+    def served(self, gateway: RelaySession, now: float) -> Event:
+        self.served_at = now
+        return "dial_served", self._fields(gateway=gateway.admitted.label, gateway_tunnel=gateway.tunnel_id,
+                                           relay=self.relay)
+
+    def closed(self, dialer: StreamChannel, upstream: StreamChannel, now: float) -> Event:
+        """Bytes each way, how long, which side ended it first and why."""
+        finished = [(at, side) for at, side in ((dialer.peer_finished_at, "dialer"),
+                                                 (upstream.peer_finished_at, "gateway")) if at is not None]
+        closed_by = min(finished)[1] if finished else "relay"
+        error = dialer.error or upstream.error
+        reason = (error.reason or error.code.name) if error is not None else "ended"
+        return "dial_closed", self._fields(
+            bytes_up=dialer.received, bytes_down=upstream.received, closed_by=closed_by, reason=reason,
+            duration_s=round(now - (self.served_at if self.served_at is not None else now), 3),
+        )
+
+
+class QueuedAudit:
+    """Audit rows from code on the event loop that cannot await, written in order, many per transaction.
+
+    One worker job at a time drains the queue: a dial costs no fsync of its
+    own for its served and closed rows under load (they share a commit with
+    whatever else closed meanwhile), and the rows of one connection are
+    written in the order they were queued.
+    """
+
+    def __init__(self, audit: AuditLog, pool: WorkerPool) -> None:
+        self._audit = audit
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._queue: list[Event] = []
+        self._running: concurrent.futures.Future[None] | None = None
+
+    def put(self, event: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            self._queue.append((event, fields))
+            if self._running is None:
+                # An empty context: the rows name their own correlation, never a caller's scope.
+                self._running = contextvars.Context().run(self._pool.submit, self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._queue[:MAX_ROWS_PER_TRANSACTION]
+                del self._queue[:MAX_ROWS_PER_TRANSACTION]
+                if not batch:
+                    self._running = None
+                    return
+            try:
+                self._audit.record_many(batch)
+            except Exception as error:  # a full disk must not stop later rows from being tried
+                log.error("%d audit rows not written: %r", len(batch), error)
+
+    async def drained(self) -> None:
+        """Wait until every row queued so far is written (shutdown)."""
+        for _ in range(DRAIN_ROUNDS):
+            with self._lock:
+                running = self._running
+            if running is None:
+                return
+            await asyncio.wrap_future(running)
