@@ -44,6 +44,7 @@ from shared.protocol.limits import (
     Liveness,
     ProtocolLimits,
 )
+from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
 from shared.protocol.streams import StreamState
 
@@ -51,8 +52,8 @@ __all__ = [
     "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
     "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
     "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
-    "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
+    "ConnectionSnapshot", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
     "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "Role", "StreamAccepted",
-    "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowUpdated",
+    "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamSnapshot", "StreamState", "WindowUpdated",
     "auth_message",
 ]

@@ -24,11 +24,17 @@ from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_me
 from shared.protocol.limits import Liveness, ProtocolLimits
 from shared.protocol.liveness import Keepalive
 from shared.protocol.reader import FrameReader
+from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
 from shared.protocol.stream_table import StreamTable
 from shared.protocol.streams import Stream, StreamState
 
-__all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "auth_message"]
+__all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "ConnectionSnapshot", "StreamSnapshot", "auth_message"]
+
+
+def _stream_snapshot(stream: Stream) -> StreamSnapshot:
+    return StreamSnapshot(stream.stream_id, stream.state, stream.local, stream.send_window, stream.recv_window,
+                          stream.unacknowledged, stream.owed)
 
 
 class Connection:
@@ -111,6 +117,28 @@ class Connection:
         Streams closed both ways whose reader still lags count too, until it acknowledges or resets them.
         """
         return self._table.unread
+
+    def snapshot(self) -> ConnectionSnapshot:
+        """What this end holds now, as frozen values; two snapshots compare equal when nothing changed."""
+        table = self._table
+        return ConnectionSnapshot(
+            role=self.role,
+            handshake=self._auth.state,
+            authenticated=self.authenticated,
+            closed=self.closed,
+            streams={sid: _stream_snapshot(s) for sid, s in table.streams.items()},
+            draining={sid: _stream_snapshot(s) for sid, s in table.draining.items()},
+            recently_reset=tuple(table.recently_reset),
+            next_stream_id=table.next_local_id,
+            peer_streams=table.peer_streams,
+            binds_pending=self._auth.binds_pending,
+            unread_bytes=table.unread,
+            receive_budget=self.limits.receive_budget,
+            queued=b"".join(bytes(part) for part in self._endpoint.out),
+            buffered=self.buffered,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+        )
 
     def stream_state(self, stream_id: int) -> StreamState:
         """The stream's state; CLOSED for any id not live (forgotten or never opened)."""
@@ -240,24 +268,3 @@ class Connection:
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, in order."""
         return self._endpoint.take()
-
-    # -- the parts' bookkeeping, by the names the protocol tests inspect ------------------
-    @property
-    def _streams(self) -> dict[int, Stream]:
-        return self._table.streams
-
-    @property
-    def _recently_reset(self) -> dict[int, None]:
-        return self._table.recently_reset
-
-    @property
-    def _next_local_id(self) -> int:
-        return self._table.next_local_id
-
-    @property
-    def _out(self) -> list[Any]:
-        return self._endpoint.out
-
-    @property
-    def _binds_pending(self) -> int:
-        return self._auth.binds_pending

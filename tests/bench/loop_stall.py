@@ -208,10 +208,10 @@ async def bind_flood(session: AgentSession, frames: int) -> float:
     started = time.perf_counter()
     sent = 0
     deadline = time.monotonic() + PHASE_TIMEOUT
-    while sent < frames or session.conn._auth.binds_pending:
+    while sent < frames or session.conn.snapshot().binds_pending:
         if time.monotonic() > deadline or session.conn.closed:
             raise RuntimeError(f"the BIND flood stalled after {sent} frames (closed: {session.conn.closed})")
-        while sent < frames and session.conn._auth.binds_pending < BIND_WINDOW:
+        while sent < frames and session.conn.snapshot().binds_pending < BIND_WINDOW:
             session.conn.send_bind(names)
             sent += 1
         await session.flush()
