@@ -1,7 +1,9 @@
 """One stream seen from asyncio: an awaitable read/write interface with flow control.
 
-A ``StreamChannel`` belongs to a ``TunnelSession`` (shared.tunnel.session),
-which feeds it the core's events and sends what it queues.
+A ``StreamChannel`` drives its own stream of the core's ``Connection`` and
+asks the tunnel that carries it (a ``StreamHost``: ``TunnelSession`` in
+shared.tunnel.session) for no more than to send what it queued and to forget
+it once it ends. The tunnel feeds it the core's events.
 """
 
 from __future__ import annotations
@@ -9,12 +11,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from shared.protocol import ErrorCode, LocalProtocolError
+from shared.protocol import Connection, ErrorCode, LocalProtocolError
 
-if TYPE_CHECKING:
-    from shared.tunnel.session import TunnelSession
+
+class StreamHost(Protocol):
+    """What a channel needs of the tunnel that carries it."""
+
+    async def flush(self) -> None:
+        """Send what the core has queued; return once it is handed to the transport."""
+
+    def schedule_flush(self) -> None:
+        """Send what the core has queued soon, from a context that cannot wait."""
+
+    def forget(self, stream_id: int) -> None:
+        """The stream is over for this end: deliver no more of its events."""
 
 
 class ChannelReset(Exception):
@@ -33,8 +45,9 @@ class ChannelReset(Exception):
 class StreamChannel:
     """One stream, seen from asyncio: read, write, end, reset."""
 
-    def __init__(self, session: TunnelSession, stream_id: int, service: str, peer: str | None) -> None:
-        self.session = session
+    def __init__(self, host: StreamHost, conn: Connection, stream_id: int, service: str, peer: str | None) -> None:
+        self._host = host
+        self._conn = conn
         self.stream_id = stream_id
         self.service = service
         self.peer = peer
@@ -47,7 +60,7 @@ class StreamChannel:
         self.eof = False
         self.error: ChannelReset | None = None
 
-    # -- called by the session on events --------------------------------
+    # -- called by the tunnel on events --------------------------------
     def _on_data(self, data: bytes) -> None:
         self._chunks.append(data)
         self._readable.set()
@@ -124,8 +137,8 @@ class StreamChannel:
 
     def _acknowledge(self) -> None:
         if self._owed and self.error is None:
-            self.session.conn.acknowledge_received(self.stream_id, self._owed)
-            self.session.schedule_flush()
+            self._conn.acknowledge_received(self.stream_id, self._owed)
+            self._host.schedule_flush()
         self._owed = 0
 
     async def write(self, data: bytes) -> None:
@@ -139,7 +152,7 @@ class StreamChannel:
         as one WebSocket message instead of one per chunk (each message costs
         a TLS record and a system call per hop).
         """
-        conn = self.session.conn
+        conn = self._conn
         stream_id = self.stream_id
         queued = False
         for data in chunks:
@@ -154,7 +167,7 @@ class StreamChannel:
                 if window <= 0:
                     if queued:
                         queued = False
-                        await self.session.flush()
+                        await self._host.flush()
                     self._writable.clear()
                     await self._writable.wait()
                     continue
@@ -167,26 +180,30 @@ class StreamChannel:
                     sent += len(piece)
                 queued = True
         if queued:
-            await self.session.flush()
+            await self._host.flush()
 
     async def end(self) -> None:
         """Half-close: no more data from this side."""
-        if self.error is None and not self.session.conn.closed:
+        if self.error is None and not self._conn.closed:
             try:
-                self.session.conn.end_stream(self.stream_id)
+                self._conn.end_stream(self.stream_id)
             except LocalProtocolError:
                 return
-            await self.session.flush()
+            await self._host.flush()
 
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abort the stream in both directions."""
         if self.error is None:
             # A reader, writer or opener of this end waiting on the stream must not wait for a peer that forgot it.
             self._fail(ChannelReset(code, reason))
-            if not self.session.conn.closed:
+            if not self._conn.closed:
                 try:
-                    self.session.conn.reset_stream(self.stream_id, code, reason)
+                    self._conn.reset_stream(self.stream_id, code, reason)
                 except LocalProtocolError:
                     pass
-                self.session.schedule_flush()
-        self.session.streams.pop(self.stream_id, None)
+                self._host.schedule_flush()
+        self._host.forget(self.stream_id)
+
+    def detach(self) -> None:
+        """Whoever carried the stream is done with it: the tunnel forgets it (a splice's last step)."""
+        self._host.forget(self.stream_id)

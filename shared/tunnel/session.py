@@ -196,7 +196,7 @@ class TunnelSession:
                 if channel is not None:
                     channel._on_reset(event.code, event.reason)
             elif type(event) is StreamOpened:
-                channel = StreamChannel(self, event.stream_id, event.service, event.peer)
+                channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
                 self.streams[event.stream_id] = channel
                 self.spawn(self.on_stream_opened(channel))
             elif type(event) is PongReceived:
@@ -265,10 +265,14 @@ class TunnelSession:
     def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
         """Open a stream to ``service``; await ``wait_accepted()`` on the result."""
         stream_id = self.conn.open_stream(service, peer=peer)
-        channel = StreamChannel(self, stream_id, service, peer)
+        channel = StreamChannel(self, self.conn, stream_id, service, peer)
         self.streams[stream_id] = channel
         self.schedule_flush()
         return channel
+
+    def forget(self, stream_id: int) -> None:
+        """The stream's channel is done: later events for it are acknowledged and dropped."""
+        self.streams.pop(stream_id, None)
 
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the tunnel: GOAWAY, then the WebSocket; dropped instead if that takes past CLOSE_TIMEOUT."""

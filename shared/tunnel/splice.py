@@ -84,7 +84,7 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
         for task in pending | {reset}:
             task.cancel()
         writer.close()
-        channel.session.streams.pop(channel.stream_id, None)
+        channel.detach()
 
 
 async def _pump_streams(source: StreamChannel, sink: StreamChannel) -> None:
@@ -111,5 +111,5 @@ async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
         for task in pending:
             task.cancel()
     finally:
-        a.session.streams.pop(a.stream_id, None)
-        b.session.streams.pop(b.stream_id, None)
+        a.detach()
+        b.detach()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
-from agent.errors import ConfigError
 from shared.protocol import (
     INITIAL_WINDOW,
     MAX_SEND_PAYLOAD,
     MAX_WINDOW,
     DataReceived,
     ErrorCode,
+    InvalidLimits,
     LocalProtocolError,
     ProtocolLimits,
     RemoteProtocolError,
@@ -245,5 +245,5 @@ def test_acknowledged_and_reset_bytes_leave_the_budget() -> None:
 
 
 def test_a_window_larger_than_the_receive_budget_is_refused() -> None:
-    with pytest.raises(ConfigError, match="must not exceed the tunnel's receive budget"):
+    with pytest.raises(InvalidLimits, match="must not exceed the tunnel's receive budget"):
         ProtocolLimits(initial_window=2 << 20, receive_budget=1 << 20)
