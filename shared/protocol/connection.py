@@ -265,6 +265,11 @@ class Connection:
         self._table.clear()
         self._reader.clear()
 
+    @property
+    def wants_to_send(self) -> bool:
+        """True when ``data_to_send`` has something: a caller may skip a flush otherwise."""
+        return bool(self._endpoint.out)
+
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, in order."""
         return self._endpoint.take()

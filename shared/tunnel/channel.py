@@ -137,8 +137,10 @@ class StreamChannel:
 
     def _acknowledge(self) -> None:
         if self._owed and self.error is None:
-            self._conn.acknowledge_received(self.stream_id, self._owed)
-            self._host.schedule_flush()
+            conn = self._conn
+            conn.acknowledge_received(self.stream_id, self._owed)
+            if conn.wants_to_send:  # a WINDOW, once half a window is owed: not a flush per read
+                self._host.schedule_flush()
         self._owed = 0
 
     async def write(self, data: bytes) -> None:

@@ -85,6 +85,9 @@ class TunnelSession:
         self.streams: dict[int, StreamChannel] = {}
         self._send_lock = asyncio.Lock()
         self._timer_changed = asyncio.Event()
+        #: the deadline the timer task sleeps toward (None: none, it sleeps until woken)
+        self._timer_armed_for: float | None = None
+        self._timer_due = False
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aborted = False
@@ -165,8 +168,19 @@ class TunnelSession:
     async def _receive(self, data: bytes) -> None:
         events = self.conn.receive_data(data, self.now())
         await self._dispatch(events)
-        self._timer_changed.set()
+        self._rearm_timer_if_earlier()
         await self.flush()
+
+    def _rearm_timer_if_earlier(self) -> None:
+        """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.
+
+        Received bytes only push the keepalive and idle deadlines later, so a
+        busy tunnel wakes its timer once per deadline, not once per message.
+        """
+        deadline = self.conn.get_timer()
+        armed = self._timer_armed_for
+        if (deadline is not None) if armed is None else (deadline is None or deadline < armed):
+            self._timer_changed.set()
 
     async def _dispatch(self, events: list[Event]) -> None:
         for event in events:
@@ -214,18 +228,33 @@ class TunnelSession:
             elif type(event) is BindCompleted:
                 await self.on_bind_completed(event)
 
+    def _timer_fired(self) -> None:
+        self._timer_due = True
+        self._timer_changed.set()
+
     async def _run_timer(self) -> None:
-        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path."""
+        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path.
+
+        One loop callback per armed deadline and one Event, rather than a
+        ``wait_for`` task each time: the deadline passing and an earlier
+        deadline (``_rearm_timer_if_earlier``) both wake it.
+        """
+        changed = self._timer_changed
         while not self.conn.closed:
             deadline = self.conn.get_timer()
-            delay = None if deadline is None else max(0.0, deadline - self.now())
-            self._timer_changed.clear()
+            self._timer_armed_for = deadline
+            self._timer_due = False
+            changed.clear()
+            alarm = None if deadline is None else self.loop.call_at(deadline, self._timer_fired)
             try:
-                await asyncio.wait_for(self._timer_changed.wait(), delay)
-                continue
-            except TimeoutError:
-                pass
-            events = self.conn.handle_timer(self.now())
+                await changed.wait()
+            finally:
+                if alarm is not None:
+                    alarm.cancel()
+            if not self._timer_due or deadline is None:
+                continue  # an earlier deadline: sleep toward that one instead
+            # The loop judged the deadline passed; its clock may read a hair below it.
+            events = self.conn.handle_timer(max(self.now(), deadline))
             await self._dispatch(events)  # a timer only ever ends the connection: no hook runs
             if self.conn.closed:
                 # A deadline passed: the path is presumed dead, so nothing queued
@@ -260,7 +289,7 @@ class TunnelSession:
                 return
             finally:
                 self.write_pending_since = None
-        self._timer_changed.set()
+        self._rearm_timer_if_earlier()
 
     def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
         """Open a stream to ``service``; await ``wait_accepted()`` on the result."""
