@@ -28,6 +28,16 @@ class StreamHost(Protocol):
     def forget(self, stream_id: int) -> None:
         """The stream is over for this end: deliver no more of its events."""
 
+    async def flush_for_peer(self) -> None:
+        """Send what the core has queued, from another tunnel's task: at once while this tunnel's
+        writing is free, else soon from its own (a slow tunnel must not hold up the one forwarding to it)."""
+
+
+#: Where a spliced stream's received bytes go on at once, from the task that received them:
+#: False when it cannot take them now (the reader's pump carries them later, in order), True
+#: when it took them, or the tunnel that queued them and must flush.
+Sink = collections.abc.Callable[[bytes], bool | StreamHost]
+
 
 class ChannelReset(Exception):
     """The stream was reset (by either side) or the tunnel went away: what a channel's reader, writer or opener gets.
@@ -59,11 +69,35 @@ class StreamChannel:
         self._closed = asyncio.Event()  # reset by either side, or the tunnel went away
         self.eof = False
         self.error: ChannelReset | None = None
+        self._sink: Sink | None = None
+        #: writes in progress (waiting for credit or a flush): bytes passed on must queue behind them
+        self._writers = 0
+        #: the reader waits for data with nothing of its own in hand: bytes may bypass it
+        self._reader_idle = False
+
+    def set_sink(self, sink: Sink | None) -> None:
+        """Let received bytes go on through ``sink`` while the reader is idle (a splice's shortcut)."""
+        self._sink = sink
 
     # -- called by the tunnel on events --------------------------------
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes) -> StreamHost | None:
+        """Hand ``data`` on: to the sink at once where it can take it, else to the reader.
+
+        Returns the tunnel the sink queued the data on, which the caller flushes.
+        The shortcut is taken only while the reader waits idle, so that bytes
+        never overtake those the reader still carries; their credit returns at
+        once, as it would when the reader came back for more.
+        """
+        sink = self._sink
+        if sink is not None and self._reader_idle and not self._chunks and self.error is None:
+            taken = sink(data)
+            if taken is not False:
+                self._owed += len(data)
+                self._acknowledge()
+                return None if taken is True else taken
         self._chunks.append(data)
         self._readable.set()
+        return None
 
     def _on_end(self) -> None:
         self.eof = True
@@ -133,7 +167,11 @@ class StreamChannel:
             if self.eof:
                 return
             self._readable.clear()
-            await self._readable.wait()
+            self._reader_idle = True
+            try:
+                await self._readable.wait()
+            finally:
+                self._reader_idle = False
 
     def _acknowledge(self) -> None:
         if self._owed and self.error is None:
@@ -156,6 +194,13 @@ class StreamChannel:
         """
         conn = self._conn
         stream_id = self.stream_id
+        self._writers += 1
+        try:
+            await self._write_all(conn, stream_id, chunks)
+        finally:
+            self._writers -= 1
+
+    async def _write_all(self, conn: Connection, stream_id: int, chunks: collections.abc.Iterable[bytes]) -> None:
         queued = False
         for data in chunks:
             size = len(data)
@@ -183,6 +228,29 @@ class StreamChannel:
                 queued = True
         if queued:
             await self._host.flush()
+
+    def pass_on(self, data: bytes) -> bool:
+        """Queue ``data`` on this stream now if its window takes all of it and no write of its own is waiting.
+
+        The caller flushes this stream's tunnel afterwards; False leaves ``data`` with the caller.
+        """
+        conn = self._conn
+        if self.error is not None or self._writers or conn.closed or conn.send_window(self.stream_id) < len(data):
+            return False
+        try:
+            conn.send_data(self.stream_id, data)
+        except LocalProtocolError:
+            return False  # ended or closed in between: the reader's pump meets it and says so
+        return True
+
+    def as_sink(self) -> Sink:
+        """This stream as another stream's sink: bytes it takes are queued here and this tunnel flushes them."""
+        host = self._host
+
+        def sink(data: bytes) -> bool | StreamHost:
+            return host if self.pass_on(data) else False
+
+        return sink
 
     async def end(self) -> None:
         """Half-close: no more data from this side."""

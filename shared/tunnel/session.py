@@ -39,7 +39,7 @@ from shared.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.channel import ChannelReset, StreamChannel, StreamHost
 from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
@@ -167,9 +167,28 @@ class TunnelSession:
 
     async def _receive(self, data: bytes) -> None:
         events = self.conn.receive_data(data, self.now())
-        await self._dispatch(events)
+        onward = await self._dispatch(events)
         self._rearm_timer_if_earlier()
         await self.flush()
+        for host in onward:
+            await host.flush_for_peer()
+
+    async def flush_for_peer(self) -> None:
+        """Flush from another tunnel's task: inline while this tunnel's writing is free and uncongested,
+        else from a task of its own, so that a slow tunnel never holds up the one forwarding to it."""
+        if self._send_lock.locked() or self._aborted or self._write_congested():
+            self.schedule_flush()
+        else:
+            await self.flush()
+
+    def _write_congested(self) -> bool:
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is None:
+            return True
+        try:
+            return bool(transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1])
+        except (AttributeError, NotImplementedError):
+            return True
 
     def _rearm_timer_if_earlier(self) -> None:
         """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.
@@ -182,12 +201,16 @@ class TunnelSession:
         if (deadline is not None) if armed is None else (deadline is None or deadline < armed):
             self._timer_changed.set()
 
-    async def _dispatch(self, events: list[Event]) -> None:
+    async def _dispatch(self, events: list[Event]) -> list[StreamHost]:
+        """Act on ``events``; returns the other tunnels that spliced streams queued bytes on, to flush."""
+        onward: list[StreamHost] = []
         for event in events:
             if type(event) is DataReceived:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
-                    channel._on_data(event.data)
+                    host = channel._on_data(event.data)
+                    if host is not None and host not in onward:
+                        onward.append(host)
                 else:
                     self.conn.acknowledge_received(event.stream_id, len(event.data))
             elif type(event) is WindowUpdated:
@@ -227,6 +250,7 @@ class TunnelSession:
                 await self.on_bind_requested(event)
             elif type(event) is BindCompleted:
                 await self.on_bind_completed(event)
+        return onward
 
     def _timer_fired(self) -> None:
         self._timer_due = True

@@ -8,7 +8,7 @@ import socket
 import struct
 
 from shared.protocol import ErrorCode
-from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.channel import ChannelReset, Sink, StreamChannel
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,18 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
         except OSError:
             pass
     transport.abort()
+
+
+def socket_sink(transport: asyncio.WriteTransport) -> Sink:
+    """A local TCP connection as a stream's sink: bytes go straight to its transport while its buffer is low."""
+
+    def sink(data: bytes) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
+            return False  # the pump writes it and waits for the socket to drain
+        transport.write(data)
+        return True
+
+    return sink
 
 
 async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamChannel) -> None:
@@ -61,6 +73,7 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
     A reset ends the local connection at once (RST), even while a pump waits
     on a local peer that stopped reading: what it had not taken is dropped.
     """
+    channel.set_sink(socket_sink(writer.transport))
     pending = {asyncio.ensure_future(pump_socket_to_stream(reader, channel)),
                asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
     reset = asyncio.ensure_future(channel.wait_reset())
@@ -81,6 +94,7 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
         if failure is not None:
             reset_connection(writer.transport)
     finally:
+        channel.set_sink(None)
         for task in pending | {reset}:
             task.cancel()
         writer.close()
@@ -98,6 +112,8 @@ async def _pump_streams(source: StreamChannel, sink: StreamChannel) -> None:
 
 async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
     """Carry two streams into each other until both end or one is reset (the relay's splice)."""
+    a.set_sink(b.as_sink())
+    b.set_sink(a.as_sink())
     forward = asyncio.ensure_future(_pump_streams(a, b))
     backward = asyncio.ensure_future(_pump_streams(b, a))
     try:
@@ -111,5 +127,7 @@ async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
         for task in pending:
             task.cancel()
     finally:
+        a.set_sink(None)
+        b.set_sink(None)
         a.detach()
         b.detach()
