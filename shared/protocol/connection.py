@@ -219,8 +219,13 @@ class Connection:
         return []
 
     # -- receiving ------------------------------------------------------------------
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
+    def receive_data(self, data: bytes, now: float, *, max_frames: int | None = None) -> list[Event]:
         """Parse ``data`` (any chunking) and return the events it completes.
+
+        With ``max_frames``, at most that many frames are handled; the rest
+        waits in ``input_pending`` for the next call, which may pass ``b""``
+        (new bytes go after it), so a caller can let other work run between
+        slices of a message packed with tiny frames.
 
         Raises RemoteProtocolError when the peer broke the protocol; GOAWAY is
         queued by then and the connection is closed. Bytes after the
@@ -229,18 +234,34 @@ class Connection:
         if self.closed:
             return []
         events: list[Event] = []
-        if not data:
+        reader = self._reader
+        backlog = reader.backlog
+        if not data and backlog is None:
             return events
-        self.bytes_received += len(data)
-        self._keepalive.last_received = now
+        if data:
+            self.bytes_received += len(data)
+            self._keepalive.last_received = now
+        if backlog is None:
+            view = memoryview(data)
+        else:
+            reader.backlog = None
+            view = backlog if not data else memoryview(backlog.tobytes() + bytes(data))
         try:
-            self._reader.feed(memoryview(data), events)
+            if max_frames is None:
+                reader.feed(view, events)
+            else:
+                reader.feed(view, events, max(1, max_frames))
         except RemoteProtocolError as exc:
             if not self.closed:
                 self._close(exc.code, str(exc))
             exc.events = events
             raise
         return events
+
+    @property
+    def input_pending(self) -> bool:
+        """True when ``receive_data`` stopped at its frame limit with whole frames still to handle."""
+        return self._reader.backlog is not None
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) < U32.size:

@@ -55,6 +55,13 @@ log = logging.getLogger(__name__)
 WS_MESSAGE_MAX = 512 * 1024
 # The receiver's limit: one full message plus slack for a frame header.
 WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
+# Frames one tunnel handles before the event loop serves the others: a message
+# may pack some 29,000 PINGs (18 bytes each), and parsing and answering them in
+# one go held every other tunnel for tens of milliseconds (tests/bench/loop_stall.py,
+# tiny_frames: a live stream's p50 56 ms; 9 ms at 1,000 frames a turn, 3 ms at
+# 250). 250 frames take a few hundred microseconds; bulk DATA (up to 64 KiB a
+# frame, 8 to a message) never comes near the limit.
+FRAMES_PER_TURN = 250
 # How long an orderly close (GOAWAY, then the WebSocket closing handshake) may
 # take before the connection is dropped: a GEO round trip (600 ms) twice over
 # with room to spare, short enough that stopping the agent on a dead path is
@@ -166,12 +173,19 @@ class TunnelSession:
             await self._shutdown()
 
     async def _receive(self, data: bytes) -> None:
-        events = self.conn.receive_data(data, self.now())
-        onward = await self._dispatch(events)
-        self._rearm_timer_if_earlier()
-        await self.flush()
-        for host in onward:
-            await host.flush_for_peer()
+        conn = self.conn
+        events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
+        while True:
+            onward = await self._dispatch(events)
+            self._rearm_timer_if_earlier()
+            await self.flush()
+            for host in onward:
+                await host.flush_for_peer()
+            if not conn.input_pending or conn.closed:
+                return
+            # A message packed with tiny frames: the other tunnels' turn before the next slice.
+            await asyncio.sleep(0)
+            events = conn.receive_data(b"", self.now(), max_frames=FRAMES_PER_TURN)
 
     async def flush_for_peer(self) -> None:
         """Flush from another tunnel's task: inline while this tunnel's writing is free and uncongested,

@@ -12,6 +12,8 @@ from typing import Any
 from tunnel_loopback import read_exactly, run, tunnel
 
 from shared.protocol import Liveness
+from shared.protocol.frames import FrameType, encode_frame
+from shared.tunnel.session import FRAMES_PER_TURN
 
 #: Deadlines far beyond the scenario, as a real tunnel's are: none of them passes while it runs.
 ARMED = Liveness(keepalive_interval=25.0, ping_timeout=10.0, idle_timeout=60.0)
@@ -55,3 +57,32 @@ def test_request_and_response_round_trips_start_no_task_per_message() -> None:
 
     created, messages = run(scenario)
     assert created <= MOST_TASKS, f"{created} tasks for {messages} messages: a task per message or more"
+
+
+def test_a_message_packed_with_tiny_frames_lets_other_tasks_run_between_slices() -> None:
+    frames = FRAMES_PER_TURN * 8
+    packed = encode_frame(FrameType.PING, 0, 0, bytes(8)) * frames
+
+    async def scenario() -> int:
+        async with tunnel() as (relay, agent):
+            turns_while_pending = 0
+            stop = asyncio.Event()
+
+            async def other_tunnel() -> None:
+                nonlocal turns_while_pending
+                while not stop.is_set():
+                    if relay.conn.input_pending:
+                        turns_while_pending += 1
+                    await asyncio.sleep(0)
+
+            other = asyncio.ensure_future(other_tunnel())
+            before = relay.conn.bytes_sent
+            await agent.ws.send_bytes(packed)
+            while relay.conn.bytes_sent - before < frames * 18:  # every PING answered
+                await asyncio.sleep(0.01)
+            stop.set()
+            await other
+            return turns_while_pending
+
+    turns = run(scenario)
+    assert turns >= 8 - 1, f"other tasks ran only {turns} times while {frames} frames were handled"
