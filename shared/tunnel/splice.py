@@ -9,6 +9,7 @@ import struct
 
 from shared.protocol import ErrorCode
 from shared.tunnel.channel import ChannelReset, Sink, StreamChannel
+from shared.tunnel.local_reader import LocalReader, take_over
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamCha
         await channel.write(data)
 
 
+async def pump_local_to_stream(local: LocalReader, channel: StreamChannel) -> None:
+    """Copy what ``local`` reads into a stream until EOF, then half-close; a backlog leaves as one write."""
+    while True:
+        chunks = await local.read_chunks()
+        if not chunks:
+            await channel.end()
+            return
+        await channel.write_chunks(chunks)
+
+
 async def pump_stream_to_socket(channel: StreamChannel, writer: asyncio.StreamWriter) -> None:
     """Copy a stream's bytes into a local socket until the stream ends."""
     while True:
@@ -74,7 +85,9 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
     on a local peer that stopped reading: what it had not taken is dropped.
     """
     channel.set_sink(socket_sink(writer.transport))
-    pending = {asyncio.ensure_future(pump_socket_to_stream(reader, channel)),
+    local = take_over(reader, writer)
+    reading = pump_socket_to_stream(reader, channel) if local is None else pump_local_to_stream(local, channel)
+    pending = {asyncio.ensure_future(reading),
                asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
     reset = asyncio.ensure_future(channel.wait_reset())
     failure: BaseException | None = None
