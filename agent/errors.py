@@ -109,3 +109,9 @@ class TunnelRefused(OutpostError):
     """The relay refused the tunnel (revoked, unknown identity, bad signature)."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class TunnelFailed(OutpostError):
+    """The tunnel broke down on this end's side of the protocol (the core refused what this end did)."""
+
+    exit_code = EXIT_TEMPFAIL

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.errors import EXIT_IDENTITY_REFUSED, ControllerUnreachable, OutpostError, TrustError, TunnelRefused
+from agent.errors import (
+    EXIT_IDENTITY_REFUSED,
+    ControllerUnreachable,
+    OutpostError,
+    TrustError,
+    TunnelFailed,
+    TunnelRefused,
+)
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.identity.refusals import DISABLED, REVOKED
@@ -26,6 +33,7 @@ from shared.protocol import (
     Connection,
     ErrorCode,
     Liveness,
+    ProtocolError,
     ProtocolLimits,
     Role,
     auth_message,
@@ -202,7 +210,11 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
         authenticated.cancel()
         closed.cancel()
     if not session.authenticated.is_set():
-        await task
+        try:
+            await task
+        except ProtocolError as exc:
+            # The core's own error (this end's misuse, such as a chain past the AUTH limit) in the agent's terms.
+            raise TunnelFailed(f"the tunnel to {relay_url} failed during authentication: {exc}") from None
         code, reason, _ = session.close_reason or (ErrorCode.CANCEL, "closed", True)
         if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.DISABLED, ErrorCode.UNSUPPORTED_VERSION):
             raise refusal_for(code, reason, relay_url)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
 from agent.tunnel.backoff import STABLE_AFTER
+from shared.protocol.errors import InvalidLimits
 from shared.protocol.limits import INITIAL_WINDOW, Liveness, ProtocolLimits
 
 if TYPE_CHECKING:  # agent.config builds on this module
@@ -152,12 +153,17 @@ def plan_for(profile: str, *, keepalive_interval: float | None = None, ping_time
     maximum = reconnect_max if reconnect_max is not None else defaults.reconnect_max
     if initial > maximum:
         raise ConfigError(f"reconnect_initial ({initial:g} s) must not exceed reconnect_max ({maximum:g} s)")
+    try:
+        liveness = Liveness(keepalive_interval=keepalive,
+                            ping_timeout=ping_timeout if ping_timeout is not None else defaults.ping_timeout)
+        limits = ProtocolLimits(initial_window=window if window is not None else defaults.window)
+    except InvalidLimits as exc:
+        raise ConfigError(str(exc)) from None
     return LinkPlan(
         profile=profile,
         nat_timeout=nat,
-        liveness=Liveness(keepalive_interval=keepalive,
-                          ping_timeout=ping_timeout if ping_timeout is not None else defaults.ping_timeout),
-        limits=ProtocolLimits(initial_window=window if window is not None else defaults.window),
+        liveness=liveness,
+        limits=limits,
         reconnect_initial=initial,
         reconnect_max=maximum,
         stable_after=stable_after if stable_after is not None else STABLE_AFTER,

@@ -38,6 +38,8 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, str]] = {
     ("GET", "/api/v1/policies"): ("auditor", "Listing policies"),
     ("GET", "/api/v1/audit"): ("auditor", "Reading the audit log"),
     ("GET", "/api/v1/status"): ("auditor", "Reading the tunnel status"),
+    ("GET", "/api/v1/audit/verify"): ("auditor", "Verifying the audit chain"),
+    ("GET", "/api/v1/connections"): ("auditor", "Reading connection records"),
     ("GET", "/api/v1/fleet"): ("auditor", "Listing the fleet"),
     ("GET", "/api/v1/fleet/{name}"): ("auditor", "Reading a gateway's presence"),
     ("GET", "/api/v1/policies/explain"): ("auditor", "Explaining a policy decision"),

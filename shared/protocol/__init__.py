@@ -7,6 +7,7 @@ to send come out. The agent and the relay both drive a ``Connection``.
 from shared.protocol.connection import Connection, auth_message
 from shared.protocol.errors import (
     ErrorCode,
+    InvalidLimits,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
@@ -45,15 +46,16 @@ from shared.protocol.limits import (
     Liveness,
     ProtocolLimits,
 )
+from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
 from shared.protocol.streams import StreamState
 
 __all__ = [
-    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD", "MAX_SEND_PAYLOAD",
-    "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION", "SUBPROTOCOL",
-    "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived", "Connection",
-    "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake", "Liveness", "LocalProtocolError",
-    "PongReceived", "ProtocolError", "ProtocolLimits", "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted",
-    "StreamClosedError", "StreamEnded", "StreamOpened", "StreamReset", "StreamState", "WindowUpdated",
-    "auth_message",
+    "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD",
+    "MAX_SEND_PAYLOAD", "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION",
+    "SUBPROTOCOL", "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived",
+    "Connection", "ConnectionSnapshot", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake",
+    "InvalidLimits", "Liveness", "LocalProtocolError", "PongReceived", "ProtocolError", "ProtocolLimits",
+    "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted", "StreamClosedError", "StreamEnded", "StreamOpened",
+    "StreamReset", "StreamSnapshot", "StreamState", "WindowUpdated", "auth_message",
 ]

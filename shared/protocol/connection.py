@@ -25,11 +25,17 @@ from shared.protocol.limits import Liveness, ProtocolLimits
 from shared.protocol.liveness import Keepalive
 from shared.protocol.reader import FrameReader
 from shared.protocol.report import Reports
+from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
 from shared.protocol.stream_table import StreamTable
 from shared.protocol.streams import Stream, StreamState
 
-__all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "auth_message"]
+__all__ = ["AUTH_MESSAGE_PREFIX", "Connection", "ConnectionSnapshot", "StreamSnapshot", "auth_message"]
+
+
+def _stream_snapshot(stream: Stream) -> StreamSnapshot:
+    return StreamSnapshot(stream.stream_id, stream.state, stream.local, stream.send_window, stream.recv_window,
+                          stream.unacknowledged, stream.owed)
 
 
 class Connection:
@@ -125,6 +131,28 @@ class Connection:
         """
         return self._table.unread
 
+    def snapshot(self) -> ConnectionSnapshot:
+        """What this end holds now, as frozen values; two snapshots compare equal when nothing changed."""
+        table = self._table
+        return ConnectionSnapshot(
+            role=self.role,
+            handshake=self._auth.state,
+            authenticated=self.authenticated,
+            closed=self.closed,
+            streams={sid: _stream_snapshot(s) for sid, s in table.streams.items()},
+            draining={sid: _stream_snapshot(s) for sid, s in table.draining.items()},
+            recently_reset=tuple(table.recently_reset),
+            next_stream_id=table.next_local_id,
+            peer_streams=table.peer_streams,
+            binds_pending=self._auth.binds_pending,
+            unread_bytes=table.unread,
+            receive_budget=self.limits.receive_budget,
+            queued=b"".join(bytes(part) for part in self._endpoint.out),
+            buffered=self.buffered,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+        )
+
     def stream_state(self, stream_id: int) -> StreamState:
         """The stream's state; CLOSED for any id not live (forgotten or never opened)."""
         return self._table.state(stream_id)
@@ -208,8 +236,13 @@ class Connection:
         return []
 
     # -- receiving ------------------------------------------------------------------
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
+    def receive_data(self, data: bytes, now: float, *, max_frames: int | None = None) -> list[Event]:
         """Parse ``data`` (any chunking) and return the events it completes.
+
+        With ``max_frames``, at most that many frames are handled; the rest
+        waits in ``input_pending`` for the next call, which may pass ``b""``
+        (new bytes go after it), so a caller can let other work run between
+        slices of a message packed with tiny frames.
 
         Raises RemoteProtocolError when the peer broke the protocol; GOAWAY is
         queued by then and the connection is closed. Bytes after the
@@ -218,18 +251,34 @@ class Connection:
         if self.closed:
             return []
         events: list[Event] = []
-        if not data:
+        reader = self._reader
+        backlog = reader.backlog
+        if not data and backlog is None:
             return events
-        self.bytes_received += len(data)
-        self._keepalive.last_received = now
+        if data:
+            self.bytes_received += len(data)
+            self._keepalive.last_received = now
+        if backlog is None:
+            view = memoryview(data)
+        else:
+            reader.backlog = None
+            view = backlog if not data else memoryview(backlog.tobytes() + bytes(data))
         try:
-            self._reader.feed(memoryview(data), events)
+            if max_frames is None:
+                reader.feed(view, events)
+            else:
+                reader.feed(view, events, max(1, max_frames))
         except RemoteProtocolError as exc:
             if not self.closed:
                 self._close(exc.code, str(exc))
             exc.events = events
             raise
         return events
+
+    @property
+    def input_pending(self) -> bool:
+        """True when ``receive_data`` stopped at its frame limit with whole frames still to handle."""
+        return self._reader.backlog is not None
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
         if len(payload) < U32.size:
@@ -254,27 +303,11 @@ class Connection:
         self._table.clear()
         self._reader.clear()
 
+    @property
+    def wants_to_send(self) -> bool:
+        """True when ``data_to_send`` has something: a caller may skip a flush otherwise."""
+        return bool(self._endpoint.out)
+
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, in order."""
         return self._endpoint.take()
-
-    # -- the parts' bookkeeping, by the names the protocol tests inspect ------------------
-    @property
-    def _streams(self) -> dict[int, Stream]:
-        return self._table.streams
-
-    @property
-    def _recently_reset(self) -> dict[int, None]:
-        return self._table.recently_reset
-
-    @property
-    def _next_local_id(self) -> int:
-        return self._table.next_local_id
-
-    @property
-    def _out(self) -> list[Any]:
-        return self._endpoint.out
-
-    @property
-    def _binds_pending(self) -> int:
-        return self._auth.binds_pending

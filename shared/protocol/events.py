@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.protocol.errors import ErrorCode
+from shared.protocol.codes import ErrorCode
 
 
 @dataclass(frozen=True)

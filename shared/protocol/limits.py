@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.errors import ConfigError
+from shared.protocol.errors import InvalidLimits
 
 PROTOCOL_VERSION = 1
 # The WebSocket subprotocol both ends name in the upgrade; it carries the
@@ -89,28 +89,28 @@ class ProtocolLimits:
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial_window <= MAX_WINDOW:
-            raise ConfigError(f"the tunnel window must be between 1 and {MAX_WINDOW} bytes, not {self.initial_window}")
+            raise InvalidLimits(f"the tunnel window must be between 1 and {MAX_WINDOW} bytes, not {self.initial_window}")
         if self.receive_budget < self.initial_window:
-            raise ConfigError(
+            raise InvalidLimits(
                 f"the tunnel window ({self.initial_window} bytes) must not exceed the tunnel's receive budget "
                 f"({self.receive_budget} bytes): one stream could not fill its own window"
             )
         if not 1 <= self.max_send_payload <= MAX_FRAME_PAYLOAD:
-            raise ConfigError(
+            raise InvalidLimits(
                 f"the tunnel send chunk must be between 1 and {MAX_FRAME_PAYLOAD} bytes (what every peer "
                 f"accepts), not {self.max_send_payload}"
             )
         if self.max_frame_payload < MAX_SEND_PAYLOAD or self.max_frame_payload > MAX_WINDOW:
-            raise ConfigError(
+            raise InvalidLimits(
                 f"the tunnel frame limit must be at least {MAX_SEND_PAYLOAD} bytes (what peers send), "
                 f"not {self.max_frame_payload}"
             )
         if not 1 <= self.max_control_payload <= self.max_frame_payload:
-            raise ConfigError(f"the tunnel control frame limit must be between 1 and {self.max_frame_payload} bytes")
+            raise InvalidLimits(f"the tunnel control frame limit must be between 1 and {self.max_frame_payload} bytes")
         if self.max_streams < 1:
-            raise ConfigError(f"a tunnel must allow at least one stream, not {self.max_streams}")
+            raise InvalidLimits(f"a tunnel must allow at least one stream, not {self.max_streams}")
         if self.auth_deadline <= 0:
-            raise ConfigError(f"the tunnel authentication deadline must be positive, not {self.auth_deadline}")
+            raise InvalidLimits(f"the tunnel authentication deadline must be positive, not {self.auth_deadline}")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ class Liveness:
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None and self.keepalive_interval <= 0:
-            raise ConfigError(f"the keepalive interval must be positive, not {self.keepalive_interval}")
+            raise InvalidLimits(f"the keepalive interval must be positive, not {self.keepalive_interval}")
         if self.ping_timeout <= 0:
-            raise ConfigError(f"the ping timeout must be positive, not {self.ping_timeout}")
+            raise InvalidLimits(f"the ping timeout must be positive, not {self.ping_timeout}")
         if self.idle_timeout is not None and self.idle_timeout <= 0:
-            raise ConfigError(f"the idle timeout must be positive, not {self.idle_timeout}")
+            raise InvalidLimits(f"the idle timeout must be positive, not {self.idle_timeout}")

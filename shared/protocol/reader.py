@@ -27,6 +27,8 @@ FrameHandler = Callable[[int, int, bytes, list[Event]], None]
 
 _DATA = int(FrameType.DATA)
 _unpack_header = HEADER.unpack_from
+#: ``feed``'s frame limit when the caller sets none: more frames than any buffer holds.
+_NO_LIMIT = 1 << 62
 
 
 class FrameReader:
@@ -40,15 +42,23 @@ class FrameReader:
         self._on_data = handlers[FrameType.DATA]  # the hot path skips the dispatch below
         #: an incomplete frame, never more than one
         self.pending = bytearray()
+        #: whole frames not handled yet because a call reached its frame limit, and what follows them
+        self.backlog: memoryview | None = None
 
     def clear(self) -> None:
         self.pending = bytearray()
+        self.backlog = None
 
-    def feed(self, view: memoryview, events: list[Event]) -> None:
-        """Handle every whole frame of ``view``; keep the incomplete rest. Stops once the connection closed."""
+    def feed(self, view: memoryview, events: list[Event], max_frames: int = _NO_LIMIT) -> None:
+        """Handle the whole frames of ``view``, at most ``max_frames``; keep the incomplete rest.
+
+        Bytes past the frame limit stay in ``backlog`` for the next call, not
+        copied while ``view`` is over immutable bytes. Stops once the connection closed.
+        """
         endpoint = self._endpoint
         end = len(view)
         pos = 0
+        frames = 0
         pending = self.pending
         if pending:
             # Finish the frame left incomplete by the previous call first.
@@ -68,8 +78,13 @@ class FrameReader:
             self._dispatch(frame_type, flags, stream_id, bytes(pending[HEADER_SIZE:]), events)
             if endpoint.closed:
                 return
+            frames = 1
         on_data = self._on_data
         while end - pos >= HEADER_SIZE:
+            if frames >= max_frames:
+                self.backlog = view[pos:] if isinstance(view.obj, bytes) else memoryview(view[pos:].tobytes())
+                return
+            frames += 1
             frame_type, flags, stream_id, length = self._check_header(view, pos)
             start = pos + HEADER_SIZE
             stop = start + length

@@ -34,11 +34,12 @@ from shared.protocol.events import (
 from shared.protocol.frames import FLAG_FIN, HEADER, HEADER_SIZE, U32, FrameType, decode_code_reason, encode_code_reason
 from shared.protocol.limits import MAX_STREAM_ID, MAX_WINDOW, RESET_MEMORY
 from shared.protocol.state import Role
-from shared.protocol.streams import TRANSITIONS, Stream, StreamInput, StreamState
+from shared.protocol.streams import STREAM_TABLE, Stream, StreamInput, StreamState
 
 _DATA = int(FrameType.DATA)
 _RECV_DATA = StreamInput.RECV_DATA
 _RECV_FIN = StreamInput.RECV_FIN
+_SEND_WINDOW = StreamInput.SEND_WINDOW
 _CLOSED = StreamState.CLOSED
 
 
@@ -55,7 +56,8 @@ class StreamTable:
         self.next_local_id = 1 if endpoint.role is Role.AGENT else 2
         self._peer_parity = 0 if endpoint.role is Role.AGENT else 1  # relay opens even ids, agent odd
         self._highest_peer_id = 0
-        self._peer_streams = 0  # streams the peer opened, live or draining, against limits.max_streams
+        #: streams the peer opened, live or draining, against limits.max_streams
+        self.peer_streams = 0
         #: streams closed both ways whose reader has not acknowledged all it got, by id
         self.draining: dict[int, Stream] = {}
         #: unacknowledged bytes of live and draining streams, against limits.receive_budget
@@ -87,7 +89,7 @@ class StreamTable:
         payload = endpoint.control_payload("OPEN", body)
         stream = Stream(stream_id, local=True, send_window=endpoint.peer_window,
                         recv_window=endpoint.limits.initial_window)
-        stream.state = self._local_transition(stream, StreamInput.SEND_OPEN)
+        stream.state = stream.take(StreamInput.SEND_OPEN)
         self.streams[stream_id] = stream
         self.next_local_id += 2
         endpoint.queue_frame(FrameType.OPEN, 0, stream_id, payload)
@@ -96,10 +98,7 @@ class StreamTable:
     def accept(self, stream_id: int) -> None:
         stream = self._live(stream_id)
         require(not stream.local, f"stream {stream_id} was opened by this end; the peer accepts it")
-        require(not stream.accepted, f"stream {stream_id} was already accepted")
-        new_state = self._local_transition(stream, StreamInput.SEND_ACCEPT)
-        stream.accepted = True
-        stream.state = new_state
+        stream.state = stream.take(StreamInput.SEND_ACCEPT)
         self._endpoint.queue_frame(FrameType.ACCEPT, 0, stream_id, b"")
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool) -> None:
@@ -111,9 +110,9 @@ class StreamTable:
                 f"{size} bytes exceed stream {stream_id}'s send window of {stream.send_window}; "
                 "wait for WindowUpdated",
             )
-        new_state = self._local_transition(stream, StreamInput.SEND_DATA)
+        new_state = stream.take(StreamInput.SEND_DATA)
         if end_stream:
-            new_state = self._local_transition(stream, StreamInput.SEND_FIN, new_state)
+            new_state = stream.take(StreamInput.SEND_FIN, new_state)
         if not size and not end_stream:
             return
         if type(data) is not bytes:
@@ -149,7 +148,7 @@ class StreamTable:
             self._release(draining)
             return
         stream = self._live(stream_id)
-        self._local_transition(stream, StreamInput.SEND_RESET)
+        stream.take(StreamInput.SEND_RESET)
         self._forget(stream)
         self._send_reset(stream_id, code, reason)
 
@@ -176,7 +175,7 @@ class StreamTable:
         stream.owed += n
         # Batching halves the WINDOW frames at the cost of half a window of
         # slack; a window covers the bandwidth-delay product twice over.
-        if stream.owed >= self._endpoint.limits.initial_window // 2 and stream.next_state(StreamInput.SEND_WINDOW):
+        if stream.owed >= self._endpoint.limits.initial_window // 2 and STREAM_TABLE.allows(stream.state, _SEND_WINDOW):
             increment, stream.owed = stream.owed, 0
             stream.recv_window += increment
             self._endpoint.queue_frame(FrameType.WINDOW, 0, stream_id, U32.pack(increment))
@@ -187,9 +186,8 @@ class StreamTable:
         if stream is None:
             self._data_without_stream(stream_id)
             return
-        new_state = TRANSITIONS.get((stream.state, _RECV_DATA))
+        new_state = self._take_received(stream, _RECV_DATA, events)
         if new_state is None:
-            self._stream_error(stream, ErrorCode.STREAM_CLOSED, "DATA after the sender ended the stream", events)
             return
         size = len(payload)
         if size > stream.recv_window:
@@ -207,7 +205,9 @@ class StreamTable:
                 if stream.state is _CLOSED:
                     return  # this very stream was the slowest
         if flags & FLAG_FIN:
-            new_state = TRANSITIONS[(new_state, _RECV_FIN)]
+            new_state = self._take_received(stream, _RECV_FIN, events, new_state)
+            if new_state is None:
+                return
             events.append(StreamEnded(stream_id))
             stream.state = new_state
             if new_state is _CLOSED:
@@ -228,13 +228,13 @@ class StreamTable:
         service, peer = decode_open(payload, peer_allowed=endpoint.role is Role.AGENT)
         self._highest_peer_id = stream_id
         limits = endpoint.limits
-        if self._peer_streams >= limits.max_streams:
+        if self.peer_streams >= limits.max_streams:
             self._send_reset(stream_id, ErrorCode.REFUSED_STREAM, f"this end allows {limits.max_streams} open streams")
             return
         stream = Stream(stream_id, local=False, send_window=endpoint.peer_window, recv_window=limits.initial_window)
-        stream.state = TRANSITIONS[(stream.state, StreamInput.RECV_OPEN)]
+        stream.state = stream.take(StreamInput.RECV_OPEN)
         self.streams[stream_id] = stream
-        self._peer_streams += 1
+        self.peer_streams += 1
         events.append(StreamOpened(stream_id, service, peer))
 
     def on_accept(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -243,12 +243,13 @@ class StreamTable:
         stream = self._known_stream("ACCEPT", stream_id)
         if stream is None:
             return
-        if not stream.local or stream.accepted:
-            why = "a stream it opened itself" if not stream.local else "a stream twice"
-            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, f"the peer accepted {why}", events)
+        if not stream.local:
+            self._stream_error(stream, ErrorCode.PROTOCOL_ERROR, "the peer accepted a stream it opened itself", events)
             return
-        stream.state = TRANSITIONS[(stream.state, StreamInput.RECV_ACCEPT)]
-        stream.accepted = True
+        new_state = self._take_received(stream, StreamInput.RECV_ACCEPT, events)
+        if new_state is None:
+            return
+        stream.state = new_state
         events.append(StreamAccepted(stream_id))
 
     def on_reset(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
@@ -258,6 +259,7 @@ class StreamTable:
         if stream is None:
             return
         code, reason = decode_code_reason(payload)
+        stream.take(StreamInput.RECV_RESET)  # legal in every live state: a broken table fails here, not quietly
         self._forget(stream)
         events.append(StreamReset(stream_id, code, reason, remote=True))
 
@@ -273,7 +275,10 @@ class StreamTable:
         window = stream.send_window + increment
         if window > MAX_WINDOW:
             raise RemoteProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"WINDOW grows stream {stream_id} past {MAX_WINDOW}")
-        stream.state = TRANSITIONS[(stream.state, StreamInput.RECV_WINDOW)]
+        new_state = self._take_received(stream, StreamInput.RECV_WINDOW, events)
+        if new_state is None:
+            return
+        stream.state = new_state
         stream.send_window = window
         events.append(WindowUpdated(stream_id, window))
 
@@ -295,17 +300,14 @@ class StreamTable:
             raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} was never opened")
         return stream
 
-    @staticmethod
-    def _local_transition(stream: Stream, stream_input: StreamInput,
-                          state: StreamState | None = None) -> StreamState:
-        current = stream.state if state is None else state
-        new_state = Stream.next_state_from(current, stream_input)
-        if new_state is None:
-            raise LocalProtocolError(
-                ErrorCode.STREAM_CLOSED,
-                f"cannot {stream_input.value} on stream {stream.stream_id}: it is {current.value}",
-            )
-        return new_state
+    def _take_received(self, stream: Stream, stream_input: StreamInput, events: list[Event],
+                       state: StreamState | None = None) -> StreamState | None:
+        """The peer's input through the table; an illegal one resets only this stream (None then)."""
+        try:
+            return stream.take(stream_input, state)
+        except RemoteProtocolError as exc:
+            self._stream_error(stream, exc.code, str(exc), events)
+            return None
 
     def _known_stream(self, kind: str, stream_id: int) -> Stream | None:
         """The live stream, or None for a closed one (frames in flight are ignored)."""
@@ -366,4 +368,4 @@ class StreamTable:
         self.unread -= stream.unacknowledged
         stream.unacknowledged = 0
         if not stream.local:
-            self._peer_streams -= 1
+            self.peer_streams -= 1

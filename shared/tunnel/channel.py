@@ -1,7 +1,9 @@
 """One stream seen from asyncio: an awaitable read/write interface with flow control.
 
-A ``StreamChannel`` belongs to a ``TunnelSession`` (shared.tunnel.session),
-which feeds it the core's events and sends what it queues.
+A ``StreamChannel`` drives its own stream of the core's ``Connection`` and
+asks the tunnel that carries it (a ``StreamHost``: ``TunnelSession`` in
+shared.tunnel.session) for no more than to send what it queued and to forget
+it once it ends. The tunnel feeds it the core's events.
 """
 
 from __future__ import annotations
@@ -9,12 +11,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import collections.abc
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from shared.protocol import ErrorCode, LocalProtocolError
+from shared.protocol import Connection, ErrorCode, LocalProtocolError
 
-if TYPE_CHECKING:
-    from shared.tunnel.session import TunnelSession
+
+class StreamHost(Protocol):
+    """What a channel needs of the tunnel that carries it."""
+
+    async def flush(self) -> None:
+        """Send what the core has queued; return once it is handed to the transport."""
+
+    def schedule_flush(self) -> None:
+        """Send what the core has queued soon, from a context that cannot wait."""
+
+    def forget(self, stream_id: int) -> None:
+        """The stream is over for this end: deliver no more of its events."""
+
+    async def flush_for_peer(self) -> None:
+        """Send what the core has queued, from another tunnel's task: at once while this tunnel's
+        writing is free, else soon from its own (a slow tunnel must not hold up the one forwarding to it)."""
+
+
+#: Where a spliced stream's received bytes go on at once, from the task that received them:
+#: False when it cannot take them now (the reader's pump carries them later, in order), True
+#: when it took them, or the tunnel that queued them and must flush.
+Sink = collections.abc.Callable[[bytes], bool | StreamHost]
 
 
 class ChannelReset(Exception):
@@ -33,8 +55,9 @@ class ChannelReset(Exception):
 class StreamChannel:
     """One stream, seen from asyncio: read, write, end, reset."""
 
-    def __init__(self, session: TunnelSession, stream_id: int, service: str, peer: str | None) -> None:
-        self.session = session
+    def __init__(self, host: StreamHost, conn: Connection, stream_id: int, service: str, peer: str | None) -> None:
+        self._host = host
+        self._conn = conn
         self.stream_id = stream_id
         self.service = service
         self.peer = peer
@@ -50,12 +73,36 @@ class StreamChannel:
         self.received = 0
         #: The loop's time at which the far end ended or reset the stream (or its tunnel went away), if it did.
         self.peer_finished_at: float | None = None
+        self._sink: Sink | None = None
+        #: writes in progress (waiting for credit or a flush): bytes passed on must queue behind them
+        self._writers = 0
+        #: the reader waits for data with nothing of its own in hand: bytes may bypass it
+        self._reader_idle = False
 
-    # -- called by the session on events --------------------------------
-    def _on_data(self, data: bytes) -> None:
+    def set_sink(self, sink: Sink | None) -> None:
+        """Let received bytes go on through ``sink`` while the reader is idle (a splice's shortcut)."""
+        self._sink = sink
+
+    # -- called by the tunnel on events --------------------------------
+    def _on_data(self, data: bytes) -> StreamHost | None:
+        """Hand ``data`` on: to the sink at once where it can take it, else to the reader.
+
+        Returns the tunnel the sink queued the data on, which the caller flushes.
+        The shortcut is taken only while the reader waits idle, so that bytes
+        never overtake those the reader still carries; their credit returns at
+        once, as it would when the reader came back for more.
+        """
         self.received += len(data)
+        sink = self._sink
+        if sink is not None and self._reader_idle and not self._chunks and self.error is None:
+            taken = sink(data)
+            if taken is not False:
+                self._owed += len(data)
+                self._acknowledge()
+                return None if taken is True else taken
         self._chunks.append(data)
         self._readable.set()
+        return None
 
     def _on_end(self) -> None:
         self._peer_finished()
@@ -131,12 +178,18 @@ class StreamChannel:
             if self.eof:
                 return
             self._readable.clear()
-            await self._readable.wait()
+            self._reader_idle = True
+            try:
+                await self._readable.wait()
+            finally:
+                self._reader_idle = False
 
     def _acknowledge(self) -> None:
         if self._owed and self.error is None:
-            self.session.conn.acknowledge_received(self.stream_id, self._owed)
-            self.session.schedule_flush()
+            conn = self._conn
+            conn.acknowledge_received(self.stream_id, self._owed)
+            if conn.wants_to_send:  # a WINDOW, once half a window is owed: not a flush per read
+                self._host.schedule_flush()
         self._owed = 0
 
     async def write(self, data: bytes) -> None:
@@ -150,8 +203,15 @@ class StreamChannel:
         as one WebSocket message instead of one per chunk (each message costs
         a TLS record and a system call per hop).
         """
-        conn = self.session.conn
+        conn = self._conn
         stream_id = self.stream_id
+        self._writers += 1
+        try:
+            await self._write_all(conn, stream_id, chunks)
+        finally:
+            self._writers -= 1
+
+    async def _write_all(self, conn: Connection, stream_id: int, chunks: collections.abc.Iterable[bytes]) -> None:
         queued = False
         for data in chunks:
             size = len(data)
@@ -165,7 +225,7 @@ class StreamChannel:
                 if window <= 0:
                     if queued:
                         queued = False
-                        await self.session.flush()
+                        await self._host.flush()
                     self._writable.clear()
                     await self._writable.wait()
                     continue
@@ -178,26 +238,53 @@ class StreamChannel:
                     sent += len(piece)
                 queued = True
         if queued:
-            await self.session.flush()
+            await self._host.flush()
+
+    def pass_on(self, data: bytes) -> bool:
+        """Queue ``data`` on this stream now if its window takes all of it and no write of its own is waiting.
+
+        The caller flushes this stream's tunnel afterwards; False leaves ``data`` with the caller.
+        """
+        conn = self._conn
+        if self.error is not None or self._writers or conn.closed or conn.send_window(self.stream_id) < len(data):
+            return False
+        try:
+            conn.send_data(self.stream_id, data)
+        except LocalProtocolError:
+            return False  # ended or closed in between: the reader's pump meets it and says so
+        return True
+
+    def as_sink(self) -> Sink:
+        """This stream as another stream's sink: bytes it takes are queued here and this tunnel flushes them."""
+        host = self._host
+
+        def sink(data: bytes) -> bool | StreamHost:
+            return host if self.pass_on(data) else False
+
+        return sink
 
     async def end(self) -> None:
         """Half-close: no more data from this side."""
-        if self.error is None and not self.session.conn.closed:
+        if self.error is None and not self._conn.closed:
             try:
-                self.session.conn.end_stream(self.stream_id)
+                self._conn.end_stream(self.stream_id)
             except LocalProtocolError:
                 return
-            await self.session.flush()
+            await self._host.flush()
 
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "") -> None:
         """Abort the stream in both directions."""
         if self.error is None:
             # A reader, writer or opener of this end waiting on the stream must not wait for a peer that forgot it.
             self._fail(ChannelReset(code, reason))
-            if not self.session.conn.closed:
+            if not self._conn.closed:
                 try:
-                    self.session.conn.reset_stream(self.stream_id, code, reason)
+                    self._conn.reset_stream(self.stream_id, code, reason)
                 except LocalProtocolError:
                     pass
-                self.session.schedule_flush()
-        self.session.streams.pop(self.stream_id, None)
+                self._host.schedule_flush()
+        self._host.forget(self.stream_id)
+
+    def detach(self) -> None:
+        """Whoever carried the stream is done with it: the tunnel forgets it (a splice's last step)."""
+        self._host.forget(self.stream_id)

@@ -40,7 +40,7 @@ from shared.protocol import (
     StreamReset,
     WindowUpdated,
 )
-from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.channel import ChannelReset, StreamChannel, StreamHost
 from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
 
 # The names other modules take from here (the relay may import this module and
@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 WS_MESSAGE_MAX = 512 * 1024
 # The receiver's limit: one full message plus slack for a frame header.
 WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
+# Frames one tunnel handles before the event loop serves the others: a message
+# may pack some 29,000 PINGs (18 bytes each), and parsing and answering them in
+# one go held every other tunnel for tens of milliseconds (tests/bench/loop_stall.py,
+# tiny_frames: a live stream's p50 56 ms; 9 ms at 1,000 frames a turn, 3 ms at
+# 250). 250 frames take a few hundred microseconds; bulk DATA (up to 64 KiB a
+# frame, 8 to a message) never comes near the limit.
+FRAMES_PER_TURN = 250
 # How long an orderly close (GOAWAY, then the WebSocket closing handshake) may
 # take before the connection is dropped: a GEO round trip (600 ms) twice over
 # with room to spare, short enough that stopping the agent on a dead path is
@@ -86,6 +93,9 @@ class TunnelSession:
         self.streams: dict[int, StreamChannel] = {}
         self._send_lock = asyncio.Lock()
         self._timer_changed = asyncio.Event()
+        #: the deadline the timer task sleeps toward (None: none, it sleeps until woken)
+        self._timer_armed_for: float | None = None
+        self._timer_due = False
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._aborted = False
@@ -167,17 +177,58 @@ class TunnelSession:
             await self._shutdown()
 
     async def _receive(self, data: bytes) -> None:
-        events = self.conn.receive_data(data, self.now())
-        await self._dispatch(events)
-        self._timer_changed.set()
-        await self.flush()
+        conn = self.conn
+        events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
+        while True:
+            onward = await self._dispatch(events)
+            self._rearm_timer_if_earlier()
+            await self.flush()
+            for host in onward:
+                await host.flush_for_peer()
+            if not conn.input_pending or conn.closed:
+                return
+            # A message packed with tiny frames: the other tunnels' turn before the next slice.
+            await asyncio.sleep(0)
+            events = conn.receive_data(b"", self.now(), max_frames=FRAMES_PER_TURN)
 
-    async def _dispatch(self, events: list[Event]) -> None:
+    async def flush_for_peer(self) -> None:
+        """Flush from another tunnel's task: inline while this tunnel's writing is free and uncongested,
+        else from a task of its own, so that a slow tunnel never holds up the one forwarding to it."""
+        if self._send_lock.locked() or self._aborted or self._write_congested():
+            self.schedule_flush()
+        else:
+            await self.flush()
+
+    def _write_congested(self) -> bool:
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        if transport is None:
+            return True
+        try:
+            return bool(transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1])
+        except (AttributeError, NotImplementedError):
+            return True
+
+    def _rearm_timer_if_earlier(self) -> None:
+        """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.
+
+        Received bytes only push the keepalive and idle deadlines later, so a
+        busy tunnel wakes its timer once per deadline, not once per message.
+        """
+        deadline = self.conn.get_timer()
+        armed = self._timer_armed_for
+        if (deadline is not None) if armed is None else (deadline is None or deadline < armed):
+            self._timer_changed.set()
+
+    async def _dispatch(self, events: list[Event]) -> list[StreamHost]:
+        """Act on ``events``; returns the other tunnels that spliced streams queued bytes on, to flush."""
+        onward: list[StreamHost] = []
         for event in events:
             if type(event) is DataReceived:
                 channel = self.streams.get(event.stream_id)
                 if channel is not None:
-                    channel._on_data(event.data)
+                    host = channel._on_data(event.data)
+                    if host is not None and host not in onward:
+                        onward.append(host)
                 else:
                     self.conn.acknowledge_received(event.stream_id, len(event.data))
             elif type(event) is WindowUpdated:
@@ -200,7 +251,7 @@ class TunnelSession:
                 if channel is not None:
                     channel._on_reset(event.code, event.reason)
             elif type(event) is StreamOpened:
-                channel = StreamChannel(self, event.stream_id, event.service, event.peer)
+                channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
                 self.streams[event.stream_id] = channel
                 self.spawn(self.on_stream_opened(channel))
             elif type(event) is PongReceived:
@@ -219,19 +270,35 @@ class TunnelSession:
                 await self.on_bind_requested(event)
             elif type(event) is BindCompleted:
                 await self.on_bind_completed(event)
+        return onward
+
+    def _timer_fired(self) -> None:
+        self._timer_due = True
+        self._timer_changed.set()
 
     async def _run_timer(self) -> None:
-        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path."""
+        """Act on the core's deadlines; never waits for a write, so a stuck one cannot hide a dead path.
+
+        One loop callback per armed deadline and one Event, rather than a
+        ``wait_for`` task each time: the deadline passing and an earlier
+        deadline (``_rearm_timer_if_earlier``) both wake it.
+        """
+        changed = self._timer_changed
         while not self.conn.closed:
             deadline = self.conn.get_timer()
-            delay = None if deadline is None else max(0.0, deadline - self.now())
-            self._timer_changed.clear()
+            self._timer_armed_for = deadline
+            self._timer_due = False
+            changed.clear()
+            alarm = None if deadline is None else self.loop.call_at(deadline, self._timer_fired)
             try:
-                await asyncio.wait_for(self._timer_changed.wait(), delay)
-                continue
-            except TimeoutError:
-                pass
-            events = self.conn.handle_timer(self.now())
+                await changed.wait()
+            finally:
+                if alarm is not None:
+                    alarm.cancel()
+            if not self._timer_due or deadline is None:
+                continue  # an earlier deadline: sleep toward that one instead
+            # The loop judged the deadline passed; its clock may read a hair below it.
+            events = self.conn.handle_timer(max(self.now(), deadline))
             await self._dispatch(events)  # a timer only ever ends the connection: no hook runs
             if self.conn.closed:
                 # A deadline passed: the path is presumed dead, so nothing queued
@@ -266,15 +333,19 @@ class TunnelSession:
                 return
             finally:
                 self.write_pending_since = None
-        self._timer_changed.set()
+        self._rearm_timer_if_earlier()
 
     def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
         """Open a stream to ``service``; await ``wait_accepted()`` on the result."""
         stream_id = self.conn.open_stream(service, peer=peer)
-        channel = StreamChannel(self, stream_id, service, peer)
+        channel = StreamChannel(self, self.conn, stream_id, service, peer)
         self.streams[stream_id] = channel
         self.schedule_flush()
         return channel
+
+    def forget(self, stream_id: int) -> None:
+        """The stream's channel is done: later events for it are acknowledged and dropped."""
+        self.streams.pop(stream_id, None)
 
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the tunnel: GOAWAY, then the WebSocket; dropped instead if that takes past CLOSE_TIMEOUT."""

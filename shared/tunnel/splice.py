@@ -8,7 +8,8 @@ import socket
 import struct
 
 from shared.protocol import ErrorCode
-from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.channel import ChannelReset, Sink, StreamChannel
+from shared.tunnel.local_reader import LocalReader, take_over
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
     transport.abort()
 
 
+def socket_sink(transport: asyncio.WriteTransport) -> Sink:
+    """A local TCP connection as a stream's sink: bytes go straight to its transport while its buffer is low."""
+
+    def sink(data: bytes) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
+            return False  # the pump writes it and waits for the socket to drain
+        transport.write(data)
+        return True
+
+    return sink
+
+
 async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamChannel) -> None:
     """Copy a local socket's bytes into a stream until EOF, then half-close."""
     while True:
@@ -41,6 +54,16 @@ async def pump_socket_to_stream(reader: asyncio.StreamReader, channel: StreamCha
             await channel.end()
             return
         await channel.write(data)
+
+
+async def pump_local_to_stream(local: LocalReader, channel: StreamChannel) -> None:
+    """Copy what ``local`` reads into a stream until EOF, then half-close; a backlog leaves as one write."""
+    while True:
+        chunks = await local.read_chunks()
+        if not chunks:
+            await channel.end()
+            return
+        await channel.write_chunks(chunks)
 
 
 async def pump_stream_to_socket(channel: StreamChannel, writer: asyncio.StreamWriter) -> None:
@@ -61,7 +84,10 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
     A reset ends the local connection at once (RST), even while a pump waits
     on a local peer that stopped reading: what it had not taken is dropped.
     """
-    pending = {asyncio.ensure_future(pump_socket_to_stream(reader, channel)),
+    channel.set_sink(socket_sink(writer.transport))
+    local = take_over(reader, writer)
+    reading = pump_socket_to_stream(reader, channel) if local is None else pump_local_to_stream(local, channel)
+    pending = {asyncio.ensure_future(reading),
                asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
     reset = asyncio.ensure_future(channel.wait_reset())
     failure: BaseException | None = None
@@ -81,10 +107,11 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
         if failure is not None:
             reset_connection(writer.transport)
     finally:
+        channel.set_sink(None)
         for task in pending | {reset}:
             task.cancel()
         writer.close()
-        channel.session.streams.pop(channel.stream_id, None)
+        channel.detach()
 
 
 async def _pump_streams(source: StreamChannel, sink: StreamChannel) -> None:
@@ -98,6 +125,8 @@ async def _pump_streams(source: StreamChannel, sink: StreamChannel) -> None:
 
 async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
     """Carry two streams into each other until both end or one is reset (the relay's splice)."""
+    a.set_sink(b.as_sink())
+    b.set_sink(a.as_sink())
     forward = asyncio.ensure_future(_pump_streams(a, b))
     backward = asyncio.ensure_future(_pump_streams(b, a))
     try:
@@ -111,5 +140,7 @@ async def splice_streams(a: StreamChannel, b: StreamChannel) -> None:
         for task in pending:
             task.cancel()
     finally:
-        a.session.streams.pop(a.stream_id, None)
-        b.session.streams.pop(b.stream_id, None)
+        a.set_sink(None)
+        b.set_sink(None)
+        a.detach()
+        b.detach()

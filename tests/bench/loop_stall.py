@@ -12,7 +12,10 @@ lands in its timings). The phases, one after the other on one controller:
   enrolled peer sends ``--binds`` BIND frames of the most names a BIND may
   carry, all denied;
 * open_flood: an enrolled peer opens ``--opens`` streams to a service it may
-  not dial, ``OPEN_BATCH`` at a time.
+  not dial, ``OPEN_BATCH`` at a time;
+* tiny_frames: an enrolled peer sends ``--tiny-messages`` WebSocket messages,
+  each as full of PING frames (18 bytes) as a message may be, about 29,000
+  frames a message, each of which the relay must parse and answer.
 
 Per phase: p50, p99 and max of the live stream's round trip in microseconds,
 and the ratios to the quiet phase. Last line: JSON.
@@ -44,7 +47,9 @@ from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
 from agent.identity.tls_trust import pinned_ssl_context  # noqa: E402
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel  # noqa: E402
 from shared.protocol import MAX_BIND_SERVICES  # noqa: E402
-from shared.tunnel.session import ChannelReset  # noqa: E402
+from shared.protocol.frames import FrameType, encode_frame  # noqa: E402
+from shared.protocol.limits import PING_PAYLOAD_SIZE  # noqa: E402
+from shared.tunnel.session import WS_MESSAGE_MAX, ChannelReset  # noqa: E402
 from tests.bench.bench_setup import (  # noqa: E402
     BENCH_ECHO,
     TUNNEL_PATH,
@@ -71,6 +76,8 @@ DEFAULT_CONCURRENCY = 25
 DEFAULT_IDENTITIES = 25
 DEFAULT_BINDS = 200
 DEFAULT_OPENS = 3000
+# Messages of the tiny-frame flood: about 29,000 PINGs each, a million frames in all.
+DEFAULT_TINY_MESSAGES = 40
 # Streams the flooding peer opens before waiting for their refusals: under the 256 a tunnel may hold.
 OPEN_BATCH = 200
 # BIND frames the flooder keeps unanswered at once.
@@ -208,10 +215,10 @@ async def bind_flood(session: AgentSession, frames: int) -> float:
     started = time.perf_counter()
     sent = 0
     deadline = time.monotonic() + PHASE_TIMEOUT
-    while sent < frames or session.conn._auth.binds_pending:
+    while sent < frames or session.conn.snapshot().binds_pending:
         if time.monotonic() > deadline or session.conn.closed:
             raise RuntimeError(f"the BIND flood stalled after {sent} frames (closed: {session.conn.closed})")
-        while sent < frames and session.conn._auth.binds_pending < BIND_WINDOW:
+        while sent < frames and session.conn.snapshot().binds_pending < BIND_WINDOW:
             session.conn.send_bind(names)
             sent += 1
         await session.flush()
@@ -233,8 +240,26 @@ async def open_flood(session: AgentSession, opens: int) -> tuple[float, int]:
     return time.perf_counter() - started, refused
 
 
+async def tiny_frame_flood(session: AgentSession, messages: int) -> tuple[float, int]:
+    """``messages`` WebSocket messages packed with PING frames, straight onto the wire; (seconds, frames)."""
+    frame = encode_frame(FrameType.PING, 0, 0, bytes(PING_PAYLOAD_SIZE))
+    payload = frame * (WS_MESSAGE_MAX // len(frame))
+    started = time.perf_counter()
+    for _ in range(messages):
+        if session.conn.closed:
+            raise RuntimeError("the relay closed the flooding tunnel")
+        await session.ws.send_bytes(payload)
+    # A PING of the core's own: its PONG comes after every PONG the flood asked for.
+    answered: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    session.pong_listeners.append(lambda rtt: None if answered.done() else answered.set_result(rtt))
+    session.conn.ping(session.now())
+    await session.flush()
+    await asyncio.wait_for(answered, PHASE_TIMEOUT)
+    return time.perf_counter() - started, messages * (len(payload) // len(frame))
+
+
 async def run_phases(tunnel: Any, port: int, size: int, requests: int, renewal_count: int, concurrency: int,
-                     identities: int, binds: int, opens: int) -> dict[str, Any]:
+                     identities: int, binds: int, opens: int, tiny_messages: int) -> dict[str, Any]:
     assert tunnel.controller is not None
     phases: dict[str, Any] = {}
     async with ControllerClient(tunnel.controller.ctl_config) as client, aiohttp.ClientSession() as http:
@@ -269,6 +294,16 @@ async def run_phases(tunnel: Any, port: int, size: int, requests: int, renewal_c
                 "opens_seconds": round(open_seconds, 2),
                 "opens_per_second": round(opens / open_seconds, 1),
             }
+
+            live = Canary(port, size)
+            tiny_seconds, frames = await asyncio.wait_for(tiny_frame_flood(session, tiny_messages), PHASE_TIMEOUT)
+            phases["tiny_frames"] = {
+                **summary(await asyncio.to_thread(live.finish)),
+                "messages": tiny_messages,
+                "frames": frames,
+                "frames_seconds": round(tiny_seconds, 2),
+                "frames_per_second": round(frames / tiny_seconds, 1),
+            }
         finally:
             await session.close()
             await task
@@ -288,18 +323,20 @@ def main() -> None:
     identities = int_arg("identities", DEFAULT_IDENTITIES)
     binds = int_arg("binds", DEFAULT_BINDS)
     opens = int_arg("opens", DEFAULT_OPENS)
+    tiny_messages = int_arg("tiny-messages", DEFAULT_TINY_MESSAGES)
     echo = EchoServer()
     try:
         with paths({BENCH_ECHO: echo.port}, with_ssh=False) as (tunnel, _):
             port = tunnel.ports[BENCH_ECHO]
             wait_for_path(port)
             phases = asyncio.run(run_phases(tunnel, port, size, requests, renewal_count, concurrency, identities,
-                                            binds, opens))
+                                            binds, opens, tiny_messages))
     finally:
         echo.close()
     quiet = phases["quiet"]
     loaded = phases["renewals_and_binds"]
     flood = phases["open_flood"]
+    tiny = phases["tiny_frames"]
     emit({
         "benchmark": "loop_stall",
         "request_bytes": size,
@@ -313,6 +350,10 @@ def main() -> None:
         "open_flood_p50_us": flood["p50_us"],
         "open_flood_p99_us": flood["p99_us"],
         "p99_ratio_open_flood_vs_quiet": ratio(flood["p99_us"], quiet["p99_us"]),
+        "tiny_frames_p50_us": tiny["p50_us"],
+        "tiny_frames_p99_us": tiny["p99_us"],
+        "tiny_frames_max_us": tiny["max_us"],
+        "p99_ratio_tiny_frames_vs_quiet": ratio(tiny["p99_us"], quiet["p99_us"]),
         "phases": phases,
         "path": "dialer agent -> relay -> binder agent",
         "paths": {"tunnel": TUNNEL_PATH},

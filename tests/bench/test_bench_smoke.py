@@ -225,11 +225,12 @@ def test_the_ssh_baseline_carries_bytes(tmp_path: Path) -> None:
 
 def test_loop_stall_reports_the_live_stream_quiet_and_under_load() -> None:
     found = run_bench("loop_stall", "--requests", "30", "--renewals", "10", "--identities", "2", "--binds", "3",
-                      "--opens", "20", "--concurrency", "4")
+                      "--opens", "20", "--concurrency", "4", "--tiny-messages", "2")
     assert_positive(found, "quiet_p50_us", "quiet_p99_us", "loaded_p50_us", "loaded_p99_us", "open_flood_p99_us",
-                    "p99_ratio_loaded_vs_quiet")
+                    "p99_ratio_loaded_vs_quiet", "tiny_frames_p50_us", "tiny_frames_p99_us")
     assert found["phases"]["renewals_and_binds"]["renewals"] == 10
     assert found["phases"]["open_flood"]["refused"] == 20
+    assert found["phases"]["tiny_frames"]["frames"] > 50_000
 
 
 def test_idle_connections_reports_memory_per_connection_and_the_tunnels_round_trip() -> None:

@@ -9,6 +9,7 @@ frames are well formed) and breaks the rules on purpose.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.errors import ControllerUnreachable
+from agent.errors import ControllerUnreachable, TunnelFailed
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
@@ -138,6 +139,22 @@ def test_a_relay_that_announces_a_frame_over_the_limit_is_dropped(caplog) -> Non
     with caplog.at_level(logging.WARNING):
         asyncio.run(asyncio.wait_for(with_fake_relay(oversized, agent), SCENARIO_TIMEOUT))
     assert any(ErrorCode.FRAME_SIZE_ERROR.name in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_of_the_protocol_core_reaches_the_agent_as_its_own_error_with_the_sentence() -> None:
+    # A certificate chain past the AUTH limit: the core refuses to send it (LocalProtocolError, not an
+    # OutpostError); the agent's glue says so as a TunnelFailed, which the runner retries and reports.
+    async def challenge(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(bytes([0x01, 0]) + (0).to_bytes(4, "big") + (33).to_bytes(4, "big") + bytes([1]) + bytes(32))
+        await ws.receive()
+
+    async def agent(url: str, ca_pem: str) -> None:
+        oversized = dataclasses.replace(credentials(ca_pem), chain_pem=["x" * 70_000])
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(TunnelFailed, match="failed during authentication: AUTH payload of .* exceeds"):
+                await open_tunnel(http, url, oversized, pinned_ssl_context(ca_pem), TunnelOptions())
+
+    asyncio.run(asyncio.wait_for(with_fake_relay(challenge, agent), SCENARIO_TIMEOUT))
 
 
 def test_a_relay_that_never_answers_the_handshake_is_given_up_on() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from shared.protocol import Connection, Liveness, ProtocolLimits, Role
+from shared.protocol import Connection, ConnectionSnapshot, Liveness, ProtocolLimits, Role
 
 NONCE = bytes(range(32))
 RELAY_CERT_SHA256 = bytes(32 * [0xAB])
@@ -87,19 +87,6 @@ def make_pair(now: float = 0.0, *, relay_limits: ProtocolLimits = ProtocolLimits
     return pair
 
 
-def snapshot(conn: Connection) -> dict:
+def snapshot(conn: Connection) -> ConnectionSnapshot:
     """Everything a failed call must leave as it was."""
-    streams = {
-        sid: (s.state, s.local, s.accepted, s.send_window, s.recv_window, s.unacknowledged, s.owed)
-        for sid, s in conn._streams.items()
-    }
-    return {
-        "streams": streams,
-        "out": list(conn._out),
-        "closed": conn.closed,
-        "authenticated": conn.authenticated,
-        "handshake": conn.handshake,
-        "next_id": conn._next_local_id,
-        "bytes_sent": conn.bytes_sent,
-        "binds": conn._binds_pending,
-    }
+    return conn.snapshot()

@@ -73,7 +73,7 @@ def test_over_the_budget_a_closed_stream_furthest_behind_is_the_one_reset_and_on
     # The relay forgot that stream when both FINs crossed: nothing goes on the wire for it.
     assert [frame for frame in read_frames(pair.agent.data_to_send()) if frame[0] == FrameType.RESET] == []
     assert pair.agent.unread_bytes == 1600
-    assert pair.agent.stream_state(live) is StreamState.OPEN
+    assert pair.agent.stream_state(live) is StreamState.OPEN_UNACCEPTED
     pair.agent.acknowledge_received(second, 900)
     assert pair.agent.unread_bytes == 700
 

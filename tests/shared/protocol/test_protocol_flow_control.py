@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import Pair, make_pair, raw_frame, read_frames, snapshot
 
-from agent.errors import ConfigError
 from shared.protocol import (
     INITIAL_WINDOW,
     MAX_SEND_PAYLOAD,
     MAX_WINDOW,
     DataReceived,
     ErrorCode,
+    InvalidLimits,
     LocalProtocolError,
     ProtocolLimits,
     RemoteProtocolError,
@@ -50,14 +50,14 @@ def test_a_slow_consumer_stops_its_own_stream_and_no_other() -> None:
         for stream_id in (slow, fast):
             delivered[stream_id] += _received(relay_events, stream_id)
         # Only the fast stream's application consumes what it receives.
-        unacknowledged = pair.relay._streams[fast].unacknowledged
+        unacknowledged = pair.relay.snapshot().streams[fast].unacknowledged
         if unacknowledged:
             pair.relay.acknowledge_received(fast, unacknowledged)
         if delivered[fast] == total:
             break
     assert delivered[fast] == total, "the fast stream must not be held back by the slow one"
     assert delivered[slow] == WINDOW and pair.agent.send_window(slow) == 0
-    assert pair.relay._streams[slow].unacknowledged == WINDOW, "the receiver buffers at most one window"
+    assert pair.relay.snapshot().streams[slow].unacknowledged == WINDOW, "the receiver buffers at most one window"
 
     # The slow consumer catches up: its window comes back and data flows again.
     pair.relay.acknowledge_received(slow, WINDOW)
@@ -168,7 +168,7 @@ def test_large_writes_are_split_into_chunks_with_fin_on_the_last(pair: Pair) -> 
     assert [f[1] & FLAG_FIN for f in frames] == [0, 0, FLAG_FIN]
     assert b"".join(f[3] for f in frames) == data
     assert pair.agent.send_window(stream_id) == INITIAL_WINDOW - len(data)
-    assert pair.agent.stream_state(stream_id) is StreamState.HALF_CLOSED_LOCAL
+    assert pair.agent.stream_state(stream_id) is StreamState.HALF_CLOSED_LOCAL_UNACCEPTED
 
 
 def test_a_buffer_reused_by_the_caller_does_not_change_queued_data(pair: Pair) -> None:
@@ -227,7 +227,7 @@ def test_the_stream_furthest_behind_is_the_one_reset_and_the_others_keep_flowing
     pair.relay.send_data(busy, bytes(700))  # 1,000 + 900 + 700 unread: over the 2,500 budget
     _, events = pair.pump()
     assert [e.stream_id for e in events if isinstance(e, StreamReset)] == [slow]
-    assert pair.agent.stream_state(busy) is pair.agent.stream_state(third) is StreamState.OPEN
+    assert pair.agent.stream_state(busy) is pair.agent.stream_state(third) is StreamState.OPEN_UNACCEPTED
     assert pair.agent.unread_bytes == 1600
 
 
@@ -245,5 +245,5 @@ def test_acknowledged_and_reset_bytes_leave_the_budget() -> None:
 
 
 def test_a_window_larger_than_the_receive_budget_is_refused() -> None:
-    with pytest.raises(ConfigError, match="must not exceed the tunnel's receive budget"):
+    with pytest.raises(InvalidLimits, match="must not exceed the tunnel's receive budget"):
         ProtocolLimits(initial_window=2 << 20, receive_budget=1 << 20)

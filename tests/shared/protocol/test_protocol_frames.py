@@ -281,3 +281,23 @@ def test_challenge_nonce_goes_out_as_given() -> None:
     relay = Connection(Role.RELAY, 0.0)
     relay.send_challenge(bytearray(NONCE))
     assert read_frames(relay.data_to_send())[0][3][1:] == NONCE
+
+
+@pytest.mark.parametrize("as_type", [bytes, bytearray], ids=["bytes", "bytearray"])
+def test_a_frame_limit_leaves_the_rest_for_the_next_call_in_order(pair: Pair, as_type: type) -> None:
+    pings = [raw_frame(FrameType.PING, 0, n.to_bytes(8, "big")) for n in range(10)]
+    message = as_type(b"".join(pings))
+    agent = pair.agent
+    assert agent.receive_data(message, 1.0, max_frames=3) == []
+    assert agent.input_pending
+    if isinstance(message, bytearray):
+        message[:] = bytes(len(message))  # the caller reuses its buffer: what is left was kept apart
+    answered = [frame[3] for frame in read_frames(agent.data_to_send())]
+    assert answered == [n.to_bytes(8, "big") for n in range(3)]
+    # The rest comes first, then bytes that arrive meanwhile; b"" only continues.
+    agent.receive_data(raw_frame(FrameType.PING, 0, (99).to_bytes(8, "big")), 2.0, max_frames=4)
+    agent.receive_data(b"", 2.0, max_frames=4)
+    assert not agent.input_pending
+    answered = [int.from_bytes(frame[3], "big") for frame in read_frames(agent.data_to_send())]
+    assert answered == [3, 4, 5, 6, 7, 8, 9, 99]
+    assert agent.receive_data(b"", 3.0, max_frames=4) == [] and agent.data_to_send() == b""

@@ -35,6 +35,8 @@ from shared.protocol import (
     auth_message,
 )
 from shared.protocol.frames import FrameType
+from shared.protocol.handshake import TRANSITIONS as HANDSHAKE_TRANSITIONS
+from shared.protocol.handshake import HandshakeInput
 
 
 def test_auth_message_binds_the_nonce_to_the_relay_certificate() -> None:
@@ -249,3 +251,74 @@ def test_oversized_auth_is_refused_locally_before_it_is_queued() -> None:
     assert snapshot(agent) == before
     agent.send_auth(CHAIN, SIGNATURE)
     assert agent.handshake is Handshake.AUTH_EXCHANGED
+
+
+# -- the handshake's transition table -----------------------------------------------------------
+
+RECEIVED_FRAMES = {
+    HandshakeInput.RECV_CHALLENGE: (FrameType.CHALLENGE, bytes([PROTOCOL_VERSION]) + NONCE),
+    HandshakeInput.RECV_AUTH: (FrameType.AUTH, json.dumps({
+        "version": PROTOCOL_VERSION, "chain": CHAIN, "signature": base64.b64encode(SIGNATURE).decode()}).encode()),
+    HandshakeInput.RECV_AUTH_OK: (FrameType.AUTH_OK, json.dumps(RELAY_INFO).encode()),
+    HandshakeInput.RECV_BIND: (FrameType.BIND, b'{"services": ["svc"]}'),
+    HandshakeInput.RECV_BIND_RESULT: (FrameType.BIND_RESULT, b'{"bound": ["svc"], "refused": {}}'),
+}
+
+
+def _end_at(role: Role, state: Handshake) -> Connection:
+    """The ``role`` end of a fresh pair, its handshake walked as far as ``state``."""
+    pair = make_pair(authenticate=False)
+    steps = [lambda: pair.relay.send_challenge(NONCE), lambda: pair.agent.send_auth(CHAIN, SIGNATURE),
+             lambda: pair.relay.accept_auth(dict(RELAY_INFO))]
+    conn = pair.relay if role is Role.RELAY else pair.agent
+    for step in steps:
+        if conn.handshake is state:
+            break
+        step()
+        pair.pump()
+    if state is Handshake.DONE and role is Role.AGENT:
+        conn.send_bind(["svc"])  # so that a BIND_RESULT is answered, not merely out of order
+    assert conn.handshake is state
+    return conn
+
+
+ILLEGAL_RECEIVED = [(role, state, event) for role in Role for state in Handshake
+                    for event in RECEIVED_FRAMES if (state, event) not in HANDSHAKE_TRANSITIONS[role]]
+LEGAL_RECEIVED = [(role, state, event, new) for role in Role
+                  for (state, event), new in HANDSHAKE_TRANSITIONS[role].items() if event.received]
+
+
+@pytest.mark.parametrize("role,state,event", ILLEGAL_RECEIVED,
+                         ids=[f"{r.name}-{s.name}-{e.frame}" for r, s, e in ILLEGAL_RECEIVED])
+def test_every_handshake_frame_the_table_does_not_list_ends_the_tunnel_with_protocol_error(role, state, event) -> None:
+    conn = _end_at(role, state)
+    frame_type, payload = RECEIVED_FRAMES[event]
+    with pytest.raises(RemoteProtocolError) as caught:
+        conn.receive_data(raw_frame(frame_type, 0, payload), 0.0)
+    assert caught.value.code is ErrorCode.PROTOCOL_ERROR
+    assert conn.closed and conn.handshake is state
+    [(goaway, _, _, _)] = read_frames(conn.data_to_send())[-1:]
+    assert goaway == FrameType.GOAWAY
+
+
+@pytest.mark.parametrize("role,state,event,new", LEGAL_RECEIVED,
+                         ids=[f"{r.name}-{s.name}-{e.frame}" for r, s, e, _ in LEGAL_RECEIVED])
+def test_every_received_handshake_row_of_the_table_happens(role, state, event, new) -> None:
+    conn = _end_at(role, state)
+    frame_type, payload = RECEIVED_FRAMES[event]
+    assert conn.receive_data(raw_frame(frame_type, 0, payload), 0.0)
+    assert conn.handshake is new and not conn.closed
+
+
+def test_the_handshake_takes_its_transitions_from_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the relay's (START, SEND_CHALLENGE) row the table forbids challenging, and nothing is queued.
+    monkeypatch.delitem(HANDSHAKE_TRANSITIONS[Role.RELAY], (Handshake.START, HandshakeInput.SEND_CHALLENGE))
+    relay = Connection(Role.RELAY, 0.0)
+    with pytest.raises(LocalProtocolError, match="cannot send CHALLENGE on the relay's handshake: it is start"):
+        relay.send_challenge(NONCE)
+    assert relay.data_to_send() == b"" and relay.handshake is Handshake.START
+    # Without the agent's (START, RECV_CHALLENGE) row a CHALLENGE is the peer's violation.
+    monkeypatch.delitem(HANDSHAKE_TRANSITIONS[Role.AGENT], (Handshake.START, HandshakeInput.RECV_CHALLENGE))
+    agent = Connection(Role.AGENT, 0.0)
+    with pytest.raises(RemoteProtocolError, match="unexpected CHALLENGE"):
+        agent.receive_data(raw_frame(FrameType.CHALLENGE, 0, bytes([PROTOCOL_VERSION]) + NONCE), 0.0)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from protocol_pairs import CHAIN, NONCE, SIGNATURE, make_pair, raw_frame, read_frames
 
-from agent.errors import ConfigError
 from shared.protocol import (
     AUTH_DEADLINE,
     Connection,
     ConnectionTerminated,
     ErrorCode,
+    InvalidLimits,
     Liveness,
     PongReceived,
     ProtocolLimits,
@@ -160,7 +160,7 @@ def test_authentication_stops_the_auth_deadline() -> None:
 
 
 def test_bad_liveness_and_limit_settings_are_refused_with_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="keepalive"):
+    with pytest.raises(InvalidLimits, match="keepalive"):
         Liveness(keepalive_interval=0)
-    with pytest.raises(ConfigError, match="window"):
+    with pytest.raises(InvalidLimits, match="window"):
         ProtocolLimits(initial_window=0)

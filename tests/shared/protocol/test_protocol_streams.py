@@ -21,24 +21,28 @@ from shared.protocol import (
 )
 from shared.protocol.frames import FLAG_FIN, FrameType, decode_code_reason
 from shared.protocol.limits import RESET_MEMORY
-from shared.protocol.streams import TRANSITIONS, StreamInput
+from shared.protocol.streams import TRANSITIONS, UNACCEPTED, StreamInput
 
 S, I = StreamState, StreamInput  # noqa: E741  (the table's two axes, as short as in docs/protocol.md)
 SMALL_WINDOW = 1024
 
 
 def _stream_in(pair: Pair, state: StreamState, *, peer_opened: bool) -> int:
-    """A stream at the agent in ``state``, opened by the agent or by the relay."""
+    """A stream at the agent in ``state``, opened by the agent or by the relay, accepted or not as the state says."""
     if peer_opened:
         stream_id = pair.relay.open_stream("svc")
-        pair.pump()
     else:
         stream_id = pair.agent.open_stream("svc")
+    pair.pump()
+    accepted = {twin: live for live, twin in UNACCEPTED.items()}
+    wire = accepted.get(state, state)
+    if wire is state:  # an accepted state: the end that did not open accepts first
+        (pair.agent if peer_opened else pair.relay).accept_stream(stream_id)
         pair.pump()
-    if state is S.HALF_CLOSED_LOCAL:
+    if wire is S.HALF_CLOSED_LOCAL:
         pair.agent.end_stream(stream_id)
         pair.pump()
-    elif state is S.HALF_CLOSED_REMOTE:
+    elif wire is S.HALF_CLOSED_REMOTE:
         pair.relay.end_stream(stream_id)
         pair.pump()
     assert pair.agent.stream_state(stream_id) is state
@@ -96,10 +100,10 @@ def test_every_transition_in_the_table_happens(state, stream_input, expected) ->
 
 def test_idle_streams_open_by_sending_or_receiving_open(pair: Pair) -> None:
     sent = pair.agent.open_stream("svc")
-    assert pair.agent.stream_state(sent) is TRANSITIONS[(S.IDLE, I.SEND_OPEN)] is S.OPEN
+    assert pair.agent.stream_state(sent) is TRANSITIONS[(S.IDLE, I.SEND_OPEN)] is S.OPEN_UNACCEPTED
     received = pair.relay.open_stream("svc")
     pair.pump()
-    assert pair.agent.stream_state(received) is TRANSITIONS[(S.IDLE, I.RECV_OPEN)] is S.OPEN
+    assert pair.agent.stream_state(received) is TRANSITIONS[(S.IDLE, I.RECV_OPEN)] is S.OPEN_UNACCEPTED
 
 
 def test_no_transition_leaves_the_closed_state() -> None:
@@ -128,7 +132,8 @@ def test_data_after_the_peer_ended_resets_only_that_stream(stream_input) -> None
     other = pair.agent.open_stream("other")
     stream_id = _stream_in(pair, S.HALF_CLOSED_REMOTE, peer_opened=False)
     events = _apply(pair, stream_id, stream_input)
-    assert events == [StreamReset(stream_id, ErrorCode.STREAM_CLOSED, "DATA after the sender ended the stream", False)]
+    reason = f"unexpected DATA on stream {stream_id}: it is half-closed (remote)"
+    assert events == [StreamReset(stream_id, ErrorCode.STREAM_CLOSED, reason, False)]
     [(frame_type, _, reset_id, payload)] = read_frames(pair.agent.data_to_send())
     assert (frame_type, reset_id, decode_code_reason(payload)[0]) == (FrameType.RESET, stream_id,
                                                                       ErrorCode.STREAM_CLOSED)
@@ -148,7 +153,7 @@ def test_accepting_twice_is_misuse(pair: Pair) -> None:
     pair.pump()
     pair.agent.accept_stream(stream_id)
     before = snapshot(pair.agent)
-    with pytest.raises(LocalProtocolError, match="already accepted"):
+    with pytest.raises(LocalProtocolError, match="cannot send ACCEPT on stream 2: it is open$"):
         pair.agent.accept_stream(stream_id)
     assert snapshot(pair.agent) == before
 
@@ -156,9 +161,10 @@ def test_accepting_twice_is_misuse(pair: Pair) -> None:
 @pytest.mark.parametrize("peer_opened", [True, False], ids=["own-stream", "twice"])
 def test_a_wrong_accept_from_the_peer_resets_the_stream(peer_opened: bool) -> None:
     pair = make_pair()
-    stream_id = _stream_in(pair, S.OPEN, peer_opened=peer_opened)
+    stream_id = _stream_in(pair, S.OPEN_UNACCEPTED, peer_opened=peer_opened)
     if not peer_opened:
         assert _apply(pair, stream_id, I.RECV_ACCEPT) == [StreamAccepted(stream_id)]
+        assert pair.agent.stream_state(stream_id) is S.OPEN
     [event] = _apply(pair, stream_id, I.RECV_ACCEPT)
     assert isinstance(event, StreamReset) and event.code is ErrorCode.PROTOCOL_ERROR and not event.remote
     assert not pair.agent.closed
@@ -229,14 +235,14 @@ def test_streams_closed_both_ways_are_forgotten() -> None:
         pair.pump()
         pair.relay.send_data(stream_id, b"a", end_stream=True)
         pair.pump()
-    assert pair.agent._streams == {} and pair.relay._streams == {}
+    assert pair.agent.snapshot().streams == {} and pair.relay.snapshot().streams == {}
     assert pair.agent.stream_state(stream_id) is S.CLOSED
 
 
 def test_reset_memory_is_bounded(pair: Pair) -> None:
     for _ in range(RESET_MEMORY + 10):
         pair.agent.reset_stream(pair.agent.open_stream("svc"), ErrorCode.CANCEL)
-    assert len(pair.agent._recently_reset) == RESET_MEMORY
+    assert len(pair.agent.snapshot().recently_reset) == RESET_MEMORY
 
 
 def test_data_in_flight_after_a_local_reset_is_dropped_quietly(pair: Pair) -> None:

@@ -77,6 +77,33 @@ def test_relayed_bytes_flow_both_ways_and_the_splice_ends_when_both_directions_e
     run(scenario)
 
 
+def test_relayed_bytes_keep_their_order_when_the_shortcut_and_the_pump_take_turns() -> None:
+    # Small windows and a reader that pauses: the relay passes messages on at once while the
+    # binder's window allows, and its pump carries them while it does not; none may overtake another.
+    messages = [n.to_bytes(4, "big") * 25 for n in range(2000)]  # 100 bytes each, 200 KB: many windows
+
+    async def scenario() -> None:
+        async with relayed(SMALL) as r:
+            async def send() -> None:
+                for message in messages:
+                    await r.dial.write(message)
+                await r.dial.end()
+
+            sender = asyncio.ensure_future(send())
+            received = bytearray()
+            while True:
+                data = await r.served.read()
+                if not data:
+                    break
+                received += data
+                if len(received) % 7 == 0:
+                    await asyncio.sleep(0.001)  # a reader that falls behind now and then
+            await sender
+            assert bytes(received) == b"".join(messages)
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("side", ["binder", "dialer"])
 def test_a_reset_on_either_side_reaches_the_other_with_its_reason_and_ends_the_splice(side: str) -> None:
     async def scenario() -> None:

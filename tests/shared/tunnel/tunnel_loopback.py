@@ -69,9 +69,9 @@ class End(TunnelSession):
 
 
 def _authenticated(now: float, relay_limits: ProtocolLimits,
-                   agent_limits: ProtocolLimits) -> tuple[Connection, Connection]:
-    relay = Connection(Role.RELAY, now, limits=relay_limits, liveness=QUIET)
-    agent = Connection(Role.AGENT, now, limits=agent_limits, liveness=QUIET)
+                   agent_limits: ProtocolLimits, liveness: Liveness) -> tuple[Connection, Connection]:
+    relay = Connection(Role.RELAY, now, limits=relay_limits, liveness=liveness)
+    agent = Connection(Role.AGENT, now, limits=agent_limits, liveness=liveness)
 
     def exchange() -> None:
         for _ in range(MAX_HANDSHAKE_ROUNDS):
@@ -94,10 +94,11 @@ def _authenticated(now: float, relay_limits: ProtocolLimits,
 
 @contextlib.asynccontextmanager
 async def tunnel(*, relay_limits: ProtocolLimits = ProtocolLimits(), agent_limits: ProtocolLimits = ProtocolLimits(),
-                 relay_accepts: bool = True, agent_accepts: bool = True) -> AsyncIterator[tuple[End, End]]:
+                 relay_accepts: bool = True, agent_accepts: bool = True,
+                 liveness: Liveness = QUIET) -> AsyncIterator[tuple[End, End]]:
     """(relay end, agent end) of one authenticated tunnel over a WebSocket on 127.0.0.1, both running."""
     loop = asyncio.get_running_loop()
-    relay_conn, agent_conn = _authenticated(loop.time(), relay_limits, agent_limits)
+    relay_conn, agent_conn = _authenticated(loop.time(), relay_limits, agent_limits, liveness)
     relay_side: asyncio.Future[End] = loop.create_future()
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
