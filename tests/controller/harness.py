@@ -30,6 +30,10 @@ REQUEST_TIMEOUT = 20.0
 #: SQLite's own AUTOINCREMENT counters: they move with the rows they count, which the snapshot holds.
 SQLITE_INTERNAL_TABLES = ("sqlite_sequence",)
 
+#: The audit chain's key for stores the tests open directly (a controller keeps its own in its data
+#: directory, never in the store).
+TEST_CHAIN_KEY = bytes(range(32))
+
 
 def run(coroutine: Awaitable[T], loop: str = "asyncio") -> T:
     """Drive one async scenario to completion (no pytest-asyncio here) on asyncio's loop or uvloop."""

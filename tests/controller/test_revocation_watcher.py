@@ -8,13 +8,14 @@ from controller.audit import AuditLog
 from controller.registry import Identity, Registry
 from controller.store import Store
 from controller.watcher import MAX_CHANGES_PER_POLL, StatusWatcher
+from tests.controller.harness import TEST_CHAIN_KEY
 
 
 def two_processes(path: Path | str) -> tuple[Registry, Registry, Store]:
     """Two registries on two connections to one store (either engine), as two controller processes hold them."""
     store_a, store_b = Store(path), Store(path)
-    registry_a = Registry(store_a, AuditLog(store_a), "outpost.test")
-    registry_b = Registry(store_b, AuditLog(store_b), "outpost.test")
+    registry_a = Registry(store_a, AuditLog(store_a, chain_key=TEST_CHAIN_KEY), "outpost.test")
+    registry_b = Registry(store_b, AuditLog(store_b, chain_key=TEST_CHAIN_KEY), "outpost.test")
     return registry_a, registry_b, store_b
 
 

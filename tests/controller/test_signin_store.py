@@ -15,10 +15,11 @@ from controller.signin.errors import SigninRefused
 from controller.signin.people import People
 from controller.signin.service import SigninService
 from controller.store import Store
+from tests.controller.harness import TEST_CHAIN_KEY
 
 
 def service_on(store: Store) -> SigninService:
-    audit = AuditLog(store)
+    audit = AuditLog(store, chain_key=TEST_CHAIN_KEY)
     return SigninService(parse_config({}, Path(".")), store, Registry(store, audit, DEFAULT_TRUST_DOMAIN), audit)
 
 
@@ -41,7 +42,7 @@ def test_a_nonce_made_by_one_process_is_good_in_another_sharing_the_store(
 
 
 def test_an_id_token_is_accepted_once(store: Store) -> None:
-    audit = AuditLog(store)
+    audit = AuditLog(store, chain_key=TEST_CHAIN_KEY)
     people = People(store, Registry(store, audit, DEFAULT_TRUST_DOMAIN), audit)
     far = 4_000_000_000.0
     with store.transaction() as db:

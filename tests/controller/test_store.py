@@ -14,6 +14,7 @@ import pytest
 
 from controller.audit import AuditLog
 from controller.store import Store
+from tests.controller.harness import TEST_CHAIN_KEY
 from tests.e2e.harness import python_env
 from tests.syscall_trace import FLUSHES, traced_run
 
@@ -21,14 +22,14 @@ from tests.syscall_trace import FLUSHES, traced_run
 def test_the_audit_log_cannot_be_rewritten_or_deleted(store_location: Path | str) -> None:
     store = Store(store_location)
     try:
-        AuditLog(store).record("identity_created", identity="default/gw")
+        AuditLog(store, chain_key=TEST_CHAIN_KEY).record("identity_created", identity="default/gw")
         with pytest.raises(Exception, match="append-only"):
             with store.transaction() as db:
                 db.execute("UPDATE audit SET event = 'nothing'")
         with pytest.raises(Exception, match="append-only"):
             with store.transaction() as db:
                 db.execute("DELETE FROM audit")
-        events = AuditLog(store).recent()
+        events = AuditLog(store, chain_key=TEST_CHAIN_KEY).recent()
         assert [(e["event"], e["fields"]["identity"]) for e in events] == [("identity_created", "default/gw")]
     finally:
         store.close()
@@ -38,8 +39,8 @@ def test_an_unknown_audit_event_is_a_programming_error(store_location: Path | st
     store = Store(store_location)
     try:
         with pytest.raises(ValueError):
-            AuditLog(store).record("something_else")
-        assert AuditLog(store).recent() == []
+            AuditLog(store, chain_key=TEST_CHAIN_KEY).record("something_else")
+        assert AuditLog(store, chain_key=TEST_CHAIN_KEY).recent() == []
     finally:
         store.close()
 
@@ -171,7 +172,7 @@ def test_an_identitys_refusals_past_its_budget_are_counted_into_the_next_row(sto
     now = [1000.0]
     store = Store(store_location)
     try:
-        audit = AuditLog(store, identity_budgets=IdentityBudgets(per_minute=2, clock=lambda: now[0]))
+        audit = AuditLog(store, chain_key=TEST_CHAIN_KEY, identity_budgets=IdentityBudgets(per_minute=2, clock=lambda: now[0]))
         recorded = [audit.record("renewal_refused", identity="default/gw", reason="x") for _ in range(5)]
         assert recorded == [True, True, False, False, False]
         # Another identity, and another event of the same identity, have budgets of their own.

@@ -21,7 +21,7 @@ from controller.registry import Identity, Registry  # noqa: E402
 from controller.store import Store, StoreUnavailable  # noqa: E402
 from controller.store_postgres import CONNECT_HOLDOFF_SECONDS, CONNECT_TIMEOUT_SECONDS  # noqa: E402
 from controller.watcher import StatusWatcher  # noqa: E402
-from tests.controller.harness import make_key, run, running_controller  # noqa: E402
+from tests.controller.harness import TEST_CHAIN_KEY, make_key, run, running_controller  # noqa: E402
 from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres, postgres_url  # noqa: E402, F401
 
 #: The promise for revocation, also once the store is back.
@@ -84,8 +84,8 @@ def test_a_stopped_server_is_refused_quickly_and_the_same_store_recovers_when_it
 def test_revocation_reaches_a_watcher_within_two_seconds_after_the_server_came_back(own_server: PostgresServer) -> None:
     url = own_server.create_database()
     store_a, store_b = Store(url), Store(url)
-    registry_a = Registry(store_a, AuditLog(store_a), "outpost.test")
-    registry_b = Registry(store_b, AuditLog(store_b), "outpost.test")
+    registry_a = Registry(store_a, AuditLog(store_a, chain_key=TEST_CHAIN_KEY), "outpost.test")
+    registry_b = Registry(store_b, AuditLog(store_b, chain_key=TEST_CHAIN_KEY), "outpost.test")
     with store_a.transaction() as db:
         registry_a.create_identity_in(db, "default", "gw", ())
     heard: list[tuple[float, Identity]] = []
