@@ -1,7 +1,9 @@
 """``outpost-controller backup`` and ``restore``: a data directory, copied whole, while the controller runs.
 
 A backup is a directory: the CA (``ca/``), the listener's certificate
-(``tls/``), the admin credential's hash and, for the SQLite store, a copy of
+(``tls/``), the admin credential's hash, the audit chain's key and the
+metrics credential (without the key, the restored audit trail could not be
+verified, nor continued as one chain), and, for the SQLite store, a copy of
 ``store.sqlite3`` made with SQLite's online backup API (a consistent
 snapshot, taken while the controller keeps writing; a file copy could catch
 a commit half-way). ``outpostctl.toml`` is left out: it holds the admin
@@ -23,13 +25,15 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from controller.audit_chain import KEY_FILE as AUDIT_KEY_FILE
 from controller.errors import StartupError
+from controller.metrics_server import METRICS_TOKEN_FILE
 from controller.settings import Settings
 from controller.store import Store
 from shared.fsutil import fsync_directory
 
 #: What a data directory holds besides the store, each copied as it is.
-KEPT = ("ca", "tls", "admin.hash")
+KEPT = ("ca", "tls", "admin.hash", AUDIT_KEY_FILE, METRICS_TOKEN_FILE)
 STORE_FILE = "store.sqlite3"
 #: Pages copied per step of the online backup: small steps let the running
 #: controller commit between them (SQLite restarts a step a writer disturbed).

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.audit_chain import KEY_FILE, rows_of, verify
 from controller.bootstrap import open_data_dir
 from controller.cli import main
 from controller.settings import Settings
@@ -42,6 +43,12 @@ def test_a_backup_restores_into_a_data_directory_with_every_row_and_the_same_ca(
     store = Store(tmp_path / "restored" / "store.sqlite3")
     try:
         assert [row["name"] for row in store.query("SELECT name FROM identities ORDER BY name")] == ["gw", "operator"]
+        # The restored trail verifies, with the key that came with it, and goes on as one chain.
+        key = (tmp_path / "restored" / KEY_FILE).read_bytes()
+        assert key == (data / KEY_FILE).read_bytes()
+        assert (tmp_path / "restored" / KEY_FILE).stat().st_mode & 0o777 == 0o600
+        report = verify(rows_of(store), key)
+        assert report.ok and report.chain_start == 1 and report.checked >= 1, report
     finally:
         store.close()
 
