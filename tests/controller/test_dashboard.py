@@ -167,3 +167,16 @@ def test_bad_filters_get_one_sentence_and_pages_forbid_foreign_assets(tmp_path: 
             assert status == 404
 
     run(scenario())
+
+
+def test_the_static_files_ship_in_the_wheel_and_the_deb() -> None:
+    import tomllib
+
+    from controller.dashboard.app import STATIC, STATIC_FILES
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["controller"]
+    shipped = {p.name for pattern in data for p in (root / "controller").glob(pattern)}
+    assert set(STATIC_FILES) <= shipped and all((STATIC / name).stat().st_size > 100 for name in STATIC_FILES)
+    # The controller's .deb installs the whole package directory, static files included.
+    assert "controller usr/lib/outpost-controller/" in (root / "packaging/debian/outpost-controller.install").read_text()
