@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import sqlite3
 import time
 from pathlib import Path
 
@@ -180,3 +181,34 @@ def test_the_static_files_ship_in_the_wheel_and_the_deb() -> None:
     assert set(STATIC_FILES) <= shipped and all((STATIC / name).stat().st_size > 100 for name in STATIC_FILES)
     # The controller's .deb installs the whole package directory, static files included.
     assert "controller usr/lib/outpost-controller/" in (root / "packaging/debian/outpost-controller.install").read_text()
+
+
+def test_what_the_audit_holds_is_shown_escaped_and_a_broken_chain_is_named(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.dashboard import app
+
+    monkeypatch.setattr(app, "VERIFY_REUSE_SECONDS", 0.0)
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            hostile = '<script>alert("x")</script><img src=//evil.example/x>'
+            ctl.context.audit.record("report_refused", identity="default/operator", reason=hostile)
+            _, _, cookies, _ = await login(ctl, ctl.admin_token)
+            status, text, _ = await get(ctl, "/ui/audit", cookies[COOKIE])
+            assert status == 200 and "<script>alert" not in text and "<img src=//evil" not in text
+            assert html.escape(hostile) in text and 'id="verification" class="verified"' in text
+            status, text, _ = await get(ctl, "/ui/gateway/default/operator", cookies[COOKIE])
+            assert status == 200 and html.escape(hostile) in text and "<script>alert" not in text
+            # Someone with the store edits a row: the page says the chain is broken, and where.
+            edit = sqlite3.connect(tmp_path / "ctl" / "store.sqlite3")  # as someone with the file would
+            try:
+                edit.executescript("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+                [(row_id,)] = edit.execute("SELECT MAX(id) FROM audit WHERE event = 'report_refused'").fetchall()
+                edit.execute("UPDATE audit SET fields = ? WHERE id = ?", ('{"reason": "nothing"}', row_id))
+                edit.commit()
+            finally:
+                edit.close()
+            status, text, _ = await get(ctl, "/ui/audit", cookies[COOKIE])
+            assert 'id="verification" class="broken"' in text and f"event {row_id}:" in text
+
+    run(scenario())
