@@ -163,7 +163,7 @@ class Dashboard:
     def _everywhere(person: Person | None, what: str) -> None:
         """Pages across tenants (the audit trail, connections, policies) need the role in every tenant."""
         if person is not None and holds(person.grants, ROLE, None) is None:
-            raise refusal(what, ROLE, None, tuple(g for g in person.grants if g.tenant is None))
+            raise refusal(f"{what} (across every tenant)", ROLE, None, person.grants)
 
     # Login and logout.
 

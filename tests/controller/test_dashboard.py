@@ -212,3 +212,26 @@ def test_what_the_audit_holds_is_shown_escaped_and_a_broken_chain_is_named(tmp_p
             assert 'id="verification" class="broken"' in text and f"event {row_id}:" in text
 
     run(scenario())
+
+
+def test_a_person_with_the_role_in_one_tenant_sees_that_tenants_gateways_only(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            await ctl.create_identity("gw-acme", tenant="acme")
+            await ctl.create_identity("gw-other", tenant="other")
+            people = ctl.context.signin.people  # type: ignore[union-attr]
+            _, token = people.sign_in(PROVIDER, {"sub": "3", "preferred_username": "cat", "exp": time.time() + 3600},
+                                      "t3", (Grant("auditor", "acme"),), 600, "127.0.0.1")
+            status, _, cookies, _ = await login(ctl, token)
+            assert status == 303
+            cookie = cookies[COOKIE]
+            status, text, _ = await get(ctl, "/ui/fleet", cookie)
+            assert status == 200 and "gw-acme" in text and "gw-other" not in text and ">operator<" not in text
+            status, text, _ = await get(ctl, "/ui/gateway/other/gw-other", cookie)
+            assert status == 404 and "There is no identity other/gw-other you may see" in error_of(text)
+            assert (await get(ctl, "/ui/gateway/acme/gw-acme", cookie))[0] == 200
+            status, text, _ = await get(ctl, "/ui/audit", cookie)
+            assert status == 403 and error_of(text) == ("Reading the audit log (across every tenant) needs the auditor "
+                                                        "role; you have auditor:acme.")
+
+    run(scenario())
