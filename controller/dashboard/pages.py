@@ -62,7 +62,8 @@ class FleetView:
     page: int = 1
 
     def query(self, **change: str) -> dict[str, str]:
-        values = {k: str(v) for k, v in dataclasses.asdict(dataclasses.replace(self, **change)).items()}  # type: ignore[arg-type]
+        """This view's query string parameters with ``change`` applied (defaults left out, for short links)."""
+        values = {k: str(v) for k, v in dataclasses.asdict(self).items()} | change
         return {k: v for k, v in values.items() if v and not (k == "page" and v == "1")}
 
 
