@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller.audit_chain import Verification
-from controller.audit_query import AuditFilter, audit_page
-from controller.connections import connections_page
+from controller.audit_query import AuditFilter, audit_page, event_json
+from controller.connections import IDS_PER_QUERY, connection_record, connections_page
 from controller.dashboard.render import ago, cell_json, esc, facts, link, options, table, when
 from controller.errors import bad_request
 from controller.fleet import PRESENCE_STATES, OwnView, fleet
@@ -32,6 +32,9 @@ FLEET_PAGE_ROWS = 500
 #: Connections and audit events on one page, and on a gateway's page.
 EVENTS_PAGE_ROWS = 100
 GATEWAY_RECENT_ROWS = 20
+#: Served dials read to find a gateway's (the audit names the dialer, not the gateway, in its
+#: indexed column): the newest this many, so a busy trail costs one bounded index range.
+SERVED_WINDOW = 5_000
 #: Decisions read to count each policy's: the newest this many (a count over a
 #: trail of millions would read it all on every refresh); the page says so.
 POLICY_COUNT_WINDOW = 50_000
@@ -223,10 +226,29 @@ def gateway_body(store: Store, identity: Identity, own: OwnView, tunnels: list[d
             + "<h3>Tunnels on this controller process</h3>"
             + table(("Connected since", "Remote", "Bound services", "Bytes in", "Bytes out"), tunnel_rows,
                     id_="tunnels")
+            + "<h3>Recent connections it served</h3>"
+            + table(CONNECTION_HEADERS, _connection_rows(served_by(store, identity.label)), id_="served")
             + "<h3>Recent connections it made</h3>"
             + table(CONNECTION_HEADERS, _connection_rows(connections["connections"]), id_="connections")
             + "<h3>Recent audit events naming it</h3>"
             + table(EVENT_HEADERS, _event_rows(events["events"]), id_="audit"))
+
+
+def served_by(store: Store, label: str, limit: int = GATEWAY_RECENT_ROWS) -> list[dict[str, Any]]:
+    """The newest dials ``label`` served as the gateway, among the newest ``SERVED_WINDOW`` served anywhere."""
+    rows = store.query("SELECT id, time, event, fields FROM audit WHERE event = 'dial_served' ORDER BY id DESC "
+                       "LIMIT ?", (SERVED_WINDOW,))
+    mine = [event for event in (event_json(row) for row in rows)
+            if event["fields"].get("gateway") == label and event["fields"].get("correlation")][:limit]
+    ids = [str(event["fields"]["correlation"]) for event in mine]
+    stories: dict[str, list[dict[str, Any]]] = {cid: [] for cid in ids}
+    for start in range(0, len(ids), IDS_PER_QUERY):
+        chunk = ids[start:start + IDS_PER_QUERY]
+        for row in store.query("SELECT id, time, event, fields FROM audit WHERE correlation IN "
+                               f"({', '.join('?' for _ in chunk)}) ORDER BY id", tuple(chunk)):
+            event = event_json(row)
+            stories[event["fields"]["correlation"]].append(event)
+    return [connection_record(cid, stories[cid], event["id"]) for cid, event in zip(ids, mine, strict=True)]
 
 
 def policy_counts(store: Store) -> tuple[Counter[int], int]:

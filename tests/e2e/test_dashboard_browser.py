@@ -115,6 +115,8 @@ def test_every_page_in_chromium(controller: Controller, echo_server: EchoServer,
         assert len(driver.find_elements(By.CSS_SELECTOR, "#tunnels tbody tr")) == 1
         assert "telemetry" in driver.find_element(By.ID, "tunnels").text
         assert "enrollment" in driver.find_element(By.ID, "audit").text
+        served = driver.find_element(By.ID, "served").text  # the dial central made, served by site-a
+        assert dial["id"] in served and "default/central" in served
         screenshot(driver, shots, "gateway")
         # Connections: the dial, through its policy, with its bytes.
         driver.find_element(By.LINK_TEXT, "Connections").click()
