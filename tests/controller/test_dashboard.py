@@ -9,6 +9,7 @@ import asyncio
 import html
 import re
 import sqlite3
+import ssl
 import time
 from pathlib import Path
 
@@ -233,5 +234,41 @@ def test_a_person_with_the_role_in_one_tenant_sees_that_tenants_gateways_only(tm
             status, text, _ = await get(ctl, "/ui/audit", cookie)
             assert status == 403 and error_of(text) == ("Reading the audit log (across every tenant) needs the auditor "
                                                         "role; you have auditor:acme.")
+
+    run(scenario())
+
+
+def test_a_login_form_sent_one_byte_a_second_is_cut_off_at_the_body_deadline(tmp_path: Path) -> None:
+    from controller.listener import ListenerLimits
+    from tests.controller.test_listener_guard import (
+        LATE,
+        TRICKLE_INTERVAL,
+        TRICKLE_MAX_LINES,
+        closed_within,
+        tls_client,
+    )
+
+    short = ListenerLimits(handshake_deadline=3.0, head_deadline=3.0, body_deadline=3.0)
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", limits=short) as ctl:
+            reader, writer = await tls_client(ctl)
+            writer.write(b"POST /ui/login HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nt")
+            started = asyncio.get_running_loop().time()
+            closed_after = None
+            for _ in range(TRICKLE_MAX_LINES):
+                if await closed_within(reader, TRICKLE_INTERVAL):
+                    closed_after = asyncio.get_running_loop().time() - started
+                    break
+                try:
+                    writer.write(b"o")
+                    await writer.drain()
+                except (ConnectionError, ssl.SSLError):
+                    closed_after = asyncio.get_running_loop().time() - started
+                    break
+            writer.close()
+            assert closed_after is not None, "a trickling login was never cut off"
+            assert short.body_deadline - 0.5 <= closed_after <= short.body_deadline + LATE
 
     run(scenario())
