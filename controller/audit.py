@@ -87,6 +87,8 @@ EVENTS = frozenset(
         "dial_served",
         "dial_failed",
         "dial_closed",
+        "dashboard_login",
+        "dashboard_logout",
     }
 )
 #: One audit event, before it is written: (event, fields).

@@ -30,6 +30,7 @@ from controller.blocking import API_POOL
 from controller.bootstrap import listener_cert_lifetimes, server_names
 from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
+from controller.dashboard.app import Dashboard
 from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.fleet_api import FleetApi
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
@@ -186,6 +187,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         PolicyExplainApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
         AuditApi(context).add_routes(app)
+        Dashboard(context, relay).add_routes(app)
     elif gateway:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(

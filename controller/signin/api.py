@@ -99,7 +99,19 @@ async def _admin(request: web.Request, context: ControllerContext, service: Sign
     request[ACTOR_KEY] = Actor(kind="admin", name="admin", role="admin", remote=_remote(request))
 
 
-async def _person(request: web.Request, service: SigninService, bearer: str) -> None:
+async def authenticate(request: web.Request, context: ControllerContext, bearer: str) -> Person | None:
+    """Who holds ``bearer``: a person (with their grants), or None for the admin credential.
+
+    Refused exactly as the API refuses (and audited the same way); the caller checks the role it needs.
+    """
+    service = signin_of(context)
+    if bearer.startswith(SESSION_PREFIX):
+        return await _session_person(service, bearer, _remote(request))
+    await _admin(request, context, service, bearer)
+    return None
+
+
+async def _session_person(service: SigninService, bearer: str, remote: str) -> Person:
     person = service.people.session(bearer)
     if person is None:
         state = service.people.session_state(bearer)
@@ -108,8 +120,13 @@ async def _person(request: web.Request, service: SigninService, bearer: str) -> 
             "ended": "You signed out of this session; sign in again with outpostctl login.",
             "blocked": "Your identity was revoked or disabled, which ended this session; ask an admin.",
         }.get(state, "This session is not known here; sign in again with outpostctl login."))
-        await API_POOL.run(service.refuse, error, None, _remote(request))
+        await API_POOL.run(service.refuse, error, None, remote)
         raise error
+    return person
+
+
+async def _person(request: web.Request, service: SigninService, bearer: str) -> None:
+    person = await _session_person(service, bearer, _remote(request))
     request[PERSON_KEY] = person
     if request.match_info.http_exception is not None:
         # No such route (404) or method (405): the router says so, as it does to the admin credential.

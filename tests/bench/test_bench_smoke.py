@@ -199,6 +199,8 @@ def test_fleet_view_reports_list_time_and_presence_writes() -> None:
     ethernet, metered = found["presence_writes"]
     assert ethernet["rows_per_minute"] > metered["rows_per_minute"] > 0
     assert ethernet["transactions_per_minute"] == 2.0
+    assert found["dashboard_fleet_page_s_median"] > 0 and found["dashboard_fleet_page_bytes"] > 0
+    assert isinstance(found["dashboard_goal_met"], bool)
 
 
 def test_satellite_reports_both_directions_next_to_direct_tcp() -> None:

@@ -1,0 +1,1 @@
+"""The web dashboard (``/ui/``) on the management listener: server-rendered pages, nothing from the Internet."""
