@@ -87,6 +87,11 @@ EVENTS = frozenset(
         "dial_served",
         "dial_failed",
         "dial_closed",
+        "relay_added",
+        "relay_enrolled",
+        "relay_renewed",
+        "relay_refused",
+        "relay_retired",
     }
 )
 #: One audit event, before it is written: (event, fields).

@@ -20,6 +20,10 @@ SCHEMA_DIGESTS = {
     1: "4f4e2b010f4fb442f79846bc6f7b2622142c75acaee6a592281461f50c5f9272",
     # Presence (controller/presence.py) and people's sign-in (controller/signin/).
     2: "fdfec4f98a5c10ba106f1f434f8273b6f6898e2f0ce998fe7951071da6b27838",
+    # The audit trail's correlation ids and hash chain.
+    3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
+    # Relays as their own processes (controller/relays.py).
+    4: "41602f29252c2157ded34aeadc0faccf91fc8a80529ccf4b4433e31a2a2f09b0",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
