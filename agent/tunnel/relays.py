@@ -3,7 +3,11 @@
 The controller names its relays at enrollment and again in every AUTH_OK.
 A relay that cannot be reached is left for the next one in the list; a tunnel
 that was up and then dropped is retried on the same relay first, since a drop
-is far more often the path (a NAT, a handover) than the relay.
+is far more often the path (a NAT, a handover) than the relay. While some
+relay of the list has not failed since the last tunnel was up, the next one
+is tried after a short jitter rather than the backoff (``untried``): a relay
+that went away costs its gateways one failed attempt, not a growing wait.
+Once every relay failed in a row, the backoff applies.
 """
 
 from __future__ import annotations
@@ -35,14 +39,25 @@ class RelayRotation:
             raise ValueError("at least one relay is needed")
         self.relays = list(dict.fromkeys(relays))
         self.index = 0
+        #: connect failures in a row since the last tunnel was up
+        self.failed_in_row = 0
 
     def current(self) -> str:
         return self.relays[self.index % len(self.relays)]
 
     def connect_failed(self) -> str:
         """The relay could not be reached or refused the upgrade: move on to the next one."""
+        self.failed_in_row += 1
         self.index = (self.index + 1) % len(self.relays)
         return self.current()
+
+    @property
+    def untried(self) -> bool:
+        """Whether some relay of the list has not failed since the last tunnel was up."""
+        return self.failed_in_row < len(self.relays)
+
+    def tunnel_up(self) -> None:
+        self.failed_in_row = 0
 
     def tunnel_dropped(self) -> str:
         """An established tunnel ended: try the same relay again first."""
