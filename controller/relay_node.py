@@ -38,7 +38,7 @@ from controller.enrollment import Enrollment
 from controller.errors import StartupError
 from controller.policy import PolicyEngine
 from controller.registry import Registry
-from controller.relays import ACTIVE, RELAY_HEARTBEAT_INTERVAL, RelayBook, read_token, relay_url
+from controller.relays import ACTIVE, RELAY_HEARTBEAT_INTERVAL, RELAY_LIST_REFRESH, RelayBook, read_token, relay_url
 from controller.renewal import Renewal
 from controller.settings import Settings
 from controller.store import Store, StoreUnavailable
@@ -222,12 +222,17 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
     book = RelayBook(context.store, context.ca, context.audit, context.settings.cert_lifetime)
     started = time.time()
     next_renewal = renewal_due(context.server_certificate_der)
+    last_beat = 0.0
     while True:
+        status: str | None = ACTIVE
         try:
-            status = await RELAY_POOL.run(book.heartbeat, identity.name, tunnels(), started)
+            if time.monotonic() - last_beat >= RELAY_HEARTBEAT_INTERVAL:
+                status = await RELAY_POOL.run(book.heartbeat, identity.name, tunnels(), started)
+                last_beat = time.monotonic()
+            # The list AUTH_OK hands out replaces the agent's: it names a relay that just started at once.
             live = await RELAY_POOL.run(book.live)
         except StoreUnavailable:
-            status, live = ACTIVE, []  # tunnels carry on; the next beat tries again
+            live = []  # tunnels carry on; the next turn tries again
         if status != ACTIVE:
             retired(f"relay {identity.name} is {status or 'no longer in the store'}")
             return
@@ -243,5 +248,5 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
                 log.error("renewing the relay's certificate failed (%s); trying again in %g s", error,
                           RENEW_RETRY_SECONDS)
                 next_renewal = time.time() + RENEW_RETRY_SECONDS
-        await asyncio.sleep(RELAY_HEARTBEAT_INTERVAL)
+        await asyncio.sleep(RELAY_LIST_REFRESH)
 

@@ -25,7 +25,10 @@ class RelaysApi:
 
     def __init__(self, context: ControllerContext) -> None:
         self.context = context
-        self.book = relay_book(context)
+
+    @property
+    def book(self) -> RelayBook:
+        return relay_book(self.context)
 
     def add_gateway_routes(self, app: web.Application) -> None:
         app.router.add_post(RELAY_ENROLL_PATH, self.enroll)
