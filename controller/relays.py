@@ -213,9 +213,17 @@ class RelayBook:
         return result
 
     def live(self) -> list[tuple[str, int]]:
-        """(URL, tunnels) of every enrolled relay with a fresh heartbeat, the least loaded first."""
+        """(URL, tunnels) of every enrolled relay with a fresh heartbeat, the least loaded first.
+
+        When none has one (every relay restarting, or one enrolled a moment
+        ago that has not beaten yet), every enrolled relay: an agent with a
+        list to try comes back by itself, one with an empty list cannot run.
+        """
         rows = self.store.query("SELECT address, tunnels FROM relays WHERE status = ? AND heartbeat_at >= ? "
                                 "ORDER BY tunnels, name", (ACTIVE, time.time() - RELAY_STALE_AFTER))
+        if not rows:
+            rows = self.store.query("SELECT address, tunnels FROM relays WHERE status = ? "
+                                    "ORDER BY heartbeat_at DESC, name", (ACTIVE,))
         return [(relay_url(row["address"]), int(row["tunnels"])) for row in rows]
 
 

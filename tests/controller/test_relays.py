@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controller.ca import relay_uri
 from controller.relay.admit import AdmissionRefused, admit
 from controller.relays import SPREAD_BAND, read_token, relay_loads, spread
+from controller.relays_api import relay_book
 from shared.tunnel.auth import sign_challenge
 from tests.controller.harness import make_csr, make_key, run, running_controller
 
@@ -73,9 +74,14 @@ def test_a_relay_enrolls_once_and_its_certificate_never_acts_as_a_gateway(tmp_pa
             status, refused = await running.call("POST", "/v1/relays/renew", {"csr": make_csr(gateway_key, "gw")},
                                                  admin=False)
             assert status == 403 and refused["error"] == "relay_refused"
+            # Enrolled, not started yet: named anyway while no relay is live (an empty list strands agents).
+            url = "wss://127.0.0.1:9443/v1/tunnel"
+            assert relay_book(running.context).live() == [(url, 0)]
+            relay_book(running.context).heartbeat("r1", 3, 0.0)
+            assert relay_book(running.context).live() == [(url, 3)]
             status, listed = await running.call("GET", "/api/v1/relays")
-            assert [(r["name"], r["status"], r["health"]) for r in listed["relays"]] == [
-                ("r1", "active", "never started")]
+            assert [(r["name"], r["status"], r["health"], r["tunnels"]) for r in listed["relays"]] == [
+                ("r1", "active", "live", 3)]
             # Retired: renewal refused from now on.
             status, _ = await running.call("POST", "/api/v1/relays/r1/retire")
             assert status == 200

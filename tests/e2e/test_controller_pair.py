@@ -26,6 +26,8 @@ def test_killing_one_controller_of_a_pair_leaves_enrollment_renewal_and_the_api_
             pair.append(RoleController(data, "controller", port, "--advertise", front.url))
         first, second = pair
         relay = RelayProcess(second, tmp_path, "r1")
+        wait_until(lambda: json.loads(first.ctl("relay", "list", "--json").stdout)["relays"][0]["health"] == "live",
+                   what="the relay's heartbeat")
         state = enroll_gateway(first, tmp_path, "gw-a")
         assert json.loads((state / "identity.json").read_text())["controller_url"] == front.url
         agent = start_agent(tmp_path, "gw-a", state)
