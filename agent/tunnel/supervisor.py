@@ -43,10 +43,10 @@ class TunnelSupervisor:
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
                  write_status: Callable[[dict[str, Any]], None] | None = None, backoff: Backoff | None = None,
                  save_relays: Callable[[list[str]], None] | None = None,
-                 gate: DisabledGate | None = None) -> None:
+                 gate: DisabledGate | None = None, prefer_relays: tuple[str, ...] = ()) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
-        self.rotation = RelayRotation(relays)
+        self.rotation = RelayRotation(relays, prefer_relays)
         self.credentials = credentials
         self.options = options
         self.backoff = backoff or Backoff()

@@ -56,3 +56,13 @@ def test_the_next_relay_is_untried_until_every_relay_failed_in_a_row() -> None:
     single = RelayRotation([A])
     single.connect_failed()
     assert not single.untried  # one relay: always the backoff
+
+
+def test_preferred_relays_come_first_in_every_list_the_controller_sends() -> None:
+    eu, us = "wss://relay-eu.example:443/v1/tunnel", "wss://relay-us.example/v1/tunnel"
+    rotation = RelayRotation([A, us, eu], prefer=("relay-eu.example:443", "relay-us.example"))
+    assert rotation.relays == [eu, us, A] and rotation.current() == eu
+    # A working tunnel stays first; the preferred ones follow it, then the controller's order.
+    rotation.refresh([A, B, us, eu], connected=A)
+    assert rotation.relays == [A, eu, us, B]
+    assert RelayRotation([A, B], prefer=("elsewhere.example",)).relays == [A, B]
