@@ -35,13 +35,13 @@ from controller.blocking import RELAY_POOL
 from controller.ca import CertificateAuthority, certificate_fingerprint, not_after_of, not_before_of
 from controller.context import ControllerContext
 from controller.enrollment import Enrollment
-from controller.errors import StartupError
+from controller.errors import ControllerError, StartupError
 from controller.policy import PolicyEngine
 from controller.registry import Registry
 from controller.relays import ACTIVE, RELAY_HEARTBEAT_INTERVAL, RELAY_LIST_REFRESH, RelayBook, read_token, relay_url
 from controller.renewal import Renewal
 from controller.settings import Settings
-from controller.store import Store, StoreUnavailable
+from controller.store import Store
 from controller.tokens import TokenAuthority
 from shared.fsutil import atomic_write, ensure_private_dir
 
@@ -231,8 +231,9 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
                 last_beat = time.monotonic()
             # The list AUTH_OK hands out replaces the agent's: it names a relay that just started at once.
             live = await RELAY_POOL.run(book.live)
-        except StoreUnavailable:
-            live = []  # tunnels carry on; the next turn tries again
+        except ControllerError as error:  # the store away, the workers busy: tunnels carry on
+            log.warning("relay heartbeat not written (%s); trying again", error.message)
+            live = []
         if status != ACTIVE:
             retired(f"relay {identity.name} is {status or 'no longer in the store'}")
             return

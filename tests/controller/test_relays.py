@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controller.ca import relay_uri
+from controller.ca import public_key_sha256, relay_uri
+from controller.errors import StartupError
 from controller.relay.admit import AdmissionRefused, admit
 from controller.relays import SPREAD_BAND, read_token, relay_loads, spread
 from controller.relays_api import relay_book
@@ -127,3 +128,52 @@ def test_the_ca_of_a_relay_process_signs_nothing(tmp_path: Path) -> None:
     key = make_key().public_key()
     with pytest.raises(ValueError, match="holds no CA key"):
         public.issue(key, "gw", "default", 60)
+
+
+def test_a_relay_renews_its_certificate_by_its_key_and_a_retired_one_stops(tmp_path: Path) -> None:
+    import asyncio
+
+    from controller import relay_node
+    from controller.relays import make_token
+    from controller.settings import Settings
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c") as running:
+            status, added = await running.call("POST", "/api/v1/relays", {"name": "r1", "address": "127.0.0.1:9443"})
+            assert status == 201
+            token_file = tmp_path / "r1.token"
+            token_file.write_text(added["token"])
+            settings = Settings(data_dir=tmp_path / "relay", store_file=running.context.settings.store_path,
+                                role="relay", enroll_token=token_file)
+            identity = await asyncio.to_thread(relay_node.enroll, settings, token_file)
+            assert identity.controllers == (running.url,)
+            first = settings.server_cert_path.read_bytes()
+            renewed = await asyncio.to_thread(relay_node.renew, settings, identity)
+            assert settings.server_cert_path.read_bytes() != first
+            # The same key (compared by its digest: cryptography 38's keys have no ==).
+            assert public_key_sha256(renewed.public_key()) == public_key_sha256(  # type: ignore[arg-type]
+                x509.load_pem_x509_certificate(first).public_key())
+            # A token naming another CA is refused before anything is written.
+            other = tmp_path / "other.token"
+            body = read_token(added["token"])
+            other.write_text(make_token(running.url, "sha256:" + "0" * 64, "r2", body["secret"]))
+            with pytest.raises(StartupError, match="not the one the token names"):
+                await asyncio.to_thread(relay_node.enroll, Settings(data_dir=tmp_path / "r2"), other)
+            assert not (tmp_path / "r2").exists()
+            # Running: the heartbeat sees the retirement and says so; the loop ends.
+            context, _ = relay_node.open_relay(settings)
+            try:
+                told: list[str] = []
+                task = asyncio.ensure_future(relay_node.run_relay_node(context, identity, lambda: 0, lambda c: None,
+                                                                       told.append))
+                await asyncio.sleep(0.3)
+                assert relay_book(running.context).all_relays()[0]["health"] == "live"
+                status, _ = await running.call("POST", "/api/v1/relays/r1/retire")
+                await asyncio.wait_for(task, 15)
+                assert told == ["relay r1 is retired"]
+            finally:
+                context.close()
+            with pytest.raises(StartupError, match="Relay r1 was retired"):
+                relay_node.open_relay(settings)
+
+    run(scenario())
