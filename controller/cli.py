@@ -211,6 +211,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     config = read_config(args.config) if args.config else {}
     if args.enroll_token and args.role != "relay":
         raise UsageError("--enroll-token is for --role relay; leave it out.")
+    if args.role == "relay" and args.api_listen:
+        raise UsageError("--role relay serves no management API; leave --api-listen out (operators use a controller).")
+    if args.role == "relay" and not (args.store or config.get("store")):
+        raise UsageError("--role relay needs the controller's store: --store postgresql://... (or the controller's "
+                         "DIR/store.sqlite3 on the same machine).")
     store = args.store if args.store is not None else config.get("store")
     host, port = parse_listen(args.listen)
     api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)

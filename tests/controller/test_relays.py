@@ -177,3 +177,35 @@ def test_a_relay_renews_its_certificate_by_its_key_and_a_retired_one_stops(tmp_p
                 relay_node.open_relay(settings)
 
     run(scenario())
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--role", "relay"], "--role relay needs the controller's store"),
+    (["--role", "relay", "--store", "/nonexistent/store.sqlite3"], "is not a URL, nor an existing SQLite store file"),
+    (["--role", "relay", "--api-listen", "127.0.0.1:0", "--store", "postgresql://x@localhost/x"],
+     "--role relay serves no management API"),
+    (["--role", "controller", "--enroll-token", "t"], "--enroll-token is for --role relay"),
+    (["--role", "router"], "invalid choice"),
+])
+def test_a_role_given_what_it_cannot_use_is_refused_in_one_line_and_nothing_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    from controller.cli import main
+    from shared.errors import EXIT_USAGE
+
+    code = main(["serve", "--data", str(tmp_path / "relay"), "--listen", "127.0.0.1:0", *argv])
+    error = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE and says in error and "\n" not in error, error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relay_without_a_token_or_an_enrolled_data_directory_says_how_to_enroll(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from controller.cli import main
+
+    store = tmp_path / "store.sqlite3"
+    store.write_bytes(b"")
+    code = main(["serve", "--role", "relay", "--data", str(tmp_path / "relay"), "--listen", "127.0.0.1:0",
+                 "--store", str(store)])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and "holds no enrolled relay; start it once with --enroll-token FILE" in error, error
+    assert not (tmp_path / "relay").exists()
