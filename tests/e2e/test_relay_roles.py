@@ -78,6 +78,12 @@ def test_a_relay_of_its_own_carries_the_tunnels_with_no_ca_key_and_stops_once_re
         assert http_status(relay_base + "/api/v1/status", ca) == 404  # a relay serves no management API
         assert http_status(relay_base + "/v1/enroll", ca, "POST") == 404  # nor enrollment: it cannot sign
 
+        # A revocation at the controller closes the tunnel the relay process holds (the store's poll).
+        controller.ctl("identity", "revoke", "central")
+        wait_until(lambda: "revoked" in (read_status(dial_state).get("last_error") or ""), timeout=10,
+                   what="central's tunnel closed as revoked by the relay")
+        assert read_status(host_state)["state"] == "connected"
+
         # Retired: the relay closes its tunnels and stops; a restart is refused in one sentence.
         controller.ctl("relay", "retire", "r1")
         relay.process.proc.wait(30)
