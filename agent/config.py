@@ -18,6 +18,7 @@ Example::
     proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy for every outbound connection
                                       # (user:password@ allowed); unset = HTTPS_PROXY
     no_proxy = ["relay.corp.lan"]     # hosts reached directly; unset = NO_PROXY
+    prefer_relays = ["relay-eu-1.example.net"]  # tried first; unset = the controller's order
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -55,6 +56,7 @@ from agent.errors import ConfigError
 from agent.identity.select import BACKENDS, DEFAULT_TCTI, KeyStoreSettings
 from agent.proxy import DIRECT, ProxySettings, environment_proxy, proxy_problem
 from agent.tunnel.link_profiles import plan_from_settings
+from agent.tunnel.relays import MAX_RELAYS
 from shared.event_loop import EVENT_LOOPS
 from shared.protocol.limits import MAX_BIND_SERVICES
 
@@ -86,7 +88,7 @@ ENROLLMENT_KEYS = {"token_paths"}
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
-             "reconnect_max", "stable_after", "proxy", "no_proxy"}
+             "reconnect_max", "stable_after", "proxy", "no_proxy", "prefer_relays"}
 #: Relays reached without the proxy: a few hosts or networks; more is a pasted file.
 MAX_NO_PROXY = 64
 BIND_KEYS = {"service", "target"}
@@ -123,6 +125,8 @@ class LinkSettings:
     reconnect_initial: float | None = None
     reconnect_max: float | None = None
     stable_after: float | None = None
+    #: ``prefer_relays``: host names (or HOST:PORT) of relays tried first, in this order (agent/tunnel/relays.py).
+    prefer_relays: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,12 +285,22 @@ class _Parser:
             reconnect_initial=self.seconds(table, "reconnect_initial"),
             reconnect_max=self.seconds(table, "reconnect_max"),
             stable_after=self.seconds(table, "stable_after"),
+            prefer_relays=self.prefer_relays(table),
         )
         try:
             plan_from_settings(settings)  # the numbers must also make sense together
         except ConfigError as error:
             raise ConfigError(f"{self.path}: [link] {error}") from None
         return settings
+
+    def prefer_relays(self, table: dict[str, Any]) -> tuple[str, ...]:
+        value = table.get("prefer_relays", [])
+        if (not isinstance(value, list) or len(value) > MAX_RELAYS
+                or not all(isinstance(e, str) and e.strip() and not any(c.isspace() or c == "/" for c in e.strip())
+                           for e in value)):
+            raise self.fail("link.prefer_relays", f"must be a list of at most {MAX_RELAYS} relay host names (or "
+                            "HOST:PORT) in quotes, e.g. [\"relay-eu-1.example.net\"]")
+        return tuple(e.strip().lower() for e in value)
 
     def proxy(self, table: dict[str, Any]) -> ProxySettings:
         url = None

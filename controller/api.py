@@ -17,6 +17,7 @@ from controller.enrollment import Issued
 from controller.errors import BodyRefused, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
+from controller.relays import relays_for
 from controller.signin.api import person_label, require_tenant, signin_of, tenant_scope
 from controller.tokens import check_ttl
 
@@ -72,7 +73,7 @@ def issued_json(context: ControllerContext, issued: Issued) -> dict[str, Any]:
         "identity": issued.identity.uri,
         "name": issued.identity.name,
         "tenant": issued.identity.tenant,
-        "relays": list(context.relay_urls),
+        "relays": relays_for(context, issued.identity.uri),
         "not_after": issued.not_after,
     }
 

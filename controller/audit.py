@@ -89,6 +89,11 @@ EVENTS = frozenset(
         "dial_closed",
         "dashboard_login",
         "dashboard_logout",
+        "relay_added",
+        "relay_enrolled",
+        "relay_renewed",
+        "relay_refused",
+        "relay_retired",
     }
 )
 #: One audit event, before it is written: (event, fields).

@@ -70,7 +70,8 @@ class CertificateAuthority:
     """The CA certificate and key, loaded from or created in ``ca/``."""
 
     certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey
+    #: None in a relay process (``--role relay``): it verifies with the CA certificate and signs nothing.
+    private_key: ec.EllipticCurvePrivateKey | None
     #: The SPIFFE trust domain written into every identity certificate.
     trust_domain: str = DEFAULT_TRUST_DOMAIN
 
@@ -81,6 +82,18 @@ class CertificateAuthority:
     @property
     def fingerprint(self) -> str:
         return certificate_fingerprint(self.certificate)
+
+    @property
+    def signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The CA's private key; a relay process holds none, and nothing there may sign."""
+        if self.private_key is None:
+            raise ValueError("this process holds no CA key (a relay): certificates are issued by a controller")
+        return self.private_key
+
+    @classmethod
+    def public_only(cls, cert_path: Path, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> CertificateAuthority:
+        """The CA as a relay knows it: the certificate alone."""
+        return cls(x509.load_pem_x509_certificate(cert_path.read_bytes()), None, trust_domain)
 
     @classmethod
     def create(cls, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> CertificateAuthority:
@@ -122,7 +135,7 @@ class CertificateAuthority:
 
     def save(self, cert_path: Path, key_path: Path) -> None:
         ensure_private_dir(cert_path.parent)
-        atomic_write(key_path, _private_key_pem(self.private_key), mode=0o600)
+        atomic_write(key_path, _private_key_pem(self.signing_key), mode=0o600)
         atomic_write(cert_path, self.certificate_pem.encode("ascii"), mode=0o644)
 
     def _builder(
@@ -148,7 +161,7 @@ class CertificateAuthority:
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.private_key.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_key.public_key()), critical=False
             )
         )
 
@@ -185,7 +198,7 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(self.private_key, hashes.SHA256())
+            .sign(self.signing_key, hashes.SHA256())
         )
 
     def issue_server(self, public_key: ec.EllipticCurvePublicKey, names: list[str],
@@ -196,8 +209,33 @@ class CertificateAuthority:
             self._builder(subject, public_key, lifetime)
             .add_extension(x509.SubjectAlternativeName(general_names(names)), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(self.private_key, hashes.SHA256())
+            .sign(self.signing_key, hashes.SHA256())
         )
+
+
+    def issue_relay(self, public_key: ec.EllipticCurvePublicKey, name: str, host: str,
+                    lifetime: int | float) -> x509.Certificate:
+        """A relay's certificate: its listener (serverAuth for ``host``) and its identity as a relay.
+
+        The URI ``spiffe://<domain>/_relay/<name>`` can never name an identity
+        (``_`` is not allowed in a tenant), so a relay's certificate presented
+        on a tunnel is refused like any stranger's.
+        """
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "relay"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        sans: list[x509.GeneralName] = [*general_names([host]),
+                                        x509.UniformResourceIdentifier(relay_uri(self.trust_domain, name))]
+        return (
+            self._builder(subject, public_key, datetime.timedelta(seconds=lifetime))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self.signing_key, hashes.SHA256())
+        )
+
+
+def relay_uri(trust_domain: str, name: str) -> str:
+    """What names a relay in its certificate; never an identity's URI."""
+    return f"spiffe://{trust_domain}/_relay/{name}"
 
 
 def general_names(names: list[str]) -> list[x509.GeneralName]:

@@ -33,6 +33,7 @@ from controller.settings import (
     DEFAULT_RECOVERY_GRACE,
     DEFAULT_TOKEN_TTL,
     DEFAULT_TRUST_DOMAIN,
+    ROLES,
     Settings,
     host_port,
 )
@@ -127,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a TOML file with settings; a flag given on the command line wins "
                                         f"(keys: {', '.join(sorted(CONFIG_KEYS))}; identity providers in "
                                         "[[signin.provider]], docs/people.md)")
+    serve.add_argument("--role", choices=ROLES, default="all",
+                       help="all: controller and relay in one process (default); controller: enrollment, renewal "
+                            "and the management API, no tunnels; relay: tunnels only, no CA key (docs/deployment.md)")
+    serve.add_argument("--enroll-token", help="--role relay: the token file of outpostctl relay add, redeemed at "
+                                              "the first start")
     serve.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                        help="auto: uvloop where installed (less memory per connection), else asyncio")
     admin = commands.add_parser("admin-token", help="the management API's admin credential")
@@ -171,12 +177,20 @@ def signin_settings(config: dict[str, Any], base: Path) -> SigninSettings:
     return parse_config({key: config[key] for key in SIGNIN_KEYS if key in config}, base)
 
 
-def parse_store(value: str) -> str:
-    """A ``postgresql://`` URL libpq can read; otherwise one sentence (nothing is opened or created here)."""
+def parse_store(value: str) -> str | Path:
+    """A ``postgresql://`` URL libpq can read, or an existing SQLite store file; otherwise one sentence.
+
+    A file is another process's store on this machine (a relay beside its
+    controller, docs/deployment.md); nothing is opened or created here.
+    """
     from controller.store import StoreLocationError, is_url
 
     if not is_url(value):
-        raise UsageError(f"--store {value!r} is not a URL; give postgresql://USER@HOST/DATABASE, or leave --store "
+        path = Path(value)
+        if path.is_absolute() and path.is_file():
+            return path
+        raise UsageError(f"--store {value!r} is not a URL, nor an existing SQLite store file (an absolute path); "
+                         "give postgresql://USER@HOST/DATABASE, the controller's DIR/store.sqlite3, or leave --store "
                          "out for the SQLite file in the data directory.")
     try:
         from controller.store_postgres import check_url
@@ -189,8 +203,19 @@ def parse_store(value: str) -> str:
     return check_url(value)
 
 
+def store_setting(store: str | Path | None) -> dict[str, Any]:
+    return {"store_file": store} if isinstance(store, Path) else {"store_url": store}
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     config = read_config(args.config) if args.config else {}
+    if args.enroll_token and args.role != "relay":
+        raise UsageError("--enroll-token is for --role relay; leave it out.")
+    if args.role == "relay" and args.api_listen:
+        raise UsageError("--role relay serves no management API; leave --api-listen out (operators use a controller).")
+    if args.role == "relay" and not (args.store or config.get("store")):
+        raise UsageError("--role relay needs the controller's store: --store postgresql://... (or the controller's "
+                         "DIR/store.sqlite3 on the same machine).")
     store = args.store if args.store is not None else config.get("store")
     host, port = parse_listen(args.listen)
     api_host, api_port = parse_listen(args.api_listen, "--api-listen") if args.api_listen else (None, None)
@@ -220,7 +245,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_listen_host=metrics_host,
         metrics_listen_port=metrics_port,
         signin=signin_settings(config, Path(args.config).parent) if args.config else SigninSettings(),
-        store_url=parse_store(store) if store else None,
+        **store_setting(parse_store(store) if store else None),
+        role=args.role,
+        enroll_token=Path(args.enroll_token).absolute() if args.enroll_token else None,
         limits=dataclasses.replace(
             ListenerLimits(),
             max_unauthenticated=check_range("--max-unauthenticated", args.max_unauthenticated,
@@ -246,13 +273,19 @@ async def serve(settings: Settings) -> None:
             int(listener.getsockname()[1]),
             int(api_listener.getsockname()[1]) if api_listener is not None else None,
         )
-        context = open_data_dir(settings)
+        relay_identity = None
+        if settings.role == "relay":
+            from controller.relay_node import open_relay
+
+            context, relay_identity = open_relay(settings)
+        else:
+            context = open_data_dir(settings)
     except BaseException:
         listener.close()
         if api_listener is not None:
             api_listener.close()
         raise
-    server = ControllerServer(context, listener, api_listener)
+    server = ControllerServer(context, listener, api_listener, relay_identity)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -263,13 +296,22 @@ async def serve(settings: Settings) -> None:
         if server.metrics_port is not None:
             api += (f"; metrics on https://{host_port(settings.metrics_listen_host or '', server.metrics_port)}"
                     f"/metrics for the bearer of {settings.data_dir / 'metrics.token'}")
-        print(
-            f"outpost-controller ready on {settings.base_url} (CA {context.ca.fingerprint}; "
-            f"outpostctl config: {settings.outpostctl_config_path}){api}",
-            flush=True,
-        )
+        if relay_identity is not None:
+            print(f"outpost-controller ready on {settings.base_url} as relay {relay_identity.name} "
+                  f"(gateways reach it at {relay_identity.address}; CA {context.ca.fingerprint})", flush=True)
+        else:
+            print(
+                f"outpost-controller ready on {settings.base_url} (CA {context.ca.fingerprint}; "
+                f"outpostctl config: {settings.outpostctl_config_path}){api}"
+                + ("; no tunnels here (--role controller)" if settings.role == "controller" else ""),
+                flush=True,
+            )
         logging.getLogger(__name__).info("running on the %s event loop", running_loop_name())
-        await stop.wait()
+        retired = loop.create_task(server.retired.wait())
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait((retired, stopped), return_when=asyncio.FIRST_COMPLETED)
+        retired.cancel()
+        stopped.cancel()
     finally:
         await server.stop()
         context.close()

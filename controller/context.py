@@ -35,6 +35,8 @@ class ControllerContext:
     server_certificate_der: bytes
     #: ``wss://HOST:PORT/v1/tunnel`` URLs handed to enrolling agents.
     relay_urls: list[str] = field(default_factory=list)
+    #: (URL, tunnels) of every live relay, the least loaded first, refreshed by heartbeat (controller/relays.py).
+    relay_loads: list[tuple[str, int]] = field(default_factory=list)
     #: The management API credential's hash (compared in constant time; the plaintext is not here).
     admin: AdminCredential | None = field(default=None, repr=False)
     #: DER of the listener certificate replaced by the last renewal: a tunnel whose TLS handshake

@@ -38,6 +38,9 @@ from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
 from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
+from controller.relay_node import RelayIdentity, run_relay_node
+from controller.relays import RELAY_LIST_REFRESH, relay_loads
+from controller.relays_api import RelaysApi, relay_book
 from controller.settings import host_port
 from controller.signin.api import SigninApi, management_auth
 from controller.signin.service import SigninService
@@ -170,7 +173,12 @@ def audit_unread_refusals(context: ControllerContext) -> Any:
 
 
 def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True, api: bool = True) -> web.Application:
-    """An aiohttp application: the gateway routes and the relay, the management API, or both."""
+    """An aiohttp application: the gateway routes and the relay, the management API, or both.
+
+    ``--role controller`` serves no tunnels; ``--role relay`` serves tunnels alone (it holds no CA key).
+    """
+    settings = context.settings
+    api = api and settings.serves_controller
     middlewares = [errors_as_json]
     if api:
         if context.signin is None:
@@ -178,17 +186,20 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         middlewares.append(management_auth(context))
     middlewares += [audit_unread_refusals(context), refuse_large_bodies, request_deadlines]
     app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=middlewares)
-    if gateway:
+    if gateway and settings.serves_controller:
         GatewayApi(context).add_routes(app)
+        RelaysApi(context).add_gateway_routes(app)
+    if gateway and settings.serves_tunnels:
         app.router.add_get("/v1/tunnel", relay.handle)
     if api:
+        RelaysApi(context).add_management_routes(app)
         ManagementApi(context, relay.status).add_routes(app)
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
         AuditApi(context).add_routes(app)
         Dashboard(context, relay).add_routes(app)
-    elif gateway:
+    elif gateway and settings.serves_controller:
         async def api_elsewhere(request: web.Request) -> web.Response:
             return error_response(
                 "not_found", "The management API is not served here but on its own listener (--api-listen); "
@@ -261,8 +272,12 @@ class ControllerServer:
     """The running listeners; ``start`` serves on already bound sockets, ``stop`` shuts down cleanly."""
 
     def __init__(self, context: ControllerContext, listener: socket.socket,
-                 api_listener: socket.socket | None = None) -> None:
+                 api_listener: socket.socket | None = None, relay_identity: RelayIdentity | None = None) -> None:
         self.context = context
+        #: ``--role relay``: who this relay is (controller/relay_node.py).
+        self.relay_identity = relay_identity
+        #: Set when this relay was retired: its tunnels are closed and the process stops.
+        self.retired = asyncio.Event()
         self._listener = listener
         self._api_listener = api_listener
         self._runners: list[web.AppRunner] = []
@@ -304,7 +319,14 @@ class ControllerServer:
         # systemd's "started" (Type=notify) means the listeners accept.
         service_manager.notify_ready(f"serving on port {self.port}")
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._renew_certificate()))
+        if self.relay_identity is not None:
+            # A relay renews at the controller by its key; it holds no CA key to renew with itself.
+            self._tasks.append(loop.create_task(run_relay_node(
+                context, self.relay_identity, lambda: len(relay.by_identity),
+                lambda cert: self.use_certificate(cert, server_ssl_context(context)), self._retire)))
+        else:
+            self._tasks.append(loop.create_task(self._renew_certificate()))
+            self._tasks.append(loop.create_task(self._keep_relay_list(relay)))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(relay.presence.run()))
         if context.settings.metrics_listen_host is not None:
@@ -347,6 +369,25 @@ class ControllerServer:
     def metrics_port(self) -> int | None:
         sock = self._metrics_listener
         return int(sock.getsockname()[1]) if sock is not None else None
+
+    def _retire(self, reason: str) -> None:
+        log.error("%s: closing every tunnel and stopping; agents move to the other relays", reason)
+        self.retired.set()
+
+    async def _keep_relay_list(self, relay: Relay) -> None:
+        """The relay list agents get (enrollment, renewal, AUTH_OK): the live relays, and this process in role all."""
+        context = self.context
+        own_url = context.settings.relay_urls[0]
+        while True:
+            try:
+                live = await API_POOL.run(relay_book(context).live)
+            except ControllerError:
+                live = None  # the store is away: keep the last list
+            if live is not None:
+                own = (own_url, len(relay.by_identity)) if context.settings.serves_tunnels else None
+                context.relay_loads = loads = relay_loads(live, own)
+                context.relay_urls[:] = [url for url, _ in loads]
+            await asyncio.sleep(RELAY_LIST_REFRESH)
 
     async def _renew_certificate(self) -> None:
         """Renew the listeners' certificate while running, well before it expires; live tunnels keep theirs."""

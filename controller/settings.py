@@ -37,6 +37,9 @@ DEFAULT_LISTENER_CERT_LIFETIME = 365 * 24 * 3600
 #: passed: four months before expiry for a year, so a renewal that fails (a
 #: full disk) is retried for months, and loudly, before any agent is refused.
 LISTENER_CERT_RENEW_FRACTION = 2 / 3
+#: ``serve --role``: all (controller and relay in one process, the single box),
+#: controller (enrollment, renewal, management API; no tunnels), relay (tunnels only, no CA key).
+ROLES = ("all", "controller", "relay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +70,25 @@ class Settings:
     signin: SigninSettings = SigninSettings()
     #: ``--store``: a ``postgresql://`` URL shared by several processes; None: the SQLite file in the data directory.
     store_url: str | None = None
+    #: ``--role``: which parts this process serves (ROLES).
+    role: str = "all"
+    #: ``--enroll-token``: a relay's one-time token (``outpostctl relay add``), redeemed at its first start.
+    enroll_token: Path | None = None
+
+    @property
+    def serves_tunnels(self) -> bool:
+        return self.role in ("all", "relay")
+
+    @property
+    def serves_controller(self) -> bool:
+        return self.role in ("all", "controller")
+
+    #: ``--store FILE``: another process's SQLite store on this machine (a relay beside its controller).
+    store_file: Path | None = None
 
     @property
     def store_path(self) -> Path:
-        return self.data_dir / "store.sqlite3"
+        return self.store_file if self.store_file is not None else self.data_dir / "store.sqlite3"
 
     @property
     def store_location(self) -> Path | str:

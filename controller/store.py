@@ -49,7 +49,7 @@ Parameters = tuple[object, ...]
 BUSY_TIMEOUT_SECONDS = 10.0
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -177,6 +177,25 @@ CREATE TABLE IF NOT EXISTS signin_seen (
     digest TEXT PRIMARY KEY,
     expires_at REAL NOT NULL
 );
+-- Relays (controller/relays.py): added by an operator with a one-time token
+-- (only its SHA-256 kept), enrolled with a key of their own, then each
+-- running relay's heartbeat, public address and tunnel count.
+CREATE TABLE IF NOT EXISTS relays (
+    name TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    status TEXT NOT NULL,
+    token_sha256 TEXT,
+    token_expires_at REAL,
+    key_sha256 TEXT,
+    serial TEXT,
+    not_after REAL,
+    created_at REAL NOT NULL,
+    enrolled_at REAL,
+    started_at REAL,
+    heartbeat_at REAL,
+    tunnels INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS relays_by_key ON relays (key_sha256);
 """
 
 #: Columns added after a store could first have been created; ``CREATE TABLE IF

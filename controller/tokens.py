@@ -154,7 +154,7 @@ class TokenAuthority:
             "ca": self._ca.fingerprint,
         }
         token = jwt.encode(
-            claims, self._ca.private_key, algorithm=ALGORITHM, headers={"kid": self._ca.fingerprint, "typ": "JWT"}
+            claims, self._ca.signing_key, algorithm=ALGORITHM, headers={"kid": self._ca.fingerprint, "typ": "JWT"}
         )
         if isinstance(token, bytes):  # PyJWT 1.x returned bytes; keep text everywhere
             token = token.decode("ascii")
@@ -198,7 +198,7 @@ class TokenAuthority:
         try:
             claims = jwt.decode(
                 token,
-                self._ca.private_key.public_key(),
+                self._ca.signing_key.public_key(),
                 algorithms=[ALGORITHM],
                 audience=AUDIENCE,
                 leeway=EXPIRY_LEEWAY_SECONDS,

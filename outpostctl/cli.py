@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import audit_commands, commands, fleet
+from outpostctl import audit_commands, commands, fleet, relays
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
     audit_commands.add_commands(top, leaf, _positive_int)
+    relays.add_commands(top, leaf)
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)
 
     sub = leaf(top, "connect", None, "expose a remote service as a local port")

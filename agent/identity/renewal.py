@@ -10,17 +10,23 @@ start agent.identity.recovery.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from typing import Any
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import EXIT_IDENTITY_REFUSED, OutpostError
 from agent.identity.csr import build_csr
-from agent.identity.exchange import Wording, accept_certificate, post_csr
+from agent.identity.exchange import Wording, accept_certificate, post_csr, relay_list
 from agent.identity.keystore import KeyStore
 from agent.identity.pinned_tls import LOCAL_TIME, Clock, PinnedTLS, as_time_source
 from agent.identity.refusals import DISABLED, REVOKED
 from agent.identity.state import StateDir
 from agent.proxy import DIRECT, ProxySettings
+
+log = logging.getLogger(__name__)
 
 #: Controller codes that mean "this key gets no certificate" (a retry soon cannot help).
 REFUSAL_CODES = frozenset(
@@ -83,4 +89,19 @@ async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = 
     cert = accept_certificate(answer, identity.controller_url, identity.ca_certificate(), keystore.public_key(),
                               identity.uri, time, RENEWAL)
     state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
+    _keep_relays(state, answer, identity.controller_url)
     return cert
+
+
+def _keep_relays(state: StateDir, answer: Mapping[str, Any], url: str) -> None:
+    """The controller's relay list from a renewal, for the next start (the running tunnel learns it in AUTH_OK).
+
+    A list that cannot be read costs the renewal nothing: the certificate is
+    what it was for, and the stored list stays as it was.
+    """
+    try:
+        relays = relay_list(answer, url)
+        if relays:
+            state.save_relays(relays)
+    except (OutpostError, OSError) as error:
+        log.warning("the relay list of the renewal was not kept: %s", error)

@@ -129,7 +129,8 @@ async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeySto
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,
-                                  backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate)
+                                  backoff=backoff_for(plan), save_relays=state.save_relays, gate=gate,
+                                  prefer_relays=config.link.prefer_relays)
     supervisor.stats.link = plan.profile
     supervisor.reporter = Reporter(static_facts(identity.uri, plan.profile, plan.liveness.keepalive_interval,
                                                 keystore.backend))

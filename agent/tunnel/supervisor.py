@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 # status.json is rewritten at most this often while traffic flows: the state
 # directory may live on an SD card that wears with every write.
 STATUS_INTERVAL = 10.0
+#: The wait before the next relay when the current one cannot be reached: a
+#: uniform draw up to this, so a dead relay's whole fleet does not land on the
+#: next relay in the same instant, yet each gateway is back within a second.
+FAILOVER_JITTER = 1.0
 
 
 class TunnelSupervisor:
@@ -39,10 +43,10 @@ class TunnelSupervisor:
     def __init__(self, relays: list[str], credentials: TunnelCredentials, options: TunnelOptions,
                  write_status: Callable[[dict[str, Any]], None] | None = None, backoff: Backoff | None = None,
                  save_relays: Callable[[list[str]], None] | None = None,
-                 gate: DisabledGate | None = None) -> None:
+                 gate: DisabledGate | None = None, prefer_relays: tuple[str, ...] = ()) -> None:
         if not relays:
             raise OutpostError("the enrollment gave no relay addresses; re-enroll or ask central ops")
-        self.rotation = RelayRotation(relays)
+        self.rotation = RelayRotation(relays, prefer_relays)
         self.credentials = credentials
         self.options = options
         self.backoff = backoff or Backoff()
@@ -103,6 +107,7 @@ class TunnelSupervisor:
             while not self._stop.is_set():
                 if not await self._wait_for_turn():
                     break
+                failover = False
                 relay = self.rotation.current()
                 self.stats.state = "connecting"
                 self.stats.relay = relay
@@ -124,7 +129,9 @@ class TunnelSupervisor:
                         self._report_disabled()
                         continue
                     self.rotation.connect_failed()
+                    failover = self.rotation.untried
                 else:
+                    self.rotation.tunnel_up()
                     if self._stop.is_set():  # stopped while this tunnel was being opened
                         await session.close()
                         await task
@@ -149,8 +156,13 @@ class TunnelSupervisor:
                 self.stats.state = "waiting"
                 self.stats.next_ask = None
                 self._report()
-                delay = self.backoff.next_delay()
-                log.info("reconnecting in %.1f s", delay)
+                if failover:
+                    # Another relay of the list is untried: move on now, spread by a jitter (agent/tunnel/relays.py).
+                    delay = self.backoff.rng.uniform(0.0, FAILOVER_JITTER)
+                    log.info("trying the next relay, %s, in %.1f s", self.rotation.current(), delay)
+                else:
+                    delay = self.backoff.next_delay()
+                    log.info("reconnecting in %.1f s", delay)
                 report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
                 await self._until_stopped(asyncio.sleep(delay))
         self.stats.state = "stopped"

@@ -24,6 +24,7 @@ from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
+from controller.relays import relays_for
 from controller.store import StoreUnavailable
 from shared.protocol import (
     NONCE_SIZE,
@@ -156,7 +157,7 @@ class RelaySession(TunnelSession):
             "name": identity.name,
             "tenant": identity.tenant,
             "time": time.time(),
-            "relays": list(self.context.relay_urls),
+            "relays": relays_for(self.context, identity.uri),
             "reports": True,
         })
         try:

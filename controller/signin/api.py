@@ -36,8 +36,10 @@ SIGNIN_PREFIX = "/api/v1/signin/"
 OPEN_ROUTES = frozenset({"/api/v1/signin/providers", "/api/v1/signin/device", "/api/v1/signin/device/poll",
                          "/api/v1/signin/nonce", "/api/v1/signin/id-token", "/api/v1/signin/authorize",
                          "/api/v1/signin/code"})
-#: Routes whose answer spans every tenant: a tenant-scoped role is not enough for them.
-ALL_TENANT_ROUTES = frozenset({"/api/v1/audit", "/api/v1/audit/verify", "/api/v1/connections", "/api/v1/status"})
+#: Routes whose answer spans every tenant: a tenant-scoped role is not enough for them. Relays carry
+#: every tenant's tunnels, so adding, listing and retiring them is fleet-wide too.
+ALL_TENANT_ROUTES = frozenset({"/api/v1/audit", "/api/v1/audit/verify", "/api/v1/connections", "/api/v1/status",
+                               "/api/v1/relays", "/api/v1/relays/{name}/retire"})
 #: Where the request leaves the person's grants and the tenants the used role reaches (None: all).
 PERSON_KEY = "outpost.person"
 SCOPE_KEY = "outpost.scope"

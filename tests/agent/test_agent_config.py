@@ -160,3 +160,12 @@ def test_more_binds_than_one_tunnel_carries_are_refused_at_load(tmp_path: Path):
     exactly = "".join(f'[[bind]]\nservice = "svc-{i}"\ntarget = "127.0.0.1:{1000 + i}"\n\n'
                       for i in range(MAX_BIND_SERVICES))
     assert len(load_config(write(tmp_path, exactly)).binds) == MAX_BIND_SERVICES
+
+
+def test_preferred_relays_are_read_and_a_bad_list_is_named(tmp_path: Path):
+    config = load_config(write(tmp_path, '[link]\nprefer_relays = ["Relay-EU-1.example.net", "10.0.0.5:443"]\n'))
+    assert config.link.prefer_relays == ("relay-eu-1.example.net", "10.0.0.5:443")
+    assert load_config(write(tmp_path, "")).link.prefer_relays == ()
+    for bad in ('"relay-eu-1"', '["wss://relay/v1/tunnel"]', '["two words"]', "[1]"):
+        with pytest.raises(ConfigError, match=r"link.prefer_relays.*relay host names"):
+            load_config(write(tmp_path, f"[link]\nprefer_relays = {bad}\n"))

@@ -73,6 +73,9 @@ def test_every_route_under_api_answers_with_the_admin_token(data_dir: Path) -> N
 
     async def scenario() -> None:
         async with running_controller(data_dir) as running:
+            # A relay named as concrete() names things, so /api/v1/relays/{name}/... finds one.
+            status, _ = await running.call("POST", "/api/v1/relays", {"name": "operator", "address": "127.0.0.1:9"})
+            assert status == 201
             for method, template in api_routes(running.server.app):
                 async with running.session.request(
                     method, running.url + concrete(template), json={}, headers=running.admin

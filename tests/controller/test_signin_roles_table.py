@@ -11,6 +11,7 @@ from controller.api import ManagementApi
 from controller.audit_api import AuditApi
 from controller.fleet_api import FleetApi
 from controller.policy_api import PolicyExplainApi
+from controller.relays_api import RelaysApi
 from controller.signin.api import OPEN_ROUTES, SigninApi
 from controller.signin.config import Grant
 from controller.signin.roles import ROUTE_ROLES, holds, tenants_with
@@ -25,6 +26,7 @@ def test_every_management_route_has_a_role_and_the_doc_lists_each() -> None:
     AuditApi(None).add_routes(app)  # type: ignore[arg-type]
     FleetApi(None, None).add_routes(app)  # type: ignore[arg-type]
     PolicyExplainApi(None).add_routes(app)  # type: ignore[arg-type]
+    RelaysApi(None).add_management_routes(app)  # type: ignore[arg-type]
     routes = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.method != "HEAD" and r.resource.canonical not in OPEN_ROUTES}
     assert routes == set(ROUTE_ROLES)

@@ -23,6 +23,8 @@ SCHEMA_DIGESTS = {
     # The audit's correlation, identity, service and chain columns, and their indexes (ADDED_INDEXES
     # joined the digest here).
     3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
+    # Relays as their own processes (controller/relays.py).
+    4: "41602f29252c2157ded34aeadc0faccf91fc8a80529ccf4b4433e31a2a2f09b0",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")

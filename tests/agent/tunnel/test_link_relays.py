@@ -39,3 +39,30 @@ def test_a_malformed_relay_list_is_ignored(value) -> None:
 
 def test_a_relay_list_is_deduplicated() -> None:
     assert valid_relay_list([A, B, A]) == [A, B]
+
+
+def test_the_next_relay_is_untried_until_every_relay_failed_in_a_row() -> None:
+    rotation = RelayRotation([A, B, C])
+    rotation.tunnel_dropped()
+    assert rotation.untried  # nothing failed yet
+    rotation.connect_failed()
+    assert rotation.untried and rotation.current() == B  # A went away: B now, not after a backoff
+    rotation.connect_failed()
+    assert rotation.untried and rotation.current() == C
+    rotation.connect_failed()
+    assert not rotation.untried  # all three failed in a row: the backoff decides
+    rotation.tunnel_up()
+    assert rotation.untried
+    single = RelayRotation([A])
+    single.connect_failed()
+    assert not single.untried  # one relay: always the backoff
+
+
+def test_preferred_relays_come_first_in_every_list_the_controller_sends() -> None:
+    eu, us = "wss://relay-eu.example:443/v1/tunnel", "wss://relay-us.example/v1/tunnel"
+    rotation = RelayRotation([A, us, eu], prefer=("relay-eu.example:443", "relay-us.example"))
+    assert rotation.relays == [eu, us, A] and rotation.current() == eu
+    # A working tunnel stays first; the preferred ones follow it, then the controller's order.
+    rotation.refresh([A, B, us, eu], connected=A)
+    assert rotation.relays == [A, eu, us, B]
+    assert RelayRotation([A, B], prefer=("elsewhere.example",)).relays == [A, B]
