@@ -250,12 +250,13 @@ class ManagementApi:
         await require_tenant(request, self.context, tenant)
         policy = await API_POOL.run(
             self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
+            until=body.get("until"), lifetime=body.get("for"),
         )
         return web.json_response(policy.to_json(), status=201)
 
     async def list_policies(self, request: web.Request) -> web.Response:
         scope = tenant_scope(request)
-        policies = [p for p in self.context.policy.list() if scope is None or p.tenant in scope]
+        policies = [p for p in self.context.policy.list_with_counts() if scope is None or p.tenant in scope]
         return web.json_response({"policies": [p.to_json() for p in policies]})
 
     async def status(self, request: web.Request) -> web.Response:

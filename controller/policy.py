@@ -14,16 +14,25 @@ either direction.
 
 from __future__ import annotations
 
+import builtins
 import json
+import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller.audit import AuditLog
-from controller.errors import bad_request
+from controller.errors import ControllerError, bad_request, not_found
 from controller.names import check_name
+from controller.policy_counters import PolicyCounters
+from controller.policy_terms import expiry, format_time
 from controller.registry import BLOCKED_STATUSES, Identity, Service
-from controller.store import Store
+from controller.store import Row, Store, Transaction
+from controller.watcher import CHANGE_POLICY
+
+log = logging.getLogger(__name__)
 
 KINDS = ("dial", "bind")
 ROLE_PREFIX = "role:"
@@ -32,6 +41,10 @@ ROLE_PREFIX = "role:"
 MAX_SELECTORS = 100
 #: Foreign policies a refusal names: enough to find the mistake, short enough for one audit line.
 MAX_NAMED_FOREIGN = 3
+#: What ``policy update`` may change; tenant and id stay (a policy in another tenant is another policy).
+UPDATABLE = frozenset({"kind", "identities", "services", "until", "for", "no_expiry", "expected_version"})
+
+PolicyListener = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,16 @@ class Policy:
     identities: tuple[Selector, ...]
     services: tuple[Selector, ...]
     created_at: float
+    #: Counts the edits: each ``update`` makes a new version of the same id.
+    version: int = 1
+    updated_at: float | None = None
+    #: After this moment (seconds since the epoch) the policy allows nothing, and what it allowed is closed.
+    expires_at: float | None = None
+    decisions: int = 0
+    last_allowed_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
     def allows(self, identity: Identity, service: Service) -> bool:
         """True when both sides match and the policy lives in the service's tenant."""
@@ -96,7 +119,18 @@ class Policy:
             "identities": [s.text(self.tenant) for s in self.identities],
             "services": [s.text(self.tenant) for s in self.services],
             "created_at": self.created_at,
+            "version": self.version,
+            "updated_at": self.updated_at,
+            "expires_at": self.expires_at,
+            "expired": self.expired(time.time()),
+            "decisions": self.decisions,
+            "last_allowed_at": self.last_allowed_at,
         }
+
+    def definition(self) -> dict[str, Any]:
+        """What the policy says (no counters): the audit records it for each version."""
+        return {key: value for key, value in self.to_json().items()
+                if key not in ("decisions", "last_allowed_at", "expired")}
 
 
 @dataclass(frozen=True)
@@ -131,8 +165,17 @@ class PolicyEngine:
     def __init__(self, store: Store, audit: AuditLog) -> None:
         self._store = store
         self._audit = audit
+        #: Decisions per policy, written in batches (controller/policy_counters.py).
+        self.counters = PolicyCounters(store)
+        #: Called with a policy id when it changed (updated, deleted, expired), in this process or another.
+        self.change_listeners: list[PolicyListener] = []
+        #: The expiry of each policy as the latest decision read it: the relay times its closing by it.
+        self._expiries: dict[int, float | None] = {}
+        self._expiries_lock = threading.Lock()
 
-    def create(self, kind: object, tenant: str, identities: object, services: object) -> Policy:
+    def create(self, kind: object, tenant: str, identities: object, services: object, *,
+               until: object = None, lifetime: object = None) -> Policy:
+        """A new policy; ``until`` (a time) or ``lifetime`` (a duration such as 8h) makes it expire."""
         if kind not in KINDS:
             raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
         check_name(tenant, "tenant")
@@ -140,24 +183,149 @@ class PolicyEngine:
         service_selectors = self._selectors(services, tenant, "services")
         _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
+        expires_at = expiry(until, lifetime, now)
         with self._store.transaction() as db:
             row = db.query_one(
-                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?) "
-                "RETURNING id",
+                "INSERT INTO policies (kind, tenant, identities, services, created_at, version, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, 1, ?) RETURNING id",
                 (
                     kind,
                     tenant,
                     json.dumps([s.text(tenant) for s in identity_selectors]),
                     json.dumps([s.text(tenant) for s in service_selectors]),
                     now,
+                    expires_at,
                 ),
             )
             if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
                 raise RuntimeError("the store wrote no policy row")
             policy_id = int(row["id"])
-            policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now)
-            self._audit.record_in(db, "policy_created", **policy.to_json())
+            policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now,
+                            expires_at=expires_at)
+            self._audit.record_in(db, "policy_created", **policy.definition())
         return policy
+
+    def get(self, policy_id: int) -> Policy | None:
+        row = self._store.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
+        return None if row is None else _policy(row)
+
+    def get_in(self, db: Transaction, policy_id: int) -> Policy:
+        """The policy ``policy_id`` inside a transaction; 404 ``policy_unknown`` when there is none."""
+        row = db.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
+        if row is None:
+            raise not_found("policy_unknown", f"There is no policy {policy_id}; outpostctl policy list shows them.")
+        return _policy(row)
+
+    def update(self, policy_id: int, changes: dict[str, Any]) -> tuple[Policy, Policy]:
+        """A new version of ``policy_id`` with ``changes``: (previous, new), both in the audit.
+
+        One row is rewritten in one transaction, so a decision reads one
+        version or the other, never a mix. ``expected_version`` refuses the
+        update (409) when another one came first.
+        """
+        unknown = sorted(set(changes) - UPDATABLE)
+        if unknown:
+            raise bad_request("invalid_policy", f"A policy update cannot change {unknown[0]!r}; it takes "
+                              f"{', '.join(sorted(UPDATABLE))}.")
+        if not set(changes) - {"expected_version"}:
+            raise bad_request("invalid_policy", "Say what to change: identities, services, kind, until, for or "
+                              "no_expiry.")
+        now = time.time()
+        with self._store.transaction() as db:
+            old = self.get_in(db, policy_id)
+            expected = changes.get("expected_version")
+            if expected is not None and expected != old.version:
+                raise ControllerError(
+                    "policy_changed", f"Policy {policy_id} is at version {old.version} now, not {expected}: someone "
+                    "updated it meanwhile; read it again (outpostctl policy list) and repeat the update.", 409)
+            new = self._changed(old, changes, now)
+            db.execute(
+                "UPDATE policies SET kind = ?, identities = ?, services = ?, expires_at = ?, version = ?, "
+                "updated_at = ?, expiry_recorded_at = NULL WHERE id = ?",
+                (new.kind, json.dumps([s.text(new.tenant) for s in new.identities]),
+                 json.dumps([s.text(new.tenant) for s in new.services]), new.expires_at, new.version, now,
+                 policy_id),
+            )
+            self._record_change_in(db, new, now)
+            self._audit.record_in(db, "policy_updated", id=policy_id, tenant=new.tenant, version=new.version,
+                                  previous=old.definition(), policy=new.definition())
+        self.announce_changed(policy_id)
+        return old, new
+
+    def _changed(self, old: Policy, changes: dict[str, Any], now: float) -> Policy:
+        kind = changes.get("kind", old.kind)
+        if kind not in KINDS:
+            raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
+        identities = (self._selectors(changes["identities"], old.tenant, "identities") if "identities" in changes
+                      else old.identities)
+        services = (self._selectors(changes["services"], old.tenant, "services") if "services" in changes
+                    else old.services)
+        _refuse_foreign_services(kind, old.tenant, identities, services)
+        expires_at = old.expires_at
+        if changes.get("no_expiry") is True:
+            if "until" in changes or "for" in changes:
+                raise bad_request("invalid_expiry", "Give an end time, a duration or no expiry, not several.")
+            expires_at = None
+        elif "until" in changes or "for" in changes:
+            expires_at = expiry(changes.get("until"), changes.get("for"), now)
+        return replace(old, kind=str(kind), identities=identities, services=services, expires_at=expires_at,
+                       version=old.version + 1, updated_at=now)
+
+    def delete(self, policy_id: int) -> Policy:
+        """Remove ``policy_id``; the live dials it allowed are decided again (and closed when nothing allows them)."""
+        now = time.time()
+        with self._store.transaction() as db:
+            policy = self.get_in(db, policy_id)
+            db.execute("DELETE FROM policies WHERE id = ?", (policy_id,))
+            self._record_change_in(db, policy, now)
+            self._audit.record_in(db, "policy_deleted", **policy.definition())
+        self.announce_changed(policy_id)
+        return policy
+
+    @staticmethod
+    def _record_change_in(db: Transaction, policy: Policy, now: float) -> None:
+        """The row every controller process watches (controller/watcher.py): its relays re-decide."""
+        db.execute("INSERT INTO status_changes (tenant, name, status, time) VALUES (?, ?, ?, ?)",
+                   (policy.tenant, str(policy.id), CHANGE_POLICY, now))
+
+    def on_changed(self, listener: PolicyListener) -> None:
+        self.change_listeners.append(listener)
+
+    def announce_changed(self, policy_id: int) -> None:
+        """Tell every listener (the relay) that ``policy_id`` changed; listeners must be idempotent."""
+        for listener in list(self.change_listeners):
+            try:
+                listener(policy_id)
+            except Exception:  # a broken listener must not undo or hide the change
+                log.exception("policy change listener failed for policy %d", policy_id)
+
+    def expiry_of(self, policy_id: int) -> float | None:
+        """The expiry of ``policy_id`` as the latest decision read it (no store read: safe on the event loop)."""
+        with self._expiries_lock:
+            return self._expiries.get(policy_id)
+
+    def why_ended(self, policy_id: int, now: float) -> str:
+        """Why a policy allows no more what it allowed: deleted, expired or changed (reads the store)."""
+        policy = self.get(policy_id)
+        if policy is None:
+            return f"policy {policy_id} was deleted"
+        if policy.expired(now):
+            return f"policy {policy_id} expired at {format_time(policy.expires_at or now)}"
+        return f"policy {policy_id} was changed (version {policy.version})"
+
+    def record_expiries(self, now: float | None = None) -> list[int]:
+        """Audit ``policy_expired`` once for each policy past its expiry (any process may; one does)."""
+        now = time.time() if now is None else now
+        expired: list[int] = []
+        with self._store.transaction() as db:
+            rows = db.query("SELECT * FROM policies WHERE expires_at <= ? AND expiry_recorded_at IS NULL", (now,))
+            for row in rows:
+                policy = _policy(row)
+                db.execute("UPDATE policies SET expiry_recorded_at = ? WHERE id = ?", (now, policy.id))
+                self._audit.record_in(db, "policy_expired", **policy.definition(),
+                                      reason=f"policy {policy.id} expired at {format_time(policy.expires_at or now)}")
+                expired.append(policy.id)
+        return expired
 
     @staticmethod
     def _selectors(value: object, tenant: str, side: str) -> tuple[Selector, ...]:
@@ -170,18 +338,21 @@ class PolicyEngine:
         return tuple(parse_selector(item, tenant) for item in value)
 
     def list(self) -> list[Policy]:
-        rows = self._store.query("SELECT * FROM policies ORDER BY id")
-        return [
-            Policy(
-                id=row["id"],
-                kind=row["kind"],
-                tenant=row["tenant"],
-                identities=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["identities"])),
-                services=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["services"])),
-                created_at=row["created_at"],
-            )
-            for row in rows
-        ]
+        """Every policy, expired ones included (they allow nothing), with its decisions counted so far."""
+        policies = [_policy(row) for row in self._store.query("SELECT * FROM policies ORDER BY id")]
+        with self._expiries_lock:
+            self._expiries = {p.id: p.expires_at for p in policies}
+        return policies
+
+    def list_with_counts(self) -> builtins.list[Policy]:
+        """``list`` with this process's counts not written yet added (``policy list``)."""
+        counted = []
+        for policy in self.list():
+            count, last = self.counters.pending(policy.id)
+            lasts = [t for t in (policy.last_allowed_at, last) if t is not None]
+            counted.append(replace(policy, decisions=policy.decisions + count,
+                                   last_allowed_at=max(lasts) if lasts else None))
+        return counted
 
     def decide(self, kind: str, identity: Identity, service: Service, *, session_certificate: bool = False) -> Decision:
         """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so.
@@ -191,7 +362,10 @@ class PolicyEngine:
         whatever the policies say. The decision is ``explain``'s, so what
         ``outpostctl policy explain`` says is what the relay does.
         """
-        return self.explain(kind, identity, service, session_certificate=session_certificate).decision
+        decision = self.explain(kind, identity, service, session_certificate=session_certificate).decision
+        if decision.policy_id is not None:
+            self.counters.count(decision.policy_id, time.time() if decision.allowed else None)
+        return decision
 
     def explain(self, kind: str, identity: Identity, service: Service, *,
                 session_certificate: bool = False) -> Explanation:
@@ -207,8 +381,9 @@ class PolicyEngine:
             return Explanation(Decision(False, why), blocked=why)
         foreign: list[Policy] = []
         allowing: list[Policy] = []
+        now = time.time()
         for policy in self.list():
-            if policy.kind != kind:
+            if policy.kind != kind or policy.expired(now):
                 continue
             if policy.allows(identity, service):
                 allowing.append(policy)
@@ -226,6 +401,23 @@ class PolicyEngine:
             reason = (f"{reason}: policy {named} names it, but only a policy of tenant {service.tenant} "
                       f"opens {service.tenant}'s services")
         return Explanation(Decision(False, reason), foreign=tuple(p.id for p in foreign))
+
+
+def _policy(row: Row) -> Policy:
+    tenant = row["tenant"]
+    return Policy(
+        id=int(row["id"]),
+        kind=row["kind"],
+        tenant=tenant,
+        identities=tuple(parse_selector(t, tenant) for t in json.loads(row["identities"])),
+        services=tuple(parse_selector(t, tenant) for t in json.loads(row["services"])),
+        created_at=row["created_at"],
+        version=int(row["version"] or 1),
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        decisions=int(row["decisions"] or 0),
+        last_allowed_at=row["last_allowed_at"],
+    )
 
 
 def _refuse_foreign_services(kind: object, tenant: str, identities: tuple[Selector, ...],

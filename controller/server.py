@@ -35,6 +35,7 @@ from controller.fleet_api import FleetApi
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
+from controller.policy_admin import PolicyAdminApi
 from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
 from controller.settings import host_port
@@ -184,6 +185,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         ManagementApi(context, relay.status).add_routes(app)
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
+        PolicyAdminApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
         AuditApi(context).add_routes(app)
     elif gateway:
@@ -200,7 +202,7 @@ def watch_status_changes(context: ControllerContext) -> Callable[[web.Applicatio
     """While the app runs, poll the store so revocations made by other processes close our tunnels."""
 
     async def watching(_app: web.Application) -> AsyncIterator[None]:
-        watcher = StatusWatcher(context.store, context.registry)
+        watcher = StatusWatcher(context.store, context.registry, policies=context.policy)
         task = asyncio.get_running_loop().create_task(watcher.run())
         yield
         task.cancel()
@@ -305,6 +307,7 @@ class ControllerServer:
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(relay.presence.run()))
+        self._tasks.append(loop.create_task(context.policy.counters.run(chores=(context.policy.record_expiries,))))
         if context.settings.metrics_listen_host is not None:
             await self._serve_metrics(relay, tls)
         self._tasks.append(loop.create_task(log_checkpoints(context.store)))
@@ -398,6 +401,10 @@ class ControllerServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
+        try:
+            self.context.policy.counters.flush()  # the last interval's decisions, before the store closes
+        except Exception as error:
+            log.error("the policies' last decision counts were not written: %r", error)
         log_checkpoint(self.context.store)  # the head as this process leaves it
         self._listener.close()
         if self._api_listener is not None:

@@ -49,7 +49,7 @@ Parameters = tuple[object, ...]
 BUSY_TIMEOUT_SECONDS = 10.0
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -192,6 +192,14 @@ ADDED_COLUMNS = (
     ("audit", "service", "TEXT"),
     # The event's link in the keyed hash chain (controller/audit_chain.py); NULL on rows from before it.
     ("audit", "mac", "TEXT"),
+    # Policies are edited in place (version counts the edits), may expire, and
+    # keep their own decision counters, written in batches (controller/policy_counters.py).
+    ("policies", "version", "INTEGER"),
+    ("policies", "updated_at", "REAL"),
+    ("policies", "expires_at", "REAL"),
+    ("policies", "expiry_recorded_at", "REAL"),
+    ("policies", "decisions", "INTEGER"),
+    ("policies", "last_allowed_at", "REAL"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

@@ -23,6 +23,7 @@ from controller.registry import Identity
 from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.store import StoreUnavailable
 from shared.protocol import (
@@ -250,7 +251,7 @@ class RelaySession(TunnelSession):
     async def on_stream_opened(self, channel: StreamChannel) -> None:
         record = DialRecord(self, channel)
         try:
-            allowed, reason, key, _policy = await self.in_worker(self._decide_dial, record)
+            allowed, reason, key, policy = await self.in_worker(self._decide_dial, record)
         except StoreUnavailable as unavailable:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
@@ -268,12 +269,12 @@ class RelaySession(TunnelSession):
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:
-            await self._serve_dial(channel, binder, key, record)
+            await self._serve_dial(channel, binder, key, record, policy)
         except ChannelReset as exc:
             self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
 
     async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
-                          record: DialRecord) -> None:
+                          record: DialRecord, policy: int | None = None) -> None:
         """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
@@ -296,9 +297,16 @@ class RelaySession(TunnelSession):
         loop = asyncio.get_running_loop()
         self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
+        # Kept under the policy that allowed it: its expiry, deletion or narrowing ends the dial.
+        live = LiveDial(self, binder, key, channel, upstream)
+        watch = self.relay.policy_watch
+        if watch is not None and policy is not None:
+            watch.add(policy, live)
         try:
             await splice_streams(channel, upstream)
         finally:
+            if watch is not None:
+                watch.remove(live)
             self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_report(self, event: ReportReceived) -> None:
@@ -350,6 +358,8 @@ class Relay:
         rekeyed = getattr(context.registry, "on_rekeyed", None)
         if rekeyed is not None:
             rekeyed(self.identity_rekeyed)
+        #: The live dials by the policy that allowed them (controller/relay/policy_watch.py).
+        self.policy_watch = watch_for(context, self._loop)
         #: Told about each tunnel's request once it authenticated: the listener stops counting it as anonymous.
         self.on_admitted: Any = None
 

@@ -20,6 +20,10 @@ SCHEMA_DIGESTS = {
     1: "4f4e2b010f4fb442f79846bc6f7b2622142c75acaee6a592281461f50c5f9272",
     # Presence (controller/presence.py) and people's sign-in (controller/signin/).
     2: "fdfec4f98a5c10ba106f1f434f8273b6f6898e2f0ce998fe7951071da6b27838",
+    # The audit's correlation, identity, service and chain columns (controller/audit_chain.py).
+    3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
+    # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py).
+    4: "2d21469d447f5757e286c6e8f71198bd73f9f2f915c8bf48e0048f200268f835",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
