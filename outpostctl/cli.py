@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import audit_commands, commands, fleet
+from outpostctl import audit_commands, commands, fleet, policies
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -138,14 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = top.add_parser("policy", help="who may dial or bind what (deny by default)").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    sub = leaf(policy, "create", commands.policy_create, "allow identities to dial or bind services", json_flag=True)
-    sub.add_argument("--kind", choices=["dial", "bind"], required=True)
-    sub.add_argument("--identities", type=_selectors, required=True, metavar="SEL[,SEL...]",
-                     help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
-    sub.add_argument("--services", type=_selectors, required=True, metavar="SEL[,SEL...]",
-                     help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
-    sub.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the policy's tenant (default {DEFAULT_TENANT})")
-    leaf(policy, "list", commands.policy_list, "list policies", json_flag=True)
+    policies.add_commands(policy, leaf, _selectors, DEFAULT_TENANT)
     sub = leaf(policy, "explain", fleet.policy_explain,
                "say whether IDENTITY may dial or bind SERVICE, and which policies decide it", json_flag=True)
     sub.add_argument("identity", metavar="IDENTITY", help="NAME (tenant default) or TENANT/NAME")

@@ -236,32 +236,6 @@ def service_list(args: argparse.Namespace, client: ManagementClient) -> int:
     return 0
 
 
-def policy_create(args: argparse.Namespace, client: ManagementClient) -> int:
-    policy = client.create_policy(args.kind, args.identities, args.services, args.tenant)
-    if args.json:
-        print(render.machine_json(policy))
-    else:
-        verb = "dial" if args.kind == "dial" else "bind"
-        print(f"created policy {policy.get('id', '')}: {','.join(args.identities)} may {verb} "
-              f"{','.join(args.services)} (tenant {policy.get('tenant', args.tenant)})")
-    return 0
-
-
-def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
-    policies = client.list_policies()
-    if args.json:
-        print(render.machine_json({"policies": policies}))
-    elif not policies:
-        print("no policies yet: nothing may dial or bind anything (deny by default)")
-    else:
-        print(render.table(
-            ["ID", "TENANT", "KIND", "IDENTITIES", "SERVICES"],
-            ([render.format_value(p.get("id")), render.format_value(p.get("tenant")), render.format_value(p.get("kind")),
-              render.format_value(p.get("identities")), render.format_value(p.get("services"))] for p in policies),
-        ))
-    return 0
-
-
 # -- audit and status ------------------------------------------------------
 
 #: Keys of an audit event that are not details: TIME and EVENT have columns,

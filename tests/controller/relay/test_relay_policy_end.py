@@ -48,7 +48,7 @@ async def audit_row(ctl: Running, before: dict, event: str) -> dict:
     raise AssertionError(f"no {event} row within {AUDIT_WAIT} s")
 
 
-async def setup(ctl: Running, echo: Echo, dial: dict) -> int:
+async def services_and_policies(ctl: Running, echo: Echo, dial: dict) -> int:
     await create(ctl, "/api/v1/services", {"name": "modbus"})
     await create(ctl, "/api/v1/policies", {"kind": "bind", "identities": ["gw-p"], "services": ["modbus"]})
     status, policy = await ctl.call("POST", "/api/v1/policies", {"kind": "dial", "services": ["modbus"], **dial})
@@ -59,7 +59,7 @@ async def setup(ctl: Running, echo: Echo, dial: dict) -> int:
 def test_a_live_dial_is_closed_at_its_policys_expiry_and_the_audit_says_why(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, Echo() as echo:
-            policy_id = await setup(ctl, echo, {"identities": ["role:operator"], "for": "3s"})
+            policy_id = await services_and_policies(ctl, echo, {"identities": ["role:operator"], "for": "3s"})
             status, listed = await ctl.call("GET", "/api/v1/policies")
             expires_at = next(p["expires_at"] for p in listed["policies"] if p["id"] == policy_id)
             gateway = await enrolled(ctl, "gw-p")
@@ -92,7 +92,7 @@ def test_a_live_dial_is_closed_at_its_policys_expiry_and_the_audit_says_why(tmp_
 def test_deleting_or_narrowing_a_policy_closes_its_live_dials_and_widening_keeps_them(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, Echo() as echo:
-            policy_id = await setup(ctl, echo, {"identities": ["role:operator"]})
+            policy_id = await services_and_policies(ctl, echo, {"identities": ["role:operator"]})
             gateway = await enrolled(ctl, "gw-p")
             operator = await session_credentials(ctl)
             binds = TunnelOptions(binds={"modbus": ("127.0.0.1", echo.port)})
