@@ -72,8 +72,9 @@ MAX_CONFIG_FILE = 1024 * 1024
 MAX_LINK_SECONDS = 3600.0
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: What a dial may name: a service of this gateway's tenant, or ``TENANT/SERVICE``
-#: of another (reached only where a policy of that tenant allows it).
-DIAL_TARGET = re.compile(rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}")
+#: of another (reached only where a policy of that tenant allows it), optionally
+#: aimed at one gateway binding it: ``modbus@gw-0042``.
+DIAL_TARGET = re.compile(rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}(?:@{SERVICE_NAME.pattern})?")
 
 TOP_LEVEL_KEYS = {"state_dir", "log_level", "event_loop", "keystore", "link", "bind", "dial", "enrollment", "clock"}
 CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
@@ -329,7 +330,8 @@ class _Parser:
             raise self.fail(f"{where}.service", "is missing; name the service")
         service = self.string(entry, "service", "", f"{where}.service")
         if not (DIAL_TARGET if dial else SERVICE_NAME).fullmatch(service):
-            form = ", optionally after a tenant as \"acme/scada\"" if dial else ""
+            form = (", optionally after a tenant as \"acme/scada\" and before a gateway as \"modbus@gw-0042\""
+                    if dial else "")
             raise self.fail(
                 f"{where}.service",
                 f"is {service!r}; a service name is lowercase letters, digits and '-' (at most 63){form}",

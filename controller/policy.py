@@ -27,6 +27,7 @@ from controller.audit import AuditLog
 from controller.errors import ControllerError, bad_request, not_found
 from controller.names import check_name
 from controller.policy_counters import PolicyCounters
+from controller.policy_selectors import Selector, parse_selector
 from controller.policy_terms import expiry, format_time
 from controller.registry import BLOCKED_STATUSES, Identity, Service
 from controller.store import Row, Store, Transaction
@@ -35,7 +36,6 @@ from controller.watcher import CHANGE_POLICY
 log = logging.getLogger(__name__)
 
 KINDS = ("dial", "bind")
-ROLE_PREFIX = "role:"
 #: Selectors per side of one policy: enough for any real grouping (use roles
 #: for more), small enough that deciding stays a quick scan.
 MAX_SELECTORS = 100
@@ -45,41 +45,6 @@ MAX_NAMED_FOREIGN = 3
 UPDATABLE = frozenset({"kind", "identities", "services", "until", "for", "no_expiry", "expected_version"})
 
 PolicyListener = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Selector:
-    """One parsed selector: a name or a role, in a tenant."""
-
-    tenant: str
-    value: str
-    is_role: bool
-
-    def matches(self, tenant: str, name: str, roles: tuple[str, ...]) -> bool:
-        if tenant != self.tenant:
-            return False
-        return self.value in roles if self.is_role else self.value == name
-
-    def text(self, policy_tenant: str) -> str:
-        """The selector as written, with the tenant prefix only where it differs."""
-        body = self.value if self.tenant == policy_tenant else f"{self.tenant}/{self.value}"
-        return ROLE_PREFIX + body if self.is_role else body
-
-
-def parse_selector(text: object, policy_tenant: str) -> Selector:
-    """Parse one selector; 400 ``invalid_selector`` with the rule when it is malformed."""
-    if not isinstance(text, str):
-        raise bad_request("invalid_selector", "Each selector must be a string such as \"ops\" or \"role:plc\".")
-    is_role = text.startswith(ROLE_PREFIX)
-    body = text[len(ROLE_PREFIX):] if is_role else text
-    tenant, _, value = body.rpartition("/")
-    if "/" in tenant:
-        raise bad_request(
-            "invalid_selector", f"The selector {text!r} is not valid; write NAME, TENANT/NAME, role:ROLE or role:TENANT/ROLE."
-        )
-    tenant = check_name(tenant, "tenant") if tenant else policy_tenant
-    check_name(value, "role" if is_role else "name")
-    return Selector(tenant=tenant, value=value, is_role=is_role)
 
 
 @dataclass(frozen=True)
@@ -101,14 +66,18 @@ class Policy:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
-    def allows(self, identity: Identity, service: Service) -> bool:
-        """True when both sides match and the policy lives in the service's tenant."""
-        return service.tenant == self.tenant and self.names(identity, service)
+    def allows(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
+        """True when both sides match and the policy lives in the service's tenant.
 
-    def names(self, identity: Identity, service: Service) -> bool:
+        ``gateway``: the gateway the dial is aimed at or served by; a selector
+        naming one (``modbus@gw-0042``) matches only a dial of that gateway.
+        """
+        return service.tenant == self.tenant and self.names(identity, service, gateway)
+
+    def names(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
         """Both sides match, whatever tenant the policy lives in."""
         return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
-            s.matches(service.tenant, service.name, service.roles) for s in self.services
+            s.matches_service(service, gateway) for s in self.services
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -180,7 +149,7 @@ class PolicyEngine:
             raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
         check_name(tenant, "tenant")
         identity_selectors = self._selectors(identities, tenant, "identities")
-        service_selectors = self._selectors(services, tenant, "services")
+        service_selectors = self._selectors(services, tenant, "services", aimed=True)
         _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
         expires_at = expiry(until, lifetime, now)
@@ -258,7 +227,7 @@ class PolicyEngine:
             raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
         identities = (self._selectors(changes["identities"], old.tenant, "identities") if "identities" in changes
                       else old.identities)
-        services = (self._selectors(changes["services"], old.tenant, "services") if "services" in changes
+        services = (self._selectors(changes["services"], old.tenant, "services", aimed=True) if "services" in changes
                     else old.services)
         _refuse_foreign_services(kind, old.tenant, identities, services)
         expires_at = old.expires_at
@@ -328,14 +297,14 @@ class PolicyEngine:
         return expired
 
     @staticmethod
-    def _selectors(value: object, tenant: str, side: str) -> tuple[Selector, ...]:
+    def _selectors(value: object, tenant: str, side: str, *, aimed: bool = False) -> tuple[Selector, ...]:
         if not isinstance(value, list) or not value:
             raise bad_request("invalid_policy", f"A policy needs a non-empty list of {side} selectors.")
         if len(value) > MAX_SELECTORS:
             raise bad_request(
                 "invalid_policy", f"A policy takes at most {MAX_SELECTORS} {side} selectors; use roles to group more."
             )
-        return tuple(parse_selector(item, tenant) for item in value)
+        return tuple(parse_selector(item, tenant, aimed=aimed) for item in value)
 
     def list(self) -> list[Policy]:
         """Every policy, expired ones included (they allow nothing), with its decisions counted so far."""
@@ -354,7 +323,8 @@ class PolicyEngine:
                                    last_allowed_at=max(lasts) if lasts else None))
         return counted
 
-    def decide(self, kind: str, identity: Identity, service: Service, *, session_certificate: bool = False) -> Decision:
+    def decide(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
+               session_certificate: bool = False) -> Decision:
         """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so.
 
         ``session_certificate``: the tunnel authenticated with a session
@@ -362,14 +332,18 @@ class PolicyEngine:
         whatever the policies say. The decision is ``explain``'s, so what
         ``outpostctl policy explain`` says is what the relay does.
         """
-        decision = self.explain(kind, identity, service, session_certificate=session_certificate).decision
+        decision = self.explain(kind, identity, service, gateway=gateway,
+                                session_certificate=session_certificate).decision
         if decision.policy_id is not None:
             self.counters.count(decision.policy_id, time.time() if decision.allowed else None)
         return decision
 
-    def explain(self, kind: str, identity: Identity, service: Service, *,
+    def explain(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
                 session_certificate: bool = False) -> Explanation:
-        """The decision, with every policy that allows it and every one that names it in vain."""
+        """The decision, with every policy that allows it and every one that names it in vain.
+
+        ``gateway``: the gateway a dial is aimed at (or the one bound gateway that would serve it).
+        """
         if kind not in KINDS:
             return Explanation(Decision(False, f"{kind!r} is not an action a policy can allow."))
         if identity.status in BLOCKED_STATUSES:
@@ -385,15 +359,16 @@ class PolicyEngine:
         for policy in self.list():
             if policy.kind != kind or policy.expired(now):
                 continue
-            if policy.allows(identity, service):
+            if policy.allows(identity, service, gateway):
                 allowing.append(policy)
-            elif policy.tenant != service.tenant and policy.names(identity, service):
+            elif policy.tenant != service.tenant and policy.names(identity, service, gateway):
                 foreign.append(policy)
         if allowing:
             first = allowing[0].id
             return Explanation(Decision(True, f"allowed by policy {first}", first),
                                tuple(p.id for p in allowing), tuple(p.id for p in foreign))
-        reason = f"no policy allows identity {identity.label} to {kind} service {service.label}"
+        aimed = "" if gateway is None else f" on gateway {gateway.label}"
+        reason = f"no policy allows identity {identity.label} to {kind} service {service.label}{aimed}"
         if foreign:
             named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])
             if len(foreign) > MAX_NAMED_FOREIGN:
@@ -410,7 +385,7 @@ def _policy(row: Row) -> Policy:
         kind=row["kind"],
         tenant=tenant,
         identities=tuple(parse_selector(t, tenant) for t in json.loads(row["identities"])),
-        services=tuple(parse_selector(t, tenant) for t in json.loads(row["services"])),
+        services=tuple(parse_selector(t, tenant, aimed=True) for t in json.loads(row["services"])),
         created_at=row["created_at"],
         version=int(row["version"] or 1),
         updated_at=row["updated_at"],

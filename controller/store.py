@@ -200,6 +200,9 @@ ADDED_COLUMNS = (
     ("policies", "expiry_recorded_at", "REAL"),
     ("policies", "decisions", "INTEGER"),
     ("policies", "last_allowed_at", "REAL"),
+    # How a dial of a service bound by several gateways picks one: NULL, refuse
+    # with the choices (dial SERVICE@GATEWAY); 'any', the latest bound (controller/aiming.py).
+    ("services", "choose", "TEXT"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

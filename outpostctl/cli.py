@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(service, "create", commands.service_create, "create a service", json_flag=True)
     sub.add_argument("name", metavar="NAME")
     roles_and_tenant(sub)
+    sub.add_argument("--choose", choices=["one", "any"], default="one",
+                     help="a plain dial with several gateways bound: refuse with the choices (one, the default; "
+                          "dial NAME@GATEWAY) or take any of them (any)")
     tenant_filter(leaf(service, "list", commands.service_list, "list services", json_flag=True))
 
     policy = top.add_parser("policy", help="who may dial or bind what (deny by default)").add_subparsers(

@@ -137,7 +137,7 @@ class PolicyWatch:
             if service is None:
                 verdicts.append((None, f"{why}; the service {dial.key[0]}/{dial.key[1]} is gone"))
                 continue
-            decision = engine.explain("dial", dial.session.admitted, service,
+            decision = engine.explain("dial", dial.session.admitted, service, gateway=dial.binder.admitted,
                                       session_certificate=dial.session.session_certificate).decision
             verdicts.append((decision.policy_id, "") if decision.allowed else (None, f"{why}; {decision.reason}"))
         return verdicts

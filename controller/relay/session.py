@@ -22,6 +22,7 @@ from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
 from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
+from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
 from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
@@ -233,11 +234,13 @@ class RelaySession(TunnelSession):
         ])
         return decisions
 
-    def _decide_dial(self, record: DialRecord) -> Decision:
-        """Decide one dial and record its request and decision under its connection id (worker thread)."""
-        decision = allowed, reason, key, policy = self._decide("dial", record.requested)
-        self.context.audit.record_groups([record.decided(allowed, reason, f"{key[0]}/{key[1]}", policy)])
-        return decision
+    def _decide_dial(self, record: DialRecord, candidates: list[RelaySession]) -> DialChoice:
+        """Decide one dial, and the gateway serving it; record its request and decision (worker thread)."""
+        choice = choose(self, record.requested, candidates)
+        key = choice.key
+        self.context.audit.record_groups([record.decided(choice.allowed, choice.reason, f"{key[0]}/{key[1]}",
+                                                         choice.policy)])
+        return choice
 
     def _decide(self, kind: str, requested: str) -> Decision:
         """(allowed, reason, service key) for this identity and a named service."""
@@ -250,22 +253,24 @@ class RelaySession(TunnelSession):
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
         record = DialRecord(self, channel)
+        candidates = self.relay.broker.binders(split_aim(channel.service, self.admitted.tenant)[0])
         try:
-            allowed, reason, key, policy = await self.in_worker(self._decide_dial, record)
+            choice = await self.in_worker(self._decide_dial, record, candidates)
         except StoreUnavailable as unavailable:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
+        key, policy = choice.key, choice.policy
         if channel.error is not None or self.conn.closed:
-            if allowed:
+            if choice.allowed:
                 self.relay.record_soon(*record.failed("the dialer went away"))
             return
-        if not allowed:
-            code = ErrorCode.SERVICE_UNKNOWN if reason.startswith("no service named") else ErrorCode.POLICY_DENIED
-            channel.reset(code, reason)
+        if not choice.allowed:
+            channel.reset(choice.code, choice.reason)
             return
-        binder = self.relay.broker.binder(key)
-        if binder is None:
-            channel.reset(ErrorCode.SERVICE_UNAVAILABLE, f"no gateway hosting {key[0]}/{key[1]} is connected")
+        binder = choice.binder
+        if binder is None or binder.conn.closed:
+            channel.reset(ErrorCode.SERVICE_UNAVAILABLE,
+                          choice.unavailable or f"no gateway hosting {key[0]}/{key[1]} is connected")
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:

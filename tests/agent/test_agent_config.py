@@ -73,6 +73,13 @@ def test_a_dial_may_name_a_service_of_another_tenant(tmp_path: Path):
     assert config.dials == (DialConfig("acme/scada", "127.0.0.1", 9001),)
 
 
+def test_a_dial_may_be_aimed_at_one_gateway(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[dial]]\nservice = "modbus@gw-0042"\nlisten = "127.0.0.1:9001"\n'))
+    assert config.dials == (DialConfig("modbus@gw-0042", "127.0.0.1", 9001),)
+    with pytest.raises(ConfigError, match="before a gateway as"):
+        load_config(write(tmp_path, '[[dial]]\nservice = "modbus@GW"\nlisten = "127.0.0.1:9001"\n'))
+
+
 def test_an_empty_file_gives_the_defaults(tmp_path: Path):
     config = load_config(write(tmp_path, ""))
 

@@ -22,8 +22,9 @@ SCHEMA_DIGESTS = {
     2: "fdfec4f98a5c10ba106f1f434f8273b6f6898e2f0ce998fe7951071da6b27838",
     # The audit's correlation, identity, service and chain columns (controller/audit_chain.py).
     3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
-    # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py).
-    4: "2d21469d447f5757e286c6e8f71198bd73f9f2f915c8bf48e0048f200268f835",
+    # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py),
+    # and how a service bound by several gateways chooses (controller/relay/aiming.py).
+    4: "d7276bd7779c10264b307899d5a086311de1cec4769e6a36106746c03c6c59b6",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
