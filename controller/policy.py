@@ -62,6 +62,8 @@ class Policy:
     expires_at: float | None = None
     decisions: int = 0
     last_allowed_at: float | None = None
+    #: The correlation id of the just-in-time grant this policy was created for (controller/grants.py).
+    correlation: str | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -94,6 +96,7 @@ class Policy:
             "expired": self.expired(time.time()),
             "decisions": self.decisions,
             "last_allowed_at": self.last_allowed_at,
+            "grant": self.correlation,
         }
 
     def definition(self) -> dict[str, Any]:
@@ -140,11 +143,19 @@ class PolicyEngine:
         self.change_listeners: list[PolicyListener] = []
         #: The expiry of each policy as the latest decision read it: the relay times its closing by it.
         self._expiries: dict[int, float | None] = {}
+        #: The grant correlation id of each policy created for a grant, as the latest decision read it.
+        self._grants: dict[int, str] = {}
         self._expiries_lock = threading.Lock()
 
     def create(self, kind: object, tenant: str, identities: object, services: object, *,
                until: object = None, lifetime: object = None) -> Policy:
         """A new policy; ``until`` (a time) or ``lifetime`` (a duration such as 8h) makes it expire."""
+        with self._store.transaction() as db:
+            return self.create_in(db, kind, tenant, identities, services, until=until, lifetime=lifetime)
+
+    def create_in(self, db: Transaction, kind: object, tenant: str, identities: object, services: object, *,
+                  until: object = None, lifetime: object = None, correlation: str | None = None) -> Policy:
+        """``create`` inside a caller's transaction; ``correlation``: the grant it is for (controller/grants.py)."""
         if kind not in KINDS:
             raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
         check_name(tenant, "tenant")
@@ -153,25 +164,25 @@ class PolicyEngine:
         _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
         expires_at = expiry(until, lifetime, now)
-        with self._store.transaction() as db:
-            row = db.query_one(
-                "INSERT INTO policies (kind, tenant, identities, services, created_at, version, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, 1, ?) RETURNING id",
-                (
-                    kind,
-                    tenant,
-                    json.dumps([s.text(tenant) for s in identity_selectors]),
-                    json.dumps([s.text(tenant) for s in service_selectors]),
-                    now,
-                    expires_at,
-                ),
-            )
-            if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
-                raise RuntimeError("the store wrote no policy row")
-            policy_id = int(row["id"])
-            policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now,
-                            expires_at=expires_at)
-            self._audit.record_in(db, "policy_created", **policy.definition())
+        row = db.query_one(
+            "INSERT INTO policies (kind, tenant, identities, services, created_at, version, expires_at, correlation) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING id",
+            (
+                kind,
+                tenant,
+                json.dumps([s.text(tenant) for s in identity_selectors]),
+                json.dumps([s.text(tenant) for s in service_selectors]),
+                now,
+                expires_at,
+                correlation,
+            ),
+        )
+        if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
+            raise RuntimeError("the store wrote no policy row")
+        policy = Policy(int(row["id"]), str(kind), tenant, identity_selectors, service_selectors, now,
+                        expires_at=expires_at, correlation=correlation)
+        self._audit.record_in(db, "policy_created", **policy.definition(),
+                              **({} if correlation is None else {"correlation": correlation}))
         return policy
 
     def get(self, policy_id: int) -> Policy | None:
@@ -273,6 +284,11 @@ class PolicyEngine:
         with self._expiries_lock:
             return self._expiries.get(policy_id)
 
+    def grant_of(self, policy_id: int) -> str | None:
+        """The correlation id of the grant ``policy_id`` was created for, if any (no store read)."""
+        with self._expiries_lock:
+            return self._grants.get(policy_id)
+
     def why_ended(self, policy_id: int, now: float) -> str:
         """Why a policy allows no more what it allowed: deleted, expired or changed (reads the store)."""
         policy = self.get(policy_id)
@@ -292,7 +308,8 @@ class PolicyEngine:
                 policy = _policy(row)
                 db.execute("UPDATE policies SET expiry_recorded_at = ? WHERE id = ?", (now, policy.id))
                 self._audit.record_in(db, "policy_expired", **policy.definition(),
-                                      reason=f"policy {policy.id} expired at {format_time(policy.expires_at or now)}")
+                                      reason=f"policy {policy.id} expired at {format_time(policy.expires_at or now)}",
+                                      **({} if policy.correlation is None else {"correlation": policy.correlation}))
                 expired.append(policy.id)
         return expired
 
@@ -311,6 +328,7 @@ class PolicyEngine:
         policies = [_policy(row) for row in self._store.query("SELECT * FROM policies ORDER BY id")]
         with self._expiries_lock:
             self._expiries = {p.id: p.expires_at for p in policies}
+            self._grants = {p.id: p.correlation for p in policies if p.correlation is not None}
         return policies
 
     def list_with_counts(self) -> builtins.list[Policy]:
@@ -392,6 +410,7 @@ def _policy(row: Row) -> Policy:
         expires_at=row["expires_at"],
         decisions=int(row["decisions"] or 0),
         last_allowed_at=row["last_allowed_at"],
+        correlation=row["correlation"],
     )
 
 

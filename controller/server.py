@@ -32,6 +32,7 @@ from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
 from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.fleet_api import FleetApi
+from controller.grants_api import GrantsApi, grants_of
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
@@ -186,6 +187,7 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
         PolicyAdminApi(context).add_routes(app)
+        GrantsApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
         AuditApi(context).add_routes(app)
     elif gateway:
@@ -307,7 +309,8 @@ class ControllerServer:
         self._tasks.append(loop.create_task(self._renew_certificate()))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(relay.presence.run()))
-        self._tasks.append(loop.create_task(context.policy.counters.run(chores=(context.policy.record_expiries,))))
+        chores = (context.policy.record_expiries, grants_of(context).expire_pending)
+        self._tasks.append(loop.create_task(context.policy.counters.run(chores=chores)))
         if context.settings.metrics_listen_host is not None:
             await self._serve_metrics(relay, tls)
         self._tasks.append(loop.create_task(log_checkpoints(context.store)))

@@ -161,6 +161,24 @@ CREATE TABLE IF NOT EXISTS people (
     signed_in_at REAL NOT NULL,
     PRIMARY KEY (tenant, name)
 );
+-- Just-in-time grants (controller/grants.py): a person's request, an approver's
+-- answer, and the policy an approval created; one correlation id for its whole story.
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    service TEXT NOT NULL,
+    duration REAL NOT NULL,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL,
+    correlation TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    pending_until REAL NOT NULL,
+    decided_by TEXT,
+    decided_at REAL,
+    policy_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS grants_by_status ON grants (status, pending_until);
 CREATE UNIQUE INDEX IF NOT EXISTS people_by_subject ON people (provider, subject);
 -- A person's session: only the SHA-256 of the bearer is kept.
 CREATE TABLE IF NOT EXISTS person_sessions (
@@ -203,6 +221,8 @@ ADDED_COLUMNS = (
     # How a dial of a service bound by several gateways picks one: NULL, refuse
     # with the choices (dial SERVICE@GATEWAY); 'any', the latest bound (controller/aiming.py).
     ("services", "choose", "TEXT"),
+    # The correlation id of the grant a policy was created for (controller/grants.py): its dials and expiry share it.
+    ("policies", "correlation", "TEXT"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

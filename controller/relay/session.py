@@ -238,8 +238,13 @@ class RelaySession(TunnelSession):
         """Decide one dial, and the gateway serving it; record its request and decision (worker thread)."""
         choice = choose(self, record.requested, candidates)
         key = choice.key
-        self.context.audit.record_groups([record.decided(choice.allowed, choice.reason, f"{key[0]}/{key[1]}",
-                                                         choice.policy)])
+        groups = [record.decided(choice.allowed, choice.reason, f"{key[0]}/{key[1]}", choice.policy)]
+        grant = None if choice.policy is None else self.context.policy.grant_of(choice.policy)
+        if choice.allowed and grant is not None:
+            # The grant's story names each connection it allowed, under the grant's own correlation id.
+            groups.append([("grant_used", {"correlation": grant, "connection": record.id, "policy": choice.policy,
+                                           "identity": record.identity, "service": f"{key[0]}/{key[1]}"})])
+        self.context.audit.record_groups(groups)
         return choice
 
     def _decide(self, kind: str, requested: str) -> Decision:

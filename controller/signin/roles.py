@@ -45,6 +45,10 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, str]] = {
     ("GET", "/api/v1/fleet"): ("auditor", "Listing the fleet"),
     ("GET", "/api/v1/fleet/{name}"): ("auditor", "Reading a gateway's presence"),
     ("GET", "/api/v1/policies/explain"): ("auditor", "Explaining a policy decision"),
+    ("POST", "/api/v1/grants"): ("operator", "Requesting a grant"),
+    ("GET", "/api/v1/grants"): ("", "Listing grants"),
+    ("POST", "/api/v1/grants/{id}/approve"): ("approver", "Approving a grant"),
+    ("POST", "/api/v1/grants/{id}/deny"): ("approver", "Denying a grant"),
     ("GET", "/api/v1/signin/whoami"): ("", "Asking who you are"),
     ("POST", "/api/v1/signin/logout"): ("", "Signing out"),
 }

@@ -10,6 +10,7 @@ from aiohttp import web
 from controller.api import ManagementApi
 from controller.audit_api import AuditApi
 from controller.fleet_api import FleetApi
+from controller.grants_api import GrantsApi
 from controller.policy_admin import PolicyAdminApi
 from controller.policy_api import PolicyExplainApi
 from controller.signin.api import OPEN_ROUTES, SigninApi
@@ -28,6 +29,7 @@ def test_every_management_route_has_a_role_and_the_doc_lists_each() -> None:
     PolicyExplainApi(None).add_routes(app)  # type: ignore[arg-type]
     PolicyAdminApi(None).add_routes(app)  # type: ignore[arg-type]
     AuditApi(None).add_routes(app)  # type: ignore[arg-type]
+    GrantsApi.add_routes(GrantsApi.__new__(GrantsApi), app)
     routes = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.method != "HEAD" and r.resource.canonical not in OPEN_ROUTES}
     assert routes == set(ROUTE_ROLES)

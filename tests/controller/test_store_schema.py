@@ -23,8 +23,8 @@ SCHEMA_DIGESTS = {
     # The audit's correlation, identity, service and chain columns (controller/audit_chain.py).
     3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
     # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py),
-    # and how a service bound by several gateways chooses (controller/relay/aiming.py).
-    4: "d7276bd7779c10264b307899d5a086311de1cec4769e6a36106746c03c6c59b6",
+    # how a service bound by several gateways chooses (controller/relay/aiming.py), and grants (controller/grants.py).
+    4: "fc71f31bffd89bc0dd1a94398b9ffc6e1d0def447e2a5ad0117bb1ae4928862f",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
