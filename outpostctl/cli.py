@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import audit_commands, commands, fleet, policies
+from outpostctl import audit_commands, commands, fleet, grants, policies
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--session", action="store_true",
                      help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
+    grants.add_commands(top, leaf)
     audit_commands.add_commands(top, leaf, _positive_int)
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)
 

@@ -9,17 +9,25 @@ correlation id in the audit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agent.tunnel.client import TunnelOptions
+from outpostctl.cli import build_parser
+from outpostctl.client import ManagementClient
+from outpostctl.config import load_config
+from outpostctl.errors import OutpostError
 from shared.protocol import ErrorCode
 from tests.controller.harness import Running, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import connect, credentials_from, csr_for, enrolled, new_keystore
 from tests.controller.relay.test_relay_decisions import DIAL_ANSWER_TIMEOUT, Echo
 from tests.oidc.harness import IdP
 from tests.oidc.signin_harness import call, device_sign_in, signin_settings
+from tests.oidc.test_ctl_login import person_config
 
 #: The grant's lifetime here: long enough to sign a session certificate and dial under load, short for a test.
 GRANT_FOR = "6s"
@@ -104,5 +112,38 @@ def test_a_grant_from_request_to_expiry_with_its_live_connection_closed(idp: IdP
                 await asyncio.sleep(0.05)
             assert events == ["grant_requested", "policy_created", "grant_approved", "grant_refused", "grant_used",
                               "policy_expired"], events
+
+    run(scenario())
+
+
+def test_the_grant_commands_as_people_run_them(idp: IdP, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl", signin=signin_settings(idp)) as ctl:
+            status, _ = await call(ctl, "POST", "/api/v1/services", {"name": "historian"}, bearer=ctl.admin_token)
+            assert status == 201
+            config = load_config(person_config(tmp_path, ctl.api_url, ctl.context.settings.ca_cert_path))
+            people = {name: (await device_sign_in(ctl, idp, name))["session"] for name in ("oscar", "april")}
+
+            async def as_person(name: str, *argv: str) -> str:
+                args = build_parser().parse_args(list(argv))
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    code = await asyncio.to_thread(args.handler, args,
+                                                   ManagementClient(replace(config, token=people[name])))
+                assert code == 0
+                return out.getvalue()
+
+            said = await as_person("oscar", "grant", "request", "historian", "--for", "1h", "--reason", "trend check")
+            assert said.startswith("requested grant 1 for historian (1h); an approver answers it with "
+                                   "outpostctl grant approve 1 before ")
+            try:
+                await as_person("oscar", "grant", "approve", "1")
+                raise AssertionError("the requester's approval was accepted")
+            except OutpostError as refused:
+                assert "Approving a grant needs the approver role" in str(refused)
+            table = await as_person("april", "grant", "list")
+            assert table.splitlines()[1].split()[:4] == ["1", "pending", "default/oscar", "default/historian"]
+            said = await as_person("april", "grant", "approve", "1")
+            assert said.startswith("approved grant 1: default/oscar may dial default/historian for 3600s (policy ")
 
     run(scenario())
