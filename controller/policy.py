@@ -20,17 +20,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from controller.audit import AuditLog
 from controller.errors import ControllerError, bad_request, not_found
 from controller.names import check_name
 from controller.policy_counters import PolicyCounters
+from controller.policy_model import Decision, Explanation, Policy, policy_from_row
 from controller.policy_selectors import Selector, parse_selector
 from controller.policy_terms import expiry, format_time
 from controller.registry import BLOCKED_STATUSES, Identity, Service
-from controller.store import Row, Store, Transaction
+from controller.store import Store, Transaction
 from controller.watcher import CHANGE_POLICY
 
 log = logging.getLogger(__name__)
@@ -45,90 +46,6 @@ MAX_NAMED_FOREIGN = 3
 UPDATABLE = frozenset({"kind", "identities", "services", "until", "for", "no_expiry", "expected_version"})
 
 PolicyListener = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Policy:
-    id: int
-    kind: str
-    tenant: str
-    identities: tuple[Selector, ...]
-    services: tuple[Selector, ...]
-    created_at: float
-    #: Counts the edits: each ``update`` makes a new version of the same id.
-    version: int = 1
-    updated_at: float | None = None
-    #: After this moment (seconds since the epoch) the policy allows nothing, and what it allowed is closed.
-    expires_at: float | None = None
-    decisions: int = 0
-    last_allowed_at: float | None = None
-    #: The correlation id of the just-in-time grant this policy was created for (controller/grants.py).
-    correlation: str | None = None
-
-    def expired(self, now: float) -> bool:
-        return self.expires_at is not None and self.expires_at <= now
-
-    def allows(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
-        """True when both sides match and the policy lives in the service's tenant.
-
-        ``gateway``: the gateway the dial is aimed at or served by; a selector
-        naming one (``modbus@gw-0042``) matches only a dial of that gateway.
-        """
-        return service.tenant == self.tenant and self.names(identity, service, gateway)
-
-    def names(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
-        """Both sides match, whatever tenant the policy lives in."""
-        return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
-            s.matches_service(service, gateway) for s in self.services
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "tenant": self.tenant,
-            "identities": [s.text(self.tenant) for s in self.identities],
-            "services": [s.text(self.tenant) for s in self.services],
-            "created_at": self.created_at,
-            "version": self.version,
-            "updated_at": self.updated_at,
-            "expires_at": self.expires_at,
-            "expired": self.expired(time.time()),
-            "decisions": self.decisions,
-            "last_allowed_at": self.last_allowed_at,
-            "grant": self.correlation,
-        }
-
-    def definition(self) -> dict[str, Any]:
-        """What the policy says (no counters): the audit records it for each version."""
-        return {key: value for key, value in self.to_json().items()
-                if key not in ("decisions", "last_allowed_at", "expired")}
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    #: One plain sentence: which policy allowed it, or why nothing did.
-    reason: str
-    policy_id: int | None = None
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Why a decision is what it is: the decision itself, and every policy that took part in it."""
-
-    decision: Decision
-    #: every policy that allows it, in the order they are tried (the first decides)
-    allowing: tuple[int, ...] = ()
-    #: policies that name both sides but live in another tenant than the service, so open nothing
-    foreign: tuple[int, ...] = ()
-    #: what refuses before any policy is read (a blocked identity, a session certificate binding)
-    blocked: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"allowed": self.decision.allowed, "reason": self.decision.reason,
-                "policy": self.decision.policy_id, "allowing": list(self.allowing), "foreign": list(self.foreign),
-                "blocked": self.blocked}
 
 
 class PolicyEngine:
@@ -187,14 +104,14 @@ class PolicyEngine:
 
     def get(self, policy_id: int) -> Policy | None:
         row = self._store.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
-        return None if row is None else _policy(row)
+        return None if row is None else policy_from_row(row)
 
     def get_in(self, db: Transaction, policy_id: int) -> Policy:
         """The policy ``policy_id`` inside a transaction; 404 ``policy_unknown`` when there is none."""
         row = db.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
         if row is None:
             raise not_found("policy_unknown", f"There is no policy {policy_id}; outpostctl policy list shows them.")
-        return _policy(row)
+        return policy_from_row(row)
 
     def update(self, policy_id: int, changes: dict[str, Any]) -> tuple[Policy, Policy]:
         """A new version of ``policy_id`` with ``changes``: (previous, new), both in the audit.
@@ -305,7 +222,7 @@ class PolicyEngine:
         with self._store.transaction() as db:
             rows = db.query("SELECT * FROM policies WHERE expires_at <= ? AND expiry_recorded_at IS NULL", (now,))
             for row in rows:
-                policy = _policy(row)
+                policy = policy_from_row(row)
                 db.execute("UPDATE policies SET expiry_recorded_at = ? WHERE id = ?", (now, policy.id))
                 self._audit.record_in(db, "policy_expired", **policy.definition(),
                                       reason=f"policy {policy.id} expired at {format_time(policy.expires_at or now)}",
@@ -325,7 +242,7 @@ class PolicyEngine:
 
     def list(self) -> list[Policy]:
         """Every policy, expired ones included (they allow nothing), with its decisions counted so far."""
-        policies = [_policy(row) for row in self._store.query("SELECT * FROM policies ORDER BY id")]
+        policies = [policy_from_row(row) for row in self._store.query("SELECT * FROM policies ORDER BY id")]
         with self._expiries_lock:
             self._expiries = {p.id: p.expires_at for p in policies}
             self._grants = {p.id: p.correlation for p in policies if p.correlation is not None}
@@ -394,24 +311,6 @@ class PolicyEngine:
             reason = (f"{reason}: policy {named} names it, but only a policy of tenant {service.tenant} "
                       f"opens {service.tenant}'s services")
         return Explanation(Decision(False, reason), foreign=tuple(p.id for p in foreign))
-
-
-def _policy(row: Row) -> Policy:
-    tenant = row["tenant"]
-    return Policy(
-        id=int(row["id"]),
-        kind=row["kind"],
-        tenant=tenant,
-        identities=tuple(parse_selector(t, tenant) for t in json.loads(row["identities"])),
-        services=tuple(parse_selector(t, tenant, aimed=True) for t in json.loads(row["services"])),
-        created_at=row["created_at"],
-        version=int(row["version"] or 1),
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        decisions=int(row["decisions"] or 0),
-        last_allowed_at=row["last_allowed_at"],
-        correlation=row["correlation"],
-    )
 
 
 def _refuse_foreign_services(kind: object, tenant: str, identities: tuple[Selector, ...],
