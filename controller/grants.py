@@ -33,6 +33,9 @@ MAX_GRANT_SECONDS = 24 * 3600.0
 #: A reason is a sentence or two for the approver and the audit, not a document.
 MAX_REASON_CHARS = 500
 GATEWAY_MARK = "@"
+#: Pending requests one person may have at once: more than anyone needs
+#: answered at a time, few enough that nobody floods the approvers or the store.
+MAX_PENDING_PER_PERSON = 10
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,11 @@ class Grants:
         now = time.time()
         correlation = new_id(GRANT)
         with self._store.transaction() as db:
+            waiting = db.query_one("SELECT COUNT(*) AS n FROM grants WHERE requester = ? AND status = 'pending' "
+                                   "AND pending_until > ?", (requester, now))
+            if waiting is not None and int(waiting["n"]) >= MAX_PENDING_PER_PERSON:
+                raise ControllerError("too_many_grants", f"You have {MAX_PENDING_PER_PERSON} grants waiting for an "
+                                      "answer; wait for them, or ask an approver, before requesting more.", 429)
             row = db.query_one(
                 "INSERT INTO grants (tenant, requester, service, duration, reason, status, correlation, requested_at, "
                 "pending_until) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) RETURNING id",

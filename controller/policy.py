@@ -131,6 +131,8 @@ class PolicyEngine:
         with self._store.transaction() as db:
             old = self.get_in(db, policy_id)
             expected = changes.get("expected_version")
+            if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+                raise bad_request("invalid_policy", "expected_version is the version number policy list shows.")
             if expected is not None and expected != old.version:
                 raise ControllerError(
                     "policy_changed", f"Policy {policy_id} is at version {old.version} now, not {expected}: someone "

@@ -78,3 +78,16 @@ def test_a_denied_grant_creates_no_policy_and_an_unknown_one_is_named(grants) ->
         engine.decide(99, "default/april", True)
     assert (refused.value.status, refused.value.message) == (
         404, "There is no grant 99; outpostctl grant list shows them.")
+
+
+def test_a_person_cannot_flood_the_approvers(grants) -> None:
+    from controller.grants import MAX_PENDING_PER_PERSON
+
+    engine, store = grants
+    for _ in range(MAX_PENDING_PER_PERSON):
+        engine.request("default/oscar", "modbus", "1h", "again")
+    with pytest.raises(ControllerError) as refused:
+        engine.request("default/oscar", "modbus", "1h", "again")
+    assert refused.value.code == "too_many_grants" and refused.value.status == 429
+    assert len(rows(store, "grants")) == MAX_PENDING_PER_PERSON
+    engine.request("default/tina", "modbus", "1h", "someone else")  # others are not held up

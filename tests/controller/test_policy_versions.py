@@ -88,6 +88,7 @@ def test_an_unknown_policy_id_is_refused_in_one_sentence_and_nothing_changes(wor
     ({"until": "2030-01-01T00:00:00Z", "for": "1h"}, "invalid_expiry", "not both"),
     ({"tenant": "acme"}, "invalid_policy", "cannot change 'tenant'"),
     ({"expected_version": 1}, "invalid_policy", "Say what to change"),
+    ({"identities": ["gw"], "expected_version": True}, "invalid_policy", "expected_version is the version number"),
     ({"services": ["acme/modbus"]}, "cross_tenant_service", "only a policy of tenant acme opens its services"),
 ])
 def test_bad_updates_are_refused_in_one_sentence_and_change_nothing(world, changes, code, fragment) -> None:
