@@ -14,7 +14,7 @@ from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.correlation import ENROLLMENT, RENEWAL, audit_scope, new_id
 from controller.enrollment import Issued
-from controller.errors import BodyRefused, forbidden, unknown_identity
+from controller.errors import BodyRefused, ControllerError, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.signin.api import person_label, require_tenant, signin_of, tenant_scope
@@ -249,10 +249,18 @@ class ManagementApi:
         body = await read_json(request)
         tenant = _tenant(body.get("tenant"))
         await require_tenant(request, self.context, tenant)
-        policy = await API_POOL.run(
-            self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
-            until=body.get("until"), lifetime=body.get("for"),
-        )
+        try:
+            policy = await API_POOL.run(
+                self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
+                until=body.get("until"), lifetime=body.get("for"),
+            )
+        except ControllerError as error:
+            if error.status >= 500:
+                raise
+            # Nothing was written; the refusal is the one row.
+            await API_POOL.run(self.context.audit.record, "policy_refused", action="create", tenant=tenant,
+                               code=error.code, reason=error.message)
+            raise
         return web.json_response(policy.to_json(), status=201)
 
     async def list_policies(self, request: web.Request) -> web.Response:

@@ -131,3 +131,32 @@ def test_deleting_or_narrowing_a_policy_closes_its_live_dials_and_widening_keeps
                 assert channel.error.reason.startswith(f"policy {other['id']} was deleted; no policy allows")
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_policy_with_a_bad_or_past_expiry_is_refused_in_one_sentence_and_one_audit_row(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            await create(ctl, "/api/v1/services", {"name": "modbus"})
+            path = ctl.context.settings.store_path
+            for extra, code, sentence in (
+                ({"for": "a while"}, "invalid_duration", "'a while' is not a duration; write a number and a unit "
+                                                         "(s, m, h, d, w), such as 30m, 8h or 7d."),
+                ({"until": "2020-05-01T00:00:00Z"}, "invalid_time", "2020-05-01T00:00:00Z is in the past; give a "
+                                                                   "time to come, or a duration (for)."),
+            ):
+                before = store_snapshot(path)
+                status, body = await ctl.call("POST", "/api/v1/policies", {
+                    "kind": "dial", "identities": ["ops"], "services": ["modbus"], **extra})
+                assert (status, body["error"], body["message"]) == (400, code, sentence)
+                after = store_snapshot(path)
+                assert after["policies"] == before["policies"]
+                added = after["audit"][len(before["audit"]):]
+                assert [(r[2], json.loads(r[3])["reason"]) for r in added] == [("policy_refused", sentence)]
+            for method in ("PATCH", "DELETE"):
+                before = store_snapshot(path)
+                status, body = await ctl.call(method, "/api/v1/policies/77", {"identities": ["x"]}
+                                              if method == "PATCH" else None)
+                assert (status, body["message"]) == (404, "There is no policy 77; outpostctl policy list shows them.")
+                assert [r[2] for r in store_snapshot(path)["audit"][len(before["audit"]):]] == ["policy_refused"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
