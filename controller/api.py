@@ -234,7 +234,7 @@ class ManagementApi:
         service = await API_POOL.run(
             self.context.registry.create_service,
             tenant, check_name(body.get("name"), "service name"), check_roles(body.get("roles")),
-            body.get("choose", "one"),
+            body.get("choose", "one"), body.get("ports", []),
         )
         return web.json_response(service.to_json(), status=201)
 

@@ -261,7 +261,7 @@ class PolicyEngine:
         return counted
 
     def decide(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
-               session_certificate: bool = False) -> Decision:
+               port: int | None = None, session_certificate: bool = False) -> Decision:
         """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so.
 
         ``session_certificate``: the tunnel authenticated with a session
@@ -269,14 +269,14 @@ class PolicyEngine:
         whatever the policies say. The decision is ``explain``'s, so what
         ``outpostctl policy explain`` says is what the relay does.
         """
-        decision = self.explain(kind, identity, service, gateway=gateway,
+        decision = self.explain(kind, identity, service, gateway=gateway, port=port,
                                 session_certificate=session_certificate).decision
         if decision.policy_id is not None:
             self.counters.count(decision.policy_id, time.time() if decision.allowed else None)
         return decision
 
     def explain(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
-                session_certificate: bool = False) -> Explanation:
+                port: int | None = None, session_certificate: bool = False) -> Explanation:
         """The decision, with every policy that allows it and every one that names it in vain.
 
         ``gateway``: the gateway a dial is aimed at (or the one bound gateway that would serve it).
@@ -296,15 +296,15 @@ class PolicyEngine:
         for policy in self.list():
             if policy.kind != kind or policy.expired(now):
                 continue
-            if policy.allows(identity, service, gateway):
+            if policy.allows(identity, service, gateway, port):
                 allowing.append(policy)
-            elif policy.tenant != service.tenant and policy.names(identity, service, gateway):
+            elif policy.tenant != service.tenant and policy.names(identity, service, gateway, port):
                 foreign.append(policy)
         if allowing:
             first = allowing[0].id
             return Explanation(Decision(True, f"allowed by policy {first}", first),
                                tuple(p.id for p in allowing), tuple(p.id for p in foreign))
-        aimed = "" if gateway is None else f" on gateway {gateway.label}"
+        aimed = ("" if port is None else f" port {port}") + ("" if gateway is None else f" on gateway {gateway.label}")
         reason = f"no policy allows identity {identity.label} to {kind} service {service.label}{aimed}"
         if foreign:
             named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])

@@ -55,7 +55,7 @@ class PolicyExplainApi:
         identity = registry.get_identity(tenant, name)
         if identity is None:
             raise not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")
-        (service_tenant, service_name), gateway_name = split_aim(query["service"], identity.tenant)
+        (service_tenant, service_name), gateway_name, port = split_aim(query["service"], identity.tenant)
         check_name(service_tenant, "tenant")
         check_name(service_name, "service name")
         service = registry.get_service(service_tenant, service_name)
@@ -75,7 +75,7 @@ class PolicyExplainApi:
                                              f"{service_name}", "policy": None, "allowing": [], "foreign": [],
                                              "blocked": None}
                 continue
-            explanation = self.context.policy.explain(kind, identity, service, gateway=gateway,
+            explanation = self.context.policy.explain(kind, identity, service, gateway=gateway, port=port,
                                                       session_certificate=session == "true")
             answer["decisions"][kind] = explanation.to_json()
         used = {pid for d in answer["decisions"].values() for pid in d["allowing"] + d["foreign"]}

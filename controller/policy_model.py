@@ -33,18 +33,20 @@ class Policy:
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
-    def allows(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
+    def allows(self, identity: Identity, service: Service, gateway: Identity | None = None,
+               port: int | None = None) -> bool:
         """True when both sides match and the policy lives in the service's tenant.
 
         ``gateway``: the gateway the dial is aimed at or served by; a selector
         naming one (``modbus@gw-0042``) matches only a dial of that gateway.
         """
-        return service.tenant == self.tenant and self.names(identity, service, gateway)
+        return service.tenant == self.tenant and self.names(identity, service, gateway, port)
 
-    def names(self, identity: Identity, service: Service, gateway: Identity | None = None) -> bool:
+    def names(self, identity: Identity, service: Service, gateway: Identity | None = None,
+              port: int | None = None) -> bool:
         """Both sides match, whatever tenant the policy lives in."""
         return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
-            s.matches_service(service, gateway) for s in self.services
+            s.matches_service(service, gateway, port) for s in self.services
         )
 
     def to_json(self) -> dict[str, Any]:

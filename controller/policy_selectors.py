@@ -8,6 +8,7 @@ name or a role of the policy's tenant unless it names one (``@acme/gw``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from controller.errors import bad_request
@@ -16,6 +17,8 @@ from controller.registry import Identity, Service
 
 ROLE_PREFIX = "role:"
 GATEWAY_MARK = "@"
+#: ``SERVICE:PORT``: a selector or a dial naming one of the service's declared ports.
+WITH_PORT = re.compile(r"^(.+):(\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,19 @@ class Selector:
     is_role: bool
     #: On a service selector: the gateway (a name or a role) whose service it opens; None for any.
     gateway: Selector | None = None
+    #: On a service selector: the one declared port it opens; None for every port (and a dial naming none).
+    port: int | None = None
 
     def matches(self, tenant: str, name: str, roles: tuple[str, ...]) -> bool:
         if tenant != self.tenant:
             return False
         return self.value in roles if self.is_role else self.value == name
 
-    def matches_service(self, service: Service, gateway: Identity | None) -> bool:
-        """The service matches, and so does the gateway when the selector names one."""
+    def matches_service(self, service: Service, gateway: Identity | None, port: int | None = None) -> bool:
+        """The service matches, and so do the gateway and the port when the selector names them."""
         if not self.matches(service.tenant, service.name, service.roles):
+            return False
+        if self.port is not None and port != self.port:
             return False
         return self.gateway is None or (gateway is not None and
                                         self.gateway.matches(gateway.tenant, gateway.name, gateway.roles))
@@ -44,6 +51,8 @@ class Selector:
         """The selector as written, with the tenant prefix only where it differs."""
         body = self.value if self.tenant == policy_tenant else f"{self.tenant}/{self.value}"
         written = ROLE_PREFIX + body if self.is_role else body
+        if self.port is not None:
+            written = f"{written}:{self.port}"
         return written if self.gateway is None else f"{written}{GATEWAY_MARK}{self.gateway.text(policy_tenant)}"
 
 
@@ -62,7 +71,13 @@ def parse_selector(text: object, policy_tenant: str, *, aimed: bool = False) -> 
         if GATEWAY_MARK in gateway:
             raise bad_request("invalid_selector", f"The selector {text[:80]!r} names more than one gateway; write "
                               "SERVICE@GATEWAY or SERVICE@role:ROLE.")
-        return replace(parse_selector(service, policy_tenant), gateway=parse_selector(gateway, policy_tenant))
+        return replace(parse_selector(service, policy_tenant, aimed=True), gateway=parse_selector(gateway, policy_tenant))
+    ported = WITH_PORT.match(text) if aimed else None
+    if ported is not None:
+        port = int(ported.group(2))
+        if not 1 <= port <= 65535:
+            raise bad_request("invalid_selector", f"The selector {text[:80]!r} names port {port}; a port is 1-65535.")
+        return replace(parse_selector(ported.group(1), policy_tenant), port=port)
     is_role = text.startswith(ROLE_PREFIX)
     body = text[len(ROLE_PREFIX):] if is_role else text
     tenant, _, value = body.rpartition("/")

@@ -221,6 +221,8 @@ ADDED_COLUMNS = (
     # How a dial of a service bound by several gateways picks one: NULL, refuse
     # with the choices (dial SERVICE@GATEWAY); 'any', the latest bound (controller/aiming.py).
     ("services", "choose", "TEXT"),
+    # The ports a service declares (a JSON list; NULL: none), each dialed as SERVICE:PORT.
+    ("services", "ports", "TEXT"),
     # The correlation id of the grant a policy was created for (controller/grants.py): its dials and expiry share it.
     ("policies", "correlation", "TEXT"),
 )

@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--choose", choices=["one", "any"], default="one",
                      help="a plain dial with several gateways bound: refuse with the choices (one, the default; "
                           "dial NAME@GATEWAY) or take any of them (any)")
+    sub.add_argument("--port", dest="ports", action="append", type=int, default=[], metavar="PORT",
+                     help="a port the service declares (repeat for each); dialed as NAME:PORT, mapped by [[bind]] ports")
     tenant_filter(leaf(service, "list", commands.service_list, "list services", json_flag=True))
 
     policy = top.add_parser("policy", help="who may dial or bind what (deny by default)").add_subparsers(

@@ -213,7 +213,8 @@ def _print_identity(identity: JsonObject, *, as_json: bool) -> None:
 
 
 def service_create(args: argparse.Namespace, client: ManagementClient) -> int:
-    service = client.create_service(args.name, args.roles, args.tenant, getattr(args, "choose", "one"))
+    service = client.create_service(args.name, args.roles, args.tenant, getattr(args, "choose", "one"),
+                                    getattr(args, "ports", None))
     if args.json:
         print(render.machine_json(service))
     else:

@@ -45,6 +45,7 @@ def check_service(client: ManagementClient, service: str, tenant: str = DEFAULT_
     optionally aimed at one gateway: ``NAME@GATEWAY``.
     """
     target, mark, gateway = service.partition("@")
+    target = re.sub(r":\d{1,5}$", "", target)  # SERVICE:PORT names one of the service's declared ports
     owner, _, name = target.rpartition("/")
     owner = owner or tenant
     if not (SERVICE_LABEL.fullmatch(owner) and SERVICE_LABEL.fullmatch(name)) or (

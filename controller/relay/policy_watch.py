@@ -42,6 +42,7 @@ class LiveDial:
     key: ServiceKey
     dialer: StreamChannel
     upstream: StreamChannel
+    port: int | None = None
 
 
 class PolicyWatch:
@@ -138,6 +139,7 @@ class PolicyWatch:
                 verdicts.append((None, f"{why}; the service {dial.key[0]}/{dial.key[1]} is gone"))
                 continue
             decision = engine.explain("dial", dial.session.admitted, service, gateway=dial.binder.admitted,
+                                      port=dial.port,
                                       session_certificate=dial.session.session_certificate).decision
             verdicts.append((decision.policy_id, "") if decision.allowed else (None, f"{why}; {decision.reason}"))
         return verdicts

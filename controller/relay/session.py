@@ -279,16 +279,18 @@ class RelaySession(TunnelSession):
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:
-            await self._serve_dial(channel, binder, key, record, policy)
+            await self._serve_dial(channel, binder, key, record, policy, choice.port)
         except ChannelReset as exc:
             self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
 
     async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
-                          record: DialRecord, policy: int | None = None) -> None:
+                          record: DialRecord, policy: int | None = None, port: int | None = None) -> None:
         """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
         name = key[1] if binder.admitted.tenant == key[0] else f"{key[0]}/{key[1]}"
+        if port is not None:
+            name = f"{name}:{port}"  # the binder's [[bind]] maps each declared port to its own target
         upstream = binder.open_stream(name, peer=self.admitted.uri)
         try:
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
@@ -308,7 +310,7 @@ class RelaySession(TunnelSession):
         self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
         # Kept under the policy that allowed it: its expiry, deletion or narrowing ends the dial.
-        live = LiveDial(self, binder, key, channel, upstream)
+        live = LiveDial(self, binder, key, channel, upstream, port)
         watch = self.relay.policy_watch
         if watch is not None and policy is not None:
             watch.add(policy, live)

@@ -23,8 +23,9 @@ SCHEMA_DIGESTS = {
     # The audit's correlation, identity, service and chain columns (controller/audit_chain.py).
     3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
     # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py),
-    # how a service bound by several gateways chooses (controller/relay/aiming.py), and grants (controller/grants.py).
-    4: "fc71f31bffd89bc0dd1a94398b9ffc6e1d0def447e2a5ad0117bb1ae4928862f",
+    # how a service bound by several gateways chooses and which ports it declares (controller/relay/aiming.py),
+    # and grants (controller/grants.py).
+    4: "b2ea5b6116eec1e1b7e75f88d28a0e72730d7084a1055e3b1f0e651188f60bda",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
