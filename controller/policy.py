@@ -62,6 +62,8 @@ class PolicyEngine:
         self._expiries: dict[int, float | None] = {}
         #: The grant correlation id of each policy created for a grant, as the latest decision read it.
         self._grants: dict[int, str] = {}
+        #: Each policy row's values -> the policy parsed from them (only the rows the latest read returned).
+        self._parsed: dict[tuple[object, ...], Policy] = {}
         self._expiries_lock = threading.Lock()
 
     def create(self, kind: object, tenant: str, identities: object, services: object, *,
@@ -244,8 +246,14 @@ class PolicyEngine:
 
     def list(self) -> list[Policy]:
         """Every policy, expired ones included (they allow nothing), with its decisions counted so far."""
-        policies = [policy_from_row(row) for row in self._store.query("SELECT * FROM policies ORDER BY id")]
+        rows = self._store.query("SELECT * FROM policies ORDER BY id")
+        # Every dial reads every policy: a row seen before (same values) is not parsed again.
+        keys = [tuple(row[k] for k in row.keys()) for row in rows]
         with self._expiries_lock:
+            parsed = self._parsed
+        policies = [parsed.get(key) or policy_from_row(row) for key, row in zip(keys, rows, strict=True)]
+        with self._expiries_lock:
+            self._parsed = dict(zip(keys, policies, strict=True))
             self._expiries = {p.id: p.expires_at for p in policies}
             self._grants = {p.id: p.correlation for p in policies if p.correlation is not None}
         return policies
