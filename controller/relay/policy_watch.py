@@ -53,12 +53,21 @@ class PolicyWatch:
         self._loop = loop
         self._dials: dict[int, set[LiveDial]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        #: Policy changes announced so far: a dial decided before one and kept after it is decided again.
+        self.changes = 0
         context.policy.on_changed(self.policy_changed)
 
-    def add(self, policy_id: int, dial: LiveDial) -> None:
-        """Keep ``dial`` under ``policy_id`` until ``remove``; time its end when the policy expires."""
+    def add(self, policy_id: int, dial: LiveDial, changes_seen: int | None = None) -> None:
+        """Keep ``dial`` under ``policy_id`` until ``remove``; time its end when the policy expires.
+
+        ``changes_seen``: ``changes`` before the dial was decided. A change
+        announced since (while the gateway accepted) found no dial to decide
+        again; this one is decided again now.
+        """
         self._dials.setdefault(policy_id, set()).add(dial)
         self._time(policy_id)
+        if changes_seen is not None and changes_seen != self.changes:
+            self.policy_changed(policy_id)
 
     def remove(self, dial: LiveDial) -> None:
         for policy_id in [p for p, dials in self._dials.items() if dial in dials]:
@@ -91,6 +100,7 @@ class PolicyWatch:
 
     def policy_changed(self, policy_id: int) -> None:
         """Decide again every live dial ``policy_id`` allowed (from the event loop or a worker thread)."""
+        self.changes += 1
         loop = self._loop
         if loop is None or loop.is_closed():
             return

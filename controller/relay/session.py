@@ -259,6 +259,8 @@ class RelaySession(TunnelSession):
     async def on_stream_opened(self, channel: StreamChannel) -> None:
         record = DialRecord(self, channel)
         candidates = self.relay.broker.binders(split_aim(channel.service, self.admitted.tenant)[0])
+        watch = self.relay.policy_watch
+        changes_seen = None if watch is None else watch.changes
         try:
             choice = await self.in_worker(self._decide_dial, record, candidates)
         except StoreUnavailable as unavailable:
@@ -279,12 +281,13 @@ class RelaySession(TunnelSession):
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:
-            await self._serve_dial(channel, binder, key, record, policy, choice.port)
+            await self._serve_dial(channel, binder, key, record, policy, choice.port, changes_seen)
         except ChannelReset as exc:
             self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
 
     async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
-                          record: DialRecord, policy: int | None = None, port: int | None = None) -> None:
+                          record: DialRecord, policy: int | None = None, port: int | None = None,
+                          changes_seen: int | None = None) -> None:
         """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
@@ -313,7 +316,7 @@ class RelaySession(TunnelSession):
         live = LiveDial(self, binder, key, channel, upstream, port)
         watch = self.relay.policy_watch
         if watch is not None and policy is not None:
-            watch.add(policy, live)
+            watch.add(policy, live, changes_seen)
         try:
             await splice_streams(channel, upstream)
         finally:

@@ -160,3 +160,47 @@ def test_a_policy_with_a_bad_or_past_expiry_is_refused_in_one_sentence_and_one_a
                 assert [r[2] for r in store_snapshot(path)["audit"][len(before["audit"]):]] == ["policy_refused"]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+class _SlowLocalConnect:
+    """``asyncio`` for agent/services/forward.py, whose local connect takes ``delay`` seconds first."""
+
+    def __init__(self, delay: float, started: asyncio.Event) -> None:
+        self.delay = delay
+        self.started = started
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(asyncio, name)
+
+    async def open_connection(self, host: str, port: int) -> object:
+        self.started.set()
+        await asyncio.sleep(self.delay)
+        return await asyncio.open_connection(host, port)
+
+
+def test_a_policy_deleted_while_the_gateway_accepts_still_closes_the_dial(tmp_path: Path, monkeypatch) -> None:
+    import agent.services.forward as forward
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl, Echo() as echo:
+            policy_id = await services_and_policies(ctl, echo, {"identities": ["role:operator"]})
+            gateway = await enrolled(ctl, "gw-p")
+            operator = await session_credentials(ctl)
+            binds = TunnelOptions(binds={"modbus": ("127.0.0.1", echo.port)})
+            async with connect(ctl, gateway, binds) as _, connect(ctl, operator) as (dialer, _):
+                accepting = asyncio.Event()
+                monkeypatch.setattr(forward, "asyncio", _SlowLocalConnect(1.0, accepting))
+                channel = dialer.open_stream("modbus")
+                await asyncio.wait_for(accepting.wait(), DIAL_ANSWER_TIMEOUT)
+                # Decided and allowed; the gateway is still connecting its local service.
+                status, _ = await ctl.call("DELETE", f"/api/v1/policies/{policy_id}")
+                assert status == 200
+                try:
+                    await asyncio.wait_for(channel.wait_accepted(), DIAL_ANSWER_TIMEOUT)
+                except ChannelReset:
+                    pass  # refused outright is as good
+                await asyncio.wait_for(channel.wait_reset(), CLOSE_DEADLINE + 1.0)
+                assert channel.error is not None
+                assert channel.error.reason.startswith(f"policy {policy_id} was deleted")
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
