@@ -74,8 +74,10 @@ MAX_CONFIG_FILE = 1024 * 1024
 MAX_LINK_SECONDS = 3600.0
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 #: What a dial may name: a service of this gateway's tenant, or ``TENANT/SERVICE``
-#: of another (reached only where a policy of that tenant allows it).
-DIAL_TARGET = re.compile(rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}")
+#: of another (reached only where a policy of that tenant allows it), optionally
+#: aimed at one gateway binding it: ``modbus@gw-0042``.
+DIAL_TARGET = re.compile(
+    rf"(?:{SERVICE_NAME.pattern}/)?{SERVICE_NAME.pattern}(?::\d{{1,5}})?(?:@{SERVICE_NAME.pattern})?")
 
 TOP_LEVEL_KEYS = {"state_dir", "log_level", "event_loop", "keystore", "link", "bind", "dial", "enrollment", "clock"}
 CLOCK_KEYS = {"ntp_servers", "ntp_timeout"}
@@ -91,7 +93,7 @@ LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "wi
              "reconnect_max", "stable_after", "proxy", "no_proxy", "prefer_relays"}
 #: Relays reached without the proxy: a few hosts or networks; more is a pasted file.
 MAX_NO_PROXY = 64
-BIND_KEYS = {"service", "target"}
+BIND_KEYS = {"service", "target", "ports"}
 DIAL_KEYS = {"service", "listen"}
 
 
@@ -102,6 +104,8 @@ class BindConfig:
     service: str
     target_host: str
     target_port: int
+    #: (declared port, host, port): a dial of ``SERVICE:PORT`` reaches that local target.
+    ports: tuple[tuple[int, str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,7 +330,20 @@ class _Parser:
         self.known(entry, BIND_KEYS, where + ".")
         service = self.service(entry, where)
         host, port = self.address(entry, "target", where)
-        return BindConfig(service=service, target_host=host, target_port=port)
+        return BindConfig(service=service, target_host=host, target_port=port, ports=self.ports(entry, where))
+
+    def ports(self, entry: dict[str, Any], where: str) -> tuple[tuple[int, str, int], ...]:
+        """``ports = { 502 = "127.0.0.1:502" }``: each port the service declares, mapped to a local target."""
+        table = entry.get("ports", {})
+        if not isinstance(table, dict):
+            raise self.fail(f"{where}.ports", "must be a table: ports = { 502 = \"127.0.0.1:502\" }")
+        mapped = []
+        for declared in table:
+            if not declared.isdigit() or not 1 <= int(declared) <= 65535:
+                raise self.fail(f"{where}.ports", f"names {declared!r}; each key is a port, 1-65535")
+            host, port = self.address(table, declared, f"{where}.ports")
+            mapped.append((int(declared), host, port))
+        return tuple(sorted(mapped))
 
     def dial(self, entry: Any, index: int) -> DialConfig:
         where = f"dial[{index}]"
@@ -343,7 +360,8 @@ class _Parser:
             raise self.fail(f"{where}.service", "is missing; name the service")
         service = self.string(entry, "service", "", f"{where}.service")
         if not (DIAL_TARGET if dial else SERVICE_NAME).fullmatch(service):
-            form = ", optionally after a tenant as \"acme/scada\"" if dial else ""
+            form = (", optionally after a tenant as \"acme/scada\" and before a gateway as \"modbus@gw-0042\""
+                    if dial else "")
             raise self.fail(
                 f"{where}.service",
                 f"is {service!r}; a service name is lowercase letters, digits and '-' (at most 63){form}",

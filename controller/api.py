@@ -14,7 +14,7 @@ from controller.blocking import API_POOL
 from controller.context import ControllerContext
 from controller.correlation import ENROLLMENT, RENEWAL, audit_scope, new_id
 from controller.enrollment import Issued
-from controller.errors import BodyRefused, forbidden, unknown_identity
+from controller.errors import BodyRefused, ControllerError, forbidden, unknown_identity
 from controller.names import DEFAULT_TENANT, check_name, check_roles
 from controller.registry import Identity, refuse_blocked
 from controller.relays import relays_for
@@ -235,6 +235,7 @@ class ManagementApi:
         service = await API_POOL.run(
             self.context.registry.create_service,
             tenant, check_name(body.get("name"), "service name"), check_roles(body.get("roles")),
+            body.get("choose", "one"), body.get("ports", []),
         )
         return web.json_response(service.to_json(), status=201)
 
@@ -249,14 +250,23 @@ class ManagementApi:
         body = await read_json(request)
         tenant = _tenant(body.get("tenant"))
         await require_tenant(request, self.context, tenant)
-        policy = await API_POOL.run(
-            self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
-        )
+        try:
+            policy = await API_POOL.run(
+                self.context.policy.create, body.get("kind"), tenant, body.get("identities"), body.get("services"),
+                until=body.get("until"), lifetime=body.get("for"),
+            )
+        except ControllerError as error:
+            if error.status >= 500:
+                raise
+            # Nothing was written; the refusal is the one row.
+            await API_POOL.run(self.context.audit.record, "policy_refused", action="create", tenant=tenant,
+                               code=error.code, reason=error.message)
+            raise
         return web.json_response(policy.to_json(), status=201)
 
     async def list_policies(self, request: web.Request) -> web.Response:
         scope = tenant_scope(request)
-        policies = [p for p in self.context.policy.list() if scope is None or p.tenant in scope]
+        policies = [p for p in self.context.policy.list_with_counts() if scope is None or p.tenant in scope]
         return web.json_response({"policies": [p.to_json() for p in policies]})
 
     async def status(self, request: web.Request) -> web.Response:

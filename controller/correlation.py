@@ -27,6 +27,7 @@ TUNNEL = "t"
 ENROLLMENT = "e"
 RENEWAL = "r"
 MANAGEMENT = "m"
+GRANT = "g"
 OTHER = "a"
 
 _scope: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("audit_scope", default=None)

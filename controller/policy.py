@@ -14,115 +14,38 @@ either direction.
 
 from __future__ import annotations
 
+import builtins
 import json
+import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from controller.audit import AuditLog
-from controller.errors import bad_request
+from controller.errors import ControllerError, bad_request, not_found
 from controller.names import check_name
+from controller.policy_counters import PolicyCounters
+from controller.policy_model import Decision, Explanation, Policy, policy_from_row
+from controller.policy_selectors import Selector, parse_selector
+from controller.policy_terms import expiry, format_time
 from controller.registry import BLOCKED_STATUSES, Identity, Service
-from controller.store import Store
+from controller.store import Store, Transaction
+from controller.watcher import CHANGE_POLICY
+
+log = logging.getLogger(__name__)
 
 KINDS = ("dial", "bind")
-ROLE_PREFIX = "role:"
 #: Selectors per side of one policy: enough for any real grouping (use roles
 #: for more), small enough that deciding stays a quick scan.
 MAX_SELECTORS = 100
 #: Foreign policies a refusal names: enough to find the mistake, short enough for one audit line.
 MAX_NAMED_FOREIGN = 3
+#: What ``policy update`` may change; tenant and id stay (a policy in another tenant is another policy).
+UPDATABLE = frozenset({"kind", "identities", "services", "until", "for", "no_expiry", "expected_version"})
 
-
-@dataclass(frozen=True)
-class Selector:
-    """One parsed selector: a name or a role, in a tenant."""
-
-    tenant: str
-    value: str
-    is_role: bool
-
-    def matches(self, tenant: str, name: str, roles: tuple[str, ...]) -> bool:
-        if tenant != self.tenant:
-            return False
-        return self.value in roles if self.is_role else self.value == name
-
-    def text(self, policy_tenant: str) -> str:
-        """The selector as written, with the tenant prefix only where it differs."""
-        body = self.value if self.tenant == policy_tenant else f"{self.tenant}/{self.value}"
-        return ROLE_PREFIX + body if self.is_role else body
-
-
-def parse_selector(text: object, policy_tenant: str) -> Selector:
-    """Parse one selector; 400 ``invalid_selector`` with the rule when it is malformed."""
-    if not isinstance(text, str):
-        raise bad_request("invalid_selector", "Each selector must be a string such as \"ops\" or \"role:plc\".")
-    is_role = text.startswith(ROLE_PREFIX)
-    body = text[len(ROLE_PREFIX):] if is_role else text
-    tenant, _, value = body.rpartition("/")
-    if "/" in tenant:
-        raise bad_request(
-            "invalid_selector", f"The selector {text!r} is not valid; write NAME, TENANT/NAME, role:ROLE or role:TENANT/ROLE."
-        )
-    tenant = check_name(tenant, "tenant") if tenant else policy_tenant
-    check_name(value, "role" if is_role else "name")
-    return Selector(tenant=tenant, value=value, is_role=is_role)
-
-
-@dataclass(frozen=True)
-class Policy:
-    id: int
-    kind: str
-    tenant: str
-    identities: tuple[Selector, ...]
-    services: tuple[Selector, ...]
-    created_at: float
-
-    def allows(self, identity: Identity, service: Service) -> bool:
-        """True when both sides match and the policy lives in the service's tenant."""
-        return service.tenant == self.tenant and self.names(identity, service)
-
-    def names(self, identity: Identity, service: Service) -> bool:
-        """Both sides match, whatever tenant the policy lives in."""
-        return any(s.matches(identity.tenant, identity.name, identity.roles) for s in self.identities) and any(
-            s.matches(service.tenant, service.name, service.roles) for s in self.services
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "tenant": self.tenant,
-            "identities": [s.text(self.tenant) for s in self.identities],
-            "services": [s.text(self.tenant) for s in self.services],
-            "created_at": self.created_at,
-        }
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    #: One plain sentence: which policy allowed it, or why nothing did.
-    reason: str
-    policy_id: int | None = None
-
-
-@dataclass(frozen=True)
-class Explanation:
-    """Why a decision is what it is: the decision itself, and every policy that took part in it."""
-
-    decision: Decision
-    #: every policy that allows it, in the order they are tried (the first decides)
-    allowing: tuple[int, ...] = ()
-    #: policies that name both sides but live in another tenant than the service, so open nothing
-    foreign: tuple[int, ...] = ()
-    #: what refuses before any policy is read (a blocked identity, a session certificate binding)
-    blocked: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"allowed": self.decision.allowed, "reason": self.decision.reason,
-                "policy": self.decision.policy_id, "allowing": list(self.allowing), "foreign": list(self.foreign),
-                "blocked": self.blocked}
+PolicyListener = Callable[[int], None]
 
 
 class PolicyEngine:
@@ -131,59 +54,222 @@ class PolicyEngine:
     def __init__(self, store: Store, audit: AuditLog) -> None:
         self._store = store
         self._audit = audit
+        #: Decisions per policy, written in batches (controller/policy_counters.py).
+        self.counters = PolicyCounters(store)
+        #: Called with a policy id when it changed (updated, deleted, expired), in this process or another.
+        self.change_listeners: list[PolicyListener] = []
+        #: The expiry of each policy as the latest decision read it: the relay times its closing by it.
+        self._expiries: dict[int, float | None] = {}
+        #: The grant correlation id of each policy created for a grant, as the latest decision read it.
+        self._grants: dict[int, str] = {}
+        #: Each policy row's values -> the policy parsed from them (only the rows the latest read returned).
+        self._parsed: dict[tuple[object, ...], Policy] = {}
+        self._expiries_lock = threading.Lock()
 
-    def create(self, kind: object, tenant: str, identities: object, services: object) -> Policy:
+    def create(self, kind: object, tenant: str, identities: object, services: object, *,
+               until: object = None, lifetime: object = None) -> Policy:
+        """A new policy; ``until`` (a time) or ``lifetime`` (a duration such as 8h) makes it expire."""
+        with self._store.transaction() as db:
+            return self.create_in(db, kind, tenant, identities, services, until=until, lifetime=lifetime)
+
+    def create_in(self, db: Transaction, kind: object, tenant: str, identities: object, services: object, *,
+                  until: object = None, lifetime: object = None, correlation: str | None = None) -> Policy:
+        """``create`` inside a caller's transaction; ``correlation``: the grant it is for (controller/grants.py)."""
         if kind not in KINDS:
             raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
         check_name(tenant, "tenant")
         identity_selectors = self._selectors(identities, tenant, "identities")
-        service_selectors = self._selectors(services, tenant, "services")
+        service_selectors = self._selectors(services, tenant, "services", aimed=True)
         _refuse_foreign_services(kind, tenant, identity_selectors, service_selectors)
         now = time.time()
+        expires_at = expiry(until, lifetime, now)
+        row = db.query_one(
+            "INSERT INTO policies (kind, tenant, identities, services, created_at, version, expires_at, correlation) "
+            "VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING id",
+            (
+                kind,
+                tenant,
+                json.dumps([s.text(tenant) for s in identity_selectors]),
+                json.dumps([s.text(tenant) for s in service_selectors]),
+                now,
+                expires_at,
+                correlation,
+            ),
+        )
+        if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
+            raise RuntimeError("the store wrote no policy row")
+        policy = Policy(int(row["id"]), str(kind), tenant, identity_selectors, service_selectors, now,
+                        expires_at=expires_at, correlation=correlation)
+        self._audit.record_in(db, "policy_created", **policy.definition(),
+                              **({} if correlation is None else {"correlation": correlation}))
+        return policy
+
+    def get(self, policy_id: int) -> Policy | None:
+        row = self._store.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
+        return None if row is None else policy_from_row(row)
+
+    def get_in(self, db: Transaction, policy_id: int) -> Policy:
+        """The policy ``policy_id`` inside a transaction; 404 ``policy_unknown`` when there is none."""
+        row = db.query_one("SELECT * FROM policies WHERE id = ?", (policy_id,))
+        if row is None:
+            raise not_found("policy_unknown", f"There is no policy {policy_id}; outpostctl policy list shows them.")
+        return policy_from_row(row)
+
+    def update(self, policy_id: int, changes: dict[str, Any]) -> tuple[Policy, Policy]:
+        """A new version of ``policy_id`` with ``changes``: (previous, new), both in the audit.
+
+        One row is rewritten in one transaction, so a decision reads one
+        version or the other, never a mix. ``expected_version`` refuses the
+        update (409) when another one came first.
+        """
+        unknown = sorted(set(changes) - UPDATABLE)
+        if unknown:
+            raise bad_request("invalid_policy", f"A policy update cannot change {unknown[0]!r}; it takes "
+                              f"{', '.join(sorted(UPDATABLE))}.")
+        if not set(changes) - {"expected_version"}:
+            raise bad_request("invalid_policy", "Say what to change: identities, services, kind, until, for or "
+                              "no_expiry.")
+        now = time.time()
         with self._store.transaction() as db:
-            row = db.query_one(
-                "INSERT INTO policies (kind, tenant, identities, services, created_at) VALUES (?, ?, ?, ?, ?) "
-                "RETURNING id",
-                (
-                    kind,
-                    tenant,
-                    json.dumps([s.text(tenant) for s in identity_selectors]),
-                    json.dumps([s.text(tenant) for s in service_selectors]),
-                    now,
-                ),
+            old = self.get_in(db, policy_id)
+            expected = changes.get("expected_version")
+            if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+                raise bad_request("invalid_policy", "expected_version is the version number policy list shows.")
+            if expected is not None and expected != old.version:
+                raise ControllerError(
+                    "policy_changed", f"Policy {policy_id} is at version {old.version} now, not {expected}: someone "
+                    "updated it meanwhile; read it again (outpostctl policy list) and repeat the update.", 409)
+            new = self._changed(old, changes, now)
+            db.execute(
+                "UPDATE policies SET kind = ?, identities = ?, services = ?, expires_at = ?, version = ?, "
+                "updated_at = ?, expiry_recorded_at = NULL WHERE id = ?",
+                (new.kind, json.dumps([s.text(new.tenant) for s in new.identities]),
+                 json.dumps([s.text(new.tenant) for s in new.services]), new.expires_at, new.version, now,
+                 policy_id),
             )
-            if row is None:  # RETURNING gives the row it wrote; None would mean no row was written
-                raise RuntimeError("the store wrote no policy row")
-            policy_id = int(row["id"])
-            policy = Policy(policy_id, str(kind), tenant, identity_selectors, service_selectors, now)
-            self._audit.record_in(db, "policy_created", **policy.to_json())
+            self._record_change_in(db, new, now)
+            self._audit.record_in(db, "policy_updated", id=policy_id, tenant=new.tenant, version=new.version,
+                                  previous=old.definition(), policy=new.definition())
+        self.announce_changed(policy_id)
+        return old, new
+
+    def _changed(self, old: Policy, changes: dict[str, Any], now: float) -> Policy:
+        kind = changes.get("kind", old.kind)
+        if kind not in KINDS:
+            raise bad_request("invalid_policy", "A policy's kind must be \"dial\" or \"bind\".")
+        identities = (self._selectors(changes["identities"], old.tenant, "identities") if "identities" in changes
+                      else old.identities)
+        services = (self._selectors(changes["services"], old.tenant, "services", aimed=True) if "services" in changes
+                    else old.services)
+        _refuse_foreign_services(kind, old.tenant, identities, services)
+        expires_at = old.expires_at
+        if changes.get("no_expiry") is True:
+            if "until" in changes or "for" in changes:
+                raise bad_request("invalid_expiry", "Give an end time, a duration or no expiry, not several.")
+            expires_at = None
+        elif "until" in changes or "for" in changes:
+            expires_at = expiry(changes.get("until"), changes.get("for"), now)
+        return replace(old, kind=str(kind), identities=identities, services=services, expires_at=expires_at,
+                       version=old.version + 1, updated_at=now)
+
+    def delete(self, policy_id: int) -> Policy:
+        """Remove ``policy_id``; the live dials it allowed are decided again (and closed when nothing allows them)."""
+        now = time.time()
+        with self._store.transaction() as db:
+            policy = self.get_in(db, policy_id)
+            db.execute("DELETE FROM policies WHERE id = ?", (policy_id,))
+            self._record_change_in(db, policy, now)
+            self._audit.record_in(db, "policy_deleted", **policy.definition())
+        self.announce_changed(policy_id)
         return policy
 
     @staticmethod
-    def _selectors(value: object, tenant: str, side: str) -> tuple[Selector, ...]:
+    def _record_change_in(db: Transaction, policy: Policy, now: float) -> None:
+        """The row every controller process watches (controller/watcher.py): its relays re-decide."""
+        db.execute("INSERT INTO status_changes (tenant, name, status, time) VALUES (?, ?, ?, ?)",
+                   (policy.tenant, str(policy.id), CHANGE_POLICY, now))
+
+    def on_changed(self, listener: PolicyListener) -> None:
+        self.change_listeners.append(listener)
+
+    def announce_changed(self, policy_id: int) -> None:
+        """Tell every listener (the relay) that ``policy_id`` changed; listeners must be idempotent."""
+        for listener in list(self.change_listeners):
+            try:
+                listener(policy_id)
+            except Exception:  # a broken listener must not undo or hide the change
+                log.exception("policy change listener failed for policy %d", policy_id)
+
+    def expiry_of(self, policy_id: int) -> float | None:
+        """The expiry of ``policy_id`` as the latest decision read it (no store read: safe on the event loop)."""
+        with self._expiries_lock:
+            return self._expiries.get(policy_id)
+
+    def grant_of(self, policy_id: int) -> str | None:
+        """The correlation id of the grant ``policy_id`` was created for, if any (no store read)."""
+        with self._expiries_lock:
+            return self._grants.get(policy_id)
+
+    def why_ended(self, policy_id: int, now: float) -> str:
+        """Why a policy allows no more what it allowed: deleted, expired or changed (reads the store)."""
+        policy = self.get(policy_id)
+        if policy is None:
+            return f"policy {policy_id} was deleted"
+        if policy.expired(now):
+            return f"policy {policy_id} expired at {format_time(policy.expires_at or now)}"
+        return f"policy {policy_id} was changed (version {policy.version})"
+
+    def record_expiries(self, now: float | None = None) -> list[int]:
+        """Audit ``policy_expired`` once for each policy past its expiry (any process may; one does)."""
+        now = time.time() if now is None else now
+        expired: list[int] = []
+        with self._store.transaction() as db:
+            rows = db.query("SELECT * FROM policies WHERE expires_at <= ? AND expiry_recorded_at IS NULL", (now,))
+            for row in rows:
+                policy = policy_from_row(row)
+                db.execute("UPDATE policies SET expiry_recorded_at = ? WHERE id = ?", (now, policy.id))
+                self._audit.record_in(db, "policy_expired", **policy.definition(),
+                                      reason=f"policy {policy.id} expired at {format_time(policy.expires_at or now)}",
+                                      **({} if policy.correlation is None else {"correlation": policy.correlation}))
+                expired.append(policy.id)
+        return expired
+
+    @staticmethod
+    def _selectors(value: object, tenant: str, side: str, *, aimed: bool = False) -> tuple[Selector, ...]:
         if not isinstance(value, list) or not value:
             raise bad_request("invalid_policy", f"A policy needs a non-empty list of {side} selectors.")
         if len(value) > MAX_SELECTORS:
             raise bad_request(
                 "invalid_policy", f"A policy takes at most {MAX_SELECTORS} {side} selectors; use roles to group more."
             )
-        return tuple(parse_selector(item, tenant) for item in value)
+        return tuple(parse_selector(item, tenant, aimed=aimed) for item in value)
 
     def list(self) -> list[Policy]:
+        """Every policy, expired ones included (they allow nothing), with its decisions counted so far."""
         rows = self._store.query("SELECT * FROM policies ORDER BY id")
-        return [
-            Policy(
-                id=row["id"],
-                kind=row["kind"],
-                tenant=row["tenant"],
-                identities=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["identities"])),
-                services=tuple(parse_selector(t, row["tenant"]) for t in json.loads(row["services"])),
-                created_at=row["created_at"],
-            )
-            for row in rows
-        ]
+        # Every dial reads every policy: a row seen before (same values) is not parsed again.
+        keys = [tuple(row[k] for k in row.keys()) for row in rows]
+        with self._expiries_lock:
+            parsed = self._parsed
+        policies = [parsed.get(key) or policy_from_row(row) for key, row in zip(keys, rows, strict=True)]
+        with self._expiries_lock:
+            self._parsed = dict(zip(keys, policies, strict=True))
+            self._expiries = {p.id: p.expires_at for p in policies}
+            self._grants = {p.id: p.correlation for p in policies if p.correlation is not None}
+        return policies
 
-    def decide(self, kind: str, identity: Identity, service: Service, *, session_certificate: bool = False) -> Decision:
+    def list_with_counts(self) -> builtins.list[Policy]:
+        """``list`` with this process's counts not written yet added (``policy list``)."""
+        counted = []
+        for policy in self.list():
+            count, last = self.counters.pending(policy.id)
+            lasts = [t for t in (policy.last_allowed_at, last) if t is not None]
+            counted.append(replace(policy, decisions=policy.decisions + count,
+                                   last_allowed_at=max(lasts) if lasts else None))
+        return counted
+
+    def decide(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
+               port: int | None = None, session_certificate: bool = False) -> Decision:
         """May ``identity`` ``kind`` ("dial"/"bind") ``service``? Deny unless a policy says so.
 
         ``session_certificate``: the tunnel authenticated with a session
@@ -191,11 +277,18 @@ class PolicyEngine:
         whatever the policies say. The decision is ``explain``'s, so what
         ``outpostctl policy explain`` says is what the relay does.
         """
-        return self.explain(kind, identity, service, session_certificate=session_certificate).decision
+        decision = self.explain(kind, identity, service, gateway=gateway, port=port,
+                                session_certificate=session_certificate).decision
+        if decision.policy_id is not None:
+            self.counters.count(decision.policy_id, time.time() if decision.allowed else None)
+        return decision
 
-    def explain(self, kind: str, identity: Identity, service: Service, *,
-                session_certificate: bool = False) -> Explanation:
-        """The decision, with every policy that allows it and every one that names it in vain."""
+    def explain(self, kind: str, identity: Identity, service: Service, *, gateway: Identity | None = None,
+                port: int | None = None, session_certificate: bool = False) -> Explanation:
+        """The decision, with every policy that allows it and every one that names it in vain.
+
+        ``gateway``: the gateway a dial is aimed at (or the one bound gateway that would serve it).
+        """
         if kind not in KINDS:
             return Explanation(Decision(False, f"{kind!r} is not an action a policy can allow."))
         if identity.status in BLOCKED_STATUSES:
@@ -207,18 +300,20 @@ class PolicyEngine:
             return Explanation(Decision(False, why), blocked=why)
         foreign: list[Policy] = []
         allowing: list[Policy] = []
+        now = time.time()
         for policy in self.list():
-            if policy.kind != kind:
+            if policy.kind != kind or policy.expired(now):
                 continue
-            if policy.allows(identity, service):
+            if policy.allows(identity, service, gateway, port):
                 allowing.append(policy)
-            elif policy.tenant != service.tenant and policy.names(identity, service):
+            elif policy.tenant != service.tenant and policy.names(identity, service, gateway, port):
                 foreign.append(policy)
         if allowing:
             first = allowing[0].id
             return Explanation(Decision(True, f"allowed by policy {first}", first),
                                tuple(p.id for p in allowing), tuple(p.id for p in foreign))
-        reason = f"no policy allows identity {identity.label} to {kind} service {service.label}"
+        aimed = ("" if port is None else f" port {port}") + ("" if gateway is None else f" on gateway {gateway.label}")
+        reason = f"no policy allows identity {identity.label} to {kind} service {service.label}{aimed}"
         if foreign:
             named = ", ".join(f"{p.id} (tenant {p.tenant})" for p in foreign[:MAX_NAMED_FOREIGN])
             if len(foreign) > MAX_NAMED_FOREIGN:

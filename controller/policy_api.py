@@ -16,7 +16,7 @@ from controller.context import ControllerContext
 from controller.errors import bad_request, not_found
 from controller.names import DEFAULT_TENANT, check_name
 from controller.policy import KINDS
-from controller.relay.broker import service_key
+from controller.relay.aiming import split_aim
 from controller.signin.api import require_tenant
 
 EXPLAIN_PARAMETERS = frozenset({"identity", "service", "kind", "session"})
@@ -55,10 +55,16 @@ class PolicyExplainApi:
         identity = registry.get_identity(tenant, name)
         if identity is None:
             raise not_found("identity_unknown", f"There is no identity {tenant}/{name}; check the name and tenant.")
-        service_tenant, service_name = service_key(query["service"], identity.tenant)
+        (service_tenant, service_name), gateway_name, port = split_aim(query["service"], identity.tenant)
         check_name(service_tenant, "tenant")
         check_name(service_name, "service name")
         service = registry.get_service(service_tenant, service_name)
+        gateway = None
+        if gateway_name is not None:
+            gateway = registry.get_identity(service_tenant, check_name(gateway_name, "gateway name"))
+            if gateway is None:
+                raise not_found("identity_unknown", f"There is no gateway {service_tenant}/{gateway_name}; check "
+                                "the name after @.")
         answer: dict[str, Any] = {"identity": identity.label, "service": f"{service_tenant}/{service_name}",
                                   "decisions": {}}
         policies = {p.id: p.to_json() for p in self.context.policy.list()}
@@ -69,7 +75,8 @@ class PolicyExplainApi:
                                              f"{service_name}", "policy": None, "allowing": [], "foreign": [],
                                              "blocked": None}
                 continue
-            explanation = self.context.policy.explain(kind, identity, service, session_certificate=session == "true")
+            explanation = self.context.policy.explain(kind, identity, service, gateway=gateway, port=port,
+                                                      session_certificate=session == "true")
             answer["decisions"][kind] = explanation.to_json()
         used = {pid for d in answer["decisions"].values() for pid in d["allowing"] + d["foreign"]}
         answer["policies"] = [policies[pid] for pid in sorted(used) if pid in policies]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.audit import AuditLog
-from controller.errors import ControllerError, conflict, not_found
+from controller.errors import ControllerError, bad_request, conflict, not_found
 from controller.names import check_name, identity_uri, parse_identity_uri
 from controller.store import Row, Store, Transaction
 
@@ -71,13 +71,36 @@ class Service:
     tenant: str
     roles: tuple[str, ...] = field(default=())
     created_at: float = 0.0
+    #: How a plain dial picks among several gateways binding it: "one" (refuse with the choices) or "any".
+    choose: str = "one"
+    #: The ports it declares, each dialed as ``SERVICE:PORT`` and mapped by the gateway's ``[[bind]]``.
+    ports: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
         return f"{self.tenant}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "tenant": self.tenant, "roles": list(self.roles), "created_at": self.created_at}
+        return {"name": self.name, "tenant": self.tenant, "roles": list(self.roles), "created_at": self.created_at,
+                "choose": self.choose, "ports": list(self.ports)}
+
+
+#: How a plain dial of a service bound by several gateways picks one: "one" refuses
+#: with the list of choices (dial SERVICE@GATEWAY), "any" takes the latest bound.
+SERVICE_CHOICES = ("one", "any")
+
+#: Ports one service may declare: a device speaks a handful of protocols, not a range; a range is many services.
+MAX_SERVICE_PORTS = 16
+
+
+def check_ports(ports: object) -> tuple[int, ...]:
+    """The declared ports, sorted; 400 ``invalid_ports`` unless a short list of distinct TCP ports."""
+    if not isinstance(ports, (list, tuple)) or len(ports) > MAX_SERVICE_PORTS or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports) or len(
+            set(ports)) != len(ports):
+        raise bad_request("invalid_ports", f"A service declares at most {MAX_SERVICE_PORTS} distinct TCP ports "
+                          "(1-65535), such as [502, 1502].")
+    return tuple(sorted(ports))
 
 
 RevocationListener = Callable[[Identity], None]
@@ -279,9 +302,14 @@ class Registry:
 
     # Services
 
-    def create_service(self, tenant: str, name: str, roles: tuple[str, ...]) -> Service:
+    def create_service(self, tenant: str, name: str, roles: tuple[str, ...], choose: str = "one",
+                       ports: object = ()) -> Service:
         check_name(tenant, "tenant")
         check_name(name, "service name")
+        if choose not in SERVICE_CHOICES:
+            raise bad_request("invalid_choose", f"A service chooses among its gateways by {' or '.join(SERVICE_CHOICES)}"
+                              f", not {str(choose)[:40]!r}.")
+        declared = check_ports(ports)
         with self._store.transaction() as db:
             if db.query_one("SELECT 1 FROM services WHERE tenant = ? AND name = ?", (tenant, name)):
                 raise conflict(
@@ -290,16 +318,20 @@ class Registry:
                 )
             now = time.time()
             db.execute(
-                "INSERT INTO services (tenant, name, roles, created_at) VALUES (?, ?, ?, ?)",
-                (tenant, name, json.dumps(list(roles)), now),
+                "INSERT INTO services (tenant, name, roles, created_at, choose, ports) VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, name, json.dumps(list(roles)), now, None if choose == "one" else choose,
+                 json.dumps(list(declared)) if declared else None),
             )
-            self._audit.record_in(db, "service_created", service=f"{tenant}/{name}", roles=list(roles))
+            self._audit.record_in(db, "service_created", service=f"{tenant}/{name}", roles=list(roles),
+                                 **({} if choose == "one" else {"choose": choose}),
+                                 **({"ports": list(declared)} if declared else {}))
         return Service(name=name, tenant=tenant, roles=roles, created_at=now)
 
     @staticmethod
     def _service(row: Row) -> Service:
         return Service(
-            name=row["name"], tenant=row["tenant"], roles=tuple(json.loads(row["roles"])), created_at=row["created_at"]
+            name=row["name"], tenant=row["tenant"], roles=tuple(json.loads(row["roles"])), created_at=row["created_at"],
+            choose=row["choose"] or "one", ports=tuple(json.loads(row["ports"])) if row["ports"] else (),
         )
 
     def get_service(self, tenant: str, name: str) -> Service | None:

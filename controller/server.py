@@ -33,9 +33,11 @@ from controller.context import ControllerContext
 from controller.dashboard.app import Dashboard
 from controller.errors import BodyRefused, ControllerError, StartupError
 from controller.fleet_api import FleetApi
+from controller.grants_api import GrantsApi, grants_of
 from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
 from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
+from controller.policy_admin import PolicyAdminApi
 from controller.policy_api import PolicyExplainApi
 from controller.relay.session import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
@@ -196,6 +198,8 @@ def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True,
         ManagementApi(context, relay.status).add_routes(app)
         FleetApi(context, relay.presence).add_routes(app)
         PolicyExplainApi(context).add_routes(app)
+        PolicyAdminApi(context).add_routes(app)
+        GrantsApi(context).add_routes(app)
         SigninApi(context).add_routes(app)
         AuditApi(context).add_routes(app)
         Dashboard(context, relay).add_routes(app)
@@ -213,7 +217,7 @@ def watch_status_changes(context: ControllerContext) -> Callable[[web.Applicatio
     """While the app runs, poll the store so revocations made by other processes close our tunnels."""
 
     async def watching(_app: web.Application) -> AsyncIterator[None]:
-        watcher = StatusWatcher(context.store, context.registry)
+        watcher = StatusWatcher(context.store, context.registry, policies=context.policy)
         task = asyncio.get_running_loop().create_task(watcher.run())
         yield
         task.cancel()
@@ -329,6 +333,8 @@ class ControllerServer:
             self._tasks.append(loop.create_task(self._keep_relay_list(relay)))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(relay.presence.run()))
+        chores = (context.policy.record_expiries, grants_of(context).expire_pending)
+        self._tasks.append(loop.create_task(context.policy.counters.run(chores=chores)))
         if context.settings.metrics_listen_host is not None:
             await self._serve_metrics(relay, tls)
         self._tasks.append(loop.create_task(log_checkpoints(context.store)))
@@ -441,6 +447,10 @@ class ControllerServer:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners = []
+        try:
+            self.context.policy.counters.flush()  # the last interval's decisions, before the store closes
+        except Exception as error:
+            log.error("the policies' last decision counts were not written: %r", error)
         log_checkpoint(self.context.store)  # the head as this process leaves it
         self._listener.close()
         if self._api_listener is not None:

@@ -49,7 +49,7 @@ Parameters = tuple[object, ...]
 BUSY_TIMEOUT_SECONDS = 10.0
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -161,6 +161,24 @@ CREATE TABLE IF NOT EXISTS people (
     signed_in_at REAL NOT NULL,
     PRIMARY KEY (tenant, name)
 );
+-- Just-in-time grants (controller/grants.py): a person's request, an approver's
+-- answer, and the policy an approval created; one correlation id for its whole story.
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    requester TEXT NOT NULL,
+    service TEXT NOT NULL,
+    duration REAL NOT NULL,
+    reason TEXT NOT NULL,
+    status TEXT NOT NULL,
+    correlation TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    pending_until REAL NOT NULL,
+    decided_by TEXT,
+    decided_at REAL,
+    policy_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS grants_by_status ON grants (status, pending_until);
 CREATE UNIQUE INDEX IF NOT EXISTS people_by_subject ON people (provider, subject);
 -- A person's session: only the SHA-256 of the bearer is kept.
 CREATE TABLE IF NOT EXISTS person_sessions (
@@ -211,6 +229,21 @@ ADDED_COLUMNS = (
     ("audit", "service", "TEXT"),
     # The event's link in the keyed hash chain (controller/audit_chain.py); NULL on rows from before it.
     ("audit", "mac", "TEXT"),
+    # Policies are edited in place (version counts the edits), may expire, and
+    # keep their own decision counters, written in batches (controller/policy_counters.py).
+    ("policies", "version", "INTEGER"),
+    ("policies", "updated_at", "REAL"),
+    ("policies", "expires_at", "REAL"),
+    ("policies", "expiry_recorded_at", "REAL"),
+    ("policies", "decisions", "INTEGER"),
+    ("policies", "last_allowed_at", "REAL"),
+    # How a dial of a service bound by several gateways picks one: NULL, refuse
+    # with the choices (dial SERVICE@GATEWAY); 'any', the latest bound (controller/aiming.py).
+    ("services", "choose", "TEXT"),
+    # The ports a service declares (a JSON list; NULL: none), each dialed as SERVICE:PORT.
+    ("services", "ports", "TEXT"),
+    # The correlation id of the grant a policy was created for (controller/grants.py): its dials and expiry share it.
+    ("policies", "correlation", "TEXT"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

@@ -21,9 +21,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from typing import TYPE_CHECKING
 
 from controller.registry import BLOCKED_STATUSES, CHANGE_REKEYED, Identity, Registry
 from controller.store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from controller.policy import PolicyEngine
+
+#: The ``status_changes`` kind of a policy's change (controller/policy.py CHANGE_POLICY; the row's name is its id).
+CHANGE_POLICY = "policy"
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +49,13 @@ MAX_CHANGES_PER_POLL = 500
 class StatusWatcher:
     """Polls ``status_changes`` from where it started; announces blocked and re-keyed identities."""
 
-    def __init__(self, store: Store, registry: Registry, interval: float | None = None) -> None:
+    def __init__(self, store: Store, registry: Registry, interval: float | None = None, *,
+                 policies: PolicyEngine | None = None) -> None:
         self._store = store
         self._registry = registry
+        #: Told the id of each policy changed in any process: the relay re-decides the dials it allowed.
+        self._policies = policies
+        self._changed_policies: list[int] = []
         if interval is None:
             interval = NOTIFIED_POLL_INTERVAL_SECONDS if store.notifies else POLL_INTERVAL_SECONDS
         self.interval = interval
@@ -68,6 +79,9 @@ class StatusWatcher:
         changes: list[tuple[str, Identity]] = []
         for row in rows:
             self.last_seq = int(row["seq"])
+            if row["status"] == CHANGE_POLICY and str(row["name"]).isdigit():
+                self._changed_policies.append(int(row["name"]))
+                continue
             if row["status"] not in BLOCKED_STATUSES and row["status"] != CHANGE_REKEYED:
                 continue
             # The row says what happened; the registry says what holds now (enabled since? which key?).
@@ -80,6 +94,10 @@ class StatusWatcher:
 
     def announce(self, changes: list[tuple[str, Identity]]) -> list[Identity]:
         """Hand fetched changes to the registry's listeners (on the event loop); the identities announced."""
+        changed, self._changed_policies = self._changed_policies, []
+        if self._policies is not None:
+            for policy_id in dict.fromkeys(changed):
+                self._policies.announce_changed(policy_id)
         for change, identity in changes:
             if change == CHANGE_REKEYED:
                 self._registry.announce_rekeyed(identity)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import EXIT_USAGE
-from outpostctl import audit_commands, commands, fleet, relays
+from outpostctl import audit_commands, commands, fleet, grants, policies, relays
 from outpostctl.client import ManagementClient
 from outpostctl.config import CONFIG_ENV_VAR, CtlConfig, find_config_file, load_config
 from outpostctl.errors import OutpostError
@@ -134,18 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = leaf(service, "create", commands.service_create, "create a service", json_flag=True)
     sub.add_argument("name", metavar="NAME")
     roles_and_tenant(sub)
+    sub.add_argument("--choose", choices=["one", "any"], default="one",
+                     help="a plain dial with several gateways bound: refuse with the choices (one, the default; "
+                          "dial NAME@GATEWAY) or take any of them (any)")
+    sub.add_argument("--port", dest="ports", action="append", type=int, default=[], metavar="PORT",
+                     help="a port the service declares (repeat for each); dialed as NAME:PORT, mapped by [[bind]] ports")
     tenant_filter(leaf(service, "list", commands.service_list, "list services", json_flag=True))
 
     policy = top.add_parser("policy", help="who may dial or bind what (deny by default)").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    sub = leaf(policy, "create", commands.policy_create, "allow identities to dial or bind services", json_flag=True)
-    sub.add_argument("--kind", choices=["dial", "bind"], required=True)
-    sub.add_argument("--identities", type=_selectors, required=True, metavar="SEL[,SEL...]",
-                     help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
-    sub.add_argument("--services", type=_selectors, required=True, metavar="SEL[,SEL...]",
-                     help="NAME, role:ROLE, TENANT/NAME or role:TENANT/ROLE")
-    sub.add_argument("--tenant", default=DEFAULT_TENANT, help=f"the policy's tenant (default {DEFAULT_TENANT})")
-    leaf(policy, "list", commands.policy_list, "list policies", json_flag=True)
+    policies.add_commands(policy, leaf, _selectors, DEFAULT_TENANT)
     sub = leaf(policy, "explain", fleet.policy_explain,
                "say whether IDENTITY may dial or bind SERVICE, and which policies decide it", json_flag=True)
     sub.add_argument("identity", metavar="IDENTITY", help="NAME (tenant default) or TENANT/NAME")
@@ -154,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--session", action="store_true",
                      help="as with a session certificate (outpostctl connect), which may dial but never bind")
 
+    grants.add_commands(top, leaf)
     audit_commands.add_commands(top, leaf, _positive_int)
     relays.add_commands(top, leaf)
     leaf(top, "status", commands.status, "show the controller and connected tunnels", json_flag=True)

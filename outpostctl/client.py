@@ -105,8 +105,14 @@ class ManagementClient:
 
     # -- services, policies, audit, status ---------------------------------
 
-    def create_service(self, name: str, roles: list[str], tenant: str) -> JsonObject:
-        return self.request("POST", "/services", {"name": name, "roles": roles, "tenant": tenant})
+    def create_service(self, name: str, roles: list[str], tenant: str, choose: str = "one",
+                       ports: list[int] | None = None) -> JsonObject:
+        body: JsonObject = {"name": name, "roles": roles, "tenant": tenant}
+        if choose != "one":
+            body["choose"] = choose
+        if ports:
+            body["ports"] = ports
+        return self.request("POST", "/services", body)
 
     def list_services(self, tenant: str | None = None) -> list[JsonObject]:
         """Every service, or those of one tenant."""

@@ -213,7 +213,8 @@ def _print_identity(identity: JsonObject, *, as_json: bool) -> None:
 
 
 def service_create(args: argparse.Namespace, client: ManagementClient) -> int:
-    service = client.create_service(args.name, args.roles, args.tenant)
+    service = client.create_service(args.name, args.roles, args.tenant, getattr(args, "choose", "one"),
+                                    getattr(args, "ports", None))
     if args.json:
         print(render.machine_json(service))
     else:
@@ -232,32 +233,6 @@ def service_list(args: argparse.Namespace, client: ManagementClient) -> int:
         print(render.table(
             ["NAME", "TENANT", "ROLES"],
             ([str(s.get("name")), render.format_value(s.get("tenant")), render.format_value(s.get("roles"))] for s in services),
-        ))
-    return 0
-
-
-def policy_create(args: argparse.Namespace, client: ManagementClient) -> int:
-    policy = client.create_policy(args.kind, args.identities, args.services, args.tenant)
-    if args.json:
-        print(render.machine_json(policy))
-    else:
-        verb = "dial" if args.kind == "dial" else "bind"
-        print(f"created policy {policy.get('id', '')}: {','.join(args.identities)} may {verb} "
-              f"{','.join(args.services)} (tenant {policy.get('tenant', args.tenant)})")
-    return 0
-
-
-def policy_list(args: argparse.Namespace, client: ManagementClient) -> int:
-    policies = client.list_policies()
-    if args.json:
-        print(render.machine_json({"policies": policies}))
-    elif not policies:
-        print("no policies yet: nothing may dial or bind anything (deny by default)")
-    else:
-        print(render.table(
-            ["ID", "TENANT", "KIND", "IDENTITIES", "SERVICES"],
-            ([render.format_value(p.get("id")), render.format_value(p.get("tenant")), render.format_value(p.get("kind")),
-              render.format_value(p.get("identities")), render.format_value(p.get("services"))] for p in policies),
         ))
     return 0
 

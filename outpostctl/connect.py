@@ -42,13 +42,17 @@ def parse_listen(value: str) -> tuple[str, int]:
 def check_service(client: ManagementClient, service: str, tenant: str = DEFAULT_TENANT) -> None:
     """Refuse a service the controller does not know, before anything listens or a certificate is issued.
 
-    ``service`` is ``NAME`` (the dialing identity's tenant) or ``TENANT/NAME``.
+    ``service`` is ``NAME`` (the dialing identity's tenant) or ``TENANT/NAME``,
+    optionally aimed at one gateway: ``NAME@GATEWAY``.
     """
-    owner, _, name = service.rpartition("/")
+    target, mark, gateway = service.partition("@")
+    target = re.sub(r":\d{1,5}$", "", target)  # SERVICE:PORT names one of the service's declared ports
+    owner, _, name = target.rpartition("/")
     owner = owner or tenant
-    if not (SERVICE_LABEL.fullmatch(owner) and SERVICE_LABEL.fullmatch(name)):
-        raise ConfigError(f"{service!r} is not a service name; write NAME or TENANT/NAME "
-                          "(lowercase letters, digits and '-'), for example acme/scada")
+    if not (SERVICE_LABEL.fullmatch(owner) and SERVICE_LABEL.fullmatch(name)) or (
+            mark and not SERVICE_LABEL.fullmatch(gateway)):
+        raise ConfigError(f"{service!r} is not a service name; write NAME, TENANT/NAME or NAME@GATEWAY "
+                          "(lowercase letters, digits and '-'), for example acme/scada or modbus@gw-0042")
     known = client.list_services(owner)
     if any(s.get("name") == name for s in known):
         return

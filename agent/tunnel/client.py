@@ -137,7 +137,8 @@ class AgentSession(TunnelSession):
     async def on_authenticated(self, event: Authenticated) -> None:
         self.relay_info = dict(event.info)
         if self.options.binds:
-            self.conn.send_bind(sorted(self.options.binds))
+            # SERVICE:PORT entries are targets of their service's declared ports, not services of their own.
+            self.conn.send_bind(sorted(name for name in self.options.binds if ":" not in name))
         else:
             self.authenticated.set()
 

@@ -125,7 +125,10 @@ async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeySto
     credentials = TunnelCredentials(uri=identity.uri, chain_pem=[identity.cert_pem],
                                     ca_pem=identity.ca_pem, keystore=keystore)
     plan = plan_from_settings(config.link)
-    options = options_for(plan, binds={b.service: (b.target_host, b.target_port) for b in config.binds}, proxy=proxy)
+    binds = {b.service: (b.target_host, b.target_port) for b in config.binds}
+    # A declared port is bound with its service and reached as SERVICE:PORT (agent/services/forward.py).
+    binds.update({f"{b.service}:{declared}": (host, port) for b in config.binds for declared, host, port in b.ports})
+    options = options_for(plan, binds=binds, proxy=proxy)
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,

@@ -281,7 +281,7 @@ class Dashboard:
         self._everywhere(person, "Listing policies")
         if request.query:
             raise bad_request("invalid_parameter", "The policies page takes no parameters.")
-        return await API_POOL.run(lambda: pages.policies_body(self.context.store, self.context.policy.list()))
+        return await API_POOL.run(lambda: pages.policies_body(self.context.policy.list_with_counts()))
 
     @staticmethod
     def _filter(request: web.Request, allowed: frozenset[str]) -> AuditFilter:

@@ -8,7 +8,6 @@ its presence book) is taken on the loop first and handed in.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from controller.dashboard.render import ago, cell_json, esc, facts, link, option
 from controller.errors import bad_request
 from controller.fleet import PRESENCE_STATES, OwnView, fleet
 from controller.names import check_name
-from controller.policy import Policy
+from controller.policy_model import Policy
 from controller.registry import Identity
 from controller.store import Store
 
@@ -35,9 +34,6 @@ GATEWAY_RECENT_ROWS = 20
 #: Served dials read to find a gateway's (the audit names the dialer, not the gateway, in its
 #: indexed column): the newest this many, so a busy trail costs one bounded index range.
 SERVED_WINDOW = 5_000
-#: Decisions read to count each policy's: the newest this many (a count over a
-#: trail of millions would read it all on every refresh); the page says so.
-POLICY_COUNT_WINDOW = 50_000
 FLEET_SORTS = {"name": "Name", "tenant": "Tenant", "presence": "Presence", "last_seen": "Last seen",
                "rtt_ms": "RTT (ms)", "link_profile": "Link", "agent_version": "Version",
                "cert_not_after": "Certificate expiry", "next_renewal": "Next renewal", "key_backend": "Key backend"}
@@ -251,25 +247,11 @@ def served_by(store: Store, label: str, limit: int = GATEWAY_RECENT_ROWS) -> lis
     return [connection_record(cid, stories[cid], event["id"]) for cid, event in zip(ids, mine, strict=True)]
 
 
-def policy_counts(store: Store) -> tuple[Counter[int], int]:
-    """Decisions per policy id among the newest ``POLICY_COUNT_WINDOW`` decisions, and how many were read."""
-    marks = ", ".join("?" for _ in DECISION_EVENTS)
-    rows = store.query(f"SELECT fields FROM audit WHERE event IN ({marks}) ORDER BY id DESC LIMIT ?",
-                       (*DECISION_EVENTS, POLICY_COUNT_WINDOW))
-    counts: Counter[int] = Counter()
-    for row in rows:
-        policy = json.loads(row["fields"]).get("policy")
-        if isinstance(policy, int):
-            counts[policy] += 1
-    return counts, len(rows)
-
-
-def policies_body(store: Store, policies: list[Policy]) -> str:
-    counts, read = policy_counts(store)
+def policies_body(policies: list[Policy]) -> str:
+    """Every policy with the decisions it made and when it last allowed one (the policy engine's counters)."""
     rows = [(esc(p.id), esc(p.kind), esc(p.tenant), esc(", ".join(s.text(p.tenant) for s in p.identities)),
              esc(", ".join(s.text(p.tenant) for s in p.services)), esc(when(p.created_at)),
-             f'<span class="decisions">{counts.get(p.id, 0)}</span>') for p in policies]
-    window = f"the newest {read} decisions" if read >= POLICY_COUNT_WINDOW else f"all {read} decisions recorded"
-    return (f'<p id="window">Decisions counted from the audit trail: {window}.</p>'
-            + table(("Policy", "Kind", "Tenant", "Identities", "Services", "Created", "Decisions"), rows,
-                    id_="policies"))
+             f'<span class="decisions">{p.decisions}</span>',
+             esc(when(p.last_allowed_at)) if p.last_allowed_at is not None else "never") for p in policies]
+    return table(("Policy", "Kind", "Tenant", "Identities", "Services", "Created", "Decisions", "Last allowed"),
+                 rows, id_="policies")

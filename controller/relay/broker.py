@@ -40,6 +40,10 @@ class Broker:
                 return session
         return None
 
+    def binders(self, key: ServiceKey) -> list[RelaySession]:
+        """Every tunnel binding ``key``, in the order they bound (controller/relay/aiming.py chooses)."""
+        return list(self._binders.get(key, ()))
+
     def keys_bound_by(self, session: RelaySession) -> frozenset[ServiceKey]:
         return frozenset(k for k, v in self._binders.items() if session in v)
 

@@ -22,7 +22,9 @@ from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
 from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
+from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.relays import relays_for
 from controller.store import StoreUnavailable
@@ -233,11 +235,18 @@ class RelaySession(TunnelSession):
         ])
         return decisions
 
-    def _decide_dial(self, record: DialRecord) -> Decision:
-        """Decide one dial and record its request and decision under its connection id (worker thread)."""
-        decision = allowed, reason, key, policy = self._decide("dial", record.requested)
-        self.context.audit.record_groups([record.decided(allowed, reason, f"{key[0]}/{key[1]}", policy)])
-        return decision
+    def _decide_dial(self, record: DialRecord, candidates: list[RelaySession]) -> DialChoice:
+        """Decide one dial, and the gateway serving it; record its request and decision (worker thread)."""
+        choice = choose(self, record.requested, candidates)
+        key = choice.key
+        groups = [record.decided(choice.allowed, choice.reason, f"{key[0]}/{key[1]}", choice.policy)]
+        grant = None if choice.policy is None else self.context.policy.grant_of(choice.policy)
+        if choice.allowed and grant is not None:
+            # The grant's story names each connection it allowed, under the grant's own correlation id.
+            groups.append([("grant_used", {"correlation": grant, "connection": record.id, "policy": choice.policy,
+                                           "identity": record.identity, "service": f"{key[0]}/{key[1]}"})])
+        self.context.audit.record_groups(groups)
+        return choice
 
     def _decide(self, kind: str, requested: str) -> Decision:
         """(allowed, reason, service key) for this identity and a named service."""
@@ -250,35 +259,42 @@ class RelaySession(TunnelSession):
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
         record = DialRecord(self, channel)
+        candidates = self.relay.broker.binders(split_aim(channel.service, self.admitted.tenant)[0])
+        watch = self.relay.policy_watch
+        changes_seen = None if watch is None else watch.changes
         try:
-            allowed, reason, key, _policy = await self.in_worker(self._decide_dial, record)
+            choice = await self.in_worker(self._decide_dial, record, candidates)
         except StoreUnavailable as unavailable:
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
+        key, policy = choice.key, choice.policy
         if channel.error is not None or self.conn.closed:
-            if allowed:
+            if choice.allowed:
                 self.relay.record_soon(*record.failed("the dialer went away"))
             return
-        if not allowed:
-            code = ErrorCode.SERVICE_UNKNOWN if reason.startswith("no service named") else ErrorCode.POLICY_DENIED
-            channel.reset(code, reason)
+        if not choice.allowed:
+            channel.reset(choice.code, choice.reason)
             return
-        binder = self.relay.broker.binder(key)
-        if binder is None:
-            channel.reset(ErrorCode.SERVICE_UNAVAILABLE, f"no gateway hosting {key[0]}/{key[1]} is connected")
+        binder = choice.binder
+        if binder is None or binder.conn.closed:
+            channel.reset(ErrorCode.SERVICE_UNAVAILABLE,
+                          choice.unavailable or f"no gateway hosting {key[0]}/{key[1]} is connected")
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:
-            await self._serve_dial(channel, binder, key, record)
+            await self._serve_dial(channel, binder, key, record, policy, choice.port, changes_seen)
         except ChannelReset as exc:
             self.relay.record_soon(*record.failed(exc.reason or exc.code.name))
 
     async def _serve_dial(self, channel: StreamChannel, binder: RelaySession, key: ServiceKey,
-                          record: DialRecord) -> None:
+                          record: DialRecord, policy: int | None = None, port: int | None = None,
+                          changes_seen: int | None = None) -> None:
         """Open the dial's stream to ``binder`` and splice the two; a ChannelReset says why it failed."""
         # The binder resolves the name in its own tenant: send it the bare name
         # when tenants match, the qualified one otherwise.
         name = key[1] if binder.admitted.tenant == key[0] else f"{key[0]}/{key[1]}"
+        if port is not None:
+            name = f"{name}:{port}"  # the binder's [[bind]] maps each declared port to its own target
         upstream = binder.open_stream(name, peer=self.admitted.uri)
         try:
             await asyncio.wait_for(upstream.wait_accepted(), BINDER_ACCEPT_TIMEOUT)
@@ -297,9 +313,16 @@ class RelaySession(TunnelSession):
         loop = asyncio.get_running_loop()
         self.relay.record_soon(*record.served(binder, loop.time()))
         await self.flush()
+        # Kept under the policy that allowed it: its expiry, deletion or narrowing ends the dial.
+        live = LiveDial(self, binder, key, channel, upstream, port)
+        watch = self.relay.policy_watch
+        if watch is not None and policy is not None:
+            watch.add(policy, live, changes_seen)
         try:
             await splice_streams(channel, upstream)
         finally:
+            if watch is not None:
+                watch.remove(live)
             self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_report(self, event: ReportReceived) -> None:
@@ -351,6 +374,8 @@ class Relay:
         rekeyed = getattr(context.registry, "on_rekeyed", None)
         if rekeyed is not None:
             rekeyed(self.identity_rekeyed)
+        #: The live dials by the policy that allowed them (controller/relay/policy_watch.py).
+        self.policy_watch = watch_for(context, self._loop)
         #: Told about each tunnel's request once it authenticated: the listener stops counting it as anonymous.
         self.on_admitted: Any = None
 

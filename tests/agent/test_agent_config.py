@@ -73,6 +73,23 @@ def test_a_dial_may_name_a_service_of_another_tenant(tmp_path: Path):
     assert config.dials == (DialConfig("acme/scada", "127.0.0.1", 9001),)
 
 
+def test_a_bind_maps_each_declared_port_to_its_own_target(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[bind]]\nservice = "plc"\ntarget = "127.0.0.1:502"\n'
+                                         'ports = { 502 = "127.0.0.1:502", 1502 = "[::1]:1502" }\n'))
+    assert config.binds[0].ports == ((502, "127.0.0.1", 502), (1502, "::1", 1502))
+    with pytest.raises(ConfigError, match="each key is a port"):
+        load_config(write(tmp_path, '[[bind]]\nservice = "plc"\ntarget = "127.0.0.1:502"\nports = { x = "a:1" }\n'))
+    config = load_config(write(tmp_path, '[[dial]]\nservice = "plc:1502@gw-1"\nlisten = "127.0.0.1:9001"\n'))
+    assert config.dials[0].service == "plc:1502@gw-1"
+
+
+def test_a_dial_may_be_aimed_at_one_gateway(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[[dial]]\nservice = "modbus@gw-0042"\nlisten = "127.0.0.1:9001"\n'))
+    assert config.dials == (DialConfig("modbus@gw-0042", "127.0.0.1", 9001),)
+    with pytest.raises(ConfigError, match="before a gateway as"):
+        load_config(write(tmp_path, '[[dial]]\nservice = "modbus@GW"\nlisten = "127.0.0.1:9001"\n'))
+
+
 def test_an_empty_file_gives_the_defaults(tmp_path: Path):
     config = load_config(write(tmp_path, ""))
 

@@ -266,3 +266,9 @@ def test_audit_verify_reports_seconds_per_million_events() -> None:
     found = run_bench("audit_verify", "--events", "2000")
     assert found["events"] == 2000 and isinstance(found["goal_met"], bool)
     assert_positive(found, "verify_seconds", "verify_events_per_second", "verify_seconds_per_million")
+
+
+def test_policy_decisions_reports_decisions_per_second_and_no_commit_per_decision() -> None:
+    found = run_bench("policy_decisions", "--policies", "20", "--decisions", "200")
+    assert found["decisions_per_s"] > 0 and found["store_commits_while_deciding"] == 0
+    assert found["counted"] == 100 and found["flush_policies"] == 1

@@ -272,8 +272,9 @@ def test_services_policies_and_audit_round_trip(data_dir: Path) -> None:
             assert [p["id"] for p in listed["policies"]] == [policy["id"]]
             status, services = await running.call("GET", "/api/v1/services")
             assert [s["name"] for s in services["services"]] == ["modbus"]
-            status, audit = await running.call("GET", "/api/v1/audit?limit=2")
-            assert [e["event"] for e in audit["events"]] == ["service_created", "policy_created"]
+            status, audit = await running.call("GET", "/api/v1/audit?limit=3")
+            # The refused policy leaves its one row.
+            assert [e["event"] for e in audit["events"]] == ["service_created", "policy_created", "policy_refused"]
             status, body = await running.call("GET", "/api/v1/audit?limit=-1")
             assert (status, body["error"]) == (400, "invalid_limit")
             status, tunnels = await running.call("GET", "/api/v1/status")

@@ -25,6 +25,10 @@ SCHEMA_DIGESTS = {
     3: "cf5c74bc8579171011ef42adfb1a6edd98754bd370db975a182e6c6d112513c1",
     # Relays as their own processes (controller/relays.py).
     4: "41602f29252c2157ded34aeadc0faccf91fc8a80529ccf4b4433e31a2a2f09b0",
+    # Policies' versions, expiries and decision counters (controller/policy.py, controller/policy_counters.py),
+    # how a service bound by several gateways chooses and which ports it declares (controller/relay/aiming.py),
+    # and grants (controller/grants.py).
+    5: "a1ae3de3ccee4a6bc2caea972bfcbb283ee80e24e394929a8082f047849b9993",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")

@@ -49,6 +49,7 @@ USERS: dict[str, dict[str, Any]] = {
     "tina": {"name": "Tina Tenant", "preferred_username": "tina", "groups": ["acme-admins"]},
     "nora": {"name": "Nora Nogroup", "preferred_username": "nora", "groups": ["marketing"]},
     "audrey": {"name": "Audrey Auditor", "preferred_username": "audrey", "groups": ["audit"]},
+    "april": {"name": "April Approver", "preferred_username": "april", "groups": ["change-board"]},
 }
 
 

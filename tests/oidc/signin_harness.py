@@ -21,6 +21,7 @@ ROLES: dict[str, tuple[Grant, ...]] = {
     "ops": (Grant("operator"),),
     "acme-admins": (Grant("admin", "acme"),),
     "audit": (Grant("auditor"),),
+    "change-board": (Grant("approver"),),
 }
 
 

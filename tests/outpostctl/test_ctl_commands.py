@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jwt
+import pytest
 
 from outpostctl.cli import build_parser, connect_identity
 from tests.outpostctl.harness import (
@@ -133,8 +134,36 @@ def test_policy_create_and_list(ctl: Ctl) -> None:
     listed = json.loads(ctl.ok("policy", "list", "--json").out)["policies"]
     assert created["id"] in {p["id"] for p in listed}
     table = ctl.ok("policy", "list").out
-    assert table.splitlines()[0].split() == ["ID", "TENANT", "KIND", "IDENTITIES", "SERVICES"]
+    assert table.splitlines()[0].split() == ["ID", "VERSION", "TENANT", "KIND", "IDENTITIES", "SERVICES", "EXPIRES",
+                                             "DECISIONS", "LAST", "ALLOWED"]
     assert "operator,role:ops" in table
+
+
+def test_policy_update_delete_and_expiry(ctl: Ctl) -> None:
+    ctl.ok("service", "create", "scada")
+    created = json.loads(ctl.ok("policy", "create", "--kind", "dial", "--identities", "operator",
+                                "--services", "scada", "--for", "8h", "--json").out)
+    assert created["expires_at"] == pytest.approx(time.time() + 8 * 3600, abs=60)
+    pid = str(created["id"])
+    updated = ctl.ok("policy", "update", pid, "--identities", "operator,role:ops", "--no-expiry").out
+    assert updated.startswith(f"updated policy {pid} to version 2: operator,role:ops may dial scada, expires never")
+    row = next(line.split() for line in ctl.ok("policy", "list").out.splitlines() if line.split()[0] == pid)
+    assert row[1] == "2" and row[6:8] == ["never", "0"]
+    for args, sentence in (
+        (("policy", "update", pid, "--for", "soon"), "'soon' is not a duration; write a number and a unit"),
+        (("policy", "update", pid, "--until", "2001-01-01T00:00:00Z"), "2001-01-01T00:00:00Z is in the past"),
+        (("policy", "update", pid, "--identities", "x", "--expected-version", "1"), "is at version 2 now, not 1"),
+        (("policy", "delete", "4242"), "There is no policy 4242; outpostctl policy list shows them."),
+        (("policy", "delete", "x1"), "'x1' is not a policy id"),
+    ):
+        result = ctl(*args)
+        assert result.code != 0 and sentence in result.err and len(result.err.strip().splitlines()) == 1, result.err
+    listed = json.loads(ctl.ok("policy", "list", "--json").out)["policies"]
+    assert next(p for p in listed if str(p["id"]) == pid)["version"] == 2  # nothing changed
+    audit = json.loads(ctl.ok("audit", "--json", "--limit", "5").out)["events"]
+    assert [e["event"] for e in audit].count("policy_refused") == 5
+    assert ctl.ok("policy", "delete", pid).out.startswith(f"deleted policy {pid}")
+    assert pid not in {str(p["id"]) for p in json.loads(ctl.ok("policy", "list", "--json").out)["policies"]}
 
 
 def test_audit_shows_the_newest_events_last(ctl: Ctl, tmp_path: Path) -> None:

@@ -90,8 +90,9 @@ def test_connect_names_the_tenant_that_has_the_service(ctl: Ctl, controller: Run
         "outpostctl: there is no service default/historian-x, so nothing would answer on the local port; "
         "acme/historian-x exists: connect to it by its full name, TENANT/historian-x")
     result = connect(controller, "acme/Bad", free_port())
-    assert one_sentence(result.err) == ("outpostctl: 'acme/Bad' is not a service name; write NAME or TENANT/NAME "
-                                        "(lowercase letters, digits and '-'), for example acme/scada")
+    assert one_sentence(result.err) == ("outpostctl: 'acme/Bad' is not a service name; write NAME, TENANT/NAME or "
+                                        "NAME@GATEWAY (lowercase letters, digits and '-'), for example acme/scada or "
+                                        "modbus@gw-0042")
 
 
 def test_connect_as_an_identity_of_another_tenant_is_named_tenant_slash_name(
