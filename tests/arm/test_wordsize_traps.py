@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import agent.cli as agent_cli
+import agent.status_view as status_view
 import shared.protocol as protocol_package
 from agent.enrollment.token import MAX_TOKEN_FILE, read_token_file, verify_token
 from agent.errors import OutpostError
@@ -50,8 +50,9 @@ IDLE_STREAM_CEILING = 16 * 1024
 def test_moments_past_2038_are_written_as_dates() -> None:
     assert format_utc(Y2038) == "2038-01-19 03:14 UTC"
     assert format_utc(CA_NOT_AFTER.timestamp()) == "2040-06-01 12:00 UTC"
-    # What `outpost-agent status` prints for a certificate or an update time.
-    assert agent_cli._utc_from(CA_NOT_AFTER.timestamp()) == "2040-06-01 12:00 UTC"
+    # What `outpost-agent status` prints for a certificate's expiry, a year and a half away.
+    moment = CA_NOT_AFTER.timestamp()
+    assert status_view._when(moment, moment - 548 * 86400) == "2040-06-01 12:00 UTC (in 548 d 0 h)"
 
 
 def _certificate(not_before: datetime.datetime, not_after: datetime.datetime) -> x509.Certificate:
