@@ -18,6 +18,7 @@ Example::
     proxy = "http://proxy.lan:3128"   # HTTPS CONNECT proxy for every outbound connection
                                       # (user:password@ allowed); unset = HTTPS_PROXY
     no_proxy = ["relay.corp.lan"]     # hosts reached directly; unset = NO_PROXY
+    transport = "auto"            # "tls", "websocket", or auto: TLS, WebSocket where only HTTP passes
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -86,7 +87,9 @@ ENROLLMENT_KEYS = {"token_paths"}
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
-             "reconnect_max", "stable_after", "proxy", "no_proxy"}
+             "reconnect_max", "stable_after", "proxy", "no_proxy", "transport"}
+#: ``[link] transport``: TLS with Outpost's ALPN, the WebSocket, or TLS with the WebSocket as fallback.
+LINK_TRANSPORTS = ("auto", "tls", "websocket")
 #: Relays reached without the proxy: a few hosts or networks; more is a pasted file.
 MAX_NO_PROXY = 64
 BIND_KEYS = {"service", "target"}
@@ -123,6 +126,8 @@ class LinkSettings:
     reconnect_initial: float | None = None
     reconnect_max: float | None = None
     stable_after: float | None = None
+    #: What the tunnel runs on (agent/tunnel/client.py says when ``auto`` falls back).
+    transport: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -281,12 +286,19 @@ class _Parser:
             reconnect_initial=self.seconds(table, "reconnect_initial"),
             reconnect_max=self.seconds(table, "reconnect_max"),
             stable_after=self.seconds(table, "stable_after"),
+            transport=self.transport(table),
         )
         try:
             plan_from_settings(settings)  # the numbers must also make sense together
         except ConfigError as error:
             raise ConfigError(f"{self.path}: [link] {error}") from None
         return settings
+
+    def transport(self, table: dict[str, Any]) -> str:
+        value = self.string(table, "transport", "auto", "link.transport")
+        if value not in LINK_TRANSPORTS:
+            raise self.fail("link.transport", f"must be one of {', '.join(LINK_TRANSPORTS)}, not {value!r}")
+        return value
 
     def proxy(self, table: dict[str, Any]) -> ProxySettings:
         url = None

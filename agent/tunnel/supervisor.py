@@ -10,8 +10,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.identity.refusals import DISABLED, DisabledGate, identity_status
 from agent.services.forward import DialListener
@@ -31,6 +29,28 @@ log = logging.getLogger(__name__)
 # status.json is rewritten at most this often while traffic flows: the state
 # directory may live on an SD card that wears with every write.
 STATUS_INTERVAL = 10.0
+
+
+class _LazyHttp:
+    """The aiohttp session for WebSocket tunnels, made on first use and closed at the end."""
+
+    def __init__(self) -> None:
+        self.http: Any = None
+
+    def get(self) -> Any:
+        if self.http is None:
+            import aiohttp
+
+            # The environment's proxy variables are read at the edge (the CLI), never here.
+            self.http = aiohttp.ClientSession(trust_env=False)
+        return self.http
+
+    async def __aenter__(self) -> _LazyHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.http is not None:
+            await self.http.close()
 
 
 class TunnelSupervisor:
@@ -98,8 +118,8 @@ class TunnelSupervisor:
         from agent.identity.tls_trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
-        # The environment's proxy variables are read at the edge (the CLI), never here.
-        async with aiohttp.ClientSession(trust_env=False) as http:
+        # aiohttp is loaded only if a tunnel runs over a WebSocket (agent/tunnel/client.py).
+        async with _LazyHttp() as http:
             while not self._stop.is_set():
                 if not await self._wait_for_turn():
                     break
@@ -109,7 +129,7 @@ class TunnelSupervisor:
                 service_manager.notify_status(f"connecting to {relay}")
                 try:
                     session, task = await self.gate.ask(
-                        open_tunnel(http, relay, self.credentials, ssl_context, self.options))
+                        open_tunnel(http.get, relay, self.credentials, ssl_context, self.options))
                 except OutpostError as exc:
                     if exc.terminal:
                         # A revoked identity, a lost device key or a refused TPM authorization:
@@ -213,6 +233,7 @@ class TunnelSupervisor:
     async def _serve(self, session: AgentSession, task: asyncio.Task[Any]) -> None:
         self.session = session
         self.stats.state = "connected"
+        self.stats.transport = session.transport_kind
         self.stats.connected_since = self._now()
         self.stats.down_since = None
         self.stats.next_ask = None

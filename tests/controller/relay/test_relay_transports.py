@@ -1,0 +1,111 @@
+"""The tunnel on TLS directly (Outpost's ALPN) and over a WebSocket, against the real relay and listener;
+``auto``'s fallback against a relay that does not choose the ALPN."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.identity.tls_trust import pinned_ssl_context
+from agent.tunnel.client import TunnelOptions, open_tunnel
+from agent.tunnel.tls_link import AlpnRefused
+from tests.agent.tunnel.test_tunnel_client import credentials, make_ca_and_server
+from tests.controller.harness import run, running_controller
+from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled
+
+
+@pytest.mark.parametrize("transport", ["tls", "websocket", "auto"])
+def test_the_relay_admits_a_tunnel_on_either_transport_and_carries_its_frames(tmp_path: Path,
+                                                                                    transport: str) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials_ = await enrolled(ctl, "gw-a")
+            async with connect(ctl, credentials_, TunnelOptions(transport=transport)) as (session, _):
+                assert session.relay_info["identity"] == credentials_.uri
+                assert session.transport_kind == ("websocket" if transport == "websocket" else "tls")
+                pong = asyncio.get_running_loop().create_future()
+                session.pong_listeners.append(lambda rtt: pong.done() or pong.set_result(rtt))
+                session.conn.ping(session.now())
+                session.schedule_flush()
+                assert await asyncio.wait_for(pong, 5) >= 0
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+async def _relay_without_alpn(agent_options: TunnelOptions) -> tuple[str, BaseException | None]:
+    """A WebSocket relay whose TLS does not offer Outpost's ALPN: what ``agent_options`` make of it."""
+    ca_pem, server_tls = make_ca_and_server()
+    upgraded = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("outpost.v1",))
+        await ws.prepare(request)
+        upgraded.set()
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/tunnel", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_tls)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"wss://127.0.0.1:{port}/v1/tunnel"
+    try:
+        async with aiohttp.ClientSession() as http:
+            try:
+                await open_tunnel(http, url, credentials(ca_pem), pinned_ssl_context(ca_pem), agent_options)
+            except Exception as error:  # noqa: BLE001 - the test judges which
+                return ("websocket" if upgraded.is_set() else "none"), error
+            return "websocket", None
+    finally:
+        await runner.cleanup()
+
+
+def test_auto_falls_back_to_the_websocket_when_the_relay_does_not_choose_the_alpn_and_remembers_it() -> None:
+    options = TunnelOptions(transport="auto")
+    reached, error = asyncio.run(asyncio.wait_for(_relay_without_alpn(options), SCENARIO_TIMEOUT))
+    # The fake relay never authenticates: what matters is that the WebSocket upgrade came after TLS was refused.
+    assert reached == "websocket", error
+    assert len(options.fallback_until) == 1
+
+
+def test_tls_only_does_not_fall_back_and_says_the_relay_does_not_speak_the_alpn() -> None:
+    options = TunnelOptions(transport="tls")
+    reached, error = asyncio.run(asyncio.wait_for(_relay_without_alpn(options), SCENARIO_TIMEOUT))
+    assert reached == "none"
+    assert isinstance(error, AlpnRefused)
+    assert "does not speak outpost/1 on TLS" in str(error)
+    assert not options.fallback_until
+
+
+def test_auto_does_not_fall_back_past_a_certificate_problem() -> None:
+    from agent.errors import TrustError
+
+    async def scenario() -> tuple[str, BaseException | None]:
+        _, server_tls = make_ca_and_server()
+        other_ca, _ = make_ca_and_server()
+        server_tls.set_alpn_protocols(["outpost/1"])
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            options = dataclasses.replace(TunnelOptions(transport="auto"))
+            async with aiohttp.ClientSession() as http:
+                try:
+                    await open_tunnel(http, f"wss://127.0.0.1:{port}/v1/tunnel", credentials(other_ca),
+                                      pinned_ssl_context(other_ca), options)
+                except Exception as error:  # noqa: BLE001
+                    return str(options.fallback_until), error
+            return "", None
+        finally:
+            server.close()
+
+    fallback, error = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    assert isinstance(error, TrustError), error
+    assert fallback == "{}"
