@@ -30,6 +30,8 @@ class TunnelStats:
     link: str | None = None
     #: What the tunnel runs on while connected: "tls" (Outpost's ALPN) or "websocket".
     transport: str | None = None
+    #: Whether the process holds aiohttp (only a WebSocket tunnel or ``doctor`` loads it): ~14 MiB of it.
+    aiohttp_loaded: bool = False
     #: why the last tunnel ended (kept after a reconnect, unlike last_error)
     last_drop: str | None = None
     #: Unix seconds: when the current certificate expires, when the agent renews it next,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,7 @@ class TunnelSupervisor:
         return self.options.clock.now() if self.options.clock is not None else time.time()
 
     def _report(self) -> None:
+        self.stats.aiohttp_loaded = "aiohttp" in sys.modules
         session = self.session
         if session is not None:
             self.stats.bytes_in = self._base_in + session.conn.bytes_received
