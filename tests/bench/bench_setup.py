@@ -206,6 +206,8 @@ class TunnelPath:
         self._start_controller()
         binder_state = self._enroll(self.BINDER)
         dialer_state = self._enroll(self.DIALER)
+        #: The binder's state directory (its status.json).
+        self.binder_state = binder_state
         self.binder = self._run(self.BINDER, binder_state, self._binds())
         self._start_dialer(dialer_state)
         return self
@@ -240,8 +242,10 @@ class TunnelPath:
 
     def _run(self, name: str, state: Path, sections: list[tuple[str, ...]]) -> Process:
         loop = str_arg("agent-event-loop", "")
+        transport = str_arg("agent-transport", "")  # the tunnel's [link] transport; unset: the default (auto)
         lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
-                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', ""]
+                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', "",
+                 *(["[link]", f'transport = "{transport}"', ""] if transport else [])]
         for section in sections:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"
