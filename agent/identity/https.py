@@ -14,16 +14,18 @@ second connection could only be a plain one, so a dropped one is an error.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agent.errors import EnrollmentError
 from agent.proxy import ProxyRoute, ProxySettings
+
+if TYPE_CHECKING:
+    import http.client
 
 #: A proxy's answer to CONNECT is a status line and a few headers; more than this is not a proxy.
 MAX_PROXY_ANSWER = 16 * 1024
@@ -105,6 +107,10 @@ class Channel:
         except BaseException:
             raw.close()
             raise
+        # Loaded on first use (with the email package behind it): a gateway whose clock NTP keeps
+        # may go weeks between two requests, and nothing of it need be resident in between.
+        import http.client
+
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         connection.sock = tls
         connection.auto_open = 0  # never a second, plain connection
@@ -116,6 +122,14 @@ class Channel:
         return await asyncio.to_thread(self._request, method, url, limit, body)
 
     def _request(self, method: str, url: str, limit: int, body: Any) -> Answer:
+        import http.client
+
+        try:
+            return self._exchange(method, url, limit, body)
+        except http.client.HTTPException as error:  # a malformed or missing answer: the network's kind of failure
+            raise ConnectionError(f"the answer was not HTTP ({type(error).__name__})") from None
+
+    def _exchange(self, method: str, url: str, limit: int, body: Any) -> Answer:
         connection = self._http
         if connection is None:
             raise ConnectionError("not connected")

@@ -27,7 +27,6 @@ the token's fingerprint.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import ssl
 import sys
 import time
@@ -54,8 +53,9 @@ from shared.trust import ca_fingerprint, verify_leaf_issued_by
 if TYPE_CHECKING:
     import aiohttp  # ``doctor`` only: enrollment, renewal and the clock use agent/identity/https.py
 
-#: What a request on the standard library's client raises for a network or protocol failure.
-NETWORK_ERRORS = (TimeoutError, OSError, http.client.HTTPException)
+#: What a request on the standard library's client raises for a network failure (agent/identity/https.py
+#: turns http.client's own errors, such as a malformed answer, into ConnectionError).
+NETWORK_ERRORS = (TimeoutError, OSError)
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
 #: and still bounds what an unverified peer can make us read.
