@@ -244,8 +244,12 @@ class TunnelPath:
         loop = str_arg("agent-event-loop", "")
         transport = str_arg("agent-transport", "")  # the tunnel's [link] transport; unset: the default (auto)
         lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
-                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', "",
-                 *(["[link]", f'transport = "{transport}"', ""] if transport else [])]
+                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', ""]
+        if transport:  # into the path's own [link] section where it has one
+            link = next((s for s in sections if s and s[0] == "[link]"), None)
+            sections = [(*s, f'transport = "{transport}"') if s is link else s for s in sections]
+            if link is None:
+                sections = [("[link]", f'transport = "{transport}"'), *sections]
         for section in sections:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"

@@ -58,14 +58,13 @@ DAY = 86400.0
 # WebSocket header of a masked client message (6, on a WebSocket tunnel only) and a TLS 1.3 record (22).
 WEBSOCKET_HEADER = 6
 MESSAGE_OVERHEAD = 10 + 22
-#: The agent's [link] transport (``--agent-transport``); empty: the default, auto (TLS directly).
+#: The agent's [link] transport (``--agent-transport``, which bench_setup writes into the config);
+#: empty: the default, auto (TLS directly).
 TRANSPORT = ""
 
 
 def run_case(workdir: Path, name: str, link: dict, nat_timeout: float, seconds: float) -> dict:
     """Idle bytes of one configuration over ``seconds``, per exchange and per second."""
-    if TRANSPORT:
-        link = {**link, "transport": TRANSPORT}
     path = LinkTunnelPath(workdir / name, "lte-nat", link, {}, dial=False,
                           emulator_args=("--nat-timeout", str(nat_timeout)))
     (workdir / name).mkdir()
