@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 from tests.e2e.harness import Controller, Process, read_status, run_cli, wait_until  # noqa: E402
 
-TUNNEL_PATH = "client -> dialer agent [[dial]] -> TLS WebSocket -> relay -> TLS WebSocket -> binder agent [[bind]] -> service"
+TUNNEL_PATH = ("client -> dialer agent [[dial]] -> TLS (ALPN outpost/1, or a WebSocket: --agent-transport) -> relay "
+               "-> TLS -> binder agent [[bind]] -> service")
 SSH_PATH = "client -> sshd port opened by ssh -R -> sshd -> SSH channel -> ssh client -> service"
 DIRECT_PATH = "client -> service"
 
