@@ -13,9 +13,10 @@ from aiohttp import web
 
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelOptions, open_tunnel
-from agent.tunnel.tls_link import AlpnRefused
+from agent.tunnel.tls_link import AlpnRefused, relay_address, tunnel_tls_context
+from shared.protocol import AUTH_DEADLINE
 from tests.agent.tunnel.test_tunnel_client import credentials, make_ca_and_server
-from tests.controller.harness import run, running_controller
+from tests.controller.harness import client_tls_for, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled
 
 
@@ -33,8 +34,38 @@ def test_the_relay_admits_a_tunnel_on_either_transport_and_carries_its_frames(tm
                 session.conn.ping(session.now())
                 session.schedule_flush()
                 assert await asyncio.wait_for(pong, 5) >= 0
+                # A tunnel that passed AUTH no longer counts against the listener's unauthenticated caps.
+                assert ctl.server.guards[0].admission.total == 0
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_silent_peer_on_the_alpn_counts_as_unauthenticated_and_is_closed_at_the_auth_deadline(
+        tmp_path: Path) -> None:
+    """No request-head deadline applies to a raw tunnel: the core's AUTH deadline must end one that says nothing."""
+    async def scenario() -> tuple[bytes, float, int]:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            context = tunnel_tls_context(client_tls_for(ctl.context))  # a context of its own: never the session's
+            host, port = relay_address(ctl.url)
+            reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname="localhost")
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "outpost/1"
+            started = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.2)
+            held = ctl.server.guards[0].admission.total
+            received = b""
+            try:
+                while chunk := await reader.read(4096):  # the relay's CHALLENGE, then its close
+                    received += chunk
+            except ConnectionResetError:
+                pass  # a deadline drops the connection with an RST (shared/tunnel/session.py)
+            took = asyncio.get_running_loop().time() - started
+            writer.close()
+            return received, took, held
+
+    received, took, held = run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    assert held == 1, "an unauthenticated tunnel must count against the listener's caps"
+    assert received, "the relay sends its CHALLENGE first"
+    assert took <= AUTH_DEADLINE + 3.0, took
 
 
 async def _relay_without_alpn(agent_options: TunnelOptions) -> tuple[str, BaseException | None]:
