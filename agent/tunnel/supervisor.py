@@ -261,6 +261,7 @@ class TunnelSupervisor:
             self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
             # "connected since" of a tunnel that is gone would contradict the state (status shows "down since")
             self.stats.connected_since = None
+            self.stats.transport = None
             self.stats.down_since = self._now()
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"
