@@ -140,3 +140,69 @@ def test_auto_does_not_fall_back_past_a_certificate_problem() -> None:
     fallback, error = asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
     assert isinstance(error, TrustError), error
     assert fallback == "{}"
+
+
+class HttpOnlyProxy:
+    """A CONNECT proxy that reads the ClientHello and drops a TLS that does not offer only HTTP's ALPN,
+    as an inspecting site proxy does: the tunnel's TLS to the relay breaks, a WebSocket's passes."""
+
+    def __init__(self) -> None:
+        self.carried = 0
+        self.dropped = 0
+        self.port = 0
+
+    async def start(self) -> HttpOnlyProxy:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        host, _, port = head.split(" ", 2)[1].rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        hello = await reader.read(16384)
+        if b"outpost/1" in hello:
+            self.dropped += 1
+            writer.transport.abort()
+            up_writer.close()
+            return
+        self.carried += 1
+        up_writer.write(hello)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer), return_exceptions=True)
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize("transport", ["auto", "tls"])
+def test_behind_a_proxy_that_passes_only_http_auto_tunnels_over_the_websocket_and_tls_says_why_not(
+        tmp_path: Path, transport: str) -> None:
+    from agent.errors import ControllerUnreachable
+    from agent.proxy import ProxySettings
+
+    async def scenario() -> tuple[str | None, BaseException | None, HttpOnlyProxy, TunnelOptions]:
+        proxy = await HttpOnlyProxy().start()
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials_ = await enrolled(ctl, "gw-a")
+            options = TunnelOptions(transport=transport, proxy=ProxySettings(url=f"http://127.0.0.1:{proxy.port}"))
+            try:
+                async with connect(ctl, credentials_, options) as (session, _):
+                    return session.transport_kind, None, proxy, options
+            except ControllerUnreachable as error:
+                return None, error, proxy, options
+
+    kind, error, proxy, options = run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+    assert proxy.dropped == 1, "the first try is always TLS"
+    if transport == "auto":
+        assert kind == "websocket" and proxy.carried == 1, error
+        assert len(options.fallback_until) == 1
+    else:
+        assert kind is None and "broke during TLS" in str(error), error
+        assert proxy.carried == 0 and not options.fallback_until
