@@ -19,6 +19,7 @@ Example::
                                       # (user:password@ allowed); unset = HTTPS_PROXY
     no_proxy = ["relay.corp.lan"]     # hosts reached directly; unset = NO_PROXY
     prefer_relays = ["relay-eu-1.example.net"]  # tried first; unset = the controller's order
+    transport = "auto"            # "tls", "websocket", or auto: TLS, WebSocket where only HTTP passes
 
     [[bind]]                      # host a local service under a name
     service = "modbus"
@@ -90,7 +91,9 @@ ENROLLMENT_KEYS = {"token_paths"}
 MAX_TOKEN_PATHS = 16
 KEYSTORE_KEYS = {"backend", "tcti"}
 LINK_KEYS = {"profile", "keepalive_interval", "ping_timeout", "nat_timeout", "window", "reconnect_initial",
-             "reconnect_max", "stable_after", "proxy", "no_proxy", "prefer_relays"}
+             "reconnect_max", "stable_after", "proxy", "no_proxy", "prefer_relays", "transport"}
+#: ``[link] transport``: TLS with Outpost's ALPN, the WebSocket, or TLS with the WebSocket as fallback.
+LINK_TRANSPORTS = ("auto", "tls", "websocket")
 #: Relays reached without the proxy: a few hosts or networks; more is a pasted file.
 MAX_NO_PROXY = 64
 BIND_KEYS = {"service", "target", "ports"}
@@ -131,6 +134,8 @@ class LinkSettings:
     stable_after: float | None = None
     #: ``prefer_relays``: host names (or HOST:PORT) of relays tried first, in this order (agent/tunnel/relays.py).
     prefer_relays: tuple[str, ...] = ()
+    #: What the tunnel runs on (agent/tunnel/client.py says when ``auto`` falls back).
+    transport: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,7 @@ class _Parser:
             reconnect_max=self.seconds(table, "reconnect_max"),
             stable_after=self.seconds(table, "stable_after"),
             prefer_relays=self.prefer_relays(table),
+            transport=self.transport(table),
         )
         try:
             plan_from_settings(settings)  # the numbers must also make sense together
@@ -305,6 +311,12 @@ class _Parser:
             raise self.fail("link.prefer_relays", f"must be a list of at most {MAX_RELAYS} relay host names (or "
                             "HOST:PORT) in quotes, e.g. [\"relay-eu-1.example.net\"]")
         return tuple(e.strip().lower() for e in value)
+
+    def transport(self, table: dict[str, Any]) -> str:
+        value = self.string(table, "transport", "auto", "link.transport")
+        if value not in LINK_TRANSPORTS:
+            raise self.fail("link.transport", f"must be one of {', '.join(LINK_TRANSPORTS)}, not {value!r}")
+        return value
 
     def proxy(self, table: dict[str, Any]) -> ProxySettings:
         url = None

@@ -79,7 +79,9 @@ def _renewal_lines(live: dict[str, Any], now: float) -> list[str]:
 # Keys of status.json (written by agent.tunnel.supervisor) shown with their own wording.
 _STATUS_SHOWN = {"state", "relay", "connected_since", "down_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
                  "clock_offset_s", "clock_source", "clock_problem", "cert_not_after", "next_renewal",
-                 "renewal_error", "next_ask"}
+                 "renewal_error", "next_ask", "transport", "aiohttp_loaded"}
+#: How the text names what the tunnel runs on (status.json's ``transport``).
+_TRANSPORT_WORDS = {"tls": "TLS, ALPN outpost/1", "websocket": "WebSocket"}
 
 
 def _tunnel_lines(live: dict[str, Any], now: float) -> list[str]:
@@ -90,7 +92,8 @@ def _tunnel_lines(live: dict[str, Any], now: float) -> list[str]:
     else:
         lines = [f"tunnel:      {state}"]
     if live.get("relay"):
-        lines.append(f"relay:       {live['relay']}")
+        over = _TRANSPORT_WORDS.get(live.get("transport")) if state == "connected" else None  # type: ignore[arg-type]
+        lines.append(f"relay:       {live['relay']}" + (f" ({over})" if over else ""))
     # Only a tunnel that is up has been connected since some time; an agent from before
     # down_since left connected_since of a tunnel that was gone, which must not be shown as current.
     if state == "connected" and _is_number(live.get("connected_since")):

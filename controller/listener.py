@@ -12,6 +12,11 @@ handler and keeps the request-head deadline: a connection that does not
 complete a request head in time is closed. The request body deadline is kept
 by ``request_deadlines`` (a middleware in controller/server.py). A connection leaves the unauthenticated count once it proved who
 it is: a tunnel that passed AUTH, or a request carrying the admin credential.
+
+A connection whose TLS handshake chose Outpost's own ALPN (``TUNNEL_ALPN``)
+is no HTTP: it goes straight to the listener's ``tunnel_handler`` (the
+relay) as a byte stream, and the protocol core's AUTH deadline bounds it
+instead of the request-head one. Every other connection goes to aiohttp.
 """
 
 from __future__ import annotations
@@ -24,12 +29,17 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
 from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, Admission, cap_key
+from shared.protocol import TUNNEL_ALPN
+from shared.tunnel.transport import STREAM_BUFFER_LIMIT, StreamTransport
+
+#: Serves one tunnel on TLS directly: the stream, the peer's address, and what marks it authenticated.
+TunnelHandler = Callable[[StreamTransport, str, Callable[[], None]], Coroutine[Any, Any, None]]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,9 @@ class Listener:
         self._handshakes: set[asyncio.Task[None]] = set()
         #: Connections ended since memory was last handed back (return_freed_memory).
         self.closed_since_trim = 0
+        #: Where connections that chose ``TUNNEL_ALPN`` go; None: this listener serves HTTP only.
+        self.tunnel_handler: TunnelHandler | None = None
+        self._tunnels: set[asyncio.Task[None]] = set()
 
     def start(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
         self.sockets = [sock]
@@ -172,11 +185,36 @@ class GuardedConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:  # asyncio's or uvloop's TLS transport
         self._transport = transport
         self.listener.connections.add(self)
+        if self._tunnel_alpn(transport):
+            self._serve_tunnel(transport)
+            return
         self.stage = Stage.HEAD
         self._arm(self.listener.limits.head_deadline)
         handler = self._handler_factory()
         self._handler = handler
         handler.connection_made(transport)
+
+    def _tunnel_alpn(self, transport: Any) -> bool:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        return alpn == TUNNEL_ALPN and self.listener.tunnel_handler is not None
+
+    def _serve_tunnel(self, transport: Any) -> None:
+        # No request head to wait for: the core's AUTH deadline bounds an unauthenticated tunnel.
+        self.stage = Stage.REQUEST
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=STREAM_BUFFER_LIMIT)
+        handler = asyncio.StreamReaderProtocol(reader)
+        self._handler = handler
+        handler.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, handler, reader, loop)
+        peer = transport.get_extra_info("peername")
+        remote = str(peer[0]) if isinstance(peer, tuple) and peer else self.address
+        assert self.listener.tunnel_handler is not None
+        task = loop.create_task(self.listener.tunnel_handler(StreamTransport(reader, writer), remote,
+                                                             self.mark_authenticated))
+        self.listener._tunnels.add(task)
+        task.add_done_callback(self.listener._tunnels.discard)
 
     def data_received(self, data: bytes) -> None:
         if self._handler is None:

@@ -47,6 +47,7 @@ from controller.settings import host_port
 from controller.signin.api import SigninApi, management_auth
 from controller.signin.service import SigninService
 from controller.watcher import StatusWatcher
+from shared.protocol import TUNNEL_ALPN
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,11 @@ def server_ssl_context(context: ControllerContext) -> ssl.SSLContext:
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.minimum_version = ssl.TLSVersion.TLSv1_2
     tls.load_cert_chain(str(context.settings.server_cert_path), str(context.settings.server_key_path))
+    # The server's order wins: a client offering Outpost's ALPN gets a tunnel on TLS directly
+    # (controller/listener.py); HTTP clients (browsers, aiohttp, curl) get HTTP as before. A
+    # controller-only process does not offer it: an agent's auto transport then goes elsewhere.
+    tunnels = [TUNNEL_ALPN] if context.settings.serves_tunnels else []
+    tls.set_alpn_protocols([*tunnels, "http/1.1"])
     return tls
 
 
@@ -316,7 +322,11 @@ class ControllerServer:
         public.on_shutdown.append(lambda _app: relay.close())
         public.cleanup_ctx.append(watch_status_changes(context))
         tls = server_ssl_context(context)
-        await self._serve(public, self._listener, Listener("listener", tls, context.settings.limits))
+        front = Listener("listener", tls, context.settings.limits)
+        if context.settings.serves_tunnels:
+            # A controller-only process (--role controller) carries no tunnels on either transport.
+            front.tunnel_handler = relay.serve_stream
+        await self._serve(public, self._listener, front)
         if self._api_listener is not None:
             api = build_app(context, relay, gateway=False)
             await self._serve(api, self._api_listener, Listener("api listener", tls, context.settings.limits))

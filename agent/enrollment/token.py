@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-import jwt
 from cryptography import x509
 
 from agent.errors import TokenError
@@ -78,6 +77,8 @@ def read_token_file(path: Path) -> str:
 
 def parse_unverified(text: str) -> EnrollmentToken:
     """The token's claims without checking its signature (TokenError if malformed)."""
+    import jwt  # PyJWT (and urllib.request behind it) only while a token is read: never resident in ``run``
+
     if len(text) > MAX_TOKEN_FILE:
         raise TokenError(_MALFORMED)
     try:
@@ -96,6 +97,8 @@ def verify_token(text: str, ca_cert: x509.Certificate, now: float | None) -> Enr
     local clock, because a gateway without a real-time clock may boot years off.
     ``None`` leaves expiry to the caller (whose clock could not be checked).
     """
+    import jwt  # PyJWT (and urllib.request behind it) only while a token is read: never resident in ``run``
+
     parse_unverified(text)
     try:
         claims = jwt.decode(

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 from cryptography import x509
 
 from agent.errors import ControllerUnreachable, EnrollmentError, ProxyFailed, TrustError
+from agent.identity.https import Channel, ProxyRefused, ProxyUnreachable
 from agent.identity.tls_trust import (
     check_dates,
     describe_network_error,
@@ -48,6 +49,13 @@ from agent.identity.tls_trust import (
 )
 from agent.proxy import DIRECT, ProxyRoute, ProxySettings
 from shared.trust import ca_fingerprint, verify_leaf_issued_by
+
+if TYPE_CHECKING:
+    import aiohttp  # ``doctor`` only: enrollment, renewal and the clock use agent/identity/https.py
+
+#: What a request on the standard library's client raises for a network failure (agent/identity/https.py
+#: turns http.client's own errors, such as a malformed answer, into ConnectionError).
+NETWORK_ERRORS = (TimeoutError, OSError)
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names
 #: and still bounds what an unverified peer can make us read.
@@ -155,6 +163,8 @@ class PinnedTLS:
         is ``self.proxy``, decided at the edge. One connection means that
         requests in a row share it, so a check on the first covers the rest.
         """
+        import aiohttp
+
         connector = aiohttp.TCPConnector(ssl=self.context(), limit=1)
         async with aiohttp.ClientSession(connector=connector, trust_env=False,
                                          timeout=aiohttp.ClientTimeout(total=timeout)) as http:
@@ -171,30 +181,35 @@ class PinnedTLS:
 
     @contextlib.asynccontextmanager
     async def client(self, controller_url: str, timeout: float, unreachable: str) -> AsyncIterator[PinnedClient]:
-        """HTTP requests to ``controller_url`` over one checked connection.
+        """HTTP requests to ``controller_url`` over one checked connection (agent/identity/https.py).
 
-        ``unreachable`` is the sentence for a network failure, with
+        The connection's certificate passes ``check`` before any request is
+        sent. ``unreachable`` is the sentence for a network failure, with
         ``{reason}`` where the short cause goes; a proxy that cannot be
         reached or refuses is ProxyFailed with its own sentence; a TLS
         failure becomes the plain TrustError of ``trust_error_for``.
         """
         who = f"the controller at {controller_url}"
+        channel = Channel(controller_url, self.context(), self.proxy, timeout)
         try:
-            async with self.session(timeout) as http:
-                yield PinnedClient(self, http, who)
-        except aiohttp.ClientConnectorCertificateError as error:
-            raise trust_error_for(error, controller_url) from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise network_failure(error, self.proxy.route(controller_url), who, unreachable) from None
+            try:
+                ssl_socket = await channel.connect()
+                leaf = self.check(ssl_socket, who)
+                yield PinnedClient(channel, leaf)
+            except ssl.SSLCertVerificationError as error:
+                raise trust_error_for(error, controller_url) from None
+            except NETWORK_ERRORS as error:
+                raise network_failure(error, self.proxy.route(controller_url), who, unreachable) from None
+        finally:
+            channel.close()
 
 
 class PinnedClient:
-    """Requests over a ``PinnedTLS.client`` session; each answer's certificate is checked first."""
+    """Requests over a ``PinnedTLS.client`` connection, whose certificate was checked before the first."""
 
-    def __init__(self, tls: PinnedTLS, http: aiohttp.ClientSession, who: str) -> None:
-        self.tls = tls
-        self.http = http
-        self.who = who
+    def __init__(self, channel: Channel, certificate: x509.Certificate) -> None:
+        self.channel = channel
+        self.certificate = certificate
 
     async def get(self, url: str, limit: int) -> Served:
         return await self.request("GET", url, limit)
@@ -203,13 +218,20 @@ class PinnedClient:
         return await self.request("POST", url, limit, body)
 
     async def request(self, method: str, url: str, limit: int, body: Any = None) -> Served:
-        """One request (``PinnedTLS.fetch``)."""
-        return await self.tls.fetch(self.http, method, url, limit, self.who, body)
+        answer = await self.channel.request(method, url, limit, body)
+        return Served(answer.status, answer.body, self.certificate)
 
 
 def proxy_failure(error: BaseException, route: ProxyRoute | None, who: str) -> ProxyFailed | None:
-    """ProxyFailed when ``error`` (aiohttp's) is the proxy's doing on the way to ``who``, else None."""
+    """ProxyFailed when ``error`` is the proxy's doing on the way to ``who``, else None."""
     if route is None:
+        return None
+    if isinstance(error, ProxyRefused):
+        return ProxyFailed(route.refused(error.status, who), error.status)
+    if isinstance(error, ProxyUnreachable):
+        return ProxyFailed(route.unreachable(describe_network_error(error)))
+    aiohttp = sys.modules.get("aiohttp")  # its errors only where it was used (a WebSocket, doctor)
+    if aiohttp is None:
         return None
     if isinstance(error, aiohttp.ClientHttpProxyError):
         return ProxyFailed(route.refused(error.status, who), error.status)
@@ -248,16 +270,17 @@ async def fetch_pinned_ca(base_url: str, expected_fingerprint: str, proxy: Proxy
     controller cannot be reached.
     """
     url = base_url.rstrip("/") + "/v1/ca"
-    timeout = aiohttp.ClientTimeout(total=CA_FETCH_TIMEOUT)
+    channel = Channel(url, _unverified_ssl_context(), proxy, CA_FETCH_TIMEOUT)
     try:
-        async with aiohttp.ClientSession(timeout=timeout, trust_env=False) as session:
-            async with session.get(url, ssl=_unverified_ssl_context(), **proxy.request_options(url)) as response:
-                body = await read_bounded(response, MAX_CA_RESPONSE, url)
-                status = response.status
-    except (TimeoutError, aiohttp.ClientError, OSError) as error:
+        await channel.connect()
+        answer = await channel.request("GET", url, MAX_CA_RESPONSE)
+    except NETWORK_ERRORS as error:
         raise network_failure(error, proxy.route(url), f"the controller at {base_url}",
                               f"could not reach the controller at {url} ({{reason}}); "
                               "check the network and the address in the token, then try again") from None
+    finally:
+        channel.close()
+    body, status = answer.body, answer.status
     if status != 200:
         raise EnrollmentError(
             f"the server at {url} answered HTTP {status} instead of the CA certificate; check the address in the token"

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from typing import TYPE_CHECKING
 
-import aiohttp
 from cryptography import x509
 
 from agent.errors import ClockError, EnrollmentError, TrustError
 from shared.trust import cert_not_after, cert_not_before
 from shared.utc import format_utc as _utc
+
+if TYPE_CHECKING:
+    import aiohttp  # only ``doctor``'s requests are aiohttp's (agent/identity/https.py does the rest)
 
 # OpenSSL verify codes for a certificate that names another host or address.
 _X509_V_ERR_HOSTNAME_MISMATCH = 62

@@ -1,20 +1,32 @@
-"""The agent's end of a tunnel: dial a relay, authenticate, bind services (served by agent.services.forward)."""
+"""The agent's end of a tunnel: dial a relay, authenticate, bind services (served by agent.services.forward).
+
+The tunnel runs on TLS directly with Outpost's ALPN (agent.tunnel.tls_link)
+or over a WebSocket (aiohttp, imported only then), as ``TunnelOptions.transport``
+says. ``auto`` tries TLS first and falls back to the WebSocket when TLS
+reached the relay (or its proxy) but the tunnel did not come up on it: the
+relay did not choose the ALPN, or the connection broke during TLS or before
+authentication ended, which is what a network or proxy that passes only HTTP
+does. It never falls back past a certificate problem or a refusal (a
+WebSocket would meet the same), nor when nothing answered at all. After a
+fallback that relay is reached by WebSocket for ``FALLBACK_HOLD`` seconds,
+then TLS is tried again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import aiohttp
 
 from agent.errors import (
     EXIT_IDENTITY_REFUSED,
     ControllerUnreachable,
     OutpostError,
+    ProxyFailed,
     TrustError,
     TunnelFailed,
     TunnelRefused,
@@ -24,6 +36,7 @@ from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import serve_bound
+from agent.tunnel.tls_link import NotReached, open_tls_link, tunnel_tls_context
 from shared.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -41,8 +54,10 @@ from shared.protocol import (
 from shared.tunnel.auth import peer_certificate_digest
 from shared.tunnel.channel import StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
+from shared.tunnel.transport import Transport
 
 if TYPE_CHECKING:
+
     from agent.clock.trusted import TrustedClock
 
 log = logging.getLogger(__name__)
@@ -50,6 +65,11 @@ log = logging.getLogger(__name__)
 # TCP + TLS + WebSocket upgrade on a satellite link takes several round trips
 # of 600 ms; 30 s also covers a congested cellular uplink.
 CONNECT_TIMEOUT = 30.0
+#: How long a relay that needed the WebSocket is reached by WebSocket before TLS is tried again:
+#: a network that passes only HTTP seldom changes, and one extra connection an hour is cheap.
+FALLBACK_HOLD = 3600.0
+#: ``[link] transport`` values.
+TRANSPORTS = ("auto", "tls", "websocket")
 
 
 class IdentityRefused(TunnelRefused):
@@ -105,14 +125,22 @@ class TunnelOptions:
     #: Trusted time (agent.clock.trusted.TrustedClock); when set, the relay's
     #: certificate dates are judged by it instead of the system clock.
     clock: TrustedClock | None = None
+    #: "auto" (TLS, WebSocket as the fallback), "tls" or "websocket"; see the module docstring.
+    transport: str = "auto"
+    #: relay URL -> monotonic time until which ``auto`` reaches it by WebSocket.
+    fallback_until: dict[str, float] = field(default_factory=dict)
+    #: The pinned context offering Outpost's ALPN (made on first use; never used for HTTP).
+    alpn_context: ssl.SSLContext | None = None
 
 
 class AgentSession(TunnelSession):
     """One tunnel, agent side."""
 
-    def __init__(self, conn: Connection, ws: aiohttp.ClientWebSocketResponse, relay_url: str,
+    def __init__(self, conn: Connection, link: Transport, relay_url: str,
                  credentials: TunnelCredentials, relay_digest: bytes, options: TunnelOptions) -> None:
-        super().__init__(conn, ws)
+        super().__init__(conn, link)
+        #: "tls" or "websocket": what this tunnel runs on.
+        self.transport_kind = "websocket" if self.ws is not None else "tls"
         self.relay_url = relay_url
         self.credentials = credentials
         self.relay_digest = relay_digest
@@ -158,7 +186,11 @@ class AgentSession(TunnelSession):
         await serve_bound(self, channel, self.options.binds)
 
 
-async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,
+#: What open_tunnel takes for the WebSocket: an aiohttp session, or what makes one when first needed.
+HttpSource = Any
+
+
+async def open_tunnel(http: HttpSource, relay_url: str, credentials: TunnelCredentials,
                       ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
     """Connect and authenticate; returns the session and the task running it.
 
@@ -167,9 +199,44 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     IdentityRefused when it was for a revoked or disabled identity), ClockError
     (the relay's certificate is not valid by a clock that could not be checked).
     ``ssl_context`` is agent.identity.tls_trust.pinned_ssl_context; the relay's
-    certificate is then judged by ``options.clock`` (PinnedTLS.check).
+    certificate is then judged by ``options.clock`` (PinnedTLS.check). ``http``
+    (an aiohttp session, or a callable making one) is used only for a WebSocket.
     """
-    tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
+    kind = options.transport
+    if kind == "auto" and options.fallback_until.get(relay_url, 0.0) > time.monotonic():
+        kind = "websocket"
+    if kind == "websocket":
+        return await _authenticate(await _open_websocket(http, relay_url, ssl_context, options),
+                                   relay_url, credentials, options)
+    if options.alpn_context is None:
+        from agent.identity.tls_trust import pinned_ssl_context
+        options.alpn_context = tunnel_tls_context(pinned_ssl_context(credentials.ca_pem))
+    try:
+        try:
+            link: Transport = await asyncio.wait_for(
+                open_tls_link(relay_url, options.alpn_context, options.proxy), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: timed out") from None
+        return await _authenticate(link, relay_url, credentials, options)
+    except (NotReached, ProxyFailed):
+        raise
+    except ControllerUnreachable as exc:
+        if kind != "auto":
+            raise
+        log.warning("%s; trying the WebSocket instead for the next %g s", exc, FALLBACK_HOLD)
+    options.fallback_until[relay_url] = time.monotonic() + FALLBACK_HOLD
+    return await _authenticate(await _open_websocket(http, relay_url, ssl_context, options),
+                               relay_url, credentials, options)
+
+
+async def _open_websocket(http: HttpSource, relay_url: str, ssl_context: ssl.SSLContext,
+                          options: TunnelOptions) -> Transport:
+    import aiohttp  # only a WebSocket tunnel loads it
+
+    from shared.tunnel.ws_transport import WebSocketTransport
+
+    if not isinstance(http, aiohttp.ClientSession):
+        http = http()
     try:
         ws = await asyncio.wait_for(
             http.ws_connect(relay_url, ssl=ssl_context, protocols=(SUBPROTOCOL,), heartbeat=None,
@@ -191,17 +258,22 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise network_failure(exc, options.proxy.route(relay_url), f"the relay at {relay_url}",
                               f"cannot reach the relay at {relay_url}: {{reason}}") from None
+    return WebSocketTransport(ws)
 
-    ssl_object = ws.get_extra_info("ssl_object")
+
+async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCredentials,
+                        options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
+    tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
+    ssl_object = link.get_extra_info("ssl_object")
     try:
         tls.check(ssl_object, f"the relay at {relay_url}")
     except OutpostError:
-        await ws.close()
+        link.abort()
         raise
     digest = peer_certificate_digest(ssl_object)
     loop = asyncio.get_running_loop()
     conn = Connection(Role.AGENT, loop.time(), limits=options.limits, liveness=options.liveness)
-    session = AgentSession(conn, ws, relay_url, credentials, digest, options)
+    session = AgentSession(conn, link, relay_url, credentials, digest, options)
     task = loop.create_task(session.run())
     authenticated = loop.create_task(session.authenticated.wait())
     closed = loop.create_task(session.closed.wait())

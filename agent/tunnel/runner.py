@@ -35,9 +35,10 @@ EVENT_LOOP_SETTING = 'event_loop = "{}" in the agent config'
 
 
 def options_for(plan: LinkPlan, binds: dict[str, tuple[str, int]] | None = None,
-                proxy: ProxySettings = DIRECT) -> TunnelOptions:
+                proxy: ProxySettings = DIRECT, transport: str = "auto") -> TunnelOptions:
     """The tunnel options a link plan asks for, with the proxy every relay is reached through (or not)."""
-    return TunnelOptions(limits=plan.limits, liveness=plan.liveness, binds=dict(binds or {}), proxy=proxy)
+    return TunnelOptions(limits=plan.limits, liveness=plan.liveness, binds=dict(binds or {}), proxy=proxy,
+                         transport=transport)
 
 
 def backoff_for(plan: LinkPlan) -> Backoff:
@@ -128,7 +129,7 @@ async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeySto
     binds = {b.service: (b.target_host, b.target_port) for b in config.binds}
     # A declared port is bound with its service and reached as SERVICE:PORT (agent/services/forward.py).
     binds.update({f"{b.service}:{declared}": (host, port) for b in config.binds for declared, host, port in b.ports})
-    options = options_for(plan, binds=binds, proxy=proxy)
+    options = options_for(plan, binds=binds, proxy=proxy, transport=config.link.transport)
     # The controller's latest list (from AUTH_OK) beats the one enrollment stored.
     relays = state.load_relays() or identity.relays
     supervisor = TunnelSupervisor(relays, credentials, options, write_status=state.write_status,

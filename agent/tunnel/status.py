@@ -28,6 +28,10 @@ class TunnelStats:
     refused: dict[str, str] = field(default_factory=dict)
     dials: dict[str, int] = field(default_factory=dict)
     link: str | None = None
+    #: What the tunnel runs on while connected: "tls" (Outpost's ALPN) or "websocket".
+    transport: str | None = None
+    #: Whether the process holds aiohttp (only a WebSocket tunnel or ``doctor`` loads it): ~14 MiB of it.
+    aiohttp_loaded: bool = False
     #: why the last tunnel ended (kept after a reconnect, unlike last_error)
     last_drop: str | None = None
     #: Unix seconds: when the current certificate expires, when the agent renews it next,

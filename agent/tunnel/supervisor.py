@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
-
-import aiohttp
 
 from agent.errors import OutpostError, TrustError, TunnelRefused
 from agent.identity.refusals import DISABLED, DisabledGate, identity_status
@@ -35,6 +34,28 @@ STATUS_INTERVAL = 10.0
 #: uniform draw up to this, so a dead relay's whole fleet does not land on the
 #: next relay in the same instant, yet each gateway is back within a second.
 FAILOVER_JITTER = 1.0
+
+
+class _LazyHttp:
+    """The aiohttp session for WebSocket tunnels, made on first use and closed at the end."""
+
+    def __init__(self) -> None:
+        self.http: Any = None
+
+    def get(self) -> Any:
+        if self.http is None:
+            import aiohttp
+
+            # The environment's proxy variables are read at the edge (the CLI), never here.
+            self.http = aiohttp.ClientSession(trust_env=False)
+        return self.http
+
+    async def __aenter__(self) -> _LazyHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.http is not None:
+            await self.http.close()
 
 
 class TunnelSupervisor:
@@ -83,6 +104,7 @@ class TunnelSupervisor:
         return self.options.clock.now() if self.options.clock is not None else time.time()
 
     def _report(self) -> None:
+        self.stats.aiohttp_loaded = "aiohttp" in sys.modules
         session = self.session
         if session is not None:
             self.stats.bytes_in = self._base_in + session.conn.bytes_received
@@ -102,8 +124,8 @@ class TunnelSupervisor:
         from agent.identity.tls_trust import pinned_ssl_context
 
         ssl_context = pinned_ssl_context(self.credentials.ca_pem)
-        # The environment's proxy variables are read at the edge (the CLI), never here.
-        async with aiohttp.ClientSession(trust_env=False) as http:
+        # aiohttp is loaded only if a tunnel runs over a WebSocket (agent/tunnel/client.py).
+        async with _LazyHttp() as http:
             while not self._stop.is_set():
                 if not await self._wait_for_turn():
                     break
@@ -114,7 +136,7 @@ class TunnelSupervisor:
                 service_manager.notify_status(f"connecting to {relay}")
                 try:
                     session, task = await self.gate.ask(
-                        open_tunnel(http, relay, self.credentials, ssl_context, self.options))
+                        open_tunnel(http.get, relay, self.credentials, ssl_context, self.options))
                 except OutpostError as exc:
                     if exc.terminal:
                         # A revoked identity, a lost device key or a refused TPM authorization:
@@ -225,6 +247,7 @@ class TunnelSupervisor:
     async def _serve(self, session: AgentSession, task: asyncio.Task[Any]) -> None:
         self.session = session
         self.stats.state = "connected"
+        self.stats.transport = session.transport_kind
         self.stats.connected_since = self._now()
         self.stats.down_since = None
         self.stats.next_ask = None
@@ -250,6 +273,7 @@ class TunnelSupervisor:
             self.stats.rtt_ms = None  # measured on a tunnel that is gone: it says nothing about the next
             # "connected since" of a tunnel that is gone would contradict the state (status shows "down since")
             self.stats.connected_since = None
+            self.stats.transport = None
             self.stats.down_since = self._now()
             code, reason, remote = session.close_reason or (None, "", False)
             self.stats.last_error = f"tunnel closed: {reason}" if reason else "tunnel closed"

@@ -46,6 +46,7 @@ from shared.trust import verify_leaf_issued_by
 from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from shared.tunnel.splice import splice_streams
+from shared.tunnel.transport import StreamTransport
 
 if TYPE_CHECKING:
     from controller.context import ControllerContext
@@ -97,7 +98,8 @@ class RelaySession(TunnelSession):
     its own answers and holds one worker, never the event loop.
     """
 
-    def __init__(self, relay: Relay, conn: Connection, ws: web.WebSocketResponse, nonce: bytes, remote: str) -> None:
+    def __init__(self, relay: Relay, conn: Connection, ws: web.WebSocketResponse | StreamTransport, nonce: bytes,
+                 remote: str) -> None:
         super().__init__(conn, ws)
         self.relay = relay
         self.nonce = nonce
@@ -110,6 +112,8 @@ class RelaySession(TunnelSession):
         self._worker_turn = asyncio.Lock()
         #: The upgrade request this tunnel came in on (set by Relay.handle).
         self.request: web.Request | None = None
+        #: What marks a tunnel on TLS directly as authenticated at its listener (set by Relay.serve_stream).
+        self.mark_admitted: Callable[[], None] | None = None
         self.presence: TunnelPresence | None = None
         self.reports_refused = 0
 
@@ -381,7 +385,9 @@ class Relay:
 
     def register(self, session: RelaySession) -> None:
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
-        if self.on_admitted is not None and session.request is not None:
+        if session.mark_admitted is not None:
+            session.mark_admitted()
+        elif self.on_admitted is not None and session.request is not None:
             self.on_admitted(session.request)
 
     def unregister(self, session: RelaySession) -> None:
@@ -477,6 +483,20 @@ class Relay:
         finally:
             self.unregister(session)
         return ws
+
+    async def serve_stream(self, transport: StreamTransport, remote: str, admitted: Callable[[], None]) -> None:
+        """Serve one tunnel on TLS directly (ALPN ``TUNNEL_ALPN``, routed here by controller/listener.py)."""
+        loop = asyncio.get_running_loop()
+        conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        conn.send_challenge(nonce)
+        session = RelaySession(self, conn, transport, nonce, remote)
+        session.mark_admitted = admitted
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.unregister(session)
 
     async def close(self) -> None:
         """Close every tunnel (process shutdown)."""

@@ -43,6 +43,7 @@ from shared.protocol.limits import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     SUBPROTOCOL,
+    TUNNEL_ALPN,
     Liveness,
     ProtocolLimits,
 )
@@ -53,7 +54,7 @@ from shared.protocol.streams import StreamState
 __all__ = [
     "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD",
     "MAX_SEND_PAYLOAD", "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION",
-    "SUBPROTOCOL", "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived",
+    "SUBPROTOCOL", "TUNNEL_ALPN", "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived",
     "Connection", "ConnectionSnapshot", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake",
     "InvalidLimits", "Liveness", "LocalProtocolError", "PongReceived", "ProtocolError", "ProtocolLimits",
     "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted", "StreamClosedError", "StreamEnded", "StreamOpened",

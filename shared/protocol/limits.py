@@ -10,6 +10,10 @@ PROTOCOL_VERSION = 1
 # The WebSocket subprotocol both ends name in the upgrade; it carries the
 # version, so a relay can refuse a client of another protocol before any frame.
 SUBPROTOCOL = f"outpost.v{PROTOCOL_VERSION}"
+# The TLS ALPN name of the tunnel carried directly on TLS (no WebSocket): a
+# relay routes a connection by it before any byte of HTTP, and it carries the
+# version for the same reason as SUBPROTOCOL.
+TUNNEL_ALPN = f"outpost/{PROTOCOL_VERSION}"
 
 # The largest frame payload we accept. Four times what we send, so a peer with
 # a larger send size still interoperates; small enough that one pending frame

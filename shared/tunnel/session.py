@@ -1,10 +1,12 @@
-"""The asyncio glue around one protocol ``Connection`` on one WebSocket.
+"""The asyncio glue around one protocol ``Connection`` on one transport (TLS directly, or a WebSocket).
 
 Both ends use it: the agent (``agent.tunnel.client``) and the relay
 (``controller.relay``). It moves bytes between the WebSocket and the sans-IO
 core, runs the core's timer, and turns streams into ``StreamChannel`` objects
 (shared.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
-lives in subclasses' ``on_*`` hooks.
+lives in subclasses' ``on_*`` hooks. What carries the bytes is a
+``Transport`` (shared.tunnel.transport); an aiohttp WebSocket given instead is
+wrapped in one, importing aiohttp only then.
 
 The timer never waits for the network. On a path that black-holed, a write
 waits for a socket buffer that never drains; the liveness check must still
@@ -17,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-
-from aiohttp import WSMsgType
 
 from shared.protocol import (
     Authenticated,
@@ -41,7 +41,8 @@ from shared.protocol import (
     WindowUpdated,
 )
 from shared.tunnel.channel import ChannelReset, StreamChannel, StreamHost
-from shared.tunnel.splice import reset_connection, splice_socket, splice_streams
+from shared.tunnel.splice import splice_socket, splice_streams
+from shared.tunnel.transport import WS_MESSAGE_MAX, WS_RECEIVE_MAX, Transport, abort_transport
 
 # The names other modules take from here (the relay may import this module and
 # the protocol only): a session hands out channels, and they are spliced onward.
@@ -50,12 +51,6 @@ __all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "ChannelReset", 
 
 log = logging.getLogger(__name__)
 
-# WebSocket messages are cut at this size: the receiver's aiohttp message limit
-# must be above it, and smaller messages interleave streams more fairly. Frames
-# may straddle messages (the core parses a byte stream).
-WS_MESSAGE_MAX = 512 * 1024
-# The receiver's limit: one full message plus slack for a frame header.
-WS_RECEIVE_MAX = WS_MESSAGE_MAX + 4096
 # Frames one tunnel handles before the event loop serves the others: a message
 # may pack some 29,000 PINGs (18 bytes each), and parsing and answering them in
 # one go held every other tunnel for tens of milliseconds (tests/bench/loop_stall.py,
@@ -70,25 +65,19 @@ FRAMES_PER_TURN = 250
 CLOSE_TIMEOUT = 2.0
 
 
-def abort_transport(ws: Any) -> None:
-    """Drop the TCP connection under an aiohttp WebSocket now, with an RST.
-
-    aiohttp has no public abort for a WebSocket; its writer holds the
-    transport on both aiohttp 3.8 and 3.14, client and server side. The RST
-    makes the kernel discard what it still holds for a dead path instead of
-    retrying it for minutes as an orphaned socket.
-    """
-    transport = getattr(getattr(ws, "_writer", None), "transport", None)
-    if transport is not None:
-        reset_connection(transport)
-
-
 class TunnelSession:
-    """Runs one Connection over one aiohttp WebSocket (client or server side)."""
+    """Runs one Connection over one Transport (or an aiohttp WebSocket, client or server side)."""
 
-    def __init__(self, conn: Connection, ws: Any) -> None:
+    def __init__(self, conn: Connection, link: Transport | Any) -> None:
         self.conn = conn
-        self.ws = ws
+        if isinstance(link, Transport):
+            self.transport = link
+            #: The aiohttp WebSocket when the tunnel runs over one (None on TLS directly).
+            self.ws: Any = getattr(link, "ws", None)
+        else:
+            from shared.tunnel.ws_transport import WebSocketTransport  # aiohttp only for a WebSocket tunnel
+            self.transport = WebSocketTransport(link)
+            self.ws = link
         self.loop = asyncio.get_running_loop()
         self.streams: dict[int, StreamChannel] = {}
         self._send_lock = asyncio.Lock()
@@ -155,18 +144,19 @@ class TunnelSession:
         timer = self.spawn(self._run_timer())
         try:
             await self.flush()
+            transport = self.transport
             while not self.conn.closed:
-                msg = await self.ws.receive()
-                if msg.type == WSMsgType.BINARY:
-                    self.ws_bytes_received += len(msg.data)
-                    await self._receive(msg.data)
-                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                    self._terminate(ErrorCode.CANCEL, "the connection closed", True)
-                    break
-                else:
-                    self.conn.close(ErrorCode.PROTOCOL_ERROR, "text WebSocket messages are not part of the protocol")
+                try:
+                    data = await transport.receive()
+                except ValueError as exc:  # ws_transport.NotBinary: a text message
+                    self.conn.close(ErrorCode.PROTOCOL_ERROR, str(exc))
                     self._terminate(ErrorCode.PROTOCOL_ERROR, "peer sent a text message", True)
                     break
+                if data is None:
+                    self._terminate(ErrorCode.CANCEL, "the connection closed", True)
+                    break
+                self.ws_bytes_received += len(data)
+                await self._receive(data)
         except RemoteProtocolError as exc:
             log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
             self._terminate(exc.code, str(exc), True)
@@ -200,13 +190,7 @@ class TunnelSession:
             await self.flush()
 
     def _write_congested(self) -> bool:
-        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
-        if transport is None:
-            return True
-        try:
-            return bool(transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1])
-        except (AttributeError, NotImplementedError):
-            return True
+        return self.transport.congested()
 
     def _rearm_timer_if_earlier(self) -> None:
         """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.
@@ -322,12 +306,7 @@ class TunnelSession:
                 return
             self.write_pending_since = self.now()
             try:
-                if len(data) <= WS_MESSAGE_MAX:
-                    await self.ws.send_bytes(data)
-                else:
-                    view = memoryview(data)
-                    for start in range(0, len(data), WS_MESSAGE_MAX):
-                        await self.ws.send_bytes(view[start:start + WS_MESSAGE_MAX])
+                await self.transport.send(data)
             except (ConnectionError, RuntimeError) as exc:
                 self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
                 return
@@ -360,14 +339,14 @@ class TunnelSession:
     async def _close_in_order(self) -> None:
         await self.flush()
         if not self._aborted:
-            await self.ws.close()
+            await self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection now, without a closing handshake (the path is dead or stuck)."""
         self._terminate(ErrorCode.CANCEL, "the connection was dropped", False)
         if not self._aborted:
             self._aborted = True
-            abort_transport(self.ws)
+            self.transport.abort()
 
     def _terminate(self, code: ErrorCode, reason: str, remote: bool) -> None:
         if self.close_reason is not None:

@@ -108,3 +108,17 @@ def test_any_command_into_a_closed_pipe_exits_without_a_word(tmp_path) -> None:
     finally:
         os.close(writer)
     assert "BrokenPipe" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_a_connected_tunnel_says_what_it_runs_on_and_a_dropped_one_does_not(enrolled: StateDir) -> None:  # noqa: F811
+    now = time.time()
+    relay = "wss://relay.example/v1/tunnel"
+    enrolled.write_status({"state": "connected", "relay": relay, "transport": "tls", "aiohttp_loaded": False,
+                           "connected_since": now - 5, "updated": now})
+    text = run_cli("status", "--state", enrolled.path).stdout
+    assert f"relay:       {relay} (TLS, ALPN outpost/1)" in text, text
+    assert "aiohttp" not in text  # a diagnostic of status.json, not a line for the person reading this
+    enrolled.write_status({"state": "connecting", "relay": relay, "transport": "websocket", "down_since": now - 5,
+                           "updated": now})
+    text = run_cli("status", "--state", enrolled.path).stdout
+    assert f"relay:       {relay}\n" in text, text

@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 from tests.e2e.harness import Controller, Process, read_status, run_cli, wait_until  # noqa: E402
 
-TUNNEL_PATH = "client -> dialer agent [[dial]] -> TLS WebSocket -> relay -> TLS WebSocket -> binder agent [[bind]] -> service"
+TUNNEL_PATH = ("client -> dialer agent [[dial]] -> TLS (ALPN outpost/1, or a WebSocket: --agent-transport) -> relay "
+               "-> TLS -> binder agent [[bind]] -> service")
 SSH_PATH = "client -> sshd port opened by ssh -R -> sshd -> SSH channel -> ssh client -> service"
 DIRECT_PATH = "client -> service"
 
@@ -206,6 +207,8 @@ class TunnelPath:
         self._start_controller()
         binder_state = self._enroll(self.BINDER)
         dialer_state = self._enroll(self.DIALER)
+        #: The binder's state directory (its status.json).
+        self.binder_state = binder_state
         self.binder = self._run(self.BINDER, binder_state, self._binds())
         self._start_dialer(dialer_state)
         return self
@@ -240,8 +243,14 @@ class TunnelPath:
 
     def _run(self, name: str, state: Path, sections: list[tuple[str, ...]]) -> Process:
         loop = str_arg("agent-event-loop", "")
+        transport = str_arg("agent-transport", "")  # the tunnel's [link] transport; unset: the default (auto)
         lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
                  *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', ""]
+        if transport:  # into the path's own [link] section where it has one
+            link = next((s for s in sections if s and s[0] == "[link]"), None)
+            sections = [(*s, f'transport = "{transport}"') if s is link else s for s in sections]
+            if link is None:
+                sections = [("[link]", f'transport = "{transport}"'), *sections]
         for section in sections:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"

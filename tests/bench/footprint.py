@@ -28,8 +28,10 @@ from tests.bench.bench_setup import (  # noqa: E402
     int_arg,
     machine,
     paths,
+    read_status,
     recv_exactly,
     rss_kib,
+    str_arg,
     wait_for_path,
 )
 
@@ -56,6 +58,7 @@ def main() -> None:
             pids = {"binder_agent": tunnel.binder_pid, "dialer_agent": tunnel.dialer_pid, "relay": tunnel.relay_pid}
             time.sleep(SETTLE_SECONDS)
             idle = snapshot(pids)
+            aiohttp_loaded = read_status(tunnel.binder_state).get("aiohttp_loaded")
             payload = os.urandom(size)
             sockets: list[socket.socket] = []
             try:
@@ -84,6 +87,8 @@ def main() -> None:
         "goal_met": idle["binder_agent"] <= IDLE_GOAL_MIB,
         "idle_rss_mib": idle,
         "streams_rss_mib": busy,
+        "transport": str_arg("agent-transport", "auto"),
+        "aiohttp_loaded": aiohttp_loaded,
         "measured": "VmRSS from /proc/PID/status of the binding agent (software key store)",
         "path": "dialer agent -> relay -> binder agent",
         "paths": {"tunnel": TUNNEL_PATH},

@@ -55,8 +55,12 @@ TCP_IP_HEADER = 52
 SEGMENTS_PER_EXCHANGE = 3
 DAY = 86400.0
 # Bytes one small message adds around its payload: the frame header (10), the
-# WebSocket header of a masked client message (6) and a TLS 1.3 record (22).
-MESSAGE_OVERHEAD = 10 + 6 + 22
+# WebSocket header of a masked client message (6, on a WebSocket tunnel only) and a TLS 1.3 record (22).
+WEBSOCKET_HEADER = 6
+MESSAGE_OVERHEAD = 10 + 22
+#: The agent's [link] transport (``--agent-transport``, which bench_setup writes into the config);
+#: empty: the default, auto (TLS directly).
+TRANSPORT = ""
 
 
 def run_case(workdir: Path, name: str, link: dict, nat_timeout: float, seconds: float) -> dict:
@@ -118,12 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="scaled measurement length (default 40)")
     parser.add_argument("--scaled-interval", type=float, default=2.0, help="keepalive in the scaled run (default 2 s)")
     parser.add_argument("--minutes", type=float, help="also measure the real 150 s-NAT plan for this many minutes")
+    parser.add_argument("--agent-transport", choices=("auto", "tls", "websocket"), default="",
+                        help="the agent's [link] transport (default: the agent's default, auto)")
     args = parser.parse_args(argv)
+    global TRANSPORT, MESSAGE_OVERHEAD
+    TRANSPORT = args.agent_transport
+    if TRANSPORT == "websocket":
+        MESSAGE_OVERHEAD += WEBSOCKET_HEADER
     real_600 = plan_for("metered", nat_timeout=600)
     real_150 = plan_for("metered", nat_timeout=150)
     ethernet = plan_for("ethernet")
     scaled = args.scaled_interval
-    report: dict = {"benchmark": "idle_bytes", "method": "scaled"}
+    report: dict = {"benchmark": "idle_bytes", "method": "scaled", "transport": TRANSPORT or "auto"}
     with tempfile.TemporaryDirectory(prefix="outpost-idle-") as tmp:
         workdir = Path(tmp)
         metered = run_case(workdir, "metered", {"profile": "metered", "keepalive_interval": scaled,

@@ -248,7 +248,7 @@ async def tiny_frame_flood(session: AgentSession, messages: int) -> tuple[float,
     for _ in range(messages):
         if session.conn.closed:
             raise RuntimeError("the relay closed the flooding tunnel")
-        await session.ws.send_bytes(payload)
+        await session.transport.send(payload)
     # A PING of the core's own: its PONG comes after every PONG the flood asked for.
     answered: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     session.pong_listeners.append(lambda rtt: None if answered.done() else answered.set_result(rtt))

@@ -94,7 +94,7 @@ def test_bad_reports_are_refused_counted_audited_once_and_the_tunnel_lives(tmp_p
                                                                      "agent_version": "evil"}).encode()),
                 ] * 20
                 for frame in bad:
-                    await session.ws.send_bytes(frame)
+                    await session.transport.send(frame)
                 good = Reporter(static_facts(creds.uri, "ethernet", 25.0, "software"))
                 assert good.offer(session, stats())
 

@@ -268,6 +268,8 @@ def test_run_enrolls_and_keeps_its_tunnel_through_the_proxy_on_a_proxy_only_site
         agent.stop()
     assert status["relay"] == f"wss://{PROXY_ONLY_HOST}:{port}/v1/tunnel"
     assert status["clock_source"] == "controller", "the clock was measured through the proxy too"
+    # The tunnel ran on TLS with Outpost's ALPN inside the CONNECT, and nothing of the run loaded aiohttp.
+    assert status["transport"] == "tls" and status["aiohttp_loaded"] is False
     # Enrollment's three, the clock at start, the tunnel; a renewal or clock refresh is hours away.
     assert proxy.carried == [f"{PROXY_ONLY_HOST}:{port}"] * (ENROLL_CONNECTIONS + 2)
     assert SECRET not in agent.output and SECRET not in (state / "status.json").read_text()

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from shared.protocol import TUNNEL_ALPN
 from tests.e2e.harness import (
     Controller,
     EchoServer,
@@ -74,6 +77,10 @@ def test_a_relay_of_its_own_carries_the_tunnels_with_no_ca_key_and_stops_once_re
 
         ca = controller.data / "ca" / "ca.pem"
         assert http_status(controller.url + "/v1/tunnel", ca) == 404  # --role controller: no tunnels
+        # ... on the TLS transport neither: the controller does not offer the tunnel's ALPN; the relay does.
+        assert negotiated_alpn(controller.url, ca) is None
+        assert negotiated_alpn(relay.url, ca) == TUNNEL_ALPN
+        assert read_status(dial_state)["transport"] == "tls"
         relay_base = "https://" + relay.address
         assert http_status(relay_base + "/api/v1/status", ca) == 404  # a relay serves no management API
         assert http_status(relay_base + "/v1/enroll", ca, "POST") == 404  # nor enrollment: it cannot sign
@@ -118,3 +125,14 @@ def test_a_relay_token_works_once(tmp_path: Path) -> None:
         if relay is not None:
             relay.process.stop()
         controller.process.stop()
+
+
+def negotiated_alpn(url: str, ca: Path) -> str | None:
+    """The ALPN protocol a server picks for a client offering only the tunnel's."""
+    parsed = urllib.parse.urlsplit(url)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.set_alpn_protocols([TUNNEL_ALPN])
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        return tls.selected_alpn_protocol()

@@ -96,7 +96,7 @@ def test_garbage_after_authentication_closes_only_that_tunnel_with_a_log_line(tm
         async with running_controller(tmp_path / "ctl") as ctl, echo_service() as echo_port:
             bad_creds = await scene(ctl, echo_port)
             async with bystanders(ctl, echo_port), bad_agent(ctl, bad_creds) as (bad, task):
-                await bad.ws.send_bytes(b"\x42" * 100)  # not a frame: type 0x42 does not exist
+                await bad.transport.send(b"\x42" * 100)  # not a frame: type 0x42 does not exist
                 await asyncio.wait_for(task, 10)
                 return bad.close_reason
 
@@ -121,7 +121,7 @@ def test_data_past_the_relays_window_closes_only_that_tunnel_with_a_log_line(tmp
                 for _ in range(RELAY_LIMITS.initial_window // MAX_FRAME_PAYLOAD + 1):
                     if task.done():
                         break
-                    await bad.ws.send_bytes(frame)
+                    await bad.transport.send(frame)
                     sent += MAX_FRAME_PAYLOAD
                 await asyncio.wait_for(task, 10)
                 return bad.close_reason, sent

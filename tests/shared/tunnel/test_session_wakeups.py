@@ -77,7 +77,7 @@ def test_a_message_packed_with_tiny_frames_lets_other_tasks_run_between_slices()
 
             other = asyncio.ensure_future(other_tunnel())
             before = relay.conn.bytes_sent
-            await agent.ws.send_bytes(packed)
+            await agent.transport.send(packed)
             while relay.conn.bytes_sent - before < frames * 18:  # every PING answered
                 await asyncio.sleep(0.01)
             stop.set()
