@@ -89,19 +89,20 @@ async def renew_certificate(state: StateDir, keystore: KeyStore, clock: Clock = 
     cert = accept_certificate(answer, identity.controller_url, identity.ca_certificate(), keystore.public_key(),
                               identity.uri, time, RENEWAL)
     state.replace_certificate(cert.public_bytes(serialization.Encoding.PEM).decode())
-    _keep_relays(state, answer, identity.controller_url)
+    _keep_relays(state, answer, identity.controller_url, identity.relays)
     return cert
 
 
-def _keep_relays(state: StateDir, answer: Mapping[str, Any], url: str) -> None:
+def _keep_relays(state: StateDir, answer: Mapping[str, Any], url: str, enrolled: list[str]) -> None:
     """The controller's relay list from a renewal, for the next start (the running tunnel learns it in AUTH_OK).
 
-    A list that cannot be read costs the renewal nothing: the certificate is
-    what it was for, and the stored list stays as it was.
+    Written only when it changed: the state directory may be an SD card that
+    wears with every write. A list that cannot be read costs the renewal
+    nothing: the certificate is what it was for, and the stored list stays.
     """
     try:
         relays = relay_list(answer, url)
-        if relays:
+        if relays and relays != (state.load_relays() or enrolled):
             state.save_relays(relays)
     except (OutpostError, OSError) as error:
         log.warning("the relay list of the renewal was not kept: %s", error)
