@@ -55,11 +55,12 @@ def test_a_policy_deleted_in_one_process_or_expiring_closes_the_dial_another_car
     _, agent, _ = start_gateway(second, tmp_path, "gw-pol", echo_server)
     env = python_env()
     env["OUTPOSTCTL_CONFIG"] = str(second.ctl_config)
+    # connect asks whether a policy allows the dial before it listens: the first one exists by then.
+    created = json.loads(ctl_via(a_config, "policy", "create", "--kind", "dial", "--identities", "operator",
+                                 "--services", "modbus", "--json").stdout)
     connect = Process([sys.executable, "-m", "outpostctl", "connect", "modbus", "--listen", "127.0.0.1:0"], env=env)
     try:
         port = listening_port(connect.wait_for_line("listening"))
-        created = json.loads(ctl_via(a_config, "policy", "create", "--kind", "dial", "--identities", "operator",
-                                     "--services", "modbus", "--json").stdout)
         live = open_connection(port)
         ctl_via(a_config, "policy", "delete", str(created["id"]))
         elapsed = seconds_until_closed(live, CLOSE_DEADLINE)
