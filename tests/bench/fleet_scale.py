@@ -96,6 +96,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the event loop's thread and of all other (worker) threads together."""
+    totals: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = "event_loop" if task.name == str(pid) else "workers"
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that just ended
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return totals
+
+
+def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
+    """Milliseconds per tunnel each thread spent between two samples."""
+    return {name: round((after[name] - before.get(name, 0.0)) * 1000 / count, 3) for name in after
+            if after[name] - before.get(name, 0.0) > 0}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -233,8 +252,10 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
     try:
         started = time.monotonic()
         cpu = cpu_seconds(relay.pid)
+        threads = thread_cpu_seconds(relay.pid)
         await bring_up(fleet, tasks)
         established_s = time.monotonic() - started
+        admission_by_thread = cpu_ms_by_thread(threads, thread_cpu_seconds(relay.pid), len(fleet))
         admission_cpu_ms = (cpu_seconds(relay.pid) - cpu) * 1000 / len(fleet)
         await asyncio.sleep(SETTLE)
         holding = rss_kib(relay.pid)
@@ -271,6 +292,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "relay_idle_cpu_pct": round(idle_cpu_pct, 2),
         "established_s": round(established_s, 2),
         "admission_cpu_ms": round(admission_cpu_ms, 3),
+        "admission_cpu_ms_by_thread": admission_by_thread,
         "storm_all_back_s": round(storm_s, 2),
         "storm_failed_attempts": max(0, failed_after_ready),
         "storm_failed_while_down": max(0, failed_while_down),
