@@ -210,7 +210,12 @@ async def wait_all(fleet: list[TunnelSupervisor], relay: Relay) -> tuple[float, 
     next_sample = started + 1.0
     while connected(fleet) < len(fleet):
         if time.monotonic() - started > PHASE_TIMEOUT:
-            raise RuntimeError(f"only {connected(fleet)} of {len(fleet)} tunnels up after {PHASE_TIMEOUT} s")
+            stuck: dict[str, int] = {}
+            for s in fleet:
+                if s.current_session() is None:
+                    key = f"{s.stats.state}: {s.stats.last_error} (backoff bound {s.backoff.bound():g} s)"
+                    stuck[key] = stuck.get(key, 0) + 1
+            raise RuntimeError(f"only {connected(fleet)} of {len(fleet)} tunnels up after {PHASE_TIMEOUT} s: {stuck}")
         await asyncio.sleep(SAMPLE_INTERVAL)
         if time.monotonic() >= next_sample:
             per_second.append(connected(fleet))
