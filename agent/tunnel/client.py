@@ -7,6 +7,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from agent.errors import (
     EXIT_IDENTITY_REFUSED,
     ControllerUnreachable,
     OutpostError,
+    RelayBusy,
     TrustError,
     TunnelFailed,
     TunnelRefused,
@@ -50,6 +52,9 @@ log = logging.getLogger(__name__)
 # TCP + TLS + WebSocket upgrade on a satellite link takes several round trips
 # of 600 ms; 30 s also covers a congested cellular uplink.
 CONNECT_TIMEOUT = 30.0
+#: The longest wait a relay's Retry-After may ask for: a relay restarting under 10,000 tunnels spreads them
+#: over tens of seconds; anything above a few minutes is a mistake the agent must not follow for hours.
+MAX_RETRY_AFTER = 300
 
 
 class IdentityRefused(TunnelRefused):
@@ -157,6 +162,19 @@ class AgentSession(TunnelSession):
         await serve_bound(self, channel, self.options.binds)
 
 
+def retry_after_of(error: aiohttp.WSServerHandshakeError) -> float | None:
+    """The seconds a relay's 503 asked us to wait (``Retry-After``), None for any other refusal.
+
+    An absurd value is held to MAX_RETRY_AFTER: a relay must not park its fleet for hours by a typo.
+    """
+    if error.status != HTTPStatus.SERVICE_UNAVAILABLE or error.headers is None:
+        return None
+    value = error.headers.get("Retry-After", "")
+    if not value.isdigit():
+        return None
+    return float(min(int(value), MAX_RETRY_AFTER))
+
+
 async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: TunnelCredentials,
                       ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
     """Connect and authenticate; returns the session and the task running it.
@@ -184,6 +202,10 @@ async def open_tunnel(http: aiohttp.ClientSession, relay_url: str, credentials: 
     except aiohttp.ClientConnectorSSLError as exc:
         raise TrustError(f"TLS with the relay at {relay_url} failed: {exc}") from None
     except aiohttp.WSServerHandshakeError as exc:
+        told = retry_after_of(exc)
+        if told is not None:
+            raise RelayBusy(f"the relay at {relay_url} is admitting as many tunnels as it can; "
+                            f"coming back in {told:g} s as it asked", told) from None
         raise ControllerUnreachable(
             f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
         ) from None

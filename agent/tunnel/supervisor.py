@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from agent.errors import OutpostError, TrustError, TunnelRefused
+from agent.errors import OutpostError, RelayBusy, TrustError, TunnelRefused
 from agent.identity.refusals import DISABLED, DisabledGate, identity_status
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
@@ -107,6 +107,7 @@ class TunnelSupervisor:
                 self.stats.state = "connecting"
                 self.stats.relay = relay
                 service_manager.notify_status(f"connecting to {relay}")
+                told: float | None = None
                 try:
                     session, task = await self.gate.ask(
                         open_tunnel(http, relay, self.credentials, ssl_context, self.options))
@@ -123,7 +124,10 @@ class TunnelSupervisor:
                     if identity_status(exc) == DISABLED:
                         self._report_disabled()
                         continue
-                    self.rotation.connect_failed()
+                    if isinstance(exc, RelayBusy):
+                        told = exc.retry_after  # the relay is up and paces us: same relay, its time
+                    else:
+                        self.rotation.connect_failed()
                 else:
                     if self._stop.is_set():  # stopped while this tunnel was being opened
                         await session.close()
@@ -149,7 +153,7 @@ class TunnelSupervisor:
                 self.stats.state = "waiting"
                 self.stats.next_ask = None
                 self._report()
-                delay = self.backoff.next_delay()
+                delay = self.backoff.next_delay() if told is None else self.backoff.told_delay(told)
                 log.info("reconnecting in %.1f s", delay)
                 report_offline(f"{self.stats.last_error or 'not connected'}; trying again in {delay:.0f} s")
                 await self._until_stopped(asyncio.sleep(delay))

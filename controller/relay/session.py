@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import socket
@@ -88,6 +89,16 @@ BINDER_ACCEPT_TIMEOUT = 20.0
 # echo queues behind thousands of others), and an agent reconnects on GOAWAY or a reset alike. One
 # second covers a GEO round trip (600 ms) for a peer that does answer.
 SHUTDOWN_CLOSE_GRACE = 1.0
+# Tunnels between their upgrade and the answer to their AUTH, at most: past it a new tunnel is told to
+# come back later (503, Retry-After) before it costs a WebSocket, a protocol core and an admission.
+# Admission costs ~1.8 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second
+# even when this process gets half a core, far inside the agent's AUTH deadline.
+MAX_ADMITTING = 256
+# The rate the come-back times are paced at: ~60 % of what one relay admitted at its peak on a
+# 2-core machine under a storm (566-853 a second), so the told agents find room when they return.
+TOLD_ADMISSIONS_PER_SECOND = 400.0
+# The first come-back time is at least this far: the backlog in flight must drain first.
+TOLD_FIRST_RETRY = 1.0
 
 
 class RelaySession(TunnelSession):
@@ -114,6 +125,8 @@ class RelaySession(TunnelSession):
         self.request: web.Request | None = None
         self.presence: TunnelPresence | None = None
         self.reports_refused = 0
+        #: Counted in Relay.admitting (upgraded, AUTH not answered yet).
+        self.admitting = False
 
     @property
     def context(self) -> ControllerContext:
@@ -359,13 +372,34 @@ class Relay:
         self.on_admitted: Any = None
         #: How long a stop waits for the tunnels' closing handshakes (tests shorten it).
         self.shutdown_grace = SHUTDOWN_CLOSE_GRACE
+        #: Tunnels upgraded whose AUTH is not answered yet, and the cap on them (tests lower it).
+        self.admitting = 0
+        self.max_admitting = MAX_ADMITTING
+        #: The loop time the last agent told to come back was given (come-back times are paced).
+        self._told_until = 0.0
+        self.told_to_come_back = 0
 
     def register(self, session: RelaySession) -> None:
+        self._done_admitting(session)
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
         if self.on_admitted is not None and session.request is not None:
             self.on_admitted(session.request)
 
+    def _done_admitting(self, session: RelaySession) -> None:
+        if session.admitting:
+            session.admitting = False
+            self.admitting -= 1
+
+    def _come_back_later(self) -> web.Response:
+        """503 with the whole seconds after which this agent gets a slot: the told agents return paced."""
+        now = asyncio.get_running_loop().time()
+        self._told_until = max(self._told_until, now + TOLD_FIRST_RETRY) + 1.0 / TOLD_ADMISSIONS_PER_SECOND
+        self.told_to_come_back += 1
+        return web.Response(status=503, headers={"Retry-After": str(math.ceil(self._told_until - now))},
+                            text="this relay is admitting as many tunnels as it can; come back after Retry-After\n")
+
     def unregister(self, session: RelaySession) -> None:
+        self._done_admitting(session)
         self.broker.unbind_all(session)
         self.sessions.discard(session)
         if session.identity is not None:
@@ -440,6 +474,8 @@ class Relay:
         ]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.admitting >= self.max_admitting:
+            return self._come_back_later()
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), compress=False, max_msg_size=WS_RECEIVE_MAX,
                                    autoping=True, heartbeat=None)
         await ws.prepare(request)
@@ -453,6 +489,8 @@ class Relay:
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
         session.request = request
         self.sessions.add(session)
+        session.admitting = True
+        self.admitting += 1
         try:
             await session.run()
         finally:
