@@ -264,3 +264,12 @@ def test_audit_verify_reports_seconds_per_million_events() -> None:
     found = run_bench("audit_verify", "--events", "2000")
     assert found["events"] == 2000 and isinstance(found["goal_met"], bool)
     assert_positive(found, "verify_seconds", "verify_events_per_second", "verify_seconds_per_million")
+
+
+def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> None:
+    found = run_bench("fleet_scale", "--tunnels", "20")
+    assert found["tunnels"] == 20
+    assert_positive(found, "relay_kib_per_tunnel", "established_s", "admission_cpu_ms", "storm_all_back_s",
+                    "graceful_stop_s")
+    assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
+    assert found["relay_error_lines"] == []
