@@ -58,6 +58,14 @@ class ControllerUnreachable(OutpostError):
     retryable = True
 
 
+class RelayBusy(ControllerUnreachable):
+    """The relay is admitting as many tunnels as it can and said when to come back (``retry_after`` seconds)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ProxyFailed(ControllerUnreachable):
     """The HTTPS proxy could not be reached (``status`` None) or refused the CONNECT with HTTP ``status``."""
 

@@ -28,6 +28,12 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 128
 #: on asyncio's 256 KiB TLS read buffers: tests/bench/idle_connections.py) while
 #: a fleet of thousands reconnecting after a relay restart still gets through.
 MAX_UNAUTHENTICATED = 4096
+#: TLS handshakes in progress at once. A server handshake costs ~1 ms of CPU
+#: (tests/bench/fleet_scale.py): 1,024 queued are done in about two seconds even on
+#: half a core, well inside the 10 s handshake deadline; past the cap a new
+#: connection is reset at accept, before it costs a handshake that could only
+#: miss its deadline behind the others and be dropped after it was paid for.
+MAX_HANDSHAKES_IN_FLIGHT = 1024
 #: IPv6 peers are counted per /64: one subscriber (a home, a phone, a
 #: server's subnet) gets a whole /64, so counting single addresses would give
 #: one attacker 2^64 separate caps.

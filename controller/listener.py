@@ -3,7 +3,9 @@
 A ``Listener`` runs its own accept loop: every accepted TCP connection is
 counted against a cap per source address and a cap in total
 (controller/admission.py) *before* its TLS handshake, so a flood from one address costs neither a handshake nor a TLS
-buffer (one over a cap is reset at once). The handshake
+buffer (one over a cap is reset at once), and so is one past the cap on TLS
+handshakes in progress (a reconnecting fleet, before it costs a handshake
+that would miss its deadline behind the others). The handshake
 (``loop.connect_accepted_socket``, bounded by a deadline) uses whatever
 certificate the listener holds at that moment, so a certificate renewed while
 running serves every new handshake and no live one is touched. Then a
@@ -34,7 +36,13 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, Admission, cap_key
+from controller.admission import (
+    MAX_HANDSHAKES_IN_FLIGHT,
+    MAX_UNAUTHENTICATED,
+    MAX_UNAUTHENTICATED_PER_ADDRESS,
+    Admission,
+    cap_key,
+)
 from shared.protocol import TUNNEL_ALPN
 from shared.tunnel.transport import STREAM_BUFFER_LIMIT, StreamTransport
 
@@ -72,6 +80,7 @@ class ListenerLimits:
     body_deadline: float = REQUEST_BODY_DEADLINE
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
+    max_handshakes: int = MAX_HANDSHAKES_IN_FLIGHT
 
 
 class Stage(enum.Enum):
@@ -104,6 +113,8 @@ class Listener:
         self.sockets: list[socket.socket] = []
         self._accepting: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        #: Connections reset at accept because max_handshakes were in progress (the agents back off).
+        self.handshakes_shed = 0
         #: Connections ended since memory was last handed back (return_freed_memory).
         self.closed_since_trim = 0
         #: Where connections that chose ``TUNNEL_ALPN`` go; None: this listener serves HTTP only.
@@ -126,7 +137,10 @@ class Listener:
                     await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue  # ECONNABORTED and the like: that one peer is gone
             address = cap_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
-            if not self.admission.enter(address):
+            shed = len(self._handshakes) >= self.limits.max_handshakes
+            if shed:
+                self.handshakes_shed += 1
+            if shed or not self.admission.enter(address):
                 # A reset, not a goodbye: no TIME_WAIT kept for a peer over its cap.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 conn.close()

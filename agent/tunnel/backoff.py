@@ -20,6 +20,9 @@ MAX_DELAY = 300.0
 # us, a relay that accepts and then fails) by several reconnect cycles, yet is
 # short next to a day's normal operation. [link] stable_after overrides it.
 STABLE_AFTER = 120.0
+# A relay that is busy admitting says in whole seconds when to come back
+# (Retry-After); agents told the same second spread over that second.
+TOLD_SPREAD = 1.0
 
 
 @dataclass
@@ -52,6 +55,15 @@ class Backoff:
             # weeks must not overflow a float (2.0 ** 1024 does).
             self.attempt += 1
         return self.rng.uniform(0.0, bound)
+
+    def told_delay(self, retry_after: float) -> float:
+        """The wait when the relay said when to come back: within ``[retry_after, retry_after + TOLD_SPREAD]``.
+
+        The relay spreads its fleet by the times it tells; the draw spreads
+        those told the same second. The exponential bound does not grow: the
+        relay is up and pacing us, not failing.
+        """
+        return retry_after + self.rng.uniform(0.0, TOLD_SPREAD)
 
     def reset(self) -> None:
         self.attempt = 0

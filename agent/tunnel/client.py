@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import (
@@ -27,6 +28,7 @@ from agent.errors import (
     ControllerUnreachable,
     OutpostError,
     ProxyFailed,
+    RelayBusy,
     TrustError,
     TunnelFailed,
     TunnelRefused,
@@ -57,6 +59,7 @@ from shared.tunnel.session import WS_RECEIVE_MAX, TunnelSession
 from shared.tunnel.transport import Transport
 
 if TYPE_CHECKING:
+    import aiohttp
 
     from agent.clock.trusted import TrustedClock
 
@@ -70,6 +73,9 @@ CONNECT_TIMEOUT = 30.0
 FALLBACK_HOLD = 3600.0
 #: ``[link] transport`` values.
 TRANSPORTS = ("auto", "tls", "websocket")
+#: The longest wait a relay's Retry-After may ask for: a relay restarting under 10,000 tunnels spreads them
+#: over tens of seconds; anything above a few minutes is a mistake the agent must not follow for hours.
+MAX_RETRY_AFTER = 300
 
 
 class IdentityRefused(TunnelRefused):
@@ -190,6 +196,19 @@ class AgentSession(TunnelSession):
 HttpSource = Any
 
 
+def retry_after_of(error: aiohttp.WSServerHandshakeError) -> float | None:
+    """The seconds a relay's 503 asked us to wait (``Retry-After``), None for any other refusal.
+
+    An absurd value is held to MAX_RETRY_AFTER: a relay must not park its fleet for hours by a typo.
+    """
+    if error.status != HTTPStatus.SERVICE_UNAVAILABLE or error.headers is None:
+        return None
+    value = error.headers.get("Retry-After", "")
+    if not value.isdigit():
+        return None
+    return float(min(int(value), MAX_RETRY_AFTER))
+
+
 async def open_tunnel(http: HttpSource, relay_url: str, credentials: TunnelCredentials,
                       ssl_context: ssl.SSLContext, options: TunnelOptions) -> tuple[AgentSession, asyncio.Task[None]]:
     """Connect and authenticate; returns the session and the task running it.
@@ -252,6 +271,10 @@ async def _open_websocket(http: HttpSource, relay_url: str, ssl_context: ssl.SSL
     except aiohttp.ClientConnectorSSLError as exc:
         raise TrustError(f"TLS with the relay at {relay_url} failed: {exc}") from None
     except aiohttp.WSServerHandshakeError as exc:
+        told = retry_after_of(exc)
+        if told is not None:
+            raise RelayBusy(f"the relay at {relay_url} is admitting as many tunnels as it can; "
+                            f"coming back in {told:g} s as it asked", told) from None
         raise ControllerUnreachable(
             f"the relay at {relay_url} refused the tunnel upgrade (HTTP {exc.status}); is the URL right?"
         ) from None

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import OutpostError, TrustError, TunnelRefused
+from agent.errors import OutpostError, RelayBusy, TrustError, TunnelRefused
 from agent.identity.refusals import DISABLED, DisabledGate, identity_status
 from agent.services.forward import DialListener
 from agent.tunnel.backoff import Backoff
@@ -134,6 +134,7 @@ class TunnelSupervisor:
                 self.stats.state = "connecting"
                 self.stats.relay = relay
                 service_manager.notify_status(f"connecting to {relay}")
+                told: float | None = None
                 try:
                     session, task = await self.gate.ask(
                         open_tunnel(http.get, relay, self.credentials, ssl_context, self.options))
@@ -150,8 +151,11 @@ class TunnelSupervisor:
                     if identity_status(exc) == DISABLED:
                         self._report_disabled()
                         continue
-                    self.rotation.connect_failed()
-                    failover = self.rotation.untried
+                    if isinstance(exc, RelayBusy):
+                        told = exc.retry_after  # the relay is up and paces us: same relay, its time
+                    else:
+                        self.rotation.connect_failed()
+                        failover = self.rotation.untried
                 else:
                     self.rotation.tunnel_up()
                     if self._stop.is_set():  # stopped while this tunnel was being opened
@@ -178,7 +182,10 @@ class TunnelSupervisor:
                 self.stats.state = "waiting"
                 self.stats.next_ask = None
                 self._report()
-                if failover:
+                if told is not None:
+                    delay = self.backoff.told_delay(told)
+                    log.info("the relay asked us to come back in %.1f s", delay)
+                elif failover:
                     # Another relay of the list is untried: move on now, spread by a jitter (agent/tunnel/relays.py).
                     delay = self.backoff.rng.uniform(0.0, FAILOVER_JITTER)
                     log.info("trying the next relay, %s, in %.1f s", self.rotation.current(), delay)

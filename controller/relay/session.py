@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import socket
@@ -87,6 +88,22 @@ def relay_liveness_for(keepalive: object) -> Liveness:
 RELAY_LIMITS = ProtocolLimits(initial_window=8 * 1024 * 1024)
 # A dial waits this long for the binder gateway to connect its local service.
 BINDER_ACCEPT_TIMEOUT = 20.0
+# A stop waits this long, in all, for its tunnels' closing handshakes (GOAWAY, then the WebSocket close);
+# the rest are reset. Closing each in turn took 8-9 s at 10,000 tunnels, all of it CPU, and an agent
+# reconnects on GOAWAY or a reset alike: the GOAWAY leaves in the first write, and waiting longer for
+# the rest of the handshake helps no one. Half a second, and a loaded loop overruns it (1.9 s measured
+# for 1.0 at 7,000 tunnels), which keeps a stop under the 2 s goal.
+SHUTDOWN_CLOSE_GRACE = 0.5
+# Tunnels between their upgrade and the answer to their AUTH, at most: past it a new tunnel is told to
+# come back later (503, Retry-After) before it costs a WebSocket, a protocol core and an admission.
+# Admission costs ~1.8 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second
+# even when this process gets half a core, far inside the agent's AUTH deadline.
+MAX_ADMITTING = 256
+# The rate the come-back times are paced at: ~60 % of what one relay admitted at its peak on a
+# 2-core machine under a storm (566-853 a second), so the told agents find room when they return.
+TOLD_ADMISSIONS_PER_SECOND = 400.0
+# The first come-back time is at least this far: the backlog in flight must drain first.
+TOLD_FIRST_RETRY = 1.0
 
 
 class RelaySession(TunnelSession):
@@ -116,6 +133,8 @@ class RelaySession(TunnelSession):
         self.mark_admitted: Callable[[], None] | None = None
         self.presence: TunnelPresence | None = None
         self.reports_refused = 0
+        #: Counted in Relay.admitting (upgraded, AUTH not answered yet).
+        self.admitting = False
 
     @property
     def context(self) -> ControllerContext:
@@ -382,15 +401,38 @@ class Relay:
         self.policy_watch = watch_for(context, self._loop)
         #: Told about each tunnel's request once it authenticated: the listener stops counting it as anonymous.
         self.on_admitted: Any = None
+        #: How long a stop waits for the tunnels' closing handshakes (tests shorten it).
+        self.shutdown_grace = SHUTDOWN_CLOSE_GRACE
+        #: Tunnels upgraded whose AUTH is not answered yet, and the cap on them (tests lower it).
+        self.admitting = 0
+        self.max_admitting = MAX_ADMITTING
+        #: The loop time the last agent told to come back was given (come-back times are paced).
+        self._told_until = 0.0
+        self.told_to_come_back = 0
 
     def register(self, session: RelaySession) -> None:
+        self._done_admitting(session)
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
         if session.mark_admitted is not None:
             session.mark_admitted()
         elif self.on_admitted is not None and session.request is not None:
             self.on_admitted(session.request)
 
+    def _done_admitting(self, session: RelaySession) -> None:
+        if session.admitting:
+            session.admitting = False
+            self.admitting -= 1
+
+    def _come_back_later(self) -> web.Response:
+        """503 with the whole seconds after which this agent gets a slot: the told agents return paced."""
+        now = asyncio.get_running_loop().time()
+        self._told_until = max(self._told_until, now + TOLD_FIRST_RETRY) + 1.0 / TOLD_ADMISSIONS_PER_SECOND
+        self.told_to_come_back += 1
+        return web.Response(status=503, headers={"Retry-After": str(math.ceil(self._told_until - now))},
+                            text="this relay is admitting as many tunnels as it can; come back after Retry-After\n")
+
     def unregister(self, session: RelaySession) -> None:
+        self._done_admitting(session)
         self.broker.unbind_all(session)
         self.sessions.discard(session)
         if session.identity is not None:
@@ -465,6 +507,8 @@ class Relay:
         ]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.admitting >= self.max_admitting:
+            return self._come_back_later()
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), compress=False, max_msg_size=WS_RECEIVE_MAX,
                                    autoping=True, heartbeat=None)
         await ws.prepare(request)
@@ -478,6 +522,8 @@ class Relay:
         session = RelaySession(self, conn, ws, nonce, request.remote or "?")
         session.request = request
         self.sessions.add(session)
+        session.admitting = True
+        self.admitting += 1
         try:
             await session.run()
         finally:
@@ -493,17 +539,28 @@ class Relay:
         session = RelaySession(self, conn, transport, nonce, remote)
         session.mark_admitted = admitted
         self.sessions.add(session)
+        # Counted with the WebSocket's, so its cap sees every tunnel waiting for its AUTH answer. This
+        # path sheds only at accept (the listener's handshake cap): it has no 503 to say when to come back.
+        session.admitting = True
+        self.admitting += 1
         try:
             await session.run()
         finally:
             self.unregister(session)
 
     async def close(self) -> None:
-        """Close every tunnel (process shutdown)."""
-        await asyncio.gather(
-            *(s.close(ErrorCode.NO_ERROR, "relay shutting down") for s in list(self.sessions)),
-            return_exceptions=True,
-        )
+        """Close every tunnel (process shutdown): GOAWAY to all, then a reset for those that did not finish
+        their closing handshake within ``shutdown_grace``, so the stop takes that long at most, however many."""
+        loop = asyncio.get_running_loop()
+        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in list(self.sessions)}
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=self.shutdown_grace)
+            for task in late:
+                closing[task].abort()  # its GOAWAY, if written, is on its way; the agent reconnects either way
+                # Its close would otherwise sit out CLOSE_TIMEOUT on a WebSocket close the reset ended
+                # (3 s more at 7,000 tunnels).
+                task.cancel()
+            await asyncio.gather(*closing, return_exceptions=True)
         # The tunnels' last audit rows and their presence reach the store before it closes.
         await self.audit_queue.drained()
         await self.presence.close()

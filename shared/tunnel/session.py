@@ -360,7 +360,7 @@ class TunnelSession:
 
     async def _shutdown(self) -> None:
         self._terminate(ErrorCode.NO_ERROR, "closed", False)
-        if not self._aborted:
+        if not self._aborted and not self.transport.closed:  # close() may have finished it already
             try:
                 # The core may have queued a GOAWAY saying why (a peer that broke the protocol).
                 await asyncio.wait_for(self._close_in_order(), CLOSE_TIMEOUT)

@@ -25,7 +25,14 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
     A plain close queues FIN behind unsent bytes; to a peer that stopped
     reading (or a dead path) those never leave, and the socket would linger.
     """
-    sock = transport.get_extra_info("socket")
+    try:
+        sock = transport.get_extra_info("socket")
+    except AttributeError:
+        # CPython's TLS transport lets go of its SSL layer when closed twice
+        # (asyncio/sslproto.py), and then neither answers this nor aborts: the
+        # connection is closing already, and the TLS shutdown's own timeout
+        # (30 s) ends it if the peer never answers.
+        return
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

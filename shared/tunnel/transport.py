@@ -53,6 +53,11 @@ class Transport:
         """True when the write buffer is at its high-water mark (or the connection is gone)."""
         raise NotImplementedError
 
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed or closing (an orderly close would find nothing to do)."""
+        raise NotImplementedError
+
     def get_extra_info(self, name: str) -> Any:
         """The TLS transport's extra info (``ssl_object``, ``peername``)."""
         raise NotImplementedError
@@ -118,6 +123,10 @@ class StreamTransport(Transport):
 
     def congested(self) -> bool:
         return transport_congested(self.writer.transport)
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.transport.is_closing()
 
     def get_extra_info(self, name: str) -> Any:
         return self.writer.get_extra_info(name)

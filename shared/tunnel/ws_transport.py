@@ -50,5 +50,9 @@ class WebSocketTransport(Transport):
     def congested(self) -> bool:
         return transport_congested(getattr(getattr(self.ws, "_writer", None), "transport", None))
 
+    @property
+    def closed(self) -> bool:
+        return bool(self.ws.closed)
+
     def get_extra_info(self, name: str) -> Any:
         return self.ws.get_extra_info(name)

@@ -272,3 +272,12 @@ def test_policy_decisions_reports_decisions_per_second_and_no_commit_per_decisio
     found = run_bench("policy_decisions", "--policies", "20", "--decisions", "200")
     assert found["decisions_per_s"] > 0 and found["store_commits_while_deciding"] == 0
     assert found["counted"] == 100 and found["flush_policies"] == 1
+
+
+def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> None:
+    found = run_bench("fleet_scale", "--tunnels", "20")
+    assert found["tunnels"] == 20
+    assert_positive(found, "relay_kib_per_tunnel", "established_s", "admission_cpu_ms", "storm_all_back_s",
+                    "graceful_stop_s")
+    assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
+    assert found["relay_error_lines"] == []
