@@ -41,6 +41,10 @@ class SQLiteStore(Store):
         self._connections_lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
+        # Reads in progress, by any thread: close() waits for them, because closing a connection
+        # another thread is reading through crashes the process, not just the read.
+        self._reads = 0
+        self._reads_done = threading.Condition(self._connections_lock)
         self._connection.execute("PRAGMA journal_mode=WAL")
         try:
             self._open_schema()
@@ -85,11 +89,24 @@ class SQLiteStore(Store):
             self.commits += 1
 
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
-        return list(self._connection.execute(sql, parameters))
+        connection = self._connection
+        with self._reads_done:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the store is closed")
+            self._reads += 1
+        try:
+            return list(connection.execute(sql, parameters))
+        finally:
+            with self._reads_done:
+                self._reads -= 1
+                self._reads_done.notify_all()
 
     def close(self) -> None:
-        with self._write_lock, self._connections_lock:
+        """Close every thread's connection, after the transactions and reads in progress ended."""
+        with self._write_lock, self._reads_done:
             self._closed = True
+            # A read is one statement: BUSY_TIMEOUT_SECONDS bounds even one that waits for a lock.
+            self._reads_done.wait_for(lambda: self._reads == 0, BUSY_TIMEOUT_SECONDS)
             for connection in self._connections:
                 connection.close()
             self._connections.clear()

@@ -113,7 +113,8 @@ class StatusWatcher:
         try:
             await self._watch(loop, worker)
         finally:
-            worker.shutdown(wait=False)
+            # A fetch still reading the store ends before whoever cancelled us may close the store.
+            await asyncio.shield(asyncio.to_thread(worker.shutdown, True))
 
     async def _watch(self, loop: asyncio.AbstractEventLoop, worker: concurrent.futures.Executor) -> None:
         while True:

@@ -214,3 +214,32 @@ def test_writers_on_separate_connections_never_interleave_a_read_modify_write(st
     finally:
         for store in stores:
             store.close()
+
+
+#: A read of two million rows on SQLite: close() arrives while its rows are still being fetched.
+SLOW_READ = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c"
+CLOSE_DURING_READ = f"""
+import sys, threading, time
+from controller.store import Store
+store = Store(sys.argv[1])
+started = threading.Event()
+result = []
+def read():
+    started.set()
+    result.append(len(store.query({SLOW_READ!r})))
+reader = threading.Thread(target=read)
+reader.start()
+started.wait()
+time.sleep(0.1)
+store.close()
+reader.join()
+print(result[0])
+"""
+
+
+def test_closing_the_store_during_another_threads_read_waits_for_it(tmp_path: Path) -> None:
+    # In a process of its own: closing a connection another thread reads through crashes the process.
+    result = subprocess.run([sys.executable, "-c", CLOSE_DURING_READ, str(tmp_path / "store.sqlite3")],
+                            env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "2000000"
