@@ -255,4 +255,10 @@ def spread(loads: list[tuple[str, int]], key: str) -> list[str]:
 
 def relays_for(context: ControllerContext, key: str) -> list[str]:
     """What to tell the agent ``key`` (its identity URI) in its enrollment, renewal and AUTH_OK."""
-    return spread(context.relay_loads, key) or list(context.relay_urls)
+    loads = context.relay_loads
+    if not loads and not context.settings.serves_tunnels:
+        # A controller that carries no tunnels and knows of no relay yet (its list refreshes every
+        # RELAY_LIST_REFRESH) asks the store now: a gateway enrolled with no relay could not run.
+        loads = relay_loads(RelayBook(context.store, context.ca, context.audit, context.settings.cert_lifetime)
+                            .live(), None)
+    return spread(loads, key) or list(context.relay_urls)
