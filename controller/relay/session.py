@@ -515,34 +515,33 @@ class Relay:
         if ws.ws_protocol != SUBPROTOCOL:
             await ws.close(message=f"speak {SUBPROTOCOL}".encode())
             return ws
-        loop = asyncio.get_running_loop()
-        conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        conn.send_challenge(nonce)
-        session = RelaySession(self, conn, ws, nonce, request.remote or "?")
+        session = self._challenge(ws, request.remote or "?")
         session.request = request
-        self.sessions.add(session)
-        session.admitting = True
-        self.admitting += 1
-        try:
-            await session.run()
-        finally:
-            self.unregister(session)
+        await self._serve(session)
         return ws
 
     async def serve_stream(self, transport: StreamTransport, remote: str, admitted: Callable[[], None]) -> None:
-        """Serve one tunnel on TLS directly (ALPN ``TUNNEL_ALPN``, routed here by controller/listener.py)."""
-        loop = asyncio.get_running_loop()
-        conn = Connection(Role.RELAY, loop.time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
+        """Serve one tunnel on TLS directly (ALPN ``TUNNEL_ALPN``, routed here by controller/listener.py).
+
+        It counts against the admission cap like a WebSocket's, but sheds only at accept (the
+        listener's handshake cap): it has no 503 to say when to come back.
+        """
+        session = self._challenge(transport, remote)
+        session.mark_admitted = admitted
+        await self._serve(session)
+
+    def _challenge(self, link: Any, remote: str) -> RelaySession:
+        """A new tunnel on either transport: its CHALLENGE queued, counted as admitting until its AUTH answer."""
+        conn = Connection(Role.RELAY, asyncio.get_running_loop().time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
-        session = RelaySession(self, conn, transport, nonce, remote)
-        session.mark_admitted = admitted
+        session = RelaySession(self, conn, link, nonce, remote)
         self.sessions.add(session)
-        # Counted with the WebSocket's, so its cap sees every tunnel waiting for its AUTH answer. This
-        # path sheds only at accept (the listener's handshake cap): it has no 503 to say when to come back.
         session.admitting = True
         self.admitting += 1
+        return session
+
+    async def _serve(self, session: RelaySession) -> None:
         try:
             await session.run()
         finally:
