@@ -66,12 +66,13 @@ ARCHES = {
 }
 
 # Debian's own arm builds of what the agent's quick suite and the quickstart
-# import (the controller they start needs prometheus-client), and the
+# import (the controller they start needs prometheus-client; the agent runs
+# on uvloop where installed, as its .deb recommends), and the
 # software TPM. strace is left out on purpose: ptrace does not work under
 # qemu-user, and the tests that need it skip saying strace is missing.
 TEST_PACKAGES = (
     "python3-aiohttp", "python3-cryptography", "python3-jwt", "python3-ntplib", "python3-systemd",
-    "python3-prometheus-client",
+    "python3-prometheus-client", "python3-uvloop",
     "python3-tpm2-pytss", "python3-pytest", "python3-hypothesis", "swtpm", "swtpm-tools",
     "faketime", "procps", "iproute2", "adduser", "openssl",
 )
