@@ -8,11 +8,8 @@ SIEM's typo must not silently widen what it ships.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import math
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,16 +18,13 @@ from controller.audit import DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE
 from controller.errors import bad_request
 from controller.names import DEFAULT_TENANT, check_name
 from controller.store import Parameters, Store
+from shared.since import InvalidSince
+from shared.since import parse_since as parse_time
 
-#: A time given as ``--since`` may be this far ahead of the controller's clock
-#: (the operator's clock drifts a little); further is a mistake, not skew.
-MAX_FUTURE_SKEW_SECONDS = 60.0
 #: The largest id or count a query takes: the stores' 64-bit integers.
 MAX_ID = 2**63 - 1
 #: Events that refuse something: what ``--denied`` shows.
 REFUSAL_EVENTS = ("dial_denied", "bind_denied", "tunnel_refused", "renewal_refused", "enrollment_refused")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(\d{1,9})([smhdw])")
 
 
 @dataclass(frozen=True)
@@ -69,27 +63,11 @@ class AuditFilter:
 
 
 def parse_since(text: str, now: float | None = None) -> float:
-    """A unix time from a duration ago (``90s``, ``15m``, ``2h``, ``7d``, ``1w``), an ISO 8601 time or a unix time."""
-    now = time.time() if now is None else now
-    text = text.strip()
-    if match := _DURATION.fullmatch(text):
-        return now - int(match.group(1)) * _UNITS[match.group(2)]
+    """A unix time from ``since`` (shared/since.py); a value that is not one is a 400."""
     try:
-        when = float(text)
-        if not math.isfinite(when):
-            raise ValueError(text)
-    except ValueError:
-        try:
-            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise bad_request("invalid_since", f"The time {text[:40]!r} does not parse; give a duration ago "
-                              "(15m, 2h, 7d), an ISO 8601 time (2026-12-06T10:00:00Z) or a unix time.") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=dt.UTC)  # the controller's times are UTC
-        when = parsed.timestamp()
-    if when > now + MAX_FUTURE_SKEW_SECONDS:
-        raise bad_request("since_in_future", f"The time {text[:40]!r} is in the future; give a time in the past.")
-    return when
+        return parse_time(text, now)
+    except InvalidSince as error:
+        raise bad_request(error.code, error.message) from None
 
 
 def _name(value: str, what: str) -> str:

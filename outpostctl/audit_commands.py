@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +15,7 @@ from outpostctl import render
 from outpostctl.client import JsonObject, ManagementClient
 from outpostctl.commands import audit_rows
 from outpostctl.errors import ControllerUnreachable, OutpostError
+from shared.since import InvalidSince, parse_since
 
 
 class ChainBroken(OutpostError):
@@ -39,28 +37,15 @@ FOLLOW_RETRY_SECONDS = 2.0
 #: A verification reads the whole trail (a million events in seconds, benchmark
 #: tests/bench/audit_verify.py); this leaves room for far larger ones.
 VERIFY_TIMEOUT_SECONDS = 600.0
-_DURATION = re.compile(r"\d{1,9}[smhdw]")
 
 
 def _since(text: str) -> str:
-    """A ``--since`` value the controller will take; argparse turns the ValueError into a usage error."""
-    text = text.strip()
-    if _DURATION.fullmatch(text):
-        return text
+    """A ``--since`` value the controller will take, sent as given (a duration counts back from the controller's
+    clock); argparse turns the ArgumentTypeError into a usage error."""
     try:
-        when = float(text)
-        if not math.isfinite(when):
-            raise ValueError(text)
-    except ValueError:
-        try:
-            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a time: give a duration ago (15m, 2h, 7d), an ISO 8601 time "
-                "(2026-12-06T10:00:00Z) or a unix time") from None
-        when = (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
-    if when > time.time() + 60:
-        raise argparse.ArgumentTypeError(f"{text!r} is in the future: give a time in the past")
+        parse_since(text)
+    except InvalidSince as error:
+        raise argparse.ArgumentTypeError(error.message.rstrip(".")) from None
     return text
 
 
