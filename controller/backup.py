@@ -23,6 +23,8 @@ import os
 import secrets
 import shutil
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from controller.audit_chain import KEY_FILE as AUDIT_KEY_FILE
@@ -40,10 +42,6 @@ STORE_FILE = "store.sqlite3"
 BACKUP_PAGES_PER_STEP = 1024
 
 
-def _staging(final: Path) -> Path:
-    staging = final.parent / f".{final.name}.{secrets.token_hex(4)}.partial"
-    staging.mkdir(mode=0o700)
-    return staging
 
 
 def _copy_store(source: Path, target: Path) -> None:
@@ -74,11 +72,36 @@ def _copy_tree(source: Path, target: Path) -> None:
         fsync_directory(root)
 
 
-def _place(staging: Path, final: Path) -> None:
-    os.chmod(staging, 0o700)
-    fsync_directory(staging)
-    os.rename(staging, final)
-    fsync_directory(final.parent)
+def _reason(error: OSError) -> str:
+    """The system's words for ``error``: copytree gathers its failures into one shutil.Error that has none itself."""
+    if error.strerror:
+        return error.strerror
+    failures = error.args[0] if isinstance(error, shutil.Error) and error.args else None
+    if isinstance(failures, list) and failures and isinstance(failures[0], tuple):
+        return str(failures[0][-1])
+    return str(error) or type(error).__name__
+
+
+@contextmanager
+def _staged(final: Path, doing: str) -> Iterator[Path]:
+    """A hidden sibling of ``final`` to build in: renamed into place when the block ends well, removed otherwise.
+
+    An OSError becomes "Cannot ``doing``" with the system's reason.
+    """
+    staging = final.parent / f".{final.name}.{secrets.token_hex(4)}.partial"
+    staging.mkdir(mode=0o700)
+    try:
+        yield staging
+        os.chmod(staging, 0o700)
+        fsync_directory(staging)
+        os.rename(staging, final)
+        fsync_directory(final.parent)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StartupError(f"Cannot {doing} ({_reason(error)}); check the disk and its permissions.") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def backup(data_dir: Path, target: Path) -> bool:
@@ -90,19 +113,11 @@ def backup(data_dir: Path, target: Path) -> bool:
         raise StartupError(f"{target} already exists; give the backup a new path.")
     if not target.parent.is_dir():
         raise StartupError(f"The directory {target.parent} does not exist; create it or choose another path.")
-    staging = _staging(target)
-    try:
+    with _staged(target, f"write the backup {target}") as staging:
         _copy_tree(data_dir, staging)
         with_store = settings.store_path.is_file()
         if with_store:
             _copy_store(settings.store_path, staging / STORE_FILE)
-        _place(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise StartupError(f"Cannot write the backup {target} ({error.strerror}); check the disk and its permissions.") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return with_store
 
 
@@ -116,8 +131,7 @@ def restore(source: Path, data_dir: Path) -> bool:
         )
     if not data_dir.parent.is_dir():
         raise StartupError(f"The directory {data_dir.parent} does not exist; create it or choose another --data.")
-    staging = _staging(data_dir)
-    try:
+    with _staged(data_dir, f"restore into {data_dir}") as staging:
         _copy_tree(source, staging)
         with_store = (source / STORE_FILE).is_file()
         if with_store:
@@ -128,11 +142,4 @@ def restore(source: Path, data_dir: Path) -> bool:
                 (staging / f"{STORE_FILE}{side}").unlink(missing_ok=True)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above
-        _place(staging, data_dir)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise StartupError(f"Cannot restore into {data_dir} ({error.strerror}); check the disk and its permissions.") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return with_store

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -81,4 +83,30 @@ def test_a_backup_of_a_newer_schema_is_not_restored(data: Path, tmp_path: Path, 
     code, _, error = cli(capsys, "restore", str(tmp_path / "b"), "--data", str(tmp_path / "restored"))
     assert code == 65 and "upgrade outpost-controller" in error
     assert not (tmp_path / "restored").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+#: A file limit below what the CA directory holds, so copying it fails part-way with EFBIG.
+FILE_SIZE_LIMIT = 16 * 1024
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_write_failing_half_way_is_one_sentence_and_leaves_nothing(
+    command: str, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(capsys, "backup", str(tmp_path / "b"), "--data", str(data))[0] == 0
+    source, target = (data, tmp_path / "b2") if command == "backup" else (tmp_path / "b", tmp_path / "restored")
+    (source / "ca" / "padding").write_bytes(b"x" * 4 * FILE_SIZE_LIMIT)
+    # Running as root, a permission cannot make the copy fail; the file size limit can (EFBIG, not a signal).
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, old_limit[1]))
+    try:
+        code, _, error = cli(capsys, command, str(source) if command == "restore" else str(target),
+                             "--data", str(target) if command == "restore" else str(source))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert code != 0 and error.startswith("Cannot ") and "File too large" in error and "\n" not in error, error
+    assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
