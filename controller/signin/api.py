@@ -55,6 +55,12 @@ def _remote(request: web.Request) -> str:
     return request.remote or ""
 
 
+def bearer_of(request: web.Request) -> str:
+    """The token of the request's ``Authorization: Bearer`` header; "" when it carries none (the admin check refuses "")."""
+    presented = request.headers.get("Authorization", "")
+    return presented[len(BEARER):] if presented.startswith(BEARER) else ""
+
+
 def _unauthorized(code: str, message: str) -> ControllerError:
     return ControllerError(code, message, 401)
 
@@ -67,8 +73,7 @@ def management_auth(context: ControllerContext) -> Any:
         if not request.path.startswith("/api/") or request.path in OPEN_ROUTES:
             return await handler(request)
         service = signin_of(context)
-        presented = request.headers.get("Authorization", "")
-        bearer = presented[len(BEARER):] if presented.startswith(BEARER) else ""
+        bearer = bearer_of(request)
         if bearer.startswith(SESSION_PREFIX):
             await _person(request, service, bearer)
         else:
@@ -273,7 +278,7 @@ class SigninApi:
                                   "expires_at": person.session_expires_at})
 
     async def logout(self, request: web.Request) -> web.Response:
-        bearer = request.headers.get("Authorization", "")[len(BEARER):]
+        bearer = bearer_of(request)
         person = await API_POOL.run(self.service.people.end, bearer, _remote(request))
         if person is None:
             raise ControllerError("not_a_session", "Only a person's session can be signed out; "

@@ -294,3 +294,16 @@ def test_unknown_paths_and_methods_answer_json_errors(data_dir: Path) -> None:
                 assert response.status == 400 and (await response.json())["error"] == "invalid_json"
 
     run(scenario())
+
+
+def test_signing_out_with_the_admin_credential_is_refused_and_changes_nothing(data_dir: Path) -> None:
+    """Logout reads the bearer the door read: the admin token is no session, so nothing is ended."""
+
+    async def scenario() -> None:
+        async with running_controller(data_dir) as running:
+            status, body = await running.call("POST", "/api/v1/signin/logout", {})
+            assert (status, body["error"]) == (400, "not_a_session") and "admin-token rotate" in body["message"]
+            status, _ = await running.call("GET", "/api/v1/identities")
+            assert status == 200
+
+    run(scenario())
