@@ -1,7 +1,7 @@
 """Reading the audit trail: filters, paging past the newest page, and the events after a cursor (follow).
 
 The filters are the indexed columns the log writes beside each event's
-fields (controller/store.py ADDED_INDEXES), in SQL every store speaks.
+fields (controller/store_schema.py ADDED_INDEXES), in SQL every store speaks.
 A query parameter this module does not know is an error, never ignored: a
 SIEM's typo must not silently widen what it ships.
 """

@@ -124,7 +124,7 @@ class SQLiteTransaction(Transaction):
 
     def executescript_in_transaction(self, script: str) -> None:
         # executescript() would COMMIT first; run the statements one by one instead.
-        from controller.store import split_statements
+        from controller.store_schema import split_statements
 
         for statement in split_statements(script):
             self._connection.execute(statement)

@@ -13,7 +13,8 @@ from controller.audit_chain import KEY_FILE, rows_of, verify
 from controller.bootstrap import open_data_dir
 from controller.cli import main
 from controller.settings import Settings
-from controller.store import SCHEMA_VERSION, Store
+from controller.store import Store
+from controller.store_schema import SCHEMA_VERSION
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

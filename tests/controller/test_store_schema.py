@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from controller import store as store_module
-from controller.store import SCHEMA_VERSION, Store, StoreTooNew
+from controller import store_schema
+from controller.store import MIGRATIONS, Store, StoreTooNew
+from controller.store_schema import SCHEMA_VERSION
 from shared.errors import EXIT_DATAERR
 from tests.e2e.harness import python_env
 
@@ -35,15 +36,15 @@ TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
 
 
 def schema_digest() -> str:
-    parts = (store_module.SCHEMA, store_module.ADDED_COLUMNS, store_module.ADDED_INDEXES, store_module.APPEND_ONLY_TABLES,
-             sorted(store_module.MIGRATIONS))
+    parts = (store_schema.SCHEMA, store_schema.ADDED_COLUMNS, store_schema.ADDED_INDEXES, store_schema.APPEND_ONLY_TABLES,
+             sorted(MIGRATIONS))
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def test_every_change_of_the_schema_raises_its_version() -> None:
     digest = schema_digest()
     assert SCHEMA_DIGESTS.get(SCHEMA_VERSION) == digest, (
-        "controller/store.py's schema changed: raise SCHEMA_VERSION by one and add "
+        "controller/store_schema.py's schema changed: raise SCHEMA_VERSION by one and add "
         f"{SCHEMA_VERSION + 1}: {digest!r} to SCHEMA_DIGESTS here (an older controller then refuses the new store)"
     )
     assert digest not in [d for version, d in SCHEMA_DIGESTS.items() if version != SCHEMA_VERSION]
