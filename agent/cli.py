@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, load_config, with_environment_proxy
+from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, with_environment_proxy
+from agent.config_file import load_config
 from agent.errors import EXIT_USAGE, OutpostError
 from agent.identity.select import BACKENDS
 from agent.identity.state import StateDir

@@ -25,7 +25,8 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from agent.config import AgentConfig, load_config, with_environment_proxy
+from agent.config import AgentConfig, with_environment_proxy
+from agent.config_file import load_config
 from agent.doctor.network import (
     CLOCK_FAIL_SECONDS,
     CLOCK_WARN_SECONDS,

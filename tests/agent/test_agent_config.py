@@ -12,8 +12,8 @@ from agent.config import (
     BindConfig,
     DialConfig,
     LinkSettings,
-    load_config,
 )
+from agent.config_file import load_config
 from agent.errors import ConfigError
 from agent.identity.select import KeyStoreSettings
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config_file import load_config
 from agent.enrollment.field import default_token_paths, find_token, token_paths
 from agent.errors import ConfigError
 

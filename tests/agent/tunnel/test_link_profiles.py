@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import LinkSettings, load_config
+from agent.config import LinkSettings
+from agent.config_file import load_config
 from agent.errors import ConfigError
 from agent.tunnel.link_profiles import (
     MIN_KEEPALIVE,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import AgentConfig, load_config, with_environment_proxy
+from agent.config import AgentConfig, with_environment_proxy
+from agent.config_file import load_config
 from agent.errors import ConfigError
 from agent.proxy import DIRECT, ProxySettings, bypasses_proxy, environment_proxy, proxy_credentials
 

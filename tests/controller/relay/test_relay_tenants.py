@@ -12,7 +12,7 @@ import asyncio
 import socket
 from pathlib import Path
 
-from agent.config import load_config
+from agent.config_file import load_config
 from agent.services.forward import DialListener
 from agent.tunnel.client import TunnelOptions
 from shared.protocol import ErrorCode
