@@ -129,14 +129,25 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.close()
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the whole session (of the modules that import this fixture)."""
+def _server_or_skip() -> Iterator[PostgresServer]:
+    """A server for a fixture, or the test skipped saying what is missing to run one."""
     reason = missing_reason()
     if reason is not None:
         pytest.skip(reason)
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (of the modules that import this fixture)."""
+    yield from _server_or_skip()
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop and start (the session's ``postgres`` is shared)."""
+    yield from _server_or_skip()
 
 
 @pytest.fixture

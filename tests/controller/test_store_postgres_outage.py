@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,23 +21,10 @@ from controller.store import Store, StoreUnavailable  # noqa: E402
 from controller.store_postgres import CONNECT_HOLDOFF_SECONDS, CONNECT_TIMEOUT_SECONDS  # noqa: E402
 from controller.watcher import StatusWatcher  # noqa: E402
 from tests.controller.harness import TEST_CHAIN_KEY, make_key, run, running_controller  # noqa: E402
-from tests.controller.postgres_harness import PostgresServer, missing_reason, postgres, postgres_url  # noqa: E402, F401
+from tests.controller.postgres_harness import PostgresServer, own_server, postgres, postgres_url  # noqa: E402, F401
 
 #: The promise for revocation, also once the store is back.
 REVOCATION_DEADLINE = 2.0
-
-
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    """A server of this test's own, to stop and start (the session's is shared)."""
-    reason = missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_a_backend_killed_mid_transaction_writes_nothing_and_the_next_transaction_reconnects(postgres_url: str) -> None:

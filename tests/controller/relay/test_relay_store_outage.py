@@ -6,7 +6,6 @@ Then the store comes back and the same relay, not restarted, admits and decides 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,9 @@ from controller.store_postgres import CONNECT_HOLDOFF_SECONDS  # noqa: E402
 from shared.protocol import ErrorCode  # noqa: E402
 from shared.tunnel.session import ChannelReset  # noqa: E402
 from tests.controller.harness import run, running_controller  # noqa: E402
-from tests.controller.postgres_harness import PostgresServer, missing_reason  # noqa: E402
+from tests.controller.postgres_harness import PostgresServer, own_server  # noqa: E402, F401
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled, session_credentials  # noqa: E402
 from tests.controller.relay.test_relay_decisions import DIAL_ANSWER_TIMEOUT, Echo, create  # noqa: E402
-
-
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    reason = missing_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_while_the_store_is_down_live_tunnels_stay_and_dials_and_new_tunnels_are_refused_saying_why(
