@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import make_csr
 from tests.e2e.harness import Controller, EchoServer, Process, python_env, read_status, round_trip, run_cli, wait_until
-from tests.e2e.test_lifecycle_revocation import SecondProcess, ctl_via, second, start_gateway  # noqa: F401 (fixture)
+from tests.e2e.serve_process import ServeProcess
+from tests.e2e.test_lifecycle_revocation import ctl_via, second, start_gateway  # noqa: F401 (fixture)
 
 #: The issue's promise: the old key's tunnels close on every relay within this, as at revocation.
 REKEY_DEADLINE = 2.0
@@ -35,7 +36,7 @@ WATCH_SECONDS = REKEY_DEADLINE + 10.0
 class TunnelWatch(threading.Thread):
     """Polls a process's live tunnels; records the wall time at which ``name`` had none there."""
 
-    def __init__(self, process: SecondProcess, name: str) -> None:
+    def __init__(self, process: ServeProcess, name: str) -> None:
         super().__init__(daemon=True)
         self.process, self.name = process, name
         self.gone_at: float | None = None
@@ -70,7 +71,7 @@ def replay_enrollment(url: str, ca: Path, token: str, key_pem: bytes) -> tuple[i
 
 
 def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
-        controller: Controller, second: SecondProcess, echo_server: EchoServer, tmp_path: Path) -> None:
+        controller: Controller, second: ServeProcess, echo_server: EchoServer, tmp_path: Path) -> None:
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")

@@ -8,10 +8,8 @@ and refuses the next one; renewal is refused everywhere.
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,54 +18,20 @@ from tests.e2e.harness import (
     Controller,
     EchoServer,
     Process,
-    admin_token_in,
     python_env,
     read_status,
     run_cli,
     wait_until,
 )
+from tests.e2e.serve_process import ServeProcess, ctl_config_naming
 
 #: The issue's promise: every relay closes the identity's tunnels within this.
 REVOCATION_DEADLINE = 2.0
 
 
-class SecondProcess:
-    """Another ``outpost-controller serve`` on the same data directory, on its own port."""
-
-    def __init__(self, data: Path, ctl_config: Path) -> None:
-        self.process = Process([sys.executable, "-m", "controller.cli", "serve", "--data", str(data),
-                                "--listen", "127.0.0.1:0"])
-        line = self.process.wait_for_line("ready on https://")
-        self.url = line.split("ready on ", 1)[1].split()[0]
-        self.data = data
-        # Each process rewrites outpostctl.toml with its own URL; keep one that names this one.
-        config = (data / "outpostctl.toml").read_text()
-        ctl_config.write_text("\n".join(
-            f'url = "{self.url}"' if line.startswith("url = ") else line for line in config.splitlines()) + "\n")
-        self.ctl_config = ctl_config
-        self.token = admin_token_in(data)
-        self.tls = ssl.create_default_context(cafile=str(data / "ca" / "ca.pem"))
-
-    def ctl(self, *args: str) -> None:
-        env = python_env()
-        env["OUTPOSTCTL_CONFIG"] = str(self.ctl_config)
-        result = run_cli("outpostctl", *args, env=env)
-        assert result.returncode == 0, result.stderr
-
-    def tunnels(self) -> list[dict]:
-        """This process's live tunnels, straight from its management API (no CLI start-up in the way)."""
-        request = urllib.request.Request(self.url + "/api/v1/status",
-                                         headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, context=self.tls, timeout=5) as response:
-            return json.loads(response.read())["tunnels"]
-
-
 def ctl_config_for(controller: Controller, path: Path) -> Path:
     """An outpostctl config that keeps naming ``controller`` after another process rewrote the shared one."""
-    config = (controller.data / "outpostctl.toml").read_text()
-    path.write_text("\n".join(
-        f'url = "{controller.url}"' if line.startswith("url = ") else line for line in config.splitlines()) + "\n")
-    return path
+    return ctl_config_naming(controller.data, controller.url, path)
 
 
 def ctl_via(config: Path, *args: str, check: bool = True):
@@ -79,7 +43,7 @@ def ctl_via(config: Path, *args: str, check: bool = True):
     return result
 
 
-def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer) -> tuple[Path, Process, str]:
+def start_gateway(b: ServeProcess, tmp_path: Path, name: str, echo: EchoServer) -> tuple[Path, Process, str]:
     """Enrolled through process B and tunnelled to it; returns its state, its agent and a copy of its token."""
     token = tmp_path / f"{name}.token"
     b.ctl("identity", "create", name, "--role", "gateway", "--token-out", str(token))
@@ -96,7 +60,7 @@ def start_gateway(b: SecondProcess, tmp_path: Path, name: str, echo: EchoServer)
     return state, agent, kept
 
 
-def seconds_until_closed(b: SecondProcess, name: str, deadline: float) -> float:
+def seconds_until_closed(b: ServeProcess, name: str, deadline: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < deadline + 3.0:
         if not any(t["name"] == name for t in b.tunnels()):
@@ -108,7 +72,7 @@ def seconds_until_closed(b: SecondProcess, name: str, deadline: float) -> float:
 @pytest.fixture
 def second(controller: Controller, tmp_path: Path):
     ctl_config_for(controller, tmp_path / "ctl-a.toml")
-    process = SecondProcess(controller.data, tmp_path / "ctl-b.toml")
+    process = ServeProcess(controller.data, tmp_path / "ctl-b.toml")
     try:
         yield process
     finally:
@@ -116,7 +80,7 @@ def second(controller: Controller, tmp_path: Path):
 
 
 def test_revoking_through_one_process_closes_the_tunnel_held_by_another_within_two_seconds(
-        controller: Controller, second: SecondProcess, echo_server: EchoServer, tmp_path: Path) -> None:
+        controller: Controller, second: ServeProcess, echo_server: EchoServer, tmp_path: Path) -> None:
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")
@@ -143,7 +107,7 @@ def test_revoking_through_one_process_closes_the_tunnel_held_by_another_within_t
 
 
 def test_disable_closes_the_tunnel_everywhere_and_enable_lets_it_renew_again(
-        controller: Controller, second: SecondProcess, echo_server: EchoServer, tmp_path: Path) -> None:
+        controller: Controller, second: ServeProcess, echo_server: EchoServer, tmp_path: Path) -> None:
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from outpostctl.quickstart import listening_port
 from tests.e2e.harness import Controller, EchoServer, Process, python_env
-from tests.e2e.test_lifecycle_revocation import SecondProcess, ctl_via, second, start_gateway  # noqa: F401 (fixture)
+from tests.e2e.serve_process import ServeProcess
+from tests.e2e.test_lifecycle_revocation import ctl_via, second, start_gateway  # noqa: F401 (fixture)
 
 #: The issue's promise: the connections a policy allowed close within this of its end, on every process.
 CLOSE_DEADLINE = 2.0
@@ -48,7 +49,7 @@ def seconds_until_closed(s: socket.socket, limit: float) -> float:
 
 
 def test_a_policy_deleted_in_one_process_or_expiring_closes_the_dial_another_carries(
-        controller: Controller, second: SecondProcess, echo_server: EchoServer, tmp_path: Path) -> None:  # noqa: F811
+        controller: Controller, second: ServeProcess, echo_server: EchoServer, tmp_path: Path) -> None:  # noqa: F811
     a_config = tmp_path / "ctl-a.toml"
     second.ctl("service", "create", "modbus")
     second.ctl("policy", "create", "--kind", "bind", "--identities", "role:gateway", "--services", "modbus")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,8 @@ import pytest
 
 from tests.controller.harness import make_csr, make_key
 from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
-from tests.e2e.harness import Process, admin_token_in, python_env, run_cli, wait_until
+from tests.e2e.harness import wait_until
+from tests.e2e.serve_process import ServeProcess
 from tests.e2e.test_lifecycle_revocation import REVOCATION_DEADLINE, start_gateway
 
 #: Racers for one token, as the issue has them: spread over two processes.
@@ -34,44 +33,14 @@ BURST_TIMEOUT = 60.0
 MAX_CONNECTIONS_PER_PROCESS = 8
 
 
-class StoreProcess:
-    """``outpost-controller serve`` on DATA and a PostgreSQL store, on its own loopback port."""
-
-    def __init__(self, data: Path, store: str, ctl_config: Path) -> None:
-        self.process = Process([sys.executable, "-m", "controller.cli", "serve", "--data", str(data),
-                                "--listen", "127.0.0.1:0", "--store", store])
-        line = self.process.wait_for_line("ready on https://")
-        self.url = line.split("ready on ", 1)[1].split()[0]
-        self.data = data
-        config = (data / "outpostctl.toml").read_text()
-        ctl_config.write_text("\n".join(
-            f'url = "{self.url}"' if line.startswith("url = ") else line for line in config.splitlines()) + "\n")
-        self.ctl_config = ctl_config
-        self.token = admin_token_in(data)
-        self.tls = ssl.create_default_context(cafile=str(data / "ca" / "ca.pem"))
-
-    def ctl(self, *args: str) -> None:
-        env = python_env()
-        env["OUTPOSTCTL_CONFIG"] = str(self.ctl_config)
-        result = run_cli("outpostctl", *args, env=env)
-        assert result.returncode == 0, result.stderr
-
-    def tunnels(self) -> list[dict]:
-        import urllib.request
-
-        request = urllib.request.Request(self.url + "/api/v1/status", headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(request, context=self.tls, timeout=5) as response:
-            return json.loads(response.read())["tunnels"]
-
-
 @pytest.fixture
-def processes(postgres_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[StoreProcess]]:
+def processes(postgres_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[ServeProcess]]:
     count = getattr(request, "param", 2)
     data = tmp_path / "controller"
-    started: list[StoreProcess] = []
+    started: list[ServeProcess] = []
     try:
         for n in range(count):
-            started.append(StoreProcess(data, postgres_url, tmp_path / f"ctl-{n}.toml"))
+            started.append(ServeProcess(data, tmp_path / f"ctl-{n}.toml", store=postgres_url))
         yield started
     finally:
         for process in started:
@@ -85,9 +54,9 @@ def rows(url: str, sql: str, parameters: tuple = ()) -> list[tuple]:
         return connection.execute(sql, parameters).fetchall()
 
 
-async def post_all(calls: list[tuple[StoreProcess, str, dict, bool]]) -> list[tuple[int, Any]]:
+async def post_all(calls: list[tuple[ServeProcess, str, dict, bool]]) -> list[tuple[int, Any]]:
     """Every POST at once (each process's own TLS), returning (status, body) in order."""
-    async def post(session: aiohttp.ClientSession, process: StoreProcess, path: str, body: dict, admin: bool):
+    async def post(session: aiohttp.ClientSession, process: ServeProcess, path: str, body: dict, admin: bool):
         headers = {"Authorization": f"Bearer {process.token}"} if admin else {}
         async with session.post(process.url + path, json=body, headers=headers, ssl=process.tls) as response:
             return response.status, await response.json(content_type=None)
@@ -98,7 +67,7 @@ async def post_all(calls: list[tuple[StoreProcess, str, dict, bool]]) -> list[tu
 
 
 def test_one_token_redeemed_by_50_racers_over_two_processes_gives_exactly_one_certificate(
-    processes: list[StoreProcess], postgres_url: str
+    processes: list[ServeProcess], postgres_url: str
 ) -> None:
     a, b = processes
     created = asyncio.run(post_all([(a, "/api/v1/identities", {"name": "gw", "roles": ["gateway"]}, True)]))
@@ -116,7 +85,7 @@ def test_one_token_redeemed_by_50_racers_over_two_processes_gives_exactly_one_ce
 
 
 def test_serials_stay_unique_and_a_revocation_is_recorded_once_whichever_process_is_asked(
-    processes: list[StoreProcess], postgres_url: str
+    processes: list[ServeProcess], postgres_url: str
 ) -> None:
     results = asyncio.run(post_all([
         (processes[n % 2], "/api/v1/identities/operator/session", {"csr": make_csr(make_key(), "operator")}, True)
@@ -137,7 +106,7 @@ def test_serials_stay_unique_and_a_revocation_is_recorded_once_whichever_process
 
 @pytest.mark.parametrize("processes", [3], indirect=True)
 def test_revocation_and_disable_close_tunnels_held_by_two_other_processes_within_two_seconds(
-    processes: list[StoreProcess], tmp_path: Path, echo_server: Any
+    processes: list[ServeProcess], tmp_path: Path, echo_server: Any
 ) -> None:
     a, b, c = processes
     a.ctl("service", "create", "modbus")
