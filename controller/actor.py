@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-#: The request key under which the management API's authentication leaves the caller.
-ACTOR_KEY = "actor"
+from controller.request_keys import request_key
 
 
 @dataclass(frozen=True)
@@ -19,6 +18,10 @@ class Actor:
 
     def audit_fields(self) -> dict[str, str]:
         return {"actor": self.name, "actor_kind": self.kind, "actor_role": self.role, "remote": self.remote}
+
+
+#: The request key under which the management API's authentication leaves the caller.
+ACTOR_KEY: web.RequestKey[Actor] = request_key("actor")
 
 
 def actor_of(request: web.Request) -> Actor:

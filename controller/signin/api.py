@@ -22,6 +22,7 @@ from controller.correlation import MANAGEMENT, audit_scope, new_id
 from controller.errors import ControllerError
 from controller.listener import guarded_connection
 from controller.names import DEFAULT_TENANT
+from controller.request_keys import request_key
 from controller.signin.config import Grant
 from controller.signin.errors import SigninRefused
 from controller.signin.people import SESSION_PREFIX, Person
@@ -41,8 +42,8 @@ OPEN_ROUTES = frozenset({"/api/v1/signin/providers", "/api/v1/signin/device", "/
 ALL_TENANT_ROUTES = frozenset({"/api/v1/audit", "/api/v1/audit/verify", "/api/v1/connections", "/api/v1/status",
                                "/api/v1/relays", "/api/v1/relays/{name}/retire"})
 #: Where the request leaves the person's grants and the tenants the used role reaches (None: all).
-PERSON_KEY = "outpost.person"
-SCOPE_KEY = "outpost.scope"
+PERSON_KEY: web.RequestKey[Person] = request_key("outpost.person")
+SCOPE_KEY: web.RequestKey[set[str] | None] = request_key("outpost.scope")
 
 
 def signin_of(context: ControllerContext) -> SigninService:
