@@ -1,0 +1,55 @@
+"""One controller and two relay processes on one shared SQLite store, a binder on relay B, a dialer on relay A."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+from tests.e2e.harness import Process, read_status, wait_until
+from tests.e2e.relay_harness import RelayProcess, RoleController
+from tests.e2e.test_walking_skeleton import enroll_gateway
+
+
+def agent_config(path: Path, state: Path, relay: RelayProcess, binds: dict[str, int] | None = None,
+                 dials: dict[str, int] | None = None) -> Path:
+    """An agent config that prefers ``relay`` (the controller's list names both relays)."""
+    lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', "",
+             "[link]", f'prefer_relays = ["{relay.address}"]', ""]
+    for service, port in (binds or {}).items():
+        lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
+    for service, port in (dials or {}).items():
+        lines += ["[[dial]]", f'service = "{service}"', f'listen = "127.0.0.1:{port}"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, **kwargs: dict[str, int]) -> Process:
+    config = agent_config(tmp_path / f"{name}.toml", state, relay, **kwargs)
+    agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
+    wait_until(lambda: read_status(state).get("state") == "connected" and read_status(state).get("relay") == relay.url,
+               what=f"{name} connected to relay {relay.name}")
+    return agent
+
+
+def store_rows(controller: RoleController, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple]:
+    connection = sqlite3.connect(str(controller.data / "store.sqlite3"), timeout=10)
+    try:
+        return connection.execute(sql, parameters).fetchall()
+    finally:
+        connection.close()
+
+
+def audit_events(controller: RoleController, event: str) -> list[dict]:
+    return [json.loads(fields) for (fields,) in store_rows(
+        controller, "SELECT fields FROM audit WHERE event = ? ORDER BY id", (event,))]
+
+
+def hosted(controller: RoleController, relay: str, service: str) -> bool:
+    return bool(store_rows(controller, "SELECT 1 FROM relay_services WHERE relay = ? AND service = ?",
+                           (relay, service)))
+
+
+__all__ = ["RelayProcess", "RoleController", "agent_config", "audit_events", "enroll_gateway", "hosted",
+           "start_agent_on", "store_rows"]

@@ -1,0 +1,83 @@
+"""Dials across relays: a dial at relay A reaches a gateway bound at relay B over one link between them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from tests.e2e.cross_relay_harness import (
+    RelayProcess,
+    RoleController,
+    audit_events,
+    enroll_gateway,
+    hosted,
+    start_agent_on,
+)
+from tests.e2e.harness import EchoServer, free_port, read_status, round_trip, wait_until
+
+MIB = 1024 * 1024
+
+
+def refused_dial(port: int) -> bool:
+    """True when a dial through ``port`` gets no echo (the relay reset it)."""
+    try:
+        return round_trip(port, b"ping", timeout=30) != b"ping"
+    except OSError:
+        return True
+
+
+def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, echo_server: EchoServer) -> None:
+    controller = RoleController(tmp_path / "controller", "controller")
+    relays: list[RelayProcess] = []
+    agents = []
+    try:
+        relay_b = RelayProcess(controller, tmp_path, "rb")
+        relay_a = RelayProcess(controller, tmp_path, "ra")
+        relays += [relay_a, relay_b]
+        controller.ctl("service", "create", "telemetry")
+        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site-a", "--services", "telemetry")
+        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "telemetry")
+        host_state = enroll_gateway(controller, tmp_path, "site-a")
+        dial_state = enroll_gateway(controller, tmp_path, "central")
+        port, aimed = free_port(), free_port()
+        agents.append(start_agent_on(tmp_path, "site-a", host_state, relay_b, binds={"telemetry": echo_server.port}))
+        agents.append(start_agent_on(tmp_path, "central", dial_state, relay_a,
+                                     dials={"telemetry": port, "telemetry@site-a": aimed}))
+        wait_until(lambda: hosted(controller, "rb", "telemetry"), what="rb publishing telemetry")
+
+        assert round_trip(port, b"hello across relays") == b"hello across relays"
+        payload = os.urandom(MIB)
+        assert round_trip(port, payload, timeout=30) == payload
+        assert round_trip(aimed, b"aimed") == b"aimed"  # SERVICE@GATEWAY across relays
+
+        # Decided once, at A; served at B under the same correlation id; one link for all three dials.
+        wait_until(lambda: len(audit_events(controller, "dial_served")) >= 6, what="the served rows")
+        allowed = audit_events(controller, "dial_allowed")
+        served_at_b = [e for e in audit_events(controller, "dial_served") if e.get("link") == "ra"]
+        assert len(allowed) == 3 and len(served_at_b) == 3
+        assert {e["correlation"] for e in allowed} == {e["correlation"] for e in served_at_b}
+        assert all(e["relay"] == "rb" and e["identity"] == "default/central" for e in served_at_b)
+        assert len(audit_events(controller, "link_connected")) == 1
+
+        # B dies: A's dials fail with a reason; B back (the binder returns to it), dials work again.
+        relay_b.process.proc.send_signal(signal.SIGKILL)
+        relay_b.process.proc.wait(10)
+        wait_until(lambda: refused_dial(port), timeout=30, what="dials failing while rb is down")
+        relay_b.restart()
+        wait_until(lambda: read_status(host_state).get("state") == "connected"
+                   and read_status(host_state).get("relay") == relay_b.url, timeout=60, what="site-a back on rb")
+        wait_until(lambda: not refused_dial(port), timeout=30, what="dials through a new link to rb")
+        assert len(audit_events(controller, "link_connected")) == 2
+    except BaseException:
+        for process in [*(r.process for r in relays), *agents]:
+            print(process.output[-3000:])
+        raise
+    finally:
+        for agent in agents:
+            agent.stop()
+        for relay in relays:
+            relay.process.stop()
+        controller.process.stop()
+
+
