@@ -104,6 +104,7 @@ EVENTS = frozenset(
         "relay_renewed",
         "relay_refused",
         "relay_retired",
+        "relay_revoked",
         "link_connected",
         "link_closed",
         "link_refused",
