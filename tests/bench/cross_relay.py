@@ -5,7 +5,7 @@ and two ``--role relay`` processes on its SQLite store; a binder agent on each
 relay (the same echo and sink services behind both), one dialer agent on relay
 A dialing each binder's services. The two paths take turns for ``--rounds``
 rounds: ``--requests`` round trips of ``--size`` bytes (per round its p50 and
-p99), then ``--megabytes`` into a sink that confirms the count (MB/s). Per
+p99), then ``--megabytes`` into a sink that confirms the count (Mbit/s). Per
 path: the median over rounds. Last line: JSON.
 
     .venv/bin/python tests/bench/cross_relay.py [--rounds 5 --requests 1000 --megabytes 64]
@@ -111,9 +111,9 @@ def main() -> None:
     for path in paths:
         result[f"{path}_p50_us"] = round(median([percentile(s, 0.50) for s in latency[path]]) * 1e6, 1)
         result[f"{path}_p99_us"] = round(median([percentile(s, 0.99) for s in latency[path]]) * 1e6, 1)
-        result[f"{path}_mbps"] = round(median([megabytes * 1.048576 / s for s in seconds[path]]), 1)
+        result[f"{path}_mbit_s"] = round(median([megabytes * 8 * 1.048576 / s for s in seconds[path]]), 1)
     result["extra_hop_p50_us"] = round(result["cross_relay_p50_us"] - result["one_relay_p50_us"], 1)
-    result["throughput_ratio"] = ratio(result["cross_relay_mbps"], result["one_relay_mbps"])
+    result["throughput_ratio"] = ratio(result["cross_relay_mbit_s"], result["one_relay_mbit_s"])
     result["machine"] = machine()
     emit(result)
 
