@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
+from controller.audit import IDENTITY_REFUSALS_PER_MINUTE
 from controller.relay import link_client
 from controller.relay.link_client import LinkFailed, LinkSession, link_tls_context, open_link
 from shared.protocol import ErrorCode
@@ -22,6 +24,9 @@ from tests.e2e.harness import wait_until
 
 #: Each link attempt of these tests ends within this long.
 ATTEMPT_TIMEOUT = 20.0
+#: OPENs a flooding link sends, in batches below the protocol's MAX_STREAMS a relay allows at once.
+FLOOD_OPENS = 400
+FLOOD_BATCH = 100
 
 
 def link_from(credentials: Path, key: Path, relay: RelayProcess, ca: Path) -> LinkSession:
@@ -86,6 +91,30 @@ def test_only_an_active_relay_opens_a_link_and_only_to_dial_services_bound_there
         wait_until(lambda: len(audit_events(controller, "link_refused")) == 2, what="two link_refused rows")
         reasons = sorted(e["reason"] for e in audit_events(controller, "link_refused"))
         assert reasons[0].startswith("a relay link may not bind services"), reasons
+
+        # A flood of OPENs on a link: each refused, the rows within the linking relay's budget, the link kept.
+        async def flood() -> tuple[int, bool]:
+            session, task = await open_link("rb", relay_b.address, link_tls_context(ca.read_text()),
+                                            a_cert.read_text(), a_key.read_bytes(), "t-test")
+            refused = 0
+            try:
+                for batch in range(FLOOD_OPENS // FLOOD_BATCH):
+                    streams = [session.open_stream(f"default/nothing-{batch}-{i}@gw",
+                                                   peer=f"spiffe://outpost.local/default/x#c-{batch}-{i}")
+                               for i in range(FLOOD_BATCH)]
+                    await session.flush()
+                    for stream in streams:
+                        with pytest.raises(ChannelReset):
+                            await asyncio.wait_for(stream.wait_accepted(), ATTEMPT_TIMEOUT)
+                        refused += 1
+                return refused, session.close_reason is None
+            finally:
+                await session.close()
+                await asyncio.gather(task, return_exceptions=True)
+        assert asyncio.run(flood()) == (FLOOD_OPENS, True)
+        time.sleep(1.0)  # the relay's queued rows written
+        rows = audit_events(controller, "link_refused")
+        assert 2 < len(rows) <= 2 + IDENTITY_REFUSALS_PER_MINUTE, len(rows)
         assert not store_rows(controller, "SELECT * FROM relay_services WHERE relay = 'rb'")
 
         # A revoked relay: the link it holds closes, its own process stops (its gateway tunnels with it), it is
