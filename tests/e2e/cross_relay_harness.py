@@ -1,12 +1,12 @@
-"""One controller and two relay processes on one shared SQLite store, a binder on relay B, a dialer on relay A."""
+"""One controller and two relay processes on one shared store (SQLite or PostgreSQL), a binder on relay B, a dialer on relay A."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from pathlib import Path
 
+from controller.store import Store
 from tests.e2e.harness import Process, read_status, wait_until
 from tests.e2e.relay_harness import RelayProcess, RoleController
 from tests.e2e.test_walking_skeleton import enroll_gateway
@@ -33,12 +33,33 @@ def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, 
     return agent
 
 
+class StoreRelay(RelayProcess):
+    """A relay process on the store ``store_url`` names (PostgreSQL), or on the controller's SQLite file (None)."""
+
+    def __init__(self, controller: RoleController, tmp_path: Path, name: str, store_url: str | None = None) -> None:
+        self.store_url = store_url
+        super().__init__(controller, tmp_path, name)
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = super().argv(*extra)
+        if self.store_url is not None:
+            argv[argv.index("--store") + 1] = self.store_url
+        return argv
+
+
+def controller_on(data: Path, store_url: str | None) -> RoleController:
+    controller = RoleController(data, "controller", 0, *(("--store", store_url) if store_url else ()))
+    controller.store_location = store_url or data / "store.sqlite3"  # type: ignore[attr-defined]
+    return controller
+
+
 def store_rows(controller: RoleController, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple]:
-    connection = sqlite3.connect(str(controller.data / "store.sqlite3"), timeout=10)
+    """Rows of the controller's store, on either engine (the store's own ``?`` dialect)."""
+    store = Store(getattr(controller, "store_location", controller.data / "store.sqlite3"))
     try:
-        return connection.execute(sql, parameters).fetchall()
+        return [tuple(row[key] for key in row.keys()) for row in store.query(sql, parameters)]
     finally:
-        connection.close()
+        store.close()
 
 
 def audit_events(controller: RoleController, event: str) -> list[dict]:
@@ -51,5 +72,5 @@ def hosted(controller: RoleController, relay: str, service: str) -> bool:
                            (relay, service)))
 
 
-__all__ = ["RelayProcess", "RoleController", "agent_config", "audit_events", "enroll_gateway", "hosted",
-           "start_agent_on", "store_rows"]
+__all__ = ["RelayProcess", "RoleController", "StoreRelay", "agent_config", "audit_events", "controller_on",
+           "enroll_gateway", "hosted", "start_agent_on", "store_rows"]

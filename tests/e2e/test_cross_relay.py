@@ -6,10 +6,14 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
+from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
 from tests.e2e.cross_relay_harness import (
     RelayProcess,
-    RoleController,
+    StoreRelay,
     audit_events,
+    controller_on,
     enroll_gateway,
     hosted,
     start_agent_on,
@@ -27,13 +31,23 @@ def refused_dial(port: int) -> bool:
         return True
 
 
-def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, echo_server: EchoServer) -> None:
-    controller = RoleController(tmp_path / "controller", "controller")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the controller's SQLite file, shared by the three processes; else a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, echo_server: EchoServer,
+                                                               store_url: str | None) -> None:
+    controller = controller_on(tmp_path / "controller", store_url)
     relays: list[RelayProcess] = []
     agents = []
     try:
-        relay_b = RelayProcess(controller, tmp_path, "rb")
-        relay_a = RelayProcess(controller, tmp_path, "ra")
+        relay_b = StoreRelay(controller, tmp_path, "rb", store_url)
+        relay_a = StoreRelay(controller, tmp_path, "ra", store_url)
         relays += [relay_a, relay_b]
         controller.ctl("service", "create", "telemetry")
         controller.ctl("policy", "create", "--kind", "bind", "--identities", "site-a", "--services", "telemetry")
