@@ -4,9 +4,8 @@ Another relay (A) reaches a service bound here (B) over one tunnel of the
 same protocol, authenticated by A's relay certificate: the same signed
 challenge naming this relay's certificate. Admitted only when the
 certificate is a relay's (``spiffe://DOMAIN/_relay/NAME``, issued by our CA,
-in date), the ``relays`` table holds NAME as active with that key and that
-certificate as its current one (a renewal or re-enrollment replaced any
-other), and the signature verifies. On the link, A may only open streams to
+in date), the ``relays`` table holds NAME as active with that key (a
+re-enrollment replaced any other; a renewal keeps it), and the signature verifies. On the link, A may only open streams to
 services bound here, naming the gateway (``TENANT/SERVICE[:PORT]@GATEWAY``)
 and carrying the dialer's identity and the dial's correlation id
 (``DIALER_URI#CORRELATION``): A decided the dial by policy and recorded it;
@@ -87,7 +86,7 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
         usage = []
     if ExtendedKeyUsageOID.SERVER_AUTH not in usage:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a relay's certificate")
-    row = context.store.query_one("SELECT status, key_sha256, serial FROM relays WHERE name = ?", (name,))
+    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (name,))
     if row is None or row["status"] != ACTIVE:
         status = "unknown" if row is None else str(row["status"])
         raise AdmissionRefused(ErrorCode.REVOKED, f"relay {name} is {status}; it may open no relay link")
@@ -95,9 +94,6 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key_sha256(public_key) != row["key_sha256"]:
         raise AdmissionRefused(ErrorCode.REVOKED, f"this certificate's key is not the key of relay {name}")
     serial = format(leaf.serial_number, "x")
-    if serial != row["serial"]:
-        raise AdmissionRefused(ErrorCode.REVOKED, f"certificate {serial} of relay {name} was replaced or revoked; "
-                               "only its current certificate opens a relay link")
     ours = [der for der in (context.server_certificate_der,
                             getattr(context, "previous_server_certificate_der", None)) if der]
     if not any(verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours):
@@ -106,12 +102,16 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
 
 
 def still_admitted(context: ControllerContext, peer: LinkPeer) -> str | None:
-    """None while ``peer`` is the active relay with the certificate it was admitted with, else why not (a worker)."""
-    row = context.store.query_one("SELECT status, key_sha256, serial FROM relays WHERE name = ?", (peer.name,))
+    """None while ``peer`` is the active relay with the key it was admitted with, else why not (a worker thread).
+
+    Its key, not its certificate's serial: a renewal (every two thirds of a
+    certificate's life) keeps the key and must not cut the dials on its links.
+    """
+    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (peer.name,))
     if row is None or row["status"] != ACTIVE:
         return f"relay {peer.name} is {'removed' if row is None else row['status']}"
-    if row["key_sha256"] != peer.key_sha256 or row["serial"] != peer.serial:
-        return f"certificate {peer.serial} of relay {peer.name} was replaced or revoked"
+    if row["key_sha256"] != peer.key_sha256:
+        return f"relay {peer.name} was enrolled again with another key"
     return None
 
 

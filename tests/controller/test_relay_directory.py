@@ -1,14 +1,17 @@
-"""Which relay hosts which service, in the store: batches of changes, a restart's rows replaced, a dead relay ignored."""
+"""Which relay hosts which service, in the store: batches of changes, a restart's rows replaced, a dead relay ignored;
+and a link kept only while its relay is active with its key."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from controller.relay.broker import Broker
 from controller.relay.directory import RemoteHost, ServiceDirectory
-from controller.relays import ACTIVE, RELAY_STALE_AFTER, RETIRED
+from controller.relay.link_admit import LinkPeer, still_admitted
+from controller.relays import ACTIVE, RELAY_STALE_AFTER, RETIRED, REVOKED
 from controller.store import Store
 
 T0 = 1_800_000_000.0
@@ -80,3 +83,20 @@ def test_a_relay_whose_heartbeat_stopped_or_that_was_retired_hosts_nothing(store
     assert len(a.hosts(("default", "modbus"))) == 1
     relay_row(store, "rb", clock.now, RETIRED)
     assert a.hosts(("default", "modbus")) == []
+
+
+def test_a_link_outlives_its_relay_s_renewal_but_not_a_revocation_or_a_new_key(store: Store) -> None:
+    context = SimpleNamespace(store=store)  # still_admitted reads the store only
+    relay_row(store, "ra", T0)
+    with store.transaction() as db:
+        db.execute("UPDATE relays SET key_sha256 = 'k1', serial = 'a1' WHERE name = 'ra'")
+    peer = LinkPeer("ra", "a1", "k1")
+    assert still_admitted(context, peer) is None  # type: ignore[arg-type]
+    with store.transaction() as db:  # renewed: a new serial for the same key
+        db.execute("UPDATE relays SET serial = 'a2' WHERE name = 'ra'")
+    assert still_admitted(context, peer) is None  # type: ignore[arg-type]
+    with store.transaction() as db:
+        db.execute("UPDATE relays SET key_sha256 = 'k2' WHERE name = 'ra'")
+    assert still_admitted(context, peer) == "relay ra was enrolled again with another key"  # type: ignore[arg-type]
+    relay_row(store, "ra", T0, REVOKED)
+    assert still_admitted(context, peer) == "relay ra is revoked"  # type: ignore[arg-type]
