@@ -17,12 +17,13 @@ import collections
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
 from controller.correlation import TUNNEL, new_id
 from controller.registry import Identity
-from controller.relay.admit import AdmissionRefused
+from controller.relay.admit import AdmissionRefused, Admitted
 from controller.relay.aiming import split_aim
 from controller.relay.broker import ServiceKey
 from controller.relay.directory import RemoteHost, ServiceDirectory
@@ -39,10 +40,12 @@ from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, 
 from controller.relay.records import label_of_uri
 from controller.store import StoreUnavailable
 from shared.protocol import AuthReceived, BindRequested, ErrorCode, Liveness
+from shared.trust import verify_leaf_issued_by
 from shared.tunnel.channel import ChannelReset, StreamChannel
 from shared.tunnel.splice import splice_streams
 
 if TYPE_CHECKING:
+    from controller.context import ControllerContext
     from controller.relay.session import Relay, RelaySession
 
 log = logging.getLogger(__name__)
@@ -60,17 +63,27 @@ MAX_REMEMBERED_FAILURES = 1024
 LINK_IDLE_KEEPALIVES = 3
 
 
+def admit_gateway(admit: Callable[..., Admitted], context: ControllerContext, chain_pem: tuple[str, ...] | list[str],
+                  signature: bytes, nonce: bytes, now: dt.datetime) -> Admitted:
+    """``admit`` (controller/relay/admit.py), its refusal of a relay's certificate (never a client certificate)
+    said as such (a worker thread). Judged only once admission refused: a gateway's costs nothing more.
+    """
+    try:
+        return admit(context, chain_pem, signature, nonce, now)
+    except AdmissionRefused:
+        leaf = leaf_of(chain_pem)
+        if (leaf is not None and verify_leaf_issued_by(leaf, context.ca.certificate)
+                and relay_name_of(context, leaf) is not None):
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "a relay's certificate cannot act as a gateway; enroll "
+                                   "the gateway with its own token (outpostctl identity create)") from None
+        raise
+
+
 async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
-    """Take a relay link's AUTH, or refuse a relay's certificate acting as a gateway; False: a gateway's AUTH."""
-    context = session.context
-    leaf = leaf_of(event.chain)
-    is_relay = leaf is not None and relay_name_of(context, leaf) is not None
+    """Take a relay link's AUTH (True); False for any other AUTH, a gateway's."""
     if not event.info.get(LINK_FIELD):
-        if not is_relay:
-            return False
-        await refuse(session, event, ErrorCode.AUTH_FAILED, "a relay's certificate cannot act as a gateway; "
-                     "enroll the gateway with its own token (outpostctl identity create)")
-        return True
+        return False
+    context = session.context
     peering = session.relay.peering
     if peering is None:
         await refuse(session, event, ErrorCode.AUTH_FAILED, "this process takes no relay links; relays link "

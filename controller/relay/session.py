@@ -155,11 +155,12 @@ class RelaySession(TunnelSession):
             return await RELAY_POOL.run(function, *args, **kwargs)
 
     async def on_auth(self, event: AuthReceived) -> None:
-        if await peering.on_auth(self, event):  # a relay's link, or a relay's certificate acting as a gateway
+        if await peering.on_auth(self, event):  # a link from another relay
             return
         now = dt.datetime.now(dt.UTC)
         try:
-            admitted = await self.in_worker(admit, self.context, event.chain, event.signature, self.nonce, now)
+            admitted = await self.in_worker(peering.admit_gateway, admit, self.context, event.chain, event.signature,
+                                            self.nonce, now)
         except AdmissionRefused as refused:
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
             if not self.conn.closed:

@@ -78,6 +78,8 @@ def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, ec
         relay_b.process.proc.send_signal(signal.SIGKILL)
         relay_b.process.proc.wait(10)
         wait_until(lambda: refused_dial(port), timeout=30, what="dials failing while rb is down")
+        wait_until(lambda: any("relay rb at " in e["reason"] and "cannot be reached" in e["reason"]
+                               for e in audit_events(controller, "dial_failed")), what="A saying why")
         relay_b.restart()
         wait_until(lambda: read_status(host_state).get("state") == "connected"
                    and read_status(host_state).get("relay") == relay_b.url, timeout=60, what="site-a back on rb")
