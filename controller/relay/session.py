@@ -362,6 +362,8 @@ class RelaySession(TunnelSession):
             self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_report(self, event: ReportReceived) -> None:
+        if self.link_from is not None:
+            return  # a relay reports through its heartbeat; nothing on its link is a gateway's report
         reports.on_report(self, self.presence, event)
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:

@@ -77,6 +77,7 @@ def test_only_an_active_relay_opens_a_link_and_only_to_dial_services_bound_there
             session, task = await open_link("rb", relay_b.address, link_tls_context(ca.read_text()),
                                             a_cert.read_text(), a_key.read_bytes(), "t-test")
             try:
+                session.conn.send_report({"identity": "spiffe://outpost.local/default/site-a"})  # ignored
                 session.conn.send_bind(["telemetry"])
                 await session.flush()
                 stream = session.open_stream("default/telemetry@site-a", peer="spiffe://outpost.local/default/x#c-1")
@@ -116,6 +117,7 @@ def test_only_an_active_relay_opens_a_link_and_only_to_dial_services_bound_there
         rows = audit_events(controller, "link_refused")
         assert 2 < len(rows) <= 2 + IDENTITY_REFUSALS_PER_MINUTE, len(rows)
         assert not store_rows(controller, "SELECT * FROM relay_services WHERE relay = 'rb'")
+        assert not audit_events(controller, "report_refused")
 
         # A revoked relay: the link it holds closes, its own process stops (its gateway tunnels with it), it is
         # refused on the link and as a relay of its own when it comes back.
