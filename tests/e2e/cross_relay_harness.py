@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from controller.store import Store
 from tests.e2e.harness import Process, read_status, wait_until
@@ -13,10 +14,11 @@ from tests.e2e.test_walking_skeleton import enroll_gateway
 
 
 def agent_config(path: Path, state: Path, relay: RelayProcess, binds: dict[str, int] | None = None,
-                 dials: dict[str, int] | None = None) -> Path:
-    """An agent config that prefers ``relay`` (the controller's list names both relays)."""
+                 dials: dict[str, int] | None = None, then: tuple[RelayProcess, ...] = ()) -> Path:
+    """An agent config that prefers ``relay``, then ``then`` (the controller's list names every relay)."""
+    preferred = ", ".join(f'"{r.address}"' for r in (relay, *then))
     lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', "",
-             "[link]", f'prefer_relays = ["{relay.address}"]', ""]
+             "[link]", f"prefer_relays = [{preferred}]", ""]
     for service, port in (binds or {}).items():
         lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
     for service, port in (dials or {}).items():
@@ -25,7 +27,7 @@ def agent_config(path: Path, state: Path, relay: RelayProcess, binds: dict[str, 
     return path
 
 
-def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, **kwargs: dict[str, int]) -> Process:
+def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, **kwargs: Any) -> Process:
     config = agent_config(tmp_path / f"{name}.toml", state, relay, **kwargs)
     agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
     wait_until(lambda: read_status(state).get("state") == "connected" and read_status(state).get("relay") == relay.url,

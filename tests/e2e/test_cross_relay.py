@@ -23,6 +23,11 @@ from tests.e2e.harness import EchoServer, free_port, read_status, round_trip, wa
 MIB = 1024 * 1024
 
 
+def on_relay(state: Path, relay: RelayProcess) -> bool:
+    status = read_status(state)
+    return status.get("state") == "connected" and status.get("relay") == relay.url
+
+
 def refused_dial(port: int) -> bool:
     """True when a dial through ``port`` gets no echo (the relay reset it)."""
     try:
@@ -48,14 +53,16 @@ def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, ec
     try:
         relay_b = StoreRelay(controller, tmp_path, "rb", store_url)
         relay_a = StoreRelay(controller, tmp_path, "ra", store_url)
-        relays += [relay_a, relay_b]
+        relay_c = StoreRelay(controller, tmp_path, "rc", store_url)
+        relays += [relay_a, relay_b, relay_c]
         controller.ctl("service", "create", "telemetry")
         controller.ctl("policy", "create", "--kind", "bind", "--identities", "site-a", "--services", "telemetry")
         controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "telemetry")
         host_state = enroll_gateway(controller, tmp_path, "site-a")
         dial_state = enroll_gateway(controller, tmp_path, "central")
         port, aimed = free_port(), free_port()
-        agents.append(start_agent_on(tmp_path, "site-a", host_state, relay_b, binds={"telemetry": echo_server.port}))
+        agents.append(start_agent_on(tmp_path, "site-a", host_state, relay_b, binds={"telemetry": echo_server.port},
+                                     then=(relay_c,)))
         agents.append(start_agent_on(tmp_path, "central", dial_state, relay_a,
                                      dials={"telemetry": port, "telemetry@site-a": aimed}))
         wait_until(lambda: hosted(controller, "rb", "telemetry"), what="rb publishing telemetry")
@@ -74,17 +81,23 @@ def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, ec
         assert all(e["relay"] == "rb" and e["identity"] == "default/central" for e in served_at_b)
         assert len(audit_events(controller, "link_connected")) == 1
 
-        # B dies: A's dials fail with a reason; B back (the binder returns to it), dials work again.
+        # B dies: the dials on its link end, A says why; the binder moves to C, and A's dials follow it there.
         relay_b.process.proc.send_signal(signal.SIGKILL)
         relay_b.process.proc.wait(10)
-        wait_until(lambda: refused_dial(port), timeout=30, what="dials failing while rb is down")
-        wait_until(lambda: any("relay rb at " in e["reason"] and "cannot be reached" in e["reason"]
-                               for e in audit_events(controller, "dial_failed")), what="A saying why")
+        wait_until(lambda: on_relay(host_state, relay_c), timeout=60, what="site-a moved to rc")
+        wait_until(lambda: not refused_dial(port), timeout=30, what="dials through a link to rc")
+        assert [e["relay"] for e in audit_events(controller, "link_connected")] == ["rb", "rc"]
+
+        # B back and C killed: the binder returns to B, and A opens a new link to it.
         relay_b.restart()
-        wait_until(lambda: read_status(host_state).get("state") == "connected"
-                   and read_status(host_state).get("relay") == relay_b.url, timeout=60, what="site-a back on rb")
+        relay_c.process.proc.send_signal(signal.SIGKILL)
+        relay_c.process.proc.wait(10)
+        wait_until(lambda: refused_dial(port), timeout=30, what="dials failing while site-a moves")
+        wait_until(lambda: any("cannot be reached" in e["reason"] or "no gateway hosting" in e["reason"]
+                               for e in audit_events(controller, "dial_failed")), what="A saying why")
+        wait_until(lambda: on_relay(host_state, relay_b), timeout=60, what="site-a back on rb")
         wait_until(lambda: not refused_dial(port), timeout=30, what="dials through a new link to rb")
-        assert len(audit_events(controller, "link_connected")) == 2
+        assert [e["relay"] for e in audit_events(controller, "link_connected")] == ["rb", "rc", "rb"]
     except BaseException:
         for process in [*(r.process for r in relays), *agents]:
             print(process.output[-3000:])
