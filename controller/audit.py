@@ -53,7 +53,7 @@ IDENTITY_REFUSALS_PER_MINUTE = 20
 MAX_TRACKED_IDENTITIES = 10_000
 #: Events budgeted per identity when the caller names the identity.
 IDENTITY_BUDGETED_EVENTS = frozenset({"bind_denied", "dial_denied", "tunnel_refused", "renewal_refused",
-                                      "report_refused", "management_refused"})
+                                      "report_refused", "management_refused", "link_refused"})
 
 EVENTS = frozenset(
     {
@@ -104,6 +104,10 @@ EVENTS = frozenset(
         "relay_renewed",
         "relay_refused",
         "relay_retired",
+        "relay_revoked",
+        "link_connected",
+        "link_closed",
+        "link_refused",
     }
 )
 #: One audit event, before it is written: (event, fields).

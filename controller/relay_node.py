@@ -171,7 +171,8 @@ def open_relay(settings: Settings) -> tuple[ControllerContext, RelayIdentity]:
                                "with; give the relay that controller's --store.")
         status = store.query_one("SELECT status FROM relays WHERE name = ?", (identity.name,))
         if status is None or status["status"] != ACTIVE:
-            raise StartupError(f"Relay {identity.name} was retired (or removed) at the controller; it carries no "
+            said = "removed" if status is None else status["status"]
+            raise StartupError(f"Relay {identity.name} was {said} at the controller; it carries no "
                                "tunnels. Add it again (outpostctl relay add) and enroll a fresh data directory.")
     except BaseException:
         store.close()

@@ -50,6 +50,9 @@ RELAY_STALE_AFTER = 3 * RELAY_HEARTBEAT_INTERVAL
 ADDRESS_PATTERN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})")
 TOKEN_KIND = "outpost-relay-token"
 ACTIVE, PENDING, RETIRED = "active", "pending", "retired"
+#: A relay whose key is no longer trusted (a machine lost or broken into): refused like a retired one, and
+#: recorded as such. Its current certificate opens no link, renews nothing, and its process stops.
+REVOKED = "revoked"
 #: Relays this many tunnels apart count as equally loaded (``spread``): a
 #: heartbeat's count is up to RELAY_HEARTBEAT_INTERVAL old, and a burst of
 #: reconnects moves it by hundreds in that time; what matters is not
@@ -179,14 +182,19 @@ class RelayBook:
         pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         return RelayIssued(row["name"], row["address"], pem, not_after), serial
 
-    def retire(self, name: object) -> None:
-        """The relay is refused from now on; its running process closes its tunnels and stops."""
+    def retire(self, name: object, status: str = RETIRED) -> None:
+        """The relay is refused from now on (``RETIRED`` or ``REVOKED``); its running process closes its tunnels
+        and stops, and the relays it linked to close its links (controller/relay/peering.py)."""
         name = check_name(name, "relay")
         with self.store.transaction() as db:
+            row = db.query_one("SELECT serial FROM relays WHERE name = ?", (name,))
             if db.execute("UPDATE relays SET status = ?, token_sha256 = NULL WHERE name = ?",
-                          (RETIRED, name)).rowcount == 0:
+                          (status, name)).rowcount == 0:
                 raise not_found("unknown_relay", f"There is no relay {name}; see outpostctl relay list.")
-            self.audit.record_in(db, "relay_retired", relay=name)
+            if status == REVOKED:
+                self.audit.record_in(db, "relay_revoked", relay=name, serial=row["serial"] if row else None)
+            else:
+                self.audit.record_in(db, "relay_retired", relay=name)
 
     def heartbeat(self, name: str, tunnels: int, started_at: float) -> str | None:
         """Record that relay ``name`` runs with ``tunnels``; its status, or None when it is gone from the store."""

@@ -10,7 +10,7 @@ from aiohttp import web
 from controller.api import read_json
 from controller.blocking import API_POOL
 from controller.context import ControllerContext
-from controller.relays import RelayBook, RelayIssued
+from controller.relays import REVOKED, RelayBook, RelayIssued
 
 RELAY_ENROLL_PATH = "/v1/relays/enroll"
 RELAY_RENEW_PATH = "/v1/relays/renew"
@@ -38,6 +38,7 @@ class RelaysApi:
         app.router.add_post("/api/v1/relays", self.add)
         app.router.add_get("/api/v1/relays", self.list_relays)
         app.router.add_post("/api/v1/relays/{name}/retire", self.retire)
+        app.router.add_post("/api/v1/relays/{name}/revoke", self.revoke)
 
     def _answer(self, issued: RelayIssued, *, with_audit_key: bool) -> dict[str, Any]:
         answer: dict[str, Any] = {"relay": issued.name, "address": issued.address,
@@ -72,3 +73,8 @@ class RelaysApi:
         name = request.match_info["name"]
         await API_POOL.run(self.book.retire, name)
         return web.json_response({"name": name, "status": "retired"})
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await API_POOL.run(self.book.retire, name, REVOKED)
+        return web.json_response({"name": name, "status": REVOKED})

@@ -39,6 +39,7 @@ from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
 from controller.policy_admin import PolicyAdminApi
 from controller.policy_api import PolicyExplainApi
+from controller.relay.peering import Peering
 from controller.relay.session import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
 from controller.relays import RELAY_LIST_REFRESH, relay_loads
@@ -334,6 +335,8 @@ class ControllerServer:
         service_manager.notify_ready(f"serving on port {self.port}")
         loop = asyncio.get_running_loop()
         if self.relay_identity is not None:
+            relay.peering = Peering(relay, self.relay_identity.name)  # dials across relays
+            relay.peering.start()
             # A relay renews at the controller by its key; it holds no CA key to renew with itself.
             self._tasks.append(loop.create_task(run_relay_node(
                 context, self.relay_identity, lambda: len(relay.by_identity),

@@ -17,7 +17,7 @@ import sqlite3
 
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -182,6 +182,18 @@ CREATE TABLE IF NOT EXISTS relays (
     tunnels INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS relays_by_key ON relays (key_sha256);
+-- Which relay hosts which service (controller/relay/directory.py): each relay
+-- writes the services its tunnels bind, with the gateway binding each, in
+-- batches; a relay whose heartbeat is stale is ignored by readers.
+CREATE TABLE IF NOT EXISTS relay_services (
+    tenant TEXT NOT NULL,
+    service TEXT NOT NULL,
+    relay TEXT NOT NULL,
+    gateway TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tenant, service, relay, gateway)
+);
+CREATE INDEX IF NOT EXISTS relay_services_by_relay ON relay_services (relay);
 """
 
 #: Columns added after a store could first have been created; ``CREATE TABLE IF

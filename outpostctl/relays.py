@@ -1,4 +1,4 @@
-"""``outpostctl relay add``, ``list`` and ``retire``: relays as processes of their own (docs/deployment.md)."""
+"""``outpostctl relay add``, ``list``, ``retire`` and ``revoke``: relays as processes of their own (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def add_commands(top: Any, leaf: Any) -> None:
     sub.add_argument("--force", action="store_true", help="replace FILE if it exists")
     leaf(relay, "list", relay_list, "list relays with their address, tunnels and health", json_flag=True)
     sub = leaf(relay, "retire", relay_retire, "retire a relay: refused from now on, its tunnels close")
+    sub.add_argument("name", metavar="NAME")
+    sub = leaf(relay, "revoke", relay_revoke, "revoke a relay's key (a machine lost or broken into): refused from "
+               "now on, its tunnels and its links to other relays close")
     sub.add_argument("name", metavar="NAME")
 
 
@@ -68,4 +71,12 @@ def relay_retire(args: argparse.Namespace, client: ManagementClient) -> int:
     client.request("POST", f"/relays/{args.name}/retire")
     print(f"relay {args.name} is retired: it stops within a few seconds and closes its tunnels; its gateways move to the "
           "other relays.")
+    return 0
+
+
+def relay_revoke(args: argparse.Namespace, client: ManagementClient) -> int:
+    client.request("POST", f"/relays/{args.name}/revoke")
+    print(f"relay {args.name} is revoked: its certificate opens nothing any more, it stops within a few seconds and "
+          "the other relays close its links; its gateways move to the other relays. To use the machine again, "
+          f"add it anew ({PROG} relay add) and enroll a fresh data directory.")
     return 0

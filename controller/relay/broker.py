@@ -44,6 +44,11 @@ class Broker:
         """Every tunnel binding ``key``, in the order they bound (controller/relay/aiming.py chooses)."""
         return list(self._binders.get(key, ()))
 
+    def bound_pairs(self) -> set[tuple[str, str, str]]:
+        """(tenant, service, gateway ``tenant/name``) of every live bind (controller/relay/directory.py publishes them)."""
+        return {(key[0], key[1], s.identity.label) for key, sessions in self._binders.items() for s in sessions
+                if s.identity is not None and not s.conn.closed}
+
     def keys_bound_by(self, session: RelaySession) -> frozenset[ServiceKey]:
         return frozenset(k for k, v in self._binders.items() if session in v)
 

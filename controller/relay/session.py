@@ -12,7 +12,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from aiohttp import web
 from cryptography import x509
@@ -21,7 +21,7 @@ from controller.blocking import RELAY_POOL
 from controller.correlation import TUNNEL, new_id
 from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
-from controller.relay import reports
+from controller.relay import peering, reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
@@ -135,6 +135,8 @@ class RelaySession(TunnelSession):
         self.reports_refused = 0
         #: Counted in Relay.admitting (upgraded, AUTH not answered yet).
         self.admitting = False
+        #: The relay at the other end when this is a link from another relay (controller/relay/peering.py).
+        self.link_from: str | None = None
 
     @property
     def context(self) -> ControllerContext:
@@ -153,9 +155,12 @@ class RelaySession(TunnelSession):
             return await RELAY_POOL.run(function, *args, **kwargs)
 
     async def on_auth(self, event: AuthReceived) -> None:
+        if await peering.on_auth(self, event):  # a link from another relay
+            return
         now = dt.datetime.now(dt.UTC)
         try:
-            admitted = await self.in_worker(admit, self.context, event.chain, event.signature, self.nonce, now)
+            admitted = await self.in_worker(peering.admit_gateway, admit, self.context, event.chain, event.signature,
+                                            self.nonce, now)
         except AdmissionRefused as refused:
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
             if not self.conn.closed:
@@ -221,6 +226,8 @@ class RelaySession(TunnelSession):
             self.context.audit.record("tunnel_refused", identity=label_of_uri(uri), **fields)
 
     async def on_bind_requested(self, event: BindRequested) -> None:
+        if self.link_from is not None and self.relay.peering is not None:
+            return self.relay.peering.refuse_bind(self, event)
         # The protocol core already refused a BIND past MAX_BIND_SERVICES names.
         held = self.relay.broker.keys_bound_by(self)
         try:
@@ -281,8 +288,13 @@ class RelaySession(TunnelSession):
         return decision.allowed, decision.reason, key, decision.policy_id
 
     async def on_stream_opened(self, channel: StreamChannel) -> None:
+        if self.link_from is not None and self.relay.peering is not None:
+            return await self.relay.peering.serve_link_stream(self, channel)
         record = DialRecord(self, channel)
         candidates = self.relay.broker.binders(split_aim(channel.service, self.admitted.tenant)[0])
+        if not candidates and self.relay.peering is not None:  # bound at another relay, if anywhere
+            candidates = cast(list[RelaySession], await self.relay.peering.remote_binders(
+                self, channel.service, record.id))
         watch = self.relay.policy_watch
         changes_seen = None if watch is None else watch.changes
         try:
@@ -300,8 +312,9 @@ class RelaySession(TunnelSession):
             return
         binder = choice.binder
         if binder is None or binder.conn.closed:
+            failure = None if self.relay.peering is None else self.relay.peering.failure_of(record.id)
             channel.reset(ErrorCode.SERVICE_UNAVAILABLE,
-                          choice.unavailable or f"no gateway hosting {key[0]}/{key[1]} is connected")
+                          failure or choice.unavailable or f"no gateway hosting {key[0]}/{key[1]} is connected")
             self.relay.record_soon(*record.failed(channel.error.reason if channel.error else "no gateway"))
             return
         try:
@@ -349,9 +362,13 @@ class RelaySession(TunnelSession):
             self.relay.record_soon(*record.closed(channel, upstream, loop.time()))
 
     def on_report(self, event: ReportReceived) -> None:
+        if self.link_from is not None:
+            return  # a relay reports through its heartbeat; nothing on its link is a gateway's report
         reports.on_report(self, self.presence, event)
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
+        if self.link_from is not None and self.relay.peering is not None:
+            self.relay.peering.link_closed(self, reason or code.name)
         if self.presence is not None:
             self.relay.presence.down(self.presence)
         self.relay.unregister(self)
@@ -409,6 +426,8 @@ class Relay:
         #: The loop time the last agent told to come back was given (come-back times are paced).
         self._told_until = 0.0
         self.told_to_come_back = 0
+        #: Links to and from other relays (``serve --role relay`` only; set by the server).
+        self.peering: peering.Peering | None = None
 
     def register(self, session: RelaySession) -> None:
         self._done_admitting(session)
@@ -560,6 +579,8 @@ class Relay:
                 # (3 s more at 7,000 tunnels).
                 task.cancel()
             await asyncio.gather(*closing, return_exceptions=True)
+        if self.peering is not None:
+            await self.peering.close()
         # The tunnels' last audit rows and their presence reach the store before it closes.
         await self.audit_queue.drained()
         await self.presence.close()

@@ -40,7 +40,7 @@ OPEN_ROUTES = frozenset({"/api/v1/signin/providers", "/api/v1/signin/device", "/
 #: Routes whose answer spans every tenant: a tenant-scoped role is not enough for them. Relays carry
 #: every tenant's tunnels, so adding, listing and retiring them is fleet-wide too.
 ALL_TENANT_ROUTES = frozenset({"/api/v1/audit", "/api/v1/audit/verify", "/api/v1/connections", "/api/v1/status",
-                               "/api/v1/relays", "/api/v1/relays/{name}/retire"})
+                               "/api/v1/relays", "/api/v1/relays/{name}/retire", "/api/v1/relays/{name}/revoke"})
 #: Where the request leaves the person's grants and the tenants the used role reaches (None: all).
 PERSON_KEY: web.RequestKey[Person] = request_key("outpost.person")
 SCOPE_KEY: web.RequestKey[set[str] | None] = request_key("outpost.scope")

@@ -46,6 +46,7 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, str]] = {
     ("POST", "/api/v1/relays"): ("admin", "Adding a relay"),
     ("GET", "/api/v1/relays"): ("auditor", "Listing relays"),
     ("POST", "/api/v1/relays/{name}/retire"): ("admin", "Retiring a relay"),
+    ("POST", "/api/v1/relays/{name}/revoke"): ("admin", "Revoking a relay"),
     ("GET", "/api/v1/fleet/{name}"): ("auditor", "Reading a gateway's presence"),
     ("GET", "/api/v1/policies/explain"): ("auditor", "Explaining a policy decision"),
     ("POST", "/api/v1/grants"): ("operator", "Requesting a grant"),

@@ -212,6 +212,14 @@ class Connection:
         self._table.acknowledge(stream_id, n)
 
     # -- liveness ---------------------------------------------------------------
+    def mark_relay_link(self) -> None:
+        """This tunnel links two relays: the dialing relay names each stream's dialer in OPEN.
+
+        The dialing relay marks its end before opening streams; the other marks
+        its end only once AUTH proved the peer a relay, so a gateway never may.
+        """
+        self._endpoint.relay_link = True
+
     def set_liveness(self, liveness: Liveness) -> None:
         """Adopt new timers from now on (the relay learns the agent's keepalive at AUTH)."""
         self._keepalive.settings = liveness

@@ -25,7 +25,7 @@ def require(condition: bool, message: str) -> None:
 class Endpoint:
     """One end of a tunnel as each of its parts sees it."""
 
-    __slots__ = ("role", "limits", "out", "bytes_sent", "closed", "authenticated", "peer_window")
+    __slots__ = ("role", "limits", "out", "bytes_sent", "closed", "authenticated", "peer_window", "relay_link")
 
     def __init__(self, role: Role, limits: ProtocolLimits) -> None:
         self.role = role
@@ -37,6 +37,8 @@ class Endpoint:
         self.authenticated = False
         #: the window every new stream may send into, as the peer's AUTH/AUTH_OK advertised it
         self.peer_window = INITIAL_WINDOW
+        #: a link between two relays: the dialing relay names each stream's dialer in OPEN
+        self.relay_link = False
 
     def queue_frame(self, frame_type: FrameType, flags: int, stream_id: int, payload: bytes) -> None:
         frame = encode_frame(frame_type, flags, stream_id, payload)

@@ -80,7 +80,7 @@ class StreamTable:
         endpoint = self._endpoint
         endpoint.require_ready()
         require(isinstance(service, str) and bool(service), "the service name must be a non-empty string")
-        require(peer is None or endpoint.role is Role.RELAY, "only the relay names the dialing peer")
+        require(peer is None or endpoint.role is Role.RELAY or endpoint.relay_link, "only the relay names the dialing peer")
         stream_id = self.next_local_id
         require(stream_id <= MAX_STREAM_ID, "this tunnel has used up its stream ids; reconnect")
         body: dict[str, Any] = {"service": service}
@@ -225,7 +225,7 @@ class StreamTable:
                 f"the peer opened stream {stream_id} after {self._highest_peer_id}; ids must increase",
             )
         endpoint = self._endpoint
-        service, peer = decode_open(payload, peer_allowed=endpoint.role is Role.AGENT)
+        service, peer = decode_open(payload, peer_allowed=endpoint.role is Role.AGENT or endpoint.relay_link)
         self._highest_peer_id = stream_id
         limits = endpoint.limits
         if self.peer_streams >= limits.max_streams:

@@ -281,3 +281,10 @@ def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> No
                     "graceful_stop_s")
     assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
     assert found["relay_error_lines"] == []
+
+
+def test_cross_relay_reports_latency_and_throughput_next_to_one_relay() -> None:
+    found = run_bench("cross_relay", "--rounds", "1", "--requests", "50", "--megabytes", "2")
+    assert_positive(found, "one_relay_p50_us", "cross_relay_p50_us", "one_relay_mbit_s", "cross_relay_mbit_s",
+                    "throughput_ratio")
+    assert found["path_cross_relay"] == "dialer agent -> relay A -> link -> relay B -> binder agent"

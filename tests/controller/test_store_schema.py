@@ -30,6 +30,8 @@ SCHEMA_DIGESTS = {
     # how a service bound by several gateways chooses and which ports it declares (controller/relay/aiming.py),
     # and grants (controller/grants.py).
     5: "a1ae3de3ccee4a6bc2caea972bfcbb283ee80e24e394929a8082f047849b9993",
+    # Which relay hosts which service, for dials across relays (controller/relay/directory.py).
+    6: "8a779fbffd9b5d8a9a66e085024e8a6e1a401d3b2701ed6881760d0ef4611e6e",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")

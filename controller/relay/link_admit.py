@@ -1,0 +1,123 @@
+"""The relay end of a link from another relay: who may open one, and what it may do on it.
+
+Another relay (A) reaches a service bound here (B) over one tunnel of the
+same protocol, authenticated by A's relay certificate: the same signed
+challenge naming this relay's certificate. Admitted only when the
+certificate is a relay's (``spiffe://DOMAIN/_relay/NAME``, issued by our CA,
+in date), the ``relays`` table holds NAME as active with that key (a
+re-enrollment replaced any other; a renewal keeps it), and the signature verifies. On the link, A may only open streams to
+services bound here, naming the gateway (``TENANT/SERVICE[:PORT]@GATEWAY``)
+and carrying the dialer's identity and the dial's correlation id
+(``DIALER_URI#CORRELATION``): A decided the dial by policy and recorded it;
+this relay records serving it under the same correlation id. A BIND is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from controller.ca import public_key_sha256, relay_uri
+from controller.relay.admit import MAX_CHAIN_LENGTH, AdmissionRefused, spiffe_uri
+from controller.relays import ACTIVE
+from shared.protocol import ErrorCode
+from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.tunnel.auth import verify_challenge_signature
+
+if TYPE_CHECKING:
+    from controller.context import ControllerContext
+
+#: The AUTH field by which a relay says it opens a link, not a gateway's tunnel.
+LINK_FIELD = "link"
+#: Separates the dialer's identity URI from the dial's correlation id in a link stream's peer field
+#: (a SPIFFE ID has no fragment, so it never holds one).
+CORRELATION_MARK = "#"
+
+
+@dataclass(frozen=True)
+class LinkPeer:
+    """A relay admitted on a link: its name, and the certificate and key admission saw."""
+
+    name: str
+    serial: str
+    key_sha256: str
+
+
+def relay_name_of(context: ControllerContext, leaf: x509.Certificate) -> str | None:
+    """NAME when the leaf names a relay of this trust domain (``_relay/NAME``), else None."""
+    uri = spiffe_uri(leaf)
+    prefix = relay_uri(context.settings.trust_domain, "")
+    return uri[len(prefix):] if uri is not None and uri.startswith(prefix) and len(uri) > len(prefix) else None
+
+
+def leaf_of(chain_pem: tuple[str, ...] | list[str]) -> x509.Certificate | None:
+    if not chain_pem or len(chain_pem) > MAX_CHAIN_LENGTH:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(chain_pem[0].encode())
+    except (ValueError, TypeError):
+        return None
+
+
+def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
+               now: dt.datetime) -> LinkPeer:
+    """The relay a valid link AUTH proves to be, or AdmissionRefused saying why not (a worker thread)."""
+    leaf = leaf_of(chain_pem)
+    if leaf is None:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "a relay link's AUTH must carry the relay's certificate")
+    if not verify_leaf_issued_by(leaf, context.ca.certificate):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
+    name = relay_name_of(context, leaf)
+    if name is None:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "a gateway's certificate cannot open a relay link; only a "
+                               "relay's certificate (outpostctl relay add) can")
+    if not cert_not_before(leaf) <= now <= cert_not_after(leaf):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, f"the certificate of relay {name} is not valid now; the relay "
+                               "must renew it")
+    try:
+        usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        usage = []
+    if ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a relay's certificate")
+    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (name,))
+    if row is None or row["status"] != ACTIVE:
+        status = "unknown" if row is None else str(row["status"])
+        raise AdmissionRefused(ErrorCode.REVOKED, f"relay {name} is {status}; it may open no relay link")
+    public_key = leaf.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key_sha256(public_key) != row["key_sha256"]:
+        raise AdmissionRefused(ErrorCode.REVOKED, f"this certificate's key is not the key of relay {name}")
+    serial = format(leaf.serial_number, "x")
+    ours = [der for der in (context.server_certificate_der,
+                            getattr(context, "previous_server_certificate_der", None)) if der]
+    if not any(verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours):
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
+    return LinkPeer(name, serial, str(row["key_sha256"]))
+
+
+def still_admitted(context: ControllerContext, peer: LinkPeer) -> str | None:
+    """None while ``peer`` is the active relay with the key it was admitted with, else why not (a worker thread).
+
+    Its key, not its certificate's serial: a renewal (every two thirds of a
+    certificate's life) keeps the key and must not cut the dials on its links.
+    """
+    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (peer.name,))
+    if row is None or row["status"] != ACTIVE:
+        return f"relay {peer.name} is {'removed' if row is None else row['status']}"
+    if row["key_sha256"] != peer.key_sha256:
+        return f"relay {peer.name} was enrolled again with another key"
+    return None
+
+
+def split_peer(peer: str | None) -> tuple[str, str] | None:
+    """(dialer URI, correlation id) of a link stream's peer field, or None when it is not one."""
+    uri, mark, correlation = (peer or "").partition(CORRELATION_MARK)
+    if not mark or not uri.startswith("spiffe://") or not correlation:
+        return None
+    return uri, correlation

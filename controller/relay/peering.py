@@ -1,0 +1,304 @@
+"""Dials across relays: the links between relay processes, both ends (``serve --role relay`` only).
+
+A dial arrives at relay A for a service no tunnel of A binds. A decides it
+by policy as for any dial (audit "decided" once, at A), looks up which live
+relay hosts the service (controller/relay/directory.py), and opens the
+dial's stream on the one link it keeps to that relay B (opened at the first
+such dial, reused by every later one, reopened after B comes back). B splices
+the link's stream to the binder's, each with its own window, and records
+serving it under A's correlation id. The ends of a link are in
+controller/relay/link_client.py (A) and controller/relay/link_admit.py (B).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from controller.blocking import RELAY_POOL
+from controller.correlation import TUNNEL, new_id
+from controller.registry import Identity
+from controller.relay.admit import AdmissionRefused, Admitted
+from controller.relay.aiming import split_aim
+from controller.relay.broker import ServiceKey
+from controller.relay.directory import RemoteHost, ServiceDirectory
+from controller.relay.link_admit import (
+    LINK_FIELD,
+    LinkPeer,
+    admit_link,
+    leaf_of,
+    relay_name_of,
+    split_peer,
+    still_admitted,
+)
+from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, link_tls_context, open_link
+from controller.relay.records import label_of_uri
+from controller.store import StoreUnavailable
+from shared.protocol import AuthReceived, BindRequested, ErrorCode, Liveness
+from shared.trust import verify_leaf_issued_by
+from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.splice import splice_streams
+
+if TYPE_CHECKING:
+    from controller.context import ControllerContext
+    from controller.relay.session import Relay, RelaySession
+
+log = logging.getLogger(__name__)
+
+#: B answers a link's dial within this long: less than A's own wait for a binder (BINDER_ACCEPT_TIMEOUT,
+#: 20 s), so A's dialer reads B's reason rather than a timeout of its own.
+LINK_BINDER_ACCEPT_TIMEOUT = 15.0
+#: How often B reads the relays table again for the links it admitted: a relay retired, or its
+#: certificate replaced or revoked, loses its links within this long (the store's own watch is for identities).
+LINK_RECHECK_INTERVAL = 2.0
+#: Why recent dials found no reachable relay, by correlation id, read once by the dial that failed; bounded
+#: because a dial denied by policy never reads its entry.
+MAX_REMEMBERED_FAILURES = 1024
+#: B forgets a silent link after this many of the link's announced keepalives.
+LINK_IDLE_KEEPALIVES = 3
+
+
+def admit_gateway(admit: Callable[..., Admitted], context: ControllerContext, chain_pem: tuple[str, ...] | list[str],
+                  signature: bytes, nonce: bytes, now: dt.datetime) -> Admitted:
+    """``admit`` (controller/relay/admit.py), its refusal of a relay's certificate (never a client certificate)
+    said as such (a worker thread). Judged only once admission refused: a gateway's costs nothing more.
+    """
+    try:
+        return admit(context, chain_pem, signature, nonce, now)
+    except AdmissionRefused:
+        leaf = leaf_of(chain_pem)
+        if (leaf is not None and verify_leaf_issued_by(leaf, context.ca.certificate)
+                and relay_name_of(context, leaf) is not None):
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "a relay's certificate cannot act as a gateway; enroll "
+                                   "the gateway with its own token (outpostctl identity create)") from None
+        raise
+
+
+async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
+    """Take a relay link's AUTH (True); False for any other AUTH, a gateway's."""
+    if not event.info.get(LINK_FIELD):
+        return False
+    context = session.context
+    peering = session.relay.peering
+    if peering is None:
+        await refuse(session, event, ErrorCode.AUTH_FAILED, "this process takes no relay links; relays link "
+                     "to relays of their own (serve --role relay)")
+        return True
+    try:
+        peer = await session.in_worker(admit_link, context, event.chain, event.signature, session.nonce,
+                                       dt.datetime.now(dt.UTC))
+    except AdmissionRefused as refused:
+        await refuse(session, event, refused.code, refused.reason)
+        return True
+    except StoreUnavailable as unavailable:
+        if not session.conn.closed:
+            session.conn.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
+        return True
+    if not session.conn.closed:
+        peering.admitted(session, peer, event.info.get("keepalive"))
+    return True
+
+
+async def refuse(session: RelaySession, event: AuthReceived, code: ErrorCode, reason: str) -> None:
+    log.warning("tunnel from %s refused: %s", session.remote, reason)
+    if not session.conn.closed:
+        session.conn.close(code, reason)
+    await session.in_worker(session._record_refusal, event.chain, reason)
+
+
+class Peering:
+    """This relay's links: those it opened to other relays, those others opened to it, and its directory."""
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.context = relay.context
+        self.name = name
+        self.directory = ServiceDirectory(self.context.store, name, relay.broker)
+        #: Links this relay opened, by the other relay's name: one per pair, streams multiplexed.
+        self.links: dict[str, LinkSession] = {}
+        self._opening: dict[str, asyncio.Task[LinkSession]] = {}
+        #: Links other relays opened here, and who admission proved each to be.
+        self.incoming: dict[RelaySession, LinkPeer] = {}
+        self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.links_opened = 0
+
+    # -- B: links admitted here ----------------------------------------------------
+    def admitted(self, session: RelaySession, peer: LinkPeer, keepalive: object) -> None:
+        relay = self.relay
+        session.link_from = peer.name
+        relay._done_admitting(session)
+        if session.mark_admitted is not None:
+            session.mark_admitted()
+        elif relay.on_admitted is not None and session.request is not None:
+            relay.on_admitted(session.request)
+        self.incoming[session] = peer
+        if isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool) and keepalive > 0:
+            idle = LINK_IDLE_KEEPALIVES * float(keepalive)
+            session.conn.set_liveness(Liveness(keepalive_interval=None, idle_timeout=idle))
+        session.conn.mark_relay_link()
+        session.conn.accept_auth({"relay": self.name, "time": time.time()})
+        relay.record_soon("link_connected", relay=self.name, peer=peer.name, serial=peer.serial,
+                          remote=session.remote, correlation=session.tunnel_id)
+
+    def link_closed(self, session: RelaySession, reason: str) -> None:
+        peer = self.incoming.pop(session, None)
+        if peer is not None:
+            self.relay.record_soon("link_closed", relay=self.name, peer=peer.name, reason=reason,
+                                   correlation=session.tunnel_id)
+
+    def refuse_bind(self, session: RelaySession, event: BindRequested) -> None:
+        reason = "a relay link may not bind services; only gateways bind"
+        session.conn.send_bind_result([], {name: reason for name in event.services})
+        self._refused(session, reason, session.tunnel_id)
+
+    def _refused(self, session: RelaySession, reason: str, correlation: str, **more: str | None) -> None:
+        """One ``link_refused`` row, within the linking relay's budget (a flood of refused OPENs costs no more)."""
+        self.relay.record_soon("link_refused", identity=f"_relay/{session.link_from}", relay=self.name,
+                               peer=session.link_from, reason=reason, correlation=correlation, **more)
+
+    async def serve_link_stream(self, session: RelaySession, channel: StreamChannel) -> None:
+        """One dial A decided, to a gateway bound here: spliced to the binder's stream, or reset saying why."""
+        parsed = split_peer(channel.peer)
+        key, gateway, port = split_aim(channel.service, "")
+        if parsed is None or gateway is None or not key[0]:
+            reason = "a relay link's stream names TENANT/SERVICE@GATEWAY and carries the dialer and the dial's id"
+            channel.reset(ErrorCode.PROTOCOL_ERROR, reason)
+            self._refused(session, reason, session.tunnel_id)
+            return
+        dialer, correlation = parsed
+        fields = {"correlation": correlation, "identity": label_of_uri(dialer), "service": f"{key[0]}/{key[1]}",
+                  "relay": self.name, "link": session.link_from}
+        binder = next((b for b in reversed(self.relay.broker.binders(key)) if not b.conn.closed
+                       and b.identity is not None and b.identity.name == gateway and b.identity.tenant == key[0]),
+                      None)
+        if binder is None:
+            reason = f"service {key[0]}/{key[1]} is not bound by gateway {gateway} at relay {self.name}"
+            channel.reset(ErrorCode.SERVICE_UNAVAILABLE, reason)
+            self._refused(session, reason, correlation, dialer=fields["identity"], service=fields["service"])
+            return
+        name = key[1] if port is None else f"{key[1]}:{port}"
+        upstream = binder.open_stream(name, peer=dialer)
+        try:
+            await asyncio.wait_for(upstream.wait_accepted(), LINK_BINDER_ACCEPT_TIMEOUT)
+        except ChannelReset as exc:
+            channel.reset(exc.code, exc.reason)
+            self.relay.record_soon("dial_failed", reason=exc.reason or exc.code.name, **fields)
+            return
+        except TimeoutError:
+            reason = f"the gateway hosting {key[0]}/{key[1]} did not answer in time"
+            upstream.reset(ErrorCode.TIMEOUT, "dial timed out")
+            channel.reset(ErrorCode.TIMEOUT, reason)
+            self.relay.record_soon("dial_failed", reason=reason, **fields)
+            return
+        if channel.error is not None or session.conn.closed:
+            upstream.reset(ErrorCode.CANCEL, "the dialer went away")
+            return
+        session.conn.accept_stream(channel.stream_id)
+        self.relay.record_soon("dial_served", gateway=binder.admitted.label, gateway_tunnel=binder.tunnel_id,
+                               **fields)
+        await session.flush()
+        try:
+            await splice_streams(channel, upstream)
+        except ChannelReset:
+            pass  # A records how the dial ended
+
+    async def _recheck(self) -> None:
+        """Close the links of relays retired, or whose certificate was replaced or revoked, since admission."""
+        while True:
+            await asyncio.sleep(LINK_RECHECK_INTERVAL)
+            for session, peer in list(self.incoming.items()):
+                try:
+                    reason = await RELAY_POOL.run(still_admitted, self.context, peer)
+                except StoreUnavailable:
+                    break  # links carry on while the store is away, as tunnels do
+                if reason is not None and not session.conn.closed:
+                    await session.close(ErrorCode.REVOKED, reason)
+
+    # -- A: links opened from here -------------------------------------------------
+    async def remote_binders(self, session: RelaySession, requested: str, correlation: str) -> list[RemoteBinder]:
+        """The gateways bound at other live relays for a dial no local tunnel serves, each on an open link."""
+        key, gateway, _ = split_aim(requested, session.admitted.tenant)
+        try:
+            hosts, identities = await session.in_worker(self._lookup, key, gateway)
+        except StoreUnavailable:
+            return []
+        binders: list[RemoteBinder] = []
+        failures: list[str] = []
+        for host in hosts:
+            identity = identities.get(host.gateway)
+            if identity is None:
+                continue
+            try:
+                link = await self.link_to(host.relay, host.address)
+            except LinkFailed as failed:
+                failures.append(failed.reason)
+                continue
+            binders.append(RemoteBinder(link, identity, key, correlation))
+        if not binders and failures:
+            self._failures[correlation] = failures[0]
+            while len(self._failures) > MAX_REMEMBERED_FAILURES:
+                self._failures.popitem(last=False)
+        return binders
+
+    def _lookup(self, key: ServiceKey, gateway: str | None) -> tuple[list[RemoteHost], dict[str, Identity]]:
+        hosts = [h for h in self.directory.hosts(key) if gateway is None or h.gateway == f"{key[0]}/{gateway}"]
+        identities: dict[str, Identity] = {}
+        for host in hosts:
+            tenant, _, name = host.gateway.partition("/")
+            found = self.context.registry.get_identity(tenant, name)
+            if found is not None and found.status not in ("revoked", "disabled"):
+                identities[host.gateway] = found
+        return hosts, identities
+
+    def failure_of(self, correlation: str) -> str | None:
+        """Why the dial ``correlation`` reached no other relay, when a link failed (read once)."""
+        return self._failures.pop(correlation, None)
+
+    async def link_to(self, relay: str, address: str) -> LinkSession:
+        link = self.links.get(relay)
+        if link is not None and link.close_reason is None and not link.conn.closed:
+            return link
+        opening = self._opening.get(relay)
+        if opening is None:
+            opening = asyncio.get_running_loop().create_task(self._open(relay, address))
+            self._opening[relay] = opening
+            opening.add_done_callback(lambda _task: self._opening.pop(relay, None))
+        return await asyncio.shield(opening)
+
+    async def _open(self, relay: str, address: str) -> LinkSession:
+        settings = self.context.settings
+        cert, key, ca = await RELAY_POOL.run(lambda: (settings.server_cert_path.read_text(encoding="ascii"),
+                                                      settings.server_key_path.read_bytes(),
+                                                      settings.ca_cert_path.read_text(encoding="ascii")))
+        link, task = await open_link(relay, address, link_tls_context(ca), cert, key, new_id(TUNNEL))
+        self.links[relay] = link
+        self.links_opened += 1
+        log.info("link to relay %s at %s open", relay, address)
+
+        def ended(_task: asyncio.Task[None]) -> None:
+            if self.links.get(relay) is link:
+                del self.links[relay]
+            _, reason, _ = link.close_reason or (ErrorCode.CANCEL, "closed", False)
+            log.info("link to relay %s closed: %s", relay, reason)
+
+        task.add_done_callback(ended)
+        return link
+
+    # -- both ----------------------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.directory.run()), loop.create_task(self._recheck())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(link.close(ErrorCode.NO_ERROR, "relay shutting down") for link in list(self.links.values())),
+                             return_exceptions=True)
+        await self.directory.close()

@@ -1,0 +1,78 @@
+"""One controller and two relay processes on one shared store (SQLite or PostgreSQL), a binder on relay B, a dialer on relay A."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from controller.store import Store
+from tests.e2e.harness import Process, read_status, wait_until
+from tests.e2e.relay_harness import RelayProcess, RoleController
+from tests.e2e.test_walking_skeleton import enroll_gateway
+
+
+def agent_config(path: Path, state: Path, relay: RelayProcess, binds: dict[str, int] | None = None,
+                 dials: dict[str, int] | None = None, then: tuple[RelayProcess, ...] = ()) -> Path:
+    """An agent config that prefers ``relay``, then ``then`` (the controller's list names every relay)."""
+    preferred = ", ".join(f'"{r.address}"' for r in (relay, *then))
+    lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', "",
+             "[link]", f"prefer_relays = [{preferred}]", ""]
+    for service, port in (binds or {}).items():
+        lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
+    for service, port in (dials or {}).items():
+        lines += ["[[dial]]", f'service = "{service}"', f'listen = "127.0.0.1:{port}"', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, **kwargs: Any) -> Process:
+    config = agent_config(tmp_path / f"{name}.toml", state, relay, **kwargs)
+    agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
+    wait_until(lambda: read_status(state).get("state") == "connected" and read_status(state).get("relay") == relay.url,
+               what=f"{name} connected to relay {relay.name}")
+    return agent
+
+
+class StoreRelay(RelayProcess):
+    """A relay process on the store ``store_url`` names (PostgreSQL), or on the controller's SQLite file (None)."""
+
+    def __init__(self, controller: RoleController, tmp_path: Path, name: str, store_url: str | None = None) -> None:
+        self.store_url = store_url
+        super().__init__(controller, tmp_path, name)
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = super().argv(*extra)
+        if self.store_url is not None:
+            argv[argv.index("--store") + 1] = self.store_url
+        return argv
+
+
+def controller_on(data: Path, store_url: str | None) -> RoleController:
+    controller = RoleController(data, "controller", 0, *(("--store", store_url) if store_url else ()))
+    controller.store_location = store_url or data / "store.sqlite3"  # type: ignore[attr-defined]
+    return controller
+
+
+def store_rows(controller: RoleController, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple]:
+    """Rows of the controller's store, on either engine (the store's own ``?`` dialect)."""
+    store = Store(getattr(controller, "store_location", controller.data / "store.sqlite3"))
+    try:
+        return [tuple(row[key] for key in row.keys()) for row in store.query(sql, parameters)]
+    finally:
+        store.close()
+
+
+def audit_events(controller: RoleController, event: str) -> list[dict]:
+    return [json.loads(fields) for (fields,) in store_rows(
+        controller, "SELECT fields FROM audit WHERE event = ? ORDER BY id", (event,))]
+
+
+def hosted(controller: RoleController, relay: str, service: str) -> bool:
+    return bool(store_rows(controller, "SELECT 1 FROM relay_services WHERE relay = ? AND service = ?",
+                           (relay, service)))
+
+
+__all__ = ["RelayProcess", "RoleController", "StoreRelay", "agent_config", "audit_events", "controller_on",
+           "enroll_gateway", "hosted", "start_agent_on", "store_rows"]
