@@ -36,7 +36,7 @@ class StreamHost(Protocol):
 #: Where a spliced stream's received bytes go on at once, from the task that received them:
 #: False when it cannot take them now (the reader's pump carries them later, in order), True
 #: when it took them, or the tunnel that queued them and must flush.
-Sink = collections.abc.Callable[[bytes], bool | StreamHost]
+Sink = collections.abc.Callable[[bytes | memoryview], bool | StreamHost]
 
 
 class ChannelReset(Exception):
@@ -84,7 +84,7 @@ class StreamChannel:
         self._sink = sink
 
     # -- called by the tunnel on events --------------------------------
-    def _on_data(self, data: bytes) -> StreamHost | None:
+    def _on_data(self, data: bytes | memoryview) -> StreamHost | None:
         """Hand ``data`` on: to the sink at once where it can take it, else to the reader.
 
         Returns the tunnel the sink queued the data on, which the caller flushes.
@@ -100,7 +100,8 @@ class StreamChannel:
                 self._owed += len(data)
                 self._acknowledge()
                 return None if taken is True else taken
-        self._chunks.append(data)
+        # Kept for the reader: a view would hold the whole received chunk for as long (DataReceived).
+        self._chunks.append(data if type(data) is bytes else bytes(data))
         self._readable.set()
         return None
 
@@ -240,7 +241,7 @@ class StreamChannel:
         if queued:
             await self._host.flush()
 
-    def pass_on(self, data: bytes) -> bool:
+    def pass_on(self, data: bytes | memoryview) -> bool:
         """Queue ``data`` on this stream now if its window takes all of it and no write of its own is waiting.
 
         The caller flushes this stream's tunnel afterwards; False leaves ``data`` with the caller.
@@ -258,7 +259,7 @@ class StreamChannel:
         """This stream as another stream's sink: bytes it takes are queued here and this tunnel flushes them."""
         host = self._host
 
-        def sink(data: bytes) -> bool | StreamHost:
+        def sink(data: bytes | memoryview) -> bool | StreamHost:
             return host if self.pass_on(data) else False
 
         return sink

@@ -44,7 +44,7 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
 def socket_sink(transport: asyncio.WriteTransport) -> Sink:
     """A local TCP connection as a stream's sink: bytes go straight to its transport while its buffer is low."""
 
-    def sink(data: bytes) -> bool:
+    def sink(data: bytes | memoryview) -> bool:
         if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
             return False  # the pump writes it and waits for the socket to drain
         transport.write(data)
