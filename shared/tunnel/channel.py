@@ -32,6 +32,12 @@ class StreamHost(Protocol):
         """Send what the core has queued, from another tunnel's task: at once while this tunnel's
         writing is free, else soon from its own (a slow tunnel must not hold up the one forwarding to it)."""
 
+    def can_flush_nowait(self) -> bool:
+        """True when ``flush_nowait`` would send at once."""
+
+    def flush_nowait(self) -> None:
+        """Send what the core has queued now, from a callback that cannot await."""
+
 
 #: Where a spliced stream's received bytes go on at once, from the task that received them:
 #: False when it cannot take them now (the reader's pump carries them later, in order), True
@@ -253,6 +259,16 @@ class StreamChannel:
             conn.send_data(self.stream_id, data)
         except LocalProtocolError:
             return False  # ended or closed in between: the reader's pump meets it and says so
+        return True
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send ``data`` now from a callback that cannot await (a local connection's reader), when that
+        can be done in order and whole: no write of this stream's waits, the window takes it, and the
+        tunnel writes at once. False leaves ``data`` with the caller (its pump sends it)."""
+        host = self._host
+        if not host.can_flush_nowait() or not self.pass_on(data):
+            return False
+        host.flush_nowait()
         return True
 
     def as_sink(self) -> Sink:

@@ -189,6 +189,23 @@ class TunnelSession:
         else:
             await self.flush()
 
+    def can_flush_nowait(self) -> bool:
+        """True when ``flush_nowait`` sends at once: nothing of this tunnel's is being written, the
+        connection takes more, and its transport writes without awaiting (TLS, not a WebSocket)."""
+        return (self.transport.writes_nowait and not self._send_lock.locked() and not self._aborted
+                and not self._write_congested())
+
+    def flush_nowait(self) -> None:
+        """Send what the core queued now, from a callback that cannot await; only after ``can_flush_nowait``."""
+        data = self.conn.data_to_send()
+        if data:
+            try:
+                self.transport.write_nowait(data)
+            except (ConnectionError, RuntimeError) as exc:
+                self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
+                return
+        self._rearm_timer_if_earlier()
+
     def _write_congested(self) -> bool:
         return self.transport.congested()
 

@@ -93,6 +93,8 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
     """
     channel.set_sink(socket_sink(writer.transport))
     local = take_over(reader, writer)
+    if local is not None:
+        local.set_direct(channel.send_nowait)
     reading = pump_socket_to_stream(reader, channel) if local is None else pump_local_to_stream(local, channel)
     pending = {asyncio.ensure_future(reading),
                asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
@@ -115,6 +117,8 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
             reset_connection(writer.transport)
     finally:
         channel.set_sink(None)
+        if local is not None:
+            local.set_direct(None)
         for task in pending | {reset}:
             task.cancel()
         writer.close()

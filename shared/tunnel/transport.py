@@ -131,6 +131,14 @@ class Transport:
         """True when the write buffer is at its high-water mark (or the connection is gone)."""
         raise NotImplementedError
 
+    #: True when ``write_nowait`` works: a WebSocket's writes are coroutines.
+    writes_nowait = False
+
+    def write_nowait(self, data: bytes) -> None:
+        """Hand ``data`` to the connection now, from a callback that cannot await (see ``writes_nowait``);
+        ConnectionError when it is closed."""
+        raise NotImplementedError
+
     @property
     def closed(self) -> bool:
         """True once the connection is closed or closing (an orderly close would find nothing to do)."""
@@ -203,6 +211,13 @@ class StreamTransport(Transport):
             await writer.wait_closed()
         except (ConnectionError, ssl.SSLError, OSError):
             pass
+
+    writes_nowait = True
+
+    def write_nowait(self, data: bytes) -> None:
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self.writer.write(data)
 
     def abort(self) -> None:
         reset_connection(self.writer.transport)
