@@ -172,7 +172,11 @@ class TunnelSession:
         while True:
             onward = await self._dispatch(events)
             self._rearm_timer_if_earlier()
-            await self.flush()
+            if conn.wants_to_send:  # most messages queue nothing here: no flush, no lock
+                if self.can_flush_nowait():
+                    self.flush_nowait()
+                else:
+                    await self.flush()
             for host in onward:
                 await host.flush_for_peer()
             if not conn.input_pending or conn.closed:
@@ -184,7 +188,9 @@ class TunnelSession:
     async def flush_for_peer(self) -> None:
         """Flush from another tunnel's task: inline while this tunnel's writing is free and uncongested,
         else from a task of its own, so that a slow tunnel never holds up the one forwarding to it."""
-        if self._send_lock.locked() or self._aborted or self._write_congested():
+        if self.can_flush_nowait():
+            self.flush_nowait()  # no lock or drain to wait for: the common case
+        elif self._send_lock.locked() or self._aborted or self._write_congested():
             self.schedule_flush()
         else:
             await self.flush()

@@ -159,3 +159,29 @@ def test_a_payload_kept_for_a_reader_is_bytes_of_its_own_not_a_view_of_the_chunk
 
     kept = run(scenario)
     assert kept and set(kept) == {bytes}
+
+
+def test_a_message_received_with_nothing_to_answer_takes_no_flush() -> None:
+    """The agent's end receives 300 responses: none queues anything to send, so none awaits a flush (its lock,
+    its drain); and its requests leave from the read callback, so the tunnel's async flush is not used at all."""
+    async def scenario() -> int:
+        async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
+            writer.write(b"warm-up")
+            assert await reader.readexactly(7) == b"warm-up"
+            flushes = 0
+            flush = agent.flush
+
+            async def counted() -> None:
+                nonlocal flushes
+                flushes += 1
+                await flush()
+
+            agent.flush = counted  # type: ignore[method-assign]
+            for n in range(ROUND_TRIPS):
+                request = n.to_bytes(8, "big") * 8
+                writer.write(request)
+                assert await reader.readexactly(64) == request
+            return flushes
+
+    flushes = run(scenario)
+    assert flushes <= MOST_PUMP_WRITES, f"{flushes} flushes for {ROUND_TRIPS} round trips"
