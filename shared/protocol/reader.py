@@ -28,6 +28,7 @@ FrameHandler = Callable[[int, int, bytes, list[Event]], None]
 DataHandler = Callable[[int, int, "bytes | memoryview", list[Event]], None]
 
 _DATA = int(FrameType.DATA)
+_WINDOW = int(FrameType.WINDOW)
 _unpack_header = HEADER.unpack_from
 #: ``feed``'s frame limit when the caller sets none: more frames than any buffer holds.
 _NO_LIMIT = 1 << 62
@@ -108,6 +109,22 @@ class FrameReader:
                     return
         if pos < end:
             self.pending = bytearray(view[pos:])
+
+    def only_stream_frames(self, data: bytes, max_frames: int) -> bool:
+        """True when ``data`` holds nothing but DATA and WINDOW frames (the last may be incomplete), at most
+        ``max_frames``, and nothing is left from before: feeding it yields only stream data events."""
+        if self.pending or self.backlog is not None:
+            return False
+        end = len(data)
+        pos = 0
+        frames = 0
+        while end - pos >= HEADER_SIZE:
+            frame_type, _, _, length = _unpack_header(data, pos)
+            frames += 1
+            if (frame_type != _DATA and frame_type != _WINDOW) or frames > max_frames:
+                return False
+            pos += HEADER_SIZE + length
+        return True
 
     def _check_header(self, buffer: Any, offset: int) -> tuple[int, int, int, int]:
         frame_type, flags, stream_id, length = _unpack_header(buffer, offset)

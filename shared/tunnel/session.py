@@ -79,6 +79,8 @@ class TunnelSession:
             self.transport = WebSocketTransport(link)
             self.ws = link
         self.loop = asyncio.get_running_loop()
+        if self.transport.writes_nowait:
+            self.transport.set_receiver(self.receive_nowait)
         self.streams: dict[int, StreamChannel] = {}
         self._send_lock = asyncio.Lock()
         self._timer_changed = asyncio.Event()
@@ -230,54 +232,97 @@ class TunnelSession:
         """Act on ``events``; returns the other tunnels that spliced streams queued bytes on, to flush."""
         onward: list[StreamHost] = []
         for event in events:
-            if type(event) is DataReceived:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    host = channel._on_data(event.data)
-                    if host is not None and host not in onward:
-                        onward.append(host)
-                else:
-                    self.conn.acknowledge_received(event.stream_id, len(event.data))
-            elif type(event) is WindowUpdated:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_window()
-            elif type(event) is StreamEnded:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_end()
-            elif type(event) is StreamAccepted:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_accepted()
-            elif type(event) is StreamReset:
-                channel = self.streams.pop(event.stream_id, None)
-                if not event.remote:
-                    log.warning("stream %d (%s) reset: %s", event.stream_id,
-                                channel.service if channel is not None else "?", event.reason)
-                if channel is not None:
-                    channel._on_reset(event.code, event.reason)
-            elif type(event) is StreamOpened:
-                channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
-                self.streams[event.stream_id] = channel
-                self.spawn(self.on_stream_opened(channel))
-            elif type(event) is PongReceived:
-                self.on_pong(event.rtt)
-            elif type(event) is ReportReceived:
-                self.on_report(event)
-            elif type(event) is ConnectionTerminated:
-                self._terminate(event.code, event.reason, event.remote)
-            elif type(event) is ChallengeReceived:
-                await self.on_challenge(event)
-            elif type(event) is AuthReceived:
-                await self.on_auth(event)
-            elif type(event) is Authenticated:
-                await self.on_authenticated(event)
-            elif type(event) is BindRequested:
-                await self.on_bind_requested(event)
-            elif type(event) is BindCompleted:
-                await self.on_bind_completed(event)
+            if not self._handle(event, onward):
+                await self._handle_handshake(event)
         return onward
+
+    def _handle(self, event: Event, onward: list[StreamHost]) -> bool:
+        """Act on every kind of event but the handshake's (False: the caller awaits its hook)."""
+        if type(event) is DataReceived:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                host = channel._on_data(event.data)
+                if host is not None and host not in onward:
+                    onward.append(host)
+            else:
+                self.conn.acknowledge_received(event.stream_id, len(event.data))
+        elif type(event) is WindowUpdated:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_window()
+        elif type(event) is StreamEnded:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_end()
+        elif type(event) is StreamAccepted:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_accepted()
+        elif type(event) is StreamReset:
+            channel = self.streams.pop(event.stream_id, None)
+            if not event.remote:
+                log.warning("stream %d (%s) reset: %s", event.stream_id,
+                            channel.service if channel is not None else "?", event.reason)
+            if channel is not None:
+                channel._on_reset(event.code, event.reason)
+        elif type(event) is StreamOpened:
+            channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
+            self.streams[event.stream_id] = channel
+            self.spawn(self.on_stream_opened(channel))
+        elif type(event) is PongReceived:
+            self.on_pong(event.rtt)
+        elif type(event) is ReportReceived:
+            self.on_report(event)
+        elif type(event) is ConnectionTerminated:
+            self._terminate(event.code, event.reason, event.remote)
+        else:
+            return False
+        return True
+
+    async def _handle_handshake(self, event: Event) -> None:
+        if type(event) is ChallengeReceived:
+            await self.on_challenge(event)
+        elif type(event) is AuthReceived:
+            await self.on_auth(event)
+        elif type(event) is Authenticated:
+            await self.on_authenticated(event)
+        elif type(event) is BindRequested:
+            await self.on_bind_requested(event)
+        elif type(event) is BindCompleted:
+            await self.on_bind_completed(event)
+
+    def receive_nowait(self, data: bytes) -> bool:
+        """Handle ``data`` now, in the transport's callback, while the reading task waits idle: only bytes
+        that are stream data alone (``Connection.only_stream_data``), whose handling never waits. A task
+        wake per message saved; False leaves ``data`` to the reading task, in order."""
+        conn = self.conn
+        if not conn.only_stream_data(data, FRAMES_PER_TURN):
+            return False
+        try:
+            events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
+        except RemoteProtocolError as exc:
+            # Closed now, its GOAWAY queued: the reading task gets the bytes too, finds the connection
+            # closed and ends the tunnel as for any protocol error.
+            log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
+            self._terminate(exc.code, str(exc), True)
+            return False
+        self.ws_bytes_received += len(data)
+        onward: list[StreamHost] = []
+        for event in events:
+            self._handle(event, onward)
+        self._rearm_timer_if_earlier()
+        if conn.wants_to_send:
+            self._flush_soon(self)
+        for host in onward:
+            self._flush_soon(host)
+        return True
+
+    @staticmethod
+    def _flush_soon(host: StreamHost) -> None:
+        if host.can_flush_nowait():
+            host.flush_nowait()
+        else:
+            host.schedule_flush()
 
     def _timer_fired(self) -> None:
         self._timer_due = True

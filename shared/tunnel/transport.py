@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import ssl
 from typing import Any
 
@@ -51,6 +52,8 @@ class TunnelReader(asyncio.StreamReader):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._held = 0
         self._chunked = False
+        #: offered each chunk first while ``read_chunk`` waits with nothing queued (``StreamTransport.set_receiver``)
+        self.direct: collections.abc.Callable[[bytes], bool] | None = None
 
     def start_chunks(self) -> None:
         """From now on ``read_chunk`` reads; what the stream already buffered comes first."""
@@ -69,6 +72,10 @@ class TunnelReader(asyncio.StreamReader):
             return
         base: Any = self
         chunk = data if type(data) is bytes else bytes(data)
+        direct = self.direct
+        # Only while the reading task waits with nothing in hand, so these bytes cannot overtake earlier ones.
+        if direct is not None and base._waiter is not None and not self._chunks and direct(chunk):
+            return
         self._chunks.append(chunk)
         self._held += len(chunk)
         base._wakeup_waiter()
@@ -131,8 +138,13 @@ class Transport:
         """True when the write buffer is at its high-water mark (or the connection is gone)."""
         raise NotImplementedError
 
-    #: True when ``write_nowait`` works: a WebSocket's writes are coroutines.
+    #: True when ``write_nowait`` and ``set_receiver`` work: a WebSocket's writes are coroutines.
     writes_nowait = False
+
+    def set_receiver(self, receiver: collections.abc.Callable[[bytes], bool] | None) -> None:
+        """Offer received bytes to ``receiver`` first, in the transport's callback, while ``receive`` waits
+        with nothing queued: True when it handled them (``receive`` never sees them), False queues them."""
+        raise NotImplementedError
 
     def write_nowait(self, data: bytes) -> None:
         """Hand ``data`` to the connection now, from a callback that cannot await (see ``writes_nowait``);
@@ -213,6 +225,10 @@ class StreamTransport(Transport):
             pass
 
     writes_nowait = True
+
+    def set_receiver(self, receiver: collections.abc.Callable[[bytes], bool] | None) -> None:
+        if isinstance(self.reader, TunnelReader):
+            self.reader.direct = receiver
 
     def write_nowait(self, data: bytes) -> None:
         if self.writer.transport.is_closing():

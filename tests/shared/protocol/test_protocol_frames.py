@@ -341,3 +341,19 @@ def test_a_payload_received_in_a_buffer_the_caller_may_reuse_is_copied(pair: Pai
     assert isinstance(event, DataReceived) and type(event.data) is bytes
     buffer[-1:] = b"y"
     assert event.data == b"x" * 40_000
+
+
+def test_only_stream_data_tells_bytes_whose_handling_never_waits(pair: Pair) -> None:
+    stream_id = pair.agent.open_stream("svc")
+    pair.pump()
+    data = raw_frame(FrameType.DATA, stream_id, b"abc") + raw_frame(FrameType.WINDOW, stream_id, b"\x00\x00\x01\x00")
+    ping = raw_frame(FrameType.PING, 0, bytes(8))
+
+    assert pair.relay.only_stream_data(data, 10)
+    assert pair.relay.only_stream_data(data + raw_frame(FrameType.DATA, stream_id, b"xyz")[:12], 10)  # partial last
+    assert not pair.relay.only_stream_data(data + ping, 10)
+    assert not pair.relay.only_stream_data(data, 1)  # more frames than one turn handles
+    pair.relay.receive_data(raw_frame(FrameType.DATA, stream_id, b"xyz")[:5], pair.now)  # a frame left incomplete
+    assert not pair.relay.only_stream_data(data, 10)
+    unauthenticated = make_pair(authenticate=False)
+    assert not unauthenticated.relay.only_stream_data(data, 10)

@@ -185,3 +185,47 @@ def test_a_message_received_with_nothing_to_answer_takes_no_flush() -> None:
 
     flushes = run(scenario)
     assert flushes <= MOST_PUMP_WRITES, f"{flushes} flushes for {ROUND_TRIPS} round trips"
+
+
+def test_a_response_is_handled_in_the_read_callback_without_waking_the_reading_task() -> None:
+    async def scenario() -> int:
+        async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
+            writer.write(b"warm-up")
+            assert await reader.readexactly(7) == b"warm-up"
+            wakes = 0
+            receive = agent._receive
+
+            async def counted(data: bytes) -> None:
+                nonlocal wakes
+                wakes += 1
+                await receive(data)
+
+            agent._receive = counted  # type: ignore[method-assign]
+            for n in range(ROUND_TRIPS):
+                request = n.to_bytes(8, "big") * 8
+                writer.write(request)
+                assert await reader.readexactly(64) == request
+            return wakes
+
+    wakes = run(scenario)
+    assert wakes <= MOST_PUMP_WRITES, f"the reading task woke {wakes} times for {ROUND_TRIPS} responses"
+
+
+def test_a_flow_control_violation_handled_in_the_callback_still_ends_the_tunnel_with_its_reason() -> None:
+    from shared.protocol import ErrorCode
+    from shared.protocol.frames import FrameType, encode_frame
+
+    async def scenario() -> tuple[Any, bool]:
+        async with stream_tunnel() as (relay, agent):
+            outgoing = agent.open_stream("svc")
+            await outgoing.wait_accepted()
+            await relay.next_stream()
+            too_much = encode_frame(FrameType.DATA, 0, outgoing.stream_id, b"z" * (64 * 1024))
+            assert relay.transport.write_nowait is not None
+            for _ in range(40):  # 2.5 MiB on a 2 MiB window
+                relay.transport.writer.write(too_much)  # type: ignore[attr-defined]
+            await asyncio.wait_for(agent.closed.wait(), 10)
+            return agent.close_reason, agent.conn.closed
+
+    reason, closed = run(scenario)
+    assert closed and reason is not None and reason[0] is ErrorCode.FLOW_CONTROL_ERROR
