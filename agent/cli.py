@@ -7,7 +7,6 @@ clock for the user. Every expected failure is printed as one line,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -15,7 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.config import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, with_environment_proxy
 from agent.config_file import load_config
@@ -26,20 +26,26 @@ from agent.status_view import format_status, status_report
 from shared import __version__
 from shared.utc import format_utc
 
+if TYPE_CHECKING:
+    import argparse
+
 PROG = "outpost-agent"
 #: Exit code for Ctrl-C, as a shell reports a process killed by SIGINT.
 EXIT_INTERRUPTED = 130
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes the way every other error is reported."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: {message}; see '{PROG} --help'", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here: argparse checks each option with a help formatter, which imports shutil, bz2 and lzma
+    # (0.7 MiB that the daemon would keep for its whole life); ``run`` as systemd starts it needs none of it.
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse that reports usage mistakes the way every other error is reported."""
+
+        def error(self, message: str) -> NoReturn:
+            print(f"{PROG}: {message}; see '{PROG} --help'", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+
     parser = _Parser(prog=PROG, description="Outpost gateway agent")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -73,8 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def daemon_arguments(argv: Sequence[str]) -> SimpleNamespace | None:
+    """``run``, ``run --config FILE`` or ``run --config=FILE`` (how the service unit starts the agent), read
+    without argparse; None for anything else, which the full parser reads (and explains when wrong)."""
+    if not argv or argv[0] != "run":
+        return None
+    rest = list(argv[1:])
+    if not rest:
+        return SimpleNamespace(command="run", config=DEFAULT_CONFIG_PATH)
+    if len(rest) == 1 and rest[0].startswith("--config="):
+        value = rest[0].partition("=")[2]
+    elif len(rest) == 2 and rest[0] == "--config":
+        value = rest[1]
+    else:
+        return None
+    if not value or value.startswith("-"):
+        return None  # argparse says what is wrong with it
+    return SimpleNamespace(command="run", config=Path(value))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args: Any = daemon_arguments(given) or build_parser().parse_args(given)
     try:
         if args.command == "enroll":
             return cmd_enroll(args)

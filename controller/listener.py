@@ -44,7 +44,7 @@ from controller.admission import (
     cap_key,
 )
 from shared.protocol import TUNNEL_ALPN
-from shared.tunnel.transport import STREAM_BUFFER_LIMIT, StreamTransport
+from shared.tunnel.transport import StreamTransport, TunnelReader
 
 #: Serves one tunnel on TLS directly: the stream, the peer's address, and what marks it authenticated.
 TunnelHandler = Callable[[StreamTransport, str, Callable[[], None]], Coroutine[Any, Any, None]]
@@ -217,7 +217,7 @@ class GuardedConnection(asyncio.Protocol):
         # No request head to wait for: the core's AUTH deadline bounds an unauthenticated tunnel.
         self.stage = Stage.REQUEST
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=STREAM_BUFFER_LIMIT)
+        reader = TunnelReader()
         handler = asyncio.StreamReaderProtocol(reader)
         self._handler = handler
         handler.connection_made(transport)

@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import (
@@ -71,6 +70,9 @@ CONNECT_TIMEOUT = 30.0
 #: How long a relay that needed the WebSocket is reached by WebSocket before TLS is tried again:
 #: a network that passes only HTTP seldom changes, and one extra connection an hour is cheap.
 FALLBACK_HOLD = 3600.0
+#: The status a relay refuses a WebSocket upgrade with when it is busy (then Retry-After says when to
+#: come back); a plain number, since the http module's enum is 60 KiB in an agent that never needs the rest.
+SERVICE_UNAVAILABLE = 503
 #: ``[link] transport`` values.
 TRANSPORTS = ("auto", "tls", "websocket")
 #: The longest wait a relay's Retry-After may ask for: a relay restarting under 10,000 tunnels spreads them
@@ -201,7 +203,7 @@ def retry_after_of(error: aiohttp.WSServerHandshakeError) -> float | None:
 
     An absurd value is held to MAX_RETRY_AFTER: a relay must not park its fleet for hours by a typo.
     """
-    if error.status != HTTPStatus.SERVICE_UNAVAILABLE or error.headers is None:
+    if error.status != SERVICE_UNAVAILABLE or error.headers is None:
         return None
     value = error.headers.get("Retry-After", "")
     if not value.isdigit():

@@ -12,7 +12,7 @@ nothing changes sends one per tunnel and one per certificate renewal.
 from __future__ import annotations
 
 import logging
-import platform
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +67,9 @@ def operating_system(os_release: Path = OS_RELEASE) -> str:
                 return line.partition("=")[2].strip().strip('"')
     except OSError:
         pass
-    return f"{platform.system()} {platform.release()}".strip()
+    # os.uname, not the platform module: the same answer on Linux without 0.1 MiB more in every agent.
+    uname = os.uname()
+    return f"{uname.sysname} {uname.release}".strip()
 
 
 def static_facts(uri: str, link_profile: str | None, keepalive_s: float | None, key_backend: str) -> dict[str, Any]:
@@ -76,7 +78,7 @@ def static_facts(uri: str, link_profile: str | None, keepalive_s: float | None, 
         "identity": uri,
         "agent_version": __version__,
         "os": _text(operating_system()),
-        "arch": _text(platform.machine() or None),
+        "arch": _text(os.uname().machine or None),
         "link_profile": link_profile,
         "keepalive_s": keepalive_s,
         "key_backend": key_backend,

@@ -17,7 +17,7 @@ from agent.errors import ControllerUnreachable, ProxyFailed, TrustError
 from agent.identity.tls_trust import describe_network_error
 from agent.proxy import ProxyRoute, ProxySettings
 from shared.protocol import TUNNEL_ALPN
-from shared.tunnel.transport import STREAM_BUFFER_LIMIT, StreamTransport
+from shared.tunnel.transport import StreamTransport, open_tunnel_connection
 
 #: A proxy's answer to CONNECT is a status line and a few headers; more than this is not a proxy.
 MAX_PROXY_ANSWER = 16 * 1024
@@ -48,7 +48,7 @@ async def _connect_through(route: ProxyRoute, host: str, port: int, who: str
                            ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     proxy = urlsplit(route.url)
     try:
-        reader, writer = await asyncio.open_connection(proxy.hostname, proxy.port or 80, limit=STREAM_BUFFER_LIMIT)
+        reader, writer = await open_tunnel_connection(proxy.hostname or "", proxy.port or 80)
     except OSError as error:
         raise ProxyFailed(route.unreachable(describe_network_error(error))) from None
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -84,7 +84,7 @@ async def open_tls_link(relay_url: str, context: ssl.SSLContext, proxy: ProxySet
         reader, writer = await _connect_through(route, host, port, who)
     else:
         try:
-            reader, writer = await asyncio.open_connection(host, port, limit=STREAM_BUFFER_LIMIT)
+            reader, writer = await open_tunnel_connection(host, port)
         except OSError as error:
             raise NotReached(f"cannot reach the relay at {relay_url}: {describe_network_error(error)}") from None
     try:

@@ -283,6 +283,15 @@ class Connection:
             raise
         return events
 
+    def only_stream_data(self, data: bytes, max_frames: int) -> bool:
+        """True when ``receive_data(data, max_frames=max_frames)`` can yield only ``DataReceived``,
+        ``WindowUpdated``, ``StreamEnded`` and ``StreamReset`` events (or raise), and handles all of it:
+        the connection is open and authenticated, ``data`` holds only DATA and WINDOW frames, at most
+        ``max_frames``, and nothing is pending from before. Lets a caller handle such bytes where it
+        cannot wait for anything (the frames of a request or a response)."""
+        return (not self.closed and self._endpoint.authenticated
+                and self._reader.only_stream_frames(data, max_frames))
+
     @property
     def input_pending(self) -> bool:
         """True when ``receive_data`` stopped at its frame limit with whole frames still to handle."""

@@ -65,10 +65,15 @@ class StreamAccepted:
 
 @dataclass(frozen=True)
 class DataReceived:
-    """Bytes on a stream; pass their count to ``acknowledge_received`` once consumed."""
+    """Bytes on a stream; pass their count to ``acknowledge_received`` once consumed.
+
+    A large payload is a read-only view into the received chunk (no copy):
+    pass it on at once, or take ``bytes(data)`` to keep it, so that a kept
+    payload never holds a chunk many times its size.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)

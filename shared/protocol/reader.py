@@ -8,7 +8,7 @@ payload is kept: an oversized or unknown frame fails at its header.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from shared.protocol.endpoint import Endpoint
 from shared.protocol.errors import ErrorCode, RemoteProtocolError
@@ -24,11 +24,18 @@ from shared.protocol.frames import (
 
 #: What handles one received frame: (flags, stream id, payload, events to append to).
 FrameHandler = Callable[[int, int, bytes, list[Event]], None]
+#: DATA's handler, which may be given a view (``VIEW_SHARE``).
+DataHandler = Callable[[int, int, "bytes | memoryview", list[Event]], None]
 
 _DATA = int(FrameType.DATA)
+_WINDOW = int(FrameType.WINDOW)
 _unpack_header = HEADER.unpack_from
 #: ``feed``'s frame limit when the caller sets none: more frames than any buffer holds.
 _NO_LIMIT = 1 << 62
+#: A DATA payload is handed on as a view into the received chunk (not copied) when it is at least this
+#: share of the chunk (1/4): a view keeps its whole chunk alive until passed on, so one kept somewhere
+#: holds at most 4x its own size, while the 64 KiB frames of bulk data in 256 KiB reads are never copied.
+VIEW_SHARE = 4
 
 
 class FrameReader:
@@ -39,7 +46,7 @@ class FrameReader:
         assert not missing, f"no handler for {sorted(missing)}"
         self._endpoint = endpoint
         self._handlers = handlers
-        self._on_data = handlers[FrameType.DATA]  # the hot path skips the dispatch below
+        self._on_data = cast(DataHandler, handlers[FrameType.DATA])  # the hot path skips the dispatch below
         #: an incomplete frame, never more than one
         self.pending = bytearray()
         #: whole frames not handled yet because a call reached its frame limit, and what follows them
@@ -80,6 +87,8 @@ class FrameReader:
                 return
             frames = 1
         on_data = self._on_data
+        # Views only into bytes nobody changes: the caller's chunk, never a buffer of ours.
+        whole = len(view.obj) if type(view.obj) is bytes else _NO_LIMIT
         while end - pos >= HEADER_SIZE:
             if frames >= max_frames:
                 self.backlog = view[pos:] if isinstance(view.obj, bytes) else memoryview(view[pos:].tobytes())
@@ -91,15 +100,31 @@ class FrameReader:
             if stop > end:
                 break
             pos = stop
-            payload = view[start:stop].tobytes()
             if frame_type == _DATA and endpoint.authenticated:
-                on_data(flags, stream_id, payload, events)
+                on_data(flags, stream_id, view[start:stop] if length * VIEW_SHARE >= whole else
+                        view[start:stop].tobytes(), events)
             else:
-                self._dispatch(frame_type, flags, stream_id, payload, events)
+                self._dispatch(frame_type, flags, stream_id, view[start:stop].tobytes(), events)
                 if endpoint.closed:
                     return
         if pos < end:
             self.pending = bytearray(view[pos:])
+
+    def only_stream_frames(self, data: bytes, max_frames: int) -> bool:
+        """True when ``data`` holds nothing but DATA and WINDOW frames (the last may be incomplete), at most
+        ``max_frames``, and nothing is left from before: feeding it yields only stream data events."""
+        if self.pending or self.backlog is not None:
+            return False
+        end = len(data)
+        pos = 0
+        frames = 0
+        while end - pos >= HEADER_SIZE:
+            frame_type, _, _, length = _unpack_header(data, pos)
+            frames += 1
+            if (frame_type != _DATA and frame_type != _WINDOW) or frames > max_frames:
+                return False
+            pos += HEADER_SIZE + length
+        return True
 
     def _check_header(self, buffer: Any, offset: int) -> tuple[int, int, int, int]:
         frame_type, flags, stream_id, length = _unpack_header(buffer, offset)

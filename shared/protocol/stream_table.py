@@ -115,8 +115,8 @@ class StreamTable:
             new_state = stream.take(StreamInput.SEND_FIN, new_state)
         if not size and not end_stream:
             return
-        if type(data) is not bytes:
-            data = bytes(data)  # the caller may reuse its buffer before we are flushed
+        if type(data) is not bytes and not (type(data) is memoryview and type(data.obj) is bytes):
+            data = bytes(data)  # the caller may reuse its buffer before we are flushed; a view of bytes is fixed
         endpoint = self._endpoint
         out = endpoint.out
         chunk = endpoint.limits.max_send_payload
@@ -181,7 +181,7 @@ class StreamTable:
             self._endpoint.queue_frame(FrameType.WINDOW, 0, stream_id, U32.pack(increment))
 
     # -- received (frame handlers: flags, stream id, payload, events) ----------------
-    def on_data(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
+    def on_data(self, flags: int, stream_id: int, payload: bytes | memoryview, events: list[Event]) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             self._data_without_stream(stream_id)

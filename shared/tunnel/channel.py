@@ -32,11 +32,17 @@ class StreamHost(Protocol):
         """Send what the core has queued, from another tunnel's task: at once while this tunnel's
         writing is free, else soon from its own (a slow tunnel must not hold up the one forwarding to it)."""
 
+    def can_flush_nowait(self) -> bool:
+        """True when ``flush_nowait`` would send at once."""
+
+    def flush_nowait(self) -> None:
+        """Send what the core has queued now, from a callback that cannot await."""
+
 
 #: Where a spliced stream's received bytes go on at once, from the task that received them:
 #: False when it cannot take them now (the reader's pump carries them later, in order), True
 #: when it took them, or the tunnel that queued them and must flush.
-Sink = collections.abc.Callable[[bytes], bool | StreamHost]
+Sink = collections.abc.Callable[[bytes | memoryview], bool | StreamHost]
 
 
 class ChannelReset(Exception):
@@ -84,7 +90,7 @@ class StreamChannel:
         self._sink = sink
 
     # -- called by the tunnel on events --------------------------------
-    def _on_data(self, data: bytes) -> StreamHost | None:
+    def _on_data(self, data: bytes | memoryview) -> StreamHost | None:
         """Hand ``data`` on: to the sink at once where it can take it, else to the reader.
 
         Returns the tunnel the sink queued the data on, which the caller flushes.
@@ -100,7 +106,8 @@ class StreamChannel:
                 self._owed += len(data)
                 self._acknowledge()
                 return None if taken is True else taken
-        self._chunks.append(data)
+        # Kept for the reader: a view would hold the whole received chunk for as long (DataReceived).
+        self._chunks.append(data if type(data) is bytes else bytes(data))
         self._readable.set()
         return None
 
@@ -240,7 +247,7 @@ class StreamChannel:
         if queued:
             await self._host.flush()
 
-    def pass_on(self, data: bytes) -> bool:
+    def pass_on(self, data: bytes | memoryview) -> bool:
         """Queue ``data`` on this stream now if its window takes all of it and no write of its own is waiting.
 
         The caller flushes this stream's tunnel afterwards; False leaves ``data`` with the caller.
@@ -254,11 +261,21 @@ class StreamChannel:
             return False  # ended or closed in between: the reader's pump meets it and says so
         return True
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Send ``data`` now from a callback that cannot await (a local connection's reader), when that
+        can be done in order and whole: no write of this stream's waits, the window takes it, and the
+        tunnel writes at once. False leaves ``data`` with the caller (its pump sends it)."""
+        host = self._host
+        if not host.can_flush_nowait() or not self.pass_on(data):
+            return False
+        host.flush_nowait()
+        return True
+
     def as_sink(self) -> Sink:
         """This stream as another stream's sink: bytes it takes are queued here and this tunnel flushes them."""
         host = self._host
 
-        def sink(data: bytes) -> bool | StreamHost:
+        def sink(data: bytes | memoryview) -> bool | StreamHost:
             return host if self.pass_on(data) else False
 
         return sink

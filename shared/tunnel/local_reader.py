@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 from typing import cast
 
 # What one read takes from the kernel: the core's largest DATA frame, so a busy
@@ -39,6 +40,13 @@ class LocalReader(asyncio.BufferedProtocol):
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        #: where a read goes at once while the pump waits idle with nothing queued (``set_direct``)
+        self._direct: collections.abc.Callable[[bytes], bool] | None = None
+
+    def set_direct(self, direct: collections.abc.Callable[[bytes], bool] | None) -> None:
+        """Offer each read to ``direct`` first while the pump waits idle with nothing queued: True when it
+        took the bytes, which then never wake the pump (a task step per message saved); False queues them."""
+        self._direct = direct
 
     @property
     def unread(self) -> int:
@@ -50,7 +58,15 @@ class LocalReader(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._chunks.append(bytes(self._view[:nbytes]))
+        chunk = bytes(self._view[:nbytes])
+        direct = self._direct
+        # Only while the pump waits with nothing in hand, so these bytes cannot overtake earlier ones; and
+        # only a read that emptied the socket (a message, not a bulk transfer's full buffer, where the pump
+        # gathers several reads into one write).
+        if (direct is not None and nbytes < READ_BUFFER_SIZE and self._waiter is not None and not self._chunks
+                and direct(chunk)):
+            return
+        self._chunks.append(chunk)
         self._unread += nbytes
         if self._unread >= MAX_UNREAD:
             self._transport.pause_reading()

@@ -79,6 +79,8 @@ class TunnelSession:
             self.transport = WebSocketTransport(link)
             self.ws = link
         self.loop = asyncio.get_running_loop()
+        if self.transport.writes_nowait:
+            self.transport.set_receiver(self.receive_nowait)
         self.streams: dict[int, StreamChannel] = {}
         self._send_lock = asyncio.Lock()
         self._timer_changed = asyncio.Event()
@@ -172,7 +174,11 @@ class TunnelSession:
         while True:
             onward = await self._dispatch(events)
             self._rearm_timer_if_earlier()
-            await self.flush()
+            if conn.wants_to_send:  # most messages queue nothing here: no flush, no lock
+                if self.can_flush_nowait():
+                    self.flush_nowait()
+                else:
+                    await self.flush()
             for host in onward:
                 await host.flush_for_peer()
             if not conn.input_pending or conn.closed:
@@ -184,10 +190,29 @@ class TunnelSession:
     async def flush_for_peer(self) -> None:
         """Flush from another tunnel's task: inline while this tunnel's writing is free and uncongested,
         else from a task of its own, so that a slow tunnel never holds up the one forwarding to it."""
-        if self._send_lock.locked() or self._aborted or self._write_congested():
+        if self.can_flush_nowait():
+            self.flush_nowait()  # no lock or drain to wait for: the common case
+        elif self._send_lock.locked() or self._aborted or self._write_congested():
             self.schedule_flush()
         else:
             await self.flush()
+
+    def can_flush_nowait(self) -> bool:
+        """True when ``flush_nowait`` sends at once: nothing of this tunnel's is being written, the
+        connection takes more, and its transport writes without awaiting (TLS, not a WebSocket)."""
+        return (self.transport.writes_nowait and not self._send_lock.locked() and not self._aborted
+                and not self._write_congested())
+
+    def flush_nowait(self) -> None:
+        """Send what the core queued now, from a callback that cannot await; only after ``can_flush_nowait``."""
+        data = self.conn.data_to_send()
+        if data:
+            try:
+                self.transport.write_nowait(data)
+            except (ConnectionError, RuntimeError) as exc:
+                self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
+                return
+        self._rearm_timer_if_earlier()
 
     def _write_congested(self) -> bool:
         return self.transport.congested()
@@ -207,54 +232,97 @@ class TunnelSession:
         """Act on ``events``; returns the other tunnels that spliced streams queued bytes on, to flush."""
         onward: list[StreamHost] = []
         for event in events:
-            if type(event) is DataReceived:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    host = channel._on_data(event.data)
-                    if host is not None and host not in onward:
-                        onward.append(host)
-                else:
-                    self.conn.acknowledge_received(event.stream_id, len(event.data))
-            elif type(event) is WindowUpdated:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_window()
-            elif type(event) is StreamEnded:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_end()
-            elif type(event) is StreamAccepted:
-                channel = self.streams.get(event.stream_id)
-                if channel is not None:
-                    channel._on_accepted()
-            elif type(event) is StreamReset:
-                channel = self.streams.pop(event.stream_id, None)
-                if not event.remote:
-                    log.warning("stream %d (%s) reset: %s", event.stream_id,
-                                channel.service if channel is not None else "?", event.reason)
-                if channel is not None:
-                    channel._on_reset(event.code, event.reason)
-            elif type(event) is StreamOpened:
-                channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
-                self.streams[event.stream_id] = channel
-                self.spawn(self.on_stream_opened(channel))
-            elif type(event) is PongReceived:
-                self.on_pong(event.rtt)
-            elif type(event) is ReportReceived:
-                self.on_report(event)
-            elif type(event) is ConnectionTerminated:
-                self._terminate(event.code, event.reason, event.remote)
-            elif type(event) is ChallengeReceived:
-                await self.on_challenge(event)
-            elif type(event) is AuthReceived:
-                await self.on_auth(event)
-            elif type(event) is Authenticated:
-                await self.on_authenticated(event)
-            elif type(event) is BindRequested:
-                await self.on_bind_requested(event)
-            elif type(event) is BindCompleted:
-                await self.on_bind_completed(event)
+            if not self._handle(event, onward):
+                await self._handle_handshake(event)
         return onward
+
+    def _handle(self, event: Event, onward: list[StreamHost]) -> bool:
+        """Act on every kind of event but the handshake's (False: the caller awaits its hook)."""
+        if type(event) is DataReceived:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                host = channel._on_data(event.data)
+                if host is not None and host not in onward:
+                    onward.append(host)
+            else:
+                self.conn.acknowledge_received(event.stream_id, len(event.data))
+        elif type(event) is WindowUpdated:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_window()
+        elif type(event) is StreamEnded:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_end()
+        elif type(event) is StreamAccepted:
+            channel = self.streams.get(event.stream_id)
+            if channel is not None:
+                channel._on_accepted()
+        elif type(event) is StreamReset:
+            channel = self.streams.pop(event.stream_id, None)
+            if not event.remote:
+                log.warning("stream %d (%s) reset: %s", event.stream_id,
+                            channel.service if channel is not None else "?", event.reason)
+            if channel is not None:
+                channel._on_reset(event.code, event.reason)
+        elif type(event) is StreamOpened:
+            channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
+            self.streams[event.stream_id] = channel
+            self.spawn(self.on_stream_opened(channel))
+        elif type(event) is PongReceived:
+            self.on_pong(event.rtt)
+        elif type(event) is ReportReceived:
+            self.on_report(event)
+        elif type(event) is ConnectionTerminated:
+            self._terminate(event.code, event.reason, event.remote)
+        else:
+            return False
+        return True
+
+    async def _handle_handshake(self, event: Event) -> None:
+        if type(event) is ChallengeReceived:
+            await self.on_challenge(event)
+        elif type(event) is AuthReceived:
+            await self.on_auth(event)
+        elif type(event) is Authenticated:
+            await self.on_authenticated(event)
+        elif type(event) is BindRequested:
+            await self.on_bind_requested(event)
+        elif type(event) is BindCompleted:
+            await self.on_bind_completed(event)
+
+    def receive_nowait(self, data: bytes) -> bool:
+        """Handle ``data`` now, in the transport's callback, while the reading task waits idle: only bytes
+        that are stream data alone (``Connection.only_stream_data``), whose handling never waits. A task
+        wake per message saved; False leaves ``data`` to the reading task, in order."""
+        conn = self.conn
+        if not conn.only_stream_data(data, FRAMES_PER_TURN):
+            return False
+        try:
+            events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
+        except RemoteProtocolError as exc:
+            # Closed now, its GOAWAY queued: the reading task gets the bytes too, finds the connection
+            # closed and ends the tunnel as for any protocol error.
+            log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
+            self._terminate(exc.code, str(exc), True)
+            return False
+        self.ws_bytes_received += len(data)
+        onward: list[StreamHost] = []
+        for event in events:
+            self._handle(event, onward)
+        self._rearm_timer_if_earlier()
+        if conn.wants_to_send:
+            self._flush_soon(self)
+        for host in onward:
+            self._flush_soon(host)
+        return True
+
+    @staticmethod
+    def _flush_soon(host: StreamHost) -> None:
+        if host.can_flush_nowait():
+            host.flush_nowait()
+        else:
+            host.schedule_flush()
 
     def _timer_fired(self) -> None:
         self._timer_due = True

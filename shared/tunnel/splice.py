@@ -44,7 +44,7 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
 def socket_sink(transport: asyncio.WriteTransport) -> Sink:
     """A local TCP connection as a stream's sink: bytes go straight to its transport while its buffer is low."""
 
-    def sink(data: bytes) -> bool:
+    def sink(data: bytes | memoryview) -> bool:
         if transport.is_closing() or transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
             return False  # the pump writes it and waits for the socket to drain
         transport.write(data)
@@ -93,6 +93,8 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
     """
     channel.set_sink(socket_sink(writer.transport))
     local = take_over(reader, writer)
+    if local is not None:
+        local.set_direct(channel.send_nowait)
     reading = pump_socket_to_stream(reader, channel) if local is None else pump_local_to_stream(local, channel)
     pending = {asyncio.ensure_future(reading),
                asyncio.ensure_future(pump_stream_to_socket(channel, writer))}
@@ -115,6 +117,8 @@ async def splice_socket(channel: StreamChannel, reader: asyncio.StreamReader, wr
             reset_connection(writer.transport)
     finally:
         channel.set_sink(None)
+        if local is not None:
+            local.set_direct(None)
         for task in pending | {reset}:
             task.cancel()
         writer.close()

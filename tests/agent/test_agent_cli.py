@@ -181,6 +181,8 @@ def test_run_on_a_gateway_not_enrolled_waits_for_a_token_file_and_stops_cleanly(
 
 @pytest.mark.parametrize("args", [
     ("status", "--state", "/tmp/a", "--config", "/tmp/b"),
+    ("run", "--config"),
+    ("run", "--config", "a.toml", "--json"),
     ("enroll",),
     ("enroll", "--token", "t", "--keystore", "hsm"),
     ("launch",),
@@ -203,3 +205,20 @@ def test_python_dash_m_agent_is_the_same_command():
 
     assert result.returncode == 0
     assert "enroll" in result.stdout and "status" in result.stdout and "run" in result.stdout
+
+
+def test_the_daemon_command_line_loads_no_module_it_does_not_use(tmp_path: Path):
+    """``run --config FILE`` (how systemd starts the agent) reads its two words without argparse, whose
+    help formatter imports shutil, bz2 and lzma; nor does the tunnel's code load platform or http."""
+    import subprocess
+    import sys
+
+    from tests.agent.cli_helpers import CLI_TIMEOUT, ROOT
+
+    probe = ("import sys; import agent.tunnel.runner; from agent.cli import main; "
+             f"main(['run', '--config={tmp_path / 'missing.toml'}']); main(['run', '--config', 'missing.toml']); "
+             "print(sorted(m for m in ('argparse', 'shutil', 'bz2', 'lzma', 'platform', 'http') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=ROOT)
+
+    assert result.stdout.strip() == "[]", result.stderr
+    assert result.stderr.count("missing.toml does not exist") == 2

@@ -301,3 +301,59 @@ def test_a_frame_limit_leaves_the_rest_for_the_next_call_in_order(pair: Pair, as
     answered = [int.from_bytes(frame[3], "big") for frame in read_frames(agent.data_to_send())]
     assert answered == [3, 4, 5, 6, 7, 8, 9, 99]
     assert agent.receive_data(b"", 3.0, max_frames=4) == [] and agent.data_to_send() == b""
+
+
+def test_a_large_data_payload_is_a_view_of_the_received_bytes_and_a_small_one_a_copy(pair: Pair) -> None:
+    """Bulk DATA is not copied on receipt, nor when passed on to another stream (the relay);
+    a payload small next to its chunk is copied, so that keeping it never holds the whole chunk."""
+    from shared.protocol.reader import VIEW_SHARE
+
+    stream_id = pair.agent.open_stream("svc")
+    pair.pump()
+    pair.relay.accept_stream(stream_id)
+    pair.pump()
+    bulk = bytes(range(256)) * 256  # 64 KiB, one frame
+    small = b"s" * (len(bulk) // VIEW_SHARE // 2)
+    pair.agent.send_data(stream_id, bulk)
+    pair.agent.send_data(stream_id, small)
+    chunk = pair.agent.data_to_send()
+
+    events = pair.relay.receive_data(chunk, pair.now)
+
+    big, little = events
+    assert isinstance(big, DataReceived) and isinstance(little, DataReceived)
+    assert type(big.data) is memoryview and big.data.obj is chunk and big.data == bulk
+    assert type(little.data) is bytes and little.data == small
+    onward = pair.relay.open_stream("svc")
+    pair.relay.send_data(onward, big.data)
+    assert any(part is big.data for part in pair.relay._endpoint.out)  # queued as it came, joined once at send
+    assert read_frames(pair.relay.data_to_send())[-1][3] == bulk
+
+
+def test_a_payload_received_in_a_buffer_the_caller_may_reuse_is_copied(pair: Pair) -> None:
+    stream_id = pair.agent.open_stream("svc")
+    pair.pump()
+    pair.agent.send_data(stream_id, b"x" * 40_000)
+    buffer = bytearray(pair.agent.data_to_send())
+
+    (event,) = pair.relay.receive_data(buffer, pair.now)  # type: ignore[arg-type]
+
+    assert isinstance(event, DataReceived) and type(event.data) is bytes
+    buffer[-1:] = b"y"
+    assert event.data == b"x" * 40_000
+
+
+def test_only_stream_data_tells_bytes_whose_handling_never_waits(pair: Pair) -> None:
+    stream_id = pair.agent.open_stream("svc")
+    pair.pump()
+    data = raw_frame(FrameType.DATA, stream_id, b"abc") + raw_frame(FrameType.WINDOW, stream_id, b"\x00\x00\x01\x00")
+    ping = raw_frame(FrameType.PING, 0, bytes(8))
+
+    assert pair.relay.only_stream_data(data, 10)
+    assert pair.relay.only_stream_data(data + raw_frame(FrameType.DATA, stream_id, b"xyz")[:12], 10)  # partial last
+    assert not pair.relay.only_stream_data(data + ping, 10)
+    assert not pair.relay.only_stream_data(data, 1)  # more frames than one turn handles
+    pair.relay.receive_data(raw_frame(FrameType.DATA, stream_id, b"xyz")[:5], pair.now)  # a frame left incomplete
+    assert not pair.relay.only_stream_data(data, 10)
+    unauthenticated = make_pair(authenticate=False)
+    assert not unauthenticated.relay.only_stream_data(data, 10)
