@@ -31,6 +31,7 @@ from controller.settings import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_LISTEN_PORT,
     DEFAULT_RECOVERY_GRACE,
+    DEFAULT_RELAY_CERT_LIFETIME,
     DEFAULT_TOKEN_TTL,
     DEFAULT_TRUST_DOMAIN,
     ROLES,
@@ -47,6 +48,8 @@ from shared.event_loop import EVENT_LOOPS, run, running_loop_name
 #: link completes a renewal; longer than 90 days defeats short-lived certificates.
 MIN_CERT_LIFETIME = 300
 MAX_CERT_LIFETIME = 90 * 24 * 3600
+#: A relay's certificate is how long a revoked relay is still trusted by gateways: a day at most.
+MAX_RELAY_CERT_LIFETIME = 24 * 3600
 #: 0 turns recovery off (an expired gateway needs a new token); past a year a
 #: lost gateway's key would stay good for too long.
 MAX_RECOVERY_GRACE = 365 * 24 * 3600
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise", help="base URL agents use (default: from --listen)")
     serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     serve.add_argument("--cert-lifetime", type=int, default=DEFAULT_CERT_LIFETIME, help="seconds")
+    serve.add_argument("--relay-cert-lifetime", type=int, default=DEFAULT_RELAY_CERT_LIFETIME,
+                       help="seconds a relay's certificate lasts (bounds how long gateways trust a revoked relay)")
     serve.add_argument("--token-ttl", type=int, default=DEFAULT_TOKEN_TTL, help="seconds")
     serve.add_argument("--recovery-grace", type=int, default=DEFAULT_RECOVERY_GRACE,
                        help="seconds after expiry during which a gateway recovers with its enrolled key")
@@ -237,6 +242,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         advertise_url=parse_advertise(args.advertise) if args.advertise else None,
         trust_domain=domain,
         cert_lifetime=check_range("--cert-lifetime", args.cert_lifetime, MIN_CERT_LIFETIME, MAX_CERT_LIFETIME),
+        relay_cert_lifetime=check_range("--relay-cert-lifetime", args.relay_cert_lifetime, MIN_CERT_LIFETIME,
+                                        MAX_RELAY_CERT_LIFETIME),
         token_ttl=check_range("--token-ttl", args.token_ttl, MIN_TOKEN_TTL, MAX_TOKEN_TTL),
         recovery_grace=check_range("--recovery-grace", args.recovery_grace, 0, MAX_RECOVERY_GRACE),
         extra_sans=tuple(parse_san(name) for name in args.san),

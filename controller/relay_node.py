@@ -220,7 +220,7 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
                          use_certificate: Callable[[x509.Certificate], None],
                          retired: Callable[[str], None]) -> None:
     """Heartbeat, relay list and renewal, until the relay is retired (then ``retired`` is told why)."""
-    book = RelayBook(context.store, context.ca, context.audit, context.settings.cert_lifetime)
+    book = RelayBook(context.store, context.ca, context.audit, context.settings.relay_cert_lifetime)
     started = time.time()
     next_renewal = renewal_due(context.server_certificate_der)
     last_beat = 0.0

@@ -267,6 +267,6 @@ def relays_for(context: ControllerContext, key: str) -> list[str]:
     if not loads and not context.settings.serves_tunnels:
         # A controller that carries no tunnels and knows of no relay yet (its list refreshes every
         # RELAY_LIST_REFRESH) asks the store now: a gateway enrolled with no relay could not run.
-        loads = relay_loads(RelayBook(context.store, context.ca, context.audit, context.settings.cert_lifetime)
+        loads = relay_loads(RelayBook(context.store, context.ca, context.audit, context.settings.relay_cert_lifetime)
                             .live(), None)
     return spread(loads, key) or list(context.relay_urls)

@@ -17,7 +17,7 @@ RELAY_RENEW_PATH = "/v1/relays/renew"
 
 
 def relay_book(context: ControllerContext) -> RelayBook:
-    return RelayBook(context.store, context.ca, context.audit, context.settings.cert_lifetime)
+    return RelayBook(context.store, context.ca, context.audit, context.settings.relay_cert_lifetime)
 
 
 class RelaysApi:

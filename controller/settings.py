@@ -33,6 +33,11 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 #: The listener's own certificate: a year, renewed while running (below) and
 #: reissued on start when it would not last (controller/ca.py).
 DEFAULT_LISTENER_CERT_LIFETIME = 365 * 24 * 3600
+#: A relay's certificate is all a gateway checks of a relay (gateways pin the
+#: CA, not each relay), so a revoked relay stays trusted by gateways until its
+#: certificate ends. Six hours bounds that; a relay renews at two thirds of
+#: its life, which leaves two hours of controller outage before relays stop.
+DEFAULT_RELAY_CERT_LIFETIME = 6 * 3600
 #: The listener's certificate is renewed once this fraction of its life has
 #: passed: four months before expiry for a year, so a renewal that fails (a
 #: full disk) is retried for months, and loudly, before any agent is refused.
@@ -64,6 +69,8 @@ class Settings:
     metrics_listen_host: str | None = None
     metrics_listen_port: int | None = None
     listener_cert_lifetime: int = DEFAULT_LISTENER_CERT_LIFETIME
+    #: ``--relay-cert-lifetime``: what the CA gives a ``--role relay`` process (DEFAULT_RELAY_CERT_LIFETIME).
+    relay_cert_lifetime: int = DEFAULT_RELAY_CERT_LIFETIME
     #: Deadlines and caps for connections that have not authenticated (controller/listener.py).
     limits: ListenerLimits = ListenerLimits()
     #: Identity providers, group to role mapping, sessions, the admin credential on or off (``--config``).

@@ -11,11 +11,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controller.ca import public_key_sha256, relay_uri
+from controller.ca import not_after_of, not_before_of, public_key_sha256, relay_uri
 from controller.errors import StartupError
 from controller.relay.admit import AdmissionRefused, admit
 from controller.relays import SPREAD_BAND, read_token, relay_loads, spread
 from controller.relays_api import relay_book
+from controller.settings import DEFAULT_RELAY_CERT_LIFETIME
 from shared.tunnel.auth import sign_challenge
 from tests.controller.harness import make_csr, make_key, run, running_controller
 
@@ -55,6 +56,10 @@ def test_a_relay_enrolls_once_and_its_certificate_never_acts_as_a_gateway(tmp_pa
             assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
                 relay_uri(running.context.settings.trust_domain, "r1")]
             assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+            # Short-lived: a revoked relay is trusted by gateways (which pin the CA) until this ends.
+            life = not_after_of(cert) - not_before_of(cert)
+            assert life.total_seconds() == pytest.approx(DEFAULT_RELAY_CERT_LIFETIME, abs=600)
+            assert DEFAULT_RELAY_CERT_LIFETIME < running.context.settings.cert_lifetime
             # The token works once: a replay with another key is refused and changes nothing.
             again = {**body, "csr": make_csr(make_key(), "r1")}
             status, refused = await running.call("POST", "/v1/relays/enroll", again, admin=False)

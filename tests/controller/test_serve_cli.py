@@ -183,6 +183,8 @@ def test_a_port_in_use_is_one_sentence_and_creates_nothing(tmp_path: Path) -> No
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--listen", "127.0.0.1:99999"], "HOST:PORT"),
         (["--cert-lifetime", "5"], "--cert-lifetime"),
+        (["--relay-cert-lifetime", "5"], "--relay-cert-lifetime"),
+        (["--relay-cert-lifetime", "172800"], "--relay-cert-lifetime"),
         (["--token-ttl", "soon"], "invalid int"),
         (["--advertise", "http://x"], "--advertise"),
         (["--san", "bad name"], "--san"),
