@@ -25,6 +25,7 @@ from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.pacing import ComeBackPacer
 from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.relays import relays_for
@@ -40,6 +41,7 @@ from shared.protocol import (
     ProtocolLimits,
     ReportReceived,
     Role,
+    goaway_frame,
 )
 from shared.trust import verify_leaf_issued_by
 
@@ -94,16 +96,15 @@ BINDER_ACCEPT_TIMEOUT = 20.0
 # the rest of the handshake helps no one. Half a second, and a loaded loop overruns it (1.9 s measured
 # for 1.0 at 7,000 tunnels), which keeps a stop under the 2 s goal.
 SHUTDOWN_CLOSE_GRACE = 0.5
-# Tunnels between their upgrade and the answer to their AUTH, at most: past it a new tunnel is told to
-# come back later (503, Retry-After) before it costs a WebSocket, a protocol core and an admission.
-# Admission costs ~1.8 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second
-# even when this process gets half a core, far inside the agent's AUTH deadline.
+# Tunnels between their upgrade (or TLS handshake) and the answer to their AUTH, at most: past it a new
+# tunnel is told to come back later (GOAWAY BUSY with a come-back time on TLS, 503 with Retry-After on the
+# WebSocket) before it costs a protocol core, a WebSocket and an admission. Admission costs ~1.4 ms of
+# CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second even when this process gets
+# half a core, far inside the agent's AUTH deadline.
 MAX_ADMITTING = 256
-# The rate the come-back times are paced at: ~60 % of what one relay admitted at its peak on a
-# 2-core machine under a storm (566-853 a second), so the told agents find room when they return.
-TOLD_ADMISSIONS_PER_SECOND = 400.0
-# The first come-back time is at least this far: the backlog in flight must drain first.
-TOLD_FIRST_RETRY = 1.0
+# A refused tunnel's GOAWAY is one small frame: past this its peer is not reading, and it is reset.
+BUSY_CLOSE_TIMEOUT = 2.0
+BUSY_REASON = "this relay is admitting as many tunnels as it can; come back after the time it gives"
 
 
 class RelaySession(TunnelSession):
@@ -202,8 +203,10 @@ class RelaySession(TunnelSession):
         store shows every change the watcher will not announce to us.
         """
         identity = self.admitted
-        self.context.audit.record("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
-                                  correlation=self.tunnel_id, relay=self.relay.name)
+        # Queued, not a transaction of its own: under a reconnecting fleet one commit (an fsync) per tunnel
+        # was half the relay's CPU per admission; queued rows share commits and keep their order.
+        self.relay.record_soon("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
+                               correlation=self.tunnel_id, relay=self.relay.name)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
             return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
@@ -406,12 +409,16 @@ class Relay:
         #: Tunnels upgraded whose AUTH is not answered yet, and the cap on them (tests lower it).
         self.admitting = 0
         self.max_admitting = MAX_ADMITTING
-        #: The loop time the last agent told to come back was given (come-back times are paced).
-        self._told_until = 0.0
-        self.told_to_come_back = 0
+        #: Come-back times for refused and stopped tunnels, paced by the admissions measured.
+        self.pacer = ComeBackPacer()
+
+    @property
+    def told_to_come_back(self) -> int:
+        return self.pacer.told
 
     def register(self, session: RelaySession) -> None:
         self._done_admitting(session)
+        self.pacer.admitted(asyncio.get_running_loop().time())
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
         if session.mark_admitted is not None:
             session.mark_admitted()
@@ -425,11 +432,19 @@ class Relay:
 
     def _come_back_later(self) -> web.Response:
         """503 with the whole seconds after which this agent gets a slot: the told agents return paced."""
-        now = asyncio.get_running_loop().time()
-        self._told_until = max(self._told_until, now + TOLD_FIRST_RETRY) + 1.0 / TOLD_ADMISSIONS_PER_SECOND
-        self.told_to_come_back += 1
-        return web.Response(status=503, headers={"Retry-After": str(math.ceil(self._told_until - now))},
+        seconds = self.pacer.come_back(asyncio.get_running_loop().time(), self.admitting)
+        return web.Response(status=503, headers={"Retry-After": str(math.ceil(seconds))},
                             text="this relay is admitting as many tunnels as it can; come back after Retry-After\n")
+
+    async def _tell_busy(self, transport: StreamTransport) -> None:
+        """Refuse a tunnel on TLS before its CHALLENGE: one GOAWAY(BUSY) with its come-back time, then close."""
+        seconds = self.pacer.come_back(asyncio.get_running_loop().time(), self.admitting)
+        try:
+            await asyncio.wait_for(transport.send(goaway_frame(ErrorCode.BUSY, BUSY_REASON, seconds)),
+                                   BUSY_CLOSE_TIMEOUT)
+            await asyncio.wait_for(transport.close(), BUSY_CLOSE_TIMEOUT)
+        except (TimeoutError, ConnectionError, OSError):
+            transport.abort()
 
     def unregister(self, session: RelaySession) -> None:
         self._done_admitting(session)
@@ -523,9 +538,12 @@ class Relay:
     async def serve_stream(self, transport: StreamTransport, remote: str, admitted: Callable[[], None]) -> None:
         """Serve one tunnel on TLS directly (ALPN ``TUNNEL_ALPN``, routed here by controller/listener.py).
 
-        It counts against the admission cap like a WebSocket's, but sheds only at accept (the
-        listener's handshake cap): it has no 503 to say when to come back.
+        It counts against the admission cap like a WebSocket's; past the cap it is told when to
+        come back (GOAWAY BUSY) before it costs a protocol core and an admission.
         """
+        if self.admitting >= self.max_admitting:
+            await self._tell_busy(transport)
+            return
         session = self._challenge(transport, remote)
         session.mark_admitted = admitted
         await self._serve(session)
@@ -551,7 +569,11 @@ class Relay:
         """Close every tunnel (process shutdown): GOAWAY to all, then a reset for those that did not finish
         their closing handshake within ``shutdown_grace``, so the stop takes that long at most, however many."""
         loop = asyncio.get_running_loop()
-        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in list(self.sessions)}
+        sessions = list(self.sessions)
+        for session, seconds in zip(sessions, self.pacer.stop_times(len(sessions)), strict=True):
+            # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
+            session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
+        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in sessions}
         if closing:
             _, late = await asyncio.wait(closing, timeout=self.shutdown_grace)
             for task in late:

@@ -1,0 +1,81 @@
+"""When to tell an agent to come back: come-back times paced by the relay's measured admission rate.
+
+A relay past its admission capacity refuses a new tunnel before it pays for
+its admission, and a stopping relay closes every tunnel; either way each
+agent is told a time to come back (GOAWAY's retry_after on TLS, a 503's
+Retry-After on the WebSocket). The times are handed out as slots, one every
+1/rate seconds after the backlog in flight has drained, so a fleet told at
+once returns at the pace this relay admits instead of all in the same second.
+The agent adds its own jitter (agent/tunnel/backoff.py). ``now`` is passed
+in (loop time): no clock of its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+#: The pace before this process measured its own: ~60 % of what one relay admitted at its peak on a
+#: 2-core machine under a storm (566-1,071 a second, tests/bench/fleet_scale.py), so the told agents
+#: find room when they return even while the machine does other work.
+DEFAULT_ADMISSIONS_PER_SECOND = 400.0
+#: Never slower than this: a relay measured in a quiet minute (a few admissions) must not send its
+#: fleet hours away; 50 a second brings 10,000 back in under four minutes.
+MIN_ADMISSIONS_PER_SECOND = 50.0
+#: Never faster than this, whatever a burst measured: slots closer than 1 ms would bunch the
+#: returns faster than one Python process can verify signatures.
+MAX_ADMISSIONS_PER_SECOND = 2000.0
+#: The window the admission rate is measured over: long enough to average a burst's
+#: scheduling noise, short enough to follow a machine that got busier.
+RATE_WINDOW = 5.0
+#: Admissions a window must hold before its rate replaces the default: fewer say nothing of capacity.
+RATE_MIN_SAMPLES = 200
+#: Told agents keep this share of the measured rate: the rest is room for the tunnels that
+#: were never told (a first connection, a gateway whose link flapped).
+PACED_SHARE = 0.6
+#: The first come-back time is at least this far: the backlog in flight must drain first.
+FIRST_RETRY = 1.0
+#: At a graceful stop the first slot is this far: a relay restarted by its service manager listens
+#: again within a few seconds, and an agent that comes back before would only find it closed.
+STOP_FIRST_RETRY = 3.0
+
+
+class ComeBackPacer:
+    """Hands out come-back times, one slot every 1/rate seconds; the rate is measured from admissions."""
+
+    def __init__(self, default_rate: float = DEFAULT_ADMISSIONS_PER_SECOND) -> None:
+        self.default_rate = default_rate
+        self._admitted: deque[float] = deque()
+        self._peak = 0.0
+        #: The last slot handed out (loop time).
+        self._until = 0.0
+        self.told = 0
+
+    def admitted(self, now: float) -> None:
+        """One tunnel was admitted at ``now``."""
+        window = self._admitted
+        window.append(now)
+        while window and window[0] < now - RATE_WINDOW:
+            window.popleft()
+        if len(window) >= RATE_MIN_SAMPLES:
+            self._peak = max(self._peak, len(window) / RATE_WINDOW)
+
+    def rate(self) -> float:
+        """Come-backs per second: a share of the peak admission rate measured, else the default."""
+        measured = self._peak * PACED_SHARE if self._peak else self.default_rate
+        return min(MAX_ADMISSIONS_PER_SECOND, max(MIN_ADMISSIONS_PER_SECOND, measured))
+
+    def come_back(self, now: float, in_flight: int = 0) -> float:
+        """Seconds from ``now`` after which one more refused agent gets its slot.
+
+        ``in_flight`` admissions already under way must drain first.
+        """
+        rate = self.rate()
+        start = now + max(FIRST_RETRY, in_flight / rate)
+        self._until = max(self._until, start) + 1.0 / rate
+        self.told += 1
+        return self._until - now
+
+    def stop_times(self, count: int) -> list[float]:
+        """Come-back times (seconds from now) for ``count`` tunnels closed by a graceful stop, spread at the rate."""
+        rate = self.rate()
+        return [STOP_FIRST_RETRY + index / rate for index in range(count)]
