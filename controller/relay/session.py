@@ -411,6 +411,8 @@ class Relay:
         self.max_admitting = MAX_ADMITTING
         #: Come-back times for refused and stopped tunnels, paced by the admissions measured.
         self.pacer = ComeBackPacer()
+        #: Retired: the stop tells no come-back time (this relay will not be back; agents move on).
+        self.retiring = False
 
     @property
     def told_to_come_back(self) -> int:
@@ -570,9 +572,10 @@ class Relay:
         their closing handshake within ``shutdown_grace``, so the stop takes that long at most, however many."""
         loop = asyncio.get_running_loop()
         sessions = list(self.sessions)
-        for session, seconds in zip(sessions, self.pacer.stop_times(len(sessions)), strict=True):
-            # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
-            session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
+        if not self.retiring:
+            for session, seconds in zip(sessions, self.pacer.stop_times(len(sessions)), strict=True):
+                # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
+                session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
         closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in sessions}
         if closing:
             _, late = await asyncio.wait(closing, timeout=self.shutdown_grace)
