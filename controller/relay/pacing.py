@@ -29,9 +29,9 @@ MAX_ADMISSIONS_PER_SECOND = 2000.0
 RATE_WINDOW = 5.0
 #: Admissions a window must hold before its rate replaces the default: fewer say nothing of capacity.
 RATE_MIN_SAMPLES = 200
-#: Told agents keep this share of the measured rate: the rest is room for the tunnels that
+#: Told agents keep this share of the peak rate measured: the rest is room for the tunnels that
 #: were never told (a first connection, a gateway whose link flapped).
-PACED_SHARE = 0.6
+PACED_SHARE = 0.8
 #: The first come-back time is at least this far: the backlog in flight must drain first.
 FIRST_RETRY = 1.0
 #: At a graceful stop the first slot is this far: a relay restarted by its service manager listens

@@ -177,7 +177,7 @@ class RelaySession(TunnelSession):
         self.relay.register(self)
         self.presence = reports.tunnel_up(self, event.info.get("keepalive"))
         # Which certificate opened the tunnel: after a renewal, new tunnels name the new one.
-        serial = format(x509.load_pem_x509_certificate(event.chain[0].encode()).serial_number, "x")
+        serial = admitted.serial
         self.conn.accept_auth({
             "identity": identity.uri,
             "name": identity.name,
@@ -187,15 +187,23 @@ class RelaySession(TunnelSession):
             "reports": True,
         })
         try:
-            still = await self.in_worker(self._confirm_admission, serial)
+            async with self._worker_turn:
+                # Queued, not a transaction of its own: under a reconnecting fleet one commit (an fsync)
+                # per tunnel was half the relay's CPU per admission; queued rows share commits. This
+                # tunnel's next jobs wait for it, so its rows stay in order.
+                written = self.relay.audit_queue.put_and_wait("tunnel_connected", {
+                    "identity": identity.label, "remote": self.remote, "serial": serial,
+                    "correlation": self.tunnel_id, "relay": self.relay.name})
+                still = await RELAY_POOL.run(self._confirm_admission)
+                await asyncio.wrap_future(written)
         except StoreUnavailable as unavailable:  # admitted, but whether it was revoked meanwhile cannot be read
             await self.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
         if still is not None:
             await self.close(ErrorCode.REVOKED, still)
 
-    def _confirm_admission(self, serial: str) -> str | None:
-        """Record ``tunnel_connected``, then read the identity again: None, or why the tunnel must close.
+    def _confirm_admission(self) -> str | None:
+        """Read the identity again, once ``tunnel_connected`` is queued: None, or why the tunnel must close.
 
         Admission read the identity in a worker thread before this tunnel was
         registered; a revocation or re-enrollment the store watcher announced
@@ -203,10 +211,6 @@ class RelaySession(TunnelSession):
         store shows every change the watcher will not announce to us.
         """
         identity = self.admitted
-        # Queued, not a transaction of its own: under a reconnecting fleet one commit (an fsync) per tunnel
-        # was half the relay's CPU per admission; queued rows share commits and keep their order.
-        self.relay.record_soon("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
-                               correlation=self.tunnel_id, relay=self.relay.name)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
             return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
