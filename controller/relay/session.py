@@ -358,6 +358,24 @@ class RelaySession(TunnelSession):
     def on_report(self, event: ReportReceived) -> None:
         reports.on_report(self, self.presence, event)
 
+    def leave_at_stop(self) -> bool:
+        """At a stop, on TLS directly: write the queued GOAWAY now and end TCP without the TLS goodbye.
+
+        The goodbye (close_notify, then waiting for the peer's) cost ~0.5 ms of the event loop per
+        tunnel, 5 s and more at 10,000, and tells the agent nothing the GOAWAY did not. The close is
+        a FIN, not a reset: the kernel still sends the GOAWAY it holds. False on a WebSocket.
+        """
+        link = self.transport
+        if not isinstance(link, StreamTransport):
+            return False
+        transport = link.writer.transport
+        data = self.conn.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+        self._terminate(ErrorCode.NO_ERROR, "relay shutting down", False)
+        transport.abort()
+        return True
+
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         if self.presence is not None:
             self.relay.presence.down(self.presence)
@@ -572,15 +590,22 @@ class Relay:
             self.unregister(session)
 
     async def close(self) -> None:
-        """Close every tunnel (process shutdown): GOAWAY to all, then a reset for those that did not finish
-        their closing handshake within ``shutdown_grace``, so the stop takes that long at most, however many."""
+        """Close every tunnel (process shutdown): GOAWAY to all, each with its own come-back time.
+
+        A tunnel on TLS directly gets its GOAWAY written and its TCP connection ended at once
+        (``leave_at_stop``); a WebSocket gets its closing handshake, and a reset if that has not
+        finished within ``shutdown_grace``, so the stop takes that long at most, however many.
+        """
         loop = asyncio.get_running_loop()
         sessions = list(self.sessions)
-        if not self.retiring:
-            for session, seconds in zip(sessions, self.pacer.stop_times(len(sessions)), strict=True):
-                # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
-                session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
-        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in sessions}
+        told = [None] * len(sessions) if self.retiring else self.pacer.stop_times(len(sessions))
+        graceful: list[RelaySession] = []
+        for session, seconds in zip(sessions, told, strict=True):
+            # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
+            session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
+            if not session.leave_at_stop():
+                graceful.append(session)
+        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in graceful}
         if closing:
             _, late = await asyncio.wait(closing, timeout=self.shutdown_grace)
             for task in late:
