@@ -155,6 +155,8 @@ class RelaySession(TunnelSession):
 
     async def on_auth(self, event: AuthReceived) -> None:
         now = dt.datetime.now(dt.UTC)
+        # Taken before admission reads the store: a change announced after it may have been missed.
+        changes = self.relay.identity_changes
         try:
             admitted = await self.in_worker(admit, self.context, event.chain, event.signature, self.nonce, now)
         except AdmissionRefused as refused:
@@ -194,7 +196,11 @@ class RelaySession(TunnelSession):
                 written = self.relay.audit_queue.put_and_wait("tunnel_connected", {
                     "identity": identity.label, "remote": self.remote, "serial": serial,
                     "correlation": self.tunnel_id, "relay": self.relay.name})
-                still = await RELAY_POOL.run(self._confirm_admission)
+                # Only a revocation, disabling or re-enrollment announced since admission began can have
+                # found this tunnel unregistered; without one, the store has nothing newer to say and the
+                # second read (a worker job and a query per admission) is skipped.
+                still = (await RELAY_POOL.run(self._confirm_admission)
+                         if self.relay.identity_changes != changes else None)
                 await asyncio.wrap_future(written)
         except StoreUnavailable as unavailable:  # admitted, but whether it was revoked meanwhile cannot be read
             await self.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
@@ -416,6 +422,8 @@ class Relay:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        #: Grows with every revocation, disabling or re-enrollment announced (admission compares it).
+        self.identity_changes = 0
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
@@ -491,6 +499,7 @@ class Relay:
 
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
+        self.identity_changes += 1  # any thread: a lost increment still changes the value a tunnel took
         self._on_loop(self._close_tunnels_of, identity)
 
     def identity_rekeyed(self, identity: Identity) -> None:
@@ -499,6 +508,7 @@ class Relay:
         Called from the enrollment's worker thread in this process, or from the
         store watcher on the event loop for a re-enrollment in another.
         """
+        self.identity_changes += 1
         self._on_loop(self._close_tunnels_on_old_keys, identity)
 
     def _on_loop(self, callback: Callable[[Identity], None], identity: Identity) -> None:
