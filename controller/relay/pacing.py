@@ -18,20 +18,20 @@ from collections import deque
 #: 2-core machine under a storm (566-1,071 a second, tests/bench/fleet_scale.py), so the told agents
 #: find room when they return even while the machine does other work.
 DEFAULT_ADMISSIONS_PER_SECOND = 400.0
-#: Never slower than this: a relay measured in a quiet minute (a few admissions) must not send its
-#: fleet hours away; 50 a second brings 10,000 back in under four minutes.
+#: Never slower than this: a relay measured while its machine was starved must not send its fleet
+#: hours away; 50 a second brings 10,000 back in under four minutes.
 MIN_ADMISSIONS_PER_SECOND = 50.0
-#: Never faster than this, whatever a burst measured: slots closer than 1 ms would bunch the
+#: Never faster than this, whatever a burst measured: slots closer than 0.5 ms would bunch the
 #: returns faster than one Python process can verify signatures.
 MAX_ADMISSIONS_PER_SECOND = 2000.0
 #: The window the admission rate is measured over: long enough to average a burst's
-#: scheduling noise, short enough to follow a machine that got busier.
+#: scheduling noise, short enough to follow a machine that got busier (or freer).
 RATE_WINDOW = 5.0
 #: Admissions a window must hold before its rate replaces the default: fewer say nothing of capacity.
-RATE_MIN_SAMPLES = 200
-#: Told agents keep this share of the peak rate measured: the rest is room for the tunnels that
-#: were never told (a first connection, a gateway whose link flapped).
-PACED_SHARE = 0.8
+RATE_MIN_SAMPLES = 100
+#: Told agents get this share of the capacity measured: the rest is room for the tunnels that were
+#: never told (a first connection, a gateway whose link flapped).
+PACED_SHARE = 0.9
 #: The first come-back time is at least this far: the backlog in flight must drain first.
 FIRST_RETRY = 1.0
 #: At a graceful stop the first slot is this far: a relay restarted by its service manager listens
@@ -41,12 +41,18 @@ STOP_FIRST_RETRY = 5.0
 
 
 class ComeBackPacer:
-    """Hands out come-back times, one slot every 1/rate seconds; the rate is measured from admissions."""
+    """Hands out come-back times, one slot every 1/rate seconds; the rate is this relay's measured capacity.
+
+    Capacity is what it admitted while it was refusing (at its cap, admissions are as fast as it
+    can go), over the last RATE_WINDOW: not its peak, which a quiet start may have set low or a
+    freer machine high, and not its rate while under the cap, which is only what arrived.
+    """
 
     def __init__(self, default_rate: float = DEFAULT_ADMISSIONS_PER_SECOND) -> None:
         self.default_rate = default_rate
         self._admitted: deque[float] = deque()
-        self._peak = 0.0
+        #: The capacity last measured at the cap (admissions a second), None before.
+        self._capacity: float | None = None
         #: The last slot handed out (loop time).
         self._until = 0.0
         self.told = 0
@@ -55,21 +61,28 @@ class ComeBackPacer:
         """One tunnel was admitted at ``now``."""
         window = self._admitted
         window.append(now)
+        while window[0] < now - RATE_WINDOW:
+            window.popleft()
+
+    def _measure(self, now: float) -> None:
+        """At the cap: what was admitted over the last window (or since the first admission) is the capacity."""
+        window = self._admitted
         while window and window[0] < now - RATE_WINDOW:
             window.popleft()
         if len(window) >= RATE_MIN_SAMPLES:
-            self._peak = max(self._peak, len(window) / RATE_WINDOW)
+            self._capacity = len(window) / max(now - window[0], RATE_WINDOW / 5)
 
     def rate(self) -> float:
-        """Come-backs per second: a share of the peak admission rate measured, else the default."""
-        measured = self._peak * PACED_SHARE if self._peak else self.default_rate
+        """Come-backs per second: a share of the capacity measured, else the default."""
+        measured = self._capacity * PACED_SHARE if self._capacity is not None else self.default_rate
         return min(MAX_ADMISSIONS_PER_SECOND, max(MIN_ADMISSIONS_PER_SECOND, measured))
 
     def come_back(self, now: float, in_flight: int = 0) -> float:
-        """Seconds from ``now`` after which one more refused agent gets its slot.
+        """Seconds from ``now`` after which one more refused agent gets its slot (the relay is at its cap).
 
         ``in_flight`` admissions already under way must drain first.
         """
+        self._measure(now)
         rate = self.rate()
         start = now + max(FIRST_RETRY, in_flight / rate)
         self._until = max(self._until, start) + 1.0 / rate

@@ -37,17 +37,32 @@ def test_the_backlog_in_flight_drains_before_the_first_slot() -> None:
     assert ComeBackPacer().come_back(0.0, in_flight=4000) >= 4000 / DEFAULT_ADMISSIONS_PER_SECOND
 
 
-def test_the_pace_follows_the_admission_rate_measured() -> None:
+def test_at_the_cap_the_pace_follows_the_admission_rate_measured() -> None:
     pacer = ComeBackPacer()
     for index in range(int(RATE_WINDOW * 100)):  # 100 a second
         pacer.admitted(index / 100)
+    assert pacer.rate() == DEFAULT_ADMISSIONS_PER_SECOND  # under the cap the rate is only what arrived
+    pacer.come_back(RATE_WINDOW)
     assert math.isclose(pacer.rate(), max(MIN_ADMISSIONS_PER_SECOND, 100 * PACED_SHARE), rel_tol=0.05)
+
+
+def test_the_pace_follows_a_machine_that_got_freer() -> None:
+    pacer = ComeBackPacer()
+    for index in range(500):  # 100 a second, then 400 a second
+        pacer.admitted(index / 100)
+    pacer.come_back(5.0)
+    slow = pacer.rate()
+    for index in range(2000):
+        pacer.admitted(10.0 + index / 400)
+    pacer.come_back(15.0)
+    assert pacer.rate() > 3 * slow
 
 
 def test_a_few_admissions_say_nothing_of_capacity() -> None:
     pacer = ComeBackPacer()
     for index in range(RATE_MIN_SAMPLES - 1):
         pacer.admitted(index * 0.001)
+    pacer.come_back(1.0)
     assert pacer.rate() == DEFAULT_ADMISSIONS_PER_SECOND
 
 
@@ -55,8 +70,13 @@ def test_the_pace_is_held_within_its_bounds() -> None:
     fast = ComeBackPacer()
     for index in range(20_000):
         fast.admitted(index * 0.0001)
+    fast.come_back(2.0)
     assert fast.rate() == MAX_ADMISSIONS_PER_SECOND
-    assert ComeBackPacer(default_rate=1.0).rate() == MIN_ADMISSIONS_PER_SECOND
+    starved = ComeBackPacer()
+    for index in range(RATE_MIN_SAMPLES):
+        starved.admitted(index * 0.05)  # 20 a second
+    starved.come_back(RATE_MIN_SAMPLES * 0.05)
+    assert starved.rate() == MIN_ADMISSIONS_PER_SECOND
 
 
 def test_a_stop_spreads_its_tunnels_from_the_first_slot_at_the_pace() -> None:
