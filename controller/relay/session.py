@@ -102,8 +102,6 @@ SHUTDOWN_CLOSE_GRACE = 0.5
 # CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second even when this process gets
 # half a core, far inside the agent's AUTH deadline.
 MAX_ADMITTING = 256
-# A refused tunnel's GOAWAY is one small frame: past this its peer is not reading, and it is reset.
-BUSY_CLOSE_TIMEOUT = 2.0
 BUSY_REASON = "this relay is admitting as many tunnels as it can; come back after the time it gives"
 
 
@@ -468,15 +466,17 @@ class Relay:
         return web.Response(status=503, headers={"Retry-After": str(math.ceil(seconds))},
                             text="this relay is admitting as many tunnels as it can; come back after Retry-After\n")
 
-    async def _tell_busy(self, transport: StreamTransport) -> None:
-        """Refuse a tunnel on TLS before its CHALLENGE: one GOAWAY(BUSY) with its come-back time, then close."""
+    def _tell_busy(self, link: StreamTransport) -> None:
+        """Refuse a tunnel on TLS before its CHALLENGE: one GOAWAY(BUSY) with its come-back time, then a FIN.
+
+        No TLS goodbye: waiting for the peer's close_notify costs a busy relay more than the
+        GOAWAY did, and tells the agent nothing more. The kernel still sends what it holds.
+        """
         seconds = self.pacer.come_back(asyncio.get_running_loop().time(), self.admitting)
-        try:
-            await asyncio.wait_for(transport.send(goaway_frame(ErrorCode.BUSY, BUSY_REASON, seconds)),
-                                   BUSY_CLOSE_TIMEOUT)
-            await asyncio.wait_for(transport.close(), BUSY_CLOSE_TIMEOUT)
-        except (TimeoutError, ConnectionError, OSError):
-            transport.abort()
+        transport = link.writer.transport
+        if not transport.is_closing():
+            transport.write(goaway_frame(ErrorCode.BUSY, BUSY_REASON, seconds))
+        transport.abort()
 
     def unregister(self, session: RelaySession) -> None:
         self._done_admitting(session)
@@ -576,7 +576,7 @@ class Relay:
         come back (GOAWAY BUSY) before it costs a protocol core and an admission.
         """
         if self.admitting >= self.max_admitting:
-            await self._tell_busy(transport)
+            self._tell_busy(transport)
             return
         session = self._challenge(transport, remote)
         session.mark_admitted = admitted
