@@ -14,6 +14,14 @@ from __future__ import annotations
 
 from collections import deque
 
+#: Tunnels between their upgrade (or TLS handshake) and the answer to their AUTH, at most: past it a
+#: new tunnel is told to come back later (GOAWAY BUSY with a come-back time on TLS, 503 with
+#: Retry-After on the WebSocket) before it costs a protocol core, a WebSocket and an admission.
+#: Admission costs ~1.2 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a
+#: second even when this process gets half a core, far inside the agent's AUTH deadline.
+#: ``Settings.max_admitting`` overrides it (tests lower it).
+MAX_ADMITTING = 256
+
 #: The pace before this process measured its own: ~60 % of what one relay admitted at its peak on a
 #: 2-core machine under a storm (566-1,071 a second, tests/bench/fleet_scale.py), so the told agents
 #: find room when they return even while the machine does other work.

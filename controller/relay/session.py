@@ -25,7 +25,7 @@ from controller.relay import reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
-from controller.relay.pacing import ComeBackPacer
+from controller.relay.pacing import MAX_ADMITTING, ComeBackPacer
 from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.relays import relays_for
@@ -96,12 +96,6 @@ BINDER_ACCEPT_TIMEOUT = 20.0
 # the rest of the handshake helps no one. Half a second, and a loaded loop overruns it (1.9 s measured
 # for 1.0 at 7,000 tunnels), which keeps a stop under the 2 s goal.
 SHUTDOWN_CLOSE_GRACE = 0.5
-# Tunnels between their upgrade (or TLS handshake) and the answer to their AUTH, at most: past it a new
-# tunnel is told to come back later (GOAWAY BUSY with a come-back time on TLS, 503 with Retry-After on the
-# WebSocket) before it costs a protocol core, a WebSocket and an admission. Admission costs ~1.4 ms of
-# CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second even when this process gets
-# half a core, far inside the agent's AUTH deadline.
-MAX_ADMITTING = 256
 BUSY_REASON = "this relay is admitting as many tunnels as it can; come back after the time it gives"
 
 
@@ -436,7 +430,7 @@ class Relay:
         self.shutdown_grace = SHUTDOWN_CLOSE_GRACE
         #: Tunnels upgraded whose AUTH is not answered yet, and the cap on them (tests lower it).
         self.admitting = 0
-        self.max_admitting = MAX_ADMITTING
+        self.max_admitting: int = getattr(context.settings, "max_admitting", MAX_ADMITTING)
         #: Come-back times for refused and stopped tunnels, paced by the admissions measured.
         self.pacer = ComeBackPacer()
         #: Retired: the stop tells no come-back time (this relay will not be back; agents move on).

@@ -51,10 +51,9 @@ async def stop_all(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_path: Path, transport: str) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl:
+        async with running_controller(tmp_path / "ctl", max_admitting=SMALL_CAP) as ctl:
             relay = ctl.server.relay
-            assert relay is not None
-            relay.max_admitting = SMALL_CAP
+            assert relay is not None and relay.max_admitting == SMALL_CAP
             credentials = [await enrolled(ctl, f"gw-{i}") for i in range(FLEET)]
             fleet = [TunnelSupervisor([relay_url(ctl)], c, TunnelOptions(transport=transport), backoff=Backoff(rng=random.Random(i)))
                      for i, c in enumerate(credentials)]
