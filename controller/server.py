@@ -391,6 +391,8 @@ class ControllerServer:
 
     def _retire(self, reason: str) -> None:
         log.error("%s: closing every tunnel and stopping; agents move to the other relays", reason)
+        if self.relay is not None:
+            self.relay.retiring = True  # its agents move on at once, not at a come-back time
         self.retired.set()
 
     async def _keep_relay_list(self, relay: Relay) -> None:

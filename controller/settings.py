@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from controller.listener import ListenerLimits
+from controller.relay.pacing import MAX_ADMITTING
 from controller.signin.config import SigninSettings
 
 #: Agents renew at about two thirds of this; a day bounds what a stolen
@@ -62,6 +63,8 @@ class Settings:
     session_lifetime: int = SESSION_CERT_LIFETIME
     recovery_grace: int = DEFAULT_RECOVERY_GRACE
     extra_sans: tuple[str, ...] = ()
+    #: Tunnels awaiting their AUTH answer on one relay process before new ones are told to come back.
+    max_admitting: int = MAX_ADMITTING
     #: The management API's own listener (``--api-listen``); None: /api/ on the public listener.
     api_listen_host: str | None = None
     api_listen_port: int | None = None

@@ -7,6 +7,7 @@ exponential bound) spreads them best for the same mean delay.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -20,9 +21,24 @@ MAX_DELAY = 300.0
 # us, a relay that accepts and then fails) by several reconnect cycles, yet is
 # short next to a day's normal operation. [link] stable_after overrides it.
 STABLE_AFTER = 120.0
-# A relay that is busy admitting says in whole seconds when to come back
-# (Retry-After); agents told the same second spread over that second.
+# A relay that is busy admitting (or stopping) says when to come back; agents
+# told the same moment spread over this many seconds after it.
 TOLD_SPREAD = 1.0
+# The shortest come-back time followed: a relay saying 0 (or less) gets the
+# first backoff's bound, never a tight loop.
+MIN_COME_BACK = INITIAL_DELAY
+# The longest come-back time followed: a relay restarting under 10,000 tunnels
+# spreads them over tens of seconds; anything above a few minutes (days, by a
+# typo or a hostile relay) must not park the gateway for longer than the
+# backoff's own cap would.
+MAX_COME_BACK = MAX_DELAY
+
+
+def come_back_after(value: object) -> float | None:
+    """The come-back time a relay gave, held within [MIN_COME_BACK, MAX_COME_BACK]; None when it is no number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return min(MAX_COME_BACK, max(MIN_COME_BACK, float(value)))
 
 
 @dataclass
@@ -57,13 +73,19 @@ class Backoff:
         return self.rng.uniform(0.0, bound)
 
     def told_delay(self, retry_after: float) -> float:
-        """The wait when the relay said when to come back: within ``[retry_after, retry_after + TOLD_SPREAD]``.
+        """The wait when the relay said when to come back: its time (clamped) plus up to TOLD_SPREAD.
 
         The relay spreads its fleet by the times it tells; the draw spreads
-        those told the same second. The exponential bound does not grow: the
-        relay is up and pacing us, not failing.
+        those told the same moment. It is never shorter than the backoff's own
+        draw, whose bound grows with each told wait as with each failure: a
+        relay that says "busy, come back in a second" forever is asked no
+        more often than one that fails.
         """
-        return retry_after + self.rng.uniform(0.0, TOLD_SPREAD)
+        told = come_back_after(retry_after)
+        backoff = self.next_delay()
+        if told is None:
+            return backoff
+        return max(told + self.rng.uniform(0.0, TOLD_SPREAD), backoff)
 
     def reset(self) -> None:
         self.attempt = 0

@@ -37,6 +37,7 @@ from agent.identity.pinned_tls import LOCAL_TIME, PinnedTLS, network_failure
 from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import serve_bound
+from agent.tunnel.backoff import come_back_after
 from agent.tunnel.tls_link import NotReached, open_tls_link, tunnel_tls_context
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -75,9 +76,6 @@ FALLBACK_HOLD = 3600.0
 SERVICE_UNAVAILABLE = 503
 #: ``[link] transport`` values.
 TRANSPORTS = ("auto", "tls", "websocket")
-#: The longest wait a relay's Retry-After may ask for: a relay restarting under 10,000 tunnels spreads them
-#: over tens of seconds; anything above a few minutes is a mistake the agent must not follow for hours.
-MAX_RETRY_AFTER = 300
 
 
 class IdentityRefused(TunnelRefused):
@@ -201,14 +199,15 @@ HttpSource = Any
 def retry_after_of(error: aiohttp.WSServerHandshakeError) -> float | None:
     """The seconds a relay's 503 asked us to wait (``Retry-After``), None for any other refusal.
 
-    An absurd value is held to MAX_RETRY_AFTER: a relay must not park its fleet for hours by a typo.
+    The value is held within the bounds of agent/tunnel/backoff.py (``come_back_after``), as
+    a GOAWAY's come-back time is: a relay must not park its fleet for hours by a typo.
     """
     if error.status != SERVICE_UNAVAILABLE or error.headers is None:
         return None
-    value = error.headers.get("Retry-After", "")
-    if not value.isdigit():
+    value = error.headers.get("Retry-After", "").strip()
+    if not value.isascii() or not value.isdigit():
         return None
-    return float(min(int(value), MAX_RETRY_AFTER))
+    return come_back_after(int(value))
 
 
 async def open_tunnel(http: HttpSource, relay_url: str, credentials: TunnelCredentials,
@@ -239,8 +238,8 @@ async def open_tunnel(http: HttpSource, relay_url: str, credentials: TunnelCrede
         except TimeoutError:
             raise ControllerUnreachable(f"cannot reach the relay at {relay_url}: timed out") from None
         return await _authenticate(link, relay_url, credentials, options)
-    except (NotReached, ProxyFailed):
-        raise
+    except (NotReached, ProxyFailed, RelayBusy):
+        raise  # a relay that said when to come back speaks TLS: no WebSocket fallback
     except ControllerUnreachable as exc:
         if kind != "auto":
             raise
@@ -316,5 +315,9 @@ async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCred
         code, reason, _ = session.close_reason or (ErrorCode.CANCEL, "closed", True)
         if code in (ErrorCode.AUTH_FAILED, ErrorCode.REVOKED, ErrorCode.DISABLED, ErrorCode.UNSUPPORTED_VERSION):
             raise refusal_for(code, reason, relay_url)
+        told = come_back_after(session.conn.retry_after)
+        if told is not None:
+            raise RelayBusy(f"the relay at {relay_url} is admitting as many tunnels as it can; "
+                            f"coming back in {told:g} s as it asked", told)
         raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
     return session, task

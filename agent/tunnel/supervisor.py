@@ -168,6 +168,8 @@ class TunnelSupervisor:
                     self.backoff.tunnel_ended(time.monotonic() - up_since)
                     self.rotation.tunnel_dropped()
                     code, _, by_relay = session.close_reason or (None, "", False)
+                    if by_relay and session.conn.retry_after is not None:
+                        told = session.conn.retry_after  # a stopping relay spreads its fleet's returns
                     if by_relay and code in (ErrorCode.REVOKED, ErrorCode.DISABLED) and not self._asked_at_once:
                         # The identity was blocked: ask once at once, and let the answer decide
                         # (exit for revoked, the disabled interval), rather than after a backoff.

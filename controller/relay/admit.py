@@ -49,6 +49,8 @@ class Admitted:
     #: SHA-256 of the SubjectPublicKeyInfo of the key that signed the challenge:
     #: when the identity's key changes, the relay closes tunnels on any other.
     key_sha256: str = ""
+    #: The certificate's serial (hex): which certificate opened the tunnel, without parsing it again.
+    serial: str = ""
 
 
 class AdmissionRefused(Exception):
@@ -125,4 +127,4 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             f"this certificate's key is no longer the key of identity {identity.tenant}/{identity.name}: "
             "it was re-enrolled with a new key, and one identity has one key",
         )
-    return Admitted(identity, session_certificate, key_sha256)
+    return Admitted(identity, session_certificate, key_sha256, format(leaf.serial_number, "x"))

@@ -98,11 +98,27 @@ class QueuedAudit:
         self._pool = pool
         self._lock = threading.Lock()
         self._queue: list[Event] = []
+        #: Beside each queued row: what is told once its transaction ended (None: nobody waits for it).
+        self._written: list[concurrent.futures.Future[None] | None] = []
         self._running: concurrent.futures.Future[None] | None = None
 
     def put(self, event: str, fields: dict[str, Any]) -> None:
+        self._put(event, fields, None)
+
+    def put_and_wait(self, event: str, fields: dict[str, Any]) -> concurrent.futures.Future[None]:
+        """Queue a row; the future is done once the transaction that holds it ended (written or logged as lost).
+
+        Awaited by a tunnel that must not go on before its row is in (its next job
+        would otherwise be recorded first), while the row still shares a commit.
+        """
+        written: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._put(event, fields, written)
+        return written
+
+    def _put(self, event: str, fields: dict[str, Any], written: concurrent.futures.Future[None] | None) -> None:
         with self._lock:
             self._queue.append((event, fields))
+            self._written.append(written)
             if self._running is None:
                 # An empty context: the rows name their own correlation, never a caller's scope.
                 self._running = contextvars.Context().run(self._pool.submit, self._drain)
@@ -111,7 +127,9 @@ class QueuedAudit:
         while True:
             with self._lock:
                 batch = self._queue[:MAX_ROWS_PER_TRANSACTION]
+                waiting = self._written[:MAX_ROWS_PER_TRANSACTION]
                 del self._queue[:MAX_ROWS_PER_TRANSACTION]
+                del self._written[:MAX_ROWS_PER_TRANSACTION]
                 if not batch:
                     self._running = None
                     return
@@ -119,6 +137,9 @@ class QueuedAudit:
                 self._audit.record_many(batch)
             except Exception as error:  # a full disk must not stop later rows from being tried
                 log.error("%d audit rows not written: %r", len(batch), error)
+            for written in waiting:
+                if written is not None:
+                    written.set_result(None)
 
     async def drained(self) -> None:
         """Wait until every row queued so far is written (shutdown)."""

@@ -25,6 +25,7 @@ from controller.relay import peering, reports
 from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
 from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
+from controller.relay.pacing import MAX_ADMITTING, ComeBackPacer
 from controller.relay.policy_watch import LiveDial, watch_for
 from controller.relay.records import DialRecord, QueuedAudit, label_of_uri
 from controller.relays import relays_for
@@ -40,6 +41,7 @@ from shared.protocol import (
     ProtocolLimits,
     ReportReceived,
     Role,
+    goaway_frame,
 )
 from shared.trust import verify_leaf_issued_by
 
@@ -94,16 +96,7 @@ BINDER_ACCEPT_TIMEOUT = 20.0
 # the rest of the handshake helps no one. Half a second, and a loaded loop overruns it (1.9 s measured
 # for 1.0 at 7,000 tunnels), which keeps a stop under the 2 s goal.
 SHUTDOWN_CLOSE_GRACE = 0.5
-# Tunnels between their upgrade and the answer to their AUTH, at most: past it a new tunnel is told to
-# come back later (503, Retry-After) before it costs a WebSocket, a protocol core and an admission.
-# Admission costs ~1.8 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a second
-# even when this process gets half a core, far inside the agent's AUTH deadline.
-MAX_ADMITTING = 256
-# The rate the come-back times are paced at: ~60 % of what one relay admitted at its peak on a
-# 2-core machine under a storm (566-853 a second), so the told agents find room when they return.
-TOLD_ADMISSIONS_PER_SECOND = 400.0
-# The first come-back time is at least this far: the backlog in flight must drain first.
-TOLD_FIRST_RETRY = 1.0
+BUSY_REASON = "this relay is admitting as many tunnels as it can; come back after the time it gives"
 
 
 class RelaySession(TunnelSession):
@@ -158,6 +151,8 @@ class RelaySession(TunnelSession):
         if await peering.on_auth(self, event):  # a link from another relay
             return
         now = dt.datetime.now(dt.UTC)
+        # Taken before admission reads the store: a change announced after it may have been missed.
+        changes = self.relay.identity_changes
         try:
             admitted = await self.in_worker(peering.admit_gateway, admit, self.context, event.chain, event.signature,
                                             self.nonce, now)
@@ -181,7 +176,7 @@ class RelaySession(TunnelSession):
         self.relay.register(self)
         self.presence = reports.tunnel_up(self, event.info.get("keepalive"))
         # Which certificate opened the tunnel: after a renewal, new tunnels name the new one.
-        serial = format(x509.load_pem_x509_certificate(event.chain[0].encode()).serial_number, "x")
+        serial = admitted.serial
         self.conn.accept_auth({
             "identity": identity.uri,
             "name": identity.name,
@@ -191,15 +186,27 @@ class RelaySession(TunnelSession):
             "reports": True,
         })
         try:
-            still = await self.in_worker(self._confirm_admission, serial)
+            async with self._worker_turn:
+                # Queued, not a transaction of its own: under a reconnecting fleet one commit (an fsync)
+                # per tunnel was half the relay's CPU per admission; queued rows share commits. This
+                # tunnel's next jobs wait for it, so its rows stay in order.
+                written = self.relay.audit_queue.put_and_wait("tunnel_connected", {
+                    "identity": identity.label, "remote": self.remote, "serial": serial,
+                    "correlation": self.tunnel_id, "relay": self.relay.name})
+                # Only a revocation, disabling or re-enrollment announced since admission began can have
+                # found this tunnel unregistered; without one, the store has nothing newer to say and the
+                # second read (a worker job and a query per admission) is skipped.
+                still = (await RELAY_POOL.run(self._confirm_admission)
+                         if self.relay.identity_changes != changes else None)
+                await asyncio.wrap_future(written)
         except StoreUnavailable as unavailable:  # admitted, but whether it was revoked meanwhile cannot be read
             await self.close(ErrorCode.SERVICE_UNAVAILABLE, unavailable.message)
             return
         if still is not None:
             await self.close(ErrorCode.REVOKED, still)
 
-    def _confirm_admission(self, serial: str) -> str | None:
-        """Record ``tunnel_connected``, then read the identity again: None, or why the tunnel must close.
+    def _confirm_admission(self) -> str | None:
+        """Read the identity again, once ``tunnel_connected`` is queued: None, or why the tunnel must close.
 
         Admission read the identity in a worker thread before this tunnel was
         registered; a revocation or re-enrollment the store watcher announced
@@ -207,8 +214,6 @@ class RelaySession(TunnelSession):
         store shows every change the watcher will not announce to us.
         """
         identity = self.admitted
-        self.context.audit.record("tunnel_connected", identity=identity.label, remote=self.remote, serial=serial,
-                                  correlation=self.tunnel_id, relay=self.relay.name)
         now = self.context.registry.identity_by_uri(identity.uri)
         if now is None or now.status in ("revoked", "disabled"):
             return f"identity {identity.tenant}/{identity.name} was {now.status if now else 'deleted'}"
@@ -366,6 +371,24 @@ class RelaySession(TunnelSession):
             return  # a relay reports through its heartbeat; nothing on its link is a gateway's report
         reports.on_report(self, self.presence, event)
 
+    def leave_at_stop(self) -> bool:
+        """At a stop, on TLS directly: write the queued GOAWAY now and end TCP without the TLS goodbye.
+
+        The goodbye (close_notify, then waiting for the peer's) cost ~0.5 ms of the event loop per
+        tunnel, 5 s and more at 10,000, and tells the agent nothing the GOAWAY did not. The close is
+        a FIN, not a reset: the kernel still sends the GOAWAY it holds. False on a WebSocket.
+        """
+        link = self.transport
+        if not isinstance(link, StreamTransport):
+            return False
+        transport = link.writer.transport
+        data = self.conn.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+        self._terminate(ErrorCode.NO_ERROR, "relay shutting down", False)
+        transport.abort()
+        return True
+
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         if self.link_from is not None and self.relay.peering is not None:
             self.relay.peering.link_closed(self, reason or code.name)
@@ -408,6 +431,8 @@ class Relay:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        #: Grows with every revocation, disabling or re-enrollment announced (admission compares it).
+        self.identity_changes = 0
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
@@ -422,15 +447,21 @@ class Relay:
         self.shutdown_grace = SHUTDOWN_CLOSE_GRACE
         #: Tunnels upgraded whose AUTH is not answered yet, and the cap on them (tests lower it).
         self.admitting = 0
-        self.max_admitting = MAX_ADMITTING
-        #: The loop time the last agent told to come back was given (come-back times are paced).
-        self._told_until = 0.0
-        self.told_to_come_back = 0
+        self.max_admitting: int = getattr(context.settings, "max_admitting", MAX_ADMITTING)
+        #: Come-back times for refused and stopped tunnels, paced by the admissions measured.
+        self.pacer = ComeBackPacer()
+        #: Retired: the stop tells no come-back time (this relay will not be back; agents move on).
+        self.retiring = False
         #: Links to and from other relays (``serve --role relay`` only; set by the server).
         self.peering: peering.Peering | None = None
 
+    @property
+    def told_to_come_back(self) -> int:
+        return self.pacer.told
+
     def register(self, session: RelaySession) -> None:
         self._done_admitting(session)
+        self.pacer.admitted(asyncio.get_running_loop().time())
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
         if session.mark_admitted is not None:
             session.mark_admitted()
@@ -444,11 +475,21 @@ class Relay:
 
     def _come_back_later(self) -> web.Response:
         """503 with the whole seconds after which this agent gets a slot: the told agents return paced."""
-        now = asyncio.get_running_loop().time()
-        self._told_until = max(self._told_until, now + TOLD_FIRST_RETRY) + 1.0 / TOLD_ADMISSIONS_PER_SECOND
-        self.told_to_come_back += 1
-        return web.Response(status=503, headers={"Retry-After": str(math.ceil(self._told_until - now))},
+        seconds = self.pacer.come_back(asyncio.get_running_loop().time(), self.admitting)
+        return web.Response(status=503, headers={"Retry-After": str(math.ceil(seconds))},
                             text="this relay is admitting as many tunnels as it can; come back after Retry-After\n")
+
+    def _tell_busy(self, link: StreamTransport) -> None:
+        """Refuse a tunnel on TLS before its CHALLENGE: one GOAWAY(BUSY) with its come-back time, then a FIN.
+
+        No TLS goodbye: waiting for the peer's close_notify costs a busy relay more than the
+        GOAWAY did, and tells the agent nothing more. The kernel still sends what it holds.
+        """
+        seconds = self.pacer.come_back(asyncio.get_running_loop().time(), self.admitting)
+        transport = link.writer.transport
+        if not transport.is_closing():
+            transport.write(goaway_frame(ErrorCode.BUSY, BUSY_REASON, seconds))
+        transport.abort()
 
     def unregister(self, session: RelaySession) -> None:
         self._done_admitting(session)
@@ -471,6 +512,7 @@ class Relay:
 
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
+        self.identity_changes += 1  # any thread: a lost increment still changes the value a tunnel took
         self._on_loop(self._close_tunnels_of, identity)
 
     def identity_rekeyed(self, identity: Identity) -> None:
@@ -479,6 +521,7 @@ class Relay:
         Called from the enrollment's worker thread in this process, or from the
         store watcher on the event loop for a re-enrollment in another.
         """
+        self.identity_changes += 1
         self._on_loop(self._close_tunnels_on_old_keys, identity)
 
     def _on_loop(self, callback: Callable[[Identity], None], identity: Identity) -> None:
@@ -542,9 +585,12 @@ class Relay:
     async def serve_stream(self, transport: StreamTransport, remote: str, admitted: Callable[[], None]) -> None:
         """Serve one tunnel on TLS directly (ALPN ``TUNNEL_ALPN``, routed here by controller/listener.py).
 
-        It counts against the admission cap like a WebSocket's, but sheds only at accept (the
-        listener's handshake cap): it has no 503 to say when to come back.
+        It counts against the admission cap like a WebSocket's; past the cap it is told when to
+        come back (GOAWAY BUSY) before it costs a protocol core and an admission.
         """
+        if self.admitting >= self.max_admitting:
+            self._tell_busy(transport)
+            return
         session = self._challenge(transport, remote)
         session.mark_admitted = admitted
         await self._serve(session)
@@ -567,10 +613,22 @@ class Relay:
             self.unregister(session)
 
     async def close(self) -> None:
-        """Close every tunnel (process shutdown): GOAWAY to all, then a reset for those that did not finish
-        their closing handshake within ``shutdown_grace``, so the stop takes that long at most, however many."""
+        """Close every tunnel (process shutdown): GOAWAY to all, each with its own come-back time.
+
+        A tunnel on TLS directly gets its GOAWAY written and its TCP connection ended at once
+        (``leave_at_stop``); a WebSocket gets its closing handshake, and a reset if that has not
+        finished within ``shutdown_grace``, so the stop takes that long at most, however many.
+        """
         loop = asyncio.get_running_loop()
-        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in list(self.sessions)}
+        sessions = list(self.sessions)
+        told = [None] * len(sessions) if self.retiring else self.pacer.stop_times(len(sessions))
+        graceful: list[RelaySession] = []
+        for session, seconds in zip(sessions, told, strict=True):
+            # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
+            session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
+            if not session.leave_at_stop():
+                graceful.append(session)
+        closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in graceful}
         if closing:
             _, late = await asyncio.wait(closing, timeout=self.shutdown_grace)
             for task in late:

@@ -30,6 +30,7 @@ from shared.protocol.events import (
     StreamReset,
     WindowUpdated,
 )
+from shared.protocol.frames import goaway_frame
 from shared.protocol.limits import (
     AUTH_DEADLINE,
     INITIAL_WINDOW,
@@ -58,5 +59,5 @@ __all__ = [
     "Connection", "ConnectionSnapshot", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake",
     "InvalidLimits", "Liveness", "LocalProtocolError", "PongReceived", "ProtocolError", "ProtocolLimits",
     "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted", "StreamClosedError", "StreamEnded", "StreamOpened",
-    "StreamReset", "StreamSnapshot", "StreamState", "WindowUpdated", "auth_message",
+    "StreamReset", "StreamSnapshot", "StreamState", "WindowUpdated", "auth_message", "goaway_frame",
 ]

@@ -26,6 +26,8 @@ class ErrorCode(enum.IntEnum):
     CONNECT_FAILED = 15
     #: The identity is disabled (it may be enabled again): unlike REVOKED, the agent keeps asking, slowly.
     DISABLED = 16
+    #: The relay is admitting as many tunnels as it can: come back after the GOAWAY's retry_after.
+    BUSY = 17
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from shared.protocol.endpoint import Endpoint
-from shared.protocol.errors import ErrorCode, RemoteProtocolError
+from shared.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol.events import ConnectionTerminated, Event
-from shared.protocol.frames import U32, FrameType, decode_code_reason, encode_code_reason
+from shared.protocol.frames import FrameType, decode_goaway, encode_goaway
 from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_message
 from shared.protocol.limits import Liveness, ProtocolLimits
 from shared.protocol.liveness import Keepalive
@@ -65,6 +65,8 @@ class Connection:
             FrameType.REPORT: reports.on_report,
         })
         self.bytes_received = 0
+        #: Seconds after which the peer's GOAWAY said to come back (FLAG_RETRY_AFTER), else None.
+        self.retry_after: float | None = None
 
     # -- state --------------------------------------------------------------
     @property
@@ -298,21 +300,32 @@ class Connection:
         return self._reader.backlog is not None
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes, events: list[Event]) -> None:
-        if len(payload) < U32.size:
-            raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY frame without an error code")
-        code, reason = decode_code_reason(payload)
+        decoded = decode_goaway(flags, payload)
+        if decoded is None:
+            raise RemoteProtocolError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY frame too short for its error code")
+        code, reason, self.retry_after = decoded
         self._mark_closed()
-        events.append(ConnectionTerminated(code, reason, remote=True))
+        events.append(ConnectionTerminated(code, reason, remote=True, retry_after=self.retry_after))
 
     # -- closing and output -----------------------------------------------------------
-    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
-        """Queue GOAWAY and end the connection; later calls do nothing."""
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "", *,
+              retry_after: float | None = None) -> None:
+        """Queue GOAWAY and end the connection; later calls do nothing.
+
+        ``retry_after`` (seconds, >= 0) tells the peer when to come back (a
+        relay busy admitting, or stopping); LocalProtocolError for a value
+        the wire cannot carry.
+        """
         if not self.closed:
-            self._close(code, reason)
+            try:
+                flags, payload = encode_goaway(code, reason, retry_after)
+            except ValueError as exc:
+                raise LocalProtocolError(code, str(exc)) from None
+            self._endpoint.queue_frame(FrameType.GOAWAY, flags, 0, payload)
+            self._mark_closed()
 
     def _close(self, code: ErrorCode, reason: str) -> None:
-        self._endpoint.queue_frame(FrameType.GOAWAY, 0, 0, encode_code_reason(code, reason))
-        self._mark_closed()
+        self.close(code, reason)
 
     def _mark_closed(self) -> None:
         """Closed for good: drop every table so a dead connection holds no memory."""

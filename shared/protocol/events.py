@@ -127,6 +127,8 @@ class ConnectionTerminated:
     code: ErrorCode
     reason: str
     remote: bool
+    #: Seconds after which the peer (a relay) said to come back (GOAWAY's FLAG_RETRY_AFTER), else None.
+    retry_after: float | None = None
 
 
 Event = (

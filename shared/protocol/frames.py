@@ -21,6 +21,10 @@ U32 = struct.Struct(">I")
 PING_COUNTER = struct.Struct(">Q")
 
 FLAG_FIN = 0x01
+#: On GOAWAY: a u32 come-back time in milliseconds follows the error code (docs/protocol.md, "Coming back").
+FLAG_RETRY_AFTER = 0x02
+#: The longest come-back time the wire carries: u32 milliseconds (49 days); the agent clamps far below.
+MAX_RETRY_AFTER_MS = 2**32 - 1
 
 
 class FrameType(enum.IntEnum):
@@ -70,6 +74,34 @@ def truncate_reason(reason: str) -> bytes:
 def encode_code_reason(code: ErrorCode, reason: str) -> bytes:
     """RESET and GOAWAY payload: u32 code, UTF-8 reason."""
     return U32.pack(int(code)) + truncate_reason(reason)
+
+
+def encode_goaway(code: ErrorCode, reason: str, retry_after: float | None = None) -> tuple[int, bytes]:
+    """(flags, payload) of a GOAWAY; ``retry_after`` (seconds, finite, >= 0) sets FLAG_RETRY_AFTER."""
+    if retry_after is None:
+        return 0, encode_code_reason(code, reason)
+    if not 0.0 <= retry_after < float("inf"):  # also false for NaN
+        raise ValueError(f"a come-back time must be a finite number of seconds >= 0, not {retry_after!r}")
+    millis = min(MAX_RETRY_AFTER_MS, round(retry_after * 1000))
+    return FLAG_RETRY_AFTER, U32.pack(int(code)) + U32.pack(millis) + truncate_reason(reason)
+
+
+def goaway_frame(code: ErrorCode, reason: str, retry_after: float | None = None) -> bytes:
+    """One whole GOAWAY frame: what a relay sends instead of CHALLENGE when it refuses a tunnel unread."""
+    flags, payload = encode_goaway(code, reason, retry_after)
+    return encode_frame(FrameType.GOAWAY, flags, 0, payload)
+
+
+def decode_goaway(flags: int, payload: bytes) -> tuple[ErrorCode, str, float | None] | None:
+    """(code, reason, retry_after seconds or None) of a GOAWAY; None when the payload is too short for its flags."""
+    if not flags & FLAG_RETRY_AFTER:
+        return (*decode_code_reason(payload), None) if len(payload) >= U32.size else None
+    if len(payload) < 2 * U32.size:
+        return None
+    (code,) = U32.unpack_from(payload, 0)
+    (millis,) = U32.unpack_from(payload, U32.size)
+    reason = payload[2 * U32.size:].decode("utf-8", "replace")
+    return ErrorCode.from_wire(code), reason, millis / 1000
 
 
 def decode_code_reason(payload: bytes) -> tuple[ErrorCode, str]:

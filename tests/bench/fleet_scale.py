@@ -298,6 +298,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         if relay.process is not None and relay.process.poll() is None:
             relay.process.kill()
     return {
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "tunnels": len(fleet),
         "relay_baseline_kib": baseline,
         "relay_holding_kib": holding,
@@ -316,6 +317,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "storm_relay_kib": storm_rss,
         "graceful_stop_s": round(stop_last, 2),
         "graceful_stop_before_storm_s": round(stop_first, 2),
+        "relay_error_line_count": len(relay.error_lines()),
         "relay_error_lines": relay.error_lines()[:20],
     }
 
@@ -327,6 +329,7 @@ def main() -> None:
     logging.basicConfig(level=logging.CRITICAL)  # the fleet's own reconnect lines would be 10,000 each
     from shared.event_loop import run, uvloop_module
 
+    load_at_start = [round(load, 2) for load in os.getloadavg()]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="outpost-fleet-") as workdir:
         data = Path(workdir) / "relay"
         port = free_port()
@@ -341,6 +344,7 @@ def main() -> None:
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
         "event_loop": "uvloop" if uvloop_module() is not None else "asyncio",
         "enroll_s": round(enroll_s, 1),
+        "load_average_at_start": load_at_start,
         "goals": {"relay_kib_per_tunnel": 64, "relay_idle_cpu_pct": 5, "established_s": 60,
                   "admission_cpu_ms": 1, "storm_all_back_s": 60, "graceful_stop_s": 2},
         **result,

@@ -318,3 +318,44 @@ def test_a_revocation_committed_while_admission_is_checked_still_closes_the_tunn
                 assert "revoked" in session.close_reason[1]
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_without_a_change_announced_during_admission_the_identity_is_not_read_a_second_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second read closes the gap above; with nothing announced in the gap it would cost a worker job and a
+    query per admission for nothing (a reconnecting fleet of 10,000)."""
+    import controller.relay.session as relay_session
+
+    second_reads: list[str] = []
+    real_confirm = relay_session.RelaySession._confirm_admission
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        second_reads.append(self.admitted.name)
+        return real_confirm(self)
+
+    monkeypatch.setattr(relay_session.RelaySession, "_confirm_admission", counted)
+
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials = await enrolled(ctl, "gw-quiet")
+            async with connect(ctl, credentials) as (session, task):
+                assert session.relay_info["identity"] == credentials.uri
+                await asyncio.sleep(0.2)
+                assert not task.done()
+            assert second_reads == []
+            relay = ctl.server.relay
+            assert relay is not None
+            real_admit = relay_session.admit
+
+            def admit_then_announced(context, *args, **kwargs):  # type: ignore[no-untyped-def]
+                admitted = real_admit(context, *args, **kwargs)
+                relay.identity_changes += 1
+                return admitted
+
+            monkeypatch.setattr(relay_session, "admit", admit_then_announced)
+            async with connect(ctl, credentials) as (session, task):
+                await asyncio.sleep(0.2)
+                assert not task.done()  # read again, still enrolled: the tunnel stays
+            assert second_reads == ["gw-quiet"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))

@@ -2,12 +2,15 @@
 
 A real controller (TLS, relay mounted) on 127.0.0.1 with its admission cap
 lowered; gateways are the agent's own ``TunnelSupervisor`` with their own
-enrolled keys.
+enrolled keys, on each transport: on TLS the relay refuses with GOAWAY(BUSY)
+and a come-back time instead of CHALLENGE, on the WebSocket with a 503 and
+Retry-After, from the same pacer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -15,15 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.tunnel.backoff import TOLD_SPREAD, Backoff
-from agent.tunnel.client import TunnelOptions
+from agent.errors import RelayBusy
+from agent.identity.tls_trust import pinned_ssl_context
+from agent.tunnel.backoff import MAX_COME_BACK, MIN_COME_BACK, TOLD_SPREAD, Backoff
+from agent.tunnel.client import TunnelOptions, open_tunnel
 from agent.tunnel.supervisor import TunnelSupervisor
 from controller.listener import ListenerLimits
+from controller.relay.pacing import STOP_FIRST_RETRY
 from tests.controller.harness import run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, enrolled, relay_url
 
-#: The come-back time is a 503 with Retry-After: the WebSocket's upgrade answer (the TLS transport has no HTTP).
-PACED = "websocket"
+#: Both transports say when to come back: GOAWAY(BUSY) on TLS, a 503 with Retry-After on the WebSocket.
+TRANSPORTS = ("tls", "websocket")
 #: Gateways reconnecting at once in the storm test.
 FLEET = 12
 #: The admission cap in the storm test: far below the fleet.
@@ -42,14 +48,14 @@ async def stop_all(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), ALL_BACK)
 
 
-def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_path: Path, transport: str) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl:
+        async with running_controller(tmp_path / "ctl", max_admitting=SMALL_CAP) as ctl:
             relay = ctl.server.relay
-            assert relay is not None
-            relay.max_admitting = SMALL_CAP
+            assert relay is not None and relay.max_admitting == SMALL_CAP
             credentials = [await enrolled(ctl, f"gw-{i}") for i in range(FLEET)]
-            fleet = [TunnelSupervisor([relay_url(ctl)], c, TunnelOptions(transport=PACED), backoff=Backoff(rng=random.Random(i)))
+            fleet = [TunnelSupervisor([relay_url(ctl)], c, TunnelOptions(transport=transport), backoff=Backoff(rng=random.Random(i)))
                      for i, c in enumerate(credentials)]
             tasks = [asyncio.get_running_loop().create_task(s.run()) for s in fleet]
             try:
@@ -65,24 +71,26 @@ def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
 
-def test_an_agent_told_to_come_back_later_returns_within_the_told_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_agent_told_to_come_back_later_returns_within_the_told_window(tmp_path: Path, transport: str) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             relay = ctl.server.relay
             assert relay is not None
             relay.max_admitting = 0  # everyone is told to come back
-            told: list[tuple[float, int]] = []
-            original = relay._come_back_later
+            told: list[tuple[float, float]] = []
+            original = relay.pacer.come_back
             loop = asyncio.get_running_loop()
 
-            def telling():  # type: ignore[no-untyped-def]
-                response = original()
-                told.append((loop.time(), int(response.headers["Retry-After"])))
+            def telling(now: float, in_flight: int = 0) -> float:
+                seconds = original(now, in_flight)
+                told.append((loop.time(), seconds))
                 relay.max_admitting = 10  # the next attempt is let in
-                return response
+                return seconds
 
-            relay._come_back_later = telling  # type: ignore[method-assign]
-            supervisor = TunnelSupervisor([relay_url(ctl)], await enrolled(ctl, "gw-told"), TunnelOptions(transport=PACED))
+            relay.pacer.come_back = telling  # type: ignore[method-assign]
+            options = TunnelOptions(transport="auto" if transport == "tls" else transport)
+            supervisor = TunnelSupervisor([relay_url(ctl)], await enrolled(ctl, "gw-told"), options)
             task = loop.create_task(supervisor.run())
             try:
                 await asyncio.wait_for(supervisor.connected.wait(), ALL_BACK)
@@ -90,8 +98,61 @@ def test_an_agent_told_to_come_back_later_returns_within_the_told_window(tmp_pat
             finally:
                 await stop_all([supervisor], [task])
             (when, seconds), = told
+            # The WebSocket's Retry-After is in whole seconds; the GOAWAY carries milliseconds.
+            expected = math.ceil(seconds) if transport == "websocket" else seconds
             assert seconds >= 1
-            assert seconds <= back - when <= seconds + TOLD_SPREAD + SLACK, (seconds, back - when)
+            assert expected <= back - when <= expected + TOLD_SPREAD + SLACK, (expected, back - when)
+            assert not options.fallback_until  # a busy TLS relay is no reason to fall back to the WebSocket
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(("said", "followed"), [(0.0, MIN_COME_BACK), (3 * 86400.0, MAX_COME_BACK)])
+def test_a_come_back_time_out_of_bounds_is_clamped_by_the_agent(tmp_path: Path, transport: str, said: float,
+                                                                 followed: float) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            relay = ctl.server.relay
+            assert relay is not None
+            relay.max_admitting = 0
+            relay.pacer.come_back = lambda now, in_flight=0: said  # type: ignore[method-assign]
+            credentials = await enrolled(ctl, "gw-hostile")
+            options = TunnelOptions(transport=transport)
+            async with aiohttp_session() as http:
+                with pytest.raises(RelayBusy) as caught:
+                    await asyncio.wait_for(open_tunnel(http, relay_url(ctl), credentials,
+                                                       pinned_ssl_context(credentials.ca_pem), options), ANSWER)
+            assert caught.value.retry_after == followed
+            assert relay.admitting == 0 and not relay.sessions  # refused before any protocol core
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_graceful_stop_tells_each_tunnel_its_own_time_to_come_back(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            relay = ctl.server.relay
+            assert relay is not None
+            fleet = [TunnelSupervisor([relay_url(ctl)], await enrolled(ctl, f"gw-stop-{i}"),
+                                      TunnelOptions(transport=transport))
+                     for i, transport in enumerate(TRANSPORTS * 2)]
+            tasks = [asyncio.get_running_loop().create_task(s.run()) for s in fleet]
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in fleet)), ALL_BACK)
+                sessions = [s.session for s in fleet]
+                await relay.close()
+                for session in sessions:
+                    assert session is not None
+                    await asyncio.wait_for(session.closed.wait(), ANSWER)
+                told = sorted(session.conn.retry_after for session in sessions)  # type: ignore[union-attr]
+                assert told[0] >= STOP_FIRST_RETRY
+                # Spread one slot apart at the relay's pace: no two agents come back in the same moment.
+                gaps = [b - a for a, b in zip(told, told[1:], strict=False)]
+                assert all(math.isclose(gap, 1.0 / relay.pacer.rate(), abs_tol=0.002) for gap in gaps), told
+                await until(lambda: all(s.stats.state == "waiting" for s in fleet))
+            finally:
+                await stop_all(fleet, tasks)
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
@@ -115,6 +176,12 @@ def test_past_the_cap_on_handshakes_in_progress_a_connection_is_reset_before_its
             assert status == 200
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def aiohttp_session():  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    return aiohttp.ClientSession()
 
 
 async def until(condition: Callable[[], bool]) -> None:
