@@ -82,7 +82,7 @@ def measure_tpm() -> dict:
     from tests.agent.identity.swtpm_harness import SWTPM, started_swtpm
 
     if SWTPM is None:
-        return {"error": "swtpm is not installed"}
+        return {"tpm": {"error": "swtpm is not installed"}}
     with tempfile.TemporaryDirectory() as workdir:
         swtpm = started_swtpm(Path(workdir))
         try:

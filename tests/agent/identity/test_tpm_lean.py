@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -94,3 +95,19 @@ def test_a_cleared_tpm_is_still_a_lost_identity_on_the_lean_path(swtpm, key_dir:
 def test_the_lean_probe_finds_p256_and_an_absent_tpm_still_gets_its_sentence(swtpm, closed_tcti: str) -> None:
     assert unusable_reason(swtpm.tcti) is None
     assert unusable_reason(closed_tcti) == f"no TPM found at {closed_tcti}"
+
+
+def test_a_key_file_whose_point_was_changed_is_a_lost_identity_asked_once_and_nothing_left_loaded(
+    counted_swtpm, key_dir: Path
+) -> None:
+    TpmKeyStore(key_dir, counted_swtpm.tcti).create()
+    document = json.loads((key_dir / KEY_FILE).read_text())
+    public = bytearray(base64.b64decode(document["public"]))
+    public[-1] ^= 0x01  # the y coordinate: still shaped like a device key, no longer the TPM's
+    document["public"] = base64.b64encode(bytes(public)).decode()
+    (key_dir / KEY_FILE).write_text(json.dumps(document))
+    store = TpmKeyStore(key_dir, counted_swtpm.tcti)
+    mark = len(counted_swtpm.commands())
+    with pytest.raises(DeviceKeyLost):
+        store.sign(b"challenge")
+    assert counted_swtpm.commands()[mark:] == [CC_CREATE_PRIMARY, CC_LOAD, CC_FLUSH_CONTEXT]
