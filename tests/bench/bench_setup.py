@@ -236,16 +236,22 @@ class TunnelPath:
         token = self.workdir / f"{name}.token"
         self.controller.ctl("identity", "create", name, "--token-out", str(token))
         state = self.workdir / f"{name}-state"
-        result = run_cli("agent", "enroll", "--token", str(token), "--state", str(state), "--keystore", "software")
+        config = self.workdir / f"{name}-enroll.toml"
+        config.write_text("\n".join([f'state_dir = "{state}"', "", *self._keystore(name), ""]))
+        result = run_cli("agent", "enroll", "--token", str(token), "--state", str(state), "--config", str(config))
         if result.returncode != 0:
             raise RuntimeError(f"enrolling {name} failed: {result.stderr.strip()}")
         return state
+
+    def _keystore(self, name: str) -> list[str]:
+        """The ``[keystore]`` section of agent ``name`` (a subclass puts one in a TPM)."""
+        return ["[keystore]", 'backend = "software"']
 
     def _run(self, name: str, state: Path, sections: list[tuple[str, ...]]) -> Process:
         loop = str_arg("agent-event-loop", "")
         transport = str_arg("agent-transport", "")  # the tunnel's [link] transport; unset: the default (auto)
         lines = [f'state_dir = "{state}"', *([f'log_level = "{self.LOG_LEVEL}"'] if self.LOG_LEVEL else []),
-                 *([f'event_loop = "{loop}"'] if loop else []), "", "[keystore]", 'backend = "software"', ""]
+                 *([f'event_loop = "{loop}"'] if loop else []), "", *self._keystore(name), ""]
         if transport:  # into the path's own [link] section where it has one
             link = next((s for s in sections if s and s[0] == "[link]"), None)
             sections = [(*s, f'transport = "{transport}"') if s is link else s for s in sections]
@@ -445,11 +451,13 @@ def _descendants(pid: int) -> list[int]:
 
 # -- the run as a whole ----------------------------------------------------------
 @contextlib.contextmanager
-def paths(targets: dict[str, int], with_ssh: bool = True) -> Iterator[tuple[TunnelPath, SshPath | None]]:
+def paths(targets: dict[str, int], with_ssh: bool = True,
+          tunnel_path: Callable[[Path, dict[str, int]], TunnelPath] = TunnelPath,
+          ) -> Iterator[tuple[TunnelPath, SshPath | None]]:
     """The tunnel and (when possible) the ssh path to ``targets``, stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
         workdir = Path(tmp)
-        tunnel = TunnelPath(workdir, targets)
+        tunnel = tunnel_path(workdir, targets)
         ssh = SshPath(workdir, targets) if with_ssh and SshPath.unavailable() is None else None
         try:
             tunnel.start()

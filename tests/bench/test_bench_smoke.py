@@ -180,6 +180,18 @@ def test_footprint_reports_idle_and_busy_memory() -> None:
     assert found["streams_reached_service"] == 5
 
 
+def test_footprint_measures_an_agent_whose_key_is_in_a_swtpm() -> None:
+    from tests.agent.identity.swtpm_harness import SWTPM
+
+    if SWTPM is None:
+        pytest.skip("swtpm is not installed (Debian package: swtpm)")
+    found = run_bench("footprint", "--key", "tpm", "--streams", "2", "--payload", "1024")
+    assert found["key"] == "tpm" and found["key_file"] == ["key.tpm.json"], found["key_file"]
+    assert found["goal"] == "agent_idle_rss_mib <= 40"
+    assert_positive(found, "agent_idle_rss_mib")
+    assert found["streams_reached_service"] == 2
+
+
 def test_idle_bytes_reports_a_day_of_keepalives_for_both_nat_timeouts() -> None:
     found = run_bench("idle_bytes", "--seconds", "4", "--scaled-interval", "1")
     metered = found["scaled_runs"]["metered"]
