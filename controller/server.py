@@ -40,7 +40,7 @@ from controller.metrics_server import metrics_app, metrics_token
 from controller.policy_admin import PolicyAdminApi
 from controller.policy_api import PolicyExplainApi
 from controller.relay.peering import Peering
-from controller.relay.session import Relay
+from controller.relay.relay import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
 from controller.relays import RELAY_LIST_REFRESH, relay_loads
 from controller.relays_api import RelaysApi, relay_book
