@@ -112,7 +112,7 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
         )
     public_key = leaf.public_key()
     # The listener's certificate as of this tunnel's handshake: the current one, or the one a
-    # renewal while running just replaced (controller/server.py).
+    # renewal while running just replaced (controller/listener_tls.py).
     ours = [der for der in (context.server_certificate_der,
                             getattr(context, "previous_server_certificate_der", None)) if der]
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not any(
