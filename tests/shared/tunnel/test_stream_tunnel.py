@@ -17,6 +17,7 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 from tunnel_loopback import End, _authenticated, both_running, run
 
 from shared.protocol import Liveness, ProtocolLimits
@@ -170,30 +171,20 @@ def test_a_payload_kept_for_a_reader_is_bytes_of_its_own_not_a_view_of_the_chunk
     assert kept and set(kept) == {bytes}
 
 
-def test_a_message_received_with_nothing_to_answer_takes_no_flush() -> None:
+@pytest.mark.parametrize(("method", "counted"), [("flush", "flushes"), ("_receive", "wakes of the reading task")])
+def test_a_response_takes_neither_a_flush_nor_a_wake_of_the_reading_task(method: str, counted: str) -> None:
     """The agent's end receives 300 responses: none queues anything to send, so none awaits a flush (its lock,
-    its drain); and its requests leave from the read callback, so the tunnel's async flush is not used at all."""
+    its drain); its requests leave from the read callback, so the tunnel's async flush is not used at all; and
+    each response is handled in the read callback, so the reading task does not wake for it."""
     async def scenario() -> int:
         async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
             await warm_up(reader, writer)
-            flushes = counting(agent, "flush")
+            calls = counting(agent, method)
             await round_trips(reader, writer)
-            return flushes[0]
+            return calls[0]
 
-    flushes = run(scenario)
-    assert flushes <= MOST_PUMP_WRITES, f"{flushes} flushes for {ROUND_TRIPS} round trips"
-
-
-def test_a_response_is_handled_in_the_read_callback_without_waking_the_reading_task() -> None:
-    async def scenario() -> int:
-        async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
-            await warm_up(reader, writer)
-            wakes = counting(agent, "_receive")
-            await round_trips(reader, writer)
-            return wakes[0]
-
-    wakes = run(scenario)
-    assert wakes <= MOST_PUMP_WRITES, f"the reading task woke {wakes} times for {ROUND_TRIPS} responses"
+    calls = run(scenario)
+    assert calls <= MOST_PUMP_WRITES, f"{calls} {counted} for {ROUND_TRIPS} round trips"
 
 
 def test_a_flow_control_violation_handled_in_the_callback_still_ends_the_tunnel_with_its_reason() -> None:
