@@ -126,11 +126,7 @@ class Peering:
     def admitted(self, session: RelaySession, peer: LinkPeer, keepalive: object) -> None:
         relay = self.relay
         session.link_from = peer.name
-        relay.done_admitting(session)
-        if session.mark_admitted is not None:
-            session.mark_admitted()
-        elif relay.on_admitted is not None and session.request is not None:
-            relay.on_admitted(session.request)
+        relay.authenticated(session)
         self.incoming[session] = peer
         if isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool) and keepalive > 0:
             idle = LINK_IDLE_KEEPALIVES * float(keepalive)

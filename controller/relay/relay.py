@@ -83,9 +83,14 @@ class Relay:
         return self.pacer.told
 
     def register(self, session: RelaySession) -> None:
-        self.done_admitting(session)
+        """A gateway's tunnel admitted: counted in the admission rate and found by its identity."""
+        self.authenticated(session)
         self.pacer.admitted(asyncio.get_running_loop().time())
         self.by_identity.setdefault(session.admitted.uri, set()).add(session)
+
+    def authenticated(self, session: RelaySession) -> None:
+        """A tunnel's AUTH accepted (a gateway's or a relay link's): no longer admitting, nor anonymous at its listener."""
+        self.done_admitting(session)
         if session.mark_admitted is not None:
             session.mark_admitted()
         elif self.on_admitted is not None and session.request is not None:
