@@ -57,6 +57,7 @@ from agent.tunnel.link_profiles import plan_from_settings
 from agent.tunnel.relays import MAX_RELAYS
 from shared.event_loop import EVENT_LOOPS
 from shared.protocol.limits import MAX_BIND_SERVICES
+from shared.toml_file import FileTooLarge, load_toml_file
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LINK_PROFILES = ("ethernet", "cellular", "satellite", "metered")
@@ -99,16 +100,13 @@ def load_config(path: Path) -> AgentConfig:
     """Read and validate the agent config file at ``path``."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_FILE + 1)
+        document = load_toml_file(path, MAX_CONFIG_FILE)
     except FileNotFoundError:
         raise ConfigError(f"the config file {path} does not exist; create it or give another with --config") from None
     except OSError as error:
         raise ConfigError(f"the config file {path} cannot be read ({error.strerror or error}); check its permissions") from None
-    if len(raw) > MAX_CONFIG_FILE:
-        raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_FILE} bytes; is it the right file?")
-    try:
-        document = tomllib.loads(raw.decode("utf-8"))
+    except FileTooLarge:
+        raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_FILE} bytes; is it the right file?") from None
     except UnicodeDecodeError:
         raise ConfigError(f"the config file {path} is not UTF-8 text; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:

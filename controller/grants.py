@@ -20,6 +20,7 @@ from controller.correlation import GRANT, new_id
 from controller.errors import ControllerError, bad_request, not_found
 from controller.names import check_name
 from controller.policy import PolicyEngine
+from controller.policy_selectors import GATEWAY_MARK
 from controller.policy_terms import format_time, parse_duration
 from controller.registry import Registry
 from controller.store import Row, Store, Transaction
@@ -32,7 +33,6 @@ PENDING_GRANT_SECONDS = 3600.0
 MAX_GRANT_SECONDS = 24 * 3600.0
 #: A reason is a sentence or two for the approver and the audit, not a document.
 MAX_REASON_CHARS = 500
-GATEWAY_MARK = "@"
 #: Pending requests one person may have at once: more than anyone needs
 #: answered at a time, few enough that nobody floods the approvers or the store.
 MAX_PENDING_PER_PERSON = 10

@@ -12,7 +12,7 @@ running serves every new handshake and no live one is touched. Then a
 ``GuardedConnection`` stands between the TLS transport and aiohttp's request
 handler and keeps the request-head deadline: a connection that does not
 complete a request head in time is closed. The request body deadline is kept
-by ``request_deadlines`` (a middleware in controller/server.py). A connection leaves the unauthenticated count once it proved who
+by ``request_deadlines`` (a middleware in controller/routes.py). A connection leaves the unauthenticated count once it proved who
 it is: a tunnel that passed AUTH, or a request carrying the admin credential.
 
 A connection whose TLS handshake chose Outpost's own ALPN (``TUNNEL_ALPN``)

@@ -56,6 +56,19 @@ class Selector:
         return written if self.gateway is None else f"{written}{GATEWAY_MARK}{self.gateway.text(policy_tenant)}"
 
 
+def split_aimed(text: str) -> tuple[str, int | None, str | None]:
+    """(service, port or None, gateway or None) of ``SERVICE[:PORT][@GATEWAY]``, none of the parts checked.
+
+    One reading for a policy's service selectors and a dial's aim (controller/relay/aiming.py).
+    """
+    service, mark, gateway = text.partition(GATEWAY_MARK)
+    ported = WITH_PORT.match(service)
+    port = None
+    if ported is not None:
+        service, port = ported.group(1), int(ported.group(2))
+    return service, port, (gateway if mark else None)
+
+
 def parse_selector(text: object, policy_tenant: str, *, aimed: bool = False) -> Selector:
     """Parse one selector; 400 ``invalid_selector`` with the rule when it is malformed.
 
@@ -63,21 +76,19 @@ def parse_selector(text: object, policy_tenant: str, *, aimed: bool = False) -> 
     """
     if not isinstance(text, str):
         raise bad_request("invalid_selector", "Each selector must be a string such as \"ops\" or \"role:plc\".")
-    if GATEWAY_MARK in text:
-        if not aimed:
-            raise bad_request("invalid_selector", f"The selector {text[:80]!r} names a gateway; only a service "
-                              "selector may (SERVICE@GATEWAY).")
-        service, _, gateway = text.partition(GATEWAY_MARK)
-        if GATEWAY_MARK in gateway:
+    if GATEWAY_MARK in text and not aimed:
+        raise bad_request("invalid_selector", f"The selector {text[:80]!r} names a gateway; only a service "
+                          "selector may (SERVICE@GATEWAY).")
+    if aimed:
+        service, port, gateway = split_aimed(text)
+        if gateway is not None and GATEWAY_MARK in gateway:
             raise bad_request("invalid_selector", f"The selector {text[:80]!r} names more than one gateway; write "
                               "SERVICE@GATEWAY or SERVICE@role:ROLE.")
-        return replace(parse_selector(service, policy_tenant, aimed=True), gateway=parse_selector(gateway, policy_tenant))
-    ported = WITH_PORT.match(text) if aimed else None
-    if ported is not None:
-        port = int(ported.group(2))
-        if not 1 <= port <= 65535:
-            raise bad_request("invalid_selector", f"The selector {text[:80]!r} names port {port}; a port is 1-65535.")
-        return replace(parse_selector(ported.group(1), policy_tenant), port=port)
+        if port is not None and not 1 <= port <= 65535:
+            raise bad_request("invalid_selector", f"The selector {text.partition(GATEWAY_MARK)[0][:80]!r} names "
+                              f"port {port}; a port is 1-65535.")
+        selector = parse_selector(service, policy_tenant)
+        return replace(selector, port=port, gateway=None if gateway is None else parse_selector(gateway, policy_tenant))
     is_role = text.startswith(ROLE_PREFIX)
     body = text[len(ROLE_PREFIX):] if is_role else text
     tenant, _, value = body.rpartition("/")

@@ -45,7 +45,7 @@ PRESENCE_STALE_AFTER = 4 * PRESENCE_FLUSH_INTERVAL
 RELAY_ROW_RETENTION = 7 * 86400.0
 #: A gateway is "overdue" when this many of its announced keepalive intervals
 #: passed without a byte from it, even while the relay still holds its socket
-#: (the relay drops it after three: controller/relay/session.py).
+#: (the relay drops it after three: controller/relay/tunnel_auth.py).
 OVERDUE_KEEPALIVES = 2
 
 Key = tuple[str, str]

@@ -1,218 +1,50 @@
-"""The controller's TLS listeners: the gateway endpoints, the relay and the management API.
+"""The controller's TLS listeners started and stopped, with the background tasks of a running process.
 
 One public listener by default; with ``--api-listen`` the management API moves
-to a listener of its own and ``/api/`` is not served on the public one.
+to a listener of its own and ``/api/`` is not served on the public one. What
+each serves is controller/routes.py; their certificate, controller/listener_tls.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import inspect
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
-import aiohttp.http_exceptions
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 import shared.service_manager as service_manager
 from controller.admission import return_freed_memory
-from controller.api import MAX_REQUEST_BODY, REFUSAL_EVENTS, GatewayApi, ManagementApi, too_large
-from controller.audit_api import AuditApi
 from controller.audit_chain import check_recent_at_start, log_checkpoint, log_checkpoints
 from controller.blocking import API_POOL
-from controller.bootstrap import listener_cert_lifetimes, server_names
-from controller.ca import ensure_server_certificate, not_after_of
 from controller.context import ControllerContext
-from controller.dashboard.app import Dashboard
-from controller.errors import BodyRefused, ControllerError, StartupError
-from controller.fleet_api import FleetApi
-from controller.grants_api import GrantsApi, grants_of
-from controller.listener import REQUEST_BODY_DEADLINE, Listener, guarded_connection
+from controller.errors import ControllerError, StartupError
+from controller.grants_api import grants_of
+from controller.listener import Listener, guarded_connection
+from controller.listener_tls import issue_certificate, renew_certificate, server_ssl_context, use_certificate
 from controller.metrics import ControllerMetrics
 from controller.metrics_server import metrics_app, metrics_token
-from controller.policy_admin import PolicyAdminApi
-from controller.policy_api import PolicyExplainApi
 from controller.relay.peering import Peering
-from controller.relay.session import Relay
+from controller.relay.relay import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
 from controller.relays import RELAY_LIST_REFRESH, relay_loads
-from controller.relays_api import RelaysApi, relay_book
+from controller.relays_api import relay_book
+from controller.routes import build_app
 from controller.settings import host_port
-from controller.signin.api import SigninApi, management_auth
-from controller.signin.service import SigninService
 from controller.watcher import StatusWatcher
-from shared.protocol import TUNNEL_ALPN
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-API_PREFIX = "/api/"
 #: Pending connections the kernel queues before the event loop accepts them;
 #: a fleet reconnecting after an outage arrives in bursts.
 LISTEN_BACKLOG = 512
 #: Seconds given to open connections (tunnels included) to finish on shutdown.
 SHUTDOWN_GRACE_SECONDS = 5.0
-#: A renewal of the listener's certificate that failed (a full disk) is tried
-#: again after this long, or sooner when less life is left: often enough to
-#: succeed long before expiry, seldom enough not to fill the log.
-CERT_RENEW_RETRY_SECONDS = 3600.0
-#: Never wake sooner than this for a renewal: a clock that jumped does not spin the loop.
-CERT_RENEW_MIN_WAIT = 1.0
-#: Nor later than this: the wall clock may be set (NTP's first sync) while we sleep on the monotonic one.
-CERT_RENEW_MAX_WAIT = 3600.0
-
-_HTTP_ERROR_CODES = {
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-}
-
-
-def error_response(code: str, message: str, status: int) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every refusal leaves as ``{"error": code, "message": sentence}``; no tracebacks leave."""
-    try:
-        return await handler(request)
-    except ControllerError as error:
-        return error_response(error.code, error.message, error.status)
-    except web.HTTPException as exception:
-        if exception.status < 400:
-            raise
-        if exception.status == 413:
-            refusal = too_large()
-            return error_response(refusal.code, refusal.message, refusal.status)
-        code = _HTTP_ERROR_CODES.get(exception.status, "http_error")
-        message = {
-            404: f"There is nothing at {request.path}; check the URL.",
-            405: f"{request.method} is not supported on {request.path}.",
-        }.get(exception.status, exception.reason or "The request was refused.")
-        return error_response(code, message, exception.status)
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response("internal", "The controller failed on this request; see its log.", 500)
-
-
-@web.middleware
-async def request_deadlines(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The request head is complete: stop its deadline, and read any body within the body deadline.
-
-    The body is read here, whole and bounded by MAX_REQUEST_BODY, so that the
-    handlers' own read gets it at once; a body that trickles is cut off, and
-    a client that goes away during it costs one log line.
-    """
-    connection = guarded_connection(request)
-    if connection is not None:
-        connection.request_started()
-    try:
-        if request.body_exists:
-            deadline = connection.listener.limits.body_deadline if connection is not None else REQUEST_BODY_DEADLINE
-            try:
-                await asyncio.wait_for(request.read(), deadline)
-            except TimeoutError:
-                log.info("%s did not send the body of %s %s within %g s; connection closed",
-                         request.remote, request.method, request.path, deadline)
-                if connection is not None:
-                    connection.abort()
-                raise BodyRefused("body_timeout", f"The request body did not arrive within {deadline:g} s; "
-                                  "send it at once or check the link.", 408) from None
-            except web.HTTPRequestEntityTooLarge:
-                raise too_large() from None
-            except (ConnectionError, aiohttp.ClientConnectionError, aiohttp.http_exceptions.HttpProcessingError,
-                    asyncio.IncompleteReadError) as error:
-                log.info("%s went away during the body of %s %s (%s)", request.remote, request.method,
-                         request.path, error.__class__.__name__)
-                if connection is not None:
-                    connection.abort()
-                raise BodyRefused("body_incomplete", "The request body was cut off; send it again.", 400) from None
-        return await handler(request)
-    finally:
-        if connection is not None:
-            connection.request_finished()
-
-
-@web.middleware
-async def refuse_large_bodies(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse a declared oversized body from its header, before a byte of it is read."""
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
-        raise too_large()
-    return await handler(request)
-
-
-def audit_unread_refusals(context: ControllerContext) -> Any:
-    """Audit an enrollment or renewal refused before its content was read (413, not a JSON object).
-
-    Nobody proved to be anybody yet, so the event names the peer's address
-    and the reason only, and goes through the audit log's anonymous budget,
-    like the refusals judged on the content (controller/enrollment.py,
-    controller/renewal.py).
-    """
-
-    @web.middleware
-    async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except BodyRefused as error:
-            event = REFUSAL_EVENTS.get(request.path) if request.method == "POST" else None
-            if event is not None:
-                # An fsynced row: in a worker thread, like every other store write (controller/blocking.py).
-                try:
-                    await API_POOL.run(context.audit.record_anonymous, event, reason=error.code, remote=request.remote)
-                except ControllerError:
-                    log.warning("audit: %s not recorded (the controller is busy)", event)
-            raise
-
-    return audit
-
-
-def build_app(context: ControllerContext, relay: Relay, *, gateway: bool = True, api: bool = True) -> web.Application:
-    """An aiohttp application: the gateway routes and the relay, the management API, or both.
-
-    ``--role controller`` serves no tunnels; ``--role relay`` serves tunnels alone (it holds no CA key).
-    """
-    settings = context.settings
-    api = api and settings.serves_controller
-    middlewares = [errors_as_json]
-    if api:
-        if context.signin is None:
-            context.signin = SigninService(context.settings.signin, context.store, context.registry, context.audit)
-        middlewares.append(management_auth(context))
-    middlewares += [audit_unread_refusals(context), refuse_large_bodies, request_deadlines]
-    app = web.Application(client_max_size=MAX_REQUEST_BODY, middlewares=middlewares)
-    if gateway and settings.serves_controller:
-        GatewayApi(context).add_routes(app)
-        RelaysApi(context).add_gateway_routes(app)
-    if gateway and settings.serves_tunnels:
-        app.router.add_get("/v1/tunnel", relay.handle)
-    if api:
-        RelaysApi(context).add_management_routes(app)
-        ManagementApi(context, relay.status).add_routes(app)
-        FleetApi(context, relay.presence).add_routes(app)
-        PolicyExplainApi(context).add_routes(app)
-        PolicyAdminApi(context).add_routes(app)
-        GrantsApi(context).add_routes(app)
-        SigninApi(context).add_routes(app)
-        AuditApi(context).add_routes(app)
-        Dashboard(context, relay).add_routes(app)
-    elif gateway and settings.serves_controller:
-        async def api_elsewhere(request: web.Request) -> web.Response:
-            return error_response(
-                "not_found", "The management API is not served here but on its own listener (--api-listen); "
-                "see outpostctl.toml for its URL.", 404)
-
-        app.router.add_route("*", API_PREFIX + "{tail:.*}", api_elsewhere)
-    return app
 
 
 def watch_status_changes(context: ControllerContext) -> Callable[[web.Application], Any]:
@@ -229,18 +61,6 @@ def watch_status_changes(context: ControllerContext) -> Callable[[web.Applicatio
             pass
 
     return watching
-
-
-def server_ssl_context(context: ControllerContext) -> ssl.SSLContext:
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.minimum_version = ssl.TLSVersion.TLSv1_2
-    tls.load_cert_chain(str(context.settings.server_cert_path), str(context.settings.server_key_path))
-    # The server's order wins: a client offering Outpost's ALPN gets a tunnel on TLS directly
-    # (controller/listener.py); HTTP clients (browsers, aiohttp, curl) get HTTP as before. A
-    # controller-only process does not offer it: an agent's auto transport then goes elsewhere.
-    tunnels = [TUNNEL_ALPN] if context.settings.serves_tunnels else []
-    tls.set_alpn_protocols([*tunnels, "http/1.1"])
-    return tls
 
 
 class GuardedSite(web.SockSite):
@@ -342,7 +162,7 @@ class ControllerServer:
                 context, self.relay_identity, lambda: len(relay.by_identity),
                 lambda cert: self.use_certificate(cert, server_ssl_context(context)), self._retire)))
         else:
-            self._tasks.append(loop.create_task(self._renew_certificate()))
+            self._tasks.append(loop.create_task(renew_certificate(context, self.guards)))
             self._tasks.append(loop.create_task(self._keep_relay_list(relay)))
         self._tasks.append(loop.create_task(return_freed_memory(self.guards)))
         self._tasks.append(loop.create_task(relay.presence.run()))
@@ -389,6 +209,14 @@ class ControllerServer:
         sock = self._metrics_listener
         return int(sock.getsockname()[1]) if sock is not None else None
 
+    def issue_certificate(self) -> tuple[x509.Certificate, ssl.SSLContext]:
+        """A new listener certificate, written, and a TLS context holding it (controller/listener_tls.py)."""
+        return issue_certificate(self.context)
+
+    def use_certificate(self, cert: x509.Certificate, tls: ssl.SSLContext) -> None:
+        """Every new TLS handshake gets ``cert`` (controller/listener_tls.py)."""
+        use_certificate(self.context, self.guards, cert, tls)
+
     def _retire(self, reason: str) -> None:
         log.error("%s: closing every tunnel and stopping; agents move to the other relays", reason)
         if self.relay is not None:
@@ -409,46 +237,6 @@ class ControllerServer:
                 context.relay_loads = loads = relay_loads(live, own)
                 context.relay_urls[:] = [url for url, _ in loads]
             await asyncio.sleep(RELAY_LIST_REFRESH)
-
-    async def _renew_certificate(self) -> None:
-        """Renew the listeners' certificate while running, well before it expires; live tunnels keep theirs."""
-        settings = self.context.settings
-        lifetime, renew_before = listener_cert_lifetimes(settings)
-        while True:
-            current = x509.load_der_x509_certificate(self.context.server_certificate_der)
-            due = not_after_of(current) - renew_before
-            wait = (due - datetime.datetime.now(datetime.UTC)).total_seconds()
-            if wait > CERT_RENEW_MAX_WAIT:
-                await asyncio.sleep(CERT_RENEW_MAX_WAIT)
-                continue
-            await asyncio.sleep(max(CERT_RENEW_MIN_WAIT, wait))
-            try:
-                self.use_certificate(*await asyncio.to_thread(self.issue_certificate))
-            except Exception as error:  # a full disk must not end the controller; it is retried
-                left = (not_after_of(current) - datetime.datetime.now(datetime.UTC)).total_seconds()
-                retry = max(CERT_RENEW_MIN_WAIT, min(CERT_RENEW_RETRY_SECONDS, left / 10))
-                log.error("renewing the listener's certificate failed (%s); trying again in %g s, %g s before "
-                          "it expires", error, retry, left)
-                await asyncio.sleep(retry)
-
-    def issue_certificate(self) -> tuple[x509.Certificate, ssl.SSLContext]:
-        """A new listener certificate for the same key, written, and a TLS context holding it (a worker thread)."""
-        settings = self.context.settings
-        lifetime, renew_before = listener_cert_lifetimes(settings)
-        cert, _ = ensure_server_certificate(
-            self.context.ca, settings.server_cert_path, settings.server_key_path, server_names(settings),
-            lifetime, renew_before, force=True,
-        )
-        return cert, server_ssl_context(self.context)
-
-    def use_certificate(self, cert: x509.Certificate, tls: ssl.SSLContext) -> None:
-        """Every new TLS handshake gets ``cert``; live connections keep theirs (the event loop)."""
-        self.context.previous_server_certificate_der = self.context.server_certificate_der
-        self.context.server_certificate_der = cert.public_bytes(serialization.Encoding.DER)
-        for guard in self.guards:
-            guard.tls = tls
-        log.info("renewed the listener's certificate (serial %x, valid until %s UTC)", cert.serial_number,
-                 not_after_of(cert).strftime("%Y-%m-%d %H:%M"))
 
     async def stop(self) -> None:
         service_manager.notify_stopping()

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from outpostctl.errors import ConfigError
+from shared.toml_file import FileTooLarge, load_toml_file
 
 CONFIG_FILE_NAME = "outpostctl.toml"
 #: Names an explicit config file; beats every implicit location but --config.
@@ -107,8 +108,7 @@ def find_config_file(
 def load_config(path: Path) -> CtlConfig:
     """Read and check ``path``; a relative ``ca`` is relative to the file's folder."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_FILE_BYTES + 1)
+        values = load_toml_file(path, MAX_CONFIG_FILE_BYTES)
     except PermissionError:
         raise ConfigError(
             f"cannot read {path}: permission denied (it holds the admin token, so it is "
@@ -116,10 +116,8 @@ def load_config(path: Path) -> CtlConfig:
         ) from None
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
-    if len(raw) > MAX_CONFIG_FILE_BYTES:
-        raise ConfigError(f"{path} is larger than {MAX_CONFIG_FILE_BYTES} bytes; it is not an outpostctl config")
-    try:
-        values = tomllib.loads(raw.decode("utf-8"))
+    except FileTooLarge:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_FILE_BYTES} bytes; it is not an outpostctl config") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path} is not valid TOML ({error}); fix it or let the controller write it again") from None
     return config_from_values(values, path)

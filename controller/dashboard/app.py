@@ -36,7 +36,7 @@ from controller.errors import ControllerError, bad_request, not_found
 from controller.fleet import own_view
 from controller.listener import guarded_connection
 from controller.names import check_name
-from controller.relay.session import Relay
+from controller.relay.relay import Relay
 from controller.signin.api import authenticate
 from controller.signin.people import Person
 from controller.signin.roles import holds, refusal, tenants_with

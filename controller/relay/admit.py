@@ -89,11 +89,7 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             ErrorCode.AUTH_FAILED,
             f"the certificate expired at {cert_not_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
         )
-    try:
-        usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usage = []
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+    if not has_usage(leaf, ExtendedKeyUsageOID.CLIENT_AUTH):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a client certificate")
     uri = spiffe_uri(leaf)
     identity = context.registry.identity_by_uri(uri) if uri else None
@@ -111,13 +107,8 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             "a session certificate cannot act as it",
         )
     public_key = leaf.public_key()
-    # The listener's certificate as of this tunnel's handshake: the current one, or the one a
-    # renewal while running just replaced (controller/server.py).
-    ours = [der for der in (context.server_certificate_der,
-                            getattr(context, "previous_server_certificate_der", None)) if der]
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not any(
-        verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours
-    ):
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not signed_our_challenge(
+            context, public_key, signature, nonce):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
     key_sha256 = public_key_sha256(public_key)
     if identity.key_sha256 is not None and key_sha256 != identity.key_sha256:
@@ -128,3 +119,23 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             "it was re-enrolled with a new key, and one identity has one key",
         )
     return Admitted(identity, session_certificate, key_sha256, format(leaf.serial_number, "x"))
+
+
+def has_usage(leaf: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    """Whether ``leaf``'s extended key usage names ``usage`` (a certificate without the extension names none)."""
+    try:
+        return usage in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+
+
+def signed_our_challenge(context: ControllerContext, public_key: ec.EllipticCurvePublicKey, signature: bytes,
+                         nonce: bytes) -> bool:
+    """Whether ``signature`` signs ``nonce`` bound to our listener's certificate, by ``public_key``.
+
+    The listener's certificate as of the tunnel's handshake: the current one, or the one a
+    renewal while running just replaced (controller/listener_tls.py).
+    """
+    ours = [der for der in (context.server_certificate_der,
+                            getattr(context, "previous_server_certificate_der", None)) if der]
+    return any(verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours)

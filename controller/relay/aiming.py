@@ -14,26 +14,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.names import NAME_PATTERN
-from controller.policy_selectors import WITH_PORT
+from controller.policy_selectors import split_aimed
 from controller.relay.broker import ServiceKey, service_key
 from shared.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from controller.relay.session import RelaySession
 
-GATEWAY_MARK = "@"
 #: Gateways a refusal lists: enough to pick from, short enough for one line of the audit and of a terminal.
 MAX_NAMED_CHOICES = 8
 
 
 def split_aim(requested: str, default_tenant: str) -> tuple[ServiceKey, str | None, int | None]:
     """(service key, gateway name or None, port or None) of ``[TENANT/]SERVICE[:PORT][@GATEWAY]``."""
-    service, mark, gateway = requested.partition(GATEWAY_MARK)
-    ported = WITH_PORT.match(service)
-    port = None
-    if ported is not None:
-        service, port = ported.group(1), int(ported.group(2))
-    return service_key(service, default_tenant), (gateway if mark else None), port
+    service, port, gateway = split_aimed(requested)
+    return service_key(service, default_tenant), gateway, port
 
 
 @dataclass(frozen=True)

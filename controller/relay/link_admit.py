@@ -15,7 +15,6 @@ this relay records serving it under the same correlation id. A BIND is refused.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,11 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controller.ca import public_key_sha256, relay_uri
-from controller.relay.admit import MAX_CHAIN_LENGTH, AdmissionRefused, spiffe_uri
+from controller.relay.admit import MAX_CHAIN_LENGTH, AdmissionRefused, has_usage, signed_our_challenge, spiffe_uri
 from controller.relays import ACTIVE
 from shared.protocol import ErrorCode
 from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
-from shared.tunnel.auth import verify_challenge_signature
 
 if TYPE_CHECKING:
     from controller.context import ControllerContext
@@ -80,11 +78,7 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
     if not cert_not_before(leaf) <= now <= cert_not_after(leaf):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, f"the certificate of relay {name} is not valid now; the relay "
                                "must renew it")
-    try:
-        usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usage = []
-    if ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+    if not has_usage(leaf, ExtendedKeyUsageOID.SERVER_AUTH):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a relay's certificate")
     row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (name,))
     if row is None or row["status"] != ACTIVE:
@@ -94,9 +88,7 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key_sha256(public_key) != row["key_sha256"]:
         raise AdmissionRefused(ErrorCode.REVOKED, f"this certificate's key is not the key of relay {name}")
     serial = format(leaf.serial_number, "x")
-    ours = [der for der in (context.server_certificate_der,
-                            getattr(context, "previous_server_certificate_der", None)) if der]
-    if not any(verify_challenge_signature(public_key, signature, nonce, hashlib.sha256(der).digest()) for der in ours):
+    if not signed_our_challenge(context, public_key, signature, nonce):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
     return LinkPeer(name, serial, str(row["key_sha256"]))
 

@@ -5,7 +5,7 @@ checked against the other relay's host name, and answers the CHALLENGE with
 its own relay key over the other relay's certificate, exactly as an agent
 does with its device key. ``RemoteBinder`` stands for the gateway at the
 other end wherever the relay serves a dial with a local binder
-(controller/relay/session.py): its ``open_stream`` opens the stream on the link.
+(controller/relay/frames.py): its ``open_stream`` opens the stream on the link.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ LINK_CONNECT_TIMEOUT = 5.0
 LINK_KEEPALIVE = 10.0
 LINK_LIVENESS = Liveness(keepalive_interval=LINK_KEEPALIVE, idle_timeout=3 * LINK_KEEPALIVE)
 #: A link carries many dials: each stream's window as large as a gateway tunnel's at a relay
-#: (controller/relay/session.py's RELAY_LIMITS), for the same bandwidth-delay reasons.
+#: (controller/relay/relay.py's RELAY_LIMITS), for the same bandwidth-delay reasons.
 LINK_LIMITS = ProtocolLimits(initial_window=8 * 1024 * 1024)
 
 

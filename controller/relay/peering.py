@@ -37,7 +37,7 @@ from controller.relay.link_admit import (
     still_admitted,
 )
 from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, link_tls_context, open_link
-from controller.relay.records import label_of_uri
+from controller.relay.records import label_of_uri, refuse
 from controller.store import StoreUnavailable
 from shared.protocol import AuthReceived, BindRequested, ErrorCode, Liveness
 from shared.trust import verify_leaf_issued_by
@@ -46,11 +46,12 @@ from shared.tunnel.splice import splice_streams
 
 if TYPE_CHECKING:
     from controller.context import ControllerContext
-    from controller.relay.session import Relay, RelaySession
+    from controller.relay.relay import Relay
+    from controller.relay.session import RelaySession
 
 log = logging.getLogger(__name__)
 
-#: B answers a link's dial within this long: less than A's own wait for a binder (BINDER_ACCEPT_TIMEOUT,
+#: B answers a link's dial within this long: less than A's own wait for a binder (frames.BINDER_ACCEPT_TIMEOUT,
 #: 20 s), so A's dialer reads B's reason rather than a timeout of its own.
 LINK_BINDER_ACCEPT_TIMEOUT = 15.0
 #: How often B reads the relays table again for the links it admitted: a relay retired, or its
@@ -104,13 +105,6 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
     return True
 
 
-async def refuse(session: RelaySession, event: AuthReceived, code: ErrorCode, reason: str) -> None:
-    log.warning("tunnel from %s refused: %s", session.remote, reason)
-    if not session.conn.closed:
-        session.conn.close(code, reason)
-    await session.in_worker(session._record_refusal, event.chain, reason)
-
-
 class Peering:
     """This relay's links: those it opened to other relays, those others opened to it, and its directory."""
 
@@ -132,11 +126,7 @@ class Peering:
     def admitted(self, session: RelaySession, peer: LinkPeer, keepalive: object) -> None:
         relay = self.relay
         session.link_from = peer.name
-        relay._done_admitting(session)
-        if session.mark_admitted is not None:
-            session.mark_admitted()
-        elif relay.on_admitted is not None and session.request is not None:
-            relay.on_admitted(session.request)
+        relay.authenticated(session)
         self.incoming[session] = peer
         if isinstance(keepalive, (int, float)) and not isinstance(keepalive, bool) and keepalive > 0:
             idle = LINK_IDLE_KEEPALIVES * float(keepalive)

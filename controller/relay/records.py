@@ -13,11 +13,17 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
 
 from controller.audit import AuditLog, Event
 from controller.blocking import WorkerPool
 from controller.correlation import CONNECTION, new_id
+from controller.relay.admit import spiffe_uri
+from shared.protocol import AuthReceived, ErrorCode
+from shared.trust import verify_leaf_issued_by
 from shared.tunnel.channel import StreamChannel
 
 log = logging.getLogger(__name__)
@@ -29,12 +35,43 @@ MAX_ROWS_PER_TRANSACTION = 500
 DRAIN_ROUNDS = 10
 
 if TYPE_CHECKING:
+    from controller.context import ControllerContext
     from controller.relay.session import RelaySession
 
 
 def label_of_uri(uri: str) -> str:
     """``tenant/name`` of an identity URI (``spiffe://domain/tenant/name``)."""
     return "/".join(uri.rsplit("/", 2)[-2:])
+
+
+async def refuse(session: RelaySession, event: AuthReceived, code: ErrorCode, reason: str) -> None:
+    """Refuse a tunnel's AUTH (a gateway's or a relay link's) with ``reason``, and record ``tunnel_refused``."""
+    log.warning("tunnel from %s refused: %s", session.remote, reason)
+    if not session.conn.closed:
+        session.conn.close(code, reason)
+    await session.in_worker(record_refusal, session, event.chain, reason)
+
+
+def record_refusal(session: RelaySession, chain: Sequence[str], reason: str) -> None:
+    """``tunnel_refused``: by the identity's budget when our CA issued the certificate, else anonymous."""
+    context = session.context
+    uri = verified_identity_uri(context, chain)
+    fields = {"remote": session.remote, "reason": reason, "correlation": session.tunnel_id, "relay": session.relay.name}
+    if uri is None:
+        context.audit.record_anonymous("tunnel_refused", **fields)
+    else:
+        context.audit.record("tunnel_refused", identity=label_of_uri(uri), **fields)
+
+
+def verified_identity_uri(context: ControllerContext, chain: Sequence[str]) -> str | None:
+    """The identity URI of ``chain``'s leaf when this controller's CA issued it, else None."""
+    try:
+        leaf = x509.load_pem_x509_certificate(chain[0].encode())
+    except (ValueError, TypeError, IndexError):
+        return None
+    if not verify_leaf_issued_by(leaf, context.ca.certificate):
+        return None
+    return spiffe_uri(leaf)
 
 
 class DialRecord:

@@ -4,7 +4,7 @@ Both ends use it: the agent (``agent.tunnel.client``) and the relay
 (``controller.relay``). It moves bytes between the WebSocket and the sans-IO
 core, runs the core's timer, and turns streams into ``StreamChannel`` objects
 (shared.tunnel.channel). Role-specific behaviour (authentication, bind, dial)
-lives in subclasses' ``on_*`` hooks. What carries the bytes is a
+lives in subclasses' ``on_*`` hooks (shared.tunnel.dispatch). What carries the bytes is a
 ``Transport`` (shared.tunnel.transport); an aiohttp WebSocket given instead is
 wrapped in one, importing aiohttp only then.
 
@@ -20,44 +20,19 @@ import asyncio
 import logging
 from typing import Any
 
-from shared.protocol import (
-    Authenticated,
-    AuthReceived,
-    BindCompleted,
-    BindRequested,
-    ChallengeReceived,
-    Connection,
-    ConnectionTerminated,
-    DataReceived,
-    ErrorCode,
-    Event,
-    PongReceived,
-    RemoteProtocolError,
-    ReportReceived,
-    StreamAccepted,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
-)
-from shared.tunnel.channel import ChannelReset, StreamChannel, StreamHost
+from shared.protocol import Connection, ErrorCode, RemoteProtocolError
+from shared.tunnel.channel import ChannelReset, StreamChannel
+from shared.tunnel.dispatch import FRAMES_PER_TURN, EventDispatch
 from shared.tunnel.splice import splice_socket, splice_streams
 from shared.tunnel.transport import WS_MESSAGE_MAX, WS_RECEIVE_MAX, Transport, abort_transport
 
 # The names other modules take from here (the relay may import this module and
 # the protocol only): a session hands out channels, and they are spliced onward.
-__all__ = ["CLOSE_TIMEOUT", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "ChannelReset", "StreamChannel", "TunnelSession",
+__all__ = ["CLOSE_TIMEOUT", "FRAMES_PER_TURN", "WS_MESSAGE_MAX", "WS_RECEIVE_MAX", "ChannelReset", "StreamChannel", "TunnelSession",
            "abort_transport", "splice_socket", "splice_streams"]
 
 log = logging.getLogger(__name__)
 
-# Frames one tunnel handles before the event loop serves the others: a message
-# may pack some 29,000 PINGs (18 bytes each), and parsing and answering them in
-# one go held every other tunnel for tens of milliseconds (tests/bench/loop_stall.py,
-# tiny_frames: a live stream's p50 56 ms; 9 ms at 1,000 frames a turn, 3 ms at
-# 250). 250 frames take a few hundred microseconds; bulk DATA (up to 64 KiB a
-# frame, 8 to a message) never comes near the limit.
-FRAMES_PER_TURN = 250
 # How long an orderly close (GOAWAY, then the WebSocket closing handshake) may
 # take before the connection is dropped: a GEO round trip (600 ms) twice over
 # with room to spare, short enough that stopping the agent on a dead path is
@@ -65,7 +40,7 @@ FRAMES_PER_TURN = 250
 CLOSE_TIMEOUT = 2.0
 
 
-class TunnelSession:
+class TunnelSession(EventDispatch):
     """Runs one Connection over one Transport (or an aiohttp WebSocket, client or server side)."""
 
     def __init__(self, conn: Connection, link: Transport | Any) -> None:
@@ -99,35 +74,6 @@ class TunnelSession:
     def now(self) -> float:
         return self.loop.time()
 
-    # -- hooks for the two ends ------------------------------------------
-    async def on_challenge(self, event: ChallengeReceived) -> None:
-        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected CHALLENGE")
-
-    async def on_auth(self, event: AuthReceived) -> None:
-        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected AUTH")
-
-    async def on_authenticated(self, event: Authenticated) -> None:
-        """The relay accepted us (agent side)."""
-
-    async def on_bind_requested(self, event: BindRequested) -> None:
-        raise RemoteProtocolError(ErrorCode.PROTOCOL_ERROR, "unexpected BIND")
-
-    async def on_bind_completed(self, event: BindCompleted) -> None:
-        """The relay answered our BIND (agent side)."""
-
-    async def on_stream_opened(self, channel: StreamChannel) -> None:
-        """The peer opened a stream; the default refuses it."""
-        channel.reset(ErrorCode.SERVICE_UNKNOWN, "this end hosts no services")
-
-    def on_pong(self, rtt: float) -> None:
-        """A keepalive round trip completed."""
-
-    def on_report(self, event: ReportReceived) -> None:
-        """The agent's REPORT (relay side); the default ignores it."""
-
-    def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
-        """The tunnel ended (once)."""
-
     # -- driving -----------------------------------------------------------
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run a task that belongs to this tunnel and dies with it."""
@@ -160,13 +106,16 @@ class TunnelSession:
                 self.ws_bytes_received += len(data)
                 await self._receive(data)
         except RemoteProtocolError as exc:
-            log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
-            self._terminate(exc.code, str(exc), True)
+            self._peer_broke_protocol(exc)
         except (TimeoutError, ConnectionError) as exc:
             self._terminate(ErrorCode.CANCEL, f"connection lost: {exc}", True)
         finally:
             timer.cancel()
             await self._shutdown()
+
+    def _peer_broke_protocol(self, exc: RemoteProtocolError) -> None:
+        log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
+        self._terminate(exc.code, str(exc), True)
 
     async def _receive(self, data: bytes) -> None:
         conn = self.conn
@@ -228,102 +177,6 @@ class TunnelSession:
         if (deadline is not None) if armed is None else (deadline is None or deadline < armed):
             self._timer_changed.set()
 
-    async def _dispatch(self, events: list[Event]) -> list[StreamHost]:
-        """Act on ``events``; returns the other tunnels that spliced streams queued bytes on, to flush."""
-        onward: list[StreamHost] = []
-        for event in events:
-            if not self._handle(event, onward):
-                await self._handle_handshake(event)
-        return onward
-
-    def _handle(self, event: Event, onward: list[StreamHost]) -> bool:
-        """Act on every kind of event but the handshake's (False: the caller awaits its hook)."""
-        if type(event) is DataReceived:
-            channel = self.streams.get(event.stream_id)
-            if channel is not None:
-                host = channel._on_data(event.data)
-                if host is not None and host not in onward:
-                    onward.append(host)
-            else:
-                self.conn.acknowledge_received(event.stream_id, len(event.data))
-        elif type(event) is WindowUpdated:
-            channel = self.streams.get(event.stream_id)
-            if channel is not None:
-                channel._on_window()
-        elif type(event) is StreamEnded:
-            channel = self.streams.get(event.stream_id)
-            if channel is not None:
-                channel._on_end()
-        elif type(event) is StreamAccepted:
-            channel = self.streams.get(event.stream_id)
-            if channel is not None:
-                channel._on_accepted()
-        elif type(event) is StreamReset:
-            channel = self.streams.pop(event.stream_id, None)
-            if not event.remote:
-                log.warning("stream %d (%s) reset: %s", event.stream_id,
-                            channel.service if channel is not None else "?", event.reason)
-            if channel is not None:
-                channel._on_reset(event.code, event.reason)
-        elif type(event) is StreamOpened:
-            channel = StreamChannel(self, self.conn, event.stream_id, event.service, event.peer)
-            self.streams[event.stream_id] = channel
-            self.spawn(self.on_stream_opened(channel))
-        elif type(event) is PongReceived:
-            self.on_pong(event.rtt)
-        elif type(event) is ReportReceived:
-            self.on_report(event)
-        elif type(event) is ConnectionTerminated:
-            self._terminate(event.code, event.reason, event.remote)
-        else:
-            return False
-        return True
-
-    async def _handle_handshake(self, event: Event) -> None:
-        if type(event) is ChallengeReceived:
-            await self.on_challenge(event)
-        elif type(event) is AuthReceived:
-            await self.on_auth(event)
-        elif type(event) is Authenticated:
-            await self.on_authenticated(event)
-        elif type(event) is BindRequested:
-            await self.on_bind_requested(event)
-        elif type(event) is BindCompleted:
-            await self.on_bind_completed(event)
-
-    def receive_nowait(self, data: bytes) -> bool:
-        """Handle ``data`` now, in the transport's callback, while the reading task waits idle: only bytes
-        that are stream data alone (``Connection.only_stream_data``), whose handling never waits. A task
-        wake per message saved; False leaves ``data`` to the reading task, in order."""
-        conn = self.conn
-        if not conn.only_stream_data(data, FRAMES_PER_TURN):
-            return False
-        try:
-            events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
-        except RemoteProtocolError as exc:
-            # Closed now, its GOAWAY queued: the reading task gets the bytes too, finds the connection
-            # closed and ends the tunnel as for any protocol error.
-            log.warning("tunnel closed: the peer broke the protocol (%s: %s)", exc.code.name, exc)
-            self._terminate(exc.code, str(exc), True)
-            return False
-        self.ws_bytes_received += len(data)
-        onward: list[StreamHost] = []
-        for event in events:
-            self._handle(event, onward)
-        self._rearm_timer_if_earlier()
-        if conn.wants_to_send:
-            self._flush_soon(self)
-        for host in onward:
-            self._flush_soon(host)
-        return True
-
-    @staticmethod
-    def _flush_soon(host: StreamHost) -> None:
-        if host.can_flush_nowait():
-            host.flush_nowait()
-        else:
-            host.schedule_flush()
-
     def _timer_fired(self) -> None:
         self._timer_due = True
         self._timer_changed.set()
@@ -384,10 +237,13 @@ class TunnelSession:
 
     def open_stream(self, service: str, peer: str | None = None) -> StreamChannel:
         """Open a stream to ``service``; await ``wait_accepted()`` on the result."""
-        stream_id = self.conn.open_stream(service, peer=peer)
+        channel = self._add_channel(self.conn.open_stream(service, peer=peer), service, peer)
+        self.schedule_flush()
+        return channel
+
+    def _add_channel(self, stream_id: int, service: str, peer: str | None) -> StreamChannel:
         channel = StreamChannel(self, self.conn, stream_id, service, peer)
         self.streams[stream_id] = channel
-        self.schedule_flush()
         return channel
 
     def forget(self, stream_id: int) -> None:

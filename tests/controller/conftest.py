@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from controller.store import Store
 
 # The PostgreSQL fixtures live beside the server they start; imported here for every controller test.
 from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
@@ -39,3 +42,11 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
         return None
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture
+def store(store_location: str | Path) -> Iterator[Store]:
+    """An open store at ``store_location`` (each engine in turn), closed after the test."""
+    store = Store(store_location)
+    yield store
+    store.close()

@@ -14,7 +14,7 @@ from controller.api import MAX_REQUEST_BODY
 from controller.ca import not_after_of, not_before_of
 from controller.enrollment import is_session_certificate
 from controller.registry import Identity
-from controller.server import API_PREFIX
+from controller.routes import API_PREFIX
 from controller.signin.api import OPEN_ROUTES
 from tests.controller.harness import make_csr, make_key, run, running_controller, store_snapshot
 

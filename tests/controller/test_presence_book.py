@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from controller.fleet import FleetFilter, fleet
 from controller.presence import (
     LAST_SEEN_RESOLUTION,
@@ -18,16 +14,7 @@ from controller.presence import (
 )
 from controller.registry import Identity
 from controller.store import Store
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.controller.fake_clock import T0, Clock
 
 
 def identity(name: str, tenant: str = "default", roles: tuple[str, ...] = ("gateway",),
@@ -38,14 +25,6 @@ def identity(name: str, tenant: str = "default", roles: tuple[str, ...] = ("gate
 
 def tunnel(name: str, clock: Clock, seen: list[float], keepalive: float | None = 25.0) -> TunnelPresence:
     return TunnelPresence("default", name, "127.0.0.7:40000", clock.now, keepalive, lambda: seen[0])
-
-
-@pytest.fixture
-def store(store_location: str | Path):
-    """Presence is read and written the same way on both engines."""
-    store = Store(store_location)
-    yield store
-    store.close()
 
 
 def test_keepalives_write_nothing_until_last_seen_moved_a_resolution(store: Store) -> None:

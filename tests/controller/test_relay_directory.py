@@ -3,33 +3,14 @@ and a link kept only while its relay is active with its key."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from controller.relay.broker import Broker
 from controller.relay.directory import RemoteHost, ServiceDirectory
 from controller.relay.link_admit import LinkPeer, still_admitted
 from controller.relays import ACTIVE, RELAY_STALE_AFTER, RETIRED, REVOKED
 from controller.store import Store
-
-T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def store(store_location: str | Path):
-    store = Store(store_location)
-    yield store
-    store.close()
+from tests.controller.fake_clock import T0, Clock
 
 
 def relay_row(store: Store, name: str, heartbeat: float | None, status: str = ACTIVE) -> None:

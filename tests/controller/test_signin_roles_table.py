@@ -25,7 +25,7 @@ def test_every_management_route_has_a_role_and_the_doc_lists_each() -> None:
     app = web.Application()
     ManagementApi(None, lambda: []).add_routes(app)  # type: ignore[arg-type]
     SigninApi(None).add_routes(app)  # type: ignore[arg-type]
-    # Every API the server mounts (controller/server.py build_app): none may add a route without a role.
+    # Every API the server mounts (controller/routes.py build_app): none may add a route without a role.
     FleetApi(None, None).add_routes(app)  # type: ignore[arg-type]
     PolicyExplainApi(None).add_routes(app)  # type: ignore[arg-type]
     PolicyAdminApi(None).add_routes(app)  # type: ignore[arg-type]

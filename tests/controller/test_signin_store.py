@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from tests.controller.harness import TEST_CHAIN_KEY
 def service_on(store: Store) -> SigninService:
     audit = AuditLog(store, chain_key=TEST_CHAIN_KEY)
     return SigninService(parse_config({}, Path(".")), store, Registry(store, audit, DEFAULT_TRUST_DOMAIN), audit)
-
-
-@pytest.fixture
-def store(store_location: str | Path) -> Iterator[Store]:
-    store = Store(store_location)
-    yield store
-    store.close()
 
 
 def test_a_nonce_made_by_one_process_is_good_in_another_sharing_the_store(

@@ -10,21 +10,13 @@ from typing import Any
 from controller.store import Store
 from tests.e2e.harness import Process, read_status, wait_until
 from tests.e2e.relay_harness import RelayProcess, RoleController
-from tests.e2e.test_walking_skeleton import enroll_gateway
+from tests.e2e.test_walking_skeleton import enroll_gateway, write_agent_config
 
 
 def agent_config(path: Path, state: Path, relay: RelayProcess, binds: dict[str, int] | None = None,
                  dials: dict[str, int] | None = None, then: tuple[RelayProcess, ...] = ()) -> Path:
     """An agent config that prefers ``relay``, then ``then`` (the controller's list names every relay)."""
-    preferred = ", ".join(f'"{r.address}"' for r in (relay, *then))
-    lines = [f'state_dir = "{state}"', "", "[keystore]", 'backend = "software"', "",
-             "[link]", f"prefer_relays = [{preferred}]", ""]
-    for service, port in (binds or {}).items():
-        lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
-    for service, port in (dials or {}).items():
-        lines += ["[[dial]]", f'service = "{service}"', f'listen = "127.0.0.1:{port}"', ""]
-    path.write_text("\n".join(lines))
-    return path
+    return write_agent_config(path, state, binds, dials, prefer_relays=[r.address for r in (relay, *then)])
 
 
 def start_agent_on(tmp_path: Path, name: str, state: Path, relay: RelayProcess, **kwargs: Any) -> Process:

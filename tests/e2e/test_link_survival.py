@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.tunnel.link_profiles import plan_for
-from controller.relay.session import RELAY_IDLE_MIN
+from controller.relay.tunnel_auth import RELAY_IDLE_MIN
 from shared.tunnel.session import CLOSE_TIMEOUT
 from tests.controller.harness import run, running_controller
 from tests.e2e.link_harness import (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,12 @@ class Unchanged:
 
 
 def write_agent_config(path: Path, state: Path, binds: dict[str, int] | None = None,
-                       dials: dict[str, int] | None = None, event_loop: str | None = None) -> Path:
+                       dials: dict[str, int] | None = None, event_loop: str | None = None,
+                       prefer_relays: Sequence[str] = ()) -> Path:
     lines = [f'state_dir = "{state}"'] + ([f'event_loop = "{event_loop}"'] if event_loop else [])
     lines += ["", "[keystore]", 'backend = "software"', ""]
+    if prefer_relays:
+        lines += ["[link]", "prefer_relays = [{}]".format(", ".join(f'"{address}"' for address in prefer_relays)), ""]
     for service, port in (binds or {}).items():
         lines += ["[[bind]]", f'service = "{service}"', f'target = "127.0.0.1:{port}"', ""]
     for service, port in (dials or {}).items():

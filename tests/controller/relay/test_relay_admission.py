@@ -295,10 +295,10 @@ def test_a_revocation_committed_while_admission_is_checked_still_closes_the_tunn
     """Admission reads the store in a worker thread before the tunnel is registered; a revocation
     announced in that gap found no tunnel to close, so the relay reads the identity again once the
     tunnel is registered."""
-    import controller.relay.session as relay_session
+    import controller.relay.tunnel_auth as tunnel_auth
     from controller.watcher import POLL_INTERVAL_SECONDS
 
-    real_admit = relay_session.admit
+    real_admit = tunnel_auth.admit
 
     def admit_then_revoked(context, *args, **kwargs):  # type: ignore[no-untyped-def]
         admitted = real_admit(context, *args, **kwargs)
@@ -311,7 +311,7 @@ def test_a_revocation_committed_while_admission_is_checked_still_closes_the_tunn
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             credentials = await enrolled(ctl, "gw-gap")
-            monkeypatch.setattr(relay_session, "admit", admit_then_revoked)
+            monkeypatch.setattr(tunnel_auth, "admit", admit_then_revoked)
             async with connect(ctl, credentials) as (session, task):
                 await asyncio.wait_for(task, 2.0)
                 assert session.close_reason[0] == ErrorCode.REVOKED
@@ -324,16 +324,16 @@ def test_without_a_change_announced_during_admission_the_identity_is_not_read_a_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The second read closes the gap above; with nothing announced in the gap it would cost a worker job and a
     query per admission for nothing (a reconnecting fleet of 10,000)."""
-    import controller.relay.session as relay_session
+    import controller.relay.tunnel_auth as tunnel_auth
 
     second_reads: list[str] = []
-    real_confirm = relay_session.RelaySession._confirm_admission
+    real_confirm = tunnel_auth.confirm_admission
 
-    def counted(self):  # type: ignore[no-untyped-def]
-        second_reads.append(self.admitted.name)
-        return real_confirm(self)
+    def counted(session):  # type: ignore[no-untyped-def]
+        second_reads.append(session.admitted.name)
+        return real_confirm(session)
 
-    monkeypatch.setattr(relay_session.RelaySession, "_confirm_admission", counted)
+    monkeypatch.setattr(tunnel_auth, "confirm_admission", counted)
 
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
@@ -345,14 +345,14 @@ def test_without_a_change_announced_during_admission_the_identity_is_not_read_a_
             assert second_reads == []
             relay = ctl.server.relay
             assert relay is not None
-            real_admit = relay_session.admit
+            real_admit = tunnel_auth.admit
 
             def admit_then_announced(context, *args, **kwargs):  # type: ignore[no-untyped-def]
                 admitted = real_admit(context, *args, **kwargs)
                 relay.identity_changes += 1
                 return admitted
 
-            monkeypatch.setattr(relay_session, "admit", admit_then_announced)
+            monkeypatch.setattr(tunnel_auth, "admit", admit_then_announced)
             async with connect(ctl, credentials) as (session, task):
                 await asyncio.sleep(0.2)
                 assert not task.done()  # read again, still enrolled: the tunnel stays

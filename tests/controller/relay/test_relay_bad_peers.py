@@ -18,7 +18,7 @@ import aiohttp
 
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelOptions, open_tunnel
-from controller.relay.session import RELAY_LIMITS
+from controller.relay.relay import RELAY_LIMITS
 from shared.protocol import MAX_FRAME_PAYLOAD, MAX_STREAMS, ErrorCode
 from shared.protocol.frames import FrameType, encode_frame
 from tests.controller.harness import run, running_controller

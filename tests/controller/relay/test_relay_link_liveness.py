@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.relay.session import RELAY_IDLE_MIN, RELAY_LIVENESS, relay_liveness_for
+from controller.relay.tunnel_auth import RELAY_IDLE_MIN, RELAY_LIVENESS, relay_liveness_for
 
 
 def test_three_keepalives_of_silence_end_a_tunnel() -> None:

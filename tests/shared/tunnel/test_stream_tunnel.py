@@ -17,7 +17,8 @@ import random
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tunnel_loopback import End, _authenticated, run
+import pytest
+from tunnel_loopback import End, _authenticated, both_running, run
 
 from shared.protocol import Liveness, ProtocolLimits
 from shared.tunnel.channel import StreamChannel
@@ -50,21 +51,41 @@ async def stream_tunnel() -> AsyncIterator[tuple[End, End]]:
     server = await asyncio.start_server(accepted, "127.0.0.1", 0)
     async with server:
         reader, writer = await open_tunnel_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        agent = End(agent_conn, StreamTransport(reader, writer))
-        tasks.append(loop.create_task(agent.run()))
-        relay = await relay_side
-        try:
-            yield relay, agent
-        finally:
-            await agent.close()
-            await relay.close()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with both_running(relay_side, End(agent_conn, StreamTransport(reader, writer)), tasks,
+                                errors_tolerated=True) as ends:
+            yield ends
 
 
 async def echo(channel: StreamChannel) -> None:
     while chunks := await channel.read_chunks():
         await channel.write_chunks(chunks)
     await channel.end()
+
+
+def counting(host: Any, method: str) -> list[int]:
+    """The calls of ``host``'s coroutine method ``method`` from now on, counted in the list's one item."""
+    calls = [0]
+    original = getattr(host, method)
+
+    async def counted(*args: Any) -> None:
+        calls[0] += 1
+        await original(*args)
+
+    setattr(host, method, counted)
+    return calls
+
+
+async def warm_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One round trip before counting: the stream's set-up wakes are not the ones measured."""
+    writer.write(b"warm-up")
+    assert await reader.readexactly(7) == b"warm-up"
+
+
+async def round_trips(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    for n in range(ROUND_TRIPS):
+        request = n.to_bytes(8, "big") * 8  # 64 bytes, as latency.py sends
+        writer.write(request)
+        assert await reader.readexactly(64) == request
 
 
 @contextlib.asynccontextmanager
@@ -75,14 +96,7 @@ async def spliced_client(agent: End, relay: End) -> AsyncIterator[tuple[asyncio.
     channel = agent.open_stream("echo")
     await channel.wait_accepted()
     echoing = asyncio.ensure_future(echo(await relay.next_stream()))
-    pump_writes = [0]
-    write_chunks = channel.write_chunks
-
-    async def counted(chunks: Any) -> None:
-        pump_writes[0] += 1
-        await write_chunks(chunks)
-
-    channel.write_chunks = counted  # type: ignore[method-assign]
+    pump_writes = counting(channel, "write_chunks")
     local: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.get_running_loop().create_future()
     server = await asyncio.start_server(lambda r, w: local.set_result((r, w)), "127.0.0.1", 0)
     async with server:
@@ -100,13 +114,9 @@ async def spliced_client(agent: End, relay: End) -> AsyncIterator[tuple[asyncio.
 def test_request_and_response_messages_do_not_wake_the_splice_pump() -> None:
     async def scenario() -> int:
         async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, pump_writes):
-            writer.write(b"warm-up")
-            assert await reader.readexactly(7) == b"warm-up"
+            await warm_up(reader, writer)
             pump_writes[0] = 0
-            for n in range(ROUND_TRIPS):
-                request = n.to_bytes(8, "big") * 8  # 64 bytes, as latency.py sends
-                writer.write(request)
-                assert await reader.readexactly(64) == request
+            await round_trips(reader, writer)
             return pump_writes[0]
 
     writes = run(scenario)
@@ -161,54 +171,20 @@ def test_a_payload_kept_for_a_reader_is_bytes_of_its_own_not_a_view_of_the_chunk
     assert kept and set(kept) == {bytes}
 
 
-def test_a_message_received_with_nothing_to_answer_takes_no_flush() -> None:
+@pytest.mark.parametrize(("method", "counted"), [("flush", "flushes"), ("_receive", "wakes of the reading task")])
+def test_a_response_takes_neither_a_flush_nor_a_wake_of_the_reading_task(method: str, counted: str) -> None:
     """The agent's end receives 300 responses: none queues anything to send, so none awaits a flush (its lock,
-    its drain); and its requests leave from the read callback, so the tunnel's async flush is not used at all."""
+    its drain); its requests leave from the read callback, so the tunnel's async flush is not used at all; and
+    each response is handled in the read callback, so the reading task does not wake for it."""
     async def scenario() -> int:
         async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
-            writer.write(b"warm-up")
-            assert await reader.readexactly(7) == b"warm-up"
-            flushes = 0
-            flush = agent.flush
+            await warm_up(reader, writer)
+            calls = counting(agent, method)
+            await round_trips(reader, writer)
+            return calls[0]
 
-            async def counted() -> None:
-                nonlocal flushes
-                flushes += 1
-                await flush()
-
-            agent.flush = counted  # type: ignore[method-assign]
-            for n in range(ROUND_TRIPS):
-                request = n.to_bytes(8, "big") * 8
-                writer.write(request)
-                assert await reader.readexactly(64) == request
-            return flushes
-
-    flushes = run(scenario)
-    assert flushes <= MOST_PUMP_WRITES, f"{flushes} flushes for {ROUND_TRIPS} round trips"
-
-
-def test_a_response_is_handled_in_the_read_callback_without_waking_the_reading_task() -> None:
-    async def scenario() -> int:
-        async with stream_tunnel() as (relay, agent), spliced_client(agent, relay) as (reader, writer, _):
-            writer.write(b"warm-up")
-            assert await reader.readexactly(7) == b"warm-up"
-            wakes = 0
-            receive = agent._receive
-
-            async def counted(data: bytes) -> None:
-                nonlocal wakes
-                wakes += 1
-                await receive(data)
-
-            agent._receive = counted  # type: ignore[method-assign]
-            for n in range(ROUND_TRIPS):
-                request = n.to_bytes(8, "big") * 8
-                writer.write(request)
-                assert await reader.readexactly(64) == request
-            return wakes
-
-    wakes = run(scenario)
-    assert wakes <= MOST_PUMP_WRITES, f"the reading task woke {wakes} times for {ROUND_TRIPS} responses"
+    calls = run(scenario)
+    assert calls <= MOST_PUMP_WRITES, f"{calls} {counted} for {ROUND_TRIPS} round trips"
 
 
 def test_a_flow_control_violation_handled_in_the_callback_still_ends_the_tunnel_with_its_reason() -> None:

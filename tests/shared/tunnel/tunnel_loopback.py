@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -93,6 +93,24 @@ def _authenticated(now: float, relay_limits: ProtocolLimits,
 
 
 @contextlib.asynccontextmanager
+async def both_running(relay_side: Awaitable[End], agent: End, tasks: Iterable[asyncio.Task[Any]] = (), *,
+                       errors_tolerated: bool = False) -> AsyncIterator[tuple[End, End]]:
+    """(relay end, agent end) with the agent's end running too; at the end both closed and their tasks done.
+
+    ``errors_tolerated``: a task's error at the end is not the scenario's (on a bare TCP stream, an end may
+    find its socket already gone, ENOTCONN, when its peer closed first).
+    """
+    running = [asyncio.get_running_loop().create_task(agent.run()), *tasks]
+    relay = await relay_side
+    try:
+        yield relay, agent
+    finally:
+        await agent.close()
+        await relay.close()
+        await asyncio.wait_for(asyncio.gather(*running, return_exceptions=errors_tolerated), SCENARIO_DEADLINE)
+
+
+@contextlib.asynccontextmanager
 async def tunnel(*, relay_limits: ProtocolLimits = ProtocolLimits(), agent_limits: ProtocolLimits = ProtocolLimits(),
                  relay_accepts: bool = True, agent_accepts: bool = True,
                  liveness: Liveness = QUIET) -> AsyncIterator[tuple[End, End]]:
@@ -120,15 +138,8 @@ async def tunnel(*, relay_limits: ProtocolLimits = ProtocolLimits(), agent_limit
     http = aiohttp.ClientSession()
     try:
         ws = await http.ws_connect(f"http://127.0.0.1:{port}/tunnel", max_msg_size=WS_RECEIVE_MAX, autoping=True)
-        agent = End(agent_conn, ws, accept=agent_accepts)
-        agent_task = loop.create_task(agent.run())
-        relay = await relay_side
-        try:
-            yield relay, agent
-        finally:
-            await agent.close()
-            await relay.close()
-            await asyncio.wait_for(agent_task, SCENARIO_DEADLINE)
+        async with both_running(relay_side, End(agent_conn, ws, accept=agent_accepts)) as ends:
+            yield ends
     finally:
         await http.close()
         await runner.cleanup()
