@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -22,7 +23,8 @@ from controller.correlation import TUNNEL, new_id
 from controller.presence import PresenceBook, TunnelPresence
 from controller.registry import Identity
 from controller.relay import peering, reports
-from controller.relay.admit import AdmissionRefused, admit, spiffe_uri
+from controller.relay.admit import AdmissionRefused, admit, admit_here, spiffe_uri
+from controller.relay.admit_cache import AdmissionCache
 from controller.relay.aiming import DialChoice, choose, split_aim
 from controller.relay.broker import Broker, ServiceKey, service_key
 from controller.relay.pacing import MAX_ADMITTING, ComeBackPacer
@@ -153,9 +155,17 @@ class RelaySession(TunnelSession):
         now = dt.datetime.now(dt.UTC)
         # Taken before admission reads the store: a change announced after it may have been missed.
         changes = self.relay.identity_changes
+        cache = self.relay.admission_cache
+        generation = cache.generation
         try:
-            admitted = await self.in_worker(peering.admit_gateway, admit, self.context, event.chain, event.signature,
-                                            self.nonce, now)
+            # A gateway seen before is admitted here, with no worker job and no store read (admit_cache.py).
+            admitted = admit_here(self.context, cache, event.chain, event.signature, self.nonce, now)
+            if admitted is None:
+                read = await self.in_worker(peering.admit_gateway, functools.partial(admit, cache=cache), self.context,
+                                            event.chain, event.signature, self.nonce, now)
+                if not read.session_certificate:  # people's roles change at sign-in, unannounced
+                    cache.remember_identity(read.identity, generation)
+                admitted = read
         except AdmissionRefused as refused:
             log.warning("tunnel from %s refused: %s", self.remote, refused.reason)
             if not self.conn.closed:
@@ -433,6 +443,8 @@ class Relay:
             self._loop = None
         #: Grows with every revocation, disabling or re-enrollment announced (admission compares it).
         self.identity_changes = 0
+        #: Certificates and gateway identities admission already read, forgotten at each announcement.
+        self.admission_cache = AdmissionCache()
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
@@ -513,6 +525,7 @@ class Relay:
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
         self.identity_changes += 1  # any thread: a lost increment still changes the value a tunnel took
+        self.admission_cache.forget(identity.uri)  # before its tunnels close: none is admitted from the cache after
         self._on_loop(self._close_tunnels_of, identity)
 
     def identity_rekeyed(self, identity: Identity) -> None:
@@ -522,6 +535,7 @@ class Relay:
         store watcher on the event loop for a re-enrollment in another.
         """
         self.identity_changes += 1
+        self.admission_cache.forget(identity.uri)
         self._on_loop(self._close_tunnels_on_old_keys, identity)
 
     def _on_loop(self, callback: Callable[[Identity], None], identity: Identity) -> None:
