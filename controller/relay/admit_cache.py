@@ -8,7 +8,8 @@ the store again buys nothing. Two bounded caches spare that work:
   CA's signature established (never the challenge signature, which covers a
   fresh nonce each time), and the purpose the store recorded when it issued
   the certificate (it never changes);
-* identity rows of enrolled gateways, kept valid by the announcements the
+* identity rows of enrolled gateways, all read in one query as the relay
+  starts (``preload``) and one at a time after that, kept valid by the announcements the
   relay already receives (``Registry.announce_blocked``/``announce_rekeyed``,
   from this process at once and from other processes through the store
   watcher): ``forget`` drops the row before the relay closes the identity's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +34,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controller.registry import BLOCKED_STATUSES, Identity
+from controller.registry import BLOCKED_STATUSES, Identity, Registry
+
+log = logging.getLogger(__name__)
 
 #: Certificates remembered: twice the 10,000 tunnels one relay process is built to hold, so a
 #: whole fleet reconnecting plus the renewed certificates of a day fit; about 1 KiB each (dates,
@@ -138,6 +142,21 @@ class AdmissionCache:
             while len(self._identities) > self.max_identities:
                 self._identities.popitem(last=False)
             return True
+
+    def preload(self, registry: Registry) -> int:
+        """Keep every enrolled gateway from one read of the store (a worker thread, as the relay starts).
+
+        The first admission of each gateway after a start (a whole fleet coming
+        back) then reads no identity row of its own. A store that cannot be read
+        leaves the cache to fill one admission at a time. How many were kept.
+        """
+        generation = self.generation
+        try:
+            identities = registry.list_identities()
+        except Exception as error:  # the store is down: admissions read it themselves, as before
+            log.warning("the admission cache starts empty: %s", error)
+            return 0
+        return sum(self.remember_identity(identity, generation) for identity in identities[:self.max_identities])
 
     def forget(self, uri: str) -> None:
         """An announcement for ``uri`` (revoked, disabled, re-keyed): read it from the store next time."""

@@ -21,6 +21,7 @@ from agent.errors import TunnelRefused
 from agent.tunnel.client import TunnelCredentials
 from controller.registry import Identity
 from controller.relay.admit_cache import AdmissionCache, CertificateFacts
+from controller.store import StoreUnavailable
 from shared.protocol import ErrorCode
 from tests.controller.harness import Running, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, KeyOf, connect, enrolled, redeem
@@ -220,3 +221,34 @@ def test_certificates_are_bounded_and_tied_to_the_ca_that_verified_them() -> Non
     assert cache.certificate(b"3", ca) is not None
     assert cache.certificate(b"3", other_ca) is None  # type: ignore[arg-type]
     assert cache.sizes == (2, 0)
+
+
+def test_after_a_start_the_first_admission_of_an_enrolled_gateway_reads_no_identity_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            credentials = await enrolled(ctl, "gw-back")
+            await ctl.create_identity("gw-never-enrolled", ["gateway"])
+            await enrolled(ctl, "gw-gone")
+            ctl.context.registry.revoke("default", "gw-gone")
+            relay = ctl.server.relay
+            assert relay is not None
+            # As a relay process starting under an enrolled fleet: one read of every identity.
+            relay.admission_cache = AdmissionCache()
+            assert relay.admission_cache.preload(ctl.context.registry) == 1  # only the enrolled, unblocked one
+            reads = count_store_reads(ctl, monkeypatch)
+            async with connect(ctl, credentials) as (session, _):
+                assert session.relay_info["identity"] == credentials.uri
+            assert [read.split()[0] for read in reads] == ["purpose"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_store_that_cannot_be_read_at_start_leaves_the_cache_empty() -> None:
+    class Unreadable:
+        def list_identities(self) -> list[Identity]:
+            raise StoreUnavailable("the store is unavailable")
+
+    cache = AdmissionCache()
+    assert cache.preload(Unreadable()) == 0  # type: ignore[arg-type]
+    assert cache.sizes == (0, 0)
