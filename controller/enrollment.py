@@ -51,7 +51,12 @@ def is_session_certificate(store: Store, certificate: x509.Certificate) -> bool:
     The row is written in the transaction that issues the certificate, so no
     session certificate exists without it.
     """
-    row = store.query_one("SELECT purpose FROM certificates WHERE serial = ?", (format(certificate.serial_number, "x"),))
+    return is_session_serial(store, format(certificate.serial_number, "x"))
+
+
+def is_session_serial(store: Store, serial: str) -> bool:
+    """``is_session_certificate`` by the certificate's serial (hex), as the store records it."""
+    row = store.query_one("SELECT purpose FROM certificates WHERE serial = ?", (serial,))
     return row is not None and row["purpose"] == SESSION_PURPOSE
 
 

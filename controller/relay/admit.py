@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controller.ca import public_key_sha256
-from controller.enrollment import is_session_certificate
+from controller.enrollment import is_session_serial
 from controller.registry import Identity
+from controller.relay.admit_cache import AdmissionCache, CertificateFacts, certificate_key
 from shared.protocol import ErrorCode
 from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from shared.tunnel.auth import verify_challenge_signature
@@ -71,34 +72,89 @@ def spiffe_uri(cert: x509.Certificate) -> str | None:
     return uris[0] if len(uris) == 1 else None
 
 
+class NeedsStore(Exception):
+    """Admitting from what the cache holds is not possible: admit in a worker thread, with the store."""
+
+
+def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, pem: str,
+                      store: bool) -> CertificateFacts:
+    """The leaf's facts once our CA's signature verified: from ``cache``, else parsed (and remembered)."""
+    ca = context.ca.certificate
+    key = certificate_key(pem) if cache is not None else b""
+    facts = cache.certificate(key, ca) if cache is not None else None
+    if facts is not None and facts.session_certificate is not None:
+        return facts
+    if not store:
+        raise NeedsStore()
+    if facts is None:
+        try:
+            leaf = x509.load_pem_x509_certificate(pem.encode())
+        except (ValueError, TypeError):
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
+        issued = cache.authority(ca).issued(leaf) if cache is not None else verify_leaf_issued_by(leaf, ca)
+        if not issued:
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
+        try:
+            usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        except x509.ExtensionNotFound:
+            usage = []
+        leaf_key = leaf.public_key()
+        public_key = leaf_key if isinstance(leaf_key, ec.EllipticCurvePublicKey) else None
+        facts = CertificateFacts(
+            ca=ca, not_before=cert_not_before(leaf), not_after=cert_not_after(leaf),
+            client_auth=ExtendedKeyUsageOID.CLIENT_AUTH in usage, uri=spiffe_uri(leaf),
+            public_key=public_key, key_sha256=public_key_sha256(public_key) if public_key is not None else "", serial=format(leaf.serial_number, "x"),
+        )
+    if facts.session_certificate is None and facts.client_auth and facts.uri is not None:
+        # Its purpose is recorded in the transaction that issued it and never changes.
+        facts = replace(facts, session_certificate=is_session_serial(context.store, facts.serial))
+    if cache is not None:
+        cache.remember_certificate(key, facts)
+    return facts
+
+
 def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
-          now: dt.datetime) -> Admitted:
-    """Who a valid AUTH proves to be, or AdmissionRefused saying why not."""
+          now: dt.datetime, cache: AdmissionCache | None = None, store: bool = True) -> Admitted:
+    """Who a valid AUTH proves to be, or AdmissionRefused saying why not.
+
+    With ``store`` False (on the event loop) nothing is read from the store or
+    parsed: what ``cache`` lacks raises NeedsStore, and so does any refusal, so
+    that the worker's admission words it (controller/relay/peering.py).
+    """
     if not chain_pem or len(chain_pem) > MAX_CHAIN_LENGTH:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "AUTH must carry the agent's certificate")
     try:
-        leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
-    except (ValueError, TypeError):
-        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
-    if not verify_leaf_issued_by(leaf, context.ca.certificate):
-        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
-    if now < cert_not_before(leaf):
+        return _admit(context, chain_pem, signature, nonce, now, cache, store)
+    except AdmissionRefused:
+        if not store:
+            raise NeedsStore() from None
+        raise
+
+
+def _admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], signature: bytes, nonce: bytes,
+           now: dt.datetime, cache: AdmissionCache | None, store: bool) -> Admitted:
+    facts = certificate_facts(context, cache, chain_pem[0], store)
+    if now < facts.not_before:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not valid yet (check the gateway's clock)")
-    if now > cert_not_after(leaf):
+    if now > facts.not_after:
         raise AdmissionRefused(
             ErrorCode.AUTH_FAILED,
-            f"the certificate expired at {cert_not_after(leaf):%Y-%m-%d %H:%M} UTC; the agent must renew it",
+            f"the certificate expired at {facts.not_after:%Y-%m-%d %H:%M} UTC; the agent must renew it",
         )
-    if not has_usage(leaf, ExtendedKeyUsageOID.CLIENT_AUTH):
+    if not facts.client_auth:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate is not a client certificate")
-    uri = spiffe_uri(leaf)
-    identity = context.registry.identity_by_uri(uri) if uri else None
+    uri = facts.uri
+    identity = cache.identity(uri) if cache is not None and uri else None
+    if identity is None and uri:
+        if not store:
+            raise NeedsStore()
+        identity = context.registry.identity_by_uri(uri)
     if identity is None:
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate names no identity this controller knows")
     if identity.status in ("revoked", "disabled"):
         raise AdmissionRefused(ErrorCode.DISABLED if identity.status == "disabled" else ErrorCode.REVOKED,
                                f"identity {identity.tenant}/{identity.name} is {identity.status}")
-    session_certificate = is_session_certificate(context.store, leaf)
+    session_certificate = bool(facts.session_certificate)
     if session_certificate and identity.key_sha256 is not None:
         # Issued before the identity enrolled: from now on only its device key acts as it.
         raise AdmissionRefused(
@@ -106,11 +162,11 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             f"identity {identity.tenant}/{identity.name} is enrolled with a device key; "
             "a session certificate cannot act as it",
         )
-    public_key = leaf.public_key()
+    public_key = facts.public_key
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not signed_our_challenge(
             context, public_key, signature, nonce):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
-    key_sha256 = public_key_sha256(public_key)
+    key_sha256 = facts.key_sha256
     if identity.key_sha256 is not None and key_sha256 != identity.key_sha256:
         # Judged after the signature, so only the holder of the old key learns that it was replaced.
         raise AdmissionRefused(
@@ -118,7 +174,16 @@ def admit(context: ControllerContext, chain_pem: tuple[str, ...] | list[str], si
             f"this certificate's key is no longer the key of identity {identity.tenant}/{identity.name}: "
             "it was re-enrolled with a new key, and one identity has one key",
         )
-    return Admitted(identity, session_certificate, key_sha256, format(leaf.serial_number, "x"))
+    return Admitted(identity, session_certificate, key_sha256, facts.serial)
+
+
+def admit_here(context: ControllerContext, cache: AdmissionCache, chain_pem: tuple[str, ...] | list[str],
+               signature: bytes, nonce: bytes, now: dt.datetime) -> Admitted | None:
+    """Admission from ``cache`` alone (on the event loop), or None: admit in a worker thread instead."""
+    try:
+        return admit(context, chain_pem, signature, nonce, now, cache, store=False)
+    except NeedsStore:
+        return None
 
 
 def has_usage(leaf: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:

@@ -12,7 +12,9 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 MAX_ROWS_PER_TRANSACTION = 500
 #: Shutdown waits for this many rounds of queued rows (rows queued while the previous round was written).
 DRAIN_ROUNDS = 10
+#: A row queued within this long of the last written transaction (rows arriving faster than 50 a second,
+#: a reconnecting fleet) waits this long for more rows to share its commit: admissions at 400 a second
+#: then share one commit (an fsync) per eight or so, instead of one per one or two. A lone row, with
+#: nothing written for longer, is written at once; 20 ms is nothing beside the tunnel's TLS handshake.
+BATCH_LINGER = 0.02
 
 if TYPE_CHECKING:
     from controller.context import ControllerContext
@@ -137,7 +144,10 @@ class QueuedAudit:
         self._queue: list[Event] = []
         #: Beside each queued row: what is told once its transaction ended (None: nobody waits for it).
         self._written: list[concurrent.futures.Future[None] | None] = []
+        #: Done once the running drain found the queue empty (None: no drain queued or running).
         self._running: concurrent.futures.Future[None] | None = None
+        #: When (time.monotonic) the last drain found the queue empty.
+        self._last_drained = -math.inf
 
     def put(self, event: str, fields: dict[str, Any]) -> None:
         self._put(event, fields, None)
@@ -156,11 +166,43 @@ class QueuedAudit:
         with self._lock:
             self._queue.append((event, fields))
             self._written.append(written)
-            if self._running is None:
-                # An empty context: the rows name their own correlation, never a caller's scope.
-                self._running = contextvars.Context().run(self._pool.submit, self._drain)
+            if self._running is not None:
+                return
+            running = self._running = concurrent.futures.Future()
+            busy = time.monotonic() - self._last_drained < BATCH_LINGER
+        loop = None
+        if busy:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the event loop: nothing to wait with
+                loop = None
+        # An empty context: the rows name their own correlation, never a caller's scope.
+        if loop is not None:
+            loop.call_later(BATCH_LINGER, self._start, running, context=contextvars.Context())
+        else:
+            contextvars.Context().run(self._start, running)
 
-    def _drain(self) -> None:
+    def _start(self, running: concurrent.futures.Future[None]) -> None:
+        try:
+            self._pool.submit(self._drain, running)
+        except RuntimeError as error:  # the pool is shut down: the rows cannot be written any more
+            log.error("%d audit rows not written: %r", len(self._queue), error)
+            with self._lock:
+                self._running = None
+                waiting = self._written[:]
+                del self._queue[:]
+                del self._written[:]
+            self._finish(running, waiting)
+
+    @staticmethod
+    def _finish(running: concurrent.futures.Future[None],
+                waiting: list[concurrent.futures.Future[None] | None]) -> None:
+        for written in waiting:
+            if written is not None:
+                written.set_result(None)
+        running.set_result(None)
+
+    def _drain(self, running: concurrent.futures.Future[None]) -> None:
         while True:
             with self._lock:
                 batch = self._queue[:MAX_ROWS_PER_TRANSACTION]
@@ -169,6 +211,8 @@ class QueuedAudit:
                 del self._written[:MAX_ROWS_PER_TRANSACTION]
                 if not batch:
                     self._running = None
+                    self._last_drained = time.monotonic()
+                    running.set_result(None)
                     return
             try:
                 self._audit.record_many(batch)

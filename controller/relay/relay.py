@@ -16,6 +16,7 @@ from controller.blocking import RELAY_POOL
 from controller.presence import PresenceBook
 from controller.registry import Identity
 from controller.relay import goaway, peering
+from controller.relay.admit_cache import AdmissionCache
 from controller.relay.broker import Broker
 from controller.relay.pacing import MAX_ADMITTING, ComeBackPacer
 from controller.relay.policy_watch import watch_for
@@ -56,6 +57,10 @@ class Relay:
             self._loop = None
         #: Grows with every revocation, disabling or re-enrollment announced (admission compares it).
         self.identity_changes = 0
+        #: Certificates and gateway identities admission already read, forgotten at each announcement.
+        self.admission_cache = AdmissionCache()
+        if self._loop is not None and hasattr(context.registry, "list_identities"):
+            RELAY_POOL.submit(self.admission_cache.preload, context.registry)
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)
@@ -123,6 +128,7 @@ class Relay:
     def identity_revoked(self, identity: Identity) -> None:
         """Close every live tunnel of ``identity`` at once (from the event loop or a worker thread)."""
         self.identity_changes += 1  # any thread: a lost increment still changes the value a tunnel took
+        self.admission_cache.forget(identity.uri)  # before its tunnels close: none is admitted from the cache after
         self._on_loop(self._close_tunnels_of, identity)
 
     def identity_rekeyed(self, identity: Identity) -> None:
@@ -132,6 +138,7 @@ class Relay:
         store watcher on the event loop for a re-enrollment in another.
         """
         self.identity_changes += 1
+        self.admission_cache.forget(identity.uri)
         self._on_loop(self._close_tunnels_on_old_keys, identity)
 
     def _on_loop(self, callback: Callable[[Identity], None], identity: Identity) -> None:

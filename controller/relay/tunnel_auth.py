@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
 from controller.relay import peering, reports
-from controller.relay.admit import AdmissionRefused, admit
+from controller.relay.admit import AdmissionRefused, admit, admit_here
 from controller.relay.records import refuse
 from controller.relays import relays_for
 from controller.store import StoreUnavailable
@@ -52,9 +53,17 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> None:
     now = dt.datetime.now(dt.UTC)
     # Taken before admission reads the store: a change announced after it may have been missed.
     changes = relay.identity_changes
+    cache = relay.admission_cache
+    generation = cache.generation
     try:
-        admitted = await session.in_worker(peering.admit_gateway, admit, session.context, event.chain,
-                                           event.signature, session.nonce, now)
+        # A gateway seen before is admitted here, with no worker job and no store read (admit_cache.py).
+        admitted = admit_here(session.context, cache, event.chain, event.signature, session.nonce, now)
+        if admitted is None:
+            read = await session.in_worker(peering.admit_gateway, functools.partial(admit, cache=cache),
+                                           session.context, event.chain, event.signature, session.nonce, now)
+            if not read.session_certificate:  # people's roles change at sign-in, unannounced
+                cache.remember_identity(read.identity, generation)
+            admitted = read
     except AdmissionRefused as refused:
         await refuse(session, event, refused.code, refused.reason)
         return

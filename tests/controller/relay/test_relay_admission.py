@@ -353,6 +353,8 @@ def test_without_a_change_announced_during_admission_the_identity_is_not_read_a_
                 return admitted
 
             monkeypatch.setattr(tunnel_auth, "admit", admit_then_announced)
+            # The gateway is in the admission cache now: forget it, so that admission reads the store again.
+            relay.admission_cache.forget(credentials.uri)
             async with connect(ctl, credentials) as (session, task):
                 await asyncio.sleep(0.2)
                 assert not task.done()  # read again, still enrolled: the tunnel stays

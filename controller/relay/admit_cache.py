@@ -1,0 +1,171 @@
+"""What admission may remember between tunnels: parsed certificates and identity rows.
+
+A gateway that reconnects presents the same certificate and names the same
+identity; parsing the chain, checking our CA's signature on it and reading
+the store again buys nothing. Two bounded caches spare that work:
+
+* certificates, by the digest of the leaf's PEM text: what parsing and our
+  CA's signature established (never the challenge signature, which covers a
+  fresh nonce each time), and the purpose the store recorded when it issued
+  the certificate (it never changes);
+* identity rows of enrolled gateways, all read in one query as the relay
+  starts (``preload``) and one at a time after that, kept valid by the announcements the
+  relay already receives (``Registry.announce_blocked``/``announce_rekeyed``,
+  from this process at once and from other processes through the store
+  watcher): ``forget`` drops the row before the relay closes the identity's
+  tunnels, so no admission can find a revoked or re-keyed identity here
+  once its tunnels are told to close. A row read from the store is kept only
+  when no announcement arrived while it was read (``generation``).
+
+Only a gateway's identity (a device key, no session certificate) is kept:
+people's identities change roles at sign-in without an announcement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controller.registry import BLOCKED_STATUSES, Identity, Registry
+
+log = logging.getLogger(__name__)
+
+#: Certificates remembered: twice the 10,000 tunnels one relay process is built to hold, so a
+#: whole fleet reconnecting plus the renewed certificates of a day fit; about 1 KiB each (dates,
+#: names and the parsed key), 20 MiB at most. The least recently used goes first.
+MAX_CERTIFICATES = 20_000
+#: Identity rows remembered: the same reasoning (one per gateway of a full relay, twice over), a
+#: few hundred bytes each.
+MAX_IDENTITIES = 20_000
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    """What a leaf certificate says once our CA's signature on it verified."""
+
+    #: Our CA certificate that verified it (a different CA object means checking again).
+    ca: x509.Certificate
+    not_before: dt.datetime
+    not_after: dt.datetime
+    client_auth: bool
+    uri: str | None
+    public_key: ec.EllipticCurvePublicKey | None
+    key_sha256: str
+    serial: str
+    #: The store's purpose record: True for a session certificate, None until read.
+    session_certificate: bool | None = None
+
+
+class CertificateAuthorityView:
+    """Our CA certificate's subject and key, parsed once rather than at every admission."""
+
+    def __init__(self, ca: x509.Certificate) -> None:
+        self.certificate = ca
+        self.subject = ca.subject
+        key = ca.public_key()
+        self.key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+    def issued(self, leaf: x509.Certificate) -> bool:
+        """True when ``leaf`` names this CA as issuer and carries its valid signature."""
+        hash_algorithm = leaf.signature_hash_algorithm
+        if self.key is None or hash_algorithm is None or leaf.issuer != self.subject:
+            return False
+        try:
+            self.key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+        except InvalidSignature:
+            return False
+        return True
+
+
+def certificate_key(pem: str) -> bytes:
+    return hashlib.sha256(pem.encode()).digest()
+
+
+class AdmissionCache:
+    """Bounded caches for admission (controller/relay/admit.py); safe from any thread."""
+
+    def __init__(self, max_certificates: int = MAX_CERTIFICATES, max_identities: int = MAX_IDENTITIES) -> None:
+        self._lock = threading.Lock()
+        self._certificates: OrderedDict[bytes, CertificateFacts] = OrderedDict()
+        self._identities: OrderedDict[str, Identity] = OrderedDict()
+        self.max_certificates = max_certificates
+        self.max_identities = max_identities
+        #: Grows with every announcement; a row read before one is not kept.
+        self.generation = 0
+        self._ca: CertificateAuthorityView | None = None
+
+    def authority(self, ca: x509.Certificate) -> CertificateAuthorityView:
+        view = self._ca
+        if view is None or view.certificate is not ca:
+            view = self._ca = CertificateAuthorityView(ca)
+        return view
+
+    def certificate(self, key: bytes, ca: x509.Certificate) -> CertificateFacts | None:
+        with self._lock:
+            facts = self._certificates.get(key)
+            if facts is None or facts.ca is not ca:
+                return None
+            self._certificates.move_to_end(key)
+            return facts
+
+    def remember_certificate(self, key: bytes, facts: CertificateFacts) -> None:
+        with self._lock:
+            self._certificates[key] = facts
+            self._certificates.move_to_end(key)
+            while len(self._certificates) > self.max_certificates:
+                self._certificates.popitem(last=False)
+
+    def identity(self, uri: str) -> Identity | None:
+        with self._lock:
+            identity = self._identities.get(uri)
+            if identity is not None:
+                self._identities.move_to_end(uri)
+            return identity
+
+    def remember_identity(self, identity: Identity, generation: int) -> bool:
+        """Keep ``identity`` as read when ``generation`` was current; False when an announcement came since."""
+        if identity.status in BLOCKED_STATUSES or identity.key_sha256 is None:
+            return False
+        with self._lock:
+            if generation != self.generation:
+                return False
+            self._identities[identity.uri] = identity
+            self._identities.move_to_end(identity.uri)
+            while len(self._identities) > self.max_identities:
+                self._identities.popitem(last=False)
+            return True
+
+    def preload(self, registry: Registry) -> int:
+        """Keep every enrolled gateway from one read of the store (a worker thread, as the relay starts).
+
+        The first admission of each gateway after a start (a whole fleet coming
+        back) then reads no identity row of its own. A store that cannot be read
+        leaves the cache to fill one admission at a time. How many were kept.
+        """
+        generation = self.generation
+        try:
+            identities = registry.list_identities()
+        except Exception as error:  # the store is down: admissions read it themselves, as before
+            log.warning("the admission cache starts empty: %s", error)
+            return 0
+        return sum(self.remember_identity(identity, generation) for identity in identities[:self.max_identities])
+
+    def forget(self, uri: str) -> None:
+        """An announcement for ``uri`` (revoked, disabled, re-keyed): read it from the store next time."""
+        with self._lock:
+            self.generation += 1
+            self._identities.pop(uri, None)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(certificates, identities) held now."""
+        with self._lock:
+            return len(self._certificates), len(self._identities)
