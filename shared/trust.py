@@ -41,18 +41,27 @@ def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
     return cert.not_valid_before.replace(tzinfo=datetime.UTC)
 
 
+class Issuer:
+    """A CA certificate's subject and key, read once, for checking many leaves against it."""
+
+    def __init__(self, ca_cert: x509.Certificate) -> None:
+        self.certificate = ca_cert
+        self.subject = ca_cert.subject
+        public_key = ca_cert.public_key()
+        self.key = public_key if isinstance(public_key, ec.EllipticCurvePublicKey) else None
+
+    def issued(self, cert: x509.Certificate) -> bool:
+        """True when ``cert`` names this CA as issuer and carries its valid signature."""
+        hash_algorithm = cert.signature_hash_algorithm
+        if self.key is None or hash_algorithm is None or cert.issuer != self.subject:
+            return False
+        try:
+            self.key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+        except InvalidSignature:
+            return False
+        return True
+
+
 def verify_leaf_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
     """True when ``cert`` names ``ca_cert`` as issuer and carries its valid signature."""
-    if cert.issuer != ca_cert.subject:
-        return False
-    public_key = ca_cert.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return False
-    hash_algorithm = cert.signature_hash_algorithm
-    if hash_algorithm is None:
-        return False
-    try:
-        public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
-    except InvalidSignature:
-        return False
-    return True
+    return Issuer(ca_cert).issued(cert)

@@ -31,10 +31,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.registry import BLOCKED_STATUSES, Identity, Registry
+from shared.trust import Issuer
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +64,6 @@ class CertificateFacts:
     session_certificate: bool | None = None
 
 
-class CertificateAuthorityView:
-    """Our CA certificate's subject and key, parsed once rather than at every admission."""
-
-    def __init__(self, ca: x509.Certificate) -> None:
-        self.certificate = ca
-        self.subject = ca.subject
-        key = ca.public_key()
-        self.key = key if isinstance(key, ec.EllipticCurvePublicKey) else None
-
-    def issued(self, leaf: x509.Certificate) -> bool:
-        """True when ``leaf`` names this CA as issuer and carries its valid signature."""
-        hash_algorithm = leaf.signature_hash_algorithm
-        if self.key is None or hash_algorithm is None or leaf.issuer != self.subject:
-            return False
-        try:
-            self.key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
-        except InvalidSignature:
-            return False
-        return True
-
-
 def certificate_key(pem: str) -> bytes:
     return hashlib.sha256(pem.encode()).digest()
 
@@ -100,12 +79,12 @@ class AdmissionCache:
         self.max_identities = max_identities
         #: Grows with every announcement; a row read before one is not kept.
         self.generation = 0
-        self._ca: CertificateAuthorityView | None = None
+        self._ca: Issuer | None = None
 
-    def authority(self, ca: x509.Certificate) -> CertificateAuthorityView:
+    def authority(self, ca: x509.Certificate) -> Issuer:
         view = self._ca
         if view is None or view.certificate is not ca:
-            view = self._ca = CertificateAuthorityView(ca)
+            view = self._ca = Issuer(ca)
         return view
 
     def certificate(self, key: bytes, ca: x509.Certificate) -> CertificateFacts | None:
