@@ -28,14 +28,12 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from agent.identity.csr import build_csr  # noqa: E402
-from agent.identity.ephemeral import EphemeralKeyStore  # noqa: E402
 from controller.relay.admit import admit, admit_here  # noqa: E402
 from controller.relay.admit_cache import AdmissionCache  # noqa: E402
 from shared.protocol import NONCE_SIZE  # noqa: E402
 from shared.tunnel.auth import certificate_digest, sign_challenge  # noqa: E402
+from tests.bench.fleet_scale import enroll_in  # noqa: E402
 
 #: Enough admissions for a stable mean in a few seconds (each gateway is enrolled first: a CA signature each).
 DEFAULT_GATEWAYS = 500
@@ -53,15 +51,7 @@ def main() -> None:
         try:
             der = context.server_certificate_der
             fleet = []
-            for index in range(args.gateways):
-                name = f"gw-{index:05d}"
-                with context.store.transaction() as db:
-                    identity = context.registry.create_identity_in(db, "default", name, ("gateway",))
-                    token, _ = context.tokens.create_in(db, identity, 3600)
-                keystore = EphemeralKeyStore()
-                keystore.create()
-                csr = build_csr(keystore, name).public_bytes(serialization.Encoding.PEM).decode()
-                issued = context.enrollment.enroll(token, csr, "127.0.0.1")
+            for keystore, issued in enroll_in(context, args.gateways):
                 nonce = secrets.token_bytes(NONCE_SIZE)
                 fleet.append(([issued.certificate_pem], sign_challenge(keystore.sign, nonce, certificate_digest(der)),
                               nonce))

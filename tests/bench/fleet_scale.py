@@ -122,28 +122,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def enroll_in(context: Any, count: int) -> list[tuple[EphemeralKeyStore, Any]]:
+    """``count`` gateways enrolled in ``context``: each key and its issued certificate, from a redeemed token."""
+    enrolled = []
+    for index in range(count):
+        name = f"gw-{index:05d}"
+        with context.store.transaction() as db:
+            identity = context.registry.create_identity_in(db, "default", name, ("gateway",))
+            token, _ = context.tokens.create_in(db, identity, 3600)
+        keystore = EphemeralKeyStore()
+        keystore.create()
+        csr = build_csr(keystore, name).public_bytes(serialization.Encoding.PEM).decode()
+        enrolled.append((keystore, context.enrollment.enroll(token, csr, "127.0.0.1")))
+    return enrolled
+
+
 def enroll_fleet(data: Path, port: int, count: int) -> list[TunnelCredentials]:
     """``count`` gateways, each with its own key and a certificate from a redeemed token."""
     from controller.bootstrap import open_data_dir
     from controller.settings import Settings
 
     context = open_data_dir(Settings(data_dir=data, listen_host="127.0.0.1", listen_port=port))
-    fleet = []
     try:
-        for index in range(count):
-            name = f"gw-{index:05d}"
-            with context.store.transaction() as db:
-                identity = context.registry.create_identity_in(db, "default", name, ("gateway",))
-                token, _ = context.tokens.create_in(db, identity, 3600)
-            keystore = EphemeralKeyStore()
-            keystore.create()
-            csr = build_csr(keystore, name).public_bytes(serialization.Encoding.PEM).decode()
-            issued = context.enrollment.enroll(token, csr, "127.0.0.1")
-            fleet.append(TunnelCredentials(uri=issued.identity.uri, chain_pem=[issued.certificate_pem],
-                                           ca_pem=context.ca.certificate_pem, keystore=keystore))
+        return [TunnelCredentials(uri=issued.identity.uri, chain_pem=[issued.certificate_pem],
+                                  ca_pem=context.ca.certificate_pem, keystore=keystore)
+                for keystore, issued in enroll_in(context, count)]
     finally:
         context.close()
-    return fleet
 
 
 class Relay:
