@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import stat
 import sys
@@ -79,13 +80,20 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+def written_name(name: str) -> str:
+    """The file a name stands for: a write cut short leaves ``.NAME.<12 hex>.tmp``,
+    which carries its target's mode (a certificate's temporary is as public as the certificate)."""
+    cut_short = re.fullmatch(r"\.(.+)\.[0-9a-f]{12}\.tmp", name)
+    return cut_short.group(1) if cut_short else name
+
+
 def assert_private(directory: Path) -> None:
     """Every directory 0700, every file 0600 but the certificates (under 0700 directories anyway)."""
     assert mode(directory) == 0o700, oct(mode(directory))
     for path in directory.rglob("*"):
         if path.is_dir():
             assert mode(path) == 0o700, (path, oct(mode(path)))
-        elif path.name not in PUBLIC_FILES:
+        elif written_name(path.name) not in PUBLIC_FILES:
             assert mode(path) == 0o600, (path, oct(mode(path)))
 
 
