@@ -52,6 +52,11 @@ def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def certificate_sha256(certificate: x509.Certificate) -> str:
+    """Hex SHA-256 of the certificate's DER: how the store recognises the very certificate it issued."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 def _same_key(key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> bool:
     """True when ``certificate`` certifies ``key``'s public half (an ECDSA key, as every key here)."""
     certified = certificate.public_key()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
-from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
+from controller.ca import CertificateAuthority, certificate_sha256, not_after_of, public_key_sha256
 from controller.errors import ControllerError, bad_request, forbidden, unknown_identity
 from controller.registry import Identity, Registry, refuse_blocked
 from controller.store import Row, Store, Transaction
@@ -213,8 +213,8 @@ class Enrollment:
     ) -> x509.Certificate:
         certificate = self._ca.issue(public_key, identity.name, identity.tenant, datetime.timedelta(seconds=lifetime))
         db.execute(
-            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256, der_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 format(certificate.serial_number, "x"),
                 identity.tenant,
@@ -223,6 +223,7 @@ class Enrollment:
                 time.time(),
                 not_after_of(certificate).timestamp(),
                 public_key_sha256(public_key),
+                certificate_sha256(certificate),
             ),
         )
         return certificate

@@ -32,7 +32,7 @@ from typing import NoReturn
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.audit import AuditLog
-from controller.ca import CertificateAuthority, not_after_of, public_key_sha256
+from controller.ca import CertificateAuthority, certificate_sha256, not_after_of, public_key_sha256
 from controller.enrollment import Issued, parse_csr_key
 from controller.errors import ControllerError, forbidden
 from controller.registry import (
@@ -164,9 +164,10 @@ class Renewal:
         not_after = not_after_of(certificate).timestamp()
         serial = format(certificate.serial_number, "x")
         db.execute(
-            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (serial, identity.tenant, identity.name, decision, time.time(), not_after, key_sha256),
+            "INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256, der_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (serial, identity.tenant, identity.name, decision, time.time(), not_after, key_sha256,
+             certificate_sha256(certificate)),
         )
         self._registry.record_certificate_in(db, identity, not_after)
         self._audit.record_in(

@@ -17,7 +17,7 @@ import sqlite3
 
 #: The schema this code reads and writes; raise it with every change to SCHEMA,
 #: ADDED_COLUMNS, APPEND_ONLY_TABLES or MIGRATIONS (see above).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -224,6 +224,10 @@ ADDED_COLUMNS = (
     ("services", "ports", "TEXT"),
     # The correlation id of the grant a policy was created for (controller/grants.py): its dials and expiry share it.
     ("policies", "correlation", "TEXT"),
+    # SHA-256 of an issued certificate's DER: a relay recognises the very certificate its CA issued
+    # by its bytes, without verifying the CA's signature again (controller/relay/admit_cache.py).
+    # NULL on rows from before it: those certificates are verified as before.
+    ("certificates", "der_sha256", "TEXT"),
 )
 #: Indexes on ADDED_COLUMNS: created once the columns exist.
 ADDED_INDEXES = (

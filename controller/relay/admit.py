@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -78,22 +79,31 @@ class NeedsStore(Exception):
 
 def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, pem: str,
                       store: bool) -> CertificateFacts:
-    """The leaf's facts once our CA's signature verified: from ``cache``, else parsed (and remembered)."""
+    """The leaf's facts once our CA's signature verified: from ``cache``, else parsed (and remembered).
+
+    A leaf whose exact bytes the store recorded at issue (``AdmissionCache.recorded``) needs neither
+    our CA's signature verified again nor its purpose read: it is the very certificate the CA issued.
+    """
     ca = context.ca.certificate
     key = certificate_key(pem) if cache is not None else b""
     facts = cache.certificate(key, ca) if cache is not None else None
     if facts is not None and facts.session_certificate is not None:
         return facts
-    if not store:
-        raise NeedsStore()
     if facts is None:
+        if not store and (cache is None or not cache.recorded_count):
+            raise NeedsStore()
         try:
             leaf = x509.load_pem_x509_certificate(pem.encode())
         except (ValueError, TypeError):
             raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
-        issued = cache.authority(ca).issued(leaf) if cache is not None else verify_leaf_issued_by(leaf, ca)
-        if not issued:
-            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
+        recorded = cache.recorded(leaf.public_bytes(serialization.Encoding.DER), ca) if cache is not None else None
+        if recorded is None:
+            if not store:
+                raise NeedsStore()
+            issued = cache.authority(ca).issued(leaf) if cache is not None else verify_leaf_issued_by(leaf, ca)
+            if not issued:
+                raise AdmissionRefused(ErrorCode.AUTH_FAILED,
+                                       "the certificate was not issued by this controller's CA")
         try:
             usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         except x509.ExtensionNotFound:
@@ -103,9 +113,13 @@ def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, 
         facts = CertificateFacts(
             ca=ca, not_before=cert_not_before(leaf), not_after=cert_not_after(leaf),
             client_auth=ExtendedKeyUsageOID.CLIENT_AUTH in usage, uri=spiffe_uri(leaf),
-            public_key=public_key, key_sha256=public_key_sha256(public_key) if public_key is not None else "", serial=format(leaf.serial_number, "x"),
+            public_key=public_key, key_sha256=public_key_sha256(public_key) if public_key is not None else "",
+            serial=format(leaf.serial_number, "x"),
+            session_certificate=recorded.session if recorded is not None else None,
         )
     if facts.session_certificate is None and facts.client_auth and facts.uri is not None:
+        if not store:
+            raise NeedsStore()
         # Its purpose is recorded in the transaction that issued it and never changes.
         facts = replace(facts, session_certificate=is_session_serial(context.store, facts.serial))
     if cache is not None:

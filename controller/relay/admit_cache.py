@@ -19,6 +19,15 @@ the store again buys nothing. Two bounded caches spare that work:
 
 Only a gateway's identity (a device key, no session certificate) is kept:
 people's identities change roles at sign-in without an announcement.
+
+A third table makes a gateway's first admission after a start a lookup: the
+store records the SHA-256 of every certificate's DER as it is issued
+(``certificates.der_sha256``), and ``preload`` reads those of the certificates
+still valid. A leaf whose exact bytes are recorded was signed by our CA (it is
+the very certificate the CA issued), so admission skips that ECDSA verification,
+and the store read of its purpose. Anything else (a row from before the column,
+a certificate issued after the start, a forged one carrying a recorded serial
+with other bytes) is verified as before.
 """
 
 from __future__ import annotations
@@ -27,13 +36,16 @@ import datetime as dt
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from controller.enrollment import SESSION_PURPOSE
 from controller.registry import BLOCKED_STATUSES, Identity, Registry
+from controller.store import Store
 from shared.trust import Issuer
 
 log = logging.getLogger(__name__)
@@ -45,6 +57,18 @@ MAX_CERTIFICATES = 20_000
 #: Identity rows remembered: the same reasoning (one per gateway of a full relay, twice over), a
 #: few hundred bytes each.
 MAX_IDENTITIES = 20_000
+#: Issued certificates recognised by their DER digest, read once as the relay starts: the same
+#: reasoning again (a fleet of a full relay twice over, each with a renewed certificate beside
+#: its current one); about 200 bytes each. The latest to expire are kept when there are more.
+MAX_RECORDED = 20_000
+
+
+@dataclass(frozen=True)
+class RecordedCertificate:
+    """What the store recorded when our CA issued a certificate (``certificates``)."""
+
+    #: A session certificate (``outpostctl connect``): dial only, never bind.
+    session: bool
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,9 @@ class AdmissionCache:
         #: Grows with every announcement; a row read before one is not kept.
         self.generation = 0
         self._ca: Issuer | None = None
+        #: DER digest -> what the store recorded, for ``_recorded_ca`` only (never changes once read).
+        self._recorded: dict[bytes, RecordedCertificate] = {}
+        self._recorded_ca: x509.Certificate | None = None
 
     def authority(self, ca: x509.Certificate) -> Issuer:
         view = self._ca
@@ -122,19 +149,36 @@ class AdmissionCache:
                 self._identities.popitem(last=False)
             return True
 
-    def preload(self, registry: Registry) -> int:
+    def recorded(self, der: bytes, ca: x509.Certificate) -> RecordedCertificate | None:
+        """The store's record of the certificate whose DER is exactly ``der``, when ``ca`` issued it."""
+        if ca is not self._recorded_ca:
+            return None
+        return self._recorded.get(hashlib.sha256(der).digest())
+
+    def preload(self, registry: Registry, store: Store | None = None, ca: x509.Certificate | None = None) -> int:
         """Keep every enrolled gateway from one read of the store (a worker thread, as the relay starts).
 
         The first admission of each gateway after a start (a whole fleet coming
-        back) then reads no identity row of its own. A store that cannot be read
-        leaves the cache to fill one admission at a time. How many were kept.
+        back) then reads no identity row of its own; with ``store`` and ``ca``,
+        it recognises the certificates still valid by their bytes. A store that
+        cannot be read leaves the cache to fill one admission at a time. How
+        many identities were kept.
         """
         generation = self.generation
         try:
             identities = registry.list_identities()
+            rows = [] if store is None else store.query(
+                "SELECT purpose, der_sha256 FROM certificates "
+                "WHERE der_sha256 IS NOT NULL AND not_after > ? ORDER BY not_after DESC LIMIT ?",
+                (time.time(), MAX_RECORDED))
         except Exception as error:  # the store is down: admissions read it themselves, as before
             log.warning("the admission cache starts empty: %s", error)
             return 0
+        recorded = {bytes.fromhex(row["der_sha256"]): RecordedCertificate(
+            row["purpose"] == SESSION_PURPOSE) for row in rows}
+        if ca is not None:
+            with self._lock:
+                self._recorded, self._recorded_ca = recorded, ca
         return sum(self.remember_identity(identity, generation) for identity in identities[:self.max_identities])
 
     def forget(self, uri: str) -> None:
@@ -145,6 +189,11 @@ class AdmissionCache:
 
     @property
     def sizes(self) -> tuple[int, int]:
-        """(certificates, identities) held now."""
+        """(certificates, identities) held now (recognised certificates: ``recorded_count``)."""
         with self._lock:
             return len(self._certificates), len(self._identities)
+
+    @property
+    def recorded_count(self) -> int:
+        """Issued certificates recognised by their bytes."""
+        return len(self._recorded)

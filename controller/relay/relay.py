@@ -60,7 +60,8 @@ class Relay:
         #: Certificates and gateway identities admission already read, forgotten at each announcement.
         self.admission_cache = AdmissionCache()
         if self._loop is not None and hasattr(context.registry, "list_identities"):
-            RELAY_POOL.submit(self.admission_cache.preload, context.registry)
+            RELAY_POOL.submit(self.admission_cache.preload, context.registry, getattr(context, "store", None),
+                              context.ca.certificate)
         hook = getattr(context.registry, "on_revoked", None)
         if hook is not None:
             hook(self.identity_revoked)

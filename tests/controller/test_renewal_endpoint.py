@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from controller.ca import public_key_sha256
+from controller.ca import certificate_sha256, public_key_sha256
 from controller.registry import STATUS_ENROLLED, Identity
 from controller.renewal import RECOVERY, RENEWAL, RenewalRefused, renewal_decision
 from tests.controller.harness import audit_events_added, make_csr, make_key, run, running_controller, store_snapshot
@@ -47,9 +47,10 @@ def test_a_valid_certificate_is_renewed_for_the_same_key(tmp_path: Path) -> None
             assert event["fields"]["identity"] == "default/gw"
             assert event["fields"]["serial"] == format(cert.serial_number, "x")
             assert event["fields"]["correlation"].startswith("r-")  # the renewal request's own id
-            row = running.context.store.query_one("SELECT purpose FROM certificates WHERE serial = ?",
+            row = running.context.store.query_one("SELECT purpose, der_sha256 FROM certificates WHERE serial = ?",
                                                    (format(cert.serial_number, "x"),))
             assert row["purpose"] == "renewal"
+            assert row["der_sha256"] == certificate_sha256(cert)  # a relay recognises it by these bytes
 
     run(scenario())
 

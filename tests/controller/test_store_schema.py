@@ -32,6 +32,8 @@ SCHEMA_DIGESTS = {
     5: "a1ae3de3ccee4a6bc2caea972bfcbb283ee80e24e394929a8082f047849b9993",
     # Which relay hosts which service, for dials across relays (controller/relay/directory.py).
     6: "8a779fbffd9b5d8a9a66e085024e8a6e1a401d3b2701ed6881760d0ef4611e6e",
+    # Each issued certificate's DER digest, by which a relay recognises it (controller/relay/admit_cache.py).
+    7: "90798f76e78eccaa69191d3041aa292373e1d42dc5614bfc0252d6be7c16f1a5",
 }
 #: The schema every store created before versions were checked holds (version 1, SQLite).
 TODAYS_SCHEMA = Path(__file__).with_name("store_schema_v1.sql")
@@ -196,6 +198,25 @@ def test_a_store_missing_a_later_column_gets_it_on_either_engine(store_location:
     try:
         row = store.query_one("SELECT jti, issuer FROM tokens")
         assert row is not None and (row["jti"], row["issuer"]) == ("j", None)
+        assert store.query_one("SELECT value FROM meta WHERE key = 'schema_version'")["value"] == str(SCHEMA_VERSION)
+    finally:
+        store.close()
+
+
+def test_an_older_stores_certificates_get_their_der_digest_column_empty_on_either_engine(
+        store_location: Path | str) -> None:
+    """Rows issued before the column have no digest: a relay verifies those certificates as before."""
+    store = Store(store_location)
+    with store.transaction() as db:
+        db.execute("ALTER TABLE certificates DROP COLUMN der_sha256")
+        db.execute("INSERT INTO certificates (serial, tenant, name, purpose, issued_at, not_after, key_sha256) "
+                   "VALUES ('1f', 'default', 'gw', 'enrollment', 1, 2, 'ab')")
+        db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    store.close()
+    store = Store(store_location)
+    try:
+        row = store.query_one("SELECT serial, der_sha256 FROM certificates")
+        assert row is not None and (row["serial"], row["der_sha256"]) == ("1f", None)
         assert store.query_one("SELECT value FROM meta WHERE key = 'schema_version'")["value"] == str(SCHEMA_VERSION)
     finally:
         store.close()
