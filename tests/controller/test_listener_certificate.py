@@ -92,3 +92,21 @@ def test_a_tunnel_whose_handshake_came_just_before_a_renewal_still_authenticates
                 await dial_refusal(tunnel, "no-such-service")
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_the_listener_sends_no_session_ticket_after_its_handshake(tmp_path: Path) -> None:
+    """No client resumes: the tickets would be paid for on every one of a fleet's handshakes for nothing."""
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            port = int(ctl.url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctl.client_tls, server_hostname="localhost"), 10)
+            # An HTTP answer comes after whatever the server sent once the handshake ended: tickets included.
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 ")
+            ssl_object = writer.get_extra_info("ssl_object")
+            assert ssl_object.version() == "TLSv1.3"
+            assert not ssl_object.session.has_ticket
+            writer.close()
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
