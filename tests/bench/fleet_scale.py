@@ -64,6 +64,8 @@ PHASE_TIMEOUT = 180.0
 READY_TIMEOUT = 60.0
 #: A graceful stop is given this long before the relay is killed (the goal is 2 s).
 STOP_TIMEOUT = 60.0
+#: How often a stopping relay is checked for its exit: 1 % of the 2 s goal.
+STOP_POLL = 0.02
 #: Seconds for the relay's memory and CPU to settle before and after the fleet connects.
 SETTLE = 5.0
 #: The window over which idle CPU is measured.
@@ -184,17 +186,30 @@ class Relay:
         assert self.process is not None
         return self.process.pid
 
-    def stop(self) -> float:
-        """SIGTERM; seconds until the process exited (killed past STOP_TIMEOUT)."""
-        assert self.process is not None
+    def stop(self) -> tuple[float, float, list[float]]:
+        """SIGTERM; (seconds until the process exited, CPU seconds it spent meanwhile, load average then).
+
+        Killed past STOP_TIMEOUT. The CPU is the process's utime+stime from /proc just before the
+        signal and from its exit status (``wait4``'s rusage: every thread, to the last tick) after:
+        a stop whose CPU stays the same while its wall time grows waited for a core, not for work.
+        """
+        process = self.process
+        assert process is not None
+        load = [round(value, 2) for value in os.getloadavg()]
+        cpu = cpu_seconds(process.pid)
         started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        return time.monotonic() - started
+        process.send_signal(signal.SIGTERM)
+        deadline = started + STOP_TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                took = time.monotonic() - started
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return took, usage.ru_utime + usage.ru_stime - cpu, load
+            if time.monotonic() >= deadline:
+                process.kill()
+                deadline = float("inf")  # reaped below once the kill lands
+            time.sleep(STOP_POLL)
 
     def error_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if ERROR_LINE.search(line)]
@@ -282,18 +297,19 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
 
         # The storm: stop the relay under the fleet, start it again on the same port.
         attempts_at_stop = attempts(fleet)
-        stop_first = await asyncio.to_thread(relay.stop)
+        stop_first, stop_first_cpu, stop_first_load = await asyncio.to_thread(relay.stop)
         await wait_none(fleet)
         await asyncio.to_thread(relay.start)
         attempts_at_ready = attempts(fleet)
-        say(f"relay restarted under {len(fleet)}; stopped in {stop_first:.2f} s")
+        say(f"relay restarted under {len(fleet)}; stopped in {stop_first:.2f} s ({stop_first_cpu:.2f} s CPU, "
+            f"load {stop_first_load})")
         storm_s, storm_cpu_ms, per_second, storm_down = await wait_all(fleet, relay)
         # Each tunnel's drop counts once; every other attempt failed.
         failed_while_down = attempts_at_ready - attempts_at_stop - len(fleet)
         failed_after_ready = attempts(fleet) - attempts_at_ready
         storm_rss = rss_kib(relay.pid)
         await asyncio.sleep(SETTLE)
-        stop_last = await asyncio.to_thread(relay.stop)
+        stop_last, stop_last_cpu, stop_last_load = await asyncio.to_thread(relay.stop)
     finally:
         for supervisor in fleet:
             supervisor._stop.set()
@@ -322,6 +338,11 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "storm_relay_kib": storm_rss,
         "graceful_stop_s": round(stop_last, 2),
         "graceful_stop_before_storm_s": round(stop_first, 2),
+        # The relay's own CPU during each stop, and how busy the machine was as it began.
+        "stop_cpu_s": round(stop_last_cpu, 2),
+        "stop_load_average": stop_last_load,
+        "stop_before_storm_cpu_s": round(stop_first_cpu, 2),
+        "stop_before_storm_load_average": stop_first_load,
         "relay_error_line_count": len(relay.error_lines()),
         "relay_error_lines": relay.error_lines()[:20],
     }
