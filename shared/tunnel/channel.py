@@ -38,6 +38,9 @@ class StreamHost(Protocol):
     def flush_nowait(self) -> None:
         """Send what the core has queued now, from a callback that cannot await."""
 
+    def write_congested(self) -> bool:
+        """True while the transport holds as much unsent as it takes (its peer reads slowly, or not at all)."""
+
 
 #: Where a spliced stream's received bytes go on at once, from the task that received them:
 #: False when it cannot take them now (the reader's pump carries them later, in order), True
@@ -276,6 +279,12 @@ class StreamChannel:
         host = self._host
 
         def sink(data: bytes | memoryview) -> bool | StreamHost:
+            # Not onto a tunnel whose peer is not reading: the window this stream was granted is the far
+            # end's to choose (a relay link may grant a GiB), so bytes queued here would be held unsent
+            # and credited back at once to the sender, without bound. Left with the reader, they wait
+            # under the sender's own window (and its tunnel's receive budget) until this tunnel drains.
+            if host.write_congested():
+                return False
             return host if self.pass_on(data) else False
 
         return sink

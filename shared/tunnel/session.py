@@ -166,6 +166,10 @@ class TunnelSession(EventDispatch):
     def _write_congested(self) -> bool:
         return self.transport.congested()
 
+    def write_congested(self) -> bool:
+        """True while the transport holds as much unsent as it takes, or the tunnel is dropped."""
+        return self._aborted or self.transport.congested()
+
     def _rearm_timer_if_earlier(self) -> None:
         """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.
 
