@@ -51,7 +51,9 @@ STALL_WATCH = 6.0
 STALL_GROWTH_KIB = 128 * 1024
 #: DATA frames a flooding link sends on streams that are closed, and how long it may take sending them.
 FLOOD_FRAMES = 2_000_000
-FLOOD_SECONDS = 8.0
+FLOOD_SECONDS = 6.0
+#: Frames written at once by the flooding link.
+FLOOD_BATCH = 1000
 #: What the relay may grow by while flooded by a link that reads nothing.
 FLOOD_GROWTH_KIB = 64 * 1024
 RUNNER = r"""
@@ -282,8 +284,21 @@ def test_a_link_that_stops_reading_while_dials_push_data_keeps_the_relay_bounded
         push.close()
 
 
-def test_a_link_flooding_data_on_closed_streams_while_reading_nothing_keeps_the_relay_bounded(
-        tmp_path: Path, echo_server: EchoServer) -> None:
+def flood_frames(kind: str, first: int, count: int) -> bytes:
+    """``count`` frames of ``kind``: zero-length DATA or WINDOW on streams ``first``, ``first + 2``, ... (closed at the
+    relay, and never reset there, so each DATA would be answered by a RESET), or PINGs (each answered by a PONG)."""
+    if kind == "PING":
+        return b"".join(HEADER.pack(int(FrameType.PING), 0, 0, 8) + n.to_bytes(8, "big")
+                        for n in range(first, first + count))
+    ids = range(2 * first + 1, 2 * (first + count) + 1, 2)
+    if kind == "WINDOW":
+        return b"".join(HEADER.pack(int(FrameType.WINDOW), 0, sid, 4) + (1).to_bytes(4, "big") for sid in ids)
+    return b"".join(HEADER.pack(int(FrameType.DATA), 0, sid, 0) for sid in ids)
+
+
+@pytest.mark.parametrize("kind", ["DATA", "WINDOW", "PING"])
+def test_a_link_flooding_one_frame_type_while_reading_nothing_keeps_the_relay_bounded_and_serving(
+        tmp_path: Path, echo_server: EchoServer, kind: str) -> None:
     with two_relays_and_a_gateway(tmp_path, echo_server.port) as (_controller, relay_b, ca, a_cert, a_key):
         pid = relay_b.process.proc.pid
 
@@ -292,31 +307,35 @@ def test_a_link_flooding_data_on_closed_streams_while_reading_nothing_keeps_the_
             assert isinstance(session.transport, StreamTransport)
             writer = session.transport.writer
             writer.transport.pause_reading()
+            served: asyncio.Future[None] | None = None
             try:
                 # One stream with a high id: every id below it counts as opened and closed at the relay.
                 session.conn._table.next_local_id = 2 * FLOOD_FRAMES + 1  # noqa: SLF001 - an attacker's shortcut
                 session.open_stream("default/nothing@site-a", peer="spiffe://outpost.local/default/x#c-flood")
                 await session.flush()
                 before = rss_kib(pid)
-                # Zero-length DATA on ids the relay remembers no reset for: each would be answered by a RESET.
                 sent = 0
                 loop = asyncio.get_running_loop()
-                until = loop.time() + FLOOD_SECONDS
-                while sent < FLOOD_FRAMES and loop.time() < until and not writer.transport.is_closing():
-                    frames = b"".join(HEADER.pack(int(FrameType.DATA), 0, sid, 0)
-                                      for sid in range(2 * sent + 1, 2 * (sent + 1000) + 1, 2))
-                    writer.write(frames)
-                    sent += 1000
+                started = loop.time()
+                while (sent < FLOOD_FRAMES and loop.time() < started + FLOOD_SECONDS
+                       and not writer.transport.is_closing()):
+                    writer.write(flood_frames(kind, sent, FLOOD_BATCH))
+                    sent += FLOOD_BATCH
+                    if served is None and loop.time() > started + 1.0:
+                        # While the flood goes on: another link is admitted and reaches the gateway.
+                        served = asyncio.ensure_future(a_link_and_a_gateway_still_served(relay_b, ca, a_cert, a_key))
                     try:
                         await asyncio.wait_for(writer.drain(), 1.0)
                     except TimeoutError:
-                        break  # the relay stopped reading us: that is the bound
+                        await asyncio.sleep(0.1)  # the relay holds us back: keep pushing, as a flooder would
                 await asyncio.sleep(1.0)
+                if served is not None:
+                    await served
                 return rss_kib(pid) - before, before, sent
             finally:
                 session.abort()
                 await asyncio.gather(task, return_exceptions=True)
 
         grown, before, sent = asyncio.run(scenario())
-        assert grown < FLOOD_GROWTH_KIB, f"the relay grew by {grown} KiB (from {before} KiB) after {sent} frames"
+        assert grown < FLOOD_GROWTH_KIB, f"the relay grew by {grown} KiB (from {before} KiB) after {sent} {kind} frames"
         asyncio.run(a_link_and_a_gateway_still_served(relay_b, ca, a_cert, a_key))
