@@ -112,6 +112,22 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
+def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread's (ns on a CPU, ns runnable but waiting for a CPU) so far, by thread id."""
+    found: dict[int, tuple[int, int]] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found  # exited
+    for task in tasks:
+        try:
+            on_cpu, waiting, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # a thread that just ended
+        found[int(task.name)] = (int(on_cpu), int(waiting))
+    return found
+
+
 def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
     """Milliseconds per tunnel each thread spent between two samples."""
     return {name: round((after[name] - before.get(name, 0.0)) * 1000 / count, 3) for name in after
@@ -186,17 +202,23 @@ class Relay:
         assert self.process is not None
         return self.process.pid
 
-    def stop(self) -> tuple[float, float, list[float]]:
-        """SIGTERM; (seconds until the process exited, CPU seconds it spent meanwhile, load average then).
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM; how the stop went (killed past STOP_TIMEOUT): ``wall_s`` until the process exited,
+        ``cpu_s`` it spent meanwhile, ``load_average`` as it began, and where its threads' time went.
 
-        Killed past STOP_TIMEOUT. The CPU is the process's utime+stime from /proc just before the
-        signal and from its exit status (``wait4``'s rusage: every thread, to the last tick) after:
-        a stop whose CPU stays the same while its wall time grows waited for a core, not for work.
+        The CPU is the process's utime+stime from /proc just before the signal and from its exit
+        status (``wait4``'s rusage: every thread, to the last tick) after. Each thread's scheduler
+        figures (/proc/PID/task/TID/schedstat: ns on a CPU, ns runnable but waiting for one) are
+        sampled every STOP_POLL until the exit, so the event loop's wall time splits into running,
+        waiting for a core (``runqueue_wait_s``: the machine was busy) and neither (blocked:
+        I/O, a lock, a worker, a sleep).
         """
         process = self.process
         assert process is not None
         load = [round(value, 2) for value in os.getloadavg()]
         cpu = cpu_seconds(process.pid)
+        first = thread_schedstats(process.pid)
+        last = dict(first)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         deadline = started + STOP_TIMEOUT
@@ -205,11 +227,25 @@ class Relay:
             if pid:
                 took = time.monotonic() - started
                 process.returncode = os.waitstatus_to_exitcode(status)
-                return took, usage.ru_utime + usage.ru_stime - cpu, load
+                break
+            last.update(thread_schedstats(process.pid))
             if time.monotonic() >= deadline:
                 process.kill()
-                deadline = float("inf")  # reaped below once the kill lands
+                deadline = float("inf")  # reaped above once the kill lands
             time.sleep(STOP_POLL)
+        spent = {tid: (on_cpu - first.get(tid, (0, 0))[0], waiting - first.get(tid, (0, 0))[1])
+                 for tid, (on_cpu, waiting) in last.items()}
+        loop_cpu, loop_wait = spent.get(process.pid, (0, 0))
+        return {
+            "wall_s": round(took, 2),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime - cpu, 2),
+            "load_average": load,
+            "event_loop_cpu_s": round(loop_cpu / 1e9, 2),
+            "event_loop_runqueue_wait_s": round(loop_wait / 1e9, 2),
+            "event_loop_blocked_s": round(max(0.0, took - (loop_cpu + loop_wait) / 1e9), 2),
+            "workers_cpu_s": round(sum(c for tid, (c, _) in spent.items() if tid != process.pid) / 1e9, 2),
+            "runqueue_wait_s": round(sum(w for _, w in spent.values()) / 1e9, 2),
+        }
 
     def error_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if ERROR_LINE.search(line)]
@@ -297,19 +333,18 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
 
         # The storm: stop the relay under the fleet, start it again on the same port.
         attempts_at_stop = attempts(fleet)
-        stop_first, stop_first_cpu, stop_first_load = await asyncio.to_thread(relay.stop)
+        stop_first = await asyncio.to_thread(relay.stop)
         await wait_none(fleet)
         await asyncio.to_thread(relay.start)
         attempts_at_ready = attempts(fleet)
-        say(f"relay restarted under {len(fleet)}; stopped in {stop_first:.2f} s ({stop_first_cpu:.2f} s CPU, "
-            f"load {stop_first_load})")
+        say(f"relay restarted under {len(fleet)}; stopped: {stop_first}")
         storm_s, storm_cpu_ms, per_second, storm_down = await wait_all(fleet, relay)
         # Each tunnel's drop counts once; every other attempt failed.
         failed_while_down = attempts_at_ready - attempts_at_stop - len(fleet)
         failed_after_ready = attempts(fleet) - attempts_at_ready
         storm_rss = rss_kib(relay.pid)
         await asyncio.sleep(SETTLE)
-        stop_last, stop_last_cpu, stop_last_load = await asyncio.to_thread(relay.stop)
+        stop_last = await asyncio.to_thread(relay.stop)
     finally:
         for supervisor in fleet:
             supervisor._stop.set()
@@ -336,13 +371,15 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "storm_admission_cpu_ms": round(storm_cpu_ms / len(fleet), 3),
         "storm_peak_admissions_per_s": peak_rate(per_second),
         "storm_relay_kib": storm_rss,
-        "graceful_stop_s": round(stop_last, 2),
-        "graceful_stop_before_storm_s": round(stop_first, 2),
-        # The relay's own CPU during each stop, and how busy the machine was as it began.
-        "stop_cpu_s": round(stop_last_cpu, 2),
-        "stop_load_average": stop_last_load,
-        "stop_before_storm_cpu_s": round(stop_first_cpu, 2),
-        "stop_before_storm_load_average": stop_first_load,
+        "graceful_stop_s": stop_last["wall_s"],
+        "graceful_stop_before_storm_s": stop_first["wall_s"],
+        # The relay's own CPU during each stop, how busy the machine was as it began, and where the time went.
+        "stop_cpu_s": stop_last["cpu_s"],
+        "stop_load_average": stop_last["load_average"],
+        "stop_before_storm_cpu_s": stop_first["cpu_s"],
+        "stop_before_storm_load_average": stop_first["load_average"],
+        "stop_detail": stop_last,
+        "stop_before_storm_detail": stop_first,
         "relay_error_line_count": len(relay.error_lines()),
         "relay_error_lines": relay.error_lines()[:20],
     }
