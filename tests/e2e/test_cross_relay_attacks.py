@@ -21,7 +21,13 @@ from controller.relay.link_client import LinkSession, link_tls_context, open_lin
 from shared.protocol import TUNNEL_ALPN, ProtocolLimits
 from shared.protocol.frames import HEADER, FrameType
 from shared.tunnel.transport import StreamTransport
-from tests.e2e.cross_relay_harness import RelayProcess, RoleController, enroll_gateway, start_agent_on
+from tests.e2e.cross_relay_harness import (
+    RelayProcess,
+    RoleController,
+    audit_events,
+    enroll_gateway,
+    start_agent_on,
+)
 from tests.e2e.harness import EchoServer, Process
 
 #: The relay's TLS handshake and AUTH deadlines in these tests (10 s in production): short, so the test is quick.
@@ -66,6 +72,28 @@ settings = cli.settings_from_args(args)
 limits = dataclasses.replace(settings.limits, handshake_deadline=deadline, auth_deadline=deadline)
 run(cli.serve(dataclasses.replace(settings, limits=limits)), args.event_loop)
 """
+
+
+#: How long relay B lets a link take nothing of what it writes, in the stalled-link test (20 s in production):
+#: past STALL_WATCH, so the memory is measured while the link is stalled, and short enough for a quick test.
+SHORT_WRITE_STALL = 8.0
+#: The stalled link's close is looked for this long after the stall began.
+STALL_CLOSE_WITHIN = 30.0
+STALL_RUNNER = r"""
+import sys
+from controller import cli
+from controller.relay import peering
+peering.LINK_WRITE_STALL = float(sys.argv[1])
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+class ShortStallRelay(RelayProcess):
+    """A relay that closes a link taking nothing it writes after SHORT_WRITE_STALL."""
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = super().argv(*extra)
+        return [sys.executable, "-c", STALL_RUNNER, str(SHORT_WRITE_STALL), *argv[3:]]
 
 
 class ShortDeadlineRelay(RelayProcess):
@@ -249,8 +277,8 @@ def test_a_link_that_stops_reading_while_dials_push_data_keeps_the_relay_bounded
         tmp_path: Path, echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch) -> None:
     push = PushServer()
     try:
-        with two_relays_and_a_gateway(tmp_path, echo_server.port, push.port) as (_controller, relay_b, ca, a_cert,
-                                                                                   a_key):
+        with two_relays_and_a_gateway(tmp_path, echo_server.port, push.port, ShortStallRelay) as (
+                controller, relay_b, ca, a_cert, a_key):
             pid = relay_b.process.proc.pid
 
             async def scenario() -> tuple[int, int]:
@@ -261,18 +289,23 @@ def test_a_link_that_stops_reading_while_dials_push_data_keeps_the_relay_bounded
                     session, task = await link(relay_b, ca, a_cert, a_key)
                 assert isinstance(session.transport, StreamTransport)
                 session.transport.writer.transport.pause_reading()
+                loop = asyncio.get_running_loop()
                 try:
-                    streams = [session.open_stream("default/source@site-a",
-                                                   peer=f"spiffe://outpost.local/default/central#c-push-{i}")
-                               for i in range(STALLED_DIALS)]
+                    for index in range(STALLED_DIALS):
+                        session.open_stream("default/source@site-a",
+                                            peer=f"spiffe://outpost.local/default/central#c-push-{index}")
                     await session.flush()
                     before = rss_kib(pid)
                     await asyncio.sleep(STALL_WATCH)
                     grown = rss_kib(pid) - before
                     # Meanwhile another link and the gateway are served.
                     await a_link_and_a_gateway_still_served(relay_b, ca, a_cert, a_key)
-                    for stream in streams:
-                        stream.reset()
+                    # And the stalled link is closed, saying why.
+                    deadline = loop.time() + STALL_CLOSE_WITHIN
+                    while not any("read nothing of this link" in e["reason"]
+                                  for e in await asyncio.to_thread(audit_events, controller, "link_closed")):
+                        assert loop.time() < deadline, "the stalled link was not closed"
+                        await asyncio.sleep(0.5)
                     return grown, before
                 finally:
                     session.abort()
