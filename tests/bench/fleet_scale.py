@@ -75,6 +75,8 @@ SAMPLE_INTERVAL = 0.25
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Relay log lines that would mean an unexpected error.
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|Error:|exception", re.IGNORECASE)
+#: ``--busy-stop``: a process that keeps one core busy (other work on a shared machine), for at most argv[1] s.
+SPINNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass\n"
 RUNNER = r"""
 import logging, sys
 sys.path.insert(0, sys.argv[1])
@@ -172,9 +174,11 @@ def enroll_fleet(data: Path, port: int, count: int) -> list[TunnelCredentials]:
 class Relay:
     """The relay process under test, on a fixed port so that it can be restarted under the fleet."""
 
-    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path) -> None:
+    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path, busy_stop: int = 0) -> None:
         self.data, self.port, self.tunnels, self.log_path = data, port, tunnels, log_path
         self.process: subprocess.Popen[str] | None = None
+        #: Processes that spin on a core from just before each stop's signal until the relay exited.
+        self.busy_stop = busy_stop
 
     def start(self) -> float:
         """Start; returns the monotonic time it said it was ready."""
@@ -219,20 +223,26 @@ class Relay:
         cpu = cpu_seconds(process.pid)
         first = thread_schedstats(process.pid)
         last = dict(first)
+        spinners = [subprocess.Popen([sys.executable, "-c", SPINNER, str(STOP_TIMEOUT)]) for _ in range(self.busy_stop)]
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         deadline = started + STOP_TIMEOUT
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                took = time.monotonic() - started
-                process.returncode = os.waitstatus_to_exitcode(status)
-                break
-            last.update(thread_schedstats(process.pid))
-            if time.monotonic() >= deadline:
-                process.kill()
-                deadline = float("inf")  # reaped above once the kill lands
-            time.sleep(STOP_POLL)
+        try:
+            while True:
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid:
+                    took = time.monotonic() - started
+                    process.returncode = os.waitstatus_to_exitcode(status)
+                    break
+                last.update(thread_schedstats(process.pid))
+                if time.monotonic() >= deadline:
+                    process.kill()
+                    deadline = float("inf")  # reaped above once the kill lands
+                time.sleep(STOP_POLL)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
         spent = {tid: (on_cpu - first.get(tid, (0, 0))[0], waiting - first.get(tid, (0, 0))[1])
                  for tid, (on_cpu, waiting) in last.items()}
         loop_cpu, loop_wait = spent.get(process.pid, (0, 0))
@@ -388,6 +398,8 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=DEFAULT_TUNNELS)
+    parser.add_argument("--busy-stop", type=int, default=0, metavar="N",
+                        help="N processes keep a core busy during each stop (the stop on a loaded machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the fleet's own reconnect lines would be 10,000 each
     from shared.event_loop import run, uvloop_module
@@ -400,7 +412,7 @@ def main() -> None:
         credentials = enroll_fleet(data, port, args.tunnels)
         enroll_s = time.monotonic() - started
         print(f"enrolled {args.tunnels} in {enroll_s:.1f} s", file=sys.stderr, flush=True)
-        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log")
+        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop)
         result = run(measure(credentials, relay), "auto")
     print(json.dumps({
         "benchmark": "fleet_scale",
@@ -408,6 +420,7 @@ def main() -> None:
         "event_loop": "uvloop" if uvloop_module() is not None else "asyncio",
         "enroll_s": round(enroll_s, 1),
         "load_average_at_start": load_at_start,
+        "busy_stop": args.busy_stop,
         "goals": {"relay_kib_per_tunnel": 64, "relay_idle_cpu_pct": 5, "established_s": 60,
                   "admission_cpu_ms": 1, "storm_all_back_s": 60, "graceful_stop_s": 2},
         **result,
