@@ -114,20 +114,10 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return totals
 
 
-def thread_schedstats(pid: int) -> dict[int, tuple[int, int]]:
-    """Each thread's (ns on a CPU, ns runnable but waiting for a CPU) so far, by thread id."""
-    found: dict[int, tuple[int, int]] = {}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found  # exited
-    for task in tasks:
-        try:
-            on_cpu, waiting, _ = (task / "schedstat").read_text().split()
-        except (OSError, ValueError):
-            continue  # a thread that just ended
-        found[int(task.name)] = (int(on_cpu), int(waiting))
-    return found
+def schedstat(pid: int) -> tuple[int, int]:
+    """The main thread's (ns on a CPU, ns runnable but waiting for a CPU) so far; readable until it is reaped."""
+    on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(on_cpu), int(waiting)
 
 
 def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
@@ -208,53 +198,49 @@ class Relay:
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM; how the stop went (killed past STOP_TIMEOUT): ``wall_s`` until the process exited,
-        ``cpu_s`` it spent meanwhile, ``load_average`` as it began, and where its threads' time went.
+        ``cpu_s`` it spent meanwhile, ``load_average`` as it began, and where its main thread's time went.
 
         The CPU is the process's utime+stime from /proc just before the signal and from its exit
-        status (``wait4``'s rusage: every thread, to the last tick) after. Each thread's scheduler
-        figures (/proc/PID/task/TID/schedstat: ns on a CPU, ns runnable but waiting for one) are
-        sampled every STOP_POLL until the exit, so the event loop's wall time splits into running,
-        waiting for a core (``runqueue_wait_s``: the machine was busy) and neither (blocked:
-        I/O, a lock, a worker, a sleep).
+        status (``wait4``'s rusage: every thread, to the last tick) after. The main thread runs the
+        event loop; its scheduler figures (/proc/PID/schedstat: ns on a CPU, ns runnable but waiting
+        for one), read before the signal and from the exited process before it is reaped, split the
+        stop's wall time into running, waiting for a core (``event_loop_runqueue_wait_s``: the
+        machine was busy) and neither (``event_loop_blocked_s``: I/O, a lock, a worker, a sleep).
         """
         process = self.process
         assert process is not None
         load = [round(value, 2) for value in os.getloadavg()]
         cpu = cpu_seconds(process.pid)
-        first = thread_schedstats(process.pid)
-        last = dict(first)
+        begin_cpu, begin_wait = schedstat(process.pid)
         spinners = [subprocess.Popen([sys.executable, "-c", SPINNER, str(STOP_TIMEOUT)]) for _ in range(self.busy_stop)]
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         deadline = started + STOP_TIMEOUT
         try:
-            while True:
-                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-                if pid:
-                    took = time.monotonic() - started
-                    process.returncode = os.waitstatus_to_exitcode(status)
-                    break
-                last.update(thread_schedstats(process.pid))
+            # Exited, not reaped yet: its main thread's figures are final and still readable.
+            while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
                 if time.monotonic() >= deadline:
                     process.kill()
-                    deadline = float("inf")  # reaped above once the kill lands
+                    deadline = float("inf")
                 time.sleep(STOP_POLL)
+            took = time.monotonic() - started
+            end_cpu, end_wait = schedstat(process.pid)
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
         finally:
             for spinner in spinners:
                 spinner.kill()
                 spinner.wait()
-        spent = {tid: (on_cpu - first.get(tid, (0, 0))[0], waiting - first.get(tid, (0, 0))[1])
-                 for tid, (on_cpu, waiting) in last.items()}
-        loop_cpu, loop_wait = spent.get(process.pid, (0, 0))
+        total = usage.ru_utime + usage.ru_stime - cpu
+        loop_cpu, loop_wait = (end_cpu - begin_cpu) / 1e9, (end_wait - begin_wait) / 1e9
         return {
             "wall_s": round(took, 2),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime - cpu, 2),
+            "cpu_s": round(total, 2),
             "load_average": load,
-            "event_loop_cpu_s": round(loop_cpu / 1e9, 2),
-            "event_loop_runqueue_wait_s": round(loop_wait / 1e9, 2),
-            "event_loop_blocked_s": round(max(0.0, took - (loop_cpu + loop_wait) / 1e9), 2),
-            "workers_cpu_s": round(sum(c for tid, (c, _) in spent.items() if tid != process.pid) / 1e9, 2),
-            "runqueue_wait_s": round(sum(w for _, w in spent.values()) / 1e9, 2),
+            "event_loop_cpu_s": round(loop_cpu, 2),
+            "event_loop_runqueue_wait_s": round(loop_wait, 2),
+            "event_loop_blocked_s": round(max(0.0, took - loop_cpu - loop_wait), 2),
+            "other_threads_cpu_s": round(max(0.0, total - loop_cpu), 2),
         }
 
     def error_lines(self) -> list[str]:
