@@ -43,7 +43,7 @@ from controller.admission import (
     Admission,
     cap_key,
 )
-from shared.protocol import TUNNEL_ALPN
+from shared.protocol import AUTH_DEADLINE, TUNNEL_ALPN
 from shared.tunnel.transport import StreamTransport, TunnelReader
 
 #: Serves one tunnel on TLS directly: the stream, the peer's address, and what marks it authenticated.
@@ -76,6 +76,8 @@ class ListenerLimits:
     """The deadlines and caps of one listener (tests shorten them)."""
 
     handshake_deadline: float = TLS_HANDSHAKE_DEADLINE
+    #: A tunnel's AUTH, once its TLS handshake is done (the protocol's AUTH_DEADLINE; relay links alike).
+    auth_deadline: float = AUTH_DEADLINE
     head_deadline: float = REQUEST_HEAD_DEADLINE
     body_deadline: float = REQUEST_BODY_DEADLINE
     max_unauthenticated: int = MAX_UNAUTHENTICATED

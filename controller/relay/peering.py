@@ -62,6 +62,10 @@ LINK_RECHECK_INTERVAL = 2.0
 MAX_REMEMBERED_FAILURES = 1024
 #: B forgets a silent link after this many of the link's announced keepalives.
 LINK_IDLE_KEEPALIVES = 3
+#: B closes a link that took none of what B wrote for this long. Relays sit in data centres and read
+#: all the time; one that stopped is stuck or hostile, and every dial on its link holds up to a window
+#: of B's memory meanwhile (its gateway is held back by that window, not by the link).
+LINK_WRITE_STALL = 20.0
 
 
 def admit_gateway(admit: Callable[..., Admitted], context: ControllerContext, chain_pem: tuple[str, ...] | list[str],
@@ -198,10 +202,22 @@ class Peering:
         except ChannelReset:
             pass  # A records how the dial ended
 
+    def _close_stalled(self) -> None:
+        """Close the links whose relay took nothing of what this one wrote for LINK_WRITE_STALL."""
+        now = asyncio.get_running_loop().time()
+        for session, peer in list(self.incoming.items()):
+            since = session.write_pending_since
+            if since is not None and now - since > LINK_WRITE_STALL and not session.conn.closed:
+                reason = f"relay {peer.name} read nothing of this link for {LINK_WRITE_STALL:g} s"
+                log.warning("link from %s closed: %s", peer.name, reason)
+                session.spawn(session.close(ErrorCode.TIMEOUT, reason))
+
     async def _recheck(self) -> None:
-        """Close the links of relays retired, or whose certificate was replaced or revoked, since admission."""
+        """Close the links of relays retired, or whose certificate was replaced or revoked, since admission,
+        and those of relays that stopped reading."""
         while True:
             await asyncio.sleep(LINK_RECHECK_INTERVAL)
+            self._close_stalled()
             for session, peer in list(self.incoming.items()):
                 try:
                     reason = await RELAY_POOL.run(still_admitted, self.context, peer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import os
 import secrets
 import socket
@@ -83,6 +84,10 @@ class Relay:
         self.retiring = False
         #: Links to and from other relays (``serve --role relay`` only; set by the server).
         self.peering: peering.Peering | None = None
+        #: RELAY_LIMITS with the listener's AUTH deadline (tests shorten it through the settings).
+        listener_limits = getattr(context.settings, "limits", None)
+        self.limits = RELAY_LIMITS if listener_limits is None else dataclasses.replace(
+            RELAY_LIMITS, auth_deadline=listener_limits.auth_deadline)
 
     @property
     def told_to_come_back(self) -> int:
@@ -215,7 +220,7 @@ class Relay:
 
     def _challenge(self, link: Any, remote: str) -> RelaySession:
         """A new tunnel on either transport: its CHALLENGE queued, counted as admitting until its AUTH answer."""
-        conn = Connection(Role.RELAY, asyncio.get_running_loop().time(), limits=RELAY_LIMITS, liveness=RELAY_LIVENESS)
+        conn = Connection(Role.RELAY, asyncio.get_running_loop().time(), limits=self.limits, liveness=RELAY_LIVENESS)
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, link, nonce, remote)

@@ -117,6 +117,12 @@ class Connection:
         return self._endpoint.bytes_sent
 
     @property
+    def unsent_bytes(self) -> int:
+        """Bytes queued and not yet taken by ``data_to_send``."""
+        endpoint = self._endpoint
+        return endpoint.bytes_sent - endpoint.bytes_taken
+
+    @property
     def open_stream_ids(self) -> set[int]:
         return set(self._table.streams)
 

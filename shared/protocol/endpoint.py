@@ -25,7 +25,8 @@ def require(condition: bool, message: str) -> None:
 class Endpoint:
     """One end of a tunnel as each of its parts sees it."""
 
-    __slots__ = ("role", "limits", "out", "bytes_sent", "closed", "authenticated", "peer_window", "relay_link")
+    __slots__ = ("role", "limits", "out", "bytes_sent", "bytes_taken", "closed", "authenticated", "peer_window",
+                 "relay_link")
 
     def __init__(self, role: Role, limits: ProtocolLimits) -> None:
         self.role = role
@@ -33,6 +34,8 @@ class Endpoint:
         #: what ``take`` returns next: whole frames, or a DATA header and its payload, in order
         self.out: list[Any] = []
         self.bytes_sent = 0
+        #: of bytes_sent, those ``take`` handed on: the rest is still in ``out``
+        self.bytes_taken = 0
         self.closed = False
         self.authenticated = False
         #: the window every new stream may send into, as the peer's AUTH/AUTH_OK advertised it
@@ -61,6 +64,7 @@ class Endpoint:
             return b""
         data = b"".join(self.out)
         self.out.clear()
+        self.bytes_taken = self.bytes_sent
         return data
 
     def require_open(self) -> None:

@@ -38,11 +38,20 @@ class StreamHost(Protocol):
     def flush_nowait(self) -> None:
         """Send what the core has queued now, from a callback that cannot await."""
 
+    def backlog(self) -> int:
+        """Bytes queued for the peer that the network has not taken yet (queued, or in the transport's buffer)."""
+
 
 #: Where a spliced stream's received bytes go on at once, from the task that received them:
 #: False when it cannot take them now (the reader's pump carries them later, in order), True
 #: when it took them, or the tunnel that queued them and must flush.
 Sink = collections.abc.Callable[[bytes | memoryview], bool | StreamHost]
+
+
+#: A spliced stream's bytes go on at once (``as_sink``) only while the tunnel they go onto holds less than
+#: this unsent: more than a fast link's TCP buffers hold in flight (a few MiB on loopback), so bulk
+#: transfers keep the shortcut, while a peer that stopped reading pins at most this per tunnel.
+MAX_SINK_BACKLOG = 4 * 1024 * 1024
 
 
 class ChannelReset(Exception):
@@ -276,6 +285,12 @@ class StreamChannel:
         host = self._host
 
         def sink(data: bytes | memoryview) -> bool | StreamHost:
+            # Not onto a tunnel whose peer is not reading: the window this stream was granted is the far
+            # end's to choose (a relay link may grant a GiB), so bytes queued here would be held unsent
+            # and credited back at once to the sender, without bound. Left with the reader, they wait
+            # under the sender's own window (and its tunnel's receive budget) until this tunnel drains.
+            if host.backlog() >= MAX_SINK_BACKLOG:
+                return False
             return host if self.pass_on(data) else False
 
         return sink

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # with room to spare, short enough that stopping the agent on a dead path is
 # prompt (systemd waits 90 s before it kills).
 CLOSE_TIMEOUT = 2.0
+#: A dropped tunnel's backlog: more than any bound on one, so nothing more is queued onto it.
+DROPPED_BACKLOG = 2**62
 
 
 class TunnelSession(EventDispatch):
@@ -165,6 +167,12 @@ class TunnelSession(EventDispatch):
 
     def _write_congested(self) -> bool:
         return self.transport.congested()
+
+    def backlog(self) -> int:
+        """Bytes queued for the peer that the network has not taken yet (queued, or in the transport's buffer)."""
+        if self._aborted:
+            return DROPPED_BACKLOG
+        return self.conn.unsent_bytes + self.transport.unsent()
 
     def _rearm_timer_if_earlier(self) -> None:
         """Wake the timer only when the core's next deadline came earlier than the one it sleeps toward.

@@ -138,6 +138,10 @@ class Transport:
         """True when the write buffer is at its high-water mark (or the connection is gone)."""
         raise NotImplementedError
 
+    def unsent(self) -> int:
+        """Bytes in the write buffer, not yet taken by the kernel (UNSENT_WHEN_CLOSED once closing)."""
+        raise NotImplementedError
+
     #: True when ``write_nowait`` and ``set_receiver`` work: a WebSocket's writes are coroutines.
     writes_nowait = False
 
@@ -169,6 +173,19 @@ def transport_congested(transport: asyncio.BaseTransport | None) -> bool:
         return bool(size >= transport.get_write_buffer_limits()[1])  # type: ignore[attr-defined]
     except (AttributeError, NotImplementedError):
         return True
+
+
+#: What a closing connection's write buffer counts as: more than any bound on one, so nothing more is queued.
+UNSENT_WHEN_CLOSED = 2**62
+
+
+def transport_unsent(transport: asyncio.BaseTransport | None) -> int:
+    if transport is None or transport.is_closing():
+        return UNSENT_WHEN_CLOSED
+    try:
+        return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
+    except (AttributeError, NotImplementedError):
+        return 0
 
 
 def abort_transport(ws: Any) -> None:
@@ -240,6 +257,9 @@ class StreamTransport(Transport):
 
     def congested(self) -> bool:
         return transport_congested(self.writer.transport)
+
+    def unsent(self) -> int:
+        return transport_unsent(self.writer.transport)
 
     @property
     def closed(self) -> bool:

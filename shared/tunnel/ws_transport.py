@@ -11,7 +11,13 @@ from typing import Any
 
 from aiohttp import WSMsgType
 
-from shared.tunnel.transport import WS_MESSAGE_MAX, Transport, abort_transport, transport_congested
+from shared.tunnel.transport import (
+    WS_MESSAGE_MAX,
+    Transport,
+    abort_transport,
+    transport_congested,
+    transport_unsent,
+)
 
 
 class NotBinary(ValueError):
@@ -49,6 +55,9 @@ class WebSocketTransport(Transport):
 
     def congested(self) -> bool:
         return transport_congested(getattr(getattr(self.ws, "_writer", None), "transport", None))
+
+    def unsent(self) -> int:
+        return transport_unsent(getattr(getattr(self.ws, "_writer", None), "transport", None))
 
     @property
     def closed(self) -> bool:

@@ -64,6 +64,8 @@ PHASE_TIMEOUT = 180.0
 READY_TIMEOUT = 60.0
 #: A graceful stop is given this long before the relay is killed (the goal is 2 s).
 STOP_TIMEOUT = 60.0
+#: How often a stopping relay is checked for its exit: 1 % of the 2 s goal.
+STOP_POLL = 0.02
 #: Seconds for the relay's memory and CPU to settle before and after the fleet connects.
 SETTLE = 5.0
 #: The window over which idle CPU is measured.
@@ -73,6 +75,8 @@ SAMPLE_INTERVAL = 0.25
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: Relay log lines that would mean an unexpected error.
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|Error:|exception", re.IGNORECASE)
+#: ``--busy-stop``: a process that keeps one core busy (other work on a shared machine), for at most argv[1] s.
+SPINNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass\n"
 RUNNER = r"""
 import logging, sys
 sys.path.insert(0, sys.argv[1])
@@ -108,6 +112,12 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             continue  # a worker that just ended
         totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return totals
+
+
+def schedstat(pid: int) -> tuple[int, int]:
+    """The main thread's (ns on a CPU, ns runnable but waiting for a CPU) so far; readable until it is reaped."""
+    on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    return int(on_cpu), int(waiting)
 
 
 def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
@@ -154,9 +164,11 @@ def enroll_fleet(data: Path, port: int, count: int) -> list[TunnelCredentials]:
 class Relay:
     """The relay process under test, on a fixed port so that it can be restarted under the fleet."""
 
-    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path) -> None:
+    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path, busy_stop: int = 0) -> None:
         self.data, self.port, self.tunnels, self.log_path = data, port, tunnels, log_path
         self.process: subprocess.Popen[str] | None = None
+        #: Processes that spin on a core from just before each stop's signal until the relay exited.
+        self.busy_stop = busy_stop
 
     def start(self) -> float:
         """Start; returns the monotonic time it said it was ready."""
@@ -184,17 +196,52 @@ class Relay:
         assert self.process is not None
         return self.process.pid
 
-    def stop(self) -> float:
-        """SIGTERM; seconds until the process exited (killed past STOP_TIMEOUT)."""
-        assert self.process is not None
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM; how the stop went (killed past STOP_TIMEOUT): ``wall_s`` until the process exited,
+        ``cpu_s`` it spent meanwhile, ``load_average`` as it began, and where its main thread's time went.
+
+        The CPU is the process's utime+stime from /proc just before the signal and from its exit
+        status (``wait4``'s rusage: every thread, to the last tick) after. The main thread runs the
+        event loop; its scheduler figures (/proc/PID/schedstat: ns on a CPU, ns runnable but waiting
+        for one), read before the signal and from the exited process before it is reaped, split the
+        stop's wall time into running, waiting for a core (``event_loop_runqueue_wait_s``: the
+        machine was busy) and neither (``event_loop_blocked_s``: I/O, a lock, a worker, a sleep).
+        """
+        process = self.process
+        assert process is not None
+        load = [round(value, 2) for value in os.getloadavg()]
+        cpu = cpu_seconds(process.pid)
+        begin_cpu, begin_wait = schedstat(process.pid)
+        spinners = [subprocess.Popen([sys.executable, "-c", SPINNER, str(STOP_TIMEOUT)]) for _ in range(self.busy_stop)]
         started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        deadline = started + STOP_TIMEOUT
         try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        return time.monotonic() - started
+            # Exited, not reaped yet: its main thread's figures are final and still readable.
+            while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                if time.monotonic() >= deadline:
+                    process.kill()
+                    deadline = float("inf")
+                time.sleep(STOP_POLL)
+            took = time.monotonic() - started
+            end_cpu, end_wait = schedstat(process.pid)
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
+        total = usage.ru_utime + usage.ru_stime - cpu
+        loop_cpu, loop_wait = (end_cpu - begin_cpu) / 1e9, (end_wait - begin_wait) / 1e9
+        return {
+            "wall_s": round(took, 2),
+            "cpu_s": round(total, 2),
+            "load_average": load,
+            "event_loop_cpu_s": round(loop_cpu, 2),
+            "event_loop_runqueue_wait_s": round(loop_wait, 2),
+            "event_loop_blocked_s": round(max(0.0, took - loop_cpu - loop_wait), 2),
+            "other_threads_cpu_s": round(max(0.0, total - loop_cpu), 2),
+        }
 
     def error_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if ERROR_LINE.search(line)]
@@ -286,7 +333,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         await wait_none(fleet)
         await asyncio.to_thread(relay.start)
         attempts_at_ready = attempts(fleet)
-        say(f"relay restarted under {len(fleet)}; stopped in {stop_first:.2f} s")
+        say(f"relay restarted under {len(fleet)}; stopped: {stop_first}")
         storm_s, storm_cpu_ms, per_second, storm_down = await wait_all(fleet, relay)
         # Each tunnel's drop counts once; every other attempt failed.
         failed_while_down = attempts_at_ready - attempts_at_stop - len(fleet)
@@ -320,8 +367,15 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "storm_admission_cpu_ms": round(storm_cpu_ms / len(fleet), 3),
         "storm_peak_admissions_per_s": peak_rate(per_second),
         "storm_relay_kib": storm_rss,
-        "graceful_stop_s": round(stop_last, 2),
-        "graceful_stop_before_storm_s": round(stop_first, 2),
+        "graceful_stop_s": stop_last["wall_s"],
+        "graceful_stop_before_storm_s": stop_first["wall_s"],
+        # The relay's own CPU during each stop, how busy the machine was as it began, and where the time went.
+        "stop_cpu_s": stop_last["cpu_s"],
+        "stop_load_average": stop_last["load_average"],
+        "stop_before_storm_cpu_s": stop_first["cpu_s"],
+        "stop_before_storm_load_average": stop_first["load_average"],
+        "stop_detail": stop_last,
+        "stop_before_storm_detail": stop_first,
         "relay_error_line_count": len(relay.error_lines()),
         "relay_error_lines": relay.error_lines()[:20],
     }
@@ -330,6 +384,8 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=DEFAULT_TUNNELS)
+    parser.add_argument("--busy-stop", type=int, default=0, metavar="N",
+                        help="N processes keep a core busy during each stop (the stop on a loaded machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the fleet's own reconnect lines would be 10,000 each
     from shared.event_loop import run, uvloop_module
@@ -342,7 +398,7 @@ def main() -> None:
         credentials = enroll_fleet(data, port, args.tunnels)
         enroll_s = time.monotonic() - started
         print(f"enrolled {args.tunnels} in {enroll_s:.1f} s", file=sys.stderr, flush=True)
-        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log")
+        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop)
         result = run(measure(credentials, relay), "auto")
     print(json.dumps({
         "benchmark": "fleet_scale",
@@ -350,6 +406,7 @@ def main() -> None:
         "event_loop": "uvloop" if uvloop_module() is not None else "asyncio",
         "enroll_s": round(enroll_s, 1),
         "load_average_at_start": load_at_start,
+        "busy_stop": args.busy_stop,
         "goals": {"relay_kib_per_tunnel": 64, "relay_idle_cpu_pct": 5, "established_s": 60,
                   "admission_cpu_ms": 1, "storm_all_back_s": 60, "graceful_stop_s": 2},
         **result,

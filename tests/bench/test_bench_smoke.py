@@ -290,7 +290,8 @@ def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> No
     found = run_bench("fleet_scale", "--tunnels", "20")
     assert found["tunnels"] == 20
     assert_positive(found, "relay_kib_per_tunnel", "established_s", "admission_cpu_ms", "storm_all_back_s",
-                    "graceful_stop_s")
+                    "graceful_stop_s", "stop_cpu_s", "stop_before_storm_cpu_s")
+    assert len(found["stop_load_average"]) == 3
     assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
     assert found["relay_error_lines"] == []
 

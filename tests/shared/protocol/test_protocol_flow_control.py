@@ -247,3 +247,15 @@ def test_acknowledged_and_reset_bytes_leave_the_budget() -> None:
 def test_a_window_larger_than_the_receive_budget_is_refused() -> None:
     with pytest.raises(InvalidLimits, match="must not exceed the tunnel's receive budget"):
         ProtocolLimits(initial_window=2 << 20, receive_budget=1 << 20)
+
+
+def test_unsent_bytes_count_what_is_queued_until_it_is_taken() -> None:
+    """What a splice reads to hold back bytes from a tunnel whose peer stopped reading."""
+    pair = make_pair()
+    stream_id = pair.agent.open_stream("bulk")
+    pair.agent.send_data(stream_id, bytes(3 * MAX_SEND_PAYLOAD + 1))
+    pair.agent.ping(pair.now)
+    queued = pair.agent.unsent_bytes
+    assert queued > 3 * MAX_SEND_PAYLOAD
+    assert len(pair.agent.data_to_send()) == queued
+    assert pair.agent.unsent_bytes == 0

@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from tunnel_loopback import End, _authenticated, both_running, run
+from tunnel_loopback import End, _authenticated, both_running, run, settle
 
-from shared.protocol import Liveness, ProtocolLimits
-from shared.tunnel.channel import StreamChannel
-from shared.tunnel.splice import splice_socket
+from shared.protocol import INITIAL_WINDOW, Liveness, ProtocolLimits
+from shared.tunnel.channel import MAX_SINK_BACKLOG, StreamChannel
+from shared.tunnel.splice import splice_socket, splice_streams
 from shared.tunnel.transport import StreamTransport, open_tunnel_connection
 
 #: Deadlines far beyond the scenario, as a real tunnel's are.
@@ -33,13 +33,15 @@ ROUND_TRIPS = 300
 MOST_PUMP_WRITES = 10
 #: Bytes of the mixed-size transfer: several windows' worth of bulk reads among small messages.
 MIXED_BYTES = 6 * 1024 * 1024
+#: What the dialer tries to send past a binder that stopped reading: many times any bound the relay keeps.
+GREEDY_DIAL_BYTES = 256 * 1024 * 1024
 
 
 @contextlib.asynccontextmanager
-async def stream_tunnel() -> AsyncIterator[tuple[End, End]]:
+async def stream_tunnel(agent_limits: ProtocolLimits = ProtocolLimits()) -> AsyncIterator[tuple[End, End]]:
     """(relay end, agent end) over one loopback TCP connection, the agent's end read by a TunnelReader."""
     loop = asyncio.get_running_loop()
-    relay_conn, agent_conn = _authenticated(loop.time(), ProtocolLimits(), ProtocolLimits(), ARMED)
+    relay_conn, agent_conn = _authenticated(loop.time(), ProtocolLimits(), agent_limits, ARMED)
     relay_side: asyncio.Future[End] = loop.create_future()
     tasks: list[asyncio.Task[Any]] = []
 
@@ -205,3 +207,33 @@ def test_a_flow_control_violation_handled_in_the_callback_still_ends_the_tunnel_
 
     reason, closed = run(scenario)
     assert closed and reason is not None and reason[0] is ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_a_binder_that_grants_a_huge_window_and_stops_reading_holds_the_relay_to_the_dialers_window() -> None:
+    """The window a binder (or a relay link) grants is its own to choose: the relay must not queue all of it
+    unsent and credit the dialer back at once, or a peer that stops reading pins all the dialer sends."""
+    greedy = ProtocolLimits(initial_window=1024**3, receive_budget=1024**3)
+
+    async def scenario() -> None:
+        async with stream_tunnel() as (relay_a, dialer), stream_tunnel(greedy) as (relay_b, binder):
+            dial = dialer.open_stream("svc")
+            a = await relay_a.next_stream()
+            b = relay_b.open_stream("svc")
+            await b.wait_accepted()
+            await binder.next_stream()
+            splice = asyncio.ensure_future(splice_streams(a, b))
+            assert isinstance(binder.transport, StreamTransport)
+            binder.transport.writer.transport.pause_reading()  # the binder reads nothing more from the relay
+            writer = asyncio.ensure_future(dial.write(b"f" * GREEDY_DIAL_BYTES))
+            try:
+                for _ in range(5):
+                    await settle()
+                    # Unsent at the relay: the shortcut's bound and what the pump holds (one dialer window).
+                    assert relay_b.backlog() <= MAX_SINK_BACKLOG + 2 * INITIAL_WINDOW, relay_b.backlog()
+                    assert relay_a.conn.unread_bytes <= INITIAL_WINDOW
+                assert not writer.done()
+            finally:
+                writer.cancel()
+                splice.cancel()
+
+    run(scenario)
