@@ -68,11 +68,13 @@ class Connection:
             head.append("Content-Length: 0")
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (payload or b""))
         while True:
-            status, headers = self._read_head()
+            version, status, headers = self._read_head()
             if status not in INFORMATIONAL:
                 break
         body, reusable = self._read_body(method, status, headers, url, limit)
-        if not reusable or "close" in headers.get("connection", "").lower():
+        options = {token.strip() for token in headers.get("connection", "").lower().split(",")}
+        # HTTP/1.0 closes after each answer unless it says otherwise; 1.1 keeps the connection unless it says so.
+        if not reusable or "close" in options or (version == b"HTTP/1.0" and "keep-alive" not in options):
             self.close()
         return Answer(status, body)
 
@@ -108,7 +110,7 @@ class Connection:
         del self._buffer[:size]
         return data
 
-    def _read_head(self) -> tuple[int, dict[str, str]]:
+    def _read_head(self) -> tuple[bytes, int, dict[str, str]]:
         left = MAX_HEAD
         words = self._line(left, "the status line").split(None, 2)
         left -= sum(map(len, words)) + 2
@@ -119,7 +121,7 @@ class Connection:
             line = self._line(left, "the header")
             left -= len(line) + 2
             if not line:
-                return int(words[1]), headers
+                return words[0], int(words[1]), headers
             name, colon, value = line.decode("latin-1").partition(":")
             if not colon or not name or name != name.strip():
                 raise not_http("a malformed header")

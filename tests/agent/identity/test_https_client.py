@@ -92,6 +92,27 @@ def test_an_answer_over_the_limit_is_refused_with_a_sentence(head: bytes) -> Non
         asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
 
+@pytest.mark.parametrize(("head", "reused"), [(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n", False),
+                                              (b"HTTP/1.1 200 OK\r\nConnection: closed-ish\r\n", True),
+                                              (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n", True),
+                                              (b"HTTP/1.1 200 OK\r\n", True)])
+def test_the_connection_is_kept_as_the_answer_says(head: bytes, reused: bool) -> None:
+    async def scenario() -> bool:
+        ca_pem, url, _ = await _serve([head + b"Content-Length: 2\r\n\r\n"] * 2, b"{}")
+        channel = Channel(url, pinned_ssl_context(ca_pem), DIRECT, 5.0)
+        await channel.connect()
+        try:
+            await channel.request("GET", url + "/v1/time", 1024)
+            try:
+                return (await channel.request("GET", url + "/v1/time", 1024)).body == b"{}"
+            except ConnectionError:
+                return False
+        finally:
+            channel.close()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT)) is reused
+
+
 def test_an_answer_framed_by_length_by_chunks_or_by_the_close_is_read_whole() -> None:
     async def scenario() -> list[tuple[int, bytes]]:
         ca_pem, url, accepted = await _serve([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\n"
