@@ -41,6 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.clock.trusted import TrustedClock
+from agent.enrollment.places import BOOT_TOKEN as BOOT_TOKEN
+from agent.enrollment.places import ETC_TOKEN as ETC_TOKEN
+from agent.enrollment.places import REFUSED_NOTE
+from agent.enrollment.places import STATE_TOKEN_NAME as STATE_TOKEN_NAME
+from agent.enrollment.places import default_token_paths as default_token_paths
+from agent.enrollment.places import token_paths as token_paths
 from agent.enrollment.token import MAX_TOKEN_FILE, parse_unverified, read_token_file
 from agent.errors import OutpostError
 from agent.identity.select import KeyStoreSettings
@@ -54,14 +60,6 @@ from shared.utc import format_utc
 
 log = logging.getLogger(__name__)
 
-#: Where ``packaging/take-boot-token`` (root, before the agent starts) puts a
-#: token it took from the boot partition; the agent may delete it there.
-STATE_TOKEN_NAME = "enroll.token"
-ETC_TOKEN = Path("/etc/outpost/enroll.token")
-BOOT_TOKEN = Path("/boot/firmware/outpost-enroll.token")
-#: The content hash and sentence of the last refused token, so a restart does
-#: not offer the same dead file to the controller again.
-REFUSED_NOTE = "enroll-refused.json"
 USED_SUFFIX = ".used"
 #: How often to look for a new token file while waiting: a technician who
 #: drops one waits at most this long, and a few stat() calls cost nothing.
@@ -75,16 +73,6 @@ RETRY_CAP = 60.0
 MIN_RETRY_DELAY = 1.0
 #: The refused-token note is a few hundred bytes; bound what a damaged one costs.
 MAX_NOTE = 16 * 1024
-
-
-def default_token_paths(state_dir: Path) -> tuple[Path, ...]:
-    """The documented places, in the order they are tried."""
-    return (Path(state_dir) / STATE_TOKEN_NAME, ETC_TOKEN, BOOT_TOKEN)
-
-
-def token_paths(config: Any) -> tuple[Path, ...]:
-    """The configured ``[enrollment] token_paths``, or the documented places."""
-    return config.token_paths if config.token_paths is not None else default_token_paths(config.state_dir)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Enrollment (the CA fetch included), renewal, recovery and the controller's
 time are a handful of small requests; an HTTP stack resident for them would
 outweigh the agent's own code. Here one ``Channel`` is one connection
-(``http.client`` over a socket this module connects and wraps, in a worker
-thread so the event loop never blocks): straight to the host, or through the
+(agent.identity.http1 over a socket this module connects and wraps, in a
+worker thread so the event loop never blocks): straight to the host, or through the
 HTTPS proxy's CONNECT with the TLS end to end inside it. The caller checks
 the TLS session (``ssl_object``) before it sends anything
 (agent.identity.pinned_tls). The socket never reconnects by itself: a
@@ -17,15 +17,11 @@ import asyncio
 import json
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from agent.errors import EnrollmentError
+from agent.identity.http1 import Answer, Connection
 from agent.proxy import ProxyRoute, ProxySettings
-
-if TYPE_CHECKING:
-    import http.client
 
 #: A proxy's answer to CONNECT is a status line and a few headers; more than this is not a proxy.
 MAX_PROXY_ANSWER = 16 * 1024
@@ -44,12 +40,6 @@ class ProxyRefused(OSError):
     def __init__(self, status: int) -> None:
         super().__init__(f"the proxy answered CONNECT with HTTP {status}")
         self.status = status
-
-
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
 
 
 def _connect_through(route: ProxyRoute, host: str, port: int, timeout: float) -> socket.socket:
@@ -92,7 +82,7 @@ class Channel:
         self.context = context
         self.route = proxy.route(url)
         self.timeout = timeout
-        self._http: http.client.HTTPConnection | None = None
+        self._http: Connection | None = None
 
     async def connect(self) -> ssl.SSLSocket:
         return await asyncio.to_thread(self._connect)
@@ -107,54 +97,21 @@ class Channel:
         except BaseException:
             raw.close()
             raise
-        # Loaded on first use (with the email package behind it): a gateway whose clock NTP keeps
-        # may go weeks between two requests, and nothing of it need be resident in between.
-        import http.client
-
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        connection.sock = tls
-        connection.auto_open = 0  # never a second, plain connection
-        self._http = connection
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        self._http = Connection(tls, name if self.port == HTTPS_PORT else f"{name}:{self.port}")
         return tls
 
     async def request(self, method: str, url: str, limit: int, body: Any = None) -> Answer:
         """One request on the connection; the answer's body is refused past ``limit`` bytes."""
-        return await asyncio.to_thread(self._request, method, url, limit, body)
-
-    def _request(self, method: str, url: str, limit: int, body: Any) -> Answer:
-        import http.client
-
-        try:
-            return self._exchange(method, url, limit, body)
-        except http.client.HTTPException as error:  # a malformed or missing answer: the network's kind of failure
-            raise ConnectionError(f"the answer was not HTTP ({type(error).__name__})") from None
+        return await asyncio.to_thread(self._exchange, method, url, limit, body)
 
     def _exchange(self, method: str, url: str, limit: int, body: Any) -> Answer:
-        connection = self._http
-        if connection is None:
+        if self._http is None:
             raise ConnectionError("not connected")
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        headers = {"Accept": "application/json"}
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        connection.request(method, target, body=payload, headers=headers)
-        response = connection.getresponse()
-        if response.length is not None and response.length > limit:
-            response.close()
-            raise EnrollmentError(f"the answer from {url} is larger than {limit} bytes; check the address in the token")
-        data = b""
-        while True:  # to the end of the body, so the next request may follow on this connection
-            chunk = response.read(limit + 1 - len(data))
-            if not chunk:
-                return Answer(response.status, data)
-            data += chunk
-            if len(data) > limit:
-                response.close()
-                raise EnrollmentError(
-                    f"the answer from {url} is larger than {limit} bytes; check the address in the token")
+        payload = None if body is None else json.dumps(body).encode()
+        return self._http.exchange(method, target, url, limit, payload)
 
     def close(self) -> None:
         if self._http is not None:

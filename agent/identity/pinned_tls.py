@@ -53,8 +53,8 @@ from shared.trust import ca_fingerprint, verify_leaf_issued_by
 if TYPE_CHECKING:
     import aiohttp  # ``doctor`` only: enrollment, renewal and the clock use agent/identity/https.py
 
-#: What a request on the standard library's client raises for a network failure (agent/identity/https.py
-#: turns http.client's own errors, such as a malformed answer, into ConnectionError).
+#: What a request on the agent's own client raises for a network failure (agent/identity/http1.py calls a
+#: malformed or cut-short answer a ConnectionError).
 NETWORK_ERRORS = (TimeoutError, OSError)
 
 #: A CA certificate in PEM is about 1 KiB; 16 KiB leaves room for long names

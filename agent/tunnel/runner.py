@@ -76,12 +76,7 @@ async def run_agent(config: AgentConfig) -> int:
         if await wait_for_enrollment(config) is None:
             return 0  # stopped while waiting for a token
     else:
-        from agent.enrollment.field import load_refusals, remove_refused_copies, retire_redeemed_tokens, token_paths
-
-        # A stop between storing the enrollment and retiring its token left the token behind;
-        # an enrollment by hand leaves a refused copy in the state directory.
-        retire_redeemed_tokens(token_paths(config), state.load())
-        remove_refused_copies(config, load_refusals(config.state_dir).keys())
+        tidy_enrolled(config, state)
     from agent.identity.select import open_keystore
 
     keystore = open_keystore(config.state_dir, config.keystore)
@@ -91,6 +86,19 @@ async def run_agent(config: AgentConfig) -> int:
     finally:
         keystore.close()
     return 0
+
+
+def tidy_enrolled(config: AgentConfig, state: StateDir) -> None:
+    """Retire what enrollment left behind: a stop between storing the enrollment and retiring its token
+    left the token; an enrollment by hand leaves a refused copy in the state directory."""
+    from agent.enrollment.places import anything_left, token_paths
+
+    if not anything_left(config):  # as on almost every start: the enrollment code stays unloaded
+        return
+    from agent.enrollment.field import load_refusals, remove_refused_copies, retire_redeemed_tokens
+
+    retire_redeemed_tokens(token_paths(config), state.load())
+    remove_refused_copies(config, load_refusals(config.state_dir).keys())
 
 
 async def _serve_enrolled(config: AgentConfig, state: StateDir, keystore: KeyStore) -> None:

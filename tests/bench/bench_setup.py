@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import Controller, Process, read_status, run_cli, wait_until  # noqa: E402
+from tests.e2e.harness import Controller, Process, python_env, read_status, run_cli, wait_until  # noqa: E402
 
 TUNNEL_PATH = ("client -> dialer agent [[dial]] -> TLS (ALPN outpost/1, or a WebSocket: --agent-transport) -> relay "
                "-> TLS -> binder agent [[bind]] -> service")
@@ -65,6 +65,9 @@ CLIENT_CHUNK = 1024 * 1024
 COUNT = struct.Struct(">Q")
 # Connections the benchmark services may have waiting; footprint opens 100 at once.
 LISTEN_BACKLOG = 256
+
+#: The agent's systemd unit: its Environment= applies to the agents the benchmarks start.
+AGENT_UNIT = ROOT / "systemd" / "outpost-agent.service"
 
 BENCH_SINK = "bench-sink"
 BENCH_ECHO = "bench-echo"
@@ -261,7 +264,7 @@ class TunnelPath:
             lines += [*section, ""]
         config = self.workdir / f"{name}.toml"
         config.write_text("\n".join(lines))
-        agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
+        agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)], env=agent_env())
         try:
             wait_until(lambda: read_status(state).get("state") == "connected", timeout=AGENT_START_TIMEOUT,
                        what=f"{name} connected")
@@ -294,6 +297,16 @@ class TunnelPath:
         for process in (self.dialer, self.binder):
             if process is not None:
                 process.stop()
+
+
+def agent_env() -> dict[str, str]:
+    """The test environment plus the ``Environment=`` lines of the agent's systemd unit, as a gateway runs it."""
+    env = python_env()
+    for line in AGENT_UNIT.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            env[name] = value
+    return env
 
 
 # -- the OpenSSH path ---------------------------------------------------------------

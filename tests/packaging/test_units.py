@@ -122,6 +122,14 @@ def test_agent_runs_unprivileged_and_reaches_only_the_tpm_device() -> None:
     assert "ReadWritePaths" not in settings
 
 
+def test_agent_keeps_one_malloc_arena_and_the_benchmarks_run_it_so() -> None:
+    """A second glibc arena for the worker thread costs the idle agent 0.2-0.3 MiB (README, "Performance")."""
+    from tests.bench.bench_setup import agent_env
+
+    assert unit_settings("outpost-agent.service")["Environment"] == ["MALLOC_ARENA_MAX=1"]
+    assert agent_env()["MALLOC_ARENA_MAX"] == "1"
+
+
 def test_controller_holds_only_the_bind_capability() -> None:
     settings = unit_settings("outpost-controller.service")
     assert settings["User"] == ["outpost-controller"]

@@ -347,3 +347,41 @@ def test_a_used_token_that_cannot_be_removed_gets_a_true_sentence(tmp_path: Path
     assert problem is not None and problem.startswith(f"enrolled, but the used token {stuck} could not be removed (")
     assert problem.endswith("delete it by hand (until it expires, the controller accepts it again from this "
                             "gateway's key)")
+
+
+def test_an_enrolled_start_with_nothing_left_to_tidy_does_not_load_the_enrollment_code(
+        controller: Controller, tmp_path: Path) -> None:
+    """Retiring leftovers at start needs the enrollment code only when a token file or a refusal note is there."""
+    import subprocess
+    import sys
+
+    from tests.agent.cli_helpers import CLI_TIMEOUT, ROOT
+
+    token, note = tmp_path / "boot" / "outpost-enroll.token", tmp_path / "state" / REFUSED_NOTE
+    asyncio.run(enroll_async(token_for(controller, "field-14", tmp_path / "by-hand.token"), tmp_path / "state",
+                             KeyStoreSettings(backend="software")))
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from agent.config import AgentConfig\n"
+        "from agent.identity.state import StateDir\n"
+        "from agent.tunnel.runner import tidy_enrolled\n"
+        f"config = AgentConfig(state_dir=Path({str(tmp_path / 'state')!r}), token_paths=(Path({str(token)!r}),))\n"
+        "tidy_enrolled(config, StateDir(config.state_dir))\n"
+        "print('agent.enrollment.field' in sys.modules)\n"
+    )
+
+    def loaded() -> str:
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                                cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert loaded() == "False"
+    note.write_text("{}")
+    assert loaded() == "True"
+    assert not note.exists(), "an enrolled gateway removes the refusal note"
+    token.parent.mkdir()
+    token.write_text("not a token")
+    assert loaded() == "True"
+    assert token.exists(), "a file that is not this gateway's token stays"
