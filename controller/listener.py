@@ -69,6 +69,11 @@ REQUEST_BODY_DEADLINE = 30.0
 #: which may be waiting unread, to be read.
 STALL_TOLERANCE = 0.5
 HEAD_END = b"\r\n\r\n"
+#: A relay closes a relay link that took none of what it wrote for this long. Relays sit in data
+#: centres and read all the time; one that stopped is stuck or hostile, and every dial on its link
+#: holds up to a window of this relay's memory meanwhile (its gateway is held back by that window,
+#: not by the link).
+LINK_WRITE_STALL = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,8 @@ class ListenerLimits:
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
     max_handshakes: int = MAX_HANDSHAKES_IN_FLIGHT
+    #: A relay link admitted here that reads nothing of what is written to it (controller/relay/peering.py).
+    link_write_stall: float = LINK_WRITE_STALL
 
 
 class Stage(enum.Enum):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
 from controller.correlation import TUNNEL, new_id
+from controller.listener import LINK_WRITE_STALL
 from controller.registry import Identity
 from controller.relay.admit import AdmissionRefused, Admitted
 from controller.relay.aiming import split_aim
@@ -62,10 +63,6 @@ LINK_RECHECK_INTERVAL = 2.0
 MAX_REMEMBERED_FAILURES = 1024
 #: B forgets a silent link after this many of the link's announced keepalives.
 LINK_IDLE_KEEPALIVES = 3
-#: B closes a link that took none of what B wrote for this long. Relays sit in data centres and read
-#: all the time; one that stopped is stuck or hostile, and every dial on its link holds up to a window
-#: of B's memory meanwhile (its gateway is held back by that window, not by the link).
-LINK_WRITE_STALL = 20.0
 
 
 def admit_gateway(admit: Callable[..., Admitted], context: ControllerContext, chain_pem: tuple[str, ...] | list[str],
@@ -125,6 +122,9 @@ class Peering:
         self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self.links_opened = 0
+        limits = getattr(self.context.settings, "limits", None)
+        #: LINK_WRITE_STALL, or what the settings' limits say (tests shorten it).
+        self.write_stall = LINK_WRITE_STALL if limits is None else limits.link_write_stall
 
     # -- B: links admitted here ----------------------------------------------------
     def admitted(self, session: RelaySession, peer: LinkPeer, keepalive: object) -> None:
@@ -203,12 +203,12 @@ class Peering:
             pass  # A records how the dial ended
 
     def _close_stalled(self) -> None:
-        """Close the links whose relay took nothing of what this one wrote for LINK_WRITE_STALL."""
+        """Close the links whose relay took nothing of what this one wrote for ``write_stall`` seconds."""
         now = asyncio.get_running_loop().time()
         for session, peer in list(self.incoming.items()):
             since = session.write_pending_since
-            if since is not None and now - since > LINK_WRITE_STALL and not session.conn.closed:
-                reason = f"relay {peer.name} read nothing of this link for {LINK_WRITE_STALL:g} s"
+            if since is not None and now - since > self.write_stall and not session.conn.closed:
+                reason = f"relay {peer.name} read nothing of this link for {self.write_stall:g} s"
                 log.warning("link from %s closed: %s", peer.name, reason)
                 session.spawn(session.close(ErrorCode.TIMEOUT, reason))
 

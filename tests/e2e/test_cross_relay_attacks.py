@@ -5,6 +5,7 @@ admitting links and serving gateways."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import sys
@@ -62,46 +63,44 @@ FLOOD_SECONDS = 6.0
 FLOOD_BATCH = 1000
 #: What the relay may grow by while flooded by a link that reads nothing.
 FLOOD_GROWTH_KIB = 64 * 1024
-RUNNER = r"""
-import dataclasses, sys
+#: A relay started with some of its listener's limits (ListenerLimits, the settings) replaced: argv[1] is JSON.
+LIMITS_RUNNER = r"""
+import dataclasses, json, sys
 from controller import cli
 from shared.event_loop import run
-deadline = float(sys.argv[1])
 args = cli.build_parser().parse_args(sys.argv[2:])
 settings = cli.settings_from_args(args)
-limits = dataclasses.replace(settings.limits, handshake_deadline=deadline, auth_deadline=deadline)
+limits = dataclasses.replace(settings.limits, **json.loads(sys.argv[1]))
 run(cli.serve(dataclasses.replace(settings, limits=limits)), args.event_loop)
 """
-
 
 #: How long relay B lets a link take nothing of what it writes, in the stalled-link test (20 s in production):
 #: past STALL_WATCH, so the memory is measured while the link is stalled, and short enough for a quick test.
 SHORT_WRITE_STALL = 8.0
 #: The stalled link's close is looked for this long after the stall began.
 STALL_CLOSE_WITHIN = 30.0
-STALL_RUNNER = r"""
-import sys
-from controller import cli
-from controller.relay import peering
-peering.LINK_WRITE_STALL = float(sys.argv[1])
-sys.exit(cli.main(sys.argv[2:]))
-"""
 
 
-class ShortStallRelay(RelayProcess):
+class LimitedRelay(RelayProcess):
+    """A relay whose listener limits ``LIMITS`` replaces."""
+
+    LIMITS: dict[str, float] = {}
+
+    def argv(self, *extra: str) -> list[str]:
+        argv = super().argv(*extra)
+        return [sys.executable, "-c", LIMITS_RUNNER, json.dumps(self.LIMITS), *argv[3:]]
+
+
+class ShortStallRelay(LimitedRelay):
     """A relay that closes a link taking nothing it writes after SHORT_WRITE_STALL."""
 
-    def argv(self, *extra: str) -> list[str]:
-        argv = super().argv(*extra)
-        return [sys.executable, "-c", STALL_RUNNER, str(SHORT_WRITE_STALL), *argv[3:]]
+    LIMITS = {"link_write_stall": SHORT_WRITE_STALL}
 
 
-class ShortDeadlineRelay(RelayProcess):
-    """A relay whose listener's TLS handshake and AUTH deadlines are SHORT_DEADLINE (the settings' limits)."""
+class ShortDeadlineRelay(LimitedRelay):
+    """A relay whose listener's TLS handshake and AUTH deadlines are SHORT_DEADLINE."""
 
-    def argv(self, *extra: str) -> list[str]:
-        argv = super().argv(*extra)
-        return [sys.executable, "-c", RUNNER, str(SHORT_DEADLINE), *argv[3:]]
+    LIMITS = {"handshake_deadline": SHORT_DEADLINE, "auth_deadline": SHORT_DEADLINE}
 
 
 def rss_kib(pid: int) -> int:
