@@ -56,7 +56,8 @@ from agent.tunnel.supervisor import TunnelSupervisor  # noqa: E402
 
 #: The issue's figure: one relay process holds this many idle tunnels.
 DEFAULT_TUNNELS = 10_000
-#: Tunnels connecting at once while the fleet is first brought up (the storm is not paced).
+#: Tunnels connecting at once while the fleet is first brought up (the storm is not paced); ``--ramp`` sets it.
+#: 128 keeps the relay's event loop busy (its CPU per admission is lowest when events arrive in batches).
 RAMP_IN_FLIGHT = 128
 #: Every phase that waits for the fleet gives up after this long (the goal is 60 s); the storm then
 #: reports how many came back, second by second, and why the others are still down.
@@ -118,6 +119,25 @@ def schedstat(pid: int) -> tuple[int, int]:
     """The main thread's (ns on a CPU, ns runnable but waiting for a CPU) so far; readable until it is reaped."""
     on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
     return int(on_cpu), int(waiting)
+
+
+def scheduling(pid: int) -> tuple[float, float, int, int]:
+    """The process's user and system CPU seconds, and its main thread's (the event loop's) voluntary and
+    involuntary context switches so far: a loop that sleeps between events switches voluntarily each time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    status = Path(f"/proc/{pid}/status").read_text()
+    switches = [int(re.search(rf"^{kind}_ctxt_switches:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+                for kind in ("voluntary", "nonvoluntary")]
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS, switches[0], switches[1]
+
+
+def per_tunnel(before: tuple[float, float, int, int], after: tuple[float, float, int, int],
+               count: int) -> dict[str, float]:
+    """User and system CPU ms, and the event loop's sleeps and preemptions, per tunnel between two samples."""
+    return {"user_ms": round((after[0] - before[0]) * 1000 / count, 3),
+            "system_ms": round((after[1] - before[1]) * 1000 / count, 3),
+            "loop_sleeps": round((after[2] - before[2]) / count, 2),
+            "loop_preempted": round((after[3] - before[3]) / count, 2)}
 
 
 def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: int) -> dict[str, float]:
@@ -259,11 +279,15 @@ def attempts(fleet: list[TunnelSupervisor]) -> int:
     return sum(s.stats.reconnects for s in fleet)
 
 
-async def wait_all(fleet: list[TunnelSupervisor], relay: Relay) -> tuple[float | None, int, list[int], dict[str, int]]:
+async def wait_all(fleet: list[TunnelSupervisor], relay: Relay
+                   ) -> tuple[float | None, int, list[int], dict[str, int], dict[str, Any]]:
     """Until every tunnel is up or PHASE_TIMEOUT: (seconds or None, relay CPU ms meanwhile, connected count per
-    second, why the ones still down are down)."""
+    second, why the ones still down are down, relay CPU ms per tunnel by thread and its scheduling meanwhile)."""
     started = time.monotonic()
     cpu = cpu_seconds(relay.pid)
+    threads = thread_cpu_seconds(relay.pid)
+    sched = scheduling(relay.pid)
+    mine = os.times()
     per_second: list[int] = []
     next_sample = started + 1.0
     while connected(fleet) < len(fleet) and time.monotonic() - started < PHASE_TIMEOUT:
@@ -277,7 +301,14 @@ async def wait_all(fleet: list[TunnelSupervisor], relay: Relay) -> tuple[float |
         if supervisor.current_session() is None:
             why = re.sub(r" at 0x[0-9a-f]+", "", f"{supervisor.stats.state}: {supervisor.stats.last_error}")
             down[why] = down.get(why, 0) + 1
-    return took, round((cpu_seconds(relay.pid) - cpu) * 1000), per_second, down
+    by_thread: dict[str, Any] = {**cpu_ms_by_thread(threads, thread_cpu_seconds(relay.pid), len(fleet)),
+                                 **per_tunnel(sched, scheduling(relay.pid), len(fleet))}
+    # The load process answers every CHALLENGE: busy near a whole core, its answers come late and the
+    # relay's count of tunnels admitting (its BUSY cap) fills with its slowness, not the relay's.
+    now = os.times()
+    by_thread["load_process_cpu_pct"] = round(
+        (now.user + now.system - mine.user - mine.system) * 100 / max(time.monotonic() - started, 1e-3), 1)
+    return took, round((cpu_seconds(relay.pid) - cpu) * 1000), per_second, down, by_thread
 
 
 async def wait_none(fleet: list[TunnelSupervisor]) -> None:
@@ -287,9 +318,9 @@ async def wait_none(fleet: list[TunnelSupervisor]) -> None:
         await asyncio.sleep(SAMPLE_INTERVAL)
 
 
-async def bring_up(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]]) -> None:
-    """Start the supervisors RAMP_IN_FLIGHT at a time (first connection only)."""
-    gate = asyncio.Semaphore(RAMP_IN_FLIGHT)
+async def bring_up(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]], in_flight: int) -> None:
+    """Start the supervisors ``in_flight`` at a time (first connection only)."""
+    gate = asyncio.Semaphore(in_flight)
 
     async def one(supervisor: TunnelSupervisor) -> None:
         async with gate:
@@ -303,7 +334,7 @@ def peak_rate(per_second: list[int]) -> int:
     return max((b - a for a, b in zip([0, *per_second], per_second, strict=False)), default=0)
 
 
-async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[str, Any]:
+async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int) -> dict[str, Any]:
     url = f"wss://127.0.0.1:{relay.port}/v1/tunnel"
     fleet = [TunnelSupervisor([url], c, TunnelOptions()) for c in credentials]
     tasks: list[asyncio.Task[None]] = []
@@ -315,9 +346,11 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         started = time.monotonic()
         cpu = cpu_seconds(relay.pid)
         threads = thread_cpu_seconds(relay.pid)
-        await bring_up(fleet, tasks)
+        sched = scheduling(relay.pid)
+        await bring_up(fleet, tasks, ramp)
         established_s = time.monotonic() - started
-        admission_by_thread = cpu_ms_by_thread(threads, thread_cpu_seconds(relay.pid), len(fleet))
+        admission_by_thread: dict[str, Any] = {**cpu_ms_by_thread(threads, thread_cpu_seconds(relay.pid), len(fleet)),
+                                               **per_tunnel(sched, scheduling(relay.pid), len(fleet))}
         admission_cpu_ms = (cpu_seconds(relay.pid) - cpu) * 1000 / len(fleet)
         await asyncio.sleep(SETTLE)
         holding = rss_kib(relay.pid)
@@ -334,7 +367,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         await asyncio.to_thread(relay.start)
         attempts_at_ready = attempts(fleet)
         say(f"relay restarted under {len(fleet)}; stopped: {stop_first}")
-        storm_s, storm_cpu_ms, per_second, storm_down = await wait_all(fleet, relay)
+        storm_s, storm_cpu_ms, per_second, storm_down, storm_by_thread = await wait_all(fleet, relay)
         # Each tunnel's drop counts once; every other attempt failed.
         failed_while_down = attempts_at_ready - attempts_at_stop - len(fleet)
         failed_after_ready = attempts(fleet) - attempts_at_ready
@@ -365,6 +398,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
         "storm_failed_attempts": max(0, failed_after_ready),
         "storm_failed_while_down": max(0, failed_while_down),
         "storm_admission_cpu_ms": round(storm_cpu_ms / len(fleet), 3),
+        "storm_admission_cpu_ms_by_thread": storm_by_thread,
         "storm_peak_admissions_per_s": peak_rate(per_second),
         "storm_relay_kib": storm_rss,
         "graceful_stop_s": stop_last["wall_s"],
@@ -384,6 +418,8 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=DEFAULT_TUNNELS)
+    parser.add_argument("--ramp", type=int, default=RAMP_IN_FLIGHT, metavar="N",
+                        help="tunnels connecting at once during the first bring-up (few: admissions arrive spread out)")
     parser.add_argument("--busy-stop", type=int, default=0, metavar="N",
                         help="N processes keep a core busy during each stop (the stop on a loaded machine)")
     args = parser.parse_args()
@@ -399,7 +435,7 @@ def main() -> None:
         enroll_s = time.monotonic() - started
         print(f"enrolled {args.tunnels} in {enroll_s:.1f} s", file=sys.stderr, flush=True)
         relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop)
-        result = run(measure(credentials, relay), "auto")
+        result = run(measure(credentials, relay, args.ramp), "auto")
     print(json.dumps({
         "benchmark": "fleet_scale",
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version()},
@@ -407,6 +443,7 @@ def main() -> None:
         "enroll_s": round(enroll_s, 1),
         "load_average_at_start": load_at_start,
         "busy_stop": args.busy_stop,
+        "ramp_in_flight": args.ramp,
         "goals": {"relay_kib_per_tunnel": 64, "relay_idle_cpu_pct": 5, "established_s": 60,
                   "admission_cpu_ms": 1, "storm_all_back_s": 60, "graceful_stop_s": 2},
         **result,

@@ -287,13 +287,16 @@ def test_policy_decisions_reports_decisions_per_second_and_no_commit_per_decisio
 
 
 def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> None:
-    found = run_bench("fleet_scale", "--tunnels", "20")
-    assert found["tunnels"] == 20
+    found = run_bench("fleet_scale", "--tunnels", "20", "--ramp", "4")
+    assert found["tunnels"] == 20 and found["ramp_in_flight"] == 4
     assert_positive(found, "relay_kib_per_tunnel", "established_s", "admission_cpu_ms", "storm_all_back_s",
                     "graceful_stop_s", "stop_cpu_s", "stop_before_storm_cpu_s")
     assert len(found["stop_load_average"]) == 3
     assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
     assert found["relay_error_lines"] == []
+    for phase in ("admission_cpu_ms_by_thread", "storm_admission_cpu_ms_by_thread"):
+        assert found[phase]["user_ms"] > 0 and found[phase]["loop_sleeps"] > 0, found[phase]
+    assert found["storm_admission_cpu_ms_by_thread"]["load_process_cpu_pct"] > 0
 
 
 def test_cross_relay_reports_latency_and_throughput_next_to_one_relay() -> None:
