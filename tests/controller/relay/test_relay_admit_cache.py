@@ -65,22 +65,28 @@ def count_store_reads(ctl: Running, monkeypatch: pytest.MonkeyPatch) -> list[str
     return reads
 
 
-def test_a_gateway_seen_before_is_admitted_with_no_store_read_and_no_worker_job(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def count_worker_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the functions the relay runs in its worker threads from now on."""
     import controller.relay.session as relay_session
 
+    worker_jobs: list[str] = []
+    real_run = relay_session.RELAY_POOL.run
+
+    async def counted_run(function, *args, **kwargs):  # type: ignore[no-untyped-def]
+        worker_jobs.append(getattr(function, "__name__", repr(function)))
+        return await real_run(function, *args, **kwargs)
+
+    monkeypatch.setattr(relay_session.RELAY_POOL, "run", counted_run)
+    return worker_jobs
+
+
+def test_a_gateway_seen_before_is_admitted_with_no_store_read_and_no_worker_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             first = await enrolled(ctl, "gw-first")
             reads = count_store_reads(ctl, monkeypatch)
-            worker_jobs: list[str] = []
-            real_run = relay_session.RELAY_POOL.run
-
-            async def counted_run(function, *args, **kwargs):  # type: ignore[no-untyped-def]
-                worker_jobs.append(getattr(function, "__name__", repr(function)))
-                return await real_run(function, *args, **kwargs)
-
-            monkeypatch.setattr(relay_session.RELAY_POOL, "run", counted_run)
+            worker_jobs = count_worker_jobs(monkeypatch)
             async with connect(ctl, first) as (session, task):
                 assert session.relay_info["identity"] == first.uri
             assert len(reads) == 2 and worker_jobs  # the first time: read and verified in a worker

@@ -30,7 +30,7 @@ from controller.relay.admit_cache import AdmissionCache
 from controller.store import Store
 from tests.controller.harness import Running, run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, KeyOf, connect, enrolled, redeem
-from tests.controller.relay.test_relay_admit_cache import count_store_reads
+from tests.controller.relay.test_relay_admit_cache import count_store_reads, count_worker_jobs
 
 
 class NoIdentities:
@@ -117,8 +117,6 @@ def count_ca_verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def test_after_a_start_a_recorded_certificate_is_admitted_with_no_ca_verification_store_read_or_worker_job(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import controller.relay.session as relay_session
-
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl:
             recorded = await enrolled(ctl, "gw-recorded")
@@ -129,14 +127,7 @@ def test_after_a_start_a_recorded_certificate_is_admitted_with_no_ca_verificatio
             assert cache.recorded_count == 1
             reads = count_store_reads(ctl, monkeypatch)
             verified = count_ca_verifications(monkeypatch)
-            worker_jobs: list[str] = []
-            real_run = relay_session.RELAY_POOL.run
-
-            async def counted_run(function, *args, **kwargs):  # type: ignore[no-untyped-def]
-                worker_jobs.append(getattr(function, "__name__", repr(function)))
-                return await real_run(function, *args, **kwargs)
-
-            monkeypatch.setattr(relay_session.RELAY_POOL, "run", counted_run)
+            worker_jobs = count_worker_jobs(monkeypatch)
             async with connect(ctl, recorded) as (session, task):
                 assert session.relay_info["identity"] == recorded.uri
                 await asyncio.sleep(0.1)
