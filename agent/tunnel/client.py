@@ -39,7 +39,7 @@ from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import serve_bound
 from agent.tunnel.backoff import come_back_after
-from agent.tunnel.relay_trust import PushRefused, Trusted, check_pushed, trust
+from agent.tunnel.relay_trust import PushRefused, Trusted, check_pushed, leaves_on, remember_leave, trust
 from agent.tunnel.tls_link import NotReached, open_tls_link, tunnel_tls_context
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -147,6 +147,8 @@ class TunnelOptions:
     alpn_context: ssl.SSLContext | None = None
     #: Uniform in [0, 1): where in the relay certificate's last part this agent leaves (agent/tunnel/relay_trust.py).
     draw: Callable[[], float] = random.random
+    #: Tunnels left because a relay certificate was ending, by that certificate's SHA-256 (agent/tunnel/relay_trust.py).
+    left_on: dict[bytes, int] = field(default_factory=dict)
 
 
 class AgentSession(TunnelSession):
@@ -182,7 +184,8 @@ class AgentSession(TunnelSession):
         """Trust the relay's ``certificate`` (checked at the handshake) and keep the tunnel only until
         a moment before it ends; a renewed one pushed meanwhile moves that moment."""
         self.ca_certificate = ca_certificate
-        self.trusted = trust(certificate, self._clock_now(), self.options.draw())
+        self.trusted = trust(certificate, self._clock_now(), self.options.draw(),
+                             leaves_on(self.options.left_on, certificate))
         self.spawn(self._keep_trust())
 
     async def _keep_trust(self) -> None:
@@ -197,6 +200,7 @@ class AgentSession(TunnelSession):
                 pass
         else:
             return
+        remember_leave(self.options.left_on, self.trusted.certificate)
         reason = "the relay's certificate ends soon; reconnecting to check a current one"
         log.info("leaving the tunnel to %s: %s", self.relay_url, reason)
         # Not one of this tunnel's own tasks: closing cancels those, and this close must finish.

@@ -38,17 +38,24 @@ LEAVE_BY = 0.95
 BACKDATE = NOT_BEFORE_BACKDATE.total_seconds()
 
 
-def leave_at(not_before: float, not_after: float, now: float, draw: float) -> float:
+def leave_at(not_before: float, not_after: float, now: float, draw: float, left_before: int = 0) -> float:
     """When to leave a tunnel whose relay certificate is valid from ``not_before`` to ``not_after``.
 
     ``draw`` is uniform in [0, 1): the moment falls uniformly between LEAVE_FROM and LEAVE_BY of the
     life counted from issuance (``not_before`` plus the CA's backdating, when the life is longer
-    than that). A tunnel that comes up already past LEAVE_BY (its relay failed to renew) draws
-    between now and the end instead: never past the end, and not all in the same instant either.
+    than that). A tunnel that comes up already past LEAVE_BY draws between now and the end.
+
+    ``left_before`` counts the tunnels this agent already left on this very certificate: the relay
+    has not renewed (a controller outage, or it was revoked), so leaving early again gains nothing.
+    The second tunnel draws in the last part of the life (LEAVE_BY to the end) and any later one
+    stays to the end: at most three reconnects per relay certificate, never a loop. Never past
+    the end, and not all agents in the same instant.
     """
     issued = not_before + BACKDATE if not_after - not_before > BACKDATE else not_before
     life = max(0.0, not_after - issued)
-    start, end = issued + life * LEAVE_FROM, issued + life * LEAVE_BY
+    if left_before >= 2:
+        return not_after
+    start, end = issued + life * (LEAVE_BY if left_before else LEAVE_FROM), issued + life * LEAVE_BY
     if now >= end:
         start, end = now, not_after
     elif now > start:
@@ -72,10 +79,27 @@ class Trusted:
         return cert_not_after(self.certificate).timestamp()
 
 
-def trust(certificate: x509.Certificate, now: float, draw: float) -> Trusted:
-    """The tunnel trusts ``certificate`` from ``now``; it leaves at a moment drawn by ``draw``."""
+def trust(certificate: x509.Certificate, now: float, draw: float, left_before: int = 0) -> Trusted:
+    """The tunnel trusts ``certificate`` from ``now``; it leaves at a moment drawn by ``draw`` (see ``leave_at``)."""
     return Trusted(certificate, leave_at(cert_not_before(certificate).timestamp(),
-                                         cert_not_after(certificate).timestamp(), now, draw))
+                                         cert_not_after(certificate).timestamp(), now, draw, left_before))
+
+
+#: Relay certificates an agent remembers having left a tunnel on: one or two per relay of its list
+#: (a list holds a handful); the oldest is forgotten first, which at worst costs one early leave.
+MAX_REMEMBERED_LEAVES = 16
+
+
+def remember_leave(leaves: dict[bytes, int], certificate: x509.Certificate) -> None:
+    """Count a tunnel left on ``certificate`` in ``leaves`` (its SHA-256 -> tunnels left), within the bound."""
+    digest = certificate.fingerprint(hashes.SHA256())
+    leaves[digest] = leaves.pop(digest, 0) + 1
+    while len(leaves) > MAX_REMEMBERED_LEAVES:
+        del leaves[next(iter(leaves))]
+
+
+def leaves_on(leaves: dict[bytes, int], certificate: x509.Certificate) -> int:
+    return leaves.get(certificate.fingerprint(hashes.SHA256()), 0)
 
 
 def _names(cert: x509.Certificate) -> tuple[x509.Name, frozenset[x509.GeneralName]]:

@@ -20,13 +20,14 @@ lives = st.floats(min_value=1.0, max_value=400 * 24 * 3600.0)
 draws = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 
 
-@given(life=lives, backdated=st.booleans(), elapsed=st.floats(min_value=0.0, max_value=1.2), draw=draws)
+@given(life=lives, backdated=st.booleans(), elapsed=st.floats(min_value=0.0, max_value=1.2), draw=draws,
+       left_before=st.integers(min_value=0, max_value=5))
 def test_the_leave_is_never_before_now_nor_after_the_end(life: float, backdated: bool, elapsed: float,
-                                                         draw: float) -> None:
+                                                         draw: float, left_before: int) -> None:
     not_before = ISSUED - (BACKDATE if backdated else 0.0)
     not_after = ISSUED + life
     now = not_before + (not_after - not_before) * elapsed
-    moment = leave_at(not_before, not_after, now, draw)
+    moment = leave_at(not_before, not_after, now, draw, left_before)
     assert moment <= not_after
     if now <= not_after:
         assert moment >= now
@@ -61,3 +62,28 @@ def test_a_fleet_of_ten_thousand_leaves_spread_over_the_window() -> None:
 
 def test_a_certificate_already_ended_is_left_at_once() -> None:
     assert leave_at(NOT_BEFORE, NOT_AFTER, NOT_AFTER + 5, 0.5) == NOT_AFTER
+
+
+@given(seed=st.integers(min_value=0, max_value=2**32), up_at=st.floats(min_value=0.0, max_value=0.999))
+def test_a_relay_that_never_renews_costs_an_agent_at_most_three_leaves_per_certificate(seed: int,
+                                                                                         up_at: float) -> None:
+    """A controller outage (or a revoked relay): the agent comes back to the same certificate each time."""
+    rng = random.Random(seed)
+    now = ISSUED + LIFE * up_at
+    left = 0
+    while True:
+        moment = leave_at(NOT_BEFORE, NOT_AFTER, now, rng.random(), left)
+        if moment >= NOT_AFTER:
+            break
+        left += 1
+        assert left <= 2  # two early leaves, then the tunnel stays to the end: three in all
+        now = moment + rng.uniform(0.0, 5.0)  # the reconnect's backoff
+        if now >= NOT_AFTER:
+            break
+
+
+@given(draw=draws)
+def test_the_second_tunnel_on_the_same_certificate_stays_into_the_last_part(draw: float) -> None:
+    moment = leave_at(NOT_BEFORE, NOT_AFTER, ISSUED + LIFE * LEAVE_FROM, draw, left_before=1)
+    assert ISSUED + LIFE * LEAVE_BY <= moment <= NOT_AFTER
+    assert leave_at(NOT_BEFORE, NOT_AFTER, ISSUED + LIFE * LEAVE_FROM, draw, left_before=2) == NOT_AFTER
