@@ -132,8 +132,10 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
         raise PushRefused("the relay pushed a certificate for another relay (its names differ from the ones "
                           "this tunnel was opened with)")
     start, end = cert_not_before(pushed).timestamp(), cert_not_after(pushed).timestamp()
-    if end <= cert_not_after(current).timestamp():
-        raise PushRefused("the relay pushed a certificate that ends no later than the one this tunnel trusts")
+    if pushed == current:
+        raise PushRefused("the relay pushed the certificate this tunnel already trusts, not a renewed one")
+    if end < cert_not_after(current).timestamp():
+        raise PushRefused("the relay pushed a certificate that ends before the one this tunnel trusts")
     if not start <= now < end:
         raise PushRefused(f"the relay pushed a certificate that is not valid now (valid from "
                           f"{format_utc(start)} to {format_utc(end)})")

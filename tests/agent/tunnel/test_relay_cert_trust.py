@@ -125,10 +125,12 @@ class FakeRelay:
 
 
 @contextlib.asynccontextmanager
-async def fake_relay(lifetime: float = LIFE) -> AsyncIterator[FakeRelay]:
-    ca = authority()
-    key = ec.generate_private_key(ec.SECP256R1())
-    relay = FakeRelay(ca, key, relay_certificate(ca, key, lifetime=lifetime))
+async def fake_relay(lifetime: float = LIFE, *, ca: Authority | None = None, key: ec.EllipticCurvePrivateKey | None = None,
+                     certificate: x509.Certificate | None = None) -> AsyncIterator[FakeRelay]:
+    """A relay on 127.0.0.1: by default with a CA, key and certificate of its own, else the ones given."""
+    ca = ca or authority()
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    relay = FakeRelay(ca, key, certificate or relay_certificate(ca, key, lifetime=lifetime))
     relay.server_tls = server_context(relay.certificate, key)
     app = web.Application()
     app.router.add_get("/v1/tunnel", relay.handle)
@@ -241,6 +243,10 @@ def _not_newer(relay: FakeRelay) -> tuple[bytes, bytes | None]:
     return der(relay_certificate(relay.ca, relay.key, lifetime=LIFE / 2)), None
 
 
+def _the_same(relay: FakeRelay) -> tuple[bytes, bytes | None]:
+    return der(relay.certificate), None
+
+
 def _a_gateway_certificate(relay: FakeRelay) -> tuple[bytes, bytes | None]:
     return der(relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE, usage=ExtendedKeyUsageOID.CLIENT_AUTH)), None
 
@@ -262,9 +268,10 @@ def _not_a_certificate(relay: FakeRelay) -> tuple[bytes, bytes | None]:
 @pytest.mark.parametrize("make, why", [
     (_another_relay, "for another relay"),
     (_another_ca, "not signed by the pinned controller CA"),
-    (_expired, "ends no later"),  # an ended certificate ends before the one still trusted
+    (_expired, "ends before"),  # an ended certificate ends before the one still trusted
     (_not_yet_valid, "not valid now"),
-    (_not_newer, "ends no later"),
+    (_not_newer, "ends before"),
+    (_the_same, "already trusts"),
     (_a_gateway_certificate, "for another relay"),
     (_signed_over_another_nonce, "not signed over this tunnel"),
     (_signed_by_another_key, "not signed over this tunnel"),
