@@ -82,6 +82,9 @@ SERVICE_UNAVAILABLE = 503
 #: The longest the agent sleeps toward leaving a tunnel before it reads trusted time again: that
 #: clock may be corrected (NTP's first answer) while the loop sleeps on its own monotonic one.
 TRUST_RECHECK = 60.0
+#: Refused RELAY_CERT pushes a tunnel checks and logs; later ones are ignored. A relay pushes once per
+#: renewal (every 4 h by default), so a third refusal on one tunnel is a relay misbehaving, not a race.
+MAX_REFUSED_PUSHES = 3
 #: ``[link] transport`` values.
 TRANSPORTS = ("auto", "tls", "websocket")
 
@@ -175,6 +178,8 @@ class AgentSession(TunnelSession):
         self.trusted: Trusted | None = None
         self.ca_certificate: x509.Certificate | None = None
         self._trust_changed = asyncio.Event()
+        #: Pushes refused on this tunnel (MAX_REFUSED_PUSHES).
+        self.pushes_refused = 0
         self._leaving: asyncio.Task[None] | None = None
 
     def _clock_now(self) -> float:
@@ -208,16 +213,18 @@ class AgentSession(TunnelSession):
 
     def on_relay_certificate(self, event: RelayCertificateOffered) -> None:
         trusted, ca = self.trusted, self.ca_certificate
-        if trusted is None or ca is None:
-            return
+        if trusted is None or ca is None or self.pushes_refused >= MAX_REFUSED_PUSHES:
+            return  # past the bound, a relay flooding pushes costs this gateway neither checks nor log lines
         now = self._clock_now()
         try:
             if event.refused is not None:
                 raise PushRefused(event.refused)
             pushed = check_pushed(trusted.certificate, ca, event.certificate, event.signature, self.nonce, now)
         except PushRefused as exc:
+            self.pushes_refused += 1
+            more = ("; later ones on this tunnel are ignored" if self.pushes_refused == MAX_REFUSED_PUSHES else "")
             log.warning("refused the renewed certificate the relay at %s pushed: %s; the tunnel is left before "
-                        "the current one ends", self.relay_url, exc)
+                        "the current one ends%s", self.relay_url, exc, more)
             return
         self.trusted = trust(pushed, now, self.options.draw())
         self._trust_changed.set()

@@ -366,3 +366,21 @@ def write_pem(folder, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (folder / "renewed.key").chmod(0o600)
     return str(folder / "renewed.pem"), str(folder / "renewed.key")
+
+
+def test_a_relay_flooding_bad_pushes_costs_the_gateway_three_log_lines_and_then_a_good_one_is_ignored(caplog) -> None:
+    async def scenario() -> None:
+        async with fake_relay() as relay:
+            async with tunnel(relay, near_the_end(relay, left=LIFE / 2)) as (session, end):
+                for _ in range(50):
+                    await end.push(der(relay.certificate), end.sign(relay.key, der(relay.certificate)))
+                renewed = der(relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE))
+                await end.push(renewed, end.sign(relay.key, renewed))
+                await asyncio.sleep(0.3)
+                assert session.pushes_refused == 3 and not session.conn.closed
+                assert session.trusted is not None and session.trusted.certificate == relay.certificate
+
+    with caplog.at_level(logging.WARNING, logger="agent.tunnel.client"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records if "refused the renewed certificate" in r.getMessage()]
+    assert len(lines) == 3 and lines[-1].endswith("later ones on this tunnel are ignored")

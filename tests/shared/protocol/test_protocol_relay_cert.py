@@ -93,3 +93,16 @@ def test_only_an_authenticated_relay_sends_it(pair: Pair) -> None:
     unauthenticated = make_pair(authenticate=False)
     with pytest.raises(LocalProtocolError, match="not authenticated"):
         unauthenticated.relay.send_relay_certificate(DER, SIGNATURE)
+
+
+def test_relay_cert_on_a_stream_is_a_protocol_error(pair: Pair) -> None:
+    with pytest.raises(RemoteProtocolError, match="RELAY_CERT frame on stream 1"):
+        pair.agent.receive_data(raw_frame(FrameType.RELAY_CERT, 1, b"{}"), 0.0)
+
+
+def test_a_flood_of_pushes_is_only_events(pair: Pair) -> None:
+    """Each push costs the agent a parse and a check, and nothing on the wire."""
+    frame = raw_frame(FrameType.RELAY_CERT, 0, b'{"certificate": "AA==", "signature": "AA=="}')
+    events = pair.agent.receive_data(frame * 1000, 1.0)
+    assert len(offered(events)) == 1000 and pair.agent.data_to_send() == b""
+    _tunnel_lives(pair)
