@@ -87,3 +87,20 @@ def test_a_revoked_relay_cannot_renew_and_its_gateways_leave_by_its_certificate_
     with caplog.at_level(logging.WARNING, logger="agent.tunnel.client"):
         run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
     assert any("already trusts" in r.getMessage() for r in caplog.records)
+
+
+def test_two_renewals_in_a_row_leave_the_tunnel_trusting_the_last_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            gateway = await enrolled(ctl, "gw-a")
+            async with connect(ctl, gateway) as (session, _):
+                for _ in range(2):
+                    ctl.server.use_certificate(*await asyncio.to_thread(ctl.server.issue_certificate))
+                last = x509.load_der_x509_certificate(ctl.context.server_certificate_der)
+                await _until(lambda: session.trusted is not None and session.trusted.certificate == last,
+                             "trusting the last certificate")
+                await asyncio.sleep(0.3)
+                assert session.pushes_refused == 0 and not session.conn.closed
+                await dial_refusal(session, "no-such-service")
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
