@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from controller.names import identity_uri
 from controller.settings import DEFAULT_TRUST_DOMAIN
 from shared.fsutil import atomic_write, ensure_private_dir
-from shared.trust import ca_fingerprint, cert_not_after, cert_not_before
+from shared.trust import NOT_BEFORE_BACKDATE, ca_fingerprint, cert_not_after, cert_not_before
 
 # The agent and the controller read certificates the same way: one place for
 # the cryptography 38 vs 42+ differences and for the token's CA fingerprint.
@@ -29,9 +29,6 @@ not_before_of = cert_not_before
 #: Ten years: the CA is pinned by every enrolled gateway and in every token,
 #: so replacing it means re-enrolling the fleet.
 CA_LIFETIME = datetime.timedelta(days=3650)
-#: Gateways without a real-time clock boot minutes off; a certificate that is
-#: "not yet valid" on such a clock would fail every first connection.
-NOT_BEFORE_BACKDATE = datetime.timedelta(minutes=5)
 #: The listener's certificate: a year, reissued automatically on start.
 SERVER_CERT_LIFETIME = datetime.timedelta(days=365)
 #: Reissue the listener's certificate on start when it expires sooner than this,

@@ -5,6 +5,7 @@ The relay (``controller/relay/``) is built against this object.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,8 @@ class ControllerContext:
     #: DER of the listener certificate replaced by the last renewal: a tunnel whose TLS handshake
     #: came just before the swap signs over that one.
     previous_server_certificate_der: bytes | None = None
+    #: Told the DER of each renewed listener certificate (on the event loop): the relay presents it on its tunnels.
+    certificate_listeners: list[Callable[[bytes], None]] = field(default_factory=list, repr=False)
     #: People's sign-in (controller/signin/service.py ``SigninService``), made with the app.
     signin: Any = field(default=None, repr=False)
 

@@ -88,5 +88,7 @@ def use_certificate(context: ControllerContext, guards: Sequence[Listener], cert
     context.server_certificate_der = cert.public_bytes(serialization.Encoding.DER)
     for guard in guards:
         guard.tls = tls
+    for listener in context.certificate_listeners:
+        listener(context.server_certificate_der)
     log.info("renewed the listener's certificate (serial %x, valid until %s UTC)", cert.serial_number,
              not_after_of(cert).strftime("%Y-%m-%d %H:%M"))

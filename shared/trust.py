@@ -17,6 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 FINGERPRINT_PREFIX = "sha256:"
+#: How far before its issuance the CA dates a certificate's start: gateways without a real-time clock
+#: boot minutes off, and a certificate "not yet valid" on such a clock would fail every first
+#: connection. The agent takes it off again where a certificate's life is a schedule (agent/tunnel/relay_trust.py).
+NOT_BEFORE_BACKDATE = datetime.timedelta(minutes=5)
 
 
 def ca_fingerprint(cert: x509.Certificate) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -38,9 +39,11 @@ from agent.identity.refusals import DISABLED, REVOKED
 from agent.proxy import DIRECT, ProxySettings
 from agent.services.forward import serve_bound
 from agent.tunnel.backoff import come_back_after
+from agent.tunnel.relay_trust import PushRefused, Trusted, check_pushed, leaves_on, remember_leave, trust
 from agent.tunnel.tls_link import NotReached, open_tls_link, tunnel_tls_context
 from shared.protocol import (
     PROTOCOL_VERSION,
+    RELAY_CERT_FEATURE,
     SUBPROTOCOL,
     Authenticated,
     BindCompleted,
@@ -50,6 +53,7 @@ from shared.protocol import (
     Liveness,
     ProtocolError,
     ProtocolLimits,
+    RelayCertificateOffered,
     Role,
     auth_message,
 )
@@ -60,6 +64,7 @@ from shared.tunnel.transport import Transport
 
 if TYPE_CHECKING:
     import aiohttp
+    from cryptography import x509
 
     from agent.clock.trusted import TrustedClock
 
@@ -74,6 +79,12 @@ FALLBACK_HOLD = 3600.0
 #: The status a relay refuses a WebSocket upgrade with when it is busy (then Retry-After says when to
 #: come back); a plain number, since the http module's enum is 60 KiB in an agent that never needs the rest.
 SERVICE_UNAVAILABLE = 503
+#: The longest the agent sleeps toward leaving a tunnel before it reads trusted time again: that
+#: clock may be corrected (NTP's first answer) while the loop sleeps on its own monotonic one.
+TRUST_RECHECK = 60.0
+#: Refused RELAY_CERT pushes a tunnel checks and logs; later ones are ignored. A relay pushes once per
+#: renewal (every 4 h by default), so a third refusal on one tunnel is a relay misbehaving, not a race.
+MAX_REFUSED_PUSHES = 3
 #: ``[link] transport`` values.
 TRANSPORTS = ("auto", "tls", "websocket")
 
@@ -137,6 +148,10 @@ class TunnelOptions:
     fallback_until: dict[str, float] = field(default_factory=dict)
     #: The pinned context offering Outpost's ALPN (made on first use; never used for HTTP).
     alpn_context: ssl.SSLContext | None = None
+    #: Uniform in [0, 1): where in the relay certificate's last part this agent leaves (agent/tunnel/relay_trust.py).
+    draw: Callable[[], float] = random.random
+    #: Tunnels left because a relay certificate was ending, by that certificate's SHA-256 (agent/tunnel/relay_trust.py).
+    left_on: dict[bytes, int] = field(default_factory=dict)
 
 
 class AgentSession(TunnelSession):
@@ -157,16 +172,77 @@ class AgentSession(TunnelSession):
         self.refused: dict[str, str] = {}
         self.last_rtt: float | None = None
         self.pong_listeners: list[Callable[[float], None]] = []
+        #: This tunnel's CHALLENGE nonce: a pushed certificate is signed over it.
+        self.nonce = b""
+        #: The relay certificate this tunnel trusts and when it leaves (set by ``trust_relay``).
+        self.trusted: Trusted | None = None
+        self.ca_certificate: x509.Certificate | None = None
+        self._trust_changed = asyncio.Event()
+        #: Pushes refused on this tunnel (MAX_REFUSED_PUSHES).
+        self.pushes_refused = 0
+        self._leaving: asyncio.Task[None] | None = None
+
+    def _clock_now(self) -> float:
+        return (self.options.clock or LOCAL_TIME).now()
+
+    def trust_relay(self, certificate: x509.Certificate, ca_certificate: x509.Certificate) -> None:
+        """Trust the relay's ``certificate`` (checked at the handshake) and keep the tunnel only until
+        a moment before it ends; a renewed one pushed meanwhile moves that moment."""
+        self.ca_certificate = ca_certificate
+        self.trusted = trust(certificate, self._clock_now(), self.options.draw(),
+                             leaves_on(self.options.left_on, certificate))
+        self.spawn(self._keep_trust())
+
+    async def _keep_trust(self) -> None:
+        while not self.conn.closed and self.trusted is not None:
+            left = self.trusted.leave_at - self._clock_now()
+            if left <= 0:
+                break
+            self._trust_changed.clear()
+            try:
+                await asyncio.wait_for(self._trust_changed.wait(), min(left, TRUST_RECHECK))
+            except TimeoutError:
+                pass
+        else:
+            return
+        remember_leave(self.options.left_on, self.trusted.certificate)
+        reason = "the relay's certificate ends soon; reconnecting to check a current one"
+        log.info("leaving the tunnel to %s: %s", self.relay_url, reason)
+        # Not one of this tunnel's own tasks: closing cancels those, and this close must finish.
+        self._leaving = asyncio.get_running_loop().create_task(self.close(ErrorCode.NO_ERROR, reason))
+
+    def on_relay_certificate(self, event: RelayCertificateOffered) -> None:
+        trusted, ca = self.trusted, self.ca_certificate
+        if trusted is None or ca is None or self.pushes_refused >= MAX_REFUSED_PUSHES:
+            return  # past the bound, a relay flooding pushes costs this gateway neither checks nor log lines
+        now = self._clock_now()
+        try:
+            if event.refused is not None:
+                raise PushRefused(event.refused)
+            pushed = check_pushed(trusted.certificate, ca, event.certificate, event.signature, self.nonce, now)
+        except PushRefused as exc:
+            self.pushes_refused += 1
+            more = ("; later ones on this tunnel are ignored" if self.pushes_refused == MAX_REFUSED_PUSHES else "")
+            log.warning("refused the renewed certificate the relay at %s pushed: %s; the tunnel is left before "
+                        "the current one ends%s", self.relay_url, exc, more)
+            return
+        self.trusted = trust(pushed, now, self.options.draw())
+        self._trust_changed.set()
+        log.info("the relay at %s renewed its certificate (serial %x); the tunnel stays", self.relay_url,
+                 pushed.serial_number)
 
     async def on_challenge(self, event: ChallengeReceived) -> None:
         if event.version != PROTOCOL_VERSION:
             self.conn.close(ErrorCode.UNSUPPORTED_VERSION, f"agent speaks version {PROTOCOL_VERSION}")
             return
+        self.nonce = bytes(event.nonce)
         message = auth_message(event.nonce, self.relay_digest)
         # A TPM signature can take hundreds of milliseconds: keep the loop free.
         signature = await asyncio.to_thread(self.credentials.keystore.sign, message)
         keepalive = self.options.liveness.keepalive_interval
-        self.conn.send_auth(self.credentials.chain_pem, signature, extra={"keepalive": keepalive})
+        # RELAY_CERT_FEATURE: this agent understands a renewed certificate pushed in-band (docs/protocol.md).
+        self.conn.send_auth(self.credentials.chain_pem, signature,
+                            extra={"keepalive": keepalive, RELAY_CERT_FEATURE: True})
 
     async def on_authenticated(self, event: Authenticated) -> None:
         self.relay_info = dict(event.info)
@@ -290,7 +366,7 @@ async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCred
     tls = PinnedTLS(credentials.ca_pem, options.clock or LOCAL_TIME, options.proxy)
     ssl_object = link.get_extra_info("ssl_object")
     try:
-        tls.check(ssl_object, f"the relay at {relay_url}")
+        relay_certificate = tls.check(ssl_object, f"the relay at {relay_url}")
     except OutpostError:
         link.abort()
         raise
@@ -320,4 +396,5 @@ async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCred
             raise RelayBusy(f"the relay at {relay_url} is admitting as many tunnels as it can; "
                             f"coming back in {told:g} s as it asked", told)
         raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
+    session.trust_relay(relay_certificate, tls.ca_certificate)
     return session, task

@@ -16,7 +16,7 @@ from aiohttp import web
 from controller.blocking import RELAY_POOL
 from controller.presence import PresenceBook
 from controller.registry import Identity
-from controller.relay import goaway, peering
+from controller.relay import cert_push, goaway, peering
 from controller.relay.admit_cache import AdmissionCache
 from controller.relay.broker import Broker
 from controller.relay.pacing import MAX_ADMITTING, ComeBackPacer
@@ -84,6 +84,13 @@ class Relay:
         self.retiring = False
         #: Links to and from other relays (``serve --role relay`` only; set by the server).
         self.peering: peering.Peering | None = None
+        #: Grows with every renewal of the listener's certificate; a tunnel keeps the value of its handshake.
+        self.certificate_generation = 0
+        #: Renewed certificates being presented on the tunnels (controller/relay/cert_push.py).
+        self.pushes: set[asyncio.Task[None]] = set()
+        listeners = getattr(context, "certificate_listeners", None)
+        if listeners is not None:
+            listeners.append(lambda der: cert_push.renewed(self, der))
         #: RELAY_LIMITS with the listener's AUTH deadline (tests shorten it through the settings).
         listener_limits = getattr(context.settings, "limits", None)
         self.limits = RELAY_LIMITS if listener_limits is None else dataclasses.replace(
@@ -224,6 +231,7 @@ class Relay:
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, link, nonce, remote)
+        session.certificate_generation = self.certificate_generation
         self.sessions.add(session)
         session.admitting = True
         self.admitting += 1

@@ -59,6 +59,8 @@ class RelaySession(TunnelSession):
         self.reports_refused = 0
         #: Counted in Relay.admitting (upgraded, AUTH not answered yet).
         self.admitting = False
+        #: Relay.certificate_generation when this tunnel's TLS handshake was made (controller/relay/cert_push.py).
+        self.certificate_generation = 0
         #: The relay at the other end when this is a link from another relay (controller/relay/peering.py).
         self.link_from: str | None = None
 

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
-from controller.relay import peering, reports
+from controller.relay import cert_push, peering, reports
 from controller.relay.admit import AdmissionRefused, admit, admit_here
 from controller.relay.records import refuse
 from controller.relays import relays_for
@@ -90,6 +90,8 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> None:
         "relays": relays_for(session.context, identity.uri),
         "reports": True,
     })
+    # A TLS handshake that came before a renewal this tunnel then missed: present the current certificate.
+    await cert_push.push_if_missed(session)
     try:
         async with session.worker_turn:
             # Queued, not a transaction of its own: under a reconnecting fleet one commit (an fsync)

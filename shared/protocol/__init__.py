@@ -23,6 +23,7 @@ from shared.protocol.events import (
     DataReceived,
     Event,
     PongReceived,
+    RelayCertificateOffered,
     ReportReceived,
     StreamAccepted,
     StreamEnded,
@@ -48,16 +49,20 @@ from shared.protocol.limits import (
     Liveness,
     ProtocolLimits,
 )
+from shared.protocol.relay_cert import MAX_RELAY_CERT_BYTES, RELAY_CERT_FEATURE, relay_cert_message
 from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
 from shared.protocol.streams import StreamState
 
 __all__ = [
     "AUTH_DEADLINE", "INITIAL_WINDOW", "MAX_BIND_SERVICES", "MAX_CONTROL_PAYLOAD", "MAX_FRAME_PAYLOAD",
-    "MAX_SEND_PAYLOAD", "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE", "PROTOCOL_VERSION",
+    "MAX_RELAY_CERT_BYTES", "MAX_SEND_PAYLOAD", "MAX_SERVICE_NAME_CHARS", "MAX_STREAMS", "MAX_WINDOW", "NONCE_SIZE",
+    "PROTOCOL_VERSION", "RELAY_CERT_FEATURE",
     "SUBPROTOCOL", "TUNNEL_ALPN", "AuthReceived", "Authenticated", "BindCompleted", "BindRequested", "ChallengeReceived",
     "Connection", "ConnectionSnapshot", "ConnectionTerminated", "DataReceived", "ErrorCode", "Event", "Handshake",
     "InvalidLimits", "Liveness", "LocalProtocolError", "PongReceived", "ProtocolError", "ProtocolLimits",
-    "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted", "StreamClosedError", "StreamEnded", "StreamOpened",
+    "RelayCertificateOffered", "RemoteProtocolError", "ReportReceived", "Role", "StreamAccepted", "StreamClosedError",
+    "StreamEnded", "StreamOpened",
     "StreamReset", "StreamSnapshot", "StreamState", "WindowUpdated", "auth_message", "goaway_frame",
+    "relay_cert_message",
 ]

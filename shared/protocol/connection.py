@@ -24,6 +24,7 @@ from shared.protocol.handshake import AUTH_MESSAGE_PREFIX, AuthExchange, auth_me
 from shared.protocol.limits import Liveness, ProtocolLimits
 from shared.protocol.liveness import Keepalive
 from shared.protocol.reader import FrameReader
+from shared.protocol.relay_cert import RelayCertificates
 from shared.protocol.report import Reports
 from shared.protocol.snapshot import ConnectionSnapshot, StreamSnapshot
 from shared.protocol.state import Handshake, Role
@@ -48,6 +49,7 @@ class Connection:
         self._table = table = StreamTable(endpoint)
         self._keepalive = keepalive = Keepalive(endpoint, liveness, now)
         self._reports = reports = Reports(endpoint)
+        self._relay_certs = relay_certs = RelayCertificates(endpoint)
         self._reader = FrameReader(endpoint, {
             FrameType.CHALLENGE: auth.on_challenge,
             FrameType.AUTH: auth.on_auth,
@@ -63,6 +65,7 @@ class Connection:
             FrameType.PONG: keepalive.on_pong,
             FrameType.GOAWAY: self._on_goaway,
             FrameType.REPORT: reports.on_report,
+            FrameType.RELAY_CERT: relay_certs.on_relay_cert,
         })
         self.bytes_received = 0
         #: Seconds after which the peer's GOAWAY said to come back (FLAG_RETRY_AFTER), else None.
@@ -189,6 +192,16 @@ class Connection:
     def send_report(self, report: dict[str, Any]) -> int:
         """Agent: queue a REPORT of itself (docs/protocol.md); returns the payload's size."""
         return self._reports.send(report)
+
+    def send_relay_certificate(self, certificate_der: bytes, signature: bytes) -> int:
+        """Relay: queue RELAY_CERT, the renewed certificate and its key's signature over
+        ``relay_cert_message(nonce, sha256(certificate_der))``; returns the payload's size."""
+        return self._relay_certs.send(certificate_der, signature)
+
+    @property
+    def relay_certificates(self) -> int:
+        """RELAY_CERT frames sent (relay) or received (agent)."""
+        return self._relay_certs.count
 
     # -- streams -----------------------------------------------------------------
     def open_stream(self, service: str, *, peer: str | None = None) -> int:

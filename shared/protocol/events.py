@@ -121,6 +121,19 @@ class ReportReceived:
 
 
 @dataclass(frozen=True)
+class RelayCertificateOffered:
+    """Agent side: the relay's RELAY_CERT, its renewed certificate (DER) and the signature binding it to
+    this tunnel; the glue judges both. ``refused`` says why a push could not be read (the rest is then empty).
+
+    A refused push harms nothing else: the tunnel carries on to the old certificate's end.
+    """
+
+    certificate: bytes
+    signature: bytes
+    refused: str | None
+
+
+@dataclass(frozen=True)
 class ConnectionTerminated:
     """The tunnel is over: GOAWAY from the peer (``remote``) or a local timeout."""
 
@@ -134,5 +147,5 @@ class ConnectionTerminated:
 Event = (
     ChallengeReceived | AuthReceived | Authenticated | BindRequested | BindCompleted | StreamOpened
     | StreamAccepted | DataReceived | StreamEnded | StreamReset | WindowUpdated | PongReceived | ReportReceived
-    | ConnectionTerminated
+    | RelayCertificateOffered | ConnectionTerminated
 )

@@ -43,6 +43,8 @@ class FrameType(enum.IntEnum):
     BIND_RESULT = 0x0D
     #: the agent's report of itself (agent -> relay); refused alone, never the tunnel, when bad
     REPORT = 0x0E
+    #: the relay's renewed certificate, bound to this tunnel (relay -> agent); refused alone when unreadable
+    RELAY_CERT = 0x0F
 
 
 # Frames that belong to a stream (stream id > 0); all others use stream 0.

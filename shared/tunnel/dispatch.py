@@ -23,6 +23,7 @@ from shared.protocol import (
     ErrorCode,
     Event,
     PongReceived,
+    RelayCertificateOffered,
     RemoteProtocolError,
     ReportReceived,
     StreamAccepted,
@@ -79,6 +80,9 @@ class EventDispatch:
 
     def on_report(self, event: ReportReceived) -> None:
         """The agent's REPORT (relay side); the default ignores it."""
+
+    def on_relay_certificate(self, event: RelayCertificateOffered) -> None:
+        """The relay's renewed certificate (agent side); the default ignores it."""
 
     def on_closed(self, code: ErrorCode, reason: str, remote: bool) -> None:
         """The tunnel ended (once)."""
@@ -155,6 +159,8 @@ class EventDispatch:
             self.on_pong(event.rtt)
         elif type(event) is ReportReceived:
             self.on_report(event)
+        elif type(event) is RelayCertificateOffered:
+            self.on_relay_certificate(event)
         elif type(event) is ConnectionTerminated:
             self._terminate(event.code, event.reason, event.remote)
         else:

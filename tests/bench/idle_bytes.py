@@ -21,6 +21,14 @@ checked with the worst case, every allowed report sent, each of the size the
 real agent's report had in this run (frame, WebSocket and TLS record overhead
 and its segment's TCP/IP header included).
 
+A relay that renews its certificate presents the new one on the tunnel
+(RELAY_CERT, docs/protocol.md): one frame per renewal, every two thirds of
+the default relay certificate life (4 h: six a day). Its size is the frame
+the relay's own code makes for a certificate the controller's CA issues to
+a relay with a long name and address (the run's controller is a single box,
+whose year-long listener certificate renews too seldom to count), with the
+same overheads as a report; it is added to the worst case.
+
 The baseline side by side is the ethernet profile (25 s keepalive), measured
 the same way in the same run. The last line is one JSON object.
 
@@ -42,6 +50,10 @@ if str(ROOT) not in sys.path:
 
 from agent.tunnel.link_profiles import plan_for  # noqa: E402
 from agent.tunnel.report import REPORT_MIN_INTERVAL  # noqa: E402
+from controller.ca import CertificateAuthority  # noqa: E402
+from controller.relay_node import RENEW_FRACTION  # noqa: E402
+from controller.settings import DEFAULT_RELAY_CERT_LIFETIME  # noqa: E402
+from shared.protocol import NONCE_SIZE, Connection, Role  # noqa: E402
 from tests.bench.bench_setup import machine  # noqa: E402
 from tests.bench.link_bench_setup import LinkTunnelPath  # noqa: E402
 
@@ -93,6 +105,30 @@ def reports_per_day(case: dict) -> dict:
     reports = DAY / REPORT_MIN_INTERVAL
     return {"report_payload_bytes": size, "max_reports_per_day": reports,
             "worst_case_kb_per_day": round(per_report * reports / 1000, 1)}
+
+
+def relay_certificates_per_day() -> dict:
+    """RELAY_CERT: one frame per relay renewal, each of the size the relay's code makes for a real relay certificate."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = CertificateAuthority.create()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue_relay(key.public_key(), "relay-" + "x" * 57, "relay-eu-west-1.gateways.example.com",
+                          DEFAULT_RELAY_CERT_LIFETIME)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    relay, agent = Connection(Role.RELAY, 0.0), Connection(Role.AGENT, 0.0)
+    relay.send_challenge(bytes(NONCE_SIZE))
+    agent.receive_data(relay.data_to_send(), 0.0)
+    agent.send_auth(["-"], b"s")
+    relay.receive_data(agent.data_to_send(), 0.0)
+    relay.accept_auth({})
+    relay.data_to_send()
+    size = relay.send_relay_certificate(der, key.sign(b"x" * 64, ec.ECDSA(hashes.SHA256())))
+    per_push = size + MESSAGE_OVERHEAD + TCP_IP_HEADER * 2  # the push's segment and its ACK
+    pushes = DAY / (DEFAULT_RELAY_CERT_LIFETIME * RENEW_FRACTION)
+    return {"relay_cert_payload_bytes": size, "certificate_der_bytes": len(der), "pushes_per_day": pushes,
+            "kb_per_day": round(per_push * pushes / 1000, 1)}
 
 
 def _emulator_counters(path: LinkTunnelPath) -> dict:
@@ -150,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
             payload = real["payload_up"] + real["payload_down"]
             report["real_run_nat_150s"] = {**real, "payload_kb_per_day": round(payload * DAY / seconds / 1000, 1)}
     report["reports"] = reports_per_day(metered)
+    report["relay_certificates"] = relay_certificates_per_day()
     for key in ("metered_nat_600s", "metered_nat_150s"):
         report[key]["with_reports_worst_case_kb_per_day"] = round(
-            report[key]["with_tcp_ip_headers_kb_per_day"] + report["reports"]["worst_case_kb_per_day"], 1)
+            report[key]["with_tcp_ip_headers_kb_per_day"] + report["reports"]["worst_case_kb_per_day"]
+            + report["relay_certificates"]["kb_per_day"], 1)
     report["goal_kb_per_day"] = 100
     report["goal_met_nat_600s"] = report["metered_nat_600s"]["with_reports_worst_case_kb_per_day"] <= 100
     report["machine"] = machine()
