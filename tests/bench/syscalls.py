@@ -6,8 +6,9 @@ attached to every process of the path (each thread followed). strace makes
 every system call slower, so this counts, it does not time: the latency
 benchmark times without it. Context switches (the difference of
 ``voluntary_ctxt_switches`` and ``nonvoluntary_ctxt_switches`` over every
-thread in /proc/PID/task) and minor page faults (/proc/PID/stat) are taken in
-a pass before, without strace. Last line: JSON.
+thread in /proc/PID/task), minor page faults and user and system CPU
+(/proc/PID/stat, sampled at the 10 ms tick: 5 us per round trip at 2,000) are
+taken in a pass before, without strace. Last line: JSON.
 
     .venv/bin/python tests/bench/syscalls.py [--requests 2000]
 """
@@ -61,9 +62,12 @@ def strace_table(path: Path) -> dict[str, int]:
     return calls
 
 
-def minor_faults(pid: int) -> int:
-    """Minor page faults of the whole process so far (/proc/PID/stat, field 10)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+def stat_counts(pid: int) -> tuple[int, float, float]:
+    """Minor page faults, user and system CPU seconds of the whole process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: minflt is field 10, utime 14, stime 15 (1-based, state being 3).
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[7]), int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def context_switches(pid: int) -> tuple[int, int]:
@@ -94,10 +98,10 @@ def counted(port: int, pids: dict[str, int], size: int, requests: int, workdir: 
     with connect(port) as sock:
         exchange(sock, payload, WARMUP_REQUESTS)
         before = {name: context_switches(pid) for name, pid in pids.items()}
-        faults_before = {name: minor_faults(pid) for name, pid in pids.items()}
+        stat_before = {name: stat_counts(pid) for name, pid in pids.items()}
         exchange(sock, payload, requests)
         after = {name: context_switches(pid) for name, pid in pids.items()}
-        faults = {name: minor_faults(pid) - faults_before[name] for name, pid in pids.items()}
+        stat = {name: [b - a for a, b in zip(stat_before[name], stat_counts(pid), strict=True)] for name, pid in pids.items()}
         tracers = {}
         for name, pid in pids.items():
             out = workdir / f"{name}.strace"
@@ -118,7 +122,9 @@ def counted(port: int, pids: dict[str, int], size: int, requests: int, workdir: 
                             sorted(table.items(), key=lambda item: -item[1]) if n / requests >= 0.01},
                 "voluntary_switches_per_round_trip": round((after[name][0] - before[name][0]) / requests, 2),
                 "involuntary_switches_per_round_trip": round((after[name][1] - before[name][1]) / requests, 2),
-                "minor_faults_per_round_trip": round(faults[name] / requests, 2),
+                "minor_faults_per_round_trip": round(stat[name][0] / requests, 2),
+                "user_cpu_us_per_round_trip": round(stat[name][1] * 1e6 / requests, 1),
+                "system_cpu_us_per_round_trip": round(stat[name][2] * 1e6 / requests, 1),
             }
     return found
 
@@ -159,7 +165,7 @@ def main() -> None:
         "stunnel_syscalls_per_round_trip": path_total("stunnel"),
         "per_process": results,
         "counted": "strace -c -f on each process while the round trips ran (after a warm-up); "
-                   "context switches from /proc/PID/task/*/status and minor faults from /proc/PID/stat "
+                   "context switches from /proc/PID/task/*/status, minor faults and user/system CPU from /proc/PID/stat "
                    "in a pass without strace",
         **{key: value for key, value in stunnel.items() if key == "stunnel_skipped"},
         "load_average": os.getloadavg(),
