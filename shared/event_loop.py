@@ -20,9 +20,10 @@ from shared.errors import OutpostError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: Above glibc's initial mmap threshold (128 KiB) and above the largest read a TLS layer asks for (asyncio's
-#: and uvloop's SSL read 256 KiB at a time), so that freeing one block this size raises the threshold past it.
-LARGE_READ_BLOCK = 320 * 1024
+#: The TLS layers' read size (asyncio's and uvloop's SSL protocols read 256 KiB at a time): a freed
+#: block this large raises glibc's threshold just past such a read and no further, so the heap kept
+#: untrimmed (twice the threshold) stays as small as it can.
+LARGE_READ_BLOCK = 256 * 1024
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
