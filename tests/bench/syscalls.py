@@ -51,15 +51,17 @@ ATTACH_SECONDS = 1.0
 STRACE_STOP_TIMEOUT = 20.0
 
 
-def strace_table(path: Path) -> dict[str, int]:
-    """``strace -c`` output: system call name -> calls."""
+def strace_table(path: Path) -> tuple[dict[str, int], int]:
+    """``strace -c`` output: system call name -> calls, and how many calls failed (EAGAIN and the like)."""
     calls: dict[str, int] = {}
+    failed = 0
     for line in path.read_text().splitlines():
         fields = line.split()
         # % time, seconds, usecs/call, calls, [errors,] syscall
         if len(fields) in (5, 6) and fields[3].isdigit() and fields[-1] != "total":
             calls[fields[-1]] = int(fields[3])
-    return calls
+            failed += int(fields[4]) if len(fields) == 6 else 0
+    return calls, failed
 
 
 def stat_counts(pid: int) -> tuple[int, float, float]:
@@ -114,10 +116,11 @@ def counted(port: int, pids: dict[str, int], size: int, requests: int, workdir: 
             tracer.send_signal(signal.SIGINT)
         for name, (out, tracer) in tracers.items():
             tracer.wait(STRACE_STOP_TIMEOUT)
-            table = strace_table(out)
+            table, failed = strace_table(out)
             total = sum(table.values())
             found[name] = {
                 "syscalls_per_round_trip": round(total / requests, 2),
+                "failed_syscalls_per_round_trip": round(failed / requests, 2),
                 "by_name": {call: round(n / requests, 2) for call, n in
                             sorted(table.items(), key=lambda item: -item[1]) if n / requests >= 0.01},
                 "voluntary_switches_per_round_trip": round((after[name][0] - before[name][0]) / requests, 2),
