@@ -20,6 +20,10 @@ from shared.errors import OutpostError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: The TLS layers' read size (asyncio's and uvloop's SSL protocols read 256 KiB at a time): a freed
+#: block this large raises glibc's threshold just past such a read and no further, so the heap kept
+#: untrimmed (twice the threshold) stays as small as it can.
+LARGE_READ_BLOCK = 256 * 1024
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
@@ -49,10 +53,27 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto", setting: str = "--ev
             f"{setting.format('uvloop')}: uvloop is not installed; install python3-uvloop (or the uvloop extra) "
             f"or use {setting.format('asyncio')}."
         )
+    settle_large_reads()
     if uvloop is None:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def settle_large_reads() -> None:
+    """Make a TLS read of 256 KiB come from the heap instead of a fresh mapping.
+
+    The TLS layer reads decrypted bytes into a new 256 KiB ``bytes`` and
+    shrinks it to what came: above glibc's initial 128 KiB threshold each such
+    buffer is an mmap, an mremap and a munmap, three system calls and a page
+    fault per message received (``tests/bench/syscalls.py``). glibc raises its
+    threshold to the size of the first mapped block freed (mallopt(3),
+    "dynamic mmap threshold"), which the process would otherwise do only by
+    chance, after a large read that was not shrunk; this frees one such block
+    at start. Elsewhere (another libc) it is one short-lived allocation.
+    """
+    block = bytearray(LARGE_READ_BLOCK)
+    del block
 
 
 def running_loop_name() -> str:

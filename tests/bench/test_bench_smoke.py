@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -304,3 +305,20 @@ def test_cross_relay_reports_latency_and_throughput_next_to_one_relay() -> None:
     assert_positive(found, "one_relay_p50_us", "cross_relay_p50_us", "one_relay_mbit_s", "cross_relay_mbit_s",
                     "throughput_ratio")
     assert found["path_cross_relay"] == "dialer agent -> relay A -> link -> relay B -> binder agent"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (scripts/setup)")
+def test_syscalls_counts_each_process_of_each_path_per_round_trip() -> None:
+    found = run_bench("syscalls", "--requests", "100")
+    tunnel = found["per_process"]["tunnel"]
+    assert set(tunnel) == TUNNEL_PROCESSES - {"path_total"}
+    for counted in tunnel.values():
+        # At least a read and a write each way per round trip: a tracer that saw nothing fails here.
+        assert counted["syscalls_per_round_trip"] >= 4, counted
+        assert counted["by_name"], counted
+    assert found["tunnel_syscalls_per_round_trip"] == round(
+        sum(c["syscalls_per_round_trip"] for c in tunnel.values()), 2)
+    if STUNNEL_AVAILABLE:
+        assert set(found["per_process"]["stunnel"]) == STUNNEL_PROCESSES - {"path_total"}
+    else:
+        assert "stunnel4" in found["stunnel_skipped"]
