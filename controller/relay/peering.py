@@ -1,4 +1,4 @@
-"""Dials across relays: the links between relay processes, both ends (``serve --role relay`` only).
+"""Dials across relays: the links between relay processes, both ends (``--role relay``, and the box in role all).
 
 A dial arrives at relay A for a service no tunnel of A binds. A decides it
 by policy as for any dial (audit "decided" once, at A), looks up which live
@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
@@ -89,7 +90,7 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
     peering = session.relay.peering
     if peering is None:
         await refuse(session, event, ErrorCode.AUTH_FAILED, "this process takes no relay links; relays link "
-                     "to relays of their own (serve --role relay)")
+                     "to relays and to a controller in role all")
         return True
     try:
         peer = await session.in_worker(admit_link, context, event.chain, event.signature, session.nonce,
@@ -109,10 +110,14 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
 class Peering:
     """This relay's links: those it opened to other relays, those others opened to it, and its directory."""
 
-    def __init__(self, relay: Relay, name: str) -> None:
+    def __init__(self, relay: Relay, name: str, cert_path: Path | None = None, key_path: Path | None = None) -> None:
         self.relay = relay
         self.context = relay.context
         self.name = name
+        #: The relay certificate and key this relay's links present: its listener's for a relay of its own,
+        #: the box's own relay pair in role all (controller/box_relay.py).
+        self.cert_path = cert_path or self.context.settings.server_cert_path
+        self.key_path = key_path or self.context.settings.server_key_path
         self.directory = ServiceDirectory(self.context.store, name, relay.broker)
         #: Links this relay opened, by the other relay's name: one per pair, streams multiplexed.
         self.links: dict[str, LinkSession] = {}
@@ -279,9 +284,12 @@ class Peering:
 
     async def _open(self, relay: str, address: str) -> LinkSession:
         settings = self.context.settings
-        cert, key, ca = await RELAY_POOL.run(lambda: (settings.server_cert_path.read_text(encoding="ascii"),
-                                                      settings.server_key_path.read_bytes(),
-                                                      settings.ca_cert_path.read_text(encoding="ascii")))
+        try:
+            cert, key, ca = await RELAY_POOL.run(lambda: (self.cert_path.read_text(encoding="ascii"),
+                                                          self.key_path.read_bytes(),
+                                                          settings.ca_cert_path.read_text(encoding="ascii")))
+        except OSError as error:  # the box's relay certificate not yet issued (its store was away at start)
+            raise LinkFailed(f"this relay has no relay certificate to link with yet ({error.strerror})") from None
         link, task = await open_link(relay, address, link_tls_context(ca), cert, key, new_id(TUNNEL))
         self.links[relay] = link
         self.links_opened += 1
