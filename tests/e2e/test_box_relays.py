@@ -13,9 +13,11 @@ import pytest
 from controller.relay import link_client
 from controller.relay.link_client import link_tls_context, open_link
 from shared.protocol import ErrorCode
+from tests.controller.postgres_harness import postgres, postgres_url  # noqa: F401
 from tests.e2e.cross_relay_harness import (
     RelayProcess,
     RoleController,
+    StoreRelay,
     audit_events,
     enroll_gateway,
     hosted,
@@ -43,13 +45,24 @@ def relays_listed(box: RoleController) -> dict[str, dict]:
     return {r["name"]: r for r in json.loads(box.ctl("relay", "list", "--json").stdout)["relays"]}
 
 
-def test_a_box_and_a_relay_added_later_dial_each_other_both_ways(tmp_path: Path, echo_server: EchoServer) -> None:
-    box = RoleController(tmp_path / "box", "all")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the box's SQLite file, which the relay shares (one machine); else a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_a_box_and_a_relay_added_later_dial_each_other_both_ways(tmp_path: Path, echo_server: EchoServer,
+                                                                 store_url: str | None) -> None:
+    box = RoleController(tmp_path / "box", "all", 0, *(("--store", store_url) if store_url else ()))
+    box.store_location = store_url or box.data / "store.sqlite3"  # type: ignore[attr-defined]
     own = box_relay(box)
     relay: RelayProcess | None = None
     agents = []
     try:
-        relay = RelayProcess(box, tmp_path, "rr")
+        relay = StoreRelay(box, tmp_path, "rr", store_url)
         for service, binder, dialer in (("plc", "g1", "g2"), ("hmi", "g2", "g1")):
             box.ctl("service", "create", service)
             box.ctl("policy", "create", "--kind", "bind", "--identities", binder, "--services", service)
