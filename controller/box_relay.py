@@ -38,9 +38,10 @@ from shared.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
-#: The box's relay certificate and key, beside the listener's in ``tls/``.
-RELAY_CERT_FILE = "relay.pem"
+#: The box's relay key, beside the listener's in ``tls/``, and its certificate, one per name (address): boxes
+#: sharing a data directory share the key, each presents a certificate naming itself.
 RELAY_KEY_FILE = "relay.key"
+RELAY_CERT_FILE = "relay-{name}.pem"
 #: The box issues its relay certificate again once this fraction of its life has passed, as relays renew:
 #: a link opened later presents a certificate with a third of its life left at least.
 REISSUE_FRACTION = 2 / 3
@@ -64,7 +65,8 @@ def box_relay(context: ControllerContext) -> BoxRelay:
     address = settings.base_url[len("https://"):].split("/", 1)[0]
     slug = re.sub(r"[^a-z0-9]+", "-", address.lower()).strip("-")
     tls = settings.server_cert_path.parent
-    return BoxRelay((BOX_PREFIX + slug)[:MAX_NAME_LENGTH], address, tls / RELAY_CERT_FILE, tls / RELAY_KEY_FILE)
+    name = (BOX_PREFIX + slug)[:MAX_NAME_LENGTH]
+    return BoxRelay(name, address, tls / RELAY_CERT_FILE.format(name=slug), tls / RELAY_KEY_FILE)
 
 
 def _key(path: Path) -> ec.EllipticCurvePrivateKey:

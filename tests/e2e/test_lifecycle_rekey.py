@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
+from controller.store import Store
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import make_csr
 from tests.e2e.harness import Controller, EchoServer, Process, python_env, read_status, round_trip, run_cli, wait_until
@@ -68,6 +69,14 @@ def replay_enrollment(url: str, ca: Path, token: str, key_pem: bytes) -> tuple[i
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as refused:
         return refused.code, json.loads(refused.read())
+
+
+def published(data: Path, service: str) -> bool:
+    store = Store(data / "store.sqlite3")
+    try:
+        return bool(store.query("SELECT 1 FROM relay_services WHERE service = ?", (service,)))
+    finally:
+        store.close()
 
 
 def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
@@ -125,6 +134,9 @@ def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
                           f'[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:{echo_server.port}"\n')
         new_agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
         wait_until(lambda: read_status(new_state).get("state") == "connected", what="the new device connected")
+        # Both processes are relays of the store (controller/box_relay.py): the dial may arrive at the one
+        # the device is not on, which finds it once its relay published the bind (a second at most).
+        wait_until(lambda: published(controller.data, "modbus"), what="the new device's bind published")
         env = python_env()
         env["OUTPOSTCTL_CONFIG"] = str(a_config)
         connect = Process([sys.executable, "-m", "outpostctl", "connect", "modbus", "--listen", "127.0.0.1:0"],
