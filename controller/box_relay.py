@@ -45,6 +45,8 @@ RELAY_CERT_FILE = "relay-{name}.pem"
 #: The box issues its relay certificate again once this fraction of its life has passed, as relays renew:
 #: a link opened later presents a certificate with a third of its life left at least.
 REISSUE_FRACTION = 2 / 3
+#: The port of an advertised URL that names none.
+DEFAULT_HTTPS_PORT = 443
 #: Longest relay name: a DNS label, as every name (controller/names.py).
 MAX_NAME_LENGTH = 63
 
@@ -63,6 +65,8 @@ def box_relay(context: ControllerContext) -> BoxRelay:
     """The box's relay identity, from the URL it advertises (the one its gateways' relay lists name)."""
     settings = context.settings
     address = settings.base_url[len("https://"):].split("/", 1)[0]
+    if not re.search(r":[0-9]+$", address):  # --advertise https://HOST means HTTPS's port
+        address += f":{DEFAULT_HTTPS_PORT}"
     slug = re.sub(r"[^a-z0-9]+", "-", address.lower()).strip("-")
     tls = settings.server_cert_path.parent
     name = (BOX_PREFIX + slug)[:MAX_NAME_LENGTH]

@@ -33,7 +33,7 @@ from controller.metrics_server import metrics_app, metrics_token
 from controller.relay.peering import Peering
 from controller.relay.relay import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
-from controller.relays import RELAY_LIST_REFRESH, relay_loads
+from controller.relays import RELAY_LIST_REFRESH, relay_loads, relay_url
 from controller.relays_api import relay_book
 from controller.routes import build_app
 from controller.settings import host_port
@@ -117,6 +117,8 @@ class ControllerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.relay: Relay | None = None
         self._metrics_listener: socket.socket | None = None
+        #: Role all: the tunnel URL of the box's row among the relays (controller/box_relay.py).
+        self._box_url: str | None = None
         #: Reads the store in a thread: awaited, never cancelled, before the store may close.
         self._startup_check: asyncio.Task[None] | None = None
 
@@ -182,6 +184,7 @@ class ControllerServer:
     async def _join_relays(self, relay: Relay) -> None:
         """The box as a relay among relays of its own: registered, publishing its binds, linking both ways."""
         box = box_relay(self.context)
+        self._box_url = relay_url(box.address)
         registered = True
         try:
             await RELAY_POOL.run(refresh, self.context, box, False)
@@ -250,7 +253,9 @@ class ControllerServer:
             except ControllerError:
                 live = None  # the store is away: keep the last list
             if live is not None:
-                own = (own_url, len(relay.by_identity)) if context.settings.serves_tunnels else None
+                # The box is in the list by its row; its own URL only while its row is not (not yet written).
+                listed = any(url == self._box_url for url, _ in live)
+                own = (own_url, len(relay.by_identity)) if context.settings.serves_tunnels and not listed else None
                 context.relay_loads = loads = relay_loads(live, own)
                 context.relay_urls[:] = [url for url, _ in loads]
             await asyncio.sleep(RELAY_LIST_REFRESH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography import x509
@@ -14,8 +15,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from controller import box_relay
 from controller.box_relay import BoxRelay, refresh
 from controller.ca import public_key_sha256, relay_uri
-from controller.relays import RELAY_STALE_AFTER
+from controller.relays import RELAY_STALE_AFTER, check_address
 from controller.relays_api import relay_book
+from controller.settings import Settings
 from tests.controller.harness import run, running_controller
 
 
@@ -85,3 +87,15 @@ def test_a_box_moved_to_another_address_leaves_no_stale_row_and_a_second_box_kee
             assert _rows(context, "_beside-8444")  # beating: another box on this data directory
 
     run(scenario())
+
+
+def test_the_box_is_named_by_its_advertised_address_https_port_when_it_names_none(tmp_path: Path) -> None:
+    for advertised, name, address in (("https://Ops.Example.net", "_ops-example-net-443", "ops.example.net:443"),
+                                      ("https://ops.example.net:8443/", "_ops-example-net-8443",
+                                       "ops.example.net:8443"),
+                                      ("https://[2001:db8::1]:8443", "_2001-db8-1-8443", "[2001:db8::1]:8443")):
+        context = SimpleNamespace(settings=Settings(data_dir=tmp_path, advertise_url=advertised))
+        box = box_relay.box_relay(context)  # type: ignore[arg-type]
+        assert (box.name, box.address.lower()) == (name, address), advertised
+        assert check_address(box.address)
+        assert box.key_path == tmp_path / "tls" / "relay.key"
