@@ -21,11 +21,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from controller.store import Store
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import make_csr
 from tests.e2e.harness import Controller, EchoServer, Process, python_env, read_status, round_trip, run_cli, wait_until
-from tests.e2e.serve_process import ServeProcess
+from tests.e2e.serve_process import ServeProcess, bind_published
 from tests.e2e.test_lifecycle_revocation import ctl_via, second, start_gateway  # noqa: F401 (fixture)
 
 #: The issue's promise: the old key's tunnels close on every relay within this, as at revocation.
@@ -69,14 +68,6 @@ def replay_enrollment(url: str, ca: Path, token: str, key_pem: bytes) -> tuple[i
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as refused:
         return refused.code, json.loads(refused.read())
-
-
-def published(data: Path, service: str) -> bool:
-    store = Store(data / "store.sqlite3")
-    try:
-        return bool(store.query("SELECT 1 FROM relay_services WHERE service = ?", (service,)))
-    finally:
-        store.close()
 
 
 def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
@@ -136,7 +127,7 @@ def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
         wait_until(lambda: read_status(new_state).get("state") == "connected", what="the new device connected")
         # Both processes are relays of the store (controller/box_relay.py): the dial may arrive at the one
         # the device is not on, which finds it once its relay published the bind (a second at most).
-        wait_until(lambda: published(controller.data, "modbus"), what="the new device's bind published")
+        wait_until(lambda: bind_published(controller.data / "store.sqlite3", "modbus"), what="the new device's bind published")
         env = python_env()
         env["OUTPOSTCTL_CONFIG"] = str(a_config)
         connect = Process([sys.executable, "-m", "outpostctl", "connect", "modbus", "--listen", "127.0.0.1:0"],
