@@ -3,8 +3,9 @@
 A dial arrives at relay A for a service no tunnel of A binds. A decides it
 by policy as for any dial (audit "decided" once, at A), looks up which live
 relay hosts the service (controller/relay/directory.py), and opens the
-dial's stream on the one link it keeps to that relay B (opened at the first
-such dial, reused by every later one, reopened after B comes back). B splices
+dial's stream on a link to that relay B (the first opened at the first such
+dial, reused by later ones, another once those open carry their dials, reopened
+after B comes back). B splices
 the link's stream to the binder's, each with its own window, and records
 serving it under A's correlation id. The ends of a link are in
 controller/relay/link_client.py (A) and controller/relay/link_admit.py (B).
