@@ -43,7 +43,7 @@ from controller.admission import (
     Admission,
     cap_key,
 )
-from shared.protocol import AUTH_DEADLINE, TUNNEL_ALPN
+from shared.protocol import AUTH_DEADLINE, MAX_STREAMS, TUNNEL_ALPN
 from shared.tunnel.transport import StreamTransport, TunnelReader
 
 #: Serves one tunnel on TLS directly: the stream, the peer's address, and what marks it authenticated.
@@ -74,6 +74,15 @@ HEAD_END = b"\r\n\r\n"
 #: holds up to a window of this relay's memory meanwhile (its gateway is held back by that window,
 #: not by the link).
 LINK_WRITE_STALL = 20.0
+#: Dials one relay link carries at once: below the protocol's MAX_STREAMS (256), which the other relay
+#: enforces, by a margin for streams it still counts while their last bytes are acknowledged; so the
+#: other end never refuses a dial on a link the dialing end thought had room.
+LINK_DIALS = MAX_STREAMS - 16
+#: Links one relay opens to another at once, a new one when the others carry LINK_DIALS: a pair of
+#: relays carries up to 8 x 240 = 1,920 dials at once. Each link is one TLS connection holding up to
+#: its streams' windows at each end; past this a dial is refused with a sentence, rather than one
+#: relay growing another without bound.
+MAX_LINKS_PER_PAIR = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,9 @@ class ListenerLimits:
     max_handshakes: int = MAX_HANDSHAKES_IN_FLIGHT
     #: A relay link admitted here that reads nothing of what is written to it (controller/relay/peering.py).
     link_write_stall: float = LINK_WRITE_STALL
+    #: Dials per link and links per pair of relays, at the dialing end (controller/relay/peering.py).
+    link_dials: int = LINK_DIALS
+    links_per_pair: int = MAX_LINKS_PER_PAIR
 
 
 class Stage(enum.Enum):

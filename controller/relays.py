@@ -53,6 +53,9 @@ ACTIVE, PENDING, RETIRED = "active", "pending", "retired"
 #: A relay whose key is no longer trusted (a machine lost or broken into): refused like a retired one, and
 #: recorded as such. Its current certificate opens no link, renews nothing, and its process stops.
 REVOKED = "revoked"
+#: Starts the relay name of a controller in role all (controller/box_relay.py); no name an operator gives
+#: (controller/names.py) starts with it, so the two never collide.
+BOX_PREFIX = "_"
 #: Relays this many tunnels apart count as equally loaded (``spread``): a
 #: heartbeat's count is up to RELAY_HEARTBEAT_INTERVAL old, and a burst of
 #: reconnects moves it by hundreds in that time; what matters is not
@@ -185,6 +188,10 @@ class RelayBook:
     def retire(self, name: object, status: str = RETIRED) -> None:
         """The relay is refused from now on (``RETIRED`` or ``REVOKED``); its running process closes its tunnels
         and stops, and the relays it linked to close its links (controller/relay/peering.py)."""
+        if isinstance(name, str) and name.startswith(BOX_PREFIX):
+            raise conflict("relay_is_controller", f"Relay {name[:80]} is a controller in role all, the relays' "
+                                                  "own CA: it cannot be retired or revoked; stop that process "
+                                                  "instead.")
         name = check_name(name, "relay")
         with self.store.transaction() as db:
             row = db.query_one("SELECT serial FROM relays WHERE name = ?", (name,))

@@ -21,7 +21,8 @@ from cryptography import x509
 import shared.service_manager as service_manager
 from controller.admission import return_freed_memory
 from controller.audit_chain import check_recent_at_start, log_checkpoint, log_checkpoints
-from controller.blocking import API_POOL
+from controller.blocking import API_POOL, RELAY_POOL
+from controller.box_relay import box_relay, refresh, run_box_relay
 from controller.context import ControllerContext
 from controller.errors import ControllerError, StartupError
 from controller.grants_api import grants_of
@@ -32,7 +33,7 @@ from controller.metrics_server import metrics_app, metrics_token
 from controller.relay.peering import Peering
 from controller.relay.relay import Relay
 from controller.relay_node import RelayIdentity, run_relay_node
-from controller.relays import RELAY_LIST_REFRESH, relay_loads
+from controller.relays import RELAY_LIST_REFRESH, relay_loads, relay_url
 from controller.relays_api import relay_book
 from controller.routes import build_app
 from controller.settings import host_port
@@ -116,6 +117,8 @@ class ControllerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.relay: Relay | None = None
         self._metrics_listener: socket.socket | None = None
+        #: Role all: the tunnel URL of the box's row among the relays (controller/box_relay.py).
+        self._box_url: str | None = None
         #: Reads the store in a thread: awaited, never cancelled, before the store may close.
         self._startup_check: asyncio.Task[None] | None = None
 
@@ -154,6 +157,8 @@ class ControllerServer:
         # systemd's "started" (Type=notify) means the listeners accept.
         service_manager.notify_ready(f"serving on port {self.port}")
         loop = asyncio.get_running_loop()
+        if self.relay_identity is None and context.settings.role == "all":
+            await self._join_relays(relay)
         if self.relay_identity is not None:
             relay.peering = Peering(relay, self.relay_identity.name)  # dials across relays
             relay.peering.start()
@@ -175,6 +180,21 @@ class ControllerServer:
         interval = service_manager.watchdog_interval()
         if interval:
             self._tasks.append(loop.create_task(service_manager.feed_watchdog(interval)))
+
+    async def _join_relays(self, relay: Relay) -> None:
+        """The box as a relay among relays of its own: registered, publishing its binds, linking both ways."""
+        box = box_relay(self.context)
+        self._box_url = relay_url(box.address)
+        registered = True
+        try:
+            await RELAY_POOL.run(refresh, self.context, box, False)
+        except (ControllerError, OSError) as error:  # the store away at start: the heartbeat loop tries again
+            log.warning("the box is not yet registered as a relay (%s); trying again", error)
+            registered = False
+        relay.peering = Peering(relay, box.name, box.cert_path, box.key_path)
+        relay.peering.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(
+            run_box_relay(self.context, box, lambda: len(relay.by_identity), registered)))
 
     async def _serve(self, app: web.Application, sock: socket.socket, guard: Listener) -> None:
         # aiohttp 3.9 moved the shutdown grace from the site to the runner; 3.8
@@ -233,7 +253,9 @@ class ControllerServer:
             except ControllerError:
                 live = None  # the store is away: keep the last list
             if live is not None:
-                own = (own_url, len(relay.by_identity)) if context.settings.serves_tunnels else None
+                # The box is in the list by its row; its own URL only while its row is not (not yet written).
+                listed = any(url == self._box_url for url, _ in live)
+                own = (own_url, len(relay.by_identity)) if context.settings.serves_tunnels and not listed else None
                 context.relay_loads = loads = relay_loads(live, own)
                 context.relay_urls[:] = [url for url, _ in loads]
             await asyncio.sleep(RELAY_LIST_REFRESH)

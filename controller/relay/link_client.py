@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,6 +49,9 @@ LINK_LIVENESS = Liveness(keepalive_interval=LINK_KEEPALIVE, idle_timeout=3 * LIN
 #: A link carries many dials: each stream's window as large as a gateway tunnel's at a relay
 #: (controller/relay/relay.py's RELAY_LIMITS), for the same bandwidth-delay reasons.
 LINK_LIMITS = ProtocolLimits(initial_window=8 * 1024 * 1024)
+#: A dial counts against its link from when the link is chosen until its stream opens: one policy
+#: decision in a worker thread, far less than this unless the store is away (then the dial fails anyway).
+DIAL_RESERVATION = 15.0
 
 
 class LinkFailed(Exception):
@@ -69,6 +74,15 @@ class LinkSession(TunnelSession):
         self._key = key
         self._peer_digest = peer_digest
         self.authenticated = asyncio.Event()
+        #: Dials that chose this link and have not opened their stream yet; a dial that ends without
+        #: opening (denied, another gateway chosen) leaves with its RemoteBinder.
+        self.pending: weakref.WeakSet[RemoteBinder] = weakref.WeakSet()
+
+    def dials(self) -> int:
+        """Dials on this link now: its open streams and those about to open."""
+        now = time.monotonic()
+        return len(self.conn.open_stream_ids) + sum(1 for b in list(self.pending)
+                                                    if now - b.reserved_at < DIAL_RESERVATION)
 
     async def on_challenge(self, event: ChallengeReceived) -> None:
         if event.version != PROTOCOL_VERSION:
@@ -146,11 +160,14 @@ class RemoteBinder:
         self.correlation = correlation
         #: The audit's ``gateway_tunnel`` of a dial served across relays: the link's id.
         self.tunnel_id = link.tunnel_id
+        self.reserved_at = time.monotonic()
+        link.pending.add(self)
 
     def open_stream(self, name: str, peer: str | None = None) -> StreamChannel:
         """The dial's stream on the link: the service qualified and aimed at its gateway, the dialer and the id."""
         _, colon, port = name.rpartition("/")[2].partition(":")
         target = f"{self.key[0]}/{self.key[1]}{colon}{port}@{self.admitted.name}"
+        self.link.pending.discard(self)  # counted by its stream from now on
         return self.link.open_stream(target, peer=f"{peer}{CORRELATION_MARK}{self.correlation}")
 
     async def flush(self) -> None:

@@ -1,10 +1,11 @@
-"""Dials across relays: the links between relay processes, both ends (``serve --role relay`` only).
+"""Dials across relays: the links between relay processes, both ends (``--role relay``, and the box in role all).
 
 A dial arrives at relay A for a service no tunnel of A binds. A decides it
 by policy as for any dial (audit "decided" once, at A), looks up which live
 relay hosts the service (controller/relay/directory.py), and opens the
-dial's stream on the one link it keeps to that relay B (opened at the first
-such dial, reused by every later one, reopened after B comes back). B splices
+dial's stream on a link to that relay B (the first opened at the first such
+dial, reused by later ones, another once those open carry their dials, reopened
+after B comes back). B splices
 the link's stream to the binder's, each with its own window, and records
 serving it under A's correlation id. The ends of a link are in
 controller/relay/link_client.py (A) and controller/relay/link_admit.py (B).
@@ -18,11 +19,12 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controller.blocking import RELAY_POOL
 from controller.correlation import TUNNEL, new_id
-from controller.listener import LINK_WRITE_STALL
+from controller.listener import LINK_DIALS, LINK_WRITE_STALL, MAX_LINKS_PER_PAIR
 from controller.registry import Identity
 from controller.relay.admit import AdmissionRefused, Admitted
 from controller.relay.aiming import split_aim
@@ -89,7 +91,7 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
     peering = session.relay.peering
     if peering is None:
         await refuse(session, event, ErrorCode.AUTH_FAILED, "this process takes no relay links; relays link "
-                     "to relays of their own (serve --role relay)")
+                     "to relays and to a controller in role all")
         return True
     try:
         peer = await session.in_worker(admit_link, context, event.chain, event.signature, session.nonce,
@@ -109,13 +111,18 @@ async def on_auth(session: RelaySession, event: AuthReceived) -> bool:
 class Peering:
     """This relay's links: those it opened to other relays, those others opened to it, and its directory."""
 
-    def __init__(self, relay: Relay, name: str) -> None:
+    def __init__(self, relay: Relay, name: str, cert_path: Path | None = None, key_path: Path | None = None) -> None:
         self.relay = relay
         self.context = relay.context
         self.name = name
+        #: The relay certificate and key this relay's links present: its listener's for a relay of its own,
+        #: the box's own relay pair in role all (controller/box_relay.py).
+        self.cert_path = cert_path or self.context.settings.server_cert_path
+        self.key_path = key_path or self.context.settings.server_key_path
         self.directory = ServiceDirectory(self.context.store, name, relay.broker)
-        #: Links this relay opened, by the other relay's name: one per pair, streams multiplexed.
-        self.links: dict[str, LinkSession] = {}
+        #: Links this relay opened, by the other relay's name: dials multiplexed on the first, another
+        #: link when those open carry link_dials each, up to links_per_pair.
+        self.links: dict[str, list[LinkSession]] = {}
         self._opening: dict[str, asyncio.Task[LinkSession]] = {}
         #: Links other relays opened here, and who admission proved each to be.
         self.incoming: dict[RelaySession, LinkPeer] = {}
@@ -125,6 +132,8 @@ class Peering:
         limits = getattr(self.context.settings, "limits", None)
         #: LINK_WRITE_STALL, or what the settings' limits say (tests shorten it).
         self.write_stall = LINK_WRITE_STALL if limits is None else limits.link_write_stall
+        self.link_dials = LINK_DIALS if limits is None else limits.link_dials
+        self.links_per_pair = MAX_LINKS_PER_PAIR if limits is None else limits.links_per_pair
 
     # -- B: links admitted here ----------------------------------------------------
     def admitted(self, session: RelaySession, peer: LinkPeer, keepalive: object) -> None:
@@ -267,29 +276,45 @@ class Peering:
         return self._failures.pop(correlation, None)
 
     async def link_to(self, relay: str, address: str) -> LinkSession:
-        link = self.links.get(relay)
-        if link is not None and link.close_reason is None and not link.conn.closed:
-            return link
-        opening = self._opening.get(relay)
-        if opening is None:
-            opening = asyncio.get_running_loop().create_task(self._open(relay, address))
-            self._opening[relay] = opening
-            opening.add_done_callback(lambda _task: self._opening.pop(relay, None))
-        return await asyncio.shield(opening)
+        """A link to ``relay`` with room for one more dial: an open one, else a new one, up to links_per_pair."""
+        for _ in range(self.links_per_pair + 1):  # each turn sees one more link open, or refuses
+            live = [link for link in self.links.get(relay, ()) if link.close_reason is None and not link.conn.closed]
+            for link in live:
+                if link.dials() < self.link_dials:
+                    return link
+            opening = self._opening.get(relay)
+            if opening is None:
+                if len(live) >= self.links_per_pair:
+                    break
+                opening = asyncio.get_running_loop().create_task(self._open(relay, address))
+                self._opening[relay] = opening
+                opening.add_done_callback(lambda _task: self._opening.pop(relay, None))
+            link = await asyncio.shield(opening)
+            if link.dials() < self.link_dials:
+                return link
+        raise LinkFailed(f"relay {self.name} carries {self.links_per_pair * self.link_dials} dials to relay {relay} "
+                         f"at once, the most for one pair of relays ({self.links_per_pair} links of "
+                         f"{self.link_dials}); try again when one ends")
 
     async def _open(self, relay: str, address: str) -> LinkSession:
         settings = self.context.settings
-        cert, key, ca = await RELAY_POOL.run(lambda: (settings.server_cert_path.read_text(encoding="ascii"),
-                                                      settings.server_key_path.read_bytes(),
-                                                      settings.ca_cert_path.read_text(encoding="ascii")))
+        try:
+            cert, key, ca = await RELAY_POOL.run(lambda: (self.cert_path.read_text(encoding="ascii"),
+                                                          self.key_path.read_bytes(),
+                                                          settings.ca_cert_path.read_text(encoding="ascii")))
+        except OSError as error:  # the box's relay certificate not yet issued (its store was away at start)
+            raise LinkFailed(f"this relay has no relay certificate to link with yet ({error.strerror})") from None
         link, task = await open_link(relay, address, link_tls_context(ca), cert, key, new_id(TUNNEL))
-        self.links[relay] = link
+        self.links.setdefault(relay, []).append(link)
         self.links_opened += 1
-        log.info("link to relay %s at %s open", relay, address)
+        log.info("link to relay %s at %s open (%d to it)", relay, address, len(self.links[relay]))
 
         def ended(_task: asyncio.Task[None]) -> None:
-            if self.links.get(relay) is link:
-                del self.links[relay]
+            links = self.links.get(relay, [])
+            if link in links:
+                links.remove(link)
+            if not links:
+                self.links.pop(relay, None)
             _, reason, _ = link.close_reason or (ErrorCode.CANCEL, "closed", False)
             log.info("link to relay %s closed: %s", relay, reason)
 
@@ -305,6 +330,7 @@ class Peering:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(link.close(ErrorCode.NO_ERROR, "relay shutting down") for link in list(self.links.values())),
+        links = [link for pair in list(self.links.values()) for link in pair]
+        await asyncio.gather(*(link.close(ErrorCode.NO_ERROR, "relay shutting down") for link in links),
                              return_exceptions=True)
         await self.directory.close()

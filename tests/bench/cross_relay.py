@@ -8,7 +8,10 @@ rounds: ``--requests`` round trips of ``--size`` bytes (per round its p50 and
 p99), then ``--megabytes`` into a sink that confirms the count (Mbit/s). Per
 path: the median over rounds. Last line: JSON.
 
-    .venv/bin/python tests/bench/cross_relay.py [--rounds 5 --requests 1000 --megabytes 64]
+    .venv/bin/python tests/bench/cross_relay.py [--rounds 5 --requests 1000 --megabytes 64] [--box]
+
+``--box``: relay A is the one box (``serve --role all``, controller and relay in one process) with
+relay B added to it, the way a single box grows (controller/box_relay.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -72,11 +76,16 @@ def main() -> None:
     processes = []
     with tempfile.TemporaryDirectory(prefix="outpost-cross-relay-") as tmp:
         tmp_path = Path(tmp)
-        controller = RoleController(tmp_path / "controller", "controller")
+        box = "--box" in sys.argv
+        controller = RoleController(tmp_path / "controller", "all" if box else "controller")
         processes.append(controller.process)
         try:
-            relay_a = RelayProcess(controller, tmp_path, "ra")
-            processes.append(relay_a.process)
+            if box:
+                address = controller.url.removeprefix("https://")
+                relay_a = SimpleNamespace(address=address, url=f"wss://{address}/v1/tunnel", name="box")
+            else:
+                relay_a = RelayProcess(controller, tmp_path, "ra")
+                processes.append(relay_a.process)
             relay_b = RelayProcess(controller, tmp_path, "rb")
             processes.append(relay_b.process)
             for service in ("echo-near", "sink-near", "echo-far", "sink-far"):
@@ -105,7 +114,8 @@ def main() -> None:
                 process.stop()
             echo.close()
             sink.close()
-    result: dict = {"benchmark": "cross_relay", "size": size, "requests": requests, "megabytes": megabytes,
+    result: dict = {"benchmark": "cross_relay", "relay_a": "box (role all)" if "--box" in sys.argv else "relay",
+                    "size": size, "requests": requests, "megabytes": megabytes,
                     "rounds": rounds, "path_one_relay": "dialer agent -> relay A -> binder agent",
                     "path_cross_relay": "dialer agent -> relay A -> link -> relay B -> binder agent"}
     for path in paths:

@@ -155,7 +155,10 @@ def make_csr(key: Any, name: str = "gw") -> str:
 
 #: Tables of live state, not history: presence rows and heartbeats are rewritten by the relay's batches
 #: every 30 s (controller/presence.py) whatever a test does, as status.json is on a gateway.
-LIVE_TABLES = frozenset({"presence", "presence_relays"})
+LIVE_TABLES = frozenset({"presence", "presence_relays", "relay_services"})
+#: Columns of live state in tables of history: a relay's heartbeat (the controller in role all is one,
+#: controller/box_relay.py), written every 5 s whatever a test does.
+LIVE_COLUMNS = {"relays": ("heartbeat_at", "started_at", "tunnels")}
 
 
 def store_snapshot(path: Path, *, live: bool = False) -> dict[str, list[tuple]]:
@@ -168,9 +171,15 @@ def store_snapshot(path: Path, *, live: bool = False) -> dict[str, list[tuple]]:
         tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
                   if row[0] not in SQLITE_INTERNAL_TABLES and (live or row[0] not in LIVE_TABLES)]
         assert {"identities", "tokens", "policies", "status_changes", "audit"} <= set(tables), tables
-        return {table: list(connection.execute(f"SELECT * FROM {table} ORDER BY 1")) for table in tables}
+        return {table: list(connection.execute(f"SELECT {_columns(connection, table, live)} FROM {table} ORDER BY 1"))
+                for table in tables}
     finally:
         connection.close()
+
+
+def _columns(connection: sqlite3.Connection, table: str, live: bool) -> str:
+    left_out = () if live else LIVE_COLUMNS.get(table, ())
+    return ", ".join(row[1] for row in connection.execute(f"PRAGMA table_info({table})") if row[1] not in left_out)
 
 
 def audit_events_added(before: dict[str, list[tuple]], after: dict[str, list[tuple]]) -> list[tuple[str, dict]]:

@@ -41,7 +41,8 @@ def _signature(key: ec.EllipticCurvePrivateKey, nonce: bytes, server_der: bytes)
 
 def test_a_relay_enrolls_once_and_its_certificate_never_acts_as_a_gateway(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "c") as running:
+        # role controller: no relay of its own (a box is one, tests/controller/test_box_relay.py)
+        async with running_controller(tmp_path / "c", role="controller") as running:
             status, added = await running.call("POST", "/api/v1/relays", {"name": "r1", "address": "127.0.0.1:9443"})
             assert status == 201, added
             token = read_token(added["token"])
@@ -102,7 +103,8 @@ def test_a_relay_enrolls_once_and_its_certificate_never_acts_as_a_gateway(tmp_pa
 
 def test_bad_relay_input_is_refused_in_one_sentence(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "c") as running:
+        # role controller: no relay of its own (a box is one, tests/controller/test_box_relay.py)
+        async with running_controller(tmp_path / "c", role="controller") as running:
             for body, code in [({"name": "R 1", "address": "h:1"}, "invalid_name"),
                                ({"name": "r1", "address": "no-port"}, "invalid_address"),
                                ({"name": "r1", "address": "h:99999"}, "invalid_address")]:
@@ -143,7 +145,8 @@ def test_a_relay_renews_its_certificate_by_its_key_and_a_retired_one_stops(tmp_p
     from controller.settings import Settings
 
     async def scenario() -> None:
-        async with running_controller(tmp_path / "c") as running:
+        # role controller: no relay of its own (a box is one, tests/controller/test_box_relay.py)
+        async with running_controller(tmp_path / "c", role="controller") as running:
             status, added = await running.call("POST", "/api/v1/relays", {"name": "r1", "address": "127.0.0.1:9443"})
             assert status == 201
             token_file = tmp_path / "r1.token"

@@ -14,6 +14,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+from controller.store import Store
 from tests.e2e.harness import Process, python_env, run_cli
 
 #: How long one read of the status API may take on a loaded machine.
@@ -27,6 +28,16 @@ def ctl_config_naming(data: Path, url: str, path: Path) -> Path:
     path.write_text("\n".join(f'url = "{url}"' if line.startswith("url = ") else line
                               for line in config.splitlines()) + "\n")
     return path
+
+
+def bind_published(store_location: Path | str, service: str) -> bool:
+    """True once some process published a bind of ``service`` in the store (controller/relay/directory.py):
+    every process in role all is a relay of the store, and a dial at another one finds the gateway from then."""
+    store = Store(store_location)
+    try:
+        return bool(store.query("SELECT 1 FROM relay_services WHERE service = ?", (service,)))
+    finally:
+        store.close()
 
 
 class ServeProcess:

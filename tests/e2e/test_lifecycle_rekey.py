@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from outpostctl.quickstart import listening_port
 from tests.controller.harness import make_csr
 from tests.e2e.harness import Controller, EchoServer, Process, python_env, read_status, round_trip, run_cli, wait_until
-from tests.e2e.serve_process import ServeProcess
+from tests.e2e.serve_process import ServeProcess, bind_published
 from tests.e2e.test_lifecycle_revocation import ctl_via, second, start_gateway  # noqa: F401 (fixture)
 
 #: The issue's promise: the old key's tunnels close on every relay within this, as at revocation.
@@ -125,6 +125,9 @@ def test_re_enrolling_a_gateway_retires_the_old_device_on_every_process(
                           f'[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:{echo_server.port}"\n')
         new_agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
         wait_until(lambda: read_status(new_state).get("state") == "connected", what="the new device connected")
+        # Both processes are relays of the store (controller/box_relay.py): the dial may arrive at the one
+        # the device is not on, which finds it once its relay published the bind (a second at most).
+        wait_until(lambda: bind_published(controller.data / "store.sqlite3", "modbus"), what="the new device's bind published")
         env = python_env()
         env["OUTPOSTCTL_CONFIG"] = str(a_config)
         connect = Process([sys.executable, "-m", "outpostctl", "connect", "modbus", "--listen", "127.0.0.1:0"],

@@ -52,7 +52,9 @@ def start_gateway(b: ServeProcess, tmp_path: Path, name: str, echo: EchoServer) 
     enrolled = run_cli("agent", "enroll", "--token", str(token), "--state", str(state), "--keystore", "software")
     assert enrolled.returncode == 0, enrolled.stderr
     config = tmp_path / f"{name}.toml"
+    # Every process is a relay of the store (controller/box_relay.py): the gateway prefers B to be B's.
     config.write_text(f'state_dir = "{state}"\n\n[keystore]\nbackend = "software"\n\n'
+                      f'[link]\nprefer_relays = ["{b.url.removeprefix("https://")}"]\n\n'
                       f'[[bind]]\nservice = "modbus"\ntarget = "127.0.0.1:{echo.port}"\n')
     agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)])
     wait_until(lambda: read_status(state).get("state") == "connected", what=f"{name} connected")
