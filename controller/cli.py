@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -339,6 +340,26 @@ def backup_or_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def exit_without_teardown() -> NoReturn:
+    """End a stopped ``serve`` at once, without freeing its objects one by one.
+
+    By now every tunnel was told to go, the store written and closed, and the
+    listeners shut. What the interpreter's own exit would still do is free
+    every object of the stopped tunnels, one at a time: 0.5 s of the 1.3 s a
+    stop of 4,000 tunnels cost the event loop's thread (py-spy), all before
+    systemd or an agent learns the process is gone. The worker jobs already
+    started finish first, and the log handlers are flushed, as at a normal exit.
+    """
+    from controller.blocking import API_POOL, RELAY_POOL
+
+    for pool in (API_POOL, RELAY_POOL):
+        pool.finish()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # The journal with structured fields under systemd (python3-systemd), stderr otherwise.
     service_manager.configure_logging(logging.INFO, identifier="outpost-controller")
@@ -358,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return audit_cli.run(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
+        exit_without_teardown()
     except OutpostError as error:
         print(str(error), file=sys.stderr)
         return error.exit_code
