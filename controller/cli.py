@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import ipaddress
@@ -323,7 +324,7 @@ async def serve(settings: Settings) -> None:
         stopped.cancel()
         # The process ends after this stop (exit_without_teardown): no collection of cycles during it.
         # The stop's own short-lived objects set off the collector every few hundred allocations,
-        # 0.2 s of the 0.55 s of CPU a stop of 5,000 tunnels cost; the exit frees what is left at once.
+        # 0.08-0.19 s of a stop of 5,000 tunnels (0.55-0.6 s of CPU); the exit frees what is left at once.
         gc.disable()
     finally:
         await server.stop()
@@ -360,8 +361,9 @@ def exit_without_teardown() -> NoReturn:
     for pool in (API_POOL, RELAY_POOL):
         pool.finish()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, or the stream closed: nothing to keep
+            stream.flush()
     os._exit(0)
 
 
