@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from controller.audit_chain import INDEXED_FIELDS, insert_chained, load_or_create_key
+from controller.audit_chain import INDEXED_FIELDS, ChainedEvent, insert_chained_many, load_or_create_key
 from controller.correlation import OTHER, new_id, scope_fields
 from controller.store import Store, Transaction
 
@@ -221,8 +221,7 @@ class AuditLog:
                 kept += copied
         if kept:
             with self._store.transaction() as db:
-                for event, fields in kept:
-                    self._insert(db, event, fields)
+                insert_chained_many(db, self.chain_key, [self._chained(event, fields) for event, fields in kept])
         return len(kept)
 
     def record_anonymous(self, event: str, **fields: Any) -> bool:
@@ -267,12 +266,14 @@ class AuditLog:
         return recorded
 
     def _insert(self, db: Transaction, event: str, fields: dict[str, Any]) -> None:
+        insert_chained_many(db, self.chain_key, [self._chained(event, fields)])
+
+    def _chained(self, event: str, fields: dict[str, Any]) -> ChainedEvent:
         # The attempt's shared fields (its correlation id, a management request's actor) unless named here.
         fields = {**scope_fields(), **fields}
         fields.setdefault("correlation", new_id(OTHER))
         columns = {name: value if isinstance(value := fields.get(name), str) else None for name in INDEXED_FIELDS}
-        insert_chained(db, self.chain_key, time.time(), event, json.dumps(fields, sort_keys=True, default=str),
-                       columns)
+        return time.time(), event, json.dumps(fields, sort_keys=True, default=str), columns
 
     def recent(self, limit: int = DEFAULT_AUDIT_PAGE) -> list[dict[str, Any]]:
         """The newest ``limit`` events, oldest first."""

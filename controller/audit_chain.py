@@ -35,6 +35,9 @@ from controller.store import Parameters, Store, Transaction
 
 log = logging.getLogger(__name__)
 
+#: One event to chain: its time, name, fields as JSON, and the indexed columns (correlation, identity, service).
+ChainedEvent = tuple[float, str, str, dict[str, str | None]]
+
 KEY_FILE = "audit.key"
 #: 256 bits: the HMAC-SHA256 key size; nobody guesses it.
 KEY_BYTES = 32
@@ -90,22 +93,29 @@ def compute_mac(key: bytes, previous: str, row_id: int, time: float, event: str,
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def insert_chained(db: Transaction, key: bytes, time: float, event: str, fields: str,
-                   columns: dict[str, str | None]) -> None:
-    """Insert one event as the chain's new head (inside the caller's write transaction).
+def insert_chained_many(db: Transaction, key: bytes, events: list[ChainedEvent]) -> None:
+    """Insert ``events`` in order as the chain's new heads (inside the caller's write transaction).
 
     Two writers must never read the same head, and they cannot: every write
     transaction holds the store's one write lock, on every process
     (SQLite's ``BEGIN IMMEDIATE``, PostgreSQL's transaction-scoped advisory
-    lock; controller/store.py).
+    lock; controller/store.py). The head is read once and the rows go to the store in one call: a stop's
+    10,000 ``tunnel_closed`` rows cost 20 reads and calls, not 20,000.
     """
+    if not events:
+        return
     head = db.query_one("SELECT id, mac FROM audit ORDER BY id DESC LIMIT 1")
-    row_id = 1 if head is None else int(head["id"]) + 1
+    row_id = 0 if head is None else int(head["id"])
     previous = "" if head is None or head["mac"] is None else str(head["mac"])
-    mac = compute_mac(key, previous, row_id, time, event, fields)
-    db.execute(
+    rows: list[tuple[object, ...]] = []
+    for time, event, fields, columns in events:
+        row_id += 1
+        previous = compute_mac(key, previous, row_id, time, event, fields)
+        rows.append((row_id, time, event, fields, columns["correlation"], columns["identity"], columns["service"],
+                     previous))
+    db.execute_many(
         "INSERT INTO audit (id, time, event, fields, correlation, identity, service, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (row_id, time, event, fields, columns["correlation"], columns["identity"], columns["service"], mac),
+        rows,
     )
 
 

@@ -68,6 +68,13 @@ class WorkerPool:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
             return self._executor
 
+    def finish(self) -> None:
+        """Wait for the jobs started so far (a process about to exit without its own teardown)."""
+        with self._lock:
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=True)
+
     async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``function(*args, **kwargs)`` in a worker thread; its result or its exception."""
         # The caller's context (its audit scope, controller/correlation.py) goes along, as with asyncio.to_thread.

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -319,6 +322,10 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait((retired, stopped), return_when=asyncio.FIRST_COMPLETED)
         retired.cancel()
         stopped.cancel()
+        # The process ends after this stop (exit_without_teardown): no collection of cycles during it.
+        # The stop's own short-lived objects set off the collector every few hundred allocations,
+        # 0.08-0.19 s of a stop of 5,000 tunnels (0.55-0.6 s of CPU); the exit frees what is left at once.
+        gc.disable()
     finally:
         await server.stop()
         context.close()
@@ -337,6 +344,27 @@ def backup_or_restore(args: argparse.Namespace) -> int:
         print(f"restored {path} into {data}; start outpost-controller serve --data {data} "
               "(with the same --listen and --advertise, so agents find it).")
     return 0
+
+
+def exit_without_teardown() -> NoReturn:
+    """End a stopped ``serve`` at once, without freeing its objects one by one.
+
+    By now every tunnel was told to go, the store written and closed, and the
+    listeners shut. What the interpreter's own exit would still do is free
+    every object of the stopped tunnels, one at a time: 0.5 s of the 1.3 s a
+    stop of 4,000 tunnels cost the event loop's thread (py-spy), all before
+    systemd or an agent learns the process is gone. The worker jobs already
+    started finish first, and the log handlers are flushed, as at a normal exit.
+    """
+    from controller.blocking import API_POOL, RELAY_POOL
+
+    for pool in (API_POOL, RELAY_POOL):
+        pool.finish()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader gone, or the stream closed: nothing to keep
+            stream.flush()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return audit_cli.run(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
+        exit_without_teardown()
     except OutpostError as error:
         print(str(error), file=sys.stderr)
         return error.exit_code

@@ -170,20 +170,19 @@ class PresenceBook:
                 (self.relay_id, self.started_at, now),
             )
             db.execute("DELETE FROM presence_relays WHERE updated_at < ?", (now - RELAY_ROW_RETENTION,))
-            for row in rows:
-                db.execute(
-                    "INSERT INTO presence (tenant, name, relay, online, connected_since, last_seen, remote, "
-                    "keepalive_s, report, report_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (tenant, name, relay) DO UPDATE SET online = excluded.online, "
-                    "connected_since = excluded.connected_since, last_seen = excluded.last_seen, "
-                    "remote = excluded.remote, keepalive_s = excluded.keepalive_s, report = excluded.report, "
-                    "report_at = excluded.report_at, updated_at = excluded.updated_at",
-                    row,
-                )
-                if not row[3]:
-                    # This row is now the identity's latest word: older offline rows of other processes go.
-                    db.execute("DELETE FROM presence WHERE tenant = ? AND name = ? AND relay <> ? AND online = 0 "
-                               "AND last_seen <= ?", (row[0], row[1], self.relay_id, row[5]))
+            # Each statement once for all its rows (a stop writes every tunnel's row at once).
+            db.execute_many(
+                "INSERT INTO presence (tenant, name, relay, online, connected_since, last_seen, remote, "
+                "keepalive_s, report, report_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (tenant, name, relay) DO UPDATE SET online = excluded.online, "
+                "connected_since = excluded.connected_since, last_seen = excluded.last_seen, "
+                "remote = excluded.remote, keepalive_s = excluded.keepalive_s, report = excluded.report, "
+                "report_at = excluded.report_at, updated_at = excluded.updated_at",
+                rows,
+            )
+            # An offline row is now the identity's latest word: older offline rows of other processes go.
+            db.execute_many("DELETE FROM presence WHERE tenant = ? AND name = ? AND relay <> ? AND online = 0 "
+                            "AND last_seen <= ?", [(row[0], row[1], self.relay_id, row[5]) for row in rows if not row[3]])
         self.rows_written += len(rows)
         self.flushes += 1
         self.write_seconds += time.perf_counter() - started

@@ -218,6 +218,11 @@ class Transaction:
     def execute(self, sql: str, parameters: Parameters = ()) -> Cursor:
         raise NotImplementedError
 
+    def execute_many(self, sql: str, rows: list[Parameters]) -> None:
+        """``sql`` once for each of ``rows``, in order; an engine hands them over in one call."""
+        for parameters in rows:
+            self.execute(sql, parameters)
+
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
         return list(self.execute(sql, parameters).fetchall())
 

@@ -306,6 +306,10 @@ class PostgresTransaction(Transaction):
     def execute(self, sql: str, parameters: Parameters = ()) -> Cursor:
         return self._connection.execute(query_bytes(sql), adapt(parameters))
 
+    def execute_many(self, sql: str, rows: list[Parameters]) -> None:
+        with self._connection.cursor() as cursor:
+            cursor.executemany(query_bytes(sql), [adapt(parameters) for parameters in rows])
+
     def translate_ddl(self, statement: str) -> str:
         return translate_ddl(statement)
 

@@ -78,6 +78,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ERROR_LINE = re.compile(r"Traceback|\bERROR\b|Error:|exception", re.IGNORECASE)
 #: ``--busy-stop``: a process that keeps one core busy (other work on a shared machine), for at most argv[1] s.
 SPINNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass\n"
+#: ``--profile-stop``: how long py-spy is given to attach to the relay before the stop's signal.
+PROFILER_ATTACH = 1.0
 RUNNER = r"""
 import logging, sys
 sys.path.insert(0, sys.argv[1])
@@ -87,6 +89,7 @@ from shared.event_loop import run
 service_manager.configure_logging(logging.WARNING, identifier="outpost-controller")
 args = cli.build_parser().parse_args(sys.argv[2:])
 run(cli.serve(cli.settings_from_args(args)), args.event_loop)
+cli.exit_without_teardown()  # as outpost-controller serve ends
 """
 
 
@@ -184,11 +187,15 @@ def enroll_fleet(data: Path, port: int, count: int) -> list[TunnelCredentials]:
 class Relay:
     """The relay process under test, on a fixed port so that it can be restarted under the fleet."""
 
-    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path, busy_stop: int = 0) -> None:
+    def __init__(self, data: Path, port: int, tunnels: int, log_path: Path, busy_stop: int = 0,
+                 profile_stop: Path | None = None) -> None:
         self.data, self.port, self.tunnels, self.log_path = data, port, tunnels, log_path
         self.process: subprocess.Popen[str] | None = None
         #: Processes that spin on a core from just before each stop's signal until the relay exited.
         self.busy_stop = busy_stop
+        #: ``--profile-stop``: py-spy records each stop into this file's name plus the stop's number.
+        self.profile_stop = profile_stop
+        self.stops = 0
 
     def start(self) -> float:
         """Start; returns the monotonic time it said it was ready."""
@@ -229,6 +236,7 @@ class Relay:
         """
         process = self.process
         assert process is not None
+        profiler = self._start_profiler()
         load = [round(value, 2) for value in os.getloadavg()]
         cpu = cpu_seconds(process.pid)
         begin_cpu, begin_wait = schedstat(process.pid)
@@ -251,6 +259,8 @@ class Relay:
             for spinner in spinners:
                 spinner.kill()
                 spinner.wait()
+            if profiler is not None:
+                profiler.wait(PROFILER_ATTACH + STOP_TIMEOUT)
         total = usage.ru_utime + usage.ru_stime - cpu
         loop_cpu, loop_wait = (end_cpu - begin_cpu) / 1e9, (end_wait - begin_wait) / 1e9
         return {
@@ -262,6 +272,20 @@ class Relay:
             "event_loop_blocked_s": round(max(0.0, took - loop_cpu - loop_wait), 2),
             "other_threads_cpu_s": round(max(0.0, total - loop_cpu), 2),
         }
+
+    def _start_profiler(self) -> subprocess.Popen[bytes] | None:
+        """py-spy recording the relay until it exits (``--profile-stop``), or None; its attaching is not timed."""
+        self.stops += 1
+        if self.profile_stop is None:
+            return None
+        spy = Path(sys.executable).with_name("py-spy")
+        output = self.profile_stop.with_name(f"{self.profile_stop.name}.{self.stops}")
+        assert self.process is not None
+        profiler = subprocess.Popen([str(spy), "record", "--pid", str(self.process.pid), "--format", "raw",
+                                     "--rate", "250", "--threads", "--nonblocking", "-o", str(output)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(PROFILER_ATTACH)
+        return profiler
 
     def error_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if ERROR_LINE.search(line)]
@@ -422,6 +446,8 @@ def main() -> None:
                         help="tunnels connecting at once during the first bring-up (few: admissions arrive spread out)")
     parser.add_argument("--busy-stop", type=int, default=0, metavar="N",
                         help="N processes keep a core busy during each stop (the stop on a loaded machine)")
+    parser.add_argument("--profile-stop", type=Path, default=None, metavar="FILE",
+                        help="record each stop with py-spy (collapsed stacks) into FILE.1, FILE.2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the fleet's own reconnect lines would be 10,000 each
     from shared.event_loop import run, uvloop_module
@@ -434,7 +460,8 @@ def main() -> None:
         credentials = enroll_fleet(data, port, args.tunnels)
         enroll_s = time.monotonic() - started
         print(f"enrolled {args.tunnels} in {enroll_s:.1f} s", file=sys.stderr, flush=True)
-        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop)
+        relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop,
+                      args.profile_stop)
         result = run(measure(credentials, relay, args.ramp), "auto")
     print(json.dumps({
         "benchmark": "fleet_scale",

@@ -270,6 +270,38 @@ def test_writers_on_several_connections_make_one_chain_on_either_engine(store_lo
             store.close()
 
 
+def test_batches_and_single_events_interleaved_make_one_chain_on_either_engine(store_location: str | Path) -> None:
+    """A batch (a stop's closed tunnels) reads the head once and chains its rows in order, between other writers."""
+    key = os.urandom(32)
+    stores = [Store(store_location) for _ in range(2)]
+    try:
+        batcher, single = (AuditLog(store, chain_key=key) for store in stores)
+
+        def batches() -> None:
+            for b in range(5):
+                batcher.record_many([("tunnel_closed", {"identity": f"default/gw-{b}-{i}", "reason": "relay shutting down"})
+                                     for i in range(40)])
+
+        def singles() -> None:
+            for i in range(30):
+                single.record("identity_created", identity=f"default/one-{i}")
+
+        threads = [threading.Thread(target=batches), threading.Thread(target=singles)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        rows = list(rows_of(stores[0]))
+        assert [row[0] for row in rows] == list(range(1, 231))
+        closed = [json.loads(row[3])["identity"] for row in rows if row[2] == "tunnel_closed"]
+        assert closed == [f"default/gw-{b}-{i}" for b in range(5) for i in range(40)]
+        report = verify(rows, key)
+        assert report.ok, report
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_an_old_store_never_opened_by_a_chaining_controller_is_told_so_in_one_sentence(tmp_path: Path) -> None:
     data = tmp_path / "old"
     data.mkdir()

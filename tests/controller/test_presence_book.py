@@ -138,3 +138,32 @@ def test_heartbeat_rows_of_long_gone_processes_are_removed(store: Store) -> None
     clock.now = T0 + RELAY_ROW_RETENTION + 1
     PresenceBook(store, "relay-new", clock).write([])
     assert [row["relay"] for row in store.query("SELECT relay FROM presence_relays")] == ["relay-new"]
+
+
+def test_a_stop_writes_every_tunnels_offline_row_in_one_batch_and_older_offline_rows_go(store: Store) -> None:
+    clock = Clock()
+    earlier = PresenceBook(store, "relay-earlier", clock)
+    fleet_names = [f"gw-{n:03d}" for n in range(120)]
+    for name in fleet_names:  # each was on another process before, and went offline there
+        earlier_tunnel = tunnel(name, clock, [T0])
+        earlier.up(earlier_tunnel)
+        earlier.down(earlier_tunnel)
+    earlier.write(earlier.collect())
+    clock.now = T0 + 10
+    book = PresenceBook(store, "relay-a", clock)
+    seen = [clock.now]
+    live = [tunnel(name, clock, seen) for name in fleet_names]
+    for each in live:
+        book.up(each)
+    book.write(book.collect())
+    seen[0] = clock.now = T0 + 20
+    for each in live:  # the stop ends them all, then writes once
+        book.down(each)
+    flushes, written = book.flushes, book.rows_written
+    book.write(book.collect())
+    assert (book.flushes - flushes, book.rows_written - written) == (1, len(fleet_names))
+    entries = fleet(store, [identity(name) for name in fleet_names], PresenceBook(store, "reader", clock),
+                    now=clock.now)
+    assert {(e["presence"], e["last_seen"], e["relay"]) for e in entries} == {("offline", T0 + 20, "relay-a")}
+    # The other process's older offline rows went with it: one row per gateway is left.
+    assert store.query_one("SELECT COUNT(*) AS n FROM presence")["n"] == len(fleet_names)  # type: ignore[index]

@@ -74,3 +74,32 @@ def test_bad_filter_values_say_what_to_write_and_exit_non_zero(controller: Contr
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     missing = controller.ctl("identity", "show", "nobody-here", check=False)
     assert missing.returncode != 0 and "There is no identity default/nobody-here" in missing.stderr
+
+
+def test_a_graceful_stop_tells_the_agent_when_to_come_back_and_leaves_it_offline_in_the_store(
+        controller: Controller, tmp_path: Path) -> None:
+    # The stop ends the process without the interpreter's own teardown (controller/cli.py): what it
+    # must leave behind, its log lines, presence rows and audit rows, is checked from outside.
+    state = enroll_gateway(controller, tmp_path, "gw-stopped", "gateway")
+    agent = start_agent(tmp_path, "gw-stopped", state)
+    try:
+        wait_until(lambda: listed(controller)["gw-stopped"]["presence"] == "online", what="online")
+        assert controller.process.stop() == 0
+        wait_until(lambda: "relay shutting down" in (read_status(state).get("last_drop") or ""),
+                   what="the agent told why its tunnel ended")
+        assert read_status(state)["state"] == "waiting"
+    finally:
+        agent.stop()
+    assert "the relay asked us to come back in" in agent.output
+    assert "audit checkpoint " in controller.process.output  # logged last, after the tunnels' rows
+    assert not [line for line in controller.process.lines if "Traceback" in line or " ERROR " in line]
+    again = Controller(controller.data)
+    try:
+        assert listed(again)["gw-stopped"]["presence"] == "offline"
+        events = json.loads(again.ctl("audit", "--json").stdout)["events"]
+        closed = [e["fields"] for e in events if e["event"] == "tunnel_closed"
+                  and e["fields"]["identity"] == "default/gw-stopped"]
+        assert [(c["closed_by"], c["reason"]) for c in closed] == [("relay", "relay shutting down")]
+        assert again.ctl("audit", "verify").stdout.startswith("the chain is whole: ")
+    finally:
+        again.process.stop()
