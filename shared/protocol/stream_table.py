@@ -160,12 +160,15 @@ class StreamTable:
         return 0
 
     def acknowledge(self, stream_id: int, n: int) -> None:
-        require(_is_count(n), "the acknowledged byte count must be a non-negative integer")
+        # Checked inline, the sentences formatted only for a refusal: this runs for every message read.
+        if not (type(n) is int and n >= 0) and not _is_count(n):
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR, "the acknowledged byte count must be a non-negative integer")
         stream = self.streams.get(stream_id) or self.draining.get(stream_id)
         if stream is None or self._endpoint.closed:
             return  # reset streams need no credit; their data is accounted for
-        require(n <= stream.unacknowledged,
-                f"stream {stream_id} has only {stream.unacknowledged} unacknowledged bytes, not {n}")
+        if n > stream.unacknowledged:
+            raise LocalProtocolError(ErrorCode.PROTOCOL_ERROR,
+                                     f"stream {stream_id} has only {stream.unacknowledged} unacknowledged bytes, not {n}")
         stream.unacknowledged -= n
         self.unread -= n
         if stream.state is _CLOSED:
@@ -292,7 +295,9 @@ class StreamTable:
         return stream_id < self.next_local_id
 
     def _live(self, stream_id: int) -> Stream:
-        self._endpoint.require_ready()
+        endpoint = self._endpoint
+        if endpoint.closed or not endpoint.authenticated:
+            endpoint.require_ready()  # raises the sentence that says which; three calls saved per message
         stream = self.streams.get(stream_id)
         if stream is None:
             if self._was_opened(stream_id):

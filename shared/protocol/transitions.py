@@ -22,6 +22,10 @@ _RECEIVE = "receive "
 class MachineInput(enum.Enum):
     """An input of a transition table; its value reads ``send FRAME`` or ``receive FRAME``."""
 
+    # Members are singletons compared by identity, so identity is a valid hash; Enum's own hashes
+    # the name in Python, a frame per table lookup, and the core looks up a step per frame.
+    __hash__ = object.__hash__
+
     @property
     def received(self) -> bool:
         """True for what the peer sent, False for what this end chose to do."""
@@ -44,7 +48,7 @@ class TransitionTable(Generic[StateT, InputT]):
 
     def __init__(self, rows: Mapping[tuple[StateT, InputT], StateT], *,
                  local_code: ErrorCode, remote_code: Callable[[InputT], ErrorCode]) -> None:
-        #: the table itself; a test may read it, nothing else consults it directly
+        #: the table itself; ``Stream.take`` reads it directly (a step per frame), as a test may
         self.rows = rows
         self._local_code = local_code
         self._remote_code = remote_code

@@ -322,3 +322,9 @@ def test_syscalls_counts_each_process_of_each_path_per_round_trip() -> None:
         assert set(found["per_process"]["stunnel"]) == STUNNEL_PROCESSES - {"path_total"}
     else:
         assert "stunnel4" in found["stunnel_skipped"]
+
+
+def test_core_per_message_reports_the_protocol_cores_time_per_round_trip() -> None:
+    found = run_bench("core_per_message", "--requests", "200", "--rounds", "2")
+    assert found["requests"] == 200 and found["rounds"] == 2
+    assert 0 < found["core_us_per_round_trip_best"] <= found["core_us_per_round_trip"]

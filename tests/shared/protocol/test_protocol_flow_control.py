@@ -259,3 +259,36 @@ def test_unsent_bytes_count_what_is_queued_until_it_is_taken() -> None:
     assert queued > 3 * MAX_SEND_PAYLOAD
     assert len(pair.agent.data_to_send()) == queued
     assert pair.agent.unsent_bytes == 0
+
+
+@pytest.mark.parametrize("count", [-1, True, 1.5, "3", None])
+def test_an_acknowledged_count_that_is_not_a_non_negative_integer_is_refused(count: object) -> None:
+    pair = make_pair()
+    stream_id = pair.agent.open_stream("svc")
+    pair.agent.send_data(stream_id, b"abc")
+    pair.pump()
+    before = snapshot(pair.relay)
+    with pytest.raises(LocalProtocolError, match="must be a non-negative integer"):
+        pair.relay.acknowledge_received(stream_id, count)  # type: ignore[arg-type]
+    assert snapshot(pair.relay) == before
+
+
+def test_acknowledging_more_than_was_received_is_refused_and_names_the_counts() -> None:
+    pair = make_pair()
+    stream_id = pair.agent.open_stream("svc")
+    pair.agent.send_data(stream_id, b"abc")
+    pair.pump()
+    with pytest.raises(LocalProtocolError, match=f"stream {stream_id} has only 3 unacknowledged bytes, not 4"):
+        pair.relay.acknowledge_received(stream_id, 4)
+    pair.relay.acknowledge_received(stream_id, 3)  # the exact count still goes through
+
+
+def test_data_before_authentication_and_after_close_is_refused_with_the_reason() -> None:
+    pair = make_pair(authenticate=False)
+    with pytest.raises(LocalProtocolError, match="not authenticated yet"):
+        pair.agent.send_data(1, b"x")
+    pair = make_pair()
+    stream_id = pair.agent.open_stream("svc")
+    pair.agent.close()
+    with pytest.raises(LocalProtocolError, match="the tunnel is closed"):
+        pair.agent.send_data(stream_id, b"x")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from protocol_pairs import CHAIN, NONCE, SIGNATURE, make_pair, raw_frame, read_frames
 
@@ -16,7 +18,9 @@ from shared.protocol import (
     ProtocolLimits,
     Role,
 )
+from shared.protocol.endpoint import Endpoint
 from shared.protocol.frames import FrameType, decode_code_reason
+from shared.protocol.liveness import Keepalive
 
 KEEPALIVE = 25.0
 PING_TIMEOUT = 10.0
@@ -164,3 +168,29 @@ def test_bad_liveness_and_limit_settings_are_refused_with_a_clear_error() -> Non
         Liveness(keepalive_interval=0)
     with pytest.raises(InvalidLimits, match="window"):
         ProtocolLimits(initial_window=0)
+
+
+def _deadline_by_definition(keepalive: Keepalive) -> float | None:
+    """The next deadline as the four named deadlines define it: the earliest that is set."""
+    auth = keepalive.auth_deadline if not keepalive._endpoint.authenticated else None
+    found = [d for d in (auth, keepalive.ping_due(), keepalive.dead_at(), keepalive.idle_at()) if d is not None]
+    return min(found) if found else None
+
+
+def test_next_deadline_is_the_earliest_named_deadline_in_every_state() -> None:
+    """The folded-in ``next_deadline`` agrees with its definition for every combination of states."""
+    rng = random.Random(14)
+    checked = 0
+    for _ in range(3000):
+        settings = Liveness(keepalive_interval=rng.choice([None, 0.5, 5.0, 30.0]),
+                            ping_timeout=rng.choice([0.25, 5.0, 60.0]),
+                            idle_timeout=rng.choice([None, 1.0, 45.0, 600.0]))
+        endpoint = Endpoint(rng.choice([Role.AGENT, Role.RELAY]), ProtocolLimits())
+        keepalive = Keepalive(endpoint, settings, now=rng.uniform(0, 100))
+        endpoint.authenticated = rng.random() < 0.7
+        keepalive.last_received = rng.uniform(0, 200)
+        if rng.random() < 0.5:
+            keepalive.ping_sent_at = keepalive.last_received + rng.uniform(-50, 50)
+        assert keepalive.next_deadline() == _deadline_by_definition(keepalive)
+        checked += 1
+    assert checked == 3000
