@@ -90,3 +90,12 @@ def make_pair(now: float = 0.0, *, relay_limits: ProtocolLimits = ProtocolLimits
 def snapshot(conn: Connection) -> ConnectionSnapshot:
     """Everything a failed call must leave as it was."""
     return conn.snapshot()
+
+
+def stream_still_works(pair: Pair) -> None:
+    """A stream opened after whatever the test did still carries data: the tunnel lives."""
+    stream_id = pair.agent.open_stream("svc")
+    pair.agent.send_data(stream_id, b"still here")
+    relay_events, _ = pair.pump()
+    assert not pair.relay.closed and not pair.agent.closed
+    assert any(getattr(e, "data", None) == b"still here" for e in relay_events)

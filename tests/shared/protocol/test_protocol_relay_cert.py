@@ -6,7 +6,7 @@ import base64
 import json
 
 import pytest
-from protocol_pairs import NONCE, Pair, make_pair, raw_frame, read_frames
+from protocol_pairs import NONCE, Pair, make_pair, raw_frame, read_frames, stream_still_works
 
 from shared.protocol import (
     MAX_RELAY_CERT_BYTES,
@@ -48,14 +48,6 @@ def test_the_binding_names_the_tunnel_and_the_certificate() -> None:
     assert relay_cert_message(bytes(32), digest) != relay_cert_message(NONCE, digest)
 
 
-def _tunnel_lives(pair: Pair) -> None:
-    stream_id = pair.agent.open_stream("svc")
-    pair.agent.send_data(stream_id, b"still here")
-    relay_events, _ = pair.pump()
-    assert not pair.relay.closed and not pair.agent.closed
-    assert any(getattr(e, "data", None) == b"still here" for e in relay_events)
-
-
 @pytest.mark.parametrize("payload, why", [
     (b"{" + b" " * MAX_RELAY_CERT_BYTES + b"}", f"more than {MAX_RELAY_CERT_BYTES}"),
     (b"not json", "not JSON"),
@@ -68,7 +60,7 @@ def test_an_unreadable_push_is_refused_alone(pair: Pair, payload: bytes, why: st
     [event] = offered(events)
     assert event.refused is not None and why in event.refused and event.certificate == b""
     assert pair.agent.data_to_send() == b""
-    _tunnel_lives(pair)
+    stream_still_works(pair)
 
 
 def test_the_relay_refuses_a_relay_cert_from_an_agent(pair: Pair) -> None:
@@ -105,4 +97,4 @@ def test_a_flood_of_pushes_is_only_events(pair: Pair) -> None:
     frame = raw_frame(FrameType.RELAY_CERT, 0, b'{"certificate": "AA==", "signature": "AA=="}')
     events = pair.agent.receive_data(frame * 1000, 1.0)
     assert len(offered(events)) == 1000 and pair.agent.data_to_send() == b""
-    _tunnel_lives(pair)
+    stream_still_works(pair)

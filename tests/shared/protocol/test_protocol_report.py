@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from protocol_pairs import Pair, make_pair, raw_frame, read_frames
+from protocol_pairs import Pair, make_pair, raw_frame, read_frames, stream_still_works
 
 from shared.protocol import ErrorCode, LocalProtocolError, RemoteProtocolError, ReportReceived
 from shared.protocol.control import MAX_REPORT_BYTES, MAX_REPORT_ERROR_CHARS
@@ -37,14 +37,6 @@ def test_unknown_fields_of_a_newer_agent_are_dropped(pair: Pair) -> None:
     assert event.report == {"agent_version": "2.0"}
 
 
-def _stream_still_works(pair: Pair) -> None:
-    stream_id = pair.agent.open_stream("svc")
-    pair.agent.send_data(stream_id, b"still here")
-    relay_events, _ = pair.pump()
-    assert not pair.relay.closed and not pair.agent.closed
-    assert any(getattr(e, "data", None) == b"still here" for e in relay_events)
-
-
 @pytest.mark.parametrize("payload, why", [
     (b"{" + b" " * MAX_REPORT_BYTES + b"}", f"more than {MAX_REPORT_BYTES}"),
     (b"not json", "not JSON"),
@@ -61,7 +53,7 @@ def test_a_bad_report_is_refused_and_the_tunnel_lives(pair: Pair, payload: bytes
     [event] = reports(events)
     assert event.report is None and event.refused is not None and why in event.refused
     assert pair.relay.data_to_send() == b""  # nothing answers a report, not even a refused one
-    _stream_still_works(pair)
+    stream_still_works(pair)
 
 
 def test_a_flood_of_reports_is_only_events() -> None:
@@ -69,7 +61,7 @@ def test_a_flood_of_reports_is_only_events() -> None:
     frame = raw_frame(FrameType.REPORT, 0, b"junk")
     events = pair.relay.receive_data(frame * 1000, 1.0)
     assert len(reports(events)) == 1000 and pair.relay.data_to_send() == b""
-    _stream_still_works(pair)
+    stream_still_works(pair)
 
 
 def test_a_report_past_the_control_frame_limit_ends_the_tunnel_at_its_header(pair: Pair) -> None:
