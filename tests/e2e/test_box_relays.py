@@ -81,6 +81,8 @@ def test_a_box_and_a_relay_added_later_dial_each_other_both_ways(tmp_path: Path,
 
         listed = relays_listed(box)
         assert listed[own.name]["health"] == "live" and listed[own.name]["address"] == own.address
+        # Each end writes its link's audit row from a queue, a moment after the link is up.
+        wait_until(lambda: len(audit_events(box, "link_connected")) >= 2, what="both links' rows")
         connected = audit_events(box, "link_connected")
         assert {(e["relay"], e["peer"]) for e in connected} == {(own.name, "rr"), ("rr", own.name)}
         wait_until(lambda: len([e for e in audit_events(box, "dial_served") if e.get("link")]) == 2,
