@@ -96,6 +96,16 @@ def test_a_box_store_moves_whole_and_counters_continue_past_every_id_it_gave_out
         assert after.ok and after.checked > before.checked and after.chain_start == before.chain_start, after
     finally:
         store.close()
+    # The operator's offline check reads the chain where it now is, across the moved rows and the new ones.
+    code, out, err = cli(capsys, "audit", "verify", "--data", str(data), "--store", postgres_url)
+    assert code == 0 and out.startswith("the chain is whole") and f"to {after.head[0] if after.head else 0}" in out, err
+    with psycopg.connect(postgres_url, autocommit=True) as connection:  # as the owner: past the append-only trigger
+        connection.execute("ALTER TABLE audit DISABLE TRIGGER audit_append_only")
+        connection.execute("UPDATE audit SET event = 'edited' WHERE id = (SELECT min(id) FROM audit)")
+    code, out, _ = cli(capsys, "audit", "verify", "--data", str(data), "--store", postgres_url)
+    assert code == 65 and "its MAC does not match" in out
+    code, _, err = cli(capsys, "audit", "verify", "--data", str(data), "--store", str(data / "store.sqlite3"))
+    assert code == 64 and "is not a postgresql:// URL" in err
     # The target now holds a store: a second move is refused, the source is untouched.
     code, _, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
     assert code == store_move.EXIT_TARGET_NOT_EMPTY and "already holds an Outpost store" in err
