@@ -158,20 +158,26 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
         connection.close()
 
 
-def _connect(url: str) -> Any:
-    """An autocommit connection to ``url`` (the transaction is begun by hand, as the store does)."""
+def check_to(url: str) -> None:
+    """One sentence (exit 64) for a ``--to`` that is not a PostgreSQL URL libpq can read; nothing opened."""
     if not url.startswith(("postgresql://", "postgres://")):
         shown = f"{url.split(':', 1)[0]}://..." if is_url(url) else repr(url)
         raise MoveUsageError(f"--to {shown} is not a PostgreSQL URL; give postgresql://USER@HOST/DATABASE.")
     try:
-        import psycopg
-
-        from controller.store_postgres import check_url, connection_string
-        from controller.store_postgres_sql import row_factory, safe_url
+        from controller.store_postgres import check_url
     except ImportError:
         raise StoreLocationError("store-move needs psycopg 3: apt install python3-psycopg "
                                  "(or pip install 'outpost[postgresql]').") from None
     check_url(url)
+
+
+def _connect(url: str) -> Any:
+    """An autocommit connection to ``url`` (the transaction is begun by hand, as the store does)."""
+    import psycopg
+
+    from controller.store_postgres import connection_string
+    from controller.store_postgres_sql import row_factory, safe_url
+
     try:
         connection = psycopg.connect(connection_string(url), autocommit=True, row_factory=row_factory)
         connection.execute(f"SET lock_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
@@ -246,6 +252,7 @@ def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: by
 
 def move(data_dir: Path, url: str) -> list[Moved]:
     """Copy ``data_dir``'s SQLite store into the empty PostgreSQL database ``url``: all of it or nothing."""
+    check_to(url)
     path = source_path(data_dir)
     if store_in_use(path):
         raise SourceBusy(f"A process has {path} open (outpost-controller serve, or a relay beside it); stop every "
@@ -285,8 +292,10 @@ def move(data_dir: Path, url: str) -> list[Moved]:
             raise StoreUnreachable(f"{where} went away while writing {doing} ({_first_line(error)}); nothing was "
                                    "written (the transaction was rolled back). Run store-move again.") from None
         except psycopg.Error as error:
-            raise SourceRefused(f"PostgreSQL refused {doing} ({_first_line(error)}); nothing was written. "
-                                "Fix the row in the SQLite store, or report it.") from None
+            advice = ("fix the row in the SQLite store" if doing.startswith("a row") else
+                      "check that the --to user owns the database (docs/deployment.md)")
+            raise SourceRefused(f"PostgreSQL refused {doing} ({_first_line(error)}); nothing was written: "
+                                f"{advice}.") from None
         finally:
             # Closing without COMMIT is a rollback: the server drops the whole transaction.
             connection.close()

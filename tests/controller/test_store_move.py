@@ -281,3 +281,19 @@ def test_an_audit_chain_that_does_not_verify_on_the_copy_is_not_committed(
     code, _, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
     assert code == 65 and "The audit chain does not verify on the copy" in err, err
     assert tables_in(postgres_url) == []
+
+
+def test_a_user_who_may_not_create_the_schema_is_told_so_and_nothing_is_written(
+    data: Path, postgres: PostgresServer, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS mover")
+        admin.execute("CREATE ROLE mover LOGIN")  # PostgreSQL 15: no CREATE in a database's public schema it does not own
+    try:
+        url = postgres_url.replace("postgresql://outpost@", "postgresql://mover@")
+        code, _, err = cli(capsys, "store-move", "--data", str(data), "--to", url)
+        assert code == 65 and "PostgreSQL refused the schema" in err and "owns the database" in err, err
+        assert tables_in(postgres_url) == []
+    finally:
+        with psycopg.connect(postgres.url(), autocommit=True) as admin:
+            admin.execute("DROP ROLE mover")
