@@ -297,3 +297,13 @@ def test_a_user_who_may_not_create_the_schema_is_told_so_and_nothing_is_written(
     finally:
         with psycopg.connect(postgres.url(), autocommit=True) as admin:
             admin.execute("DROP ROLE mover")
+
+
+def test_a_replaced_audit_key_is_found_before_anything_commits(
+    data: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = data / KEY_FILE
+    key.write_bytes(bytes(len(key.read_bytes())))  # a key of the right size, not the one the chain was written with
+    code, _, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
+    assert code == 65 and "audit.key is not the key the chain was written with" in err, err
+    assert tables_in(postgres_url) == []
