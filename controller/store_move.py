@@ -63,7 +63,8 @@ EXIT_INTERRUPTED = 130
 #: The byte of an SQLite ``-shm`` file every open WAL connection holds a shared lock on
 #: (SQLite's os_unix.c: UNIX_SHM_DMS = (22 + SQLITE_SHM_NLOCK) * 4 + SQLITE_SHM_NLOCK = 128).
 SHM_DMS_OFFSET = 128
-#: ``struct flock`` on Linux (LP64: short, short, off_t, off_t, pid_t, padding), for F_GETLK.
+#: ``struct flock`` on Linux for F_GETLK: short, short, off_t, off_t, pid_t, padding (64-bit, and 32-bit
+#: builds with large-file support, as Debian's Python is; l_type, the answer read, comes first in every layout).
 _FLOCK = "hhqqi4x"
 
 

@@ -40,6 +40,9 @@ def test_a_box_moved_to_postgresql_keeps_its_gateways_revocations_serials_and_au
         state, agent, _ = start_gateway(box, tmp_path, "gw-1", echo_server)
         revoked_state, revoked_agent, _ = start_gateway(box, tmp_path, "gw-2", echo_server)
         box.ctl("identity", "revoke", "gw-2")
+        # While the box serves, what it commits after the snapshot would stay behind: refused.
+        busy = run_cli("controller.cli", "store-move", "--data", str(data), "--to", postgres_url)
+        assert busy.returncode == 75 and "stop every process on this data directory first" in busy.stderr
     finally:
         if revoked_agent is not None:
             revoked_agent.stop()
