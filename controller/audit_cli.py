@@ -15,7 +15,7 @@ from typing import Any
 
 from controller.audit_chain import KEY_FILE, parse_checkpoint, read_key, rows_of, verify
 from controller.errors import ControllerError, StartupError
-from controller.store import Parameters
+from controller.store import Parameters, StoreLocationError, StoreUnreachable
 
 #: The exit code when the chain is broken: EX_DATAERR, the input data was wrong.
 EXIT_CHAIN_BROKEN = 65
@@ -43,10 +43,43 @@ class ReadOnlyStore:
         self._connection.close()
 
 
+class ReadOnlyPostgres:
+    """A PostgreSQL store read in read-only transactions: verifying writes nothing there either."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+
+            from controller.store_postgres import check_url, connection_string
+            from controller.store_postgres_sql import row_factory, safe_url
+        except ImportError:
+            raise StoreLocationError("--store postgresql://... needs psycopg 3: apt install python3-psycopg "
+                                     "(or pip install 'outpost[postgresql]').") from None
+        from controller.store_postgres_sql import adapt, query_bytes
+
+        self._adapt, self._query_bytes = adapt, query_bytes
+        try:
+            self._connection = psycopg.connect(connection_string(check_url(url)), autocommit=True,
+                                               row_factory=row_factory)
+            self._connection.execute("SET default_transaction_read_only = on")
+        except psycopg.OperationalError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StoreUnreachable(f"Cannot reach the store {safe_url(url)} ({reason}); check --store and that "
+                                   "PostgreSQL is running.") from None
+
+    def query(self, sql: str, parameters: Parameters = ()) -> list[Any]:
+        return list(self._connection.execute(self._query_bytes(sql), self._adapt(parameters)).fetchall())
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 def add_parser(commands: Any) -> None:
     audit = commands.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
     check = audit.add_parser("verify", help="check the audit hash chain offline (store and key read directly)")
     check.add_argument("--data", required=True, help="the controller's data directory (store and audit.key)")
+    check.add_argument("--store", help="postgresql://USER@HOST/DATABASE: the store is there, not in --data "
+                                       "(audit.key is still read from --data)")
     check.add_argument("--checkpoint", action="append", default=[], metavar="ID:MAC",
                        help="a chain head the controller logged (repeatable): a rewrite since is found")
     check.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -60,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     except ControllerError as error:
         raise StartupError(error.message) from None
     key = read_key(data / KEY_FILE)
-    store = ReadOnlyStore(data / STORE_FILE)
+    if args.store and not str(args.store).startswith(("postgresql://", "postgres://")):
+        raise StoreLocationError(f"--store {args.store!r} is not a postgresql:// URL; leave --store out for the "
+                                 "SQLite store in --data.")
+    store: ReadOnlyStore | ReadOnlyPostgres = ReadOnlyPostgres(args.store) if args.store else ReadOnlyStore(
+        data / STORE_FILE)
     try:
         result = verify(rows_of(store), key, checkpoints)
     finally:

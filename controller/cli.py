@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import shared.service_manager as service_manager
-from controller import audit_cli
+from controller import audit_cli, store_move
 from controller.admission import MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS
 from controller.bootstrap import open_data_dir
 from controller.errors import StartupError
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("path", help="a directory made by outpost-controller backup")
     restore.add_argument("--data", required=True, help="the data directory to create (absent or empty)")
     audit_cli.add_parser(commands)
+    store_move.add_parser(commands)
     return parser
 
 
@@ -384,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return backup_or_restore(args)
         if args.command == "audit":
             return audit_cli.run(args)
+        if args.command == "store-move":
+            return store_move.run(args)
         settings = settings_from_args(args)
         run(serve(settings), args.event_loop)
         exit_without_teardown()

@@ -181,30 +181,7 @@ class Store:
     def _open_schema(self) -> None:
         """Bring the store to ``SCHEMA_VERSION``, or refuse a newer one before writing anything."""
         with self.transaction() as db:
-            version = db.schema_version()
-            if version is not None and version > SCHEMA_VERSION:
-                raise StoreTooNew(self.describe(), version)
-            if version == SCHEMA_VERSION and not db.reapply_current_schema:
-                return
-            for statement in split_statements(SCHEMA):
-                db.execute_ddl(db.translate_ddl(statement))
-            for table in APPEND_ONLY_TABLES:
-                db.make_append_only(table)
-            db.install_engine_schema()
-            added = _add_missing_columns(db)
-            for index in ADDED_INDEXES:
-                db.execute_ddl(db.translate_ddl(index))
-            if ("tokens", "superseded_at") in added:
-                db.supersede_older_tokens()
-            for step in range((version or 0) + 1, SCHEMA_VERSION + 1):
-                migration = MIGRATIONS.get(step)
-                if migration is not None:
-                    migration(db)
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(SCHEMA_VERSION),),
-            )
+            apply_schema(db, self.describe())
 
 
 class Transaction:
@@ -259,6 +236,38 @@ class Transaction:
             return None
         row = self.query_one("SELECT value FROM meta WHERE key = 'schema_version'")
         return int(row["value"]) if row is not None else None
+
+
+def apply_schema(db: Transaction, where: str) -> None:
+    """Bring the store ``db`` writes to ``SCHEMA_VERSION`` inside its transaction, or refuse a newer one.
+
+    A function of the transaction, not of the store, so that ``store-move``
+    (controller/store_move.py) creates the schema in the transaction that copies the rows.
+    """
+    version = db.schema_version()
+    if version is not None and version > SCHEMA_VERSION:
+        raise StoreTooNew(where, version)
+    if version == SCHEMA_VERSION and not db.reapply_current_schema:
+        return
+    for statement in split_statements(SCHEMA):
+        db.execute_ddl(db.translate_ddl(statement))
+    for table in APPEND_ONLY_TABLES:
+        db.make_append_only(table)
+    db.install_engine_schema()
+    added = _add_missing_columns(db)
+    for index in ADDED_INDEXES:
+        db.execute_ddl(db.translate_ddl(index))
+    if ("tokens", "superseded_at") in added:
+        db.supersede_older_tokens()
+    for step in range((version or 0) + 1, SCHEMA_VERSION + 1):
+        migration = MIGRATIONS.get(step)
+        if migration is not None:
+            migration(db)
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (str(SCHEMA_VERSION),),
+    )
 
 
 #: Rewrites of existing rows, run once when a store reaches that version.

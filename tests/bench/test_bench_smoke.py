@@ -328,3 +328,12 @@ def test_core_per_message_reports_the_protocol_cores_time_per_round_trip() -> No
     found = run_bench("core_per_message", "--requests", "200", "--rounds", "2")
     assert found["requests"] == 200 and found["rounds"] == 2
     assert 0 < found["core_us_per_round_trip_best"] <= found["core_us_per_round_trip"]
+
+
+def test_store_move_reports_how_long_a_box_store_takes_to_move() -> None:
+    found = run_bench("store_move", "--events", "500", "--identities", "20")
+    if "skipped" in found:
+        assert "PostgreSQL" in found["skipped"] or "psycopg" in found["skipped"]
+    else:
+        assert found["audit_rows"] >= 500 and found["rows"] > found["audit_rows"]
+        assert_positive(found, "move_seconds", "rows_per_second")
