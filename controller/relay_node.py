@@ -43,6 +43,7 @@ from controller.renewal import Renewal
 from controller.settings import Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
+from shared.cert_schedule import issued_at
 from shared.fsutil import atomic_write, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,11 @@ def renew(settings: Settings, identity: RelayIdentity) -> x509.Certificate:
 def renewal_due(certificate_der: bytes) -> float:
     """Unix time at which the relay's certificate is due for renewal."""
     cert = x509.load_der_x509_certificate(certificate_der)
-    start, end = not_before_of(cert).timestamp(), not_after_of(cert).timestamp()
+    end = not_after_of(cert).timestamp()
+    # The life counts from issuance, not from the CA's backdated start: counted from that start, a
+    # certificate of 300 s (five minutes backdated) came due at a third of its life, before issuance
+    # for a shorter one, and links and agents drain by the life from issuance (shared/cert_schedule.py).
+    start = issued_at(not_before_of(cert).timestamp(), end)
     return start + (end - start) * RENEW_FRACTION
 
 
