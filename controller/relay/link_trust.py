@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 #: How often a draining link looks whether its last dial finished: an idle link lingers a second at
 #: most, against a drain window of a fifth of a relay certificate's life (72 min of 6 h).
 DRAIN_POLL = 1.0
+#: Dates in the close reasons to the second: certificates of a few minutes' life exist (tests, short
+#: settings), and the minute alone would not say whether a link outlived one.
+SECONDS = "%Y-%m-%d %H:%M:%S UTC"
 #: Close codes: a drained link ends as any link whose relay has nothing more for it; one closed at a
 #: certificate's end says its time ran out.
 DRAINED = ErrorCode.NO_ERROR
@@ -51,6 +54,8 @@ class LinkTrust:
     end_reason: str
     #: SHA-256 over both certificates: links opened again on the very same pair count their drains.
     pair: bytes
+    #: The other relay's certificate serial (hex), as its ``link_connected`` row names the dialer's.
+    serial: str
 
 
 def _dates(cert: x509.Certificate) -> tuple[float, float]:
@@ -70,10 +75,10 @@ def link_trust(peer: str, peer_der: bytes, own_pem: str, now: float, draw: float
     drain, drain_end, drain_whose = min(candidates)
     _, end, end_whose = min(candidates, key=lambda c: c[1])
     return LinkTrust(
-        drain_at=drain, ends_at=end, pair=pair_of(peer_der, own_pem),
-        drain_reason=f"{drain_whose} is past its drain point (it ends at {format_utc(drain_end)}); new dials go "
+        drain_at=drain, ends_at=end, pair=pair_of(peer_der, own_pem), serial=format(theirs.serial_number, "x"),
+        drain_reason=f"{drain_whose} is past its drain point (it ends at {format_utc(drain_end, SECONDS)}); new dials go "
                      "over a new link, and this one closed once its dials finished",
-        end_reason=f"{end_whose} ended at {format_utc(end)}; a link is never used past it")
+        end_reason=f"{end_whose} ended at {format_utc(end, SECONDS)}; a link is never used past it")
 
 
 def pair_of(peer_der: bytes, own_pem: str) -> bytes:
@@ -113,5 +118,5 @@ async def retire(link: LinkSession, drained: Callable[[], None], closed: Callabl
 
 def peer_ended_reason(peer: str, not_after: float) -> str:
     """B's close of a link whose dialer's certificate ended."""
-    return (f"the certificate of relay {peer} ended at {format_utc(not_after)}; a link is never used past it "
+    return (f"the certificate of relay {peer} ended at {format_utc(not_after, SECONDS)}; a link is never used past it "
             "(the relay links again with its renewed certificate)")

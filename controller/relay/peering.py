@@ -364,7 +364,7 @@ class Peering:
             log.info("link to relay %s takes no new dials: %s", relay, trust.drain_reason)
 
         def closed(reason: str) -> None:
-            self.relay.record_soon("link_closed", relay=self.name, peer=relay, reason=reason,
+            self.relay.record_soon("link_closed", relay=self.name, peer=relay, serial=trust.serial, reason=reason,
                                    correlation=link.tunnel_id)
 
         link.spawn(retire(link, drained, closed))
