@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 #: How often a draining link looks whether its last dial finished: an idle link lingers a second at
 #: most, against a drain window of a fifth of a relay certificate's life (72 min of 6 h).
 DRAIN_POLL = 1.0
+#: The longest a link's timer sleeps before reading the wall clock again: certificates end by the wall
+#: clock, the loop's timers run on the monotonic one, and a wall clock stepped (NTP, a VM resumed) is
+#: noticed within this long.
+CLOCK_STEP_NOTICED = 30.0
 #: Dates in the close reasons to the second: certificates of a few minutes' life exist (tests, short
 #: settings), and the minute alone would not say whether a link outlived one.
 SECONDS = "%Y-%m-%d %H:%M:%S UTC"
@@ -98,7 +102,8 @@ async def retire(link: LinkSession, drained: Callable[[], None], closed: Callabl
     trust = link.trust
     if trust is None:
         return
-    await asyncio.sleep(max(0.0, trust.drain_at - time.time()))
+    while (left := trust.drain_at - time.time()) > 0:
+        await asyncio.sleep(min(left, CLOCK_STEP_NOTICED))
     if link.conn.closed:
         return
     drained()

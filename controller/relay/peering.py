@@ -41,7 +41,15 @@ from controller.relay.link_admit import (
     still_admitted,
 )
 from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, link_tls_context, open_link
-from controller.relay.link_trust import ENDED, draining, link_trust, pair_of, peer_ended_reason, retire
+from controller.relay.link_trust import (
+    CLOCK_STEP_NOTICED,
+    ENDED,
+    draining,
+    link_trust,
+    pair_of,
+    peer_ended_reason,
+    retire,
+)
 from controller.relay.records import label_of_uri, refuse
 from controller.store import StoreUnavailable
 from shared.protocol import AuthReceived, BindRequested, ErrorCode, Liveness
@@ -164,7 +172,8 @@ class Peering:
             return
         left = peer.not_after - time.time()
         if left > 0:
-            self._ends[session] = asyncio.get_running_loop().call_later(left, self._close_at_end, session, peer)
+            self._ends[session] = asyncio.get_running_loop().call_later(min(left, CLOCK_STEP_NOTICED),
+                                                                        self._close_at_end, session, peer)
             return
         self._ends.pop(session, None)
         reason = peer_ended_reason(peer.name, peer.not_after)
