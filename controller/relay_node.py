@@ -53,7 +53,7 @@ RELAY_FILE = "relay.json"
 #: as agents do: a third of the life left to retry a controller that is down.
 RENEW_FRACTION = 2 / 3
 #: A failed renewal is tried again this often (a controller restarting, a
-#: network blip), never more often: one relay, one request a minute.
+#: network blip), and no renewal follows another sooner: one relay, one request a minute.
 RENEW_RETRY_SECONDS = 60.0
 #: Seconds for one HTTP exchange with the controller; a slower one is down.
 CONTROLLER_TIMEOUT = 15.0
@@ -250,7 +250,10 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
             try:
                 certificate = await asyncio.to_thread(renew, context.settings, identity)
                 use_certificate(certificate)
-                next_renewal = renewal_due(certificate.public_bytes(serialization.Encoding.DER))
+                # Never sooner than a retry: a clock running ahead of the controller's (the new certificate
+                # due at once by this clock) must not make a renewal a second.
+                next_renewal = max(renewal_due(certificate.public_bytes(serialization.Encoding.DER)),
+                                   time.time() + RENEW_RETRY_SECONDS)
             except StartupError as error:
                 log.error("renewing the relay's certificate failed (%s); trying again in %g s", error,
                           RENEW_RETRY_SECONDS)

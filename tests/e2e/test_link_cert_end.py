@@ -33,6 +33,7 @@ from tests.e2e.cross_relay_harness import (
     store_rows,
 )
 from tests.e2e.harness import EchoServer, Process, free_port, round_trip, wait_until
+from tests.e2e.test_relay_renewal_faketime import LIBFAKETIME, SkewedRelay
 
 #: A controller whose relay certificates live ``argv[1]`` seconds (the settings' relay_cert_lifetime).
 SHORT_LIFE_RUNNER = r"""
@@ -201,3 +202,81 @@ def test_the_accepting_relay_closes_a_link_when_its_dialers_certificate_ends(tmp
         for relay in relays:
             relay.process.stop()
         controller.process.stop()
+
+
+#: Seconds relay A's clock jumps ahead in the end test: past both relays' certificates (END_JUMP_LIFE) and any
+#: renewal of them, so that to A every certificate of B has ended while nothing else moved.
+END_JUMP = 120
+#: Relay certificates' life in that test: the held dial's link is closed by its drain timer, within this long.
+END_JUMP_LIFE = 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LIBFAKETIME is None, reason="faketime is not installed (scripts/setup installs it)")
+def test_past_a_certificates_end_the_dialing_relay_uses_no_link_and_closes_the_one_carrying_a_dial(
+        tmp_path: Path, echo_server: EchoServer) -> None:
+    controller = ShortLivedController(tmp_path / "controller", END_JUMP_LIFE)
+    relays: list[RelayProcess] = []
+    agents: list[Process] = []
+    held: socket.socket | None = None
+    try:
+        relays.append(RelayProcess(controller, tmp_path, "rb"))
+        relays.append(SkewedRelay(controller, tmp_path, "ra"))
+        relay_b, relay_a = relays
+        assert isinstance(relay_a, SkewedRelay)
+        controller.ctl("service", "create", "plc")
+        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
+        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
+        site, central = enroll_gateway(controller, tmp_path, "site"), enroll_gateway(controller, tmp_path, "central")
+        port = free_port()
+        agents.append(start_agent_on(tmp_path, "site", site, relay_b, binds={"plc": echo_server.port}))
+        agents.append(start_agent_on(tmp_path, "central", central, relay_a, dials={"plc": port}))
+        wait_until(lambda: hosted(controller, "rb", "plc"), what="rb publishing plc")
+        held = socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT)
+        assert echoes(held, b"1")
+        first = wait_until(lambda: dial_links(controller), what="the held dial's row")[0][1]
+
+        # To relay A, every certificate of relay B has now ended: no new dial goes over the open link (nor a
+        # new one, whose handshake meets B's ended certificate), and the link carrying the held dial closes.
+        relay_a.skew(END_JUMP)
+        wait_until(lambda: round_trip_fails(port), timeout=ECHO_TIMEOUT, what="dials refused past the end")
+        assert all(link == first for _, link in dial_links(controller))
+        served_before = len(dial_links(controller))
+        held.settimeout(END_JUMP_LIFE + ECHO_TIMEOUT)
+        try:
+            assert held.recv(1) == b"", "the held dial outlived its link's certificate"
+        except ConnectionError:
+            pass
+        held.close()
+        held = None
+        row = wait_until(lambda: next((f for _, f in closed_rows(controller, "ra") if f["correlation"] == first),
+                                      None), what="relay A's link_closed row")
+        assert "ended at" in row["reason"] and "never used past it" in row["reason"], row["reason"]
+        assert len(dial_links(controller)) == served_before
+
+        # Its clock right again, relay A dials over a new link.
+        relay_a.skew(0)
+        wait_until(lambda: not round_trip_fails(port), timeout=ECHO_TIMEOUT, what="a dial over a new link")
+        assert dial_links(controller)[-1][1] != first
+        # Its clock ahead of the controller's, relay A renewed once (each certificate it gets is due at once by
+        # its clock), not once a second.
+        assert sum("renewed the listener's certificate" in line for line in relay_a.process.lines) <= 2
+    except BaseException:
+        for process in [*(r.process for r in relays), *agents, controller.process]:
+            print(process.output[-3000:])
+        raise
+    finally:
+        if held is not None:
+            held.close()
+        for agent in agents:
+            agent.stop()
+        for relay in relays:
+            relay.process.stop()
+        controller.process.stop()
+
+
+def round_trip_fails(port: int) -> bool:
+    try:
+        return round_trip(port, b"ping", timeout=ECHO_TIMEOUT) != b"ping"
+    except OSError:
+        return True
