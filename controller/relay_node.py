@@ -43,6 +43,7 @@ from controller.renewal import Renewal
 from controller.settings import Settings
 from controller.store import Store
 from controller.tokens import TokenAuthority
+from shared.cert_schedule import issued_at
 from shared.fsutil import atomic_write, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ RELAY_FILE = "relay.json"
 #: as agents do: a third of the life left to retry a controller that is down.
 RENEW_FRACTION = 2 / 3
 #: A failed renewal is tried again this often (a controller restarting, a
-#: network blip), never more often: one relay, one request a minute.
+#: network blip), and no renewal follows another sooner: one relay, one request a minute.
 RENEW_RETRY_SECONDS = 60.0
 #: Seconds for one HTTP exchange with the controller; a slower one is down.
 CONTROLLER_TIMEOUT = 15.0
@@ -212,7 +213,11 @@ def renew(settings: Settings, identity: RelayIdentity) -> x509.Certificate:
 def renewal_due(certificate_der: bytes) -> float:
     """Unix time at which the relay's certificate is due for renewal."""
     cert = x509.load_der_x509_certificate(certificate_der)
-    start, end = not_before_of(cert).timestamp(), not_after_of(cert).timestamp()
+    end = not_after_of(cert).timestamp()
+    # The life counts from issuance, not from the CA's backdated start: counted from that start, a
+    # certificate of 300 s (five minutes backdated) came due at a third of its life, before issuance
+    # for a shorter one, and links and agents drain by the life from issuance (shared/cert_schedule.py).
+    start = issued_at(not_before_of(cert).timestamp(), end)
     return start + (end - start) * RENEW_FRACTION
 
 
@@ -245,7 +250,10 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
             try:
                 certificate = await asyncio.to_thread(renew, context.settings, identity)
                 use_certificate(certificate)
-                next_renewal = renewal_due(certificate.public_bytes(serialization.Encoding.DER))
+                # Never sooner than a retry: a clock running ahead of the controller's (the new certificate
+                # due at once by this clock) must not make a renewal a second.
+                next_renewal = max(renewal_due(certificate.public_bytes(serialization.Encoding.DER)),
+                                   time.time() + RENEW_RETRY_SECONDS)
             except StartupError as error:
                 log.error("renewing the relay's certificate failed (%s); trying again in %g s", error,
                           RENEW_RETRY_SECONDS)

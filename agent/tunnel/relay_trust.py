@@ -19,48 +19,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+# The schedule is shared with the links between relays (controller/relay/peering.py); its names stay importable here.
+from shared.cert_schedule import BACKDATE as BACKDATE
+from shared.cert_schedule import LEAVE_BY as LEAVE_BY
+from shared.cert_schedule import LEAVE_FROM as LEAVE_FROM
+from shared.cert_schedule import leave_at
 from shared.protocol import relay_cert_message
-from shared.trust import NOT_BEFORE_BACKDATE, cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 from shared.tunnel.auth import certificate_digest
 from shared.utc import format_utc
-
-#: The share of the relay certificate's life after which an agent may leave: relays renew at two
-#: thirds (controller/relay_node.py RENEW_FRACTION) and push at once; three quarters leaves a
-#: renewal retried for a twelfth of the life (30 min of 6 h) before anyone goes.
-LEAVE_FROM = 0.75
-#: The share by which every agent has left: the leaves of a whole fleet are spread over a fifth of
-#: the life (72 min of 6 h: 10,000 gateways come back at 2.3 a second), and the last 5 % (18 min of
-#: 6 h) covers a reconnect with its backoff before the old certificate ends.
-LEAVE_BY = 0.95
-
-
-#: Seconds the CA dates a certificate's start before its issuance: the life a relay renews by starts after them.
-BACKDATE = NOT_BEFORE_BACKDATE.total_seconds()
-
-
-def leave_at(not_before: float, not_after: float, now: float, draw: float, left_before: int = 0) -> float:
-    """When to leave a tunnel whose relay certificate is valid from ``not_before`` to ``not_after``.
-
-    ``draw`` is uniform in [0, 1): the moment falls uniformly between LEAVE_FROM and LEAVE_BY of the
-    life counted from issuance (``not_before`` plus the CA's backdating, when the life is longer
-    than that). A tunnel that comes up already past LEAVE_BY draws between now and the end.
-
-    ``left_before`` counts the tunnels this agent already left on this very certificate: the relay
-    has not renewed (a controller outage, or it was revoked), so leaving early again gains nothing.
-    The second tunnel draws in the last part of the life (LEAVE_BY to the end) and any later one
-    stays to the end: at most three reconnects per relay certificate, never a loop. Never past
-    the end, and not all agents in the same instant.
-    """
-    issued = not_before + BACKDATE if not_after - not_before > BACKDATE else not_before
-    life = max(0.0, not_after - issued)
-    if left_before >= 2:
-        return not_after
-    start, end = issued + life * (LEAVE_BY if left_before else LEAVE_FROM), issued + life * LEAVE_BY
-    if now >= end:
-        start, end = now, not_after
-    elif now > start:
-        start = now
-    return min(not_after, start + max(0.0, end - start) * min(max(draw, 0.0), 1.0))
 
 
 class PushRefused(ValueError):

@@ -45,6 +45,8 @@ class LinkPeer:
     name: str
     serial: str
     key_sha256: str
+    #: Unix time the admitted certificate ends: the link closes then (controller/relay/link_trust.py).
+    not_after: float
 
 
 def relay_name_of(context: ControllerContext, leaf: x509.Certificate) -> str | None:
@@ -90,7 +92,7 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
     serial = format(leaf.serial_number, "x")
     if not signed_our_challenge(context, public_key, signature, nonce):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
-    return LinkPeer(name, serial, str(row["key_sha256"]))
+    return LinkPeer(name, serial, str(row["key_sha256"]), cert_not_after(leaf).timestamp())
 
 
 def still_admitted(context: ControllerContext, peer: LinkPeer) -> str | None:

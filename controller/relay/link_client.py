@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controller.registry import Identity
 from controller.relay.broker import ServiceKey
 from controller.relay.link_admit import CORRELATION_MARK, LINK_FIELD
+from controller.relay.link_trust import LinkTrust
 from shared.protocol import (
     PROTOCOL_VERSION,
     TUNNEL_ALPN,
@@ -77,6 +78,11 @@ class LinkSession(TunnelSession):
         #: Dials that chose this link and have not opened their stream yet; a dial that ends without
         #: opening (denied, another gateway chosen) leaves with its RemoteBinder.
         self.pending: weakref.WeakSet[RemoteBinder] = weakref.WeakSet()
+        #: The other relay's certificate as its TLS handshake presented it (DER), and this relay's (PEM).
+        self.peer_certificate = b""
+        self.own_certificate = chain_pem[0] if chain_pem else ""
+        #: When this end stops putting dials on the link and closes it (controller/relay/link_trust.py).
+        self.trust: LinkTrust | None = None
 
     def dials(self) -> int:
         """Dials on this link now: its open streams and those about to open."""
@@ -128,6 +134,7 @@ async def open_link(relay: str, address: str, tls: ssl.SSLContext, cert_pem: str
     conn = Connection(Role.AGENT, loop.time(), limits=LINK_LIMITS, liveness=LINK_LIVENESS)
     conn.mark_relay_link()
     session = LinkSession(conn, transport, relay, [cert_pem], key, peer_certificate_digest(ssl_object), tunnel_id)
+    session.peer_certificate = ssl_object.getpeercert(binary_form=True) or b""
     task = loop.create_task(session.run())
     done = loop.create_task(session.authenticated.wait())
     closed = loop.create_task(session.closed.wait())

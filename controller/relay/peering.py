@@ -17,6 +17,7 @@ import asyncio
 import collections
 import datetime as dt
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,15 @@ from controller.relay.link_admit import (
     still_admitted,
 )
 from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, link_tls_context, open_link
+from controller.relay.link_trust import (
+    CLOCK_STEP_NOTICED,
+    ENDED,
+    draining,
+    link_trust,
+    pair_of,
+    peer_ended_reason,
+    retire,
+)
 from controller.relay.records import label_of_uri, refuse
 from controller.store import StoreUnavailable
 from shared.protocol import AuthReceived, BindRequested, ErrorCode, Liveness
@@ -127,6 +137,11 @@ class Peering:
         #: Links other relays opened here, and who admission proved each to be.
         self.incoming: dict[RelaySession, LinkPeer] = {}
         self._failures: collections.OrderedDict[str, str] = collections.OrderedDict()
+        #: B: when each admitted link's dialer certificate ends, a timer that closes it then.
+        self._ends: dict[RelaySession, asyncio.TimerHandle] = {}
+        #: A: per relay linked to, the pair of certificates its links last drained on and how many did
+        #: (one entry per relay: bounded by the relays table).
+        self._drains: dict[str, tuple[bytes, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.links_opened = 0
         limits = getattr(self.context.settings, "limits", None)
@@ -148,8 +163,27 @@ class Peering:
         session.conn.accept_auth({"relay": self.name, "time": time.time()})
         relay.record_soon("link_connected", relay=self.name, peer=peer.name, serial=peer.serial,
                           remote=session.remote, correlation=session.tunnel_id)
+        self._close_at_end(session, peer)
+
+    def _close_at_end(self, session: RelaySession, peer: LinkPeer) -> None:
+        """Close the link when the certificate its dialer was admitted with ends (by the wall clock: the
+        loop's timer is only the alarm)."""
+        if session.conn.closed or session not in self.incoming:
+            return
+        left = peer.not_after - time.time()
+        if left > 0:
+            self._ends[session] = asyncio.get_running_loop().call_later(min(left, CLOCK_STEP_NOTICED),
+                                                                        self._close_at_end, session, peer)
+            return
+        self._ends.pop(session, None)
+        reason = peer_ended_reason(peer.name, peer.not_after)
+        log.warning("link from %s closed: %s", peer.name, reason)
+        session.spawn(session.close(ENDED, reason))
 
     def link_closed(self, session: RelaySession, reason: str) -> None:
+        end = self._ends.pop(session, None)
+        if end is not None:
+            end.cancel()
         peer = self.incoming.pop(session, None)
         if peer is not None:
             self.relay.record_soon("link_closed", relay=self.name, peer=peer.name, reason=reason,
@@ -278,7 +312,9 @@ class Peering:
     async def link_to(self, relay: str, address: str) -> LinkSession:
         """A link to ``relay`` with room for one more dial: an open one, else a new one, up to links_per_pair."""
         for _ in range(self.links_per_pair + 1):  # each turn sees one more link open, or refuses
-            live = [link for link in self.links.get(relay, ()) if link.close_reason is None and not link.conn.closed]
+            now = time.time()
+            live = [link for link in self.links.get(relay, ()) if link.close_reason is None and not link.conn.closed
+                    and not draining(link, now)]
             for link in live:
                 if link.dials() < self.link_dials:
                     return link
@@ -305,6 +341,7 @@ class Peering:
         except OSError as error:  # the box's relay certificate not yet issued (its store was away at start)
             raise LinkFailed(f"this relay has no relay certificate to link with yet ({error.strerror})") from None
         link, task = await open_link(relay, address, link_tls_context(ca), cert, key, new_id(TUNNEL))
+        self._trust(relay, link)
         self.links.setdefault(relay, []).append(link)
         self.links_opened += 1
         log.info("link to relay %s at %s open (%d to it)", relay, address, len(self.links[relay]))
@@ -320,6 +357,26 @@ class Peering:
 
         task.add_done_callback(ended)
         return link
+
+    def _trust(self, relay: str, link: LinkSession) -> None:
+        """Schedule the link's drain and end by both relays' certificates (controller/relay/link_trust.py)."""
+        pair = pair_of(link.peer_certificate, link.own_certificate)
+        drained_pair, count = self._drains.get(relay, (b"", 0))
+        left_before = count if drained_pair == pair else 0
+        trust = link_trust(relay, link.peer_certificate, link.own_certificate, time.time(),
+                           secrets.SystemRandom().random(), left_before)
+        link.trust = trust
+
+        def drained() -> None:
+            earlier, count = self._drains.get(relay, (b"", 0))
+            self._drains[relay] = (trust.pair, count + 1 if earlier == trust.pair else 1)
+            log.info("link to relay %s takes no new dials: %s", relay, trust.drain_reason)
+
+        def closed(reason: str) -> None:
+            self.relay.record_soon("link_closed", relay=self.name, peer=relay, serial=trust.serial, reason=reason,
+                                   correlation=link.tunnel_id)
+
+        link.spawn(retire(link, drained, closed))
 
     # -- both ----------------------------------------------------------------------
     def start(self) -> None:

@@ -71,7 +71,7 @@ def test_a_link_outlives_its_relay_s_renewal_but_not_a_revocation_or_a_new_key(s
     relay_row(store, "ra", T0)
     with store.transaction() as db:
         db.execute("UPDATE relays SET key_sha256 = 'k1', serial = 'a1' WHERE name = 'ra'")
-    peer = LinkPeer("ra", "a1", "k1")
+    peer = LinkPeer("ra", "a1", "k1", float("inf"))
     assert still_admitted(context, peer) is None  # type: ignore[arg-type]
     with store.transaction() as db:  # renewed: a new serial for the same key
         db.execute("UPDATE relays SET serial = 'a2' WHERE name = 'ra'")
