@@ -162,7 +162,8 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
 def check_to(url: str) -> None:
     """One sentence (exit 64) for a ``--to`` that is not a PostgreSQL URL libpq can read; nothing opened."""
     if not url.startswith(("postgresql://", "postgres://")):
-        shown = f"{url.split(':', 1)[0]}://..." if is_url(url) else repr(url)
+        # Not echoed when it may hold a password (``USER:PASSWORD@HOST`` with the scheme forgotten).
+        shown = f"{url.split(':', 1)[0]}://..." if is_url(url) else "..." if "@" in url else repr(url)
         raise MoveUsageError(f"--to {shown} is not a PostgreSQL URL; give postgresql://USER@HOST/DATABASE.")
     try:
         from controller.store_postgres import check_url
