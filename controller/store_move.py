@@ -94,8 +94,8 @@ class Moved:
 
 def store_in_use(path: Path) -> bool:
     """True while some process (not this one) has the SQLite store ``path`` open."""
-    try:
-        descriptor = os.open(f"{path}-shm", os.O_RDONLY)
+    try:  # SQLite names the -shm file after the store's real path: a linked store.sqlite3 is held there
+        descriptor = os.open(f"{path.resolve()}-shm", os.O_RDONLY)
     except FileNotFoundError:
         return False  # no process has opened it in WAL mode since the last one closed it
     try:
