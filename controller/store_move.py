@@ -19,6 +19,8 @@ controller) on other machines, which share a store only through PostgreSQL.
 - Identity counters (policy, audit, status change and grant ids) continue
   past the highest id SQLite ever gave out (its ``sqlite_sequence``, which
   remembers deleted rows too), so the next row never takes a moved row's id.
+- A source whose newest audit events were deleted is refused: its
+  ``sqlite_sequence`` gave out ids past the chain's last event.
 - Only a source at this controller's schema version is moved: an older one
   is migrated by starting ``serve`` on it once (the migrations are tested
   there); a newer one needs a newer controller.
@@ -252,6 +254,21 @@ def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: by
                             "nothing was written. Check the source with outpost-controller audit verify --data DIR.")
 
 
+def _check_audit_tail(source: sqlite3.Connection, path: Path) -> None:
+    """The audit chain cannot show its newest events deleted, but SQLite's counter remembers the ids it
+    gave out: moved with a gap at its end, the first event written after the move would follow the gap
+    and the chain would read as broken by the move."""
+    try:
+        given = source.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    except sqlite3.OperationalError:
+        return  # no sqlite_sequence: no audit event was ever written
+    newest = int(source.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+    if given is not None and int(given[0]) > newest:
+        raise SourceRefused(f"The audit log of {path} ends at event {newest}, but the store gave out ids up to "
+                            f"{int(given[0])}: events {newest + 1} to {int(given[0])} were deleted; nothing was "
+                            "written. Restore the store from a backup (outpost-controller restore) and move that.")
+
+
 def move(data_dir: Path, url: str) -> list[Moved]:
     """Copy ``data_dir``'s SQLite store into the empty PostgreSQL database ``url``: all of it or nothing."""
     check_to(url)
@@ -261,6 +278,7 @@ def move(data_dir: Path, url: str) -> list[Moved]:
                          "process on this data directory first, so the move is complete. Nothing was written.")
     key = read_key(data_dir / KEY_FILE)
     with snapshot(path) as source:
+        _check_audit_tail(source, path)
         connection = _connect(url)
         import psycopg
 

@@ -98,3 +98,21 @@ def test_another_client_writing_the_target_during_the_move_is_found_and_nothing_
     with psycopg.connect(postgres_url) as connection:
         assert connection.execute("SELECT count(*) FROM identities").fetchone() == (0,)
         assert connection.execute("SELECT name FROM services").fetchall() == [("intruder",)]
+
+
+def test_a_source_whose_newest_audit_events_were_deleted_is_refused(
+    data: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chain cannot show its own tail cut off, but SQLite's counter remembers the ids it gave out.
+    Moved as it was, the first event written on PostgreSQL would follow the gap, and the chain would
+    then read as broken by the move."""
+    connection = sqlite3.connect(data / "store.sqlite3")
+    connection.execute("DROP TRIGGER audit_no_delete")
+    newest = connection.execute("SELECT max(id) FROM audit").fetchone()[0]
+    connection.execute("DELETE FROM audit WHERE id >= ?", (newest - 1,))
+    connection.commit()
+    connection.close()
+    code, out, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
+    assert code == 65 and not out and len(err.splitlines()) == 1, err
+    assert f"events {newest - 1} to {newest} were deleted" in err and "nothing was written" in err, err
+    assert tables_in(postgres_url) == []
