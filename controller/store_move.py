@@ -304,6 +304,10 @@ def move(data_dir: Path, url: str) -> list[Moved]:
             _check_copy(source, db, moved, key, where)
             committing = True
             connection.execute("COMMIT")
+        except psycopg.errors.LockNotAvailable:
+            raise SourceBusy(f"{where} is locked: another process is writing it (a second store-move, or a serve "
+                             f"--store on it) and held its write lock past {BUSY_TIMEOUT_SECONDS:g} s; nothing was "
+                             "written. Let it finish or stop it, then run store-move again.") from None
         except psycopg.OperationalError as error:
             if committing:
                 raise StoreUnreachable(

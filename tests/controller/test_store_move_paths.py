@@ -116,3 +116,20 @@ def test_a_source_whose_newest_audit_events_were_deleted_is_refused(
     assert code == 65 and not out and len(err.splitlines()) == 1, err
     assert f"events {newest - 1} to {newest} were deleted" in err and "nothing was written" in err, err
     assert tables_in(postgres_url) == []
+
+
+def test_a_second_move_into_the_same_database_meanwhile_is_told_so(
+    data: Path, postgres_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two operators moving into one database at once: the later waits for the store's write lock, which the
+    first holds for the whole copy (36 s for a million rows), and must not be told PostgreSQL went away."""
+    from controller.store_postgres import WRITE_LOCK_KEY
+
+    monkeypatch.setattr(store_move, "BUSY_TIMEOUT_SECONDS", 0.5)
+    with psycopg.connect(postgres_url) as first:  # a move in progress: its transaction holds the lock
+        first.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
+        code, out, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
+        first.rollback()
+    assert code == 75 and not out and len(err.splitlines()) == 1, err
+    assert "went away" not in err and "another process is writing" in err and "nothing was written" in err, err
+    assert tables_in(postgres_url) == []
