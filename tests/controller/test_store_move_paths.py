@@ -133,3 +133,44 @@ def test_a_second_move_into_the_same_database_meanwhile_is_told_so(
     assert code == 75 and not out and len(err.splitlines()) == 1, err
     assert "went away" not in err and "another process is writing" in err and "nothing was written" in err, err
     assert tables_in(postgres_url) == []
+
+
+def test_a_serve_started_on_the_target_during_the_move_waits_and_then_opens_the_moved_store(
+    data: Path, postgres_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started too early, ``serve --store`` opens the schema under the store's write lock, which the move
+    holds: it waits for the move's commit and finds the moved store, rather than a second schema."""
+    import threading
+
+    from controller.store import Store
+
+    opened: list[object] = []
+    opener = threading.Thread(target=lambda: opened.append(_open(Store, postgres_url)))
+    copy_table = store_move._copy_table
+
+    def copy_while_serve_starts(source: sqlite3.Connection, db: Any, connection: Any, table: str) -> int:
+        copied = copy_table(source, db, connection, table)
+        if table == "identities":
+            opener.start()
+            opener.join(0.5)  # it waits on the lock (it would have finished by now otherwise)
+            assert opener.is_alive()
+        return copied
+
+    monkeypatch.setattr(store_move, "_copy_table", copy_while_serve_starts)
+    code, _, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
+    assert code == 0, err
+    opener.join(10)
+    [store] = opened
+    assert isinstance(store, Store), store
+    try:
+        row = store.query_one("SELECT count(*) AS n FROM identities")
+        assert row is not None and int(row["n"]) > 0
+    finally:
+        store.close()
+
+
+def _open(store_class: Any, url: str) -> object:
+    try:
+        return store_class(url)
+    except Exception as error:  # the test reports what a too-early serve would have said
+        return error
