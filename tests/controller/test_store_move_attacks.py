@@ -1,4 +1,4 @@
-"""``store-move`` attacked through --to: a password in it is never printed, whatever goes wrong.
+"""A password in store-move's --to (or serve's --store) is never printed, whatever goes wrong.
 
 Real PostgreSQL (tests/controller/postgres_harness.py) and real processes holding the SQLite file.
 """
@@ -47,3 +47,12 @@ def test_safe_url_masks_a_password_holding_what_libpq_allows_there() -> None:
     # libpq ends the user part at the first '@' before any '/': '?' and '#' belong to the password.
     assert safe_url("postgresql://o:a?b#c@db/x") == "postgresql://o:***@db/x"
     assert safe_url("postgresql://db:5432/x?a=b:c") == "postgresql://db:5432/x?a=b:c"
+
+
+def test_a_password_in_a_serve_store_written_without_its_scheme_is_not_printed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "serve", "--data", str(tmp_path / "box"), "--listen", "127.0.0.1:0",
+                         "--store", f"outpost:{PASSWORD}@db.example/outpost")
+    assert code == 64 and "is not a URL, nor an existing SQLite store file" in err and len(err.splitlines()) == 1, err
+    assert PASSWORD not in out + err
+    assert not (tmp_path / "box").exists()
