@@ -198,7 +198,9 @@ def parse_store(value: str) -> str | Path:
         path = Path(value)
         if path.is_absolute() and path.is_file():
             return path
-        raise UsageError(f"--store {value!r} is not a URL, nor an existing SQLite store file (an absolute path); "
+        # Not echoed when it may hold a password (``USER:PASSWORD@HOST`` with the scheme forgotten).
+        shown = "..." if "@" in value else repr(value)
+        raise UsageError(f"--store {shown} is not a URL, nor an existing SQLite store file (an absolute path); "
                          "give postgresql://USER@HOST/DATABASE, the controller's DIR/store.sqlite3, or leave --store "
                          "out for the SQLite file in the data directory.")
     try:

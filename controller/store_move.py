@@ -19,6 +19,8 @@ controller) on other machines, which share a store only through PostgreSQL.
 - Identity counters (policy, audit, status change and grant ids) continue
   past the highest id SQLite ever gave out (its ``sqlite_sequence``, which
   remembers deleted rows too), so the next row never takes a moved row's id.
+- A source whose newest audit events were deleted is refused: its
+  ``sqlite_sequence`` gave out ids past the chain's last event.
 - Only a source at this controller's schema version is moved: an older one
   is migrated by starting ``serve`` on it once (the migrations are tested
   there); a newer one needs a newer controller.
@@ -94,8 +96,8 @@ class Moved:
 
 def store_in_use(path: Path) -> bool:
     """True while some process (not this one) has the SQLite store ``path`` open."""
-    try:
-        descriptor = os.open(f"{path}-shm", os.O_RDONLY)
+    try:  # SQLite names the -shm file after the store's real path: a linked store.sqlite3 is held there
+        descriptor = os.open(f"{path.resolve()}-shm", os.O_RDONLY)
     except FileNotFoundError:
         return False  # no process has opened it in WAL mode since the last one closed it
     try:
@@ -162,7 +164,8 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
 def check_to(url: str) -> None:
     """One sentence (exit 64) for a ``--to`` that is not a PostgreSQL URL libpq can read; nothing opened."""
     if not url.startswith(("postgresql://", "postgres://")):
-        shown = f"{url.split(':', 1)[0]}://..." if is_url(url) else repr(url)
+        # Not echoed when it may hold a password (``USER:PASSWORD@HOST`` with the scheme forgotten).
+        shown = f"{url.split(':', 1)[0]}://..." if is_url(url) else "..." if "@" in url else repr(url)
         raise MoveUsageError(f"--to {shown} is not a PostgreSQL URL; give postgresql://USER@HOST/DATABASE.")
     try:
         from controller.store_postgres import check_url
@@ -251,6 +254,21 @@ def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: by
                             "nothing was written. Check the source with outpost-controller audit verify --data DIR.")
 
 
+def _check_audit_tail(source: sqlite3.Connection, path: Path) -> None:
+    """The audit chain cannot show its newest events deleted, but SQLite's counter remembers the ids it
+    gave out: moved with a gap at its end, the first event written after the move would follow the gap
+    and the chain would read as broken by the move."""
+    try:
+        given = source.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    except sqlite3.OperationalError:
+        return  # no sqlite_sequence: no audit event was ever written
+    newest = int(source.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+    if given is not None and int(given[0]) > newest:
+        raise SourceRefused(f"The audit log of {path} ends at event {newest}, but the store gave out ids up to "
+                            f"{int(given[0])}: events {newest + 1} to {int(given[0])} were deleted; nothing was "
+                            "written. Restore the store from a backup (outpost-controller restore) and move that.")
+
+
 def move(data_dir: Path, url: str) -> list[Moved]:
     """Copy ``data_dir``'s SQLite store into the empty PostgreSQL database ``url``: all of it or nothing."""
     check_to(url)
@@ -260,6 +278,7 @@ def move(data_dir: Path, url: str) -> list[Moved]:
                          "process on this data directory first, so the move is complete. Nothing was written.")
     key = read_key(data_dir / KEY_FILE)
     with snapshot(path) as source:
+        _check_audit_tail(source, path)
         connection = _connect(url)
         import psycopg
 
@@ -285,6 +304,10 @@ def move(data_dir: Path, url: str) -> list[Moved]:
             _check_copy(source, db, moved, key, where)
             committing = True
             connection.execute("COMMIT")
+        except psycopg.errors.LockNotAvailable:
+            raise SourceBusy(f"{where} is locked: another process is writing it (a second store-move, or a serve "
+                             f"--store on it) and held its write lock past {BUSY_TIMEOUT_SECONDS:g} s; nothing was "
+                             "written. Let it finish or stop it, then run store-move again.") from None
         except psycopg.OperationalError as error:
             if committing:
                 raise StoreUnreachable(

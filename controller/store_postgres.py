@@ -56,7 +56,7 @@ from controller.store import (
     StoreUnreachable,
     Transaction,
 )
-from controller.store_postgres_sql import adapt, query_bytes, row_factory, safe_url, translate_ddl
+from controller.store_postgres_sql import adapt, query_bytes, row_factory, safe_url, translate_ddl, without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ def check_url(url: str) -> str:
         conninfo_to_dict(url)
     except psycopg.Error as error:
         raise StoreLocationError(
-            f"--store {safe_url(url)!r} is not a PostgreSQL URL libpq can read ({_first_line(error)}); "
+            f"--store {safe_url(url)!r} is not a PostgreSQL URL libpq can read "
+            f"({without_secrets(_first_line(error), url)}); "
             "write it like postgresql://USER@HOST:5432/DATABASE."
         ) from None
     return url

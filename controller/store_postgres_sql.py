@@ -25,9 +25,20 @@ _DDL_TYPES = (
 
 
 def safe_url(url: str) -> str:
-    """``url`` without its password (in the user part or a ``password=`` parameter), for sentences and logs."""
-    url = re.sub(r"(://[^:/@?#]*):[^@/?#]*@", r"\1:***@", url)
+    """``url`` without its password (in the user part or a ``password=`` parameter), for sentences and logs.
+
+    libpq ends the user part at the first ``@`` before any ``/``: a ``?`` or ``#`` there is the password's.
+    """
+    url = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
+def without_secrets(text: str, url: str) -> str:
+    """``text`` (a libpq message about ``url``, which may quote a token of it) with ``url``'s passwords masked."""
+    secrets = re.findall(r"://[^:/@]*:([^@/]+)@", url) + re.findall(r"(?i)[?&]password=([^&#]+)", url)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def to_psycopg(sql: str) -> str:

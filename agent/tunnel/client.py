@@ -374,6 +374,9 @@ async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCred
     loop = asyncio.get_running_loop()
     conn = Connection(Role.AGENT, loop.time(), limits=options.limits, liveness=options.liveness)
     session = AgentSession(conn, link, relay_url, credentials, digest, options)
+    # Before any frame is read: a relay pushes a renewed certificate right behind AUTH_OK when this
+    # handshake came just before its renewal, and a push before the trust is set would be dropped.
+    session.trust_relay(relay_certificate, tls.ca_certificate)
     task = loop.create_task(session.run())
     authenticated = loop.create_task(session.authenticated.wait())
     closed = loop.create_task(session.closed.wait())
@@ -396,5 +399,4 @@ async def _authenticate(link: Transport, relay_url: str, credentials: TunnelCred
             raise RelayBusy(f"the relay at {relay_url} is admitting as many tunnels as it can; "
                             f"coming back in {told:g} s as it asked", told)
         raise ControllerUnreachable(f"the tunnel to {relay_url} closed during authentication: {reason or code.name}")
-    session.trust_relay(relay_certificate, tls.ca_certificate)
     return session, task

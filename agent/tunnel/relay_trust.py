@@ -103,6 +103,10 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
         raise PushRefused("the relay pushed the certificate this tunnel already trusts, not a renewed one")
     if end < cert_not_after(current).timestamp():
         raise PushRefused("the relay pushed a certificate that ends before the one this tunnel trusts")
+    ca_end = cert_not_after(ca).timestamp()
+    if end > ca_end:  # a handshake after the CA's end is refused: a push must not carry the tunnel past it
+        raise PushRefused(f"the relay pushed a certificate that outlives the pinned controller CA (it ends "
+                          f"{format_utc(end)}, the CA {format_utc(ca_end)})")
     if not start <= now < end:
         raise PushRefused(f"the relay pushed a certificate that is not valid now (valid from "
                           f"{format_utc(start)} to {format_utc(end)})")
