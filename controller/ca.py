@@ -151,7 +151,9 @@ class CertificateAuthority:
             .public_key(public_key)
             .serial_number(secrets.randbits(SERIAL_BITS))
             .not_valid_before(now - NOT_BEFORE_BACKDATE)
-            .not_valid_after(now + lifetime)
+            # Never past the CA's own end: a client that checks the chain would refuse the rest anyway,
+            # and one that pinned the CA must not be handed a certificate that outlives it.
+            .not_valid_after(min(now + lifetime, cert_not_after(self.certificate)))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
