@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import time
 from pathlib import Path
 
 from controller import box_relay
@@ -26,7 +27,7 @@ def test_a_copied_box_relay_key_is_shut_out_by_replacing_the_key_file(tmp_path: 
         async with running_controller(tmp_path / "c") as running:
             context = running.context
             box = box_relay.box_relay(context)
-            copied = LinkPeer(box.name, "-", _key_of(context, box.name))  # what a link of the copy was admitted as
+            copied = LinkPeer(box.name, "-", _key_of(context, box.name), time.time() + 3600)  # what a link of the copy was admitted as
             assert still_admitted(context, copied) is None  # indistinguishable from the box itself
 
             box.key_path.unlink()
@@ -34,7 +35,7 @@ def test_a_copied_box_relay_key_is_shut_out_by_replacing_the_key_file(tmp_path: 
             assert _key_of(context, box.name) != copied.key_sha256
             assert still_admitted(context, copied) == f"relay {box.name} was enrolled again with another key"
             assert stat.S_IMODE(box.key_path.stat().st_mode) == 0o600
-            ours = LinkPeer(box.name, "-", _key_of(context, box.name))
+            ours = LinkPeer(box.name, "-", _key_of(context, box.name), time.time() + 3600)
             assert still_admitted(context, ours) is None
 
     run(scenario())
