@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -92,14 +92,19 @@ MAX_REMEMBERED_LEAVES = 16
 
 def remember_leave(leaves: dict[bytes, int], certificate: x509.Certificate) -> None:
     """Count a tunnel left on ``certificate`` in ``leaves`` (its SHA-256 -> tunnels left), within the bound."""
-    digest = certificate.fingerprint(hashes.SHA256())
+    digest = _sha256(certificate)
     leaves[digest] = leaves.pop(digest, 0) + 1
     while len(leaves) > MAX_REMEMBERED_LEAVES:
         del leaves[next(iter(leaves))]
 
 
 def leaves_on(leaves: dict[bytes, int], certificate: x509.Certificate) -> int:
-    return leaves.get(certificate.fingerprint(hashes.SHA256()), 0)
+    return leaves.get(_sha256(certificate), 0)
+
+
+def _sha256(certificate: x509.Certificate) -> bytes:
+    """``certificate.fingerprint(SHA256())`` without cryptography's OpenSSL backend, which that loads (2 MiB)."""
+    return certificate_digest(certificate.public_bytes(serialization.Encoding.DER))
 
 
 def _names(cert: x509.Certificate) -> tuple[x509.Name, frozenset[x509.GeneralName]]:
