@@ -76,6 +76,11 @@ def _lib() -> Any:
             "X509_get0_pubkey": (ctypes.c_void_p, [ctypes.c_void_p]),
             "X509_verify": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
             "X509_free": (None, [ctypes.c_void_p]),
+            "i2d_PUBKEY": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
+            "EVP_DigestVerifyInit": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                                    ctypes.c_void_p]),
+            "EVP_DigestVerify": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                                                ctypes.c_size_t]),
         }
         for name, (restype, argtypes) in signatures.items():
             function = getattr(lib, name)
@@ -85,6 +90,31 @@ def _lib() -> Any:
         raise Unavailable(f"{LIBCRYPTO}: {error}") from None
     _library = lib
     return lib
+
+
+def _spki(lib: Any, key: int) -> bytes:
+    """DER SubjectPublicKeyInfo of the EVP_PKEY ``key``."""
+    size = lib.i2d_PUBKEY(key, None)
+    if size <= 0:
+        lib.ERR_clear_error()
+        raise ValueError("libcrypto cannot encode the public key")
+    buffer = ctypes.create_string_buffer(size)
+    cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+    lib.i2d_PUBKEY(key, ctypes.byref(cursor))
+    return buffer.raw
+
+
+def _verifies(lib: Any, key: int, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` is a valid ECDSA-SHA256 signature of ``data`` by the EVP_PKEY ``key``."""
+    context = lib.EVP_MD_CTX_new()
+    if not context:
+        raise MemoryError("libcrypto could not start a signature check")
+    try:
+        return bool(lib.EVP_DigestVerifyInit(context, None, lib.EVP_sha256(), None, key) == 1
+                    and lib.EVP_DigestVerify(context, signature, len(signature), data, len(data)) == 1)
+    finally:
+        lib.ERR_clear_error()
+        lib.EVP_MD_CTX_free(context)
 
 
 class PemKey:
@@ -136,6 +166,10 @@ class PemKey:
         finally:
             lib.EVP_MD_CTX_free(context)
 
+    def spki(self) -> bytes:
+        """The public half as DER SubjectPublicKeyInfo."""
+        return _spki(_lib(), self._handle)
+
     def __del__(self) -> None:
         if self._handle and _library is not None:
             _library.EVP_PKEY_free(self._handle)
@@ -171,6 +205,14 @@ class Certificate:
             lib.ERR_clear_error()
             if other:
                 lib.X509_free(other)
+
+    def spki(self) -> bytes:
+        """The certificate's public key as DER SubjectPublicKeyInfo."""
+        return _spki(_lib(), _lib().X509_get0_pubkey(self._handle))
+
+    def verifies(self, signature: bytes, data: bytes) -> bool:
+        """Whether ``signature`` is this certificate's key's ECDSA-SHA256 signature of ``data``."""
+        return self.has_ec_key and _verifies(_lib(), _lib().X509_get0_pubkey(self._handle), signature, data)
 
     def __del__(self) -> None:
         if getattr(self, "_handle", None) and _library is not None:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from shared import libcrypto
 from shared.protocol import relay_cert_message
 from shared.trust import NOT_BEFORE_BACKDATE, cert_not_after, cert_not_before, verify_leaf_issued_by
 from shared.tunnel.auth import certificate_digest
@@ -144,13 +145,29 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
     if not start <= now < end:
         raise PushRefused(f"the relay pushed a certificate that is not valid now (valid from "
                           f"{format_utc(start)} to {format_utc(end)})")
-    key = pushed.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PushRefused("the relay pushed a certificate whose key is not an EC key")
-    try:
-        key.verify(signature, relay_cert_message(nonce, certificate_digest(der)), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
+    if not _signed_by(pushed, der, signature, relay_cert_message(nonce, certificate_digest(der))):
         raise PushRefused("the relay's pushed certificate is not signed over this tunnel (replayed from another "
-                          "tunnel, or another key)") from None
+                          "tunnel, or another key)")
     return pushed
+
+
+def _signed_by(pushed: x509.Certificate, der: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether the pushed certificate's EC key signed ``message``; PushRefused for a key that is not EC.
+
+    Through libcrypto where it can: the key object would load cryptography 38's OpenSSL backend (2 MiB) at
+    every relay certificate renewal."""
+    try:
+        checked = libcrypto.Certificate(der)
+    except (libcrypto.Unavailable, ValueError):
+        key = pushed.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise PushRefused("the relay pushed a certificate whose key is not an EC key") from None
+        try:
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
+    if not checked.has_ec_key:
+        raise PushRefused("the relay pushed a certificate whose key is not an EC key")
+    return checked.verifies(signature, message)
 

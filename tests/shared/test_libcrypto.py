@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cryptography
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -22,6 +23,9 @@ from shared.trust import Issuer, verify_leaf_issued_by
 ROOT = Path(__file__).resolve().parents[2]
 #: A probe process imports the agent's code and signs once: seconds on a loaded machine.
 PROBE_TIMEOUT = 60.0
+#: cryptography releases from here on (the .venv's among them) wrap a Rust backend in a thin Python module,
+#: which ECDSA() imports; Debian 12's 38 has the 2 MiB Python one the agent keeps out.
+RUST_BACKEND_VERSION = 42
 
 
 def pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
@@ -148,10 +152,39 @@ def test_without_libcrypto_cryptography_checks_and_signs_the_same(monkeypatch: p
     store.public_key().verify(signature, b"data", ec.ECDSA(hashes.SHA256()))
 
 
+def test_the_public_key_read_through_libcrypto_is_cryptographys(tmp_path: Path) -> None:
+    from agent.identity.software import SoftwareKeyStore, SpkiPublicKey
+
+    store = SoftwareKeyStore(tmp_path)
+    store.create()
+    expected = store.public_key()
+    read = SoftwareKeyStore(tmp_path).public_key()
+
+    assert isinstance(read, SpkiPublicKey)
+    assert read == expected and read.public_numbers() == expected.public_numbers()
+    assert read.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo) == \
+        expected.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    read.verify(store.sign(b"data"), b"data", ec.ECDSA(hashes.SHA256()))
+    assert read != ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+def test_a_certificates_key_checks_a_message_signature(ca_key: ec.EllipticCurvePrivateKey,
+                                                      ca: x509.Certificate) -> None:
+    checked = libcrypto.Certificate(der(ca))
+    signature = ca_key.sign(b"nonce and digest", ec.ECDSA(hashes.SHA256()))
+
+    assert checked.verifies(signature, b"nonce and digest")
+    assert not checked.verifies(signature, b"another nonce")
+    assert not checked.verifies(b"\x30\x00", b"nonce and digest")
+    assert checked.spki() == ca.public_key().public_bytes(serialization.Encoding.DER,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def test_signing_and_checking_as_a_running_agent_does_not_load_cryptographys_openssl_backend(
         tmp_path: Path, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate) -> None:
     """The steady state (a signature per tunnel, a certificate check per connection, the relay
-    certificate's digest) in a fresh process: on cryptography 38 the backend alone is 2 MiB."""
+    certificate's digest, a renewal's CSR and key comparison) in a fresh process: on cryptography 38
+    the backend alone is 2 MiB."""
     from agent.identity.software import SoftwareKeyStore
 
     store = SoftwareKeyStore(tmp_path)
@@ -165,16 +198,25 @@ def test_signing_and_checking_as_a_running_agent_does_not_load_cryptographys_ope
         "from agent.tunnel.relay_trust import leaves_on, remember_leave\n"
         "from agent.tunnel.status import OPENSSL_BACKEND\n"
         "from shared.trust import verify_leaf_issued_by\n"
+        "from agent.identity.csr import build_csr\n"
+        "from cryptography.hazmat.primitives.serialization import Encoding\n"
+        "from agent.identity.exchange import certificate_spki, spki\n"
         f"d = Path({str(tmp_path)!r})\n"
         "ca = x509.load_pem_x509_certificate((d / 'ca.pem').read_bytes())\n"
         "leaf = x509.load_pem_x509_certificate((d / 'leaf.pem').read_bytes())\n"
         "leaves = {}; remember_leave(leaves, leaf)\n"
         "print(SoftwareKeyStore(d).sign(b'challenge').hex(), verify_leaf_issued_by(leaf, ca), leaves_on(leaves, leaf),\n"
         "      OPENSSL_BACKEND in sys.modules)\n"
+        "store = SoftwareKeyStore(d)\n"
+        "csr = build_csr(store, 'pump-1')  # a renewal's CSR, and its key compared with the answer's\n"
+        "assert csr.public_bytes(Encoding.DER) and certificate_spki(leaf) != spki(store.public_key())\n"
+        "print(OPENSSL_BACKEND in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=PROBE_TIMEOUT,
                             cwd=ROOT)
 
-    signature, issued, left, loaded = result.stdout.split()
+    signature, issued, left, loaded, loaded_by_renewal = result.stdout.split()
     assert (issued, left, loaded) == ("True", "1", "False"), result.stderr
+    # From cryptography 42 on the backend module is a thin wrapper of the Rust one, which ECDSA() imports.
+    assert loaded_by_renewal == str(int(cryptography.__version__.split(".")[0]) >= RUST_BACKEND_VERSION)
     store.public_key().verify(bytes.fromhex(signature), b"challenge", ec.ECDSA(hashes.SHA256()))
