@@ -1,10 +1,10 @@
 """The software key store: a P-256 key in ``key.pem`` (PKCS#8, mode 0600).
 
 For gateways without a TPM. The key never leaves this module as bytes: callers
-sign through ``sign`` like they would with the TPM. Signatures go through the
-process's libcrypto (shared/libcrypto.py), so a running agent
-does not load cryptography's OpenSSL backend for them; creating the key and
-its public half (enrollment, renewal) use cryptography.
+sign through ``sign`` like they would with the TPM. Signatures and the public
+half go through the process's libcrypto (shared/libcrypto.py), so a running
+agent, renewals included, does not load cryptography's OpenSSL backend for
+them; creating the key (enrollment) uses cryptography.
 """
 
 from __future__ import annotations
