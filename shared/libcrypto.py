@@ -76,6 +76,7 @@ def _lib() -> Any:
             "X509_get0_pubkey": (ctypes.c_void_p, [ctypes.c_void_p]),
             "X509_verify": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
             "X509_free": (None, [ctypes.c_void_p]),
+            "d2i_PUBKEY": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
             "i2d_PUBKEY": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
             "EVP_DigestVerifyInit": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                                     ctypes.c_void_p]),
@@ -90,6 +91,24 @@ def _lib() -> Any:
         raise Unavailable(f"{LIBCRYPTO}: {error}") from None
     _library = lib
     return lib
+
+
+#: DER SubjectPublicKeyInfo of a P-256 key up to its point: SEQUENCE, the id-ecPublicKey and prime256v1
+#: OIDs, and the BIT STRING's header; the uncompressed point (0x04, x, y) follows.
+P256_SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+
+
+def p256_spki(point: bytes) -> bytes:
+    """The SubjectPublicKeyInfo of the uncompressed P-256 ``point``; ValueError when it is not on the curve."""
+    lib = _lib()
+    spki = P256_SPKI_PREFIX + point
+    cursor = ctypes.c_char_p(spki)
+    key = lib.d2i_PUBKEY(None, ctypes.byref(cursor), len(spki))
+    lib.ERR_clear_error()
+    if not key:
+        raise ValueError("not a point on P-256")
+    lib.EVP_PKEY_free(key)
+    return spki
 
 
 def _spki(lib: Any, key: int) -> bytes:

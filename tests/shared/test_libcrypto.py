@@ -220,3 +220,14 @@ def test_signing_and_checking_as_a_running_agent_does_not_load_cryptographys_ope
     # From cryptography 42 on the backend module is a thin wrapper of the Rust one, which ECDSA() imports.
     assert loaded_by_renewal == str(int(cryptography.__version__.split(".")[0]) >= RUST_BACKEND_VERSION)
     store.public_key().verify(bytes.fromhex(signature), b"challenge", ec.ECDSA(hashes.SHA256()))
+
+
+def test_a_p256_point_becomes_its_subject_public_key_info_and_a_point_off_the_curve_is_refused() -> None:
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    point = key.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+
+    assert libcrypto.p256_spki(point) == key.public_bytes(serialization.Encoding.DER,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    moved = point[:-1] + bytes([point[-1] ^ 0x01])
+    with pytest.raises(ValueError, match="not a point on P-256"):
+        libcrypto.p256_spki(moved)
