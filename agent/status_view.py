@@ -79,7 +79,8 @@ def _renewal_lines(live: dict[str, Any], now: float) -> list[str]:
 # Keys of status.json (written by agent.tunnel.supervisor) shown with their own wording.
 _STATUS_SHOWN = {"state", "relay", "connected_since", "down_since", "rtt_ms", "bytes_in", "bytes_out", "updated",
                  "clock_offset_s", "clock_source", "clock_problem", "cert_not_after", "next_renewal",
-                 "renewal_error", "next_ask", "transport", "aiohttp_loaded"}
+                 "renewal_error", "next_ask", "transport", "aiohttp_loaded",
+                 "openssl_backend_loaded"}
 #: How the text names what the tunnel runs on (status.json's ``transport``).
 _TRANSPORT_WORDS = {"tls": "TLS, ALPN outpost/1", "websocket": "WebSocket"}
 

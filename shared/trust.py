@@ -16,6 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from shared import libcrypto
+
 FINGERPRINT_PREFIX = "sha256:"
 #: How far before its issuance the CA dates a certificate's start: gateways without a real-time clock
 #: boot minutes off, and a certificate "not yet valid" on such a clock would fail every first
@@ -46,18 +48,32 @@ def cert_not_before(cert: x509.Certificate) -> datetime.datetime:
 
 
 class Issuer:
-    """A CA certificate's subject and key, read once, for checking many leaves against it."""
+    """A CA certificate's subject and key, read once, for checking many leaves against it.
+
+    The signature is checked by the process's libcrypto (shared/libcrypto.py)
+    where it can: an agent then never loads cryptography's OpenSSL backend
+    for it, about 2 MiB on Debian's cryptography 38.
+    """
 
     def __init__(self, ca_cert: x509.Certificate) -> None:
         self.certificate = ca_cert
         self.subject = ca_cert.subject
-        public_key = ca_cert.public_key()
-        self.key = public_key if isinstance(public_key, ec.EllipticCurvePublicKey) else None
+        self.key: ec.EllipticCurvePublicKey | None = None
+        self._libcrypto: libcrypto.Certificate | None = None
+        try:
+            self._libcrypto = libcrypto.Certificate(ca_cert.public_bytes(serialization.Encoding.DER))
+        except (libcrypto.Unavailable, ValueError):
+            public_key = ca_cert.public_key()
+            self.key = public_key if isinstance(public_key, ec.EllipticCurvePublicKey) else None
 
     def issued(self, cert: x509.Certificate) -> bool:
         """True when ``cert`` names this CA as issuer and carries its valid signature."""
         hash_algorithm = cert.signature_hash_algorithm
-        if self.key is None or hash_algorithm is None or cert.issuer != self.subject:
+        if hash_algorithm is None or cert.issuer != self.subject:
+            return False
+        if self._libcrypto is not None:
+            return self._libcrypto.signed(cert.public_bytes(serialization.Encoding.DER))
+        if self.key is None:
             return False
         try:
             self.key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import ClockError, ControllerUnreachable, EnrollmentError, OutpostError, TrustError
 from agent.identity.pinned_tls import PinnedTLS, TimeSource
+from shared import libcrypto
 from shared.trust import cert_not_after, verify_leaf_issued_by
 
 #: One request that signs a certificate; a controller slower than this on a
@@ -125,7 +126,7 @@ def accept_certificate(answer: Mapping[str, Any], controller_url: str, ca_cert: 
         raise EnrollmentError(wording.no_certificate.format(url=url))
     if not verify_leaf_issued_by(cert, ca_cert):
         raise TrustError(wording.other_ca.format(url=url))
-    if spki(cert.public_key()) != spki(public_key):
+    if certificate_spki(cert) != spki(public_key):
         raise EnrollmentError(wording.other_key.format(url=url))
     if not isinstance(uri, str) or uri not in uri_names(cert):
         raise EnrollmentError(wording.other_identity.format(url=url, uri=uri))
@@ -151,6 +152,14 @@ def relay_list(answer: Mapping[str, Any], url: str) -> list[str]:
     if not isinstance(relays, list) or len(relays) > MAX_RELAYS or not all(_is_relay_url(r) for r in relays):
         raise EnrollmentError(f"the controller at {url} returned an invalid relay list; ask central ops")
     return [str(r) for r in relays]
+
+
+def certificate_spki(cert: x509.Certificate) -> bytes:
+    """``spki(cert.public_key())``, through libcrypto where it can: that call loads cryptography 38's backend."""
+    try:
+        return libcrypto.Certificate(cert.public_bytes(serialization.Encoding.DER)).spki()
+    except (libcrypto.Unavailable, ValueError):
+        return spki(cert.public_key())
 
 
 def spki(key: Any) -> bytes:

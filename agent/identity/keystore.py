@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 
@@ -95,3 +95,64 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _DelegatingPrivateKey:
         return self
+
+
+#: DER SubjectPublicKeyInfo of a P-256 key: a fixed 26-byte header, then the uncompressed point.
+P256_SPKI_HEADER = 26
+#: The uncompressed point: 0x04, then x and y of 32 bytes each.
+P256_COORDINATE = 32
+
+
+class SpkiPublicKey(ec.EllipticCurvePublicKey):
+    """The device key's public half as its SubjectPublicKeyInfo, enough for a CSR and for comparing keys.
+
+    cryptography's own key object would load its OpenSSL backend on Debian's
+    cryptography 38 (2 MiB) at every renewal; what needs more than the bytes
+    (``verify``, other encodings) gets cryptography's object then.
+    """
+
+    def __init__(self, spki: bytes) -> None:
+        self._spki = spki
+
+    def public_bytes(self, encoding: serialization.Encoding, format: serialization.PublicFormat) -> bytes:
+        if encoding is serialization.Encoding.DER and format is serialization.PublicFormat.SubjectPublicKeyInfo:
+            return self._spki
+        return self._full().public_bytes(encoding, format)
+
+    def public_numbers(self) -> ec.EllipticCurvePublicNumbers:
+        point = self._spki[P256_SPKI_HEADER + 1:]
+        return ec.EllipticCurvePublicNumbers(int.from_bytes(point[:P256_COORDINATE], "big"),
+                                             int.from_bytes(point[P256_COORDINATE:], "big"), ec.SECP256R1())
+
+    def verify(self, signature: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview,
+               signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> None:
+        self._full().verify(signature, data, signature_algorithm)
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return ec.SECP256R1()
+
+    @property
+    def key_size(self) -> int:
+        return 256
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ec.EllipticCurvePublicKey):
+            return NotImplemented
+        return self._spki == other.public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def __hash__(self) -> int:
+        return hash(self._spki)
+
+    # cryptography 50 copies key objects it is handed.
+    def __copy__(self) -> SpkiPublicKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> SpkiPublicKey:
+        return self
+
+    def _full(self) -> ec.EllipticCurvePublicKey:
+        key = serialization.load_der_public_key(self._spki)
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return key

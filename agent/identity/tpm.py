@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from agent.identity import tpm_esys
-from agent.identity.keystore import KeyStore
+from agent.identity.keystore import KeyStore, SpkiPublicKey
 from agent.identity.tcti import Tcti, parse_tcti
+from shared import libcrypto
 
 if TYPE_CHECKING:
     from agent.identity.tpm_tss import TssKeyStore
@@ -205,7 +206,13 @@ def _point(public: bytes) -> ec.EllipticCurvePublicKey:
     x = int.from_bytes(coordinates[2:2 + P256_COORDINATE_BYTES], "big")
     y = int.from_bytes(coordinates[4 + P256_COORDINATE_BYTES:], "big")
     try:
-        return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+        # Through libcrypto where it can: cryptography's key object would load its OpenSSL backend (2 MiB on
+        # Debian's cryptography 38) at the first renewal, for the rest of the agent's life.
+        try:
+            point = b"\x04" + x.to_bytes(P256_COORDINATE_BYTES, "big") + y.to_bytes(P256_COORDINATE_BYTES, "big")
+            return SpkiPublicKey(libcrypto.p256_spki(point))
+        except (libcrypto.Unavailable, OverflowError):
+            return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
     except ValueError:
         from agent.identity.tpm_errors import device_key_lost
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from shared import libcrypto
 
 # The schedule is shared with the links between relays (controller/relay/peering.py); its names stay importable here.
 from shared.cert_schedule import BACKDATE as BACKDATE
@@ -59,14 +61,19 @@ MAX_REMEMBERED_LEAVES = 16
 
 def remember_leave(leaves: dict[bytes, int], certificate: x509.Certificate) -> None:
     """Count a tunnel left on ``certificate`` in ``leaves`` (its SHA-256 -> tunnels left), within the bound."""
-    digest = certificate.fingerprint(hashes.SHA256())
+    digest = _sha256(certificate)
     leaves[digest] = leaves.pop(digest, 0) + 1
     while len(leaves) > MAX_REMEMBERED_LEAVES:
         del leaves[next(iter(leaves))]
 
 
 def leaves_on(leaves: dict[bytes, int], certificate: x509.Certificate) -> int:
-    return leaves.get(certificate.fingerprint(hashes.SHA256()), 0)
+    return leaves.get(_sha256(certificate), 0)
+
+
+def _sha256(certificate: x509.Certificate) -> bytes:
+    """``certificate.fingerprint(SHA256())`` without cryptography's OpenSSL backend, which that loads (2 MiB)."""
+    return certificate_digest(certificate.public_bytes(serialization.Encoding.DER))
 
 
 def _names(cert: x509.Certificate) -> tuple[x509.Name, frozenset[x509.GeneralName]]:
@@ -110,13 +117,29 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
     if not start <= now < end:
         raise PushRefused(f"the relay pushed a certificate that is not valid now (valid from "
                           f"{format_utc(start)} to {format_utc(end)})")
-    key = pushed.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PushRefused("the relay pushed a certificate whose key is not an EC key")
-    try:
-        key.verify(signature, relay_cert_message(nonce, certificate_digest(der)), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
+    if not _signed_by(pushed, der, signature, relay_cert_message(nonce, certificate_digest(der))):
         raise PushRefused("the relay's pushed certificate is not signed over this tunnel (replayed from another "
-                          "tunnel, or another key)") from None
+                          "tunnel, or another key)")
     return pushed
+
+
+def _signed_by(pushed: x509.Certificate, der: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether the pushed certificate's EC key signed ``message``; PushRefused for a key that is not EC.
+
+    Through libcrypto where it can: the key object would load cryptography 38's OpenSSL backend (2 MiB) at
+    every relay certificate renewal."""
+    try:
+        checked = libcrypto.Certificate(der)
+    except (libcrypto.Unavailable, ValueError):
+        key = pushed.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise PushRefused("the relay pushed a certificate whose key is not an EC key") from None
+        try:
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
+    if not checked.has_ec_key:
+        raise PushRefused("the relay pushed a certificate whose key is not an EC key")
+    return checked.verifies(signature, message)
 

@@ -9,6 +9,9 @@ from agent.clock.trusted import TrustedClock
 from shared import service_manager
 from shared.utc import format_utc
 
+#: cryptography's OpenSSL backend module, whose presence ``openssl_backend_loaded`` reports.
+OPENSSL_BACKEND = "cryptography.hazmat.backends.openssl"
+
 
 @dataclass
 class TunnelStats:
@@ -32,6 +35,9 @@ class TunnelStats:
     transport: str | None = None
     #: Whether the process holds aiohttp (only a WebSocket tunnel or ``doctor`` loads it): ~14 MiB of it.
     aiohttp_loaded: bool = False
+    #: Whether the process holds cryptography's OpenSSL backend (2 MiB on Debian's cryptography 38): the steady
+    #: state signs and checks certificates through libcrypto (shared/libcrypto.py); enrolling or renewing loads it.
+    openssl_backend_loaded: bool = False
     #: why the last tunnel ended (kept after a reconnect, unlike last_error)
     last_drop: str | None = None
     #: Unix seconds: when the current certificate expires, when the agent renews it next,

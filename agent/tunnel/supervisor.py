@@ -18,7 +18,7 @@ from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, open_tunnel
 from agent.tunnel.relays import RelayRotation, valid_relay_list
 from agent.tunnel.report import Reporter
-from agent.tunnel.status import TunnelStats, clock_time, report_offline
+from agent.tunnel.status import OPENSSL_BACKEND, TunnelStats, clock_time, report_offline
 from shared import service_manager
 from shared.protocol import ErrorCode
 
@@ -105,6 +105,7 @@ class TunnelSupervisor:
 
     def _report(self) -> None:
         self.stats.aiohttp_loaded = "aiohttp" in sys.modules
+        self.stats.openssl_backend_loaded = OPENSSL_BACKEND in sys.modules
         session = self.session
         if session is not None:
             self.stats.bytes_in = self._base_in + session.conn.bytes_received

@@ -115,6 +115,7 @@ def main() -> None:
             idle = snapshot(pids)
             status = read_status(tunnel.binder_state)
             aiohttp_loaded = status.get("aiohttp_loaded")
+            backend_loaded = status.get("openssl_backend_loaded")
             key_file = sorted(p.name for p in tunnel.binder_state.glob("key*"))
             libraries = mapped_libraries(tunnel.binder_pid)
             payload = os.urandom(size)
@@ -151,6 +152,7 @@ def main() -> None:
         "streams_rss_mib": busy,
         "transport": str_arg("agent-transport", "auto"),
         "aiohttp_loaded": aiohttp_loaded,
+        "openssl_backend_loaded": backend_loaded,
         "measured": "VmRSS from /proc/PID/status of the binding agent, idle: tunnel up, one round trip done",
         "path": "dialer agent -> relay -> binder agent",
         "paths": {"tunnel": TUNNEL_PATH},

@@ -1,9 +1,12 @@
 """A running agent's steady state: the tunnel on TLS directly, and no aiohttp in the process.
 
 Real processes (controller, link emulator, ``outpost-agent run``, which
-enrolls, measures the controller's time and keeps its tunnel); the agent
-says in status.json what its tunnel runs on and whether aiohttp is loaded.
-The WebSocket, chosen by configuration, loads it: the probe can fail.
+measures the controller's time and keeps its tunnel, its software key
+enrolled by ``outpost-agent enroll``); the agent says in status.json what its
+tunnel runs on and whether aiohttp and cryptography's OpenSSL backend are
+loaded. The WebSocket, chosen by configuration, loads aiohttp: the probe can
+fail. Neither transport needs the backend: signing the tunnel's challenge and
+checking certificates go through libcrypto (shared/libcrypto.py).
 """
 
 from __future__ import annotations
@@ -29,5 +32,6 @@ def test_the_agent_tunnels_without_aiohttp_unless_the_websocket_is_chosen(tmp_pa
                             timeout=STATUS_WAIT, what="a connected tunnel in status.json")
         assert status["transport"] == ("websocket" if transport == "websocket" else "tls")
         assert status["aiohttp_loaded"] is loaded
+        assert status["openssl_backend_loaded"] is False
     finally:
         path.stop()
