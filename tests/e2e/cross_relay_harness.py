@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from controller.store import Store
-from tests.e2e.harness import Process, read_status, wait_until
+from tests.e2e.harness import Process, free_port, read_status, wait_until
 from tests.e2e.relay_harness import RelayProcess, RoleController
 from tests.e2e.test_walking_skeleton import enroll_gateway, write_agent_config
 
@@ -68,3 +72,66 @@ def hosted(controller: RoleController, relay: str, service: str) -> bool:
 
 __all__ = ["RelayProcess", "RoleController", "StoreRelay", "agent_config", "audit_events", "controller_on",
            "enroll_gateway", "hosted", "start_agent_on", "store_rows"]
+
+
+def echoes(conn: socket.socket, byte: bytes) -> bool:
+    """Whether one byte sent on a held dial comes back."""
+    try:
+        conn.sendall(byte)
+        return conn.recv(1) == byte
+    except OSError:
+        return False
+
+
+@dataclass
+class TwoRelays:
+    """A controller, relay B (the binders' side) and relay A (the dialers' side), and what a test started on them."""
+
+    controller: RoleController
+    relay_b: RelayProcess
+    relay_a: RelayProcess
+    agents: list[Process] = field(default_factory=list)
+    held: list[socket.socket] = field(default_factory=list)
+    #: Each gateway's state directory, by name.
+    states: dict[str, Path] = field(default_factory=dict)
+
+    def plc_across(self, tmp_path: Path, echo_port: int) -> int:
+        """Service plc bound by gateway site on relay B and dialed by gateway central on relay A: the local
+        port central dials it on, once relay B published it."""
+        ctl = self.controller.ctl
+        ctl("service", "create", "plc")
+        ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
+        ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
+        site = self.states["site"] = enroll_gateway(self.controller, tmp_path, "site")
+        central = self.states["central"] = enroll_gateway(self.controller, tmp_path, "central")
+        port = free_port()
+        self.agents.append(start_agent_on(tmp_path, "site", site, self.relay_b, binds={"plc": echo_port}))
+        self.agents.append(start_agent_on(tmp_path, "central", central, self.relay_a, dials={"plc": port}))
+        wait_until(lambda: hosted(self.controller, self.relay_b.name, "plc"), what="relay B publishing plc")
+        return port
+
+
+@contextmanager
+def two_relays(tmp_path: Path, controller: RoleController, relay_b_kind: type[RelayProcess] = RelayProcess,
+               relay_a_kind: type[RelayProcess] = RelayProcess) -> Iterator[TwoRelays]:
+    """Relays rb and ra started on ``controller``; every dial, agent and process stopped at the end, whatever
+    happened, and their last output printed when the test failed."""
+    relays: list[RelayProcess] = []
+    agents: list[Process] = []
+    held: list[socket.socket] = []
+    try:
+        relays.append(relay_b_kind(controller, tmp_path, "rb"))
+        relays.append(relay_a_kind(controller, tmp_path, "ra"))
+        yield TwoRelays(controller, relays[0], relays[1], agents, held)
+    except BaseException:
+        for process in [*(r.process for r in relays), *agents, controller.process]:
+            print(process.output[-3000:])
+        raise
+    finally:
+        for conn in held:
+            conn.close()
+        for agent in agents:
+            agent.stop()
+        for relay in relays:
+            relay.process.stop()
+        controller.process.stop()

@@ -23,16 +23,8 @@ from cryptography import x509
 
 from controller.relay.link_client import link_tls_context, open_link
 from shared.trust import cert_not_after
-from tests.e2e.cross_relay_harness import (
-    RelayProcess,
-    RoleController,
-    audit_events,
-    enroll_gateway,
-    hosted,
-    start_agent_on,
-    store_rows,
-)
-from tests.e2e.harness import EchoServer, Process, free_port, round_trip, wait_until
+from tests.e2e.cross_relay_harness import RoleController, audit_events, echoes, store_rows, two_relays
+from tests.e2e.harness import EchoServer, Process, round_trip, wait_until
 from tests.e2e.test_relay_renewal_faketime import LIBFAKETIME, SkewedRelay
 
 #: A controller whose relay certificates live ``argv[1]`` seconds (the settings' relay_cert_lifetime).
@@ -74,14 +66,6 @@ class ShortLivedController(RoleController):
         self.ctl_config = data / "outpostctl.toml"
 
 
-def echoes(conn: socket.socket, byte: bytes) -> bool:
-    try:
-        conn.sendall(byte)
-        return conn.recv(1) == byte
-    except OSError:
-        return False
-
-
 def dial_links(controller: RoleController) -> list[tuple[float, str]]:
     """(time, link id) of every dial relay A served over a link, in order (B's rows name the link's relay)."""
     rows = store_rows(controller, "SELECT time, fields FROM audit WHERE event = 'dial_served' ORDER BY id")
@@ -97,24 +81,11 @@ def closed_rows(controller: RoleController, relay: str) -> list[tuple[float, dic
 @pytest.mark.slow
 def test_a_link_drains_at_its_certificates_drain_point_keeps_its_dial_and_new_dials_go_over_a_new_link(
         tmp_path: Path, echo_server: EchoServer) -> None:
-    controller = ShortLivedController(tmp_path / "controller", DRAIN_LIFE)
-    relays: list[RelayProcess] = []
-    agents: list[Process] = []
-    held: socket.socket | None = None
-    try:
-        relays.append(RelayProcess(controller, tmp_path, "rb"))
-        relays.append(RelayProcess(controller, tmp_path, "ra"))
-        relay_b, relay_a = relays
-        controller.ctl("service", "create", "plc")
-        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
-        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
-        site, central = enroll_gateway(controller, tmp_path, "site"), enroll_gateway(controller, tmp_path, "central")
-        port = free_port()
-        agents.append(start_agent_on(tmp_path, "site", site, relay_b, binds={"plc": echo_server.port}))
-        agents.append(start_agent_on(tmp_path, "central", central, relay_a, dials={"plc": port}))
-        wait_until(lambda: hosted(controller, "rb", "plc"), what="rb publishing plc")
-
+    with two_relays(tmp_path, ShortLivedController(tmp_path / "controller", DRAIN_LIFE)) as pair:
+        controller = pair.controller
+        port = pair.plc_across(tmp_path, echo_server.port)
         held = socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT)
+        pair.held.append(held)
         assert echoes(held, b"1")
         first = wait_until(lambda: dial_links(controller), what="the held dial's row")[0][1]
 
@@ -131,7 +102,6 @@ def test_a_link_drains_at_its_certificates_drain_point_keeps_its_dial_and_new_di
         assert dial_links(controller)[-1][1] != first
 
         held.close()
-        held = None
         closed_at, row = wait_until(lambda: next(((w, f) for w, f in closed_rows(controller, "ra")
                                                   if f["correlation"] == first), None),
                                     timeout=CLOSED_WITHIN, what="relay A closing the drained link")
@@ -146,27 +116,11 @@ def test_a_link_drains_at_its_certificates_drain_point_keeps_its_dial_and_new_di
         # Relay B recorded the close with A's reason.
         wait_until(lambda: any("past its drain point" in f["reason"] for _, f in closed_rows(controller, "rb")),
                    what="relay B's link_closed row")
-    except BaseException:
-        for process in [*(r.process for r in relays), *agents, controller.process]:
-            print(process.output[-3000:])
-        raise
-    finally:
-        if held is not None:
-            held.close()
-        for agent in agents:
-            agent.stop()
-        for relay in relays:
-            relay.process.stop()
-        controller.process.stop()
 
 
 def test_the_accepting_relay_closes_a_link_when_its_dialers_certificate_ends(tmp_path: Path) -> None:
-    controller = ShortLivedController(tmp_path / "controller", END_LIFE)
-    relays: list[RelayProcess] = []
-    try:
-        relays.append(RelayProcess(controller, tmp_path, "rb"))
-        relays.append(RelayProcess(controller, tmp_path, "ra"))
-        relay_b, relay_a = relays
+    with two_relays(tmp_path, ShortLivedController(tmp_path / "controller", END_LIFE)) as pair:
+        controller, relay_b, relay_a = pair.controller, pair.relay_b, pair.relay_a
         # Relay A's certificate and key as they are now; A stops, so nothing renews or drains this link:
         # a dialer that keeps a link (a stolen key, say) meets only B's own check.
         relay_a.process.stop()
@@ -194,14 +148,6 @@ def test_the_accepting_relay_closes_a_link_when_its_dialers_certificate_ends(tmp
         wait_until(lambda: any("the certificate of relay ra ended" in f["reason"]
                                for _, f in closed_rows(controller, "rb")), what="relay B's link_closed row")
         assert len(audit_events(controller, "link_connected")) == 1
-    except BaseException:
-        for process in [*(r.process for r in relays), controller.process]:
-            print(process.output[-3000:])
-        raise
-    finally:
-        for relay in relays:
-            relay.process.stop()
-        controller.process.stop()
 
 
 #: Seconds relay A's clock jumps ahead in the end test: past both relays' certificates (END_JUMP_LIFE) and any
@@ -215,24 +161,13 @@ END_JUMP_LIFE = 20
 @pytest.mark.skipif(LIBFAKETIME is None, reason="faketime is not installed (scripts/setup installs it)")
 def test_past_a_certificates_end_the_dialing_relay_uses_no_link_and_closes_the_one_carrying_a_dial(
         tmp_path: Path, echo_server: EchoServer) -> None:
-    controller = ShortLivedController(tmp_path / "controller", END_JUMP_LIFE)
-    relays: list[RelayProcess] = []
-    agents: list[Process] = []
-    held: socket.socket | None = None
-    try:
-        relays.append(RelayProcess(controller, tmp_path, "rb"))
-        relays.append(SkewedRelay(controller, tmp_path, "ra"))
-        relay_b, relay_a = relays
+    with two_relays(tmp_path, ShortLivedController(tmp_path / "controller", END_JUMP_LIFE),
+                    relay_a_kind=SkewedRelay) as pair:
+        controller, relay_a = pair.controller, pair.relay_a
         assert isinstance(relay_a, SkewedRelay)
-        controller.ctl("service", "create", "plc")
-        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
-        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
-        site, central = enroll_gateway(controller, tmp_path, "site"), enroll_gateway(controller, tmp_path, "central")
-        port = free_port()
-        agents.append(start_agent_on(tmp_path, "site", site, relay_b, binds={"plc": echo_server.port}))
-        agents.append(start_agent_on(tmp_path, "central", central, relay_a, dials={"plc": port}))
-        wait_until(lambda: hosted(controller, "rb", "plc"), what="rb publishing plc")
+        port = pair.plc_across(tmp_path, echo_server.port)
         held = socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT)
+        pair.held.append(held)
         assert echoes(held, b"1")
         first = wait_until(lambda: dial_links(controller), what="the held dial's row")[0][1]
 
@@ -248,7 +183,6 @@ def test_past_a_certificates_end_the_dialing_relay_uses_no_link_and_closes_the_o
         except ConnectionError:
             pass
         held.close()
-        held = None
         row = wait_until(lambda: next((f for _, f in closed_rows(controller, "ra") if f["correlation"] == first),
                                       None), what="relay A's link_closed row")
         assert "ended at" in row["reason"] and "never used past it" in row["reason"], row["reason"]
@@ -261,18 +195,6 @@ def test_past_a_certificates_end_the_dialing_relay_uses_no_link_and_closes_the_o
         # Its clock ahead of the controller's, relay A renewed once (each certificate it gets is due at once by
         # its clock), not once a second.
         assert sum("renewed the listener's certificate" in line for line in relay_a.process.lines) <= 2
-    except BaseException:
-        for process in [*(r.process for r in relays), *agents, controller.process]:
-            print(process.output[-3000:])
-        raise
-    finally:
-        if held is not None:
-            held.close()
-        for agent in agents:
-            agent.stop()
-        for relay in relays:
-            relay.process.stop()
-        controller.process.stop()
 
 
 def round_trip_fails(port: int) -> bool:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tests.e2e.cross_relay_harness import (
-    RelayProcess,
     RoleController,
     audit_events,
     enroll_gateway,
-    hosted,
     start_agent_on,
     store_rows,
+    two_relays,
 )
 from tests.e2e.harness import EchoServer, free_port, wait_until
 from tests.e2e.test_cross_relay_attacks import LimitedRelay
@@ -56,51 +51,12 @@ def dial_once(port: int) -> bool:
     return echoed
 
 
-@dataclass
-class TwoRelays:
-    """A controller, relay B (binders' side) and relay A (dialers' side), and what a test started on them."""
-
-    controller: RoleController
-    relay_b: RelayProcess
-    relay_a: RelayProcess
-    agents: list[Any] = field(default_factory=list)
-    held: list[socket.socket] = field(default_factory=list)
-
-
-@contextmanager
-def two_relays(tmp_path: Path, relay_a_kind: type[RelayProcess]) -> Iterator[TwoRelays]:
-    """Start the pair; stop every dial, agent and process at the end, whatever happened."""
-    controller = RoleController(tmp_path / "controller", "controller")
-    relays: list[RelayProcess] = []
-    agents: list[Any] = []
-    held: list[socket.socket] = []
-    try:
-        relays.append(RelayProcess(controller, tmp_path, "rb"))
-        relays.append(relay_a_kind(controller, tmp_path, "ra"))
-        yield TwoRelays(controller, relays[0], relays[1], agents, held)
-    finally:
-        for conn in held:
-            conn.close()
-        for agent in agents:
-            agent.stop()
-        for relay in relays:
-            relay.process.stop()
-        controller.process.stop()
-
-
 def test_a_full_link_opens_another_and_past_the_most_a_dial_is_refused_in_a_sentence(
         tmp_path: Path, echo_server: EchoServer) -> None:
-    with two_relays(tmp_path, FewLinksRelay) as pair:
-        controller, relay_b, relay_a, agents, held = (pair.controller, pair.relay_b, pair.relay_a, pair.agents,
-                                                      pair.held)
-        controller.ctl("service", "create", "plc")
-        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
-        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
-        site, central = enroll_gateway(controller, tmp_path, "site"), enroll_gateway(controller, tmp_path, "central")
-        port = free_port()
-        agents.append(start_agent_on(tmp_path, "site", site, relay_b, binds={"plc": echo_server.port}))
-        agents.append(start_agent_on(tmp_path, "central", central, relay_a, dials={"plc": port}))
-        wait_until(lambda: hosted(controller, "rb", "plc"), what="rb publishing plc")
+    with two_relays(tmp_path, RoleController(tmp_path / "controller", "controller"),
+                    relay_a_kind=FewLinksRelay) as pair:
+        controller, held = pair.controller, pair.held
+        port = pair.plc_across(tmp_path, echo_server.port)
 
         for _ in range(LINK_DIALS * LINKS_PER_PAIR):
             conn, echoed = held_dial(port)
@@ -126,7 +82,7 @@ def test_a_full_link_opens_another_and_past_the_most_a_dial_is_refused_in_a_sent
 
 def test_three_hundred_dials_at_once_between_two_relays_all_go_through(tmp_path: Path,
                                                                       echo_server: EchoServer) -> None:
-    with two_relays(tmp_path, RelayProcess) as pair:
+    with two_relays(tmp_path, RoleController(tmp_path / "controller", "controller")) as pair:
         controller, relay_b, relay_a, agents, held = (pair.controller, pair.relay_b, pair.relay_a, pair.agents,
                                                       pair.held)
         controller.ctl("service", "create", "plc")

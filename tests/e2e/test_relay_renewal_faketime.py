@@ -24,15 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from controller.relay_node import renewal_due
 from shared.trust import cert_not_after
 from tests.e2e.clock_harness import LIBFAKETIME
-from tests.e2e.cross_relay_harness import (
-    RelayProcess,
-    RoleController,
-    audit_events,
-    enroll_gateway,
-    hosted,
-    start_agent_on,
-)
-from tests.e2e.harness import EchoServer, Process, free_port, python_env, read_status, round_trip, wait_until
+from tests.e2e.cross_relay_harness import RelayProcess, RoleController, audit_events, echoes, two_relays
+from tests.e2e.harness import EchoServer, Process, python_env, read_status, round_trip, wait_until
 
 pytestmark = pytest.mark.skipif(LIBFAKETIME is None, reason="faketime is not installed (scripts/setup installs it)")
 
@@ -87,34 +80,15 @@ def spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def echoes(conn: socket.socket, byte: bytes) -> bool:
-    try:
-        conn.sendall(byte)
-        return conn.recv(1) == byte
-    except OSError:
-        return False
-
-
 def test_a_relay_renews_for_real_its_gateway_keeps_the_tunnel_and_a_link_keeps_its_dial(
         tmp_path: Path, echo_server: EchoServer) -> None:
     controller = RoleController(tmp_path / "controller", "controller", 0, "--relay-cert-lifetime", str(RELAY_LIFE))
-    relays: list[RelayProcess] = []
-    agents: list[Process] = []
-    held: socket.socket | None = None
-    try:
-        relay_b = SkewedRelay(controller, tmp_path, "rb")
-        relays.append(relay_b)
-        relay_a = RelayProcess(controller, tmp_path, "ra")
-        relays.append(relay_a)
-        controller.ctl("service", "create", "plc")
-        controller.ctl("policy", "create", "--kind", "bind", "--identities", "site", "--services", "plc")
-        controller.ctl("policy", "create", "--kind", "dial", "--identities", "central", "--services", "plc")
-        site, central = enroll_gateway(controller, tmp_path, "site"), enroll_gateway(controller, tmp_path, "central")
-        port = free_port()
-        agents.append(start_agent_on(tmp_path, "site", site, relay_b, binds={"plc": echo_server.port}))
-        agents.append(start_agent_on(tmp_path, "central", central, relay_a, dials={"plc": port}))
-        wait_until(lambda: hosted(controller, "rb", "plc"), what="rb publishing plc")
+    with two_relays(tmp_path, controller, relay_b_kind=SkewedRelay) as pair:
+        relay_b = pair.relay_b
+        assert isinstance(relay_b, SkewedRelay)
+        port = pair.plc_across(tmp_path, echo_server.port)
         held = socket.create_connection(("127.0.0.1", port), timeout=ECHO_TIMEOUT)
+        pair.held.append(held)
         assert echoes(held, b"1")
         assert len(audit_events(controller, "link_connected")) == 1
 
@@ -135,27 +109,15 @@ def test_a_relay_renews_for_real_its_gateway_keeps_the_tunnel_and_a_link_keeps_i
 
         # New handshakes see the renewed certificate; the gateway's tunnel took it in-band and stayed.
         wait_until(lambda: relay_b.served_certificate() == new, what="rb serving the renewed certificate")
-        site_agent = agents[0]
+        site_agent = pair.agents[0]
         serial = format(new.serial_number, "x")
         wait_until(lambda: any(f"renewed its certificate (serial {serial}); the tunnel stays" in line
                                for line in site_agent.lines), what="site taking the pushed certificate")
         assert sum("tunnel up to" in line for line in site_agent.lines) == 1
-        assert read_status(site).get("state") == "connected"
+        assert read_status(pair.states["site"]).get("state") == "connected"
 
         # The link from relay A carried its dial through the renewal and takes new ones: still one link.
         assert echoes(held, b"2")
         assert round_trip(port, b"after the renewal", timeout=ECHO_TIMEOUT) == b"after the renewal"
         assert len(audit_events(controller, "link_connected")) == 1
         assert audit_events(controller, "link_closed") == []
-    except BaseException:
-        for process in [*(r.process for r in relays), *agents, controller.process]:
-            print(process.output[-3000:])
-        raise
-    finally:
-        if held is not None:
-            held.close()
-        for agent in agents:
-            agent.stop()
-        for relay in relays:
-            relay.process.stop()
-        controller.process.stop()
