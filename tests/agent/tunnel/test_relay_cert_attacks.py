@@ -9,20 +9,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import secrets
 
 import aiohttp
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import agent.tunnel.client as agent_client
 from agent.identity.ephemeral import EphemeralKeyStore
 from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
-from shared.protocol import AuthReceived, BindRequested, Connection, Role
+from shared.protocol import Connection
 from shared.trust import cert_not_after
-from tests.agent.tunnel.relay_pki import authority, der, relay_certificate, server_context
+from tests.agent.tunnel.relay_pki import der, relay_certificate
 from tests.agent.tunnel.test_relay_cert_trust import (
     LIFE,
     FakeRelay,
@@ -139,55 +137,25 @@ class PushingAtAdmission(FakeRelay):
 
     renewed: bytes = b""
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(protocols=("outpost.v1",))
-        await ws.prepare(request)
-        conn = Connection(Role.RELAY, 0.0)
-        end = RelayEnd(ws, conn, secrets.token_bytes(32))
-        conn.send_challenge(end.nonce)
-        await ws.send_bytes(conn.data_to_send())
-        self.tunnels.append(end)
-        try:
-            async for message in ws:
-                for event in conn.receive_data(message.data, 0.0):
-                    if isinstance(event, AuthReceived):
-                        conn.accept_auth({"relays": []})
-                        conn.send_relay_certificate(self.renewed, end.sign(self.key, self.renewed))
-                        end.up.set()
-                    elif isinstance(event, BindRequested):
-                        conn.send_bind_result(list(event.services), {})
-                out = conn.data_to_send()
-                if out:
-                    await ws.send_bytes(out)
-        finally:
-            end.gone.set()
-        return ws
+    def admitted(self, conn: Connection, end: RelayEnd) -> None:
+        conn.send_relay_certificate(self.renewed, end.sign(self.key, self.renewed))
 
 
 @pytest.mark.parametrize("binds", [{}, {"default/plc": ("127.0.0.1", 1)}], ids=["no binds", "binds"])
 def test_a_push_right_behind_auth_ok_is_taken(binds: dict[str, tuple[str, int]]) -> None:
     async def scenario() -> None:
-        ca = authority()
-        key = ec.generate_private_key(ec.SECP256R1())
-        relay = PushingAtAdmission(ca, key, relay_certificate(ca, key, lifetime=LIFE))
-        relay.renewed = der(relay_certificate(ca, key, lifetime=2 * LIFE))
-        relay.server_tls = server_context(relay.certificate, key)
-        app = web.Application()
-        app.router.add_get("/v1/tunnel", relay.handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=relay.server_tls)
-        await site.start()
-        relay.url = f"wss://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/tunnel"  # type: ignore[union-attr]
-        keystore = EphemeralKeyStore()
-        keystore.create()
-        credentials = TunnelCredentials(uri="spiffe://outpost.local/default/gw", chain_pem=["-"], ca_pem=ca.pem,
-                                        keystore=keystore)
-        options = TunnelOptions(clock=near_the_end(relay, left=LIFE / 2), transport="websocket",  # type: ignore[arg-type]
-                                binds=binds)
-        try:
+        async with fake_relay(kind=PushingAtAdmission) as relay:
+            assert isinstance(relay, PushingAtAdmission)
+            relay.renewed = der(relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE))
+            keystore = EphemeralKeyStore()
+            keystore.create()
+            credentials = TunnelCredentials(uri="spiffe://outpost.local/default/gw", chain_pem=["-"],
+                                            ca_pem=relay.ca.pem, keystore=keystore)
+            options = TunnelOptions(clock=near_the_end(relay, left=LIFE / 2),  # type: ignore[arg-type]
+                                    transport="websocket", binds=binds)
             async with aiohttp.ClientSession() as http:
-                session, task = await open_tunnel(http, relay.url, credentials, pinned_ssl_context(ca.pem), options)
+                session, task = await open_tunnel(http, relay.url, credentials, pinned_ssl_context(relay.ca.pem),
+                                                  options)
                 try:
                     await asyncio.sleep(0.2)
                     assert session.conn.relay_certificates == 1
@@ -195,7 +163,5 @@ def test_a_push_right_behind_auth_ok_is_taken(binds: dict[str, tuple[str, int]])
                 finally:
                     await session.close()
                     await task
-        finally:
-            await runner.cleanup()
 
     run(scenario)

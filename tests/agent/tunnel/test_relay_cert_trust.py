@@ -34,6 +34,7 @@ from agent.tunnel.client import AgentSession, TunnelCredentials, TunnelOptions, 
 from shared.protocol import (
     RELAY_CERT_FEATURE,
     AuthReceived,
+    BindRequested,
     Connection,
     ConnectionTerminated,
     ErrorCode,
@@ -113,7 +114,10 @@ class FakeRelay:
                     if isinstance(event, AuthReceived):
                         end.info = dict(event.info)
                         conn.accept_auth({"relays": []})  # the agent's signature is not what these tests are about
+                        self.admitted(conn, end)
                         end.up.set()
+                    elif isinstance(event, BindRequested):
+                        conn.send_bind_result(list(event.services), {})
                     elif isinstance(event, ConnectionTerminated):
                         end.goaway = event
                 out = conn.data_to_send()
@@ -123,14 +127,18 @@ class FakeRelay:
             end.gone.set()
         return ws
 
+    def admitted(self, conn: Connection, end: RelayEnd) -> None:
+        """Called with AUTH_OK queued, before it is written: what a relay sends in the same write."""
+
 
 @contextlib.asynccontextmanager
 async def fake_relay(lifetime: float = LIFE, *, ca: Authority | None = None, key: ec.EllipticCurvePrivateKey | None = None,
-                     certificate: x509.Certificate | None = None) -> AsyncIterator[FakeRelay]:
+                     certificate: x509.Certificate | None = None, kind: type[FakeRelay] = FakeRelay
+                     ) -> AsyncIterator[FakeRelay]:
     """A relay on 127.0.0.1: by default with a CA, key and certificate of its own, else the ones given."""
     ca = ca or authority()
     key = key or ec.generate_private_key(ec.SECP256R1())
-    relay = FakeRelay(ca, key, certificate or relay_certificate(ca, key, lifetime=lifetime))
+    relay = kind(ca, key, certificate or relay_certificate(ca, key, lifetime=lifetime))
     relay.server_tls = server_context(relay.certificate, key)
     app = web.Application()
     app.router.add_get("/v1/tunnel", relay.handle)
