@@ -56,7 +56,19 @@ class KeyStore(abc.ABC):
         return _DelegatingPrivateKey(self)
 
 
-class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
+class _P256:
+    """What a device key's objects say of their curve: the key store holds P-256 keys only."""
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return ec.SECP256R1()
+
+    @property
+    def key_size(self) -> int:
+        return 256
+
+
+class _DelegatingPrivateKey(_P256, ec.EllipticCurvePrivateKey):
     """Adapter: an EllipticCurvePrivateKey whose operations call a KeyStore."""
 
     def __init__(self, store: KeyStore) -> None:
@@ -70,14 +82,6 @@ class _DelegatingPrivateKey(ec.EllipticCurvePrivateKey):
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._store.public_key()
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return ec.SECP256R1()
-
-    @property
-    def key_size(self) -> int:
-        return 256
 
     # The rest of the interface cannot be offered without key bytes.
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
@@ -103,7 +107,7 @@ P256_SPKI_HEADER = 26
 P256_COORDINATE = 32
 
 
-class SpkiPublicKey(ec.EllipticCurvePublicKey):
+class SpkiPublicKey(_P256, ec.EllipticCurvePublicKey):
     """The device key's public half as its SubjectPublicKeyInfo, enough for a CSR and for comparing keys.
 
     cryptography's own key object would load its OpenSSL backend on Debian's
@@ -127,14 +131,6 @@ class SpkiPublicKey(ec.EllipticCurvePublicKey):
     def verify(self, signature: bytes | bytearray | memoryview, data: bytes | bytearray | memoryview,
                signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> None:
         self._full().verify(signature, data, signature_algorithm)
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return ec.SECP256R1()
-
-    @property
-    def key_size(self) -> int:
-        return 256
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ec.EllipticCurvePublicKey):
