@@ -37,8 +37,12 @@ settings = dataclasses.replace(cli.settings_from_args(args), relay_cert_lifetime
 run(cli.serve(settings), args.event_loop)
 """
 #: Relay certificates' life in the drain test: long enough for two relays, two agents and the first dial to
-#: come up under load before the first drain point (3/4: 18 s), short enough for a test under a minute.
-DRAIN_LIFE = 24
+#: come up under load before the first drain point (3/4: 36 s), and for the drain to leave room before the end
+#: (between 2.4 and 12 s) in most draws; short enough for a test of about a minute.
+DRAIN_LIFE = 48
+#: A drained link whose dial ended this close to the certificate's end may be closed by the end rather than by
+#: the drain (its poll is 1 s; a loaded machine adds more); earlier, the drain must close it.
+DRAIN_ROOM = 4.0
 #: Relay certificates' life in the accepting end's test: only the link itself has to come up before its end.
 END_LIFE = 12
 #: New dials are tried this often while waiting for the drain, and for at most this many lives of a certificate.
@@ -51,7 +55,7 @@ END_SLACK = 5.0
 #: Seconds a held dial waits for its echo.
 ECHO_TIMEOUT = 20.0
 #: The date a link's close reason names, to the second.
-ENDS_AT = re.compile(r"ends at (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC")
+ENDS_AT = re.compile(r"end(?:s|ed) at (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC")
 
 
 class ShortLivedController(RoleController):
@@ -98,23 +102,34 @@ def test_a_link_drains_at_its_certificates_drain_point_keeps_its_dial_and_new_di
         # The dial held on the drained link still carries bytes, and the link is not closed while it does.
         assert echoes(held, b"2")
         assert not [f for _, f in closed_rows(controller, "ra") if f["correlation"] == first]
-        assert round_trip(port, b"after the drain", timeout=ECHO_TIMEOUT) == b"after the drain"
-        assert dial_links(controller)[-1][1] != first
-
         held.close()
+        drained_seen = time.time()
+
         closed_at, row = wait_until(lambda: next(((w, f) for w, f in closed_rows(controller, "ra")
                                                   if f["correlation"] == first), None),
                                     timeout=CLOSED_WITHIN, what="relay A closing the drained link")
-        assert "past its drain point" in row["reason"] and "new dials go over a new link" in row["reason"]
         assert row["peer"] == "rb" and row["serial"]
         found = ENDS_AT.search(row["reason"])
         assert found, row["reason"]
         ends = dt.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=dt.UTC).timestamp() + 1
-        # Closed before the certificate's end (to the second it names), and no dial went over it after that.
-        assert closed_at < ends
+        if "past its drain point" in row["reason"]:
+            # Closed once its last dial ended, before the certificate's end (to the second it names).
+            assert "new dials go over a new link" in row["reason"]
+            assert closed_at < ends
+            reason = "past its drain point"
+        else:
+            # The drain point is drawn up to 95 % of the life: when it fell so late that the held dial ended
+            # within DRAIN_ROOM of the end, the end may come first. Any earlier drain must close the link itself.
+            assert "ended at" in row["reason"] and "never used past it" in row["reason"], row["reason"]
+            assert ends - drained_seen < DRAIN_ROOM, (
+                f"the link was drained {ends - drained_seen:.1f} s before its end, yet not closed when its dial ended")
+            reason = "ended at"
+        # No dial went over the drained link after its end, and new dials still work.
         assert all(when < ends for when, link in dial_links(controller) if link == first)
+        assert round_trip(port, b"after the drain", timeout=ECHO_TIMEOUT) == b"after the drain"
+        assert dial_links(controller)[-1][1] != first
         # Relay B recorded the close with A's reason.
-        wait_until(lambda: any("past its drain point" in f["reason"] for _, f in closed_rows(controller, "rb")),
+        wait_until(lambda: any(reason in f["reason"] for _, f in closed_rows(controller, "rb")),
                    what="relay B's link_closed row")
 
 
