@@ -21,20 +21,36 @@ controller) on other machines, which share a store only through PostgreSQL.
   remembers deleted rows too), so the next row never takes a moved row's id.
 - A source whose newest audit events were deleted is refused: its
   ``sqlite_sequence`` gave out ids past the chain's last event.
-- Only a source at this controller's schema version is moved: an older one
-  is migrated by starting ``serve`` on it once (the migrations are tested
-  there); a newer one needs a newer controller.
+- A source at an older schema version (or from before versions were
+  recorded: every store ever written has the ``meta`` table, and
+  ``apply_schema`` brings a version-less one up from nothing) is moved
+  from a migrated copy, and the source stays exactly as it was, the way
+  back. The copy is taken from the same read snapshot with SQLite's online
+  backup API and brought to ``SCHEMA_VERSION`` by opening it as ``serve``
+  does (``Store``, so ``apply_schema`` and its migrations, not a second
+  copy of them), then moved like a current store. It is written in a
+  private directory (0700, the file 0600: it holds every identity) inside
+  the data directory: on the filesystem the store already lives on, not a
+  ``/tmp`` that is often a small tmpfs in memory; writable by the store's
+  owner, when the data directory's parent (``/var/lib``) often is not; and
+  outside what ``backup`` copies. It is removed on every way out, Ctrl-C
+  included; only a killed process (SIGKILL, power loss) leaves a
+  ``.store-move-*`` directory behind, which can be deleted.
+- A source of a newer schema is refused: it needs a newer controller.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import shutil
 import sqlite3
 import struct
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +60,7 @@ from controller.audit_chain import KEY_FILE, read_key, rows_of, verify
 from controller.errors import StartupError
 from controller.store import (
     BUSY_TIMEOUT_SECONDS,
+    Store,
     StoreLocationError,
     StoreTooNew,
     StoreUnreachable,
@@ -68,6 +85,18 @@ SHM_DMS_OFFSET = 128
 #: ``struct flock`` on Linux for F_GETLK: short, short, off_t, off_t, pid_t, padding (64-bit, and 32-bit
 #: builds with large-file support, as Debian's Python is; l_type, the answer read, comes first in every layout).
 _FLOCK = "hhqqi4x"
+#: Prefix of the private directory an older source is copied and migrated in, inside the data directory.
+WORK_PREFIX = ".store-move-"
+#: Pages copied per step of the online backup of an older source (4 MiB at 4 KiB pages): between steps
+#: Python code runs, so Ctrl-C stops a copy of a large store within one step, not at its end.
+BACKUP_PAGES_PER_STEP = 1024
+#: SQLite's answers when a file system has no room left: SQLITE_FULL, and the extended codes of a write
+#: refused (SQLITE_IOERR_WRITE) and of a -shm file that could not grow (SQLITE_IOERR_SHMSIZE, which is
+#: how a read-only open of a WAL store on a full disk fails).
+SQLITE_OUT_OF_ROOM = frozenset({13, 778, 4874})
+#: What SQLite's -shm file takes on disk from the start (its first 32 KiB region): room a reader of a
+#: store in WAL mode needs before it reads anything.
+SHM_FILE_BYTES = 32768
 
 
 class MoveUsageError(StartupError):
@@ -123,6 +152,12 @@ def source_path(data_dir: Path) -> Path:
     raise MoveUsageError(f"{data_dir} is not a controller data directory (no {STORE_FILE}); check --data.")
 
 
+def source_version(source: sqlite3.Connection) -> int | None:
+    """The schema version a snapshot records; None for a store from before versions were recorded."""
+    row = source.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row is not None else None
+
+
 @contextlib.contextmanager
 def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
     """``path`` opened read-only inside one read transaction (a consistent snapshot), checked to be a store of ours."""
@@ -137,6 +172,11 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
             damage = [row[0] for row in connection.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as error:
+            if _out_of_room(error):
+                raise SourceRefused(
+                    f"Cannot read {path}: the file system holding it is full ({error}: a reader of a store in WAL "
+                    f"mode needs room for its {SHM_FILE_BYTES // 1024} KiB -shm file); free space there and run "
+                    "store-move again. Nothing was written.") from None
             raise SourceRefused(f"{path} is not a readable SQLite store ({error}); restore it from a backup "
                                 "(outpost-controller restore) and move that.") from None
         if damage != ["ok"]:
@@ -144,14 +184,9 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
                                 "(outpost-controller restore) and move that.")
         if "meta" not in tables:
             raise SourceRefused(f"{path} is not an Outpost store (it has no meta table); check --data.")
-        row = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row is not None else None
+        version = source_version(connection)
         if version is not None and version > SCHEMA_VERSION:
             raise StoreTooNew(str(path), version)
-        if version != SCHEMA_VERSION:
-            raise SourceRefused(
-                f"{path} has schema version {version or 'from before versions'}, older than this outpost-controller's "
-                f"({SCHEMA_VERSION}); start outpost-controller serve on it once to migrate it, stop it, then move it.")
         unknown = sorted(tables - set(TABLES))
         if unknown:
             raise SourceRefused(f"{path} holds the table {unknown[0]!r}, which is not one of Outpost's schema "
@@ -240,7 +275,18 @@ def _continue_counters(source: sqlite3.Connection, db: Any) -> None:
         db.execute(f"SELECT setval(pg_get_serial_sequence(?, ?), ?::bigint, {called})", (table, column, max(top, 1)))
 
 
-def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: bytes, where: str) -> None:
+def _chain_key(source: sqlite3.Connection, data_dir: Path) -> bytes | None:
+    """The audit chain's key; None for a box from before the chain, which has no key and no chained event
+    (``serve --store`` makes the key and starts the chain after the moved events, as it would on SQLite)."""
+    path = data_dir / KEY_FILE
+    if not path.exists():
+        audit = {row[1] for row in source.execute("PRAGMA table_info(audit)")}
+        if "mac" not in audit or source.execute("SELECT 1 FROM audit WHERE mac IS NOT NULL LIMIT 1").fetchone() is None:
+            return None
+    return read_key(path)
+
+
+def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: bytes | None, where: str) -> None:
     """The rows counted on both sides, and the audit chain verified on the target, before anything commits."""
     for entry in moved:
         there = db.query_one(f"SELECT count(*) AS n FROM {entry.table}")
@@ -248,6 +294,8 @@ def _check_copy(source: sqlite3.Connection, db: Any, moved: list[Moved], key: by
         if there is None or int(there["n"]) != entry.rows or int(here[0]) != entry.rows:
             raise SourceRefused(f"The table {entry.table} counted {there['n'] if there else '?'} rows in {where} "
                                 f"after copying {entry.rows}; nothing was written.")
+    if key is None:
+        return  # no event is chained: nothing a key could verify
     chain = verify(rows_of(db), key)
     if not chain.ok:
         raise SourceRefused(f"The audit chain does not verify on the copy (event {chain.first_bad}: {chain.problem}); "
@@ -269,60 +317,143 @@ def _check_audit_tail(source: sqlite3.Connection, path: Path) -> None:
                             "written. Restore the store from a backup (outpost-controller restore) and move that.")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    moved: list[Moved]
+    #: The source's schema version when it was older and a migrated copy was moved (None: from before
+    #: versions); SCHEMA_VERSION when it was moved as it was.
+    source_version: int | None
+
+
 def move(data_dir: Path, url: str) -> list[Moved]:
     """Copy ``data_dir``'s SQLite store into the empty PostgreSQL database ``url``: all of it or nothing."""
+    return move_store(data_dir, url).moved
+
+
+def move_store(data_dir: Path, url: str) -> Outcome:
+    """``move``, and the schema version the source was at."""
     check_to(url)
     path = source_path(data_dir)
     if store_in_use(path):
         raise SourceBusy(f"A process has {path} open (outpost-controller serve, or a relay beside it); stop every "
                          "process on this data directory first, so the move is complete. Nothing was written.")
-    key = read_key(data_dir / KEY_FILE)
     with snapshot(path) as source:
         _check_audit_tail(source, path)
-        connection = _connect(url)
-        import psycopg
+        key = _chain_key(source, data_dir)
+        version = source_version(source)
+        if version == SCHEMA_VERSION:
+            return Outcome(_move_snapshot(source, key, url), version)
+        with migrated_copy(source, path, data_dir) as copy, snapshot(copy) as migrated:
+            return Outcome(_move_snapshot(migrated, key, url), version)
 
-        from controller.store_postgres import WRITE_LOCK_KEY, PostgresTransaction
-        from controller.store_postgres_sql import safe_url
 
-        where = safe_url(url)
-        doing = "the schema"
-        committing = False
+@contextlib.contextmanager
+def migrated_copy(source: sqlite3.Connection, path: Path, data_dir: Path) -> Iterator[Path]:
+    """The snapshot ``source`` of the store ``path`` copied into a private directory of ``data_dir`` and
+    brought to SCHEMA_VERSION there as ``serve`` would; the directory is removed when the block ends, however."""
+    pages, page_size = (int(source.execute(f"PRAGMA {name}").fetchone()[0]) for name in ("page_count", "page_size"))
+    needed = pages * page_size
+
+    def no_room(reason: str) -> SourceRefused:
+        return SourceRefused(
+            f"Cannot write the migrated copy of {path} in {data_dir} ({reason}); it needs about "
+            f"{_size(needed)} free there (more while it migrates): free space on that file system and run "
+            "store-move again. Nothing was written and the store is unchanged.")
+
+    def cannot_write(error: OSError) -> SourceRefused:
+        reason = error.strerror or type(error).__name__
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return no_room(reason)
+        return SourceRefused(f"Cannot write the migrated copy of {path} in {data_dir} ({reason}); run store-move as "
+                             "the user who owns the data directory. Nothing was written and the store is unchanged.")
+
+    try:
+        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=data_dir))  # 0700
+    except OSError as error:
+        raise cannot_write(error) from None
+    try:
+        free = os.statvfs(work)
+        if free.f_bavail * free.f_frsize < needed:
+            raise no_room(f"{_size(free.f_bavail * free.f_frsize)} free")
+        copy = work / STORE_FILE
         try:
-            connection.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})".encode())
-            db = PostgresTransaction(connection)
-            _check_empty(db, where)
-            apply_schema(db, where)
-            # The version row the schema just wrote comes again with the source's meta rows (the same version).
-            db.execute("DELETE FROM meta")
-            moved = []
-            for table in TABLES:
-                doing = f"a row of {table}"
-                moved.append(Moved(table, _copy_table(source, db, connection, table)))
-            doing = "the identity counters"
-            _continue_counters(source, db)
-            _check_copy(source, db, moved, key, where)
-            committing = True
-            connection.execute("COMMIT")
-        except psycopg.errors.LockNotAvailable:
-            raise SourceBusy(f"{where} is locked: another process is writing it (a second store-move, or a serve "
-                             f"--store on it) and held its write lock past {BUSY_TIMEOUT_SECONDS:g} s; nothing was "
-                             "written. Let it finish or stop it, then run store-move again.") from None
-        except psycopg.OperationalError as error:
-            if committing:
-                raise StoreUnreachable(
-                    f"{where} went away while committing ({_first_line(error)}); whether the move committed is "
-                    "unknown: run store-move again, it refuses a target that holds the store.") from None
-            raise StoreUnreachable(f"{where} went away while writing {doing} ({_first_line(error)}); nothing was "
-                                   "written (the transaction was rolled back). Run store-move again.") from None
-        except psycopg.Error as error:
-            advice = ("fix the row in the SQLite store" if doing.startswith("a row") else
-                      "check that the --to user owns the database (docs/deployment.md)")
-            raise SourceRefused(f"PostgreSQL refused {doing} ({_first_line(error)}); nothing was written: "
-                                f"{advice}.") from None
-        finally:
-            # Closing without COMMIT is a rollback: the server drops the whole transaction.
-            connection.close()
+            os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            writer = sqlite3.connect(str(copy))
+            try:
+                source.backup(writer, pages=BACKUP_PAGES_PER_STEP, progress=_between_steps)
+            finally:
+                writer.close()
+            Store(copy).close()  # what serve does on opening it: apply_schema and the migrations, committed
+        except OSError as error:
+            raise cannot_write(error) from None
+        except sqlite3.Error as error:
+            if _out_of_room(error):
+                raise no_room(str(error)) from None
+            raise SourceRefused(f"Migrating a copy of {path} to schema version {SCHEMA_VERSION} failed ({error}); "
+                                "nothing was written and the store is unchanged.") from None
+        yield copy
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _between_steps(status: int, remaining: int, total: int) -> None:
+    """Nothing: being Python, it lets a pending Ctrl-C stop the backup between two steps."""
+
+
+def _out_of_room(error: sqlite3.Error) -> bool:
+    return getattr(error, "sqlite_errorcode", None) in SQLITE_OUT_OF_ROOM
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size // 1024} KiB"
+
+
+def _move_snapshot(source: sqlite3.Connection, key: bytes | None, url: str) -> list[Moved]:
+    """The snapshot ``source`` (at SCHEMA_VERSION) written into ``url`` in one transaction, checked, committed."""
+    connection = _connect(url)
+    import psycopg
+
+    from controller.store_postgres import WRITE_LOCK_KEY, PostgresTransaction
+    from controller.store_postgres_sql import safe_url
+
+    where = safe_url(url)
+    doing = "the schema"
+    committing = False
+    try:
+        connection.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})".encode())
+        db = PostgresTransaction(connection)
+        _check_empty(db, where)
+        apply_schema(db, where)
+        # The version row the schema just wrote comes again with the source's meta rows (the same version).
+        db.execute("DELETE FROM meta")
+        moved = []
+        for table in TABLES:
+            doing = f"a row of {table}"
+            moved.append(Moved(table, _copy_table(source, db, connection, table)))
+        doing = "the identity counters"
+        _continue_counters(source, db)
+        _check_copy(source, db, moved, key, where)
+        committing = True
+        connection.execute("COMMIT")
+    except psycopg.errors.LockNotAvailable:
+        raise SourceBusy(f"{where} is locked: another process is writing it (a second store-move, or a serve "
+                         f"--store on it) and held its write lock past {BUSY_TIMEOUT_SECONDS:g} s; nothing was "
+                         "written. Let it finish or stop it, then run store-move again.") from None
+    except psycopg.OperationalError as error:
+        if committing:
+            raise StoreUnreachable(
+                f"{where} went away while committing ({_first_line(error)}); whether the move committed is "
+                "unknown: run store-move again, it refuses a target that holds the store.") from None
+        raise StoreUnreachable(f"{where} went away while writing {doing} ({_first_line(error)}); nothing was "
+                               "written (the transaction was rolled back). Run store-move again.") from None
+    except psycopg.Error as error:
+        advice = ("fix the row in the SQLite store" if doing.startswith("a row") else
+                  "check that the --to user owns the database (docs/deployment.md)")
+        raise SourceRefused(f"PostgreSQL refused {doing} ({_first_line(error)}); nothing was written: "
+                            f"{advice}.") from None
+    finally:
+        # Closing without COMMIT is a rollback: the server drops the whole transaction.
+        connection.close()
     return moved
 
 
@@ -337,14 +468,17 @@ def run(args: argparse.Namespace) -> int:
     """Move; one line per table and the next step."""
     data = Path(args.data).absolute()
     try:
-        moved = move(data, args.to)
+        outcome = move_store(data, args.to)
     except KeyboardInterrupt:
         print("store-move interrupted; nothing was written (the transaction was rolled back).")
         return EXIT_INTERRUPTED
     from controller.store_postgres_sql import safe_url
 
-    for entry in moved:
+    for entry in outcome.moved:
         print(f"{entry.table}: {entry.rows} rows")
+    if outcome.source_version != SCHEMA_VERSION:
+        print(f"the store was at schema version {outcome.source_version or 'from before versions'}: a copy of it was "
+              f"migrated to {SCHEMA_VERSION} and moved; the store itself was not changed.")
     print(f"moved {data / STORE_FILE} into {safe_url(args.to)}: the counts match and the audit chain verifies. "
           f"Next: outpost-controller serve --data {data} --store {safe_url(args.to)} (and the same --listen and "
           f"--advertise); the SQLite file is left as it was, do not start serve on it again.")
