@@ -32,7 +32,13 @@ from cryptography.x509.oid import NameOID
 from controller.audit import AuditLog
 from controller.audit_chain import KEY_FILE, load_or_create_key
 from controller.blocking import RELAY_POOL
-from controller.ca import CertificateAuthority, certificate_fingerprint, not_after_of, not_before_of
+from controller.ca import (
+    CertificateAuthority,
+    certificate_fingerprint,
+    not_after_of,
+    not_before_of,
+    public_key_sha256,
+)
 from controller.context import ControllerContext
 from controller.enrollment import Enrollment
 from controller.errors import ControllerError, StartupError
@@ -154,6 +160,14 @@ def load_identity(data_dir: Path) -> RelayIdentity | None:
                            "again with a new token (outpostctl relay add).") from None
 
 
+def key_of(certificate: x509.Certificate) -> str:
+    """How the store names the key of a relay certificate (``relays.key_sha256``)."""
+    key = certificate.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise StartupError("The relay's certificate holds no EC key; enroll the relay again with a new token.")
+    return public_key_sha256(key)
+
+
 def open_relay(settings: Settings) -> tuple[ControllerContext, RelayIdentity]:
     """The relay's context: the CA's certificate only, its own certificate, the shared store."""
     identity = load_identity(settings.data_dir)
@@ -170,11 +184,16 @@ def open_relay(settings: Settings) -> tuple[ControllerContext, RelayIdentity]:
         if row is None or row["value"] != ca.fingerprint:
             raise StartupError(f"The store {store.describe()} is not the store of the controller this relay enrolled "
                                "with; give the relay that controller's --store.")
-        status = store.query_one("SELECT status FROM relays WHERE name = ?", (identity.name,))
+        status = store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (identity.name,))
         if status is None or status["status"] != ACTIVE:
             said = "removed" if status is None else status["status"]
             raise StartupError(f"Relay {identity.name} was {said} at the controller; it carries no "
                                "tunnels. Add it again (outpostctl relay add) and enroll a fresh data directory.")
+        if status["key_sha256"] != key_of(server_cert):
+            # Re-keyed: the name was retired, added and enrolled again from another data directory.
+            raise StartupError(f"Relay {identity.name} was enrolled again with another key; the key in "
+                               f"{settings.data_dir} is no longer trusted. Start the relay from the data directory "
+                               "it was enrolled into, or remove this one.")
     except BaseException:
         store.close()
         raise
@@ -226,6 +245,8 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
                          retired: Callable[[str], None]) -> None:
     """Heartbeat, relay list and renewal, until the relay is retired (then ``retired`` is told why)."""
     book = RelayBook(context.store, context.ca, context.audit, context.settings.relay_cert_lifetime)
+    # Renewals keep the key: the one the store must still list for this relay's name.
+    own_key = key_of(x509.load_der_x509_certificate(context.server_certificate_der))
     started = time.time()
     next_renewal = renewal_due(context.server_certificate_der)
     last_beat = 0.0
@@ -233,7 +254,7 @@ async def run_relay_node(context: ControllerContext, identity: RelayIdentity, tu
         status: str | None = ACTIVE
         try:
             if time.monotonic() - last_beat >= RELAY_HEARTBEAT_INTERVAL:
-                status = await RELAY_POOL.run(book.heartbeat, identity.name, tunnels(), started)
+                status = await RELAY_POOL.run(book.heartbeat, identity.name, tunnels(), started, own_key)
                 last_beat = time.monotonic()
             # The list AUTH_OK hands out replaces the agent's: it names a relay that just started at once.
             live = await RELAY_POOL.run(book.live)

@@ -53,6 +53,9 @@ ACTIVE, PENDING, RETIRED = "active", "pending", "retired"
 #: A relay whose key is no longer trusted (a machine lost or broken into): refused like a retired one, and
 #: recorded as such. Its current certificate opens no link, renews nothing, and its process stops.
 REVOKED = "revoked"
+#: What a relay process hears when its name was retired, added and enrolled again with another key while
+#: it ran (a re-key done faster than its heartbeat noticed the retirement): it stops as a retired one does.
+REPLACED = "enrolled again with another key"
 #: Starts the relay name of a controller in role all (controller/box_relay.py); no name an operator gives
 #: (controller/names.py) starts with it, so the two never collide.
 BOX_PREFIX = "_"
@@ -203,13 +206,21 @@ class RelayBook:
             else:
                 self.audit.record_in(db, "relay_retired", relay=name)
 
-    def heartbeat(self, name: str, tunnels: int, started_at: float) -> str | None:
-        """Record that relay ``name`` runs with ``tunnels``; its status, or None when it is gone from the store."""
+    def heartbeat(self, name: str, tunnels: int, started_at: float, key_sha256: str | None = None) -> str | None:
+        """Record that relay ``name`` runs with ``tunnels``; its status, or None when it is gone from the store.
+
+        With ``key_sha256`` (the process's own key), a relay enrolled again with another key since this
+        process started is ``REPLACED``, and its heartbeat is not written: the name is the new key's.
+        """
         with self.store.transaction() as db:
+            row = db.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (name,))
+            if row is None:
+                return None
+            if key_sha256 is not None and row["key_sha256"] != key_sha256:
+                return REPLACED
             db.execute("UPDATE relays SET heartbeat_at = ?, tunnels = ?, started_at = ? WHERE name = ? AND status = ?",
                        (time.time(), tunnels, started_at, name, ACTIVE))
-            row = db.query_one("SELECT status FROM relays WHERE name = ?", (name,))
-        return None if row is None else str(row["status"])
+        return str(row["status"])
 
     def all_relays(self) -> list[dict[str, Any]]:
         now = time.time()

@@ -66,13 +66,36 @@ class Issuer:
             public_key = ca_cert.public_key()
             self.key = public_key if isinstance(public_key, ec.EllipticCurvePublicKey) else None
 
-    def issued(self, cert: x509.Certificate) -> bool:
-        """True when ``cert`` names this CA as issuer and carries its valid signature."""
+    def issued(self, cert: x509.Certificate, der: bytes | None = None) -> bool:
+        """True when ``cert`` names this CA as issuer and carries its valid signature.
+
+        ``der``, when the caller holds it, is taken as ``cert``'s own bytes only once it is shown to be:
+        the signature is checked over ``der`` and ``cert`` must be what ``der`` reads as, so a genuine
+        leaf's bytes beside a foreign leaf prove nothing for the foreign one. A caller that has only the
+        bytes saves the most with ``leaf`` (one parse, no encoding)."""
+        if der is None:
+            return self._issued(cert, None)
+        try:
+            leaf = self.leaf(der)
+        except ValueError:  # not one certificate: it proves nothing, as a bad signature proves nothing
+            return False
+        return leaf is not None and leaf == cert
+
+    def leaf(self, der: bytes) -> x509.Certificate | None:
+        """The certificate ``der`` holds when this CA issued it, else None; ValueError when ``der`` is not
+        one DER certificate (nothing before or after it).
+
+        The signature is checked over these very bytes and the certificate returned is read from them:
+        what the caller goes on to use (its names, its key) is what the CA signed."""
+        cert = x509.load_der_x509_certificate(der)
+        return cert if self._issued(cert, der) else None
+
+    def _issued(self, cert: x509.Certificate, der: bytes | None) -> bool:
         hash_algorithm = cert.signature_hash_algorithm
         if hash_algorithm is None or cert.issuer != self.subject:
             return False
         if self._libcrypto is not None:
-            return self._libcrypto.signed(cert.public_bytes(serialization.Encoding.DER))
+            return self._libcrypto.signed(cert.public_bytes(serialization.Encoding.DER) if der is None else der)
         if self.key is None:
             return False
         try:

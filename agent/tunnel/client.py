@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
+
 from agent.errors import (
     EXIT_IDENTITY_REFUSED,
     ControllerUnreachable,
@@ -177,6 +179,8 @@ class AgentSession(TunnelSession):
         #: The relay certificate this tunnel trusts and when it leaves (set by ``trust_relay``).
         self.trusted: Trusted | None = None
         self.ca_certificate: x509.Certificate | None = None
+        #: ``trusted``'s certificate as DER: a push of the same one is recognised without parsing it.
+        self._trusted_der = b""
         self._trust_changed = asyncio.Event()
         #: Pushes refused on this tunnel (MAX_REFUSED_PUSHES).
         self.pushes_refused = 0
@@ -191,6 +195,7 @@ class AgentSession(TunnelSession):
         self.ca_certificate = ca_certificate
         self.trusted = trust(certificate, self._clock_now(), self.options.draw(),
                              leaves_on(self.options.left_on, certificate))
+        self._trusted_der = certificate.public_bytes(serialization.Encoding.DER)
         self.spawn(self._keep_trust())
 
     async def _keep_trust(self) -> None:
@@ -215,6 +220,12 @@ class AgentSession(TunnelSession):
         trusted, ca = self.trusted, self.ca_certificate
         if trusted is None or ca is None or self.pushes_refused >= MAX_REFUSED_PUSHES:
             return  # past the bound, a relay flooding pushes costs this gateway neither checks nor log lines
+        if event.refused is None and event.certificate == self._trusted_der:
+            # The relay pushes at admission to a tunnel that may have shaken hands before its renewal
+            # (controller/relay/cert_push.py); this one had not, so it already trusts that certificate.
+            # Nothing changes, nothing is counted: the leave moment stays, and no signature is checked.
+            log.debug("the relay at %s presented the certificate this tunnel already trusts", self.relay_url)
+            return
         now = self._clock_now()
         try:
             if event.refused is not None:
@@ -227,6 +238,7 @@ class AgentSession(TunnelSession):
                         "the current one ends%s", self.relay_url, exc, more)
             return
         self.trusted = trust(pushed, now, self.options.draw())
+        self._trusted_der = event.certificate
         self._trust_changed.set()
         log.info("the relay at %s renewed its certificate (serial %x); the tunnel stays", self.relay_url,
                  pushed.serial_number)

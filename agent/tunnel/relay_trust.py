@@ -27,7 +27,7 @@ from shared.cert_schedule import LEAVE_BY as LEAVE_BY
 from shared.cert_schedule import LEAVE_FROM as LEAVE_FROM
 from shared.cert_schedule import leave_at
 from shared.protocol import relay_cert_message
-from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.trust import Issuer, cert_not_after, cert_not_before
 from shared.tunnel.auth import certificate_digest
 from shared.utc import format_utc
 
@@ -97,11 +97,12 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
     """The pushed certificate, once it may replace ``current`` on the tunnel whose CHALLENGE nonce was
     ``nonce``; PushRefused (its message says why, in one line) otherwise."""
     try:
-        pushed = x509.load_der_x509_certificate(der)
+        issued = Issuer(ca).leaf(der)  # checked over the bytes pushed, and read from them: no encoding again
     except ValueError:
         raise PushRefused("the relay pushed something that is not a certificate") from None
-    if not verify_leaf_issued_by(pushed, ca):
+    if issued is None:
         raise PushRefused("the relay pushed a certificate not signed by the pinned controller CA")
+    pushed = issued
     if not _serves(pushed) or _names(pushed) != _names(current):
         raise PushRefused("the relay pushed a certificate for another relay (its names differ from the ones "
                           "this tunnel was opened with)")

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ssl
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -28,7 +28,7 @@ from controller.enrollment import is_session_serial
 from controller.registry import Identity
 from controller.relay.admit_cache import AdmissionCache, CertificateFacts, certificate_key
 from shared.protocol import ErrorCode
-from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
+from shared.trust import Issuer, cert_not_after, cert_not_before
 from shared.tunnel.auth import verify_challenge_signature
 
 if TYPE_CHECKING:
@@ -92,18 +92,22 @@ def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, 
     if facts is None:
         if not store and (cache is None or not cache.recorded_count):
             raise NeedsStore()
+        # The bytes the agent sent are what is looked up, checked and read: one parse, never encoded
+        # again, and no second reading of the PEM that could differ from the one checked.
         try:
-            leaf = x509.load_pem_x509_certificate(pem.encode())
+            der = ssl.PEM_cert_to_DER_cert(pem)
         except (ValueError, TypeError):
             raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
-        recorded = cache.recorded(leaf.public_bytes(serialization.Encoding.DER), ca) if cache is not None else None
-        if recorded is None:
-            if not store:
-                raise NeedsStore()
-            issued = cache.authority(ca).issued(leaf) if cache is not None else verify_leaf_issued_by(leaf, ca)
-            if not issued:
-                raise AdmissionRefused(ErrorCode.AUTH_FAILED,
-                                       "the certificate was not issued by this controller's CA")
+        recorded = cache.recorded(der, ca) if cache is not None else None
+        if recorded is None and not store:
+            raise NeedsStore()
+        try:
+            leaf = (x509.load_der_x509_certificate(der) if recorded is not None
+                    else (cache.authority(ca) if cache is not None else Issuer(ca)).leaf(der))
+        except ValueError:
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
+        if leaf is None:
+            raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate was not issued by this controller's CA")
         try:
             usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         except x509.ExtensionNotFound:

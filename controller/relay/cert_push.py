@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.blocking import RELAY_POOL
+from controller.listener import STALL_TOLERANCE, ListenerLimits
 from shared.protocol import RELAY_CERT_FEATURE, relay_cert_message
 
 if TYPE_CHECKING:
@@ -33,6 +34,27 @@ log = logging.getLogger(__name__)
 #: so a job of 256 holds a worker under 10 ms and the admissions queued behind it wait no longer than
 #: that (10,000 tunnels: 40 jobs).
 PUSH_BATCH = 256
+
+
+def missed_window(limits: ListenerLimits) -> float:
+    """How long after a renewal a tunnel's CHALLENGE may still follow a TLS handshake on the old certificate.
+
+    The listener picks its certificate when it accepts a connection; the relay sees the tunnel only after
+    the TLS handshake (up to its deadline) and, on a WebSocket, the request head (up to its deadline, plus
+    the stall tolerance a late head gets). A tunnel that starts within this after a renewal is pushed the
+    current certificate at admission: without it, one whose handshake came first would trust the old
+    certificate and leave before its end, a reconnect the renewal was meant to spare. One whose handshake
+    saw the new certificate gets it again, which the agent ignores (agent/tunnel/client.py): the cost is
+    one signature per tunnel admitted in this short window after a renewal, none otherwise.
+    """
+    return limits.handshake_deadline + limits.head_deadline + STALL_TOLERANCE
+
+
+def generation_seen(relay: Relay, now: float) -> int:
+    """The certificate generation a tunnel starting at loop time ``now`` is taken to have seen at its handshake."""
+    if relay.renewed_at is not None and now - relay.renewed_at <= relay.missed_window:
+        return relay.certificate_generation - 1  # maybe the old certificate: push_if_missed presents the current
+    return relay.certificate_generation
 
 
 def wants_push(session: RelaySession) -> bool:
@@ -75,6 +97,7 @@ async def push(relay: Relay, certificate_der: bytes, sessions: Sequence[RelaySes
 def renewed(relay: Relay, certificate_der: bytes) -> None:
     """The listener's certificate was renewed (on the event loop): present it on every tunnel up."""
     relay.certificate_generation += 1
+    relay.renewed_at = asyncio.get_running_loop().time()
     for earlier in list(relay.pushes):
         earlier.cancel()  # its certificate is replaced: an agent would refuse it after this one
 
@@ -88,7 +111,8 @@ def renewed(relay: Relay, certificate_der: bytes) -> None:
 
 
 async def push_if_missed(session: RelaySession) -> None:
-    """A tunnel admitted after a renewal whose handshake came before it: it trusts the old certificate."""
+    """A tunnel admitted after a renewal whose handshake came (or may have come) before it: it trusts the old
+    certificate."""
     relay = session.relay
     if session.certificate_generation != relay.certificate_generation:
         await push(relay, relay.context.server_certificate_der, [session])

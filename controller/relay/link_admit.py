@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controller.ca import public_key_sha256, relay_uri
 from controller.relay.admit import MAX_CHAIN_LENGTH, AdmissionRefused, has_usage, signed_our_challenge, spiffe_uri
-from controller.relays import ACTIVE
+from controller.relays import ACTIVE, BOX_PREFIX
 from shared.protocol import ErrorCode
 from shared.trust import cert_not_after, cert_not_before, verify_leaf_issued_by
 
@@ -93,6 +93,37 @@ def admit_link(context: ControllerContext, chain_pem: tuple[str, ...] | list[str
     if not signed_our_challenge(context, public_key, signature, nonce):
         raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the challenge signature does not verify with the certificate's key")
     return LinkPeer(name, serial, str(row["key_sha256"]), cert_not_after(leaf).timestamp())
+
+
+def linked_relay(context: ControllerContext, relay: str, peer_der: bytes) -> LinkPeer:
+    """Relay A's check of the relay ``relay`` it opened a link to, by the certificate its handshake presented
+    (issued by our CA and in date, as TLS checked): relay ``relay``'s own, active, with the key the store lists
+    for it; AdmissionRefused saying why not (a worker thread).
+
+    TLS alone would take any relay certificate of the CA for the address, and a key the relay no longer has
+    (it was enrolled again: a re-key) until that certificate ends; no dial goes to either.
+    """
+    try:
+        leaf = x509.load_der_x509_certificate(peer_der)
+    except ValueError:
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, "it presented no readable certificate") from None
+    name = relay_name_of(context, leaf)
+    # A box (role all) serves its listener's certificate, the controller's own, free of the relay URI
+    # (controller/box_relay.py): it holds the CA key, so there is no key of its to be replaced; its row must be active.
+    box = relay.startswith(BOX_PREFIX) and name is None
+    if name != relay and not box:
+        said = "a gateway's" if name is None else f"relay {name}'s"
+        raise AdmissionRefused(ErrorCode.AUTH_FAILED, f"it presented {said} certificate, not relay {relay}'s")
+    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (relay,))
+    if row is None or row["status"] != ACTIVE:
+        status = "unknown" if row is None else str(row["status"])
+        raise AdmissionRefused(ErrorCode.REVOKED, f"relay {relay} is {status}; no dial goes to it")
+    public_key = leaf.public_key()
+    if not box and (not isinstance(public_key, ec.EllipticCurvePublicKey)
+                    or public_key_sha256(public_key) != row["key_sha256"]):
+        raise AdmissionRefused(ErrorCode.REVOKED, f"its certificate's key is not the key of relay {relay} (it was "
+                               "enrolled again with another key); no dial goes over it")
+    return LinkPeer(relay, format(leaf.serial_number, "x"), str(row["key_sha256"]), cert_not_after(leaf).timestamp())
 
 
 def still_admitted(context: ControllerContext, peer: LinkPeer) -> str | None:

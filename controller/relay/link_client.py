@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.registry import Identity
 from controller.relay.broker import ServiceKey
-from controller.relay.link_admit import CORRELATION_MARK, LINK_FIELD
+from controller.relay.link_admit import CORRELATION_MARK, LINK_FIELD, LinkPeer
 from controller.relay.link_trust import LinkTrust
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -83,6 +83,8 @@ class LinkSession(TunnelSession):
         self.own_certificate = chain_pem[0] if chain_pem else ""
         #: When this end stops putting dials on the link and closes it (controller/relay/link_trust.py).
         self.trust: LinkTrust | None = None
+        #: The relay the store says presented ``peer_certificate``, with its key (controller/relay/link_admit.py).
+        self.peer: LinkPeer | None = None
 
     def dials(self) -> int:
         """Dials on this link now: its open streams and those about to open."""

@@ -36,6 +36,7 @@ from controller.relay.link_admit import (
     LinkPeer,
     admit_link,
     leaf_of,
+    linked_relay,
     relay_name_of,
     split_peer,
     still_admitted,
@@ -257,7 +258,7 @@ class Peering:
 
     async def _recheck(self) -> None:
         """Close the links of relays retired, or whose certificate was replaced or revoked, since admission,
-        and those of relays that stopped reading."""
+        and those of relays that stopped reading; then the same for the links opened from here."""
         while True:
             await asyncio.sleep(LINK_RECHECK_INTERVAL)
             self._close_stalled()
@@ -268,6 +269,25 @@ class Peering:
                     break  # links carry on while the store is away, as tunnels do
                 if reason is not None and not session.conn.closed:
                     await session.close(ErrorCode.REVOKED, reason)
+            await self._recheck_outgoing()
+
+    async def _recheck_outgoing(self) -> None:
+        """A's end: close the links to relays retired, revoked or enrolled again with another key since the
+        link opened (a process still answering on the old key is no longer that relay)."""
+        for relay, links in list(self.links.items()):
+            for link in list(links):
+                if link.peer is None or link.conn.closed or link.close_reason is not None:
+                    continue
+                try:
+                    reason = await RELAY_POOL.run(still_admitted, self.context, link.peer)
+                except StoreUnavailable:
+                    return  # links carry on while the store is away
+                if reason is None or link.conn.closed:
+                    continue
+                log.warning("link to relay %s closed: %s", relay, reason)
+                self.relay.record_soon("link_closed", relay=self.name, peer=relay, serial=link.peer.serial,
+                                       reason=reason, correlation=link.tunnel_id)
+                await link.close(ErrorCode.REVOKED, reason)
 
     # -- A: links opened from here -------------------------------------------------
     async def remote_binders(self, session: RelaySession, requested: str, correlation: str) -> list[RemoteBinder]:
@@ -341,6 +361,14 @@ class Peering:
         except OSError as error:  # the box's relay certificate not yet issued (its store was away at start)
             raise LinkFailed(f"this relay has no relay certificate to link with yet ({error.strerror})") from None
         link, task = await open_link(relay, address, link_tls_context(ca), cert, key, new_id(TUNNEL))
+        try:
+            # Before any dial: the relay the directory named, on the key the store lists for it now.
+            link.peer = await RELAY_POOL.run(linked_relay, self.context, relay, link.peer_certificate)
+        except (AdmissionRefused, StoreUnavailable) as refused:
+            reason = refused.reason if isinstance(refused, AdmissionRefused) else refused.message
+            await link.close(ErrorCode.REVOKED, reason)
+            await asyncio.gather(task, return_exceptions=True)
+            raise LinkFailed(f"relay {relay} at {address} is not linked to: {reason}") from None
         self._trust(relay, link)
         self.links.setdefault(relay, []).append(link)
         self.links_opened += 1

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from controller.blocking import RELAY_POOL
+from controller.listener import ListenerLimits
 from controller.presence import PresenceBook
 from controller.registry import Identity
 from controller.relay import cert_push, goaway, peering
@@ -86,6 +87,8 @@ class Relay:
         self.peering: peering.Peering | None = None
         #: Grows with every renewal of the listener's certificate; a tunnel keeps the value of its handshake.
         self.certificate_generation = 0
+        #: Loop time of the last renewal: a tunnel starting soon after may have shaken hands before it.
+        self.renewed_at: float | None = None
         #: Renewed certificates being presented on the tunnels (controller/relay/cert_push.py).
         self.pushes: set[asyncio.Task[None]] = set()
         listeners = getattr(context, "certificate_listeners", None)
@@ -95,6 +98,8 @@ class Relay:
         listener_limits = getattr(context.settings, "limits", None)
         self.limits = RELAY_LIMITS if listener_limits is None else dataclasses.replace(
             RELAY_LIMITS, auth_deadline=listener_limits.auth_deadline)
+        #: After a renewal, how long new tunnels get the current certificate pushed (controller/relay/cert_push.py).
+        self.missed_window = cert_push.missed_window(listener_limits or ListenerLimits())
 
     @property
     def told_to_come_back(self) -> int:
@@ -227,11 +232,12 @@ class Relay:
 
     def _challenge(self, link: Any, remote: str) -> RelaySession:
         """A new tunnel on either transport: its CHALLENGE queued, counted as admitting until its AUTH answer."""
-        conn = Connection(Role.RELAY, asyncio.get_running_loop().time(), limits=self.limits, liveness=RELAY_LIVENESS)
+        now = asyncio.get_running_loop().time()
+        conn = Connection(Role.RELAY, now, limits=self.limits, liveness=RELAY_LIVENESS)
         nonce = secrets.token_bytes(NONCE_SIZE)
         conn.send_challenge(nonce)
         session = RelaySession(self, conn, link, nonce, remote)
-        session.certificate_generation = self.certificate_generation
+        session.certificate_generation = cert_push.generation_seen(self, now)
         self.sessions.add(session)
         session.admitting = True
         self.admitting += 1

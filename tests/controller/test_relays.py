@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controller.ca import not_after_of, not_before_of, public_key_sha256, relay_uri
 from controller.errors import StartupError
 from controller.relay.admit import AdmissionRefused, admit
-from controller.relays import SPREAD_BAND, read_token, relay_loads, spread
+from controller.relay.link_admit import linked_relay, still_admitted
+from controller.relays import REPLACED, SPREAD_BAND, read_token, relay_loads, spread
 from controller.relays_api import relay_book
 from controller.settings import DEFAULT_RELAY_CERT_LIFETIME
 from shared.tunnel.auth import sign_challenge
@@ -217,3 +218,47 @@ def test_a_relay_without_a_token_or_an_enrolled_data_directory_says_how_to_enrol
     error = capsys.readouterr().err.strip()
     assert code != 0 and "holds no enrolled relay; start it once with --enroll-token FILE" in error, error
     assert not (tmp_path / "relay").exists()
+
+
+def test_a_dialing_relay_links_only_to_the_relay_it_named_on_the_key_the_store_lists_for_it(tmp_path: Path) -> None:
+    """TLS takes any in-date relay certificate of the CA; a re-keyed relay's old one, or another relay's, is
+    refused before any dial goes over the link (controller/relay/link_admit.py ``linked_relay``)."""
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "c", role="controller") as running:
+            context = running.context
+
+            async def enroll(name: str) -> bytes:
+                status, added = await running.call("POST", "/api/v1/relays", {"name": name,
+                                                                              "address": "127.0.0.1:9443"})
+                assert status == 201, added
+                body = {"relay": name, "secret": read_token(added["token"])["secret"],
+                        "csr": make_csr(make_key(), name)}
+                status, enrolled = await running.call("POST", "/v1/relays/enroll", body, admin=False)
+                assert status == 200, enrolled
+                cert = x509.load_pem_x509_certificate(enrolled["certificate"].encode())
+                return cert.public_bytes(serialization.Encoding.DER)
+
+            old, other = await enroll("r1"), await enroll("r2")
+            peer = linked_relay(context, "r1", old)
+            assert peer.name == "r1" and still_admitted(context, peer) is None
+            with pytest.raises(AdmissionRefused, match="presented relay r2's certificate, not relay r1's"):
+                linked_relay(context, "r1", other)
+            # Re-keyed: retired, added and enrolled again with another key.
+            status, _ = await running.call("POST", "/api/v1/relays/r1/retire")
+            assert status == 200
+            with pytest.raises(AdmissionRefused, match="relay r1 is retired; no dial goes to it"):
+                linked_relay(context, "r1", old)
+            new = await enroll("r1")
+            assert linked_relay(context, "r1", new).key_sha256 != peer.key_sha256
+            with pytest.raises(AdmissionRefused, match="its certificate's key is not the key of relay r1"):
+                linked_relay(context, "r1", old)
+            # A link opened before the re-key is closed by the dialing end's recheck.
+            assert still_admitted(context, peer) == "relay r1 was enrolled again with another key"
+            # A process still running on the old key hears it at its next heartbeat, which is not written.
+            book = relay_book(context)
+            assert book.heartbeat("r1", 7, 0.0, peer.key_sha256) == REPLACED
+            assert [r["tunnels"] for r in book.all_relays() if r["name"] == "r1"] != [7]
+            assert book.heartbeat("r1", 1, 0.0, linked_relay(context, "r1", new).key_sha256) == "active"
+            assert [r["tunnels"] for r in book.all_relays() if r["name"] == "r1"] == [1]
+
+    run(scenario())

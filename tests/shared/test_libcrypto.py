@@ -231,3 +231,58 @@ def test_a_p256_point_becomes_its_subject_public_key_info_and_a_point_off_the_cu
     moved = point[:-1] + bytes([point[-1] ^ 0x01])
     with pytest.raises(ValueError, match="not a point on P-256"):
         libcrypto.p256_spki(moved)
+
+
+def _der_item(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
+        (size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def spliced(tbs_of: x509.Certificate, signature_of: x509.Certificate) -> bytes:
+    """One certificate's to-be-signed part with another's signature: names and key of the first, a CA's
+    real signature (over the second) beside them."""
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    return _der_item(0x30, tbs_of.tbs_certificate_bytes + ecdsa_with_sha256
+                     + _der_item(0x03, b"\0" + signature_of.signature))
+
+
+@pytest.fixture(params=["libcrypto", "cryptography"])
+def issuer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, ca: x509.Certificate) -> Issuer:
+    """The CA's Issuer on each of its two paths."""
+    if request.param == "cryptography":
+        monkeypatch.setattr(libcrypto, "_library", None)
+        monkeypatch.setattr(libcrypto, "LIBCRYPTO", "libcrypto.so.not-here")
+    made = Issuer(ca)
+    assert (made.key is not None) == (request.param == "cryptography")
+    return made
+
+
+def test_the_der_a_caller_passes_is_what_is_checked_and_what_is_read(issuer: Issuer,
+                                                                     ca_key: ec.EllipticCurvePrivateKey) -> None:
+    genuine = certificate("gw-a", "Outpost CA", ec.generate_private_key(ec.SECP256R1()), ca_key)
+    # Same issuer name, the intruder's own names and key, signed by a look-alike CA.
+    foreign = certificate("intruder", "Outpost CA", ec.generate_private_key(ec.SECP256R1()),
+                          ec.generate_private_key(ec.SECP256R1()))
+
+    assert issuer.issued(genuine) and issuer.issued(genuine, der(genuine))
+    read = issuer.leaf(der(genuine))
+    assert read == genuine and read is not None and read.subject == genuine.subject
+    # The genuine leaf's bytes beside a foreign leaf vouch for nothing: what is checked is what is used.
+    assert not issuer.issued(foreign)
+    assert not issuer.issued(foreign, der(genuine))
+    assert not issuer.issued(genuine, der(foreign))
+    assert issuer.leaf(der(foreign)) is None
+    # The intruder's names and key beside the CA's real signature over another leaf.
+    forged = spliced(foreign, genuine)
+    assert x509.load_der_x509_certificate(forged).signature == genuine.signature
+    assert issuer.leaf(forged) is None
+    assert not issuer.issued(x509.load_der_x509_certificate(forged), forged)
+    assert not issuer.issued(genuine, forged)
+    # Bytes after the genuine certificate (another one, or junk) make it no certificate at all.
+    for tail in (der(foreign), b"\0"):
+        with pytest.raises(ValueError):
+            issuer.leaf(der(genuine) + tail)
+        assert not issuer.issued(genuine, der(genuine) + tail)
+    assert not issuer.issued(genuine, b"not a certificate")

@@ -251,10 +251,6 @@ def _not_newer(relay: FakeRelay) -> tuple[bytes, bytes | None]:
     return der(relay_certificate(relay.ca, relay.key, lifetime=LIFE / 2)), None
 
 
-def _the_same(relay: FakeRelay) -> tuple[bytes, bytes | None]:
-    return der(relay.certificate), None
-
-
 def _a_gateway_certificate(relay: FakeRelay) -> tuple[bytes, bytes | None]:
     return der(relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE, usage=ExtendedKeyUsageOID.CLIENT_AUTH)), None
 
@@ -279,7 +275,6 @@ def _not_a_certificate(relay: FakeRelay) -> tuple[bytes, bytes | None]:
     (_expired, "ends before"),  # an ended certificate ends before the one still trusted
     (_not_yet_valid, "not valid now"),
     (_not_newer, "ends before"),
-    (_the_same, "already trusts"),
     (_a_gateway_certificate, "for another relay"),
     (_signed_over_another_nonce, "not signed over this tunnel"),
     (_signed_by_another_key, "not signed over this tunnel"),
@@ -307,6 +302,32 @@ def test_a_bad_push_is_refused_with_one_line_and_the_tunnel_still_leaves_at_the_
         run(scenario)
     [line] = [r.getMessage() for r in caplog.records if "refused the renewed certificate" in r.getMessage()]
     assert why in line and "\n" not in line
+
+
+def test_a_push_of_the_certificate_already_trusted_is_ignored_and_costs_no_refusal(caplog) -> None:
+    """A relay pushes at admission to a tunnel that may have shaken hands before its renewal
+    (controller/relay/cert_push.py); one that had not gets what it trusts: nothing changes."""
+    async def scenario() -> None:
+        async with fake_relay() as relay:
+            async with tunnel(relay, near_the_end(relay)) as (session, end):
+                before = session.trusted
+                # More than MAX_REFUSED_PUSHES of them, well signed or not: none is counted against the tunnel.
+                await end.push(der(relay.certificate), end.sign(relay.key, der(relay.certificate)))
+                for _ in range(3):
+                    await end.push(der(relay.certificate), b"not a signature")
+                await asyncio.sleep(0.2)
+                assert session.trusted is before and session.pushes_refused == 0 and not session.conn.closed
+                # A real renewal after them is still believed.
+                renewed = relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE)
+                await end.push(der(renewed), end.sign(relay.key, der(renewed)))
+                await asyncio.sleep(LEFT + 1)  # past the old certificate's end by the agent's clock
+                assert not session.conn.closed
+                assert session.trusted is not None and session.trusted.certificate == renewed
+
+    with caplog.at_level(logging.DEBUG, logger="agent.tunnel.client"):
+        run(scenario)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("already trusts" in r.getMessage() for r in caplog.records)
 
 
 def test_a_push_replayed_from_another_tunnel_is_refused(caplog) -> None:
@@ -380,8 +401,9 @@ def test_a_relay_flooding_bad_pushes_costs_the_gateway_three_log_lines_and_then_
     async def scenario() -> None:
         async with fake_relay() as relay:
             async with tunnel(relay, near_the_end(relay, left=LIFE / 2)) as (session, end):
+                bad = der(relay_certificate(relay.ca, relay.key, lifetime=LIFE / 2))  # ends before the trusted one
                 for _ in range(50):
-                    await end.push(der(relay.certificate), end.sign(relay.key, der(relay.certificate)))
+                    await end.push(bad, end.sign(relay.key, bad))
                 renewed = der(relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE))
                 await end.push(renewed, end.sign(relay.key, renewed))
                 await asyncio.sleep(0.3)

@@ -7,12 +7,14 @@ connect with the agent's own tunnel client.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import TrustError, TunnelRefused
@@ -20,6 +22,7 @@ from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.client import TunnelCredentials, TunnelOptions, open_tunnel
 from shared.protocol import NONCE_SIZE, SUBPROTOCOL, ErrorCode, ProtocolLimits, auth_message
 from shared.protocol.connection import AUTH_MESSAGE_PREFIX
+from shared.trust import cert_not_after, cert_not_before
 from shared.tunnel.auth import certificate_digest
 from tests.controller.harness import Running, audit_events_added, run, running_controller, store_snapshot
 from tests.controller.relay.relay_harness import (
@@ -33,6 +36,7 @@ from tests.controller.relay.relay_harness import (
     session_credentials,
     tunnel_closed_recorded,
 )
+from tests.shared.test_libcrypto import spliced
 
 
 def snapshot(ctl: Running) -> dict:
@@ -74,6 +78,42 @@ def test_a_certificate_from_another_ca_is_refused_even_for_a_known_identity(tmp_
                 async with connect(ctl, forged):
                     pass
             assert refusals_only(before, snapshot(ctl)) == ["the certificate was not issued by this controller's CA"]
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_genuine_signature_beside_a_foreign_leaf_or_a_genuine_leaf_with_bytes_after_it_admits_nobody(
+        tmp_path: Path) -> None:
+    """What the relay checks is the bytes the agent sent, and what it reads the identity from is those bytes."""
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            genuine = await enrolled(ctl, "gw-s")
+            genuine_cert = x509.load_pem_x509_certificate(genuine.chain_pem[0].encode())
+            key = ec.generate_private_key(ec.SECP256R1())
+            # The victim's name and the CA's name, the intruder's key: its to-be-signed part beside the
+            # CA's real signature over the victim's certificate.
+            foreign = x509.load_pem_x509_certificate(foreign_certificate(genuine.uri, key).encode())
+            tbs = (x509.CertificateBuilder().subject_name(foreign.subject)
+                   .issuer_name(ctl.context.ca.certificate.subject).public_key(key.public_key())
+                   .serial_number(genuine_cert.serial_number).not_valid_before(cert_not_before(foreign))
+                   .not_valid_after(cert_not_after(foreign))
+                   .add_extension(foreign.extensions.get_extension_for_class(x509.SubjectAlternativeName).value,
+                                  critical=False)
+                   .add_extension(foreign.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value,
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+            forged = spliced(tbs, genuine_cert)
+            trailing = genuine_cert.public_bytes(serialization.Encoding.DER) + foreign.public_bytes(
+                serialization.Encoding.DER)
+            for chain, keystore, why in ((forged, KeyOf(key), "not issued by this controller's CA"),
+                                         (trailing, genuine.keystore, "unreadable")):
+                attempt = TunnelCredentials(uri=genuine.uri, chain_pem=[ssl.DER_cert_to_PEM_cert(chain)],
+                                            ca_pem=genuine.ca_pem, keystore=keystore)
+                with pytest.raises(TunnelRefused, match=why):
+                    async with connect(ctl, attempt):
+                        pass
+            async with connect(ctl, genuine) as (session, _):  # the genuine one is still admitted
+                assert session.relay_info["identity"] == genuine.uri
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 

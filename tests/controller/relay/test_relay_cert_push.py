@@ -78,13 +78,15 @@ def test_a_revoked_relay_cannot_renew_and_its_gateways_leave_by_its_certificate_
                     assert status == 200
                     with pytest.raises(StartupError, match="not the key of an enrolled relay"):
                         await asyncio.to_thread(relay_node.renew, settings, identity)
-                    # What it can still present is its old certificate: not newer, refused.
+                    # What it can still present is its old certificate: the one trusted, so nothing moves.
+                    before = session.trusted
                     await end.push(stolen.certificate.public_bytes(serialization.Encoding.DER),
                                    end.sign(key, stolen.certificate.public_bytes(serialization.Encoding.DER)))  # type: ignore[arg-type]
                     await closed_within(session, end, LEFT + 5)
+                    assert session.trusted is before
                     assert end.goaway is not None and "certificate ends" in end.goaway.reason
 
-    with caplog.at_level(logging.WARNING, logger="agent.tunnel.client"):
+    with caplog.at_level(logging.DEBUG, logger="agent.tunnel.client"):
         run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
     assert any("already trusts" in r.getMessage() for r in caplog.records)
 
@@ -102,5 +104,42 @@ def test_two_renewals_in_a_row_leave_the_tunnel_trusting_the_last_one(tmp_path: 
                 await asyncio.sleep(0.3)
                 assert session.pushes_refused == 0 and not session.conn.closed
                 await dial_refusal(session, "no-such-service")
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_renewal_between_a_tunnel_s_handshake_and_its_challenge_is_pushed_at_admission(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """The listener chose the old certificate when it accepted; the renewal lands before the relay sees the
+    tunnel. Admission presents the renewed one, so the agent does not leave by the old one's end; a tunnel
+    opened on the new certificate in the same window gets it again and ignores it."""
+    async def scenario() -> None:
+        async with running_controller(tmp_path / "ctl") as ctl:
+            gateway = await enrolled(ctl, "gw-a")
+            relay = ctl.server.relay
+            assert relay is not None
+            renewal = await asyncio.to_thread(ctl.server.issue_certificate)
+            challenge = type(relay)._challenge
+
+            def renewed_first(self, link, remote):  # after the TLS handshake (on the old certificate)
+                monkeypatch.undo()
+                ctl.server.use_certificate(*renewal)
+                return challenge(self, link, remote)
+
+            old = x509.load_der_x509_certificate(ctl.context.server_certificate_der)
+            monkeypatch.setattr(type(relay), "_challenge", renewed_first)
+            async with connect(ctl, gateway) as (missed, _):
+                new = x509.load_der_x509_certificate(ctl.context.server_certificate_der)
+                assert new != old
+                await _until(lambda: missed.trusted is not None and missed.trusted.certificate == new,
+                             "the push at admission")
+                assert missed.pushes_refused == 0 and missed.conn.relay_certificates == 1
+                async with connect(ctl, gateway) as (seen, _):  # its handshake saw the renewed certificate
+                    await _until(lambda: seen.conn.relay_certificates == 1, "the redundant push")
+                    assert seen.trusted is not None and seen.trusted.certificate == new
+                    assert seen.pushes_refused == 0
+                    for session in (missed, seen):
+                        assert not session.conn.closed
+                        await dial_refusal(session, "no-such-service")
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
