@@ -60,17 +60,22 @@ class SQLiteStore(Store):
         """This thread's connection, opened on first use."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            with self._connections_lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the store is closed")
-                # isolation_level=None: transactions are begun explicitly, never implicitly.
-                connection = sqlite3.connect(
-                    str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-                )
-                self._connections.append(connection)
+            if self._closed:
+                raise sqlite3.ProgrammingError("the store is closed")
+            # isolation_level=None: transactions are begun explicitly, never implicitly.
+            connection = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+            )
             connection.row_factory = sqlite3.Row
+            # Set up before close() can see it: close() ending a connection while this thread runs a
+            # statement on it crashes the process.
             connection.execute("PRAGMA foreign_keys=ON")
             connection.execute("PRAGMA synchronous=FULL")
+            with self._connections_lock:
+                if self._closed:
+                    connection.close()
+                    raise sqlite3.ProgrammingError("the store is closed")
+                self._connections.append(connection)
             self._local.connection = connection
         return connection
 
@@ -106,7 +111,13 @@ class SQLiteStore(Store):
         with self._write_lock, self._reads_done:
             self._closed = True
             # A read is one statement: BUSY_TIMEOUT_SECONDS bounds even one that waits for a lock.
-            self._reads_done.wait_for(lambda: self._reads == 0, BUSY_TIMEOUT_SECONDS)
+            if not self._reads_done.wait_for(lambda: self._reads == 0, BUSY_TIMEOUT_SECONDS):
+                # A read still running (a long one on a starved machine) is stopped, not closed under:
+                # interrupt() is SQLite's one call made for another thread, and the read ends in an error.
+                for connection in self._connections:
+                    connection.interrupt()
+                if not self._reads_done.wait_for(lambda: self._reads == 0, BUSY_TIMEOUT_SECONDS):
+                    return  # left open for the process's end: closing them under the read would crash it
             for connection in self._connections:
                 connection.close()
             self._connections.clear()

@@ -243,3 +243,69 @@ def test_closing_the_store_during_another_threads_read_waits_for_it(tmp_path: Pa
                             env=python_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "2000000"
+
+
+#: close() waits 0.3 s here, not 10: the read of ``SLOW_READ`` times 20 outlasts it on any machine.
+CLOSE_DURING_LONG_READ = f"""
+import sqlite3, sys, threading, time
+import controller.store_sqlite
+controller.store_sqlite.BUSY_TIMEOUT_SECONDS = 0.3
+from controller.store import Store
+store = Store(sys.argv[1])
+started = threading.Event()
+outcome = []
+def read():
+    started.set()
+    try:
+        store.query({SLOW_READ.replace("2000000", "40000000")!r})
+        outcome.append("finished")
+    except sqlite3.Error as error:
+        outcome.append(type(error).__name__ + ": " + str(error))
+reader = threading.Thread(target=read)
+reader.start()
+started.wait()
+time.sleep(0.1)
+store.close()
+reader.join()
+print(outcome[0])
+"""
+
+
+def test_a_read_that_outlasts_the_wait_at_close_is_interrupted_not_closed_under(tmp_path: Path) -> None:
+    # Closing the connection under the read crashes the process or fails the read on a closed database.
+    result = subprocess.run([sys.executable, "-c", CLOSE_DURING_LONG_READ, str(tmp_path / "store.sqlite3")],
+                            env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "OperationalError: interrupted"
+
+
+#: Threads opening their first connection while the store closes, 300 times over.
+FIRST_USE_DURING_CLOSE = """
+import sqlite3, sys, threading
+from pathlib import Path
+from controller.store import Store
+refused = 0
+for attempt in range(300):
+    store = Store(Path(sys.argv[1]) / f"{attempt}.sqlite3")
+    errors = []
+    def read():
+        try:
+            store.query("SELECT 1")
+        except sqlite3.ProgrammingError as error:
+            errors.append(error)
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for reader in readers:
+        reader.start()
+    store.close()
+    for reader in readers:
+        reader.join()
+    refused += len(errors)
+print("done", refused)
+"""
+
+
+def test_a_thread_opening_its_connection_while_the_store_closes_gets_an_error_not_a_crash(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", FIRST_USE_DURING_CLOSE, str(tmp_path)],
+                            env=python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("done")
