@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,22 +94,46 @@ def test_json_output_carries_the_same_checks(controller: Controller, tmp_path: P
     assert all(c["status"] == OK for c in report["checks"])
 
 
-def gateway_of_a_stopped_controller(tmp_path: Path, name: str, clock: str = "") -> tuple[Path, int]:
-    """An enrolled gateway's config (with ``clock`` as its [clock] table) and the closed port of its controller."""
-    gone = Controller(tmp_path / "gone")
+#: The gateways enrolled with the controller that is stopped before the module's tests dial it (one per test).
+STOPPED_GATEWAYS = ("doc-3", "doc-ntp-0", "doc-ntp-400", "doc-ntp-silent")
+
+
+@pytest.fixture(scope="module")
+def stopped_controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int]]:
+    """A folder of gateways (STOPPED_GATEWAYS) enrolled with a controller since stopped, and its closed port.
+
+    One controller's start serves every test that needs one out of reach (a start is seconds, more under
+    emulation). Its port stays bound, never listened on, for the module: a dial is refused, and no other
+    process can take the port between the tests.
+    """
+    folder = tmp_path_factory.mktemp("gone")
+    gone = Controller(folder / "controller")
     try:
-        config, _ = enrolled_gateway(gone, tmp_path, name)
+        for name in STOPPED_GATEWAYS:
+            (folder / name).mkdir()
+            enrolled_gateway(gone, folder / name, name)
     finally:
         gone.process.stop()
-    if clock:
-        config.write_text(config.read_text() + f"[clock]\n{clock}")
-    return config, port_of(gone.url)
+    port = port_of(gone.url)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        yield folder, port
+
+
+def gateway_of_a_stopped_controller(stopped: tuple[Path, int], tmp_path: Path, name: str,
+                                    clock: str = "") -> tuple[Path, int]:
+    """An enrolled gateway's config (with ``clock`` as its [clock] table) and the closed port of its controller."""
+    folder, port = stopped
+    config = tmp_path / "agent.toml"
+    config.write_text((folder / name / "agent.toml").read_text() + (f"[clock]\n{clock}" if clock else ""))
+    return config, port
 
 
 def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_ntp_skips_the_clock(
-    tmp_path: Path
+    stopped_controller: tuple[Path, int], tmp_path: Path
 ) -> None:
-    config, port = gateway_of_a_stopped_controller(tmp_path, "doc-3")
+    config, port = gateway_of_a_stopped_controller(stopped_controller, tmp_path, "doc-3")
 
     result = run_cli("doctor", "--config", config)
 
@@ -129,10 +154,10 @@ def test_a_controller_that_cannot_be_reached_fails_the_connection_and_without_nt
                   r"certificates and tokens by the measured time meanwhile, but logs, .*; set the time .*"),
 ])
 def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
-    tmp_path: Path, offset: float, status: str, sentence: str
+    stopped_controller: tuple[Path, int], tmp_path: Path, offset: float, status: str, sentence: str
 ) -> None:
     with NtpResponder(offset=offset) as ntp:
-        config, _ = gateway_of_a_stopped_controller(tmp_path, f"doc-ntp-{offset:.0f}",
+        config, _ = gateway_of_a_stopped_controller(stopped_controller, tmp_path, f"doc-ntp-{offset:.0f}",
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 2.0\n')
         result = run_cli("doctor", "--config", config)
         asked = ntp.requests
@@ -142,9 +167,11 @@ def test_with_the_controller_out_of_reach_the_clock_is_checked_against_ntp(
     assert ntp.address in found["clock"][1] and asked == 1
 
 
-def test_a_silent_ntp_server_leaves_the_clock_unchecked_with_a_warning(tmp_path: Path) -> None:
+def test_a_silent_ntp_server_leaves_the_clock_unchecked_with_a_warning(
+    stopped_controller: tuple[Path, int], tmp_path: Path
+) -> None:
     with NtpResponder(silent=True) as ntp:
-        config, _ = gateway_of_a_stopped_controller(tmp_path, "doc-ntp-silent",
+        config, _ = gateway_of_a_stopped_controller(stopped_controller, tmp_path, "doc-ntp-silent",
                                                     f'ntp_servers = ["{ntp.address}"]\nntp_timeout = 0.5\n')
         result = run_cli("doctor", "--config", config)
     assert doctor_lines(result.stdout)["clock"] == (

@@ -16,9 +16,11 @@ def test_the_server_runs_unprivileged_on_a_socket_and_each_test_gets_an_empty_da
         version = connection.execute("SHOW server_version").fetchone()
         tables = connection.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
         listen = connection.execute("SHOW listen_addresses").fetchone()
+        fsync = connection.execute("SHOW fsync").fetchone()
     assert version is not None and version[0].startswith("15.")
     assert tables == (0,)
     assert listen == ("",)  # no TCP port at all: only the socket in the temporary directory
+    assert fsync == ("off",) and not postgres.durable  # a throwaway cluster: commits reach the kernel, not the disk
     owner = (postgres.data / "PG_VERSION").stat().st_uid
     assert owner != 0
 

@@ -20,6 +20,21 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         ctl.process.stop()
 
 
+@pytest.fixture(scope="module")
+def module_controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    """One controller for a module's tests that only add identities of their own names to it.
+
+    A controller's start (a Python process, its CA and store) is seconds on a
+    loaded machine; a test that restarts the controller, counts what is in its
+    store or creates a service or policy by a fixed name takes ``controller``.
+    """
+    ctl = Controller(tmp_path_factory.mktemp("module-controller") / "controller")
+    try:
+        yield ctl
+    finally:
+        ctl.process.stop()
+
+
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     server = EchoServer()

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -33,6 +34,15 @@ SLOW_RECONNECT = 120.0
 REVOKED_EXIT_TIMEOUT = 15.0
 #: The ask interval of the agent started to watch an enable take effect (the real one is ten minutes).
 SHORT_INTERVAL = 3.0
+#: The audit page ``asks`` reads: the controller's cap, far above what this module's tests record
+#: on the controller they share, so no earlier ask can fall off the page.
+AUDIT_PAGE = 1000
+
+
+@pytest.fixture(scope="module")
+def controller(module_controller: Controller) -> Controller:
+    """One controller for the module: each test enrolls identities of its own names, and ``asks`` filters by name."""
+    return module_controller
 
 
 def agent_argv(config: Path, interval: float | None = None) -> list[str]:
@@ -66,7 +76,7 @@ def start(config: Path, state: Path, interval: float | None = None) -> Process:
 
 def asks(controller: Controller, name: str) -> list[str]:
     """The controller's refusals of this identity's tunnels and renewals, oldest first."""
-    events = json.loads(controller.ctl("audit", "--json").stdout)["events"]
+    events = json.loads(controller.ctl("audit", "--json", "--limit", str(AUDIT_PAGE)).stdout)["events"]
     return [e["event"] for e in events if e["event"] in ("tunnel_refused", "renewal_refused")
             and f"default/{name}" in json.dumps(e["fields"])]
 
@@ -100,28 +110,44 @@ def test_a_revoked_agent_exits_77_at_once_and_asks_no_more(controller: Controlle
         agent.stop()
 
 
-def test_a_disabled_agent_keeps_running_asks_once_per_interval_and_says_why(
+def test_a_disabled_agent_keeps_running_asks_once_per_interval_and_says_why_even_near_expiry(
         controller: Controller, tmp_path: Path) -> None:
+    """Two agents watched through the same window: one disabled while connected, and one disabled before it
+    starts, due for renewal in the last minutes of its certificate (where the old retry rule asked about once
+    a second). Each assertion names the agent it is about."""
     state, config = enrolled(controller, tmp_path, "gw-dis")
-    agent = start(config, state)
+    expiring_state, expiring_config = enrolled(controller, tmp_path, "gw-exp")
+    expiring_soon(controller, expiring_state, 120.0)
+    controller.ctl("identity", "disable", "gw-exp")
+    expiring = Process([sys.executable, "-m", "agent", "run", "--config", str(expiring_config)], env=python_env())
     try:
-        controller.ctl("identity", "disable", "gw-dis")
-        wait_until(lambda: read_status(state).get("state") == "disabled", timeout=REFUSAL_SEEN_TIMEOUT,
-                   what="the agent reports that it is disabled")
-        seen = asks(controller, "gw-dis")
-        time.sleep(WINDOW)
-        assert agent.proc.poll() is None, f"a disabled agent must keep running:\n{agent.output}"
-        assert asks(controller, "gw-dis") == seen == ["tunnel_refused"]
-        live = read_status(state)
-        assert live["next_ask"] >= time.time() + DISABLED_ASK_INTERVAL - WINDOW - REFUSAL_SEEN_TIMEOUT
-        assert live["connected_since"] is None and live["down_since"] <= time.time()
-        text = status_text(state)
-        line = next(line for line in text.splitlines() if line.startswith("tunnel:"))
-        assert re.fullmatch(r"tunnel: +disabled by central ops; asking again at \d\d:\d\d UTC \(in (9|10) min\)",
-                            line), text
-        assert "connected:" not in text and re.search(r"^down: +since .* ago\)$", text, re.M), text
+        agent = start(config, state)
+        try:
+            controller.ctl("identity", "disable", "gw-dis")
+            wait_until(lambda: read_status(state).get("state") == "disabled", timeout=REFUSAL_SEEN_TIMEOUT,
+                       what="the agent reports that it is disabled")
+            wait_until(lambda: asks(controller, "gw-exp"), timeout=REFUSAL_SEEN_TIMEOUT, interval=0.5,
+                       what="the first ask of the agent disabled near expiry")
+            seen = asks(controller, "gw-dis")
+            time.sleep(WINDOW)
+            assert agent.proc.poll() is None, f"a disabled agent must keep running:\n{agent.output}"
+            assert asks(controller, "gw-dis") == seen == ["tunnel_refused"], "the agent disabled while connected"
+            live = read_status(state)
+            assert live["next_ask"] >= time.time() + DISABLED_ASK_INTERVAL - WINDOW - REFUSAL_SEEN_TIMEOUT
+            assert live["connected_since"] is None and live["down_since"] <= time.time()
+            text = status_text(state)
+            line = next(line for line in text.splitlines() if line.startswith("tunnel:"))
+            assert re.fullmatch(r"tunnel: +disabled by central ops; asking again at \d\d:\d\d UTC \(in (9|10) min\)",
+                                line), text
+            assert "connected:" not in text and re.search(r"^down: +since .* ago\)$", text, re.M), text
+        finally:
+            agent.stop()
+        assert expiring.proc.poll() is None, f"a disabled agent near expiry must keep running:\n{expiring.output}"
+        assert len(asks(controller, "gw-exp")) == 1, f"the agent disabled near expiry asked again: {asks(controller, 'gw-exp')}"
+        live = read_status(expiring_state)
+        assert live["state"] == "disabled" and "disabled" in live["last_error"], f"the agent disabled near expiry: {live}"
     finally:
-        agent.stop()
+        expiring.stop()
 
 
 def test_an_enabled_agent_reconnects_at_its_next_ask(controller: Controller, tmp_path: Path) -> None:
@@ -154,24 +180,6 @@ def expiring_soon(controller: Controller, state: Path, seconds: float) -> None:
         builder = builder.add_extension(extension.value, extension.critical)
     certificate = builder.sign(ca_key, hashes.SHA256())
     (state / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-
-
-def test_a_disabled_agent_near_expiry_does_not_hammer_renewal(controller: Controller, tmp_path: Path) -> None:
-    state, config = enrolled(controller, tmp_path, "gw-exp")
-    # Due at once and in the last minutes of its life: the old retry rule asked about once a second here.
-    expiring_soon(controller, state, 120.0)
-    controller.ctl("identity", "disable", "gw-exp")
-    agent = Process([sys.executable, "-m", "agent", "run", "--config", str(config)], env=python_env())
-    try:
-        wait_until(lambda: asks(controller, "gw-exp"), timeout=REFUSAL_SEEN_TIMEOUT, interval=0.5,
-                   what="the agent's first ask")
-        time.sleep(WINDOW)
-        assert agent.proc.poll() is None, f"a disabled agent must keep running:\n{agent.output}"
-        assert len(asks(controller, "gw-exp")) == 1, asks(controller, "gw-exp")
-        live = read_status(state)
-        assert live["state"] == "disabled" and "disabled" in live["last_error"]
-    finally:
-        agent.stop()
 
 
 def test_an_expired_disabled_gateway_waits_at_start_and_recovers_once_enabled(

@@ -234,9 +234,9 @@ def assert_ended_once(output: str, sentence: str) -> None:
 
 @pytest.mark.parametrize("loss", sorted(AT_START))
 def test_a_lost_key_or_refused_authorization_at_start_ends_the_agent_with_its_own_exit_code(
-        controller: Controller, counted_swtpm: Swtpm, tmp_path: Path, loss: str) -> None:
+        module_controller: Controller, counted_swtpm: Swtpm, tmp_path: Path, loss: str) -> None:
     damage, exit_code, sentence, create_primaries = AT_START[loss]
-    state, config = enrolled_gateway(controller, tmp_path, f"gw-{loss}", counted_swtpm.tcti, free_port())
+    state, config = enrolled_gateway(module_controller, tmp_path, f"gw-{loss}", counted_swtpm.tcti, free_port())
     damage(counted_swtpm, state)
     before = state_files(state)
     mark = len(counted_swtpm.commands())
@@ -317,9 +317,9 @@ def test_a_tpm_in_lockout_keeps_the_agent_waiting_one_try_per_login_until_it_unl
 
 
 def test_an_unfinished_enrollment_whose_tpm_was_cleared_since_enrolls_with_a_new_key(
-        controller: Controller, counted_swtpm: Swtpm, tmp_path: Path) -> None:
+        module_controller: Controller, counted_swtpm: Swtpm, tmp_path: Path) -> None:
     token = tmp_path / "gw-retry.token"
-    controller.ctl("identity", "create", "gw-retry", "--token-out", str(token))
+    module_controller.ctl("identity", "create", "gw-retry", "--token-out", str(token))
     state = tmp_path / "gw-retry-state"
     state.mkdir(mode=0o700)
     tpm_key(state, counted_swtpm.tcti).create()  # an earlier attempt made the key, then the power went
@@ -344,10 +344,10 @@ def remove_owner_password(chip: Swtpm) -> None:
 
 
 def test_field_enrollment_on_a_tpm_that_refuses_authorization_ends_the_agent_and_keeps_the_token_for_a_restart(
-        controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path) -> None:
+        module_controller: Controller, echo_server: EchoServer, counted_swtpm: Swtpm, tmp_path: Path) -> None:
     token = tmp_path / "boot" / "outpost-enroll.token"
     token.parent.mkdir()
-    controller.ctl("identity", "create", "gw-field", "--token-out", str(token))
+    module_controller.ctl("identity", "create", "gw-field", "--token-out", str(token))
     state = tmp_path / "gw-field-state"
     config = agent_config(tmp_path / "gw-field.toml", state, counted_swtpm.tcti, echo_server.port)
     config.write_text(config.read_text() + f'\n[enrollment]\ntoken_paths = ["{token}"]\n')
@@ -368,9 +368,9 @@ def test_field_enrollment_on_a_tpm_that_refuses_authorization_ends_the_agent_and
 
 
 def test_enroll_requiring_a_tpm_where_there_is_none_creates_nothing_and_keeps_the_token_usable(
-        controller: Controller, tmp_path: Path) -> None:
+        module_controller: Controller, tmp_path: Path) -> None:
     token = tmp_path / "gw-none.token"
-    controller.ctl("identity", "create", "gw-none", "--token-out", str(token))
+    module_controller.ctl("identity", "create", "gw-none", "--token-out", str(token))
     token_text = token.read_text()
     state = tmp_path / "gw-none-state"
     absent = f"swtpm:host=127.0.0.1,port={closed_port()}"

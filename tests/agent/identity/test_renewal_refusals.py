@@ -30,6 +30,11 @@ def refusals(running) -> list[dict]:
     return [e for e in running.context.audit.recent(500) if e["event"] == "renewal_refused"]
 
 
+def refusals_of(running, name: str) -> list[dict]:
+    """The renewal refusals of the identity ``name`` (its URI ends with the name)."""
+    return [e for e in refusals(running) if str(e["fields"].get("identity", "")).endswith(f"/{name}")]
+
+
 async def watch(keeper: CertificateKeeper, seconds: float) -> BaseException | None:
     """Run the keeper for ``seconds``; what it raised, if it ended."""
     task = asyncio.ensure_future(keeper.run())
@@ -60,40 +65,47 @@ def test_a_revoked_identity_stops_the_keeper_after_one_ask(tmp_path: Path) -> No
     run(scenario())
 
 
-def test_a_disabled_identity_is_asked_about_once_per_interval_even_in_the_last_seconds(tmp_path: Path) -> None:
+def test_a_disabled_identity_and_another_refusal_are_asked_about_slowly_even_in_the_last_seconds(
+        tmp_path: Path) -> None:
+    """Two keepers in the last seconds of their certificates, watched through the same window: one whose
+    identity is disabled (asked about once per DISABLED_ASK_INTERVAL), and one refused for another reason
+    (another device's key in its state directory: backed off by minutes, not seconds). Each assertion names
+    the keeper it is about."""
     async def scenario() -> None:
         async with running_controller(tmp_path / "c") as running:
-            state = await enrolled_gateway(running, tmp_path)
-            await running.call("POST", "/api/v1/identities/gw/disable")
-            clock = near_expiry_clock(state)
-            plans: list[tuple[float, float, str | None]] = []
-            keeper = CertificateKeeper(state, open_keystore(state.path, SOFTWARE), clock=clock,
-                                       on_status=lambda *plan: plans.append(plan))
-            assert await watch(keeper, WINDOW) is None, "disabled: the keeper keeps running"
-            assert len(refusals(running)) == 1
-            assert refusals(running)[0]["fields"]["reason"] == "identity_disabled"
-            _, next_renewal, error = plans[-1]
-            assert "disabled" in error
-            assert next_renewal >= clock() + DISABLED_ASK_INTERVAL - WINDOW - 1
+            disabled = await enrolled_gateway(running, tmp_path, "gw-disabled")
+            await running.call("POST", "/api/v1/identities/gw-disabled/disable")
+            disabled_clock = near_expiry_clock(disabled)
+            disabled_plans: list[tuple[float, float, str | None]] = []
+            disabled_keeper = CertificateKeeper(disabled, open_keystore(disabled.path, SOFTWARE), clock=disabled_clock,
+                                                on_status=lambda *plan: disabled_plans.append(plan))
 
-    run(scenario())
-
-
-def test_another_refusal_backs_off_by_minutes_not_seconds_near_expiry(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        async with running_controller(tmp_path / "c") as running:
-            state = await enrolled_gateway(running, tmp_path)
+            refused = await enrolled_gateway(running, tmp_path, "gw-other-key")
             # Another device's key in this state directory: the controller refuses it (renewal_unknown_key).
-            (state.path / "key.pem").unlink()
-            other = SoftwareKeyStore(state.path)
+            (refused.path / "key.pem").unlink()
+            other = SoftwareKeyStore(refused.path)
             other.create()
-            clock = near_expiry_clock(state)
-            plans: list[tuple[float, float, str | None]] = []
-            keeper = CertificateKeeper(state, other, clock=clock, rng=random.Random(1),
-                                       on_status=lambda *plan: plans.append(plan))
-            assert await watch(keeper, WINDOW) is None
-            assert [e["fields"]["reason"] for e in refusals(running)] == ["renewal_unknown_key"]
-            assert plans[-1][1] >= clock() + REFUSAL_RETRY_BASE_SECONDS / 2 - WINDOW - 1
+            refused_clock = near_expiry_clock(refused)
+            refused_plans: list[tuple[float, float, str | None]] = []
+            refused_keeper = CertificateKeeper(refused, other, clock=refused_clock, rng=random.Random(1),
+                                               on_status=lambda *plan: refused_plans.append(plan))
+
+            ended = await asyncio.gather(watch(disabled_keeper, WINDOW), watch(refused_keeper, WINDOW))
+
+            assert ended[0] is None, "disabled: the keeper keeps running"
+            asked = refusals_of(running, "gw-disabled")
+            assert len(asked) == 1, f"the disabled identity was asked about {len(asked)} times"
+            assert asked[0]["fields"]["reason"] == "identity_disabled"
+            _, next_renewal, error = disabled_plans[-1]
+            assert "disabled" in error
+            assert next_renewal >= disabled_clock() + DISABLED_ASK_INTERVAL - WINDOW - 1, "the disabled identity's next ask"
+
+            assert ended[1] is None, "another refusal: the keeper keeps running"
+            # The controller cannot name the identity of a key it does not know: the rest are this keeper's.
+            others = [e for e in refusals(running) if e not in refusals_of(running, "gw-disabled")]
+            assert [e["fields"]["reason"] for e in others] == ["renewal_unknown_key"], "another refusal asked again"
+            assert refused_plans[-1][1] >= refused_clock() + REFUSAL_RETRY_BASE_SECONDS / 2 - WINDOW - 1, \
+                "the next ask after another refusal is minutes away"
 
     run(scenario())
 
