@@ -330,6 +330,14 @@ def test_core_per_message_reports_the_protocol_cores_time_per_round_trip() -> No
     assert 0 < found["core_us_per_round_trip_best"] <= found["core_us_per_round_trip"]
 
 
+def test_tls_copies_reports_each_way_of_sending_and_receiving() -> None:
+    found = run_bench("tls_copies", "--flushes", "20", "--rounds", "2")
+    assert found["flushes"] == 20 and found["rounds"] == 2
+    assert set(found["send_cpu_s_per_gb"]) == {"joined", "records"}
+    assert set(found["receive_cpu_s_per_gb"]) == {"copied", "buffered"}
+    assert all(len(values) == 2 for values in found["rounds_send_cpu_s_per_gb"].values())
+
+
 def test_store_move_reports_how_long_a_box_store_takes_to_move() -> None:
     found = run_bench("store_move", "--events", "500", "--identities", "20")
     if "skipped" in found:
