@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
+import os
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from controller.relay.pacing import AGENT_SPREAD
 from shared.protocol import ErrorCode, goaway_frame
 from shared.tunnel.transport import StreamTransport
 
@@ -15,12 +21,20 @@ if TYPE_CHECKING:
     from controller.relay.relay import Relay
     from controller.relay.session import RelaySession
 
+log = logging.getLogger(__name__)
+
 # A stop waits this long, in all, for its tunnels' closing handshakes (GOAWAY, then the WebSocket close);
 # the rest are reset. Closing each in turn took 8-9 s at 10,000 tunnels, all of it CPU, and an agent
 # reconnects on GOAWAY or a reset alike: the GOAWAY leaves in the first write, and waiting longer for
 # the rest of the handshake helps no one. Half a second, and a loaded loop overruns it (1.9 s measured
 # for 1.0 at 7,000 tunnels), which keeps a stop under the 2 s goal.
 SHUTDOWN_CLOSE_GRACE = 0.5
+#: In the data directory: the wall-clock time until which a stopped relay's told agents keep
+#: returning, read by the process started after it on that directory (``follow_predecessor``).
+SCHEDULE_FILE = "come-back.json"
+#: A recorded schedule ending further ahead than this is not followed: agents follow no time
+#: above 300 s (agent/tunnel/backoff.py), so a later end is a wrong clock or a damaged file.
+MAX_FOLLOWED = 300.0
 BUSY_REASON = "this relay is admitting as many tunnels as it can; come back after the time it gives"
 
 
@@ -60,6 +74,8 @@ async def stop(relay: Relay) -> None:
         session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
         if not session.leave_at_stop():
             graceful.append(session)
+    if told and told[-1] is not None:
+        record_schedule(relay, told[-1] + AGENT_SPREAD)
     closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in graceful}
     if closing:
         _, late = await asyncio.wait(closing, timeout=relay.shutdown_grace)
@@ -74,3 +90,56 @@ async def stop(relay: Relay) -> None:
     # The tunnels' last audit rows and their presence reach the store before it closes.
     await relay.audit_queue.drained()
     await relay.presence.close()
+
+
+def _schedule_path(relay: Relay) -> Path | None:
+    settings = getattr(relay.context, "settings", None)
+    data_dir = getattr(settings, "data_dir", None)
+    return Path(data_dir) / SCHEDULE_FILE if data_dir is not None else None
+
+
+def record_schedule(relay: Relay, seconds: float) -> None:
+    """Leave, for the next process on this data directory, when the agents this stop told stop arriving.
+
+    Wall-clock time: the loop's clock does not outlive the process. Written whole or not at all
+    (a temporary file renamed); without it the next process paces as if it were first.
+    """
+    path = _schedule_path(relay)
+    if path is None:
+        return
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(json.dumps({"until": time.time() + seconds}), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as exc:
+        log.warning("could not record the come-back times told at this stop in %s (%s); the next start paces "
+                    "refused agents without them", path, exc.strerror)
+
+
+def follow_predecessor(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
+    """Hand out no slot while the agents a stopped predecessor told are still arriving (``record_schedule``)."""
+    path = _schedule_path(relay)
+    if path is None:
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+        path.unlink()  # read once: a later start must not follow a schedule long past
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("could not read %s (%s): refused agents are paced as if this relay were the first; "
+                    "remove the file", path, exc.strerror)
+        return
+    try:
+        until = json.loads(text)["until"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring %s: it holds no come-back schedule; refused agents are paced as if this relay "
+                    "were the first", path)
+        return
+    if isinstance(until, bool) or not isinstance(until, (int, float)) or math.isnan(until):
+        log.warning("ignoring %s: its time is not a number; refused agents are paced as if this relay were the first",
+                    path)
+        return
+    remaining = until - time.time()
+    if 0 < remaining <= MAX_FOLLOWED:
+        relay.pacer.follow(loop.time() + remaining)

@@ -46,6 +46,9 @@ FIRST_RETRY = 1.0
 #: again within a few seconds (its stop, then its start: 3-4 s measured under fleet_scale), and an
 #: agent that comes back before would only find it closed.
 STOP_FIRST_RETRY = 5.0
+#: Agents told the same time come back up to this much after it (their own jitter, TOLD_SPREAD in
+#: agent/tunnel/backoff.py): a stop's told times keep arriving this long after its last slot.
+AGENT_SPREAD = 1.0
 
 
 class ComeBackPacer:
@@ -96,6 +99,16 @@ class ComeBackPacer:
         self._until = max(self._until, start) + 1.0 / rate
         self.told += 1
         return self._until - now
+
+    def follow(self, until: float) -> None:
+        """Hand out no slot before ``until`` (loop time): the slots up to it were told by the process before this one.
+
+        A stopping relay tells its whole fleet times at its pace (``stop_times``); while those
+        agents arrive, every slot is taken. A refused agent told a time among them would
+        find the relay as full and be refused again, its backoff growing each time (the
+        storm's long tail); after them it finds room.
+        """
+        self._until = max(self._until, until)
 
     def stop_times(self, count: int) -> list[float]:
         """Come-back times (seconds from now) for ``count`` tunnels closed by a graceful stop, spread at the rate."""

@@ -81,6 +81,9 @@ class Relay:
         self.max_admitting: int = getattr(context.settings, "max_admitting", MAX_ADMITTING)
         #: Come-back times for refused and stopped tunnels, paced by the admissions measured.
         self.pacer = ComeBackPacer()
+        if self._loop is not None:
+            # The agents told by the process before this one are returning: refused ones go after them.
+            goaway.follow_predecessor(self, self._loop)
         #: Retired: the stop tells no come-back time (this relay will not be back; agents move on).
         self.retiring = False
         #: Links to and from other relays (``serve --role relay`` only; set by the server).

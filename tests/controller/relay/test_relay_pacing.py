@@ -84,3 +84,17 @@ def test_a_stop_spreads_its_tunnels_from_the_first_slot_at_the_pace() -> None:
     assert times[0] == STOP_FIRST_RETRY
     assert math.isclose(times[-1] - times[0], 9999 / DEFAULT_ADMISSIONS_PER_SECOND)
     assert len(set(times)) == len(times)
+
+
+def test_slots_follow_the_times_a_predecessor_told() -> None:
+    pacer = ComeBackPacer()
+    pacer.follow(130.0)  # a stopped relay's agents keep arriving until then
+    told = [100.0 + pacer.come_back(100.0) for _ in range(10)]
+    assert told[0] > 130.0
+    assert all(math.isclose(b - a, 1.0 / DEFAULT_ADMISSIONS_PER_SECOND) for a, b in zip(told, told[1:], strict=False))
+
+
+def test_a_schedule_already_past_changes_nothing() -> None:
+    followed, first = ComeBackPacer(), ComeBackPacer()
+    followed.follow(50.0)
+    assert followed.come_back(100.0) == first.come_back(100.0)

@@ -10,9 +10,12 @@ Retry-After, from the same pacer.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +27,8 @@ from agent.tunnel.backoff import MAX_COME_BACK, MIN_COME_BACK, TOLD_SPREAD, Back
 from agent.tunnel.client import TunnelOptions, open_tunnel
 from agent.tunnel.supervisor import TunnelSupervisor
 from controller.listener import ListenerLimits
-from controller.relay.pacing import STOP_FIRST_RETRY
+from controller.relay.goaway import SCHEDULE_FILE
+from controller.relay.pacing import AGENT_SPREAD, FIRST_RETRY, STOP_FIRST_RETRY
 from tests.controller.harness import run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, enrolled, relay_url
 
@@ -153,6 +157,63 @@ def test_a_graceful_stop_tells_each_tunnel_its_own_time_to_come_back(tmp_path: P
                 await until(lambda: all(s.stats.state == "waiting" for s in fleet))
             finally:
                 await stop_all(fleet, tasks)
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_relay_started_after_a_stop_tells_refused_agents_times_after_those_its_predecessor_told(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        data = tmp_path / "ctl"
+        schedule = data / SCHEDULE_FILE
+        async with running_controller(data) as ctl:
+            relay = ctl.server.relay
+            assert relay is not None
+            fleet = [TunnelSupervisor([relay_url(ctl)], await enrolled(ctl, f"gw-told-{i}"), TunnelOptions())
+                     for i in range(3)]
+            tasks = [asyncio.get_running_loop().create_task(s.run()) for s in fleet]
+            late = await enrolled(ctl, "gw-late")
+            try:
+                await asyncio.wait_for(asyncio.gather(*(s.connected.wait() for s in fleet)), ALL_BACK)
+                stopped = time.time()
+                await relay.close()
+            finally:
+                await stop_all(fleet, tasks)
+        until = json.loads(schedule.read_text(encoding="utf-8"))["until"]
+        # The last of them comes back at its slot plus its jitter.
+        assert until >= stopped + STOP_FIRST_RETRY + 2 / relay.pacer.rate() + AGENT_SPREAD
+        async with running_controller(data) as ctl:
+            successor = ctl.server.relay
+            assert successor is not None
+            assert not schedule.exists()  # followed once
+            successor.max_admitting = 0
+            async with aiohttp_session() as http:
+                with pytest.raises(RelayBusy) as caught:
+                    await asyncio.wait_for(open_tunnel(http, relay_url(ctl), late, pinned_ssl_context(late.ca_pem),
+                                                       TunnelOptions()), ANSWER)
+            refused = time.time()
+        assert caught.value.retry_after is not None
+        assert refused + caught.value.retry_after >= until
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+@pytest.mark.parametrize("content", ["{\"until\": \"tomorrow\"}", "not json", "{}"])
+def test_a_damaged_come_back_record_is_ignored_with_a_warning(tmp_path: Path, content: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        data = tmp_path / "ctl"
+        async with running_controller(data):
+            pass
+        (data / SCHEDULE_FILE).write_text(content, encoding="utf-8")
+        with caplog.at_level(logging.WARNING, logger="controller.relay.goaway"):
+            async with running_controller(data) as ctl:
+                relay = ctl.server.relay
+                assert relay is not None
+                told = relay.pacer.come_back(asyncio.get_running_loop().time())
+        assert FIRST_RETRY <= told <= FIRST_RETRY + 1 / relay.pacer.rate() + 1e-9  # paced as the first
+        assert not (data / SCHEDULE_FILE).exists()
+        assert any(SCHEDULE_FILE in record.getMessage() for record in caplog.records)
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
