@@ -216,40 +216,18 @@ def test_writers_on_separate_connections_never_interleave_a_read_modify_write(st
             store.close()
 
 
-#: A read of two million rows on SQLite: close() arrives while its rows are still being fetched.
-SLOW_READ = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) SELECT x FROM c"
-CLOSE_DURING_READ = f"""
-import sys, threading, time
-from controller.store import Store
-store = Store(sys.argv[1])
-started = threading.Event()
-result = []
-def read():
-    started.set()
-    result.append(len(store.query({SLOW_READ!r})))
-reader = threading.Thread(target=read)
-reader.start()
-started.wait()
-time.sleep(0.1)
-store.close()
-reader.join()
-print(result[0])
-"""
+def slow_read(rows: int) -> str:
+    """A read of ``rows`` rows on SQLite that close() arrives in the middle of, while its rows are fetched."""
+    return f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) SELECT x FROM c"
 
 
-def test_closing_the_store_during_another_threads_read_waits_for_it(tmp_path: Path) -> None:
-    # In a process of its own: closing a connection another thread reads through crashes the process.
-    result = subprocess.run([sys.executable, "-c", CLOSE_DURING_READ, str(tmp_path / "store.sqlite3")],
-                            env=python_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "2000000"
-
-
-#: close() waits 0.3 s here, not 10: the read of ``SLOW_READ`` times 20 outlasts it on any machine.
-CLOSE_DURING_LONG_READ = f"""
+def close_during_read(rows: int, close_waits: float | None = None) -> str:
+    """A script whose thread reads ``rows`` rows while the store closes; prints the count or the read's error."""
+    wait = "" if close_waits is None else f"controller.store_sqlite.BUSY_TIMEOUT_SECONDS = {close_waits}"
+    return f"""
 import sqlite3, sys, threading, time
 import controller.store_sqlite
-controller.store_sqlite.BUSY_TIMEOUT_SECONDS = 0.3
+{wait}
 from controller.store import Store
 store = Store(sys.argv[1])
 started = threading.Event()
@@ -257,8 +235,7 @@ outcome = []
 def read():
     started.set()
     try:
-        store.query({SLOW_READ.replace("2000000", "40000000")!r})
-        outcome.append("finished")
+        outcome.append(len(store.query({slow_read(rows)!r})))
     except sqlite3.Error as error:
         outcome.append(type(error).__name__ + ": " + str(error))
 reader = threading.Thread(target=read)
@@ -271,12 +248,24 @@ print(outcome[0])
 """
 
 
-def test_a_read_that_outlasts_the_wait_at_close_is_interrupted_not_closed_under(tmp_path: Path) -> None:
-    # Closing the connection under the read crashes the process or fails the read on a closed database.
-    result = subprocess.run([sys.executable, "-c", CLOSE_DURING_LONG_READ, str(tmp_path / "store.sqlite3")],
-                            env=python_env(), capture_output=True, text=True, timeout=120)
+def run_alone(script: str, *args: str, timeout: float = 120) -> str:
+    """What ``script`` prints, run in a process of its own: a crash there fails the test, not the test run."""
+    result = subprocess.run([sys.executable, "-c", script, *args], env=python_env(), capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "OperationalError: interrupted"
+    return result.stdout.strip()
+
+
+def test_closing_the_store_during_another_threads_read_waits_for_it(tmp_path: Path) -> None:
+    # Closing a connection another thread reads through crashes the process.
+    assert run_alone(close_during_read(2_000_000), str(tmp_path / "store.sqlite3")) == "2000000"
+
+
+def test_a_read_that_outlasts_the_wait_at_close_is_interrupted_not_closed_under(tmp_path: Path) -> None:
+    # close() waits 0.3 s here, not 10: a read of forty million rows outlasts it on any machine. Closing the
+    # connection under the read crashes the process or fails the read on a closed database.
+    outcome = run_alone(close_during_read(40_000_000, close_waits=0.3), str(tmp_path / "store.sqlite3"))
+    assert outcome == "OperationalError: interrupted"
 
 
 #: Threads opening their first connection while the store closes, 300 times over.
@@ -305,7 +294,4 @@ print("done", refused)
 
 
 def test_a_thread_opening_its_connection_while_the_store_closes_gets_an_error_not_a_crash(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", FIRST_USE_DURING_CLOSE, str(tmp_path)],
-                            env=python_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("done")
+    assert run_alone(FIRST_USE_DURING_CLOSE, str(tmp_path), timeout=300).startswith("done")

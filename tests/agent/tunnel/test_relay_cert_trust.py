@@ -213,15 +213,20 @@ def test_the_agent_says_it_understands_pushes_and_leaves_when_the_relay_certific
     assert any("leaving the tunnel" in r.getMessage() for r in caplog.records)
 
 
+async def renewal_outlives_the_old_end(relay: FakeRelay, session: AgentSession, end: RelayEnd) -> None:
+    """Push a renewed certificate and wait past the old one's end: the tunnel stays, trusting the new one."""
+    renewed = relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE)
+    await end.push(der(renewed), end.sign(relay.key, der(renewed)))
+    await asyncio.sleep(LEFT + 1)  # past the old certificate's end by the agent's clock
+    assert not session.conn.closed
+    assert session.trusted is not None and session.trusted.certificate == renewed
+
+
 def test_a_renewed_certificate_pushed_over_the_tunnel_keeps_it_past_the_old_end(caplog) -> None:
     async def scenario() -> None:
         async with fake_relay() as relay:
             async with tunnel(relay, near_the_end(relay)) as (session, end):
-                renewed = relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE)
-                await end.push(der(renewed), end.sign(relay.key, der(renewed)))
-                await asyncio.sleep(LEFT + 1)  # past the old certificate's end by the agent's clock
-                assert not session.conn.closed
-                assert session.trusted is not None and session.trusted.certificate == renewed
+                await renewal_outlives_the_old_end(relay, session, end)
 
     with caplog.at_level(logging.INFO, logger="agent.tunnel.client"):
         run(scenario)
@@ -318,11 +323,7 @@ def test_a_push_of_the_certificate_already_trusted_is_ignored_and_costs_no_refus
                 await asyncio.sleep(0.2)
                 assert session.trusted is before and session.pushes_refused == 0 and not session.conn.closed
                 # A real renewal after them is still believed.
-                renewed = relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE)
-                await end.push(der(renewed), end.sign(relay.key, der(renewed)))
-                await asyncio.sleep(LEFT + 1)  # past the old certificate's end by the agent's clock
-                assert not session.conn.closed
-                assert session.trusted is not None and session.trusted.certificate == renewed
+                await renewal_outlives_the_old_end(relay, session, end)
 
     with caplog.at_level(logging.DEBUG, logger="agent.tunnel.client"):
         run(scenario)
