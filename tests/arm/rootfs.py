@@ -39,6 +39,8 @@ from boot_harness import (  # noqa: E402  (the packaging tests' harness lives be
     SUITE,
     HarnessError,
     debian_mirror,
+    overlay,
+    unmount_below,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,15 +164,6 @@ def is_complete(tree: Path, key: str) -> bool:
         return False
 
 
-def unmount_below(path: Path) -> None:
-    """Lazily unmounts whatever a killed run left mounted under ``path`` (deepest first)."""
-    prefix = str(path.resolve())
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1].replace("\\040", " ") for line in mounts]
-    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, timeout=QUICK_TIMEOUT_SECONDS)
-
-
 def remove_tree(path: Path) -> None:
     if path.exists():
         unmount_below(path)
@@ -274,21 +267,6 @@ def build_base(arch: Arch, scratch: Path) -> None:
     nspawn(rootfs, "export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && "
                    f"apt-get install -y -qq --download-only {' '.join(sorted(set(PRELOADED_PACKAGES + TEST_PACKAGES)))}",
            timeout=APT_TIMEOUT_SECONDS)
-
-
-@contextmanager
-def overlay(lowers: Sequence[Path], holder: Path) -> Iterator[Path]:
-    """A writable view of ``lowers`` (first on top); writes land in ``holder/upper``, unmounted on leaving."""
-    upper, work, merged = holder / "upper", holder / "work", holder / "merged"
-    for folder in (upper, work, merged):
-        folder.mkdir(parents=True, exist_ok=True)
-    lowerdir = ":".join(str(p) for p in lowers)
-    _run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lowerdir},upperdir={upper},workdir={work}",
-          str(merged)], QUICK_TIMEOUT_SECONDS, "mounting the overlay")
-    try:
-        yield merged
-    finally:
-        unmount_below(merged)
 
 
 def build_test_layer(arch: Arch, base: Path, scratch: Path) -> None:
