@@ -17,16 +17,19 @@ and workload the result names the top ``--top`` functions by own (self)
 samples (the innermost Python frame: the time a function spends in its own
 code and in the C it calls) and by total samples (the function anywhere on
 the stack), each with its share of the process's samples, and what share of
-the workload's time its busiest thread was sampled busy. Sampling pauses each
-process for a few microseconds per sample (``--nonblocking`` does not pause,
-at the price of torn stacks), so the workload's own figures here are not
-throughput or latency results: those are throughput.py's and latency.py's.
+the workload's time its busiest thread was sampled busy. Without ``--native``
+a function's own samples include the C it calls (``SSLObject.write``
+includes OpenSSL's encryption, a transport's ``write`` the system call).
+Sampling pauses each process for a few microseconds per sample
+(``--nonblocking`` does not pause, at the price of torn stacks), so the
+workload's own figures here are not throughput or latency results: those are
+throughput.py's and latency.py's.
 
 py-spy needs ptrace on the processes: root, CAP_SYS_PTRACE, or
 kernel.yama.ptrace_scope 0. Without py-spy or ptrace this says why in one
 line and exits non-zero. Last line: JSON.
 
-    .venv/bin/python tests/bench/profile_path.py [--seconds 10] [--rate 100] [--top 15]
+    .venv/bin/python tests/bench/profile_path.py [--seconds 10] [--rate 100] [--top 15] [--nonblocking] [--native]
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ DURATION_MARGIN = 30
 PROBE_TIMEOUT = 20.0
 PROBE_TRIES = 3
 PROBE_PAUSE = 0.5
+#: py-spy record's flags this passes on when given: --nonblocking (no pause per sample, stacks may tear) and
+#: --native (C and Cython frames too: OpenSSL, uvloop; more work per sample).
+PASSED_FLAGS = ("--nonblocking", "--native")
 #: The processes of the tunnel path, as the other benchmarks name them.
 PROCESSES = ("dialer_agent", "relay", "binder_agent")
 
@@ -150,12 +156,12 @@ def unavailable() -> str | None:
 class Recorder:
     """``py-spy record`` on one process into a raw file, from start() until stop()."""
 
-    def __init__(self, spy: str, pid: int, output: Path, rate: int, seconds: int, nonblocking: bool) -> None:
+    def __init__(self, spy: str, pid: int, output: Path, rate: int, seconds: int, flags: list[str]) -> None:
         self.output = output
         self.log = output.with_suffix(".log")
         self.command = [spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
                         "--rate", str(rate), "--duration", str(seconds + int(ATTACH_SECONDS) + DURATION_MARGIN),
-                        "--threads", "--nolineno", *(["--nonblocking"] if nonblocking else [])]
+                        "--threads", "--nolineno", *flags]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -235,9 +241,9 @@ def summarise(stacks: list[tuple[str, list[str], int]], top: int, rate: int, sec
 
 
 def profiled(pids: dict[str, int], work: Callable[[], dict[str, object]], workdir: Path, name: str,
-             spy: str, rate: int, seconds: int, top: int, nonblocking: bool) -> dict[str, object]:
+             spy: str, rate: int, seconds: int, top: int, flags: list[str]) -> dict[str, object]:
     """``work()``'s own figures, and per process its CPU and its profile while the work ran."""
-    recorders = {process: Recorder(spy, pid, workdir / f"{name}-{process}.raw", rate, seconds, nonblocking)
+    recorders = {process: Recorder(spy, pid, workdir / f"{name}-{process}.raw", rate, seconds, flags)
                  for process, pid in pids.items()}
     try:
         for recorder in recorders.values():
@@ -307,7 +313,7 @@ def main() -> None:
     rate = bounded("rate", int_arg("rate", DEFAULT_RATE), 1, MAX_RATE)
     top = bounded("top", int_arg("top", DEFAULT_TOP), 1, MAX_TOP)
     megabytes = bounded("megabytes", int_arg("megabytes", DEFAULT_MEGABYTES), 1, 1024)
-    nonblocking = "--nonblocking" in sys.argv
+    flags = [flag for flag in PASSED_FLAGS if flag in sys.argv]
     why = unavailable()
     if why:
         raise SystemExit(f"profile_path: {why}")
@@ -323,7 +329,7 @@ def main() -> None:
             pids = pids_of(tunnel)
 
             def run(name: str, work: Callable[[], dict[str, object]]) -> None:
-                workloads[name] = profiled(pids, work, Path(tmp), name, spy, rate, seconds, top, nonblocking)
+                workloads[name] = profiled(pids, work, Path(tmp), name, spy, rate, seconds, top, flags)
 
             run("bulk", bulk(tunnel.ports[BENCH_SINK], megabytes, seconds))
             run("small", small(tunnel.ports[BENCH_ECHO], seconds))
@@ -335,7 +341,7 @@ def main() -> None:
         "seconds_per_workload": seconds,
         "rate_hz": rate,
         "top": top,
-        "nonblocking": nonblocking,
+        "py_spy_flags": flags,
         "agent_event_loop": str_arg("agent-event-loop", "") or "auto",
         "py_spy": py_spy_version(spy),
         "workloads": workloads,
