@@ -29,7 +29,7 @@ py-spy needs ptrace on the processes: root, CAP_SYS_PTRACE, or
 kernel.yama.ptrace_scope 0. Without py-spy or ptrace this says why in one
 line and exits non-zero. Last line: JSON.
 
-    .venv/bin/python tests/bench/profile_path.py [--seconds 10] [--rate 100] [--top 15] [--nonblocking] [--native]
+    .venv/bin/python tests/bench/profile_path.py [--seconds 10] [--rate 100] [--top 15] [--nonblocking] [--native] [--gil]
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ PROBE_TIMEOUT = 20.0
 PROBE_TRIES = 3
 PROBE_PAUSE = 0.5
 #: py-spy record's flags this passes on when given: --nonblocking (no pause per sample, stacks may tear) and
-#: --native (C and Cython frames too: OpenSSL, uvloop; more work per sample).
-PASSED_FLAGS = ("--nonblocking", "--native")
+#: --native (C and Cython frames too: OpenSSL, uvloop; more work per sample); --gil (only samples of the thread
+#: holding the GIL: a thread woken but waiting for a core, which py-spy counts as busy, mostly does not hold it).
+PASSED_FLAGS = ("--nonblocking", "--native", "--gil")
 #: The processes of the tunnel path, as the other benchmarks name them.
 PROCESSES = ("dialer_agent", "relay", "binder_agent")
 
