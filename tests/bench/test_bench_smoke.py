@@ -345,3 +345,64 @@ def test_store_move_reports_how_long_a_box_store_takes_to_move() -> None:
     else:
         assert found["audit_rows"] >= 500 and found["rows"] > found["audit_rows"]
         assert_positive(found, "move_seconds", "rows_per_second")
+
+
+def _profile_path(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "profile_path.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT, env=env)
+
+
+def test_profile_path_reports_the_top_functions_of_each_process_for_bulk_and_small_messages() -> None:
+    from tests.bench import profile_path
+
+    why = profile_path.unavailable()
+    if why:
+        pytest.skip(why)
+    top = 5
+    found = run_bench("profile_path", "--seconds", "1", "--rate", "50", "--top", str(top), "--megabytes", "8")
+    assert found["rate_hz"] == 50 and found["top"] == top and found["py_spy"].startswith("py-spy ")
+    assert set(found["workloads"]) == {"bulk", "small"}
+    assert found["workloads"]["bulk"]["transfers"] >= 1 and found["workloads"]["small"]["round_trips"] >= 1
+    for name, workload in found["workloads"].items():
+        assert set(workload["processes"]) == set(profile_path.PROCESSES), name
+        # The dialer agent encrypts every byte and message of both workloads: a sampler that saw nothing fails here.
+        assert workload["processes"]["dialer_agent"]["samples"] > 0, (name, workload)
+        for process, profile in workload["processes"].items():
+            assert profile["cpu_share"] >= 0 and 0 <= profile["busiest_thread_busy_share"]
+            for ranking in ("self", "total"):
+                entries = profile[ranking]
+                assert len(entries) <= top, (name, process, ranking)
+                samples = [entry["samples"] for entry in entries]
+                assert samples == sorted(samples, reverse=True) and all(n > 0 for n in samples)
+                for entry in entries:
+                    assert " (" in entry["function"] and entry["function"].endswith(")"), entry
+                    assert entry["share"] == round(entry["samples"] / profile["samples"], 4)
+            assert sum(entry["samples"] for entry in profile["self"]) <= profile["samples"]
+            if profile["samples"]:
+                # A function's own samples are among its total ones.
+                assert profile["samples"] >= profile["total"][0]["samples"] >= profile["self"][0]["samples"]
+
+
+def test_profile_path_says_in_one_line_that_py_spy_is_missing() -> None:
+    result = _profile_path("--seconds", "1", env={**os.environ, "OUTPOST_BENCH_PY_SPY": "/nonexistent/py-spy"})
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "profile_path: py-spy not found at /nonexistent/py-spy: install it with .venv/bin/pip install py-spy "
+        "(pyproject.toml's test extra)"], result.stderr
+
+
+def test_profile_path_says_in_one_line_that_ptrace_is_refused(tmp_path: Path) -> None:
+    """py-spy without CAP_SYS_PTRACE, on a process that has it: the kernel refuses, and the script says so."""
+    from tests.bench import profile_path
+
+    spy, setpriv = profile_path.py_spy(), shutil.which("setpriv")
+    if os.geteuid() != 0 or spy is None or setpriv is None:
+        pytest.skip("needs root, py-spy and setpriv (util-linux) to run py-spy with less privilege than its target")
+    wrapper = tmp_path / "py-spy"
+    wrapper.write_text(f"#!/bin/sh\nexec {setpriv} --bounding-set -sys_ptrace --inh-caps -sys_ptrace {spy} \"$@\"\n")
+    wrapper.chmod(0o755)
+    result = _profile_path("--seconds", "1", env={**os.environ, "OUTPOST_BENCH_PY_SPY": str(wrapper)})
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("profile_path: py-spy cannot sample a Python process here"), lines
+    assert "ptrace" in lines[0]
