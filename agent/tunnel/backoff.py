@@ -11,6 +11,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from shared.protocol.limits import COME_BACK_SPREAD
+
 # First retry bound: long enough not to hammer a relay that just refused us.
 INITIAL_DELAY = 1.0
 # Upper bound of one wait: a gateway is back within minutes after an outage.
@@ -22,8 +24,8 @@ MAX_DELAY = 300.0
 # short next to a day's normal operation. [link] stable_after overrides it.
 STABLE_AFTER = 120.0
 # A relay that is busy admitting (or stopping) says when to come back; agents
-# told the same moment spread over this many seconds after it.
-TOLD_SPREAD = 1.0
+# told the same moment spread over this many seconds after it (the relay counts on it).
+TOLD_SPREAD = COME_BACK_SPREAD
 # The shortest come-back time followed: a relay saying 0 (or less) gets the
 # first backoff's bound, never a tight loop.
 MIN_COME_BACK = INITIAL_DELAY

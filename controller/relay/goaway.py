@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from controller.relay.pacing import AGENT_SPREAD
 from shared.protocol import ErrorCode, goaway_frame
+from shared.protocol.limits import COME_BACK_SPREAD
 from shared.tunnel.transport import StreamTransport
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ async def stop(relay: Relay) -> None:
         if not session.leave_at_stop():
             graceful.append(session)
     if told and told[-1] is not None:
-        record_schedule(relay, told[-1] + AGENT_SPREAD)
+        record_schedule(relay, told[-1] + COME_BACK_SPREAD)  # the last told agents' own spread
     closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in graceful}
     if closing:
         _, late = await asyncio.wait(closing, timeout=relay.shutdown_grace)

@@ -46,9 +46,6 @@ FIRST_RETRY = 1.0
 #: again within a few seconds (its stop, then its start: 3-4 s measured under fleet_scale), and an
 #: agent that comes back before would only find it closed.
 STOP_FIRST_RETRY = 5.0
-#: Agents told the same time come back up to this much after it (their own jitter, TOLD_SPREAD in
-#: agent/tunnel/backoff.py): a stop's told times keep arriving this long after its last slot.
-AGENT_SPREAD = 1.0
 
 
 class ComeBackPacer:

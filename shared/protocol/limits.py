@@ -76,6 +76,11 @@ MAX_REASON_BYTES = 1024
 # before it saw our RESET is dropped quietly instead of answered. Several
 # times MAX_STREAMS: a burst of resets cannot push out ids still in flight.
 RESET_MEMORY = 4 * MAX_STREAMS
+#: Agents told the same come-back time (a GOAWAY's or a refusal's retry_after) return spread over
+#: this many seconds after it, each by its own draw; a relay counts on it when it says how long the
+#: agents it told keep arriving. The told times already spread a fleet at the relay's pace; one second
+#: only keeps the agents told the same moment from arriving in the same instant.
+COME_BACK_SPREAD = 1.0
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from agent.tunnel.client import TunnelOptions, open_tunnel
 from agent.tunnel.supervisor import TunnelSupervisor
 from controller.listener import ListenerLimits
 from controller.relay.goaway import SCHEDULE_FILE
-from controller.relay.pacing import AGENT_SPREAD, FIRST_RETRY, STOP_FIRST_RETRY
+from controller.relay.pacing import FIRST_RETRY, STOP_FIRST_RETRY
 from tests.controller.harness import run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, enrolled, relay_url
 
@@ -181,7 +181,7 @@ def test_a_relay_started_after_a_stop_tells_refused_agents_times_after_those_its
                 await stop_all(fleet, tasks)
         until = json.loads(schedule.read_text(encoding="utf-8"))["until"]
         # The last of them comes back at its slot plus its jitter.
-        assert until >= stopped + STOP_FIRST_RETRY + 2 / relay.pacer.rate() + AGENT_SPREAD
+        assert until >= stopped + STOP_FIRST_RETRY + 2 / relay.pacer.rate() + TOLD_SPREAD
         async with running_controller(data) as ctl:
             successor = ctl.server.relay
             assert successor is not None
