@@ -74,9 +74,9 @@ def test_an_older_agents_stale_connected_since_is_not_shown_beside_waiting(enrol
 
 def test_a_connected_tunnel_shows_since_when(enrolled: StateDir) -> None:  # noqa: F811
     now = time.time()
-    enrolled.write_status({"state": "connected", "connected_since": now - 58, "down_since": None, "updated": now})
+    enrolled.write_status({"state": "connected", "connected_since": now - 20, "down_since": None, "updated": now})
     text = run_cli("status", "--state", enrolled.path).stdout
-    assert_since(text, "connected:", 58, now)
+    assert_since(text, "connected:", 20, now)  # 40 s of room for a slow start under emulation
     assert "down:" not in text
 
 
