@@ -62,7 +62,9 @@ def test_follow_streams_new_events_as_json_lines(controller: RunningController, 
             time.sleep(0.1)
         subprocess.run([sys.executable, "-m", "outpostctl", "identity", "create", "gw-followed", "--token-out",
                         str(tmp_path / "f.token")], env=env, cwd=ROOT, check=True, capture_output=True, timeout=30)
-        while time.monotonic() < deadline and not any("gw-followed" in line for line in lines):
+        # The two events may reach the follower in two polls: wait for the second, not the first.
+        while time.monotonic() < deadline and not any("gw-followed" in line and "token_created" in line
+                                                      for line in lines):
             time.sleep(0.1)
     finally:
         stop_process(follower)
