@@ -28,14 +28,8 @@ controller) on other machines, which share a store only through PostgreSQL.
   back. The copy is taken from the same read snapshot with SQLite's online
   backup API and brought to ``SCHEMA_VERSION`` by opening it as ``serve``
   does (``Store``, so ``apply_schema`` and its migrations, not a second
-  copy of them), then moved like a current store. It is written in a
-  private directory (0700, the file 0600: it holds every identity) inside
-  the data directory: on the filesystem the store already lives on, not a
-  ``/tmp`` that is often a small tmpfs in memory; writable by the store's
-  owner, when the data directory's parent (``/var/lib``) often is not; and
-  outside what ``backup`` copies. It is removed on every way out, Ctrl-C
-  included; only a killed process (SIGKILL, power loss) leaves a
-  ``.store-move-*`` directory behind, which can be deleted.
+  copy of them), then moved like a current store. Where the copy lives, and
+  how a killed move's copy is removed by the next: ``store_move_copy``.
 - A source of a newer schema is refused: it needs a newer controller.
 """
 
@@ -43,16 +37,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import os
 import re
-import shutil
 import sqlite3
 import struct
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +51,16 @@ from controller.audit_chain import KEY_FILE, read_key, rows_of, verify
 from controller.errors import StartupError
 from controller.store import (
     BUSY_TIMEOUT_SECONDS,
-    Store,
     StoreLocationError,
     StoreTooNew,
     StoreUnreachable,
     apply_schema,
     is_url,
 )
+from controller.store_move_copy import STORE_FILE, discard_abandoned_copies, migrated_copy, out_of_room
 from controller.store_schema import SCHEMA, SCHEMA_VERSION
 from shared.errors import EXIT_DATAERR, EXIT_TEMPFAIL, EXIT_USAGE
 
-STORE_FILE = "store.sqlite3"
 #: Every table of the schema, in the order the schema creates them (the order they are copied in).
 TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
 #: Source rows read and handed to COPY at a time: bounds the memory a large audit table takes.
@@ -85,15 +75,6 @@ SHM_DMS_OFFSET = 128
 #: ``struct flock`` on Linux for F_GETLK: short, short, off_t, off_t, pid_t, padding (64-bit, and 32-bit
 #: builds with large-file support, as Debian's Python is; l_type, the answer read, comes first in every layout).
 _FLOCK = "hhqqi4x"
-#: Prefix of the private directory an older source is copied and migrated in, inside the data directory.
-WORK_PREFIX = ".store-move-"
-#: Pages copied per step of the online backup of an older source (4 MiB at 4 KiB pages): between steps
-#: Python code runs, so Ctrl-C stops a copy of a large store within one step, not at its end.
-BACKUP_PAGES_PER_STEP = 1024
-#: SQLite's answers when a file system has no room left: SQLITE_FULL, and the extended codes of a write
-#: refused (SQLITE_IOERR_WRITE) and of a -shm file that could not grow (SQLITE_IOERR_SHMSIZE, which is
-#: how a read-only open of a WAL store on a full disk fails).
-SQLITE_OUT_OF_ROOM = frozenset({13, 778, 4874})
 #: What SQLite's -shm file takes on disk from the start (its first 32 KiB region): room a reader of a
 #: store in WAL mode needs before it reads anything.
 SHM_FILE_BYTES = 32768
@@ -172,7 +153,7 @@ def snapshot(path: Path) -> Iterator[sqlite3.Connection]:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
             damage = [row[0] for row in connection.execute("PRAGMA quick_check")]
         except sqlite3.DatabaseError as error:
-            if _out_of_room(error):
+            if out_of_room(error):
                 raise SourceRefused(
                     f"Cannot read {path}: the file system holding it is full ({error}: a reader of a store in WAL "
                     f"mode needs room for its {SHM_FILE_BYTES // 1024} KiB -shm file); free space there and run "
@@ -323,6 +304,8 @@ class Outcome:
     #: The source's schema version when it was older and a migrated copy was moved (None: from before
     #: versions); SCHEMA_VERSION when it was moved as it was.
     source_version: int | None
+    #: The directories of killed moves' copies removed first (``discard_abandoned_copies``).
+    discarded: list[str] = field(default_factory=list)
 
 
 def move(data_dir: Path, url: str) -> list[Moved]:
@@ -337,75 +320,15 @@ def move_store(data_dir: Path, url: str) -> Outcome:
     if store_in_use(path):
         raise SourceBusy(f"A process has {path} open (outpost-controller serve, or a relay beside it); stop every "
                          "process on this data directory first, so the move is complete. Nothing was written.")
+    discarded = discard_abandoned_copies(data_dir)
     with snapshot(path) as source:
         _check_audit_tail(source, path)
         key = _chain_key(source, data_dir)
         version = source_version(source)
         if version == SCHEMA_VERSION:
-            return Outcome(_move_snapshot(source, key, url), version)
+            return Outcome(_move_snapshot(source, key, url), version, discarded)
         with migrated_copy(source, path, data_dir) as copy, snapshot(copy) as migrated:
-            return Outcome(_move_snapshot(migrated, key, url), version)
-
-
-@contextlib.contextmanager
-def migrated_copy(source: sqlite3.Connection, path: Path, data_dir: Path) -> Iterator[Path]:
-    """The snapshot ``source`` of the store ``path`` copied into a private directory of ``data_dir`` and
-    brought to SCHEMA_VERSION there as ``serve`` would; the directory is removed when the block ends, however."""
-    pages, page_size = (int(source.execute(f"PRAGMA {name}").fetchone()[0]) for name in ("page_count", "page_size"))
-    needed = pages * page_size
-
-    def no_room(reason: str) -> SourceRefused:
-        return SourceRefused(
-            f"Cannot write the migrated copy of {path} in {data_dir} ({reason}); it needs about "
-            f"{_size(needed)} free there (more while it migrates): free space on that file system and run "
-            "store-move again. Nothing was written and the store is unchanged.")
-
-    def cannot_write(error: OSError) -> SourceRefused:
-        reason = error.strerror or type(error).__name__
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return no_room(reason)
-        return SourceRefused(f"Cannot write the migrated copy of {path} in {data_dir} ({reason}); run store-move as "
-                             "the user who owns the data directory. Nothing was written and the store is unchanged.")
-
-    try:
-        work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=data_dir))  # 0700
-    except OSError as error:
-        raise cannot_write(error) from None
-    try:
-        free = os.statvfs(work)
-        if free.f_bavail * free.f_frsize < needed:
-            raise no_room(f"{_size(free.f_bavail * free.f_frsize)} free")
-        copy = work / STORE_FILE
-        try:
-            os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            writer = sqlite3.connect(str(copy))
-            try:
-                source.backup(writer, pages=BACKUP_PAGES_PER_STEP, progress=_between_steps)
-            finally:
-                writer.close()
-            Store(copy).close()  # what serve does on opening it: apply_schema and the migrations, committed
-        except OSError as error:
-            raise cannot_write(error) from None
-        except sqlite3.Error as error:
-            if _out_of_room(error):
-                raise no_room(str(error)) from None
-            raise SourceRefused(f"Migrating a copy of {path} to schema version {SCHEMA_VERSION} failed ({error}); "
-                                "nothing was written and the store is unchanged.") from None
-        yield copy
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _between_steps(status: int, remaining: int, total: int) -> None:
-    """Nothing: being Python, it lets a pending Ctrl-C stop the backup between two steps."""
-
-
-def _out_of_room(error: sqlite3.Error) -> bool:
-    return getattr(error, "sqlite_errorcode", None) in SQLITE_OUT_OF_ROOM
-
-
-def _size(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size // 1024} KiB"
+            return Outcome(_move_snapshot(migrated, key, url), version, discarded)
 
 
 def _move_snapshot(source: sqlite3.Connection, key: bytes | None, url: str) -> list[Moved]:
@@ -474,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     from controller.store_postgres_sql import safe_url
 
+    for name in outcome.discarded:
+        print(f"removed {data / name}: the copy of a store-move that was killed before it ended")
     for entry in outcome.moved:
         print(f"{entry.table}: {entry.rows} rows")
     if outcome.source_version != SCHEMA_VERSION:

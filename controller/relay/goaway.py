@@ -6,13 +6,13 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from shared.fsutil import atomic_write
 from shared.protocol import ErrorCode, goaway_frame
 from shared.protocol.limits import COME_BACK_SPREAD
 from shared.tunnel.transport import StreamTransport
@@ -32,6 +32,8 @@ SHUTDOWN_CLOSE_GRACE = 0.5
 #: In the data directory: the wall-clock time until which a stopped relay's told agents keep
 #: returning, read by the process started after it on that directory (``follow_predecessor``).
 SCHEDULE_FILE = "come-back.json"
+#: Not a secret (a time), but in the data directory beside keys: readable by the owner alone like the rest.
+SCHEDULE_FILE_MODE = 0o600
 #: A recorded schedule ending further ahead than this is not followed: agents follow no time
 #: above 300 s (agent/tunnel/backoff.py), so a later end is a wrong clock or a damaged file.
 MAX_FOLLOWED = 300.0
@@ -101,16 +103,15 @@ def _schedule_path(relay: Relay) -> Path | None:
 def record_schedule(relay: Relay, seconds: float) -> None:
     """Leave, for the next process on this data directory, when the agents this stop told stop arriving.
 
-    Wall-clock time: the loop's clock does not outlive the process. Written whole or not at all
-    (a temporary file renamed); without it the next process paces as if it were first.
+    Wall-clock time: the loop's clock does not outlive the process. Written whole or not at all,
+    and flushed to disk: a stop is often a reboot, and a file renamed but not synced can come back
+    empty after it. Without it the next process paces as if it were first.
     """
     path = _schedule_path(relay)
     if path is None:
         return
-    partial = path.with_name(path.name + ".partial")
     try:
-        partial.write_text(json.dumps({"until": time.time() + seconds}), encoding="utf-8")
-        os.replace(partial, path)
+        atomic_write(path, json.dumps({"until": time.time() + seconds}).encode(), mode=SCHEDULE_FILE_MODE)
     except OSError as exc:
         log.warning("could not record the come-back times told at this stop in %s (%s); the next start paces "
                     "refused agents without them", path, exc.strerror)

@@ -15,6 +15,7 @@ this relay records serving it under the same correlation id. A BIND is refused.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -127,17 +128,31 @@ def linked_relay(context: ControllerContext, relay: str, peer_der: bytes) -> Lin
 
 
 def still_admitted(context: ControllerContext, peer: LinkPeer) -> str | None:
-    """None while ``peer`` is the active relay with the key it was admitted with, else why not (a worker thread).
+    """None while ``peer`` is the active relay with the key it was admitted with, else why not (a worker thread)."""
+    return why_not_admitted(context, [peer])[0]
 
-    Its key, not its certificate's serial: a renewal (every two thirds of a
+
+def why_not_admitted(context: ControllerContext, peers: Sequence[LinkPeer]) -> list[str | None]:
+    """``still_admitted`` for each of ``peers``, from one read of the store (a worker thread).
+
+    One read for all: every link is checked every ``LINK_RECHECK_INTERVAL``, and the relays
+    table holds one row per relay, a few dozen at most, so reading it whole costs less than a
+    query per link. By key, not by the certificate's serial: a renewal (every two thirds of a
     certificate's life) keeps the key and must not cut the dials on its links.
     """
-    row = context.store.query_one("SELECT status, key_sha256 FROM relays WHERE name = ?", (peer.name,))
-    if row is None or row["status"] != ACTIVE:
-        return f"relay {peer.name} is {'removed' if row is None else row['status']}"
-    if row["key_sha256"] != peer.key_sha256:
-        return f"relay {peer.name} was enrolled again with another key"
-    return None
+    if not peers:
+        return []
+    rows = {row["name"]: row for row in context.store.query("SELECT name, status, key_sha256 FROM relays")}
+    reasons: list[str | None] = []
+    for peer in peers:
+        row = rows.get(peer.name)
+        if row is None or row["status"] != ACTIVE:
+            reasons.append(f"relay {peer.name} is {'removed' if row is None else row['status']}")
+        elif row["key_sha256"] != peer.key_sha256:
+            reasons.append(f"relay {peer.name} was enrolled again with another key")
+        else:
+            reasons.append(None)
+    return reasons
 
 
 def split_peer(peer: str | None) -> tuple[str, str] | None:

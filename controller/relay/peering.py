@@ -39,7 +39,7 @@ from controller.relay.link_admit import (
     linked_relay,
     relay_name_of,
     split_peer,
-    still_admitted,
+    why_not_admitted,
 )
 from controller.relay.link_client import LinkFailed, LinkSession, RemoteBinder, link_tls_context, open_link
 from controller.relay.link_trust import (
@@ -258,34 +258,29 @@ class Peering:
 
     async def _recheck(self) -> None:
         """Close the links of relays retired, or whose certificate was replaced or revoked, since admission,
-        and those of relays that stopped reading; then the same for the links opened from here."""
+        at both ends, and those of relays that stopped reading."""
         while True:
             await asyncio.sleep(LINK_RECHECK_INTERVAL)
             self._close_stalled()
-            for session, peer in list(self.incoming.items()):
-                try:
-                    reason = await RELAY_POOL.run(still_admitted, self.context, peer)
-                except StoreUnavailable:
-                    break  # links carry on while the store is away, as tunnels do
+            incoming = list(self.incoming.items())
+            outgoing = [(relay, link, link.peer) for relay, links in self.links.items() for link in links
+                        if link.peer is not None and not link.conn.closed and link.close_reason is None]
+            if not incoming and not outgoing:
+                continue
+            try:
+                reasons = await RELAY_POOL.run(why_not_admitted, self.context,
+                                               [peer for _, peer in incoming] + [peer for _, _, peer in outgoing])
+            except StoreUnavailable:
+                continue  # links carry on while the store is away, as tunnels do
+            for (session, _), reason in zip(incoming, reasons[:len(incoming)], strict=True):
                 if reason is not None and not session.conn.closed:
                     await session.close(ErrorCode.REVOKED, reason)
-            await self._recheck_outgoing()
-
-    async def _recheck_outgoing(self) -> None:
-        """A's end: close the links to relays retired, revoked or enrolled again with another key since the
-        link opened (a process still answering on the old key is no longer that relay)."""
-        for relay, links in list(self.links.items()):
-            for link in list(links):
-                if link.peer is None or link.conn.closed or link.close_reason is not None:
-                    continue
-                try:
-                    reason = await RELAY_POOL.run(still_admitted, self.context, link.peer)
-                except StoreUnavailable:
-                    return  # links carry on while the store is away
+            # A's end: a process still answering on a relay's old key is no longer that relay.
+            for (relay, link, peer), reason in zip(outgoing, reasons[len(incoming):], strict=True):
                 if reason is None or link.conn.closed:
                     continue
                 log.warning("link to relay %s closed: %s", relay, reason)
-                self.relay.record_soon("link_closed", relay=self.name, peer=relay, serial=link.peer.serial,
+                self.relay.record_soon("link_closed", relay=self.name, peer=relay, serial=peer.serial,
                                        reason=reason, correlation=link.tunnel_id)
                 await link.close(ErrorCode.REVOKED, reason)
 

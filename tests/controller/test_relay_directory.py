@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from controller.relay.broker import Broker
 from controller.relay.directory import RemoteHost, ServiceDirectory
-from controller.relay.link_admit import LinkPeer, still_admitted
+from controller.relay.link_admit import LinkPeer, still_admitted, why_not_admitted
 from controller.relays import ACTIVE, RELAY_STALE_AFTER, RETIRED, REVOKED
 from controller.store import Store
 from tests.controller.fake_clock import T0, Clock
@@ -81,3 +81,17 @@ def test_a_link_outlives_its_relay_s_renewal_but_not_a_revocation_or_a_new_key(s
     assert still_admitted(context, peer) == "relay ra was enrolled again with another key"  # type: ignore[arg-type]
     relay_row(store, "ra", T0, REVOKED)
     assert still_admitted(context, peer) == "relay ra is revoked"  # type: ignore[arg-type]
+
+
+def test_every_link_is_judged_from_one_read_of_the_relays_in_the_order_asked(store: Store) -> None:
+    context = SimpleNamespace(store=store)
+    for name, status in [("ra", ACTIVE), ("rb", ACTIVE), ("rc", REVOKED)]:
+        relay_row(store, name, T0, status)
+    with store.transaction() as db:
+        db.execute("UPDATE relays SET key_sha256 = 'k-' || name")
+    peers = [LinkPeer("rb", "b1", "k-rb", float("inf")), LinkPeer("ra", "a1", "k-old", float("inf")),
+             LinkPeer("rc", "c1", "k-rc", float("inf")), LinkPeer("rz", "z1", "k-rz", float("inf")),
+             LinkPeer("rb", "b2", "k-rb", float("inf"))]
+    assert why_not_admitted(context, peers) == [  # type: ignore[arg-type]
+        None, "relay ra was enrolled again with another key", "relay rc is revoked", "relay rz is removed", None]
+    assert why_not_admitted(context, []) == []  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("psycopg")
 
 from controller import store as store_module  # noqa: E402
-from controller import store_move  # noqa: E402
+from controller import store_move, store_move_copy  # noqa: E402
 from controller.audit_chain import KEY_FILE, rows_of, verify  # noqa: E402
 from controller.bootstrap import open_data_dir  # noqa: E402
 from controller.settings import Settings  # noqa: E402
@@ -53,7 +53,7 @@ def digest(path: Path) -> str:
 
 
 def leftovers(data: Path) -> list[str]:
-    return sorted(path.name for path in data.iterdir() if path.name.startswith(store_move.WORK_PREFIX))
+    return sorted(path.name for path in data.iterdir() if path.name.startswith(store_move_copy.WORK_PREFIX))
 
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION - 1, None], ids=["previous-version", "before-versions"])
@@ -143,7 +143,7 @@ def test_ctrl_c_or_a_failure_while_the_copy_migrates_leaves_no_copy_and_no_table
     reached = []
 
     def interrupted(db: Transaction) -> None:  # the copy is written, its columns added, its transaction open
-        reached.append(sorted(path.name for path in next(iter(data.glob(f"{store_move.WORK_PREFIX}*"))).iterdir()))
+        reached.append(sorted(path.name for path in next(iter(data.glob(f"{store_move_copy.WORK_PREFIX}*"))).iterdir()))
         raise failure("interrupted while migrating")
 
     # The migration step of the current version, run by the code serve runs, is where it stops.
@@ -195,10 +195,64 @@ def test_a_full_disk_is_told_in_one_sentence_what_to_free(
                             env=python_env())
     lines = result.stdout.splitlines()
     assert "exit 65" in lines, result
-    assert not [name for name in lines if name.startswith(store_move.WORK_PREFIX)], result
+    assert not [name for name in lines if name.startswith(store_move_copy.WORK_PREFIX)], result
     error = result.stderr.strip()
     assert len(error.splitlines()) == 1 and words in error and "free space" in error, result
     assert "run store-move again" in error and "Nothing was written" in error
     reason = error.split(" (", 1)[1].split(")", 1)[0]  # the space measured before copying, or SQLite's words
     assert reason.endswith("KiB free") if room == "to read, not to copy" else reason.startswith("disk I/O error"), error
     assert tables_in(postgres_url) == []
+
+
+#: A store-move's copy step in a process of its own, which either dies there by SIGKILL (``kill``) or holds
+#: its copy until its standard input closes (``hold``).
+COPY_AND = """
+import os, signal, sys
+from pathlib import Path
+from controller.store_move import snapshot
+from controller.store_move_copy import migrated_copy
+data = Path(sys.argv[1])
+with snapshot(data / "store.sqlite3") as source, migrated_copy(source, data / "store.sqlite3", data):
+    print("copied", flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.readline()
+"""
+
+
+def copy_and(data: Path, then: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-c", COPY_AND, str(data), then], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=python_env())
+    assert process.stdout is not None and process.stdout.readline() == "copied\n"
+    return process
+
+
+def test_the_copy_a_killed_move_left_is_removed_by_the_next_move(
+    data: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_older(data, SCHEMA_VERSION - 1)
+    killed = copy_and(data, "kill")
+    assert killed.wait(timeout=30) == -9
+    left = leftovers(data)
+    assert len(left) == 1 and (data / left[0] / "store.sqlite3").is_file()
+    code, out, err = cli(capsys, "store-move", "--data", str(data), "--to", postgres_url)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"removed {data / left[0]}: the copy of a store-move that was killed before it ended"
+    assert leftovers(data) == []
+
+
+def test_a_copy_in_use_is_kept_while_a_killed_one_beside_it_goes(data: Path) -> None:
+    make_older(data, SCHEMA_VERSION - 1)
+    assert copy_and(data, "kill").wait(timeout=30) == -9
+    abandoned = leftovers(data)
+    holder = copy_and(data, "hold")
+    try:
+        held = sorted(set(leftovers(data)) - set(abandoned))
+        assert len(held) == 1
+        assert store_move_copy.discard_abandoned_copies(data) == abandoned
+        assert leftovers(data) == held and (data / held[0] / "store.sqlite3").is_file()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    assert leftovers(data) == []

@@ -180,6 +180,8 @@ def test_a_relay_started_after_a_stop_tells_refused_agents_times_after_those_its
             finally:
                 await stop_all(fleet, tasks)
         until = json.loads(schedule.read_text(encoding="utf-8"))["until"]
+        assert schedule.stat().st_mode & 0o777 == 0o600
+        assert [p.name for p in data.iterdir() if SCHEDULE_FILE in p.name] == [SCHEDULE_FILE]  # no temporary left
         # The last of them comes back at its slot plus its jitter.
         assert until >= stopped + STOP_FIRST_RETRY + 2 / relay.pacer.rate() + TOLD_SPREAD
         async with running_controller(data) as ctl:
