@@ -78,16 +78,18 @@ def test_a_disabled_identity_and_another_refusal_are_asked_about_slowly_even_in_
         async with running_controller(tmp_path / "c") as running:
             disabled = await enrolled_gateway(running, tmp_path, "gw-disabled")
             await running.call("POST", "/api/v1/identities/gw-disabled/disable")
-            disabled_clock = near_expiry_clock(disabled)
-            disabled_plans: list[tuple[float, float, str | None]] = []
-            disabled_keeper = CertificateKeeper(disabled, open_keystore(disabled.path, SOFTWARE), clock=disabled_clock,
-                                                on_status=lambda *plan: disabled_plans.append(plan))
-
             refused = await enrolled_gateway(running, tmp_path, "gw-other-key")
             # Another device's key in this state directory: the controller refuses it (renewal_unknown_key).
             (refused.path / "key.pem").unlink()
             other = SoftwareKeyStore(refused.path)
             other.create()
+
+            # Both clocks set once every enrollment is done: a slow one must not spend the margin before
+            # the watch, which then would run past the certificate's expiry.
+            disabled_clock = near_expiry_clock(disabled)
+            disabled_plans: list[tuple[float, float, str | None]] = []
+            disabled_keeper = CertificateKeeper(disabled, open_keystore(disabled.path, SOFTWARE), clock=disabled_clock,
+                                                on_status=lambda *plan: disabled_plans.append(plan))
             refused_clock = near_expiry_clock(refused)
             refused_plans: list[tuple[float, float, str | None]] = []
             refused_keeper = CertificateKeeper(refused, other, clock=refused_clock, rng=random.Random(1),
