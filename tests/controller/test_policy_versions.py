@@ -18,6 +18,10 @@ from controller.registry import Registry
 from controller.store import Store
 from controller.watcher import StatusWatcher
 
+#: The lifetime of the policy a test watches expire: a create commits (an fsync) and two decisions read the
+#: store before it ends; one second left no room for a stalled commit on a loaded machine.
+SHORT_POLICY_SECONDS = 3
+
 
 @pytest.fixture
 def world(store_location: Path | str):
@@ -142,10 +146,12 @@ def test_a_decision_racing_updates_sees_one_version_or_the_other_never_a_mix(wor
 
 def test_an_expired_policy_allows_nothing_and_its_expiry_is_audited_once(world) -> None:
     engine, store, who, modbus = world
-    policy = engine.create("dial", "default", ["ops"], ["modbus"], lifetime="1s")
+    # It must still be in force for the two checks right after its create, however slow the commit.
+    policy = engine.create("dial", "default", ["ops"], ["modbus"], lifetime=f"{SHORT_POLICY_SECONDS}s")
     assert engine.decide("dial", who["ops"], modbus).allowed
     assert engine.record_expiries() == []
-    time.sleep(1.1)
+    assert policy.expires_at is not None
+    time.sleep(max(0.0, policy.expires_at - time.time()) + 0.1)
     decision = engine.decide("dial", who["ops"], modbus)
     assert not decision.allowed and decision.reason == "no policy allows identity default/ops to dial service default/modbus"
     assert engine.record_expiries() == [policy.id]

@@ -86,6 +86,8 @@ def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, ec
         relay_b.process.proc.wait(10)
         wait_until(lambda: on_relay(host_state, relay_c), timeout=60, what="site-a moved to rc")
         wait_until(lambda: not refused_dial(port), timeout=30, what="dials through a link to rc")
+        # The admitting relay queues its row for a worker thread: a dial through the link may come first.
+        wait_until(lambda: len(audit_events(controller, "link_connected")) >= 2, what="rc's link_connected row")
         assert [e["relay"] for e in audit_events(controller, "link_connected")] == ["rb", "rc"]
 
         # B back and C killed: the binder returns to B, and A opens a new link to it.
@@ -97,6 +99,7 @@ def test_a_dial_at_relay_a_reaches_a_gateway_bound_at_relay_b(tmp_path: Path, ec
                                for e in audit_events(controller, "dial_failed")), what="A saying why")
         wait_until(lambda: on_relay(host_state, relay_b), timeout=60, what="site-a back on rb")
         wait_until(lambda: not refused_dial(port), timeout=30, what="dials through a new link to rb")
+        wait_until(lambda: len(audit_events(controller, "link_connected")) >= 3, what="rb's new link_connected row")
         assert [e["relay"] for e in audit_events(controller, "link_connected")] == ["rb", "rc", "rb"]
     except BaseException:
         for process in [*(r.process for r in relays), *agents]:

@@ -128,7 +128,9 @@ def test_a_disabled_agent_keeps_running_asks_once_per_interval_and_says_why_even
                        what="the agent reports that it is disabled")
             wait_until(lambda: asks(controller, "gw-exp"), timeout=REFUSAL_SEEN_TIMEOUT, interval=0.5,
                        what="the first ask of the agent disabled near expiry")
-            seen = asks(controller, "gw-dis")
+            # The relay sends its refusal before a worker writes the row: the status can say so first.
+            seen = wait_until(lambda: asks(controller, "gw-dis"), timeout=REFUSAL_SEEN_TIMEOUT, interval=0.5,
+                              what="the row of the refusal the agent reported")
             time.sleep(WINDOW)
             assert agent.proc.poll() is None, f"a disabled agent must keep running:\n{agent.output}"
             assert asks(controller, "gw-dis") == seen == ["tunnel_refused"], "the agent disabled while connected"

@@ -59,11 +59,13 @@ async def services_and_policies(ctl: Running, echo: Echo, dial: dict) -> int:
 def test_a_live_dial_is_closed_at_its_policys_expiry_and_the_audit_says_why(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running_controller(tmp_path / "ctl") as ctl, Echo() as echo:
+            # Enrolled first: the three seconds of the policy are for the tunnels and the dial, not for
+            # an enrollment that a loaded machine can make last that long.
+            gateway = await enrolled(ctl, "gw-p")
+            operator = await session_credentials(ctl)
             policy_id = await services_and_policies(ctl, echo, {"identities": ["role:operator"], "for": "3s"})
             status, listed = await ctl.call("GET", "/api/v1/policies")
             expires_at = next(p["expires_at"] for p in listed["policies"] if p["id"] == policy_id)
-            gateway = await enrolled(ctl, "gw-p")
-            operator = await session_credentials(ctl)
             binds = TunnelOptions(binds={"modbus": ("127.0.0.1", echo.port)})
             before = store_snapshot(ctl.context.settings.store_path)
             async with connect(ctl, gateway, binds) as (binder, _), connect(ctl, operator) as (dialer, _):

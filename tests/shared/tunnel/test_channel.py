@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tunnel_loopback import SMALL_WINDOW, read_exactly, read_to_end, run, settle, tunnel
+from tunnel_loopback import SMALL_WINDOW, read_exactly, read_to_end, run, settle, tunnel, until
 
 from shared.protocol import ErrorCode, ProtocolLimits
 from shared.tunnel.channel import ChannelReset
@@ -79,7 +79,8 @@ def test_a_writer_stops_at_the_window_and_goes_on_when_the_reader_reads() -> Non
             outgoing = agent.open_stream("svc")
             incoming = await relay.next_stream()
             writer = asyncio.ensure_future(outgoing.write(payload))
-            await settle()
+            await until(lambda: relay.conn.unread_bytes >= SMALL_WINDOW, "a window at the relay")
+            await settle()  # for more than a window to cross, had the writer not stopped
             # Nobody read: exactly one window crossed, the rest waits for credit at the writer.
             assert not writer.done()
             assert agent.conn.send_window(outgoing.stream_id) == 0
@@ -101,7 +102,8 @@ def test_credit_for_a_chunk_returns_when_the_reader_comes_back_for_more() -> Non
             # Read, but perhaps not yet written onward: the sender gets no credit for it yet.
             assert agent.conn.send_window(outgoing.stream_id) == 0
             reading = asyncio.ensure_future(incoming.read())  # back for more: the credit for `first` goes now
-            await settle()
+            await until(lambda: agent.conn.send_window(outgoing.stream_id) > 0, "credit at the agent")
+            await settle()  # for more credit to come, had more been given
             assert agent.conn.send_window(outgoing.stream_id) == len(first)
             reading.cancel()
 
@@ -159,11 +161,10 @@ def test_a_reset_frees_the_unread_bytes_of_the_tunnel() -> None:
             outgoing = agent.open_stream("svc")
             incoming = await relay.next_stream()
             await outgoing.write(b"u" * SMALL_WINDOW)
-            await settle()
+            await until(lambda: relay.conn.unread_bytes >= SMALL_WINDOW, "the window at the relay")
             assert relay.conn.unread_bytes == SMALL_WINDOW
             incoming.reset(ErrorCode.CANCEL, "not interested")
-            await settle()
-            assert relay.conn.unread_bytes == 0
+            await until(lambda: relay.conn.unread_bytes == 0, "the reset's bytes freed")
 
     run(scenario)
 

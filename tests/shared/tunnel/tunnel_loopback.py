@@ -31,6 +31,11 @@ SCENARIO_DEADLINE = 30.0
 #: How long "nothing more happens" is watched for: many event-loop turns and
 #: loopback round trips, so a write that could go on would have.
 SETTLE = 0.3
+#: Bounds a wait for what one end will do (a frame across loopback): far more than it takes under
+#: emulation on a loaded machine; past it the test fails instead of waiting on.
+PROMPT = 10.0
+#: How often such a wait looks again.
+PROMPT_POLL = 0.01
 #: A small window, so a few KiB are enough to exhaust a stream's credit.
 SMALL_WINDOW = 4096
 #: Neither end pings nor times out: a scenario's pauses must not end the tunnel.
@@ -148,6 +153,15 @@ async def tunnel(*, relay_limits: ProtocolLimits = ProtocolLimits(), agent_limit
 async def settle() -> None:
     """Give both ends time to do whatever they still can."""
     await asyncio.sleep(SETTLE)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds: what must have happened is waited for, not slept for."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PROMPT
+    while not condition():
+        assert loop.time() < deadline, f"{what}: not within {PROMPT} s"
+        await asyncio.sleep(PROMPT_POLL)
 
 
 async def read_exactly(channel: StreamChannel, size: int) -> bytes:
