@@ -378,6 +378,8 @@ def test_profile_path_reports_the_top_functions_of_each_process_for_bulk_and_sma
                     assert " (" in entry["function"] and entry["function"].endswith(")"), entry
                     assert entry["share"] == round(entry["samples"] / profile["samples"], 4)
             assert sum(entry["samples"] for entry in profile["self"]) <= profile["samples"]
+            busy = profile["loop_thread_busy"]
+            assert sum(entry["samples"] for entry in busy["by_code"]) == busy["samples"] <= profile["samples"]
             if profile["samples"]:
                 # A function's own samples are among its total ones.
                 assert profile["samples"] >= profile["total"][0]["samples"] >= profile["self"][0]["samples"]
