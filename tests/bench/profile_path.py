@@ -20,6 +20,12 @@ the stack), each with its share of the process's samples, and what share of
 the workload's time its busiest thread was sampled busy. Without ``--native``
 a function's own samples include the C it calls (``SSLObject.write``
 includes OpenSSL's encryption, a transport's ``write`` the system call).
+With ``--native``, ``loop_thread_busy`` adds up the event loop thread's
+samples outside its wait for sockets by where their innermost frame is: the
+read and write system calls, each library (libcrypto, libssl, libc's
+unnamed code such as memcpy), each C file (uvloop's loop.c, CPython's own)
+and Python code, since an unsymbolised library splits into one "function"
+per address in the top lists.
 Sampling pauses each process for a few microseconds per sample
 (``--nonblocking`` does not pause, at the price of torn stacks), so the
 workload's own figures here are not throughput or latency results: those are
@@ -215,6 +221,47 @@ def parse_raw(text: str) -> list[tuple[str, list[str], int]]:
     return stacks
 
 
+#: The event loop waiting for its sockets (uvloop: libuv's epoll; asyncio: the selector's poll): idle, not work.
+LOOP_WAITS = frozenset({"epoll_pwait", "epoll_wait", "poll"})
+#: A frame of the event loop's thread (uvloop's and asyncio's run loop both sit below it).
+LOOP_THREAD_MARK = "Runner.run (asyncio/runners.py)"
+#: System calls named on their own in the code breakdown: the data path's reads and writes.
+NAMED_CALLS = frozenset({"write", "writev", "send", "sendmsg", "read", "recv", "recvfrom", "readv"})
+
+
+def code_of(frame: str) -> str:
+    """Where a frame's own time goes, coarsely: a named system call, Python code, or the file or library named.
+
+    With --native py-spy names C frames ``function (file.c)`` or ``function (libfoo.so)``, and an
+    unsymbolised one by its address, so each address of one library would be a "function" of its own;
+    grouping by the part in brackets adds them up (libcrypto's AES, libc's memcpy, uvloop's loop.c).
+    """
+    function, _, where = frame.rpartition(" (")
+    where = where.rstrip(")")
+    if where.endswith(".py") or where.startswith("<frozen"):
+        return "Python code"
+    if where.startswith("libc.so") and function in NAMED_CALLS:
+        return f"{function} system call"
+    return where
+
+
+def loop_thread_busy(stacks: list[tuple[str, list[str], int]]) -> dict[str, object]:
+    """The event loop thread's samples outside its wait for sockets, by ``code_of`` their innermost frame.
+
+    Worker threads (the thread pool, waiting on a lock most of the time) and the loop's own wait
+    are left out, so the shares are of the loop thread's work: with --native, how much of it is
+    the kernel's write, OpenSSL, uvloop's C and Python code.
+    """
+    loop_threads = {thread for thread, frames, _ in stacks if LOOP_THREAD_MARK in frames}
+    by_code: Counter[str] = Counter()
+    for thread, frames, count in stacks:
+        if thread in loop_threads and frames[-1].rpartition(" (")[0] not in LOOP_WAITS:
+            by_code[code_of(frames[-1])] += count
+    busy = sum(by_code.values())
+    return {"samples": busy, "by_code": [{"code": code, "samples": n, "share": round(n / busy, 4)}
+                                         for code, n in by_code.most_common()]}
+
+
 def summarise(stacks: list[tuple[str, list[str], int]], top: int, rate: int, seconds: float) -> dict[str, object]:
     """Top functions by own and by total samples, with shares of all the process's samples."""
     own: Counter[str] = Counter()
@@ -238,6 +285,7 @@ def summarise(stacks: list[tuple[str, list[str], int]], top: int, rate: int, sec
         "busiest_thread_busy_share": round(max(threads.values()) / expected, 3) if threads and expected else 0.0,
         "self": ranked(own),
         "total": ranked(total),
+        "loop_thread_busy": loop_thread_busy(stacks),
     }
 
 
@@ -348,7 +396,9 @@ def main() -> None:
         "workloads": workloads,
         "sampled": "py-spy record --format raw --threads --nolineno on each process while the workload ran; "
                    "samples are the busy ones (threads waiting in the kernel are left out); share = of the "
-                   "process's samples in that workload; self = innermost Python frame, total = anywhere on the stack",
+                   "process's samples in that workload; self = innermost Python frame, total = anywhere on the stack; "
+                   "loop_thread_busy = the event loop thread's samples outside its wait, by the code of the "
+                   "innermost frame (with --native: system calls, libraries, C files, Python code)",
         "path": "dialer agent -> relay -> binder agent",
         "paths": {"tunnel": TUNNEL_PATH},
         "load_average": os.getloadavg(),

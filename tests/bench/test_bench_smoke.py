@@ -378,6 +378,8 @@ def test_profile_path_reports_the_top_functions_of_each_process_for_bulk_and_sma
                     assert " (" in entry["function"] and entry["function"].endswith(")"), entry
                     assert entry["share"] == round(entry["samples"] / profile["samples"], 4)
             assert sum(entry["samples"] for entry in profile["self"]) <= profile["samples"]
+            busy = profile["loop_thread_busy"]
+            assert sum(entry["samples"] for entry in busy["by_code"]) == busy["samples"] <= profile["samples"]
             if profile["samples"]:
                 # A function's own samples are among its total ones.
                 assert profile["samples"] >= profile["total"][0]["samples"] >= profile["self"][0]["samples"]
@@ -406,3 +408,22 @@ def test_profile_path_says_in_one_line_that_ptrace_is_refused(tmp_path: Path) ->
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("profile_path: py-spy cannot sample a Python process here"), lines
     assert "ptrace" in lines[0]
+
+
+def test_profile_path_adds_the_loop_threads_busy_samples_up_by_code() -> None:
+    """Unsymbolised addresses of one library add up; the loop's wait and the worker threads are left out."""
+    from tests.bench import profile_path
+
+    loop = ["_run_module_as_main (<frozen runpy>)", "Runner.run (asyncio/runners.py)", "uv_run (core.c)"]
+    stacks = [
+        ("thread (0x1)", [*loop, "epoll_pwait (libc.so.6)"], 50),
+        ("thread (0x1)", [*loop, "write (libc.so.6)"], 20),
+        ("thread (0x1)", [*loop, "0x7f0000001000 (libcrypto.so.3)"], 3),
+        ("thread (0x1)", [*loop, "0x7f0000002000 (libcrypto.so.3)"], 4),
+        ("thread (0x1)", [*loop, "TunnelSession.flush_nowait (shared/tunnel/session.py)"], 6),
+        ("thread (0x2)", ["_worker (concurrent/futures/thread.py)", "0x7f0000003000 (libc.so.6)"], 40),
+    ]
+    busy = profile_path.loop_thread_busy(stacks)
+    assert busy["samples"] == 33
+    assert [(entry["code"], entry["samples"]) for entry in busy["by_code"]] == [
+        ("write system call", 20), ("libcrypto.so.3", 7), ("Python code", 6)]
