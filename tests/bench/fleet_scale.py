@@ -84,8 +84,22 @@ SPINNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile 
 #: ``--profile-stop``: how long py-spy is given to attach to the relay before the stop's signal.
 PROFILER_ATTACH = 1.0
 RUNNER = r"""
-import logging, sys
+import gc, json, logging, sys, threading, time
 sys.path.insert(0, sys.argv[1])
+# The collector's work, counted for the bench: each line on stdin is answered with its totals so far.
+collected = {"gc_s": [0.0, 0.0, 0.0], "gc_runs": [0, 0, 0]}
+began = [0.0]
+def timed(phase, info):
+    if phase == "start":
+        began[0] = time.perf_counter()
+    else:
+        collected["gc_s"][info["generation"]] += time.perf_counter() - began[0]
+        collected["gc_runs"][info["generation"]] += 1
+gc.callbacks.append(timed)
+def answer():
+    for _ in sys.stdin:
+        print(json.dumps(collected), flush=True)
+threading.Thread(target=answer, daemon=True).start()
 import shared.service_manager as service_manager
 from controller import cli
 from shared.event_loop import run
@@ -152,6 +166,14 @@ def cpu_ms_by_thread(before: dict[str, float], after: dict[str, float], count: i
             if after[name] - before.get(name, 0.0) > 0}
 
 
+def collector_per_tunnel(before: dict[str, Any], after: dict[str, Any], count: int) -> dict[str, Any]:
+    """The relay's garbage collection between two answers: ms per tunnel in all, and of each generation
+    its collections and their ms per tunnel (the oldest walks the whole heap)."""
+    spent = [round((b - a) * 1000 / count, 3) for a, b in zip(before["gc_s"], after["gc_s"], strict=True)]
+    return {"gc_ms": round(sum(spent), 3), "gc_ms_by_generation": spent,
+            "gc_runs": [b - a for a, b in zip(before["gc_runs"], after["gc_runs"], strict=True)]}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -191,13 +213,15 @@ class Relay:
     """The relay process under test, on a fixed port so that it can be restarted under the fleet."""
 
     def __init__(self, data: Path, port: int, tunnels: int, log_path: Path, busy_stop: int = 0,
-                 profile_stop: Path | None = None) -> None:
+                 profile_stop: Path | None = None, profile_admission: Path | None = None) -> None:
         self.data, self.port, self.tunnels, self.log_path = data, port, tunnels, log_path
         self.process: subprocess.Popen[str] | None = None
         #: Processes that spin on a core from just before each stop's signal until the relay exited.
         self.busy_stop = busy_stop
         #: ``--profile-stop``: py-spy records each stop into this file's name plus the stop's number.
         self.profile_stop = profile_stop
+        #: ``--profile-admission``: py-spy records the bring-up and the storm into this file's name plus the phase.
+        self.profile_admission = profile_admission
         self.stops = 0
 
     def start(self) -> float:
@@ -206,7 +230,7 @@ class Relay:
         self.process = subprocess.Popen(
             [sys.executable, "-c", RUNNER, str(ROOT), "serve", "--data", str(self.data),
              "--listen", f"127.0.0.1:{self.port}", "--max-unauthenticated-per-address", str(self.tunnels + 100)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
         )
         log.close()
         assert self.process.stdout is not None
@@ -289,6 +313,33 @@ class Relay:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(PROFILER_ATTACH)
         return profiler
+
+    def profile(self, phase: str) -> subprocess.Popen[bytes] | None:
+        """py-spy recording the relay until ``stop_profiling`` (``--profile-admission``), or None."""
+        if self.profile_admission is None:
+            return None
+        spy = Path(sys.executable).with_name("py-spy")
+        output = self.profile_admission.with_name(f"{self.profile_admission.name}.{phase}")
+        profiler = subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--format", "raw",
+                                     "--rate", "250", "--threads", "--nonblocking", "-o", str(output)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(PROFILER_ATTACH)
+        return profiler
+
+    @staticmethod
+    def stop_profiling(profiler: subprocess.Popen[bytes] | None) -> None:
+        """SIGINT ends a py-spy recording and makes it write its file."""
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(STOP_TIMEOUT)
+
+    def collector(self) -> dict[str, Any]:
+        """The relay's cyclic garbage collection so far: seconds inside it and collections per generation."""
+        assert self.process is not None and self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        answer: dict[str, Any] = json.loads(self.process.stdout.readline())
+        return answer
 
     def error_lines(self) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if ERROR_LINE.search(line)]
@@ -380,6 +431,8 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
     await asyncio.sleep(SETTLE)
     baseline = rss_kib(relay.pid)
     try:
+        profiler = await in_relay_thread(lambda: relay.profile("bringup"))
+        collector = await in_relay_thread(relay.collector)
         started = time.monotonic()
         cpu = cpu_seconds(relay.pid)
         threads = thread_cpu_seconds(relay.pid)
@@ -389,6 +442,8 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
         admission_by_thread: dict[str, Any] = {**cpu_ms_by_thread(threads, thread_cpu_seconds(relay.pid), len(fleet)),
                                                **per_tunnel(sched, scheduling(relay.pid), len(fleet))}
         admission_cpu_ms = (cpu_seconds(relay.pid) - cpu) * 1000 / len(fleet)
+        admission_by_thread.update(collector_per_tunnel(collector, await in_relay_thread(relay.collector), len(fleet)))
+        await in_relay_thread(lambda: relay.stop_profiling(profiler))
         await asyncio.sleep(SETTLE)
         holding = rss_kib(relay.pid)
         cpu = cpu_seconds(relay.pid)
@@ -402,9 +457,13 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
         stop_first = await in_relay_thread(relay.stop)
         await wait_none(fleet)
         await in_relay_thread(relay.start)
+        profiler = await in_relay_thread(lambda: relay.profile("storm"))
+        collector = await in_relay_thread(relay.collector)
         attempts_at_ready = attempts(fleet)
         say(f"relay restarted under {len(fleet)}; stopped: {stop_first}")
         storm_s, storm_cpu_ms, per_second, storm_down, storm_by_thread = await wait_all(fleet, relay)
+        storm_by_thread.update(collector_per_tunnel(collector, await in_relay_thread(relay.collector), len(fleet)))
+        await in_relay_thread(lambda: relay.stop_profiling(profiler))
         # Each tunnel's drop counts once; every other attempt failed.
         failed_while_down = attempts_at_ready - attempts_at_stop - len(fleet)
         failed_after_ready = attempts(fleet) - attempts_at_ready
@@ -465,6 +524,9 @@ def main() -> None:
                              "as on its own machine with the gateways elsewhere")
     parser.add_argument("--profile-stop", type=Path, default=None, metavar="FILE",
                         help="record each stop with py-spy (collapsed stacks) into FILE.1, FILE.2")
+    parser.add_argument("--profile-admission", type=Path, default=None, metavar="FILE",
+                        help="record the bring-up and the storm with py-spy (collapsed stacks) into FILE.bringup, "
+                             "FILE.storm (py-spy's own CPU shares the cores: compare profiles, not CPU figures)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)  # the fleet's own reconnect lines would be 10,000 each
     from shared.event_loop import run, uvloop_module
@@ -478,7 +540,7 @@ def main() -> None:
         enroll_s = time.monotonic() - started
         print(f"enrolled {args.tunnels} in {enroll_s:.1f} s", file=sys.stderr, flush=True)
         relay = Relay(data, port, args.tunnels, Path(workdir) / "relay.log", args.busy_stop,
-                      args.profile_stop)
+                      args.profile_stop, args.profile_admission)
         result = run(measure(credentials, relay, args.ramp, args.load_nice), "auto")
     print(json.dumps({
         "benchmark": "fleet_scale",
