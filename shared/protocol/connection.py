@@ -251,7 +251,8 @@ class Connection:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` must next be called; None when closed."""
-        return None if self.closed else self._keepalive.next_deadline()
+        # The endpoint's flag, not the ``closed`` property: asked after every message, a call saved.
+        return None if self._endpoint.closed else self._keepalive.next_deadline()
 
     def handle_timer(self, now: float) -> list[Event]:
         """Act on deadlines that passed by ``now``: PING, or end the connection."""
@@ -277,7 +278,7 @@ class Connection:
         queued by then and the connection is closed. Bytes after the
         connection closed are ignored.
         """
-        if self.closed:
+        if self._endpoint.closed:
             return []
         events: list[Event] = []
         reader = self._reader
@@ -310,7 +311,8 @@ class Connection:
         the connection is open and authenticated, ``data`` holds only DATA and WINDOW frames, at most
         ``max_frames``, and nothing is pending from before. Lets a caller handle such bytes where it
         cannot wait for anything (the frames of a request or a response)."""
-        return (not self.closed and self._endpoint.authenticated
+        endpoint = self._endpoint
+        return (not endpoint.closed and endpoint.authenticated
                 and self._reader.only_stream_frames(data, max_frames))
 
     @property

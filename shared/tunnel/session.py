@@ -121,7 +121,7 @@ class TunnelSession(EventDispatch):
 
     async def _receive(self, data: bytes) -> None:
         conn = self.conn
-        events = conn.receive_data(data, self.now(), max_frames=FRAMES_PER_TURN)
+        events = conn.receive_data(data, self.loop.time(), max_frames=FRAMES_PER_TURN)
         while True:
             onward = await self._dispatch(events)
             self._rearm_timer_if_earlier()
