@@ -15,11 +15,11 @@ from typing import Any
 
 from controller.audit_chain import KEY_FILE, parse_checkpoint, read_key, rows_of, verify
 from controller.errors import ControllerError, StartupError
+from controller.settings import STORE_FILE
 from controller.store import Parameters, StoreLocationError, StoreUnreachable
 
 #: The exit code when the chain is broken: EX_DATAERR, the input data was wrong.
 EXIT_CHAIN_BROKEN = 65
-STORE_FILE = "store.sqlite3"
 
 
 class ReadOnlyStore:

@@ -30,13 +30,12 @@ from pathlib import Path
 from controller.audit_chain import KEY_FILE as AUDIT_KEY_FILE
 from controller.errors import StartupError
 from controller.metrics_server import METRICS_TOKEN_FILE
-from controller.settings import Settings
+from controller.settings import STORE_FILE, Settings
 from controller.store import Store
 from shared.fsutil import fsync_directory
 
 #: What a data directory holds besides the store, each copied as it is.
 KEPT = ("ca", "tls", "admin.hash", AUDIT_KEY_FILE, METRICS_TOKEN_FILE)
-STORE_FILE = "store.sqlite3"
 #: Pages copied per step of the online backup: small steps let the running
 #: controller commit between them (SQLite restarts a step a writer disturbed).
 BACKUP_PAGES_PER_STEP = 1024

@@ -15,6 +15,9 @@ from controller.listener import ListenerLimits
 from controller.relay.pacing import MAX_ADMITTING
 from controller.signin.config import SigninSettings
 
+#: The SQLite store's file in a data directory (and in the copies backup and store-move make of one).
+STORE_FILE = "store.sqlite3"
+
 #: Agents renew at about two thirds of this; a day bounds what a stolen
 #: certificate is worth while leaving a long night offline harmless.
 DEFAULT_CERT_LIFETIME = 24 * 3600
@@ -98,7 +101,7 @@ class Settings:
 
     @property
     def store_path(self) -> Path:
-        return self.store_file if self.store_file is not None else self.data_dir / "store.sqlite3"
+        return self.store_file if self.store_file is not None else self.data_dir / STORE_FILE
 
     @property
     def store_location(self) -> Path | str:

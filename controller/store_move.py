@@ -49,6 +49,7 @@ from typing import Any
 
 from controller.audit_chain import KEY_FILE, read_key, rows_of, verify
 from controller.errors import StartupError
+from controller.settings import STORE_FILE
 from controller.store import (
     BUSY_TIMEOUT_SECONDS,
     StoreLocationError,
@@ -57,7 +58,7 @@ from controller.store import (
     apply_schema,
     is_url,
 )
-from controller.store_move_copy import STORE_FILE, discard_abandoned_copies, migrated_copy, out_of_room
+from controller.store_move_copy import discard_abandoned_copies, migrated_copy, out_of_room
 from controller.store_schema import SCHEMA, SCHEMA_VERSION
 from shared.errors import EXIT_DATAERR, EXIT_TEMPFAIL, EXIT_USAGE
 

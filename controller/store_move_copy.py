@@ -25,12 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from controller.errors import StartupError
+from controller.settings import STORE_FILE
 from controller.store import Store
 from controller.store_schema import SCHEMA_VERSION
 from shared.errors import EXIT_DATAERR
-
-#: The store's file name, in the data directory and in the copy's directory alike.
-STORE_FILE = "store.sqlite3"
 
 #: Prefix of the private directory an older source is copied and migrated in, inside the data directory.
 WORK_PREFIX = ".store-move-"
@@ -125,7 +123,7 @@ def migrated_copy(source: sqlite3.Connection, path: Path, data_dir: Path) -> Ite
             if out_of_room(error):
                 raise no_room(str(error)) from None
             raise CopyRefused(f"Migrating a copy of {path} to schema version {SCHEMA_VERSION} failed ({error}); "
-                                "nothing was written and the store is unchanged.") from None
+                              "nothing was written and the store is unchanged.") from None
         yield copy
 
 
@@ -139,5 +137,3 @@ def out_of_room(error: sqlite3.Error) -> bool:
 
 def _size(size: int) -> str:
     return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size // 1024} KiB"
-
-
