@@ -59,13 +59,26 @@ def LAST_MOMENT() -> float:  # noqa: N802 - a constant draw
 
 @dataclass
 class FakeClock:
-    """Trusted time ``offset`` seconds ahead of the system clock (what agent.clock.trusted.TrustedClock answers)."""
+    """Trusted time ``offset`` seconds ahead of the system clock (what agent.clock.trusted.TrustedClock answers).
+
+    ``hold`` stops it until ``release``: a tunnel's handshake and authentication (seconds under
+    emulation on a slow board) must not eat the few seconds of certificate a test leaves it.
+    """
 
     offset: float = 0.0
     measured: bool = True
+    held_at: float | None = None
 
     def now(self) -> float:
-        return time.time() + self.offset
+        return self.held_at if self.held_at is not None else time.time() + self.offset
+
+    def hold(self) -> None:
+        if self.held_at is None:
+            self.held_at = self.now()
+
+    def release(self) -> None:
+        if self.held_at is not None:
+            self.offset, self.held_at = self.held_at - time.time(), None
 
 
 @dataclass
@@ -167,9 +180,13 @@ async def tunnel(relay: FakeRelay, clock: FakeClock,
                                     keystore=keystore)
     options = TunnelOptions(clock=clock, transport="websocket", draw=draw)  # type: ignore[arg-type]
     async with aiohttp.ClientSession() as http:
-        session, task = await open_tunnel(http, relay.url, credentials, pinned_ssl_context(relay.ca.pem), options)
-        end = relay.tunnels[-1]
-        await asyncio.wait_for(end.up.wait(), 5)
+        clock.hold()
+        try:
+            session, task = await open_tunnel(http, relay.url, credentials, pinned_ssl_context(relay.ca.pem), options)
+            end = relay.tunnels[-1]
+            await asyncio.wait_for(end.up.wait(), 5)
+        finally:
+            clock.release()  # the certificate's last seconds count from here
         try:
             yield session, end
         finally:
@@ -363,11 +380,14 @@ def test_the_supervisor_reconnects_after_leaving_and_the_new_handshake_checks_th
             keystore.create()
             credentials = TunnelCredentials(uri="spiffe://outpost.local/default/gw", chain_pem=["-"],
                                             ca_pem=relay.ca.pem, keystore=keystore)
-            options = TunnelOptions(clock=near_the_end(relay), transport="websocket")  # type: ignore[arg-type]
+            clock = near_the_end(relay)
+            options = TunnelOptions(clock=clock, transport="websocket")  # type: ignore[arg-type]
             supervisor = TunnelSupervisor([relay.url], credentials, options, backoff=Backoff(initial=0.2, cap=1.0))
+            clock.hold()
             running = asyncio.create_task(supervisor.run())
             try:
                 await asyncio.wait_for(supervisor.connected.wait(), 10)
+                clock.release()
                 first = relay.tunnels[0]
                 # The relay renews for the handshakes to come (the same key), and says nothing on the tunnel.
                 renewed = relay_certificate(relay.ca, relay.key, lifetime=2 * LIFE)
