@@ -77,7 +77,8 @@ class Lane:
     work: dict[str, Path] = field(default_factory=dict)  # a mounted test overlay per arch
     installed: dict[str, Path] = field(default_factory=dict)  # upper dir with the .debs installed
     debs: list[Path] = field(default_factory=list)
-    prebuilds: dict[str, Prebuild] = field(default_factory=dict)
+    prebuilds: dict[str, Beside] = field(default_factory=dict)  # an architecture's layers, built beside the steps
+    installs: dict[str, Beside] = field(default_factory=dict)  # apt installing the .debs, one thread per arch
     stack: ExitStack = field(default_factory=ExitStack)
 
 
@@ -85,38 +86,38 @@ def say(text: str) -> None:
     print(f"arm-lane: {text}", flush=True)
 
 
-class Prebuild(threading.Thread):
-    """Builds (or finds) an architecture's layers while the steps of the one before it run.
+class Beside(threading.Thread):
+    """Runs ``work`` on a thread of its own while the lane's steps go on; ``result`` waits for it.
 
     Emulated package installs use one core each; the machine has two.
     """
 
-    def __init__(self, arch: rootfs.Arch) -> None:
-        super().__init__(name=f"prebuild-{arch.debian}", daemon=True)
-        self.arch = arch
-        self.layers: rootfs.Layers | None = None
+    def __init__(self, name: str, work: Callable[[], object]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.work = work
+        self.value: object = None
         self.error: BaseException | None = None
         self.seconds = 0.0
 
     def run(self) -> None:
         begun = time.monotonic()
         try:
-            self.layers = rootfs.ensure_layers(self.arch, log=say)
+            self.value = self.work()
         except BaseException as error:  # handed to the step that waits for it
             self.error = error
         self.seconds = time.monotonic() - begun
 
-    def result(self) -> rootfs.Layers:
+    def result(self) -> object:
         self.join()
         if self.error is not None:
             raise self.error
-        assert self.layers is not None
-        return self.layers
+        return self.value
 
 
 def step_rootfs(lane: Lane, arch: rootfs.Arch) -> str:
     prebuild = lane.prebuilds.get(arch.debian)
     layers = prebuild.result() if prebuild else rootfs.ensure_layers(arch, log=say)
+    assert isinstance(layers, rootfs.Layers)
     lane.layers[arch.debian] = layers
     work = lane.stack.enter_context(rootfs.overlay(layers.test_lowers, lane.run_dir / f"{arch.debian}-work"))
     rootfs.copy_checkout(work / CHECKOUT_IN_ROOTFS.lstrip("/"))
@@ -154,10 +155,22 @@ def install_or_name_missing(target: Path, debs: list[Path], arch_name: str) -> s
 
 
 def step_deb_install(lane: Lane, arch: rootfs.Arch) -> str:
+    """Starts apt for every architecture whose root filesystem is ready (about 4 minutes each under
+    emulation, no timing in it), then waits for this one's."""
+    for other in lane.arches:
+        if other.debian in lane.layers and other.debian not in lane.installs:
+            lane.installs[other.debian] = Beside(f"apt-{other.debian}", lambda a=other: deb_install(lane, a))
+            lane.installs[other.debian].start()
+    return str(lane.installs[arch.debian].result())
+
+
+def deb_install(lane: Lane, arch: rootfs.Arch) -> str:
     # The guard first, on the real apt of this architecture: a .deb depending on
     # a package the archive lacks must fail this step naming that package.
     with rootfs.overlay([lane.layers[arch.debian].base_rootfs], lane.run_dir / f"{arch.debian}-guard") as merged:
-        probe = rootfs.probe_deb(lane.run_dir, f"python3, {MISSING_PROBE_PACKAGE}")
+        probe_folder = lane.run_dir / f"{arch.debian}-probe"
+        probe_folder.mkdir()
+        probe = rootfs.probe_deb(probe_folder, f"python3, {MISSING_PROBE_PACKAGE}")
         try:
             install_or_name_missing(merged, [probe], arch.debian)
         except StepFailed as refused:
@@ -263,15 +276,16 @@ def plan(lane: Lane) -> list[Step]:
     """Cheap, decisive checks first (the .deb resolves, the quickstart), the long suites last."""
     by = {a.debian: a for a in lane.arches}
     steps: list[Step] = [Step("build the .debs (host)", lambda: step_build_debs(lane))]
-    for name in ("arm64", "armhf"):
-        if name in by:
-            a = by[name]
-            steps += [
-                Step("root filesystem", lambda a=a: step_rootfs(lane, a), name),
-                Step("apt install the .debs", lambda a=a: step_deb_install(lane, a), name),
-                Step("quickstart --once", lambda a=a: step_quickstart(lane, a), name),
-                Step("word-size traps", lambda a=a: step_traps(lane, a), name),
-            ]
+    names = [name for name in ("arm64", "armhf") if name in by]
+    # Every root filesystem first, so the apt installs (the first of them starts all) run side by side.
+    steps += [Step("root filesystem", lambda a=by[name]: step_rootfs(lane, a), name) for name in names]
+    for name in names:
+        a = by[name]
+        steps += [
+            Step("apt install the .debs", lambda a=a: step_deb_install(lane, a), name),
+            Step("quickstart --once", lambda a=a: step_quickstart(lane, a), name),
+            Step("word-size traps", lambda a=a: step_traps(lane, a), name),
+        ]
     for name in ("arm64", "armhf"):
         if name in by:
             steps.append(Step("boot the .deb, enroll, dial in", lambda a=by[name]: step_boot(lane, a), name))
@@ -332,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "pid").write_text(str(os.getpid()))
         lane = Lane(run_dir, arches)
         for arch in arches[1:]:
-            lane.prebuilds[arch.debian] = Prebuild(arch)
+            lane.prebuilds[arch.debian] = Beside(f"prebuild-{arch.debian}",
+                                                 lambda a=arch: rootfs.ensure_layers(a, log=say))
             lane.prebuilds[arch.debian].start()
         with lane.stack:
             steps = plan(lane)
@@ -350,11 +365,13 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 passed += 1
                 say(f"{label}: ok in {time.monotonic() - begun:.0f} s: {note}")
-            for prebuild in lane.prebuilds.values():
+            for name, prebuild in lane.prebuilds.items():
                 if prebuild.is_alive():
                     # Its debootstrap and apt must not outlive the lane; the cache keeps what it builds.
-                    say(f"waiting for the {prebuild.arch.debian} root filesystem build to finish before leaving")
+                    say(f"waiting for the {name} root filesystem build to finish before leaving")
                     prebuild.join()
+            for install in lane.installs.values():
+                install.join()  # its overlay mounts are in the run directory, removed below
     total = time.monotonic() - started
     over = " (over the lane's budget)" if total > BUDGET_SECONDS else ""
     say(f"whole lane {total:.0f} s of a {BUDGET_SECONDS} s budget{over}")

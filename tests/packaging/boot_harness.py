@@ -171,7 +171,8 @@ def run_in_rootfs(
     """Runs a shell script in the root filesystem without booting it (systemd-nspawn --pipe)."""
     command = [
         "systemd-nspawn", "--quiet", "--pipe", "--register=no", "--keep-unit",
-        f"--directory={rootfs}", *[f"--bind={b}" for b in binds], "--", "/bin/sh", "-c", script,
+        # A name of its own: nspawn keeps per-name state under /run, and two installs may run at once.
+        f"--machine=outpost-{secrets.token_hex(4)}", f"--directory={rootfs}", *[f"--bind={b}" for b in binds], "--", "/bin/sh", "-c", script,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
