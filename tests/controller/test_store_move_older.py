@@ -256,3 +256,24 @@ def test_a_copy_in_use_is_kept_while_a_killed_one_beside_it_goes(data: Path) -> 
         holder.stdin.close()
         assert holder.wait(timeout=30) == 0
     assert leftovers(data) == []
+
+
+def test_a_link_or_a_file_named_like_a_copy_is_left_alone_and_what_a_link_points_at_is_untouched(
+        tmp_path: Path) -> None:
+    """Whoever can write the data directory could plant a link there; following it would delete elsewhere."""
+    data_dir, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the move's")
+    link = data_dir / f"{store_move_copy.WORK_PREFIX}link"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    plain = data_dir / f"{store_move_copy.WORK_PREFIX}file"
+    plain.write_text("a file by that name")
+    abandoned = data_dir / f"{store_move_copy.WORK_PREFIX}abandoned"
+    abandoned.mkdir()
+    (abandoned / "store.sqlite3").write_bytes(b"copy")
+
+    assert store_move_copy.discard_abandoned_copies(data_dir) == [abandoned.name]
+    assert link.is_symlink() and (elsewhere / "keep.txt").read_text() == "not the move's"
+    assert plain.read_text() == "a file by that name"
+    assert not abandoned.exists()
