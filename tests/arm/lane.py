@@ -156,11 +156,14 @@ def install_or_name_missing(target: Path, debs: list[Path], arch_name: str) -> s
 
 def step_deb_install(lane: Lane, arch: rootfs.Arch) -> str:
     """Starts apt for every architecture whose root filesystem is ready (about 4 minutes each under
-    emulation, no timing in it), then waits for this one's."""
+    emulation, no timing in it) and waits for all, so no timed step runs beside an install; this
+    architecture's result (an error of another's is raised at its own step)."""
     for other in lane.arches:
         if other.debian in lane.layers and other.debian not in lane.installs:
             lane.installs[other.debian] = Beside(f"apt-{other.debian}", lambda a=other: deb_install(lane, a))
             lane.installs[other.debian].start()
+    for install in lane.installs.values():
+        install.join()
     return str(lane.installs[arch.debian].result())
 
 
