@@ -28,7 +28,7 @@ from boot_harness import DEBS_IN_CONTAINER, HarnessError, install_debs  # noqa: 
 
 REPO = rootfs.REPO
 RUN_PARENT = Path("/var/tmp")
-# The whole lane's share of CI's hour (the rest of scripts/test takes about 22 minutes).
+# The whole lane's share of CI's hour (the rest of scripts/test takes about 32 minutes with two workers).
 BUDGET_SECONDS = 30 * 60
 # The agent's quick suite takes about 9 minutes under arm64 emulation on a
 # busy 2-core machine; a hung test must not eat the rest of CI's 90 minutes.
