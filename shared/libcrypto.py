@@ -211,20 +211,6 @@ class Certificate:
         self.has_ec_key = bool(key) and lib.EVP_PKEY_get_base_id(key) == EVP_PKEY_EC
         lib.ERR_clear_error()
 
-    def signed(self, other_der: bytes) -> bool:
-        """True when the certificate ``other_der`` carries a valid signature by this certificate's EC key."""
-        if not self.has_ec_key:
-            return False
-        lib = _lib()
-        cursor = ctypes.c_char_p(other_der)
-        other = lib.d2i_X509(None, ctypes.byref(cursor), len(other_der))
-        try:
-            return bool(other) and lib.X509_verify(other, lib.X509_get0_pubkey(self._handle)) == 1
-        finally:
-            lib.ERR_clear_error()
-            if other:
-                lib.X509_free(other)
-
     def spki(self) -> bytes:
         """The certificate's public key as DER SubjectPublicKeyInfo."""
         return _spki(_lib(), _lib().X509_get0_pubkey(self._handle))

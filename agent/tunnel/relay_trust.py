@@ -27,7 +27,7 @@ from shared.cert_schedule import LEAVE_BY as LEAVE_BY
 from shared.cert_schedule import LEAVE_FROM as LEAVE_FROM
 from shared.cert_schedule import leave_at
 from shared.protocol import relay_cert_message
-from shared.trust import Issuer, cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before, issuer_of
 from shared.tunnel.auth import certificate_digest
 from shared.utc import format_utc
 
@@ -97,7 +97,7 @@ def check_pushed(current: x509.Certificate, ca: x509.Certificate, der: bytes, si
     """The pushed certificate, once it may replace ``current`` on the tunnel whose CHALLENGE nonce was
     ``nonce``; PushRefused (its message says why, in one line) otherwise."""
     try:
-        issued = Issuer(ca).leaf(der)  # checked over the bytes pushed, and read from them: no encoding again
+        issued = issuer_of(ca).leaf(der)  # checked over the bytes pushed, and read from them: no encoding again
     except ValueError:
         raise PushRefused("the relay pushed something that is not a certificate") from None
     if issued is None:

@@ -28,7 +28,7 @@ from controller.enrollment import is_session_serial
 from controller.registry import Identity
 from controller.relay.admit_cache import AdmissionCache, CertificateFacts, certificate_key
 from shared.protocol import ErrorCode
-from shared.trust import Issuer, cert_not_after, cert_not_before
+from shared.trust import cert_not_after, cert_not_before, issuer_of
 from shared.tunnel.auth import verify_challenge_signature
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, 
             raise NeedsStore()
         try:
             leaf = (x509.load_der_x509_certificate(der) if recorded is not None
-                    else (cache.authority(ca) if cache is not None else Issuer(ca)).leaf(der))
+                    else issuer_of(ca).leaf(der))
         except ValueError:
             raise AdmissionRefused(ErrorCode.AUTH_FAILED, "the certificate in AUTH is unreadable") from None
         if leaf is None:

@@ -46,7 +46,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controller.enrollment import SESSION_PURPOSE
 from controller.registry import BLOCKED_STATUSES, Identity, Registry
 from controller.store import Store
-from shared.trust import Issuer
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +102,9 @@ class AdmissionCache:
         self.max_identities = max_identities
         #: Grows with every announcement; a row read before one is not kept.
         self.generation = 0
-        self._ca: Issuer | None = None
         #: DER digest -> what the store recorded, for ``_recorded_ca`` only (never changes once read).
         self._recorded: dict[bytes, RecordedCertificate] = {}
         self._recorded_ca: x509.Certificate | None = None
-
-    def authority(self, ca: x509.Certificate) -> Issuer:
-        view = self._ca
-        if view is None or view.certificate is not ca:
-            view = self._ca = Issuer(ca)
-        return view
 
     def certificate(self, key: bytes, ca: x509.Certificate) -> CertificateFacts | None:
         with self._lock:

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cryptography
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from shared import libcrypto
-from shared.trust import Issuer, verify_leaf_issued_by
+from shared.trust import Issuer, issuer_of, verify_leaf_issued_by
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A probe process imports the agent's code and signs once: seconds on a loaded machine.
@@ -83,7 +84,7 @@ def test_what_is_not_an_unencrypted_p256_key_is_refused_without_asking_for_a_pas
 
 @pytest.mark.parametrize("attempt", [lambda ca: libcrypto.PemKey.load(b"garbage"),
                                      lambda ca: libcrypto.Certificate(b"garbage"),
-                                     lambda ca: libcrypto.Certificate(der(ca)).signed(b"garbage")])
+                                     lambda ca: libcrypto.Certificate(der(ca)).verifies(b"garbage", b"data")])
 def test_a_refusal_leaves_no_error_in_the_queue_where_the_next_tls_call_would_find_it(attempt,
                                                                                        ca: x509.Certificate) -> None:
     import ctypes
@@ -97,28 +98,69 @@ def test_a_refusal_leaves_no_error_in_the_queue_where_the_next_tls_call_would_fi
     assert queue.ERR_peek_error() == 0
 
 
-def test_the_leaf_check_takes_the_cas_signature_and_nothing_else(ca_key: ec.EllipticCurvePrivateKey,
+def test_the_leaf_check_takes_the_cas_signature_and_nothing_else(issuer: Issuer, ca_key: ec.EllipticCurvePrivateKey,
                                                                  ca: x509.Certificate) -> None:
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     other_ca_key = ec.generate_private_key(ec.SECP256R1())
-    checked = libcrypto.Certificate(der(ca))
 
-    assert checked.signed(der(certificate("relay", "Outpost CA", leaf_key, ca_key)))
+    assert issuer.leaf(der(certificate("relay", "Outpost CA", leaf_key, ca_key))) is not None
     # Same issuer name, another key: a look-alike CA.
-    assert not checked.signed(der(certificate("relay", "Outpost CA", leaf_key, other_ca_key)))
-    assert not checked.signed(b"not a certificate")
+    assert issuer.leaf(der(certificate("relay", "Outpost CA", leaf_key, other_ca_key))) is None
+    with pytest.raises(ValueError):
+        issuer.leaf(b"not a certificate")
     assert verify_leaf_issued_by(certificate("relay", "Outpost CA", leaf_key, ca_key), ca)
     assert not verify_leaf_issued_by(certificate("relay", "Outpost CA", leaf_key, other_ca_key), ca)
     # The right key but another issuer name is refused before any signature is checked.
     assert not verify_leaf_issued_by(certificate("relay", "Other CA", leaf_key, ca_key), ca)
 
 
-def test_a_leaf_whose_signature_was_changed_is_refused(ca_key: ec.EllipticCurvePrivateKey,
-                                                       ca: x509.Certificate) -> None:
+def test_a_leaf_whose_signature_was_changed_is_refused(issuer: Issuer, ca_key: ec.EllipticCurvePrivateKey) -> None:
     leaf = bytearray(der(certificate("relay", "Outpost CA", ec.generate_private_key(ec.SECP256R1()), ca_key)))
     leaf[-5] ^= 0x01
 
-    assert not libcrypto.Certificate(der(ca)).signed(bytes(leaf))
+    assert issuer.leaf(bytes(leaf)) is None
+
+
+def test_the_cas_key_under_another_hash_is_not_its_signature(issuer: Issuer,
+                                                             ca_key: ec.EllipticCurvePrivateKey) -> None:
+    """Outpost's CA signs with ECDSA-SHA256 only (controller/ca.py): a leaf its key signed over SHA-384 was
+    not issued by it, whichever path checks it."""
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outpost CA")]))
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA384()))
+    ca_key.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hashes.SHA384()))
+
+    assert issuer.leaf(der(leaf)) is None
+    assert not issuer.issued(leaf)
+
+
+def test_checking_leaves_parses_the_ca_in_libcrypto_once_and_no_leaf(monkeypatch: pytest.MonkeyPatch,
+                                                                      ca_key: ec.EllipticCurvePrivateKey,
+                                                                      ca: x509.Certificate) -> None:
+    """OpenSSL 3.0 decodes the key of every certificate it parses (about 0.3 ms): a relay checking a leaf
+    per admission, or an agent per connection, must not pay that for each."""
+    parsed: list[int] = []
+    real = libcrypto._lib()
+
+    class Counting:
+        def __getattr__(self, name: str) -> object:
+            if name == "d2i_X509":
+                parsed.append(1)
+            return getattr(real, name)
+
+    monkeypatch.setattr(libcrypto, "_library", Counting())
+    issuer_of.cache_clear()
+    leaves = [certificate(f"gw-{n}", "Outpost CA", ec.generate_private_key(ec.SECP256R1()), ca_key) for n in range(3)]
+
+    assert all(verify_leaf_issued_by(leaf, ca) for leaf in leaves)
+    assert all(issuer_of(ca).leaf(der(leaf)) is not None for leaf in leaves)
+    assert len(parsed) == 1
+    issuer_of.cache_clear()
 
 
 def test_a_ca_with_an_rsa_key_issues_nothing() -> None:
@@ -249,14 +291,17 @@ def spliced(tbs_of: x509.Certificate, signature_of: x509.Certificate) -> bytes:
 
 
 @pytest.fixture(params=["libcrypto", "cryptography"])
-def issuer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, ca: x509.Certificate) -> Issuer:
+def issuer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+           ca: x509.Certificate) -> Iterator[Issuer]:
     """The CA's Issuer on each of its two paths."""
     if request.param == "cryptography":
         monkeypatch.setattr(libcrypto, "_library", None)
         monkeypatch.setattr(libcrypto, "LIBCRYPTO", "libcrypto.so.not-here")
+    issuer_of.cache_clear()  # an Issuer kept from another test would check on the path it was made on
     made = Issuer(ca)
     assert (made.key is not None) == (request.param == "cryptography")
-    return made
+    yield made
+    issuer_of.cache_clear()
 
 
 def test_the_der_a_caller_passes_is_what_is_checked_and_what_is_read(issuer: Issuer,

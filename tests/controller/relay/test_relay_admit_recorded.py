@@ -107,9 +107,9 @@ def count_ca_verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     verified: list[str] = []
     real = shared.trust.Issuer._issued  # every check, from a certificate or from its bytes, comes here
 
-    def issued(self: shared.trust.Issuer, cert: x509.Certificate, der: bytes | None) -> bool:
+    def issued(self: shared.trust.Issuer, cert: x509.Certificate) -> bool:
         verified.append(format(cert.serial_number, "x"))
-        return real(self, cert, der)
+        return real(self, cert)
 
     monkeypatch.setattr(shared.trust.Issuer, "_issued", issued)
     return verified
