@@ -23,12 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from controller.ca import public_key_sha256
 from controller.enrollment import is_session_serial
 from controller.registry import Identity
 from controller.relay.admit_cache import AdmissionCache, CertificateFacts, certificate_key
 from shared.protocol import ErrorCode
-from shared.trust import cert_not_after, cert_not_before, issuer_of
+from shared.trust import cert_not_after, cert_not_before, ec_public_key, issuer_of
 from shared.tunnel.auth import verify_challenge_signature
 
 if TYPE_CHECKING:
@@ -112,12 +111,11 @@ def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, 
             usage = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         except x509.ExtensionNotFound:
             usage = []
-        leaf_key = leaf.public_key()
-        public_key = leaf_key if isinstance(leaf_key, ec.EllipticCurvePublicKey) else None
+        public_key, spki = ec_public_key(leaf)
         facts = CertificateFacts(
             ca=ca, not_before=cert_not_before(leaf), not_after=cert_not_after(leaf),
             client_auth=ExtendedKeyUsageOID.CLIENT_AUTH in usage, uri=spiffe_uri(leaf),
-            public_key=public_key, key_sha256=public_key_sha256(public_key) if public_key is not None else "",
+            public_key=public_key, key_sha256=hashlib.sha256(spki).hexdigest() if public_key is not None else "",
             serial=format(leaf.serial_number, "x"),
             session_certificate=recorded.session if recorded is not None else None,
         )
