@@ -185,7 +185,12 @@ class Listener:
                 self._begin(conn, address)
 
     def _begin(self, conn: socket.socket, address: str) -> None:
-        """Start the TLS handshake of an accepted, counted connection."""
+        """Start the TLS handshake of an accepted, counted connection, unless max_handshakes are in progress."""
+        if len(self._handshakes) >= self.limits.max_handshakes:
+            # A held connection whose time ran out while others' handshakes fill the cap: as at accept.
+            self.handshakes_shed += 1
+            self._drop(conn, address)
+            return
         assert self._handler_factory is not None
         task = asyncio.get_running_loop().create_task(self._handshake(conn, address, self._handler_factory))
         self._handshakes.add(task)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelOptions, open_tunnel
 from agent.tunnel.supervisor import TunnelSupervisor
-from controller.listener import ListenerLimits
+from controller.listener import Listener, ListenerLimits
 from controller.listener_park import PARK_POLL, Parking
 from tests.controller.harness import run, running_controller
 from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, enrolled, relay_url
@@ -150,5 +151,26 @@ def test_a_zero_limit_never_holds() -> None:
         parking.admit_or_hold(conn, "peer")
         peer.close()
         assert seen.started == ["peer"] and parking.held_total == 0
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_a_held_connection_let_go_while_the_handshake_cap_is_full_is_reset_and_uncounted() -> None:
+    """Held connections let go at once (their time up) must not start more handshakes than the cap allows."""
+    async def scenario() -> None:
+        listener = Listener("test", ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), ListenerLimits(max_handshakes=1))
+        listener.start(socket.socket(), asyncio.Protocol)
+        listener.close()  # no accept loop needed: the handshake is started by hand below
+        in_progress = asyncio.get_running_loop().create_future()
+        listener._handshakes.add(in_progress)  # type: ignore[arg-type]  # one handshake under way
+        conn, peer = socket.socketpair()
+        assert listener.admission.enter("peer")
+
+        listener._begin(conn, "peer")
+
+        assert conn.fileno() == -1 and listener.handshakes_shed == 1 and listener.admission.total == 0
+        assert peer.recv(1) == b""
+        peer.close()
+        in_progress.cancel()
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
