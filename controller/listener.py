@@ -43,6 +43,7 @@ from controller.admission import (
     Admission,
     cap_key,
 )
+from controller.listener_park import PARK_LIMIT, Parking
 from shared.protocol import AUTH_DEADLINE, MAX_STREAMS, TUNNEL_ALPN
 from shared.tunnel.transport import StreamTransport, TunnelReader
 
@@ -97,6 +98,9 @@ class ListenerLimits:
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
     max_handshakes: int = MAX_HANDSHAKES_IN_FLIGHT
+    #: How long an accepted connection may wait for room at a full relay before its handshake (controller/
+    #: listener_park.py); 0 starts every handshake at once, and a full relay answers BUSY after it.
+    park_limit: float = PARK_LIMIT
     #: A relay link admitted here that reads nothing of what is written to it (controller/relay/peering.py).
     link_write_stall: float = LINK_WRITE_STALL
     #: Dials per link and links per pair of relays, at the dialing end (controller/relay/peering.py).
@@ -141,12 +145,20 @@ class Listener:
         #: Where connections that chose ``TUNNEL_ALPN`` go; None: this listener serves HTTP only.
         self.tunnel_handler: TunnelHandler | None = None
         self._tunnels: set[asyncio.Task[None]] = set()
+        #: Where accepted connections wait while the relay behind this listener is full (``hold_while``).
+        self.parking: Parking | None = None
+        self._handler_factory: Callable[[], asyncio.Protocol] | None = None
+
+    def hold_while(self, full: Callable[[int], bool]) -> None:
+        """Hold accepted connections before their handshake while ``full(handshakes in progress)`` is true."""
+        self.parking = Parking(lambda: full(len(self._handshakes)), self._begin, self._drop, self.limits.park_limit)
 
     def start(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
         self.sockets = [sock]
-        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock, handler_factory))
+        self._handler_factory = handler_factory
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
 
-    async def _accept(self, sock: socket.socket, handler_factory: Callable[[], asyncio.Protocol]) -> None:
+    async def _accept(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -167,9 +179,28 @@ class Listener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            task = loop.create_task(self._handshake(conn, address, handler_factory))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            if self.parking is not None:
+                self.parking.admit_or_hold(conn, address)
+            else:
+                self._begin(conn, address)
+
+    def _begin(self, conn: socket.socket, address: str) -> None:
+        """Start the TLS handshake of an accepted, counted connection, unless max_handshakes are in progress."""
+        if len(self._handshakes) >= self.limits.max_handshakes:
+            # A held connection whose time ran out while others' handshakes fill the cap: as at accept.
+            self.handshakes_shed += 1
+            self._drop(conn, address)
+            return
+        assert self._handler_factory is not None
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, address, self._handler_factory))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _drop(self, conn: socket.socket, address: str) -> None:
+        """Reset an accepted connection that never started its handshake, and uncount it."""
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        conn.close()
+        self.admission.leave(address)
 
     async def _handshake(self, conn: socket.socket, address: str,
                          handler_factory: Callable[[], asyncio.Protocol]) -> None:
@@ -185,6 +216,8 @@ class Listener:
         """Stop accepting and end the handshakes in progress (aiohttp closes the rest)."""
         if self._accepting is not None:
             self._accepting.cancel()
+        if self.parking is not None:
+            self.parking.close()
         for task in list(self._handshakes):
             task.cancel()
         self.admission.close()

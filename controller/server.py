@@ -150,6 +150,8 @@ class ControllerServer:
         if context.settings.serves_tunnels:
             # A controller-only process (--role controller) carries no tunnels on either transport.
             front.tunnel_handler = relay.serve_stream
+            # A full relay's next tunnels wait before their handshakes, not refused after them.
+            front.hold_while(lambda handshakes: relay.admitting + handshakes >= relay.max_admitting)
         await self._serve(public, self._listener, front)
         if self._api_listener is not None:
             api = build_app(context, relay, gateway=False)

@@ -357,6 +357,23 @@ def attempts(fleet: list[TunnelSupervisor]) -> int:
     return sum(s.stats.reconnects for s in fleet)
 
 
+class FailureReasons(logging.Handler):
+    """Counts the fleet's failed attempts by what the supervisor logged, numbers and addresses taken out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        why = re.sub(r"\d+(\.\d+)?", "N", record.getMessage())
+        self.counts[why] = self.counts.get(why, 0) + 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last take, most frequent first (at most 8)."""
+        counts, self.counts = self.counts, {}
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+
+
 async def wait_all(fleet: list[TunnelSupervisor], relay: Relay
                    ) -> tuple[float | None, int, list[int], dict[str, int], dict[str, Any]]:
     """Until every tunnel is up or PHASE_TIMEOUT: (seconds or None, relay CPU ms meanwhile, connected count per
@@ -416,6 +433,11 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
                   ) -> dict[str, Any]:
     url = f"wss://127.0.0.1:{relay.port}/v1/tunnel"
     fleet = [TunnelSupervisor([url], c, TunnelOptions()) for c in credentials]
+    reasons = FailureReasons()
+    supervisor_log = logging.getLogger("agent.tunnel.supervisor")
+    supervisor_log.addHandler(reasons)
+    supervisor_log.setLevel(logging.WARNING)
+    supervisor_log.propagate = False  # counted, not printed: 10,000 lines a storm
     tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     # The relay is started and stopped from a thread of its own, made before the fleet's thread lowers
@@ -460,8 +482,10 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
         profiler = await in_relay_thread(lambda: relay.profile("storm"))
         collector = await in_relay_thread(relay.collector)
         attempts_at_ready = attempts(fleet)
+        reasons.take()
         say(f"relay restarted under {len(fleet)}; stopped: {stop_first}")
         storm_s, storm_cpu_ms, per_second, storm_down, storm_by_thread = await wait_all(fleet, relay)
+        storm_failures = reasons.take()
         storm_by_thread.update(collector_per_tunnel(collector, await in_relay_thread(relay.collector), len(fleet)))
         await in_relay_thread(lambda: relay.stop_profiling(profiler))
         # Each tunnel's drop counts once; every other attempt failed.
@@ -494,6 +518,7 @@ async def measure(credentials: list[TunnelCredentials], relay: Relay, ramp: int,
         "storm_still_down": dict(sorted(storm_down.items(), key=lambda kv: -kv[1])[:8]),
         "storm_failed_attempts": max(0, failed_after_ready),
         "storm_failed_while_down": max(0, failed_while_down),
+        "storm_failures_by_reason": storm_failures,
         "storm_admission_cpu_ms": round(storm_cpu_ms / len(fleet), 3),
         "storm_admission_cpu_ms_by_thread": storm_by_thread,
         "storm_peak_admissions_per_s": peak_rate(per_second),

@@ -294,6 +294,7 @@ def test_fleet_scale_reports_memory_cpu_storm_and_stop_for_a_small_fleet() -> No
                     "graceful_stop_s", "stop_cpu_s", "stop_before_storm_cpu_s")
     assert len(found["stop_load_average"]) == 3
     assert found["relay_idle_cpu_pct"] >= 0 and found["storm_failed_attempts"] >= 0
+    assert all(isinstance(why, str) and count > 0 for why, count in found["storm_failures_by_reason"].items())
     assert found["relay_error_lines"] == []
     for phase in ("admission_cpu_ms_by_thread", "storm_admission_cpu_ms_by_thread"):
         assert found[phase]["user_ms"] > 0 and found[phase]["loop_sleeps"] > 0, found[phase]

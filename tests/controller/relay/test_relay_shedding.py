@@ -44,6 +44,9 @@ ALL_BACK = 60.0
 ANSWER = 10.0
 #: Scheduling slack on a loaded machine for "came back within the told window".
 SLACK = 1.5
+#: These tests are about the refusal itself: a full relay answers BUSY at once, holding nobody before the
+#: handshake (tests/controller/relay/test_relay_parking.py covers the holding).
+NO_PARKING = ListenerLimits(park_limit=0)
 
 
 async def stop_all(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]]) -> None:
@@ -55,7 +58,7 @@ async def stop_all(fleet: list[TunnelSupervisor], tasks: list[asyncio.Task[None]
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_path: Path, transport: str) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "ctl", max_admitting=SMALL_CAP) as ctl:
+        async with running_controller(tmp_path / "ctl", max_admitting=SMALL_CAP, limits=NO_PARKING) as ctl:
             relay = ctl.server.relay
             assert relay is not None and relay.max_admitting == SMALL_CAP
             credentials = [await enrolled(ctl, f"gw-{i}") for i in range(FLEET)]
@@ -78,7 +81,7 @@ def test_a_fleet_past_the_admission_cap_is_told_to_come_back_and_all_get_in(tmp_
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_agent_told_to_come_back_later_returns_within_the_told_window(tmp_path: Path, transport: str) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl:
+        async with running_controller(tmp_path / "ctl", limits=NO_PARKING) as ctl:
             relay = ctl.server.relay
             assert relay is not None
             relay.max_admitting = 0  # everyone is told to come back
@@ -116,7 +119,7 @@ def test_an_agent_told_to_come_back_later_returns_within_the_told_window(tmp_pat
 def test_a_come_back_time_out_of_bounds_is_clamped_by_the_agent(tmp_path: Path, transport: str, said: float,
                                                                  followed: float) -> None:
     async def scenario() -> None:
-        async with running_controller(tmp_path / "ctl") as ctl:
+        async with running_controller(tmp_path / "ctl", limits=NO_PARKING) as ctl:
             relay = ctl.server.relay
             assert relay is not None
             relay.max_admitting = 0
@@ -184,7 +187,7 @@ def test_a_relay_started_after_a_stop_tells_refused_agents_times_after_those_its
         assert [p.name for p in data.iterdir() if SCHEDULE_FILE in p.name] == [SCHEDULE_FILE]  # no temporary left
         # The last of them comes back at its slot plus its jitter.
         assert until >= stopped + STOP_FIRST_RETRY + 2 / relay.pacer.rate() + TOLD_SPREAD
-        async with running_controller(data) as ctl:
+        async with running_controller(data, limits=NO_PARKING) as ctl:
             successor = ctl.server.relay
             assert successor is not None
             assert not schedule.exists()  # followed once
