@@ -43,10 +43,15 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def spki_sha256(spki: bytes) -> str:
+    """Hex SHA-256 of a SubjectPublicKeyInfo DER: how the store names a device key."""
+    return hashlib.sha256(spki).hexdigest()
+
+
 def public_key_sha256(public_key: ec.EllipticCurvePublicKey) -> str:
-    """Hex SHA-256 of the SubjectPublicKeyInfo DER: how the store names a device key."""
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    """``spki_sha256`` of the key's SubjectPublicKeyInfo."""
+    return spki_sha256(public_key.public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def certificate_sha256(certificate: x509.Certificate) -> str:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from controller.ca import spki_sha256
 from controller.enrollment import is_session_serial
 from controller.registry import Identity
 from controller.relay.admit_cache import AdmissionCache, CertificateFacts, certificate_key
@@ -115,7 +116,7 @@ def certificate_facts(context: ControllerContext, cache: AdmissionCache | None, 
         facts = CertificateFacts(
             ca=ca, not_before=cert_not_before(leaf), not_after=cert_not_after(leaf),
             client_auth=ExtendedKeyUsageOID.CLIENT_AUTH in usage, uri=spiffe_uri(leaf),
-            public_key=public_key, key_sha256=hashlib.sha256(spki).hexdigest() if public_key is not None else "",
+            public_key=public_key, key_sha256=spki_sha256(spki) if public_key is not None else "",
             serial=format(leaf.serial_number, "x"),
             session_certificate=recorded.session if recorded is not None else None,
         )
