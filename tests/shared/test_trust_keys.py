@@ -79,3 +79,19 @@ def test_another_curve_goes_through_cryptography_and_an_rsa_key_is_no_ec_key() -
 
     rsa_cert = issued(rsa.generate_private_key(65537, 2048))
     assert ec_public_key(rsa_cert) == (None, spki_of(rsa_cert))
+
+
+def test_a_p256_point_off_the_curve_gives_no_key() -> None:
+    """A leaf whose key info has P-256's form but a point off the curve (the CA signed it; cryptography reads
+    it without checking the point): no key, so admission refuses it, and nothing raises."""
+    cert = issued(ec.generate_private_key(ec.SECP256R1()))
+    spki = spki_of(cert)
+    tbs = cert.tbs_certificate_bytes
+    moved = spki[:-1] + bytes([spki[-1] ^ 0x01])
+    assert tbs.count(spki) == 1
+    new_tbs = tbs.replace(spki, moved)
+    signature = CA_KEY.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
+    off_curve = x509.load_der_x509_certificate(
+        _der_item(0x30, new_tbs + ECDSA_WITH_SHA256 + _der_item(0x03, b"\0" + signature)))
+
+    assert ec_public_key(off_curve) == (None, moved)
