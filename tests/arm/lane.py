@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +30,15 @@ REPO = rootfs.REPO
 RUN_PARENT = Path("/var/tmp")
 # The whole lane's share of CI's hour (the rest of scripts/test takes about 32 minutes with two workers).
 BUDGET_SECONDS = 30 * 60
-# The agent's quick suite takes about 9 minutes under arm64 emulation on a
-# busy 2-core machine; a hung test must not eat the rest of CI's 90 minutes.
+# The agent's quick suite takes about 10 minutes under emulation on a slow
+# 2-core machine, each architecture's beside the other's; a hung test must
+# not eat the rest of CI's 90 minutes.
 SUITE_TIMEOUT_SECONDS = 25 * 60
+# A side-by-side suite's output is kept in its log; the lane prints its tail:
+# enough lines for pytest's slowest-10 list and summary when it passed, and
+# enough characters for the failures and their tracebacks when it did not.
+TAIL_LINES = 30
+TAIL_ON_FAILURE_CHARS = 30_000
 # quickstart --once takes 5 to 15 s emulated; the traps a few seconds.
 QUICKSTART_TIMEOUT_SECONDS = 300
 # Starting outpost-agent and outpostctl once each under emulation.
@@ -79,6 +85,7 @@ class Lane:
     debs: list[Path] = field(default_factory=list)
     prebuilds: dict[str, Beside] = field(default_factory=dict)  # an architecture's layers, built beside the steps
     installs: dict[str, Beside] = field(default_factory=dict)  # apt installing the .debs, one thread per arch
+    suites: dict[str, Beside] = field(default_factory=dict)  # the agent's quick suite, one thread per arch
     stack: ExitStack = field(default_factory=ExitStack)
 
 
@@ -112,6 +119,19 @@ class Beside(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def side_by_side(lane: Lane, running: dict[str, Beside], arch: rootfs.Arch, *, ready: Mapping[str, object],
+                 work: Callable[[Lane, rootfs.Arch], str]) -> str:
+    """Starts ``work`` on a thread for every architecture in ``ready`` not yet in ``running``, waits
+    for all, and returns ``arch``'s result: another's error is raised at that architecture's own step."""
+    for other in lane.arches:
+        if other.debian in ready and other.debian not in running:
+            running[other.debian] = Beside(f"{work.__name__}-{other.debian}", lambda a=other: work(lane, a))
+            running[other.debian].start()
+    for thread in running.values():
+        thread.join()
+    return str(running[arch.debian].result())
 
 
 def step_rootfs(lane: Lane, arch: rootfs.Arch) -> str:
@@ -158,13 +178,7 @@ def step_deb_install(lane: Lane, arch: rootfs.Arch) -> str:
     """Starts apt for every architecture whose root filesystem is ready (about 4 minutes each under
     emulation, no timing in it) and waits for all, so no timed step runs beside an install; this
     architecture's result (an error of another's is raised at its own step)."""
-    for other in lane.arches:
-        if other.debian in lane.layers and other.debian not in lane.installs:
-            lane.installs[other.debian] = Beside(f"apt-{other.debian}", lambda a=other: deb_install(lane, a))
-            lane.installs[other.debian].start()
-    for install in lane.installs.values():
-        install.join()
-    return str(lane.installs[arch.debian].result())
+    return side_by_side(lane, lane.installs, arch, ready=lane.layers, work=deb_install)
 
 
 def deb_install(lane: Lane, arch: rootfs.Arch) -> str:
@@ -216,22 +230,35 @@ def step_quickstart(lane: Lane, arch: rootfs.Arch) -> str:
     return last
 
 
-def pytest_inside(lane: Lane, arch: rootfs.Arch, args: str, timeout: float) -> str:
-    """pytest on Debian's arm python3-* packages, its output streamed to this lane's output."""
+def pytest_inside(lane: Lane, arch: rootfs.Arch, args: str, timeout: float, *, stream: bool = True) -> str:
+    """pytest on Debian's arm python3-* packages; its output streamed to this lane's output, or
+    (``stream=False``, for suites run side by side) kept in the log and its tail printed at the end."""
     log = lane.run_dir / f"{arch.debian}-pytest.log"
     work = lane.work[arch.debian]
+    keep = "| tee /root/pytest.log" if stream else "> /root/pytest.log"
     (work / "root/run-pytest").write_text(
-        f"set -o pipefail\ncd {CHECKOUT_IN_ROOTFS}\n{PYTEST} {args} 2>&1 | tee /root/pytest.log\n")
+        f"set -o pipefail\ncd {CHECKOUT_IN_ROOTFS}\n{PYTEST} {args} 2>&1 {keep}\n")
+    failed = False
     try:
-        rootfs.nspawn(work, "exec bash /root/run-pytest", timeout=timeout, capture=False,
+        rootfs.nspawn(work, "exec bash /root/run-pytest", timeout=timeout, capture=not stream,
                       env=["PYTHONPATH=" + CHECKOUT_IN_ROOTFS])
-    except HarnessError:
-        raise StepFailed(f"pytest {args} failed on {arch.debian} (output above)") from None
+    except HarnessError as error:
+        failed = True
+        if not stream:
+            sys.stdout.write(f"arm-lane: [{arch.debian}] {str(error)[-2000:]}\n")
     finally:
         saved = lane.work[arch.debian] / "root/pytest.log"
         if saved.exists():
             shutil.copy(saved, log)
-    summary = [line for line in log.read_text().splitlines() if " passed" in line or " failed" in line]
+    text = log.read_text() if log.exists() else ""
+    if not stream:
+        # The failures section when it failed; the slowest tests and the summary when it passed.
+        tail = text[-TAIL_ON_FAILURE_CHARS:] if failed else "\n".join(text.splitlines()[-TAIL_LINES:])
+        sys.stdout.write(f"arm-lane: [{arch.debian}] pytest output (whole in {log.name}):\n{tail}\n")
+        sys.stdout.flush()
+    if failed:
+        raise StepFailed(f"pytest {args} failed on {arch.debian} (output above)")
+    summary = [line for line in text.splitlines() if " passed" in line or " failed" in line]
     return summary[-1].strip("= ") if summary else "(no summary)"
 
 
@@ -240,7 +267,14 @@ def step_traps(lane: Lane, arch: rootfs.Arch) -> str:
 
 
 def step_suite(lane: Lane, arch: rootfs.Arch) -> str:
-    summary = pytest_inside(lane, arch, SUITE_ARGS[arch.debian], SUITE_TIMEOUT_SECONDS)
+    """Starts every architecture's quick suite side by side (each is one emulated Python on one core,
+    and the machine has two) and waits for all; this architecture's result (an error of another's is
+    raised at its own step)."""
+    return side_by_side(lane, lane.suites, arch, ready=lane.work, work=suite)
+
+
+def suite(lane: Lane, arch: rootfs.Arch) -> str:
+    summary = pytest_inside(lane, arch, SUITE_ARGS[arch.debian], SUITE_TIMEOUT_SECONDS, stream=False)
     unexpected = unexpected_skips((lane.run_dir / f"{arch.debian}-pytest.log").read_text())
     if unexpected:
         raise StepFailed(f"tests skipped on {arch.debian} that must run there (the TPM tests need swtpm):\n"
@@ -373,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     # Its debootstrap and apt must not outlive the lane; the cache keeps what it builds.
                     say(f"waiting for the {name} root filesystem build to finish before leaving")
                     prebuild.join()
-            for install in lane.installs.values():
-                install.join()  # its overlay mounts are in the run directory, removed below
+            for running in [*lane.installs.values(), *lane.suites.values()]:
+                running.join()  # its overlay mounts are in the run directory, removed below
     total = time.monotonic() - started
     over = " (over the lane's budget)" if total > BUDGET_SECONDS else ""
     say(f"whole lane {total:.0f} s of a {BUDGET_SECONDS} s budget{over}")

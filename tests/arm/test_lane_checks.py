@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,26 @@ def test_a_killed_lanes_run_directory_is_unmounted_and_removed_and_a_live_ones_k
     assert not killed.exists() and live.exists()
     with open("/proc/self/mounts") as mounts:
         assert str(killed) not in mounts.read()
+
+
+def test_both_architectures_run_side_by_side_and_each_step_reports_only_its_own_failure(tmp_path: Path) -> None:
+    from lane import Lane, StepFailed, side_by_side
+
+    lane = Lane(tmp_path, [rootfs.ARCHES["arm64"], rootfs.ARCHES["armhf"]])
+    armhf_started = threading.Event()
+
+    def work(_: Lane, arch: rootfs.Arch) -> str:
+        if arch.debian == "armhf":
+            armhf_started.set()
+            raise StepFailed("armhf broke")
+        # Run one after the other, arm64 would wait here for armhf in vain.
+        if not armhf_started.wait(LANE_TIMEOUT_SECONDS):
+            raise AssertionError("armhf had not started while arm64 ran")
+        return "arm64 fine"
+
+    running: dict[str, object] = {}
+    ready = {"arm64": True, "armhf": True}
+    assert side_by_side(lane, running, rootfs.ARCHES["arm64"], ready=ready, work=work) == "arm64 fine"
+    with pytest.raises(StepFailed, match="armhf broke"):
+        side_by_side(lane, running, rootfs.ARCHES["armhf"], ready=ready, work=work)
+    assert sorted(running) == ["arm64", "armhf"]  # started once each, not again at the second step
