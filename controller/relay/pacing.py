@@ -17,10 +17,16 @@ from collections import deque
 #: Tunnels between their upgrade (or TLS handshake) and the answer to their AUTH, at most: past it a
 #: new tunnel is told to come back later (GOAWAY BUSY with a come-back time on TLS, 503 with
 #: Retry-After on the WebSocket) before it costs a protocol core, a WebSocket and an admission.
-#: Admission costs ~1.2 ms of CPU (tests/bench/fleet_scale.py), so 256 are answered in under a
-#: second even when this process gets half a core, far inside the agent's AUTH deadline.
+#: Most of them wait on their peers, not on this process: a TLS round trip and the AUTH's (600 ms
+#: each on a satellite link), an agent's TPM signature (50-200 ms), a load process behind on its own
+#: work. 256 capped a fleet at 256 per such wait: 10,000 reconnecting after a restart under
+#: tests/bench/fleet_scale.py were all back in 72 s with 2,226 refused attempts while this process
+#: idled; with 1,024, in 45 s with none. Bounded still by CPU: an admission costs 1.2-3.5 ms
+#: (tests/bench/fleet_scale.py; the last on a slow, shared 2-core machine), so 1,024 all ready at
+#: once are answered within 3.6 s of a core, inside the 10 s AUTH and handshake deadlines. It
+#: matches the listener's cap on handshakes in progress (controller/admission.py).
 #: ``Settings.max_admitting`` overrides it (tests lower it).
-MAX_ADMITTING = 256
+MAX_ADMITTING = 1024
 
 #: The pace before this process measured its own: ~60 % of what one relay admitted at its peak on a
 #: 2-core machine under a storm (566-1,071 a second, tests/bench/fleet_scale.py), so the told agents

@@ -21,14 +21,18 @@ from agent.identity.tls_trust import pinned_ssl_context
 from agent.tunnel.backoff import Backoff
 from agent.tunnel.client import TunnelOptions, open_tunnel
 from agent.tunnel.supervisor import TunnelSupervisor
+from agent.tunnel.tls_link import relay_address, tunnel_tls_context
 from controller.listener import Listener, ListenerLimits
 from controller.listener_park import PARK_POLL, Parking
-from tests.controller.harness import run, running_controller
-from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, enrolled, relay_url
+from tests.controller.harness import client_tls_for, run, running_controller
+from tests.controller.relay.relay_harness import SCENARIO_TIMEOUT, connect, enrolled, relay_url
 from tests.controller.relay.test_relay_shedding import ALL_BACK, ANSWER, FLEET, SMALL_CAP, TRANSPORTS, stop_all
 
 #: A short hold for the test of a relay that stays full.
 SHORT_PARK = 0.3
+#: Tunnels past their handshake whose peers have not answered the CHALLENGE yet: more than the
+#: relay once let wait at a time (256), fewer than it lets now.
+WAITING_PEERS = 300
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -73,6 +77,34 @@ def test_a_connection_held_past_the_limit_is_handshaken_and_told_when_to_come_ba
             parking = ctl.server.guards[0].parking
             assert parking is not None and parking.held_total == 1 and len(parking) == 0
             assert relay.told_to_come_back == 1
+
+    run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
+
+
+def test_hundreds_of_tunnels_waiting_on_their_peers_do_not_hold_up_a_gateway(tmp_path: Path) -> None:
+    """Between handshake and AUTH a tunnel mostly waits on its peer (a satellite round trip, a TPM's
+    signature), which costs the relay no CPU: a fleet on slow links must not queue behind it."""
+    async def scenario() -> None:
+        limits = ListenerLimits(max_unauthenticated_per_address=WAITING_PEERS + 10)
+        async with running_controller(tmp_path / "ctl", limits=limits) as ctl:
+            relay = ctl.server.relay
+            assert relay is not None
+            gateway = await enrolled(ctl, "gw-behind-slow-peers")
+            context = tunnel_tls_context(client_tls_for(ctl.context))
+            host, port = relay_address(ctl.url)
+            silent = [await asyncio.open_connection(host, port, ssl=context, server_hostname="localhost")
+                      for _ in range(WAITING_PEERS)]
+            try:
+                while relay.admitting < WAITING_PEERS:  # each got its CHALLENGE and says nothing
+                    await asyncio.sleep(PARK_POLL)
+                async with connect(ctl, gateway, TunnelOptions(transport="tls")) as (session, _):
+                    assert session.relay_info["identity"] == gateway.uri
+                parking = ctl.server.guards[0].parking
+                assert parking is not None and parking.held_total == 0
+                assert relay.told_to_come_back == 0
+            finally:
+                for _, writer in silent:
+                    writer.close()
 
     run(asyncio.wait_for(scenario(), SCENARIO_TIMEOUT))
 
