@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from shared import libcrypto
 from shared.trust import Issuer, issuer_of, verify_leaf_issued_by
+from tests.shared.der import certificate_der
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A probe process imports the agent's code and signs once: seconds on a loaded machine.
@@ -275,19 +276,10 @@ def test_a_p256_point_becomes_its_subject_public_key_info_and_a_point_off_the_cu
         libcrypto.p256_spki(moved)
 
 
-def _der_item(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    length = bytes([size]) if size < 0x80 else bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes(
-        (size.bit_length() + 7) // 8, "big")
-    return bytes([tag]) + length + content
-
-
 def spliced(tbs_of: x509.Certificate, signature_of: x509.Certificate) -> bytes:
     """One certificate's to-be-signed part with another's signature: names and key of the first, a CA's
     real signature (over the second) beside them."""
-    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
-    return _der_item(0x30, tbs_of.tbs_certificate_bytes + ecdsa_with_sha256
-                     + _der_item(0x03, b"\0" + signature_of.signature))
+    return certificate_der(tbs_of.tbs_certificate_bytes, signature_of.signature)
 
 
 @pytest.fixture(params=["libcrypto", "cryptography"])

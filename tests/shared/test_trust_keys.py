@@ -13,10 +13,9 @@ from cryptography.x509.oid import NameOID
 
 from shared.libcrypto import P256_SPKI_PREFIX
 from shared.trust import der_bounds, ec_public_key, subject_public_key_info
-from tests.shared.test_libcrypto import _der_item
+from tests.shared.der import certificate_der, der_item
 
 CA_KEY = ec.generate_private_key(ec.SECP256R1())
-ECDSA_WITH_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
 
 
 def issued(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, *, extensions: bool = False) -> x509.Certificate:
@@ -41,9 +40,9 @@ def version_1(of: x509.Certificate) -> x509.Certificate:
         items.append(tbs[pos:end])
         pos = end
     body = b"".join(item for item in items if item[0] not in (0xA0, 0xA3))  # no [0] version, no [3] extensions
-    new_tbs = _der_item(0x30, body)
+    new_tbs = der_item(0x30, body)
     signature = CA_KEY.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
-    return x509.load_der_x509_certificate(_der_item(0x30, new_tbs + ECDSA_WITH_SHA256 + _der_item(0x03, b"\0" + signature)))
+    return x509.load_der_x509_certificate(certificate_der(new_tbs, signature))
 
 
 def spki_of(cert: x509.Certificate) -> bytes:
@@ -91,7 +90,6 @@ def test_a_p256_point_off_the_curve_gives_no_key() -> None:
     assert tbs.count(spki) == 1
     new_tbs = tbs.replace(spki, moved)
     signature = CA_KEY.sign(new_tbs, ec.ECDSA(hashes.SHA256()))
-    off_curve = x509.load_der_x509_certificate(
-        _der_item(0x30, new_tbs + ECDSA_WITH_SHA256 + _der_item(0x03, b"\0" + signature)))
+    off_curve = x509.load_der_x509_certificate(certificate_der(new_tbs, signature))
 
     assert ec_public_key(off_curve) == (None, moved)
