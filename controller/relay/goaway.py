@@ -71,11 +71,12 @@ async def stop(relay: Relay) -> None:
     sessions = list(relay.sessions)
     told = [None] * len(sessions) if relay.retiring else relay.pacer.stop_times(len(sessions))
     graceful: list[RelaySession] = []
-    for session, seconds in zip(sessions, told, strict=True):
-        # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
-        session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
-        if not session.leave_at_stop():
-            graceful.append(session)
+    with relay.audit_queue.held():
+        for session, seconds in zip(sessions, told, strict=True):
+            # Each is told its own time to come back, so the fleet returns at the pace a relay admits.
+            session.conn.close(ErrorCode.NO_ERROR, "relay shutting down", retry_after=seconds)
+            if not session.leave_at_stop():
+                graceful.append(session)
     if told and told[-1] is not None:
         record_schedule(relay, told[-1] + COME_BACK_SPREAD)  # the last told agents' own spread
     closing = {loop.create_task(s.close(ErrorCode.NO_ERROR, "relay shutting down")): s for s in graceful}

@@ -96,3 +96,38 @@ def test_rows_arriving_just_after_a_commit_share_the_next_one_and_a_lone_row_is_
     finally:
         pool.executor().shutdown()
         store.close()
+
+
+def test_rows_queued_while_held_wait_for_its_end_and_are_then_written_in_order_in_one_commit(tmp_path: Path) -> None:
+    """A stop holds the queue while it closes every tunnel: no worker writes beside the event loop
+    meanwhile, and the rows of all its tunnels then share one commit (one fsync, not one per 500)."""
+    store = Store(tmp_path / "store.sqlite3")
+    pool = WorkerPool(2, "test-audit-queue")
+    try:
+        audit = AuditLog(store)
+        queue = QueuedAudit(audit, pool)
+        count = "SELECT COUNT(*) AS n FROM audit"
+
+        async def scenario() -> int:
+            # A drain under way when the hold begins takes no further batch.
+            for i in range(ROWS):
+                queue.put("tunnel_closed", {"correlation": f"t-{i:04x}", "identity": "default/gw", "bytes_in": i})
+            with queue.held():
+                await asyncio.sleep(0.5)  # time for a worker that ignored the hold to write everything
+                written_during = store.query_one(count)["n"]
+                for i in range(ROWS, 2 * ROWS):
+                    queue.put("tunnel_closed", {"correlation": f"t-{i:04x}", "identity": "default/gw", "bytes_in": i})
+                await asyncio.sleep(0.5)
+                assert store.query_one(count)["n"] == written_during
+                commits = store.commits
+            assert written_during <= MAX_ROWS_PER_TRANSACTION  # at most the batch that had begun
+            await queue.drained()
+            return store.commits - commits
+
+        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == 1
+        written = [json.loads(row["fields"]) for row in store.query("SELECT fields FROM audit ORDER BY id")]
+        assert [f["bytes_in"] for f in written] == list(range(2 * ROWS))
+        assert verify(rows_of(store), audit.chain_key).ok
+    finally:
+        pool.executor().shutdown()
+        store.close()
