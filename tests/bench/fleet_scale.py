@@ -308,8 +308,9 @@ class Relay:
         spy = Path(sys.executable).with_name("py-spy")
         output = self.profile_stop.with_name(f"{self.profile_stop.name}.{self.stops}")
         assert self.process is not None
+        # --idle: a stop's time waiting (on a worker's commit, a lock, a core) shows, not only its CPU.
         profiler = subprocess.Popen([str(spy), "record", "--pid", str(self.process.pid), "--format", "raw",
-                                     "--rate", "250", "--threads", "--nonblocking", "-o", str(output)],
+                                     "--rate", "250", "--threads", "--idle", "--nonblocking", "-o", str(output)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(PROFILER_ATTACH)
         return profiler
