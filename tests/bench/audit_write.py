@@ -82,8 +82,8 @@ def write_once(directory: Path, count: int, busy: bool) -> float:
 
 
 def main() -> None:
-    count = int_arg("--rows", DEFAULT_ROWS)
-    rounds = int_arg("--rounds", DEFAULT_ROUNDS)
+    count = int_arg("rows", DEFAULT_ROWS)
+    rounds = int_arg("rounds", DEFAULT_ROUNDS)
     alone: list[float] = []
     beside: list[float] = []
     with tempfile.TemporaryDirectory(prefix="outpost-audit-write-") as temp:
