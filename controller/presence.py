@@ -50,6 +50,10 @@ OVERDUE_KEEPALIVES = 2
 
 Key = tuple[str, str]
 
+#: A presence row's columns, in the order of ``PresenceBook._row``'s values.
+PRESENCE_COLUMNS = ("tenant", "name", "relay", "online", "connected_since", "last_seen", "remote", "keepalive_s",
+                    "report", "report_at", "updated_at")
+
 
 def new_relay_id() -> str:
     """An id of this controller process, new at every start: host, pid and a random part (pids are reused)."""
@@ -171,14 +175,12 @@ class PresenceBook:
             )
             db.execute("DELETE FROM presence_relays WHERE updated_at < ?", (now - RELAY_ROW_RETENTION,))
             # Each statement once for all its rows (a stop writes every tunnel's row at once).
-            db.execute_many(
-                "INSERT INTO presence (tenant, name, relay, online, connected_since, last_seen, remote, "
-                "keepalive_s, report, report_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            db.insert_rows(
+                "presence", PRESENCE_COLUMNS, rows,
                 "ON CONFLICT (tenant, name, relay) DO UPDATE SET online = excluded.online, "
                 "connected_since = excluded.connected_since, last_seen = excluded.last_seen, "
                 "remote = excluded.remote, keepalive_s = excluded.keepalive_s, report = excluded.report, "
                 "report_at = excluded.report_at, updated_at = excluded.updated_at",
-                rows,
             )
             # An offline row is now the identity's latest word: older offline rows of other processes go.
             db.execute_many("DELETE FROM presence WHERE tenant = ? AND name = ? AND relay <> ? AND online = 0 "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -199,6 +199,15 @@ class Transaction:
         """``sql`` once for each of ``rows``, in order; an engine hands them over in one call."""
         for parameters in rows:
             self.execute(sql, parameters)
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: list[Parameters], on_conflict: str = "") -> None:
+        """Insert ``rows`` (values in the order of ``columns``) into ``table``; ``on_conflict`` ends the statement.
+
+        The values are numbers, text or None. For the many rows a worker writes at once (a stop's
+        audit and presence rows); an engine may send them as one statement.
+        """
+        marks = ", ".join("?" for _ in columns)
+        self.execute_many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {on_conflict}", rows)
 
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
         return list(self.execute(sql, parameters).fetchall())

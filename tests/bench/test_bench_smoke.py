@@ -281,6 +281,12 @@ def test_audit_verify_reports_seconds_per_million_events() -> None:
     assert_positive(found, "verify_seconds", "verify_events_per_second", "verify_seconds_per_million")
 
 
+def test_audit_write_reports_a_stops_rows_alone_and_beside_a_busy_thread() -> None:
+    found = run_bench("audit_write", "--rows", "500", "--rounds", "1")
+    assert found["rows"] == 500 and len(found["alone_all_s"]) == len(found["beside_busy_thread_all_s"]) == 1
+    assert_positive(found, "alone_s", "beside_busy_thread_s", "alone_us_per_row", "beside_busy_thread_us_per_row")
+
+
 def test_policy_decisions_reports_decisions_per_second_and_no_commit_per_decision() -> None:
     found = run_bench("policy_decisions", "--policies", "20", "--decisions", "200")
     assert found["decisions_per_s"] > 0 and found["store_commits_while_deciding"] == 0
