@@ -9,6 +9,7 @@ each time (tests/bench/audit_write.py measures what that costs).
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,23 @@ def test_sqlite_inserts_a_thousand_rows_in_one_statement(tmp_path: Path) -> None
                 connection.set_trace_callback(None)
         assert len(presence_rows(store)) == 1000
         assert len([sql for sql in traced if sql.lstrip().upper().startswith("INSERT")]) == 1
+    finally:
+        store.close()
+
+
+def test_sqlite_floats_arrive_to_the_last_bit(tmp_path: Path) -> None:
+    # An audit row's time is in its MAC as Python wrote it: a time read back one bit off would
+    # break the chain. The values go through JSON text, so every float must parse back exactly.
+    draw = random.Random(14)
+    values = [1_765_000_000 + draw.random() * 1e7 for _ in range(10_000)]
+    values += [draw.random() * 10.0 ** draw.randint(-300, 300) for _ in range(10_000)]
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        rows = [("default", f"gw-{n}", "relay-a", 1, value, value, None, None, None, None, float(n))
+                for n, value in enumerate(values)]
+        with store.transaction() as db:
+            db.insert_rows("presence", PRESENCE_COLUMNS, rows)
+        found = [row[0] for row in store.query("SELECT last_seen FROM presence ORDER BY updated_at")]
+        assert found == values
     finally:
         store.close()
