@@ -139,9 +139,10 @@ class SQLiteTransaction(Transaction):
     def insert_rows(self, table: str, columns: Sequence[str], rows: list[Parameters], on_conflict: str = "") -> None:
         # One statement over a JSON array of the rows: sqlite3 lets go of the interpreter lock around
         # every step, and a worker beside the busy event loop then waits up to the switch interval
-        # (5 ms) to get it back. executemany steps once per row: 10,000 rows took 15-20 s beside a
-        # busy thread, one step 0.15 s (tests/bench/audit_write.py). "WHERE true" keeps SQLite from
-        # reading the ON CONFLICT as part of a join.
+        # (5 ms) to get it back. executemany steps once per row: a stop's 10,000 audit rows took
+        # 2.5-25 s beside a busy thread, as one statement 0.76 s (tests/bench/audit_write.py).
+        # Each number is parsed from the array's text, so a float arrives to the last bit (an audit
+        # time is in its row's MAC); "WHERE true" keeps SQLite from reading ON CONFLICT as a join's.
         if not rows:
             return
         values = ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(columns)))
