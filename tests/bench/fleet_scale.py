@@ -291,8 +291,11 @@ class Relay:
                     process.kill()
                     deadline = float("inf")
                 time.sleep(STOP_POLL)
-            sent, exited = (float(value) for value in timer.communicate(timeout=STOP_TIMEOUT)[0].split())
-            took = exited - sent
+            moments = timer.communicate(timeout=STOP_TIMEOUT)[0].split()
+            if len(moments) != 2:
+                raise RuntimeError(f"the stop timer gave {moments!r}, not two times: it needs os.pidfd_open "
+                                   "(Linux 5.3 or later) and the relay still running when it starts")
+            took = float(moments[1]) - float(moments[0])
             end_cpu, end_wait = schedstat(process.pid)
             _, status, usage = os.wait4(process.pid, 0)
             process.returncode = os.waitstatus_to_exitcode(status)
