@@ -183,8 +183,8 @@ class PresenceBook:
                 "report_at = excluded.report_at, updated_at = excluded.updated_at",
             )
             # An offline row is now the identity's latest word: older offline rows of other processes go.
-            db.execute_many("DELETE FROM presence WHERE tenant = ? AND name = ? AND relay <> ? AND online = 0 "
-                            "AND last_seen <= ?", [(row[0], row[1], self.relay_id, row[5]) for row in rows if not row[3]])
+            db.delete_rows("presence", "tenant = ? AND name = ? AND relay <> ? AND online = 0 AND last_seen <= ?",
+                           [(row[0], row[1], self.relay_id, row[5]) for row in rows if not row[3]])
         self.rows_written += len(rows)
         self.flushes += 1
         self.write_seconds += time.perf_counter() - started

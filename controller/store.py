@@ -209,6 +209,15 @@ class Transaction:
         marks = ", ".join("?" for _ in columns)
         self.execute_many(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) {on_conflict}", rows)
 
+    def delete_rows(self, table: str, where: str, rows: list[Parameters]) -> None:
+        """``DELETE FROM table WHERE where`` once for each of ``rows``, whose values fill ``where``'s ``?`` in order.
+
+        Each ``?`` takes one value of the row, and ``where`` names ``table``'s columns unqualified. For
+        the many rows a worker deletes at once (older presence rows at a stop); an engine may send
+        them as one statement.
+        """
+        self.execute_many(f"DELETE FROM {table} WHERE {where}", rows)
+
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
         return list(self.execute(sql, parameters).fetchall())
 

@@ -15,8 +15,10 @@ transaction and the client, which got no answer, retries.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -148,6 +150,20 @@ class SQLiteTransaction(Transaction):
         values = ", ".join(f"json_extract(value, '$[{n}]')" for n in range(len(columns)))
         self._connection.execute(
             f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM json_each(?) WHERE true {on_conflict}",
+            (json.dumps(rows, allow_nan=False),))
+
+    def delete_rows(self, table: str, where: str, rows: list[Parameters]) -> None:
+        # One statement for the same reason as insert_rows: a stop's 10,000 offline presence rows took
+        # 10.6-10.8 s to delete one step each beside a busy thread, 0.2 s as one statement. The batch
+        # is the outer loop (CROSS JOIN keeps that order), so each row is found through the table's
+        # index rather than the table scanned once per row.
+        if not rows:
+            return
+        count = itertools.count()
+        condition = re.sub(r"\?", lambda _: f"json_extract(batch.value, '$[{next(count)}]')", where)
+        self._connection.execute(
+            f"DELETE FROM {table} WHERE rowid IN (SELECT {table}.rowid FROM json_each(?) AS batch "
+            f"CROSS JOIN {table} ON {condition})",
             (json.dumps(rows, allow_nan=False),))
 
     def query(self, sql: str, parameters: Parameters = ()) -> list[Row]:
